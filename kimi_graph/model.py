@@ -1,0 +1,204 @@
+"""Kimi Linear declared as a layer graph, from a KimiLinearConfig.
+
+One declaration serves every mode (state-passing style):
+- mode="prefill", stateful=False: input_ids [B, T] -> logits [B, T, V]; no caches.
+- mode="prefill", stateful=True: also takes and returns every cache and state, continuing
+  sequences whose first new token sits at `cache_pos[b]`.
+- mode="decode": stateful, with T = 1.
+Caches: per MLA layer the normalised latent [B, S, kv_lora_rank] and the shared key slice
+[B, S, qk_rope_head_dim]; per KDA layer the recurrent state [B, H, K, V] (fp32) and the q/k/v
+conv states [B, C, kernel-1]. Parameter names are the HF checkpoint names.
+"""
+from __future__ import annotations
+
+from .builder import GraphBuilder
+from .config import KimiLinearConfig
+from .ir import Graph
+
+ROUTER_WEIGHTS = ("official", "unbiased")
+MODES = ("prefill", "decode")
+L2NORM_EPS = 1e-6       # q/k L2 norm inside KDA (fla's use_qk_l2norm_in_kernel)
+KV_A_NORM_EPS = 1e-6    # the official code builds kv_a_layernorm with the RMSNorm default
+
+
+def acc_dtype(dtype: str) -> str:
+    """Precision of router scores, decay gates and recurrent state: fp32, or fp64 in fp64 graphs."""
+    return "f64" if dtype == "f64" else "f32"
+
+
+class _Declare:
+    def __init__(self, cfg: KimiLinearConfig, mode: str, stateful: bool, dtype: str,
+                 router_weights: str):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if router_weights not in ROUTER_WEIGHTS:
+            raise ValueError(f"router_weights must be one of {ROUTER_WEIGHTS}, got {router_weights!r}")
+        self.cfg, self.dtype, self.acc = cfg, dtype, acc_dtype(dtype)
+        self.stateful = stateful or mode == "decode"
+        self.router_weights = router_weights
+        self.b = GraphBuilder(mode)
+        self.T = 1 if mode == "decode" else "T"
+        self.state_inputs: list[str] = []
+        self.state_outputs: list[str] = []
+        self.pos = None
+
+    def p(self, name: str, shape, dtype: str | None = None) -> str:
+        return self.b.param(name, shape, dtype or self.dtype)
+
+    def state(self, name: str, shape, dtype: str | None = None) -> str:
+        v = self.b.input(name, shape, dtype or self.dtype)
+        self.state_inputs.append(v)
+        return v
+
+    # -- the model ----------------------------------------------------------
+    def build(self) -> Graph:
+        cfg, b = self.cfg, self.b
+        ids = b.input("input_ids", ("B", self.T), "i64")
+        if self.stateful:
+            self.pos = b.input("cache_pos", ("B",), "i64")
+        D = cfg.hidden_size
+        emb = self.p("model.embed_tokens.weight", (cfg.vocab_size, D))
+        with b.scope("embed"):
+            h = b("embedding", ids, emb)
+        for i, kind in enumerate(cfg.layer_kinds):
+            pre = f"model.layers.{i}."
+            with b.scope(f"l{i}"):
+                x = b("rmsnorm", h, self.p(pre + "input_layernorm.weight", (D,)),
+                      eps=cfg.rms_norm_eps, name="attn_norm")
+                with b.scope(kind):
+                    a = self.kda(i, x) if kind == "kda" else self.mla(i, x)
+                h = b("add", h, a, name="attn_res")
+                x = b("rmsnorm", h, self.p(pre + "post_attention_layernorm.weight", (D,)),
+                      eps=cfg.rms_norm_eps, name="ffn_norm")
+                if cfg.is_moe_layer(i):
+                    with b.scope("moe"):
+                        f = self.moe(pre + "block_sparse_moe.", x)
+                else:
+                    with b.scope("mlp"):
+                        f = self.mlp(pre + "mlp.", x, cfg.intermediate_size)
+                h = b("add", h, f, name="ffn_res")
+        with b.scope("head"):
+            h = b("rmsnorm", h, self.p("model.norm.weight", (D,)), eps=cfg.rms_norm_eps, name="norm")
+            head = emb if cfg.tie_word_embeddings else self.p("lm_head.weight", (cfg.vocab_size, D))
+            logits = b("linear", h, head, name="logits")
+        b.output(logits, *self.state_outputs)
+        g = b.graph
+        g.meta = {"model": "kimi_linear", "mode": g.name, "stateful": self.stateful,
+                  "dtype": self.dtype, "router_weights": self.router_weights,
+                  "layers": cfg.layer_kinds, "state_inputs": self.state_inputs}
+        return g
+
+    def kda(self, i: int, x: str) -> str:
+        cfg, b = self.cfg, self.b
+        pre = f"model.layers.{i}.self_attn."
+        D, H, K, W = cfg.hidden_size, cfg.kda_heads, cfg.kda_head_dim, cfg.conv_kernel
+        C = H * K
+        shp = ("B", self.T, H, K)
+        qkv = []
+        for n in "qkv":
+            y = b("linear", x, self.p(pre + f"{n}_proj.weight", (C, D)), name=n)
+            st = self.state(f"state.l{i}.conv_{n}", ("B", C, W - 1)) if self.stateful else None
+            y, st_out = b.emit("causal_conv1d", y, self.p(pre + f"{n}_conv1d.weight", (C, 1, W)), st,
+                               name=f"{n}_conv")
+            if self.stateful:
+                self.state_outputs.append(st_out)
+            y = b("reshape", b("silu", y, name=n), shape=list(shp), name=n)
+            qkv.append(b("l2norm", y, eps=L2NORM_EPS, name=n) if n != "v" else y)
+        q, k, v = qkv
+        # decay: g = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias), per channel, in fp32
+        f = b("linear", b("linear", x, self.p(pre + "f_a_proj.weight", (K, D)), name="f_a"),
+              self.p(pre + "f_b_proj.weight", (C, K)), name="f_b")
+        f = b("add", b("cast", f, dtype=self.acc), self.p(pre + "dt_bias", (C,), self.acc), name="f")
+        f = b("reshape", b("softplus", f, name="f"), shape=list(shp), name="f")
+        a = b("neg", b("exp", self.p(pre + "A_log", (1, 1, H, 1), self.acc), name="A"), name="A")
+        g = b("mul", f, a, name="decay")
+        beta = b("sigmoid", b("cast", b("linear", x, self.p(pre + "b_proj.weight", (H, D)), name="b"),
+                             dtype=self.acc), name="beta")
+        st = self.state(f"state.l{i}.kda", ("B", H, K, K), self.acc) if self.stateful else None
+        o, st_out = b.emit("kda_recurrent", q, k, v, g, beta, st, scale=K ** -0.5, name="kda")
+        if self.stateful:
+            self.state_outputs.append(st_out)
+        # output: RMSNorm per head, times sigmoid(g_b(g_a(x))), then o_proj
+        gate = b("linear", b("linear", x, self.p(pre + "g_a_proj.weight", (K, D)), name="g_a"),
+                 self.p(pre + "g_b_proj.weight", (C, K)), name="g_b")
+        gate = b("sigmoid", b("reshape", gate, shape=list(shp), name="gate"), name="gate")
+        o = b("rmsnorm", o, self.p(pre + "o_norm.weight", (K,)), eps=cfg.rms_norm_eps, name="o_norm")
+        o = b("reshape", b("mul", o, gate, name="o_gated"), shape=["B", self.T, C], name="o")
+        return b("linear", o, self.p(pre + "o_proj.weight", (D, C)), name="out")
+
+    def mla(self, i: int, x: str) -> str:
+        cfg, b = self.cfg, self.b
+        pre = f"model.layers.{i}.self_attn."
+        D, H, R = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
+        N, P, V = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        T = self.T
+        q = b("reshape", b("linear", x, self.p(pre + "q_proj.weight", (H * (N + P), D)), name="q"),
+              shape=["B", T, H, N + P], name="q")
+        ckv = b("linear", x, self.p(pre + "kv_a_proj_with_mqa.weight", (R + P, D)), name="kv_a")
+        latent = b("rmsnorm", b("slice", ckv, dim=-1, start=0, end=R, name="latent"),
+                   self.p(pre + "kv_a_layernorm.weight", (R,)), eps=KV_A_NORM_EPS, name="latent")
+        rope_key = b("slice", ckv, dim=-1, start=R, end=R + P, name="rope_key") if P else None
+        S = T
+        if self.stateful:       # append this step's rows to the caches; attend over all slots
+            S = "S"
+            latent = b("cache_write", self.state(f"cache.l{i}.latent", ("B", S, R)), latent, self.pos,
+                       name="latent_cache")
+            self.state_outputs.append(latent)
+            if P:
+                rope_key = b("cache_write", self.state(f"cache.l{i}.rope_key", ("B", S, P)), rope_key,
+                             self.pos, name="rope_key_cache")
+                self.state_outputs.append(rope_key)
+        kv = b("reshape", b("linear", latent, self.p(pre + "kv_b_proj.weight", (H * (N + V), R)),
+                            name="kv"), shape=["B", S, H, N + V], name="kv")
+        k = b("slice", kv, dim=-1, start=0, end=N, name="k_nope")
+        v = b("slice", kv, dim=-1, start=N, end=N + V, name="v")
+        if P:
+            kr = b("expand", b("reshape", rope_key, shape=["B", S, 1, P], name="k_rope"),
+                   shape=["B", S, H, P], name="k_rope")
+            k = b("concat", k, kr, dim=-1, name="k")
+        o = b("causal_attention", q, k, v, self.pos, scale=(N + P) ** -0.5, name="attn")
+        o = b("reshape", o, shape=["B", T, H * V], name="o")
+        return b("linear", o, self.p(pre + "o_proj.weight", (D, H * V)), name="out")
+
+    def mlp(self, pre: str, x: str, inter: int, names=("gate_proj", "up_proj", "down_proj")) -> str:
+        b, D = self.b, self.cfg.hidden_size
+        gate = b("linear", x, self.p(pre + names[0] + ".weight", (inter, D)), name="gate")
+        up = b("linear", x, self.p(pre + names[1] + ".weight", (inter, D)), name="up")
+        h = b("mul", b("silu", gate, name="gate"), up, name="act")
+        return b("linear", h, self.p(pre + names[2] + ".weight", (D, inter)), name="down")
+
+    def moe(self, pre: str, x: str) -> str:
+        cfg, b = self.cfg, self.b
+        D, E, I = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        with b.scope("router"):
+            logits = b("linear", b("cast", x, dtype=self.acc), self.p(pre + "gate.weight", (E, D)),
+                       name="logits")
+            scores = b("sigmoid", logits, name="scores")
+            choice = b("add", scores, self.p(pre + "gate.e_score_correction_bias", (E,), self.acc),
+                       name="choice")
+            ids = b("grouped_topk", choice, top_k=cfg.num_experts_per_token,
+                    n_group=cfg.num_expert_group, topk_group=cfg.topk_group, name="ids")
+            # official modeling code: weights from the biased scores; vLLM: from the unbiased
+            w = b("take_along", choice if self.router_weights == "official" else scores, ids,
+                  name="weights")
+            if cfg.num_experts_per_token > 1 and cfg.moe_renormalize:
+                w = b("renormalize", w, eps=1e-20, name="weights")
+            w = b("scale", w, factor=cfg.routed_scaling_factor, name="weights")
+        if cfg.num_shared_experts:
+            with b.scope("shared"):
+                y = self.mlp(pre + "shared_experts.", x, I * cfg.num_shared_experts)
+        else:
+            y = b("zeros_like", x, name="acc")
+        with b.scope("experts"):
+            for e in range(E):
+                ep = pre + f"experts.{e}."
+                y = b("moe_expert", y, x, ids, w, self.p(ep + "w1.weight", (I, D)),
+                      self.p(ep + "w3.weight", (I, D)), self.p(ep + "w2.weight", (D, I)),
+                      expert=e, num_experts=E, name="acc")
+        return y
+
+
+def build_graph(cfg: KimiLinearConfig, mode: str = "prefill", *, stateful: bool = False,
+                dtype: str = "f32", router_weights: str = "official") -> Graph:
+    """Declare Kimi Linear as a graph (see the module docstring for the modes)."""
+    return _Declare(cfg, mode, stateful, dtype, router_weights).build()

@@ -1,0 +1,47 @@
+"""Matrix ops: linear (x @ W^T with HF's [out, in] weight layout) and matmul."""
+from __future__ import annotations
+
+import torch
+
+from .registry import OpDef, broadcast_shapes, dim, expect, expect_float, register
+
+
+@register
+class Linear(OpDef):
+    kind, doc = "linear", "x[..., in] @ weight[out, in]^T -> [..., out] (fp32 accumulation)"
+    operands = ("x", "weight")
+
+    def infer(self, types, attrs):
+        x, w = types
+        expect_float(self.kind, x, w)
+        expect(w.rank == 2 and x.shape[-1] == w.shape[1], self.kind,
+               f"x {x} does not match weight {w} (expects weight [out, {x.shape[-1]}])")
+        return [x.with_shape(x.shape[:-1] + (w.shape[0],))]
+
+    def ref(self, args, attrs):
+        x, w = args
+        return [torch.nn.functional.linear(x, w.to(x.dtype))]
+
+    def flops(self, ins, outs, attrs, dims):
+        return 2.0 * outs[0].numel(dims) * ins[1].shape[1]
+
+
+@register
+class Matmul(OpDef):
+    kind, doc = "matmul", "batched a[..., m, k] @ b[..., k, n]"
+    operands = ("a", "b")
+
+    def infer(self, types, attrs):
+        a, b = types
+        expect_float(self.kind, a, b)
+        expect(a.rank >= 2 and b.rank >= 2 and a.shape[-1] == b.shape[-2], self.kind,
+               f"inner dims of {a} and {b} differ")
+        batch = broadcast_shapes(self.kind, a.shape[:-2], b.shape[:-2])
+        return [a.with_shape(batch + (a.shape[-2], b.shape[-1]))]
+
+    def ref(self, args, attrs):
+        a, b = args
+        return [torch.matmul(a, b.to(a.dtype))]
+
+    def flops(self, ins, outs, attrs, dims):
+        return 2.0 * outs[0].numel(dims) * dim(ins[0].shape[-1], dims)

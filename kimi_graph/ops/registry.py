@@ -1,0 +1,123 @@
+"""The op registry: one `OpDef` per op kind, defined once.
+
+An OpDef declares its operands (a trailing "name?" is optional, "*name" variadic), its
+attributes with defaults, type inference, a torch reference implementation and a cost
+(FLOPs and bytes moved, for concrete dims). Every lowering maps ops by `kind`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..ir import DTYPE_BYTES, IRError, TensorType, eval_dim
+
+TORCH_DTYPES = {"f64": torch.float64, "f32": torch.float32, "f16": torch.float16,
+                "bf16": torch.bfloat16, "i64": torch.int64, "i32": torch.int32, "bool": torch.bool}
+IR_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+FLOAT_DTYPES = ("f64", "f32", "f16", "bf16")
+
+REGISTRY: dict[str, "OpDef"] = {}
+
+
+def register(cls):
+    """Class decorator: instantiate and register an OpDef under `cls.kind`."""
+    inst = cls()
+    if inst.kind in REGISTRY:
+        raise IRError(f"op {inst.kind!r} registered twice")
+    REGISTRY[inst.kind] = inst
+    return cls
+
+
+def get_op(kind: str) -> "OpDef":
+    try:
+        return REGISTRY[kind]
+    except KeyError:
+        raise IRError(f"unknown op {kind!r}; registered: {', '.join(sorted(REGISTRY))}") from None
+
+
+class OpDef:
+    kind: str = ""
+    operands: tuple[str, ...] = ()
+    attributes: dict = {}     # name -> default (REQUIRED for none)
+    shape_attrs: tuple[str, ...] = ()  # attributes holding shapes; symbols bound before `ref`
+    doc: str = ""
+
+    # -- signature ----------------------------------------------------------
+    def check_arity(self, n: int) -> None:
+        required = [o for o in self.operands if not o.endswith("?") and not o.startswith("*")]
+        variadic = any(o.startswith("*") for o in self.operands)
+        if n < len(required) or (not variadic and n > len(self.operands)):
+            raise IRError(f"{self.kind}: takes operands ({', '.join(self.operands)}), got {n}")
+
+    def full_attrs(self, attrs: dict) -> dict:
+        unknown = set(attrs) - set(self.attributes)
+        if unknown:
+            raise IRError(f"{self.kind}: unknown attribute(s) {sorted(unknown)}; "
+                          f"known: {sorted(self.attributes)}")
+        out = {}
+        for name, default in self.attributes.items():
+            if name in attrs:
+                out[name] = attrs[name]
+            elif default is REQUIRED:
+                raise IRError(f"{self.kind}: attribute {name!r} is required")
+            else:
+                out[name] = default
+        return out
+
+    # -- to implement -------------------------------------------------------
+    def infer(self, types: Sequence[TensorType], attrs: dict) -> list[TensorType]:
+        raise NotImplementedError
+
+    def ref(self, args: Sequence[torch.Tensor | None], attrs: dict) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def flops(self, ins: Sequence[TensorType], outs: Sequence[TensorType], attrs: dict,
+              dims: dict[str, int]) -> float:
+        """Default: one FLOP per output element."""
+        return float(sum(t.numel(dims) for t in outs))
+
+    def bytes_moved(self, ins: Sequence[TensorType], outs: Sequence[TensorType], attrs: dict,
+                    dims: dict[str, int]) -> float:
+        """Default: read every operand once, write every result once."""
+        return float(sum(t.nbytes(dims) for t in list(ins) + list(outs)))
+
+
+class _Required:
+    def __repr__(self):
+        return "REQUIRED"
+
+
+REQUIRED = _Required()
+
+
+def expect(cond: bool, op: str, msg: str) -> None:
+    if not cond:
+        raise IRError(f"{op}: {msg}")
+
+
+def expect_float(op: str, *types: TensorType) -> None:
+    for t in types:
+        expect(t.dtype in FLOAT_DTYPES, op, f"expects a float tensor, got {t}")
+
+
+def broadcast_shapes(op: str, a: Sequence, b: Sequence) -> tuple:
+    out = []
+    for i in range(max(len(a), len(b))):
+        da = a[len(a) - 1 - i] if i < len(a) else 1
+        db = b[len(b) - 1 - i] if i < len(b) else 1
+        if da == db or db == 1:
+            out.append(da)
+        elif da == 1:
+            out.append(db)
+        else:
+            raise IRError(f"{op}: shapes {tuple(a)} and {tuple(b)} do not broadcast")
+    return tuple(reversed(out))
+
+
+def nbytes(t: TensorType, dims: dict[str, int]) -> int:
+    return t.numel(dims) * DTYPE_BYTES[t.dtype]
+
+
+def dim(d, dims: dict[str, int]) -> int:
+    return eval_dim(d, dims)

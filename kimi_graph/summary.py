@@ -1,0 +1,60 @@
+"""Model facts read off the graph: parameters, active parameters, caches, FLOPs and bytes."""
+from __future__ import annotations
+
+from .config import KimiLinearConfig
+from .ir import Graph
+from .model import build_graph
+from .ops import get_op
+
+
+def graph_cost(g: Graph, dims: dict[str, int]) -> dict[str, float]:
+    """Total FLOPs and bytes moved for concrete dims (e.g. {"B": 1, "T": 1, "S": 1})."""
+    flops = bytes_ = 0.0
+    for op in g.ops():
+        opdef = get_op(op.kind)
+        attrs = opdef.full_attrs(op.attrs)
+        ins = [g.types[v] for v in op.inputs]
+        outs = [g.types[v] for v in op.outputs]
+        flops += opdef.flops(ins, outs, attrs, dims)
+        bytes_ += opdef.bytes_moved(ins, outs, attrs, dims)
+    return {"flops": flops, "bytes": bytes_}
+
+
+def _is_routed_expert(name: str) -> bool:
+    return ".block_sparse_moe.experts." in name
+
+
+def summarize(cfg: KimiLinearConfig, g: Graph | None = None) -> dict:
+    """The facts `kimi-graph inspect --json` reports.
+
+    active_params_per_token counts every weight a token's forward pass reads: all but the
+    routed experts, plus top_k routed experts per MoE layer; the embedding table counts as
+    the one row looked up (lm_head counts whole)."""
+    g = g or build_graph(cfg, dtype="bf16")
+    total = sum(t.numel() for t in g.params.values())
+    routed = sum(t.numel() for n, t in g.params.items() if _is_routed_expert(n))
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    per_expert = 3 * cfg.hidden_size * (cfg.moe_intermediate_size or 0)
+    embed = g.params["@model.embed_tokens.weight"].numel()
+    active = total - routed + moe_layers * (cfg.num_experts_per_token or 0) * per_expert
+    active -= embed - cfg.hidden_size
+    if cfg.tie_word_embeddings:     # the tied table is read whole by the head
+        active += embed - cfg.hidden_size
+    kinds = cfg.layer_kinds
+    dec = build_graph(cfg, "decode", dtype="bf16")
+    one = {"B": 1, "S": 1, "T": 1}
+    cache = sum(t.nbytes(one) for n, t in dec.inputs.items() if n.startswith("%cache."))
+    state = sum(t.nbytes(one) for n, t in dec.inputs.items() if n.startswith("%state."))
+    cost = graph_cost(g, {"B": 1, "T": 1})
+    return {
+        "total_params": total,
+        "active_params_per_token": active,
+        "layers": {"kda": kinds.count("kda"), "mla": kinds.count("mla")},
+        "moe_layers": moe_layers,
+        "kv_cache_bytes_per_token": cache,
+        "kda_state_bytes_per_sequence": state,
+        "flops_per_token": cost["flops"],
+        "bytes_per_token": cost["bytes"],
+        "op_counts": g.op_counts(),
+        "num_ops": len(g),
+    }

@@ -1,0 +1,1 @@
+"""MLIR through torch-mlir (optional extra)."""

@@ -1,0 +1,1 @@
+"""Lowering to ONNX (ONNX Runtime contrib ops or portable function bodies)."""

@@ -1,0 +1,1 @@
+"""Lowering to torch: FX GraphModule with custom ops, torch.compile backend."""

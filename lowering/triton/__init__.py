@@ -1,0 +1,1 @@
+"""Lowering to generated Triton kernels with per-GPU variants."""

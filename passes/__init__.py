@@ -1,0 +1,1 @@
+"""Rewrite passes over the layer graph (installed as kimi_graph.passes)."""

@@ -1,0 +1,1 @@
+"""Engines that run a lowered model (installed as kimi_graph.runtime)."""
