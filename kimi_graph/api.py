@@ -1,8 +1,8 @@
 """Public API: `kimi_graph.load(...)` -> KimiModel (config, graph, weights, forward)."""
 from __future__ import annotations
 
+import importlib
 import json
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -31,22 +31,65 @@ def resolve_config(model: str | Path) -> tuple[KimiLinearConfig, Path | None]:
     raise ConfigError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
 
 
+# backend name -> "module:factory"; factory(model) returns an executor:
+#   executor(graph, inputs: dict[name, Tensor]) -> list[Tensor] (the graph's outputs)
+BACKENDS = {
+    "interpreter": "kimi_graph.api:interpreter_backend",
+}
+
+
+def interpreter_backend(model: "KimiModel"):
+    return lambda graph, inputs: run_graph(graph, inputs, model.weights)
+
+
 class KimiModel:
-    """A loaded Kimi Linear model: `model(input_ids) -> logits` through the chosen backend."""
+    """A loaded Kimi Linear model: `model(input_ids) -> logits` through the chosen backend.
+
+    Graphs are built per (mode, stateful) on first use, optimized by `pipeline` if one is
+    set, and run by the backend's executor."""
 
     def __init__(self, config: KimiLinearConfig, weights: dict[str, torch.Tensor], *,
-                 dtype: torch.dtype, device: str, router_weights: str, path: Path | None = None):
+                 dtype: torch.dtype, device: str, router_weights: str, path: Path | None = None,
+                 pipeline: str | None = None, backend: str = "interpreter", options: dict | None = None):
         self.config, self.weights, self.dtype = config, weights, dtype
         self.device, self.router_weights, self.path = device, router_weights, path
+        self.pipeline, self.backend, self.options = pipeline, backend, dict(options or {})
+        self._graphs: dict[tuple[str, bool], Graph] = {}
+        self._executor = None
 
     def build(self, mode: str = "prefill", stateful: bool = False) -> Graph:
+        """The unoptimized graph as declared."""
         return build_graph(self.config, mode, stateful=stateful, dtype=IR_DTYPES[self.dtype],
                            router_weights=self.router_weights)
 
-    @cached_property
+    def get_graph(self, mode: str = "prefill", stateful: bool = False) -> Graph:
+        """The graph that runs: declared, then optimized by the pipeline (cached)."""
+        key = (mode, stateful or mode == "decode")
+        if key not in self._graphs:
+            g = self.build(mode, stateful)
+            if self.pipeline:
+                from .passes import run_pipeline
+                g = run_pipeline(g, self.pipeline, weights=self.weights)
+            self._graphs[key] = g
+        return self._graphs[key]
+
+    @property
     def graph(self) -> Graph:
         """The stateless prefill graph (input_ids -> logits)."""
-        return self.build()
+        return self.get_graph()
+
+    @property
+    def executor(self):
+        if self._executor is None:
+            if self.backend not in BACKENDS:
+                raise ValueError(f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
+            mod, fn = BACKENDS[self.backend].split(":")
+            self._executor = getattr(importlib.import_module(mod), fn)(self)
+        return self._executor
+
+    def execute(self, mode: str, stateful: bool, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Run one graph on named inputs (input_ids, cache_pos, states) -> its outputs."""
+        return self.executor(self.get_graph(mode, stateful), inputs)
 
     def check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(input_ids)
@@ -64,8 +107,7 @@ class KimiModel:
 
     @torch.no_grad()
     def __call__(self, input_ids) -> torch.Tensor:
-        ids = self.check_ids(input_ids)
-        return run_graph(self.graph, {"input_ids": ids}, self.weights)[0]
+        return self.execute("prefill", False, {"input_ids": self.check_ids(input_ids)})[0]
 
     def __repr__(self) -> str:
         c = self.config
@@ -74,16 +116,22 @@ class KimiModel:
 
 
 def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-         router_weights: str = "official", seed: int = 0) -> KimiModel:
+         router_weights: str = "official", seed: int = 0, pipeline: str | None = None,
+         backend: str = "interpreter", **options) -> KimiModel:
     """Load a model directory (HF layout: config.json + safetensors) or a preset.
 
     Presets get seeded random weights. `router_weights`: "official" (the official modeling
-    code: routing weights from the bias-corrected scores) or "unbiased" (vLLM's)."""
+    code: routing weights from the bias-corrected scores) or "unbiased" (vLLM's).
+    `pipeline`: a pass pipeline run before execution (None: the graph as declared).
+    `backend`: who executes the graphs (see BACKENDS); `options` go to the backend."""
     if dtype not in IR_DTYPES or dtype in (torch.int64, torch.int32, torch.bool):
         raise ValueError(f"unsupported dtype {dtype}")
     config, path = resolve_config(model)
-    m = KimiModel(config, {}, dtype=dtype, device=device, router_weights=router_weights, path=path)
-    g = m.graph
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    m = KimiModel(config, {}, dtype=dtype, device=device, router_weights=router_weights, path=path,
+                  pipeline=pipeline, backend=backend, options=options)
+    g = m.build()
     m.weights = load_safetensors(path, g, device) if path is not None else \
         random_weights(g, seed=seed, device=device)
     return m

@@ -185,11 +185,8 @@ class KimiLinearConfig:
             for n in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 if getattr(self, n) is None:
                     errs.append(f"MLA layers need {n}")
-            positive(*(n for n in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim")
-                       if getattr(self, n) is not None))
-            if self.qk_rope_head_dim is not None and (not isinstance(self.qk_rope_head_dim, int)
-                                                      or self.qk_rope_head_dim < 0):
-                errs.append(f"qk_rope_head_dim must be >= 0, got {self.qk_rope_head_dim!r}")
+            positive(*(n for n in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                                   "v_head_dim") if getattr(self, n) is not None))
             if self.q_lora_rank is not None:
                 errs.append("q_lora_rank must be null: Kimi Linear's MLA has no query compression")
             if not self.mla_use_nope:

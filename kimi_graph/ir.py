@@ -58,17 +58,21 @@ class TensorType:
 
 
 def eval_dim(d: Dim, dims: dict[str, int]) -> int:
-    """Evaluate a dim: an int, a symbol bound in `dims`, or a sum/difference of those."""
+    """Evaluate a dim: an int, a symbol bound in `dims`, or sums/differences of products of
+    those ("B*T*8", "S+1")."""
     if isinstance(d, int):
         return d
-    total, sign, tok = 0, 1, ""
+    total, sign, term = 0, 1, ""
     for ch in d.replace(" ", "") + "+":
         if ch in "+-":
-            if tok:
-                total += sign * (int(tok) if tok.isdigit() else _bound(tok, dims))
-            sign, tok = (1 if ch == "+" else -1), ""
+            if term:
+                prod = 1
+                for f in term.split("*"):
+                    prod *= int(f) if f.isdigit() else _bound(f, dims)
+                total += sign * prod
+            sign, term = (1 if ch == "+" else -1), ""
         else:
-            tok += ch
+            term += ch
     return total
 
 

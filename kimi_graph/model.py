@@ -137,25 +137,22 @@ class _Declare:
         ckv = b("linear", x, self.p(pre + "kv_a_proj_with_mqa.weight", (R + P, D)), name="kv_a")
         latent = b("rmsnorm", b("slice", ckv, dim=-1, start=0, end=R, name="latent"),
                    self.p(pre + "kv_a_layernorm.weight", (R,)), eps=KV_A_NORM_EPS, name="latent")
-        rope_key = b("slice", ckv, dim=-1, start=R, end=R + P, name="rope_key") if P else None
+        rope_key = b("slice", ckv, dim=-1, start=R, end=R + P, name="rope_key")
         S = T
         if self.stateful:       # append this step's rows to the caches; attend over all slots
             S = "S"
             latent = b("cache_write", self.state(f"cache.l{i}.latent", ("B", S, R)), latent, self.pos,
                        name="latent_cache")
-            self.state_outputs.append(latent)
-            if P:
-                rope_key = b("cache_write", self.state(f"cache.l{i}.rope_key", ("B", S, P)), rope_key,
-                             self.pos, name="rope_key_cache")
-                self.state_outputs.append(rope_key)
+            rope_key = b("cache_write", self.state(f"cache.l{i}.rope_key", ("B", S, P)), rope_key,
+                         self.pos, name="rope_key_cache")
+            self.state_outputs += [latent, rope_key]
         kv = b("reshape", b("linear", latent, self.p(pre + "kv_b_proj.weight", (H * (N + V), R)),
                             name="kv"), shape=["B", S, H, N + V], name="kv")
         k = b("slice", kv, dim=-1, start=0, end=N, name="k_nope")
         v = b("slice", kv, dim=-1, start=N, end=N + V, name="v")
-        if P:
-            kr = b("expand", b("reshape", rope_key, shape=["B", S, 1, P], name="k_rope"),
-                   shape=["B", S, H, P], name="k_rope")
-            k = b("concat", k, kr, dim=-1, name="k")
+        kr = b("expand", b("reshape", rope_key, shape=["B", S, 1, P], name="k_rope"),
+               shape=["B", S, H, P], name="k_rope")
+        k = b("concat", k, kr, dim=-1, name="k")
         o = b("causal_attention", q, k, v, self.pos, scale=(N + P) ** -0.5, name="attn")
         o = b("reshape", o, shape=["B", T, H * V], name="o")
         return b("linear", o, self.p(pre + "o_proj.weight", (D, H * V)), name="out")

@@ -24,8 +24,11 @@ class CausalConv1d(OpDef):
     kind = "causal_conv1d"
     doc = "y[t, c] = sum_i w[c, 0, i] * x[t - K + 1 + i, c], inputs before t=0 from `state`"
     operands = ("x", "weight", "state?")
+    attributes = {"activation": "none"}   # "silu": fused SiLU on the output
 
     def infer(self, types, attrs):
+        expect(attrs["activation"] in ("none", "silu"), self.kind,
+               f"activation must be 'none' or 'silu', got {attrs['activation']!r}")
         x, w = types[0], types[1]
         expect_float(self.kind, x, w)
         expect(x.rank == 3 and w.rank == 3 and w.shape[0] == x.shape[2] and w.shape[1] == 1,
@@ -37,7 +40,8 @@ class CausalConv1d(OpDef):
         return [x, state]
 
     def ref(self, args, attrs):
-        return list(causal_conv1d(args[0], args[1], args[2] if len(args) > 2 else None))
+        y, state = causal_conv1d(args[0], args[1], args[2] if len(args) > 2 else None)
+        return [F.silu(y) if attrs["activation"] == "silu" else y, state]
 
     def flops(self, ins, outs, attrs, dims):
         return 2.0 * outs[0].numel(dims) * ins[1].shape[2]

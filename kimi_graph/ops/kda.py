@@ -56,3 +56,9 @@ class KDARecurrent(OpDef):
     def flops(self, ins, outs, attrs, dims):
         B, T, H, K = (d if isinstance(d, int) else dims[d] for d in ins[0].shape)
         return 7.0 * B * T * H * K * outs[0].shape[3]
+
+
+def kda_chunkwise(q, k, v, g, beta, state, scale, chunk_size):
+    """The chunkwise (WY/UT) form of `kda_recurrence`: same inputs, same results.
+    Implemented by the chunk-kda pass work; until then this raises."""
+    raise NotImplementedError("kda_chunkwise: chunkwise KDA reference not implemented yet")

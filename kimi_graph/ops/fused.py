@@ -1,0 +1,348 @@
+"""Fused ops that the passes introduce and every lowering maps (kernels, ONNX, torch).
+
+KDA   kda_fused_recurrent / kda_fused_chunk (q, k, v, f, b, A_log, dt_bias, state?)
+        q, k [B,T,H,K] after conv+SiLU, *not* normalised; v [B,T,H,V]; f [B,T,H*K] the raw
+        f_b output; b [B,T,H] the raw b_proj output; A_log [1,1,H,1]; dt_bias [H*K].
+        Inside: g = -exp(A_log) * softplus(f + dt_bias) (fp32), beta = sigmoid(b),
+        q, k L2-normalised (eps `l2norm_eps`), then the delta rule -> (o [B,T,H,V], state).
+        `_chunk` is the chunkwise (WY/UT) form for prefill, same results.
+      gated_rmsnorm(x, weight, gate): rmsnorm(x) * weight * sigmoid(gate) over the last dim.
+      add_rmsnorm(x, residual, weight) -> (rmsnorm(x + residual) * weight, x + residual).
+MLA   head_matmul(x [B,T,H,N], w [H,N,R]) -> [B,T,H,R]: per-head projection (absorbed weights).
+      mla_latent_attention(q_lat [B,T,H,R], q_rope [B,T,H,P], latent [B,S,R], rope_key [B,S,P],
+        q_start? [B]) {scale}: softmax((q_lat.latent + q_rope.rope_key) * scale) latent, causal
+        as in causal_attention -> [B,T,H,R] (still in latent space).
+MoE   moe_route(x, gate_weight [E,D], bias [E]) -> (ids [...,k] i64, weights [...,k]): the
+        whole router (fp32 sigmoid scores, biased grouped top-k, renormalise, scale).
+      moe_permute(x [...,D], ids [...,k]) {num_experts} -> (rows [M,D], offsets [E+1] i64,
+        order [M] i64) with M = N*k: token copies sorted by expert; order[m] = n*k + j.
+      grouped_swiglu(rows [M,D], offsets [E+1], w13 [E,2I,D], w2 [E,D,I]) -> [M,D]: for the
+        rows of expert e, w2_e (silu(w1_e x) * w3_e x); w13_e = [w1_e; w3_e].
+      moe_unpermute(y [M,D], order [M], weights [...,k], acc [...,D]) -> acc + sum_j w_j y_j.
+      stack(*xs) -> [n, ...]: the compile-time expert packing (folded into parameters).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import causal_attention
+from .kda import kda_recurrence
+from .moe import grouped_topk
+from .norm import rms_normalize
+from .registry import REQUIRED, OpDef, dim, expect, expect_float, register
+
+
+def kda_gate(f, A_log, dt_bias, acc):
+    """g = -exp(A_log) * softplus(f + dt_bias) in `acc` precision, shaped like [B,T,H,K]."""
+    B, T, C = f.shape
+    H = A_log.shape[2]
+    g = F.softplus(f.to(acc) + dt_bias.to(acc)).view(B, T, H, C // H)
+    return -A_log.to(acc).exp() * g
+
+
+def l2_normalize(x, eps):
+    xf = x.float() if x.dtype != torch.float64 else x
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class _KDAFused(OpDef):
+    operands = ("q", "k", "v", "f", "b", "A_log", "dt_bias", "state?")
+    attributes = {"scale": REQUIRED, "l2norm_eps": 1e-6}
+
+    def infer(self, types, attrs):
+        q, k, v, f, b, A, dt = types[:7]
+        expect_float(self.kind, *types[:7])
+        expect(q.rank == 4 and q.shape == k.shape, self.kind, f"q {q} and k {k} must be [B,T,H,K]")
+        B, T, H, K = q.shape
+        expect(v.rank == 4 and v.shape[:3] == (B, T, H), self.kind, f"v {v} must be [B,T,H,V]")
+        expect(f.shape == (B, T, H * K), self.kind, f"f {f} must be [B,T,{H * K}]")
+        expect(b.shape == (B, T, H), self.kind, f"b {b} must be [B,T,{H}]")
+        expect(A.shape == (1, 1, H, 1) and dt.shape == (H * K,), self.kind,
+               f"A_log {A} / dt_bias {dt} do not fit {H} heads of {K}")
+        state = v.with_shape((B, H, K, v.shape[3])).with_dtype("f64" if v.dtype == "f64" else "f32")
+        if len(types) > 7:
+            expect(types[7] == state, self.kind, f"state must be {state}, got {types[7]}")
+        return [v, state]
+
+    def prepare(self, args, attrs):
+        q, k, v, f, b, A, dt = args[:7]
+        acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+        g = kda_gate(f, A, dt, acc)
+        beta = torch.sigmoid(b.to(acc))
+        eps = attrs["l2norm_eps"]
+        return l2_normalize(q, eps), l2_normalize(k, eps), v, g, beta, (args[7] if len(args) > 7 else None)
+
+    def flops(self, ins, outs, attrs, dims):
+        B, T, H, K = (dim(d, dims) for d in ins[0].shape)
+        return 7.0 * B * T * H * K * dim(ins[2].shape[3], dims) + 12.0 * B * T * H * K
+
+
+@register
+class KDAFusedRecurrent(_KDAFused):
+    kind = "kda_fused_recurrent"
+    doc = "KDA with decay gate, beta sigmoid and q/k L2 norm fused; token-by-token recurrence"
+
+    def ref(self, args, attrs):
+        q, k, v, g, beta, s0 = self.prepare(args, attrs)
+        o, S = kda_recurrence(q, k, v, g, beta, s0, attrs["scale"])
+        return [o.to(v.dtype), S]
+
+
+@register
+class KDAFusedChunk(_KDAFused):
+    kind = "kda_fused_chunk"
+    doc = "KDA with fused gating in the chunkwise (WY/UT) form for prefill"
+    attributes = {"scale": REQUIRED, "l2norm_eps": 1e-6, "chunk_size": 64}
+
+    def ref(self, args, attrs):
+        from .kda import kda_chunkwise
+        q, k, v, g, beta, s0 = self.prepare(args, attrs)
+        o, S = kda_chunkwise(q, k, v, g, beta, s0, attrs["scale"], attrs["chunk_size"])
+        return [o.to(v.dtype), S]
+
+
+@register
+class GatedRMSNorm(OpDef):
+    kind, doc = "gated_rmsnorm", "rmsnorm(x) * weight * sigmoid(gate) over the last dim"
+    operands = ("x", "weight", "gate")
+    attributes = {"eps": REQUIRED}
+
+    def infer(self, types, attrs):
+        x, w, g = types
+        expect_float(self.kind, x, w, g)
+        expect(w.shape == (x.shape[-1],) and g.shape == x.shape, self.kind,
+               f"weight {w} / gate {g} do not fit x {x}")
+        return [x]
+
+    def ref(self, args, attrs):
+        x, w, g = args
+        return [w.to(x.dtype) * rms_normalize(x, attrs["eps"]) * torch.sigmoid(g.to(x.dtype))]
+
+    def flops(self, ins, outs, attrs, dims):
+        return 9.0 * outs[0].numel(dims)
+
+
+@register
+class AddRMSNorm(OpDef):
+    kind, doc = "add_rmsnorm", "(rmsnorm(x + residual) * weight, x + residual)"
+    operands = ("x", "residual", "weight")
+    attributes = {"eps": REQUIRED}
+
+    def infer(self, types, attrs):
+        x, r, w = types
+        expect_float(self.kind, x, r, w)
+        expect(x == r and w.shape == (x.shape[-1],), self.kind, f"x {x}, residual {r}, weight {w}")
+        return [x, x]
+
+    def ref(self, args, attrs):
+        x, r, w = args
+        s = x + r
+        return [w.to(x.dtype) * rms_normalize(s, attrs["eps"]), s]
+
+    def flops(self, ins, outs, attrs, dims):
+        return 5.0 * outs[0].numel(dims)
+
+
+@register
+class HeadMatmul(OpDef):
+    kind, doc = "head_matmul", "per-head x[b,t,h,:] @ w[h] : [B,T,H,N] x [H,N,R] -> [B,T,H,R]"
+    operands = ("x", "weight")
+
+    def infer(self, types, attrs):
+        x, w = types
+        expect_float(self.kind, x, w)
+        expect(x.rank == 4 and w.rank == 3 and w.shape[0] == x.shape[2] and w.shape[1] == x.shape[3],
+               self.kind, f"x {x} does not fit weight {w} [H, N, R]")
+        return [x.with_shape(x.shape[:3] + (w.shape[2],))]
+
+    def ref(self, args, attrs):
+        x, w = args
+        return [torch.einsum("bthn,hnr->bthr", x, w.to(x.dtype))]
+
+    def flops(self, ins, outs, attrs, dims):
+        return 2.0 * outs[0].numel(dims) * ins[1].shape[1]
+
+
+@register
+class MLALatentAttention(OpDef):
+    kind = "mla_latent_attention"
+    doc = "attention in latent space: keys latent ‖ rope_key, values latent (one shared KV head)"
+    operands = ("q_lat", "q_rope", "latent", "rope_key", "q_start?")
+    attributes = {"scale": REQUIRED}
+
+    def infer(self, types, attrs):
+        ql, qr, c, kr = types[:4]
+        expect_float(self.kind, ql, qr, c, kr)
+        expect(ql.rank == qr.rank == 4 and ql.shape[:3] == qr.shape[:3], self.kind,
+               f"q_lat {ql} / q_rope {qr} must be [B,T,H,*]")
+        expect(c.rank == kr.rank == 3 and c.shape[:2] == kr.shape[:2] and c.shape[0] == ql.shape[0]
+               and c.shape[2] == ql.shape[3] and kr.shape[2] == qr.shape[3], self.kind,
+               f"caches latent {c} / rope_key {kr} do not fit the queries {ql} / {qr}")
+        return [ql]
+
+    def ref(self, args, attrs):
+        ql, qr, c, kr = args[:4]
+        q = torch.cat([ql, qr.to(ql.dtype)], -1)
+        k = torch.cat([c, kr.to(c.dtype)], -1).unsqueeze(2)          # [B,S,1,R+P]
+        H = q.shape[2]
+        return [causal_attention(q, k.expand(-1, -1, H, -1), c.unsqueeze(2).expand(-1, -1, H, -1),
+                                 args[4] if len(args) > 4 else None, attrs["scale"])]
+
+    def flops(self, ins, outs, attrs, dims):
+        B, T, H, R = (dim(d, dims) for d in ins[0].shape)
+        S, P = dim(ins[2].shape[1], dims), ins[1].shape[3]
+        return 2.0 * B * H * T * S * (2 * R + P)
+
+
+@register
+class MoERoute(OpDef):
+    kind = "moe_route"
+    doc = "the router: sigmoid scores (fp32), + bias for selection, grouped top-k, renormalise, scale"
+    operands = ("x", "gate_weight", "bias")
+    attributes = {"top_k": REQUIRED, "n_group": 1, "topk_group": 1, "renormalize": True,
+                  "scaling": 1.0, "weights": "official"}
+
+    def infer(self, types, attrs):
+        x, w, bias = types
+        expect_float(self.kind, x, w, bias)
+        E = w.shape[0]
+        expect(w.rank == 2 and w.shape[1] == x.shape[-1] and bias.shape == (E,), self.kind,
+               f"gate_weight {w} / bias {bias} do not fit x {x}")
+        expect(attrs["weights"] in ("official", "unbiased"), self.kind, "weights: official|unbiased")
+        k = attrs["top_k"]
+        expect(0 < k <= E and E % attrs["n_group"] == 0, self.kind, f"bad top_k {k} for {E} experts")
+        lead = x.shape[:-1] + (k,)
+        return [x.with_shape(lead).with_dtype("i64"), bias.with_shape(lead)]
+
+    def ref(self, args, attrs):
+        x, w, bias = args
+        acc = bias.dtype
+        scores = torch.sigmoid(F.linear(x.to(acc), w.to(acc)))
+        choice = scores + bias
+        ids = grouped_topk(choice, attrs["top_k"], attrs["n_group"], attrs["topk_group"])
+        wts = torch.gather(choice if attrs["weights"] == "official" else scores, -1, ids)
+        if attrs["top_k"] > 1 and attrs["renormalize"]:
+            wts = wts / (wts.sum(-1, keepdim=True) + 1e-20)
+        return [ids, wts * attrs["scaling"]]
+
+    def flops(self, ins, outs, attrs, dims):
+        n = ins[0].numel(dims) / dim(ins[0].shape[-1], dims)
+        return n * (2.0 * ins[1].shape[0] * ins[1].shape[1] + 8 * ins[1].shape[0])
+
+
+def _rows_dim(x_shape, k: int):
+    """M = (product of x's leading dims) * k, as a symbolic dim."""
+    ints, syms = k, []
+    for d in x_shape[:-1]:
+        if isinstance(d, int):
+            ints *= d
+        else:
+            syms.append(d)
+    return "*".join(syms + [str(ints)]) if syms else ints
+
+
+@register
+class MoEPermute(OpDef):
+    kind = "moe_permute"
+    doc = "token copies sorted by expert: (rows [M,D], offsets [E+1], order [M]), M = N*top_k"
+    operands = ("x", "ids")
+    attributes = {"num_experts": REQUIRED}
+
+    def infer(self, types, attrs):
+        x, ids = types
+        expect(ids.dtype == "i64" and ids.shape[:-1] == x.shape[:-1], self.kind,
+               f"ids {ids} do not fit x {x}")
+        M = _rows_dim(x.shape, ids.shape[-1])
+        return [x.with_shape((M, x.shape[-1])), ids.with_shape((attrs["num_experts"] + 1,)),
+                ids.with_shape((M,))]
+
+    def ref(self, args, attrs):
+        x, ids = args
+        k, D, E = ids.shape[-1], x.shape[-1], attrs["num_experts"]
+        flat = ids.reshape(-1)
+        order = torch.sort(flat, stable=True)[1]
+        counts = torch.bincount(flat, minlength=E)
+        offsets = torch.zeros(E + 1, dtype=torch.long, device=x.device)
+        offsets[1:] = torch.cumsum(counts, 0)
+        return [x.reshape(-1, D)[order // k], offsets, order]
+
+    def flops(self, ins, outs, attrs, dims):
+        return 0.0
+
+
+@register
+class GroupedSwiGLU(OpDef):
+    kind = "grouped_swiglu"
+    doc = "per-expert SwiGLU over expert-sorted rows with packed weights w13 [E,2I,D], w2 [E,D,I]"
+    operands = ("rows", "offsets", "w13", "w2")
+
+    def infer(self, types, attrs):
+        x, off, w13, w2 = types
+        expect_float(self.kind, x, w13, w2)
+        E, I2, D = w13.shape
+        expect(x.rank == 2 and x.shape[1] == D and off.shape == (E + 1,) and I2 % 2 == 0
+               and w2.shape == (E, D, I2 // 2), self.kind,
+               f"rows {x}, offsets {off}, w13 {w13}, w2 {w2} do not fit")
+        return [x]
+
+    def ref(self, args, attrs):
+        x, off, w13, w2 = args
+        out = torch.zeros_like(x)
+        I = w2.shape[2]
+        for e in range(w13.shape[0]):
+            s, t = int(off[e]), int(off[e + 1])
+            if t > s:
+                gu = F.linear(x[s:t], w13[e].to(x.dtype))
+                out[s:t] = F.linear(F.silu(gu[:, :I]) * gu[:, I:], w2[e].to(x.dtype))
+        return [out]
+
+    def flops(self, ins, outs, attrs, dims):
+        E, I2, D = ins[2].shape
+        return 2.0 * dim(ins[0].shape[0], dims) * D * (I2 + I2 // 2)
+
+    def bytes_moved(self, ins, outs, attrs, dims):
+        M = dim(ins[0].shape[0], dims)
+        E = ins[2].shape[0]
+        touched = min(E, M)     # at most M experts receive a row
+        per_expert = (ins[2].nbytes(dims) + ins[3].nbytes(dims)) / E
+        return float(touched * per_expert + ins[0].nbytes(dims) + outs[0].nbytes(dims))
+
+
+@register
+class MoEUnpermute(OpDef):
+    kind = "moe_unpermute"
+    doc = "acc[n] + sum_j weights[n, j] * y[row holding copy (n, j)]"
+    operands = ("y", "order", "weights", "acc")
+
+    def infer(self, types, attrs):
+        y, order, w, acc = types
+        expect(y.rank == 2 and y.shape[1] == acc.shape[-1] and order.shape == (y.shape[0],)
+               and w.shape[:-1] == acc.shape[:-1], self.kind,
+               f"y {y}, order {order}, weights {w}, acc {acc} do not fit")
+        return [acc]
+
+    def ref(self, args, attrs):
+        y, order, w, acc = args
+        k, D = w.shape[-1], acc.shape[-1]
+        unsorted = torch.empty_like(y)
+        unsorted[order] = y
+        contrib = (unsorted.view(-1, k, D).to(w.dtype) * w.reshape(-1, k, 1)).sum(1)
+        return [(acc.reshape(-1, D) + contrib.to(acc.dtype)).reshape(acc.shape)]
+
+
+@register
+class Stack(OpDef):
+    kind, doc = "stack", "stack equal-typed operands along a new leading dim"
+    operands = ("*xs",)
+
+    def infer(self, types, attrs):
+        expect(len(types) >= 1 and all(t == types[0] for t in types), self.kind,
+               "operands must share one type")
+        return [types[0].with_shape((len(types),) + types[0].shape)]
+
+    def ref(self, args, attrs):
+        return [torch.stack(list(args))]
+
+    def flops(self, ins, outs, attrs, dims):
+        return 0.0
