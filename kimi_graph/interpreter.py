@@ -1,7 +1,7 @@
 """Reference interpreter: runs a Graph op by op with each op's torch reference implementation."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -34,10 +34,13 @@ def bind_dims(g: Graph, inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
     return dims
 
 
-def run_graph(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]
-              ) -> list[torch.Tensor]:
+def run_graph(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
+              impls: Mapping[str, Callable] | None = None) -> list[torch.Tensor]:
     """Execute `g`; `inputs` keyed by input name ("%input_ids" or "input_ids"), `params` by
-    parameter name without "@". Returns the graph outputs in order."""
+    parameter name without "@". `impls` overrides op kinds: kind -> fn(args, attrs) -> list
+    of results (a backend's kernels); other ops run their torch reference.
+    Returns the graph outputs in order."""
+    impls = impls or {}
     inputs = {(k if k.startswith("%") else "%" + k): v for k, v in inputs.items()}
     dims = bind_dims(g, inputs)
     env: dict[str, torch.Tensor] = dict(inputs)
@@ -57,7 +60,7 @@ def run_graph(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str,
         attrs = opdef.full_attrs(op.attrs)
         for a in opdef.shape_attrs:
             attrs[a] = [eval_dim(d, dims) for d in attrs[a]]
-        results = opdef.ref([env[v] for v in op.inputs], attrs)
+        results = impls.get(op.kind, opdef.ref)([env[v] for v in op.inputs], attrs)
         for v, r in zip(op.outputs, results):
             env[v] = r
         for v in op.inputs:
