@@ -59,6 +59,41 @@ class KDARecurrent(OpDef):
 
 
 def kda_chunkwise(q, k, v, g, beta, state, scale, chunk_size):
-    """The chunkwise (WY/UT) form of `kda_recurrence`: same inputs, same results.
-    Implemented by the chunk-kda pass work; until then this raises."""
-    raise NotImplementedError("kda_chunkwise: chunkwise KDA reference not implemented yet")
+    """The chunkwise (WY/UT) form of `kda_recurrence`: same inputs, same results up to fp
+    rounding. Per chunk of C tokens with cumulative log decay G_r = sum_{i<=r} g_i:
+      A[r,i] = beta_r sum_d k_rd k_id exp(G_rd - G_id)            (i < r, strictly lower)
+      u = (I + A)^-1 diag(beta) (v - (k * exp(G)) S0)             (UT transform, one solve)
+      o_r = scale (q_r * exp(G_r)) S0 + scale sum_{i<=r} (q_r . k_i exp(G_r - G_i)) u_i
+      S_C = exp(G_C) * S0 + sum_i (k_i * exp(G_C - G_i)) u_i^T
+    Decay ratios are taken as exp of differences, masked before the exp, so no factor
+    overflows however strong the decay. The last chunk may be shorter (any T)."""
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"kda_chunkwise: chunk_size must be a positive int, got {chunk_size!r}")
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    acc = state_dtype(v.dtype)
+    S = torch.zeros(B, H, K, V, dtype=acc, device=v.device) if state is None else state.to(acc).clone()
+    # heads first: [B, H, T, *]
+    q, k, v, g = (t.to(acc).transpose(1, 2) for t in (q, k, v, g))
+    beta = beta.to(acc).transpose(1, 2)
+    out = torch.empty(B, H, T, V, dtype=acc, device=v.device)
+    for s in range(0, T, chunk_size):
+        e = min(s + chunk_size, T)
+        C = e - s
+        qc, kc, vc, bc = q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], beta[:, :, s:e]
+        G = g[:, :, s:e].cumsum(2)                                         # [B,H,C,K]
+        diff = G.unsqueeze(3) - G.unsqueeze(2)                             # [B,H,r,i,K]
+        tri = torch.ones(C, C, dtype=torch.bool, device=v.device).tril()
+        incl = torch.where(tri[..., None], diff, diff.new_tensor(float("-inf"))).exp()
+        strict = incl * (~torch.eye(C, dtype=torch.bool, device=v.device))[..., None]
+        A = torch.einsum("bhrd,bhid,bhrid->bhri", kc, kc, strict) * bc.unsqueeze(-1)
+        eye = torch.eye(C, dtype=acc, device=v.device)
+        rhs = bc.unsqueeze(-1) * (vc - torch.einsum("bhrd,bhdv->bhrv", kc * G.exp(), S))
+        u = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+        qk = torch.einsum("bhrd,bhid,bhrid->bhri", qc, kc, incl)
+        out[:, :, s:e] = scale * (torch.einsum("bhrd,bhdv->bhrv", qc * G.exp(), S)
+                                  + torch.einsum("bhri,bhiv->bhrv", qk, u))
+        last = G[:, :, -1:]                                                # [B,H,1,K]
+        S = S * last.transpose(2, 3).exp() + torch.einsum(
+            "bhid,bhiv->bhdv", kc * (last - G).exp(), u)
+    return out.transpose(1, 2), S
