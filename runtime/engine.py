@@ -1,0 +1,202 @@
+"""The generation engine: prefill and decode steps over cache slots, driven only through
+`model.execute`, so it runs unchanged on every backend.
+
+Sequences never share a padded prefill: pad tokens would flow through the KDA recurrence
+and conv states. Each prompt is prefilled on its own slot (prompts of equal length
+together), then the batch decodes together, one token per sequence per step; `cache_pos`
+tells MLA attention where each sequence ends, so rows past it are masked.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from .cache import CacheError, CacheManager, state_specs
+from .sampling import Sampler, SamplingParams
+
+
+class GenerationError(ValueError):
+    """A generation request that cannot run as asked (bad prompt, too long, too many)."""
+
+
+class Engine:
+    """Runs a model's stateful prefill and decode graphs for up to `max_batch` sequences of
+    up to `max_len` tokens (default: config.model_max_length), caches preallocated.
+
+    `window_block`: caches are passed cut to the rows in use, rounded up to this many tokens
+    (None: always the whole capacity). `prefill_chunk`: prefill long prompts this many
+    tokens at a time (continuation through the states; None: whole prompts)."""
+
+    def __init__(self, model, max_batch: int = 1, max_len: int | None = None, *,
+                 window_block: int | None = 64, prefill_chunk: int | None = None):
+        limit = model.config.model_max_length
+        max_len = limit if max_len is None else max_len
+        if isinstance(max_len, int) and max_len > limit:
+            raise GenerationError(f"max_len {max_len} exceeds the model's model_max_length {limit}")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise GenerationError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
+        self.model, self.window_block, self.prefill_chunk = model, window_block, prefill_chunk
+        decode = model.get_graph("decode")
+        if state_specs(model.get_graph("prefill", stateful=True)) != state_specs(decode):
+            raise GenerationError("the stateful prefill and decode graphs take different states")
+        self.cache = CacheManager(decode, max_batch, max_len, device=model.device)
+
+    # -- one graph call ---------------------------------------------------------
+    def step(self, mode: str, slots: list[int], ids: torch.Tensor) -> torch.Tensor:
+        """Run `ids` [len(slots), T] at the end of each slot's sequence -> logits [B, T, V];
+        the slots' states advance by T tokens."""
+        T = ids.shape[1]
+        self.cache.reserve(slots, T)
+        window = self.cache.window(slots, T, self.window_block)
+        pos = torch.tensor([self.cache.lengths[s] for s in slots], dtype=torch.int64,
+                           device=self.model.device)
+        inputs = {"input_ids": ids.to(self.model.device), "cache_pos": pos}
+        inputs.update(self.cache.gather(slots, window))
+        outs = self.model.execute(mode, True, inputs)
+        self.cache.scatter(slots, window, outs[1:])
+        self.cache.advance(slots, T)
+        return outs[0]
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> list[torch.Tensor]:
+        """Append each prompt to its slot (continuing what the slot holds) -> logits [T_i, V]
+        per prompt. Prompts of equal length run together; no padding."""
+        if len(slots) != len(prompts):
+            raise GenerationError(f"{len(prompts)} prompts for {len(slots)} slots")
+        ids = [self.check_prompt(p) for p in prompts]
+        out: list[torch.Tensor | None] = [None] * len(ids)
+        groups: dict[int, list[int]] = {}
+        for i, t in enumerate(ids):
+            groups.setdefault(len(t), []).append(i)
+        for T, members in groups.items():
+            batch = torch.tensor([ids[i] for i in members], dtype=torch.int64)
+            chunk = self.prefill_chunk or T
+            parts = [self.step("prefill", [slots[i] for i in members], batch[:, a:a + chunk])
+                     for a in range(0, T, chunk)]
+            logits = torch.cat(parts, dim=1)
+            for j, i in enumerate(members):
+                out[i] = logits[j]
+        return out
+
+    def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """One token per slot -> logits [len(slots), V]."""
+        ids = torch.tensor(self.check_prompt(tokens), dtype=torch.int64).view(-1, 1)
+        if ids.shape[0] != len(slots):
+            raise GenerationError(f"{ids.shape[0]} tokens for {len(slots)} slots")
+        return self.step("decode", slots, ids)[:, 0]
+
+    # -- generation ---------------------------------------------------------------
+    def check_prompt(self, prompt) -> list[int]:
+        """A prompt as a list of in-vocabulary token ids, or a clear error."""
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1 or prompt.is_floating_point() or prompt.is_complex():
+                raise GenerationError(f"a prompt tensor must be 1-D integer ids, got "
+                                      f"{tuple(prompt.shape)} {prompt.dtype}")
+            prompt = prompt.tolist()
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Iterable):
+            raise GenerationError(f"a prompt must be a list of token ids, got {type(prompt).__name__}")
+        ids = list(prompt)
+        if not ids:
+            raise GenerationError("empty prompt: give at least one token id")
+        bad_type = [x for x in ids if not isinstance(x, int) or isinstance(x, bool)]
+        if bad_type:
+            raise GenerationError(f"token ids must be integers, got {bad_type[:4]!r}")
+        V = self.model.config.vocab_size
+        bad = sorted({x for x in ids if not 0 <= x < V})
+        if bad:
+            raise GenerationError(f"token ids out of range [0, {V}): {bad[:8]}")
+        return ids
+
+    def check_request(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        if len(prompts) > self.cache.free_slots:
+            raise GenerationError(f"batch of {len(prompts)} prompts is larger than the cache: "
+                                  f"{self.cache.free_slots} of {self.cache.num_slots} slots free")
+        limit, what = self.cache.capacity, "cache capacity"
+        if self.model.config.model_max_length < limit:
+            limit, what = self.model.config.model_max_length, "model_max_length"
+        for i, p in enumerate(prompts):
+            if len(p) + params.max_new_tokens > limit:
+                raise GenerationError(
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={params.max_new_tokens} "
+                    f"it needs {len(p) + params.max_new_tokens} positions, past the {what} of {limit}")
+
+    def iterate(self, prompts, params: SamplingParams) -> Iterator[tuple[int, int]]:
+        """Generate for a batch: an iterator of (prompt index, token) as tokens are sampled,
+        each step in prompt order. The request is checked now; slots are taken at the first
+        step and freed when the iterator ends or is closed."""
+        if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)):
+            raise GenerationError("prompts must be a list of prompts (each a list of token ids)")
+        if prompts and all(isinstance(x, int) for x in prompts):
+            raise GenerationError("prompts must be a list of prompts; for one prompt pass "
+                                  "[[id, id, ...]] (or use stream)")
+        if not prompts:
+            raise GenerationError("no prompts given")
+        prompts = [self.check_prompt(p) for p in prompts]
+        self.check_request(prompts, params)
+        return self._run(prompts, params)
+
+    def _run(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[tuple[int, int]]:
+        slots = self.cache.allocate(len(prompts))
+        try:
+            logits = torch.stack([t[-1] for t in self.prefill(slots, prompts)])
+            sampler = Sampler(params, len(prompts))
+            stops = params.stop_set(self.model.config.eos_ids)
+            active = list(range(len(prompts)))
+            for step in range(params.max_new_tokens):
+                tokens = sampler(logits, active)
+                for i, t in zip(active, tokens):
+                    yield i, t
+                going = [(i, t) for i, t in zip(active, tokens) if t not in stops]
+                if not going or step + 1 == params.max_new_tokens:
+                    break
+                active = [i for i, _ in going]
+                logits = self.decode([slots[i] for i in active], [t for _, t in going])
+        finally:
+            self.cache.free(slots)
+
+    def generate(self, prompts, params: SamplingParams) -> list[list[int]]:
+        out = [[] for _ in prompts] if isinstance(prompts, (list, tuple)) else []
+        for i, t in self.iterate(prompts, params):
+            out[i].append(t)
+        return out
+
+    def stream(self, prompt, params: SamplingParams) -> Iterator[int]:
+        return (t for _, t in self.iterate([prompt], params))
+
+
+# -- the model-level entry points (KimiModel.generate / .stream delegate here) ----------
+def _encode(model, prompt):
+    return model.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+
+
+def _engine_for(model, prompts, params, max_batch, max_len, engine_options) -> Engine:
+    if max_len is None:     # just enough for this request (a too-long one fails the check)
+        longest = max((len(p) for p in prompts if hasattr(p, "__len__")), default=1)
+        max_len = min(longest + params.max_new_tokens, model.config.model_max_length)
+    return Engine(model, max_batch or max(len(prompts), 1), max(max_len, 1), **engine_options)
+
+
+def generate(model, prompts, *, max_batch: int | None = None, max_len: int | None = None,
+             engine: Engine | None = None, engine_options: dict | None = None,
+             **sampling) -> list[list[int]]:
+    """New token ids for each prompt (a list of token-id lists, or strings when the model
+    has a tokenizer). `sampling`: SamplingParams fields. Without `engine`, one is made for
+    the request (`max_batch` slots of `max_len` tokens: by default just what it needs)."""
+    params = SamplingParams(**sampling)
+    if isinstance(prompts, (list, tuple)):
+        prompts = [_encode(model, p) for p in prompts]
+    engine = engine or _engine_for(model, prompts if isinstance(prompts, (list, tuple)) else [],
+                                   params, max_batch, max_len, engine_options or {})
+    return engine.generate(prompts, params)
+
+
+def stream(model, prompt, *, max_len: int | None = None, engine: Engine | None = None,
+           engine_options: dict | None = None, **sampling) -> Iterator[int]:
+    """Yield new token ids for one prompt as they are sampled."""
+    params = SamplingParams(**sampling)
+    prompt = _encode(model, prompt)
+    engine = engine or _engine_for(model, [prompt], params, 1, max_len, engine_options or {})
+    return engine.stream(prompt, params)
+
+
+__all__ = ["Engine", "GenerationError", "CacheError", "generate", "stream"]
