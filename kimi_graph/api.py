@@ -109,6 +109,27 @@ class KimiModel:
     def __call__(self, input_ids) -> torch.Tensor:
         return self.execute("prefill", False, {"input_ids": self.check_ids(input_ids)})[0]
 
+    # -- generation (kimi_graph.runtime) -------------------------------------------------
+    def generate(self, prompts, **kwargs) -> list[list[int]]:
+        """New token ids per prompt: `model.generate([[1, 5, 9], [3]], max_new_tokens=8)`.
+        kwargs: sampling (temperature, top_k, top_p, seed, stop_ids, ignore_eos) and engine
+        sizing; see `kimi_graph.runtime.generate`."""
+        from .runtime import generate
+        return generate(self, prompts, **kwargs)
+
+    def stream(self, prompt, **kwargs):
+        """Iterate over one prompt's new token ids as they are sampled."""
+        from .runtime import stream
+        return stream(self, prompt, **kwargs)
+
+    @property
+    def tokenizer(self):
+        """The model directory's tiktoken tokenizer (TokenizerError when it has none)."""
+        if getattr(self, "_tokenizer", None) is None:
+            from .runtime.tokenizer import load_tokenizer
+            self._tokenizer = load_tokenizer(self.path, self.config.vocab_size)
+        return self._tokenizer
+
     def __repr__(self) -> str:
         c = self.config
         return (f"KimiModel({c.num_hidden_layers} layers, hidden {c.hidden_size}, "
