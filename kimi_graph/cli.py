@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "demo": ("kimi_graph.commands.demo", "run the embedded tiny model end to end"),
     "inspect": ("kimi_graph.commands.inspect", "print a model's IR and a summary"),
+    "generate": ("kimi_graph.commands.generate", "generate tokens from a prompt, streamed"),
 }
 
 

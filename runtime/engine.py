@@ -112,7 +112,7 @@ class Engine:
             raise GenerationError(f"batch of {len(prompts)} prompts is larger than the cache: "
                                   f"{self.cache.free_slots} of {self.cache.num_slots} slots free")
         limit, what = self.cache.capacity, "cache capacity"
-        if self.model.config.model_max_length < limit:
+        if self.model.config.model_max_length <= limit:
             limit, what = self.model.config.model_max_length, "model_max_length"
         for i, p in enumerate(prompts):
             if len(p) + params.max_new_tokens > limit:

@@ -29,4 +29,8 @@ def run(args) -> int:
     print(f"== prefill of {ids.shape[1]} tokens: logits {tuple(logits.shape)} in "
           f"{(time.perf_counter() - t0) * 1e3:.1f} ms; next token (greedy): "
           f"{int(logits[0, -1].argmax())}")
+    t0 = time.perf_counter()
+    new = model.generate([ids[0].tolist()], max_new_tokens=8, ignore_eos=True)[0]
+    print(f"== generated 8 tokens (greedy, prefill + decode with caches) in "
+          f"{(time.perf_counter() - t0) * 1e3:.1f} ms: {new}")
     return 0
