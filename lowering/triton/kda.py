@@ -1,0 +1,414 @@
+"""KDA kernels: chunkwise prefill (two generated kernels) and the recurrent step (decode).
+
+Both take packed tokens [N_tok, H, *] with cumulative sequence offsets `cu_seqlens` [N+1]
+(a [B, T] batch is B sequences of T). FUSED kernels compute the gating inside:
+g = -exp(A_log) * softplus(f + dt_bias), beta = sigmoid(b), q and k L2-normalised; the
+unfused variant (the `kda_recurrent` op) reads g, beta and normalised q, k.
+
+Chunk form (chunk BT, sub-chunk BC), per chunk with cumulative decay G_i = exp(gc_i):
+  A_kk[i,j] = beta_i sum_d k_id k_jd G_id/G_jd (j < i)   T = (I + A_kk)^-1
+  W = T (beta k G), U = T (beta v)                       A_qk[i,j] = scale q_i.k_j G_i/G_j (j <= i)
+  scan over chunks: V' = U - W S;  O = (scale q G) S + A_qk V';  S = G_L S + (k G_L/G)^T V'
+G_i/G_j is never formed from G alone: off-diagonal sub-blocks factor through the row before
+the later sub-chunk (both factors <= 1) and diagonal sub-blocks are exact column loops.
+"""
+from __future__ import annotations
+
+import torch
+
+from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render
+from .targets import config, current_target
+
+_GATE = """
+    if FUSED:
+        ss = tl.sum(q * q, 1)
+        q = q * (1.0 / tl.sqrt(ss + EPS))[:, None]
+        ss = tl.sum(k * k, 1)
+        k = k * (1.0 / tl.sqrt(ss + EPS))[:, None]
+        x = tl.load(f_ptr + offk, mask=m2, other=0.0).to(tl.float32) + \\
+            tl.load(dt_ptr + h * K + dk, mask=mk, other=0.0).to(tl.float32)[None, :]
+        y = tl.exp(tl.minimum(x, 20.0))
+        sp = tl.where(x > 20.0, x, tl.where(y < 1e-2, y * (1.0 - y * (0.5 - y * (0.3333333333 - y * 0.25))),
+                                            tl.log(1.0 + y)))
+        g = -tl.exp(tl.load(a_ptr + h).to(tl.float32)) * sp
+        beta = tl.sigmoid(tl.load(b_ptr + tok * H + h, mask=rm, other=0.0).to(tl.float32))
+    else:
+        g = tl.load(f_ptr + offk, mask=m2, other=0.0).to(tl.float32)
+        beta = tl.load(b_ptr + tok * H + h, mask=rm, other=0.0).to(tl.float32)
+"""
+
+_PREP = """
+@triton.jit
+def kda_chunk_prep(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk_len,
+                   qn_ptr, kn_ptr, gc_ptr, beta_ptr, qg_ptr, kg_ptr, w_ptr, u_ptr, aqk_ptr, akk_ptr,
+                   gl_ptr):
+    # one program per (chunk, head): gating, cumulative decay, intra-chunk matrices, W and U
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    start = tl.load(chunk_start + c)
+    n = tl.load(chunk_len + c)
+    r = tl.arange(0, BT)
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BVF)
+    rm = r < n
+    mk = dk < K
+    mv = dv < V
+    tok = start + r
+    m2 = rm[:, None] & mk[None, :]
+    offk = tok[:, None] * (H * K) + h * K + dk[None, :]
+    q = tl.load(q_ptr + offk, mask=m2, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + offk, mask=m2, other=0.0).to(tl.float32)
+    $gate
+    g = tl.where(m2, g, 0.0)
+    gc = tl.cumsum(g, 0)
+    gl = tl.sum(g, 0)
+    tl.store(qn_ptr + offk, q.to(DT), mask=m2)
+    tl.store(kn_ptr + offk, k.to(DT), mask=m2)
+    tl.store(gc_ptr + offk, gc, mask=m2)
+    tl.store(beta_ptr + tok * H + h, beta, mask=rm)
+    tl.store(qg_ptr + offk, (q * tl.exp(gc) * SCALE).to(DT), mask=m2)
+    tl.store(kg_ptr + offk, (k * tl.exp(tl.where(m2, gl[None, :] - gc, 0.0))).to(DT), mask=m2)
+    tl.store(gl_ptr + (c * H + h) * K + dk, tl.exp(gl), mask=mk)
+    tl.debug_barrier()
+    # intra-chunk A_kk (strictly lower, times beta) and A_qk (lower, times scale), by BC sub-blocks
+    cc = tl.arange(0, BC)
+    for I in tl.static_range(NC):
+        rI = I * BC + cc
+        mI = rI < n
+        mI2 = mI[:, None] & mk[None, :]
+        offI = (start + rI)[:, None] * (H * K) + h * K + dk[None, :]
+        kI = tl.load(kn_ptr + offI, mask=mI2, other=0.0).to(tl.float32)
+        qI = tl.load(qn_ptr + offI, mask=mI2, other=0.0).to(tl.float32)
+        gI = tl.load(gc_ptr + offI, mask=mI2, other=0.0)
+        bI = tl.load(beta_ptr + (start + rI) * H + h, mask=mI, other=0.0)
+        arow = (start + rI)[:, None] * (H * BT) + h * BT
+        if I > 0:
+            gref = tl.load(gc_ptr + (start + I * BC - 1) * (H * K) + h * K + dk,
+                           mask=mk & (dk * 0 + I * BC - 1 < n), other=0.0)
+            eI = tl.exp(tl.where(mI2, gI - gref[None, :], 0.0))
+            ka = kI * eI
+            qa = qI * eI
+            for J in tl.static_range(I):
+                rJ = J * BC + cc
+                mJ2 = (rJ < n)[:, None] & mk[None, :]
+                offJ = (start + rJ)[:, None] * (H * K) + h * K + dk[None, :]
+                kJ = tl.load(kn_ptr + offJ, mask=mJ2, other=0.0).to(tl.float32)
+                gJ = tl.load(gc_ptr + offJ, mask=mJ2, other=0.0)
+                kb = tl.trans(kJ * tl.exp(tl.where(mJ2, gref[None, :] - gJ, 0.0)))
+                akk = tl.dot(ka, kb, input_precision=PREC) * bI[:, None]
+                aqk = tl.dot(qa, kb, input_precision=PREC) * SCALE
+                tl.store(akk_ptr + arow + (cc[None, :] + J * BC), akk, mask=mI[:, None])
+                tl.store(aqk_ptr + arow + (cc[None, :] + J * BC), aqk.to(DT), mask=mI[:, None])
+        dkk = tl.zeros((BC, BC), tl.float32)
+        dqk = tl.zeros((BC, BC), tl.float32)
+        for j in range(BC):
+            row = I * BC + j
+            okj = (start + row) * (H * K) + h * K + dk
+            kj = tl.load(kn_ptr + okj, mask=mk & (dk * 0 + row < n), other=0.0).to(tl.float32)
+            gj = tl.load(gc_ptr + okj, mask=mk & (dk * 0 + row < n), other=0.0)
+            vis = mI2 & (rI >= row)[:, None]
+            e = tl.exp(tl.where(vis, gI - gj[None, :], float("-inf")))
+            ck = tl.sum(kI * kj[None, :] * e, 1)
+            cq = tl.sum(qI * kj[None, :] * e, 1)
+            dkk = tl.where(cc[None, :] == j, ck[:, None], dkk)
+            dqk = tl.where(cc[None, :] == j, cq[:, None], dqk)
+        dkk = tl.where(cc[:, None] > cc[None, :], dkk * bI[:, None], 0.0)
+        dqk = tl.where(cc[:, None] >= cc[None, :], dqk * SCALE, 0.0)
+        tl.store(akk_ptr + arow + (cc[None, :] + I * BC), dkk, mask=mI[:, None])
+        tl.store(aqk_ptr + arow + (cc[None, :] + I * BC), dqk.to(DT), mask=mI[:, None])
+        for J in tl.static_range(I + 1, NC):
+            z = tl.zeros((BC, BC), tl.float32)
+            tl.store(akk_ptr + arow + (cc[None, :] + J * BC), z, mask=mI[:, None])
+            tl.store(aqk_ptr + arow + (cc[None, :] + J * BC), z.to(DT), mask=mI[:, None])
+    tl.debug_barrier()
+    # T = (I + A_kk)^-1 by forward substitution over rows
+    tm = tl.zeros((BT, BT), tl.float32)
+    for i in range(0, n):
+        a = tl.load(akk_ptr + (start + i) * (H * BT) + h * BT + r)
+        new = tl.where(r == i, 1.0, 0.0) - tl.sum(a[:, None] * tm, 0)
+        tm = tl.where(r[:, None] == i, new[None, :], tm)
+    tm = tl.where(rm[:, None], tm, 0.0)
+    kn = tl.load(kn_ptr + offk, mask=m2, other=0.0).to(tl.float32)
+    gcr = tl.load(gc_ptr + offk, mask=m2, other=0.0)
+    bt = tl.load(beta_ptr + tok * H + h, mask=rm, other=0.0)
+    w = tl.dot(tm, kn * tl.exp(gcr) * bt[:, None], input_precision=PREC)
+    tl.store(w_ptr + offk, w.to(DT), mask=m2)
+    offv = tok[:, None] * (H * V) + h * V + dv[None, :]
+    mv2 = rm[:, None] & mv[None, :]
+    v = tl.load(v_ptr + offv, mask=mv2, other=0.0).to(tl.float32)
+    u = tl.dot(tm, v * bt[:, None], input_precision=PREC)
+    tl.store(u_ptr + offv, u.to(DT), mask=mv2)
+"""
+
+_SCAN = """
+@triton.jit
+def kda_chunk_scan(qg_ptr, kg_ptr, w_ptr, u_ptr, aqk_ptr, gl_ptr, o_ptr, s0_ptr, sn_ptr,
+                   cu_ptr, chunk0_ptr):
+    # one program per (sequence, head, V block): the state stays in registers across chunks
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    iv = tl.program_id(2)
+    tok0 = tl.load(cu_ptr + s)
+    L = tl.load(cu_ptr + s + 1) - tok0
+    c0 = tl.load(chunk0_ptr + s)
+    r = tl.arange(0, BT)
+    dk = tl.arange(0, BK)
+    dv = iv * BV + tl.arange(0, BV)
+    mk = dk < K
+    mv = dv < V
+    soff = ((s * H + h) * K + dk[:, None]) * V + dv[None, :]
+    smask = mk[:, None] & mv[None, :]
+    if HAS_STATE:
+        S = tl.load(s0_ptr + soff, mask=smask, other=0.0)
+    else:
+        S = tl.zeros((BK, BV), tl.float32)
+    for ci in range(0, tl.cdiv(L, BT)):
+        tok = tok0 + ci * BT + r
+        rm = ci * BT + r < L
+        m2 = rm[:, None] & mk[None, :]
+        offk = tok[:, None] * (H * K) + h * K + dk[None, :]
+        w = tl.load(w_ptr + offk, mask=m2, other=0.0)
+        qg = tl.load(qg_ptr + offk, mask=m2, other=0.0)
+        kgt = tl.load(kg_ptr + tok[None, :] * (H * K) + h * K + dk[:, None],
+                      mask=rm[None, :] & mk[:, None], other=0.0)
+        offv = tok[:, None] * (H * V) + h * V + dv[None, :]
+        mv2 = rm[:, None] & mv[None, :]
+        u = tl.load(u_ptr + offv, mask=mv2, other=0.0).to(tl.float32)
+        aqk = tl.load(aqk_ptr + tok[:, None] * (H * BT) + h * BT + r[None, :], mask=rm[:, None], other=0.0)
+        gl = tl.load(gl_ptr + ((c0 + ci) * H + h) * K + dk, mask=mk, other=1.0)
+        sd = S.to(DT)
+        vn = u - tl.dot(w, sd, input_precision=PREC)
+        vd = vn.to(DT)
+        o = tl.dot(qg, sd, input_precision=PREC) + tl.dot(aqk, vd, input_precision=PREC)
+        tl.store(o_ptr + offv, o.to(DT), mask=mv2)
+        S = S * gl[:, None] + tl.dot(kgt, vd, input_precision=PREC)
+    tl.store(sn_ptr + soff, S, mask=smask)
+"""
+
+_STEP = """
+@triton.jit
+def kda_recurrent_step(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, o_ptr, s0_ptr, sn_ptr, cu_ptr):
+    # one program per (sequence, head, V block); token by token, state in registers
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    iv = tl.program_id(2)
+    tok0 = tl.load(cu_ptr + s)
+    L = tl.load(cu_ptr + s + 1) - tok0
+    dk = tl.arange(0, BK)
+    dv = iv * BV + tl.arange(0, BV)
+    mk = dk < K
+    mv = dv < V
+    soff = ((s * H + h) * K + dk[:, None]) * V + dv[None, :]
+    smask = mk[:, None] & mv[None, :]
+    if HAS_STATE:
+        S = tl.load(s0_ptr + soff, mask=smask, other=0.0)
+    else:
+        S = tl.zeros((BK, BV), tl.float32)
+    if FUSED:
+        dt = tl.load(dt_ptr + h * K + dk, mask=mk, other=0.0).to(tl.float32)
+        A = tl.exp(tl.load(a_ptr + h).to(tl.float32))
+    for t in range(0, L):
+        tok = tok0 + t
+        offk = tok * (H * K) + h * K + dk
+        q = tl.load(q_ptr + offk, mask=mk, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + offk, mask=mk, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + tok * (H * V) + h * V + dv, mask=mv, other=0.0).to(tl.float32)
+        bb = tl.load(b_ptr + tok * H + h).to(tl.float32)
+        if FUSED:
+            q = q / tl.sqrt(tl.sum(q * q, 0) + EPS)
+            k = k / tl.sqrt(tl.sum(k * k, 0) + EPS)
+            x = tl.load(f_ptr + offk, mask=mk, other=0.0).to(tl.float32) + dt
+            y = tl.exp(tl.minimum(x, 20.0))
+            sp = tl.where(x > 20.0, x, tl.where(y < 1e-2, y * (1.0 - y * (0.5 - y * (0.3333333333 - y * 0.25))),
+                                                tl.log(1.0 + y)))
+            g = -A * sp
+            bb = tl.sigmoid(bb)
+        else:
+            g = tl.load(f_ptr + offk, mask=mk, other=0.0).to(tl.float32)
+        S = S * tl.exp(g)[:, None]
+        err = v - tl.sum(k[:, None] * S, 0)
+        S = S + k[:, None] * (bb * err)[None, :]
+        o = tl.sum((q * SCALE)[:, None] * S, 0)
+        tl.store(o_ptr + tok * (H * V) + h * V + dv, o.to(DT), mask=mv)
+    tl.store(sn_ptr + soff, S, mask=smask)
+"""
+
+
+def _sig(names, dtype, ints=()):
+    ptr = {"f32": "*fp32", "bf16": "*bf16", "f16": "*fp16"}[dtype]
+    return {n: ("i32" if n in ints else ptr) for n in names}
+
+
+def _consts(H, K, V, dtype, fused, scale, eps, **extra):
+    return {"H": H, "K": K, "V": V, "BK": max(16, next_pow2(K)), "FUSED": bool(fused),
+            "SCALE": float(scale), "EPS": float(eps), "DT": TL_DTYPES[dtype], **extra}
+
+
+def _prec(dtype, target):
+    return "ieee" if target == "interpret" or dtype != "f32" else "tf32"
+
+
+def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> list[KernelSpec]:
+    """The two chunk-prefill kernels (prep, scan) for one head geometry and dtype."""
+    target = target or current_target()
+    cfg = config("kda_chunk", target)
+    BT, BC, BV = cfg["BT"], cfg["BC"], min(cfg["BV"], max(16, next_pow2(V)))
+    consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=BT // BC,
+                     BVF=max(16, next_pow2(V)), BV=BV, HAS_STATE=bool(has_state),
+                     PREC=_prec(dtype, target))
+    src_p = render("kda_chunk_prep", _PREP, consts, gate=_GATE)
+    p_args = ["q_ptr", "k_ptr", "v_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "chunk_start", "chunk_len",
+              "qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr",
+              "akk_ptr", "gl_ptr"]
+    sig_p = _sig(p_args, dtype, ints=())
+    sig_p.update({"chunk_start": "*i32", "chunk_len": "*i32", "gc_ptr": "*fp32", "beta_ptr": "*fp32",
+                  "akk_ptr": "*fp32", "gl_ptr": "*fp32", "a_ptr": "*fp32", "dt_ptr": "*fp32"})
+    if not fused:
+        sig_p["b_ptr"] = "*fp32"
+        sig_p["f_ptr"] = "*fp32"
+    src_s = render("kda_chunk_scan", _SCAN, consts)
+    s_args = ["qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr", "gl_ptr", "o_ptr", "s0_ptr", "sn_ptr",
+              "cu_ptr", "chunk0_ptr"]
+    sig_s = _sig(s_args, dtype)
+    sig_s.update({"gl_ptr": "*fp32", "s0_ptr": "*fp32", "sn_ptr": "*fp32", "cu_ptr": "*i32",
+                  "chunk0_ptr": "*i32"})
+    return [KernelSpec("kda_chunk_prep", "kda_chunk_prep", src_p, sig_p, cfg["prep_warps"], 1, consts),
+            KernelSpec("kda_chunk_scan", "kda_chunk_scan", src_s, sig_s, cfg["num_warps"],
+                       cfg["num_stages"], consts)]
+
+
+def step_spec(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> KernelSpec:
+    cfg = config("kda_recurrent", target)
+    BV = min(cfg["BV"], max(16, next_pow2(V)))
+    consts = _consts(H, K, V, dtype, fused, scale, eps, BV=BV, HAS_STATE=bool(has_state))
+    names = ["q_ptr", "k_ptr", "v_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "o_ptr", "s0_ptr", "sn_ptr",
+             "cu_ptr"]
+    sig = _sig(names, dtype)
+    sig.update({"a_ptr": "*fp32", "dt_ptr": "*fp32", "s0_ptr": "*fp32", "sn_ptr": "*fp32", "cu_ptr": "*i32"})
+    if not fused:
+        sig.update({"f_ptr": "*fp32", "b_ptr": "*fp32"})
+    return KernelSpec("kda_recurrent_step", "kda_recurrent_step", render("kda_recurrent_step", _STEP, consts),
+                      sig, cfg["num_warps"], cfg["num_stages"], consts)
+
+
+# -- launchers ---------------------------------------------------------------------------
+
+def _ir_dtype(t: torch.Tensor) -> str:
+    try:
+        return {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[t.dtype]
+    except KeyError:
+        raise TypeError(f"triton KDA kernels take f32/bf16/f16 tensors, got {t.dtype}") from None
+
+
+def _packed(q, k, v, f, b, cu_seqlens):
+    """Flatten [B,T,H,*] to packed tokens; uniform cu_seqlens when none is given."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be [B,T,H,*]")
+    B, T, H, K = q.shape
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int32)
+    else:
+        if B != 1:
+            raise ValueError("packed sequences (cu_seqlens) need B == 1")
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        if cu_seqlens[0] != 0 or cu_seqlens[-1] != T or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu_seqlens.tolist()}")
+    flat = [t.reshape(B * T, *t.shape[2:]).contiguous() for t in (q, k, v, f, b)]
+    return flat, cu_seqlens, H, K, v.shape[-1]
+
+
+def _gate_params(A_log, dt_bias, H, K, device):
+    if A_log is None:   # unfused: no gating parameters
+        z = torch.zeros(1, device=device, dtype=torch.float32)
+        return z, z
+    if A_log.numel() != H or dt_bias.numel() != H * K:
+        raise ValueError(f"A_log {tuple(A_log.shape)} / dt_bias {tuple(dt_bias.shape)} do not fit {H}x{K}")
+    return A_log.reshape(H).float().contiguous(), dt_bias.reshape(H * K).float().contiguous()
+
+
+def _state_in(state, N, H, K, V, device):
+    if state is None:
+        return torch.zeros(1, device=device, dtype=torch.float32)
+    if tuple(state.shape) != (N, H, K, V) or state.dtype != torch.float32:
+        raise ValueError(f"state must be fp32 [{N},{H},{K},{V}], got {state.dtype} {tuple(state.shape)}")
+    return state.contiguous()
+
+
+def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_seqlens=None,
+              fused=True):
+    """Chunkwise KDA prefill. fused: f, b are the raw f_b / b_proj outputs; else f is g (log decay
+    [B,T,H,K]) and b is beta [B,T,H], with q, k already normalised. -> (o [B,T,H,V], state [N,H,K,V])."""
+    dtype = _ir_dtype(q)
+    (q2, k2, v2, f2, b2), cu, H, K, V = _packed(q, k, v, f, b, cu_seqlens)
+    if not fused:
+        f2, b2 = f2.float(), b2.float()
+    N, dev = cu.numel() - 1, q.device
+    a, dt = _gate_params(A_log if fused else None, dt_bias, H, K, dev)
+    prep, scan = chunk_specs(H, K, V, dtype, fused, scale, eps, state is not None)
+    BT = prep.config["BT"]
+    lens = (cu[1:] - cu[:-1]).long()
+    nch = (lens + BT - 1) // BT
+    chunk0 = torch.zeros(N, dtype=torch.int32, device=dev)
+    chunk0[1:] = torch.cumsum(nch, 0)[:-1].to(torch.int32)
+    seq = torch.repeat_interleave(torch.arange(N, device=dev), nch)
+    idx = torch.arange(seq.numel(), device=dev) - chunk0.long()[seq]
+    cstart = (cu.long()[seq] + idx * BT).to(torch.int32)
+    clen = torch.minimum(lens[seq] - idx * BT, torch.full_like(idx, BT)).to(torch.int32)
+    NT, NCH = q2.shape[0], int(seq.numel())
+    e = dict(device=dev, dtype=q.dtype)
+    qn, kn, qg, kg, w = (torch.empty(NT, H, K, **e) for _ in range(5))
+    u = torch.empty(NT, H, V, **e)
+    gc = torch.empty(NT, H, K, device=dev, dtype=torch.float32)
+    beta = torch.empty(NT, H, device=dev, dtype=torch.float32)
+    aqk = torch.empty(NT, H, BT, **e)
+    akk = torch.empty(NT, H, BT, device=dev, dtype=torch.float32)
+    gl = torch.empty(max(NCH, 1), H, K, device=dev, dtype=torch.float32)
+    o = torch.empty(NT, H, V, **e)
+    sn = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
+    if NCH:
+        launch(prep, (NCH, H), q2, k2, v2, f2, b2, a, dt, cstart, clen, qn, kn, gc, beta, qg, kg, w, u,
+               aqk, akk, gl)
+    launch(scan, (N, H, triton_cdiv(V, scan.config["BV"])), qg, kg, w, u, aqk, gl, o,
+           _state_in(state, N, H, K, V, dev), sn, cu, chunk0)
+    return o.view(q.shape[0], q.shape[1], H, V), sn
+
+
+def kda_step(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_seqlens=None,
+             fused=True, inplace=False):
+    """Token-by-token KDA (decode). `inplace`: the new state is written into `state`."""
+    dtype = _ir_dtype(q)
+    (q2, k2, v2, f2, b2), cu, H, K, V = _packed(q, k, v, f, b, cu_seqlens)
+    if not fused:
+        f2, b2 = f2.float(), b2.float()
+    N, dev = cu.numel() - 1, q.device
+    a, dt = _gate_params(A_log if fused else None, dt_bias, H, K, dev)
+    spec = step_spec(H, K, V, dtype, fused, scale, eps, state is not None)
+    s0 = _state_in(state, N, H, K, V, dev)
+    if inplace and (state is None or not state.is_contiguous()):
+        raise ValueError("inplace needs a contiguous fp32 state")
+    sn = s0 if inplace else torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
+    o = torch.empty(q2.shape[0], H, V, device=dev, dtype=q.dtype)
+    launch(spec, (N, H, triton_cdiv(V, spec.config["BV"])), q2, k2, v2, f2, b2, a, dt, o, s0, sn, cu)
+    return o.view(q.shape[0], q.shape[1], H, V), sn
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# -- op implementations (kind -> fn(args, attrs) -> results) ----------------------------
+
+def op_kda_fused(args, attrs):
+    q, k, v, f, b, A, dt = args[:7]
+    st = args[7] if len(args) > 7 else None
+    B, T, H, K = q.shape
+    run = kda_step if T == 1 else kda_chunk
+    return list(run(q, k, v, f.view(B, T, H, K), b, A, dt, attrs["scale"], eps=attrs["l2norm_eps"],
+                    state=st))
+
+
+def op_kda_recurrent(args, attrs):
+    q, k, v, g, beta = args[:5]
+    st = args[5] if len(args) > 5 else None
+    run = kda_step if q.shape[1] == 1 else kda_chunk
+    return list(run(q, k, v, g, beta, None, None, attrs["scale"], state=st, fused=False))

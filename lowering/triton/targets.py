@@ -1,0 +1,111 @@
+"""Per-GPU targets and their tile configurations (one table; tuning files override it).
+
+A target names a CUDA compute capability and, per kernel family, the tile sizes, warps and
+pipeline stages its generated kernels are built with. "interpret" is the CPU Triton
+interpreter (TRITON_INTERPRET=1): small tiles so tests cover several blocks and ragged tails.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+_BASE = {
+    "elementwise": {"BLOCK": 1024, "num_warps": 4, "num_stages": 1},
+    "norm": {"num_warps": 4, "num_stages": 1},
+    "conv": {"BT": 32, "BC": 128, "num_warps": 4, "num_stages": 1},
+    "kda_chunk": {"BT": 64, "BC": 16, "BV": 32, "num_warps": 4, "num_stages": 2, "prep_warps": 8},
+    "kda_recurrent": {"BV": 32, "num_warps": 4, "num_stages": 1},
+    "mla_decode": {"BS": 64, "num_warps": 8, "num_stages": 2, "split_min": 512},
+    "attention": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
+    "moe_route": {"BN": 16, "BK": 64, "num_warps": 4, "num_stages": 2},
+    "moe_gemm": {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3, "BM_small": 16},
+    "moe_permute": {"BLOCK": 256, "num_warps": 4, "num_stages": 1},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for fam, cfg in over.items():
+        out.setdefault(fam, {}).update(cfg)
+    return out
+
+
+TARGETS: dict[str, dict] = {
+    "sm_80": {"arch": 80, "gpu": "A100", "configs": _merge(_BASE, {
+        "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
+        "moe_gemm": {"BM": 64, "BN": 128, "BK": 32, "num_warps": 4, "num_stages": 4}})},
+    "sm_89": {"arch": 89, "gpu": "L40S / RTX 4090", "configs": _merge(_BASE, {
+        "attention": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
+        "moe_gemm": {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3}})},
+    "sm_90": {"arch": 90, "gpu": "H100 / H200", "configs": _merge(_BASE, {
+        "kda_chunk": {"num_warps": 4, "num_stages": 3},
+        "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
+        "mla_decode": {"BS": 64, "num_warps": 8, "num_stages": 3},
+        "moe_gemm": {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4}})},
+    "interpret": {"arch": None, "gpu": "Triton interpreter (CPU)", "configs": _merge(_BASE, {
+        "elementwise": {"BLOCK": 64},
+        "conv": {"BT": 8, "BC": 16},
+        "kda_chunk": {"BT": 32, "BC": 16, "BV": 16},
+        "kda_recurrent": {"BV": 16},
+        "mla_decode": {"BS": 16, "split_min": 16},
+        "attention": {"BM": 16, "BN": 16},
+        "moe_route": {"BN": 4, "BK": 16},
+        "moe_gemm": {"BM": 16, "BN": 16, "BK": 16, "BM_small": 16},
+        "moe_permute": {"BLOCK": 16}})},
+}
+
+TUNING_ENV = "KIMI_GRAPH_TRITON_TUNING"     # a tuning file written by `tuning.write_tuning`
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def parse_targets(spec: str) -> list[str]:
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [n for n in names if n not in TARGETS or n == "interpret"]
+    if not names or bad:
+        raise ValueError(f"unknown target(s) {bad or spec!r}; known: "
+                         f"{', '.join(t for t in TARGETS if t != 'interpret')}")
+    return names
+
+
+def current_target() -> str:
+    """The target of this process: the interpreter, or the GPU's sm_XX (nearest known below)."""
+    if interpreting():
+        return "interpret"
+    import torch
+    if not torch.cuda.is_available():
+        raise RuntimeError("the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 on CPU")
+    major, minor = torch.cuda.get_device_capability()
+    cc = 10 * major + minor
+    known = sorted((t["arch"], n) for n, t in TARGETS.items() if t["arch"] is not None)
+    below = [n for a, n in known if a <= cc]
+    if not below:
+        raise RuntimeError(f"GPU compute capability {cc} is older than every target ({known})")
+    return f"sm_{cc}" if f"sm_{cc}" in TARGETS else below[-1]
+
+
+def load_tuning(path: str | Path | None) -> dict:
+    """A tuning file's per-family configs ({} when none): {"device", "arch", "configs"}."""
+    path = path or os.environ.get(TUNING_ENV)
+    if not path:
+        return {}
+    data = json.loads(Path(path).read_text())
+    if "configs" not in data:
+        raise ValueError(f"{path}: not a tuning file (no 'configs')")
+    return data
+
+
+def config(family: str, target: str | None = None, tuning: dict | None = None) -> dict:
+    """The tile configuration of one kernel family on a target (tuning file applied)."""
+    target = target or current_target()
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}")
+    cfg = dict(TARGETS[target]["configs"][family])
+    tuning = load_tuning(None) if tuning is None else tuning
+    if tuning and tuning.get("arch") == TARGETS[target]["arch"]:
+        cfg.update(tuning["configs"].get(family, {}))
+    return cfg
