@@ -1,0 +1,285 @@
+"""The runtime: prefill/decode through cache slots, batched generation, sampling, errors.
+
+Tolerances (relative error ||got - want|| / ||want|| of the logits): fp32 <= 1e-5 between
+the engine's split run (prefill T-k, then k decode steps) and both the full prefill and the
+eager fp64 reference (tests/reference_kimi.py); fp64 <= 1e-10 against the reference; bf16
+<= 3e-2 between split and full (bf16 rounding of activations, fp32 KDA state).
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import kimi_graph
+from checkpoints import random_config
+from kimi_graph.cli import main as cli_main
+from kimi_graph.model import build_graph
+from kimi_graph.presets import PRESETS
+from kimi_graph.runtime import (CacheError, CacheManager, Engine, GenerationError, Sampler,
+                                SamplingParams, filter_logits)
+from reference_kimi import forward, read_checkpoint, rel_err
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+SEEDS = list(range(12))
+
+
+def split_logits(engine: Engine, ids: list[int], k: int, chunk: int | None = None) -> torch.Tensor:
+    """Logits [T, V] from prefill of ids[:T-k] (in chunks of `chunk`) then k decode steps."""
+    engine.prefill_chunk = chunk
+    (slot,) = engine.cache.allocate(1)
+    try:
+        parts = [engine.prefill([slot], [ids[:len(ids) - k]])[0]]
+        parts += [engine.decode([slot], [t]) for t in ids[len(ids) - k:]]
+    finally:
+        engine.cache.free(slot)
+    return torch.cat(parts)
+
+
+def tiny(dtype=torch.float32, **kw):
+    return kimi_graph.load("tiny", dtype=dtype, seed=0, **kw)
+
+
+# -- prefill(T) == prefill(T-k) + k decode steps ------------------------------------------
+@pytest.mark.parametrize("seed", SEEDS)
+def test_split_prefill_decode_matches_full(seed, make_checkpoint):
+    cfg = random_config(seed)
+    path = make_checkpoint(cfg, seed=seed)
+    r = random.Random(seed)
+    W = cfg["linear_attn_config"]["short_conv_kernel_size"]
+    T = r.randint(1, W - 1) + 1 if seed % 3 == 0 else r.randint(W + 1, 11)   # some T < kernel
+    ids = [r.randrange(cfg["vocab_size"]) for _ in range(T)]
+    ref_cfg, ref_w = read_checkpoint(path)
+    want = forward(ref_cfg, ref_w, torch.tensor([ids]))[0]
+    for dtype in (torch.float32, torch.float64):
+        model = kimi_graph.load(path, dtype=dtype)
+        engine = Engine(model, max_batch=2, max_len=16, window_block=4)
+        full = model(torch.tensor([ids]))[0]
+        assert rel_err(full, want) <= TOL[dtype]
+        for k in sorted({1, T - 1, max(1, T // 2)}):
+            got = split_logits(engine, ids, k)
+            assert got.shape == full.shape
+            assert rel_err(got, full) <= TOL[dtype], (dtype, T, k)
+            assert rel_err(got, want) <= TOL[dtype], (dtype, T, k)
+
+
+def test_chunked_prefill_continues_from_states():
+    model = tiny()
+    ids = torch.randint(0, 512, (13,), generator=torch.Generator().manual_seed(1)).tolist()
+    full = model(torch.tensor([ids]))[0]
+    engine = Engine(model, max_batch=1, max_len=32, window_block=None)
+    for chunk in (1, 2, 3, 5):          # chunks shorter than the conv kernel, and ragged ends
+        assert rel_err(split_logits(engine, ids, 2, chunk=chunk), full) <= TOL[torch.float32]
+
+
+def test_bf16_split_matches_full():
+    model = tiny(torch.bfloat16)
+    ids = [1, 5, 9, 14, 3, 7, 200]
+    full = model(torch.tensor([ids]))[0]
+    got = split_logits(Engine(model, max_len=8), ids, 3)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, full) <= 3e-2
+
+
+# -- batched generation -----------------------------------------------------------------
+PROMPTS = [[1, 5, 9, 14, 3], [7], [300, 2, 41], [11, 12, 13, 14, 15], [99, 98]]
+
+
+def test_batched_greedy_equals_each_alone_and_is_deterministic():
+    model = tiny()
+    kw = dict(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    batched = model.generate(PROMPTS, **kw)
+    alone = [model.generate([p], **kw)[0] for p in PROMPTS]
+    assert batched == alone
+    assert all(len(o) == 6 for o in batched)
+    assert model.generate(PROMPTS, **kw) == batched
+    # each sequence's first token is the argmax of its own full prefill
+    for p, o in zip(PROMPTS, batched):
+        assert o[0] == int(model(torch.tensor([p]))[0, -1].argmax())
+
+
+def test_generation_with_stops_and_slot_reuse():
+    """A sequence that stops early leaves a hole in the batch (non-contiguous slots); a
+    reused engine and reused slots give what a fresh engine gives."""
+    model = tiny()
+    kw = dict(max_new_tokens=6, ignore_eos=True)
+    free = model.generate(PROMPTS, **kw)
+    stop = free[1][1]                               # prompt 1 stops at its 2nd token
+    kw["stop_ids"] = (stop,)
+    want = [model.generate([p], **kw)[0] for p in PROMPTS]
+    assert want[1] == free[1][:2]
+    for w, f in zip(want, free):                    # stop token kept, nothing after it
+        n = f.index(stop) + 1 if stop in f else len(f)
+        assert w == f[:n]
+    engine = Engine(model, max_batch=6, max_len=16, window_block=8)
+    params = SamplingParams(**kw)
+    (busy,) = engine.cache.allocate(1)              # slot 0 taken: the batch starts at 1
+    assert engine.generate(PROMPTS, params) == want
+    engine.cache.free(busy)
+    assert engine.generate(PROMPTS[::-1], params) == want[::-1]
+    assert engine.cache.free_slots == 6
+
+
+def test_eos_stops_generation():
+    model = tiny()
+    free = model.generate([[1, 5, 9]], max_new_tokens=8, ignore_eos=True)[0]
+    model.config.eos_token_id = free[2]
+    try:
+        assert model.generate([[1, 5, 9]], max_new_tokens=8)[0] == free[:free.index(free[2]) + 1]
+    finally:
+        model.config.eos_token_id = PRESETS["tiny"]["eos_token_id"]
+
+
+def test_stream_yields_the_generated_tokens_and_frees_its_slot():
+    model = tiny()
+    kw = dict(max_new_tokens=5, temperature=0.9, top_k=20, seed=7, ignore_eos=True)
+    it = model.stream([1, 5, 9], **kw)
+    assert list(it) == model.generate([[1, 5, 9]], **kw)[0]
+    engine = Engine(model, max_batch=1, max_len=16)
+    params = SamplingParams(**kw)
+    s = engine.stream([1, 5, 9], params)
+    next(s)
+    assert engine.cache.free_slots == 0
+    s.close()
+    assert engine.cache.free_slots == 1
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent():
+    model = tiny()
+    kw = dict(max_new_tokens=6, temperature=1.0, top_p=0.9, ignore_eos=True)
+    a = model.generate(PROMPTS, seed=3, **kw)
+    assert a == model.generate(PROMPTS, seed=3, **kw)
+    assert [model.generate([p], seed=3, **kw)[0] for p in PROMPTS] == a
+    assert model.generate(PROMPTS, seed=4, **kw) != a
+
+
+# -- sampling ---------------------------------------------------------------------------
+def test_filter_logits_top_k_top_p():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 3.0, -1.0]])
+    inf = float("-inf")
+    assert filter_logits(logits, 2, 1.0).tolist() == [[2.0, inf, inf, 3.0, inf]]
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    lp = probs.log()
+    kept = lambda p: torch.isfinite(filter_logits(lp, 0, p))[0].tolist()
+    assert kept(0.8) == [True, True, False, False]       # 0.5 + 0.3 reaches 0.8
+    assert kept(0.81) == [True, True, True, False]
+    assert kept(0.1) == [True, False, False, False]      # the top token always stays
+    assert kept(1.0) == [True] * 4
+
+
+def test_sampler_draws_from_the_filtered_distribution():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    n = 20000
+    s = Sampler(SamplingParams(temperature=1.0, top_p=0.85, seed=0), 1)
+    logits = probs.log().expand(n, 4)
+    draws = torch.tensor(s(logits, [0] * n))
+    freq = torch.bincount(draws, minlength=4).double() / n
+    want = torch.tensor([0.4, 0.3, 0.2, 0.0], dtype=torch.float64) / 0.9
+    assert (freq - want).abs().max() < 0.015       # ~4 sigma at n = 20000
+    g = Sampler(SamplingParams(temperature=0.0), 2)
+    assert g(torch.tensor([[0.0, 1.0, 1.0], [5.0, 0.0, 0.0]]), [0, 1]) == [1, 0]   # lowest id on ties
+    with pytest.raises(FloatingPointError):
+        g(torch.tensor([[0.0, float("nan")]]), [0])
+
+
+@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_k=-2),
+                                 dict(top_p=0.0), dict(top_p=1.5), dict(seed="x")])
+def test_bad_sampling_params(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+# -- cache accounting ---------------------------------------------------------------------
+def test_published_cache_accounting_without_allocating():
+    cfg = kimi_graph.KimiLinearConfig.from_dict(PRESETS["kimi-linear-48b-a3b"])
+    g = build_graph(cfg, "decode", dtype="bf16")
+    sizes = {n: CacheManager(g, 1, n, allocate=False) for n in (1000, 1001, 4096)}
+    assert all(not c.storage for c in sizes.values())
+    a, b = sizes[1000].allocation_bytes(), sizes[1001].allocation_bytes()
+    grown = {k: b[k] - a[k] for k in a}
+    assert sum(grown.values()) == 8064 == sizes[4096].bytes_per_token
+    assert all(v == 0 for k, v in grown.items() if k.startswith("state."))
+    assert len([k for k, v in grown.items() if v]) == 14          # 7 MLA layers x (latent, key)
+    assert {k: v for k, v in grown.items() if v} == {
+        **{f"cache.l{i}.latent": 512 * 2 for i in (3, 7, 11, 15, 19, 23, 26)},
+        **{f"cache.l{i}.rope_key": 64 * 2 for i in (3, 7, 11, 15, 19, 23, 26)}}
+    # the KDA state (and conv states) per sequence: constant in length
+    fixed = {n: c.fixed_bytes_per_sequence for n, c in sizes.items()}
+    assert set(fixed.values()) == {20 * (32 * 128 * 128 * 4 + 3 * 4096 * 3 * 2)} == {43_417_600}
+    four = CacheManager(g, 4, 1000, allocate=False).allocation_bytes()
+    assert sum(four.values()) == 4 * sum(a.values())
+
+
+def test_allocated_storage_matches_the_accounting():
+    model = tiny()
+    c = Engine(model, max_batch=3, max_len=10).cache
+    assert {k: v.nbytes for k, v in c.storage.items()} == c.allocation_bytes()
+    assert all(v.shape[0] == 3 for v in c.storage.values())
+    assert c.storage["state.l0.kda"].dtype == torch.float32
+    t = PRESETS["tiny"]
+    assert c.bytes_per_token == 2 * (t["kv_lora_rank"] + t["qk_rope_head_dim"]) * 4
+
+
+def test_cache_slots_allocate_free_reuse():
+    model = tiny()
+    c = Engine(model, max_batch=3, max_len=8).cache
+    assert c.allocate(2) == [0, 1]
+    c.free(0)
+    assert c.allocate(2) == [0, 2]
+    with pytest.raises(CacheError, match="slots free"):
+        c.allocate(1)
+    with pytest.raises(CacheError, match="not allocated"):
+        c.free(5)
+    c.advance([1], 8)
+    with pytest.raises(CacheError, match="capacity of 8"):
+        c.reserve([1], 1)
+
+
+# -- bad input --------------------------------------------------------------------------
+@pytest.mark.parametrize("prompts, match", [
+    ([[]], "empty prompt"),
+    ([], "no prompts"),
+    ([[1, 512]], r"out of range \[0, 512\): \[512\]"),
+    ([[-1, 3]], "out of range"),
+    ([[1.5, 2]], "must be integers"),
+    ([1, 5, 9], "list of prompts"),
+    ([[1] * 4090], "past the model_max_length of 4096"),
+])
+def test_bad_prompts_get_clear_errors(prompts, match):
+    with pytest.raises(GenerationError, match=match):
+        tiny().generate(prompts, max_new_tokens=8)
+
+
+def test_request_larger_than_the_cache():
+    model = tiny()
+    with pytest.raises(GenerationError, match="larger than the cache: 2 of 2 slots"):
+        model.generate([[1]] * 3, max_new_tokens=2, max_batch=2)
+    with pytest.raises(GenerationError, match="past the cache capacity of 10"):
+        model.generate([[1, 2, 3]], max_new_tokens=8, max_len=10)
+    with pytest.raises(GenerationError, match="exceeds the model's model_max_length"):
+        Engine(model, max_len=5000)
+    e = Engine(model, max_batch=1, max_len=10)
+    with pytest.raises(CacheError, match="exceed the cache capacity"):
+        e.prefill(e.cache.allocate(1), [list(range(11))])
+
+
+# -- the command line -------------------------------------------------------------------
+def test_cli_generate_streams_ids(capsys):
+    want = tiny().generate([[1, 5, 9]], max_new_tokens=4, ignore_eos=True)[0]
+    assert cli_main(["generate", "tiny", "--ids", "1,5,9", "--max-new-tokens", "4", "--ignore-eos"]) == 0
+    out = capsys.readouterr()
+    assert out.out.split() == [str(t) for t in want]
+    assert "3 prompt tokens, 4 new" in out.err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--ids", "1,5,x"], "comma-separated integers"),
+    (["--ids", "1,5,900"], "out of range"),
+    (["--prompt", "hello"], "no directory with tokenizer files"),
+    (["--ids", "1", "--chat"], "--chat needs --prompt"),
+    (["--ids", "1", "--top-p", "0"], "top_p"),
+])
+def test_cli_generate_errors(argv, match, capsys):
+    assert cli_main(["generate", "tiny", "--max-new-tokens", "2"] + argv) == 2
+    assert match in capsys.readouterr().err
