@@ -7,7 +7,9 @@ DiGraph holds ops as nodes and def-use edges labelled with the value that flows.
 """
 from __future__ import annotations
 
+import gc
 import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence, Union
 
@@ -47,14 +49,18 @@ class TensorType:
     def numel(self, dims: dict[str, int] | None = None) -> int:
         n = 1
         for d in self.shape:
-            n *= eval_dim(d, dims or {})
+            n *= d if isinstance(d, int) else eval_dim(d, dims or {})
         return n
 
     def nbytes(self, dims: dict[str, int] | None = None) -> int:
         return self.numel(dims) * DTYPE_BYTES[self.dtype]
 
-    def __str__(self) -> str:
-        return "tensor<" + "".join(f"{d} x " for d in self.shape) + self.dtype + ">"
+    def __str__(self) -> str:     # cached: type errors format types eagerly, and often
+        text = self.__dict__.get("_text")
+        if text is None:
+            text = "tensor<" + "".join(f"{d} x " for d in self.shape) + self.dtype + ">"
+            object.__setattr__(self, "_text", text)
+        return text
 
 
 def eval_dim(d: Dim, dims: dict[str, int]) -> int:
@@ -62,6 +68,8 @@ def eval_dim(d: Dim, dims: dict[str, int]) -> int:
     those ("B*T*8", "S+1")."""
     if isinstance(d, int):
         return d
+    if d in dims:
+        return dims[d]
     total, sign, term = 0, 1, ""
     for ch in d.replace(" ", "") + "+":
         if ch in "+-":
@@ -210,6 +218,31 @@ class Graph:
         del self.params[name]
         del self.types[name]
 
+    def rename_value(self, old: str, new: str) -> None:
+        """Give op result `old` the unused name `new` (its users and the outputs follow)."""
+        if new in self.types:
+            raise IRError(f"cannot rename {old} to {new}: {new} is already defined")
+        src = self.producer.get(old)
+        if src is None:
+            raise IRError(f"only op results can be renamed, {old} is not one")
+        for user in self.users(old):
+            user.inputs = [new if v == old else v for v in user.inputs]
+        op = self.op(src)
+        op.outputs = [new if v == old else v for v in op.outputs]
+        self.types[new] = self.types.pop(old)
+        self.producer[new] = self.producer.pop(old)
+        self.outputs = [new if v == old else v for v in self.outputs]
+
+    def use_counts(self) -> dict[str, int]:
+        """Value -> number of operand slots reading it (graph outputs count once each)."""
+        counts: dict[str, int] = {}
+        for _, data in self.nx.nodes(data=True):
+            for v in data["op"].inputs:
+                counts[v] = counts.get(v, 0) + 1
+        for v in self.outputs:
+            counts[v] = counts.get(v, 0) + 1
+        return counts
+
     def copy(self) -> "Graph":
         g = Graph(self.name)
         g.inputs, g.params, g.outputs = dict(self.inputs), dict(self.params), list(self.outputs)
@@ -234,6 +267,19 @@ def _all_inputs_from(g: Graph, src: int, user: Op) -> set[str]:
 
 def _copy_attrs(attrs: dict) -> dict:
     return {k: (list(v) if isinstance(v, list) else v) for k, v in attrs.items()}
+
+
+@contextmanager
+def gc_paused():
+    """Pause the cyclic garbage collector while building a large graph: its passes over the
+    tens of thousands of new (acyclic) objects roughly double the build time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def values_of(ops: Iterable[Op]) -> set[str]:

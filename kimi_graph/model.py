@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .builder import GraphBuilder
 from .config import KimiLinearConfig
-from .ir import Graph
+from .ir import Graph, TensorType, gc_paused
 
 ROUTER_WEIGHTS = ("official", "unbiased")
 MODES = ("prefill", "decode")
@@ -24,6 +24,22 @@ KV_A_NORM_EPS = 1e-6    # the official code builds kv_a_layernorm with the RMSNo
 def acc_dtype(dtype: str) -> str:
     """Precision of router scores, decay gates and recurrent state: fp32, or fp64 in fp64 graphs."""
     return "f64" if dtype == "f64" else "f32"
+
+
+def state_types(cfg: KimiLinearConfig, dtype: str = "f32") -> dict[str, TensorType]:
+    """Every cache and recurrent state a stateful graph takes (and returns), in order:
+    input name -> type. Dims "B" (sequences) and "S" (MLA cache slots) stay symbolic."""
+    acc, out = acc_dtype(dtype), {}
+    for i, kind in enumerate(cfg.layer_kinds):
+        if kind == "kda":
+            C, K, W = cfg.kda_heads * cfg.kda_head_dim, cfg.kda_head_dim, cfg.conv_kernel
+            for n in "qkv":
+                out[f"%state.l{i}.conv_{n}"] = TensorType(("B", C, W - 1), dtype)
+            out[f"%state.l{i}.kda"] = TensorType(("B", cfg.kda_heads, K, K), acc)
+        else:
+            out[f"%cache.l{i}.latent"] = TensorType(("B", "S", cfg.kv_lora_rank), dtype)
+            out[f"%cache.l{i}.rope_key"] = TensorType(("B", "S", cfg.qk_rope_head_dim), dtype)
+    return out
 
 
 class _Declare:
@@ -38,6 +54,7 @@ class _Declare:
         self.router_weights = router_weights
         self.b = GraphBuilder(mode)
         self.T = 1 if mode == "decode" else "T"
+        self.state_specs = state_types(cfg, dtype) if self.stateful else {}
         self.state_inputs: list[str] = []
         self.state_outputs: list[str] = []
         self.pos = None
@@ -45,8 +62,9 @@ class _Declare:
     def p(self, name: str, shape, dtype: str | None = None) -> str:
         return self.b.param(name, shape, dtype or self.dtype)
 
-    def state(self, name: str, shape, dtype: str | None = None) -> str:
-        v = self.b.input(name, shape, dtype or self.dtype)
+    def state(self, name: str) -> str:
+        ty = self.state_specs["%" + name]
+        v = self.b.input(name, ty.shape, ty.dtype)
         self.state_inputs.append(v)
         return v
 
@@ -97,7 +115,7 @@ class _Declare:
         qkv = []
         for n in "qkv":
             y = b("linear", x, self.p(pre + f"{n}_proj.weight", (C, D)), name=n)
-            st = self.state(f"state.l{i}.conv_{n}", ("B", C, W - 1)) if self.stateful else None
+            st = self.state(f"state.l{i}.conv_{n}") if self.stateful else None
             y, st_out = b.emit("causal_conv1d", y, self.p(pre + f"{n}_conv1d.weight", (C, 1, W)), st,
                                name=f"{n}_conv")
             if self.stateful:
@@ -114,7 +132,7 @@ class _Declare:
         g = b("mul", f, a, name="decay")
         beta = b("sigmoid", b("cast", b("linear", x, self.p(pre + "b_proj.weight", (H, D)), name="b"),
                              dtype=self.acc), name="beta")
-        st = self.state(f"state.l{i}.kda", ("B", H, K, K), self.acc) if self.stateful else None
+        st = self.state(f"state.l{i}.kda") if self.stateful else None
         o, st_out = b.emit("kda_recurrent", q, k, v, g, beta, st, scale=K ** -0.5, name="kda")
         if self.stateful:
             self.state_outputs.append(st_out)
@@ -141,9 +159,9 @@ class _Declare:
         S = T
         if self.stateful:       # append this step's rows to the caches; attend over all slots
             S = "S"
-            latent = b("cache_write", self.state(f"cache.l{i}.latent", ("B", S, R)), latent, self.pos,
+            latent = b("cache_write", self.state(f"cache.l{i}.latent"), latent, self.pos,
                        name="latent_cache")
-            rope_key = b("cache_write", self.state(f"cache.l{i}.rope_key", ("B", S, P)), rope_key,
+            rope_key = b("cache_write", self.state(f"cache.l{i}.rope_key"), rope_key,
                          self.pos, name="rope_key_cache")
             self.state_outputs += [latent, rope_key]
         kv = b("reshape", b("linear", latent, self.p(pre + "kv_b_proj.weight", (H * (N + V), R)),
@@ -198,4 +216,5 @@ class _Declare:
 def build_graph(cfg: KimiLinearConfig, mode: str = "prefill", *, stateful: bool = False,
                 dtype: str = "f32", router_weights: str = "official") -> Graph:
     """Declare Kimi Linear as a graph (see the module docstring for the modes)."""
-    return _Declare(cfg, mode, stateful, dtype, router_weights).build()
+    with gc_paused():
+        return _Declare(cfg, mode, stateful, dtype, router_weights).build()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 
-from .ir import Graph, IRError, TensorType
+from .ir import Graph, IRError, TensorType, gc_paused
 
 _NAME = r"[%@][A-Za-z0-9_.\-]+"
 _TYPE = re.compile(r"tensor<([^>]*)>")
@@ -61,6 +61,11 @@ def _parse_attrs(text: str, lineno: int) -> dict:
 
 
 def parse_graph(text: str) -> Graph:
+    with gc_paused():
+        return _parse_graph(text)
+
+
+def _parse_graph(text: str) -> Graph:
     lines = [(n + 1, ln.strip()) for n, ln in enumerate(text.splitlines())]
     lines = [(n, ln) for n, ln in lines if ln and not ln.startswith("//")]
     if not lines:

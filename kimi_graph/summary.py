@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from .config import KimiLinearConfig
 from .ir import Graph
-from .model import build_graph
+from .model import build_graph, state_types
 from .ops import get_op
 
 
 def graph_cost(g: Graph, dims: dict[str, int]) -> dict[str, float]:
     """Total FLOPs and bytes moved for concrete dims (e.g. {"B": 1, "T": 1, "S": 1})."""
     flops = bytes_ = 0.0
-    for op in g.ops():
+    for _, data in g.nx.nodes(data=True):     # a sum: any order will do
+        op = data["op"]
         opdef = get_op(op.kind)
         attrs = opdef.full_attrs(op.attrs)
         ins = [g.types[v] for v in op.inputs]
@@ -25,12 +26,13 @@ def _is_routed_expert(name: str) -> bool:
 
 
 def summarize(cfg: KimiLinearConfig, g: Graph | None = None) -> dict:
-    """The facts `kimi-graph inspect --json` reports.
+    """The facts `kimi-graph inspect --json` reports, read off one graph (`g`, or the bf16
+    prefill graph) and the state types; caches and states are sized in `g`'s dtype.
 
     active_params_per_token counts every weight a token's forward pass reads: all but the
     routed experts, plus top_k routed experts per MoE layer; the embedding table counts as
     the one row looked up (lm_head counts whole)."""
-    g = g or build_graph(cfg, dtype="bf16")
+    g = build_graph(cfg, dtype="bf16") if g is None else g
     total = sum(t.numel() for t in g.params.values())
     routed = sum(t.numel() for n, t in g.params.items() if _is_routed_expert(n))
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
@@ -41,11 +43,11 @@ def summarize(cfg: KimiLinearConfig, g: Graph | None = None) -> dict:
     if cfg.tie_word_embeddings:     # the tied table is read whole by the head
         active += embed - cfg.hidden_size
     kinds = cfg.layer_kinds
-    dec = build_graph(cfg, "decode", dtype="bf16")
+    states = state_types(cfg, g.meta.get("dtype", "bf16"))
     one = {"B": 1, "S": 1, "T": 1}
-    cache = sum(t.nbytes(one) for n, t in dec.inputs.items() if n.startswith("%cache."))
-    state = sum(t.nbytes(one) for n, t in dec.inputs.items() if n.startswith("%state."))
-    cost = graph_cost(g, {"B": 1, "T": 1})
+    cache = sum(t.nbytes(one) for n, t in states.items() if n.startswith("%cache."))
+    state = sum(t.nbytes(one) for n, t in states.items() if n.startswith("%state."))
+    cost = graph_cost(g, one)
     return {
         "total_params": total,
         "active_params_per_token": active,

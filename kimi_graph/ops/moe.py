@@ -89,13 +89,15 @@ class MoEExpert(OpDef):
     def infer(self, types, attrs):
         acc, x, ids, w, w1, w3, w2 = types
         expect_float(self.kind, acc, x, w, w1, w3, w2)
-        expect(acc.shape == x.shape, self.kind, f"acc {acc} and x {x} differ")
-        expect(ids.shape == w.shape and ids.shape[:-1] == x.shape[:-1], self.kind,
-               f"ids {ids} / weights {w} do not fit x {x}")
         D = x.shape[-1]
-        expect(w1.rank == 2 and w1.shape == w3.shape and w1.shape[1] == D
-               and w2.shape == (D, w1.shape[0]), self.kind,
-               f"expert weights w1 {w1}, w3 {w3}, w2 {w2} do not fit hidden {D}")
+        # messages formatted only on failure: the published graph has 6656 of these ops
+        if acc.shape != x.shape:
+            expect(False, self.kind, f"acc {acc} and x {x} differ")
+        if ids.shape != w.shape or ids.shape[:-1] != x.shape[:-1]:
+            expect(False, self.kind, f"ids {ids} / weights {w} do not fit x {x}")
+        if not (w1.rank == 2 and w1.shape == w3.shape and w1.shape[1] == D
+                and w2.shape == (D, w1.shape[0])):
+            expect(False, self.kind, f"expert weights w1 {w1}, w3 {w3}, w2 {w2} do not fit hidden {D}")
         return [acc]
 
     def ref(self, args, attrs):

@@ -45,9 +45,12 @@ class OpDef:
 
     # -- signature ----------------------------------------------------------
     def check_arity(self, n: int) -> None:
-        required = [o for o in self.operands if not o.endswith("?") and not o.startswith("*")]
-        variadic = any(o.startswith("*") for o in self.operands)
-        if n < len(required) or (not variadic and n > len(self.operands)):
+        arity = self.__dict__.get("_arity")
+        if arity is None:   # (required count, max count or None if variadic), per op
+            required = sum(not o.endswith("?") and not o.startswith("*") for o in self.operands)
+            variadic = any(o.startswith("*") for o in self.operands)
+            arity = self._arity = (required, None if variadic else len(self.operands))
+        if n < arity[0] or (arity[1] is not None and n > arity[1]):
             raise IRError(f"{self.kind}: takes operands ({', '.join(self.operands)}), got {n}")
 
     def full_attrs(self, attrs: dict) -> dict:
@@ -98,7 +101,8 @@ def expect(cond: bool, op: str, msg: str) -> None:
 
 def expect_float(op: str, *types: TensorType) -> None:
     for t in types:
-        expect(t.dtype in FLOAT_DTYPES, op, f"expects a float tensor, got {t}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise IRError(f"{op}: expects a float tensor, got {t}")
 
 
 def broadcast_shapes(op: str, a: Sequence, b: Sequence) -> tuple:
