@@ -1,0 +1,125 @@
+"""Running lowered modules: the `backend="torch"` executor and the "kimi_graph" compile backend.
+
+Executor (`kimi_graph.load(..., backend="torch", compile=True, mode="reduce-overhead")`):
+each graph is lowered once; with `compile` it runs under `torch.compile(fullgraph=True)`.
+Options: compile (False), mode (None; "reduce-overhead" captures CUDA graphs on GPU),
+dynamic (None: torch's default), compile_backend ("inductor", or "kimi_graph"),
+check_inputs (True: shapes, dtypes, token ids and cache positions are checked before each
+call; the id and position checks read two numbers back from the device).
+Under CUDA graphs the outputs live in memory the next replay overwrites, so the executor
+returns copies.
+
+Compile backend "kimi_graph" (`torch.compile(module, backend="kimi_graph")`): dynamo's FX
+graph is read back into the layer graph (`importer.import_fx`: graphs of kimi_graph ops
+only, static shapes), optimized by the pass pipeline ("default"), lowered again, and handed
+to Inductor (or run eagerly). Weights are those of the first call: parameters folded by the
+pipeline (packed experts, absorbed MLA weights) are computed then and not refreshed.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from kimi_graph.interpreter import bind_dims
+from kimi_graph.ir import Graph
+
+from .fx import lower
+from .importer import import_fx, input_positions
+
+EXECUTOR_OPTIONS = {"compile": False, "mode": None, "dynamic": None, "compile_backend": "inductor",
+                    "check_inputs": True}
+
+
+def torch_backend(model) -> Callable:
+    """The executor factory named in `kimi_graph.api.BACKENDS["torch"]`."""
+    unknown = set(model.options) - set(EXECUTOR_OPTIONS)
+    if unknown:
+        raise ValueError(f"backend 'torch': unknown option(s) {sorted(unknown)}; "
+                         f"known: {sorted(EXECUTOR_OPTIONS)}")
+    return TorchExecutor(model.weights, **{**EXECUTOR_OPTIONS, **model.options})
+
+
+class TorchExecutor:
+    def __init__(self, weights, *, compile, mode, dynamic, compile_backend, check_inputs):
+        self.weights, self.compile, self.mode, self.dynamic = weights, compile, mode, dynamic
+        self.compile_backend, self.check_inputs = compile_backend, check_inputs
+        self._fns: dict[int, tuple[Graph, Callable]] = {}
+
+    @property
+    def cudagraphs(self) -> bool:
+        return self.compile and self.mode in ("reduce-overhead", "max-autotune")
+
+    def function(self, g: Graph) -> Callable:
+        """The lowered (and compiled) module for `g`, built once."""
+        if id(g) not in self._fns:
+            fn = lower(g, self.weights)
+            if self.compile:
+                fn = torch.compile(fn, backend=self.compile_backend, mode=self.mode,
+                                   dynamic=self.dynamic, fullgraph=True)
+            self._fns[id(g)] = (g, fn)
+        return self._fns[id(g)][1]
+
+    def __call__(self, g: Graph, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        inputs = {(k if k.startswith("%") else "%" + k): v for k, v in inputs.items()}
+        if self.check_inputs:
+            check_inputs(g, inputs)
+        fn = self.function(g)
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        outs = fn(*[inputs[n] for n in g.inputs])
+        return [o.clone() for o in outs] if self.cudagraphs else list(outs)
+
+
+def check_inputs(g: Graph, inputs: dict[str, torch.Tensor]) -> None:
+    """Shapes and dtypes (as the interpreter checks them), token ids within the embedding and
+    cache positions within the caches: what a compiled module cannot report clearly."""
+    dims = bind_dims(g, inputs)
+    for op in g.ops():
+        if op.kind == "embedding" and op.inputs[0] in inputs:
+            ids, V = inputs[op.inputs[0]], g.types[op.inputs[1]].shape[0]
+            if ids.numel() and not bool(((ids >= 0) & (ids < V)).all()):
+                bad = ids[(ids < 0) | (ids >= V)].unique().tolist()[:8]
+                raise ValueError(f"token ids out of range [0, {V}): {bad}")
+        if op.kind == "cache_write" and op.inputs[2] in inputs:
+            pos, T = inputs[op.inputs[2]], dims.get("T", g.types[op.inputs[1]].shape[1])
+            S = inputs[op.inputs[0]].shape[1] if op.inputs[0] in inputs else None
+            if S is not None and pos.numel() and (bool((pos < 0).any()) or int(pos.max()) + T > S):
+                raise ValueError(f"cache overflow: writing {T} rows at positions "
+                                 f"{pos.tolist()[:8]} of a cache with {S} slots")
+
+
+# -- the torch.compile backend "kimi_graph" -------------------------------------------------
+
+def make_backend(pipeline: str | None = "default", inner: str = "inductor") -> Callable:
+    """A torch.compile backend: import -> `run_pipeline(pipeline)` -> lower -> `inner`
+    ("inductor" or "eager")."""
+    if inner not in ("inductor", "eager"):
+        raise ValueError(f"inner must be 'inductor' or 'eager', got {inner!r}")
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        g, weights = import_fx(gm, example_inputs)
+        if pipeline:
+            from kimi_graph.passes import run_pipeline
+            g = run_pipeline(g, pipeline, weights=weights)
+        lowered = lower(g, weights)
+        where = input_positions(gm)
+        data = [where[name] for name in g.inputs]
+        fn = lowered
+        if inner == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+            fn = compile_fx(lowered, [example_inputs[i] for i in data])
+        return lambda *args: fn(*[args[i] for i in data])
+
+    return backend
+
+
+kimi_graph_backend = make_backend()
+
+
+def register() -> None:
+    """Make `torch.compile(..., backend="kimi_graph")` work (also found through the
+    `torch_dynamo_backends` entry point once the package is installed)."""
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+    if "kimi_graph" not in _BACKENDS:
+        register_backend(kimi_graph_backend, name="kimi_graph")

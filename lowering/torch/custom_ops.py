@@ -1,0 +1,153 @@
+"""The `torch.library` custom ops `torch.ops.kimi_graph.<kind>`, and THE place where their
+implementations are chosen per device type:
+
+    from kimi_graph.lowering.torch.custom_ops import set_impl
+    set_impl("kda_fused_recurrent", "cuda", my_kernel)    # my_kernel(args, attrs) -> [results]
+
+An implementation has the signature of `OpDef.ref`: `fn(args, attrs)`, `args` the operands in
+the op's order (optional ones may be None), `attrs` every attribute by name; it returns the
+list of results. It is looked up at every call, so a swap applies to modules already lowered
+and compiled (CUDA graphs captured before it keep what they captured). Defaults: the op's
+static (sync-free) form on "cuda" where the table in `ops.py` has one, else its torch
+reference. The fake (meta) implementation is the registry's own type inference, so shapes
+and dtypes have one definition.
+
+Schemas: operands are `Tensor` (`Tensor?` when optional), attributes keyword-only with the
+registry's defaults; results are 1 to 3 tensors.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from kimi_graph.ir import TensorType, eval_dim
+from kimi_graph.ops import IR_DTYPES, REQUIRED, TORCH_DTYPES, get_op
+
+from .ops import LOWERING, custom_kinds
+
+NAMESPACE = "kimi_graph"
+NUM_RESULTS = {"kda_recurrent": 2, "kda_fused_recurrent": 2, "kda_fused_chunk": 2,
+               "add_rmsnorm": 2, "moe_route": 2, "moe_permute": 3}
+# types of attributes without a default (the others take their default's type)
+REQUIRED_ATTR_TYPES = {"scale": float, "eps": float, "top_k": int, "num_experts": int, "expert": int}
+_SCHEMA_TYPES = {bool: "bool", int: "int", float: "float", str: "str"}
+
+_IMPLS: dict[tuple[str, str], Callable] = {}
+_DEFINED: dict[str, object] = {}      # kind -> OpOverload
+
+
+def set_impl(kind: str, device_type: str, fn: Callable | None) -> None:
+    """Run custom op `kind` on tensors of `device_type` ("cpu", "cuda", ...) with `fn(args,
+    attrs) -> [results]`; `fn=None` restores the default."""
+    if kind not in custom_kinds():
+        raise ValueError(f"{kind!r} is not a custom op of the torch lowering; custom ops: "
+                         f"{', '.join(custom_kinds())}")
+    if fn is None:
+        _IMPLS.pop((kind, device_type), None)
+    else:
+        _IMPLS[(kind, device_type)] = fn
+
+
+def get_impl(kind: str, device_type: str) -> Callable:
+    fn = _IMPLS.get((kind, device_type))
+    if fn is not None:
+        return fn
+    static = LOWERING[kind].static
+    return static if device_type == "cuda" and static is not None else get_op(kind).ref
+
+
+def attr_types(kind: str) -> dict[str, type]:
+    out = {}
+    for name, default in get_op(kind).attributes.items():
+        out[name] = REQUIRED_ATTR_TYPES[name] if default is REQUIRED else type(default)
+    return out
+
+
+def schema(kind: str) -> str:
+    opdef = get_op(kind)
+    params = []
+    for o in opdef.operands:
+        if o.startswith("*"):
+            raise NotImplementedError(f"{kind}: variadic operands cannot be a custom op")
+        params.append(f"Tensor? {o[:-1]}=None" if o.endswith("?") else f"Tensor {o}")
+    kw = []
+    for name, ty in attr_types(kind).items():
+        default = opdef.attributes[name]
+        text = f"{_SCHEMA_TYPES[ty]} {name}"
+        if default is not REQUIRED:
+            text += "=" + (f'"{default}"' if ty is str else repr(default))
+        kw.append(text)
+    n = NUM_RESULTS.get(kind, 1)
+    results = "Tensor" if n == 1 else "(" + ", ".join(["Tensor"] * n) + ")"
+    return "(" + ", ".join(params + (["*"] + kw if kw else [])) + ") -> " + results
+
+
+def coerce_attrs(kind: str, attrs: dict) -> dict:
+    """Attributes as the schema types them (an int scale becomes a float)."""
+    types = attr_types(kind)
+    return {k: types[k](v) for k, v in attrs.items()}
+
+
+def _unalias(results, args):
+    """Custom ops may not return their inputs (or views of them): copy those."""
+    ptrs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+    return [r.clone() if r.untyped_storage().data_ptr() in ptrs else r for r in results]
+
+
+def _define(kind: str):
+    name = f"{NAMESPACE}::{kind}"
+    torch.library.define(name, schema(kind))
+    opdef = get_op(kind)
+
+    def impl(*args, **attrs):
+        args = list(args)
+        while args and args[-1] is None:
+            args.pop()
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        out = _unalias(get_impl(kind, device)(args, opdef.full_attrs(attrs)), args)
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def fake(*args, **attrs):
+        args = list(args)
+        while args and args[-1] is None:
+            args.pop()
+        syms: dict[str, str] = {}          # symbolic size (its text) -> a dim name
+        values: dict[str, object] = {}     # dim name -> the SymInt
+
+        def dim(d):
+            if isinstance(d, int):
+                return d
+            name = syms.setdefault(str(d), f"d{len(syms)}")
+            values[name] = d
+            return name
+
+        types = [TensorType(tuple(dim(d) for d in a.shape), IR_DTYPES[a.dtype]) for a in args]
+        out = [args[0].new_empty([eval_dim(d, values) for d in t.shape], dtype=TORCH_DTYPES[t.dtype])
+               for t in opdef.infer(types, opdef.full_attrs(attrs))]
+        return out[0] if len(out) == 1 else tuple(out)
+
+    torch.library.impl(name, "CompositeExplicitAutograd", impl)
+    torch.library.register_fake(name, fake)
+    return getattr(getattr(torch.ops, NAMESPACE), kind).default
+
+
+def custom_op(kind: str):
+    """The OpOverload `torch.ops.kimi_graph.<kind>.default` (defined on first use)."""
+    if kind not in _DEFINED:
+        if kind not in custom_kinds():
+            raise ValueError(f"{kind!r} is not a custom op of the torch lowering")
+        _DEFINED[kind] = _define(kind)
+    return _DEFINED[kind]
+
+
+def define_all() -> None:
+    for kind in custom_kinds():
+        custom_op(kind)
+
+
+def kind_of_custom(target) -> str | None:
+    for kind, op in _DEFINED.items():
+        if target is op or target is getattr(op, "overloadpacket", None):
+            return kind
+    return None

@@ -1,0 +1,174 @@
+"""How every op kind of the registry lowers to torch: the one table (`LOWERING`).
+
+Two ways, one per kind:
+- CUSTOM: a `torch.library` op `torch.ops.kimi_graph.<kind>` with a fake (meta)
+  implementation, opaque to torch.compile and torch.export. Every fused op, and the ops whose
+  semantics are data-dependent (top-k routing, per-expert dispatch, cache writes, the KDA loop).
+  Implementations per device are chosen in `custom_ops` (`set_impl`).
+- INLINE: a plain function the compiler traces through (Inductor fuses it with its
+  neighbours): the op's torch reference, wrapped so that it appears as *one* node in the FX
+  graphs dynamo builds (`allow_in_graph`), which is what lets the "kimi_graph" compile
+  backend read those graphs back into the layer graph.
+
+Some references sync with the host (`int(t)`, `nonzero`, `bincount`): fine on the CPU, but
+neither traceable with static shapes nor capturable in a CUDA graph. Their STATIC forms
+below compute the same function without host syncs or data-dependent shapes; they serve as
+the default CUDA implementations of those custom ops and as the "reference form" that the
+MLIR export decomposes custom ops into (`lower(..., decompose=True)`).
+"""
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kimi_graph.ops import REGISTRY, get_op
+from kimi_graph.ops.moe import swiglu
+
+CUSTOM, INLINE = "custom", "inline"
+
+
+# -- static (sync-free) forms: fn(args, attrs) -> list of results, like OpDef.ref ------------
+
+def _embedding(args, attrs):
+    """F.embedding without the reference's range check (a host sync); out-of-range ids still
+    raise (IndexError on the CPU, a device assert on the GPU), and executors check them first."""
+    return [F.embedding(args[0], args[1])]
+
+
+def _cache_write(args, attrs):
+    """cache[b, pos[b] + t] = new[b, t] as one scatter; the bounds check is the scatter's own."""
+    cache, new, pos = args
+    idx = pos.view(-1, 1) + torch.arange(new.shape[1], device=pos.device).view(1, -1)
+    return [cache.scatter(1, idx.unsqueeze(-1).expand(-1, -1, new.shape[2]), new)]
+
+
+def _moe_expert(args, attrs):
+    """Dense: every token goes through the expert, weighted by its gate (0 where not routed)."""
+    acc, x, ids, w, w1, w3, w2 = args
+    gate = (w * (ids == attrs["expert"]).to(w.dtype)).sum(-1, keepdim=True)
+    y = swiglu(x, w1.to(x.dtype), w3.to(x.dtype), w2.to(x.dtype))
+    return [acc + (gate * y.to(gate.dtype)).to(acc.dtype)]
+
+
+def _moe_permute(args, attrs):
+    """As the reference, with expert counts by scatter_add (bincount's size is data-dependent)."""
+    x, ids = args
+    k, D, E = ids.shape[-1], x.shape[-1], attrs["num_experts"]
+    flat = ids.reshape(-1)
+    order = torch.sort(flat, stable=True)[1]
+    counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    return [x.reshape(-1, D)[order // k], offsets, order]
+
+
+def _grouped_swiglu(args, attrs):
+    """Every expert over every row, each row keeping its own expert's result."""
+    x, off, w13, w2 = args
+    I = w2.shape[2]
+    rows = torch.arange(x.shape[0], device=x.device)
+    expert_of_row = torch.searchsorted(off[1:], rows, right=True)
+    out = torch.zeros_like(x)
+    for e in range(w13.shape[0]):
+        gu = F.linear(x, w13[e].to(x.dtype))
+        y = F.linear(F.silu(gu[:, :I]) * gu[:, I:], w2[e].to(x.dtype))
+        out = torch.where((expert_of_row == e).unsqueeze(-1), y, out)
+    return [out]
+
+
+@dataclass(frozen=True)
+class Lowering:
+    how: str                              # CUSTOM or INLINE
+    static: Callable | None = None        # sync-free form where the reference is not one
+
+
+# every op kind, once (tests check that this covers the registry exactly)
+LOWERING: dict[str, Lowering] = {
+    # elementwise, matrix, normalisation, data movement: traced and fused by the compiler
+    **{k: Lowering(INLINE) for k in (
+        "add", "sub", "mul", "div", "neg", "exp", "sigmoid", "silu", "softplus", "scale", "cast",
+        "linear", "matmul", "rmsnorm", "l2norm", "reshape", "transpose", "slice", "concat",
+        "expand", "zeros_like", "take_along", "renormalize", "causal_conv1d", "causal_attention",
+        "stack")},
+    "embedding": Lowering(INLINE, _embedding),
+    # data-dependent primitives
+    "grouped_topk": Lowering(CUSTOM),
+    "moe_expert": Lowering(CUSTOM, _moe_expert),
+    "cache_write": Lowering(CUSTOM, _cache_write),
+    "kda_recurrent": Lowering(CUSTOM),
+    # fused ops (kimi_graph/ops/fused.py)
+    "kda_fused_recurrent": Lowering(CUSTOM),
+    "kda_fused_chunk": Lowering(CUSTOM),
+    "gated_rmsnorm": Lowering(CUSTOM),
+    "add_rmsnorm": Lowering(CUSTOM),
+    "head_matmul": Lowering(CUSTOM),
+    "mla_latent_attention": Lowering(CUSTOM),
+    "moe_route": Lowering(CUSTOM),
+    "moe_permute": Lowering(CUSTOM, _moe_permute),
+    "grouped_swiglu": Lowering(CUSTOM, _grouped_swiglu),
+    "moe_unpermute": Lowering(CUSTOM),
+}
+
+
+def lowering(kind: str) -> Lowering:
+    get_op(kind)   # unknown kinds: the registry's error
+    try:
+        return LOWERING[kind]
+    except KeyError:
+        raise NotImplementedError(f"op {kind!r} has no torch lowering; add it to LOWERING in "
+                                  f"{__name__}") from None
+
+
+def static_form(kind: str) -> Callable:
+    """fn(args, attrs) -> results, free of host syncs and data-dependent shapes."""
+    return lowering(kind).static or get_op(kind).ref
+
+
+def custom_kinds() -> list[str]:
+    return [k for k, low in LOWERING.items() if low.how == CUSTOM and k in REGISTRY]
+
+
+# -- the functions FX nodes call ----------------------------------------------------------
+
+def _as_node_fn(kind: str, impl: Callable) -> Callable:
+    """fn(*operands, **attrs) -> result or tuple of results, kept as one node by dynamo."""
+    def fn(*args, **attrs):
+        out = impl(list(args), attrs)
+        return out[0] if len(out) == 1 else tuple(out)
+    fn.__name__ = fn.__qualname__ = kind
+    fn.__module__ = functional.__name__
+    fn = torch._dynamo.allow_in_graph(fn)
+    setattr(functional, kind, fn)
+    return fn
+
+
+# the generated node functions live in an importable namespace: `...ops.functional.<kind>`
+functional = types.ModuleType(__name__ + ".functional", "node functions of the torch lowering")
+sys.modules[functional.__name__] = functional
+_FUNCTIONS: dict[tuple[str, bool], Callable] = {}
+
+
+def node_function(kind: str, decompose: bool = False) -> Callable:
+    """What an FX node of this kind calls: the custom op, or (INLINE kinds, and every kind when
+    `decompose`) a traced function running the op's static form."""
+    low = lowering(kind)
+    if low.how == CUSTOM and not decompose:
+        from .custom_ops import custom_op
+        return custom_op(kind)
+    key = (kind, low.how == CUSTOM)
+    if key not in _FUNCTIONS:
+        _FUNCTIONS[key] = _as_node_fn(kind if low.how == INLINE else kind + "_static", static_form(kind))
+    return _FUNCTIONS[key]
+
+
+def kind_of(target) -> str | None:
+    """The op kind an FX node target stands for (our node functions and custom ops), or None."""
+    from .custom_ops import kind_of_custom
+    for (kind, _), fn in _FUNCTIONS.items():
+        if fn is target:
+            return kind
+    return kind_of_custom(target)
