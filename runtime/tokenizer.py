@@ -6,6 +6,8 @@ Kimi's pattern (Han runs apart from other letters; digits in runs of at most thr
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import codecs
 import json
 from pathlib import Path
@@ -28,6 +30,22 @@ MAX_ENCODE_CHARS, MAX_RUN_CHARS = 400_000, 25_000
 
 class TokenizerError(ValueError):
     """Missing or malformed tokenizer files, or a request the tokenizer cannot serve."""
+
+
+def read_bpe(path: Path) -> dict[bytes, int]:
+    """Parse a tiktoken BPE file ("<base64 token> <rank>" per line). Read here rather than
+    with tiktoken.load, which caches local files by path and would serve a stale copy."""
+    ranks: dict[bytes, int] = {}
+    for n, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise TokenizerError(f"{path}:{n}: not a tiktoken BPE line (base64 token, rank): "
+                                 f"{line[:60]!r}") from None
+    return ranks
 
 
 def _token_text(v) -> str | None:
@@ -84,12 +102,7 @@ class KimiTokenizer:
         missing = [p.name for p in (model, config) if not p.is_file()]
         if missing:
             raise TokenizerError(f"{path} has no tokenizer: missing {', '.join(missing)}")
-        from tiktoken.load import load_tiktoken_bpe
-        try:
-            ranks = load_tiktoken_bpe(str(model))
-        except Exception as e:    # tiktoken raises bare errors on malformed lines
-            raise TokenizerError(f"{model}: not a tiktoken BPE file (base64 token, rank per "
-                                 f"line): {e}") from None
+        ranks = read_bpe(model)
         try:
             cfg = json.loads(config.read_text())
             added = {int(i): _token_text(t) for i, t in cfg.get("added_tokens_decoder", {}).items()}
