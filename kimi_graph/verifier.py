@@ -16,8 +16,7 @@ class VerifyError(IRError):
 def verify(g: Graph) -> None:
     errors: list[str] = []
     if not nx.is_directed_acyclic_graph(g.nx):
-        cycle = nx.find_cycle(g.nx)
-        errors.append(f"cycle through ops {[g.op(a).kind + '#' + str(a) for a, _ in cycle]}")
+        errors.append(_describe_cycle(g, nx.find_cycle(g.nx)))
     defined = set(g.inputs) | set(g.params)
     for v, ty in g.types.items():
         if v not in g.producer and v not in defined:
@@ -43,7 +42,8 @@ def verify(g: Graph) -> None:
             attrs = opdef.full_attrs(op.attrs)
             want = opdef.infer([g.types[v] for v in op.inputs], attrs)
         except IRError as e:
-            errors.append(f"{where}: {e}")
+            operands = ", ".join(f"{v}: {g.types[v]}" for v in op.inputs)
+            errors.append(f"{where} on ({operands}): {e}")
             continue
         if len(want) != len(op.outputs):
             errors.append(f"{where}: {len(op.outputs)} results, the op defines {len(want)}")
@@ -60,3 +60,13 @@ def verify(g: Graph) -> None:
             errors.append(f"graph output {v} is not defined")
     if errors:
         raise VerifyError(errors)
+
+
+def _describe_cycle(g: Graph, edges) -> str:
+    """'cycle: add#3 -(%a)-> mul#4 -(%b)-> add#3': each op, and the values that close the loop."""
+    parts = []
+    for a, b in edges:
+        flows = [v for v in g.op(b).inputs if g.producer.get(v) == a] or ["?"]
+        parts.append(f"{g.op(a).kind}#{a} -({', '.join(flows)})->")
+    first = g.op(edges[0][0])
+    return "cycle: " + " ".join(parts) + f" {first.kind}#{first.id}"
