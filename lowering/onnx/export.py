@@ -1,0 +1,160 @@
+"""Graph -> ONNX model: inputs with symbolic B / T / S axes, every cache and state as an
+input and a `present.*` output, weights as initializers (written once, shared by the prefill
+and decode models, as external data), one operator-set table per target.
+
+    lower(graph, weights, ops="ort"|"portable", opset=23) -> onnx.ModelProto
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from onnx import AttributeProto, TensorProto, helper
+
+from kimi_graph.ir import Graph, IRError
+from kimi_graph.ops import TORCH_DTYPES
+
+from .emitter import DOMAIN, MS, ONNX_DTYPES, Emitter, tensor_proto, value_info
+
+OP_SETS = ("ort", "portable")
+DEFAULT_OPSET = 23          # RMSNormalization and Attention; ONNX Runtime 1.20+ runs it
+MIN_OPSET = 23
+
+
+def tables() -> dict[str, dict]:
+    from . import ort, portable
+    return {"ort": ort.TABLE, "portable": portable.TABLE}
+
+
+def ir_version_for(opset: int) -> int:
+    """The lowest IR version that carries `opset` (ORT 1.31 rejects IR 14; keep it low)."""
+    return helper.find_min_ir_version_for([helper.make_opsetid("", opset)], ignore_unknown=True)
+
+
+def state_output_name(state_input: str) -> str:
+    return "present." + state_input.lstrip("%")
+
+
+class LowerContext:
+    """What a mapping sees: the emitter, the IR graph (types), the weights."""
+
+    def __init__(self, g: Graph, weights, em: Emitter, ops: str):
+        self.g, self.weights, self.em, self.ops = g, weights, em, ops
+        self.derived: dict[str, TensorProto] = {}
+        self.env: dict[str, str] = {}       # IR value -> ONNX name, filled as ops lower
+
+    def env_of(self, value: str) -> str:
+        return self.env[value]
+
+    def ty(self, value: str):
+        return self.g.types[value]
+
+    def is_param(self, value: str) -> bool:
+        return value in self.g.params
+
+    def param(self, value: str) -> torch.Tensor:
+        name = value[1:]
+        if name not in self.weights:
+            raise IRError(f"no weight for parameter {value}")
+        return self.weights[name].to(TORCH_DTYPES[self.g.params[value].dtype])
+
+    def derived_param(self, name: str, make) -> str:
+        """A weight transformed at export time (transposed, stacked), stored once under `name`."""
+        if name not in self.derived:
+            self.derived[name] = tensor_proto(name, make())
+        return name
+
+    def transposed_param(self, value: str) -> str | None:
+        """A [out, in] weight parameter stored as [in, out] for MatMul; None for non-params."""
+        if not self.is_param(value):
+            return None
+        return self.derived_param(value[1:] + ".T", lambda: self.param(value).t())
+
+    def zero_tensor(self, dtype: str) -> TensorProto:
+        return tensor_proto("zero", torch.zeros(1, dtype=TORCH_DTYPES[dtype]), ONNX_DTYPES[dtype])
+
+    def one_tensor(self, dtype: str) -> TensorProto:
+        return tensor_proto("one", torch.ones(1, dtype=TORCH_DTYPES[dtype]), ONNX_DTYPES[dtype])
+
+
+def lower(g: Graph, weights, *, ops: str = "ort", opset: int = DEFAULT_OPSET, name: str | None = None,
+          io=None):
+    """Lower `g` to an ONNX ModelProto (initializers inline; `save` externalizes them).
+    `io`: an optional adapter (see genai.py) that renames and reshapes inputs and outputs."""
+    if ops not in OP_SETS:
+        raise ValueError(f"operator set must be one of {OP_SETS}, got {ops!r}")
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is too old: the export needs opset >= {MIN_OPSET} "
+                         "(RMSNormalization, Attention)")
+    table = tables()[ops]
+    em = Emitter()
+    ctx = LowerContext(g, weights, em, ops)
+    env = ctx.env
+    graph_inputs, graph_outputs = [], []
+    for v, ty in g.inputs.items():
+        env[v] = v[1:]
+        for axis, d in enumerate(ty.shape):
+            if isinstance(d, str) and d not in em.dim_sources:
+                em.dim_sources[d] = (v[1:], axis)
+    if io is not None:
+        graph_inputs = io.inputs(ctx, env)
+    else:
+        graph_inputs = [value_info(v[1:], ty) for v, ty in g.inputs.items()]
+    for v in g.params:
+        env[v] = v[1:]
+    for op in g.ops():
+        fn = table.get(op.kind)
+        if fn is None:
+            raise IRError(f"the {ops!r} ONNX operator set has no mapping for op {op.kind!r} ({op})")
+        outs = fn(ctx, op, [env[v] for v in op.inputs])
+        if len(outs) != len(op.outputs):
+            raise IRError(f"{ops} mapping of {op.kind} returned {len(outs)} values for {len(op.outputs)}")
+        env.update(zip(op.outputs, outs))
+    out_names = ["logits"] + [state_output_name(s) for s in g.meta.get("state_inputs", [])]
+    if len(out_names) != len(g.outputs):
+        out_names = ["logits"] + [f"output_{i}" for i in range(1, len(g.outputs))]
+    if io is not None:
+        graph_outputs = io.outputs(ctx, env, out_names)
+    else:
+        for v, n in zip(g.outputs, out_names):
+            em.node("Identity", [env[v]], outputs=[n])
+            graph_outputs.append(value_info(n, g.types[v]))
+    nodes = prune(em.nodes, [o.name for o in graph_outputs])
+    used = referenced(nodes)
+    inits = [ctx.derived[n] for n in ctx.derived if n in used]
+    inits += [tensor_proto(v[1:], ctx.param(v)) for v in g.params if v[1:] in used]
+    graph = helper.make_graph(nodes, name or g.name, graph_inputs, graph_outputs, inits)
+    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in
+                                                 sorted(em.opsets.items()) if d]
+    model = helper.make_model(graph, opset_imports=opsets, functions=list(em.functions.values()),
+                              ir_version=ir_version_for(opset), producer_name="kimi-graph")
+    meta = {"kimi_graph.mode": str(g.meta.get("mode", g.name)), "kimi_graph.ops": ops,
+            "kimi_graph.stateful": str(bool(g.meta.get("stateful"))),
+            "kimi_graph.state_inputs": ",".join(s.lstrip("%") for s in g.meta.get("state_inputs", []))}
+    helper.set_model_props(model, meta)
+    return model
+
+
+def referenced(nodes) -> set[str]:
+    """Every value name read by `nodes`, their subgraphs included (outer-scope reads)."""
+    out = set()
+    for n in nodes:
+        out.update(i for i in n.input if i)
+        for a in n.attribute:
+            if a.type == AttributeProto.GRAPH:
+                out |= referenced(a.g.node)
+    return out
+
+
+def prune(nodes, outputs) -> list:
+    """Drop nodes none of whose results reach `outputs` (mappings that replace a group of ops
+    by one fused node leave the group's own lowering dead)."""
+    live = set(outputs)
+    keep = []
+    for n in reversed(nodes):
+        if any(o in live for o in n.output):
+            keep.append(n)
+            live |= referenced([n])
+    return list(reversed(keep))
+
+
+__all__ = ["lower", "OP_SETS", "DEFAULT_OPSET", "ir_version_for", "state_output_name", "DOMAIN", "MS"]

@@ -1,0 +1,214 @@
+"""The `ort` operator set (default): ONNX Runtime's fused contrib ops (com.microsoft) and
+opset-23 Attention where their semantics equal ours exactly (checked against the
+installed build; see tests/test_onnx_ort_ops.py); the portable mapping elsewhere.
+
+- KDA recurrence -> LinearAttention(update_rule="gated_delta"), decay per key dim [B,T,H*K];
+  state, q/k/v, decay and beta in fp32 (the op ties decay and beta to the query's type).
+- causal_conv1d -> CausalConvWithState(channels_last=1, fused SiLU); our [B,C,K-1] state is
+  transposed to the op's channels-last [B,K-1,C] (a few values per channel).
+- causal_attention / mla_latent_attention -> Attention (opset 23) with a boolean mask from
+  cache_pos; MLA in latent space is attention with one shared KV head (kv_num_heads=1).
+- add_rmsnorm -> SkipSimplifiedLayerNormalization (its 4th output is x + residual).
+- Experts -> MoE. Its router differs from Kimi's (it takes top-k of softmax(router_probs);
+  Kimi selects by biased sigmoid scores, renormalises and scales, and "official" weights may
+  even be negative), so routing stays in our nodes and MoE runs once per routing slot j with
+  k=1 on one-hot router_probs: softmax of the single selected logit is exactly 1, so each
+  call returns SwiGLU_{ids[:, j]}(x) and we weight and sum the k results ourselves. Same
+  FLOPs as one k-way MoE call. ORT's CPU kernel wants the gate/up rows interleaved.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import portable, standard
+from .emitter import FLOAT, MS
+
+TABLE = dict(portable.TABLE)
+
+
+def maps(*kinds):
+    def deco(fn):
+        for k in kinds:
+            TABLE[k] = fn
+        return fn
+    return deco
+
+
+@maps("causal_conv1d")
+def causal_conv1d(ctx, op, ins):
+    em = ctx.em
+    st = [em("Transpose", ins[2], perm=[0, 2, 1])] if len(ins) > 2 else []
+    y, new = em.node("CausalConvWithState", [ins[0], ins[1], ""] + st, 2, domain=MS, channels_last=1,
+                     activation=op.attrs["activation"])
+    return [y, em("Transpose", new, perm=[0, 2, 1])]
+
+
+def linear_attention(ctx, op, q, k, v, g, beta, state):
+    """LinearAttention on [B,T,H,*] inputs (all cast to fp32) -> (o in v's dtype, state)."""
+    em = ctx.em
+    B, T, H, K = ctx.ty(op.inputs[0]).shape
+    f32 = [standard.to_acc(ctx, x, name) for x, name in ((q, op.inputs[0]), (k, op.inputs[1]),
+                                                           (v, op.inputs[2]))]
+    packed = [em("Reshape", x, em.ints(0, 0, -1)) for x in f32 + [g]]
+    beta = em("Cast", beta, to=FLOAT)
+    o, s = em.node("LinearAttention", packed[:3] + [state or "", packed[3], beta], 2, domain=MS,
+                   q_num_heads=H, kv_num_heads=H, scale=float(op.attrs["scale"]), update_rule="gated_delta")
+    o = em("Reshape", o, em.ints(0, 0, H, -1))
+    return [standard.cast_to(ctx, o, ctx.ty(op.inputs[2]).dtype), s]
+
+
+@maps("kda_recurrent")
+def kda_recurrent(ctx, op, ins):
+    g = ctx.em("Cast", ins[3], to=FLOAT)
+    return linear_attention(ctx, op, *ins[:3], g, ins[4], ins[5] if len(ins) > 5 else None)
+
+
+@maps("kda_fused_recurrent", "kda_fused_chunk")
+def kda_fused(ctx, op, ins):
+    """Gate, beta and L2 norms in standard ops (fp32), then LinearAttention."""
+    em = ctx.em
+    q, k, v, f, b, A, dt = ins[:7]
+    eps = op.attrs["l2norm_eps"]
+    qn, kn = (standard.l2_normalize(ctx, x, name, eps) for x, name in ((q, op.inputs[0]), (k, op.inputs[1])))
+    sp_in = em("Add", em("Cast", f, to=FLOAT), em("Cast", dt, to=FLOAT))
+    sp = em("Where", em("Greater", sp_in, em.const(20.0, "f32")), sp_in, em("Softplus", sp_in))
+    H = ctx.ty(op.inputs[0]).shape[2]
+    a = em("Reshape", em("Neg", em("Exp", em("Cast", A, to=FLOAT))), em.ints(1, 1, H, 1))
+    g = em("Reshape", em("Mul", em("Reshape", sp, em.ints(0, 0, H, -1)), a), em.ints(0, 0, -1))
+    return linear_attention(ctx, op, qn, kn, v, g, em("Sigmoid", em("Cast", b, to=FLOAT)),
+                            ins[7] if len(ins) > 7 else None)
+
+
+def attention(ctx, q, k, v, mask, scale, q_heads, kv_heads, out_dtype, in_dtype):
+    """Opset-23 Attention on [B,H,T,D] inputs in fp32 (softmax in fp32) -> [B,T,H,Dv]."""
+    em = ctx.em
+    q, k, v = (x if in_dtype == "f32" else em("Cast", x, to=FLOAT) for x in (q, k, v))
+    o = em("Attention", q, k, v, mask, scale=float(scale), q_num_heads=q_heads, kv_num_heads=kv_heads)
+    return standard.cast_to(ctx, em("Transpose", o, perm=[0, 2, 1, 3]), out_dtype)
+
+
+@maps("causal_attention")
+def causal_attention(ctx, op, ins):
+    em = ctx.em
+    H = ctx.ty(op.inputs[0]).shape[2]
+    q, k, v = (em("Transpose", t, perm=[0, 2, 1, 3]) for t in ins[:3])
+    mask = standard.causal_mask(ctx, ins[3] if len(ins) > 3 else None, em("Shape", ins[0], start=1, end=2),
+                                em("Shape", ins[1], start=1, end=2))
+    return [attention(ctx, q, k, v, mask, op.attrs["scale"], H, H, ctx.ty(op.inputs[2]).dtype,
+                      ctx.ty(op.inputs[0]).dtype)]
+
+
+@maps("mla_latent_attention")
+def mla_latent_attention(ctx, op, ins):
+    em = ctx.em
+    ql, qr, c, kr = ins[:4]
+    H = ctx.ty(op.inputs[0]).shape[2]
+    q = em("Transpose", em("Concat", ql, qr, axis=-1), perm=[0, 2, 1, 3])           # [B,H,T,R+P]
+    k = em("Unsqueeze", em("Concat", c, kr, axis=-1), em.ints(1))                    # [B,1,S,R+P]
+    v = em("Unsqueeze", c, em.ints(1))                                               # [B,1,S,R]
+    mask = standard.causal_mask(ctx, ins[4] if len(ins) > 4 else None, em("Shape", ql, start=1, end=2),
+                                em("Shape", c, start=1, end=2))
+    return [attention(ctx, q, k, v, mask, op.attrs["scale"], H, 1, ctx.ty(op.inputs[0]).dtype,
+                      ctx.ty(op.inputs[0]).dtype)]
+
+
+@maps("add_rmsnorm")
+def add_rmsnorm(ctx, op, ins):
+    outs = ctx.em.node("SkipSimplifiedLayerNormalization", ins, 4, domain=MS, epsilon=float(op.attrs["eps"]))
+    return [outs[0], outs[3]]
+
+
+# -- MoE ------------------------------------------------------------------------------------------------
+def moe_calls(ctx, x: str, ids: str, w: str, w13: str, w2: str, E: int, D: int, k: int, w_dtype: str,
+              x_dtype: str) -> str:
+    """sum_j w[..., j] * SwiGLU_{ids[..., j]}(x) through k MoE(k=1) calls; [..., D] in x's
+    dtype (the weighting in fp32, as the reference)."""
+    em = ctx.em
+    xf = em("Reshape", x, em.ints(-1, D))
+    idf = em("Reshape", ids, em.ints(-1, k))
+    wf = em("Reshape", w, em.ints(-1, k))
+    on = em.const([0.0, 1.0], x_dtype)                        # OneHot values [off, on]
+    total = None
+    for j in range(k):
+        sel = em("Gather", idf, em.ints(j), axis=1)                                  # [N, 1]
+        onehot = em("OneHot", sel, em.const(E, "i64"), on, axis=-1)                  # [N, 1, E]
+        probs = em("Reshape", onehot, em.ints(-1, E))
+        y = em.node("MoE", [xf, probs, w13, "", w2], 1, domain=MS, k=1, activation_type="swiglu",
+                    swiglu_fusion=1, normalize_routing_weights=1)[0]
+        yf = y if x_dtype == "f32" else em("Cast", y, to=FLOAT)
+        wj = em("Gather", wf, em.ints(j), axis=1)
+        wj = wj if w_dtype == "f32" else em("Cast", wj, to=FLOAT)
+        term = em("Mul", wj, yf)
+        total = term if total is None else em("Add", total, term)
+    return total
+
+
+def interleave(w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """[E,I,D] gate and up -> [E,2I,D] rows g0,u0,g1,u1,... (ORT CPU: swiglu_fusion=1)."""
+    return torch.stack([w1, w3], dim=2).reshape(w1.shape[0], 2 * w1.shape[1], w1.shape[2])
+
+
+def expert_chain(ctx, op):
+    """The moe_expert ops that accumulate into `op`'s result, first to last, if they form a
+    whole layer (all experts, one x / ids / weights); else None."""
+    chain = [op]
+    while True:
+        prev = ctx.g.defining_op(chain[-1].inputs[0])
+        if prev is None or prev.kind != "moe_expert" or prev.inputs[1:4] != op.inputs[1:4]:
+            break
+        chain.append(prev)
+    chain.reverse()
+    E = op.attrs["num_experts"]
+    if sorted(o.attrs["expert"] for o in chain) != list(range(E)) or \
+            any(all(ctx.is_param(v) for v in o.inputs[4:]) is False for o in chain):
+        return None
+    users = ctx.g.users(op.outputs[0])
+    if any(u.kind == "moe_expert" and u.inputs[1:4] == op.inputs[1:4] for u in users):
+        return None                                   # not the last of its chain
+    return chain
+
+
+@maps("moe_expert")
+def moe_expert(ctx, op, ins):
+    """The last expert of a layer's chain emits the whole layer as MoE calls; the other
+    experts' portable lowering is left dead and pruned."""
+    chain = expert_chain(ctx, op)
+    if chain is None:
+        return portable.TABLE["moe_expert"](ctx, op, ins)
+    em = ctx.em
+    by_e = sorted(chain, key=lambda o: o.attrs["expert"])
+    key = by_e[0].inputs[4][1:].rsplit(".experts.", 1)[0] + ".experts"
+    w13 = ctx.derived_param(key + ".w13_interleaved", lambda: interleave(
+        torch.stack([ctx.param(o.inputs[4]) for o in by_e]), torch.stack([ctx.param(o.inputs[5]) for o in by_e])))
+    w2 = ctx.derived_param(key + ".w2_stacked", lambda: torch.stack([ctx.param(o.inputs[6]) for o in by_e]))
+    x_ty, ids_ty = ctx.ty(op.inputs[1]), ctx.ty(op.inputs[2])
+    acc0 = ctx.env_of(chain[0].inputs[0])
+    total = moe_calls(ctx, ins[1], ins[2], ins[3], w13, w2, op.attrs["num_experts"], x_ty.shape[-1],
+                      ids_ty.shape[-1], ctx.ty(op.inputs[3]).dtype, x_ty.dtype)
+    acc_ty = ctx.ty(op.inputs[0])
+    out = em("Add", em("Reshape", acc0, em.ints(-1, x_ty.shape[-1])), standard.cast_to(ctx, total, acc_ty.dtype))
+    return [em("Reshape", out, em("Shape", acc0))]
+
+
+@maps("moe_unpermute")
+def moe_unpermute(ctx, op, ins):
+    """acc + sum_j w_j y_j where y = grouped_swiglu(moe_permute(x, ids)): the three ops as
+    MoE calls on x and ids (the permuted form's lowering is left dead and pruned)."""
+    gs = ctx.g.defining_op(op.inputs[0])
+    perm = ctx.g.defining_op(gs.inputs[0]) if gs is not None and gs.kind == "grouped_swiglu" else None
+    if perm is None or perm.kind != "moe_permute" or not all(ctx.is_param(v) for v in gs.inputs[2:]):
+        return portable.TABLE["moe_unpermute"](ctx, op, ins)
+    em = ctx.em
+    w13_v, w2_v = gs.inputs[2], gs.inputs[3]
+    I = ctx.ty(w2_v).shape[2]
+    w13 = ctx.derived_param(w13_v[1:] + ".interleaved", lambda: interleave(
+        ctx.param(w13_v)[:, :I], ctx.param(w13_v)[:, I:]))
+    x_v, ids_v = perm.inputs
+    x_ty = ctx.ty(x_v)
+    total = moe_calls(ctx, ctx.env_of(x_v), ctx.env_of(ids_v), ins[2], w13, ctx.env_of(w2_v),
+                      perm.attrs["num_experts"], x_ty.shape[-1], ctx.ty(ids_v).shape[-1],
+                      ctx.ty(op.inputs[2]).dtype, x_ty.dtype)
+    acc_ty = ctx.ty(op.inputs[3])
+    D = acc_ty.shape[-1]
+    out = em("Add", em("Reshape", ins[3], em.ints(-1, D)), standard.cast_to(ctx, total, acc_ty.dtype))
+    return [em("Reshape", out, em("Shape", ins[3]))]
