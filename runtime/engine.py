@@ -8,6 +8,7 @@ tells MLA attention where each sequence ends, so rows past it are masked.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Iterable, Iterator
 
 import torch
@@ -98,9 +99,10 @@ class Engine:
         ids = list(prompt)
         if not ids:
             raise GenerationError("empty prompt: give at least one token id")
-        bad_type = [x for x in ids if not isinstance(x, int) or isinstance(x, bool)]
+        bad_type = [x for x in ids if not isinstance(x, numbers.Integral) or isinstance(x, bool)]
         if bad_type:
             raise GenerationError(f"token ids must be integers, got {bad_type[:4]!r}")
+        ids = [int(x) for x in ids]
         V = self.model.config.vocab_size
         bad = sorted({x for x in ids if not 0 <= x < V})
         if bad:
@@ -124,8 +126,11 @@ class Engine:
         """Generate for a batch: an iterator of (prompt index, token) as tokens are sampled,
         each step in prompt order. The request is checked now; slots are taken at the first
         step and freed when the iterator ends or is closed."""
-        if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)):
-            raise GenerationError("prompts must be a list of prompts (each a list of token ids)")
+        if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
+            prompts = list(prompts)                     # [B, T]: B prompts of T tokens
+        if not isinstance(prompts, (list, tuple)):
+            raise GenerationError("prompts must be a list of prompts (each a list of token ids) "
+                                  "or a [B, T] tensor")
         if prompts and all(isinstance(x, int) for x in prompts):
             raise GenerationError("prompts must be a list of prompts; for one prompt pass "
                                   "[[id, id, ...]] (or use stream)")
@@ -155,8 +160,9 @@ class Engine:
             self.cache.free(slots)
 
     def generate(self, prompts, params: SamplingParams) -> list[list[int]]:
-        out = [[] for _ in prompts] if isinstance(prompts, (list, tuple)) else []
-        for i, t in self.iterate(prompts, params):
+        it = self.iterate(prompts, params)             # checks the request first
+        out: list[list[int]] = [[] for _ in range(len(prompts))]
+        for i, t in it:
             out[i].append(t)
         return out
 
@@ -183,9 +189,11 @@ def generate(model, prompts, *, max_batch: int | None = None, max_len: int | Non
     has a tokenizer). `sampling`: SamplingParams fields. Without `engine`, one is made for
     the request (`max_batch` slots of `max_len` tokens: by default just what it needs)."""
     params = SamplingParams(**sampling)
+    if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
+        prompts = list(prompts)
     if isinstance(prompts, (list, tuple)):
         prompts = [_encode(model, p) for p in prompts]
-    engine = engine or _engine_for(model, prompts if isinstance(prompts, (list, tuple)) else [],
+    engine = engine or _engine_for(model, prompts if isinstance(prompts, list) else [],
                                    params, max_batch, max_len, engine_options or {})
     return engine.generate(prompts, params)
 

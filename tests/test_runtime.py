@@ -283,3 +283,29 @@ def test_cli_generate_streams_ids(capsys):
 def test_cli_generate_errors(argv, match, capsys):
     assert cli_main(["generate", "tiny", "--max-new-tokens", "2"] + argv) == 2
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options", [dict(pipeline="default"), dict(backend="torch")],
+                         ids=["default_pipeline", "torch_backend"])
+def test_engine_runs_unchanged_on_other_graphs_and_backends(options):
+    """The engine only calls model.execute: optimized graphs and other executors work as is."""
+    from kimi_graph.api import BACKENDS
+    if options.get("backend", "interpreter") not in BACKENDS:
+        pytest.skip(f"backend {options['backend']!r} is not registered")
+    model = tiny(**options)
+    ids = [1, 5, 9, 14, 3, 7, 200]
+    full = tiny()(torch.tensor([ids]))[0]
+    assert rel_err(split_logits(Engine(model, max_len=8), ids, 3), full) <= TOL[torch.float32]
+    prompts = PROMPTS[:3]
+    kw = dict(max_new_tokens=4, ignore_eos=True)
+    assert model.generate(prompts, **kw) == tiny().generate(prompts, **kw)
+
+
+def test_prompt_forms():
+    model = tiny()
+    kw = dict(max_new_tokens=3, ignore_eos=True)
+    want = model.generate([[1, 5, 9], [3, 4, 5]], **kw)
+    assert model.generate(torch.tensor([[1, 5, 9], [3, 4, 5]]), **kw) == want
+    assert model.generate([torch.tensor([1, 5, 9]), (3, 4, 5)], **kw) == want
+    with pytest.raises(GenerationError, match="1-D integer ids"):
+        model.generate([torch.tensor([1.0, 2.0])], **kw)
