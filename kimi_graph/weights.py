@@ -49,7 +49,8 @@ def load_safetensors(path: str | Path, g: Graph, device: str = "cpu",
     """Load every parameter of `g` from an HF checkpoint directory, memory-mapped, converted
     to the dtype the graph declares for it.
 
-    Raises one WeightError naming every missing, unexpected and misshaped tensor."""
+    Raises one WeightError naming every missing, unexpected, misshaped, non-float and
+    duplicated tensor (shapes are read from the headers; nothing misshaped is loaded)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -59,38 +60,38 @@ def load_safetensors(path: str | Path, g: Graph, device: str = "cpu",
     show = progress if progress is not None else total >= PROGRESS_MIN_BYTES
     out: dict[str, torch.Tensor] = {}
     found: dict[str, tuple[int, ...]] = {}
-    unexpected: list[str] = []
+    problems: dict[str, list[str]] = {"unexpected": [], "not floating point": [], "in two files": []}
     bar = _progress(total, show)
     try:
         for f in files:
             try:
-                handle = safe_open(str(f), framework="pt", device="cpu")
-            except (SafetensorError, OSError, Exception) as e:
+                with safe_open(str(f), framework="pt", device="cpu") as handle:
+                    for name in handle.keys():
+                        if name not in want:
+                            problems["unexpected"].append(name)
+                            continue
+                        if name in found:
+                            problems["in two files"].append(name)
+                            continue
+                        header = handle.get_slice(name)
+                        found[name] = tuple(header.get_shape())
+                        stored = header.get_dtype()
+                        if not (stored.startswith("F") or stored == "BF16"):
+                            problems["not floating point"].append(f"{name}: stored as {stored}")
+                        elif found[name] == tuple(want[name].shape):
+                            ty = want[name]
+                            out[name] = handle.get_tensor(name).to(device=device, dtype=TORCH_DTYPES[ty.dtype])
+            except (SafetensorError, OSError, RuntimeError, ValueError) as e:
                 raise WeightError(f"cannot read {f}: {e}") from None
-            with handle:
-                for name in handle.keys():
-                    if name not in want:
-                        unexpected.append(name)
-                        continue
-                    t = handle.get_tensor(name)
-                    found[name] = tuple(t.shape)
-                    ty = want[name]
-                    if found[name] == tuple(ty.shape):
-                        out[name] = t.to(device=device, dtype=TORCH_DTYPES[ty.dtype])
             bar(f.stat().st_size)
     finally:
         bar(None)
-    missing = [n for n in want if n not in found]
-    misshaped = [f"{n}: expected {list(want[n].shape)}, got {list(found[n])}"
-                 for n in found if found[n] != tuple(want[n].shape)]
-    if missing or unexpected or misshaped:
-        parts = []
-        if missing:
-            parts.append(f"missing ({len(missing)}): " + ", ".join(_trim(missing)))
-        if unexpected:
-            parts.append(f"unexpected ({len(unexpected)}): " + ", ".join(_trim(sorted(unexpected))))
-        if misshaped:
-            parts.append(f"misshaped ({len(misshaped)}): " + "; ".join(_trim(misshaped)))
+    problems["missing"] = [n for n in want if n not in found]
+    problems["misshaped"] = [f"{n}: expected {list(want[n].shape)}, got {list(found[n])}"
+                             for n in found if found[n] != tuple(want[n].shape)]
+    parts = [f"{kind} ({len(names)}): " + ", ".join(_trim(sorted(names)))
+             for kind, names in problems.items() if names]
+    if parts:
         raise WeightError(f"checkpoint {path} does not match the model:\n  " + "\n  ".join(parts))
     return out
 
