@@ -24,6 +24,11 @@ def _bool(v: bool):
     return helper.make_tensor("b", TensorProto.BOOL, [1], [v])
 
 
+def _true(em: Emitter) -> str:
+    """A loop condition that stays true (onnx.reference stops at once on an omitted one)."""
+    return em.node("Constant", [], value=helper.make_tensor("t", TensorProto.BOOL, [], [True]))[0]
+
+
 def _attr_float(em: Emitter, ref: str) -> str:
     """A float attribute of the caller as a [1] fp32 tensor."""
     return em("Reshape", em.node("Constant", [], value_float=attr_ref("value_float", ref, AttributeProto.FLOAT))[0], em.ints(1))
@@ -105,16 +110,20 @@ def kda_chunkwise() -> object:
               body("MatMul", body("Transpose", at(kdec), perm=[0, 1, 3, 2]), u))
     body.node("Identity", ["cond_in"], outputs=["cond_out"])
     body.node("Identity", [S2], outputs=["S_out"])
-    body.node("Identity", [o], outputs=["o_out"])
+    # outputs gathered as a carried [i, B,H,C,V] tensor (not a scan output: onnx.reference
+    # concatenates scan outputs of rank > 1 instead of stacking them)
+    body.node("Concat", ["O_in", body("Unsqueeze", o, body.ints(0))], outputs=["O_out"], axis=0)
     bgraph = helper.make_graph(
         body.nodes, "kda_chunk_step",
         [helper.make_tensor_value_info(it, TensorProto.INT64, []),
          helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info(Sb, FLOAT, None)],
+         helper.make_tensor_value_info(Sb, FLOAT, None),
+         helper.make_tensor_value_info("O_in", FLOAT, None)],
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
          helper.make_tensor_value_info("S_out", FLOAT, None),
-         helper.make_tensor_value_info("o_out", FLOAT, None)])
-    S_end, os = em.node("Loop", [em("Squeeze", n, em.ints(0)), "", em("Cast", s0, to=FLOAT)], 2,
+         helper.make_tensor_value_info("O_out", FLOAT, None)])
+    empty = em("Slice", em("Transpose", U0, perm=[2, 0, 1, 3, 4]), em.ints(0), em.ints(0), em.ints(0))
+    S_end, os = em.node("Loop", [em("Squeeze", n, em.ints(0)), _true(em), em("Cast", s0, to=FLOAT), empty], 2,
                         body=bgraph)
     o = em("Transpose", os, perm=[1, 0, 3, 2, 4])                                   # [B,n,C,H,V]
     o = em("Reshape", o, em("Concat", em.ints(0, -1), em("Shape", v, start=2, end=4), axis=0))
@@ -230,7 +239,7 @@ def moe_route():
     ids = em.node("TopK", [em("Where", emask, c, em.const(0.0, "f32")), kk], 2, axis=-1)[1]
     unb = em("Cast", _attr_int(em, "unbiased"), to=TensorProto.BOOL)
     src = em("Where", unb, em("Reshape", scores, em("Shape", c)), c)
-    w = em("GatherElements", src, ids, axis=-1)
+    w = em("GatherElements", src, ids, axis=1)
     renorm = em("Cast", _attr_int(em, "renormalize"), to=TensorProto.BOOL)
     w = em("Where", renorm, em("Div", w, em("Add", em("ReduceSum", w, em.ints(-1), keepdims=1),
                                                 em.const(1e-20, "f32"))), w)
@@ -289,7 +298,7 @@ def grouped_swiglu():
                               helper.make_tensor_value_info("acc_in", TensorProto.UNDEFINED, None)],
                              [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
                               helper.make_tensor_value_info("acc_out", TensorProto.UNDEFINED, None)])
-    em.node("Loop", [E, "", empty], outputs=["y"], body=body)
+    em.node("Loop", [E, _true(em), empty], outputs=["y"], body=body)
     return _function("grouped_swiglu", ["rows", "offsets", "w13", "w2"], ["y"], em)
 
 

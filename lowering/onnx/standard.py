@@ -210,7 +210,8 @@ def grouped_topk_op(ctx, op, ins):
 
 @maps("take_along")
 def take_along(ctx, op, ins):
-    return [ctx.em("GatherElements", ins[0], ins[1], axis=-1)]
+    # a non-negative axis: onnx.reference mishandles axis=-1
+    return [ctx.em("GatherElements", ins[0], ins[1], axis=ctx.ty(op.inputs[0]).rank - 1)]
 
 
 @maps("renormalize")
