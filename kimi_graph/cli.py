@@ -11,6 +11,7 @@ COMMANDS = {
     "demo": ("kimi_graph.commands.demo", "run the embedded tiny model end to end"),
     "inspect": ("kimi_graph.commands.inspect", "print a model's IR and a summary"),
     "generate": ("kimi_graph.commands.generate", "generate tokens from a prompt, streamed"),
+    "export-mlir": ("kimi_graph.commands.export_mlir", "export MLIR through torch-mlir (torch, linalg, stablehlo)"),
 }
 
 
