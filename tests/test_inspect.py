@@ -1,0 +1,115 @@
+"""`kimi-graph inspect`: the published model's facts, checked against counts made here from
+the HF tensor list (tests/checkpoints.py), and the time bounds (build + summary < 2 s
+in-process, the whole command < 5 s)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+
+from checkpoints import hf_shapes
+from kimi_graph.api import resolve_config
+from kimi_graph.model import build_graph
+from kimi_graph.presets import KIMI_LINEAR_48B_A3B as PUB
+from kimi_graph.printer import parse_graph, structurally_equal
+from kimi_graph.summary import summarize
+
+
+def expected_facts() -> dict:
+    """The published model's facts, counted from its checkpoint tensor list and config."""
+    shapes = hf_shapes(PUB)
+    numel = {n: math.prod(s) for n, s in shapes.items()}
+    total = sum(numel.values())
+    routed = sum(v for n, v in numel.items() if ".experts." in n)
+    D, E, k = PUB["hidden_size"], PUB["num_experts"], PUB["num_experts_per_token"]
+    moe_layers = PUB["num_hidden_layers"] - PUB["first_k_dense_replace"]
+    # a token reads: all but the routed experts, k experts per MoE layer, one embedding row
+    active = total - routed + moe_layers * k * routed // (moe_layers * E) - (numel["model.embed_tokens.weight"] - D)
+    lac = PUB["linear_attn_config"]
+    H, K, W = lac["num_heads"], lac["head_dim"], lac["short_conv_kernel_size"]
+    kda_layers, mla_layers = len(lac["kda_layers"]), len(lac["full_attn_layers"])
+    return {
+        "total_params": total,
+        "active_params_per_token": active,
+        "layers": {"kda": kda_layers, "mla": mla_layers},
+        "moe_layers": moe_layers,
+        # bf16 latent + shared rope key per MLA layer per token
+        "kv_cache_bytes_per_token": mla_layers * (PUB["kv_lora_rank"] + PUB["qk_rope_head_dim"]) * 2,
+        # fp32 [H, K, K] delta-rule state + three bf16 conv states [H*K, W-1] per KDA layer
+        "kda_state_bytes_per_sequence": kda_layers * (H * K * K * 4 + 3 * H * K * (W - 1) * 2),
+    }
+
+
+def check_published(facts: dict) -> None:
+    want = expected_facts()
+    for key, value in want.items():
+        assert facts[key] == value, key
+    assert 48.5e9 < facts["total_params"] < 49.5e9          # "48B total"
+    assert 2.8e9 < facts["active_params_per_token"] < 3.4e9  # "3B active"
+    assert (facts["layers"], facts["kv_cache_bytes_per_token"]) == ({"kda": 20, "mla": 7}, 8064)
+    assert facts["kda_state_bytes_per_sequence"] == 43_417_600
+    # matmuls dominate: about 2 FLOPs per active weight (embedding excluded)
+    assert 1.9 < facts["flops_per_token"] / facts["active_params_per_token"] < 2.2
+    assert facts["op_counts"]["moe_expert"] == 26 * 256 and facts["num_ops"] == sum(facts["op_counts"].values())
+
+
+def test_published_facts_in_process_under_2s():
+    cfg, _ = resolve_config("kimi-linear-48b-a3b")
+    build_graph(cfg, "decode", dtype="bf16")          # warm up lazy imports and caches
+    t0 = time.perf_counter()
+    facts = summarize(cfg, build_graph(cfg, dtype="bf16"))
+    elapsed = time.perf_counter() - t0
+    check_published(facts)
+    assert elapsed < 2.0, f"build + summary took {elapsed:.2f} s"
+
+
+def test_summary_is_the_same_from_any_graph():
+    cfg, _ = resolve_config("tiny")
+    ref = summarize(cfg)
+    for g in (build_graph(cfg, "decode", dtype="bf16"), build_graph(cfg, "prefill", stateful=True, dtype="bf16")):
+        facts = summarize(cfg, g)
+        for key in ("total_params", "active_params_per_token", "kv_cache_bytes_per_token",
+                    "kda_state_bytes_per_sequence", "layers"):
+            assert facts[key] == ref[key], key
+    f32 = summarize(cfg, build_graph(cfg, dtype="f32"))
+    assert f32["kv_cache_bytes_per_token"] == 2 * ref["kv_cache_bytes_per_token"]
+
+
+def cli(*args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "kimi_graph.cli", *args], capture_output=True,
+                       text=True, timeout=timeout)
+    return p, time.perf_counter() - t0
+
+
+def test_inspect_json_command_under_5s():
+    p, elapsed = cli("inspect", "kimi-linear-48b-a3b", "--json")
+    if elapsed >= 5.0:      # one retry: CI machines are shared; a cold disk cache counts once
+        p, elapsed = cli("inspect", "kimi-linear-48b-a3b", "--json")
+    assert p.returncode == 0, p.stderr
+    check_published(json.loads(p.stdout))
+    assert elapsed < 5.0, f"kimi-graph inspect took {elapsed:.2f} s"
+
+
+def test_inspect_text_prints_a_parsable_ir_and_summary(tmp_path):
+    p, _ = cli("inspect", "tiny")
+    assert p.returncode == 0, p.stderr
+    ir, _, summary = p.stdout.partition("\n}\n")
+    cfg, _ = resolve_config("tiny")
+    assert structurally_equal(parse_graph(ir + "\n}"), build_graph(cfg, dtype="bf16"))
+    assert "active params / token" in summary and "KDA state / sequence" in summary
+    (tmp_path / "config.json").write_text(json.dumps(PUB))
+    p, _ = cli("inspect", str(tmp_path), "--json", "--mode", "decode", "--dtype", "f32")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["total_params"] == expected_facts()["total_params"]
+
+
+@pytest.mark.parametrize("model,message", [("no-such-model", "is neither a preset"),
+                                           ("/nonexistent/dir/config.json", "is neither a preset")])
+def test_inspect_errors_exit_2(model, message):
+    p, _ = cli("inspect", model, "--json")
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
