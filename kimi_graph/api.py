@@ -35,6 +35,7 @@ def resolve_config(model: str | Path) -> tuple[KimiLinearConfig, Path | None]:
 #   executor(graph, inputs: dict[name, Tensor]) -> list[Tensor] (the graph's outputs)
 BACKENDS = {
     "interpreter": "kimi_graph.api:interpreter_backend",
+    "onnxruntime": "kimi_graph.runtime.ort_engine:ort_backend",
     "torch": "kimi_graph.lowering.torch.backend:torch_backend",   # options: compile, mode, ...
 }
 
@@ -154,6 +155,9 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
     m = KimiModel(config, {}, dtype=dtype, device=device, router_weights=router_weights, path=path,
                   pipeline=pipeline, backend=backend, options=options)
     g = m.build()
+    if backend == "onnxruntime" and path is not None and (path / "kimi_graph_onnx.json").exists():
+        m.options["onnx_dir"] = str(path)      # an export-onnx directory: weights live in its models
+        return m
     m.weights = load_safetensors(path, g, device) if path is not None else \
         random_weights(g, seed=seed, device=device)
     return m

@@ -1,0 +1,159 @@
+"""An export directory: the stateful prefill and decode models, the onnxruntime-genai model
+and its genai_config.json, the weights, config.json, the tokenizer files, a manifest.
+
+Weights: below 2 GB each model holds its initializers inline (self-contained files); past
+2 GB (protobuf's limit) they go to one `weights.bin` that every model of the directory
+references, written once, page-aligned so runtimes can memory-map it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto
+
+from .export import DEFAULT_OPSET, ir_version_for, lower
+
+MANIFEST = "kimi_graph_onnx.json"
+WEIGHTS_FILE = "weights.bin"
+TWO_GB = 2 ** 31
+ALIGN = 4096
+INLINE_MAX = 1024          # initializers under this many bytes stay in the model file
+TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")
+MODELS = {"prefill": ("prefill", True), "decode": ("decode", True)}
+
+
+class WeightsWriter:
+    """Appends initializer bytes to one file; a name already written is referenced again."""
+
+    def __init__(self, path: Path):
+        self.path, self.offsets = path, {}
+        self.f = open(path, "wb")
+
+    def externalize(self, model: onnx.ModelProto) -> None:
+        for t in model.graph.initializer:
+            if len(t.raw_data) < INLINE_MAX:
+                continue
+            if t.name not in self.offsets:
+                pos = self.f.tell()
+                pad = (-pos) % ALIGN
+                self.f.write(b"\0" * pad)
+                self.offsets[t.name] = (pos + pad, len(t.raw_data))
+                self.f.write(t.raw_data)
+            off, n = self.offsets[t.name]
+            t.ClearField("raw_data")
+            t.data_location = TensorProto.EXTERNAL
+            del t.external_data[:]
+            for k, v in (("location", self.path.name), ("offset", str(off)), ("length", str(n))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def check(path: Path) -> None:
+    """onnx.checker (full check, shape inference included) and strict shape inference on a
+    written model; raises on the first problem."""
+    onnx.checker.check_model(str(path), full_check=True)
+    m = onnx.load(str(path), load_external_data=False)
+    onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True, data_prop=True)
+
+
+def _progress(total: int, show: bool):
+    if not show:
+        class _Null:
+            def step(self, what): pass
+            def close(self): pass
+        return _Null()
+    from rich.progress import Progress
+    prog = Progress(transient=True)
+    prog.start()
+    task = prog.add_task("exporting", total=total)
+
+    class _Bar:
+        def step(self, what):
+            prog.update(task, advance=1, description=what)
+
+        def close(self):
+            prog.stop()
+    return _Bar()
+
+
+def export_model(model, out: str | Path, *, ops: str = "ort", opset: int = DEFAULT_OPSET,
+                 genai: bool = True, progress: bool | None = None, check_models: bool = True) -> dict:
+    """Write `model` (a KimiModel: graphs through its pipeline, its weights) to directory
+    `out`. Returns the manifest (also written as kimi_graph_onnx.json)."""
+    from .genai import genai_config, genai_model
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    steps = len(MODELS) + (1 if genai else 0)
+    bar = _progress(steps * 2, progress if progress is not None else
+                    sum(w.numel() * w.element_size() for w in model.weights.values()) > 2 ** 28)
+    protos = {}
+    try:
+        for name, (mode, stateful) in MODELS.items():
+            bar.step(f"lowering {name}")
+            protos[name] = lower(model.get_graph(mode, stateful), model.weights, ops=ops, opset=opset,
+                                 name=f"kimi_linear_{name}")
+        if genai:
+            bar.step("lowering genai")
+            protos["genai"] = genai_model(model, ops=ops, opset=opset)
+        total = max(initializer_bytes(p) for p in protos.values())
+        external = total >= TWO_GB
+        writer = WeightsWriter(out / WEIGHTS_FILE) if external else None
+        files = {}
+        for name, proto in protos.items():
+            bar.step(f"writing {name}")
+            if writer:
+                writer.externalize(proto)
+            path = out / f"{name}.onnx"
+            onnx.save_model(proto, str(path))
+            files[name] = path.name
+    finally:
+        bar.close()
+        if "writer" in locals() and writer:
+            writer.close()
+    if not external and (out / WEIGHTS_FILE).exists():
+        (out / WEIGHTS_FILE).unlink()
+    if check_models:
+        for f in files.values():
+            check(out / f)
+    (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
+    copied = []
+    if model.path is not None:
+        for f in TOKENIZER_FILES:
+            if (Path(model.path) / f).exists() and Path(model.path).resolve() != out.resolve():
+                shutil.copy(Path(model.path) / f, out / f)
+                copied.append(f)
+    g = model.get_graph("decode")
+    manifest = {
+        "target": "onnx", "ops": ops, "opset": opset, "ir_version": ir_version_for(opset),
+        "dtype": str(model.dtype).replace("torch.", ""), "router_weights": model.router_weights,
+        "pipeline": model.pipeline, "models": files, "external_weights": WEIGHTS_FILE if external else None,
+        "state_inputs": [s.lstrip("%") for s in g.meta["state_inputs"]],
+        "tokenizer_files": copied, "onnx": onnx.__version__,
+        "graph_sha256": {n: hashlib.sha256(str(model.get_graph(*MODELS[n])).encode()).hexdigest()
+                         for n in MODELS},
+        "export_seconds": round(time.perf_counter() - t0, 2),
+    }
+    if genai:
+        cfg = genai_config(model, files["genai"])
+        (out / "genai_config.json").write_text(json.dumps(cfg, indent=1))
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict | None:
+    p = Path(path) / MANIFEST
+    return json.loads(p.read_text()) if p.exists() else None

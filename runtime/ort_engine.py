@@ -1,0 +1,126 @@
+"""The ONNX Runtime backend: `kimi_graph.load(MODEL_or_EXPORT_DIR, backend="onnxruntime")`.
+
+A backend executor (see kimi_graph.api.BACKENDS): each graph the engine runs becomes one ORT
+session, lowered on first use (ops="ort" by default, option `ops="portable"`), or read from
+an export directory (kimi-graph export-onnx) whose prefill / decode models are used as
+written. The runtime's Engine (caches, prefill/decode, sampling) runs unchanged on top:
+states go in and come out as tensors that share memory with ORT's CPU buffers (no copy).
+
+Options: ops ("ort" | "portable"), providers (ORT execution providers, default CPU),
+threads (intra-op threads), opset.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kimi_graph.ir import Graph
+
+TWO_GB = 2 ** 31
+
+
+class OrtError(ValueError):
+    """An export directory or graph the ONNX Runtime backend cannot run."""
+
+
+class OrtExecutor:
+    def __init__(self, model):
+        import onnxruntime as ort
+        self.ort, self.model = ort, model
+        opts = model.options
+        self.ops = opts.get("ops", "ort")
+        self.providers = opts.get("providers", ["CPUExecutionProvider"])
+        self.threads = opts.get("threads")
+        self.opset = opts.get("opset")
+        self.export_dir = Path(opts["onnx_dir"]) if opts.get("onnx_dir") else None
+        self.manifest = None
+        if self.export_dir is not None:
+            from kimi_graph.lowering.onnx.package import read_manifest
+            self.manifest = read_manifest(self.export_dir)
+            if self.manifest is None:
+                raise OrtError(f"{self.export_dir} is not a kimi-graph ONNX export (no manifest)")
+        self._sessions: dict[tuple, object] = {}
+        self._tmp = None
+
+    # -- sessions ----------------------------------------------------------------
+    def _options(self):
+        so = self.ort.SessionOptions()
+        if self.threads:
+            so.intra_op_num_threads = int(self.threads)
+        return so
+
+    def session(self, graph: Graph):
+        key = (graph.meta.get("mode", graph.name), bool(graph.meta.get("stateful")))
+        if key not in self._sessions:
+            self._sessions[key] = self._make_session(graph, key)
+        return self._sessions[key]
+
+    def _make_session(self, graph: Graph, key):
+        ort = self.ort
+        if self.manifest is not None:
+            name = key[0]
+            path = self.export_dir / self.manifest["models"].get(name, "")
+            if not key[1] and name == "prefill":       # stateless: the stateful model, empty states
+                path = self.export_dir / self.manifest["models"]["prefill"]
+            if not path.is_file():
+                raise OrtError(f"export {self.export_dir} has no model for {key}")
+            return ort.InferenceSession(str(path), self._options(), providers=self.providers)
+        from kimi_graph.lowering.onnx import DEFAULT_OPSET, lower
+        proto = lower(graph, self.model.weights, ops=self.ops, opset=self.opset or DEFAULT_OPSET)
+        if proto.ByteSize() < TWO_GB:
+            return ort.InferenceSession(proto.SerializeToString(), self._options(), providers=self.providers)
+        import onnx
+        self._tmp = self._tmp or tempfile.TemporaryDirectory(prefix="kimi_graph_ort_")
+        path = Path(self._tmp.name) / f"{key[0]}_{int(key[1])}.onnx"
+        onnx.save_model(proto, str(path), save_as_external_data=True, location=path.name + ".data")
+        return ort.InferenceSession(str(path), self._options(), providers=self.providers)
+
+    # -- running ---------------------------------------------------------------------
+    def __call__(self, graph: Graph, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        inputs = {k.lstrip("%"): v for k, v in inputs.items()}
+        stateless_on_export = self.manifest is not None and not graph.meta.get("stateful")
+        if stateless_on_export:
+            inputs = self._empty_states(inputs)
+        sess = self.session(graph)
+        names = [i.name for i in sess.get_inputs()]
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise OrtError(f"ONNX model needs inputs {missing}; got {sorted(inputs)}")
+        feeds = {n: _to_numpy(inputs[n]) for n in names}
+        outs = sess.run(None, feeds)
+        result = [torch.from_numpy(np.asarray(o)) for o in outs]
+        if stateless_on_export:
+            result = result[:1]
+        dev = self.model.device
+        return [r.to(dev) for r in result] if dev != "cpu" else result
+
+    def _empty_states(self, inputs):
+        """Stateless prefill on an exported stateful model: zero states, caches of T rows."""
+        from kimi_graph.ops import TORCH_DTYPES
+        ids = inputs["input_ids"]
+        B, T = ids.shape
+        g = self.model.build("prefill", True)
+        out = {"input_ids": ids, "cache_pos": torch.zeros(B, dtype=torch.int64)}
+        for n in g.meta["state_inputs"]:
+            ty = g.inputs[n]
+            shape = [B if d == "B" else T if d == "S" else d for d in ty.shape]
+            out[n.lstrip("%")] = torch.zeros(shape, dtype=TORCH_DTYPES[ty.dtype])
+        return out
+
+
+def _to_numpy(t: torch.Tensor):
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == torch.bfloat16:
+        raise OrtError("bf16 tensors cannot cross the onnxruntime Python API (numpy has no bf16); "
+                       "run bf16 exports through onnxruntime-genai or a C/C++ client")
+    return t.contiguous().numpy()
+
+
+def ort_backend(model):
+    """BACKENDS factory: model -> executor(graph, inputs) -> outputs."""
+    return OrtExecutor(model)
