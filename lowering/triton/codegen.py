@@ -6,6 +6,7 @@ per kernel, named after the kernel and its source hash) and imports the kernel f
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -41,7 +42,7 @@ class KernelSpec:
     num_stages: int = 1
     config: dict = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
         key = f"{self.source}|{self.num_warps}|{self.num_stages}"
         return hashlib.sha256(key.encode()).hexdigest()
@@ -79,7 +80,7 @@ def write(spec: KernelSpec, directory: Path | None = None) -> Path:
 
 def load(spec: KernelSpec):
     """The kernel object (JIT or interpreted, per TRITON_INTERPRET at first load) of `spec`."""
-    key = spec.hash + os.environ.get("TRITON_INTERPRET", "0")
+    key = spec.hash + spec.entry + os.environ.get("TRITON_INTERPRET", "0")
     if key not in _LOADED:
         path = write(spec)
         mod_name = f"kimi_graph_triton_gen.{path.stem}"

@@ -14,6 +14,8 @@ the later sub-chunk (both factors <= 1) and diagonal sub-blocks are exact column
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render
@@ -248,6 +250,7 @@ def _prec(dtype, target):
     return "ieee" if target == "interpret" or dtype != "f32" else "tf32"
 
 
+@functools.lru_cache(maxsize=None)
 def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> list[KernelSpec]:
     """The two chunk-prefill kernels (prep, scan) for one head geometry and dtype."""
     target = target or current_target()
@@ -277,6 +280,7 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> li
                        cfg["num_stages"], consts)]
 
 
+@functools.lru_cache(maxsize=None)
 def step_spec(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> KernelSpec:
     cfg = config("kda_recurrent", target)
     BV = min(cfg["BV"], max(16, next_pow2(V)))
@@ -344,7 +348,7 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
         f2, b2 = f2.float(), b2.float()
     N, dev = cu.numel() - 1, q.device
     a, dt = _gate_params(A_log if fused else None, dt_bias, H, K, dev)
-    prep, scan = chunk_specs(H, K, V, dtype, fused, scale, eps, state is not None)
+    prep, scan = chunk_specs(H, K, V, dtype, fused, scale, eps, state is not None, current_target())
     BT = prep.config["BT"]
     lens = (cu[1:] - cu[:-1]).long()
     nch = (lens + BT - 1) // BT
@@ -382,7 +386,7 @@ def kda_step(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_s
         f2, b2 = f2.float(), b2.float()
     N, dev = cu.numel() - 1, q.device
     a, dt = _gate_params(A_log if fused else None, dt_bias, H, K, dev)
-    spec = step_spec(H, K, V, dtype, fused, scale, eps, state is not None)
+    spec = step_spec(H, K, V, dtype, fused, scale, eps, state is not None, current_target())
     s0 = _state_in(state, N, H, K, V, dev)
     if inplace and (state is None or not state.is_contiguous()):
         raise ValueError("inplace needs a contiguous fp32 state")

@@ -1,0 +1,70 @@
+"""Shared helpers for the kernel benchmarks: the two ceilings (copy bandwidth, bf16 GEMM rate)
+measured in the same run, median timing, errors against fp64, result files with provenance."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))          # run from a checkout without installing
+
+
+def bench(fn, warmup=25, rep=100) -> float:
+    """Median milliseconds of fn() (CUDA events, through triton.testing.do_bench)."""
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()
+    b = torch.empty_like(a)
+    ms = bench(lambda: b.copy_(a))
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def gemm_rate(n: int = 8192) -> float:
+    """bf16 matrix-product FLOP/s through torch (cuBLAS) on random data."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: a @ b)
+    return 2 * n ** 3 / (ms * 1e-3)
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def provenance() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip() or os.environ.get("KIMI_GRAPH_COMMIT", "?")
+    except OSError:
+        commit = os.environ.get("KIMI_GRAPH_COMMIT", "?")
+    import triton
+    return {"device": torch.cuda.get_device_name(), "date": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": commit, "torch": torch.__version__, "triton": triton.__version__}
+
+
+def write_result(name: str, rows: list[dict], extra: dict | None = None) -> dict:
+    """Print a table and write bench/results/NAME.json (and $OUT/NAME.json when set)."""
+    data = {**provenance(), **(extra or {}), "rows": rows}
+    text = json.dumps(data, indent=1)
+    for d in filter(None, [os.environ.get("OUT"), str(ROOT / "results")]):
+        Path(d).mkdir(parents=True, exist_ok=True)
+        (Path(d) / f"{name}.json").write_text(text)
+    keys = list(rows[0]) if rows else []
+    print(f"== {name}  ({data['device']}, {data['date']}, commit {data['commit']})")
+    print("  ".join(f"{k:>12}" for k in keys))
+    for r in rows:
+        print("  ".join(f"{(f'{v:.4g}' if isinstance(v, float) else str(v)):>12}" for v in r.values()))
+    return data

@@ -1,0 +1,74 @@
+"""Row norms: rmsnorm, add_rmsnorm (fused residual add, returns the sum too) and gated_rmsnorm
+(times sigmoid(gate)), one generated kernel per variant. Statistics in fp32."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .codegen import KernelSpec, launch, next_pow2, render
+from .elementwise import ir_dtype, ptr_type
+from .targets import config, current_target
+
+_NORM = """
+@triton.jit
+def rmsnorm_rows(x_ptr, r_ptr, g_ptr, w_ptr, y_ptr, s_ptr, rows):
+    # one program per row; N (the normalised dim) fits one block
+    row = tl.program_id(0)
+    d = tl.arange(0, BN)
+    m = d < N
+    x = tl.load(x_ptr + row * N + d, mask=m, other=0.0)
+    if RESIDUAL:
+        x = x + tl.load(r_ptr + row * N + d, mask=m, other=0.0)
+        tl.store(s_ptr + row * N + d, x, mask=m)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + EPS)
+    y = (xf * rstd).to(DT).to(tl.float32) * tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
+    if GATED:
+        y = y * tl.sigmoid(tl.load(g_ptr + row * N + d, mask=m, other=0.0).to(tl.float32))
+    tl.store(y_ptr + row * N + d, y.to(DT), mask=m)
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def norm_spec(N: int, dtype: str, eps: float, residual: bool, gated: bool, target: str) -> KernelSpec:
+    cfg = config("norm", target)
+    from .codegen import TL_DTYPES
+    consts = {"N": N, "BN": next_pow2(N), "EPS": float(eps), "RESIDUAL": residual, "GATED": gated,
+              "DT": TL_DTYPES[dtype]}
+    p = ptr_type(dtype)
+    sig = {"x_ptr": p, "r_ptr": p, "g_ptr": p, "w_ptr": p, "y_ptr": p, "s_ptr": p, "rows": "i32"}
+    name = "add_rmsnorm" if residual else "gated_rmsnorm" if gated else "rmsnorm"
+    return KernelSpec(name, "rmsnorm_rows", render(name, _NORM, consts), sig, cfg["num_warps"], 1, consts)
+
+
+def rmsnorm(x, weight, eps, residual=None, gate=None):
+    """rmsnorm(x [+ residual]) * weight [* sigmoid(gate)] over the last dim; with a residual
+    also returns x + residual."""
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit x {tuple(x.shape)}")
+    for t in (residual, gate):
+        if t is not None and t.shape != x.shape:
+            raise ValueError(f"residual/gate {tuple(t.shape)} must match x {tuple(x.shape)}")
+    N = x.shape[-1]
+    xc = x.contiguous()
+    rows = xc.numel() // N
+    y = torch.empty_like(xc)
+    s = torch.empty_like(xc) if residual is not None else y
+    spec = norm_spec(N, ir_dtype(x), float(eps), residual is not None, gate is not None, current_target())
+    cast = lambda t: xc if t is None else t.to(x.dtype).contiguous()
+    if rows:
+        launch(spec, (rows,), xc, cast(residual), cast(gate), weight.to(x.dtype).contiguous(), y, s, rows)
+    return (y, s) if residual is not None else y
+
+
+def op_rmsnorm(args, attrs):
+    return [rmsnorm(args[0], args[1], attrs["eps"])]
+
+
+def op_add_rmsnorm(args, attrs):
+    return list(rmsnorm(args[0], args[2], attrs["eps"], residual=args[1]))
+
+
+def op_gated_rmsnorm(args, attrs):
+    return [rmsnorm(args[0], args[1], attrs["eps"], gate=args[2])]
