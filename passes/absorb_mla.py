@@ -181,7 +181,7 @@ def _absorb(m, rw: Rewriter, mode: str, ctx: PassContext) -> bool:
                        *attn.inputs[3:], like=out, name="attn_latent", scale=attn.attrs["scale"])
     if o_way == "fold":
         view, lin = o_dst
-        flat = rw.create1("reshape", o_lat, like=out, name="o_latent", shape=lead + [H * R])
+        flat = rw.create1("reshape", o_lat, like=out, name="o_latent", shape=lead[:2] + [H * R])
         new = rw.create1("linear", flat, W.o_folded(lin.inputs[1]), like=lin.outputs[0], name="out")
         rw.replace({lin.outputs[0]: new}, erase=[lin, view, attn])
     else:

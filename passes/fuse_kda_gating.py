@@ -12,6 +12,7 @@ Each rewrite is exact: the fused ops compute the same expressions in the same or
 from __future__ import annotations
 
 from kimi_graph.ir import Graph
+from kimi_graph.ops import FLOAT_DTYPES
 
 from .manager import Pass, PassContext, register_pass
 from .rewrite import Alt, P, Pattern, V, apply_patterns
@@ -37,7 +38,8 @@ def _acc(g: Graph, v: str) -> str:
 def _kda_where(g: Graph, m) -> bool:
     acc = _acc(g, m["v"])
     f, dt = g.types[m["f"]], g.types[m["dt_bias"]]
-    return (m["qn"].attrs["eps"] == m["kn"].attrs["eps"]
+    floats = all(g.types[m[n]].dtype in FLOAT_DTYPES for n in ("f", "b"))
+    return (floats and m["qn"].attrs["eps"] == m["kn"].attrs["eps"]
             and g.types[m["add"].outputs[0]].dtype == acc       # gate computed in acc
             and g.types[m["beta"].outputs[0]].dtype == acc      # sigmoid(b) in acc
             and f.rank == 3 and dt.rank == 1)

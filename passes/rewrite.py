@@ -257,15 +257,9 @@ def apply_patterns(g: Graph, patterns: list[Pattern], max_rewrites: int | None =
             if m is None:
                 continue
             rw = Rewriter(g)
-            try:
-                done = pat.rewrite(m, rw)
-            except IRError:                 # an op the rewrite built does not type: decline
-                if rw.touched:
-                    raise
-                done = False
-            if not done:
-                for i in reversed(rw.created):
-                    g.remove_op(i)
+            if not pat.rewrite(m, rw):      # declined: it must not have changed anything
+                if rw.created or rw.touched:
+                    raise IRError(f"pattern {pat.name} declined after editing the graph")
                 continue
             result.applied[pat.name] = result.applied.get(pat.name, 0) + 1
             if sum(result.applied.values()) > limit:
