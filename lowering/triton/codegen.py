@@ -53,11 +53,18 @@ class KernelSpec:
 
 
 def render(name: str, template: str, consts: dict, **blocks: str) -> str:
-    """Source = header + constexpr globals for `consts` + the template with `$block`s filled."""
-    lines = [f"{k} = tl.constexpr({v!r})" for k, v in consts.items()]
-    body = Template(textwrap.dedent(template)).substitute(
-        {k: textwrap.indent(textwrap.dedent(v).strip("\n"), "    ").strip() for k, v in blocks.items()})
-    return HEADER.format(name=name) + "\n".join(lines) + "\n\n\n" + body.strip() + "\n"
+    """Source = header + constexpr globals for `consts` + the template, where a line holding only
+    `$block` becomes that block's lines at the line's indentation (other `$x` are substituted)."""
+    out = []
+    for line in textwrap.dedent(template).splitlines():
+        key = line.strip()[1:]
+        if line.strip().startswith("$") and key in blocks:
+            pad = line[: len(line) - len(line.lstrip())]
+            out += [pad + b if b.strip() else "" for b in textwrap.dedent(blocks[key]).strip("\n").splitlines()]
+        else:
+            out.append(Template(line).substitute(blocks) if "$" in line else line)
+    consts_src = "\n".join(f"{k} = tl.constexpr({v!r})" for k, v in consts.items())
+    return HEADER.format(name=name) + consts_src + "\n\n\n" + "\n".join(out).strip() + "\n"
 
 
 def cache_dir() -> Path:

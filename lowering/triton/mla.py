@@ -1,0 +1,221 @@
+"""MLA kernels: latent-space attention over the cache (split along the context, merged by
+log-sum-exp; per-sequence lengths from q_start) and causal flash attention for prefill
+(qk dim split into power-of-two dot pieces: 192 = 128 + 64; v dim 128).
+
+Visibility (both): query t of sequence b sits at q_start[b] + t (default S - T) and sees keys
+j <= that position. Softmax statistics in fp32.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .codegen import TL_DTYPES, KernelSpec, dot_pieces, launch, next_pow2, render
+from .elementwise import ir_dtype, ptr_type
+from .targets import config, current_target
+
+_LATENT = """
+@triton.jit
+def mla_latent_split(ql_ptr, qr_ptr, c_ptr, kr_ptr, qs_ptr, op_ptr, lse_ptr, T, S, split_len):
+    # grid (B, row blocks, splits); rows are (t, h) pairs; keys shared by all heads
+    b = tl.program_id(0)
+    rows = tl.program_id(1) * BM + tl.arange(0, BM)
+    sp = tl.program_id(2)
+    nsp = tl.num_programs(2)
+    mr = rows < T * H
+    pos = tl.load(qs_ptr + b) + rows // H
+    dr = tl.arange(0, BR)
+    dp = tl.arange(0, BP)
+    mR = dr < R
+    mP = dp < P
+    qrow = b * T * H + rows
+    ql = tl.load(ql_ptr + qrow[:, None] * R + dr[None, :], mask=mr[:, None] & mR[None, :], other=0.0)
+    qr = tl.load(qr_ptr + qrow[:, None] * P + dp[None, :], mask=mr[:, None] & mP[None, :], other=0.0)
+    m_i = tl.full((BM,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BM,), tl.float32)
+    acc = tl.zeros((BM, BR), tl.float32)
+    lo = sp * split_len
+    hi = tl.minimum(lo + split_len, tl.minimum(S, tl.max(tl.where(mr, pos, 0), 0) + 1))
+    for j0 in range(lo, hi, BS):
+        j = j0 + tl.arange(0, BS)
+        mj = j < hi
+        c = tl.load(c_ptr + (b * S + j)[:, None] * R + dr[None, :], mask=mj[:, None] & mR[None, :], other=0.0)
+        kr = tl.load(kr_ptr + (b * S + j)[:, None] * P + dp[None, :], mask=mj[:, None] & mP[None, :], other=0.0)
+        s = tl.dot(ql, tl.trans(c), input_precision=PREC) + tl.dot(qr, tl.trans(kr), input_precision=PREC)
+        s = s * SCALE_LOG2E
+        s = tl.where(mj[None, :] & (j[None, :] <= pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PREC)
+        m_i = m_new
+    out = (b * T * H + rows) * nsp + sp
+    tl.store(op_ptr + out[:, None] * R + dr[None, :], acc / tl.where(l_i > 0, l_i, 1.0)[:, None],
+             mask=mr[:, None] & mR[None, :])
+    tl.store(lse_ptr + out, tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf")), mask=mr)
+
+
+@triton.jit
+def mla_latent_merge(op_ptr, lse_ptr, o_ptr, nsp):
+    # one program per (b, t, h) row: merge the splits' partial outputs by their log2-sum-exp
+    row = tl.program_id(0)
+    dr = tl.arange(0, BR)
+    mR = dr < R
+    m = tl.full((), float("-inf"), tl.float32)
+    for s in range(0, nsp):
+        m = tl.maximum(m, tl.load(lse_ptr + row * nsp + s))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros((BR,), tl.float32)
+    tot = tl.zeros((), tl.float32)
+    for s in range(0, nsp):
+        w = tl.exp2(tl.load(lse_ptr + row * nsp + s) - m)
+        acc += w * tl.load(op_ptr + (row * nsp + s) * R + dr, mask=mR, other=0.0)
+        tot += w
+    tl.store(o_ptr + row * R + dr, (acc / tl.where(tot > 0, tot, 1.0)).to(DT), mask=mR)
+"""
+
+_FLASH = """
+@triton.jit
+def causal_attention_fwd(q_ptr, k_ptr, v_ptr, qs_ptr, o_ptr, T, S,
+                         sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sob, sot, soh):
+    # grid (B * H, T blocks); online softmax over key blocks up to the block's last position
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    t = tl.program_id(1) * BM + tl.arange(0, BM)
+    mt = t < T
+    pos = tl.load(qs_ptr + b) + t
+    dv = tl.arange(0, BDV)
+    mdv = dv < DV
+    qb = q_ptr + b * sqb + h * sqh + t[:, None] * sqt
+    kb = k_ptr + b * skb + h * skh
+    $load_q
+    m_i = tl.full((BM,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BM,), tl.float32)
+    acc = tl.zeros((BM, BDV), tl.float32)
+    hi = tl.minimum(S, tl.max(tl.where(mt, pos, 0), 0) + 1)
+    for j0 in range(0, hi, BN):
+        j = j0 + tl.arange(0, BN)
+        mj = j < hi
+        $scores
+        s = s * SCALE_LOG2E
+        s = tl.where(mj[None, :] & (j[None, :] <= pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + b * svb + h * svh + j[:, None] * svs + dv[None, :], mask=mj[:, None] & mdv[None, :],
+                    other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(o_ptr + b * sob + h * soh + t[:, None] * sot + dv[None, :], o.to(DT), mask=mt[:, None] & mdv[None, :])
+"""
+
+LOG2E = 1.4426950408889634
+
+
+def _prec(dtype, target):
+    return "ieee" if target == "interpret" or dtype != "f32" else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def latent_specs(H: int, R: int, P: int, dtype: str, scale: float, rows: int, target: str):
+    cfg = config("mla_decode", target)
+    BM = max(16, min(next_pow2(rows), cfg.get("BM", 64)))
+    consts = {"H": H, "R": R, "P": P, "BR": max(16, next_pow2(R)), "BP": max(16, next_pow2(P)),
+              "BM": BM, "BS": cfg["BS"], "SCALE_LOG2E": float(scale) * LOG2E,
+              "DT": TL_DTYPES[dtype], "PREC": _prec(dtype, target), "split_min": cfg["split_min"]}
+    src = render("mla_latent_attention", _LATENT, {k: v for k, v in consts.items() if k != "split_min"})
+    p = ptr_type(dtype)
+    split = KernelSpec("mla_latent_split", "mla_latent_split", src,
+                       {"ql_ptr": p, "qr_ptr": p, "c_ptr": p, "kr_ptr": p, "qs_ptr": "*i64", "op_ptr": "*fp32",
+                        "lse_ptr": "*fp32", "T": "i32", "S": "i32", "split_len": "i32"},
+                       cfg["num_warps"], cfg["num_stages"], consts)
+    merge = KernelSpec("mla_latent_merge", "mla_latent_merge", src,
+                       {"op_ptr": "*fp32", "lse_ptr": "*fp32", "o_ptr": p, "nsp": "i32"}, 4, 1, consts)
+    return split, merge
+
+
+def _q_start(q_start, B, T, S, device):
+    if q_start is None:
+        return torch.full((B,), S - T, dtype=torch.int64, device=device)
+    if q_start.shape != (B,):
+        raise ValueError(f"q_start must be [{B}], got {tuple(q_start.shape)}")
+    return q_start.to(device=device, dtype=torch.int64).contiguous()
+
+
+def mla_latent_attention(q_lat, q_rope, latent, rope_key, q_start=None, *, scale, splits=None):
+    """softmax((q_lat.latent + q_rope.rope_key) * scale) latent over visible keys -> [B,T,H,R]."""
+    B, T, H, R = q_lat.shape
+    S, P = latent.shape[1], rope_key.shape[2]
+    if q_rope.shape[:3] != (B, T, H) or latent.shape != (B, S, R) or rope_key.shape != (B, S, P):
+        raise ValueError(f"q_lat {tuple(q_lat.shape)}, q_rope {tuple(q_rope.shape)}, latent "
+                         f"{tuple(latent.shape)}, rope_key {tuple(rope_key.shape)} do not fit")
+    dt = q_lat.dtype
+    split, merge = latent_specs(H, R, P, ir_dtype(q_lat), float(scale), T * H, current_target())
+    qs = _q_start(q_start, B, T, S, q_lat.device)
+    c = split.config
+    nrb = -(-T * H // c["BM"])
+    if splits is None:   # enough programs to fill the GPU, each split at least split_min keys
+        want = max(1, 264 // max(1, B * nrb))
+        splits = max(1, min(want, -(-S // c["split_min"])))
+    split_len = -(-(-(-S // splits)) // c["BS"]) * c["BS"]
+    splits = max(1, -(-S // split_len))
+    op = torch.empty(B * T * H, splits, R, device=q_lat.device, dtype=torch.float32)
+    lse = torch.empty(B * T * H, splits, device=q_lat.device, dtype=torch.float32)
+    o = torch.empty(B, T, H, R, device=q_lat.device, dtype=dt)
+    launch(split, (B, nrb, splits), q_lat.contiguous(), q_rope.to(dt).contiguous(), latent.contiguous(),
+           rope_key.to(dt).contiguous(), qs, op, lse, T, S, split_len)
+    launch(merge, (B * T * H,), op, lse, o, splits)
+    return o
+
+
+@functools.lru_cache(maxsize=None)
+def flash_spec(H: int, D: int, DV: int, dtype: str, scale: float, target: str) -> KernelSpec:
+    cfg = config("attention", target)
+    pieces = dot_pieces(D)
+    load_q, scores = [], []
+    for i, (off, w) in enumerate(pieces):
+        load_q.append(f"d{i} = {off} + tl.arange(0, {w})")
+        load_q.append(f"q{i} = tl.load(qb + d{i}[None, :], mask=mt[:, None] & (d{i} < {D})[None, :], other=0.0)")
+        scores.append(f"k{i} = tl.load(kb + j[None, :] * sks + d{i}[:, None], "
+                      f"mask=mj[None, :] & (d{i} < {D})[:, None], other=0.0)")
+    scores.append("s = " + " + ".join(f"tl.dot(q{i}, k{i}, input_precision=PREC)" for i in range(len(pieces))))
+    consts = {"H": H, "DV": DV, "BDV": max(16, next_pow2(DV)), "BM": cfg["BM"], "BN": cfg["BN"],
+              "SCALE_LOG2E": float(scale) * LOG2E, "DT": TL_DTYPES[dtype], "PREC": _prec(dtype, target)}
+    src = render("causal_attention", _FLASH, consts, load_q="\n".join(load_q), scores="\n".join(scores))
+    p = ptr_type(dtype)
+    sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "qs_ptr": "*i64", "o_ptr": p, "T": "i32", "S": "i32"}
+    sig.update({n: "i32" for n in ("sqb", "sqt", "sqh", "skb", "sks", "skh", "svb", "svs", "svh",
+                                   "sob", "sot", "soh")})
+    return KernelSpec("causal_attention_fwd", "causal_attention_fwd", src, sig, cfg["num_warps"],
+                      cfg["num_stages"], {**consts, "pieces": pieces})
+
+
+def causal_attention(q, k, v, q_start=None, *, scale):
+    """q [B,T,H,D], k [B,S,H,D], v [B,S,H,Dv] (any strides with a unit last dim) -> [B,T,H,Dv]."""
+    B, T, H, D = q.shape
+    S, DV = k.shape[1], v.shape[3]
+    if k.shape != (B, S, H, D) or v.shape[:3] != (B, S, H):
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k.to(q.dtype), v.to(q.dtype)))
+    spec = flash_spec(H, D, DV, ir_dtype(q), float(scale), current_target())
+    o = torch.empty(B, T, H, DV, device=q.device, dtype=q.dtype)
+    qs = _q_start(q_start, B, T, S, q.device)
+    strides = [st for t in (q, k, v, o) for st in (t.stride(0), t.stride(1), t.stride(2))]
+    launch(spec, (B * H, -(-T // spec.config["BM"])), q, k, v, qs, o, T, S, *strides)
+    return o
+
+
+def op_mla_latent_attention(args, attrs):
+    return [mla_latent_attention(*args[:4], args[4] if len(args) > 4 else None, scale=attrs["scale"])]
+
+
+def op_causal_attention(args, attrs):
+    return [causal_attention(*args[:3], args[3] if len(args) > 3 else None, scale=attrs["scale"])]
