@@ -208,8 +208,10 @@ class Graph:
         for user in self.users(old):
             user.inputs = [new if v == old else v for v in user.inputs]
             src_old, src_new = self.producer.get(old), self.producer.get(new)
-            if src_old is not None and old not in _all_inputs_from(self, src_old, user):
-                self.nx.remove_edge(src_old, user.id) if self.nx.has_edge(src_old, user.id) else None
+            # drop the edge only if the user reads no other result of old's producer
+            if src_old is not None and not _all_inputs_from(self, src_old, user) \
+                    and self.nx.has_edge(src_old, user.id):
+                self.nx.remove_edge(src_old, user.id)
             if src_new is not None:
                 self.nx.add_edge(src_new, user.id)
         self.outputs = [new if v == old else v for v in self.outputs]

@@ -61,6 +61,20 @@ def test_graph_queries_and_mutation():
         g.add_op("silu", ["%nope"], [g.types["%x"]])
 
 
+def test_replace_uses_keeps_the_edge_of_another_result():
+    """A user reading two results of one op keeps its def-use edge when one is replaced."""
+    b = GraphBuilder("two")
+    x = b.input("x", ("B", 2, 2), "f32")
+    y, state = b.emit("causal_conv1d", x, b.param("w", (2, 1, 3), "f32"), name="c")   # both [B, 2, 2]
+    s = b("silu", x, name="s")
+    b.output(b("add", y, state, name="z"))
+    g = b.graph
+    g.replace_uses(y, s)
+    assert g.defining_op("%z").inputs == ["%s", state]
+    verify(g)
+    assert [o.kind for o in g.ops()] == ["causal_conv1d", "silu", "add"]
+
+
 # -- the verifier: one test per class of error ----------------------------------------------
 
 def test_verifier_undefined_operand():
