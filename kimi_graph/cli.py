@@ -12,6 +12,7 @@ COMMANDS = {
     "inspect": ("kimi_graph.commands.inspect", "print a model's IR and a summary"),
     "generate": ("kimi_graph.commands.generate", "generate tokens from a prompt, streamed"),
     "export-mlir": ("kimi_graph.commands.export_mlir", "export MLIR through torch-mlir (torch, linalg, stablehlo)"),
+    "export-onnx": ("kimi_graph.commands.export_onnx", "export ONNX models, weights and genai_config.json"),
 }
 
 

@@ -63,11 +63,25 @@ class LowerContext:
             self.derived[name] = tensor_proto(name, make())
         return name
 
-    def transposed_param(self, value: str) -> str | None:
-        """A [out, in] weight parameter stored as [in, out] for MatMul; None for non-params."""
+    def transposed_param(self, value: str, dtype: str | None = None) -> str | None:
+        """A [out, in] weight parameter stored as [in, out] for MatMul (converted to `dtype`
+        if given, as the op library converts weights to the activation's dtype); None for
+        non-params."""
         if not self.is_param(value):
             return None
-        return self.derived_param(value[1:] + ".T", lambda: self.param(value).t())
+        dtype = dtype or self.ty(value).dtype
+        suffix = "" if dtype == self.ty(value).dtype else "." + dtype
+        return self.derived_param(value[1:] + ".T" + suffix,
+                                  lambda: self.param(value).t().to(TORCH_DTYPES[dtype]))
+
+    def as_dtype(self, value: str, name: str, dtype: str) -> str:
+        """Operand `value` (ONNX name `name`) in `dtype`: parameters converted at export time,
+        other values by a Cast node."""
+        if self.ty(value).dtype == dtype:
+            return name
+        if self.is_param(value):
+            return self.derived_param(value[1:] + "." + dtype, lambda: self.param(value).to(TORCH_DTYPES[dtype]))
+        return self.em("Cast", name, to=ONNX_DTYPES[dtype])
 
     def zero_tensor(self, dtype: str) -> TensorProto:
         return tensor_proto("zero", torch.zeros(1, dtype=TORCH_DTYPES[dtype]), ONNX_DTYPES[dtype])

@@ -127,12 +127,12 @@ def moe_calls(ctx, x: str, ids: str, w: str, w13: str, w2: str, E: int, D: int, 
     xf = em("Reshape", x, em.ints(-1, D))
     idf = em("Reshape", ids, em.ints(-1, k))
     wf = em("Reshape", w, em.ints(-1, k))
-    on = em.const([0.0, 1.0], x_dtype)                        # OneHot values [off, on]
+    on = em.const([0.0, 1.0], "f32")                           # OneHot values [off, on]
     total = None
     for j in range(k):
         sel = em("Gather", idf, em.ints(j), axis=1)                                  # [N, 1]
         onehot = em("OneHot", sel, em.const(E, "i64"), on, axis=-1)                  # [N, 1, E]
-        probs = em("Reshape", onehot, em.ints(-1, E))
+        probs = standard.cast_to(ctx, em("Reshape", onehot, em.ints(-1, E)), x_dtype)
         y = em.node("MoE", [xf, probs, w13, "", w2], 1, domain=MS, k=1, activation_type="swiglu",
                     swiglu_fusion=1, normalize_routing_weights=1)[0]
         yf = y if x_dtype == "f32" else em("Cast", y, to=FLOAT)

@@ -60,18 +60,21 @@ def cast(ctx, op, ins):
 @maps("linear")
 def linear(ctx, op, ins):
     """x @ W^T; a weight parameter is stored transposed ([in, out]) once, as MatMul wants."""
-    w = ctx.transposed_param(op.inputs[1]) or ctx.em("Transpose", ins[1], perm=[1, 0])
+    dt = ctx.ty(op.inputs[0]).dtype
+    w = ctx.transposed_param(op.inputs[1], dt) or \
+        ctx.em("Transpose", ctx.as_dtype(op.inputs[1], ins[1], dt), perm=[1, 0])
     return [ctx.em("MatMul", ins[0], w)]
 
 
 @maps("matmul")
 def matmul(ctx, op, ins):
-    return [ctx.em("MatMul", *ins)]
+    return [ctx.em("MatMul", ins[0], ctx.as_dtype(op.inputs[1], ins[1], ctx.ty(op.inputs[0]).dtype))]
 
 
 @maps("rmsnorm")
 def rmsnorm(ctx, op, ins):
-    return [ctx.em("RMSNormalization", ins[0], ins[1], axis=-1, epsilon=float(op.attrs["eps"]),
+    w = ctx.as_dtype(op.inputs[1], ins[1], ctx.ty(op.inputs[0]).dtype)
+    return [ctx.em("RMSNormalization", ins[0], w, axis=-1, epsilon=float(op.attrs["eps"]),
                    stash_type=1)]
 
 
@@ -234,7 +237,8 @@ def moe_expert(ctx, op, ins):
     scale by the routing weight, scatter-add into the accumulator."""
     em = ctx.em
     acc, x, ids, w = ins[:4]
-    w1, w3, w2 = (ctx.transposed_param(v) or em("Transpose", i, perm=[1, 0])
+    xdt = ctx.ty(op.inputs[1]).dtype
+    w1, w3, w2 = (ctx.transposed_param(v, xdt) or em("Transpose", ctx.as_dtype(v, i, xdt), perm=[1, 0])
                   for v, i in zip(op.inputs[4:], ins[4:]))
     D, k = ctx.ty(op.inputs[1]).shape[-1], ctx.ty(op.inputs[2]).shape[-1]
     xf = em("Reshape", x, em.ints(-1, D))

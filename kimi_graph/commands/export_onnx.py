@@ -1,0 +1,39 @@
+"""`kimi-graph export-onnx MODEL --out DIR`: the stateful prefill and decode models, the
+onnxruntime-genai model, weights, config, tokenizer files and genai_config.json."""
+from __future__ import annotations
+
+DTYPES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "bf16": "bfloat16"}
+
+
+def add_arguments(p):
+    p.add_argument("model", help="preset (tiny, kimi-linear-48b-a3b) or model directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--ops", choices=("ort", "portable"), default="ort",
+                   help="ort: ONNX Runtime's fused contrib ops (default); portable: standard ops + functions")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--opset", type=int, default=None, help="ai.onnx opset (default 23)")
+    p.add_argument("--pipeline", default=None, help="pass pipeline to run first (e.g. default)")
+    p.add_argument("--router-weights", choices=("official", "unbiased"), default="official")
+    p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+    p.add_argument("--no-genai", action="store_true", help="skip the onnxruntime-genai model")
+    p.add_argument("--no-check", action="store_true", help="skip onnx.checker and shape inference")
+
+
+def run(args) -> int:
+    import time
+
+    import torch
+
+    from ..api import load
+    from ..lowering.onnx import DEFAULT_OPSET
+    from ..lowering.onnx.package import export_model
+
+    t0 = time.perf_counter()
+    model = load(args.model, dtype=getattr(torch, DTYPES[args.dtype]), router_weights=args.router_weights,
+                 seed=args.seed, pipeline=args.pipeline)
+    man = export_model(model, args.out, ops=args.ops, opset=args.opset or DEFAULT_OPSET,
+                       genai=not args.no_genai, check_models=not args.no_check)
+    print(f"exported {args.model} ({args.ops}, {args.dtype}, opset {man['opset']}, IR {man['ir_version']}) "
+          f"to {args.out} in {time.perf_counter() - t0:.1f} s: {', '.join(man['models'].values())}"
+          + (f" + {man['external_weights']}" if man["external_weights"] else ""))
+    return 0
