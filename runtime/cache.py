@@ -1,11 +1,11 @@
 """Per-sequence cache slots for the stateful graphs: MLA latent caches and KDA states.
 
-Every state a stateful graph takes (`g.meta["state_inputs"]`) gets one preallocated
-storage tensor `[num_slots, ...]` whose shape comes from the graph's input type: "B" becomes
-the slot axis, "S" (the MLA caches' sequence axis) the capacity in tokens. A sequence owns
-one slot from `allocate` to `free`; `gather`/`scatter` move a batch of slots in and out of
-a graph call, cut to a window of the sequence axis so a call attends over the rows in use
-rather than the whole capacity.
+Every state a stateful graph takes (`g.meta["state_inputs"]`) gets storage shaped by the
+graph's input type: "B" becomes the slot axis, "S" (the MLA caches' sequence axis) the
+capacity in tokens, or, paged, a pool of fixed-size pages shared by all slots. A sequence
+owns one slot from `allocate` to `free`; `gather`/`scatter` move a batch of slots in and
+out of a graph call, cut to a window of the sequence axis so a call attends over the rows
+in use rather than the whole capacity.
 """
 from __future__ import annotations
 
@@ -69,38 +69,65 @@ def state_specs(g: Graph) -> list[StateSpec]:
 
 
 class CacheManager:
-    """Preallocated slots for `num_slots` sequences of up to `capacity` tokens each.
+    """Cache storage for `num_slots` sequences of up to `capacity` tokens each.
+
+    Fixed-size states (KDA, conv) get one row per slot. The MLA caches are either
+    preallocated (`page_size=None`: `capacity` rows per slot) or paged: a shared pool of
+    `num_pages` pages of `page_size` rows (default: as many as preallocation would hold;
+    fewer to overcommit), handed to a sequence as it grows and returned when it is freed.
+    Page 0 is an all-zero page that fills the window past a sequence's own pages.
 
     With `allocate=False` nothing is allocated: sizes (`allocation_bytes`,
     `bytes_per_token`, `fixed_bytes_per_sequence`) still answer, which is how the published
     model's cache is accounted without its weights or its memory."""
 
     def __init__(self, graph: Graph, num_slots: int, capacity: int, *, device="cpu",
-                 allocate: bool = True):
-        if not isinstance(num_slots, int) or num_slots < 1:
-            raise CacheError(f"num_slots must be a positive integer, got {num_slots!r}")
-        if not isinstance(capacity, int) or capacity < 1:
-            raise CacheError(f"capacity must be a positive number of tokens, got {capacity!r}")
+                 allocate: bool = True, page_size: int | None = None, num_pages: int | None = None):
+        for name, v in (("num_slots", num_slots), ("capacity", capacity), ("page_size", page_size),
+                        ("num_pages", num_pages)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise CacheError(f"{name} must be a positive integer, got {v!r}")
         self.specs = state_specs(graph)
         self.num_slots, self.capacity, self.device = num_slots, capacity, device
+        self.page_size = page_size
+        if page_size is None and num_pages is not None:
+            raise CacheError("num_pages needs page_size")
+        if page_size is not None:
+            bad = [s.name for s in self.specs if s.seq_axis not in (None, 0)]
+            if bad:
+                raise CacheError(f"paged storage needs the sequence axis first; not so in {bad}")
+            num_pages = num_pages or num_slots * -(-capacity // page_size)
+        self.num_pages = num_pages
         self.storage: dict[str, torch.Tensor] = {}
         if allocate:
-            self.storage = {s.name: torch.zeros((num_slots,) + s.per_sequence_shape(capacity),
-                                                dtype=TORCH_DTYPES[s.dtype], device=device)
-                            for s in self.specs}
+            self.storage = {s.name: torch.zeros(self._storage_shape(s), dtype=TORCH_DTYPES[s.dtype],
+                                                device=device) for s in self.specs}
         self.lengths = [0] * num_slots      # tokens stored per slot
         self._written = [0] * num_slots     # rows ever written (zeroed again on reuse)
         self._free = list(range(num_slots))
         self._used: set[int] = set()
+        self.pages: list[list[int]] = [[] for _ in range(num_slots)]   # page table per slot
+        self._free_pages = list(range(1, (num_pages or 0) + 1))
+
+    def _storage_shape(self, s: StateSpec) -> tuple[int, ...]:
+        if self.page_size is not None and s.seq_axis is not None:
+            return (self.num_pages + 1,) + s.per_sequence_shape(self.page_size)
+        return (self.num_slots,) + s.per_sequence_shape(self.capacity)
 
     # -- sizes ----------------------------------------------------------------
     def allocation_bytes(self) -> dict[str, int]:
         """Bytes each storage tensor takes (allocated or not)."""
-        return {s.name: self.num_slots * s.nbytes(self.capacity) for s in self.specs}
+        out = {}
+        for s in self.specs:
+            n = DTYPE_BYTES[s.dtype]
+            for d in self._storage_shape(s):
+                n *= d
+            out[s.name] = n
+        return out
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes one more token of capacity adds to one sequence's slot."""
+        """Bytes one more token adds to one sequence's caches."""
         return sum(s.nbytes(self.capacity + 1) - s.nbytes(self.capacity) for s in self.specs)
 
     @property
@@ -108,10 +135,17 @@ class CacheManager:
         """Bytes of the states that do not grow with length (KDA state, conv states)."""
         return sum(s.nbytes(self.capacity) for s in self.specs if s.seq_axis is None)
 
-    # -- slots ----------------------------------------------------------------
+    # -- slots and pages --------------------------------------------------------
     @property
     def free_slots(self) -> int:
         return len(self._free)
+
+    @property
+    def free_pages(self) -> int | None:
+        return len(self._free_pages) if self.page_size else None
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size) if self.page_size else 0
 
     def allocate(self, n: int = 1) -> list[int]:
         """Take `n` free slots (lowest first, so a batch gets a contiguous range when it can);
@@ -131,15 +165,16 @@ class CacheManager:
             self._check(s)
             self._used.discard(s)
             self._free.append(s)
+            self._free_pages += self.pages[s]
+            self.pages[s] = []
 
     def _reset(self, s: int) -> None:
         if self.storage:
             for spec in self.specs:
-                t = self.storage[spec.name][s]
                 if spec.seq_axis is None:
-                    t.zero_()
-                elif self._written[s]:
-                    t.narrow(spec.seq_axis, 0, self._written[s]).zero_()
+                    self.storage[spec.name][s].zero_()
+                elif not self.page_size and self._written[s]:
+                    self.storage[spec.name][s].narrow(spec.seq_axis, 0, self._written[s]).zero_()
         self.lengths[s] = self._written[s] = 0
 
     def _check(self, s: int) -> None:
@@ -147,12 +182,25 @@ class CacheManager:
             raise CacheError(f"slot {s} is not allocated")
 
     def reserve(self, slots: list[int], n: int) -> None:
-        """Check that `n` more tokens fit each slot (before running a step)."""
+        """Make room for `n` more tokens in each slot (before running a step): check the
+        capacity, and with paging take the pages the step writes into (zeroed)."""
+        need = 0
         for s in slots:
             self._check(s)
             if self.lengths[s] + n > self.capacity:
                 raise CacheError(f"slot {s} holds {self.lengths[s]} tokens; {n} more exceed the "
                                  f"cache capacity of {self.capacity}")
+            need += max(0, self.pages_for(self.lengths[s] + n) - len(self.pages[s]))
+        if need > len(self._free_pages):
+            raise CacheError(f"out of cache pages: {need} more needed, {len(self._free_pages)} of "
+                             f"{self.num_pages} free")
+        for s in slots:
+            for _ in range(self.pages_for(self.lengths[s] + n) - len(self.pages[s])):
+                page = self._free_pages.pop()
+                self.pages[s].append(page)
+                for spec in self.specs:
+                    if spec.seq_axis is not None and self.storage:
+                        self.storage[spec.name][page].zero_()
 
     def advance(self, slots: list[int], n: int) -> None:
         for s in slots:
@@ -174,22 +222,51 @@ class CacheManager:
             return slice(slots[0], slots[0] + len(slots))
         return torch.tensor(slots, device=self.device)
 
+    def _page_rows(self, slots: list[int], pos: torch.Tensor) -> torch.Tensor:
+        """Flat pool rows [B, N] of sequence positions `pos` [B, N]; page 0 past a slot's pages."""
+        P = self.page_size
+        width = max(1, -(-(int(pos.max()) + 1) // P))
+        table = torch.zeros(len(slots), width, dtype=torch.int64)
+        for b, s in enumerate(slots):
+            pages = self.pages[s][:width]
+            table[b, :len(pages)] = torch.tensor(pages, dtype=torch.int64)
+        table = table.to(self.device)
+        return table.gather(1, pos // P) * P + pos % P
+
     def gather(self, slots: list[int], window: int) -> dict[str, torch.Tensor]:
         """The states of `slots` as graph inputs ([len(slots), ...]), caches cut to `window`."""
         rows = self._rows(slots)
+        paged = None
+        if self.page_size:
+            pos = torch.arange(window, device=self.device).expand(len(slots), window)
+            paged = self._page_rows(slots, pos)
         out = {}
         for spec in self.specs:
             t = self.storage[spec.name]
+            if spec.seq_axis is not None and paged is not None:
+                out[spec.name] = t.flatten(0, 1)[paged]
+                continue
             if spec.seq_axis is not None:
                 t = t.narrow(spec.seq_axis + 1, 0, window)
             out[spec.name] = t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
         return out
 
-    def scatter(self, slots: list[int], window: int, states: list[torch.Tensor]) -> None:
-        """Store a graph call's returned states (in `specs` order) back into `slots`."""
+    def scatter(self, slots: list[int], window: int, states: list[torch.Tensor],
+                new_tokens: int) -> None:
+        """Store a graph call's returned states (in `specs` order) back into `slots`. Paged
+        caches take only the `new_tokens` rows written at each slot's position (the graph
+        writes nothing else: `cache_write` at cache_pos)."""
         rows = self._rows(slots)
+        if self.page_size:
+            start = torch.tensor([self.lengths[s] for s in slots], device=self.device)
+            pos = start.view(-1, 1) + torch.arange(new_tokens, device=self.device).view(1, -1)
+            flat = self._page_rows(slots, pos).flatten()
+            batch = torch.arange(len(slots), device=self.device).view(-1, 1)
         for spec, new in zip(self.specs, states, strict=True):
             t = self.storage[spec.name]
+            if spec.seq_axis is not None and self.page_size:
+                t.flatten(0, 1).index_copy_(0, flat, new[batch, pos].flatten(0, 1).to(t.dtype))
+                continue
             if spec.seq_axis is not None:
                 t = t.narrow(spec.seq_axis + 1, 0, window)
             if isinstance(rows, slice):

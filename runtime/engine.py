@@ -27,10 +27,12 @@ class Engine:
 
     `window_block`: caches are passed cut to the rows in use, rounded up to this many tokens
     (None: always the whole capacity). `prefill_chunk`: prefill long prompts this many
-    tokens at a time (continuation through the states; None: whole prompts)."""
+    tokens at a time (continuation through the states; None: whole prompts).
+    `page_size`, `num_pages`: paged MLA caches (see CacheManager)."""
 
     def __init__(self, model, max_batch: int = 1, max_len: int | None = None, *,
-                 window_block: int | None = 64, prefill_chunk: int | None = None):
+                 window_block: int | None = 64, prefill_chunk: int | None = None,
+                 page_size: int | None = None, num_pages: int | None = None):
         limit = model.config.model_max_length
         max_len = limit if max_len is None else max_len
         if isinstance(max_len, int) and max_len > limit:
@@ -41,7 +43,8 @@ class Engine:
         decode = model.get_graph("decode")
         if state_specs(model.get_graph("prefill", stateful=True)) != state_specs(decode):
             raise GenerationError("the stateful prefill and decode graphs take different states")
-        self.cache = CacheManager(decode, max_batch, max_len, device=model.device)
+        self.cache = CacheManager(decode, max_batch, max_len, device=model.device,
+                                  page_size=page_size, num_pages=num_pages)
 
     # -- one graph call ---------------------------------------------------------
     def step(self, mode: str, slots: list[int], ids: torch.Tensor) -> torch.Tensor:
@@ -55,7 +58,7 @@ class Engine:
         inputs = {"input_ids": ids.to(self.model.device), "cache_pos": pos}
         inputs.update(self.cache.gather(slots, window))
         outs = self.model.execute(mode, True, inputs)
-        self.cache.scatter(slots, window, outs[1:])
+        self.cache.scatter(slots, window, outs[1:], T)
         self.cache.advance(slots, T)
         return outs[0]
 
@@ -121,6 +124,12 @@ class Engine:
                 raise GenerationError(
                     f"prompt {i} has {len(p)} tokens; with max_new_tokens={params.max_new_tokens} "
                     f"it needs {len(p) + params.max_new_tokens} positions, past the {what} of {limit}")
+        if self.cache.page_size:        # the worst case must fit, so no sequence stalls midway
+            need = sum(self.cache.pages_for(len(p) + params.max_new_tokens) for p in prompts)
+            if need > self.cache.free_pages:
+                raise GenerationError(f"the request needs up to {need} cache pages of "
+                                      f"{self.cache.page_size} tokens; {self.cache.free_pages} of "
+                                      f"{self.cache.num_pages} are free")
 
     def iterate(self, prompts, params: SamplingParams) -> Iterator[tuple[int, int]]:
         """Generate for a batch: an iterator of (prompt index, token) as tokens are sampled,

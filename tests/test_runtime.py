@@ -309,3 +309,39 @@ def test_prompt_forms():
     assert model.generate([torch.tensor([1, 5, 9]), (3, 4, 5)], **kw) == want
     with pytest.raises(GenerationError, match="1-D integer ids"):
         model.generate([torch.tensor([1.0, 2.0])], **kw)
+
+
+# -- paged MLA caches ---------------------------------------------------------------------
+@pytest.mark.parametrize("page_size", [1, 3, 16])
+def test_paged_caches_give_what_preallocated_caches_give(page_size):
+    model = tiny()
+    ids = [1, 5, 9, 14, 3, 7, 200, 45, 3]
+    full = model(torch.tensor([ids]))[0]
+    paged = Engine(model, max_batch=5, max_len=20, page_size=page_size, window_block=4)
+    assert rel_err(split_logits(paged, ids, 4, chunk=2), full) <= TOL[torch.float32]
+    params = SamplingParams(max_new_tokens=7, ignore_eos=True)
+    want = Engine(model, max_batch=5, max_len=20).generate(PROMPTS, params)
+    assert paged.generate(PROMPTS, params) == want
+    assert paged.cache.free_pages == paged.cache.num_pages          # all pages returned
+    assert paged.generate(PROMPTS[::-1], params) == want[::-1]      # pages reused, stale rows
+
+
+def test_paged_pool_accounting_and_exhaustion():
+    model = tiny()
+    e = Engine(model, max_batch=4, max_len=16, page_size=4, num_pages=6)
+    c = e.cache
+    t = PRESETS["tiny"]
+    assert c.storage["cache.l1.latent"].shape == (7, 4, t["kv_lora_rank"])     # 6 pages + zero page
+    assert {k: v.nbytes for k, v in c.storage.items()} == c.allocation_bytes()
+    assert c.bytes_per_token == Engine(model, max_len=16).cache.bytes_per_token
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    with pytest.raises(GenerationError, match="needs up to 7 cache pages of 4 tokens; 6 of 6"):
+        e.generate([[1] * 11, [2] * 6], params)                      # 4 + 3 pages
+    assert len(e.generate([[1] * 11, [2] * 3], params)[0]) == 5      # 4 + 2 pages fit
+    (s,) = c.allocate(1)
+    c.reserve([s], 16)
+    assert c.free_pages == 2
+    with pytest.raises(CacheError, match="out of cache pages"):
+        c.reserve(c.allocate(1), 9)
+    with pytest.raises(CacheError, match="num_pages needs page_size"):
+        Engine(model, num_pages=3)
