@@ -7,6 +7,7 @@ DiGraph holds ops as nodes and def-use edges labelled with the value that flows.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import itertools
 from contextlib import contextmanager
@@ -248,7 +249,7 @@ class Graph:
     def copy(self) -> "Graph":
         g = Graph(self.name)
         g.inputs, g.params, g.outputs = dict(self.inputs), dict(self.params), list(self.outputs)
-        g.types, g.producer, g.meta = dict(self.types), dict(self.producer), dict(self.meta)
+        g.types, g.producer, g.meta = dict(self.types), dict(self.producer), copy.deepcopy(self.meta)
         g.nx = nx.DiGraph()
         for i, data in self.nx.nodes(data=True):
             o = data["op"]
