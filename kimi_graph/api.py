@@ -35,6 +35,7 @@ def resolve_config(model: str | Path) -> tuple[KimiLinearConfig, Path | None]:
 #   executor(graph, inputs: dict[name, Tensor]) -> list[Tensor] (the graph's outputs)
 BACKENDS = {
     "interpreter": "kimi_graph.api:interpreter_backend",
+    "triton": "kimi_graph.lowering.triton.backend:triton_backend",
     "onnxruntime": "kimi_graph.runtime.ort_engine:ort_backend",
     "torch": "kimi_graph.lowering.torch.backend:torch_backend",   # options: compile, mode, ...
 }

@@ -95,3 +95,8 @@ def causal_conv1d(x, weight, state=None, activation="none"):
 
 def op_causal_conv1d(args, attrs):
     return list(causal_conv1d(args[0], args[1], args[2] if len(args) > 2 else None, attrs["activation"]))
+
+
+def specs_for(kind, ins, outs, attrs, target):
+    x, w = ins[0], ins[1]
+    return list(conv_specs(x.shape[2], w.shape[2], x.dtype, attrs["activation"] == "silu", len(ins) > 2, target))

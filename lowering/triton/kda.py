@@ -416,3 +416,16 @@ def op_kda_recurrent(args, attrs):
     st = args[5] if len(args) > 5 else None
     run = kda_step if q.shape[1] == 1 else kda_chunk
     return list(run(q, k, v, g, beta, None, None, attrs["scale"], state=st, fused=False))
+
+
+def specs_for(kind, ins, outs, attrs, target):
+    """The kernels one KDA op needs (for AOT): the step kernel, plus the chunk pair when T != 1."""
+    q, v = ins[0], ins[2]
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    fused = kind != "kda_recurrent"
+    has_state = len(ins) > (7 if fused else 5)
+    eps = attrs.get("l2norm_eps", 1e-6)
+    out = [step_spec(H, K, V, q.dtype, fused, attrs["scale"], eps, has_state, target)]
+    if q.shape[1] != 1:
+        out += chunk_specs(H, K, V, q.dtype, fused, attrs["scale"], eps, has_state, target)
+    return out

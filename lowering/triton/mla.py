@@ -219,3 +219,13 @@ def op_mla_latent_attention(args, attrs):
 
 def op_causal_attention(args, attrs):
     return [causal_attention(*args[:3], args[3] if len(args) > 3 else None, scale=attrs["scale"])]
+
+
+def specs_for(kind, ins, outs, attrs, target):
+    if kind == "causal_attention":
+        q, v = ins[0], ins[2]
+        return [flash_spec(q.shape[2], q.shape[3], v.shape[3], q.dtype, float(attrs["scale"]), target)]
+    ql, qr = ins[0], ins[1]
+    T, H = ql.shape[1], ql.shape[2]
+    rows = T * H if isinstance(T, int) else 1 << 20
+    return list(latent_specs(H, ql.shape[3], qr.shape[3], ql.dtype, float(attrs["scale"]), rows, target))

@@ -356,3 +356,17 @@ def op_grouped_swiglu(args, attrs):
 
 def op_moe_unpermute(args, attrs):
     return [moe_unpermute(*args)]
+
+
+def specs_for(kind, ins, outs, attrs, target):
+    if kind == "moe_route":
+        x, w = ins[0], ins[1]
+        return [route_spec(x.shape[-1], w.shape[0], attrs["top_k"], attrs["n_group"], attrs["topk_group"],
+                           attrs["renormalize"], float(attrs["scaling"]), attrs["weights"], x.dtype, w.dtype, target)]
+    if kind == "moe_permute":
+        return list(permute_specs(ins[0].shape[-1], attrs["num_experts"], ins[1].shape[-1], ins[0].dtype, target))
+    if kind == "grouped_swiglu":
+        E, I2, D = ins[2].shape
+        return [s for small in (True, False) for s in gemm_specs(E, I2 // 2, D, ins[0].dtype, small, target)]
+    y, w, acc = ins[0], ins[2], ins[3]
+    return list(unpermute_specs(acc.shape[-1], w.shape[-1], acc.dtype, w.dtype, target))

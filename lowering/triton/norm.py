@@ -72,3 +72,9 @@ def op_add_rmsnorm(args, attrs):
 
 def op_gated_rmsnorm(args, attrs):
     return [rmsnorm(args[0], args[1], attrs["eps"], gate=args[2])]
+
+
+def specs_for(kind, ins, outs, attrs, target):
+    x = ins[0]
+    return [norm_spec(x.shape[-1], x.dtype, float(attrs["eps"]), kind == "add_rmsnorm", kind == "gated_rmsnorm",
+                      target)]

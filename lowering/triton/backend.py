@@ -1,0 +1,170 @@
+"""The "triton" backend: runs a graph with generated kernels for the ops they cover and the
+op library's torch reference for the rest (embedding, linear, movement ops, moe_expert, ...).
+
+Elementwise ops are planned into fused groups (one kernel each): an op joins the group of
+an operand's producer when it has the same output shape and every other operand was ready
+before the group's first op, so a group runs whole at its first op's place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from kimi_graph.interpreter import bind_dims
+from kimi_graph.ir import Graph, IRError, eval_dim
+from kimi_graph.ops import get_op
+
+from . import conv, elementwise, kda, mla, moe, norm
+from .targets import current_target
+
+# kind -> (kernel launcher fn(args, attrs) -> results, AOT spec fn(kind, ins, outs, attrs, target))
+KERNELS: dict[str, tuple[Callable, Callable]] = {
+    "kda_fused_chunk": (kda.op_kda_fused, kda.specs_for),
+    "kda_fused_recurrent": (kda.op_kda_fused, kda.specs_for),
+    "kda_recurrent": (kda.op_kda_recurrent, kda.specs_for),
+    "causal_conv1d": (conv.op_causal_conv1d, conv.specs_for),
+    "rmsnorm": (norm.op_rmsnorm, norm.specs_for),
+    "add_rmsnorm": (norm.op_add_rmsnorm, norm.specs_for),
+    "gated_rmsnorm": (norm.op_gated_rmsnorm, norm.specs_for),
+    "mla_latent_attention": (mla.op_mla_latent_attention, mla.specs_for),
+    "causal_attention": (mla.op_causal_attention, mla.specs_for),
+    "moe_route": (moe.op_moe_route, moe.specs_for),
+    "moe_permute": (moe.op_moe_permute, moe.specs_for),
+    "grouped_swiglu": (moe.op_grouped_swiglu, moe.specs_for),
+    "moe_unpermute": (moe.op_moe_unpermute, moe.specs_for),
+}
+KERNEL_DTYPES = ("f32", "bf16", "f16")
+
+
+def covered(g: Graph, op) -> bool:
+    """Does a generated kernel run this op? (float operands in f32/bf16/f16 only)"""
+    if op.kind not in KERNELS:
+        return False
+    floats = [g.types[v].dtype for v in op.inputs if g.types[v].dtype.startswith(("f", "bf"))]
+    return all(d in KERNEL_DTYPES for d in floats)
+
+
+def _elementwise(g: Graph, op) -> bool:
+    if op.kind not in elementwise.KINDS:
+        return False
+    dts = [g.types[v].dtype for v in op.inputs + op.outputs]
+    return all(d in KERNEL_DTYPES + ("f64",) for d in dts)
+
+
+@dataclass
+class Group:
+    ops: list                 # the elementwise ops, in order
+    chain: elementwise.Chain
+    inputs: list[str]         # external values, in chain order
+    outputs: list[str]        # values read after the group (or graph outputs)
+    shape: tuple              # symbolic output shape
+
+
+def plan(g: Graph) -> list:
+    """The schedule: ops and fused elementwise `Group`s, in an executable order."""
+    order = list(g.ops())
+    index = {op.id: i for i, op in enumerate(order)}
+    group_of: dict[int, list] = {}            # op id -> its group's op list
+    for op in order:
+        if not _elementwise(g, op):
+            continue
+        shape = g.types[op.outputs[0]].shape
+        chosen = None
+        for v in op.inputs:
+            p = g.defining_op(v)
+            if p is None or p.id not in group_of:
+                continue
+            members = group_of[p.id]
+            first = min(index[m.id] for m in members)
+            ids = {m.id for m in members}
+            ok = g.types[members[0].outputs[0]].shape == shape and all(
+                (q := g.defining_op(w)) is None or q.id in ids or index[q.id] < first for w in op.inputs)
+            if ok:
+                chosen = members
+                break
+        if chosen is None:
+            chosen = []
+        chosen.append(op)
+        group_of[op.id] = chosen
+    out_vals = set(g.outputs)
+    schedule, done = [], set()
+    for op in order:
+        if op.id not in group_of:
+            schedule.append(op)
+            continue
+        members = group_of[op.id]
+        if id(members) in done:
+            continue
+        done.add(id(members))
+        schedule.append(_group(g, members, out_vals))
+    return schedule
+
+
+def _group(g: Graph, members: list, out_vals: set) -> Group:
+    ids = {m.id for m in members}
+    produced = {v for m in members for v in m.outputs}
+    inputs: list[str] = []
+    for m in members:
+        inputs += [v for v in m.inputs if v not in produced and v not in inputs]
+    outputs = [v for v in produced if v in out_vals or any(u.id not in ids for u in g.users(v))]
+    outputs.sort(key=lambda v: [o for m in members for o in m.outputs].index(v))
+    steps = tuple((m.outputs[0], m.kind, tuple(m.inputs), tuple(sorted(get_op(m.kind).full_attrs(m.attrs).items())))
+                  for m in members)
+    shape = g.types[members[0].outputs[0]].shape
+    chain = elementwise.Chain(tuple((v, g.types[v].dtype) for v in inputs), steps,
+                              tuple((v, g.types[v].dtype) for v in outputs), len(shape))
+    return Group(members, chain, inputs, outputs, shape)
+
+
+def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
+        schedule: list | None = None) -> list[torch.Tensor]:
+    """Execute `g` on kernels (see `plan`); same contract as the reference interpreter."""
+    inputs = {(k if k.startswith("%") else "%" + k): v for k, v in inputs.items()}
+    dims = bind_dims(g, inputs)
+    env: dict[str, torch.Tensor] = dict(inputs)
+    for name in g.params:
+        try:
+            env[name] = params[name[1:]]
+        except KeyError:
+            raise IRError(f"no weight for parameter {name}") from None
+    for item in schedule if schedule is not None else plan(g):
+        if isinstance(item, Group):
+            shape = tuple(eval_dim(d, dims) for d in item.shape)
+            outs = elementwise.run_chain(item.chain, [env[v] for v in item.inputs], shape)
+            env.update(zip(item.outputs, outs))
+            continue
+        opdef = get_op(item.kind)
+        attrs = opdef.full_attrs(item.attrs)
+        for a in opdef.shape_attrs:
+            attrs[a] = [eval_dim(d, dims) for d in attrs[a]]
+        fn = KERNELS[item.kind][0] if covered(g, item) else opdef.ref
+        env.update(zip(item.outputs, fn([env[v] for v in item.inputs], attrs)))
+    return [env[v] for v in g.outputs]
+
+
+def triton_backend(model):
+    """Backend factory for `kimi_graph.load(..., backend="triton")`: kernels on the model's GPU,
+    or through the Triton interpreter on CPU when TRITON_INTERPRET=1."""
+    target = current_target()
+    if target != "interpret" and not str(model.device).startswith("cuda"):
+        raise ValueError(f"backend='triton' runs on a CUDA device (got device={model.device!r}); "
+                         "on CPU set TRITON_INTERPRET=1 to use the Triton interpreter")
+    schedules: dict[int, tuple[Graph, list]] = {}
+
+    def execute(graph: Graph, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        if id(graph) not in schedules:
+            schedules[id(graph)] = (graph, plan(graph))
+        return run(graph, inputs, model.weights, schedules[id(graph)][1])
+    return execute
+
+
+def register_custom_ops(device_type: str = "cuda") -> list[str]:
+    """Make the torch lowering's custom ops (`torch.ops.kimi_graph.*`) run these kernels on
+    `device_type`; returns the kinds registered. Undo with set_impl(kind, device_type, None)."""
+    from kimi_graph.lowering.torch.custom_ops import custom_kinds, set_impl
+    kinds = [k for k in KERNELS if k in custom_kinds()]
+    for k in kinds:
+        set_impl(k, device_type, KERNELS[k][0])
+    return kinds
