@@ -156,6 +156,8 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
     m = KimiModel(config, {}, dtype=dtype, device=device, router_weights=router_weights, path=path,
                   pipeline=pipeline, backend=backend, options=options)
     g = m.build()
+    if not pipeline:
+        m._graphs[("prefill", False)] = g       # the declared graph is the one that runs
     if backend == "onnxruntime" and path is not None and (path / "kimi_graph_onnx.json").exists():
         m.options["onnx_dir"] = str(path)      # an export-onnx directory: weights live in its models
         return m
