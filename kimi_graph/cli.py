@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "demo": ("kimi_graph.commands.demo", "run the embedded tiny model end to end"),
     "inspect": ("kimi_graph.commands.inspect", "print a model's IR and a summary"),
+    "compile": ("kimi_graph.commands.compile", "build the model's Triton kernels per GPU target"),
     "generate": ("kimi_graph.commands.generate", "generate tokens from a prompt, streamed"),
     "export-mlir": ("kimi_graph.commands.export_mlir", "export MLIR through torch-mlir (torch, linalg, stablehlo)"),
     "export-onnx": ("kimi_graph.commands.export_onnx", "export ONNX models, weights and genai_config.json"),

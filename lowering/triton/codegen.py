@@ -98,11 +98,38 @@ def load(spec: KernelSpec):
     return _LOADED[key]
 
 
+def jit_function(spec: KernelSpec):
+    """The kernel as a compilable JITFunction, whatever TRITON_INTERPRET says (for AOT builds)."""
+    key = spec.hash + spec.entry + "jit"
+    if key not in _LOADED:
+        saved = os.environ.pop("TRITON_INTERPRET", None)
+        try:
+            _LOADED[key] = load(spec)
+        finally:
+            if saved is not None:
+                os.environ["TRITON_INTERPRET"] = saved
+    return _LOADED[key]
+
+
+_ARCH: list = []
+
+
 def launch(spec: KernelSpec, grid, *args):
-    """Launch `spec` over `grid` with runtime `args` (in signature order)."""
+    """Launch `spec` over `grid` with runtime `args` (in signature order): a prebuilt artifact
+    for this GPU when one is registered (see aot.find_artifact), else Triton's JIT."""
     if len(args) != len(spec.signature):
         raise TypeError(f"{spec.name}: expected {len(spec.signature)} arguments "
                         f"({', '.join(spec.signature)}), got {len(args)}")
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and os.environ.get("KIMI_GRAPH_TRITON_ARTIFACTS"):
+        from .aot import find_artifact
+        if not _ARCH:
+            import torch
+            major, minor = torch.cuda.get_device_capability()
+            _ARCH.append(10 * major + minor)
+        ck = find_artifact(spec, _ARCH[0])
+        if ck is not None:
+            grid = tuple(grid) + (1,) * (3 - len(grid))
+            return ck[grid](*args)
     kernel = load(spec)
     return kernel[grid](*args, num_warps=spec.num_warps, num_stages=spec.num_stages)
 

@@ -1,0 +1,27 @@
+"""`kimi-graph compile MODEL --target sm_80,sm_90 --out DIR`: generate every Triton kernel the
+model needs, compile it for each target (no GPU needed) and write sources, binaries and a
+manifest (kernel, target, config, source hash, triton version)."""
+from __future__ import annotations
+
+
+def add_arguments(p):
+    p.add_argument("model", help="model directory (config.json) or preset name")
+    p.add_argument("--target", default="sm_80,sm_90", help="comma-separated targets (sm_80, sm_89, sm_90)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--pipeline", default="default", help="pass pipeline before lowering ('none': as declared)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
+    p.add_argument("--tuning", help="a per-device tuning file (from the autotuner) to apply and ship")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run(args) -> int:
+    from ..lowering.triton.aot import compile_model
+    from ..lowering.triton.targets import parse_targets
+    targets = parse_targets(args.target)
+    pipeline = None if args.pipeline in ("", "none") else args.pipeline
+    m = compile_model(args.model, targets, args.out, pipeline=pipeline, dtype=args.dtype, tuning=args.tuning,
+                      log=(lambda *_: None) if args.quiet else print)
+    kernels = {e["kernel"] for e in m["kernels"]}
+    print(f"{len(m['kernels'])} binaries ({len(kernels)} kernels x {len(targets)} targets) in {args.out}, "
+          f"triton {m['triton_version']}")
+    return 0

@@ -1,0 +1,160 @@
+"""Ahead-of-time builds: every kernel a model's graphs need, compiled per target without a GPU
+(`triton.compile` for a `GPUTarget`), written as readable source, binaries and a manifest;
+and, at run time, the artifact that matches the GPU (else Triton's JIT and its cache).
+
+Layout of an output directory:
+    manifest.json                 kernel, entry, target, arch, config, source hash, triton version
+    src/<kernel>_<hash>.py        the generated source (shared by every target)
+    <target>/<kernel>_<hash>.{cubin,ptx,json}
+    tuning-<device>.json          shipped tuning files (optional)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .codegen import KernelSpec, jit_function, write
+from .targets import TARGETS, TUNING_ENV, load_tuning
+
+ARTIFACTS_ENV = "KIMI_GRAPH_TRITON_ARTIFACTS"
+MODES = (("prefill", False), ("prefill", True), ("decode", True))
+
+
+def graph_specs(g, target: str) -> dict[tuple[str, str], tuple[KernelSpec, set]]:
+    """(source hash, entry) -> (spec, op kinds using it) for one graph."""
+    from kimi_graph.ops import get_op
+
+    from .backend import KERNELS, Group, covered, plan
+    from .elementwise import chain_spec
+    out: dict = {}
+    for item in plan(g):
+        if isinstance(item, Group):
+            specs, kind = [chain_spec(item.chain, target)], "+".join(o.kind for o in item.ops)
+        elif covered(g, item):
+            attrs = get_op(item.kind).full_attrs(item.attrs)
+            specs = KERNELS[item.kind][1](item.kind, [g.types[v] for v in item.inputs],
+                                          [g.types[v] for v in item.outputs], attrs, target)
+            kind = item.kind
+        else:
+            continue
+        for s in specs:
+            out.setdefault((s.hash, s.entry), (s, set()))[1].add(kind)
+    return out
+
+
+def model_specs(model, target: str, pipeline: str | None = "default", dtype: str = "bf16") -> dict:
+    """The kernels of a model (preset name, directory or config) over prefill, stateful prefill
+    and decode graphs, after `pipeline`."""
+    from kimi_graph.api import resolve_config
+    from kimi_graph.model import build_graph
+    cfg, _ = resolve_config(model)
+    out: dict = {}
+    for mode, stateful in MODES:
+        g = build_graph(cfg, mode, stateful=stateful, dtype=dtype)
+        if pipeline:
+            from kimi_graph.passes import run_pipeline
+            g = run_pipeline(g, pipeline)
+        for key, (spec, kinds) in graph_specs(g, target).items():
+            out.setdefault(key, (spec, set()))[1].update(kinds)
+    return out
+
+
+def compile_spec(spec: KernelSpec, target: str):
+    """Compile one kernel for a target (no GPU needed) -> triton's CompiledKernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    arch = TARGETS[target]["arch"]
+    if arch is None:
+        raise ValueError(f"{target} is not a GPU target")
+    src = ASTSource(jit_function(spec), dict(spec.signature), constexprs={})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+
+
+def _jsonable(cfg: dict) -> dict:
+    return {k: (v if isinstance(v, (int, float, bool, list, tuple)) else str(v)) for k, v in cfg.items()}
+
+
+def compile_model(model, targets: list[str], out: str | Path, *, pipeline: str | None = "default",
+                  dtype: str = "bf16", tuning: str | Path | None = None, log=print) -> dict:
+    """Generate, compile and write every kernel of `model` for each target; returns the manifest."""
+    import triton
+    out = Path(out)
+    (out / "src").mkdir(parents=True, exist_ok=True)
+    tun = load_tuning(tuning) if tuning else {}
+    if tuning:
+        shutil.copy(tuning, out / Path(tuning).name)
+    entries = []
+    saved = os.environ.pop(TUNING_ENV, None)
+    try:
+        if tun:          # the tuning file's configs apply to the target of its arch
+            os.environ[TUNING_ENV] = str(tuning)
+        per_target = {t: model_specs(model, t, pipeline, dtype) for t in targets}
+    finally:
+        os.environ.pop(TUNING_ENV, None)
+        if saved is not None:
+            os.environ[TUNING_ENV] = saved
+    for target in targets:
+        (out / target).mkdir(exist_ok=True)
+        specs = per_target[target]
+        for (h, entry), (spec, kinds) in sorted(specs.items(), key=lambda kv: (kv[1][0].name, kv[0])):
+            src_path = write(spec, out / "src")
+            ck = compile_spec(spec, target)
+            stem = f"{spec.name}_{h[:12]}" + ("" if entry == spec.name else f"_{entry}")
+            files = {}
+            for ext in ("cubin", "ptx"):
+                p = out / target / f"{stem}.{ext}"
+                data = ck.asm[ext]
+                p.write_bytes(data) if isinstance(data, bytes) else p.write_text(data)
+                files[ext] = str(p.relative_to(out))
+            meta = out / target / f"{stem}.json"
+            meta.write_text(json.dumps(ck.metadata._asdict(), default=vars))
+            files["json"] = str(meta.relative_to(out))
+            entries.append({"kernel": spec.name, "entry": entry, "ops": sorted(kinds), "target": target,
+                            "arch": TARGETS[target]["arch"], "config": _jsonable(spec.config),
+                            "num_warps": spec.num_warps, "num_stages": spec.num_stages,
+                            "source": str(src_path.relative_to(out)), "source_hash": h,
+                            "triton_version": triton.__version__, "shared_bytes": ck.metadata.shared,
+                            "files": files})
+            log(f"{target}  {stem:<48} {ck.metadata.shared:>7} B smem  ops: {', '.join(sorted(kinds))}")
+    manifest = {"model": str(model), "pipeline": pipeline, "dtype": dtype, "targets": targets,
+                "triton_version": triton.__version__, "tuning": Path(tuning).name if tuning else None,
+                "kernels": entries}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+# -- run time: pick the artifact matching this GPU ----------------------------------------
+
+_ARTIFACTS: dict[tuple[str, str, int], object] = {}
+_INDEX: dict[str, dict] = {}
+
+
+def _index(directory: str) -> dict:
+    if directory not in _INDEX:
+        m = json.loads((Path(directory) / "manifest.json").read_text())
+        _INDEX[directory] = {(e["source_hash"], e["entry"], e["arch"], e["triton_version"]): e
+                             for e in m["kernels"]}
+    return _INDEX[directory]
+
+
+def find_artifact(spec: KernelSpec, arch: int, directory: str | None = None):
+    """A loaded CompiledKernel for `spec` on `arch` from the artifact directory (argument or
+    $KIMI_GRAPH_TRITON_ARTIFACTS) when its manifest has one built by this Triton; else None."""
+    directory = directory or os.environ.get(ARTIFACTS_ENV)
+    if not directory:
+        return None
+    import triton
+    key = (spec.hash, spec.entry, arch, triton.__version__)
+    if key not in _ARTIFACTS:
+        e = _index(directory).get(key)
+        if e is None:
+            _ARTIFACTS[key] = None
+        else:
+            from triton.compiler.compiler import CompiledKernel
+            group = {Path(p).name: str(Path(directory) / p) for p in e["files"].values()}
+            _ARTIFACTS[key] = CompiledKernel(None, group, spec.hash)
+    return _ARTIFACTS[key]
