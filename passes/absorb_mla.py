@@ -21,13 +21,13 @@ from __future__ import annotations
 from kimi_graph.ir import DTYPE_BYTES, Graph, Op
 
 from .manager import Option, Pass, PassContext, register_pass
-from .rewrite import P, Pattern, Rewriter, V, apply_patterns, num_uses
+from .rewrite import Alt, P, Pattern, Rewriter, V, apply_patterns, num_uses
 
 KV = P("reshape", P("linear", V("latent"), V("w_kv"), name="kv_b"), name="kv")
+KR = P("reshape", V("rope_key"), name="kr_view")            # [B,S,P] -> [B,S,1,P]
 ATTN = P("causal_attention", V("q"),
-         P("concat", P("slice", KV, name="k_nope"),
-           P("expand", P("reshape", V("rope_key"), name="kr_view"), name="kr_expand"), name="k"),
-         P("slice", KV, name="v"), open=True)
+         P("concat", P("slice", KV, name="k_nope"), Alt(P("expand", KR), KR), name="k"),
+         P("slice", KV, name="v"), open=True)                # (one head: no expand left)
 
 
 def _last(g: Graph, v: str, d: int) -> bool:

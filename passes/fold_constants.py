@@ -24,6 +24,7 @@ def _concrete(g: Graph, op: Op) -> bool:
 
 def _param_name(g: Graph, weights: dict | None, value: str, tensor) -> str:
     base = value.lstrip("%")
+    base = "const." + base if base.isdigit() else base      # unnamed values ("%12")
     for i in range(1 << 20):
         name = base if i == 0 else f"{base}.folded" if i == 1 else f"{base}.folded.{i - 1}"
         if "@" + name in g.types:
