@@ -89,10 +89,12 @@ def coerce_attrs(kind: str, attrs: dict) -> dict:
     return {k: types[k](v) for k, v in attrs.items()}
 
 
-def _unalias(results, args):
-    """Custom ops may not return their inputs (or views of them): copy those."""
+def _own_contiguous(results, args):
+    """Results as the fake implementation promises them: contiguous (compilers plan views on
+    that) and never an input or a view of one (custom ops may not alias): copy otherwise."""
     ptrs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-    return [r.clone() if r.untyped_storage().data_ptr() in ptrs else r for r in results]
+    return [r.clone(memory_format=torch.contiguous_format)
+            if r.untyped_storage().data_ptr() in ptrs else r.contiguous() for r in results]
 
 
 def _define(kind: str):
@@ -105,7 +107,7 @@ def _define(kind: str):
         while args and args[-1] is None:
             args.pop()
         device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
-        out = _unalias(get_impl(kind, device)(args, opdef.full_attrs(attrs)), args)
+        out = _own_contiguous(get_impl(kind, device)(args, opdef.full_attrs(attrs)), args)
         return out[0] if len(out) == 1 else tuple(out)
 
     def fake(*args, **attrs):
