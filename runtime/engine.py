@@ -23,7 +23,7 @@ class GenerationError(ValueError):
 
 class Engine:
     """Runs a model's stateful prefill and decode graphs for up to `max_batch` sequences of
-    up to `max_len` tokens (default: config.model_max_length), caches preallocated.
+    up to `max_len` tokens (default: config.model_max_length).
 
     `window_block`: caches are passed cut to the rows in use, rounded up to this many tokens
     (None: always the whole capacity). `prefill_chunk`: prefill long prompts this many

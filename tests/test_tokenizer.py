@@ -47,6 +47,15 @@ BASE = len(ranks())
 VOCAB = BASE + NUM_RESERVED_SPECIAL_TOKENS
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and lose a lot on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def write_tokenizer(path, template=TEMPLATE, specials=SPECIAL):
     lines = [f"{base64.b64encode(t).decode()} {i}" for t, i in ranks().items()]
     (path / "tiktoken.model").write_text("\n".join(lines) + "\n")
