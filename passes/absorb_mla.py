@@ -21,7 +21,7 @@ from __future__ import annotations
 from kimi_graph.ir import DTYPE_BYTES, Graph, Op
 
 from .manager import Option, Pass, PassContext, register_pass
-from .rewrite import Alt, P, Pattern, Rewriter, V, apply_patterns, num_uses
+from .rewrite import Alt, P, Pattern, Rewriter, V, apply_patterns, only_user
 
 KV = P("reshape", P("linear", V("latent"), V("w_kv"), name="kv_b"), name="kv")
 KR = P("reshape", V("rope_key"), name="kr_view")            # [B,S,P] -> [B,S,1,P]
@@ -118,13 +118,6 @@ class _Weights:
         return self._flat(back, [D, H * R], name + ".absorbed")
 
 
-def _only_user(g: Graph, value: str, kind: str) -> Op | None:
-    users = g.users(value)
-    if len(users) == 1 and users[0].kind == kind and num_uses(g, value) == 1:
-        return users[0]
-    return None
-
-
 def _q_projection(g: Graph, q: str) -> tuple[str, str] | None:
     """(x, Wq) when q = reshape(linear(x, @Wq)), so Wk can fold into Wq."""
     view = g.defining_op(q)
@@ -136,8 +129,8 @@ def _q_projection(g: Graph, q: str) -> tuple[str, str] | None:
 
 def _o_projection(g: Graph, o: str, H: int, V_: int) -> tuple[Op, Op] | None:
     """(reshape, linear) when o [B,T,H,V] -> reshape [B,T,H V] -> linear(@Wo) only."""
-    view = _only_user(g, o, "reshape")
-    lin = _only_user(g, view.outputs[0], "linear") if view is not None else None
+    view = only_user(g, o, "reshape")
+    lin = only_user(g, view.outputs[0], "linear") if view is not None else None
     if lin is None or lin.inputs[0] != view.outputs[0] or lin.inputs[1] not in g.params \
             or g.types[view.outputs[0]].shape[2:] != (H * V_,):
         return None

@@ -22,21 +22,13 @@ import re
 from kimi_graph.ir import Graph, Op
 
 from .manager import Pass, PassContext, register_pass
-from .rewrite import Alt, P, Pattern, V, apply_patterns
+from .rewrite import Alt, P, Pattern, V, apply_patterns, only_user
 
 ROUTER = P("take_along", V("src"),
            P("grouped_topk",
              P("add", P("sigmoid", P("linear", Alt(P("cast", V("x")), V("x")), V("gate_w")),
                         name="sig"), V("bias"), name="choice", commutative=True),
              name="topk"))
-
-
-def _only_user(g: Graph, value: str, kind: str) -> Op | None:
-    users = g.users(value)
-    if len(users) == 1 and users[0].kind == kind and value not in g.outputs \
-            and users[0].inputs.count(value) == 1:
-        return users[0]
-    return None
 
 
 def _fuse_router(m, rw) -> bool:
@@ -46,11 +38,11 @@ def _fuse_router(m, rw) -> bool:
         return False
     k = topk.attrs["top_k"]
     end, renorm, scaling, tail = m.root.outputs[0], False, 1.0, []
-    nxt = _only_user(g, end, "renormalize")
+    nxt = only_user(g, end, "renormalize")
     if nxt is not None and k > 1 and nxt.attrs.get("eps", 1e-20) == 1e-20:
         end, renorm = nxt.outputs[0], True
         tail.append(nxt)
-    nxt = _only_user(g, end, "scale")
+    nxt = only_user(g, end, "scale")
     if nxt is not None:
         end, scaling = nxt.outputs[0], nxt.attrs["factor"]
         tail.append(nxt)
@@ -70,7 +62,7 @@ def _chain(g: Graph, head: Op) -> list[Op] | None:
         return None                                  # not the head
     chain = [head]
     while True:
-        nxt = _only_user(g, chain[-1].outputs[0], "moe_expert")
+        nxt = only_user(g, chain[-1].outputs[0], "moe_expert")
         if nxt is None or nxt.inputs[0] != chain[-1].outputs[0] or nxt.inputs[1:4] != head.inputs[1:4] \
                 or nxt.attrs["num_experts"] != head.attrs["num_experts"]:
             return chain

@@ -138,6 +138,14 @@ def scope_of(value: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
 
 
+def only_user(g: Graph, value: str, kind: str) -> Op | None:
+    """The op of `kind` that is the single reader of `value` (read once, not an output)."""
+    users = g.users(value)
+    if len(users) == 1 and users[0].kind == kind and num_uses(g, value) == 1:
+        return users[0]
+    return None
+
+
 def num_uses(g: Graph, value: str) -> int:
     """Operand slots reading `value`, plus one per graph output that is it."""
     return sum(u.inputs.count(value) for u in g.users(value)) + g.outputs.count(value)

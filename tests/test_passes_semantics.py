@@ -92,3 +92,18 @@ def test_every_pass_preserves_semantics(seed):
     assert applied.get("mla-absorbed", 0) == 2 * cfg.layer_kinds.count("mla")
     moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     assert applied.get("expert-loop", 0) == 6 * moe and applied.get("router", 0) == 6 * moe
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_pipeline_in_bf16(seed):
+    """bf16 graphs (fp32 state, router and gates): the rewrites reorder bf16 roundings only.
+    Tolerance: relative Frobenius error <= 3e-2 per output."""
+    cfg = KimiLinearConfig.from_dict(random_config(seed))
+    for mode, stateful in GRAPHS:
+        g = build_graph(cfg, mode, stateful=stateful, dtype="bf16")
+        weights = random_weights(g, seed)
+        ins = graph_inputs(g, cfg, seed)
+        want = run_graph(g, ins, weights)
+        got = run_graph(PassManager(pipeline_for(seed)).run(g, weights), ins, weights)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and rel(a, b) <= 3e-2, (mode, stateful, rel(a, b))
