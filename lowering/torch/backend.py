@@ -91,9 +91,10 @@ def check_inputs(g: Graph, inputs: dict[str, torch.Tensor]) -> None:
 
 # -- the torch.compile backend "kimi_graph" -------------------------------------------------
 
-def make_backend(pipeline: str | None = "default", inner: str = "inductor") -> Callable:
+def make_backend(pipeline: str | None = "default", inner: str = "inductor",
+                 on_graph: Callable[[Graph], None] | None = None) -> Callable:
     """A torch.compile backend: import -> `run_pipeline(pipeline)` -> lower -> `inner`
-    ("inductor" or "eager")."""
+    ("inductor" or "eager"). `on_graph` sees each optimized layer graph (to print or test)."""
     if inner not in ("inductor", "eager"):
         raise ValueError(f"inner must be 'inductor' or 'eager', got {inner!r}")
 
@@ -102,6 +103,8 @@ def make_backend(pipeline: str | None = "default", inner: str = "inductor") -> C
         if pipeline:
             from kimi_graph.passes import run_pipeline
             g = run_pipeline(g, pipeline, weights=weights)
+        if on_graph is not None:
+            on_graph(g)
         lowered = lower(g, weights)
         where = input_positions(gm)
         data = [where[name] for name in g.inputs]

@@ -5,8 +5,10 @@ module lowered by `lower()` or from a user module written with our node function
 (`ops.node_function(kind)` or `torch.ops.kimi_graph.<kind>`), with static shapes. Operands
 are tensors; attributes are keyword constants. Placeholders that dynamo lifted from module
 parameters and buffers become parameters (mangled names are unmangled, so modules from
-`lower()` keep their HF names); the others become graph inputs. Anything else (another
-torch call, a symbolic size) is refused with an IRError naming the node.
+`lower()` keep their HF names); the others become graph inputs. Sizes read off the inputs
+(`x.size(i)` and arithmetic on them, as `lower()` emits) are evaluated on the example
+inputs. Anything else (another torch call, a symbolic size) is refused with an IRError
+naming the node.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from kimi_graph.ops import IR_DTYPES, get_op
 from .fx import unmangle
 from .ops import kind_of
 
+_ARITH = (operator.mul, operator.add, operator.sub)
 _MEMBER = re.compile(r"(?:\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*))")
 
 
@@ -31,6 +34,8 @@ def import_fx(gm: fx.GraphModule, example_inputs: Sequence) -> tuple[Graph, dict
     g = Graph("imported")
     weights: dict[str, torch.Tensor] = {}
     env: dict[fx.Node, object] = {}
+    sizes: dict[fx.Node, int] = {}         # size nodes evaluated on the example inputs
+    tensors: dict[fx.Node, torch.Tensor] = {}
     inputs = iter(example_inputs)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -38,6 +43,7 @@ def import_fx(gm: fx.GraphModule, example_inputs: Sequence) -> tuple[Graph, dict
             if not isinstance(t, torch.Tensor):
                 raise IRError(f"input {node.name} is {type(t).__name__}, not a tensor: the kimi_graph "
                               f"backend takes static shapes (torch.compile(..., dynamic=False))")
+            tensors[node] = t
             param = _param_name(node)
             if param is not None:
                 env[node] = g.add_param(param, _type(t))
@@ -49,10 +55,15 @@ def import_fx(gm: fx.GraphModule, example_inputs: Sequence) -> tuple[Graph, dict
             name = unmangle(node.target)
             env[node] = g.add_param(name, _type(t))
             weights[name] = t
+        elif node.op == "call_method" and node.target == "size" and node.args[0] in tensors:
+            sizes[node] = int(tensors[node.args[0]].shape[node.args[1]])
+        elif node.op == "call_function" and node.target in _ARITH and all(
+                a in sizes or isinstance(a, int) for a in node.args):
+            sizes[node] = node.target(*(sizes.get(a, a) for a in node.args))
         elif node.op == "call_function" and node.target is operator.getitem:
             env[node] = env[node.args[0]][node.args[1]]
         elif node.op == "call_function" and kind_of(node.target) is not None:
-            env[node] = _add_op(g, node, kind_of(node.target), env)
+            env[node] = _add_op(g, node, kind_of(node.target), env, sizes)
         elif node.op == "output":
             outs = node.args[0]
             g.outputs = [env[n] for n in (outs if isinstance(outs, (tuple, list)) else [outs])]
@@ -69,7 +80,7 @@ def input_positions(gm: fx.GraphModule) -> dict[str, int]:
     return {"%" + _input_name(n): i for i, n in enumerate(nodes) if _param_name(n) is None}
 
 
-def _add_op(g: Graph, node: fx.Node, kind: str, env):
+def _add_op(g: Graph, node: fx.Node, kind: str, env, sizes):
     opdef = get_op(kind)
     args = list(node.args)
     while args and args[-1] is None:
@@ -77,13 +88,14 @@ def _add_op(g: Graph, node: fx.Node, kind: str, env):
     for a in args:
         if not isinstance(a, fx.Node):
             raise IRError(f"node {node.name} ({kind}): operand {a!r} is not a tensor")
-    attrs = dict(node.kwargs)
-    for k, v in attrs.items():
-        if any(isinstance(x, fx.Node) for x in (v if isinstance(v, (list, tuple)) else [v])):
+    attrs = {}
+    for k, v in node.kwargs.items():
+        vals = [sizes.get(x, x) if isinstance(x, fx.Node) else x
+                for x in (v if isinstance(v, (list, tuple)) else [v])]
+        if any(isinstance(x, fx.Node) for x in vals):
             raise IRError(f"node {node.name} ({kind}): attribute {k} depends on run-time sizes; "
                           f"the kimi_graph backend takes static shapes (dynamic=False)")
-        if isinstance(v, tuple):
-            attrs[k] = list(v)
+        attrs[k] = vals if isinstance(v, (list, tuple)) else vals[0]
     ins = [env[a] for a in args]
     opdef.check_arity(len(ins))
     full = opdef.full_attrs(attrs)
