@@ -39,7 +39,7 @@ class LowerContext:
 
     def __init__(self, g: Graph, weights, em: Emitter, ops: str):
         self.g, self.weights, self.em, self.ops = g, weights, em, ops
-        self.derived: dict[str, TensorProto] = {}
+        self.derived: dict[str, object] = {}      # name -> () -> tensor, made only if used
         self.env: dict[str, str] = {}       # IR value -> ONNX name, filled as ops lower
 
     def env_of(self, value: str) -> str:
@@ -59,8 +59,7 @@ class LowerContext:
 
     def derived_param(self, name: str, make) -> str:
         """A weight transformed at export time (transposed, stacked), stored once under `name`."""
-        if name not in self.derived:
-            self.derived[name] = tensor_proto(name, make())
+        self.derived.setdefault(name, make)
         return name
 
     def transposed_param(self, value: str, dtype: str | None = None) -> str | None:
@@ -91,9 +90,11 @@ class LowerContext:
 
 
 def lower(g: Graph, weights, *, ops: str = "ort", opset: int = DEFAULT_OPSET, name: str | None = None,
-          io=None):
-    """Lower `g` to an ONNX ModelProto (initializers inline; `save` externalizes them).
-    `io`: an optional adapter (see genai.py) that renames and reshapes inputs and outputs."""
+          io=None, sink=None):
+    """Lower `g` to an ONNX ModelProto. Initializers are inline, or, with `sink` (see
+    package.WeightsWriter), written by it to an external file and referenced: big tensors
+    then never pass through protobuf. `io`: an optional adapter (see genai.py) that renames
+    and reshapes inputs and outputs."""
     if ops not in OP_SETS:
         raise ValueError(f"operator set must be one of {OP_SETS}, got {ops!r}")
     if opset < MIN_OPSET:
@@ -134,8 +135,9 @@ def lower(g: Graph, weights, *, ops: str = "ort", opset: int = DEFAULT_OPSET, na
             graph_outputs.append(value_info(n, g.types[v]))
     nodes = prune(em.nodes, [o.name for o in graph_outputs])
     used = referenced(nodes)
-    inits = [ctx.derived[n] for n in ctx.derived if n in used]
-    inits += [tensor_proto(v[1:], ctx.param(v)) for v in g.params if v[1:] in used]
+    makers = {n: make for n, make in ctx.derived.items() if n in used}
+    makers.update({v[1:]: (lambda v=v: ctx.param(v)) for v in g.params if v[1:] in used})
+    inits = [sink.proto(n, make) if sink is not None else tensor_proto(n, make()) for n, make in makers.items()]
     graph = helper.make_graph(nodes, name or g.name, graph_inputs, graph_outputs, inits)
     opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in
                                                  sorted(em.opsets.items()) if d]

@@ -128,9 +128,9 @@ class GenaiIO:
         return vis
 
 
-def genai_model(model, *, ops: str = "ort", opset: int = 23):
+def genai_model(model, *, ops: str = "ort", opset: int = 23, sink=None):
     g = model.get_graph("prefill", True)
-    return lower(g, model.weights, ops=ops, opset=opset, name="kimi_linear_genai", io=GenaiIO(g))
+    return lower(g, model.weights, ops=ops, opset=opset, name="kimi_linear_genai", io=GenaiIO(g), sink=sink)
 
 
 def genai_config(model, filename: str) -> dict:

@@ -14,8 +14,12 @@ import time
 from pathlib import Path
 
 import onnx
+import torch
 from onnx import TensorProto
 
+from kimi_graph.ops import IR_DTYPES
+
+from .emitter import ONNX_DTYPES, tensor_proto
 from .export import DEFAULT_OPSET, ir_version_for, lower
 
 MANIFEST = "kimi_graph_onnx.json"
@@ -29,36 +33,34 @@ MODELS = {"prefill": ("prefill", True), "decode": ("decode", True)}
 
 
 class WeightsWriter:
-    """Appends initializer bytes to one file; a name already written is referenced again."""
+    """The `sink` of `lower`: tensors of INLINE_MAX bytes or more go to one file, written
+    straight from torch memory; a name already written is referenced again (the prefill,
+    decode and genai models share their weights)."""
 
     def __init__(self, path: Path):
-        self.path, self.offsets = path, {}
+        self.path, self.table = path, {}          # name -> (offset, length, dims, onnx dtype)
         self.f = open(path, "wb")
 
-    def externalize(self, model: onnx.ModelProto) -> None:
-        for t in model.graph.initializer:
-            if len(t.raw_data) < INLINE_MAX:
-                continue
-            if t.name not in self.offsets:
-                pos = self.f.tell()
-                pad = (-pos) % ALIGN
-                self.f.write(b"\0" * pad)
-                self.offsets[t.name] = (pos + pad, len(t.raw_data))
-                self.f.write(t.raw_data)
-            off, n = self.offsets[t.name]
-            t.ClearField("raw_data")
-            t.data_location = TensorProto.EXTERNAL
-            del t.external_data[:]
-            for k, v in (("location", self.path.name), ("offset", str(off)), ("length", str(n))):
-                e = t.external_data.add()
-                e.key, e.value = k, v
+    def proto(self, name: str, make) -> TensorProto:
+        if name not in self.table:
+            t = make().detach().cpu().contiguous()
+            if t.numel() * t.element_size() < INLINE_MAX:
+                return tensor_proto(name, t)
+            pos = self.f.tell()
+            pad = (-pos) % ALIGN
+            self.f.write(b"\0" * pad)
+            data = t.reshape(-1).view(torch.uint8).numpy()
+            self.f.write(memoryview(data))
+            self.table[name] = (pos + pad, data.nbytes, list(t.shape), ONNX_DTYPES[IR_DTYPES[t.dtype]])
+        off, n, dims, dt = self.table[name]
+        p = TensorProto(name=name, data_type=dt, dims=dims, data_location=TensorProto.EXTERNAL)
+        for k, v in (("location", self.path.name), ("offset", str(off)), ("length", str(n))):
+            e = p.external_data.add()
+            e.key, e.value = k, v
+        return p
 
     def close(self) -> None:
         self.f.close()
-
-
-def initializer_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
 def check(path: Path) -> None:
@@ -97,32 +99,28 @@ def export_model(model, out: str | Path, *, ops: str = "ort", opset: int = DEFAU
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    steps = len(MODELS) + (1 if genai else 0)
-    bar = _progress(steps * 2, progress if progress is not None else
-                    sum(w.numel() * w.element_size() for w in model.weights.values()) > 2 ** 28)
-    protos = {}
-    try:
-        for name, (mode, stateful) in MODELS.items():
+    names = list(MODELS) + (["genai"] if genai else [])
+    weight_bytes = sum(w.numel() * w.element_size() for w in model.weights.values())
+    external = weight_bytes >= TWO_GB
+    bar = _progress(2 * len(names), progress if progress is not None else weight_bytes > 2 ** 28)
+    writer = WeightsWriter(out / WEIGHTS_FILE) if external else None
+    files = {}
+    try:            # one model at a time: its weight bytes are written out before the next
+        for name in names:
             bar.step(f"lowering {name}")
-            protos[name] = lower(model.get_graph(mode, stateful), model.weights, ops=ops, opset=opset,
-                                 name=f"kimi_linear_{name}")
-        if genai:
-            bar.step("lowering genai")
-            protos["genai"] = genai_model(model, ops=ops, opset=opset)
-        total = max(initializer_bytes(p) for p in protos.values())
-        external = total >= TWO_GB
-        writer = WeightsWriter(out / WEIGHTS_FILE) if external else None
-        files = {}
-        for name, proto in protos.items():
+            if name == "genai":
+                proto = genai_model(model, ops=ops, opset=opset, sink=writer)
+            else:
+                proto = lower(model.get_graph(*MODELS[name]), model.weights, ops=ops, opset=opset,
+                              name=f"kimi_linear_{name}", sink=writer)
             bar.step(f"writing {name}")
-            if writer:
-                writer.externalize(proto)
             path = out / f"{name}.onnx"
             onnx.save_model(proto, str(path))
             files[name] = path.name
+            del proto
     finally:
         bar.close()
-        if "writer" in locals() and writer:
+        if writer:
             writer.close()
     if not external and (out / WEIGHTS_FILE).exists():
         (out / WEIGHTS_FILE).unlink()
