@@ -176,7 +176,16 @@ class Engine:
         return out
 
     def stream(self, prompt, params: SamplingParams) -> Iterator[int]:
-        return (t for _, t in self.iterate([prompt], params))
+        return _tokens(self.iterate([prompt], params))     # the request is checked now
+
+
+def _tokens(it) -> Iterator[int]:
+    """The tokens of a one-prompt `iterate`; closing this closes it (and frees its slot)."""
+    try:
+        for _, t in it:
+            yield t
+    finally:
+        it.close()
 
 
 # -- the model-level entry points (KimiModel.generate / .stream delegate here) ----------
