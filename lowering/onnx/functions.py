@@ -274,31 +274,32 @@ def moe_permute():
 
 def grouped_swiglu():
     """grouped_swiglu(rows, offsets, w13 [E,2I,D], w2 [E,D,I]): a Loop over experts, each
-    running SwiGLU on its contiguous block of rows; blocks are concatenated in order."""
+    running SwiGLU (in fp32) on its contiguous block of rows; blocks are concatenated in order."""
     em = Emitter("gsw_")
     E = em("Squeeze", em("Shape", "w13", start=0, end=1), em.ints(0))
-    I = em("Div", em("Shape", "w2", start=2, end=3), em.ints(1))
-    empty = em("Slice", "rows", em.ints(0), em.ints(0), em.ints(0))
+    I = em("Shape", "w2", start=2, end=3)
+    rows = em("Cast", "rows", to=FLOAT)
+    empty = em("Slice", rows, em.ints(0), em.ints(0), em.ints(0))
     b = Emitter("gswb_")
     e1 = b("Unsqueeze", "e", b.ints(0))
     s = b("Gather", "offsets", e1)
     t = b("Gather", "offsets", b("Add", e1, b.ints(1)))
-    xs = b("Slice", "rows", s, t, b.ints(0))
-    w13 = b("CastLike", b("Gather", "w13", "e", axis=0), "rows")                   # [2I, D]
-    gu = b("MatMul", xs, b("Transpose", w13, perm=[1, 0]))
+    xs = b("Slice", rows, s, t, b.ints(0))
+    gu = b("MatMul", xs, b("Transpose", b("Cast", b("Gather", "w13", "e", axis=0), to=FLOAT), perm=[1, 0]))
     gate = b("Slice", gu, b.ints(0), I, b.ints(1))
     up = b("Slice", gu, I, b("Mul", I, b.ints(2)), b.ints(1))
     h = b("Mul", b("Mul", gate, b("Sigmoid", gate)), up)
-    y = b("MatMul", h, b("Transpose", b("CastLike", b("Gather", "w2", "e", axis=0), "rows"), perm=[1, 0]))
+    y = b("MatMul", h, b("Transpose", b("Cast", b("Gather", "w2", "e", axis=0), to=FLOAT), perm=[1, 0]))
     b.node("Identity", ["c_in"], outputs=["c_out"])
     b.node("Concat", ["acc_in", y], outputs=["acc_out"], axis=0)
     body = helper.make_graph(b.nodes, "expert_step",
                              [helper.make_tensor_value_info("e", TensorProto.INT64, []),
                               helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
-                              helper.make_tensor_value_info("acc_in", TensorProto.UNDEFINED, None)],
+                              helper.make_tensor_value_info("acc_in", FLOAT, None)],
                              [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
-                              helper.make_tensor_value_info("acc_out", TensorProto.UNDEFINED, None)])
-    em.node("Loop", [E, _true(em), empty], outputs=["y"], body=body)
+                              helper.make_tensor_value_info("acc_out", FLOAT, None)])
+    out = em.node("Loop", [E, _true(em), empty], 1, body=body)[0]
+    em.node("CastLike", [out, "rows"], outputs=["y"])
     return _function("grouped_swiglu", ["rows", "offsets", "w13", "w2"], ["y"], em)
 
 
