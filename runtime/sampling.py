@@ -75,12 +75,13 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
         """logits [N, V] for the sequences `rows` (indices into this sampler's sequences)."""
-        logits = logits.detach().to("cpu", torch.float32)
-        if not torch.isfinite(logits).all():
+        logits = logits.detach()
+        if not bool(torch.isfinite(logits).all()):
             raise FloatingPointError("logits contain NaN or inf; the model's output is broken")
         p = self.params
-        if p.greedy:
+        if p.greedy:                    # on the logits' device: only the ids come back
             return logits.argmax(dim=-1).tolist()
+        logits = logits.to("cpu", torch.float32)     # CPU generators: same draws on any device
         probs = filter_logits(logits / p.temperature, p.top_k, p.top_p).softmax(dim=-1)
         return [int(torch.multinomial(probs[i], 1, generator=self.generators[r]))
                 for i, r in enumerate(rows)]

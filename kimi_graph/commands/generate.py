@@ -14,7 +14,8 @@ def add_arguments(p):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     src.add_argument("--ids", help="comma-separated prompt token ids")
-    p.add_argument("--chat", action="store_true", help="wrap --prompt as a user message with the chat template")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap --prompt as a user message with the chat template")
     p.add_argument("--system", help="system message for --chat")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
