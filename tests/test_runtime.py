@@ -294,13 +294,16 @@ def test_cli_generate_errors(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("options", [dict(pipeline="default"), dict(backend="torch")],
-                         ids=["default_pipeline", "torch_backend"])
+@pytest.mark.parametrize("options", [dict(pipeline="default"), dict(backend="torch"),
+                                     dict(backend="onnxruntime")],
+                         ids=["default_pipeline", "torch_backend", "onnxruntime_backend"])
 def test_engine_runs_unchanged_on_other_graphs_and_backends(options):
     """The engine only calls model.execute: optimized graphs and other executors work as is."""
     from kimi_graph.api import BACKENDS
     if options.get("backend", "interpreter") not in BACKENDS:
         pytest.skip(f"backend {options['backend']!r} is not registered")
+    if options.get("backend") == "onnxruntime":
+        pytest.importorskip("onnxruntime")
     model = tiny(**options)
     ids = [1, 5, 9, 14, 3, 7, 200]
     full = tiny()(torch.tensor([ids]))[0]
