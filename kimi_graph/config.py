@@ -146,6 +146,12 @@ class KimiLinearConfig:
                  "intermediate_size")
         if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
             errs.append(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        for n in ("tie_word_embeddings", "moe_renormalize", "mla_use_nope", "use_grouped_topk"):
+            if not isinstance(getattr(self, n), bool):
+                errs.append(f"{n} must be true or false, got {getattr(self, n)!r}")
+        if isinstance(self.routed_scaling_factor, bool) or \
+                not isinstance(self.routed_scaling_factor, (int, float)) or self.routed_scaling_factor <= 0:
+            errs.append(f"routed_scaling_factor must be a number > 0, got {self.routed_scaling_factor!r}")
         if self.hidden_act != "silu":
             errs.append(f"hidden_act {self.hidden_act!r} is not supported (Kimi Linear uses 'silu')")
         N = self.num_hidden_layers if isinstance(self.num_hidden_layers, int) else 0
@@ -159,8 +165,11 @@ class KimiLinearConfig:
             for k in ("kda_layers", "full_attn_layers", "num_heads", "head_dim"):
                 if k not in lac:
                     errs.append(f"linear_attn_config is missing {k!r}")
-            kda_layers = list(lac.get("kda_layers", []))
-            full_layers = list(lac.get("full_attn_layers", []))
+            kda_layers, full_layers = lac.get("kda_layers", []), lac.get("full_attn_layers", [])
+            if not isinstance(kda_layers, list) or not isinstance(full_layers, list):
+                errs.append("linear_attn_config.kda_layers and full_attn_layers must be lists of "
+                            f"layer numbers, got {kda_layers!r} and {full_layers!r}")
+                kda_layers, full_layers = [], []
             for k in ("num_heads", "head_dim", "short_conv_kernel_size"):
                 v = lac.get(k, 4)
                 if not isinstance(v, int) or v <= 0:
@@ -212,8 +221,9 @@ class KimiLinearConfig:
                             "not supported (Kimi Linear uses 'sigmoid')")
             if not isinstance(self.first_k_dense_replace, int) or self.first_k_dense_replace < 0:
                 errs.append(f"first_k_dense_replace must be >= 0, got {self.first_k_dense_replace!r}")
-            if self.num_shared_experts is not None and self.num_shared_experts < 0:
-                errs.append("num_shared_experts must be >= 0")
+            n = self.num_shared_experts
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+                errs.append(f"num_shared_experts must be an integer >= 0, got {n!r}")
         for name in ("bos_token_id", "pad_token_id"):
             v = getattr(self, name)
             if v is not None and isinstance(self.vocab_size, int) and not 0 <= v < self.vocab_size:

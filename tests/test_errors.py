@@ -77,6 +77,11 @@ def test_config_missing_required_keys():
     ({"mla_use_nope": False}, "mla_use_nope must be true"),
     ({"pad_token_id": 100000}, "pad_token_id 100000 is outside the vocabulary"),
     ({"first_k_dense_replace": -1}, "first_k_dense_replace must be >= 0"),
+    ({"lac": {"kda_layers": 3}}, "kda_layers and full_attn_layers must be lists of layer numbers"),
+    ({"num_shared_experts": "1"}, "num_shared_experts must be an integer >= 0, got '1'"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false, got 'yes'"),
+    ({"moe_renormalize": 1}, "moe_renormalize must be true or false, got 1"),
+    ({"routed_scaling_factor": "2.4"}, "routed_scaling_factor must be a number > 0, got '2.4'"),
 ])
 def test_config_inconsistent_values(change, message):
     cfg = base_config()
