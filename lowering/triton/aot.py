@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .codegen import KernelSpec, jit_function, write
@@ -97,29 +98,33 @@ def compile_model(model, targets: list[str], out: str | Path, *, pipeline: str |
         os.environ.pop(TUNING_ENV, None)
         if saved is not None:
             os.environ[TUNING_ENV] = saved
-    for target in targets:
-        (out / target).mkdir(exist_ok=True)
-        specs = per_target[target]
-        for (h, entry), (spec, kinds) in sorted(specs.items(), key=lambda kv: (kv[1][0].name, kv[0])):
-            src_path = write(spec, out / "src")
-            ck = compile_spec(spec, target)
-            stem = f"{spec.name}_{h[:12]}" + ("" if entry == spec.name else f"_{entry}")
-            files = {}
-            for ext in ("cubin", "ptx"):
-                p = out / target / f"{stem}.{ext}"
-                data = ck.asm[ext]
-                p.write_bytes(data) if isinstance(data, bytes) else p.write_text(data)
-                files[ext] = str(p.relative_to(out))
-            meta = out / target / f"{stem}.json"
-            meta.write_text(json.dumps(ck.metadata._asdict(), default=vars))
-            files["json"] = str(meta.relative_to(out))
-            entries.append({"kernel": spec.name, "entry": entry, "ops": sorted(kinds), "target": target,
-                            "arch": TARGETS[target]["arch"], "config": _jsonable(spec.config),
-                            "num_warps": spec.num_warps, "num_stages": spec.num_stages,
-                            "source": str(src_path.relative_to(out)), "source_hash": h,
-                            "triton_version": triton.__version__, "shared_bytes": ck.metadata.shared,
-                            "files": files})
-            log(f"{target}  {stem:<48} {ck.metadata.shared:>7} B smem  ops: {', '.join(sorted(kinds))}")
+    jobs = [(t, h, entry, spec, kinds) for t in targets
+            for (h, entry), (spec, kinds) in sorted(per_target[t].items(), key=lambda kv: (kv[1][0].name, kv[0]))]
+    for t in targets:
+        (out / t).mkdir(exist_ok=True)
+    for job in jobs:
+        write(job[3], out / "src")
+    # compile in threads: most of the time is ptxas, a subprocess
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        built = list(pool.map(lambda j: compile_spec(j[3], j[0]), jobs))
+    for (target, h, entry, spec, kinds), ck in zip(jobs, built):
+        stem = f"{spec.name}_{h[:12]}" + ("" if entry == spec.name else f"_{entry}")
+        files = {}
+        for ext in ("cubin", "ptx"):
+            p = out / target / f"{stem}.{ext}"
+            data = ck.asm[ext]
+            p.write_bytes(data) if isinstance(data, bytes) else p.write_text(data)
+            files[ext] = str(p.relative_to(out))
+        meta = out / target / f"{stem}.json"
+        meta.write_text(json.dumps(ck.metadata._asdict(), default=vars))
+        files["json"] = str(meta.relative_to(out))
+        entries.append({"kernel": spec.name, "entry": entry, "ops": sorted(kinds), "target": target,
+                        "arch": TARGETS[target]["arch"], "config": _jsonable(spec.config),
+                        "num_warps": spec.num_warps, "num_stages": spec.num_stages,
+                        "source": f"src/{spec.filename}", "source_hash": h,
+                        "triton_version": triton.__version__, "shared_bytes": ck.metadata.shared,
+                        "files": files})
+        log(f"{target}  {stem:<48} {ck.metadata.shared:>7} B smem  ops: {', '.join(sorted(kinds))}")
     manifest = {"model": str(model), "pipeline": pipeline, "dtype": dtype, "targets": targets,
                 "triton_version": triton.__version__, "tuning": Path(tuning).name if tuning else None,
                 "kernels": entries}

@@ -85,8 +85,22 @@ def write(spec: KernelSpec, directory: Path | None = None) -> Path:
     return path
 
 
+def _interpretable_stdlib() -> None:
+    """Triton decides at decoration time whether its own @jit helpers (tl.sum, tl.sigmoid, ...)
+    are interpreted; when triton was imported before TRITON_INTERPRET=1 was set, make them so."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    for mod in {tl, tl.standard, tl.math, tl.core}:
+        for name, v in list(vars(mod).items()):
+            if isinstance(v, JITFunction):
+                setattr(mod, name, InterpretedFunction(v.fn))
+
+
 def load(spec: KernelSpec):
     """The kernel object (JIT or interpreted, per TRITON_INTERPRET at first load) of `spec`."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        _interpretable_stdlib()
     key = spec.hash + spec.entry + os.environ.get("TRITON_INTERPRET", "0")
     if key not in _LOADED:
         path = write(spec)

@@ -109,3 +109,20 @@ def config(family: str, target: str | None = None, tuning: dict | None = None) -
     if tuning and tuning.get("arch") == TARGETS[target]["arch"]:
         cfg.update(tuning["configs"].get(family, {}))
     return cfg
+
+
+def write_tuning(path: str | Path, device: str, arch: int, configs: dict, notes: dict | None = None) -> Path:
+    """Write a per-device tuning file: {family: {param: value}} measured on `device` (sm_`arch`);
+    `kimi-graph compile --tuning FILE` applies it to that arch and ships it."""
+    try:
+        import triton
+        version = triton.__version__
+    except ImportError:
+        version = None
+    unknown = set(configs) - set(_BASE)
+    if unknown:
+        raise ValueError(f"unknown kernel families {sorted(unknown)}; known: {sorted(_BASE)}")
+    path = Path(path)
+    path.write_text(json.dumps({"device": device, "arch": arch, "triton_version": version,
+                                "configs": configs, "notes": notes or {}}, indent=1))
+    return path
