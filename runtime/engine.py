@@ -153,20 +153,31 @@ class Engine:
         slots = self.cache.allocate(len(prompts))
         try:
             logits = torch.stack([t[-1] for t in self.prefill(slots, prompts)])
-            sampler = Sampler(params, len(prompts))
-            stops = params.stop_set(self.model.config.eos_ids)
-            active = list(range(len(prompts)))
-            for step in range(params.max_new_tokens):
-                tokens = sampler(logits, active)
-                for i, t in zip(active, tokens):
-                    yield i, t
-                going = [(i, t) for i, t in zip(active, tokens) if t not in stops]
-                if not going or step + 1 == params.max_new_tokens:
-                    break
-                active = [i for i, _ in going]
-                logits = self.decode([slots[i] for i in active], [t for _, t in going])
+            yield from self.sample_loop(slots, logits, params)
         finally:
             self.cache.free(slots)
+
+    def sample_loop(self, slots: list[int], logits: torch.Tensor,
+                    params: SamplingParams) -> Iterator[tuple[int, int]]:
+        """From each slot's next-token logits [B, V]: sample, yield (index, token), decode the
+        sequences that go on. The last token sampled per sequence is not run (its slot holds
+        everything before it)."""
+        sampler = Sampler(params, len(slots))
+        stops = params.stop_set(self.model.config.eos_ids)
+        active = list(range(len(slots)))
+        for step in range(params.max_new_tokens):
+            tokens = sampler(logits, active)
+            for i, t in zip(active, tokens):
+                yield i, t
+            going = [(i, t) for i, t in zip(active, tokens) if t not in stops]
+            if not going or step + 1 == params.max_new_tokens:
+                break
+            active = [i for i, _ in going]
+            logits = self.decode([slots[i] for i in active], [t for _, t in going])
+
+    def sequence(self) -> "Sequence":
+        """A sequence kept on its own slot across calls (a multi-turn chat): see Sequence."""
+        return Sequence(self)
 
     def generate(self, prompts, params: SamplingParams) -> list[list[int]]:
         it = self.iterate(prompts, params)             # checks the request first
@@ -177,6 +188,54 @@ class Engine:
 
     def stream(self, prompt, params: SamplingParams) -> Iterator[int]:
         return _tokens(self.iterate([prompt], params))     # the request is checked now
+
+
+class Sequence:
+    """One sequence continued across calls without running its past again: `extend` appends
+    tokens (a prefill that continues from the slot's states), `generate` samples a reply.
+    The reply's last token is run at the next `extend`. `close` (or `with`) frees the slot."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        (self.slot,) = engine.cache.allocate(1)
+        self.tokens: list[int] = []     # everything so far: prompts and replies
+        self._logits = None             # next-token logits after the last extend
+        self._pending: list[int] = []   # the last reply token, not yet run
+
+    def extend(self, ids) -> torch.Tensor:
+        """Append `ids` -> their logits [T, V]."""
+        ids = self.engine.check_prompt(ids)
+        run = self._pending + ids
+        self.engine.cache.reserve([self.slot], len(run))
+        logits = self.engine.prefill([self.slot], [run])[0][len(self._pending):]
+        self.tokens += ids
+        self._pending, self._logits = [], logits[-1:]
+        return logits
+
+    def generate(self, params: SamplingParams) -> list[int]:
+        """Sample a reply from where the sequence stands (after an `extend`)."""
+        if self._logits is None:
+            raise GenerationError("extend the sequence (a prompt or a user turn) before generating")
+        room = self.engine.cache.capacity - self.engine.cache.lengths[self.slot]
+        if params.max_new_tokens > room:
+            raise GenerationError(f"max_new_tokens={params.max_new_tokens} does not fit: the "
+                                  f"sequence holds {len(self.tokens)} of {self.engine.cache.capacity} "
+                                  f"positions")
+        reply = [t for _, t in self.engine.sample_loop([self.slot], self._logits, params)]
+        self.tokens += reply
+        self._pending, self._logits = reply[-1:], None
+        return reply
+
+    def close(self) -> None:
+        if self.slot is not None:
+            self.engine.cache.free(self.slot)
+            self.slot = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _tokens(it) -> Iterator[int]:
@@ -225,4 +284,4 @@ def stream(model, prompt, *, max_len: int | None = None, engine: Engine | None =
     return engine.stream(prompt, params)
 
 
-__all__ = ["Engine", "GenerationError", "CacheError", "generate", "stream"]
+__all__ = ["Engine", "Sequence", "GenerationError", "CacheError", "generate", "stream"]

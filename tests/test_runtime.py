@@ -357,3 +357,29 @@ def test_paged_pool_accounting_and_exhaustion():
         c.reserve(c.allocate(1), 9)
     with pytest.raises(CacheError, match="num_pages needs page_size"):
         Engine(model, num_pages=3)
+
+
+# -- continuation: a sequence kept across turns ----------------------------------------------
+@pytest.mark.parametrize("page_size", [None, 2])
+def test_sequence_continues_across_turns(page_size):
+    """Turn 2 of a kept sequence equals a fresh generation over the whole history: prefill
+    continues from the states decode left (the reply's last token runs with the next turn)."""
+    model = tiny()
+    engine = Engine(model, max_batch=2, max_len=40, page_size=page_size, window_block=8)
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    a, b = [1, 5, 9, 14], [300, 2]
+    with engine.sequence() as seq:
+        logits = seq.extend(a)
+        assert rel_err(logits, model(torch.tensor([a]))[0]) <= TOL[torch.float32]
+        r1 = seq.generate(params)
+        assert r1 == model.generate([a], **vars(params))[0]
+        seq.extend(b)
+        r2 = seq.generate(params)
+        assert seq.tokens == a + r1 + b + r2
+        assert r2 == model.generate([a + r1 + b], **vars(params))[0]
+        with pytest.raises(GenerationError, match="before generating"):
+            seq.generate(params)
+        with pytest.raises(GenerationError, match="does not fit"):
+            seq.extend([7])
+            seq.generate(SamplingParams(max_new_tokens=30))
+    assert engine.cache.free_slots == 2
