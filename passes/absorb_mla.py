@@ -124,6 +124,9 @@ def _q_projection(g: Graph, q: str) -> tuple[str, str] | None:
     lin = g.defining_op(view.inputs[0]) if view is not None and view.kind == "reshape" else None
     if lin is None or lin.kind != "linear" or lin.inputs[1] not in g.params:
         return None
+    B, T, H, NP = g.types[q].shape                     # the reshape splits the last dim only
+    if g.types[lin.outputs[0]].shape != (B, T, H * NP):
+        return None
     return lin.inputs[0], lin.inputs[1]
 
 
@@ -132,15 +135,17 @@ def _o_projection(g: Graph, o: str, H: int, V_: int) -> tuple[Op, Op] | None:
     view = only_user(g, o, "reshape")
     lin = only_user(g, view.outputs[0], "linear") if view is not None else None
     if lin is None or lin.inputs[0] != view.outputs[0] or lin.inputs[1] not in g.params \
-            or g.types[view.outputs[0]].shape[2:] != (H * V_,):
+            or g.types[view.outputs[0]].shape != g.types[o].shape[:2] + (H * V_,):
         return None
     return view, lin
 
 
-def _choose(mode: str, per_head: int, fold: int | None) -> str:
+def _choose(mode: str, weight_bytes: dict) -> str:
+    """per-head or fold: as forced by `mode`, else the one reading fewer bytes (ties: per-head)."""
+    fold = weight_bytes["fold"]
     if fold is None or mode == "per-head":
         return "per-head"
-    return "fold" if mode == "fold" or fold < per_head else "per-head"
+    return "fold" if mode == "fold" or fold < weight_bytes["per-head"] else "per-head"
 
 
 def _absorb(m, rw: Rewriter, mode: str, ctx: PassContext) -> bool:
@@ -159,7 +164,7 @@ def _absorb(m, rw: Rewriter, mode: str, ctx: PassContext) -> bool:
                "fold": H * (R + P_) * g.types[q_src[1]].shape[1] * nb if q_src else None}
     o_bytes = {"per-head": (g.types[o_dst[1].inputs[1]].numel() if o_dst else 0) * nb + H * R * V_ * nb,
                "fold": g.types[o_dst[1].inputs[1]].shape[0] * H * R * nb if o_dst else None}
-    q_way, o_way = _choose(mode, **_kw(q_bytes)), _choose(mode, **_kw(o_bytes))
+    q_way, o_way = _choose(mode, q_bytes), _choose(mode, o_bytes)
     if q_way == "fold":
         x, wq = q_src
         qa = rw.create1("reshape", rw.create1("linear", x, W.q_folded(wq), like=q, name="q_absorbed"),
@@ -186,10 +191,6 @@ def _absorb(m, rw: Rewriter, mode: str, ctx: PassContext) -> bool:
     ctx.stat(f"q-{q_way}")
     ctx.stat(f"o-{o_way}")
     return True
-
-
-def _kw(b: dict) -> dict:
-    return {"per_head": b["per-head"], "fold": b["fold"]}
 
 
 @register_pass
