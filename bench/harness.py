@@ -68,3 +68,48 @@ def write_result(name: str, rows: list[dict], extra: dict | None = None) -> dict
     for r in rows:
         print("  ".join(f"{(f'{v:.4g}' if isinstance(v, float) else str(v)):>12}" for v in r.values()))
     return data
+
+
+def override_config(family: str, **values) -> None:
+    """Set tile parameters of one kernel family on this GPU's target (for sweeps), dropping
+    the cached specs so the next launch regenerates its kernels."""
+    from kimi_graph.lowering.triton import conv, elementwise, kda, mla, moe, norm
+    from kimi_graph.lowering.triton.targets import TARGETS, current_target
+    TARGETS[current_target()]["configs"][family].update(values)
+    for mod in (conv, elementwise, kda, mla, moe, norm):
+        for v in vars(mod).values():
+            if hasattr(v, "cache_clear"):
+                v.cache_clear()
+
+
+def merge_tuning(family: str, cfg: dict, note: str = "") -> Path:
+    """Add one family's measured best config to this device's tuning file (in $OUT and
+    bench/results), the file `kimi-graph compile --tuning` ships."""
+    from kimi_graph.lowering.triton.targets import write_tuning
+    major, minor = torch.cuda.get_device_capability()
+    name = "tuning-" + torch.cuda.get_device_name().lower().replace(" ", "-") + ".json"
+    path = ROOT / "results" / name
+    data = json.loads(path.read_text()) if path.exists() else {"configs": {}, "notes": {}}
+    data["configs"][family] = cfg
+    data["notes"][family] = note
+    write_tuning(path, torch.cuda.get_device_name(), 10 * major + minor, data["configs"], data["notes"])
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], name).write_text(path.read_text())
+    return path
+
+
+def kernel_times(fn, reps: int = 5) -> dict:
+    """CUDA time per kernel name (ms per call) over `reps` calls, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out: dict = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            out[e.key] = out.get(e.key, 0.0) + t / 1e3 / reps
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))

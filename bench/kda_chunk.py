@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
-from harness import bench, rel_err, write_result
+from harness import bench, kernel_times, override_config, rel_err, write_result
 
 from kimi_graph.lowering.triton import kda
 from kimi_graph.ops.fused import kda_gate, l2_normalize
@@ -86,7 +86,37 @@ def timing():
     return rows
 
 
+def breakdown():
+    """Where the time goes at T=16k: per-kernel CUDA time, ours and fla's; tile variants of ours."""
+    from fla.ops.kda import chunk_kda
+    q, k, v, f, b, A_log, dt_bias = inputs(1, 16384)
+    rows = []
+    fla = lambda: chunk_kda(q, k, v, f, b, scale=D ** -0.5, output_final_state=True,
+                            use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                            use_beta_sigmoid_in_kernel=True, A_log=A_log, dt_bias=dt_bias)
+    for name, ms in list(kernel_times(fla).items())[:8]:
+        rows.append({"impl": "fla", "variant": "-", "kernel": name[:40], "ms": ms})
+    for variant in ({}, {"BT": 32}, {"BV": 64}, {"BV": 16}, {"prep_warps": 4}, {"num_warps": 8}):
+        from kimi_graph.lowering.triton.targets import TARGETS, current_target
+        saved = dict(TARGETS[current_target()]["configs"]["kda_chunk"])
+        override_config("kda_chunk", **variant)
+        ours = lambda: kda.kda_chunk(q, k, v, f, b, A_log, dt_bias, D ** -0.5)
+        try:
+            for name, ms in list(kernel_times(ours).items())[:3]:
+                rows.append({"impl": "ours", "variant": str(variant), "kernel": name[:40], "ms": ms})
+            rows.append({"impl": "ours", "variant": str(variant), "kernel": "TOTAL", "ms": bench(ours)})
+        except Exception as e:
+            print(variant, type(e).__name__, str(e)[:100])
+        TARGETS[current_target()]["configs"]["kda_chunk"] = saved
+        override_config("kda_chunk")
+    return rows
+
+
 if __name__ == "__main__":
+    import sys
+    if "--breakdown" in sys.argv:
+        write_result("kda_chunk_breakdown", breakdown())
+        sys.exit(0)
     write_result("kda_chunk_check", check(), {"tolerance": "bf16 inputs, fp32 state: rel err <= 1e-2"})
     write_result("kda_chunk", timing(), {"shape": f"H={H}, D={D}, bf16, fused gate/beta/l2norm",
                                          "baseline": "fla-core chunk_kda, same fusions, same run"})

@@ -161,3 +161,9 @@ def dot_pieces(n: int, minimum: int = 16) -> list[tuple[int, int]]:
         pieces.append((off, w))
         off += w
     return pieces
+
+
+def dot_precision(dtype: str) -> str:
+    """tl.dot precision for fp32 operands: exact ("ieee") in f32 kernels; tf32 inside bf16/f16
+    kernels, whose error budget is the 16-bit inputs' (fp32 accumulation either way)."""
+    return "ieee" if dtype == "f32" else "tf32"

@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render
+from .codegen import dot_precision, TL_DTYPES, KernelSpec, launch, next_pow2, render
 from .targets import config, current_target
 
 _GATE = """
@@ -246,9 +246,6 @@ def _consts(H, K, V, dtype, fused, scale, eps, **extra):
             "SCALE": float(scale), "EPS": float(eps), "DT": TL_DTYPES[dtype], **extra}
 
 
-def _prec(dtype, target):
-    return "ieee" if target == "interpret" or dtype != "f32" else "tf32"
-
 
 @functools.lru_cache(maxsize=None)
 def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> list[KernelSpec]:
@@ -258,7 +255,7 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> li
     BT, BC, BV = cfg["BT"], cfg["BC"], min(cfg["BV"], max(16, next_pow2(V)))
     consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=BT // BC,
                      BVF=max(16, next_pow2(V)), BV=BV, HAS_STATE=bool(has_state),
-                     PREC=_prec(dtype, target))
+                     PREC=dot_precision(dtype))
     src_p = render("kda_chunk_prep", _PREP, consts, gate=_GATE)
     p_args = ["q_ptr", "k_ptr", "v_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "chunk_start", "chunk_len",
               "qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr",

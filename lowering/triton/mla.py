@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .codegen import TL_DTYPES, KernelSpec, dot_pieces, launch, next_pow2, render
+from .codegen import dot_precision, TL_DTYPES, KernelSpec, dot_pieces, launch, next_pow2, render
 from .elementwise import ir_dtype, ptr_type
 from .targets import config, current_target
 
@@ -120,9 +120,6 @@ def causal_attention_fwd(q_ptr, k_ptr, v_ptr, qs_ptr, o_ptr, T, S,
 LOG2E = 1.4426950408889634
 
 
-def _prec(dtype, target):
-    return "ieee" if target == "interpret" or dtype != "f32" else "tf32"
-
 
 @functools.lru_cache(maxsize=None)
 def latent_specs(H: int, R: int, P: int, dtype: str, scale: float, rows: int, target: str):
@@ -130,7 +127,7 @@ def latent_specs(H: int, R: int, P: int, dtype: str, scale: float, rows: int, ta
     BM = max(16, min(next_pow2(rows), cfg.get("BM", 64)))
     consts = {"H": H, "R": R, "P": P, "BR": max(16, next_pow2(R)), "BP": max(16, next_pow2(P)),
               "BM": BM, "BS": cfg["BS"], "SCALE_LOG2E": float(scale) * LOG2E,
-              "DT": TL_DTYPES[dtype], "PREC": _prec(dtype, target), "split_min": cfg["split_min"]}
+              "DT": TL_DTYPES[dtype], "PREC": dot_precision(dtype), "split_min": cfg["split_min"]}
     src = render("mla_latent_attention", _LATENT, {k: v for k, v in consts.items() if k != "split_min"})
     p = ptr_type(dtype)
     split = KernelSpec("mla_latent_split", "mla_latent_split", src,
@@ -188,7 +185,7 @@ def flash_spec(H: int, D: int, DV: int, dtype: str, scale: float, target: str) -
                       f"mask=mj[None, :] & (d{i} < {D})[:, None], other=0.0)")
     scores.append("s = " + " + ".join(f"tl.dot(q{i}, k{i}, input_precision=PREC)" for i in range(len(pieces))))
     consts = {"H": H, "DV": DV, "BDV": max(16, next_pow2(DV)), "BM": cfg["BM"], "BN": cfg["BN"],
-              "SCALE_LOG2E": float(scale) * LOG2E, "DT": TL_DTYPES[dtype], "PREC": _prec(dtype, target)}
+              "SCALE_LOG2E": float(scale) * LOG2E, "DT": TL_DTYPES[dtype], "PREC": dot_precision(dtype)}
     src = render("causal_attention", _FLASH, consts, load_q="\n".join(load_q), scores="\n".join(scores))
     p = ptr_type(dtype)
     sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "qs_ptr": "*i64", "o_ptr": p, "T": "i32", "S": "i32"}

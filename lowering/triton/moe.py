@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render
+from .codegen import dot_precision, TL_DTYPES, KernelSpec, launch, next_pow2, render
 from .elementwise import ir_dtype, ptr_type
 from .targets import config, current_target
 
@@ -198,9 +198,6 @@ def moe_unpermute(y_ptr, inv_ptr, w_ptr, acc_ptr, out_ptr):
 """
 
 
-def _prec(dtype, target):
-    return "ieee" if target == "interpret" or dtype != "f32" else "tf32"
-
 
 @functools.lru_cache(maxsize=None)
 def route_spec(D, E, top_k, n_group, topk_group, renorm, scaling, weights, xdt, wdt, target) -> KernelSpec:
@@ -276,7 +273,7 @@ def gemm_specs(E, I, D, dtype, small, target):
     cfg = config("moe_gemm", target)
     BM = cfg["BM_small"] if small else cfg["BM"]
     consts = {"E": E, "I": I, "D": D, "BE": max(16, next_pow2(E)), "BM": BM, "BN": cfg["BN"], "BK": cfg["BK"],
-              "TB": 64, "DT": TL_DTYPES[dtype], "PREC": _prec(dtype, target)}
+              "TB": 64, "DT": TL_DTYPES[dtype], "PREC": dot_precision(dtype)}
     src = render("grouped_swiglu", _GEMM, consts)
     p = ptr_type(dtype)
     tiles = {"tile_e_ptr": "*i32", "tile_r_ptr": "*i32"}

@@ -1,0 +1,108 @@
+"""GPU only (skipped without CUDA): every kernel in bf16 against the op reference in fp64,
+rel. error <= 1e-2 (bf16 inputs and outputs, fp32 accumulation); the tiny model through
+backend="triton" against the reference interpreter (fp32: <= 1e-4; bf16: <= 2e-2)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+import kimi_graph  # noqa: E402
+from kimi_graph.lowering.triton.backend import KERNELS  # noqa: E402
+from kimi_graph.lowering.triton.elementwise import op_elementwise  # noqa: E402
+from kimi_graph.ops import get_op  # noqa: E402
+
+BF16_TOL = 1e-2
+ERRORS: dict[str, float] = {}
+
+
+@pytest.fixture(autouse=True)
+def _gpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.manual_seed(0)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def r(*s, scale=1.0):
+    return (torch.randn(*s, device="cuda") * scale).to(torch.bfloat16)
+
+
+def cases():
+    B, T, H, K = 2, 300, 4, 128
+    A = torch.log(torch.rand(1, 1, H, 1, device="cuda") * 15 + 1)
+    dt = torch.log(torch.expm1(torch.rand(H * K, device="cuda") * 0.1 + 1e-3))
+    st = torch.randn(B, H, K, K, device="cuda") * 0.1
+    kda_args = [r(B, T, H, K), r(B, T, H, K), r(B, T, H, K), r(B, T, H * K, scale=0.5), r(B, T, H), A, dt, st]
+    dec_args = [a[:, :1] if i < 5 else a for i, a in enumerate(kda_args)]
+    kattrs = {"scale": K ** -0.5, "l2norm_eps": 1e-6, "chunk_size": 64}
+    E, D, I = 32, 256, 128
+    x = r(50, D)
+    ids = torch.stack([torch.randperm(E, device="cuda")[:4] for _ in range(50)])
+    perm = get_op("moe_permute").ref([x, ids], {"num_experts": E})
+    S = 700
+    qs = torch.tensor([699, 10, 300], device="cuda")
+    kv = r(3, S, 8, 320)
+    return [
+        ("kda_fused_chunk", kda_args, kattrs),
+        ("kda_fused_recurrent", dec_args, kattrs),
+        ("causal_conv1d", [r(2, 77, 384), r(384, 1, 4), r(2, 384, 3)], {"activation": "silu"}),
+        ("rmsnorm", [r(64, 2304), r(2304)], {"eps": 1e-5}),
+        ("add_rmsnorm", [r(64, 2304), r(64, 2304), r(2304)], {"eps": 1e-5}),
+        ("gated_rmsnorm", [r(64, 32, 128), r(128), r(64, 32, 128)], {"eps": 1e-5}),
+        ("mla_latent_attention", [r(3, 1, 32, 512), r(3, 1, 32, 64), r(3, S, 512), r(3, S, 64), qs],
+         {"scale": 192 ** -0.5}),
+        ("causal_attention", [r(3, 90, 8, 192), kv[..., :192], kv[..., 192:], torch.tensor([609, 0, 300], device="cuda")],
+         {"scale": 192 ** -0.5}),
+        ("moe_route", [x, r(E, D), torch.randn(E, device="cuda") * 0.01],
+         dict(top_k=4, n_group=1, topk_group=1, renormalize=True, scaling=2.446, weights="official")),
+        ("grouped_swiglu", [perm[0], perm[1], r(E, 2 * I, D, scale=D ** -0.5), r(E, D, I, scale=I ** -0.5)], {}),
+        ("moe_unpermute", [r(200, D), perm[2], torch.rand(50, 4, device="cuda"), r(50, D)], {}),
+    ]
+
+
+@pytest.mark.parametrize("kind,args,attrs", cases(), ids=[c[0] for c in cases()])
+def test_kernel_bf16_against_fp64(kind, args, attrs):
+    out = KERNELS[kind][0](args, attrs)
+    up = torch.float32 if kind == "moe_route" else torch.float64     # the router is specified in fp32
+    ref = get_op(kind).ref([a.to(up) if a.is_floating_point() else a for a in args], attrs)
+    if kind == "moe_route":         # near-ties may flip between summation orders: allow 1% of choices
+        assert (out[0] != ref[0]).float().mean() <= 0.01
+        same = (out[0] == ref[0]).all(-1)
+        out, ref = [out[1][same]], [ref[1][same]]
+    for i, (a, b) in enumerate(zip(out, ref)):
+        if b.is_floating_point():
+            ERRORS[f"{kind}[{i}]"] = e = rel(a, b)
+            assert e <= BF16_TOL, f"{kind} result {i}: rel err {e:.2e}"
+        else:
+            assert torch.equal(a, b)
+
+
+def test_elementwise_chain_bf16():
+    args = [r(64, 1000), r(1000)]
+    out = op_elementwise("add")(args, {})[0]
+    ERRORS["add"] = e = rel(out, args[0].double() + args[1].double())
+    assert e <= BF16_TOL
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("pipeline", [None, "default"])
+def test_tiny_logits_match_interpreter(dtype, tol, pipeline):
+    ref = kimi_graph.load("tiny", dtype=dtype, device="cuda", pipeline=pipeline)
+    tri = kimi_graph.load("tiny", dtype=dtype, device="cuda", pipeline=pipeline, backend="triton")
+    ids = torch.randint(0, 512, (3, 70), device="cuda")
+    ERRORS[f"tiny {dtype} {pipeline}"] = e = rel(tri(ids), ref(ids))
+    assert e <= tol
+
+
+def test_zz_print_errors():
+    print("\nrel. errors against fp64 (bf16 kernels) / against the interpreter (tiny model):")
+    for k, v in ERRORS.items():
+        print(f"  {k:<40} {v:.3e}")
