@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from kimi_graph.ir import DTYPE_BYTES, Graph, Op
 
-from .manager import Option, Pass, PassContext, register_pass
-from .rewrite import Alt, P, Pattern, Rewriter, V, apply_patterns, only_user
+from .manager import Option, PassContext, register_pass
+from .rewrite import Alt, P, Pattern, PatternPass, Rewriter, V, only_user
 
 KV = P("reshape", P("linear", V("latent"), V("w_kv"), name="kv_b"), name="kv")
 KR = P("reshape", V("rope_key"), name="kr_view")            # [B,S,P] -> [B,S,1,P]
@@ -194,14 +194,12 @@ def _absorb(m, rw: Rewriter, mode: str, ctx: PassContext) -> bool:
 
 
 @register_pass
-class AbsorbMLA(Pass):
+class AbsorbMLA(PatternPass):
     name = "absorb-mla"
     summary = "decode MLA in latent space: absorbed up-projections, cache read as is"
     options = {"mode": Option(str, "auto", "per-head | fold | auto (fewer weight bytes per step)",
                               ("auto", "per-head", "fold"))}
 
-    def run(self, g: Graph, ctx: PassContext) -> None:
+    def patterns(self, ctx: PassContext) -> list[Pattern]:
         mode = ctx.options["mode"]
-        pattern = Pattern(ATTN, lambda m, rw: _absorb(m, rw, mode, ctx), name="mla-absorbed")
-        for k, v in apply_patterns(g, [pattern]).applied.items():
-            ctx.stat(k, v)
+        return [Pattern(ATTN, lambda m, rw: _absorb(m, rw, mode, ctx), name="mla-absorbed")]

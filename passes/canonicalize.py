@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from kimi_graph.ir import Graph
 
-from .manager import Pass, PassContext, register_pass
-from .rewrite import P, Pattern, Rewriter, V, apply_patterns
+from .manager import PassContext, register_pass
+from .rewrite import P, Pattern, PatternPass, Rewriter, V
 
 # exact widening casts: every value of the source dtype is representable in the target
 _WIDENS = {("bf16", "f32"), ("bf16", "f64"), ("f16", "f32"), ("f16", "f64"), ("f32", "f64"),
@@ -130,11 +130,9 @@ PATTERNS = [
 
 
 @register_pass
-class Canonicalize(Pass):
+class Canonicalize(PatternPass):
     name = "canonicalize"
     summary = "algebraic identities, cast/reshape/transpose/slice folding (exact rewrites)"
 
-    def run(self, g: Graph, ctx: PassContext) -> None:
-        res = apply_patterns(g, PATTERNS)
-        for k, v in res.applied.items():
-            ctx.stat(k, v)
+    def patterns(self, ctx: PassContext) -> list[Pattern]:
+        return PATTERNS

@@ -14,8 +14,8 @@ from __future__ import annotations
 from kimi_graph.ir import Graph
 from kimi_graph.ops import FLOAT_DTYPES
 
-from .manager import Pass, PassContext, register_pass
-from .rewrite import Alt, P, Pattern, V, apply_patterns
+from .manager import PassContext, register_pass
+from .rewrite import Alt, P, Pattern, PatternPass, V
 
 
 def _maybe_cast(name: str):
@@ -84,13 +84,10 @@ PATTERNS = [
 
 
 @register_pass
-class FuseKDAGating(Pass):
+class FuseKDAGating(PatternPass):
     name = "fuse-kda-gating"
     summary = "KDA decay/beta/L2-norm into kda_fused_recurrent; gated RMSNorm; conv+SiLU"
+    leftover = ("kda_recurrent",)
 
-    def run(self, g: Graph, ctx: PassContext) -> None:
-        for k, v in apply_patterns(g, PATTERNS).applied.items():
-            ctx.stat(k, v)
-        left = sum(1 for op in g.ops() if op.kind == "kda_recurrent")
-        if left:
-            ctx.stat("kda-unfused", left)
+    def patterns(self, ctx: PassContext) -> list[Pattern]:
+        return PATTERNS

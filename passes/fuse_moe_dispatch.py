@@ -21,8 +21,8 @@ import re
 
 from kimi_graph.ir import Graph, Op
 
-from .manager import Pass, PassContext, register_pass
-from .rewrite import Alt, P, Pattern, V, apply_patterns, only_user
+from .manager import PassContext, register_pass
+from .rewrite import Alt, P, Pattern, PatternPass, V, only_user
 
 ROUTER = P("take_along", V("src"),
            P("grouped_topk",
@@ -105,13 +105,10 @@ PATTERNS = [Pattern(ROUTER, _fuse_router, name="router"),
 
 
 @register_pass
-class FuseMoEDispatch(Pass):
+class FuseMoEDispatch(PatternPass):
     name = "fuse-moe-dispatch"
     summary = "router -> moe_route; per-expert loop -> permute / grouped SwiGLU / unpermute"
+    leftover = ("moe_expert", "grouped_topk")
 
-    def run(self, g: Graph, ctx: PassContext) -> None:
-        for k, v in apply_patterns(g, PATTERNS).applied.items():
-            ctx.stat(k, v)
-        left = sum(1 for op in g.ops() if op.kind == "moe_expert")
-        if left:
-            ctx.stat("moe-expert-left", left)
+    def patterns(self, ctx: PassContext) -> list[Pattern]:
+        return PATTERNS

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from kimi_graph.ir import Graph
 
-from .manager import Pass, PassContext, register_pass
-from .rewrite import P, Pattern, V, apply_patterns
+from .manager import PassContext, register_pass
+from .rewrite import P, Pattern, PatternPass, V
 
 
 def _same_types(g: Graph, m) -> bool:
@@ -26,10 +26,9 @@ PATTERN = Pattern(P("rmsnorm", P("add", V("x"), V("r"), name="add"), V("w")), _f
 
 
 @register_pass
-class FuseResidualNorm(Pass):
+class FuseResidualNorm(PatternPass):
     name = "fuse-residual-norm"
     summary = "add + rmsnorm -> add_rmsnorm (sum and norm in one op)"
 
-    def run(self, g: Graph, ctx: PassContext) -> None:
-        for k, v in apply_patterns(g, [PATTERN]).applied.items():
-            ctx.stat(k, v)
+    def patterns(self, ctx: PassContext) -> list[Pattern]:
+        return [PATTERN]

@@ -32,6 +32,8 @@ from typing import Callable, Iterator
 from kimi_graph.ir import Graph, IRError, Op, TensorType
 from kimi_graph.ops import get_op
 
+from .manager import Pass, PassContext
+
 
 class V:
     def __init__(self, name: str | None = None, where: Callable[[Graph, str], bool] | None = None):
@@ -281,3 +283,20 @@ def apply_patterns(g: Graph, patterns: list[Pattern], max_rewrites: int | None =
                     queued.add(i)
             break
     return result
+
+
+class PatternPass(Pass):
+    """A pass that applies `patterns(ctx)` greedily and counts each pattern's rewrites; ops of
+    the kinds in `leftover` that remain afterwards are counted too (stat "<kind>-left")."""
+    leftover: tuple[str, ...] = ()
+
+    def patterns(self, ctx: PassContext) -> list[Pattern]:
+        raise NotImplementedError
+
+    def run(self, g: Graph, ctx: PassContext) -> None:
+        for k, v in apply_patterns(g, self.patterns(ctx)).applied.items():
+            ctx.stat(k, v)
+        if self.leftover:
+            for op in g.ops():
+                if op.kind in self.leftover:
+                    ctx.stat(f"{op.kind}-left")
