@@ -222,12 +222,12 @@ def test_lower_reports_missing_weights():
 
 # -- the backend="torch" executor -----------------------------------------------------------
 
-def zero_states(g, B: int, S: int) -> dict[str, torch.Tensor]:
+def zero_states(g, B: int, S: int, device="cpu") -> dict[str, torch.Tensor]:
     out = {}
     for n in g.meta["state_inputs"]:
         ty = g.types[n]
         out[n] = torch.zeros([B if d == "B" else S if d == "S" else d for d in ty.shape],
-                             dtype=TORCH_DTYPES[ty.dtype])
+                             dtype=TORCH_DTYPES[ty.dtype], device=device)
     return out
 
 
@@ -235,8 +235,8 @@ def generate_states(model: KimiModel, ids: torch.Tensor, steps: int, S: int = 12
     """Stateful prefill of `ids`, then `steps` greedy decode steps: every step's outputs."""
     B, T = ids.shape
     g = model.get_graph("prefill", True)
-    states = zero_states(g, B, S)
-    pos = torch.zeros(B, dtype=torch.long)
+    states = zero_states(g, B, S, ids.device)
+    pos = torch.zeros(B, dtype=torch.long, device=ids.device)
     outs = model.execute("prefill", True, {"input_ids": ids, "cache_pos": pos, **states})
     history = [outs]
     for _ in range(steps):
