@@ -62,6 +62,20 @@ def test_text_output_ir_tables_and_ir_dumps(capsys):
     verify(parse_graph(dumped))
 
 
+def test_print_ir_around_named_passes(capsys):
+    code, out, err = run_main(capsys, "inspect", "tiny", "--pipeline", "default", "--mode", "decode",
+                              "--no-ir", "--print-ir-before", "absorb-mla",
+                              "--print-ir-after", "absorb-mla,dce")
+    assert code == 0, err
+    heads = [ln for ln in err.splitlines() if ln.startswith("// -----// IR Dump")]
+    assert heads == ["// -----// IR Dump Before absorb-mla //----- //",
+                     "// -----// IR Dump After absorb-mla //----- //",
+                     "// -----// IR Dump After dce //----- //"]
+    before = parse_graph(err.split(heads[0] + "\n")[1].split("\n// -----//")[0])
+    after = parse_graph(err.split(heads[1] + "\n")[1].split("\n// -----//")[0])
+    assert "causal_attention" in before.op_counts() and "mla_latent_attention" in after.op_counts()
+
+
 @pytest.mark.parametrize("layer", [None, 1])
 def test_svg_picture(tmp_path, capsys, layer):
     path = tmp_path / "g.svg"
@@ -96,6 +110,8 @@ def test_svg_of_a_missing_layer_is_an_error():
     (["--pipeline", "cse,nope"], "unknown pass 'nope'"),
     (["--pipeline", "chunk-kda{size=3}"], "pass 'chunk-kda' has no option 'size'"),
     (["--layer", "1"], "--layer selects what --svg draws"),
+    (["--print-ir-after-all"], "give one"),
+    (["--pipeline", "cse", "--print-ir-after", "cse,fold"], "cannot print IR around unknown pass(es) ['fold']"),
 ])
 def test_cli_errors_exit_2(capsys, args, message):
     code, out, err = run_main(capsys, "inspect", "tiny", *args)

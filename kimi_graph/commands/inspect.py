@@ -17,6 +17,10 @@ def add_arguments(p):
     p.add_argument("--pipeline", help="pass pipeline, e.g. 'default' or 'canonicalize,cse,dce'")
     p.add_argument("--print-ir-after-all", action="store_true", help="the IR after every pass (stderr)")
     p.add_argument("--print-ir-before-all", action="store_true", help="the IR before every pass (stderr)")
+    p.add_argument("--print-ir-after", metavar="PASSES", default="",
+                   help="comma-separated passes whose output IR is printed (stderr)")
+    p.add_argument("--print-ir-before", metavar="PASSES", default="",
+                   help="comma-separated passes whose input IR is printed (stderr)")
     p.add_argument("--svg", metavar="FILE", help="write a picture of the (optimized) graph")
     p.add_argument("--layer", type=int, help="picture only decoder layer N (0-based)")
     p.add_argument("--tokens", type=int, default=1,
@@ -40,6 +44,9 @@ def run(args) -> int:
     from ..model import build_graph
     from ..summary import summarize
 
+    if (args.print_ir_after or args.print_ir_before or args.print_ir_after_all
+            or args.print_ir_before_all) and not args.pipeline:
+        raise ValueError("--print-ir-* options print around the passes of --pipeline; give one")
     if args.layer is not None and not args.svg:
         raise ValueError("--layer selects what --svg draws; give --svg FILE too")
     if args.tokens < 1 or args.context < 1:
@@ -52,9 +59,10 @@ def run(args) -> int:
     if args.pipeline:
         from ..passes import PassManager
 
+        names = lambda text: [n.strip() for n in text.split(",") if n.strip()]  # noqa: E731
         pm = PassManager(args.pipeline,
-                         print_ir_after="all" if args.print_ir_after_all else (),
-                         print_ir_before="all" if args.print_ir_before_all else ())
+                         print_ir_after="all" if args.print_ir_after_all else names(args.print_ir_after),
+                         print_ir_before="all" if args.print_ir_before_all else names(args.print_ir_before))
         final = pm.run(g)
         records = pm.records
         dims = {"B": 1, "T": 1 if args.mode == "decode" else args.tokens, "S": args.context}
