@@ -56,8 +56,11 @@ def state_specs(g: Graph) -> list[StateSpec]:
         raise CacheError(f"graph {g.name!r} returns {len(g.outputs) - 1} states for "
                          f"{len(names)} state inputs")
     specs = []
-    for n in names:
+    for n, out in zip(names, g.outputs[1:]):
         ty = g.inputs[n]
+        if g.types[out] != ty:
+            raise CacheError(f"graph {g.name!r} takes state {n} as {ty} but returns it as "
+                             f"{g.types[out]} ({out})")
         if not ty.shape or ty.shape[0] != BATCH_DIM:
             raise CacheError(f"state {n} {ty} must have the batch dim {BATCH_DIM!r} first")
         rest = ty.shape[1:]

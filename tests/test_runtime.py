@@ -230,6 +230,17 @@ def test_allocated_storage_matches_the_accounting():
     assert c.bytes_per_token == 2 * (t["kv_lora_rank"] + t["qk_rope_head_dim"]) * 4
 
 
+def test_state_specs_refuse_graphs_that_change_a_state_type():
+    model = tiny()
+    g = model.get_graph("decode").copy()
+    out = g.outputs[1]
+    g.types[out] = g.types[out].with_dtype("f64")
+    with pytest.raises(CacheError, match="returns it as"):
+        CacheManager(g, 1, 4)
+    with pytest.raises(CacheError, match="not stateful"):
+        CacheManager(model.get_graph("prefill"), 1, 4)
+
+
 def test_cache_slots_allocate_free_reuse():
     model = tiny()
     c = Engine(model, max_batch=3, max_len=8).cache

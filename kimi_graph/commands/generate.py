@@ -42,16 +42,14 @@ def _int_list(text: str, what: str) -> list[int]:
 def run(args) -> int:
     import time
 
-    import torch
-
     from ..api import load
+    from ..ops import TORCH_DTYPES
     from ..runtime import Engine, SamplingParams
     from ..runtime.tokenizer import load_tokenizer
 
     if args.chat and args.prompt is None:
         raise ValueError("--chat needs --prompt")
-    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "f64": torch.float64}
-    model = load(args.model, dtype=dtype[args.dtype], device=args.device, seed=args.seed,
+    model = load(args.model, dtype=TORCH_DTYPES[args.dtype], device=args.device, seed=args.seed,
                  backend=args.backend, pipeline=args.pipeline)
     tok = None
     if args.prompt is not None or args.tokenizer:
