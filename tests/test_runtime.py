@@ -17,6 +17,7 @@ from checkpoints import random_config
 from kimi_graph.cli import main as cli_main
 from kimi_graph.model import build_graph
 from kimi_graph.presets import PRESETS
+from kimi_graph.summary import summarize
 from kimi_graph.runtime import (CacheError, CacheManager, Engine, GenerationError, Sampler,
                                 SamplingParams, filter_logits)
 from reference_kimi import forward, read_checkpoint, rel_err
@@ -218,6 +219,9 @@ def test_published_cache_accounting_without_allocating():
     assert set(fixed.values()) == {20 * (32 * 128 * 128 * 4 + 3 * 4096 * 3 * 2)} == {43_417_600}
     four = CacheManager(g, 4, 1000, allocate=False).allocation_bytes()
     assert sum(four.values()) == 4 * sum(a.values())
+    facts = summarize(cfg)          # `kimi-graph inspect` reads the same numbers off the graph
+    assert facts["kv_cache_bytes_per_token"] == 8064
+    assert facts["kda_state_bytes_per_sequence"] == sizes[1000].fixed_bytes_per_sequence
 
 
 def test_allocated_storage_matches_the_accounting():
