@@ -69,10 +69,18 @@ def test_default_structure_tiny(mode):
 @pytest.mark.parametrize("seed", range(20))
 def test_default_structure_random_configs(seed):
     cfg = KimiLinearConfig.from_dict(random_config(seed))
+    router = ("official", "unbiased")[seed % 2]
     for mode, stateful, dtype in (("prefill", False, "bf16"), ("prefill", True, "f32"),
                                   ("decode", True, "f64")):
-        g = run_pipeline(build_graph(cfg, mode, stateful=stateful, dtype=dtype), "default")
+        g = build_graph(cfg, mode, stateful=stateful, dtype=dtype, router_weights=router)
+        g = run_pipeline(g, "default")
         check_structure(cfg, g, mode)
+        routes = [o for o in g.ops() if o.kind == "moe_route"]
+        assert all(o.attrs["weights"] == router for o in routes)
+        assert all(o.attrs["top_k"] == cfg.num_experts_per_token for o in routes)
+        assert all(o.attrs["scaling"] == cfg.routed_scaling_factor for o in routes)
+        assert all(o.attrs["renormalize"] == (cfg.moe_renormalize and cfg.num_experts_per_token > 1)
+                   for o in routes)
 
 
 def test_absorb_mla_choice_is_visible_and_follows_the_cost_model():
