@@ -111,3 +111,15 @@ def test_load_with_pipeline_runs_the_optimized_graph():
     packed = [p[1:] for p in g.params if p.endswith("experts.w13")]
     assert packed and all(name in opt.weights for name in packed)
     assert opt.weights[packed[0]].shape == g.params["@" + packed[0]].shape
+
+
+def test_pipeline_is_idempotent_and_graphs_share_folded_weights():
+    model = kimi_graph.load("tiny", seed=1, pipeline="default")
+    pre = model.get_graph("prefill")
+    dec = model.get_graph("decode")
+    n = len(model.weights)
+    # a second graph of the same model folds to the same names and tensors: no copies
+    assert not any(".folded" in k for k in model.weights)
+    assert {p for p in pre.params if "experts.w" in p} == {p for p in dec.params if "experts.w" in p}
+    again = run_pipeline(dec, "default", weights=model.weights)
+    assert print_graph(again) == print_graph(dec) and len(model.weights) == n
