@@ -166,5 +166,7 @@ def test_chunked_prefill_and_ragged_positions(tiny_checkpoint):
 def test_cache_overflow_is_an_error(tiny_checkpoint):
     m = kimi_graph.load(tiny_checkpoint, dtype=torch.float32)
     dec = m.get_graph("decode")
-    with pytest.raises(ValueError, match="cache overflow"):
+    with pytest.raises(ValueError, match="cache overflow: writing 1 rows at position 4 of a cache with 4 slots"):
         step(dec, m.weights, torch.tensor([[1]]), torch.tensor([4]), zero_states(dec, 1, 4))
+    with pytest.raises(ValueError, match="cache position -1 is negative"):
+        step(dec, m.weights, torch.tensor([[1]]), torch.tensor([-1]), zero_states(dec, 1, 4))

@@ -170,6 +170,8 @@ class CacheWrite(_Movement):
         if new.shape[0] and int(pos.max()) + T > S:
             raise ValueError(f"cache overflow: writing {T} rows at position {int(pos.max())} "
                              f"of a cache with {S} slots")
+        if new.shape[0] and int(pos.min()) < 0:
+            raise ValueError(f"cache position {int(pos.min())} is negative")
         out = cache.clone()
         idx = pos.view(-1, 1) + torch.arange(T, device=pos.device).view(1, -1)
         out.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, new.shape[2]), new)
