@@ -192,8 +192,9 @@ class Engine:
 
 class Sequence:
     """One sequence continued across calls without running its past again: `extend` appends
-    tokens (a prefill that continues from the slot's states), `generate` samples a reply.
-    The reply's last token is run at the next `extend`. `close` (or `with`) frees the slot."""
+    tokens (a prefill that continues from the slot's states), `generate`/`stream` sample a
+    reply. The reply's last token is run at the next `extend`. `close` (or `with`) frees the
+    slot."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -201,19 +202,22 @@ class Sequence:
         self.tokens: list[int] = []     # everything so far: prompts and replies
         self._logits = None             # next-token logits after the last extend
         self._pending: list[int] = []   # the last reply token, not yet run
+        self._turn = 0                  # counts extends: a stream from an older turn is stale
 
     def extend(self, ids) -> torch.Tensor:
         """Append `ids` -> their logits [T, V]."""
         ids = self.engine.check_prompt(ids)
         run = self._pending + ids
         self.engine.cache.reserve([self.slot], len(run))
+        self._turn += 1
         logits = self.engine.prefill([self.slot], [run])[0][len(self._pending):]
         self.tokens += ids
         self._pending, self._logits = [], logits[-1:]
         return logits
 
-    def generate(self, params: SamplingParams) -> list[int]:
-        """Sample a reply from where the sequence stands (after an `extend`)."""
+    def stream(self, params: SamplingParams) -> Iterator[int]:
+        """Sample a reply from where the sequence stands (after an `extend`), token by token.
+        Stopping early is fine: the sequence then ends at the last token received."""
         if self._logits is None:
             raise GenerationError("extend the sequence (a prompt or a user turn) before generating")
         room = self.engine.cache.capacity - self.engine.cache.lengths[self.slot]
@@ -221,10 +225,26 @@ class Sequence:
             raise GenerationError(f"max_new_tokens={params.max_new_tokens} does not fit: the "
                                   f"sequence holds {len(self.tokens)} of {self.engine.cache.capacity} "
                                   f"positions")
-        reply = [t for _, t in self.engine.sample_loop([self.slot], self._logits, params)]
-        self.tokens += reply
-        self._pending, self._logits = reply[-1:], None
-        return reply
+        logits, self._logits = self._logits, None
+        return self._reply(self.engine.sample_loop([self.slot], logits, params), self._turn)
+
+    def _reply(self, loop, turn: int) -> Iterator[int]:
+        try:
+            while True:
+                if turn != self._turn:      # checked before the loop runs the last token
+                    raise GenerationError("this reply stream is stale: the sequence was extended")
+                try:
+                    _, t = next(loop)
+                except StopIteration:
+                    return
+                self.tokens.append(t)       # the slot holds all before t; t runs next
+                self._pending = [t]
+                yield t
+        finally:
+            loop.close()
+
+    def generate(self, params: SamplingParams) -> list[int]:
+        return list(self.stream(params))
 
     def close(self) -> None:
         if self.slot is not None:

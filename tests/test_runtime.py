@@ -394,6 +394,16 @@ def test_sequence_continues_across_turns(page_size):
         assert r2 == model.generate([a + r1 + b], **vars(params))[0]
         with pytest.raises(GenerationError, match="before generating"):
             seq.generate(params)
+        # a reply stopped early: the sequence ends at the last token received
+        seq.extend([7, 8])
+        part = seq.stream(params)
+        r3 = [next(part), next(part)]
+        seq.extend([9])
+        with pytest.raises(GenerationError, match="stale"):
+            next(part)
+        assert seq.tokens == a + r1 + b + r2 + [7, 8] + r3 + [9]
+        r4 = seq.generate(params)
+        assert r4 == model.generate([seq.tokens[:-5]], **vars(params))[0]
         with pytest.raises(GenerationError, match="does not fit"):
             seq.extend([7])
             seq.generate(SamplingParams(max_new_tokens=30))
