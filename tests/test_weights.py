@@ -48,6 +48,14 @@ def test_save_load_round_trip(tmp_path, shard_bytes):
             assert torch.equal(t.to(torch.bfloat16), w[n]), n      # bf16 values survive exactly
 
 
+def test_load_by_directory_or_config_path(tmp_path):
+    cfg = random_config(5)
+    w = write_checkpoint(tmp_path, cfg, seed=2)
+    a, b = kimi_graph.load(tmp_path), kimi_graph.load(tmp_path / "config.json")
+    assert a.path == b.path == tmp_path and a.config.to_dict() == b.config.to_dict()
+    assert all(torch.equal(a.weights[n], w[n]) and torch.equal(b.weights[n], w[n]) for n in w)
+
+
 def test_single_file_wins_over_stray_shards(tmp_path):
     cfg = random_config(4)
     write_checkpoint(tmp_path, cfg, seed=1)
