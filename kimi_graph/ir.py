@@ -236,16 +236,6 @@ class Graph:
         self.producer[new] = self.producer.pop(old)
         self.outputs = [new if v == old else v for v in self.outputs]
 
-    def use_counts(self) -> dict[str, int]:
-        """Value -> number of operand slots reading it (graph outputs count once each)."""
-        counts: dict[str, int] = {}
-        for _, data in self.nx.nodes(data=True):
-            for v in data["op"].inputs:
-                counts[v] = counts.get(v, 0) + 1
-        for v in self.outputs:
-            counts[v] = counts.get(v, 0) + 1
-        return counts
-
     def copy(self) -> "Graph":
         g = Graph(self.name)
         g.inputs, g.params, g.outputs = dict(self.inputs), dict(self.params), list(self.outputs)
