@@ -199,9 +199,36 @@ def test_cli_chat(chat_model_dir, capsys):
     assert cli_main(["generate", str(chat_model_dir), "--prompt", "hello", "--chat",
                      "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr()
-    assert out.out == tok.decode(want) + "\n"
+    assert out.out == tok.decode(want, skip_special=True) + "\n"
     assert f"{len(ids)} prompt tokens, {len(want)} new" in out.err
     assert cli_main(["generate", str(chat_model_dir), "--prompt", "hello", "--print-ids",
                      "--max-new-tokens", "3", "--ignore-eos"]) == 0
     want = model.generate([tok.encode("hello")], max_new_tokens=3, ignore_eos=True)[0]
     assert capsys.readouterr().out.split() == [str(t) for t in want]
+
+
+def test_cli_interactive_chat_keeps_the_conversation(chat_model_dir, capsys, monkeypatch):
+    """Each reply equals a fresh generation over the whole re-rendered conversation, and a
+    turn runs only its new tokens when the conversation so far is a prefix of the render."""
+    import io
+    model = kimi_graph.load(chat_model_dir)
+    tok = model.tokenizer
+    stops = (tok.eos_id, tok.token_id("<|im_end|>"))
+    messages, want, ran, held = [{"role": "system", "content": "be brief"}], [], [], []
+    for turn in ("hello", "hello world 你好", "again"):
+        messages.append({"role": "user", "content": turn})
+        ids = tok.apply_chat_template(messages)
+        reply = model.generate([ids], max_new_tokens=4, stop_ids=stops)[0]
+        ran.append(len(ids) - len(held) if ids[:len(held)] == held else len(ids))
+        held = ids + reply
+        want.append(tok.decode(reply, skip_special=True))
+        body = reply[:-1] if reply[-1] in stops else reply
+        messages.append({"role": "assistant", "content": tok.decode(body)})
+    assert ran[1] < len(tok.apply_chat_template(messages[:4]))       # turn 2 continued
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nhello world 你好\nagain\n\n"))
+    assert cli_main(["generate", str(chat_model_dir), "--interactive", "--system", "be brief",
+                     "--max-new-tokens", "4", "--max-len", "200"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "".join(w + "\n" for w in want)
+    assert [int(x.split()[0]) for x in out.err.split("[")[1:]] == ran
+    assert out.err.count("> ") == 4

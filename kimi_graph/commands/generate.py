@@ -1,7 +1,9 @@
-"""`kimi-graph generate MODEL (--prompt TEXT [--chat] | --ids 1,2,3)`: stream new tokens.
+"""`kimi-graph generate MODEL (--prompt TEXT [--chat] | --ids 1,2,3 | --interactive)`:
+stream new tokens to the terminal.
 
 Text prompts need the model directory's tokenizer (tiktoken.model + tokenizer_config.json,
-or --tokenizer DIR); token ids work with any model. Timing goes to stderr."""
+or --tokenizer DIR); token ids work with any model. Text is printed without special
+tokens (--print-ids shows every id). Timing goes to stderr."""
 from __future__ import annotations
 
 import sys
@@ -14,10 +16,15 @@ def add_arguments(p):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     src.add_argument("--ids", help="comma-separated prompt token ids")
+    src.add_argument("--interactive", action="store_true",
+                     help="chat from stdin, a line per user turn (empty line or EOF ends); the "
+                          "conversation's caches carry over between turns")
     p.add_argument("--chat", action="store_true",
                    help="wrap --prompt as a user message with the chat template")
-    p.add_argument("--system", help="system message for --chat")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--system", help="system message for --chat and --interactive")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="per reply")
+    p.add_argument("--max-len", type=int, default=4096,
+                   help="--interactive: tokens a conversation may hold (default 4096)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="1: off")
@@ -40,8 +47,6 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def run(args) -> int:
-    import time
-
     from ..api import load
     from ..ops import TORCH_DTYPES
     from ..runtime import Engine, SamplingParams
@@ -52,33 +57,72 @@ def run(args) -> int:
     model = load(args.model, dtype=TORCH_DTYPES[args.dtype], device=args.device, seed=args.seed,
                  backend=args.backend, pipeline=args.pipeline)
     tok = None
-    if args.prompt is not None or args.tokenizer:
+    if args.ids is None or args.tokenizer:
         tok = load_tokenizer(args.tokenizer, model.config.vocab_size) if args.tokenizer else model.tokenizer
     stop = _int_list(args.stop_ids, "--stop-ids")
-    if args.prompt is None:
-        prompt = _int_list(args.ids, "--ids")
-    elif args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                   [{"role": "user", "content": args.prompt}]
-        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    if args.chat or args.interactive:       # a turn ends at the tokenizer's end-of-message too
         stop += [i for i in (tok.eos_id, tok.special_tokens.get("<|im_end|>")) if i is not None]
-    else:
-        prompt = tok.encode(args.prompt)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=tuple(stop),
                             ignore_eos=args.ignore_eos)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.interactive:
+        engine = Engine(model, 1, min(args.max_len, model.config.model_max_length))
+        return _interactive(engine, tok, params, system, args.print_ids)
+    if args.prompt is None:
+        prompt = _int_list(args.ids, "--ids")
+    elif args.chat:
+        prompt = tok.apply_chat_template(system + [{"role": "user", "content": args.prompt}])
+    else:
+        prompt = tok.encode(args.prompt)
     engine = Engine(model, 1, min(len(prompt) + params.max_new_tokens, model.config.model_max_length))
-    text = tok.stream_decoder() if tok is not None and not args.print_ids else None
-    tokens = engine.stream(prompt, params)          # checks the request before timing starts
+    _print_stream(engine.stream(prompt, params), len(prompt), tok, args.print_ids)
+    return 0
+
+
+def _print_stream(tokens, n_prompt: int, tok, print_ids: bool) -> list[int]:
+    """Write tokens as they come (text without special tokens, or ids); timing to stderr."""
+    import time
+
+    text = tok.stream_decoder(skip_special=True) if tok is not None and not print_ids else None
     t0 = time.perf_counter()
-    first, n = None, 0
-    for n, t in enumerate(tokens, 1):
+    first, out = None, []
+    for t in tokens:
         first = first or time.perf_counter()
+        out.append(t)
         sys.stdout.write(text.push(t) if text else f"{t} ")
         sys.stdout.flush()
     end = time.perf_counter()
     sys.stdout.write((text.flush() if text else "") + "\n")
-    decode_rate = (n - 1) / (end - first) if n > 1 and end > first else float("nan")
-    print(f"[{len(prompt)} prompt tokens, {n} new; first token {(first - t0) * 1e3:.1f} ms, "
-          f"then {decode_rate:.1f} tokens/s]", file=sys.stderr)
-    return 0
+    n = len(out)
+    rate = (n - 1) / (end - first) if n > 1 and end > first else float("nan")
+    print(f"[{n_prompt} prompt tokens, {n} new; first token {(first - t0) * 1e3:.1f} ms, "
+          f"then {rate:.1f} tokens/s]", file=sys.stderr)
+    return out
+
+
+def _interactive(engine, tok, params, messages: list[dict], print_ids: bool) -> int:
+    """Turn by turn: the conversation re-rendered with the template; when the tokens so far
+    are its prefix (the usual case) only the new turn runs, else the conversation restarts."""
+    stops = params.stop_set(engine.model.config.eos_ids)
+    seq = engine.sequence()
+    try:
+        while True:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line.strip():
+                return 0
+            messages.append({"role": "user", "content": line.rstrip("\n")})
+            ids = tok.apply_chat_template(messages)
+            if ids[:len(seq.tokens)] != seq.tokens or len(ids) == len(seq.tokens):
+                seq.close()
+                seq = engine.sequence()
+            new = ids[len(seq.tokens):]
+            seq.extend(new)
+            reply = _print_stream(seq.stream(params), len(new), tok, print_ids)
+            if reply and reply[-1] in stops:    # the template closes the turn itself
+                reply = reply[:-1]
+            messages.append({"role": "assistant", "content": tok.decode(reply)})
+    finally:
+        seq.close()
