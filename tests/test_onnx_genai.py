@@ -1,19 +1,20 @@
 """onnxruntime-genai (PyPI `onnxruntime-genai`, Microsoft's client, not ours) loads an
 export-onnx directory and generates greedily the tokens our engine generates.
 
-What genai cannot express of Kimi Linear (so not tested here):
-- a batch of prompts of different lengths: genai left-pads the batch and runs the pads
-  through the model; they would enter KDA's recurrent and conv states. Kimi needs each
-  prompt prefilled on its own (as our engine does), so only equal-length batches match;
-- fp32 KDA state under fp16/bf16 exports: genai gives every state the model's I/O dtype.
+genai batches prompts of different lengths right-padded (attention_mask 0 on the pads, new
+tokens appended at one cache row for the whole batch); the export makes pads inert (see
+kimi_graph/lowering/onnx/genai.py), so batches of different lengths give our tokens too.
 The MLA caches map onto genai's key/value caches with one KV head, latent ‖ rope_key split
 into two halves of (R+P)/2 (genai gives keys and values one width); the KDA conv states
 (q, k, v stacked) and recurrent state onto its past.%d.conv / past.%d.recurrent states of
-model.type "qwen3_5_text".
+model.type "qwen3_5_text". Not expressible: a prompt that really ends in pad_token_id
+(genai reads trailing pad ids as padding).
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("onnxruntime")
 og = pytest.importorskip("onnxruntime_genai")
@@ -22,13 +23,15 @@ import kimi_graph  # noqa: E402
 from kimi_graph.lowering.onnx.package import export_model  # noqa: E402
 
 
-def genai_greedy(path, prompts, new_tokens):
+def genai_greedy(path, prompts, new_tokens, pad=0):
+    """genai's greedy tokens; prompts of different lengths right-padded with `pad`, as
+    genai's own batching lays them out."""
     model = og.Model(str(path))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompts[0]) + new_tokens, do_sample=False,
-                              batch_size=len(prompts))
+    L = max(map(len, prompts))
+    params.set_search_options(max_length=L + new_tokens, do_sample=False, batch_size=len(prompts))
     gen = og.Generator(model, params)
-    gen.append_tokens(prompts)
+    gen.append_tokens(np.array([p + [pad] * (L - len(p)) for p in prompts], np.int32))
     out = [[] for _ in prompts]
     while not gen.is_done():
         gen.generate_next_token()
@@ -55,3 +58,19 @@ def test_genai_equal_length_batch(exported):
     model, out = exported
     prompts = [[1, 5, 9, 14], [300, 2, 7, 8]]
     assert genai_greedy(out, prompts, 6) == model.generate(prompts, max_new_tokens=6, ignore_eos=True)
+
+
+def test_genai_batch_of_different_lengths(exported):
+    model, out = exported
+    prompts = [[1, 5, 9, 14, 3], [7, 8], [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22]]
+    got = genai_greedy(out, prompts, 6, pad=model.config.pad_token_id)
+    assert got == model.generate(prompts, max_new_tokens=6, ignore_eos=True)
+
+
+def test_genai_fp16_export(tmp_path):
+    """fp16 weights and activations, KDA state still fp32 at genai's boundary."""
+    model = kimi_graph.load("tiny", dtype=torch.float16)
+    export_model(model, tmp_path, ops="ort")
+    ours = kimi_graph.load(tmp_path, backend="onnxruntime", dtype=torch.float16)
+    ref = ours.generate([[1, 5, 9, 14, 3]], max_new_tokens=6, ignore_eos=True)
+    assert genai_greedy(tmp_path, [[1, 5, 9, 14, 3]], 6) == ref

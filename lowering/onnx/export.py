@@ -41,6 +41,9 @@ class LowerContext:
         self.g, self.weights, self.em, self.ops = g, weights, em, ops
         self.derived: dict[str, object] = {}      # name -> () -> tensor, made only if used
         self.env: dict[str, str] = {}       # IR value -> ONNX name, filled as ops lower
+        # padded batches (set by an io adapter): bool [B, T] real tokens, bool [B, S] real keys
+        self.token_valid: str | None = None
+        self.key_valid: str | None = None
 
     def env_of(self, value: str) -> str:
         return self.env[value]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from onnx import AttributeProto, TensorProto, helper
 
 from .emitter import DOMAIN, FLOAT, Emitter, attr_ref
+from .standard import attention_explicit, causal_mask, kda_gate, l2_unit
 
 KDA_CHUNK = 16      # tokens per chunk of the portable KDA; (I + A)^-1 needs log2(16) = 4 products
 OPSET = 23
@@ -140,16 +141,9 @@ def kda_fused(kind: str):
     em = Emitter("kdaf_")
     q, k, v, f, b, A, dt, s0 = "q", "k", "v", "f", "b", "A_log", "dt_bias", "state"
     eps = em.node("Constant", [], value_float=attr_ref("value_float", "l2norm_eps", AttributeProto.FLOAT))[0]
-
-    def l2(x):
-        xf = em("Cast", x, to=FLOAT)
-        return em("Div", xf, em("Sqrt", em("Add", em("ReduceSum", em("Mul", xf, xf), em.ints(-1), keepdims=1), eps)))
-    sp_in = em("Add", em("Cast", f, to=FLOAT), em("Cast", dt, to=FLOAT))
-    sp = em("Where", em("Greater", sp_in, em.const(20.0, "f32")), sp_in, em("Softplus", sp_in))
-    sp = em("Reshape", sp, em("Concat", em.ints(0, 0), em("Shape", q, start=2, end=4), axis=0))
-    g = em("Mul", em("Neg", em("Exp", em("Cast", A, to=FLOAT))), sp)
+    g = kda_gate(em, f, A, dt, em("Shape", q, start=2, end=4))
     beta = em("Sigmoid", em("Cast", b, to=FLOAT))
-    em.node("kda_chunkwise", [l2(q), l2(k), v, g, beta, s0], outputs=["o", "state_out"], domain=DOMAIN,
+    em.node("kda_chunkwise", [l2_unit(em, q, eps), l2_unit(em, k, eps), v, g, beta, s0], outputs=["o", "state_out"], domain=DOMAIN,
             scale=attr_ref("scale", "scale", AttributeProto.FLOAT))
     attrs = ["scale", "l2norm_eps"] + (["chunk_size"] if kind == "kda_fused_chunk" else [])
     return _function(kind, [q, k, v, f, b, A, dt, s0], ["o", "state_out"], em, attrs)
@@ -190,28 +184,19 @@ def head_matmul():
 
 
 def mla_latent_attention():
-    """mla_latent_attention(q_lat, q_rope, latent, rope_key, q_start) {scale}: one shared KV
-    head, keys latent ‖ rope_key, values latent, causal from q_start; fp32 softmax."""
+    """mla_latent_attention(q_lat, q_rope, latent, rope_key, q_start, key_valid [B,S] bool)
+    {scale}: one shared KV head, keys latent ‖ rope_key, values latent, causal from q_start,
+    padded keys hidden; fp32 softmax."""
     em = Emitter("mla_")
     scale = em.node("Constant", [], value_float=attr_ref("value_float", "scale", AttributeProto.FLOAT))[0]
-    q = em("Transpose", em("Cast", em("Concat", "q_lat", em("CastLike", "q_rope", "q_lat"), axis=-1), to=FLOAT),
-           perm=[0, 2, 1, 3])                                                       # [B,H,T,R+P]
-    kf = em("Cast", em("Concat", "latent", em("CastLike", "rope_key", "latent"), axis=-1), to=FLOAT)
-    k = em("Unsqueeze", kf, em.ints(1))                                              # [B,1,S,R+P]
-    vv = em("Unsqueeze", em("Cast", "latent", to=FLOAT), em.ints(1))                 # [B,1,S,R]
-    T, S = em("Shape", "q_lat", start=1, end=2), em("Shape", "latent", start=1, end=2)
-    zero, one = em.const(0, "i64"), em.const(1, "i64")
-    tt = em("Range", zero, em("Squeeze", T, em.ints(0)), one)
-    ss = em("Range", zero, em("Squeeze", S, em.ints(0)), one)
-    pos = em("Add", em("Unsqueeze", "q_start", em.ints(1)), em("Unsqueeze", tt, em.ints(0)))   # [B,T]
-    vis = em("Unsqueeze", em("LessOrEqual", em("Unsqueeze", ss, em.ints(0, 1)), em("Unsqueeze", pos, em.ints(-1))),
-             em.ints(1))
-    s = em("Mul", em("MatMul", q, em("Transpose", k, perm=[0, 1, 3, 2])), scale)
-    s = em("Where", vis, s, em.const(float("-inf"), "f32"))
-    o = em("Transpose", em("MatMul", em("Softmax", s, axis=-1), vv), perm=[0, 2, 1, 3])
-    em.node("CastLike", [o, "q_lat"], outputs=["o"])
-    return _function("mla_latent_attention", ["q_lat", "q_rope", "latent", "rope_key", "q_start"], ["o"],
-                     em, ["scale"])
+    q = em("Transpose", em("Concat", "q_lat", em("CastLike", "q_rope", "q_lat"), axis=-1), perm=[0, 2, 1, 3])
+    k = em("Unsqueeze", em("Concat", "latent", em("CastLike", "rope_key", "latent"), axis=-1), em.ints(1))
+    mask = causal_mask(em, "q_start", em("Shape", "q_lat", start=1, end=2), em("Shape", "latent", start=1, end=2),
+                       "key_valid")
+    o = attention_explicit(em, q, k, em("Unsqueeze", "latent", em.ints(1)), mask, scale)
+    em.node("CastLike", [em("Transpose", o, perm=[0, 2, 1, 3]), "q_lat"], outputs=["o"])
+    return _function("mla_latent_attention", ["q_lat", "q_rope", "latent", "rope_key", "q_start", "key_valid"],
+                     ["o"], em, ["scale"])
 
 
 # -- MoE dispatch -------------------------------------------------------------------------------------

@@ -14,12 +14,20 @@ genai's decoder contract (model.type "qwen3_5_text", its hybrid linear-attention
 Inside, the wrapper feeds our graph: cache_pos = past (the caches' length), MLA caches of
 past + T rows (T zero rows appended, then written at cache_pos, as our graph does).
 
-What genai cannot express of Kimi Linear (see the report in tests/test_onnx_genai.py):
-- batches of prompts of different lengths: genai left-pads a batch and sends the pads
-  through the model; pads would flow through KDA's recurrence and conv states, so only
-  equal-length batches (or one prompt at a time) give Kimi's results;
-- the KDA state in fp32 under an fp16/bf16 export: genai gives every state the model's I/O
-  dtype, so those exports carry the state in fp16/bf16 across steps.
+Padded batches: genai batches prompts of different lengths right-padded with pad_token_id,
+attention_mask 0 on the pads, then appends every new token at the same cache row for the
+whole batch. The wrapper makes pads inert: hidden as MLA keys; KDA decay and beta 0 on
+pads (the state passes them unchanged); conv inputs zeroed on pads and the conv state taken
+after each sequence's last real token (NoPE: no position depends on the padding).
+
+States keep their dtypes at genai's boundary (genai reads them from the model): the KDA
+state stays fp32 in fp16 exports, as in ours.
+
+What this genai contract cannot express of Kimi Linear:
+- a prompt that really ends in pad_token_id: genai reads trailing pad ids as padding;
+- genai's shared-buffer and paged KV layouts (past_present_share_buffer, its continuous-
+  batching Engine): the export uses the growing-cache contract, so each step copies the
+  MLA caches (genai's cost, not a difference in results).
 """
 from __future__ import annotations
 
@@ -94,6 +102,11 @@ class GenaiIO:
         if past is None:
             past = em("Sub", em("Shape", "attention_mask", start=1, end=2), em.dim("T"))
         env["%cache_pos"] = em("Expand", past, em.dim("B"))
+        # genai left-pads batches of prompts of different lengths: pads are hidden as keys and
+        # their conv inputs zeroed, so KDA's states stay zero until a sequence's first token
+        # (NoPE: no position depends on the padding)
+        ctx.key_valid = em("Cast", "attention_mask", to=TensorProto.BOOL)              # [B, past + T]
+        ctx.token_valid = em("Slice", ctx.key_valid, em("Neg", em.dim("T")), em.ints(2 ** 62), em.ints(1))
         return vis
 
     def outputs(self, ctx, env, out_names):

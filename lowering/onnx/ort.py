@@ -37,9 +37,15 @@ def maps(*kinds):
 @maps("causal_conv1d")
 def causal_conv1d(ctx, op, ins):
     em = ctx.em
+    x = standard.token_masked(ctx, ins[0])
     st = [em("Transpose", ins[2], perm=[0, 2, 1])] if len(ins) > 2 else []
-    y, new = em.node("CausalConvWithState", [ins[0], ins[1], ""] + st, 2, domain=MS, channels_last=1,
+    y, new = em.node("CausalConvWithState", [x, ins[1], ""] + st, 2, domain=MS, channels_last=1,
                      activation=op.attrs["activation"])
+    if ctx.token_valid is not None:      # padded batch: the state after each last real token
+        K = ctx.ty(op.inputs[1]).shape[2]
+        prev = ins[2] if len(ins) > 2 else portable.zeros(ctx, ctx.ty(op.outputs[1]).shape, ctx.ty(op.outputs[1]).dtype)
+        xs = em("Concat", prev, em("Transpose", x, perm=[0, 2, 1]), axis=2)
+        return [y, standard.conv_state_at_last_token(ctx, xs, K)]
     return [y, em("Transpose", new, perm=[0, 2, 1])]
 
 
@@ -47,10 +53,10 @@ def linear_attention(ctx, op, q, k, v, g, beta, state):
     """LinearAttention on [B,T,H,*] inputs (all cast to fp32) -> (o in v's dtype, state)."""
     em = ctx.em
     B, T, H, K = ctx.ty(op.inputs[0]).shape
+    g, beta = standard.kda_hold(ctx, em("Reshape", g, em.ints(0, 0, H, -1)), em("Cast", beta, to=FLOAT))
     f32 = [standard.to_acc(ctx, x, name) for x, name in ((q, op.inputs[0]), (k, op.inputs[1]),
                                                            (v, op.inputs[2]))]
     packed = [em("Reshape", x, em.ints(0, 0, -1)) for x in f32 + [g]]
-    beta = em("Cast", beta, to=FLOAT)
     o, s = em.node("LinearAttention", packed[:3] + [state or "", packed[3], beta], 2, domain=MS,
                    q_num_heads=H, kv_num_heads=H, scale=float(op.attrs["scale"]), update_rule="gated_delta")
     o = em("Reshape", o, em.ints(0, 0, H, -1))
@@ -70,11 +76,7 @@ def kda_fused(ctx, op, ins):
     q, k, v, f, b, A, dt = ins[:7]
     eps = op.attrs["l2norm_eps"]
     qn, kn = (standard.l2_normalize(ctx, x, name, eps) for x, name in ((q, op.inputs[0]), (k, op.inputs[1])))
-    sp_in = em("Add", em("Cast", f, to=FLOAT), em("Cast", dt, to=FLOAT))
-    sp = em("Where", em("Greater", sp_in, em.const(20.0, "f32")), sp_in, em("Softplus", sp_in))
-    H = ctx.ty(op.inputs[0]).shape[2]
-    a = em("Reshape", em("Neg", em("Exp", em("Cast", A, to=FLOAT))), em.ints(1, 1, H, 1))
-    g = em("Reshape", em("Mul", em("Reshape", sp, em.ints(0, 0, H, -1)), a), em.ints(0, 0, -1))
+    g = em("Reshape", standard.kda_gate(em, f, A, dt, em("Shape", q, start=2, end=4)), em.ints(0, 0, -1))
     return linear_attention(ctx, op, qn, kn, v, g, em("Sigmoid", em("Cast", b, to=FLOAT)),
                             ins[7] if len(ins) > 7 else None)
 
@@ -92,8 +94,8 @@ def causal_attention(ctx, op, ins):
     em = ctx.em
     H = ctx.ty(op.inputs[0]).shape[2]
     q, k, v = (em("Transpose", t, perm=[0, 2, 1, 3]) for t in ins[:3])
-    mask = standard.causal_mask(ctx, ins[3] if len(ins) > 3 else None, em("Shape", ins[0], start=1, end=2),
-                                em("Shape", ins[1], start=1, end=2))
+    mask = standard.causal_mask(em, ins[3] if len(ins) > 3 else None, em("Shape", ins[0], start=1, end=2),
+                                em("Shape", ins[1], start=1, end=2), ctx.key_valid)
     return [attention(ctx, q, k, v, mask, op.attrs["scale"], H, H, ctx.ty(op.inputs[2]).dtype,
                       ctx.ty(op.inputs[0]).dtype)]
 
@@ -106,8 +108,8 @@ def mla_latent_attention(ctx, op, ins):
     q = em("Transpose", em("Concat", ql, qr, axis=-1), perm=[0, 2, 1, 3])           # [B,H,T,R+P]
     k = em("Unsqueeze", em("Concat", c, kr, axis=-1), em.ints(1))                    # [B,1,S,R+P]
     v = em("Unsqueeze", c, em.ints(1))                                               # [B,1,S,R]
-    mask = standard.causal_mask(ctx, ins[4] if len(ins) > 4 else None, em("Shape", ql, start=1, end=2),
-                                em("Shape", c, start=1, end=2))
+    mask = standard.causal_mask(em, ins[4] if len(ins) > 4 else None, em("Shape", ql, start=1, end=2),
+                                em("Shape", c, start=1, end=2), ctx.key_valid)
     return [attention(ctx, q, k, v, mask, op.attrs["scale"], H, 1, ctx.ty(op.inputs[0]).dtype,
                       ctx.ty(op.inputs[0]).dtype)]
 

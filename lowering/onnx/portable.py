@@ -41,12 +41,13 @@ def causal_conv1d(ctx, op, ins):
     C, K = wt.shape[0], wt.shape[2]
     st_ty = ctx.ty(op.outputs[1])
     st = state_or_zeros(ctx, op, ins, 2, st_ty)
-    xs = em("Concat", st, em("Transpose", ins[0], perm=[0, 2, 1]), axis=2)           # [B,C,K-1+T]
+    xs = em("Concat", st, em("Transpose", standard.token_masked(ctx, ins[0]), perm=[0, 2, 1]), axis=2)  # [B,C,K-1+T]
     y = em("Conv", xs, ins[1], group=C, kernel_shape=[K])
     y = em("Transpose", y, perm=[0, 2, 1])
     if op.attrs["activation"] == "silu":
         y = em("Mul", y, em("Sigmoid", y))
-    new = em("Slice", xs, em.ints(-(K - 1)), em.ints(2 ** 62), em.ints(2))
+    new = em("Slice", xs, em.ints(-(K - 1)), em.ints(2 ** 62), em.ints(2)) if ctx.token_valid is None \
+        else standard.conv_state_at_last_token(ctx, xs, K)
     return [y, new]
 
 
@@ -54,12 +55,21 @@ def causal_conv1d(ctx, op, ins):
 def kda_recurrent(ctx, op, ins):
     """The delta rule in its chunkwise form (a Loop over chunks, see functions.kda_chunkwise)."""
     st = state_or_zeros(ctx, op, ins, 5, ctx.ty(op.outputs[1]))
-    return call(ctx, "kda_chunkwise", ins[:5] + [st], 2, scale=float(op.attrs["scale"]))
+    g, beta = standard.kda_hold(ctx, ins[3], ins[4])
+    return call(ctx, "kda_chunkwise", ins[:3] + [g, beta, st], 2, scale=float(op.attrs["scale"]))
 
 
 @maps("kda_fused_recurrent", "kda_fused_chunk")
 def kda_fused(ctx, op, ins):
     st = state_or_zeros(ctx, op, ins, 7, ctx.ty(op.outputs[1]))
+    if ctx.token_valid is not None:      # padded batch: gate here, held on pads, then the core
+        em = ctx.em
+        q, k, v, f, b, A, dt = ins[:7]
+        eps = em.const(float(op.attrs["l2norm_eps"]), "f32")
+        g, beta = standard.kda_hold(ctx, standard.kda_gate(em, f, A, dt, em("Shape", q, start=2, end=4)),
+                                    em("Sigmoid", em("Cast", b, to=FLOAT)))
+        return call(ctx, "kda_chunkwise", [standard.l2_unit(em, q, eps), standard.l2_unit(em, k, eps), v, g, beta, st],
+                    2, scale=float(op.attrs["scale"]))
     attrs = {"scale": float(op.attrs["scale"]), "l2norm_eps": float(op.attrs["l2norm_eps"])}
     if op.kind == "kda_fused_chunk":
         attrs["chunk_size"] = int(op.attrs["chunk_size"])
@@ -85,8 +95,10 @@ def default_q_start(ctx, q: str, cache: str) -> str:
 
 @maps("mla_latent_attention")
 def mla_latent_attention(ctx, op, ins):
+    em = ctx.em
     qs = ins[4] if len(ins) > 4 else default_q_start(ctx, ins[0], ins[2])
-    return call(ctx, op.kind, ins[:4] + [qs], 1, scale=float(op.attrs["scale"]))
+    keys = ctx.key_valid or em("ConstantOfShape", em("Shape", ins[2], start=0, end=2), value=ctx.one_tensor("bool"))
+    return call(ctx, op.kind, ins[:4] + [qs, keys], 1, scale=float(op.attrs["scale"]))
 
 
 @maps("moe_route")

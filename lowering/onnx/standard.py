@@ -42,8 +42,11 @@ def silu(ctx, op, ins):
 @maps("softplus")
 def softplus(ctx, op, ins):
     """torch's softplus: x itself above the threshold 20 (no overflow of exp)."""
-    x, dt = ins[0], ctx.ty(op.inputs[0]).dtype
-    return [ctx.em("Where", ctx.em("Greater", x, ctx.em.const(20.0, dt)), x, ctx.em("Softplus", x))]
+    return [softplus_torch(ctx.em, ins[0], ctx.ty(op.inputs[0]).dtype)]
+
+
+def softplus_torch(em, x: str, dtype: str = "f32") -> str:
+    return em("Where", em("Greater", x, em.const(20.0, dtype)), x, em("Softplus", x))
 
 
 @maps("scale")
@@ -78,12 +81,23 @@ def rmsnorm(ctx, op, ins):
                    stash_type=1)]
 
 
+def l2_unit(em, x: str, eps: str) -> str:
+    """fp32 x / sqrt(sum(x^2) + eps) over the last dim; `eps` an fp32 tensor name."""
+    xf = em("Cast", x, to=FLOAT)
+    return em("Div", xf, em("Sqrt", em("Add", em("ReduceSum", em("Mul", xf, xf), em.ints(-1), keepdims=1), eps)))
+
+
 def l2_normalize(ctx, x: str, value: str, eps: float) -> str:
-    """x / sqrt(sum(x^2) + eps) over the last dim, in fp32, back in x's dtype."""
-    em, xf = ctx.em, to_acc(ctx, x, value)
-    ss = em("ReduceSum", em("Mul", xf, xf), em.ints(-1), keepdims=1)
-    y = em("Div", xf, em("Sqrt", em("Add", ss, em.const(eps, "f32"))))
-    return cast_to(ctx, y, ctx.ty(value).dtype)
+    """l2_unit in x's dtype."""
+    return cast_to(ctx, l2_unit(ctx.em, x, ctx.em.const(eps, "f32")), ctx.ty(value).dtype)
+
+
+def kda_gate(em, f: str, A_log: str, dt_bias: str, heads_shape: str) -> str:
+    """g = -exp(A_log) * softplus(f + dt_bias) in fp32, [B,T,H*K] -> [B,T,H,K] (heads_shape:
+    the [H, K] tail as an int64 tensor); torch's softplus threshold 20."""
+    x = em("Add", em("Cast", f, to=FLOAT), em("Cast", dt_bias, to=FLOAT))
+    sp = em("Reshape", softplus_torch(em, x), em("Concat", em.ints(0, 0), heads_shape, axis=0))
+    return em("Mul", em("Neg", em("Exp", em("Cast", A_log, to=FLOAT))), sp)
 
 
 @maps("l2norm")
@@ -146,10 +160,11 @@ def cache_write(ctx, op, ins):
 
 
 # -- attention -----------------------------------------------------------------------------------
-def causal_mask(ctx, q_start: str | None, T: str, S: str) -> str:
-    """bool [B, 1, T, S]: key s visible to query t of sequence b iff s <= q_start[b] + t
-    (q_start defaults to S - T, a prefill with no cache before it)."""
-    em = ctx.em
+def causal_mask(em, q_start: str | None, T: str, S: str, key_valid: str | None = None) -> str:
+    """bool [B|1, 1, T, S]: key s visible to query t of sequence b iff s <= q_start[b] + t
+    (q_start defaults to S - T, a prefill with no cache before it). `key_valid` [B, S]
+    (bool) also hides padded keys; a query left with no key (a pad) then sees every key, so
+    its garbage row stays finite and never turns a real row's softmax into NaN."""
     zero, one = em.const(0, "i64"), em.const(1, "i64")
     tt = em("Range", zero, em("Squeeze", T, em.ints(0)), one)
     ss = em("Range", zero, em("Squeeze", S, em.ints(0)), one)
@@ -159,27 +174,68 @@ def causal_mask(ctx, q_start: str | None, T: str, S: str) -> str:
         start = em("Unsqueeze", q_start, em.ints(1))                           # [B, 1]
     pos = em("Add", start, em("Unsqueeze", tt, em.ints(0)))                     # [B|1, T]
     vis = em("LessOrEqual", em("Unsqueeze", ss, em.ints(0, 1)), em("Unsqueeze", pos, em.ints(-1)))
-    return em("Unsqueeze", vis, em.ints(1))                                     # [B|1, 1, T, S]
+    vis = em("Unsqueeze", vis, em.ints(1))                                      # [B|1, 1, T, S]
+    if key_valid is not None:
+        vis = em("And", vis, em("Unsqueeze", key_valid, em.ints(1, 2)))
+        seen = em("ReduceMax", em("Cast", vis, to=FLOAT), em.ints(-1), keepdims=1)
+        vis = em("Or", vis, em("Equal", seen, em.const(0.0, "f32")))
+    return vis
 
 
-def attention_explicit(ctx, q, k, v, mask, scale, out_dtype):
+def attention_explicit(em, q, k, v, mask, scale) -> str:
     """softmax(q k^T * scale, masked) v in fp32 with q [B,H,T,D], k [B,Hk,S,D], v [B,Hk,S,Dv]
-    (Hk 1 or H) -> [B,H,T,Dv] in `out_dtype`."""
-    em = ctx.em
+    (Hk 1 or H) -> fp32 [B,H,T,Dv]."""
     qf, kf, vf = (em("Cast", t, to=FLOAT) for t in (q, k, v))
-    s = em("Mul", em("MatMul", qf, em("Transpose", kf, perm=[0, 1, 3, 2])), em.const(scale, "f32"))
+    s = em("Mul", em("MatMul", qf, em("Transpose", kf, perm=[0, 1, 3, 2])), scale)
     s = em("Where", mask, s, em.const(float("-inf"), "f32"))
-    return cast_to(ctx, em("MatMul", em("Softmax", s, axis=-1), vf), out_dtype)
+    return em("MatMul", em("Softmax", s, axis=-1), vf)
 
 
 @maps("causal_attention")
 def causal_attention(ctx, op, ins):
     em = ctx.em
     q, k, v = (em("Transpose", t, perm=[0, 2, 1, 3]) for t in ins[:3])
-    mask = causal_mask(ctx, ins[3] if len(ins) > 3 else None, em("Shape", ins[0], start=1, end=2),
-                       em("Shape", ins[1], start=1, end=2))
-    o = attention_explicit(ctx, q, k, v, mask, op.attrs["scale"], ctx.ty(op.inputs[2]).dtype)
-    return [em("Transpose", o, perm=[0, 2, 1, 3])]
+    mask = causal_mask(em, ins[3] if len(ins) > 3 else None, em("Shape", ins[0], start=1, end=2),
+                       em("Shape", ins[1], start=1, end=2), ctx.key_valid)
+    o = attention_explicit(em, q, k, v, mask, em.const(op.attrs["scale"], "f32"))
+    return [cast_to(ctx, em("Transpose", o, perm=[0, 2, 1, 3]), ctx.ty(op.inputs[2]).dtype)]
+
+
+# -- padded batches (onnxruntime-genai pads prompts; see genai.py) ----------------------------------
+def token_masked(ctx, x: str) -> str:
+    """x [B, T, C] with the rows of padded tokens zeroed (only when the model is fed padded
+    batches): a left pad then enters the short conv as the zero state would."""
+    if ctx.token_valid is None:
+        return x
+    em = ctx.em
+    return em("Where", em("Unsqueeze", ctx.token_valid, em.ints(-1)), x,
+              em("CastLike", em.const(0.0, "f32"), x))
+
+
+def kda_hold(ctx, g: str, beta: str) -> tuple[str, str]:
+    """Decay g [B,T,H,*] and beta [B,T,H] (fp32) zeroed on pads: the KDA state passes a pad
+    unchanged (no decay, no update)."""
+    if ctx.token_valid is None:
+        return g, beta
+    em = ctx.em
+    zero = em.const(0.0, "f32")
+    return (em("Where", em("Unsqueeze", ctx.token_valid, em.ints(2, 3)), g, zero),
+            em("Where", em("Unsqueeze", ctx.token_valid, em.ints(2)), beta, zero))
+
+
+def conv_state_at_last_token(ctx, xs: str, K: int) -> str:
+    """The conv state after each sequence's last real token: columns [e - K + 1, e) of
+    xs = [state, x^T] [B, C, K-1+T], e = K + (index of the last valid token); a right pad
+    never enters it."""
+    em = ctx.em
+    T = em("Shape", ctx.token_valid, start=1, end=2)
+    t = em("Range", em.const(0, "i64"), em("Squeeze", T, em.ints(0)), em.const(1, "i64"))
+    last = em("ReduceMax", em("Where", ctx.token_valid, em("Unsqueeze", t, em.ints(0)), em.const(-1, "i64")),
+              em.ints(1), keepdims=1)                                                   # [B, 1]
+    idx = em("Add", em("Add", last, em.ints(1)), em("Unsqueeze", em.ints(*range(K - 1)), em.ints(0)))
+    idx = em("Expand", em("Unsqueeze", idx, em.ints(1)),
+             em("Concat", em("Shape", xs, start=0, end=2), em.ints(K - 1), axis=0))    # [B, C, K-1]
+    return em("GatherElements", xs, idx, axis=2)
 
 
 # -- MoE primitives ------------------------------------------------------------------------------
