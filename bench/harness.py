@@ -21,6 +21,21 @@ def bench(fn, warmup=25, rep=100) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def bench_graph(fn, replays: int = 20) -> float:
+    """Median milliseconds of fn() replayed from a captured CUDA graph (no host launch cost:
+    how a decode engine runs small steps)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(replays):
+            fn()
+    return bench(graph.replay) / replays
+
+
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
     a = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()

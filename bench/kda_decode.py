@@ -4,7 +4,7 @@ q, k, v, f, b read and o written). Run on a GPU: python bench/kda_decode.py"""
 from __future__ import annotations
 
 import torch
-from harness import bench, copy_bandwidth, merge_tuning, override_config, rel_err, write_result
+from harness import bench, bench_graph, copy_bandwidth, merge_tuning, override_config, rel_err, write_result
 from kda_chunk import D, H, inputs, reference
 
 from kimi_graph.lowering.triton import kda
@@ -21,10 +21,11 @@ def main():
         o, s = kda.kda_step(q, k, v, f, b, A_log, dt_bias, D ** -0.5, state=state.clone())
         err = max(rel_err(o.transpose(0, 1), ro), rel_err(s, rs))
         st = state.clone()
-        ms = bench(lambda: kda.kda_step(q, k, v, f, b, A_log, dt_bias, D ** -0.5, state=st, inplace=True))
+        step = lambda: kda.kda_step(q, k, v, f, b, A_log, dt_bias, D ** -0.5, state=st, inplace=True)
+        ms, ms_graph = bench(step), bench_graph(step)
         nbytes = 2 * st.numel() * 4 + sum(t.numel() * t.element_size() for t in (q, k, v, f, b)) + o.numel() * 2
-        rows.append({"B": B, "us": ms * 1e3, "GB/s": nbytes / ms / 1e6, "of_copy_bw": nbytes / (ms * 1e-3) / bw,
-                     "rel_err": err})
+        rows.append({"B": B, "us": ms * 1e3, "graph_us": ms_graph * 1e3, "GB/s": nbytes / ms_graph / 1e6,
+                     "of_copy_bw": nbytes / (ms_graph * 1e-3) / bw, "rel_err": err})
     # sweep the decode kernel's tile at B=256 and keep the best for this device
     sweep = []
     for BV in (16, 32, 64):
@@ -32,7 +33,7 @@ def main():
             override_config("kda_recurrent", BV=BV, num_warps=warps)
             ms = bench(lambda: kda.kda_step(q, k, v, f, b, A_log, dt_bias, D ** -0.5, state=st, inplace=True))
             sweep.append((ms, BV, warps))
-            rows.append({"B": 256, "us": ms * 1e3, "GB/s": nbytes / ms / 1e6,
+            rows.append({"B": 256, "us": ms * 1e3, "graph_us": "-", "GB/s": nbytes / ms / 1e6,
                          "of_copy_bw": nbytes / (ms * 1e-3) / bw, "rel_err": f"BV={BV} w={warps}"})
     ms, BV, warps = min(sweep)
     merge_tuning("kda_recurrent", {"BV": BV, "num_warps": warps},

@@ -92,14 +92,20 @@ def test_elementwise_chain_bf16():
     assert e <= BF16_TOL
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("pipeline", [None, "default"])
-def test_tiny_logits_match_interpreter(dtype, tol, pipeline):
-    ref = kimi_graph.load("tiny", dtype=dtype, device="cuda", pipeline=pipeline)
-    tri = kimi_graph.load("tiny", dtype=dtype, device="cuda", pipeline=pipeline, backend="triton")
+def test_tiny_logits_match_interpreter(pipeline):
     ids = torch.randint(0, 512, (3, 70), device="cuda")
-    ERRORS[f"tiny {dtype} {pipeline}"] = e = rel(tri(ids), ref(ids))
-    assert e <= tol
+    run = lambda dtype, backend: kimi_graph.load("tiny", dtype=dtype, device="cuda", pipeline=pipeline,
+                                                 backend=backend)(ids).double()
+    ref32 = run(torch.float32, "interpreter")
+    ERRORS[f"tiny f32 {pipeline}"] = e32 = rel(run(torch.float32, "triton"), ref32)
+    assert e32 <= 1e-4
+    # bf16: rounding differs (and may flip near-tied router choices), so both bf16 runs are
+    # held to the fp32 logits; the kernels must be as close as the bf16 reference interpreter
+    e_interp = rel(run(torch.bfloat16, "interpreter"), ref32)
+    ERRORS[f"tiny bf16 {pipeline} (interpreter bf16 vs f32)"] = e_interp
+    ERRORS[f"tiny bf16 {pipeline} (triton bf16 vs f32)"] = e_tri = rel(run(torch.bfloat16, "triton"), ref32)
+    assert e_tri <= max(1.5 * e_interp, 2e-2)
 
 
 def test_zz_print_errors():

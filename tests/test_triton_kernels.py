@@ -226,8 +226,9 @@ def test_moe_route(E, k, ng, tg, weights):
     assert torch.equal(ti, ri) and rel(tw, rw) < TOL
 
 
-def test_moe_permute_swiglu_unpermute():
-    E, k, D, I, N = 6, 2, 40, 24, 19            # 38 rows: several row tiles, one expert left empty
+@pytest.mark.parametrize("D,I", [(40, 24), (32, 48)])       # tiles that do / do not divide the dims
+def test_moe_permute_swiglu_unpermute(D, I):
+    E, k, N = 6, 2, 19                          # 38 rows: several row tiles, one expert left empty
     x = torch.randn(N, D)
     ids = torch.stack([torch.randperm(E - 1)[:k] for _ in range(N)])
     rows, off, order = moe.moe_permute(x, ids, E)

@@ -145,10 +145,7 @@ def moe_gate_up(x_ptr, off_ptr, w13_ptr, h_ptr, tile_e_ptr, tile_r_ptr):
         acc_u = tl.zeros((BM, BN), tl.float32)
         wb = w13_ptr + ex.to(tl.int64) * (2 * I * D)
         for k0 in range(0, D, BK):
-            mk = k0 + dk < D
-            x = tl.load(x_ptr + r[:, None] * D + k0 + dk[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
-            w1 = tl.load(wb + n[None, :] * D + k0 + dk[:, None], mask=mn[None, :] & mk[:, None], other=0.0)
-            w3 = tl.load(wb + (n[None, :] + I) * D + k0 + dk[:, None], mask=mn[None, :] & mk[:, None], other=0.0)
+            $gu_loads
             acc_g += tl.dot(x, w1, input_precision=PREC)
             acc_u += tl.dot(x, w3, input_precision=PREC)
         h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
@@ -168,9 +165,7 @@ def moe_down(h_ptr, off_ptr, w2_ptr, y_ptr, tile_e_ptr, tile_r_ptr):
         acc = tl.zeros((BM, BN), tl.float32)
         wb = w2_ptr + ex.to(tl.int64) * (D * I)
         for k0 in range(0, I, BK):
-            mk = k0 + dk < I
-            h = tl.load(h_ptr + r[:, None] * I + k0 + dk[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
-            w = tl.load(wb + n[None, :] * I + k0 + dk[:, None], mask=mn[None, :] & mk[:, None], other=0.0)
+            $down_loads
             acc += tl.dot(h, w, input_precision=PREC)
         tl.store(y_ptr + r[:, None] * D + n[None, :], acc.to(DT), mask=mr[:, None] & mn[None, :])
 """
@@ -268,13 +263,30 @@ def moe_permute(x, ids, num_experts):
     return rows, offsets, order
 
 
+def _gemm_loads(K: int, N: int, BK: int, BN: int, gate_up: bool) -> str:
+    """The K-loop loads of one grouped GEMM; masks only on the dims the tiles do not divide."""
+    mk, mn = K % BK != 0, N % BN != 0
+    kx = "mr[:, None] & (k0 + dk < KD)[None, :]" if mk else "mr[:, None]"
+    kw = " & ".join(filter(None, ["mn[None, :]" if mn else "", "(k0 + dk < KD)[:, None]" if mk else ""]))
+    wm = f", mask={kw}, other=0.0" if kw else ""
+    a = "x" if gate_up else "h"
+    lines = [f"{a} = tl.load({a}_ptr + r[:, None] * KD + k0 + dk[None, :], mask={kx}, other=0.0)"]
+    if gate_up:
+        lines += [f"w1 = tl.load(wb + n[None, :] * KD + k0 + dk[:, None]{wm})",
+                  f"w3 = tl.load(wb + (n[None, :] + I) * KD + k0 + dk[:, None]{wm})"]
+    else:
+        lines += [f"w = tl.load(wb + n[None, :] * KD + k0 + dk[:, None]{wm})"]
+    return "\n".join(lines).replace("KD", str(K))
+
+
 @functools.lru_cache(maxsize=None)
 def gemm_specs(E, I, D, dtype, small, target):
     cfg = config("moe_gemm", target)
     BM = cfg["BM_small"] if small else cfg["BM"]
     consts = {"E": E, "I": I, "D": D, "BE": max(16, next_pow2(E)), "BM": BM, "BN": cfg["BN"], "BK": cfg["BK"],
               "TB": 64, "DT": TL_DTYPES[dtype], "PREC": dot_precision(dtype)}
-    src = render("grouped_swiglu", _GEMM, consts)
+    src = render("grouped_swiglu", _GEMM, consts, gu_loads=_gemm_loads(D, I, cfg["BK"], cfg["BN"], True),
+                 down_loads=_gemm_loads(I, D, cfg["BK"], cfg["BN"], False))
     p = ptr_type(dtype)
     tiles = {"tile_e_ptr": "*i32", "tile_r_ptr": "*i32"}
     mk = lambda name, sig, w, s: KernelSpec(name, name, src, sig, w, s, consts)
