@@ -1,8 +1,8 @@
 """Layer graph -> MLIR text through torch-mlir's FX importer (`torch_mlir.fx.export_and_import`).
 
 The graph is lowered to FX with `decompose=True`: torch-mlir cannot import our custom ops,
-so each one runs its static reference form (`lowering/torch/ops.py`) and is traced into
-plain torch ops; the file's header comment lists the op kinds so decomposed. Shapes are
+so each one runs its reference form, free of host syncs (`decomposed_form` in
+`lowering/torch/ops.py`), traced into plain torch ops; the file's header comment lists the op kinds so decomposed. Shapes are
 static (the example inputs'); weights are inlined as constants (`dense_resource` blobs).
 torch-mlir is an optional extra (`pip install kimi-graph[mlir]`), imported only here.
 """

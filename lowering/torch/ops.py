@@ -14,7 +14,9 @@ Some references sync with the host (`int(t)`, `nonzero`, `bincount`): fine on th
 neither traceable with static shapes nor capturable in a CUDA graph. Their STATIC forms
 below compute the same function without host syncs or data-dependent shapes; they serve as
 the default CUDA implementations of those custom ops and as the "reference form" that the
-MLIR export decomposes custom ops into (`lower(..., decompose=True)`).
+MLIR export decomposes custom ops into (`lower(..., decompose=True)`). Where torch-mlir
+cannot lower even that (the chunkwise KDA's triangular solve), an EXPORT form stands in:
+the same function through ops it can lower.
 """
 from __future__ import annotations
 
@@ -56,11 +58,13 @@ def _moe_expert(args, attrs):
 
 
 def _moe_permute(args, attrs):
-    """As the reference, with expert counts by scatter_add (bincount's size is data-dependent)."""
+    """As the reference, with expert counts by scatter_add (bincount's size is data-dependent),
+    and the stable sort as a plain sort of unique keys id * M + m (torch-mlir has no stable sort)."""
     x, ids = args
     k, D, E = ids.shape[-1], x.shape[-1], attrs["num_experts"]
     flat = ids.reshape(-1)
-    order = torch.sort(flat, stable=True)[1]
+    M = flat.shape[0]
+    order = torch.sort(flat * M + torch.arange(M, device=flat.device))[1]
     counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
     return [x.reshape(-1, D)[order // k], offsets, order]
@@ -71,7 +75,7 @@ def _grouped_swiglu(args, attrs):
     x, off, w13, w2 = args
     I = w2.shape[2]
     rows = torch.arange(x.shape[0], device=x.device)
-    expert_of_row = torch.searchsorted(off[1:], rows, right=True)
+    expert_of_row = (rows.unsqueeze(1) >= off[1:].unsqueeze(0)).sum(1)   # offsets passed
     out = torch.zeros_like(x)
     for e in range(w13.shape[0]):
         gu = F.linear(x, w13[e].to(x.dtype))
@@ -80,10 +84,17 @@ def _grouped_swiglu(args, attrs):
     return [out]
 
 
+def _kda_chunk_as_recurrence(args, attrs):
+    """kda_fused_chunk computes what kda_fused_recurrent does (fused.py): the token loop
+    avoids linalg_solve_triangular, which torch-mlir does not lower."""
+    return get_op("kda_fused_recurrent").ref(args, {k: attrs[k] for k in ("scale", "l2norm_eps")})
+
+
 @dataclass(frozen=True)
 class Lowering:
     how: str                              # CUSTOM or INLINE
     static: Callable | None = None        # sync-free form where the reference is not one
+    export: Callable | None = None        # for decomposition, where the static form will not do
 
 
 # every op kind, once (tests check that this covers the registry exactly)
@@ -102,7 +113,7 @@ LOWERING: dict[str, Lowering] = {
     "kda_recurrent": Lowering(CUSTOM),
     # fused ops (kimi_graph/ops/fused.py)
     "kda_fused_recurrent": Lowering(CUSTOM),
-    "kda_fused_chunk": Lowering(CUSTOM),
+    "kda_fused_chunk": Lowering(CUSTOM, export=_kda_chunk_as_recurrence),
     "gated_rmsnorm": Lowering(CUSTOM),
     "add_rmsnorm": Lowering(CUSTOM),
     "head_matmul": Lowering(CUSTOM),
@@ -126,6 +137,11 @@ def lowering(kind: str) -> Lowering:
 def static_form(kind: str) -> Callable:
     """fn(args, attrs) -> results, free of host syncs and data-dependent shapes."""
     return lowering(kind).static or get_op(kind).ref
+
+
+def decomposed_form(kind: str) -> Callable:
+    """What `lower(..., decompose=True)` traces for a kind: its export form, else static form."""
+    return lowering(kind).export or static_form(kind)
 
 
 def custom_kinds() -> list[str]:
@@ -154,14 +170,15 @@ _FUNCTIONS: dict[tuple[str, bool], Callable] = {}
 
 def node_function(kind: str, decompose: bool = False) -> Callable:
     """What an FX node of this kind calls: the custom op, or (INLINE kinds, and every kind when
-    `decompose`) a traced function running the op's static form."""
+    `decompose`) a traced function running the op's decomposed form."""
     low = lowering(kind)
     if low.how == CUSTOM and not decompose:
         from .custom_ops import custom_op
         return custom_op(kind)
     key = (kind, low.how == CUSTOM)
     if key not in _FUNCTIONS:
-        _FUNCTIONS[key] = _as_node_fn(kind if low.how == INLINE else kind + "_static", static_form(kind))
+        _FUNCTIONS[key] = _as_node_fn(kind if low.how == INLINE else kind + "_decomposed",
+                                      decomposed_form(kind))
     return _FUNCTIONS[key]
 
 
