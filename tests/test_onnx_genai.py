@@ -74,3 +74,42 @@ def test_genai_fp16_export(tmp_path):
     ours = kimi_graph.load(tmp_path, backend="onnxruntime", dtype=torch.float16)
     ref = ours.generate([[1, 5, 9, 14, 3]], max_new_tokens=6, ignore_eos=True)
     assert genai_greedy(tmp_path, [[1, 5, 9, 14, 3]], 6) == ref
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_in_the_genai_model_directly(exported, side):
+    """The genai model under plain ONNX Runtime: a padded prefill (either side) and two
+    decode steps give each prompt's own logits."""
+    import onnxruntime as ort
+    model, out = exported
+    sess = ort.InferenceSession(str(out / "genai.onnx"), providers=["CPUExecutionProvider"])
+    prompts = [[1, 5, 9, 14, 3], [7, 8], [2, 4, 6, 8, 10, 12, 14, 16]]
+    L = max(map(len, prompts))
+    pad = lambda p, fill: [fill] * (L - len(p)) + p if side == "left" else p + [fill] * (L - len(p))  # noqa: E731
+    feeds = {"input_ids": np.array([pad(p, 0) for p in prompts]),
+             "attention_mask": np.array([pad([1] * len(p), 0) for p in prompts])}
+    for i in sess.get_inputs():
+        if i.name not in feeds:
+            feeds[i.name] = np.zeros([3 if d == "batch_size" else 0 if d == "past_sequence_length" else d
+                                      for d in i.shape], np.float32)
+    names = [o.name for o in sess.get_outputs()]
+    outs = dict(zip(names, sess.run(None, feeds)))
+    last = [L - 1 if side == "left" else len(p) - 1 for p in prompts]
+    seqs = [list(p) for p in prompts]
+    for step in range(3):
+        for b, p in enumerate(seqs):
+            ref = model(torch.tensor([p]))[0, -1]
+            got = torch.from_numpy(outs["logits"][b, last[b]])
+            assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-4, (side, step, b)
+        if step == 2:
+            break
+        nxt = [int(outs["logits"][b, last[b]].argmax()) for b in range(3)]
+        for b, t in enumerate(nxt):
+            seqs[b].append(t)
+        feeds = {"input_ids": np.array([[t] for t in nxt]),
+                 "attention_mask": np.concatenate([feeds["attention_mask"], np.ones((3, 1), np.int64)], 1)}
+        for n in names[1:]:
+            feeds[n.replace("present.", "past_key_values.") if n.endswith((".key", ".value"))
+                  else n.replace("present.", "past.")] = outs[n]
+        outs = dict(zip(names, sess.run(None, feeds)))
+        last = [0, 0, 0]
