@@ -159,7 +159,11 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
     if not pipeline:
         m._graphs[("prefill", False)] = g       # the declared graph is the one that runs
     if backend == "onnxruntime" and path is not None and (path / "kimi_graph_onnx.json").exists():
-        m.options["onnx_dir"] = str(path)      # an export-onnx directory: weights live in its models
+        # an export-onnx directory: weights live in its models; dtype and router as exported
+        manifest = json.loads((path / "kimi_graph_onnx.json").read_text())
+        m.dtype, m.router_weights = getattr(torch, manifest["dtype"]), manifest["router_weights"]
+        m._graphs.clear()
+        m.options["onnx_dir"] = str(path)
         return m
     m.weights = load_safetensors(path, g, device) if path is not None else \
         random_weights(g, seed=seed, device=device)

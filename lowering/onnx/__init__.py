@@ -1,6 +1,20 @@
-"""ONNX lowering: optimized prefill / decode graphs -> ONNX models in two operator sets,
-`ort` (ONNX Runtime's fused contrib ops) and `portable` (our domain, with function bodies
-in standard ops). onnx is imported only when this package is used."""
+"""ONNX lowering: prefill / decode graphs -> ONNX models in two operator sets.
+
+    kimi-graph export-onnx tiny --out out/ [--ops ort|portable] [--dtype fp32|fp16|bf16]
+    model = kimi_graph.load("out/", backend="onnxruntime")      # runs the exported models
+    model = kimi_graph.load("tiny", backend="onnxruntime", ops="portable")   # lowers on the fly
+
+- `ort` (default, ort.py): ONNX Runtime's com.microsoft fused ops (LinearAttention,
+  CausalConvWithState, MoE, SkipSimplifiedLayerNormalization) and opset-23 Attention /
+  RMSNormalization where their semantics equal ours; the router stays in our nodes.
+- `portable` (portable.py, functions.py): standard ops, and our fused ops as `kimi_graph`
+  domain nodes each carrying a function body in standard ops (ONNX Runtime without contrib
+  ops, onnx.reference); KDA as the chunkwise form with a Loop over chunks.
+Primitive ops map through standard.py, one table per operator set, one entry per op kind.
+Models: opset 23, IR 11; symbolic B / T / S axes; every cache and state an input and a
+`present.*` output. An export directory (package.py) also holds the onnxruntime-genai model
+and genai_config.json (genai.py). onnx is imported only when this package is used.
+"""
 from .export import DEFAULT_OPSET, OP_SETS, lower, state_output_name
 
 __all__ = ["lower", "OP_SETS", "DEFAULT_OPSET", "state_output_name"]
