@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .attention import causal_attention
 from .kda import kda_recurrence
 from .moe import grouped_topk
-from .norm import rms_normalize
+from .norm import l2_normalize, rms_normalize
 from .registry import REQUIRED, OpDef, dim, expect, expect_float, register
 
 
@@ -39,11 +39,6 @@ def kda_gate(f, A_log, dt_bias, acc):
     H = A_log.shape[2]
     g = F.softplus(f.to(acc) + dt_bias.to(acc)).view(B, T, H, C // H)
     return -A_log.to(acc).exp() * g
-
-
-def l2_normalize(x, eps):
-    xf = x.float() if x.dtype != torch.float64 else x
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class _KDAFused(OpDef):

@@ -12,6 +12,12 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def l2_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim, computed in at least fp32."""
+    xf = x.float() if x.dtype != torch.float64 else x
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 @register
 class RMSNorm(OpDef):
     kind, doc = "rmsnorm", "weight * x / sqrt(mean(x^2) + eps) over the last dim"
@@ -43,9 +49,7 @@ class L2Norm(OpDef):
         return [types[0]]
 
     def ref(self, args, attrs):
-        x = args[0]
-        xf = x.float() if x.dtype != torch.float64 else x
-        return [(xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + attrs["eps"])).to(x.dtype)]
+        return [l2_normalize(args[0], attrs["eps"])]
 
     def flops(self, ins, outs, attrs, dims):
         return 3.0 * outs[0].numel(dims)
