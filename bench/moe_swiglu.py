@@ -48,8 +48,8 @@ def main():
             variants += [("BN128_BK64_w8", dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)),
                          ("BM128_BN64_w4", dict(BM=128, BN=64, BK=64, num_warps=4, num_stages=4))]
         else:
-            variants += [("BN32_BK128", dict(BN=32, BK=128, num_stages=3)),
-                         ("BN128_BK64_s3", dict(BN=128, BK=64, num_stages=3))]
+            variants += [("BN64_BK64", dict(BN_small=64, BK_small=64)),
+                         ("BN16_BK128", dict(BN_small=16, BK_small=128))]
         base = dict(moe.config("moe_gemm"))
         t_torch = bench(lambda: torch_swiglu(rows, counts, w13, w2), rep=50)
         for name, over in variants:

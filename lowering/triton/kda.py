@@ -123,23 +123,8 @@ def kda_chunk_prep(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start
             tl.store(akk_ptr + arow + (cc[None, :] + J * BC), z, mask=mI[:, None])
             tl.store(aqk_ptr + arow + (cc[None, :] + J * BC), z.to(DT), mask=mI[:, None])
     tl.debug_barrier()
-    # T = (I + A_kk)^-1 by forward substitution over rows
-    tm = tl.zeros((BT, BT), tl.float32)
-    for i in range(0, n):
-        a = tl.load(akk_ptr + (start + i) * (H * BT) + h * BT + r)
-        new = tl.where(r == i, 1.0, 0.0) - tl.sum(a[:, None] * tm, 0)
-        tm = tl.where(r[:, None] == i, new[None, :], tm)
-    tm = tl.where(rm[:, None], tm, 0.0)
-    kn = tl.load(kn_ptr + offk, mask=m2, other=0.0).to(tl.float32)
-    gcr = tl.load(gc_ptr + offk, mask=m2, other=0.0)
-    bt = tl.load(beta_ptr + tok * H + h, mask=rm, other=0.0)
-    w = tl.dot(tm, kn * tl.exp(gcr) * bt[:, None], input_precision=PREC)
-    tl.store(w_ptr + offk, w.to(DT), mask=m2)
-    offv = tok[:, None] * (H * V) + h * V + dv[None, :]
-    mv2 = rm[:, None] & mv[None, :]
-    v = tl.load(v_ptr + offv, mask=mv2, other=0.0).to(tl.float32)
-    u = tl.dot(tm, v * bt[:, None], input_precision=PREC)
-    tl.store(u_ptr + offv, u.to(DT), mask=mv2)
+    # T = (I + A_kk)^-1 blockwise over BC sub-blocks (generated, unrolled), then W and U
+    $solve
 """
 
 _SCAN = """
@@ -236,6 +221,39 @@ def kda_recurrent_step(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, o_ptr, 
 """
 
 
+def _solve_source(NC: int) -> str:
+    """Block lower-triangular inverse: T_II by forward substitution on BC x BC blocks,
+    T_IJ = -T_II sum_{J<=K<I} A_IK T_KJ; then W_I = sum_J T_IJ X_J, U_I = sum_J T_IJ (beta v)_J."""
+    L = []
+    for J in range(NC):
+        L += [f"rJ = start + {J} * BC + cc",
+              f"mJ = {J} * BC + cc < n",
+              f"oJ = rJ[:, None] * (H * K) + h * K + dk[None, :]",
+              f"bJ = tl.load(beta_ptr + rJ * H + h, mask=mJ, other=0.0)",
+              f"X{J} = tl.load(kn_ptr + oJ, mask=mJ[:, None] & mk[None, :], other=0.0).to(tl.float32) * "
+              f"tl.exp(tl.load(gc_ptr + oJ, mask=mJ[:, None] & mk[None, :], other=0.0)) * bJ[:, None]",
+              f"Y{J} = tl.load(v_ptr + rJ[:, None] * (H * V) + h * V + dv[None, :], "
+              f"mask=mJ[:, None] & mv[None, :], other=0.0).to(tl.float32) * bJ[:, None]",
+              f"T{J}_{J} = tl.zeros((BC, BC), tl.float32)",
+              "for i in range(0, BC):",
+              f"    a = tl.load(akk_ptr + (start + {J} * BC + i) * (H * BT) + h * BT + {J} * BC + cc,",
+              f"                mask=cc * 0 + {J} * BC + i < n, other=0.0)",
+              f"    new = tl.where(cc == i, 1.0, 0.0) - tl.sum(a[:, None] * T{J}_{J}, 0)",
+              f"    T{J}_{J} = tl.where(cc[:, None] == i, new[None, :], T{J}_{J})"]
+        for K_ in range(J):
+            L.append(f"A{J}_{K_} = tl.load(akk_ptr + rJ[:, None] * (H * BT) + h * BT + {K_} * BC + cc[None, :], "
+                     f"mask=mJ[:, None], other=0.0)")
+        for I in range(J - 1, -1, -1):        # T_JI for I < J, from the nearest block outwards
+            terms = " + ".join(f"tl.dot(A{J}_{K_}, T{K_}_{I}, input_precision=PREC)" for K_ in range(I, J))
+            L.append(f"T{J}_{I} = -tl.dot(T{J}_{J}, {terms}, input_precision=PREC)")
+        w = " + ".join(f"tl.dot(T{J}_{I}, X{I}, input_precision=PREC)" for I in range(J + 1))
+        u = " + ".join(f"tl.dot(T{J}_{I}, Y{I}, input_precision=PREC)" for I in range(J + 1))
+        L += [f"tl.store(w_ptr + oJ, ({w}).to(DT), mask=mJ[:, None] & mk[None, :])",
+              f"tl.store(u_ptr + rJ[:, None] * (H * V) + h * V + dv[None, :], ({u}).to(DT), "
+              f"mask=mJ[:, None] & mv[None, :])"]
+    return "\n".join(L)
+
+
 def _sig(names, dtype, ints=()):
     ptr = {"f32": "*fp32", "bf16": "*bf16", "f16": "*fp16"}[dtype]
     return {n: ("i32" if n in ints else ptr) for n in names}
@@ -256,7 +274,7 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> li
     consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=BT // BC,
                      BVF=max(16, next_pow2(V)), BV=BV, HAS_STATE=bool(has_state),
                      PREC=dot_precision(dtype))
-    src_p = render("kda_chunk_prep", _PREP, consts, gate=_GATE)
+    src_p = render("kda_chunk_prep", _PREP, consts, gate=_GATE, solve=_solve_source(BT // BC))
     p_args = ["q_ptr", "k_ptr", "v_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "chunk_start", "chunk_len",
               "qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr",
               "akk_ptr", "gl_ptr"]

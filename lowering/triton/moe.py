@@ -133,12 +133,13 @@ def moe_tile_map(off_ptr, tile_e_ptr, tile_r_ptr, max_tiles):
 
 @triton.jit
 def moe_gate_up(x_ptr, off_ptr, w13_ptr, h_ptr, tile_e_ptr, tile_r_ptr):
-    # grid (tiles, I blocks): h = silu(x w1^T) * (x w3^T) for one expert's rows
-    ex = tl.load(tile_e_ptr + tl.program_id(0))
+    # grid (I blocks, tiles): h = silu(x w1^T) * (x w3^T) for one expert's rows; neighbouring
+    # programs share the row tile and the expert (L2 reuse)
+    ex = tl.load(tile_e_ptr + tl.program_id(1))
     if ex >= 0:
-        r = tl.load(tile_r_ptr + tl.program_id(0)) + tl.arange(0, BM)
+        r = tl.load(tile_r_ptr + tl.program_id(1)) + tl.arange(0, BM)
         mr = r < tl.load(off_ptr + ex + 1)
-        n = tl.program_id(1) * BN + tl.arange(0, BN)
+        n = tl.program_id(0) * BN + tl.arange(0, BN)
         mn = n < I
         dk = tl.arange(0, BK)
         acc_g = tl.zeros((BM, BN), tl.float32)
@@ -154,12 +155,12 @@ def moe_gate_up(x_ptr, off_ptr, w13_ptr, h_ptr, tile_e_ptr, tile_r_ptr):
 
 @triton.jit
 def moe_down(h_ptr, off_ptr, w2_ptr, y_ptr, tile_e_ptr, tile_r_ptr):
-    # grid (tiles, D blocks): y = h w2^T for one expert's rows
-    ex = tl.load(tile_e_ptr + tl.program_id(0))
+    # grid (D blocks, tiles): y = h w2^T for one expert's rows
+    ex = tl.load(tile_e_ptr + tl.program_id(1))
     if ex >= 0:
-        r = tl.load(tile_r_ptr + tl.program_id(0)) + tl.arange(0, BM)
+        r = tl.load(tile_r_ptr + tl.program_id(1)) + tl.arange(0, BM)
         mr = r < tl.load(off_ptr + ex + 1)
-        n = tl.program_id(1) * BN + tl.arange(0, BN)
+        n = tl.program_id(0) * BN + tl.arange(0, BN)
         mn = n < D
         dk = tl.arange(0, BK)
         acc = tl.zeros((BM, BN), tl.float32)
@@ -282,11 +283,12 @@ def _gemm_loads(K: int, N: int, BK: int, BN: int, gate_up: bool) -> str:
 @functools.lru_cache(maxsize=None)
 def gemm_specs(E, I, D, dtype, small, target):
     cfg = config("moe_gemm", target)
-    BM = cfg["BM_small"] if small else cfg["BM"]
-    consts = {"E": E, "I": I, "D": D, "BE": max(16, next_pow2(E)), "BM": BM, "BN": cfg["BN"], "BK": cfg["BK"],
+    sfx = "_small" if small else ""
+    BM, BN, BK = cfg["BM" + sfx], cfg["BN" + sfx], cfg["BK" + sfx]
+    consts = {"E": E, "I": I, "D": D, "BE": max(16, next_pow2(E)), "BM": BM, "BN": BN, "BK": BK,
               "TB": 64, "DT": TL_DTYPES[dtype], "PREC": dot_precision(dtype)}
-    src = render("grouped_swiglu", _GEMM, consts, gu_loads=_gemm_loads(D, I, cfg["BK"], cfg["BN"], True),
-                 down_loads=_gemm_loads(I, D, cfg["BK"], cfg["BN"], False))
+    src = render("grouped_swiglu", _GEMM, consts, gu_loads=_gemm_loads(D, I, BK, BN, True),
+                 down_loads=_gemm_loads(I, D, BK, BN, False))
     p = ptr_type(dtype)
     tiles = {"tile_e_ptr": "*i32", "tile_r_ptr": "*i32"}
     mk = lambda name, sig, w, s: KernelSpec(name, name, src, sig, w, s, consts)
@@ -316,8 +318,8 @@ def grouped_swiglu(rows, offsets, w13, w2):
     if M:
         off = offsets.to(torch.int64).contiguous()
         launch(tmap, (-(-max_tiles // c["TB"]),), off, te, tr, max_tiles)
-        launch(gate_up, (max_tiles, -(-I // c["BN"])), rows.contiguous(), off, w13.to(dt).contiguous(), h, te, tr)
-        launch(down, (max_tiles, -(-D // c["BN"])), h, off, w2.to(dt).contiguous(), y, te, tr)
+        launch(gate_up, (-(-I // c["BN"]), max_tiles), rows.contiguous(), off, w13.to(dt).contiguous(), h, te, tr)
+        launch(down, (-(-D // c["BN"]), max_tiles), h, off, w2.to(dt).contiguous(), y, te, tr)
     return y
 
 

@@ -20,7 +20,8 @@ _BASE = {
     "mla_decode": {"BS": 64, "num_warps": 8, "num_stages": 2, "split_min": 512},
     "attention": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
     "moe_route": {"BN": 16, "BK": 64, "num_warps": 4, "num_stages": 2},
-    "moe_gemm": {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3, "BM_small": 16},
+    "moe_gemm": {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3,
+                 "BM_small": 16, "BN_small": 64, "BK_small": 64},
     "moe_permute": {"BLOCK": 256, "num_warps": 4, "num_stages": 1},
 }
 
@@ -39,11 +40,14 @@ TARGETS: dict[str, dict] = {
     "sm_89": {"arch": 89, "gpu": "L40S / RTX 4090", "configs": _merge(_BASE, {
         "attention": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
         "moe_gemm": {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3}})},
+    # sm_90: decode tiles from sweeps on an H100 (bench/results/*.json)
     "sm_90": {"arch": 90, "gpu": "H100 / H200", "configs": _merge(_BASE, {
         "kda_chunk": {"num_warps": 4, "num_stages": 3},
+        "kda_recurrent": {"BV": 64, "num_warps": 4},
         "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
-        "mla_decode": {"BS": 64, "num_warps": 8, "num_stages": 3},
-        "moe_gemm": {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4}})},
+        "mla_decode": {"BS": 64, "num_warps": 4, "num_stages": 2},
+        "moe_gemm": {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4,
+                     "BN_small": 32, "BK_small": 128}})},
     "interpret": {"arch": None, "gpu": "Triton interpreter (CPU)", "configs": _merge(_BASE, {
         "elementwise": {"BLOCK": 64},
         "conv": {"BT": 8, "BC": 16},
@@ -52,7 +56,7 @@ TARGETS: dict[str, dict] = {
         "mla_decode": {"BS": 16, "split_min": 16},
         "attention": {"BM": 16, "BN": 16},
         "moe_route": {"BN": 4, "BK": 16},
-        "moe_gemm": {"BM": 16, "BN": 16, "BK": 16, "BM_small": 16},
+        "moe_gemm": {"BM": 16, "BN": 16, "BK": 16, "BM_small": 16, "BN_small": 16, "BK_small": 16},
         "moe_permute": {"BLOCK": 16}})},
 }
 
