@@ -123,7 +123,7 @@ def test_operator_sets_use_the_intended_ops():
     m = model_for(None, "default")
     for mode in ("prefill", "decode"):
         g = m.get_graph(mode, True)
-        ort_kinds = {(n.domain, n.op_type) for n in lower(g, m.weights, ops="ort").graph.node}
+        ort_kinds = {(n.domain, n.op_type) for n in all_nodes(lower(g, m.weights, ops="ort").graph)}
         for op in ("LinearAttention", "CausalConvWithState", "MoE", "SkipSimplifiedLayerNormalization"):
             assert ("com.microsoft", op) in ort_kinds, (mode, op)
         assert ("", "Attention") in ort_kinds
@@ -136,13 +136,27 @@ def test_operator_sets_use_the_intended_ops():
             kda = next(f for f in proto.functions if f.name == "kda_chunkwise")
             assert [n.op_type for n in kda.node].count("Loop") == 1
     declared = m.build("prefill", True)
+    graph = lower(declared, m.weights, ops="ort").graph
     counts = {}
-    for n in lower(declared, m.weights, ops="ort").graph.node:
+    for n in graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
     cfg = m.config
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-    assert counts["MoE"] == moe_layers * cfg.num_experts_per_token     # one k=1 call per routing slot
+    assert counts["If"] == moe_layers and "moe_expert" not in counts
+    for n in graph.node:
+        if n.op_type == "If":      # positive weights: one k-way call; otherwise one call per slot
+            br = {a.name: a.g for a in n.attribute}
+            moes = [[x for x in br[b].node if x.op_type == "MoE"] for b in ("then_branch", "else_branch")]
+            assert len(moes[0]) == 1 and len(moes[1]) == cfg.num_experts_per_token
     assert counts["LinearAttention"] == cfg.layer_kinds.count("kda")
+
+
+def all_nodes(graph):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(a.g)
 
 
 def test_symbolic_axes_and_state_io():

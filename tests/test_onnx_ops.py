@@ -57,7 +57,24 @@ def norms(b):
     return [g, s, hm]
 
 
-CASES = {"kda_fused_chunk": kda("kda_fused_chunk", True), "kda_fused_recurrent_nostate": kda("kda_fused_recurrent", False),
+def moe_experts(bias_name):
+    """The declared MoE (router primitives, one moe_expert per expert): the ort set's MoE
+    mapping; "bias_mixed" makes one selected weight negative (the per-slot branch)."""
+    def build(b):
+        x = b.input("x", ("B", "T", D), F32)
+        choice = b("add", b("sigmoid", b("linear", x, b.param("gate", (E, D), F32))), b.param(bias_name, (E,), F32))
+        ids = b("grouped_topk", choice, top_k=k)
+        w = b("scale", b("renormalize", b("take_along", choice, ids)), factor=2.5)
+        acc = b("zeros_like", x)
+        for e in range(E):
+            acc = b("moe_expert", acc, x, ids, w, b.param(f"w1.{e}", (3, D), F32), b.param(f"w3.{e}", (3, D), F32),
+                    b.param(f"w2.{e}", (D, 3), F32), expert=e, num_experts=E)
+        return [acc]
+    return build
+
+
+CASES = {"moe_experts_positive": moe_experts("bias"), "moe_experts_mixed_signs": moe_experts("bias_mixed"),
+         "kda_fused_chunk": kda("kda_fused_chunk", True), "kda_fused_recurrent_nostate": kda("kda_fused_recurrent", False),
          "mla_q_start": mla(True), "mla_default_start": mla(False), "moe_dispatch": moe_dispatch, "norms": norms}
 
 
@@ -66,6 +83,10 @@ def random_value(name, ty, dims, gen):
     if ty.dtype == "i64":
         return torch.tensor([S - T, 1])
     t = torch.randn(shape, generator=gen)
+    if name == "bias_mixed":       # expert 0 always first; the second pick has a negative weight
+        return torch.tensor([1.0] + [-3.0] * (E - 1))
+    if name == "bias":
+        return 0.05 * t
     if name == "A_log":
         t = t.abs().log1p()
     return t

@@ -11,17 +11,18 @@ installed build; see tests/test_onnx_ort_ops.py); the portable mapping elsewhere
 - add_rmsnorm -> SkipSimplifiedLayerNormalization (its 4th output is x + residual).
 - Experts -> MoE. Its router differs from Kimi's (it takes top-k of softmax(router_probs);
   Kimi selects by biased sigmoid scores, renormalises and scales, and "official" weights may
-  even be negative), so routing stays in our nodes and MoE runs once per routing slot j with
-  k=1 on one-hot router_probs: softmax of the single selected logit is exactly 1, so each
-  call returns SwiGLU_{ids[:, j]}(x) and we weight and sum the k results ourselves. Same
-  FLOPs as one k-way MoE call. ORT's CPU kernel wants the gate/up rows interleaved.
+  even be negative), so routing stays in our nodes and MoE gets our choice: one k-way call on
+  router_probs = log(weights) (scaled back by their sum) when all weights are positive, else
+  one k=1 call per routing slot on one-hot router_probs (see moe_calls). ORT's CPU kernel
+  wants the gate/up rows interleaved.
 """
 from __future__ import annotations
 
 import torch
+from onnx import helper
 
 from . import portable, standard
-from .emitter import FLOAT, MS
+from .emitter import FLOAT, MS, Emitter
 
 TABLE = dict(portable.TABLE)
 
@@ -123,26 +124,54 @@ def add_rmsnorm(ctx, op, ins):
 # -- MoE ------------------------------------------------------------------------------------------------
 def moe_calls(ctx, x: str, ids: str, w: str, w13: str, w2: str, E: int, D: int, k: int, w_dtype: str,
               x_dtype: str) -> str:
-    """sum_j w[..., j] * SwiGLU_{ids[..., j]}(x) through k MoE(k=1) calls; [..., D] in x's
-    dtype (the weighting in fp32, as the reference)."""
+    """sum_j w[..., j] * SwiGLU_{ids[..., j]}(x) as fp32 [N, D]. When every routing weight
+    is positive (the usual case), one MoE(k) call on router_probs = log w (and a very negative
+    logit elsewhere), whose top-k softmax gives w / sum(w), times sum(w); otherwise k MoE(k=1)
+    calls on one-hot router_probs (softmax of one logit is exactly 1), weighted here. An If
+    picks the branch per call; both are exact (the first up to the rounding of log/exp)."""
     em = ctx.em
     xf = em("Reshape", x, em.ints(-1, D))
     idf = em("Reshape", ids, em.ints(-1, k))
-    wf = em("Reshape", w, em.ints(-1, k))
-    on = em.const([0.0, 1.0], "f32")                           # OneHot values [off, on]
-    total = None
-    for j in range(k):
-        sel = em("Gather", idf, em.ints(j), axis=1)                                  # [N, 1]
-        onehot = em("OneHot", sel, em.const(E, "i64"), on, axis=-1)                  # [N, 1, E]
-        probs = standard.cast_to(ctx, em("Reshape", onehot, em.ints(-1, E)), x_dtype)
-        y = em.node("MoE", [xf, probs, w13, "", w2], 1, domain=MS, k=1, activation_type="swiglu",
-                    swiglu_fusion=1, normalize_routing_weights=1)[0]
-        yf = y if x_dtype == "f32" else em("Cast", y, to=FLOAT)
-        wj = em("Gather", wf, em.ints(j), axis=1)
-        wj = wj if w_dtype == "f32" else em("Cast", wj, to=FLOAT)
-        term = em("Mul", wj, yf)
-        total = term if total is None else em("Add", total, term)
-    return total
+    wf = em("Cast", em("Reshape", w, em.ints(-1, k)), to=FLOAT)                      # [N, k]
+
+    def moe(probs, kk):
+        return ctx.em.node("MoE", [xf, standard.cast_to(ctx, probs, x_dtype), w13, "", w2], 1, domain=MS, k=kk,
+                       activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1)[0]
+
+    def branch(build, tag):
+        outer = ctx.em
+        ctx.em = Emitter(f"{outer.fresh(tag)}_")
+        try:
+            out = build()
+            ctx.em.node("Identity", [out], outputs=[ctx.em.fresh("out")])
+            return helper.make_graph(ctx.em.nodes, tag, [],
+                                     [helper.make_tensor_value_info(ctx.em.nodes[-1].output[0], FLOAT, None)])
+        finally:
+            ctx.em = outer
+
+    def single():
+        em = ctx.em
+        low = -6e4 if x_dtype == "f16" else -1e30
+        logits = em("ScatterElements", em("ConstantOfShape", em("Concat", em("Shape", idf, start=0, end=1),
+                                                                 em.ints(E), axis=0),
+                                            value=helper.make_tensor("low", FLOAT, [1], [low])),
+                    idf, em("Log", wf), axis=1)
+        y = em("Cast", moe(logits, k), to=FLOAT)
+        return em("Mul", y, em("ReduceSum", wf, em.ints(1), keepdims=1))
+
+    def per_slot():
+        em = ctx.em
+        on = em.const([0.0, 1.0], "f32")                                              # OneHot [off, on]
+        total = None
+        for j in range(k):
+            onehot = em("OneHot", em("Gather", idf, em.ints(j), axis=1), em.const(E, "i64"), on, axis=-1)
+            y = em("Cast", moe(em("Reshape", onehot, em.ints(-1, E)), 1), to=FLOAT)
+            term = em("Mul", em("Gather", wf, em.ints(j), axis=1), y)
+            total = term if total is None else em("Add", total, term)
+        return total
+
+    positive = em("Greater", em("ReduceMin", wf, keepdims=0), em.const(0.0, "f32"))
+    return em("If", positive, then_branch=branch(single, "moe_one_call"), else_branch=branch(per_slot, "moe_per_slot"))
 
 
 def interleave(w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
