@@ -220,11 +220,14 @@ class Sequence:
         Stopping early is fine: the sequence then ends at the last token received."""
         if self._logits is None:
             raise GenerationError("extend the sequence (a prompt or a user turn) before generating")
-        room = self.engine.cache.capacity - self.engine.cache.lengths[self.slot]
-        if params.max_new_tokens > room:
+        cache = self.engine.cache
+        end = cache.lengths[self.slot] + params.max_new_tokens
+        if end > cache.capacity:
             raise GenerationError(f"max_new_tokens={params.max_new_tokens} does not fit: the "
-                                  f"sequence holds {len(self.tokens)} of {self.engine.cache.capacity} "
-                                  f"positions")
+                                  f"sequence holds {len(self.tokens)} of {cache.capacity} positions")
+        if cache.page_size and cache.pages_for(end) - len(cache.pages[self.slot]) > cache.free_pages:
+            raise GenerationError(f"max_new_tokens={params.max_new_tokens} does not fit: "
+                                  f"{cache.free_pages} cache pages free")
         logits, self._logits = self._logits, None
         return self._reply(self.engine.sample_loop([self.slot], logits, params), self._turn)
 

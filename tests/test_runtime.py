@@ -372,6 +372,11 @@ def test_paged_pool_accounting_and_exhaustion():
         c.reserve(c.allocate(1), 9)
     with pytest.raises(CacheError, match="num_pages needs page_size"):
         Engine(model, num_pages=3)
+    with Engine(model, max_batch=2, max_len=32, page_size=4, num_pages=3).sequence() as seq:
+        seq.extend([1, 2, 3, 4, 5])                                  # 2 pages
+        with pytest.raises(GenerationError, match="1 cache pages free"):
+            seq.generate(SamplingParams(max_new_tokens=10))          # would need 4
+        assert len(seq.generate(SamplingParams(max_new_tokens=6, ignore_eos=True))) == 6
 
 
 # -- continuation: a sequence kept across turns ----------------------------------------------
