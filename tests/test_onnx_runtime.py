@@ -82,3 +82,12 @@ def test_export_errors(tmp_path, capsys):
         m = kimi_graph.load("tiny")
         m.options["onnx_dir"] = str(tmp_path)
         OrtExecutor(m)
+
+
+@pytest.mark.parametrize("opset", [24, 25])
+def test_newer_opsets(tmp_path, opset, reference_tokens):
+    out = tmp_path / f"op{opset}"
+    assert main(["export-onnx", "tiny", "--out", str(out), "--opset", str(opset), "--no-genai"]) == 0
+    assert json.loads((out / "kimi_graph_onnx.json").read_text())["opset"] == opset
+    m = kimi_graph.load(out, backend="onnxruntime")
+    assert m.generate(PROMPTS[:1], max_new_tokens=6) == reference_tokens[:1]

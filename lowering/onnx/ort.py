@@ -86,7 +86,7 @@ def attention(ctx, q, k, v, mask, scale, q_heads, kv_heads, out_dtype, in_dtype)
     """Opset-23 Attention on [B,H,T,D] inputs in fp32 (softmax in fp32) -> [B,T,H,Dv]."""
     em = ctx.em
     q, k, v = (x if in_dtype == "f32" else em("Cast", x, to=FLOAT) for x in (q, k, v))
-    o = em("Attention", q, k, v, mask, scale=float(scale), q_num_heads=q_heads, kv_num_heads=kv_heads)
+    o = em("Attention", q, k, v, mask, scale=float(scale))          # 4D: heads from the shapes
     return standard.cast_to(ctx, em("Transpose", o, perm=[0, 2, 1, 3]), out_dtype)
 
 
