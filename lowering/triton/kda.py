@@ -21,6 +21,16 @@ import torch
 from .codegen import dot_precision, TL_DTYPES, KernelSpec, launch, next_pow2, render
 from .targets import config, current_target
 
+_STATE_IN = """
+# the (sequence, head) state tile [K, BV], fp32, zeros without an initial state
+soff = ((s * H + h) * K + dk[:, None]) * V + dv[None, :]
+smask = mk[:, None] & mv[None, :]
+if HAS_STATE:
+    S = tl.load(s0_ptr + soff, mask=smask, other=0.0)
+else:
+    S = tl.zeros((BK, BV), tl.float32)
+"""
+
 _GATE = """
     if FUSED:
         ss = tl.sum(q * q, 1)
@@ -143,12 +153,7 @@ def kda_chunk_scan(qg_ptr, kg_ptr, w_ptr, u_ptr, aqk_ptr, gl_ptr, o_ptr, s0_ptr,
     dv = iv * BV + tl.arange(0, BV)
     mk = dk < K
     mv = dv < V
-    soff = ((s * H + h) * K + dk[:, None]) * V + dv[None, :]
-    smask = mk[:, None] & mv[None, :]
-    if HAS_STATE:
-        S = tl.load(s0_ptr + soff, mask=smask, other=0.0)
-    else:
-        S = tl.zeros((BK, BV), tl.float32)
+    $state_in
     for ci in range(0, tl.cdiv(L, BT)):
         tok = tok0 + ci * BT + r
         rm = ci * BT + r < L
@@ -185,12 +190,7 @@ def kda_recurrent_step(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, o_ptr, 
     dv = iv * BV + tl.arange(0, BV)
     mk = dk < K
     mv = dv < V
-    soff = ((s * H + h) * K + dk[:, None]) * V + dv[None, :]
-    smask = mk[:, None] & mv[None, :]
-    if HAS_STATE:
-        S = tl.load(s0_ptr + soff, mask=smask, other=0.0)
-    else:
-        S = tl.zeros((BK, BV), tl.float32)
+    $state_in
     if FUSED:
         dt = tl.load(dt_ptr + h * K + dk, mask=mk, other=0.0).to(tl.float32)
         A = tl.exp(tl.load(a_ptr + h).to(tl.float32))
@@ -284,7 +284,7 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> li
     if not fused:
         sig_p["b_ptr"] = "*fp32"
         sig_p["f_ptr"] = "*fp32"
-    src_s = render("kda_chunk_scan", _SCAN, consts)
+    src_s = render("kda_chunk_scan", _SCAN, consts, state_in=_STATE_IN)
     s_args = ["qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr", "gl_ptr", "o_ptr", "s0_ptr", "sn_ptr",
               "cu_ptr", "chunk0_ptr"]
     sig_s = _sig(s_args, dtype)
@@ -306,7 +306,7 @@ def step_spec(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> Kern
     sig.update({"a_ptr": "*fp32", "dt_ptr": "*fp32", "s0_ptr": "*fp32", "sn_ptr": "*fp32", "cu_ptr": "*i32"})
     if not fused:
         sig.update({"f_ptr": "*fp32", "b_ptr": "*fp32"})
-    return KernelSpec("kda_recurrent_step", "kda_recurrent_step", render("kda_recurrent_step", _STEP, consts),
+    return KernelSpec("kda_recurrent_step", "kda_recurrent_step", render("kda_recurrent_step", _STEP, consts, state_in=_STATE_IN),
                       sig, cfg["num_warps"], cfg["num_stages"], consts)
 
 
@@ -345,6 +345,15 @@ def _gate_params(A_log, dt_bias, H, K, device):
     return A_log.reshape(H).float().contiguous(), dt_bias.reshape(H * K).float().contiguous()
 
 
+def _inputs(q, k, v, f, b, A_log, dt_bias, cu_seqlens, fused):
+    """Packed token tensors (g, beta in fp32 when unfused), offsets, dims and gate parameters."""
+    (q2, k2, v2, f2, b2), cu, H, K, V = _packed(q, k, v, f, b, cu_seqlens)
+    if not fused:
+        f2, b2 = f2.float(), b2.float()
+    a, dt = _gate_params(A_log if fused else None, dt_bias, H, K, q.device)
+    return (q2, k2, v2, f2, b2), cu, H, K, V, a, dt
+
+
 def _state_in(state, N, H, K, V, device):
     if state is None:
         return torch.zeros(1, device=device, dtype=torch.float32)
@@ -357,12 +366,9 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
               fused=True):
     """Chunkwise KDA prefill. fused: f, b are the raw f_b / b_proj outputs; else f is g (log decay
     [B,T,H,K]) and b is beta [B,T,H], with q, k already normalised. -> (o [B,T,H,V], state [N,H,K,V])."""
-    dtype = _ir_dtype(q)
-    (q2, k2, v2, f2, b2), cu, H, K, V = _packed(q, k, v, f, b, cu_seqlens)
-    if not fused:
-        f2, b2 = f2.float(), b2.float()
-    N, dev = cu.numel() - 1, q.device
-    a, dt = _gate_params(A_log if fused else None, dt_bias, H, K, dev)
+    dtype, dev = _ir_dtype(q), q.device
+    (q2, k2, v2, f2, b2), cu, H, K, V, a, dt = _inputs(q, k, v, f, b, A_log, dt_bias, cu_seqlens, fused)
+    N = cu.numel() - 1
     prep, scan = chunk_specs(H, K, V, dtype, fused, scale, eps, state is not None, current_target())
     BT = prep.config["BT"]
     lens = (cu[1:] - cu[:-1]).long()
@@ -395,12 +401,9 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
 def kda_step(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_seqlens=None,
              fused=True, inplace=False):
     """Token-by-token KDA (decode). `inplace`: the new state is written into `state`."""
-    dtype = _ir_dtype(q)
-    (q2, k2, v2, f2, b2), cu, H, K, V = _packed(q, k, v, f, b, cu_seqlens)
-    if not fused:
-        f2, b2 = f2.float(), b2.float()
-    N, dev = cu.numel() - 1, q.device
-    a, dt = _gate_params(A_log if fused else None, dt_bias, H, K, dev)
+    dtype, dev = _ir_dtype(q), q.device
+    (q2, k2, v2, f2, b2), cu, H, K, V, a, dt = _inputs(q, k, v, f, b, A_log, dt_bias, cu_seqlens, fused)
+    N = cu.numel() - 1
     spec = step_spec(H, K, V, dtype, fused, scale, eps, state is not None, current_target())
     s0 = _state_in(state, N, H, K, V, dev)
     if inplace and (state is None or not state.is_contiguous()):

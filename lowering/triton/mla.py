@@ -44,13 +44,7 @@ def mla_latent_split(ql_ptr, qr_ptr, c_ptr, kr_ptr, qs_ptr, op_ptr, lse_ptr, T, 
         c = tl.load(c_ptr + (b * S + j)[:, None] * R + dr[None, :], mask=mj[:, None] & mR[None, :], other=0.0)
         kr = tl.load(kr_ptr + (b * S + j)[:, None] * P + dp[None, :], mask=mj[:, None] & mP[None, :], other=0.0)
         s = tl.dot(ql, tl.trans(c), input_precision=PREC) + tl.dot(qr, tl.trans(kr), input_precision=PREC)
-        s = s * SCALE_LOG2E
-        s = tl.where(mj[None, :] & (j[None, :] <= pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        $online_softmax
         acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PREC)
         m_i = m_new
     out = (b * T * H + rows) * nsp + sp
@@ -78,6 +72,17 @@ def mla_latent_merge(op_ptr, lse_ptr, o_ptr, nsp):
     tl.store(o_ptr + row * R + dr, (acc / tl.where(tot > 0, tot, 1.0)).to(DT), mask=mR)
 """
 
+_ONLINE_SOFTMAX = """
+# causal mask by position, then the online softmax update (log2 domain): p, alpha, l_i
+s = s * SCALE_LOG2E
+s = tl.where(mj[None, :] & (j[None, :] <= pos[:, None]), s, float("-inf"))
+m_new = tl.maximum(m_i, tl.max(s, 1))
+m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+p = tl.exp2(s - m_safe[:, None])
+alpha = tl.exp2(m_i - m_safe)
+l_i = l_i * alpha + tl.sum(p, 1)
+"""
+
 _FLASH = """
 @triton.jit
 def causal_attention_fwd(q_ptr, k_ptr, v_ptr, qs_ptr, o_ptr, T, S,
@@ -102,13 +107,7 @@ def causal_attention_fwd(q_ptr, k_ptr, v_ptr, qs_ptr, o_ptr, T, S,
         j = j0 + tl.arange(0, BN)
         mj = j < hi
         $scores
-        s = s * SCALE_LOG2E
-        s = tl.where(mj[None, :] & (j[None, :] <= pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        $online_softmax
         v = tl.load(v_ptr + b * svb + h * svh + j[:, None] * svs + dv[None, :], mask=mj[:, None] & mdv[None, :],
                     other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
@@ -128,7 +127,8 @@ def latent_specs(H: int, R: int, P: int, dtype: str, scale: float, rows: int, ta
     consts = {"H": H, "R": R, "P": P, "BR": max(16, next_pow2(R)), "BP": max(16, next_pow2(P)),
               "BM": BM, "BS": cfg["BS"], "SCALE_LOG2E": float(scale) * LOG2E,
               "DT": TL_DTYPES[dtype], "PREC": dot_precision(dtype), "split_min": cfg["split_min"]}
-    src = render("mla_latent_attention", _LATENT, {k: v for k, v in consts.items() if k != "split_min"})
+    src = render("mla_latent_attention", _LATENT, {k: v for k, v in consts.items() if k != "split_min"},
+                 online_softmax=_ONLINE_SOFTMAX)
     p = ptr_type(dtype)
     split = KernelSpec("mla_latent_split", "mla_latent_split", src,
                        {"ql_ptr": p, "qr_ptr": p, "c_ptr": p, "kr_ptr": p, "qs_ptr": "*i64", "op_ptr": "*fp32",
@@ -186,7 +186,8 @@ def flash_spec(H: int, D: int, DV: int, dtype: str, scale: float, target: str) -
     scores.append("s = " + " + ".join(f"tl.dot(q{i}, k{i}, input_precision=PREC)" for i in range(len(pieces))))
     consts = {"H": H, "DV": DV, "BDV": max(16, next_pow2(DV)), "BM": cfg["BM"], "BN": cfg["BN"],
               "SCALE_LOG2E": float(scale) * LOG2E, "DT": TL_DTYPES[dtype], "PREC": dot_precision(dtype)}
-    src = render("causal_attention", _FLASH, consts, load_q="\n".join(load_q), scores="\n".join(scores))
+    src = render("causal_attention", _FLASH, consts, load_q="\n".join(load_q), scores="\n".join(scores),
+                 online_softmax=_ONLINE_SOFTMAX)
     p = ptr_type(dtype)
     sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "qs_ptr": "*i64", "o_ptr": p, "T": "i32", "S": "i32"}
     sig.update({n: "i32" for n in ("sqb", "sqt", "sqh", "skb", "sks", "skh", "svb", "svs", "svh",
