@@ -72,3 +72,15 @@ def test_triton_backend_needs_a_gpu_or_the_interpreter(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises((ValueError, RuntimeError), match="TRITON_INTERPRET"):
             m(torch.tensor([[1, 2]]))
+
+
+def test_kernels_register_as_torch_custom_op_impls():
+    custom = pytest.importorskip("kimi_graph.lowering.torch.custom_ops")
+    from kimi_graph.lowering.triton.backend import KERNELS, register_custom_ops
+    kinds = register_custom_ops("cpu")
+    try:
+        assert "kda_fused_chunk" in kinds and "grouped_swiglu" in kinds
+        assert all(custom.get_impl(k, "cpu") is KERNELS[k][0] for k in kinds)
+    finally:
+        for k in kinds:
+            custom.set_impl(k, "cpu", None)
