@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("onnx")
+onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from kimi_graph.builder import GraphBuilder  # noqa: E402
@@ -104,6 +104,7 @@ def test_fused_op_matches_reference(case, ops):
     weights = {n[1:]: random_value(n[1:], t, dims, gen) for n, t in g.params.items()}
     ref = run_graph(g, feeds, weights)
     proto = lower(g, weights, ops=ops)
+    onnx.checker.check_model(proto, full_check=True)
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     runs = [sess.run(None, {n: v.numpy() for n, v in feeds.items()})]
     if ops == "portable":

@@ -92,9 +92,6 @@ class Emitter:
     def ints(self, *values: int) -> str:
         return self.const(list(values), "i64")
 
-    def scalar_like(self, value: float, like_dtype: str) -> str:
-        return self.const(value, like_dtype)
-
     # -- symbolic dims ---------------------------------------------------------------
     def dim(self, d) -> str:
         """An int64 [1] tensor holding dim `d`: an int, a symbol bound by a graph input, or a

@@ -6,7 +6,6 @@ and decode models, as external data), one operator-set table per target.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from onnx import AttributeProto, TensorProto, helper
 

@@ -58,10 +58,8 @@ def kda_chunkwise() -> object:
     C = em("Min", T, em.ints(KDA_CHUNK))
     n = em("Div", em("Sub", em("Add", T, C), em.ints(1)), C)
     pad = em("Sub", em("Mul", n, C), T)
-    z2 = em.ints(0, 0)
     pads4 = em("Concat", em.ints(0, 0, 0, 0, 0, 0), pad, em.ints(0), axis=0)
     pads3 = em("Concat", em.ints(0, 0, 0, 0, 0), pad, axis=0)
-    del z2
 
     def chunks(x, last):
         return em("Reshape", em("Pad", x, pads4), em("Concat", em.ints(0, 0, -1), C, last, axis=0))

@@ -147,6 +147,7 @@ def moe_calls(ctx, x: str, ids: str, w: str, w13: str, w2: str, E: int, D: int, 
             return helper.make_graph(ctx.em.nodes, tag, [],
                                      [helper.make_tensor_value_info(ctx.em.nodes[-1].output[0], FLOAT, None)])
         finally:
+            outer.opsets.update(ctx.em.opsets)
             ctx.em = outer
 
     def single():
