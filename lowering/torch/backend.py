@@ -5,7 +5,9 @@ each graph is lowered once; with `compile` it runs under `torch.compile(fullgrap
 Options: compile (False), mode (None; "reduce-overhead" captures CUDA graphs on GPU),
 dynamic (None: torch's default), compile_backend ("inductor", or "kimi_graph"),
 check_inputs (True: shapes, dtypes, token ids and cache positions are checked before each
-call; the id and position checks read two numbers back from the device).
+call; the id and position checks read two numbers back from the device), kernels ("torch":
+the custom ops' default implementations; "triton": the generated Triton kernels on CUDA,
+registered process-wide through `custom_ops.set_impl`).
 Under CUDA graphs the outputs live in memory the next replay overwrites, so the executor
 returns copies.
 
@@ -28,7 +30,7 @@ from .fx import lower
 from .importer import import_fx, input_positions
 
 EXECUTOR_OPTIONS = {"compile": False, "mode": None, "dynamic": None, "compile_backend": "inductor",
-                    "check_inputs": True}
+                    "check_inputs": True, "kernels": "torch"}
 
 
 def torch_backend(model) -> Callable:
@@ -37,7 +39,14 @@ def torch_backend(model) -> Callable:
     if unknown:
         raise ValueError(f"backend 'torch': unknown option(s) {sorted(unknown)}; "
                          f"known: {sorted(EXECUTOR_OPTIONS)}")
-    return TorchExecutor(model.weights, **{**EXECUTOR_OPTIONS, **model.options})
+    opts = {**EXECUTOR_OPTIONS, **model.options}
+    kernels = opts.pop("kernels")
+    if kernels not in ("torch", "triton"):
+        raise ValueError(f"backend 'torch': kernels must be 'torch' or 'triton', got {kernels!r}")
+    if kernels == "triton":
+        from kimi_graph.lowering.triton.backend import register_custom_ops
+        register_custom_ops("cuda")
+    return TorchExecutor(model.weights, **opts)
 
 
 class TorchExecutor:
