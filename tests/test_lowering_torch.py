@@ -19,6 +19,7 @@ from kimi_graph.interpreter import run_graph
 from kimi_graph.ir import IRError
 from kimi_graph.lowering.mlir.export import example_inputs
 from kimi_graph.lowering.torch import custom_ops, import_fx, lower, set_impl
+from kimi_graph.lowering.torch import functional as kf
 from kimi_graph.lowering.torch.backend import make_backend
 from kimi_graph.lowering.torch.ops import (CUSTOM, INLINE, LOWERING, custom_kinds, decomposed_form,
                                            node_function, static_form)
@@ -218,6 +219,22 @@ def test_lowered_module_is_readable_and_names_its_io():
     assert gm.model__layers__0__self_attn__q_proj__weight is w["model.layers.0.self_attn.q_proj.weight"]
 
 
+def test_torch_export_keeps_the_custom_ops_opaque():
+    g, w = graph_and_weights(0, "decode", True, pipeline="default")
+    inputs = example_inputs(g, batch=2, cache_len=8)
+    args = tuple(inputs[n] for n in g.inputs)
+    ep = torch.export.export(lower(g, w), args)
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {f"kimi_graph.{k}.default" for k in ("kda_fused_recurrent", "mla_latent_attention",
+                                                "moe_route", "grouped_swiglu", "cache_write")} <= targets
+    check_outputs(ep.module()(*args), run_graph(g, inputs, w), "f32")
+
+
+def test_functional_names_every_op():
+    assert all(getattr(kf, k) is node_function(k) for k in LOWERING)
+    assert kf.moe_route is torch.ops.kimi_graph.moe_route.default
+
+
 def test_lower_reports_missing_weights():
     g, w = graph_and_weights(0, "prefill", False)
     w.pop("model.norm.weight")
@@ -335,7 +352,7 @@ def test_kimi_graph_backend_optimizes_our_modules():
 
 
 class UserBlock(torch.nn.Module):
-    """A user module written with our node functions (the accepted input besides lower())."""
+    """A user module written with our op functions (the accepted input besides lower())."""
 
     def __init__(self):
         super().__init__()
@@ -343,8 +360,8 @@ class UserBlock(torch.nn.Module):
         self.proj = torch.nn.Parameter(torch.randn(8, 8) / 8 ** 0.5)
 
     def forward(self, x):
-        h = node_function("rmsnorm")(x, self.norm, eps=1e-5)
-        return node_function("add")(x, node_function("silu")(node_function("linear")(h, self.proj)))
+        h = kf.rmsnorm(x, self.norm, eps=1e-5)
+        return kf.add(x, kf.silu(kf.linear(h, self.proj)))
 
 
 def test_kimi_graph_backend_takes_user_modules_of_our_ops():

@@ -54,6 +54,7 @@ class TorchExecutor:
         self.weights, self.compile, self.mode, self.dynamic = weights, compile, mode, dynamic
         self.compile_backend, self.check_inputs = compile_backend, check_inputs
         self._fns: dict[int, tuple[Graph, Callable]] = {}
+        self._checked_ops: dict[int, list] = {}
 
     @property
     def cudagraphs(self) -> bool:
@@ -67,24 +68,26 @@ class TorchExecutor:
                 fn = torch.compile(fn, backend=self.compile_backend, mode=self.mode,
                                    dynamic=self.dynamic, fullgraph=True)
             self._fns[id(g)] = (g, fn)
+            self._checked_ops[id(g)] = [op for op in g.ops() if op.kind in ("embedding", "cache_write")]
         return self._fns[id(g)][1]
 
     def __call__(self, g: Graph, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         inputs = {(k if k.startswith("%") else "%" + k): v for k, v in inputs.items()}
-        if self.check_inputs:
-            check_inputs(g, inputs)
         fn = self.function(g)
+        if self.check_inputs:
+            check_inputs(g, inputs, self._checked_ops[id(g)])
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         outs = fn(*[inputs[n] for n in g.inputs])
         return [o.clone() for o in outs] if self.cudagraphs else list(outs)
 
 
-def check_inputs(g: Graph, inputs: dict[str, torch.Tensor]) -> None:
+def check_inputs(g: Graph, inputs: dict[str, torch.Tensor], ops=None) -> None:
     """Shapes and dtypes (as the interpreter checks them), token ids within the embedding and
-    cache positions within the caches: what a compiled module cannot report clearly."""
+    cache positions within the caches (`ops`: the graph's embedding and cache_write ops, if
+    known): what a compiled module cannot report clearly."""
     dims = bind_dims(g, inputs)
-    for op in g.ops():
+    for op in (ops if ops is not None else g.ops()):
         if op.kind == "embedding" and op.inputs[0] in inputs:
             ids, V = inputs[op.inputs[0]], g.types[op.inputs[1]].shape[0]
             if ids.numel() and not bool(((ids >= 0) & (ids < V)).all()):

@@ -182,6 +182,12 @@ def node_function(kind: str, decompose: bool = False) -> Callable:
     return _FUNCTIONS[key]
 
 
+def define_functional() -> None:
+    """`functional.<kind>` for every kind: what `node_function(kind)` returns."""
+    for kind in LOWERING:
+        setattr(functional, kind, node_function(kind))
+
+
 def kind_of(target) -> str | None:
     """The op kind an FX node target stands for (our node functions and custom ops), or None."""
     from .custom_ops import kind_of_custom
