@@ -47,11 +47,19 @@ def test_decomposed_decode_exports_with_torch_export(pipeline):
     check_outputs(ep.module()(*[inputs[n] for n in g.inputs]), run_graph(g, inputs, w), "f32")
 
 
-def test_missing_torch_mlir_is_a_clear_error(monkeypatch):
+def test_missing_torch_mlir_is_a_clear_error(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "torch_mlir", None)
     monkeypatch.setitem(sys.modules, "torch_mlir.fx", None)
     with pytest.raises(ImportError, match=r"pip install 'kimi-graph\[mlir\]'"):
         require_torch_mlir()
+    assert main(["export-mlir", "tiny", "--out", str(tmp_path / "x.mlir")]) == 2
+    assert "needs torch-mlir" in capsys.readouterr().err
+    assert not (tmp_path / "x.mlir").exists()
+
+
+def test_export_mlir_refuses_bad_sizes(capsys, tmp_path):
+    assert main(["export-mlir", "tiny", "--batch", "0", "--out", str(tmp_path / "x.mlir")]) == 2
+    assert "--batch must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)

@@ -20,6 +20,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    import sys
     from pathlib import Path
 
     from ..api import load
@@ -32,7 +33,11 @@ def run(args) -> int:
     model = load(args.model, dtype=TORCH_DTYPES[args.dtype], pipeline=args.pipeline, seed=args.seed)
     g = model.get_graph(args.mode, args.stateful)
     inputs = example_inputs(g, args.batch, 1 if args.mode == "decode" else args.seq, args.cache_len)
-    text = export_mlir(g, model.weights, args.dialect, inputs)
+    try:
+        text = export_mlir(g, model.weights, args.dialect, inputs)
+    except ImportError as e:          # torch-mlir missing: say how to get it, no traceback
+        print(f"kimi-graph export-mlir: error: {e}", file=sys.stderr)
+        return 2
     Path(args.out).write_text(text)
     print(f"wrote {args.out}: {args.dialect}, {len(text) / 1e6:.1f} MB, graph {g.name} "
           f"({len(g)} ops)")
