@@ -302,6 +302,9 @@ def test_torch_backend_refuses_bad_input_clearly():
     cfg = config(3)
     with pytest.raises(ValueError, match="unknown option"):
         load(cfg, backend="torch", compil=True).execute("prefill", False, {})
+    with pytest.raises(ValueError, match="mode is an Inductor option"):
+        load(cfg, backend="torch", compile=True, compile_backend="kimi_graph",
+             mode="reduce-overhead").execute("prefill", False, {})
     model = load(cfg, backend="torch")
     with pytest.raises(ValueError, match="out of range"):
         model.execute("prefill", False, {"input_ids": torch.tensor([[0, cfg.vocab_size]])})

@@ -70,6 +70,17 @@ def test_compiled_prefill_and_decode_match_the_interpreter(pipeline):
     assert len(compiled.executor._fns) == 2       # one compiled module per graph
 
 
+def test_executor_through_the_kimi_graph_compile_backend():
+    """compile_backend="kimi_graph": dynamo's graph of the declared model goes back to the
+    layer graph, through the default pipeline, then Inductor (5e-5: the passes reassociate)."""
+    cfg = config(6)
+    model = load(cfg, seed=6, backend="torch", compile=True, compile_backend="kimi_graph")
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    ref = load(cfg, seed=6)(ids)
+    out = model(ids)
+    assert float((out - ref).norm() / ref.norm()) <= 5e-5
+
+
 def test_dynamic_shapes_through_the_fake_implementations():
     g, w = graph_and_weights(1, "prefill", False, pipeline="default")
     fn = torch.compile(lower(g, w), dynamic=True, fullgraph=True)

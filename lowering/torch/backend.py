@@ -43,6 +43,9 @@ def torch_backend(model) -> Callable:
     kernels = opts.pop("kernels")
     if kernels not in ("torch", "triton"):
         raise ValueError(f"backend 'torch': kernels must be 'torch' or 'triton', got {kernels!r}")
+    if opts["mode"] is not None and opts["compile_backend"] != "inductor":
+        raise ValueError("backend 'torch': mode is an Inductor option; with compile_backend="
+                         f"{opts['compile_backend']!r} leave it unset")
     if kernels == "triton":
         from kimi_graph.lowering.triton.backend import register_custom_ops
         register_custom_ops("cuda")
