@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from kimi_graph.ir import Graph, IRError, TensorType
 from kimi_graph.ops import IR_DTYPES, get_op
+from kimi_graph.verifier import verify
 
 from .fx import unmangle
 from .ops import kind_of
@@ -71,6 +72,7 @@ def import_fx(gm: fx.GraphModule, example_inputs: Sequence) -> tuple[Graph, dict
             raise IRError(f"node {node.name} ({node.op} {_target_name(node.target)}) is not a "
                           f"kimi_graph op; the kimi_graph backend takes graphs of kimi_graph ops only")
     g.meta = {"imported_from": "torch.fx"}
+    verify(g)
     return g, weights
 
 
