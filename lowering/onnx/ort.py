@@ -192,7 +192,7 @@ def expert_chain(ctx, op):
     chain.reverse()
     E = op.attrs["num_experts"]
     if sorted(o.attrs["expert"] for o in chain) != list(range(E)) or \
-            any(all(ctx.is_param(v) for v in o.inputs[4:]) is False for o in chain):
+            not all(ctx.is_param(v) for o in chain for v in o.inputs[4:]):
         return None
     users = ctx.g.users(op.outputs[0])
     if any(u.kind == "moe_expert" and u.inputs[1:4] == op.inputs[1:4] for u in users):
