@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
-from harness import bench, kernel_times, override_config, rel_err, write_result
+from harness import bench, kernel_times, merge_tuning, override_config, rel_err, write_result
 
 from kimi_graph.lowering.triton import kda
 from kimi_graph.ops.fused import kda_gate, l2_normalize
@@ -86,9 +86,12 @@ def timing():
     return rows
 
 
-def breakdown():
-    """Where the time goes at T=16k: per-kernel CUDA time, ours and fla's; tile variants of ours."""
+def sweep():
+    """Tile variants of ours at T=16k, with per-kernel CUDA time; fla's kernels for reference.
+    Returns (rows, best variant)."""
     from fla.ops.kda import chunk_kda
+
+    from kimi_graph.lowering.triton.targets import TARGETS, current_target
     q, k, v, f, b, A_log, dt_bias = inputs(1, 16384)
     rows = []
     fla = lambda: chunk_kda(q, k, v, f, b, scale=D ** -0.5, output_final_state=True,
@@ -96,27 +99,33 @@ def breakdown():
                             use_beta_sigmoid_in_kernel=True, A_log=A_log, dt_bias=dt_bias)
     for name, ms in list(kernel_times(fla).items())[:8]:
         rows.append({"impl": "fla", "variant": "-", "kernel": name[:40], "ms": ms})
-    for variant in ({}, {"BT": 32}, {"BV": 64}):
-        from kimi_graph.lowering.triton.targets import TARGETS, current_target
-        saved = dict(TARGETS[current_target()]["configs"]["kda_chunk"])
-        override_config("kda_chunk", **variant)
+    base = dict(TARGETS[current_target()]["configs"]["kda_chunk"])
+    best = (float("inf"), {})
+    for variant in ({}, {"BT": 32}, {"prep_warps": 4}, {"BT": 32, "prep_warps": 4}, {"BV": 64}):
+        override_config("kda_chunk", **{**base, **variant})
         ours = lambda: kda.kda_chunk(q, k, v, f, b, A_log, dt_bias, D ** -0.5)
         try:
-            for name, ms in list(kernel_times(ours).items())[:4]:
+            for name, ms in list(kernel_times(ours).items())[:2]:
                 rows.append({"impl": "ours", "variant": str(variant), "kernel": name[:40], "ms": ms})
-            rows.append({"impl": "ours", "variant": str(variant), "kernel": "TOTAL", "ms": bench(ours)})
+            total = bench(ours)
         except Exception as e:
             print(variant, type(e).__name__, str(e)[:100])
-        TARGETS[current_target()]["configs"]["kda_chunk"] = saved
-        override_config("kda_chunk")
-    return rows
+            continue
+        rows.append({"impl": "ours", "variant": str(variant), "kernel": "TOTAL", "ms": total})
+        best = min(best, (total, variant), key=lambda x: x[0])
+    override_config("kda_chunk", **base)
+    return rows, best
 
 
 if __name__ == "__main__":
-    import sys
-    if "--breakdown" in sys.argv:
-        write_result("kda_chunk_breakdown", breakdown())
-        sys.exit(0)
     write_result("kda_chunk_check", check(), {"tolerance": "bf16 inputs, fp32 state: rel err <= 1e-2"})
+    rows, (ms, variant) = sweep()
+    write_result("kda_chunk_sweep", rows)
+    from kimi_graph.lowering.triton.targets import TARGETS, current_target
+    tuned = {**TARGETS[current_target()]["configs"]["kda_chunk"], **variant}
+    merge_tuning("kda_chunk", {k: tuned[k] for k in ("BT", "BC", "BV", "num_warps", "num_stages", "prep_warps")},
+                 f"T=16k B=1 H=32 D=128 bf16: {ms:.3f} ms")
+    override_config("kda_chunk", **tuned)
     write_result("kda_chunk", timing(), {"shape": f"H={H}, D={D}, bf16, fused gate/beta/l2norm",
-                                         "baseline": "fla-core chunk_kda, same fusions, same run"})
+                                         "baseline": "fla-core chunk_kda, same fusions, same run",
+                                         "config": {k: v for k, v in tuned.items()}})

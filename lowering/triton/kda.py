@@ -59,31 +59,40 @@ def kda_chunk_prep(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start
     h = tl.program_id(1)
     start = tl.load(chunk_start + c)
     n = tl.load(chunk_len + c)
-    r = tl.arange(0, BT)
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BVF)
-    rm = r < n
     mk = dk < K
     mv = dv < V
-    tok = start + r
-    m2 = rm[:, None] & mk[None, :]
-    offk = tok[:, None] * (H * K) + h * K + dk[None, :]
-    q = tl.load(q_ptr + offk, mask=m2, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + offk, mask=m2, other=0.0).to(tl.float32)
-    $gate
-    g = tl.where(m2, g, 0.0)
-    gc = tl.cumsum(g, 0)
-    gl = tl.sum(g, 0)
-    tl.store(qn_ptr + offk, q.to(DT), mask=m2)
-    tl.store(kn_ptr + offk, k.to(DT), mask=m2)
-    tl.store(gc_ptr + offk, gc, mask=m2)
-    tl.store(beta_ptr + tok * H + h, beta, mask=rm)
-    tl.store(qg_ptr + offk, (q * tl.exp(gc) * SCALE).to(DT), mask=m2)
-    tl.store(kg_ptr + offk, (k * tl.exp(tl.where(m2, gl[None, :] - gc, 0.0))).to(DT), mask=m2)
-    tl.store(gl_ptr + (c * H + h) * K + dk, tl.exp(gl), mask=mk)
+    # gating, norms and the cumulative decay, BC rows at a time (the running sum carried)
+    cc = tl.arange(0, BC)
+    carry = tl.zeros((BK,), tl.float32)
+    for i0 in range(0, BT, BC):
+        rm = i0 + cc < n
+        tok = start + i0 + cc
+        m2 = rm[:, None] & mk[None, :]
+        offk = tok[:, None] * (H * K) + h * K + dk[None, :]
+        q = tl.load(q_ptr + offk, mask=m2, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + offk, mask=m2, other=0.0).to(tl.float32)
+        $gate
+        g = tl.where(m2, g, 0.0)
+        gc = tl.cumsum(g, 0) + carry[None, :]
+        carry += tl.sum(g, 0)
+        tl.store(qn_ptr + offk, q.to(DT), mask=m2)
+        tl.store(kn_ptr + offk, k.to(DT), mask=m2)
+        tl.store(gc_ptr + offk, gc, mask=m2)
+        tl.store(beta_ptr + tok * H + h, beta, mask=rm)
+        tl.store(qg_ptr + offk, (q * tl.exp(gc) * SCALE).to(DT), mask=m2)
+    tl.store(gl_ptr + (c * H + h) * K + dk, tl.exp(carry), mask=mk)
+    tl.debug_barrier()
+    for i0 in range(0, BT, BC):     # k G_L / G, once the chunk's total decay is known
+        rm = i0 + cc < n
+        m2 = rm[:, None] & mk[None, :]
+        offk = (start + i0 + cc)[:, None] * (H * K) + h * K + dk[None, :]
+        k = tl.load(kn_ptr + offk, mask=m2, other=0.0).to(tl.float32)
+        gc = tl.load(gc_ptr + offk, mask=m2, other=0.0)
+        tl.store(kg_ptr + offk, (k * tl.exp(tl.where(m2, carry[None, :] - gc, 0.0))).to(DT), mask=m2)
     tl.debug_barrier()
     # intra-chunk A_kk (strictly lower, times beta) and A_qk (lower, times scale), by BC sub-blocks
-    cc = tl.arange(0, BC)
     for I in tl.static_range(NC):
         rI = I * BC + cc
         mI = rI < n
@@ -223,17 +232,12 @@ def kda_recurrent_step(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, o_ptr, 
 
 def _solve_source(NC: int) -> str:
     """Block lower-triangular inverse: T_II by forward substitution on BC x BC blocks,
-    T_IJ = -T_II sum_{J<=K<I} A_IK T_KJ; then W_I = sum_J T_IJ X_J, U_I = sum_J T_IJ (beta v)_J."""
+    T_IJ = -T_II sum_{J<=K<I} A_IK T_KJ; then W_J = sum_I T_JI X_I, U_J = sum_I T_JI (beta v)_I,
+    reloading the X_I, (beta v)_I tiles (cache hits) rather than holding them in registers."""
     L = []
     for J in range(NC):
         L += [f"rJ = start + {J} * BC + cc",
               f"mJ = {J} * BC + cc < n",
-              f"oJ = rJ[:, None] * (H * K) + h * K + dk[None, :]",
-              f"bJ = tl.load(beta_ptr + rJ * H + h, mask=mJ, other=0.0)",
-              f"X{J} = tl.load(kn_ptr + oJ, mask=mJ[:, None] & mk[None, :], other=0.0).to(tl.float32) * "
-              f"tl.exp(tl.load(gc_ptr + oJ, mask=mJ[:, None] & mk[None, :], other=0.0)) * bJ[:, None]",
-              f"Y{J} = tl.load(v_ptr + rJ[:, None] * (H * V) + h * V + dv[None, :], "
-              f"mask=mJ[:, None] & mv[None, :], other=0.0).to(tl.float32) * bJ[:, None]",
               f"T{J}_{J} = tl.zeros((BC, BC), tl.float32)",
               "for i in range(0, BC):",
               f"    a = tl.load(akk_ptr + (start + {J} * BC + i) * (H * BT) + h * BT + {J} * BC + cc,",
@@ -246,10 +250,20 @@ def _solve_source(NC: int) -> str:
         for I in range(J - 1, -1, -1):        # T_JI for I < J, from the nearest block outwards
             terms = " + ".join(f"tl.dot(A{J}_{K_}, T{K_}_{I}, input_precision=PREC)" for K_ in range(I, J))
             L.append(f"T{J}_{I} = -tl.dot(T{J}_{J}, {terms}, input_precision=PREC)")
-        w = " + ".join(f"tl.dot(T{J}_{I}, X{I}, input_precision=PREC)" for I in range(J + 1))
-        u = " + ".join(f"tl.dot(T{J}_{I}, Y{I}, input_precision=PREC)" for I in range(J + 1))
-        L += [f"tl.store(w_ptr + oJ, ({w}).to(DT), mask=mJ[:, None] & mk[None, :])",
-              f"tl.store(u_ptr + rJ[:, None] * (H * V) + h * V + dv[None, :], ({u}).to(DT), "
+        L += ["w = tl.zeros((BC, BK), tl.float32)", "u = tl.zeros((BC, BVF), tl.float32)"]
+        for I in range(J + 1):
+            L += [f"rI = start + {I} * BC + cc",
+                  f"mI = {I} * BC + cc < n",
+                  "oI = rI[:, None] * (H * K) + h * K + dk[None, :]",
+                  "bI = tl.load(beta_ptr + rI * H + h, mask=mI, other=0.0)",
+                  "xI = tl.load(kn_ptr + oI, mask=mI[:, None] & mk[None, :], other=0.0).to(tl.float32) * "
+                  "tl.exp(tl.load(gc_ptr + oI, mask=mI[:, None] & mk[None, :], other=0.0)) * bI[:, None]",
+                  "yI = tl.load(v_ptr + rI[:, None] * (H * V) + h * V + dv[None, :], "
+                  "mask=mI[:, None] & mv[None, :], other=0.0).to(tl.float32) * bI[:, None]",
+                  f"w += tl.dot(T{J}_{I}, xI, input_precision=PREC)",
+                  f"u += tl.dot(T{J}_{I}, yI, input_precision=PREC)"]
+        L += [f"tl.store(w_ptr + rJ[:, None] * (H * K) + h * K + dk[None, :], w.to(DT), mask=mJ[:, None] & mk[None, :])",
+              f"tl.store(u_ptr + rJ[:, None] * (H * V) + h * V + dv[None, :], u.to(DT), "
               f"mask=mJ[:, None] & mv[None, :])"]
     return "\n".join(L)
 

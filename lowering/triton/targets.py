@@ -46,8 +46,8 @@ TARGETS: dict[str, dict] = {
         "kda_recurrent": {"BV": 64, "num_warps": 4},
         "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
         "mla_decode": {"BS": 64, "num_warps": 4, "num_stages": 2},
-        "moe_gemm": {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4,
-                     "BN_small": 32, "BK_small": 128}})},
+        "moe_gemm": {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3,
+                     "BN_small": 64, "BK_small": 64}})},
     "interpret": {"arch": None, "gpu": "Triton interpreter (CPU)", "configs": _merge(_BASE, {
         "elementwise": {"BLOCK": 64},
         "conv": {"BT": 8, "BC": 16},
