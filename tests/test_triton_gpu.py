@@ -112,3 +112,22 @@ def test_zz_print_errors():
     print("\nrel. errors against fp64 (bf16 kernels) / against the interpreter (tiny model):")
     for k, v in ERRORS.items():
         print(f"  {k:<40} {v:.3e}")
+
+
+def test_prebuilt_artifacts_run(tmp_path, monkeypatch):
+    """`compile` output for this GPU is what the backend launches (no JIT), with the same logits."""
+    from kimi_graph.lowering.triton import aot
+    from kimi_graph.lowering.triton.targets import current_target
+    ids = torch.randint(0, 512, (2, 40), device="cuda")
+    model = kimi_graph.load("tiny", device="cuda", pipeline="default", backend="triton")
+    jit = model(ids)
+    aot.compile_model("tiny", [current_target()], tmp_path, pipeline="default", dtype="f32", log=lambda *a: None)
+    hits = []
+    real = aot.find_artifact
+    monkeypatch.setattr(aot, "find_artifact", lambda spec, arch, d=None: hits.append(r := real(spec, arch, d)) or r)
+    monkeypatch.setenv(aot.ARTIFACTS_ENV, str(tmp_path))
+    model = kimi_graph.load("tiny", device="cuda", pipeline="default", backend="triton")
+    out = model(ids)
+    assert hits and all(h is not None for h in hits)
+    ERRORS["artifacts vs jit"] = e = rel(out, jit)
+    assert e <= 1e-6
