@@ -159,7 +159,9 @@ def find_artifact(spec: KernelSpec, arch: int, directory: str | None = None):
         if e is None:
             _ARTIFACTS[key] = None
         else:
+            from triton.compiler import ASTSource
             from triton.compiler.compiler import CompiledKernel
             group = {Path(p).name: str(Path(directory) / p) for p in e["files"].values()}
-            _ARTIFACTS[key] = CompiledKernel(None, group, spec.hash)
+            src = ASTSource(jit_function(spec), dict(spec.signature), constexprs={})   # the launcher's arg types
+            _ARTIFACTS[key] = CompiledKernel(src, group, spec.hash)
     return _ARTIFACTS[key]
