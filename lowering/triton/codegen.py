@@ -6,6 +6,7 @@ per kernel, named after the kernel and its source hash) and imports the kernel f
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -85,22 +86,41 @@ def write(spec: KernelSpec, directory: Path | None = None) -> Path:
     return path
 
 
-def _interpretable_stdlib() -> None:
-    """Triton decides at decoration time whether its own @jit helpers (tl.sum, tl.sigmoid, ...)
-    are interpreted; when triton was imported before TRITON_INTERPRET=1 was set, make them so."""
+@contextlib.contextmanager
+def _interpretable_stdlib():
+    """Run an interpreted launch without leaving triton.language changed for later compiles.
+
+    Triton decides at decoration time whether its own @jit helpers (tl.sum, tl.sigmoid, ...) are
+    interpreted, so when triton was imported before TRITON_INTERPRET=1 they are swapped for
+    interpreted versions here; and the interpreter patches triton.language on every device-function
+    call without undoing it, which breaks real compilation later in the same process (AOT builds
+    after interpreter tests). Every attribute the patched modules and classes had is restored."""
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
-    for mod in {tl, tl.standard, tl.math, tl.core}:
+    core = tl.core
+    owners = [tl, core, tl.math, tl.standard, core.tensor, core.dtype, core.condition,
+              getattr(core, "tensor_descriptor_base", None)]
+    saved = [(o, dict(vars(o))) for o in owners if o is not None]
+    for mod in (tl, tl.standard, tl.math, core):
         for name, v in list(vars(mod).items()):
             if isinstance(v, JITFunction):
                 setattr(mod, name, InterpretedFunction(v.fn))
+    try:
+        yield
+    finally:
+        for o, before in saved:         # names the interpreter adds (its own globals) stay
+            now = vars(o)
+            for name, v in before.items():
+                if now.get(name, _MISSING) is not v:
+                    setattr(o, name, v)
+
+
+_MISSING = object()
 
 
 def load(spec: KernelSpec):
     """The kernel object (JIT or interpreted, per TRITON_INTERPRET at first load) of `spec`."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        _interpretable_stdlib()
     key = spec.hash + spec.entry + os.environ.get("TRITON_INTERPRET", "0")
     if key not in _LOADED:
         path = write(spec)
@@ -145,6 +165,9 @@ def launch(spec: KernelSpec, grid, *args):
             grid = tuple(grid) + (1,) * (3 - len(grid))
             return ck[grid](*args)
     kernel = load(spec)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        with _interpretable_stdlib():
+            return kernel[grid](*args)
     return kernel[grid](*args, num_warps=spec.num_warps, num_stages=spec.num_stages)
 
 
