@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from .codegen import dot_precision, TL_DTYPES, KernelSpec, launch, next_pow2, render
+from .codegen import PTR_TYPES, TL_DTYPES, KernelSpec, dot_precision, launch, next_pow2, render
 from .targets import config, current_target
 
 _STATE_IN = """
@@ -268,9 +268,9 @@ def _solve_source(NC: int) -> str:
     return "\n".join(L)
 
 
-def _sig(names, dtype, ints=()):
-    ptr = {"f32": "*fp32", "bf16": "*bf16", "f16": "*fp16"}[dtype]
-    return {n: ("i32" if n in ints else ptr) for n in names}
+def _sig(names, dtype, fp32=()):
+    """AOT argument types: pointers of the activation dtype, fp32 for the names in `fp32`."""
+    return {n: ("*fp32" if n in fp32 else PTR_TYPES[dtype]) for n in names}
 
 
 def _consts(H, K, V, dtype, fused, scale, eps, **extra):
@@ -278,11 +278,9 @@ def _consts(H, K, V, dtype, fused, scale, eps, **extra):
             "SCALE": float(scale), "EPS": float(eps), "DT": TL_DTYPES[dtype], **extra}
 
 
-
 @functools.lru_cache(maxsize=None)
 def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> list[KernelSpec]:
     """The two chunk-prefill kernels (prep, scan) for one head geometry and dtype."""
-    target = target or current_target()
     cfg = config("kda_chunk", target)
     BT, BC, BV = cfg["BT"], cfg["BC"], min(cfg["BV"], max(16, next_pow2(V)))
     consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=BT // BC,
@@ -292,18 +290,14 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> li
     p_args = ["q_ptr", "k_ptr", "v_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "chunk_start", "chunk_len",
               "qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr",
               "akk_ptr", "gl_ptr"]
-    sig_p = _sig(p_args, dtype, ints=())
-    sig_p.update({"chunk_start": "*i32", "chunk_len": "*i32", "gc_ptr": "*fp32", "beta_ptr": "*fp32",
-                  "akk_ptr": "*fp32", "gl_ptr": "*fp32", "a_ptr": "*fp32", "dt_ptr": "*fp32"})
-    if not fused:
-        sig_p["b_ptr"] = "*fp32"
-        sig_p["f_ptr"] = "*fp32"
+    gate_f32 = () if fused else ("f_ptr", "b_ptr")        # unfused: g and beta come in fp32
+    sig_p = _sig(p_args, dtype, ("gc_ptr", "beta_ptr", "akk_ptr", "gl_ptr", "a_ptr", "dt_ptr") + gate_f32)
+    sig_p.update({"chunk_start": "*i32", "chunk_len": "*i32"})
     src_s = render("kda_chunk_scan", _SCAN, consts, state_in=_STATE_IN)
     s_args = ["qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr", "gl_ptr", "o_ptr", "s0_ptr", "sn_ptr",
               "cu_ptr", "chunk0_ptr"]
-    sig_s = _sig(s_args, dtype)
-    sig_s.update({"gl_ptr": "*fp32", "s0_ptr": "*fp32", "sn_ptr": "*fp32", "cu_ptr": "*i32",
-                  "chunk0_ptr": "*i32"})
+    sig_s = _sig(s_args, dtype, ("gl_ptr", "s0_ptr", "sn_ptr"))
+    sig_s.update({"cu_ptr": "*i32", "chunk0_ptr": "*i32"})
     return [KernelSpec("kda_chunk_prep", "kda_chunk_prep", src_p, sig_p, cfg["prep_warps"], 1, consts),
             KernelSpec("kda_chunk_scan", "kda_chunk_scan", src_s, sig_s, cfg["num_warps"],
                        cfg["num_stages"], consts)]
@@ -316,12 +310,11 @@ def step_spec(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> Kern
     consts = _consts(H, K, V, dtype, fused, scale, eps, BV=BV, HAS_STATE=bool(has_state))
     names = ["q_ptr", "k_ptr", "v_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "o_ptr", "s0_ptr", "sn_ptr",
              "cu_ptr"]
-    sig = _sig(names, dtype)
-    sig.update({"a_ptr": "*fp32", "dt_ptr": "*fp32", "s0_ptr": "*fp32", "sn_ptr": "*fp32", "cu_ptr": "*i32"})
-    if not fused:
-        sig.update({"f_ptr": "*fp32", "b_ptr": "*fp32"})
-    return KernelSpec("kda_recurrent_step", "kda_recurrent_step", render("kda_recurrent_step", _STEP, consts, state_in=_STATE_IN),
-                      sig, cfg["num_warps"], cfg["num_stages"], consts)
+    sig = _sig(names, dtype, ("a_ptr", "dt_ptr", "s0_ptr", "sn_ptr") + (() if fused else ("f_ptr", "b_ptr")))
+    sig["cu_ptr"] = "*i32"
+    src = render("kda_recurrent_step", _STEP, consts, state_in=_STATE_IN)
+    return KernelSpec("kda_recurrent_step", "kda_recurrent_step", src, sig, cfg["num_warps"], cfg["num_stages"],
+                      consts)
 
 
 # -- launchers ---------------------------------------------------------------------------
@@ -407,7 +400,7 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
     if NCH:
         launch(prep, (NCH, H), q2, k2, v2, f2, b2, a, dt, cstart, clen, qn, kn, gc, beta, qg, kg, w, u,
                aqk, akk, gl)
-    launch(scan, (N, H, triton_cdiv(V, scan.config["BV"])), qg, kg, w, u, aqk, gl, o,
+    launch(scan, (N, H, _cdiv(V, scan.config["BV"])), qg, kg, w, u, aqk, gl, o,
            _state_in(state, N, H, K, V, dev), sn, cu, chunk0)
     return o.view(q.shape[0], q.shape[1], H, V), sn
 
@@ -424,11 +417,11 @@ def kda_step(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_s
         raise ValueError("inplace needs a contiguous fp32 state")
     sn = s0 if inplace else torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
     o = torch.empty(q2.shape[0], H, V, device=dev, dtype=q.dtype)
-    launch(spec, (N, H, triton_cdiv(V, spec.config["BV"])), q2, k2, v2, f2, b2, a, dt, o, s0, sn, cu)
+    launch(spec, (N, H, _cdiv(V, spec.config["BV"])), q2, k2, v2, f2, b2, a, dt, o, s0, sn, cu)
     return o.view(q.shape[0], q.shape[1], H, V), sn
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
