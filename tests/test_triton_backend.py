@@ -24,9 +24,9 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def decode_inputs(g, B=2, S=12):
+def state_inputs(g, ids, pos, B=2, S=12):
     gen = torch.Generator().manual_seed(3)
-    inputs = {"input_ids": torch.tensor([[3], [7]]), "cache_pos": torch.tensor([4, 9])}
+    inputs = {"input_ids": ids, "cache_pos": pos}
     for name in g.meta["state_inputs"]:
         shape = [B if d == "B" else S if d == "S" else d for d in g.inputs[name].shape]
         inputs[name[1:]] = torch.randn(*shape, generator=gen)
@@ -42,11 +42,16 @@ def test_tiny_model_on_triton_matches_interpreter(pipeline):
     assert kernel_ops and ("kda_fused_chunk" in kernel_ops if pipeline else "kda_recurrent" in kernel_ops)
     ids = torch.tensor([[1, 5, 9, 100, 7, 3, 2, 8, 9], [4, 4, 8, 9, 10, 11, 12, 0, 1]])
     assert rel(tri(ids), ref(ids)) < TOL
-    inputs = decode_inputs(tri.get_graph("decode"))
-    outs, expect = tri.execute("decode", True, inputs), ref.execute("decode", True, inputs)
-    assert len(outs) == len(expect)
-    for a, b in zip(outs, expect):
-        assert a.shape == b.shape and rel(a, b) < TOL
+    # decode, and (pipeline) a stateful prefill continuing sequences at different positions
+    steps = [("decode", torch.tensor([[3], [7]]), torch.tensor([4, 9]))]
+    if pipeline:
+        steps.append(("prefill", torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]), torch.tensor([2, 7])))
+    for mode, step_ids, pos in steps:
+        inputs = state_inputs(tri.get_graph(mode, True), step_ids, pos)
+        outs, expect = tri.execute(mode, True, inputs), ref.execute(mode, True, inputs)
+        assert len(outs) == len(expect)
+        for a, b in zip(outs, expect):
+            assert a.shape == b.shape and rel(a, b) < TOL
 
 
 def test_plan_fuses_elementwise_chains_into_groups():
