@@ -27,7 +27,8 @@ class Expr(str):
         return str(self)
 
 
-TL_DTYPES = {k: Expr(v) for k, v in {"f32": "tl.float32", "bf16": "tl.bfloat16", "f16": "tl.float16", "f64": "tl.float64"}.items()}
+TL_DTYPES = {k: Expr(v) for k, v in {"f32": "tl.float32", "bf16": "tl.bfloat16", "f16": "tl.float16",
+                                      "f64": "tl.float64"}.items()}
 PTR_TYPES = {"f32": "*fp32", "bf16": "*bf16", "f16": "*fp16", "f64": "*fp64", "i64": "*i64", "i32": "*i32"}
 
 

@@ -131,7 +131,7 @@ def op_elementwise(kind: str):
         shape = torch.broadcast_shapes(*(t.shape for t in ins))
         out_dt = attrs["dtype"] if kind == "cast" else ir_dtype(ins[0])
         chain = Chain(tuple((f"%a{i}", ir_dtype(t)) for i, t in enumerate(ins)),
-                      ((f"%r", kind, tuple(f"%a{i}" for i in range(len(ins))),
+                      (("%r", kind, tuple(f"%a{i}" for i in range(len(ins))),
                         tuple(sorted(attrs.items()))),), (("%r", out_dt),), len(shape))
         return run_chain(chain, ins, shape)
     return run

@@ -262,9 +262,8 @@ def _solve_source(NC: int) -> str:
                   "mask=mI[:, None] & mv[None, :], other=0.0).to(tl.float32) * bI[:, None]",
                   f"w += tl.dot(T{J}_{I}, xI, input_precision=PREC)",
                   f"u += tl.dot(T{J}_{I}, yI, input_precision=PREC)"]
-        L += [f"tl.store(w_ptr + rJ[:, None] * (H * K) + h * K + dk[None, :], w.to(DT), mask=mJ[:, None] & mk[None, :])",
-              f"tl.store(u_ptr + rJ[:, None] * (H * V) + h * V + dv[None, :], u.to(DT), "
-              f"mask=mJ[:, None] & mv[None, :])"]
+        L += ["tl.store(w_ptr + rJ[:, None] * (H * K) + h * K + dk[None, :], w.to(DT), mask=mJ[:, None] & mk[None, :])",
+              "tl.store(u_ptr + rJ[:, None] * (H * V) + h * V + dv[None, :], u.to(DT), mask=mJ[:, None] & mv[None, :])"]
     return "\n".join(L)
 
 

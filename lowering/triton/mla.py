@@ -8,7 +8,6 @@ j <= that position. Softmax statistics in fp32.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 

@@ -379,5 +379,5 @@ def specs_for(kind, ins, outs, attrs, target):
     if kind == "grouped_swiglu":
         E, I2, D = ins[2].shape
         return [s for small in (True, False) for s in gemm_specs(E, I2 // 2, D, ins[0].dtype, small, target)]
-    y, w, acc = ins[0], ins[2], ins[3]
+    w, acc = ins[2], ins[3]
     return list(unpermute_specs(acc.shape[-1], w.shape[-1], acc.dtype, w.dtype, target))
