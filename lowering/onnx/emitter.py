@@ -19,6 +19,17 @@ ONNX_DTYPES = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "bf16": Ten
 FLOAT = TensorProto.FLOAT
 
 
+def table_registrar(table: dict):
+    """A decorator factory: `@maps("kind", ...)` files the function under each op kind."""
+    def maps(*kinds):
+        def deco(fn):
+            for k in kinds:
+                table[k] = fn
+            return fn
+        return deco
+    return maps
+
+
 def tensor_proto(name: str, t: torch.Tensor, onnx_dtype: int | None = None) -> TensorProto:
     """A TensorProto holding `t`'s bytes (bf16 included: torch has it, numpy does not)."""
     t = t.detach().cpu().contiguous()

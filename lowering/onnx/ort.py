@@ -22,17 +22,11 @@ import torch
 from onnx import helper
 
 from . import portable, standard
-from .emitter import FLOAT, MS, Emitter
+from .emitter import FLOAT, MS, Emitter, table_registrar
 
 TABLE = dict(portable.TABLE)
 
-
-def maps(*kinds):
-    def deco(fn):
-        for k in kinds:
-            TABLE[k] = fn
-        return fn
-    return deco
+maps = table_registrar(TABLE)
 
 
 @maps("causal_conv1d")

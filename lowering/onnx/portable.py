@@ -6,18 +6,12 @@ from __future__ import annotations
 from onnx import TensorProto
 
 from . import standard
-from .emitter import DOMAIN, FLOAT
+from .emitter import DOMAIN, FLOAT, table_registrar
 from .functions import require
 
 TABLE = dict(standard.TABLE)
 
-
-def maps(*kinds):
-    def deco(fn):
-        for k in kinds:
-            TABLE[k] = fn
-        return fn
-    return deco
+maps = table_registrar(TABLE)
 
 
 def call(ctx, name: str, ins, n_out: int, **attrs) -> list[str]:

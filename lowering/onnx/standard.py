@@ -5,17 +5,11 @@ Each entry: fn(ctx, op, ins) -> output names, `ins` the ONNX names of op.inputs.
 numerics follow the op library: fp32 statistics, softmax and state (see kimi_graph/ops)."""
 from __future__ import annotations
 
-from .emitter import FLOAT, ONNX_DTYPES
+from .emitter import FLOAT, ONNX_DTYPES, table_registrar
 
 TABLE = {}
 
-
-def maps(*kinds):
-    def deco(fn):
-        for k in kinds:
-            TABLE[k] = fn
-        return fn
-    return deco
+maps = table_registrar(TABLE)
 
 
 def to_acc(ctx, x: str, value: str) -> str:
