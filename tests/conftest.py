@@ -2,8 +2,18 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from checkpoints import random_config, write_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads and lose a lot on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

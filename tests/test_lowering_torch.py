@@ -35,13 +35,6 @@ FUSED = {"kda_fused_recurrent", "kda_fused_chunk", "gated_rmsnorm", "add_rmsnorm
 DATA_DEPENDENT = {"grouped_topk", "moe_expert", "moe_permute", "cache_write", "kda_recurrent"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def config(seed: int) -> KimiLinearConfig:
     """A random tiny config with at least one KDA and one MLA layer and a grouped MoE."""

@@ -29,14 +29,6 @@ GRAPHS = [("prefill", False), ("prefill", True), ("decode", True)]
 ROUTER_WEIGHTS = ("official", "unbiased")       # alternate across seeds
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest (and fair to a shared 2-core CI box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def pipeline_for(seed: int) -> str:
     mode = ("auto", "fold", "per-head")[seed % 3]

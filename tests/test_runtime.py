@@ -26,14 +26,6 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 SEEDS = list(range(12))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def split_logits(engine: Engine, ids: list[int], k: int, chunk: int | None = None) -> torch.Tensor:
     """Logits [T, V] from prefill of ids[:T-k] (in chunks of `chunk`) then k decode steps."""

@@ -7,7 +7,6 @@ import base64
 import json
 
 import pytest
-import torch
 
 import kimi_graph
 from checkpoints import random_config
@@ -46,14 +45,6 @@ def ranks() -> dict[bytes, int]:
 BASE = len(ranks())
 VOCAB = BASE + NUM_RESERVED_SPECIAL_TOKENS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_tokenizer(path, template=TEMPLATE, specials=SPECIAL):
