@@ -5,7 +5,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from .ir import Graph, IRError, eval_dim
+from .ir import Graph, IRError, Op, eval_dim
 from .ops import TORCH_DTYPES, get_op
 
 
@@ -34,13 +34,9 @@ def bind_dims(g: Graph, inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
     return dims
 
 
-def run_graph(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
-              impls: Mapping[str, Callable] | None = None) -> list[torch.Tensor]:
-    """Execute `g`; `inputs` keyed by input name ("%input_ids" or "input_ids"), `params` by
-    parameter name without "@". `impls` overrides op kinds: kind -> fn(args, attrs) -> list
-    of results (a backend's kernels); other ops run their torch reference.
-    Returns the graph outputs in order."""
-    impls = impls or {}
+def initial_env(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]
+                ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The value environment before the first op (inputs and parameters) and the bound dims."""
     inputs = {(k if k.startswith("%") else "%" + k): v for k, v in inputs.items()}
     dims = bind_dims(g, inputs)
     env: dict[str, torch.Tensor] = dict(inputs)
@@ -49,6 +45,26 @@ def run_graph(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str,
             env[name] = params[name[1:]]
         except KeyError:
             raise IRError(f"no weight for parameter {name}") from None
+    return env, dims
+
+
+def op_attrs(op: Op, dims: dict[str, int]) -> dict:
+    """The op's attributes with defaults filled in and shape attributes made concrete."""
+    opdef = get_op(op.kind)
+    attrs = opdef.full_attrs(op.attrs)
+    for a in opdef.shape_attrs:
+        attrs[a] = [eval_dim(d, dims) for d in attrs[a]]
+    return attrs
+
+
+def run_graph(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
+              impls: Mapping[str, Callable] | None = None) -> list[torch.Tensor]:
+    """Execute `g`; `inputs` keyed by input name ("%input_ids" or "input_ids"), `params` by
+    parameter name without "@". `impls` overrides op kinds: kind -> fn(args, attrs) -> list
+    of results (a backend's kernels); other ops run their torch reference.
+    Returns the graph outputs in order."""
+    impls = impls or {}
+    env, dims = initial_env(g, inputs, params)
     ops = list(g.ops())
     last_use: dict[str, int] = {}
     for i, op in enumerate(ops):
@@ -56,11 +72,8 @@ def run_graph(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str,
             last_use[v] = i
     keep = set(g.outputs) | set(g.params)
     for i, op in enumerate(ops):
-        opdef = get_op(op.kind)
-        attrs = opdef.full_attrs(op.attrs)
-        for a in opdef.shape_attrs:
-            attrs[a] = [eval_dim(d, dims) for d in attrs[a]]
-        results = impls.get(op.kind, opdef.ref)([env[v] for v in op.inputs], attrs)
+        fn = impls.get(op.kind) or get_op(op.kind).ref
+        results = fn([env[v] for v in op.inputs], op_attrs(op, dims))
         for v, r in zip(op.outputs, results):
             env[v] = r
         for v in op.inputs:

@@ -12,8 +12,8 @@ from typing import Callable, Mapping
 
 import torch
 
-from kimi_graph.interpreter import bind_dims
-from kimi_graph.ir import Graph, IRError, eval_dim
+from kimi_graph.interpreter import initial_env, op_attrs
+from kimi_graph.ir import Graph, eval_dim
 from kimi_graph.ops import get_op
 
 from . import conv, elementwise, kda, mla, moe, norm
@@ -121,26 +121,15 @@ def _group(g: Graph, members: list, out_vals: set) -> Group:
 def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
         schedule: list | None = None) -> list[torch.Tensor]:
     """Execute `g` on kernels (see `plan`); same contract as the reference interpreter."""
-    inputs = {(k if k.startswith("%") else "%" + k): v for k, v in inputs.items()}
-    dims = bind_dims(g, inputs)
-    env: dict[str, torch.Tensor] = dict(inputs)
-    for name in g.params:
-        try:
-            env[name] = params[name[1:]]
-        except KeyError:
-            raise IRError(f"no weight for parameter {name}") from None
+    env, dims = initial_env(g, inputs, params)
     for item in schedule if schedule is not None else plan(g):
         if isinstance(item, Group):
             shape = tuple(eval_dim(d, dims) for d in item.shape)
             outs = elementwise.run_chain(item.chain, [env[v] for v in item.inputs], shape)
             env.update(zip(item.outputs, outs))
             continue
-        opdef = get_op(item.kind)
-        attrs = opdef.full_attrs(item.attrs)
-        for a in opdef.shape_attrs:
-            attrs[a] = [eval_dim(d, dims) for d in attrs[a]]
-        fn = KERNELS[item.kind][0] if covered(g, item) else opdef.ref
-        env.update(zip(item.outputs, fn([env[v] for v in item.inputs], attrs)))
+        fn = KERNELS[item.kind][0] if covered(g, item) else get_op(item.kind).ref
+        env.update(zip(item.outputs, fn([env[v] for v in item.inputs], op_attrs(item, dims))))
     return [env[v] for v in g.outputs]
 
 
