@@ -36,7 +36,8 @@ def read_checkpoint(path) -> tuple[dict, dict[str, torch.Tensor]]:
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """Relative error ||got - want|| / ||want|| (Frobenius), in float64."""
     got, want = got.detach().double(), want.detach().double()
-    return float((got - want).norm() / want.norm())
+    assert torch.isfinite(got).all(), "non-finite values"
+    return float((got - want).norm() / want.norm().clamp_min(1e-300))
 
 
 def rmsnorm(x, w, eps):

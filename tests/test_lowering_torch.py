@@ -27,6 +27,7 @@ from kimi_graph.model import build_graph
 from kimi_graph.ops import REGISTRY, TORCH_DTYPES, get_op
 from kimi_graph.passes import run_pipeline
 from kimi_graph.weights import random_weights
+from reference_kimi import rel_err as rel
 
 TOL = {"f32": 1e-5, "f64": 1e-12}
 GRAPHS = [("prefill", False), ("prefill", True), ("decode", True)]
@@ -52,10 +53,6 @@ def graph_and_weights(seed, mode, stateful, dtype="f32", pipeline=None):
         g = run_pipeline(g, pipeline, weights=w)
     return g, w
 
-
-def rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def check_outputs(outs, refs, dtype):

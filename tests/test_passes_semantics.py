@@ -22,6 +22,7 @@ from kimi_graph.passes import DEFAULT_PIPELINE, PassManager
 from kimi_graph.printer import parse_graph, print_graph, structurally_equal
 from kimi_graph.verifier import verify
 from kimi_graph.weights import random_weights
+from reference_kimi import rel_err as rel
 
 TOL = {"f64": 1e-9, "f32": 5e-5}
 B, T, S = 2, 7, 12
@@ -50,9 +51,6 @@ def graph_inputs(g, cfg, seed: int) -> dict:
             ins[name] = 0.5 * torch.randn(shape, generator=gen, dtype=TORCH_DTYPES[ty.dtype])
     return ins
 
-
-def rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-300))
 
 
 @pytest.mark.parametrize("seed", range(20))

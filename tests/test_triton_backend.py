@@ -10,6 +10,7 @@ pytest.importorskip("triton")
 
 import kimi_graph  # noqa: E402
 from kimi_graph.lowering.triton.backend import Group, covered, plan  # noqa: E402
+from reference_kimi import rel_err as rel  # noqa: E402
 
 TOL = 1e-5
 
@@ -19,9 +20,6 @@ def _interpret(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("KIMI_GRAPH_TRITON_CACHE", str(tmp_path_factory.getbasetemp() / "triton-cache"))
 
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def state_inputs(g, ids, pos, B=2, S=12):

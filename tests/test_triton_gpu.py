@@ -14,6 +14,7 @@ import kimi_graph  # noqa: E402
 from kimi_graph.lowering.triton.backend import KERNELS  # noqa: E402
 from kimi_graph.lowering.triton.elementwise import op_elementwise  # noqa: E402
 from kimi_graph.ops import get_op  # noqa: E402
+from reference_kimi import rel_err as rel  # noqa: E402
 
 BF16_TOL = 1e-2
 ERRORS: dict[str, float] = {}
@@ -24,11 +25,6 @@ def _gpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     torch.manual_seed(0)
 
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def r(*s, scale=1.0):

@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 
 from kimi_graph.lowering.triton import conv, elementwise, kda, mla, moe, norm  # noqa: E402
 from kimi_graph.ops import get_op  # noqa: E402
+from reference_kimi import rel_err as rel  # noqa: E402
 
 TOL = 1e-5
 
@@ -22,12 +23,6 @@ def _interpret(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("KIMI_GRAPH_TRITON_CACHE", str(tmp_path_factory.getbasetemp() / "triton-cache"))
     torch.manual_seed(0)
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "non-finite output"
-    return ((a - b).norm() / b.norm()).item()
 
 
 # -- independent fp64 references ----------------------------------------------------------
