@@ -86,7 +86,8 @@ def time_one(B, T):
 
 
 def sweep():
-    """Tile variants of ours at T=16k, with per-kernel CUDA time; fla's kernels for reference.
+    """Tile variants of ours at T=16k, with per-kernel CUDA time (our four kernels: prep, intra,
+    solve, scan); fla's kernels for reference.
     Returns (rows, best variant)."""
     from fla.ops.kda import chunk_kda
 
@@ -100,11 +101,11 @@ def sweep():
         rows.append({"impl": "fla", "variant": "-", "kernel": name[:40], "ms": ms})
     base = dict(TARGETS[current_target()]["configs"]["kda_chunk"])
     best = (float("inf"), {})
-    for variant in ({}, {"BT": 32}, {"prep_warps": 4}, {"BT": 32, "prep_warps": 4}, {"BV": 64}):
+    for variant in ({}, {"BW": 64}, {"BT": 64}, {"intra_warps": 8}, {"BV": 64}):
         override_config("kda_chunk", **{**base, **variant})
         ours = lambda: kda.kda_chunk(q, k, v, f, b, A_log, dt_bias, D ** -0.5)
         try:
-            for name, ms in list(kernel_times(ours).items())[:2]:
+            for name, ms in list(kernel_times(ours).items())[:4]:
                 rows.append({"impl": "ours", "variant": str(variant), "kernel": name[:40], "ms": ms})
             total = bench(ours)
         except Exception as e:
@@ -122,7 +123,8 @@ if __name__ == "__main__":
     write_result("kda_chunk_sweep", rows)
     from kimi_graph.lowering.triton.targets import TARGETS, current_target
     tuned = {**TARGETS[current_target()]["configs"]["kda_chunk"], **variant}
-    merge_tuning("kda_chunk", {k: tuned[k] for k in ("BT", "BC", "BV", "num_warps", "num_stages", "prep_warps")},
+    keys = ("BT", "BC", "BV", "BW", "num_warps", "num_stages", "prep_warps", "intra_warps", "solve_warps")
+    merge_tuning("kda_chunk", {k: tuned[k] for k in keys},
                  f"T=16k B=1 H=32 D=128 bf16: {ms:.3f} ms")
     override_config("kda_chunk", **tuned)
     write_result("kda_chunk", timing(), {"shape": f"H={H}, D={D}, bf16, fused gate/beta/l2norm",

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import os
 import textwrap
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
@@ -136,14 +137,18 @@ def load(spec: KernelSpec):
 def jit_function(spec: KernelSpec):
     """The kernel as a compilable JITFunction, whatever TRITON_INTERPRET says (for AOT builds)."""
     key = spec.hash + spec.entry + "jit"
-    if key not in _LOADED:
-        saved = os.environ.pop("TRITON_INTERPRET", None)
-        try:
-            _LOADED[key] = load(spec)
-        finally:
-            if saved is not None:
-                os.environ["TRITON_INTERPRET"] = saved
+    with _JIT_LOCK:     # AOT builds load from threads: one TRITON_INTERPRET change at a time
+        if key not in _LOADED:
+            saved = os.environ.pop("TRITON_INTERPRET", None)
+            try:
+                _LOADED[key] = load(spec)
+            finally:
+                if saved is not None:
+                    os.environ["TRITON_INTERPRET"] = saved
     return _LOADED[key]
+
+
+_JIT_LOCK = threading.Lock()
 
 
 _ARCH: list = []

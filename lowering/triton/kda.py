@@ -1,4 +1,4 @@
-"""KDA kernels: chunkwise prefill (two generated kernels) and the recurrent step (decode).
+"""KDA kernels: chunkwise prefill (four generated kernels) and the recurrent step (decode).
 
 Both take packed tokens [N_tok, H, *] with cumulative sequence offsets `cu_seqlens` [N+1]
 (a [B, T] batch is B sequences of T). FUSED kernels compute the gating inside:
@@ -51,19 +51,15 @@ _GATE = """
 
 _PREP = """
 @triton.jit
-def kda_chunk_prep(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk_len,
-                   qn_ptr, kn_ptr, gc_ptr, beta_ptr, qg_ptr, kg_ptr, w_ptr, u_ptr, aqk_ptr, akk_ptr,
-                   gl_ptr):
-    # one program per (chunk, head): gating, cumulative decay, intra-chunk matrices, W and U
+def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk_len,
+                   qn_ptr, kn_ptr, gc_ptr, beta_ptr, qg_ptr, kg_ptr, gl_ptr):
+    # one program per (chunk, head): gating, norms, cumulative decay, BC rows at a time
     c = tl.program_id(0)
     h = tl.program_id(1)
     start = tl.load(chunk_start + c)
     n = tl.load(chunk_len + c)
     dk = tl.arange(0, BK)
-    dv = tl.arange(0, BVF)
     mk = dk < K
-    mv = dv < V
-    # gating, norms and the cumulative decay, BC rows at a time (the running sum carried)
     cc = tl.arange(0, BC)
     carry = tl.zeros((BK,), tl.float32)
     for i0 in range(0, BT, BC):
@@ -91,7 +87,19 @@ def kda_chunk_prep(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start
         k = tl.load(kn_ptr + offk, mask=m2, other=0.0).to(tl.float32)
         gc = tl.load(gc_ptr + offk, mask=m2, other=0.0)
         tl.store(kg_ptr + offk, (k * tl.exp(tl.where(m2, carry[None, :] - gc, 0.0))).to(DT), mask=m2)
-    tl.debug_barrier()
+"""
+
+_INTRA = """
+@triton.jit
+def kda_chunk_intra(qn_ptr, kn_ptr, gc_ptr, beta_ptr, chunk_start, chunk_len, aqk_ptr, akk_ptr):
+    # one program per (chunk, head)
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    start = tl.load(chunk_start + c)
+    n = tl.load(chunk_len + c)
+    dk = tl.arange(0, BK)
+    mk = dk < K
+    cc = tl.arange(0, BC)
     # intra-chunk A_kk (strictly lower, times beta) and A_qk (lower, times scale), by BC sub-blocks
     for I in tl.static_range(NC):
         rI = I * BC + cc
@@ -122,7 +130,7 @@ def kda_chunk_prep(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start
                 tl.store(aqk_ptr + arow + (cc[None, :] + J * BC), aqk.to(DT), mask=mI[:, None])
         dkk = tl.zeros((BC, BC), tl.float32)
         dqk = tl.zeros((BC, BC), tl.float32)
-        for j in range(BC):
+        for j in tl.static_range(BC):      # unrolled: the row loads issue early
             row = I * BC + j
             okj = (start + row) * (H * K) + h * K + dk
             kj = tl.load(kn_ptr + okj, mask=mk & (dk * 0 + row < n), other=0.0).to(tl.float32)
@@ -141,8 +149,22 @@ def kda_chunk_prep(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start
             z = tl.zeros((BC, BC), tl.float32)
             tl.store(akk_ptr + arow + (cc[None, :] + J * BC), z, mask=mI[:, None])
             tl.store(aqk_ptr + arow + (cc[None, :] + J * BC), z.to(DT), mask=mI[:, None])
-    tl.debug_barrier()
-    # T = (I + A_kk)^-1 blockwise over BC sub-blocks (generated, unrolled), then W and U
+"""
+
+_SOLVE = """
+@triton.jit
+def kda_chunk_solve(kn_ptr, v_ptr, gc_ptr, beta_ptr, akk_ptr, chunk_start, chunk_len, w_ptr, u_ptr):
+    # one program per (chunk, head, BW column block of [W | U]): T = (I + A_kk)^-1, then
+    # W = T (beta k G) for the first NKW blocks, U = T (beta v) for the rest
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    p = tl.program_id(2)
+    start = tl.load(chunk_start + c)
+    n = tl.load(chunk_len + c)
+    cc = tl.arange(0, BC)
+    col = tl.where(p < NKW, p, p - NKW) * BW + tl.arange(0, BW)
+    mw = (col * 0 + p < NKW) & (col < K)
+    mu = (col * 0 + p >= NKW) & (col < V)
     $solve
 """
 
@@ -230,40 +252,43 @@ def kda_recurrent_step(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, o_ptr, 
 """
 
 
-def _solve_source(NC: int) -> str:
-    """Block lower-triangular inverse: T_II by forward substitution on BC x BC blocks,
-    T_IJ = -T_II sum_{J<=K<I} A_IK T_KJ; then W_J = sum_I T_JI X_I, U_J = sum_I T_JI (beta v)_I,
-    reloading the X_I, (beta v)_I tiles (cache hits) rather than holding them in registers."""
-    L = []
+def _solve_source(NC: int, BC: int) -> str:
+    """Block lower-triangular inverse: T_II = (I + N)^-1 of the strictly lower diagonal block N as
+    log2(BC) factors (I - N)(I + N^2)(I + N^4).. (exact fp32 products: N^BC = 0, no serial loop),
+    T_IJ = -T_II sum_{J<=K<I} A_IK T_KJ; then row block J of this program's column block,
+    sum_I T_JI beta_I X_I with X = k G (W columns) or v (U columns): the unused load is masked off."""
+    L = ["eye = tl.where(cc[:, None] == cc[None, :], 1.0, 0.0)"]
     for J in range(NC):
         L += [f"rJ = start + {J} * BC + cc",
               f"mJ = {J} * BC + cc < n",
-              f"T{J}_{J} = tl.zeros((BC, BC), tl.float32)",
-              "for i in range(0, BC):",
-              f"    a = tl.load(akk_ptr + (start + {J} * BC + i) * (H * BT) + h * BT + {J} * BC + cc,",
-              f"                mask=cc * 0 + {J} * BC + i < n, other=0.0)",
-              f"    new = tl.where(cc == i, 1.0, 0.0) - tl.sum(a[:, None] * T{J}_{J}, 0)",
-              f"    T{J}_{J} = tl.where(cc[:, None] == i, new[None, :], T{J}_{J})"]
+              f"N = tl.load(akk_ptr + rJ[:, None] * (H * BT) + h * BT + {J} * BC + cc[None, :], "
+              "mask=mJ[:, None], other=0.0)",
+              f"T{J}_{J} = eye - N"]
+        for _ in range(1, BC.bit_length() - 1):   # (I+N)^-1 = (I-N)(I+N^2)(I+N^4).. (N^BC = 0)
+            L += ["N = tl.dot(N, N, input_precision='ieee')",
+                  f"T{J}_{J} = tl.dot(T{J}_{J}, eye + N, input_precision='ieee')"]
         for K_ in range(J):
             L.append(f"A{J}_{K_} = tl.load(akk_ptr + rJ[:, None] * (H * BT) + h * BT + {K_} * BC + cc[None, :], "
                      f"mask=mJ[:, None], other=0.0)")
         for I in range(J - 1, -1, -1):        # T_JI for I < J, from the nearest block outwards
             terms = " + ".join(f"tl.dot(A{J}_{K_}, T{K_}_{I}, input_precision=PREC)" for K_ in range(I, J))
             L.append(f"T{J}_{I} = -tl.dot(T{J}_{J}, {terms}, input_precision=PREC)")
-        L += ["w = tl.zeros((BC, BK), tl.float32)", "u = tl.zeros((BC, BVF), tl.float32)"]
+        L += ["acc = tl.zeros((BC, BW), tl.float32)"]
         for I in range(J + 1):
             L += [f"rI = start + {I} * BC + cc",
                   f"mI = {I} * BC + cc < n",
-                  "oI = rI[:, None] * (H * K) + h * K + dk[None, :]",
-                  "bI = tl.load(beta_ptr + rI * H + h, mask=mI, other=0.0)",
-                  "xI = tl.load(kn_ptr + oI, mask=mI[:, None] & mk[None, :], other=0.0).to(tl.float32) * "
-                  "tl.exp(tl.load(gc_ptr + oI, mask=mI[:, None] & mk[None, :], other=0.0)) * bI[:, None]",
-                  "yI = tl.load(v_ptr + rI[:, None] * (H * V) + h * V + dv[None, :], "
-                  "mask=mI[:, None] & mv[None, :], other=0.0).to(tl.float32) * bI[:, None]",
-                  f"w += tl.dot(T{J}_{I}, xI, input_precision=PREC)",
-                  f"u += tl.dot(T{J}_{I}, yI, input_precision=PREC)"]
-        L += ["tl.store(w_ptr + rJ[:, None] * (H * K) + h * K + dk[None, :], w.to(DT), mask=mJ[:, None] & mk[None, :])",
-              "tl.store(u_ptr + rJ[:, None] * (H * V) + h * V + dv[None, :], u.to(DT), mask=mJ[:, None] & mv[None, :])"]
+                  "oI = rI[:, None] * (H * K) + h * K + col[None, :]",
+                  "mW = mI[:, None] & mw[None, :]",
+                  "xI = tl.load(kn_ptr + oI, mask=mW, other=0.0).to(tl.float32) * "
+                  "tl.exp(tl.load(gc_ptr + oI, mask=mW, other=0.0))",
+                  "xI += tl.load(v_ptr + rI[:, None] * (H * V) + h * V + col[None, :], "
+                  "mask=mI[:, None] & mu[None, :], other=0.0).to(tl.float32)",
+                  "xI = xI * tl.load(beta_ptr + rI * H + h, mask=mI, other=0.0)[:, None]",
+                  f"acc += tl.dot(T{J}_{I}, xI, input_precision=PREC)"]
+        L += ["tl.store(w_ptr + rJ[:, None] * (H * K) + h * K + col[None, :], acc.to(DT), "
+              "mask=mJ[:, None] & mw[None, :])",
+              "tl.store(u_ptr + rJ[:, None] * (H * V) + h * V + col[None, :], acc.to(DT), "
+              "mask=mJ[:, None] & mu[None, :])"]
     return "\n".join(L)
 
 
@@ -279,27 +304,31 @@ def _consts(H, K, V, dtype, fused, scale, eps, **extra):
 
 @functools.lru_cache(maxsize=None)
 def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> list[KernelSpec]:
-    """The two chunk-prefill kernels (prep, scan) for one head geometry and dtype."""
+    """The four chunk-prefill kernels (prep, intra, solve, scan) for one head geometry and dtype."""
     cfg = config("kda_chunk", target)
     BT, BC, BV = cfg["BT"], cfg["BC"], min(cfg["BV"], max(16, next_pow2(V)))
+    BW = min(cfg["BW"], max(16, next_pow2(max(K, V))))
     consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=BT // BC,
-                     BVF=max(16, next_pow2(V)), BV=BV, HAS_STATE=bool(has_state),
-                     PREC=dot_precision(dtype))
-    src_p = render("kda_chunk_prep", _PREP, consts, gate=_GATE, solve=_solve_source(BT // BC))
-    p_args = ["q_ptr", "k_ptr", "v_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "chunk_start", "chunk_len",
-              "qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr",
-              "akk_ptr", "gl_ptr"]
+                     BV=BV, BW=BW, NKW=_cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype))
     gate_f32 = () if fused else ("f_ptr", "b_ptr")        # unfused: g and beta come in fp32
-    sig_p = _sig(p_args, dtype, ("gc_ptr", "beta_ptr", "akk_ptr", "gl_ptr", "a_ptr", "dt_ptr") + gate_f32)
-    sig_p.update({"chunk_start": "*i32", "chunk_len": "*i32"})
-    src_s = render("kda_chunk_scan", _SCAN, consts, state_in=_STATE_IN)
-    s_args = ["qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr", "gl_ptr", "o_ptr", "s0_ptr", "sn_ptr",
-              "cu_ptr", "chunk0_ptr"]
-    sig_s = _sig(s_args, dtype, ("gl_ptr", "s0_ptr", "sn_ptr"))
-    sig_s.update({"cu_ptr": "*i32", "chunk0_ptr": "*i32"})
-    return [KernelSpec("kda_chunk_prep", "kda_chunk_prep", src_p, sig_p, cfg["prep_warps"], 1, consts),
-            KernelSpec("kda_chunk_scan", "kda_chunk_scan", src_s, sig_s, cfg["num_warps"],
-                       cfg["num_stages"], consts)]
+    f32 = ("gc_ptr", "beta_ptr", "akk_ptr", "gl_ptr", "a_ptr", "dt_ptr", "s0_ptr", "sn_ptr") + gate_f32
+    i32 = ("chunk_start", "chunk_len", "cu_ptr", "chunk0_ptr")
+
+    def spec(name, template, args, warps, stages=1, **blocks):
+        sig = {a: ("*i32" if a in i32 else "*fp32" if a in f32 else PTR_TYPES[dtype]) for a in args}
+        return KernelSpec(name, name, render(name, template, consts, **blocks), sig, warps, stages, consts)
+
+    return [spec("kda_chunk_prep", _PREP, ["q_ptr", "k_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "chunk_start",
+                                           "chunk_len", "qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "qg_ptr",
+                                           "kg_ptr", "gl_ptr"], cfg["prep_warps"], gate=_GATE),
+            spec("kda_chunk_intra", _INTRA, ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "chunk_start",
+                                             "chunk_len", "aqk_ptr", "akk_ptr"], cfg["intra_warps"]),
+            spec("kda_chunk_solve", _SOLVE, ["kn_ptr", "v_ptr", "gc_ptr", "beta_ptr", "akk_ptr", "chunk_start",
+                                             "chunk_len", "w_ptr", "u_ptr"], cfg["solve_warps"],
+                 solve=_solve_source(BT // BC, BC)),
+            spec("kda_chunk_scan", _SCAN, ["qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr", "gl_ptr", "o_ptr",
+                                           "s0_ptr", "sn_ptr", "cu_ptr", "chunk0_ptr"], cfg["num_warps"],
+                 cfg["num_stages"], state_in=_STATE_IN)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -375,7 +404,8 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
     dtype, dev = _ir_dtype(q), q.device
     (q2, k2, v2, f2, b2), cu, H, K, V, a, dt = _inputs(q, k, v, f, b, A_log, dt_bias, cu_seqlens, fused)
     N = cu.numel() - 1
-    prep, scan = chunk_specs(H, K, V, dtype, fused, scale, eps, state is not None, current_target())
+    prep, intra, solve, scan = chunk_specs(H, K, V, dtype, fused, scale, eps, state is not None,
+                                           current_target())
     BT = prep.config["BT"]
     lens = (cu[1:] - cu[:-1]).long()
     nch = (lens + BT - 1) // BT
@@ -397,8 +427,10 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
     o = torch.empty(NT, H, V, **e)
     sn = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
     if NCH:
-        launch(prep, (NCH, H), q2, k2, v2, f2, b2, a, dt, cstart, clen, qn, kn, gc, beta, qg, kg, w, u,
-               aqk, akk, gl)
+        c = prep.config
+        launch(prep, (NCH, H), q2, k2, f2, b2, a, dt, cstart, clen, qn, kn, gc, beta, qg, kg, gl)
+        launch(intra, (NCH, H), qn, kn, gc, beta, cstart, clen, aqk, akk)
+        launch(solve, (NCH, H, c["NKW"] + _cdiv(V, c["BW"])), kn, v2, gc, beta, akk, cstart, clen, w, u)
     launch(scan, (N, H, _cdiv(V, scan.config["BV"])), qg, kg, w, u, aqk, gl, o,
            _state_in(state, N, H, K, V, dev), sn, cu, chunk0)
     return o.view(q.shape[0], q.shape[1], H, V), sn
