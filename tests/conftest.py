@@ -16,6 +16,13 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def triton_interpret(monkeypatch, tmp_path_factory):
+    """Run Triton kernels through its CPU interpreter, with a per-session kernel cache."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("KIMI_GRAPH_TRITON_CACHE", str(tmp_path_factory.getbasetemp() / "triton-cache"))
+
+
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory):
     """make_checkpoint(cfg=None, seed=0, shard_bytes=None) -> directory of a written checkpoint

@@ -13,12 +13,7 @@ from kimi_graph.lowering.triton.backend import Group, covered, plan  # noqa: E40
 from reference_kimi import rel_err as rel  # noqa: E402
 
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("KIMI_GRAPH_TRITON_CACHE", str(tmp_path_factory.getbasetemp() / "triton-cache"))
+pytestmark = pytest.mark.usefixtures("triton_interpret")
 
 
 

@@ -19,9 +19,7 @@ TOL = 1e-5
 
 
 @pytest.fixture(autouse=True)
-def _interpret(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("KIMI_GRAPH_TRITON_CACHE", str(tmp_path_factory.getbasetemp() / "triton-cache"))
+def _seeded(triton_interpret):
     torch.manual_seed(0)
 
 

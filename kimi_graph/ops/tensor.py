@@ -25,19 +25,28 @@ class _Movement(OpDef):
     flops = _zero_flops
 
 
-@register
-class Reshape(_Movement):
-    kind, doc = "reshape", "view x with `shape` (same element count)"
+class _ToShape(_Movement):
+    """x given the type of its `shape` attribute; `allowed` says when that is legal."""
     operands = ("x",)
     attributes = {"shape": REQUIRED}
     shape_attrs = ("shape",)
 
+    def allowed(self, x, shape: tuple) -> bool:
+        raise NotImplementedError
+
     def infer(self, types, attrs):
         (x,) = types
         shape = tuple(attrs["shape"])
-        expect(_numel_symbolic(x.shape) == _numel_symbolic(shape), self.kind,
-               f"cannot reshape {x} to {list(shape)}")
+        expect(self.allowed(x, shape), self.kind, f"cannot {self.kind} {x} to {list(shape)}")
         return [x.with_shape(shape)]
+
+
+@register
+class Reshape(_ToShape):
+    kind, doc = "reshape", "view x with `shape` (same element count)"
+
+    def allowed(self, x, shape):
+        return _numel_symbolic(x.shape) == _numel_symbolic(shape)
 
     def ref(self, args, attrs):
         return [args[0].reshape(attrs["shape"])]
@@ -110,18 +119,11 @@ class Concat(_Movement):
 
 
 @register
-class Expand(_Movement):
+class Expand(_ToShape):
     kind, doc = "expand", "broadcast x (dims of size 1) to `shape`"
-    operands = ("x",)
-    attributes = {"shape": REQUIRED}
-    shape_attrs = ("shape",)
 
-    def infer(self, types, attrs):
-        (x,) = types
-        shape = tuple(attrs["shape"])
-        expect(x.rank == len(shape) and all(a == b or a == 1 for a, b in zip(x.shape, shape)),
-               self.kind, f"cannot expand {x} to {list(shape)}")
-        return [x.with_shape(shape)]
+    def allowed(self, x, shape):
+        return x.rank == len(shape) and all(a == b or a == 1 for a, b in zip(x.shape, shape))
 
     def ref(self, args, attrs):
         x = args[0]
