@@ -12,6 +12,7 @@ from .interpreter import run_graph
 from .ir import Graph
 from .model import build_graph
 from .ops import IR_DTYPES
+from .ops.tensor import check_token_ids
 from .presets import PRESETS
 from .weights import load_safetensors, random_weights
 
@@ -102,10 +103,7 @@ class KimiModel:
             raise ValueError(f"input_ids must be an integer tensor [B, T], got {tuple(ids.shape)} {ids.dtype}")
         if ids.numel() == 0:
             raise ValueError("input_ids is empty")
-        V = self.config.vocab_size
-        bad = ids[(ids < 0) | (ids >= V)]
-        if bad.numel():
-            raise ValueError(f"token ids out of range [0, {V}): {bad.unique().tolist()[:8]}")
+        check_token_ids(ids, self.config.vocab_size)
         return ids.to(device=self.device, dtype=torch.int64)
 
     @torch.no_grad()

@@ -21,6 +21,13 @@ def _numel_symbolic(shape) -> tuple[int, tuple]:
     return n, tuple(sorted(syms))
 
 
+def check_token_ids(ids: torch.Tensor, vocab: int, error: type = ValueError) -> None:
+    """Raise `error` naming (up to 8 of) the ids outside [0, vocab)."""
+    if ids.numel() and not bool(((ids >= 0) & (ids < vocab)).all()):
+        bad = ids[(ids < 0) | (ids >= vocab)].unique().tolist()[:8]
+        raise error(f"token ids out of range [0, {vocab}): {bad}")
+
+
 class _Movement(OpDef):
     flops = _zero_flops
 
@@ -143,9 +150,7 @@ class Embedding(_Movement):
 
     def ref(self, args, attrs):
         ids, w = args
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= w.shape[0]):
-            bad = ids[(ids < 0) | (ids >= w.shape[0])].unique().tolist()[:8]
-            raise ValueError(f"token ids out of range [0, {w.shape[0]}): {bad}")
+        check_token_ids(ids, w.shape[0])
         return [torch.nn.functional.embedding(ids, w)]
 
     def bytes_moved(self, ins, outs, attrs, dims):

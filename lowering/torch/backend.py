@@ -25,6 +25,7 @@ import torch
 
 from kimi_graph.interpreter import bind_dims
 from kimi_graph.ir import Graph
+from kimi_graph.ops.tensor import check_token_ids
 
 from .fx import lower
 from .importer import import_fx, input_positions
@@ -92,10 +93,7 @@ def check_inputs(g: Graph, inputs: dict[str, torch.Tensor], ops=None) -> None:
     dims = bind_dims(g, inputs)
     for op in (ops if ops is not None else g.ops()):
         if op.kind == "embedding" and op.inputs[0] in inputs:
-            ids, V = inputs[op.inputs[0]], g.types[op.inputs[1]].shape[0]
-            if ids.numel() and not bool(((ids >= 0) & (ids < V)).all()):
-                bad = ids[(ids < 0) | (ids >= V)].unique().tolist()[:8]
-                raise ValueError(f"token ids out of range [0, {V}): {bad}")
+            check_token_ids(inputs[op.inputs[0]], g.types[op.inputs[1]].shape[0])
         if op.kind == "cache_write" and op.inputs[2] in inputs:
             pos, T = inputs[op.inputs[2]], dims.get("T", g.types[op.inputs[1]].shape[1])
             S = inputs[op.inputs[0]].shape[1] if op.inputs[0] in inputs else None
