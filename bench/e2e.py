@@ -1,0 +1,449 @@
+"""The published model end to end on one GPU, through the public API, with random weights
+drawn on the device: load, prefill, decode (eager and CUDA graphs), each decode figure also as
+a fraction of the memory floor; transformers' own KimiLinearForCausalLM (with fla-core
+kernels when importable) as the baseline in the same run; the long-context table.
+
+    python bench/e2e.py                                   # 27 layers, every phase
+    python bench/e2e.py --layers 8 --phases ours,hf       # a slice
+    python bench/e2e.py --config tiny --device cpu --phases ours --batches 1,2 --contexts 64 \
+        --prefill 1x32,2x16                               # CPU smoke test (TRITON_INTERPRET=1)
+
+Phases: `ours` (load, prefill, decode), `hf` (transformers on the same slice, after ours is
+freed), `long` (B=1 decode at long contexts: Kimi Linear vs the same depth with every layer
+MLA, the paper's counterfactual). Results: bench/results/e2e.json (and $OUT/e2e.json), with
+device, date and commit; the table prints last.
+
+The memory floor of a decode step is the bytes it must read over the copy bandwidth measured
+in the same run (read + write bytes of a device-to-device copy per second): every weight but
+the routed experts and the embedding table (one row per sequence), the routed experts the
+batch touches (expected distinct experts for B tokens routed uniformly at random, which is
+what random weights give), the MLA latent + key rows up to each sequence's context, and the
+KDA and conv states.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import copy_bandwidth, gemm_rate, provenance  # noqa: E402  (puts the repo on sys.path)
+
+import kimi_graph  # noqa: E402
+from kimi_graph.config import KimiLinearConfig  # noqa: E402
+from kimi_graph.model import build_graph  # noqa: E402
+from kimi_graph.presets import PRESETS  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# -- configs --------------------------------------------------------------------------------
+def slice_dict(name: str, layers: int | None, all_mla: bool = False) -> dict:
+    """The preset's config dict cut to its first `layers` layers (the published 3:1 pattern
+    kept), or with every layer MLA."""
+    d = copy.deepcopy(PRESETS[name])
+    n = layers or d["num_hidden_layers"]
+    d["num_hidden_layers"] = n
+    la = d["linear_attn_config"]
+    if all_mla:
+        la["full_attn_layers"], la["kda_layers"] = list(range(1, n + 1)), []
+    else:
+        la["full_attn_layers"] = [i for i in la["full_attn_layers"] if i <= n]
+        la["kda_layers"] = [i for i in la["kda_layers"] if i <= n]
+    return d
+
+
+# -- the memory floor -----------------------------------------------------------------------
+def expected_distinct(E: int, k: int, n_tokens: int) -> float:
+    """Expected number of distinct experts hit when n_tokens each pick k of E at random."""
+    return E * (1.0 - (1.0 - k / E) ** n_tokens)
+
+
+def floor_bytes(cfg: KimiLinearConfig, B: int, context: int, elem: int = 2) -> dict:
+    """Bytes one decode step of B sequences at `context` tokens must read."""
+    D, I = cfg.hidden_size, cfg.moe_intermediate_size or 0
+    g = build_graph(cfg, "decode", dtype="bf16")
+    routed = other = 0
+    for n, t in g.params.items():
+        if ".block_sparse_moe.experts." in n:
+            routed += t.numel()
+        elif "embed_tokens" in n:
+            other += B * D
+        else:
+            other += t.numel()
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    E, k = cfg.num_experts or 1, cfg.num_experts_per_token or 0
+    experts = moe_layers * expected_distinct(E, k, B) * 3 * D * I
+    kinds = cfg.layer_kinds
+    mla = kinds.count("mla") * B * context * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * elem
+    H, K, C = cfg.kda_heads, cfg.kda_head_dim, cfg.kda_heads * cfg.kda_head_dim
+    kda = kinds.count("kda") * B * (H * K * K * 4 + 3 * C * (cfg.conv_kernel - 1) * elem)
+    weights = (other + experts) * elem
+    return {"weights": weights, "mla_cache": mla, "kda_state": kda, "total": weights + mla + kda}
+
+
+# -- timing ---------------------------------------------------------------------------------
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, reps: int = 1) -> float:
+    """Seconds per call of fn() (wall clock around synchronised calls)."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / reps
+
+
+def peak_gb(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else float("nan")
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def parse_list(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def parse_prefill(s: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in x.split("x")) for x in s.split(",") if x]
+
+
+def held_bytes(weights: dict) -> int:
+    """Bytes of the distinct storages the weights hold (views of one storage count once)."""
+    seen, n = set(), 0
+    for t in weights.values():
+        st = t.untyped_storage()
+        key = (st.data_ptr(), st.device)
+        if key not in seen:
+            seen.add(key)
+            n += st.nbytes()
+    return n
+
+
+# -- ours -----------------------------------------------------------------------------------
+def load_ours(cfg: KimiLinearConfig, args) -> tuple[object, dict]:
+    free_memory()
+    t0 = time.perf_counter()
+    model = kimi_graph.load(cfg, dtype=args.torch_dtype, device=args.device, pipeline=args.pipeline,
+                            backend=args.backend)
+    for mode in ("prefill", "decode"):
+        model.get_graph(mode, stateful=True)
+    sync(args.device)
+    info = {"load_s": time.perf_counter() - t0, "peak_gb_after_load": peak_gb(args.device),
+            "weight_bytes": held_bytes(model.weights)}
+    return model, info
+
+
+def prime(engine, slots: list[int], context: int, seed: int = 0) -> None:
+    """Give each slot `context` tokens of random cache contents and random small states, as if
+    it had prefilled that many tokens (decode timing at long context without the prefill)."""
+    cache = engine.cache
+    gen = torch.Generator(device=cache.device).manual_seed(seed)
+    for spec in cache.specs:
+        t = cache.storage[spec.name]
+        for s in slots:
+            dst = t[s] if spec.seq_axis is None else t[s].narrow(spec.seq_axis, 0, context)
+            scale = 0.05 if spec.seq_axis is None else 1.0
+            dst.copy_(scale * torch.randn(dst.shape, generator=gen, device=cache.device))
+    for s in slots:
+        cache.lengths[s] = cache._written[s] = context
+
+
+def decode_step_fn(engine, slots: list[int]):
+    """One decode step of `slots`, the argmax token fed back (as greedy generation does)."""
+    V = engine.model.config.vocab_size
+    tokens = [int(i) % V for i in range(len(slots))]
+
+    def step():
+        nonlocal tokens
+        logits = engine.decode(slots, tokens)
+        tokens = logits.argmax(-1).tolist()
+    return step
+
+
+def bench_prefill(model, args, rows: list) -> None:
+    from kimi_graph.runtime.engine import Engine
+    gen = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+    for B, T in args.prefill_shapes:
+        engine = Engine(model, max_batch=B, max_len=T + 8, **args.engine_options)
+        prompts = [torch.randint(0, V, (T,), generator=gen).tolist() for _ in range(B)]
+
+        def run():
+            slots = engine.cache.allocate(B)
+            try:
+                engine.prefill(slots, prompts)
+            finally:
+                engine.cache.free(slots)
+        first = timed(run, args.device)           # kernels compile just in time on first use
+        s = min(timed(run, args.device) for _ in range(args.reps))
+        rows.append({"what": "prefill", "shape": f"{B}x{T}", "first_s": first, "s": s,
+                     "tok_s": B * T / s, "peak_gb": peak_gb(args.device)})
+        print(rows[-1], flush=True)
+        del engine
+        free_memory()
+
+
+def bench_decode(model, args, bw: float, rows: list) -> None:
+    from kimi_graph.runtime.engine import Engine
+    cfg = model.config
+    for L in args.contexts:
+        for B in args.batches:
+            fl = floor_bytes(cfg, B, L)
+            row = {"what": "decode", "B": B, "context": L, "floor_ms": fl["total"] / bw * 1e3}
+            need = fl["mla_cache"] * (L + args.steps + 8) / L + fl["kda_state"]
+            free = torch.cuda.mem_get_info()[0] if args.device.startswith("cuda") else 1 << 62
+            if need > 0.9 * free:
+                row["skipped"] = f"caches need {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
+                rows.append(row)
+                print(row, flush=True)
+                continue
+            for graphs in args.graph_modes:
+                engine = Engine(model, max_batch=B, max_len=L + args.steps + 8,
+                                **args.engine_options, **({"cuda_graphs": graphs} if graphs else {}))
+                slots = engine.cache.allocate(B)
+                prime(engine, slots, L)
+                step = decode_step_fn(engine, slots)
+                for _ in range(3):
+                    step()
+                ms = timed(step, args.device, reps=args.steps) * 1e3
+                key = "graph" if graphs else "eager"
+                row[f"{key}_ms"] = ms
+                row[f"{key}_tok_s"] = B / ms * 1e3
+                row[f"{key}_floor_frac"] = row["floor_ms"] / ms
+                if not graphs and B == 1 and args.device.startswith("cuda"):
+                    from harness import kernel_times
+                    kt = kernel_times(step, reps=5)
+                    row["kernel_ms"] = sum(kt.values())
+                    row["top_kernels"] = {k: round(v, 4) for k, v in list(kt.items())[:6]}
+                engine.cache.free(slots)
+                del engine, step
+                free_memory()
+            rows.append(row)
+            print(row, flush=True)
+
+
+def phase_ours(cfg_dict: dict, args, bw: float, rows: list, info: dict) -> None:
+    cfg = KimiLinearConfig.from_dict(cfg_dict)
+    model, load_info = load_ours(cfg, args)
+    info["ours"] = {**load_info, "layers": cfg.num_hidden_layers,
+                    "checkpoint_bytes": sum(t.nbytes({}) for t in build_graph(cfg, dtype="bf16").params.values())}
+    print(info["ours"], flush=True)
+    bench_prefill(model, args, rows)
+    bench_decode(model, args, bw, rows)
+    del model
+    free_memory()
+
+
+# -- transformers' own model (the baseline) -------------------------------------------------
+def load_hf(cfg_dict: dict, args):
+    """transformers' KimiLinearForCausalLM on the device with random weights drawn there
+    (std 1/sqrt(fan_in), as ours), in the dtype a user would load it in."""
+    import transformers
+    from transformers import KimiLinearConfig as HFConfig, KimiLinearForCausalLM
+    free_memory()
+    t0 = time.perf_counter()
+    hcfg = HFConfig(**{k: v for k, v in cfg_dict.items() if k not in ("architectures",)})
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(args.torch_dtype)
+    try:
+        with torch.device("meta"):
+            model = KimiLinearForCausalLM(hcfg)
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to_empty(device=args.device).eval()
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.empty_like(p, dtype=torch.float32).uniform_(1, 16, generator=gen).log())
+            elif p.dim() >= 2 and "conv" not in name:
+                p.normal_(0, 1 / math.sqrt(p.shape[-1]), generator=gen)
+            elif "conv" in name:
+                p.normal_(0, 0.5, generator=gen)
+            elif name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.1, generator=gen)
+        for _, b in model.named_buffers():
+            if b.is_floating_point():
+                b.zero_()
+    sync(args.device)
+    try:
+        import fla  # noqa: F401
+        kda = f"fla-core {fla.__version__}"
+    except ImportError:
+        kda = "torch fallback (fla-core not importable)"
+    info = {"load_s": time.perf_counter() - t0, "transformers": transformers.__version__,
+            "kda_kernels": kda, "experts": model.config._experts_implementation_internal
+            if hasattr(model.config, "_experts_implementation_internal") else "?",
+            "peak_gb_after_load": peak_gb(args.device)}
+    return model, info
+
+
+def phase_hf(cfg_dict: dict, args, rows: list, info: dict) -> None:
+    model, hinfo = load_hf(cfg_dict, args)
+    info["hf"] = {**hinfo, "layers": cfg_dict["num_hidden_layers"]}
+    print(info["hf"], flush=True)
+    V = cfg_dict["vocab_size"]
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    with torch.no_grad():
+        for B, T in args.prefill_shapes:
+            ids = torch.randint(0, V, (B, T), generator=gen, device=args.device)
+            run = lambda: model(ids, use_cache=True)        # noqa: E731  (caches built, as ours)
+            first = timed(run, args.device)
+            s = min(timed(run, args.device) for _ in range(args.reps))
+            rows.append({"what": "hf_prefill", "shape": f"{B}x{T}", "first_s": first, "s": s,
+                         "tok_s": B * T / s, "peak_gb": peak_gb(args.device)})
+            print(rows[-1], flush=True)
+            free_memory()
+        for L in args.hf_contexts:
+            for B in args.hf_batches:
+                ids = torch.randint(0, V, (B, L), generator=gen, device=args.device)
+                out = model(ids, use_cache=True, logits_to_keep=1)
+                cache, nxt = out.cache if hasattr(out, "cache") else out.past_key_values, \
+                    out.logits[:, -1].argmax(-1, keepdim=True)
+                del out
+
+                def step():
+                    nonlocal nxt
+                    o = model(nxt, cache=cache, use_cache=True)
+                    nxt = o.logits[:, -1].argmax(-1, keepdim=True)
+                for _ in range(3):
+                    step()
+                ms = timed(step, args.device, reps=args.steps) * 1e3
+                rows.append({"what": "hf_decode", "B": B, "context": L, "eager_ms": ms,
+                             "eager_tok_s": B / ms * 1e3})
+                print(rows[-1], flush=True)
+                del cache
+                free_memory()
+    del model
+    free_memory()
+
+
+# -- long context ---------------------------------------------------------------------------
+def phase_long(args, bw: float, rows: list, info: dict) -> None:
+    """B=1 decode at long contexts: Kimi Linear, then the same depth with every layer MLA."""
+    from kimi_graph.runtime.engine import Engine
+    for label, all_mla in (("kimi_linear", False), ("all_mla", True)):
+        cfg = KimiLinearConfig.from_dict(slice_dict(args.config, args.long_layers, all_mla=all_mla))
+        model, load_info = load_ours(cfg, args)
+        info[f"long_{label}"] = {**load_info, "layers": cfg.num_hidden_layers}
+        for L in args.long_contexts:
+            fl = floor_bytes(cfg, 1, L)
+            row = {"what": f"long_{label}", "B": 1, "context": L, "floor_ms": fl["total"] / bw * 1e3,
+                   "cache_gb": fl["mla_cache"] / 1e9}
+            try:
+                engine = Engine(model, max_batch=1, max_len=L + args.steps + 8, **args.engine_options,
+                                **({"cuda_graphs": True} if True in args.graph_modes else {}))
+                slots = engine.cache.allocate(1)
+                prime(engine, slots, L)
+                step = decode_step_fn(engine, slots)
+                for _ in range(3):
+                    step()
+                ms = timed(step, args.device, reps=args.steps) * 1e3
+                row.update(ms=ms, floor_frac=row["floor_ms"] / ms)
+                del engine, step
+            except torch.OutOfMemoryError as e:
+                row["skipped"] = f"out of memory: {str(e).splitlines()[0][:120]}"
+            free_memory()
+            rows.append(row)
+            print(row, flush=True)
+        del model
+        free_memory()
+    by = {(r["what"], r["context"]): r.get("ms") for r in rows if r["what"].startswith("long_")}
+    for L in args.long_contexts:
+        a, b = by.get(("long_kimi_linear", L)), by.get(("long_all_mla", L))
+        if a and b:
+            rows.append({"what": "long_tpot_ratio", "context": L, "all_mla_over_kimi_linear": b / a,
+                         "paper": "6.3x at 1M"})
+            print(rows[-1], flush=True)
+
+
+# -- main -----------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--config", default="kimi-linear-48b-a3b", choices=sorted(PRESETS))
+    ap.add_argument("--layers", type=int, default=None, help="slice: the first N layers")
+    ap.add_argument("--hf-layers", type=int, default=None, help="transformers' slice (default: --layers)")
+    ap.add_argument("--long-layers", type=int, default=None, help="depth of the long-context pair")
+    ap.add_argument("--phases", default="ours,hf,long")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--backend", default="triton")
+    ap.add_argument("--pipeline", default="default")
+    ap.add_argument("--prefill", default="1x4096,1x16384,32x1024", help="BxT prompt shapes")
+    ap.add_argument("--batches", default="1,8,32,128,256")
+    ap.add_argument("--contexts", default="1024,32768")
+    ap.add_argument("--hf-batches", default="1,8,32")
+    ap.add_argument("--hf-contexts", default="1024")
+    ap.add_argument("--long-contexts", default="4096,131072,1048576")
+    ap.add_argument("--graphs", default="both", choices=("both", "on", "off"))
+    ap.add_argument("--steps", type=int, default=20, help="decode steps timed per figure")
+    ap.add_argument("--reps", type=int, default=2, help="timed prefill repeats (best taken)")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="engine prefill chunk (default: the engine's)")
+    ap.add_argument("--name", default="e2e")
+    args = ap.parse_args(argv)
+    args.torch_dtype = getattr(torch, args.dtype)
+    args.prefill_shapes = parse_prefill(args.prefill)
+    args.batches, args.contexts = parse_list(args.batches), parse_list(args.contexts)
+    args.hf_batches, args.hf_contexts = parse_list(args.hf_batches), parse_list(args.hf_contexts)
+    args.long_contexts = parse_list(args.long_contexts)
+    args.graph_modes = {"both": [False, True], "on": [True], "off": [False]}[args.graphs]
+    args.engine_options = {} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}
+    phases = args.phases.split(",")
+
+    cuda = args.device.startswith("cuda")
+    bw = copy_bandwidth() if cuda else 10e9
+    info = {"copy_bw_TBps": bw / 1e12, "gemm_TFLOPs": gemm_rate() / 1e12 if cuda else None,
+            "args": {k: v for k, v in vars(args).items() if k != "torch_dtype"}}
+    print({k: info[k] for k in ("copy_bw_TBps", "gemm_TFLOPs")}, flush=True)
+    rows: list = []
+    try:
+        if "ours" in phases:
+            phase_ours(slice_dict(args.config, args.layers), args, bw, rows, info)
+        if "hf" in phases:
+            phase_hf(slice_dict(args.config, args.hf_layers or args.layers), args, rows, info)
+        if "long" in phases:
+            phase_long(args, bw, rows, info)
+    finally:
+        write(args.name, rows, info, cuda)
+
+
+def write(name: str, rows: list, info: dict, cuda: bool) -> None:
+    prov = provenance() if cuda else {"device": "cpu", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    data = {**prov, **info, "rows": rows}
+    text = json.dumps(data, indent=1, default=str)
+    for d in filter(None, [os.environ.get("OUT"), str(RESULTS) if cuda else None]):
+        Path(d).mkdir(parents=True, exist_ok=True)
+        (Path(d) / f"{name}.json").write_text(text)
+    print(f"== {name}  ({prov['device']}, {prov['date']}, commit {prov.get('commit', '?')})")
+    for k in ("ours", "hf", "long_kimi_linear", "long_all_mla"):
+        if k in info:
+            print(f"{k}: " + ", ".join(f"{a}={v:.4g}" if isinstance(v, float) else f"{a}={v}"
+                                       for a, v in info[k].items()))
+    for r in rows:
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in r.items() if k != "top_kernels"))
+
+
+if __name__ == "__main__":
+    main()
