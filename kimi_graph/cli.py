@@ -12,6 +12,7 @@ COMMANDS = {
     "inspect": ("kimi_graph.commands.inspect", "print a model's IR and a summary"),
     "compile": ("kimi_graph.commands.compile", "build the model's Triton kernels per GPU target"),
     "generate": ("kimi_graph.commands.generate", "generate tokens from a prompt, streamed"),
+    "serve": ("kimi_graph.commands.serve", "serve a model over OpenAI-compatible HTTP"),
     "export-mlir": ("kimi_graph.commands.export_mlir", "export MLIR through torch-mlir (torch, linalg, stablehlo)"),
     "export-onnx": ("kimi_graph.commands.export_onnx", "export ONNX models, weights and genai_config.json"),
 }

@@ -1,0 +1,255 @@
+"""The OpenAI-compatible server, live on a free port, driven by the official `openai` client:
+completions and chat, streamed and not; concurrent streams equal the same requests run one
+by one; a client that leaves frees its slot; bad requests get OpenAI-shaped errors and the
+server keeps serving. The model is a 2-layer checkpoint (one KDA, one MLA) with the test
+tokenizer of test_tokenizer.py."""
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+import kimi_graph                                            # noqa: E402
+from checkpoints import random_config                        # noqa: E402
+from kimi_graph.runtime.server import build_server           # noqa: E402
+from test_tokenizer import BASE, VOCAB, write_tokenizer      # noqa: E402
+
+NAME, KEY, MAX_BATCH = "tiny-chat", "sk-test", 8
+
+
+@pytest.fixture(scope="module")
+def model_dir(make_checkpoint):
+    cfg = random_config(3, vocab_size=VOCAB, eos_token_id=BASE + 1, bos_token_id=BASE,
+                        num_hidden_layers=2, first_k_dense_replace=1, num_experts=4,
+                        num_experts_per_token=2, num_expert_group=1, topk_group=1,
+                        linear_attn_config={"kda_layers": [1], "full_attn_layers": [2],
+                                            "num_heads": 2, "head_dim": 8, "short_conv_kernel_size": 4})
+    return write_tokenizer(make_checkpoint(cfg, seed=3))
+
+
+class Live:
+    """A server on a thread, bound to a free port."""
+
+    def __init__(self, model, **options):
+        import uvicorn
+        self.server = build_server(model, name=NAME, **options)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.uv = uvicorn.Server(uvicorn.Config(self.server.app, log_level="warning"))
+        self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        while not self.uv.started:
+            time.sleep(0.01)
+
+    @property
+    def scheduler(self):
+        return self.server.scheduler
+
+    def client(self, key=KEY, **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
+
+    def close(self):
+        self.uv.should_exit = True
+        self.thread.join()
+        self.server.scheduler.stop()
+
+
+@pytest.fixture(scope="module")
+def live(model_dir):
+    s = Live(kimi_graph.load(model_dir), max_batch=MAX_BATCH, max_len=64, api_key=KEY,
+             prefill_chunk=4, step_tokens=12, max_queue=80)
+    yield s
+    s.close()
+
+
+def wait_idle(live, timeout=30):
+    end = time.time() + timeout
+    while not live.scheduler.idle or live.scheduler.engine.cache.free_slots != MAX_BATCH:
+        assert time.time() < end, "the scheduler did not go idle"
+        time.sleep(0.02)
+
+
+def test_models_health_metrics(live):
+    client = live.client()
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert httpx.get(live.url + "/health").json() == {"status": "ok"}
+    text = httpx.get(live.url + "/metrics").text
+    for name in ("kimi_graph_requests_total", "kimi_graph_prompt_tokens_total",
+                 "kimi_graph_generation_tokens_total", "kimi_graph_queue_depth",
+                 "kimi_graph_batch_occupancy", "kimi_graph_time_to_first_token_seconds_bucket",
+                 "kimi_graph_time_per_output_token_seconds_bucket"):
+        assert name in text
+
+
+def test_completions_text_ids_and_stream(live, model_dir):
+    client = live.client()
+    tok = live.server.tokenizer
+    r = client.completions.create(model=NAME, prompt="hello world", max_tokens=6, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    ids = r.choices[0].model_extra["token_ids"]
+    assert len(ids) == 6 and r.choices[0].finish_reason == "length"
+    assert r.choices[0].text == tok.decode(ids, skip_special=True)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(tok.encode("hello world")), 6)
+    # the same request as token ids, and streamed: same tokens, same text
+    r2 = client.completions.create(model=NAME, prompt=tok.encode("hello world"), max_tokens=6,
+                                   temperature=0, extra_body={"ignore_eos": True})
+    assert r2.choices[0].model_extra["token_ids"] == ids
+    chunks = list(client.completions.create(model=NAME, prompt="hello world", max_tokens=6,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert sum((c.choices[0].model_extra["token_ids"] for c in chunks if c.choices), []) == ids
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    # the model greedy-generated the reference; sampled with a seed twice: the same
+    kw = dict(model=NAME, prompt=[5, 6, 7], max_tokens=8, temperature=0.9, top_p=0.9, seed=11,
+              extra_body={"top_k": 20, "ignore_eos": True})
+    a, b = (client.completions.create(**kw).choices[0].model_extra["token_ids"] for _ in range(2))
+    assert a == b
+    want = kimi_graph.load(model_dir).generate([[5, 6, 7]], max_new_tokens=8, temperature=0.9,
+                                               top_p=0.9, top_k=20, seed=11, ignore_eos=True)[0]
+    assert a == want
+
+
+def test_stops(live):
+    client = live.client()
+    tok = live.server.tokenizer
+    base = client.completions.create(model=NAME, prompt=[9, 8, 7], max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0]
+    ids = base.model_extra["token_ids"]
+    # a stop token id: generation ends at it (kept in token_ids, not in the text)
+    r = client.completions.create(model=NAME, prompt=[9, 8, 7], max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True, "stop_token_ids": [ids[3]]}).choices[0]
+    first = ids.index(ids[3])
+    assert r.model_extra["token_ids"] == ids[:first + 1] and r.finish_reason == "stop"
+    assert r.text == tok.decode(ids[:first], skip_special=True)
+    # a stop string: the text ends before it, streamed or not
+    text = base.text
+    stop = text[len(text) // 2:len(text) // 2 + 2] if len(text) > 3 else None
+    if stop:
+        for stream in (False, True):
+            out = client.completions.create(model=NAME, prompt=[9, 8, 7], max_tokens=12, temperature=0,
+                                            stop=[stop], stream=stream, extra_body={"ignore_eos": True})
+            got = "".join(c.choices[0].text for c in out) if stream else out.choices[0].text
+            assert got == text[:text.index(stop)]
+    wait_idle(live)
+
+
+def test_chat(live):
+    client = live.client()
+    tok = live.server.tokenizer
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello 你好"}]
+    r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=5, temperature=0)
+    c = r.choices[0]
+    ids = c.model_extra["token_ids"]
+    assert c.message.role == "assistant" and 1 <= len(ids) <= 5
+    assert r.usage.prompt_tokens == len(tok.apply_chat_template(msgs))
+    stream = list(client.chat.completions.create(model=NAME, messages=msgs, max_tokens=5,
+                                                 temperature=0, stream=True))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(s.choices[0].delta.content or "" for s in stream) == c.message.content
+    assert stream[-1].choices[0].finish_reason == c.finish_reason
+
+
+def test_concurrent_streams_equal_one_by_one(live):
+    """64 streaming requests of mixed prompt and output lengths at once, through 8 slots and
+    4-token prefill chunks; greedy outputs equal each request run alone."""
+    rng = random.Random(0)
+    reqs = [([rng.randrange(VOCAB) for _ in range(rng.randint(1, 14))], rng.randint(1, 6))
+            for _ in range(64)]
+    client = live.client()
+    alone = [client.completions.create(model=NAME, prompt=p, max_tokens=n, temperature=0,
+                                       extra_body={"ignore_eos": True}).choices[0].model_extra["token_ids"]
+             for p, n in reqs]
+
+    async def one(aclient, p, n):
+        ids = []
+        async for c in await aclient.completions.create(model=NAME, prompt=p, max_tokens=n,
+                                                        temperature=0, stream=True,
+                                                        extra_body={"ignore_eos": True}):
+            if c.choices:
+                ids += c.choices[0].model_extra["token_ids"]
+        return ids
+
+    async def all_at_once():
+        aclient = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0)
+        async with aclient:
+            return await asyncio.gather(*(one(aclient, p, n) for p, n in reqs))
+    assert asyncio.run(all_at_once()) == alone
+    wait_idle(live)
+
+
+def test_disconnect_frees_the_slot(live):
+    with httpx.stream("POST", live.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": NAME, "prompt": [1, 2, 3], "max_tokens": 60, "temperature": 0,
+                            "stream": True, "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        assert live.scheduler.engine.cache.free_slots == MAX_BATCH - 1
+    wait_idle(live, timeout=10)     # long before 60 tokens could have been generated
+
+
+@pytest.mark.parametrize("body,status,match", [
+    ({"model": "nope", "prompt": "hi"}, 400, "unknown model"),
+    ({"model": NAME, "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"model": NAME, "prompt": "hi", "n": 2}, 400, "n=2"),
+    ({"model": NAME, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": NAME, "prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
+    ({"model": NAME, "prompt": [1, VOCAB]}, 400, "out of range"),
+    ({"model": NAME, "prompt": []}, 400, "empty"),
+    ({"model": NAME, "prompt": ["a", "b"]}, 400, "one prompt"),
+    ({"model": NAME, "prompt": [1] * 60, "max_tokens": 5}, 400, "context of 64"),
+    ({"model": NAME, "prompt": "hi", "stop": [""]}, 400, "stop"),
+    ({"model": NAME}, 400, "prompt"),
+])
+def test_bad_requests_get_400(live, body, status, match):
+    r = httpx.post(live.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert match in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_errors_and_the_server_keeps_serving(live):
+    h = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.post(live.url + "/v1/completions", content=b"{not json", headers=h).status_code == 400
+    assert httpx.post(live.url + "/v1/completions", content=b"[1]", headers=h).status_code == 400
+    assert httpx.post(live.url + "/v1/chat/completions", headers=h,
+                      json={"model": NAME, "messages": [{"role": "tool", "content": "x"}]}).status_code == 400
+    with pytest.raises(openai.AuthenticationError):
+        live.client(key="wrong").completions.create(model=NAME, prompt="hi", max_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        live.client().completions.create(model="other", prompt="hi", max_tokens=1)
+    r = live.client().completions.create(model=NAME, prompt="hi", max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens >= 1
+    wait_idle(live)
+
+
+def test_queue_full_is_429(model_dir):
+    s = Live(kimi_graph.load(model_dir), max_batch=1, max_len=64, max_queue=1)
+    try:
+        s.scheduler.stop()          # nothing runs: requests stay queued
+        body = {"model": NAME, "prompt": [1, 2], "max_tokens": 1}
+
+        def wait_forever():
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(s.url + "/v1/completions", json=body, timeout=2)
+        first = threading.Thread(target=wait_forever, daemon=True)
+        first.start()
+        end = time.time() + 5
+        while len(s.scheduler._inbox) + len(s.scheduler.waiting) < 1 and time.time() < end:
+            time.sleep(0.01)
+        r = httpx.post(s.url + "/v1/completions", json=body)
+        first.join()
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        s.close()
