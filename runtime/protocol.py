@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, m
 
 from .sampling import SamplingParams
 
+GREEDY_BELOW = 1e-5     # temperatures under this are greedy (as vLLM does): no overflow in logits / T
+
 __all__ = ["APIError", "CompletionRequest", "ChatRequest", "StopStrings", "ValidationError",
            "error_body", "validation_message"]
 
@@ -60,7 +62,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: StrictInt = Field(0, ge=-1)              # 0 or -1: off
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=-(1 << 63), lt=1 << 64)
     stop: Union[str, list[str], None] = None
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: bool = False
@@ -93,7 +95,8 @@ class _Sampling(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def sampling(self, max_tokens: int, stop_ids=()) -> SamplingParams:
-        return SamplingParams(max_new_tokens=max_tokens, temperature=float(self.temperature),
+        temperature = float(self.temperature) if self.temperature >= GREEDY_BELOW else 0.0
+        return SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
                               top_k=max(self.top_k, 0), top_p=float(self.top_p), seed=self.seed,
                               stop_ids=tuple(self.stop_token_ids or ()) + tuple(stop_ids),
                               ignore_eos=self.ignore_eos)

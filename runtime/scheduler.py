@@ -215,18 +215,22 @@ class Scheduler:
                 self._finish(r, "error", f"{mode} failed: {type(e).__name__}: {e}")
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """Each request's next token from its row of `logits`: greedy rows in one argmax,
+        the others each with its own sampler; a row that fails ends only its request."""
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         greedy = [i for i, r in enumerate(reqs) if r.sampler is None and finite[i]]
-        tokens: dict[int, int] = {}
-        if greedy:
-            tokens.update(zip(greedy, self._greedy(logits[greedy], greedy)))
+        tokens: dict[int, int] = dict(zip(greedy, self._greedy(logits[greedy], greedy))) if greedy else {}
+        errors = {i: "the model produced NaN or inf logits" for i in range(len(reqs)) if not finite[i]}
         for i, r in enumerate(reqs):
             if r.sampler is not None and finite[i]:
-                tokens[i] = r.sampler(logits[i:i + 1], [0])[0]
+                try:
+                    tokens[i] = r.sampler(logits[i:i + 1], [0])[0]
+                except Exception as e:      # noqa: BLE001 - e.g. a temperature that overflows
+                    errors[i] = f"sampling failed: {type(e).__name__}: {e}"
         now = time.perf_counter()
         for i, r in enumerate(reqs):
-            if i not in tokens:
-                self._finish(r, "error", "the model produced NaN or inf logits")
+            if i in errors:
+                self._finish(r, "error", errors[i])
                 continue
             t = tokens[i]
             r.output.append(t)

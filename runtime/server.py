@@ -154,16 +154,21 @@ class EventStream(StreamingResponse):
 
 async def _unless_disconnected(request: HTTPRequest, coro):
     """`coro`'s result, or None (and `coro` cancelled) if the client disconnects first."""
-    result = None
+    result, error = None, None
     async with anyio.create_task_group() as tg:
         async def run():
-            nonlocal result
-            result = await coro
+            nonlocal result, error
+            try:
+                result = await coro
+            except Exception as e:      # noqa: BLE001 - re-raised below, not as a group
+                error = e
             tg.cancel_scope.cancel()
         tg.start_soon(run)
         while (await request.receive())["type"] != "http.disconnect":
             pass
         tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
     return result
 
 
@@ -283,7 +288,7 @@ class OpenAIServer:
             req = await self._body(request, CompletionRequest)
             prompt = req.single_prompt
             ids = self._encode(prompt) if isinstance(prompt, str) else prompt
-            gen = Generation(self, ids, req.sampling(req.max_tokens), req.stop_strings)
+            gen = Generation(self, ids, req.sampling(req.max_tokens or 16), req.stop_strings)
             rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
             def chunk(text, ids, finish):
