@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, KimiLinearConfig
+from .finite import check_finite_logits, check_finite_weights
 from .interpreter import run_graph
 from .ir import Graph
 from .model import build_graph
@@ -108,7 +109,8 @@ class KimiModel:
 
     @torch.no_grad()
     def __call__(self, input_ids) -> torch.Tensor:
-        return self.execute("prefill", False, {"input_ids": self.check_ids(input_ids)})[0]
+        """Logits [B, T, V]; NonFiniteError rather than NaN or inf."""
+        return check_finite_logits(self.execute("prefill", False, {"input_ids": self.check_ids(input_ids)})[0])
 
     # -- generation (kimi_graph.runtime) -------------------------------------------------
     def generate(self, prompts, **kwargs) -> list[list[int]]:
@@ -139,13 +141,14 @@ class KimiModel:
 
 def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, device: str = "cpu",
          router_weights: str = "official", seed: int = 0, pipeline: str | None = None,
-         backend: str = "interpreter", **options) -> KimiModel:
+         backend: str = "interpreter", check_finite: bool = True, **options) -> KimiModel:
     """Load a model directory (HF layout: config.json + safetensors) or a preset.
 
     Presets get seeded random weights. `router_weights`: "official" (the official modeling
     code: routing weights from the bias-corrected scores) or "unbiased" (vLLM's).
     `pipeline`: a pass pipeline run before execution (None: the graph as declared).
-    `backend`: who executes the graphs (see BACKENDS); `options` go to the backend."""
+    `backend`: who executes the graphs (see BACKENDS); `options` go to the backend.
+    `check_finite`: check the weights for NaN and inf on their device (False: trusted)."""
     if dtype not in IR_DTYPES or dtype in (torch.int64, torch.int32, torch.bool):
         raise ValueError(f"unsupported dtype {dtype}")
     config, path = resolve_config(model)
@@ -165,4 +168,6 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
         return m
     m.weights = load_safetensors(path, g, device) if path is not None else \
         random_weights(g, seed=seed, device=device)
+    if check_finite:
+        check_finite_weights(m.weights)
     return m

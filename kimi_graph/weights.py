@@ -9,6 +9,7 @@ from typing import Mapping
 
 import torch
 
+from .checkpoint_names import intake
 from .ir import Graph, TensorType
 from .ops import TORCH_DTYPES
 
@@ -66,21 +67,23 @@ def load_safetensors(path: str | Path, g: Graph, device: str = "cpu",
         for f in files:
             try:
                 with safe_open(str(f), framework="pt", device="cpu") as handle:
-                    for name in handle.keys():
-                        if name not in want:
-                            problems["unexpected"].append(name)
+                    for key in handle.keys():
+                        header = handle.get_slice(key)
+                        parts = intake(key, tuple(header.get_shape()), want)   # peers' names too
+                        if parts is None:
+                            problems["unexpected"].append(key)
                             continue
-                        if name in found:
-                            problems["in two files"].append(name)
-                            continue
-                        header = handle.get_slice(name)
-                        found[name] = tuple(header.get_shape())
-                        stored = header.get_dtype()
-                        if not (stored.startswith("F") or stored == "BF16"):
-                            problems["not floating point"].append(f"{name}: stored as {stored}")
-                        elif found[name] == tuple(want[name].shape):
-                            ty = want[name]
-                            out[name] = handle.get_tensor(name).to(device=device, dtype=TORCH_DTYPES[ty.dtype])
+                        for name, index, shape in parts:
+                            if name in found:
+                                problems["in two files"].append(name)
+                                continue
+                            found[name] = shape
+                            stored = header.get_dtype()
+                            if not (stored.startswith("F") or stored == "BF16"):
+                                problems["not floating point"].append(f"{name}: stored as {stored}")
+                            elif found[name] == tuple(want[name].shape):
+                                t = header[index] if index else handle.get_tensor(key)
+                                out[name] = t.to(device=device, dtype=TORCH_DTYPES[want[name].dtype])
             except (SafetensorError, OSError, RuntimeError, ValueError) as e:
                 raise WeightError(f"cannot read {f}: {e}") from None
             bar(f.stat().st_size)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kimi_graph.finite import check_finite_logits
+
 
 @dataclass
 class SamplingParams:
@@ -76,8 +78,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
         """logits [N, V] for the sequences `rows` (indices into this sampler's sequences)."""
         logits = logits.detach()
-        if not bool(torch.isfinite(logits).all()):
-            raise FloatingPointError("logits contain NaN or inf; the model's output is broken")
+        check_finite_logits(logits, "next-token logits")
         p = self.params
         if p.greedy:                    # on the logits' device: only the ids come back
             return logits.argmax(dim=-1).tolist()

@@ -81,7 +81,7 @@ def test_config_missing_required_keys():
     ({"num_shared_experts": "1"}, "num_shared_experts must be an integer >= 0, got '1'"),
     ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false, got 'yes'"),
     ({"moe_renormalize": 1}, "moe_renormalize must be true or false, got 1"),
-    ({"routed_scaling_factor": "2.4"}, "routed_scaling_factor must be a number > 0, got '2.4'"),
+    ({"routed_scaling_factor": "2.4"}, "routed_scaling_factor must be a finite number > 0, got '2.4'"),
 ])
 def test_config_inconsistent_values(change, message):
     cfg = base_config()
