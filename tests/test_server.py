@@ -197,6 +197,11 @@ def test_disconnect_frees_the_slot(live):
         assert next(line for line in lines if line.startswith("data:"))
         assert live.scheduler.engine.cache.free_slots == MAX_BATCH - 1
     wait_idle(live, timeout=10)     # long before 60 tokens could have been generated
+    # not streamed: the client gives up waiting
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(live.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5,
+                   json={"model": NAME, "prompt": [1, 2, 3], "max_tokens": 60, "ignore_eos": True})
+    wait_idle(live, timeout=10)
 
 
 @pytest.mark.parametrize("body,status,match", [
@@ -236,6 +241,29 @@ def test_errors_and_the_server_keeps_serving(live):
                                               seed=(1 << 64) - 1, extra_body={"top_k": 10 ** 6})
     assert tiny_t.choices[0].model_extra["token_ids"] == r.choices[0].model_extra["token_ids"]
     wait_idle(live)
+
+
+def metrics(live) -> dict[str, float]:
+    text = httpx.get(live.url + "/metrics").text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_metrics_count(live):
+    ok, bad = ('kimi_graph_requests_total{endpoint="completions",status="%d"}' % c for c in (200, 400))
+    before = metrics(live)
+    live.client().completions.create(model=NAME, prompt=[4, 5, 6], max_tokens=3, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    httpx.post(live.url + "/v1/completions", json={"model": NAME, "prompt": []},
+               headers={"Authorization": f"Bearer {KEY}"})
+    wait_idle(live)
+    after = metrics(live)
+    for name, n in ((ok, 1), (bad, 1), ("kimi_graph_prompt_tokens_total", 3),
+                    ("kimi_graph_generation_tokens_total", 3),
+                    ("kimi_graph_time_to_first_token_seconds_count", 1),
+                    ("kimi_graph_time_per_output_token_seconds_count", 1)):
+        assert after[name] - before.get(name, 0) == n, name
+    assert after["kimi_graph_queue_depth"] == 0 and after["kimi_graph_batch_occupancy"] == 0
 
 
 def test_queue_full_is_429(model_dir):
