@@ -107,9 +107,18 @@ def mla(cfg, W, p, x):
     return o.reshape(B, T, H * Vd) @ W[p + "o_proj.weight"].T
 
 
+def best_first(values, k):
+    """Per row, the indices of the k largest values, largest first; among equal values the
+    lower index first (the tie rule of ONNX TopK, which every backend follows)."""
+    rows = values.tolist()
+    return torch.tensor([sorted(range(len(r)), key=lambda i: (-r[i], i))[:k] for r in rows],
+                        dtype=torch.int64).view(values.shape[0], k)
+
+
 def route(cfg, W, p, x, router_weights):
     """The official router: sigmoid scores; selection on scores + e_score_correction_bias by
-    grouped top-k (group score = sum of its top 2, unselected groups' experts set to 0);
+    grouped top-k (group score = sum of its top 2, unselected groups' experts set to 0, which
+    makes exact ties: the lowest index wins, for groups and experts);
     weights gathered from the biased ("official") or unbiased scores, renormalised, scaled."""
     E, k = cfg["num_experts"], cfg["num_experts_per_token"]
     G, TG = cfg["num_expert_group"], cfg["topk_group"]
@@ -117,11 +126,11 @@ def route(cfg, W, p, x, router_weights):
     biased = scores + W[p + "gate.e_score_correction_bias"]
     n = biased.shape[0]
     group_scores = biased.view(n, G, E // G).topk(min(2, E // G), dim=-1).values.sum(-1)
-    keep_groups = group_scores.topk(TG, dim=-1).indices
+    keep_groups = best_first(group_scores, TG)
     group_mask = torch.zeros(n, G, dtype=torch.bool)
     group_mask[torch.arange(n).unsqueeze(1), keep_groups] = True
     expert_mask = group_mask.repeat_interleave(E // G, dim=1)
-    ids = biased.masked_fill(~expert_mask, 0.0).topk(k, dim=-1).indices
+    ids = best_first(biased.masked_fill(~expert_mask, 0.0), k)
     w = torch.gather(biased if router_weights == "official" else scores, 1, ids)
     if k > 1 and cfg.get("moe_renormalize", True):
         w = w / (w.sum(-1, keepdim=True) + 1e-20)

@@ -9,16 +9,32 @@ from ..ir import DTYPE_BYTES
 from .registry import REQUIRED, OpDef, dim, expect, expect_float, register
 
 
+def topk_ids(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [..., k] of the k largest values of `x` (finite) along its last dim, best first;
+    among exactly equal values the lowest index wins. This is the routing tie-break of every
+    backend (ONNX TopK and the Triton router follow it); torch.topk leaves the order of ties
+    unspecified. k argmax passes (argmax returns the first maximum): no sort, so the form
+    traces into every target (torch-mlir has no stable sort)."""
+    idx = torch.arange(x.shape[-1], device=x.device)
+    picked = []
+    for _ in range(k):
+        best = x.argmax(-1, keepdim=True)
+        picked.append(best)
+        x = x.masked_fill(idx == best, float("-inf"))
+    return torch.cat(picked, -1)
+
+
 def grouped_topk(choice: torch.Tensor, top_k: int, n_group: int, topk_group: int) -> torch.Tensor:
     """Expert ids [..., top_k]: keep the `topk_group` groups with the best top-2 sums, then the
-    top_k experts inside them (other experts' scores set to 0, as the official code does)."""
+    top_k experts inside them (other experts' scores set to 0, as the official code does, which
+    makes exact ties: lowest index wins, for groups and experts alike; see topk_ids)."""
     lead, E = choice.shape[:-1], choice.shape[-1]
     c = choice.reshape(-1, E)
     group_scores = c.view(c.shape[0], n_group, -1).topk(min(2, E // n_group), dim=-1)[0].sum(-1)
-    group_idx = group_scores.topk(topk_group, dim=-1)[1]
+    group_idx = topk_ids(group_scores, topk_group)
     group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
     expert_mask = group_mask.unsqueeze(-1).expand(-1, n_group, E // n_group).reshape(c.shape[0], E)
-    ids = c.masked_fill(expert_mask == 0, 0.0).topk(top_k, dim=-1)[1]
+    ids = topk_ids(c.masked_fill(expert_mask == 0, 0.0), top_k)
     return ids.reshape(*lead, top_k)
 
 
