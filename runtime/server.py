@@ -242,12 +242,11 @@ class OpenAIServer:
             raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
         raw = await request.body()
         try:
-            body = json.loads(raw)
+            if not isinstance(json.loads(raw), dict):
+                raise APIError(400, "the body must be a JSON object")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the body is not JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the body must be a JSON object")
-        req = schema.model_validate(body)
+        req = schema.model_validate_json(raw)       # strict: JSON types as OpenAI documents them
         if req.model != self.name:
             raise APIError(400, f"unknown model {req.model!r}; this server serves {self.name!r}",
                            "model", "model_not_found")
