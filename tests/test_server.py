@@ -285,3 +285,21 @@ def test_queue_full_is_429(model_dir):
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
     finally:
         s.close()
+
+
+def test_cli(model_dir, monkeypatch, capsys):
+    from kimi_graph.cli import main as cli_main
+    import kimi_graph.runtime.server as server_mod
+    seen = {}
+    monkeypatch.setattr(server_mod, "run", lambda server, host, port, **kw: seen.update(
+        server=server, host=host, port=port))
+    assert cli_main(["serve", str(model_dir), "--max-batch", "3", "--max-len", "40", "--api-key", "k",
+                     "--prefill-chunk", "8", "--port", "8123"]) == 0
+    server = seen["server"]
+    server.scheduler.stop()
+    assert (seen["host"], seen["port"], server.name, server.api_key) == ("127.0.0.1", 8123, str(model_dir), "k")
+    assert server.scheduler.engine.cache.num_slots == 3 and server.scheduler.max_len == 40
+    assert server.scheduler.prefill_chunk == 8 and server.tokenizer is not None
+    assert cli_main(["serve", str(model_dir), "--experts", "int4"]) == 2
+    assert "--experts 'int4' is not supported" in capsys.readouterr().err
+    assert cli_main(["serve", str(model_dir), "--max-batch", "0"]) == 2
