@@ -9,7 +9,7 @@ tok/s and p50/p99 time-to-first-token and time-per-output-token, as the clients 
 
 Without --url it starts `kimi-graph serve`'s server in a child process (this script with
 --serve: a preset cut to --layers, random weights drawn by `kimi_graph.load`), waits for
-/health, sends one warm-up request, then the load. TTFT is from sending the request to the
+/health, sends a warm-up round (short requests, as many as --concurrency), then the load. TTFT is from sending the request to the
 first token's event; TPOT is (last token - first token) / (tokens - 1) per request. Results:
 bench/results/serve.json (and $OUT/serve.json) with device, date and commit.
 """
@@ -58,17 +58,20 @@ async def one(client, url: str, model: str, prompt: list[int], out_len: int) -> 
             "tpot": (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None}
 
 
-async def load(url: str, model: str, prompts: list[list[int]], out_len: int, concurrency: int):
+async def load(url: str, model: str, prompts: list[list[int]], out_len: int, concurrency: int,
+               warmup: int):
     import httpx
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
-        async def bounded(p):
+        async def bounded(p, n):
             async with sem:
-                return await one(client, url, model, p, out_len)
-        await one(client, url, model, prompts[0][:8], 2)      # warm-up
+                return await one(client, url, model, p, n)
+        # warm-up: short requests all at once, so decode runs (compiles, captures) at every
+        # batch size the load will see
+        await asyncio.gather(*(bounded(p[:32], 4) for p in (prompts * warmup)[:warmup]))
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(bounded(p) for p in prompts))
+        results = await asyncio.gather(*(bounded(p, out_len) for p in prompts))
         return results, time.perf_counter() - t0
 
 
@@ -150,6 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=256, help="server: cache slots")
     p.add_argument("--prefill-chunk", type=int, default=512, help="server: prompt tokens per chunk")
     p.add_argument("--step-tokens", type=int, default=None, help="server: tokens per step")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warm-up requests (32 tokens in, 4 out) sent at once first (default: --concurrency)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start-timeout", type=int, default=1800, help="seconds to wait for the server")
     p.add_argument("--port", type=int, default=8000, help=argparse.SUPPRESS)
@@ -167,7 +172,8 @@ def main(argv=None) -> int:
         vocab = resolve_config(args.config)[0].vocab_size
         rng = random.Random(args.seed)
         prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(args.requests)]
-        results, wall = asyncio.run(load(url, name, prompts, args.output_len, args.concurrency))
+        results, wall = asyncio.run(load(url, name, prompts, args.output_len, args.concurrency,
+                                         args.concurrency if args.warmup is None else args.warmup))
     finally:
         if proc is not None:
             proc.terminate()
