@@ -94,26 +94,34 @@ class Generation:
         server.metrics.prompt_tokens.inc(len(ids))
 
     async def pieces(self):
-        """(text, new ids) increments; finish_reason is set when it ends."""
+        """(text, new ids) increments, one per wake-up (the tokens that arrived meanwhile
+        together); finish_reason is set when it ends."""
         try:
             while self.finish_reason is None:
-                kind, value = await self.queue.get()
-                if kind == "token":
-                    self.tokens.append(value)
-                    piece = "" if value in self.req.stops or not self.text else self.text.push(value)
-                    out, hit = self.stops.push(piece)
-                    if hit:
-                        self.finish_reason = "stop"
-                    yield out, [value]
-                elif kind == "finish":
-                    tail = self.text.flush() if self.text else ""
-                    out, hit = self.stops.push(tail)
-                    self.finish_reason = value
-                    yield out + ("" if hit else self.stops.flush()), []
-                elif kind == "error":
-                    raise APIError(500, value)
-                else:
-                    raise APIError(500, "the request was cancelled")
+                events = [await self.queue.get()]
+                while not self.queue.empty():
+                    events.append(self.queue.get_nowait())
+                text, ids = "", []
+                for kind, value in events:
+                    if kind == "token":
+                        ids.append(value)
+                        piece = "" if value in self.req.stops or not self.text else self.text.push(value)
+                        out, hit = self.stops.push(piece)
+                        text += out
+                        if hit:
+                            self.finish_reason = "stop"
+                    elif kind == "finish":
+                        out, hit = self.stops.push(self.text.flush() if self.text else "")
+                        text += out + ("" if hit else self.stops.flush())
+                        self.finish_reason = value
+                    elif kind == "error":
+                        raise APIError(500, value)
+                    else:
+                        raise APIError(500, "the request was cancelled")
+                    if self.finish_reason is not None:
+                        break
+                self.tokens += ids
+                yield text, ids
         finally:
             self.cancel()
 
