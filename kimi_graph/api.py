@@ -12,10 +12,15 @@ from .finite import check_finite_logits, check_finite_weights
 from .interpreter import run_graph
 from .ir import Graph
 from .model import build_graph
-from .ops import IR_DTYPES
+from .ops import IR_DTYPES, TORCH_DTYPES
 from .ops.tensor import check_token_ids
 from .presets import PRESETS
-from .weights import load_safetensors, random_weights
+from .weight_transforms import WeightTransforms
+from .weights import CheckpointSource, RandomSource, WeightSource
+
+# the graphs a model runs, (mode, stateful): stateless prefill, prefill continuing from
+# caches, one decode step
+GRAPHS = (("prefill", False), ("prefill", True), ("decode", True))
 
 
 def resolve_config(model: str | Path) -> tuple[KimiLinearConfig, Path | None]:
@@ -50,15 +55,20 @@ def interpreter_backend(model: "KimiModel"):
 class KimiModel:
     """A loaded Kimi Linear model: `model(input_ids) -> logits` through the chosen backend.
 
-    Graphs are built per (mode, stateful) on first use, optimized by `pipeline` if one is
-    set, and run by the backend's executor."""
+    Graphs are built per (mode, stateful), optimized by `pipeline` if one is set, and run by
+    the backend's executor. `weights` holds each parameter some built graph reads, once: the
+    parameters passes derive (recipes in `transforms`, shared by the graphs) replace the
+    originals no graph reads. A graph built later that needs a dropped original gets it
+    again from `source` (the checkpoint or the seeded draws)."""
 
     def __init__(self, config: KimiLinearConfig, weights: dict[str, torch.Tensor], *,
                  dtype: torch.dtype, device: str, router_weights: str, path: Path | None = None,
-                 pipeline: str | None = None, backend: str = "interpreter", options: dict | None = None):
+                 pipeline: str | None = None, backend: str = "interpreter", options: dict | None = None,
+                 source: WeightSource | None = None):
         self.config, self.weights, self.dtype = config, weights, dtype
         self.device, self.router_weights, self.path = device, router_weights, path
         self.pipeline, self.backend, self.options = pipeline, backend, dict(options or {})
+        self.source, self.transforms = source, WeightTransforms()
         self._graphs: dict[tuple[str, bool], Graph] = {}
         self._executor = None
 
@@ -71,12 +81,46 @@ class KimiModel:
         """The graph that runs: declared, then optimized by the pipeline (cached)."""
         key = (mode, stateful or mode == "decode")
         if key not in self._graphs:
-            g = self.build(mode, stateful)
-            if self.pipeline:
-                from .passes import run_pipeline
-                g = run_pipeline(g, self.pipeline, weights=self.weights)
-            self._graphs[key] = g
+            self._graphs[key] = self._optimized(*key)
+            self._load(self._graphs[key].params)
         return self._graphs[key]
+
+    def build_graphs(self, given: dict[tuple[str, bool], Graph] | None = None) -> set[str]:
+        """Build the graphs the model runs, types only: all of GRAPHS through the pipeline
+        (derived parameters as recipes in `transforms`), or without one the declared prefill
+        graph (the others read the same parameters). `given`: graphs already built with this
+        model's `transforms`. -> the names of the parameters they read."""
+        self._graphs.update(given or {})
+        for key in GRAPHS if self.pipeline else GRAPHS[:1]:
+            if key not in self._graphs:
+                self._graphs[key] = self._optimized(*key)
+        return {p[1:] for g in self._graphs.values() for p in g.params}
+
+    def _optimized(self, mode: str, stateful: bool) -> Graph:
+        """The graph through the pipeline, types only (derived parameters as recipes)."""
+        g = self.build(mode, stateful)
+        if self.pipeline:
+            from .passes import run_pipeline
+            g = run_pipeline(g, self.pipeline, transforms=self.transforms)
+        return g
+
+    def _load(self, params) -> None:
+        """Add the weights of `params` ("@name") that `weights` lacks: from the source, or
+        derived from the weights held when the model has no source."""
+        from .loading import load_weights, materialize
+        missing = [p[1:] for p in params if p[1:] not in self.weights]
+        if not missing:
+            return
+        if self.source is not None:
+            self.weights.update(load_weights(self.source, missing, self.transforms))
+        else:
+            self.weights.update(materialize(missing, self.transforms, self.weights.__getitem__))
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights held (distinct storages: views count once)."""
+        from .loading import held_bytes
+        return held_bytes(self.weights.values())
 
     @property
     def graph(self) -> Graph:
@@ -141,13 +185,19 @@ class KimiModel:
 
 def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, device: str = "cpu",
          router_weights: str = "official", seed: int = 0, pipeline: str | None = None,
-         backend: str = "interpreter", check_finite: bool = True, **options) -> KimiModel:
+         backend: str = "interpreter", progress: bool | None = None, check_finite: bool = True,
+         **options) -> KimiModel:
     """Load a model directory (HF layout: config.json + safetensors) or a preset.
 
-    Presets get seeded random weights. `router_weights`: "official" (the official modeling
-    code: routing weights from the bias-corrected scores) or "unbiased" (vLLM's).
-    `pipeline`: a pass pipeline run before execution (None: the graph as declared).
-    `backend`: who executes the graphs (see BACKENDS); `options` go to the backend.
+    Presets get seeded random weights, drawn on `device`. `router_weights`: "official" (the
+    official modeling code: routing weights from the bias-corrected scores) or "unbiased"
+    (vLLM's). `pipeline`: a pass pipeline run before execution (None: the graph as declared);
+    with one, every graph the model runs is optimized now, and the weights are loaded layer
+    by layer straight into the layout those graphs read (packed experts, ...), each held
+    once. Before allocating, the bytes needed are checked against the device's free memory
+    (InsufficientMemoryError if they do not fit). `device="meta"` loads shapes only.
+    `progress`: a progress bar (default: from 1 GiB on). `backend`: who executes the graphs
+    (see BACKENDS); `options` go to the backend.
     `check_finite`: check the weights for NaN and inf on their device (False: trusted)."""
     if dtype not in IR_DTYPES or dtype in (torch.int64, torch.int32, torch.bool):
         raise ValueError(f"unsupported dtype {dtype}")
@@ -157,17 +207,43 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
     m = KimiModel(config, {}, dtype=dtype, device=device, router_weights=router_weights, path=path,
                   pipeline=pipeline, backend=backend, options=options)
     g = m.build()
-    if not pipeline:
-        m._graphs[("prefill", False)] = g       # the declared graph is the one that runs
     if backend == "onnxruntime" and path is not None and (path / "kimi_graph_onnx.json").exists():
         # an export-onnx directory: weights live in its models; dtype and router as exported
         manifest = json.loads((path / "kimi_graph_onnx.json").read_text())
         m.dtype, m.router_weights = getattr(torch, manifest["dtype"]), manifest["router_weights"]
-        m._graphs.clear()
         m.options["onnx_dir"] = str(path)
         return m
-    m.weights = load_safetensors(path, g, device) if path is not None else \
-        random_weights(g, seed=seed, device=device)
+    m.source = CheckpointSource(path, g, device) if path is not None else RandomSource(g, seed, device)
+    what = (f"{model}" if isinstance(model, (str, Path)) else f"a {config.num_hidden_layers}-layer model") \
+        + f" in {str(dtype).removeprefix('torch.')}"
+    _check_fits(m, sum(m.source.types[n].nbytes() for n in m.source.types),
+                what + " (its declared weights)")
+    names = m.build_graphs(None if pipeline else {GRAPHS[0]: g})
+    from .loading import estimate, load_weights
+    held, peak = estimate(m.source, names, m.transforms)
+    _check_fits(m, peak, what + f" ({_gb(held)} of weights held after "
+                f"{'the pipeline' if pipeline else 'loading'}, plus transforms in flight)")
+    m.weights = load_weights(m.source, names, m.transforms, progress=progress)
     if check_finite:
         check_finite_weights(m.weights)
     return m
+
+
+def _gb(n: int) -> str:
+    from .loading import gb
+    return gb(n)
+
+
+def _check_fits(m: KimiModel, needed: int, what: str) -> None:
+    """Refuse before allocating when `needed` bytes exceed the device's free memory; name the
+    dtypes that would fit (bytes scale with the model dtype's element size)."""
+    from .loading import check_fits
+    types = m.source.types.values()
+    own = sum(t.nbytes() for t in types if TORCH_DTYPES[t.dtype] == m.dtype)
+    other = sum(t.nbytes() for t in types) - own
+    alternatives = {}
+    for d in (torch.bfloat16, torch.float16, torch.float32):
+        if d != m.dtype and own:
+            scaled = own * d.itemsize // m.dtype.itemsize + other
+            alternatives[str(d).removeprefix("torch.")] = needed * scaled // (own + other)
+    check_fits(needed, m.device, what, alternatives)

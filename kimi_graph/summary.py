@@ -60,3 +60,18 @@ def summarize(cfg: KimiLinearConfig, g: Graph | None = None) -> dict:
         "op_counts": g.op_counts(),
         "num_ops": len(g),
     }
+
+
+def weight_facts(model, declared: Graph, given: dict | None = None) -> dict:
+    """Bytes of the weights `model` (a KimiModel) holds once every graph it runs is built
+    (`given`: graphs already built with its transforms), against the checkpoint's bytes in
+    its dtype (the parameters of `declared`, one of its graphs as declared), and the peak
+    while loading; found on the meta device, nothing allocated."""
+    from .loading import estimate
+    from .weights import WeightSource
+
+    names = model.build_graphs(given)
+    source = WeightSource(declared, "meta")
+    held, peak = estimate(source, names, model.transforms)
+    return {"weight_bytes": held, "checkpoint_bytes": sum(map(source.nbytes, source.types)),
+            "load_peak_bytes": peak}

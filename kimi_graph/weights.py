@@ -1,7 +1,10 @@
-"""Weights: HF safetensors checkpoints (single file or sharded, memory-mapped) and seeded
-random initialisation for presets and tests. Parameter names are the HF names."""
+"""Weights: sources of a graph's declared parameters -- HF safetensors checkpoints (single
+file or sharded, memory-mapped) and seeded random initialisation for presets and tests --
+and saving. Parameter names are the HF names. kimi_graph.loading assembles a model's
+weights from a source."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -12,8 +15,6 @@ import torch
 from .checkpoint_names import intake
 from .ir import Graph, TensorType
 from .ops import TORCH_DTYPES
-
-PROGRESS_MIN_BYTES = 1 << 30   # show a progress bar for checkpoints above 1 GiB
 
 
 class WeightError(ValueError):
@@ -45,104 +46,129 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def load_safetensors(path: str | Path, g: Graph, device: str = "cpu",
-                     progress: bool | None = None) -> dict[str, torch.Tensor]:
-    """Load every parameter of `g` from an HF checkpoint directory, memory-mapped, converted
-    to the dtype the graph declares for it.
+class WeightSource:
+    """The parameters a graph declares (name -> TensorType) and a way to produce each one on
+    `device` in its declared dtype: `fetch(name)`. On the meta device nothing is read."""
 
-    Raises one WeightError naming every missing, unexpected, misshaped, non-float and
-    duplicated tensor (shapes are read from the headers; nothing misshaped is loaded)."""
-    from safetensors import SafetensorError, safe_open
+    def __init__(self, g: Graph, device: str | torch.device = "cpu"):
+        self.types, self.device = param_shapes(g), torch.device(device)
 
-    path = Path(path)
-    files = checkpoint_files(path)
-    want = param_shapes(g)
-    total = sum(f.stat().st_size for f in files)
-    show = progress if progress is not None else total >= PROGRESS_MIN_BYTES
-    out: dict[str, torch.Tensor] = {}
-    found: dict[str, tuple[int, ...]] = {}
-    problems: dict[str, list[str]] = {"unexpected": [], "not floating point": [], "in two files": []}
-    bar = _progress(total, show)
-    try:
-        for f in files:
+    def empty(self, name: str, device: str | torch.device | None = None) -> torch.Tensor:
+        ty = self.types[name]
+        return torch.empty(tuple(ty.shape), dtype=TORCH_DTYPES[ty.dtype],
+                           device=self.device if device is None else device)
+
+    def fetch(self, name: str) -> torch.Tensor:
+        if name not in self.types:
+            raise WeightError(f"no parameter {name!r} is declared")
+        return self.empty(name) if self.device.type == "meta" else self._read(name)
+
+    def _read(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def nbytes(self, name: str) -> int:
+        return self.types[name].nbytes()
+
+
+class CheckpointSource(WeightSource):
+    """An HF checkpoint directory (single file or shards), memory-mapped: each tensor is read
+    when fetched (a part of a peer's packed tensor through a safetensors slice; names as
+    kimi_graph.checkpoint_names maps them) and converted to the dtype the graph declares.
+
+    Opening it reads only the headers and raises one WeightError naming every missing,
+    unexpected, misshaped, non-float and duplicated tensor."""
+
+    def __init__(self, path: str | Path, g: Graph, device: str | torch.device = "cpu"):
+        from safetensors import SafetensorError, safe_open
+
+        super().__init__(g, device)
+        self.path = Path(path)
+        self.where: dict[str, tuple] = {}       # parameter -> (file handle, stored name, index)
+        found: dict[str, tuple[int, ...]] = {}
+        problems: dict[str, list[str]] = {"unexpected": [], "not floating point": [], "in two files": []}
+        for f in checkpoint_files(self.path):
             try:
-                with safe_open(str(f), framework="pt", device="cpu") as handle:
-                    for key in handle.keys():
-                        header = handle.get_slice(key)
-                        parts = intake(key, tuple(header.get_shape()), want)   # peers' names too
-                        if parts is None:
-                            problems["unexpected"].append(key)
+                handle = safe_open(str(f), framework="pt", device="cpu")
+                for key in handle.keys():
+                    header = handle.get_slice(key)
+                    provided = intake(key, tuple(header.get_shape()), self.types)   # peers' names too
+                    if provided is None:
+                        problems["unexpected"].append(key)
+                        continue
+                    for name, index, shape in provided:
+                        if name in found:
+                            problems["in two files"].append(name)
                             continue
-                        for name, index, shape in parts:
-                            if name in found:
-                                problems["in two files"].append(name)
-                                continue
-                            found[name] = shape
-                            stored = header.get_dtype()
-                            if not (stored.startswith("F") or stored == "BF16"):
-                                problems["not floating point"].append(f"{name}: stored as {stored}")
-                            elif found[name] == tuple(want[name].shape):
-                                t = header[index] if index else handle.get_tensor(key)
-                                out[name] = t.to(device=device, dtype=TORCH_DTYPES[want[name].dtype])
+                        found[name] = shape
+                        stored = header.get_dtype()
+                        if not (stored.startswith("F") or stored == "BF16"):
+                            problems["not floating point"].append(f"{name}: stored as {stored}")
+                        self.where[name] = (handle, key, index)
             except (SafetensorError, OSError, RuntimeError, ValueError) as e:
                 raise WeightError(f"cannot read {f}: {e}") from None
-            bar(f.stat().st_size)
-    finally:
-        bar(None)
-    problems["missing"] = [n for n in want if n not in found]
-    problems["misshaped"] = [f"{n}: expected {list(want[n].shape)}, got {list(found[n])}"
-                             for n in found if found[n] != tuple(want[n].shape)]
-    parts = [f"{kind} ({len(names)}): " + ", ".join(_trim(sorted(names)))
-             for kind, names in problems.items() if names]
-    if parts:
-        raise WeightError(f"checkpoint {path} does not match the model:\n  " + "\n  ".join(parts))
-    return out
+        problems["missing"] = [n for n in self.types if n not in found]
+        problems["misshaped"] = [f"{n}: expected {list(self.types[n].shape)}, got {list(found[n])}"
+                                 for n in found if found[n] != tuple(self.types[n].shape)]
+        parts = [f"{kind} ({len(names)}): " + ", ".join(_trim(sorted(names)))
+                 for kind, names in problems.items() if names]
+        if parts:
+            raise WeightError(f"checkpoint {self.path} does not match the model:\n  " + "\n  ".join(parts))
+
+    def _read(self, name: str) -> torch.Tensor:
+        ty = self.types[name]
+        handle, key, index = self.where[name]
+        try:
+            t = handle.get_slice(key)[index] if index else handle.get_tensor(key)
+        except Exception as e:          # safetensors raises its own error types
+            raise WeightError(f"cannot read {name} from {self.path}: {e}") from None
+        return t.to(device=self.device, dtype=TORCH_DTYPES[ty.dtype])
+
+
+class RandomSource(WeightSource):
+    """Seeded random weights (see `random_tensor`), drawn on the device in their dtype."""
+
+    def __init__(self, g: Graph, seed: int = 0, device: str | torch.device = "cpu"):
+        super().__init__(g, device)
+        self.seed = seed
+
+    def _read(self, name: str) -> torch.Tensor:
+        return random_tensor(name, self.types[name], self.seed, self.device)
+
+
+def load_safetensors(path: str | Path, g: Graph, device: str = "cpu",
+                     progress: bool | None = None) -> dict[str, torch.Tensor]:
+    """Every parameter of `g` from an HF checkpoint directory, memory-mapped, converted to the
+    dtype the graph declares for it (see CheckpointSource for the checks)."""
+    from .loading import load_weights
+    return load_weights(CheckpointSource(path, g, device), progress=progress)
 
 
 def _trim(items: list[str], n: int = 20) -> list[str]:
     return items if len(items) <= n else items[:n] + [f"... and {len(items) - n} more"]
 
 
-def _progress(total: int, show: bool):
-    if not show:
-        return lambda n: None
-    from rich.progress import Progress
-    prog = Progress(transient=True)
-    prog.start()
-    task = prog.add_task("loading weights", total=total)
-
-    def advance(n):
-        if n is None:
-            prog.stop()
-        else:
-            prog.advance(task, n)
-    return advance
+def random_tensor(name: str, ty: TensorType, seed: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """One parameter's seeded random tensor with the scales of a trained model (so signals
+    stay O(1)), drawn on `device` in its dtype. Each (seed, name) has its own generator, so
+    any subset of parameters, drawn in any order, gets the same tensors."""
+    device = torch.device(device)
+    digest = hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest()
+    gen = torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
+    shape = tuple(ty.shape)
+    t = torch.empty(shape, dtype=TORCH_DTYPES[ty.dtype], device=device)
+    leaf = name.rsplit(".", 2)
+    kind = leaf[-2] if leaf[-1] == "weight" else leaf[-1]
+    if kind.endswith("norm") or kind.endswith("layernorm"):
+        return t.normal_(1.0, 0.1, generator=gen)
+    if kind == "A_log":
+        return t.uniform_(1, 16, generator=gen).log_()
+    std = {"dt_bias": 0.5, "e_score_correction_bias": 0.05, "embed_tokens": 1.0}.get(kind)
+    return t.normal_(0.0, std if std is not None else 1 / math.sqrt(shape[-1]), generator=gen)
 
 
 def random_weights(g: Graph, seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Seeded random weights with the scales of a trained model (so signals stay O(1))."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, ty in param_shapes(g).items():
-        shape = tuple(ty.shape)
-        leaf = name.rsplit(".", 2)
-        kind = leaf[-2] if leaf[-1] == "weight" else leaf[-1]
-        if kind.endswith("norm") or kind.endswith("layernorm"):
-            t = 1.0 + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)
-        elif kind == "A_log":
-            t = torch.empty(shape, dtype=torch.float64).uniform_(1, 16, generator=gen).log()
-        elif kind == "dt_bias":
-            t = 0.5 * torch.randn(shape, generator=gen, dtype=torch.float64)
-        elif kind == "e_score_correction_bias":
-            t = 0.05 * torch.randn(shape, generator=gen, dtype=torch.float64)
-        elif kind.endswith("conv1d"):
-            t = torch.randn(shape, generator=gen, dtype=torch.float64) / math.sqrt(shape[-1])
-        elif kind == "embed_tokens":
-            t = torch.randn(shape, generator=gen, dtype=torch.float64)
-        else:   # linear [out, in]
-            t = torch.randn(shape, generator=gen, dtype=torch.float64) / math.sqrt(shape[-1])
-        out[name] = t.to(device=device, dtype=TORCH_DTYPES[ty.dtype])
-    return out
+    """Seeded random weights for every parameter of `g` (see `random_tensor`)."""
+    return {name: random_tensor(name, ty, seed, device) for name, ty in param_shapes(g).items()}
 
 
 def save_safetensors(weights: Mapping[str, torch.Tensor], path: str | Path,

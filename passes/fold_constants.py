@@ -4,15 +4,17 @@ compile time: packed experts, absorbed MLA matrices, -exp(A_log), ...).
 An op folds when every operand is a parameter or a folded value and its result types are
 concrete. A folded value that a remaining op reads becomes a parameter named after the
 value ("%model.layers.1.block_sparse_moe.experts.w13" -> "@model.layers.1....w13"), so
-the transform shows in the printed IR. With `weights`, each new parameter's tensor is
-computed with the ops' reference implementations and stored in `weights` under its name
-(a name already there holding a different tensor gets a ".folded" suffix instead)."""
+the transform shows in the printed IR. Its recipe (the folded ops it needs) goes to the
+context's WeightTransforms, which gives one name per distinct recipe across every graph
+that shares it (another recipe for the same name gets a ".folded" suffix). With `weights`,
+each new parameter's tensor is also computed now and stored under its name (a name already
+there that the registry does not know, holding a different tensor, is not reused)."""
 from __future__ import annotations
 
 import torch
 
 from kimi_graph.ir import Graph, Op
-from kimi_graph.ops import get_op
+from kimi_graph.weight_transforms import Recipe, WeightTransforms
 
 from .dce import erase_dead
 from .manager import Pass, PassContext, register_pass
@@ -22,49 +24,28 @@ def _concrete(g: Graph, op: Op) -> bool:
     return all(isinstance(d, int) for v in op.outputs for d in g.types[v].shape)
 
 
-def _param_name(g: Graph, weights: dict | None, value: str, tensor) -> str:
-    base = value.lstrip("%")
-    base = "const." + base if base.isdigit() else base      # unnamed values ("%12")
-    for i in range(1 << 20):
-        name = base if i == 0 else f"{base}.folded" if i == 1 else f"{base}.folded.{i - 1}"
+def _clash(g: Graph, weights: dict | None, recipe: Recipe):
+    """name -> True when `name` cannot hold `recipe`'s tensor in `g` / `weights`."""
+    tensor = []
+
+    def clash(name: str) -> bool:
         if "@" + name in g.types:
-            continue
-        if weights is not None and name in weights:
-            old = weights[name]
-            if not (old.shape == tensor.shape and old.dtype == tensor.dtype
-                    and old.device == tensor.device and torch.equal(old, tensor)):
-                continue
-        return "@" + name
-    raise AssertionError("unreachable")
+            return True
+        if weights is None or name not in weights:
+            return False
+        if not tensor:
+            tensor.append(recipe.evaluate(weights.__getitem__))
+        old, new = weights[name], tensor[0]
+        return not (old.shape == new.shape and old.dtype == new.dtype
+                    and old.device == new.device and torch.equal(old, new))
+    return clash
 
 
-def _evaluate(g: Graph, ops: list[Op], wanted: set[str], weights: dict) -> dict:
-    """Tensors of the `wanted` folded values; intermediates are freed after their last use."""
-    needed, frontier = set(), set(wanted)
-    for op in reversed(ops):
-        if frontier & set(op.outputs):
-            needed.add(op.id)
-            frontier.update(v for v in op.inputs if v in g.producer)
-    run = [op for op in ops if op.id in needed]
-    last = {}
-    for i, op in enumerate(run):
-        for v in op.inputs:
-            last[v] = i
-    env: dict = {}
-    for i, op in enumerate(run):
-        opdef = get_op(op.kind)
-        args = [env[v] if v in env else weights[v[1:]] for v in op.inputs]
-        for v, t in zip(op.outputs, opdef.ref(args, opdef.full_attrs(op.attrs))):
-            env[v] = t
-        for v in op.inputs:
-            if last.get(v) == i and v not in wanted:
-                env.pop(v, None)
-    return {v: env[v] for v in wanted}
-
-
-def fold_constants(g: Graph, weights: dict | None) -> tuple[int, int]:
+def fold_constants(g: Graph, weights: dict | None,
+                   transforms: WeightTransforms | None = None) -> tuple[int, int]:
     """-> (ops folded, parameters created). Dead ops are erased first, so only live
-    transforms are computed."""
+    transforms are recorded (and computed, with `weights`)."""
+    transforms = WeightTransforms() if transforms is None else transforms
     erase_dead(g)
     const = set(g.params)
     folded: list[Op] = []
@@ -77,14 +58,16 @@ def fold_constants(g: Graph, weights: dict | None) -> tuple[int, int]:
     ids = {op.id for op in folded}
     keep = [v for op in folded for v in op.outputs
             if v in g.outputs or any(u.id not in ids for u in g.users(v))]
-    tensors = _evaluate(g, folded, set(keep), weights) if weights is not None else {}
     read_by_folded = {v for op in folded for v in op.inputs if v in g.params}
     for v in keep:
-        name = _param_name(g, weights, v, tensors.get(v))
+        recipe = Recipe.of(g, folded, v)
+        base = v.lstrip("%")
+        base = "const." + base if base.isdigit() else base      # unnamed values ("%12")
+        name = transforms.claim(base, recipe, _clash(g, weights, recipe))
         g.add_param(name, g.types[v])
-        if weights is not None:
-            weights[name[1:]] = tensors[v]
-        g.replace_uses(v, name)
+        if weights is not None and name not in weights:
+            weights[name] = recipe.evaluate(weights.__getitem__)
+        g.replace_uses(v, "@" + name)
     for op in reversed(folded):
         g.remove_op(op.id)
     still_read = {v for _, d in g.nx.nodes(data=True) for v in d["op"].inputs} | set(g.outputs)
@@ -96,9 +79,9 @@ def fold_constants(g: Graph, weights: dict | None) -> tuple[int, int]:
 @register_pass
 class FoldConstants(Pass):
     name = "fold-constants"
-    summary = "fold parameter-only subgraphs into new parameters (computed into the weights)"
+    summary = "fold parameter-only subgraphs into new parameters (recipes; tensors with weights)"
 
     def run(self, g: Graph, ctx: PassContext) -> None:
-        ops, params = fold_constants(g, ctx.weights)
+        ops, params = fold_constants(g, ctx.weights, ctx.transforms)
         ctx.stat("ops-folded", ops)
         ctx.stat("params-created", params)

@@ -12,6 +12,7 @@ from typing import Callable
 
 from kimi_graph.ir import Graph, IRError
 from kimi_graph.verifier import verify
+from kimi_graph.weight_transforms import WeightTransforms
 
 
 class PassError(ValueError):
@@ -73,9 +74,11 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 @dataclass
 class PassContext:
-    """What a running pass sees: its options, the weights (None: types only) and counters."""
+    """What a running pass sees: its options, the weights (None: types only), the registry
+    of weight transforms (recipes of the parameters passes derive) and counters."""
     options: dict
     weights: dict | None = None
+    transforms: WeightTransforms = field(default_factory=WeightTransforms)
     stats: dict[str, int] = field(default_factory=dict)
 
     def stat(self, key: str, n: int = 1) -> None:
@@ -199,19 +202,20 @@ class PassManager:
     def _wants(spec, name: str) -> bool:
         return spec == "all" or name in spec
 
-    def run(self, g: Graph, weights: dict | None = None) -> Graph:
+    def run(self, g: Graph, weights: dict | None = None,
+            transforms: WeightTransforms | None = None) -> Graph:
         # Passes allocate many small objects over a large live heap; the cyclic collector
         # would rescan that heap again and again (a third of the 48B pipeline's time).
         # Reference counting frees what passes drop; collection resumes afterwards.
         was_enabled = gc.isenabled()
         gc.disable()
         try:
-            return self._run(g, weights)
+            return self._run(g, weights, WeightTransforms() if transforms is None else transforms)
         finally:
             if was_enabled:
                 gc.enable()
 
-    def _run(self, g: Graph, weights: dict | None) -> Graph:
+    def _run(self, g: Graph, weights: dict | None, transforms: WeightTransforms) -> Graph:
         g = g.copy()
         self.records = []
         for name, opts in self.steps:
@@ -219,7 +223,7 @@ class PassManager:
             if self._wants(self.print_before, name):
                 self.out(f"// -----// IR Dump Before {label} //----- //\n{g}")
             before = g.op_counts()
-            ctx = PassContext(dict(opts), weights)
+            ctx = PassContext(dict(opts), weights, transforms)
             t0 = time.perf_counter()
             try:
                 PASSES[name]().run(g, ctx)
@@ -241,10 +245,12 @@ class PassManager:
         return g
 
 
-def run_pipeline(graph: Graph, pipeline: str, weights: dict | None = None, **instrumentation) -> Graph:
-    """Run `pipeline` over a copy of `graph`; passes that create parameters compute their
-    tensors into `weights` when it is given. `instrumentation`: PassManager keywords."""
-    return PassManager(pipeline, **instrumentation).run(graph, weights)
+def run_pipeline(graph: Graph, pipeline: str, weights: dict | None = None,
+                 transforms: WeightTransforms | None = None, **instrumentation) -> Graph:
+    """Run `pipeline` over a copy of `graph`; passes that create parameters record their
+    recipes in `transforms` (share one registry between the graphs of a model) and compute
+    their tensors into `weights` when it is given. `instrumentation`: PassManager keywords."""
+    return PassManager(pipeline, **instrumentation).run(graph, weights, transforms)
 
 
 def format_timing(records: list[PassRecord]) -> str:

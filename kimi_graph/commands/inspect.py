@@ -1,6 +1,8 @@
 """`kimi-graph inspect MODEL [--pipeline P] [--mode prefill|decode] [--json] [--svg FILE]`:
 a model's IR (after a pass pipeline if given), a summary, and op counts, FLOPs and bytes
-per token before vs after the pipeline. No weights needed: passes run on types only."""
+per token before vs after the pipeline, and the bytes of weights held after it (every graph
+the model runs, in --dtype) against the checkpoint's. No weights needed: passes run on types
+only, weight bytes are counted on the meta device."""
 from __future__ import annotations
 
 import json
@@ -40,9 +42,10 @@ def cost_facts(g, dims: dict[str, int]) -> dict:
 
 
 def run(args) -> int:
-    from ..api import resolve_config
+    from ..api import KimiModel, resolve_config
     from ..model import build_graph
-    from ..summary import summarize
+    from ..ops import TORCH_DTYPES
+    from ..summary import summarize, weight_facts
 
     if (args.print_ir_after or args.print_ir_before or args.print_ir_after_all
             or args.print_ir_before_all) and not args.pipeline:
@@ -55,6 +58,8 @@ def run(args) -> int:
     g = build_graph(cfg, args.mode, stateful=args.stateful, dtype=args.dtype)
     facts = summarize(cfg, g if args.mode == "prefill" and not args.stateful and args.dtype == "bf16"
                       else None)
+    model = KimiModel(cfg, {}, dtype=TORCH_DTYPES[args.dtype], device="meta",
+                      router_weights="official", pipeline=args.pipeline)
     final, records = g, []
     if args.pipeline:
         from ..passes import PassManager
@@ -63,7 +68,7 @@ def run(args) -> int:
         pm = PassManager(args.pipeline,
                          print_ir_after="all" if args.print_ir_after_all else names(args.print_ir_after),
                          print_ir_before="all" if args.print_ir_before_all else names(args.print_ir_before))
-        final = pm.run(g)
+        final = pm.run(g, transforms=model.transforms)
         records = pm.records
         dims = {"B": 1, "T": 1 if args.mode == "decode" else args.tokens, "S": args.context}
         facts["pipeline"] = {"pipeline": args.pipeline, "mode": args.mode, "dims": dims,
@@ -71,6 +76,7 @@ def run(args) -> int:
                              "passes": [r.as_dict() for r in records]}
         if "absorb_mla" in final.meta:
             facts["pipeline"]["absorb_mla"] = final.meta["absorb_mla"]
+    facts.update(weight_facts(model, g, {(args.mode, args.stateful or args.mode == "decode"): final}))
     if args.svg:
         from ..passes.svg import render_svg
 
@@ -119,5 +125,8 @@ def format_summary(f: dict) -> str:
         f"FLOPs / token           {f['flops_per_token'] / 1e9:8.3f} G (prefill, short context)",
         f"ops                     {f['num_ops']}",
     ]
+    if "weight_bytes" in f:
+        lines.insert(2, f"weights held            {f['weight_bytes'] / 1e9:8.3f} GB "
+                        f"(checkpoint {f['checkpoint_bytes'] / 1e9:.3f} GB)")
     lines += [f"  {k:<22}{v}" for k, v in f["op_counts"].items()]
     return "\n".join(lines)
