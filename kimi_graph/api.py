@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -69,6 +70,7 @@ class KimiModel:
         self.device, self.router_weights, self.path = device, router_weights, path
         self.pipeline, self.backend, self.options = pipeline, backend, dict(options or {})
         self.source, self.transforms = source, WeightTransforms()
+        self.load_stats: dict = {}     # load(): seconds for graphs and weights, estimated bytes
         self._graphs: dict[tuple[str, bool], Graph] = {}
         self._executor = None
 
@@ -109,8 +111,8 @@ class KimiModel:
         derived from the weights held when the model has no source."""
         from .loading import load_weights, materialize
         missing = [p[1:] for p in params if p[1:] not in self.weights]
-        if not missing:
-            return
+        if not missing or (self.source is None and not self.weights):
+            return                  # all there, or none here (an exported ONNX directory)
         if self.source is not None:
             self.weights.update(load_weights(self.source, missing, self.transforms))
         else:
@@ -218,12 +220,16 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
         + f" in {str(dtype).removeprefix('torch.')}"
     _check_fits(m, sum(m.source.types[n].nbytes() for n in m.source.types),
                 what + " (its declared weights)")
+    t0 = time.perf_counter()
     names = m.build_graphs(None if pipeline else {GRAPHS[0]: g})
     from .loading import estimate, load_weights
     held, peak = estimate(m.source, names, m.transforms)
     _check_fits(m, peak, what + f" ({_gb(held)} of weights held after "
                 f"{'the pipeline' if pipeline else 'loading'}, plus transforms in flight)")
+    t1 = time.perf_counter()
     m.weights = load_weights(m.source, names, m.transforms, progress=progress)
+    m.load_stats = {"graphs_s": t1 - t0, "weights_s": time.perf_counter() - t1,
+                    "held_bytes_estimate": held, "peak_bytes_estimate": peak}
     if check_finite:
         check_finite_weights(m.weights)
     return m
