@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from harness import bench, bench_graph, copy_bandwidth, gemm_rate, override_config, rel_err, write_result
 
-from kimi_graph.lowering.triton import moe
+from kimi_graph.lowering.triton import moe, moe_permute
 
 E, K, D, I = 256, 8, 2304, 1024
 
@@ -27,7 +27,7 @@ def setup(N, g):
     x = torch.randn(N, D, device="cuda", generator=g, dtype=torch.bfloat16)
     ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(N)]) if N <= 64 else \
         torch.rand(N, E, device="cuda", generator=g).topk(K, -1)[1]
-    return moe.moe_permute(x, ids, E)
+    return moe_permute.moe_permute(x, ids, E)
 
 
 def main():

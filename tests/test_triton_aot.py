@@ -36,8 +36,8 @@ def test_manifest_lists_every_kernel_for_every_target(build):
     kernels = {k for k, _, _ in by_target["sm_90"]}
     assert {k for k, _, _ in by_target["sm_80"]} == kernels
     assert {"kda_chunk_prep", "kda_chunk_scan", "kda_recurrent_step", "causal_conv1d_fwd", "rmsnorm",
-            "add_rmsnorm", "gated_rmsnorm", "causal_attention_fwd", "mla_latent_split", "moe_route",
-            "moe_sort", "moe_gate_up", "moe_down", "moe_unpermute", "elementwise_fused"} <= kernels
+            "add_rmsnorm", "gated_rmsnorm", "causal_attention_fwd", "mla_latent_split", "moe_router_logits",
+            "moe_router_select", "moe_count", "moe_scan", "moe_scatter", "moe_gate_up", "moe_down", "moe_unpermute", "elementwise_fused"} <= kernels
     for e in m["kernels"]:
         assert e["triton_version"] == m["triton_version"] and e["arch"] == int(e["target"][3:])
         src = (out / e["source"]).read_text()

@@ -61,6 +61,9 @@ def cases():
          dict(top_k=4, n_group=1, topk_group=1, renormalize=True, scaling=2.446, weights="official")),
         ("grouped_swiglu", [perm[0], perm[1], r(E, 2 * I, D, scale=D ** -0.5), r(E, D, I, scale=I ** -0.5)], {}),
         ("moe_unpermute", [r(200, D), perm[2], torch.rand(50, 4, device="cuda"), r(50, D)], {}),
+        ("moe_permute", [x, ids], {"num_experts": E}),                  # one block
+        ("moe_permute", [r(3000, D), torch.rand(3000, E, device="cuda").topk(4, -1)[1]],
+         {"num_experts": E}),                                            # many blocks
     ]
 
 

@@ -5,8 +5,10 @@
 - `codegen`: `KernelSpec` (generated source + AOT signature); sources are written, readable,
   to `$KIMI_GRAPH_TRITON_CACHE` (default ~/.cache/kimi_graph/triton) and imported from there.
 - one generator module per op family: `kda` (chunk prefill, recurrent step), `conv`, `norm`,
-  `mla` (latent split-context decode, causal flash attention), `moe` (route, permute, grouped
-  SwiGLU, un-permute), `elementwise` (any chain of elementwise ops as one kernel).
+  `mla` (latent split-context decode, causal flash attention), `moe_route` (router logits split
+  over the GPU, then grouped top-k), `moe_permute` (parallel stable counting sort, un-permute),
+  `moe` (grouped SwiGLU; the MoE ops' entry points), `elementwise` (any chain of elementwise
+  ops as one kernel).
 - `aot`: every kernel a model needs, compiled per target without a GPU, plus a manifest;
   at run time `$KIMI_GRAPH_TRITON_ARTIFACTS=DIR` makes launches use DIR's binaries for this GPU
   (same source hash and Triton version), else Triton JIT-compiles and caches on first use.

@@ -20,10 +20,17 @@ _BASE = {
     "kda_recurrent": {"BV": 32, "num_warps": 4, "num_stages": 1},
     "mla_decode": {"BS": 64, "num_warps": 8, "num_stages": 2, "split_min": 512},
     "attention": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
-    "moe_route": {"BN": 16, "BK": 64, "num_warps": 4, "num_stages": 2},
+    # router logits: BN tokens x BE experts x BK per step, K split until ~`programs` programs run;
+    # the *_small tiles serve <= small_max tokens (decode); the selection takes BR tokens a program
+    "moe_route": {"BN": 64, "BE": 128, "BK": 64, "num_warps": 8, "num_stages": 3,
+                  "BN_small": 16, "BE_small": 32, "BK_small": 128, "num_warps_small": 4, "num_stages_small": 2,
+                  "small_max": 64, "programs": 264, "BR": 4, "select_warps": 4},
     "moe_gemm": {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3,
                  "BM_small": 16, "BN_small": 64, "BK_small": 64},
-    "moe_permute": {"BLOCK": 256, "num_warps": 4, "num_stages": 1},
+    # permutation: BLOCK token copies per block (ranked SUB at a time), rows copied BD columns a
+    # program; the scan takes SCAN_E experts x SCAN_B blocks a step
+    "moe_permute": {"BLOCK": 1024, "SUB": 64, "BD": 256, "SCAN_E": 16, "SCAN_B": 64, "num_warps": 4,
+                    "num_stages": 1},
 }
 
 
@@ -56,9 +63,10 @@ TARGETS: dict[str, dict] = {
         "kda_recurrent": {"BV": 16},
         "mla_decode": {"BS": 16, "split_min": 16},
         "attention": {"BM": 16, "BN": 16},
-        "moe_route": {"BN": 4, "BK": 16},
+        "moe_route": {"BN": 64, "BE": 16, "BK": 16, "BN_small": 16, "BE_small": 16, "BK_small": 16,
+                      "small_max": 4, "programs": 8, "BR": 32},
         "moe_gemm": {"BM": 16, "BN": 16, "BK": 16, "BM_small": 16, "BN_small": 16, "BK_small": 16},
-        "moe_permute": {"BLOCK": 16}})},
+        "moe_permute": {"BLOCK": 64, "SUB": 16, "BD": 32, "SCAN_E": 4, "SCAN_B": 4}})},
 }
 
 TUNING_ENV = "KIMI_GRAPH_TRITON_TUNING"     # a tuning file written by `tuning.write_tuning`

@@ -1,0 +1,184 @@
+"""MoE token permutation and its inverse.
+
+Permute: a parallel stable counting sort of the M = N*top_k token copies by expert. Copies are cut
+into blocks of BLOCK; `moe_count` takes each block's expert histogram, `moe_scan` turns the
+histograms into each block's first slot per expert (an exclusive scan over blocks, per expert)
+and the expert totals, and `moe_scatter` ranks every copy inside its block (copies of one
+expert keep their order: stable), writes `order` and copies the token's row to its slot. When
+the copies fit in one block (decode) only `moe_scatter` runs, counting the block itself. Every
+launch is sized from shapes: nothing is read back to the host (CUDA-graph capturable).
+
+Un-permute: out[n] = acc[n] + sum_j w[n, j] y[slot of copy (n, j)], with the slots from `order`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render
+from .elementwise import ir_dtype, ptr_type
+from .targets import config, current_target
+
+_PERMUTE = """
+@triton.jit
+def moe_count(ids_ptr, counts_ptr, M):
+    # grid (blocks,): counts[b, e] = copies of block b routed to expert e
+    m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + m, mask=m < M, other=E).to(tl.int32)
+    e = tl.arange(0, NB)
+    tl.store(counts_ptr + tl.program_id(0) * E + e, tl.histogram(ids, NB), mask=e < E)
+
+
+@triton.jit
+def moe_scan(counts_ptr, base_ptr, tot_ptr, nblocks):
+    # grid (expert blocks,): base[b, e] = sum of counts[:b, e]; tot[e] = sum of counts[:, e]
+    e = tl.program_id(0) * SCAN_E + tl.arange(0, SCAN_E)
+    me = e < E
+    run = tl.zeros((SCAN_E,), tl.int32)
+    for b0 in range(0, nblocks, SCAN_B):
+        b = b0 + tl.arange(0, SCAN_B)
+        m = (b < nblocks)[:, None] & me[None, :]
+        c = tl.load(counts_ptr + b[:, None] * E + e[None, :], mask=m, other=0)
+        tl.store(base_ptr + b[:, None] * E + e[None, :], run[None, :] + tl.cumsum(c, 0) - c, mask=m)
+        run += tl.sum(c, 0)
+    tl.store(tot_ptr + e, run, mask=me)
+
+
+@triton.jit
+def moe_scatter(ids_ptr, base_ptr, tot_ptr, x_ptr, order_ptr, off_ptr, rows_ptr, M):
+    # grid (blocks, column blocks): slot of copy m = first slot of its expert + copies of that
+    # expert in earlier blocks + earlier copies in this block; rows[slot] = x[m // TOPK]
+    b = tl.program_id(0)
+    e = tl.arange(0, NB)
+    i = tl.arange(0, SUB)
+    earlier = i[None, :] < i[:, None]
+    if ONE_BLOCK:
+        tot = tl.zeros((NB,), tl.int32)
+        for s in range(0, BLOCK, SUB):
+            m = s + i
+            tot += tl.histogram(tl.load(ids_ptr + m, mask=m < M, other=E).to(tl.int32), NB)
+        tot = tl.where(e < E, tot, 0)
+        run = tl.cumsum(tot, 0) - tot
+    else:
+        tot = tl.load(tot_ptr + e, mask=e < E, other=0)
+        run = tl.cumsum(tot, 0) - tot + tl.load(base_ptr + b * E + e, mask=e < E, other=0)
+    if b + tl.program_id(1) == 0:
+        tl.store(off_ptr + 1 + e, tl.cumsum(tot, 0).to(tl.int64), mask=e < E)
+        tl.store(off_ptr + e, tl.zeros((NB,), tl.int64), mask=e == 0)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    md = d < D
+    for s in range(0, BLOCK, SUB):
+        m = b * BLOCK + s + i
+        mm = m < M
+        ids = tl.load(ids_ptr + m, mask=mm, other=E).to(tl.int32)
+        same = (ids[:, None] == ids[None, :]) & earlier
+        slot = tl.gather(run, ids, 0) + tl.sum(same.to(tl.int32), 1)
+        if tl.program_id(1) == 0:
+            tl.store(order_ptr + slot, m.to(tl.int64), mask=mm)
+        src = (m // TOPK).to(tl.int64)
+        v = tl.load(x_ptr + src[:, None] * D + d[None, :], mask=mm[:, None] & md[None, :])
+        tl.store(rows_ptr + slot.to(tl.int64)[:, None] * D + d[None, :], v, mask=mm[:, None] & md[None, :])
+        run += tl.histogram(ids, NB)
+"""
+
+_UNPERMUTE = """
+@triton.jit
+def moe_inverse(order_ptr, inv_ptr, M):
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = p < M
+    tl.store(inv_ptr + tl.load(order_ptr + p, mask=m, other=0), p.to(tl.int64), mask=m)
+
+
+@triton.jit
+def moe_unpermute(y_ptr, inv_ptr, w_ptr, acc_ptr, out_ptr):
+    # grid (tokens, D blocks): out[n] = acc[n] + sum_j w[n, j] y[inv[n * TOPK + j]]
+    tok = tl.program_id(0)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    md = d < D
+    a = tl.load(acc_ptr + tok * D + d, mask=md, other=0.0).to(tl.float32)
+    for j in tl.static_range(TOPK):
+        p = tl.load(inv_ptr + tok * TOPK + j)
+        wj = tl.load(w_ptr + tok * TOPK + j).to(tl.float32)
+        a += wj * tl.load(y_ptr + p * D + d, mask=md, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tok * D + d, a.to(DT), mask=md)
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def permute_specs(D, E, top_k, dtype, one_block, target):
+    """(count, scan, scatter) kernels; with one_block, the scatter counts its single block."""
+    cfg = config("moe_permute", target)
+    consts = {"D": D, "E": E, "NB": next_pow2(E + 1), "TOPK": top_k, "BLOCK": cfg["BLOCK"], "SUB": cfg["SUB"],
+              "BD": min(cfg["BD"], next_pow2(D)), "SCAN_E": cfg["SCAN_E"], "SCAN_B": cfg["SCAN_B"],
+              "ONE_BLOCK": bool(one_block)}
+    src = render("moe_permute", _PERMUTE, consts)
+    w, p = cfg["num_warps"], ptr_type(dtype)
+    mk = lambda name, sig: KernelSpec(name, name, src, sig, w, 1, consts)
+    return (mk("moe_count", {"ids_ptr": "*i64", "counts_ptr": "*i32", "M": "i32"}),
+            mk("moe_scan", {"counts_ptr": "*i32", "base_ptr": "*i32", "tot_ptr": "*i32", "nblocks": "i32"}),
+            mk("moe_scatter", {"ids_ptr": "*i64", "base_ptr": "*i32", "tot_ptr": "*i32", "x_ptr": p,
+                               "order_ptr": "*i64", "off_ptr": "*i64", "rows_ptr": p, "M": "i32"}))
+
+
+def moe_permute(x, ids, num_experts):
+    """-> rows [M, D] (token copies sorted by expert, stable), offsets [E+1] i64, order [M] i64."""
+    if ids.shape[:-1] != x.shape[:-1] or ids.dtype != torch.int64:
+        raise ValueError(f"ids {tuple(ids.shape)} {ids.dtype} do not fit x {tuple(x.shape)}")
+    D, k, E = x.shape[-1], ids.shape[-1], num_experts
+    flat = ids.reshape(-1).contiguous()
+    M, dev = flat.numel(), x.device
+    target = current_target()
+    nblocks = -(-M // config("moe_permute", target)["BLOCK"])
+    count, scan, scatter = permute_specs(D, E, k, ir_dtype(x), nblocks <= 1, target)
+    order = torch.empty(M, device=dev, dtype=torch.int64)
+    offsets = torch.zeros(E + 1, device=dev, dtype=torch.int64)
+    rows = torch.empty(M, D, device=dev, dtype=x.dtype)
+    if M:
+        c = scatter.config
+        base = torch.empty(nblocks, E, device=dev, dtype=torch.int32)
+        tot = torch.empty(E, device=dev, dtype=torch.int32)
+        if nblocks > 1:
+            counts = torch.empty(nblocks, E, device=dev, dtype=torch.int32)
+            launch(count, (nblocks,), flat, counts, M)
+            launch(scan, (-(-E // c["SCAN_E"]),), counts, base, tot, nblocks)
+        launch(scatter, (nblocks, -(-D // c["BD"])), flat, base, tot, x.reshape(-1, D).contiguous(), order,
+               offsets, rows, M)
+    return rows, offsets, order
+
+
+@functools.lru_cache(maxsize=None)
+def unpermute_specs(D, top_k, dtype, wdt, target):
+    cfg = config("moe_permute", target)
+    consts = {"D": D, "TOPK": top_k, "BLOCK": cfg["BLOCK"], "BD": min(1024, next_pow2(D)), "DT": TL_DTYPES[dtype]}
+    src = render("moe_unpermute", _UNPERMUTE, consts)
+    p = ptr_type(dtype)
+    return (KernelSpec("moe_inverse", "moe_inverse", src, {"order_ptr": "*i64", "inv_ptr": "*i64", "M": "i32"},
+                       4, 1, consts),
+            KernelSpec("moe_unpermute", "moe_unpermute", src, {"y_ptr": p, "inv_ptr": "*i64", "w_ptr": ptr_type(wdt),
+                                                               "acc_ptr": p, "out_ptr": p}, 4, 1, consts))
+
+
+def moe_unpermute(y, order, weights, acc):
+    k, D = weights.shape[-1], acc.shape[-1]
+    M = y.shape[0]
+    if order.shape != (M,) or weights.shape[:-1] != acc.shape[:-1] or M != weights.numel():
+        raise ValueError(f"y {tuple(y.shape)}, order {tuple(order.shape)}, weights {tuple(weights.shape)}, "
+                         f"acc {tuple(acc.shape)} do not fit")
+    inv_spec, un_spec = unpermute_specs(D, k, ir_dtype(acc), ir_dtype(weights), current_target())
+    inv = torch.empty(M, device=y.device, dtype=torch.int64)
+    out = torch.empty_like(acc.contiguous())
+    N = M // k
+    if M:
+        launch(inv_spec, (-(-M // inv_spec.config["BLOCK"]),), order.contiguous(), inv, M)
+        launch(un_spec, (N, -(-D // un_spec.config["BD"])), y.to(acc.dtype).contiguous(), inv,
+               weights.contiguous(), acc.contiguous(), out)
+    return out
+
+
+def specs(x, ids, attrs, target) -> list[KernelSpec]:
+    """Every permutation kernel one op may launch (one-block and multi-block forms), for AOT."""
+    out = []
+    for one in (True, False):
+        out += permute_specs(x.shape[-1], attrs["num_experts"], ids.shape[-1], x.dtype, one, target)[2 if one else 0:]
+    return out

@@ -1,0 +1,179 @@
+"""The MoE router in two kernels: the router logits x W^T split over (token, expert, K) blocks
+into fp32 partial sums, so a few tokens still spread over the whole GPU; then the selection
+per token (sum of the partials in a fixed order, sigmoid, + bias for selection, grouped top-k,
+renormalise, scale), entirely in registers.
+
+Ties: among exactly equal scores the lowest expert (and group) index wins. Groups may have any
+size the config allows (6 experts in 2 groups, 3 in 3): the selection pads each group to a power
+of two, so the padded [groups, experts-per-group] layout reshapes exactly."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render
+from .elementwise import ir_dtype, ptr_type
+from .targets import config, current_target
+
+_LOGITS = """
+@triton.jit
+def moe_router_logits(x_ptr, w_ptr, part_ptr, N, KCH):
+    # grid (token blocks, expert blocks, K splits): part[s, n, e] = sum over split s of x[n, k] w[e, k]
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    mr = rows < N
+    e = tl.program_id(1) * BE + tl.arange(0, BE)
+    me = e < E
+    k_lo = tl.program_id(2) * KCH
+    k_hi = tl.minimum(k_lo + KCH, D)
+    dk = tl.arange(0, BK)
+    acc = tl.zeros((BN, BE), tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        mk = k0 + dk < k_hi
+        x = tl.load(x_ptr + rows[:, None] * D + k0 + dk[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
+        w = tl.load(w_ptr + e[None, :] * D + k0 + dk[:, None], mask=me[None, :] & mk[:, None], other=0.0)
+        acc += tl.dot(x.to(CT), w.to(CT), input_precision="ieee")
+    out = part_ptr + tl.program_id(2).to(tl.int64) * N * E + rows[:, None] * E + e[None, :]
+    tl.store(out, acc, mask=mr[:, None] & me[None, :])
+"""
+
+_SELECT = """
+@triton.jit
+def moe_router_select(part_ptr, bias_ptr, ids_ptr, wts_ptr, N, S):
+    # grid (token blocks,): experts laid out [NGP groups, EGP slots] (padding slots masked)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    mr = rows < N
+    f = tl.arange(0, BEP)
+    slot = f % EGP
+    e = (f // EGP) * EG + slot
+    me = (slot < EG) & (e < E)
+    ek = tl.where(me, e, E)             # expert ids for comparisons (padding slots never match)
+    m2 = mr[:, None] & me[None, :]
+    acc = tl.zeros((BR, BEP), tl.float32)
+    p = part_ptr + rows[:, None] * E + e[None, :]
+    for s in range(0, S):               # the K splits, summed in a fixed order
+        acc += tl.load(p, mask=m2, other=0.0)
+        p += N * E
+    scores = 1.0 / (1.0 + tl.exp(-acc))
+    choice = scores + tl.load(bias_ptr + e, mask=me, other=0.0).to(tl.float32)[None, :]
+    choice = tl.where(me[None, :], choice, float("-inf"))
+    $groups
+    picked = tl.where(me[None, :], picked, float("-inf"))
+    src = $weights_from
+    tot = tl.zeros((BR,), tl.float32)
+    for j in tl.static_range(TOPK):
+        best = tl.max(picked, 1)
+        idx = tl.min(tl.where(picked == best[:, None], ek[None, :], E), 1)
+        hit = ek[None, :] == idx[:, None]
+        wj = tl.sum(tl.where(hit, src, 0.0), 1)
+        picked = tl.where(hit, float("-inf"), picked)
+        tl.store(ids_ptr + rows * TOPK + j, idx.to(tl.int64), mask=mr)
+        tl.store(wts_ptr + rows * TOPK + j, wj, mask=mr)
+        tot += wj
+    if RENORM:
+        inv = SCALING / (tot + 1e-20)
+    else:
+        inv = tl.full((BR,), SCALING, tl.float32)
+    for j in tl.static_range(TOPK):
+        wj = tl.load(wts_ptr + rows * TOPK + j, mask=mr, other=0.0)
+        tl.store(wts_ptr + rows * TOPK + j, wj * inv, mask=mr)
+"""
+
+_GROUPS = """
+# keep the TOPK_GROUP groups with the best top-2 sums (ties: lowest group); other experts' scores
+# become 0 (padding slots and padding groups hold -inf and are never kept)
+g3 = tl.reshape(choice, (BR, NGP, EGP))
+s3 = tl.reshape(slot[None, :] + tl.zeros((BR, BEP), tl.int32), (BR, NGP, EGP))
+t1 = tl.max(g3, 2)
+i1 = tl.min(tl.where(g3 == t1[:, :, None], s3, EGP), 2)
+gs = $group_score
+gi = tl.arange(0, NGP)
+keep = tl.zeros((BR, NGP), tl.int32)
+for _ in tl.static_range(TOPK_GROUP):
+    gb = tl.max(gs, 1)
+    gbi = tl.min(tl.where(gs == gb[:, None], gi[None, :], NGP), 1)
+    keep = tl.where(gi[None, :] == gbi[:, None], 1, keep)
+    gs = tl.where(gi[None, :] == gbi[:, None], float("-inf"), gs)
+keep_e = tl.reshape(keep[:, :, None] + tl.zeros((BR, NGP, EGP), tl.int32), (BR, BEP))
+picked = tl.where(keep_e > 0, choice, 0.0)
+"""
+
+
+def _compute_type(xdt: str, wdt: str):
+    """bf16 x bf16 (f16 x f16) products are exact in fp32: tensor cores with fp32 accumulation give
+    the fp32 router's numbers; any other mix computes in fp32 (exact "ieee" dot)."""
+    return TL_DTYPES[xdt] if xdt == wdt and xdt in ("bf16", "f16") else TL_DTYPES["f32"]
+
+
+@functools.lru_cache(maxsize=None)
+def logits_spec(D, E, xdt, wdt, small, target) -> KernelSpec:
+    cfg = config("moe_route", target)
+    sfx = "_small" if small else ""
+    consts = {"D": D, "E": E, "BN": cfg["BN" + sfx], "BE": min(cfg["BE" + sfx], max(16, next_pow2(E))),
+              "BK": cfg["BK" + sfx], "CT": _compute_type(xdt, wdt)}
+    src = render("moe_router_logits", _LOGITS, consts)
+    sig = {"x_ptr": ptr_type(xdt), "w_ptr": ptr_type(wdt), "part_ptr": "*fp32", "N": "i32", "KCH": "i32"}
+    return KernelSpec("moe_router_logits", "moe_router_logits", src, sig, cfg["num_warps" + sfx],
+                      cfg["num_stages" + sfx], {**cfg, **consts})
+
+
+@functools.lru_cache(maxsize=None)
+def select_spec(E, top_k, n_group, topk_group, renorm, scaling, weights, target) -> KernelSpec:
+    if E % n_group or not 0 < topk_group <= n_group or not 0 < top_k <= E:
+        raise ValueError(f"bad routing: {E} experts, {n_group} groups, topk_group {topk_group}, top_k {top_k}")
+    cfg = config("moe_route", target)
+    EG = E // n_group
+    EGP, NGP = next_pow2(EG), next_pow2(n_group)
+    BEP = max(16, EGP * NGP)
+    NGP = BEP // EGP                    # at least 16 slots: extra groups are padding
+    consts = {"E": E, "EG": EG, "EGP": EGP, "NGP": NGP, "BEP": BEP, "BR": cfg["BR"], "TOPK": top_k,
+              "TOPK_GROUP": topk_group, "RENORM": bool(renorm and top_k > 1), "SCALING": float(scaling)}
+    top2 = "t1 + tl.max(tl.where(s3 == i1[:, :, None], float('-inf'), g3), 2)" if EG > 1 else "t1"
+    groups = _GROUPS.replace("$group_score", top2) if n_group > 1 else "picked = choice"
+    src = render("moe_router_select", _SELECT, consts, groups=groups,
+                 weights_from="choice" if weights == "official" else "scores")
+    sig = {"part_ptr": "*fp32", "bias_ptr": "*fp32", "ids_ptr": "*i64", "wts_ptr": "*fp32", "N": "i32", "S": "i32"}
+    return KernelSpec("moe_router_select", "moe_router_select", src, sig, cfg["select_warps"], 1, consts)
+
+
+def _splits(N: int, D: int, E: int, spec: KernelSpec) -> tuple[int, int]:
+    """(K splits, K per split) from the shape alone: enough programs to fill the GPU."""
+    c = spec.config
+    blocks = -(-N // c["BN"]) * -(-E // c["BE"])
+    want = max(1, min(-(-c["programs"] // blocks), -(-D // c["BK"])))
+    kch = -(-(-(-D // want)) // c["BK"]) * c["BK"]
+    return -(-D // kch), kch
+
+
+def moe_route(x, gate_weight, bias, *, top_k, n_group=1, topk_group=1, renormalize=True, scaling=1.0,
+              weights="official"):
+    """-> (ids [..., top_k] i64, weights [..., top_k] fp32): the op library's moe_route."""
+    if weights not in ("official", "unbiased"):
+        raise ValueError(f"weights must be 'official' or 'unbiased', got {weights!r}")
+    E, D = gate_weight.shape
+    if x.shape[-1] != D or bias.shape != (E,):
+        raise ValueError(f"x {tuple(x.shape)}, gate_weight {tuple(gate_weight.shape)}, bias {tuple(bias.shape)}")
+    if bias.dtype != torch.float32:
+        raise TypeError("the triton router computes in fp32: bias must be fp32")
+    lead = x.shape[:-1]
+    xf = x.reshape(-1, D).contiguous()
+    N = xf.shape[0]
+    target = current_target()
+    sel = select_spec(E, top_k, n_group, topk_group, renormalize, float(scaling), weights, target)
+    ids = torch.empty(N, top_k, device=x.device, dtype=torch.int64)
+    wts = torch.empty(N, top_k, device=x.device, dtype=torch.float32)
+    if N:
+        small = N <= config("moe_route", target)["small_max"]
+        lg = logits_spec(D, E, ir_dtype(x), ir_dtype(gate_weight), small, target)
+        S, kch = _splits(N, D, E, lg)
+        part = torch.empty(S, N, E, device=x.device, dtype=torch.float32)
+        launch(lg, (-(-N // lg.config["BN"]), -(-E // lg.config["BE"]), S), xf, gate_weight.contiguous(), part, N, kch)
+        launch(sel, (-(-N // sel.config["BR"]),), part, bias.contiguous(), ids, wts, N, S)
+    return ids.view(*lead, top_k), wts.view(*lead, top_k)
+
+
+def specs(x, w, attrs, target) -> list[KernelSpec]:
+    """Every router kernel one op may launch (both logits variants), for AOT builds."""
+    sel = select_spec(w.shape[0], attrs["top_k"], attrs["n_group"], attrs["topk_group"], attrs["renormalize"],
+                      float(attrs["scaling"]), attrs["weights"], target)
+    return [logits_spec(x.shape[-1], w.shape[0], x.dtype, w.dtype, small, target) for small in (True, False)] + [sel]
