@@ -151,30 +151,19 @@ def load_ours(cfg: KimiLinearConfig, args) -> tuple[object, dict]:
     return model, info
 
 
-def prime(engine, slots: list[int], context: int, seed: int = 0) -> None:
-    """Give each slot `context` tokens of random cache contents and random small states, as if
-    it had prefilled that many tokens (decode timing at long context without the prefill)."""
-    cache = engine.cache
-    gen = torch.Generator(device=cache.device).manual_seed(seed)
-    for spec in cache.specs:
-        t = cache.storage[spec.name]
-        for s in slots:
-            dst = t[s] if spec.seq_axis is None else t[s].narrow(spec.seq_axis, 0, context)
-            scale = 0.05 if spec.seq_axis is None else 1.0
-            dst.copy_(scale * torch.randn(dst.shape, generator=gen, device=cache.device))
-    for s in slots:
-        cache.lengths[s] = cache._written[s] = context
-
-
 def decode_step_fn(engine, slots: list[int]):
-    """One decode step of `slots`, the argmax token fed back (as greedy generation does)."""
+    """One greedy decode step of `slots` as generation runs it: the step (a CUDA-graph replay
+    when the engine has graphs), the draw on the device, the tokens read back and fed in."""
+    from kimi_graph.runtime.sampling import Sampler, SamplingParams
+    sampler = Sampler(SamplingParams(max_new_tokens=1 << 30), len(slots))
+    rows = list(range(len(slots)))
     V = engine.model.config.vocab_size
-    tokens = [int(i) % V for i in range(len(slots))]
+    tokens = [i % V for i in rows]
 
     def step():
         nonlocal tokens
-        logits = engine.decode(slots, tokens)
-        tokens = logits.argmax(-1).tolist()
+        _, drawn = engine.decode_sample(slots, tokens, sampler, rows)
+        tokens = drawn.tolist()
     return step
 
 
@@ -216,10 +205,10 @@ def bench_decode(model, args, bw: float, rows: list) -> None:
                 print(row, flush=True)
                 continue
             for graphs in args.graph_modes:
-                engine = Engine(model, max_batch=B, max_len=L + args.steps + 8,
+                engine = Engine(model, max_batch=B, max_len=L + args.steps + 32,
                                 **args.engine_options, **({"cuda_graphs": graphs} if graphs else {}))
                 slots = engine.cache.allocate(B)
-                prime(engine, slots, L)
+                engine.fill_context(slots, L)
                 step = decode_step_fn(engine, slots)
                 for _ in range(3):
                     step()
@@ -351,10 +340,10 @@ def phase_long(args, bw: float, rows: list, info: dict) -> None:
             row = {"what": f"long_{label}", "B": 1, "context": L, "floor_ms": fl["total"] / bw * 1e3,
                    "cache_gb": fl["mla_cache"] / 1e9}
             try:
-                engine = Engine(model, max_batch=1, max_len=L + args.steps + 8, **args.engine_options,
+                engine = Engine(model, max_batch=1, max_len=L + args.steps + 32, **args.engine_options,
                                 **({"cuda_graphs": True} if True in args.graph_modes else {}))
                 slots = engine.cache.allocate(1)
-                prime(engine, slots, L)
+                engine.fill_context(slots, L)
                 step = decode_step_fn(engine, slots)
                 for _ in range(3):
                     step()

@@ -154,16 +154,20 @@ def random_tensor(name: str, ty: TensorType, seed: int, device: str | torch.devi
     device = torch.device(device)
     digest = hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest()
     gen = torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
-    shape = tuple(ty.shape)
-    t = torch.empty(shape, dtype=TORCH_DTYPES[ty.dtype], device=device)
+    shape, dtype = tuple(ty.shape), TORCH_DTYPES[ty.dtype]
+    # half types are drawn in fp32 and rounded: a bf16 model is the fp32 model rounded (the
+    # generators' streams differ per dtype on CUDA)
+    t = torch.empty(shape, dtype=torch.float32 if dtype.itemsize < 4 else dtype, device=device)
     leaf = name.rsplit(".", 2)
     kind = leaf[-2] if leaf[-1] == "weight" else leaf[-1]
     if kind.endswith("norm") or kind.endswith("layernorm"):
-        return t.normal_(1.0, 0.1, generator=gen)
-    if kind == "A_log":
-        return t.uniform_(1, 16, generator=gen).log_()
-    std = {"dt_bias": 0.5, "e_score_correction_bias": 0.05, "embed_tokens": 1.0}.get(kind)
-    return t.normal_(0.0, std if std is not None else 1 / math.sqrt(shape[-1]), generator=gen)
+        t.normal_(1.0, 0.1, generator=gen)
+    elif kind == "A_log":
+        t.uniform_(1, 16, generator=gen).log_()
+    else:
+        std = {"dt_bias": 0.5, "e_score_correction_bias": 0.05, "embed_tokens": 1.0}.get(kind)
+        t.normal_(0.0, std if std is not None else 1 / math.sqrt(shape[-1]), generator=gen)
+    return t.to(dtype)
 
 
 def random_weights(g: Graph, seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
