@@ -49,6 +49,50 @@ BACKENDS = {
 }
 
 
+# backend -> the options it takes (load's **options): names, or "module:attribute" where the
+# backend declares them
+BACKEND_OPTIONS = {"interpreter": (), "triton": (),
+                   "onnxruntime": "kimi_graph.runtime.ort_engine:OPTIONS",
+                   "torch": "kimi_graph.lowering.torch.backend:EXECUTOR_OPTIONS"}
+
+
+def check_options(backend: str, options: dict) -> None:
+    """ValueError for an option `backend` does not take (with the likely intended name)."""
+    import difflib
+    import inspect
+    known = BACKEND_OPTIONS[backend]
+    if isinstance(known, str):
+        mod, attr = known.split(":")
+        known = getattr(importlib.import_module(mod), attr)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        names = list(inspect.signature(load).parameters) + list(known)
+        hints = [f"{u} -> {m[0]}" for u in unknown for m in [difflib.get_close_matches(u, names, 1)] if m]
+        raise ValueError(f"load(): unknown option(s) {', '.join(unknown)} for backend {backend!r}"
+                         + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                         + f"; it takes {', '.join(sorted(known)) or 'no options'}")
+
+
+def resolve_device(device) -> str:
+    """"auto" -> "cuda" when CUDA is available, else "cpu"; any other device is checked."""
+    name = str(device)
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        d = torch.device(name)
+    except (RuntimeError, TypeError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"device {name!r} is not supported: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"device {name!r}: CUDA is not available ({why}); use 'cpu' or 'auto'")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
 def interpreter_backend(model: "KimiModel"):
     return lambda graph, inputs: run_graph(graph, inputs, model.weights)
 
@@ -143,7 +187,14 @@ class KimiModel:
         return self.executor(self.get_graph(mode, stateful), inputs)
 
     def check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = torch.as_tensor(input_ids)
+        if isinstance(input_ids, (str, bytes)):
+            raise ValueError("input_ids must be token ids (an integer tensor [B, T] or nested lists), "
+                             "got a string; encode text first: model.tokenizer.encode(text)")
+        try:
+            ids = torch.as_tensor(input_ids)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError("input_ids must be token ids (an integer tensor [B, T] or nested lists "
+                             f"of integers), got {type(input_ids).__name__} {input_ids!r:.60}") from None
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -200,20 +251,27 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
     (InsufficientMemoryError if they do not fit). `device="meta"` loads shapes only.
     `progress`: a progress bar (default: from 1 GiB on). `backend`: who executes the graphs
     (see BACKENDS); `options` go to the backend.
-    `check_finite`: check the weights for NaN and inf on their device (False: trusted)."""
+    `check_finite`: check the weights for NaN and inf on their device (False: trusted).
+    `device`: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available). Unknown options are
+    refused (ValueError), on every backend."""
     if dtype not in IR_DTYPES or dtype in (torch.int64, torch.int32, torch.bool):
         raise ValueError(f"unsupported dtype {dtype}")
-    config, path = resolve_config(model)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    check_options(backend, options)
+    device = resolve_device(device)
+    config, path = resolve_config(model)
     m = KimiModel(config, {}, dtype=dtype, device=device, router_weights=router_weights, path=path,
                   pipeline=pipeline, backend=backend, options=options)
     g = m.build()
-    if backend == "onnxruntime" and path is not None and (path / "kimi_graph_onnx.json").exists():
+    from .runtime.ort_engine import is_onnx_export
+    if path is not None and is_onnx_export(path):
         # an export-onnx directory: weights live in its models; dtype and router as exported
-        manifest = json.loads((path / "kimi_graph_onnx.json").read_text())
-        m.dtype, m.router_weights = getattr(torch, manifest["dtype"]), manifest["router_weights"]
+        if backend != "onnxruntime":
+            raise ValueError(f"{path} is an ONNX export (kimi-graph export-onnx): load it with "
+                             "backend='onnxruntime' (--backend onnxruntime)")
         m.options["onnx_dir"] = str(path)
+        m.executor                          # reads and checks the export now
         return m
     m.source = CheckpointSource(path, g, device) if path is not None else RandomSource(g, seed, device)
     what = (f"{model}" if isinstance(model, (str, Path)) else f"a {config.num_hidden_layers}-layer model") \
@@ -232,6 +290,8 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
                     "held_bytes_estimate": held, "peak_bytes_estimate": peak}
     if check_finite:
         check_finite_weights(m.weights)
+    if backend == "onnxruntime":
+        m.executor                          # dtype and options checked now, not at the first call
     return m
 
 

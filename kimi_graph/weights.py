@@ -30,8 +30,11 @@ def checkpoint_files(path: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise WeightError(f"{index} is not a valid safetensors index: {e}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise WeightError(f"{index}: weight_map must be an object (tensor name -> shard file), "
+                              f"got {type(weight_map).__name__}")
         files = sorted({path / f for f in weight_map.values()})
         missing = [str(f) for f in files if not f.exists()]
         if missing:

@@ -37,8 +37,9 @@ class Engine:
         max_len = limit if max_len is None else max_len
         if isinstance(max_len, int) and max_len > limit:
             raise GenerationError(f"max_len {max_len} exceeds the model's model_max_length {limit}")
-        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
-            raise GenerationError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
+        for name, v in (("prefill_chunk", prefill_chunk), ("window_block", window_block)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise GenerationError(f"{name} must be a positive integer or None, got {v!r:.40}")
         self.model, self.window_block, self.prefill_chunk = model, window_block, prefill_chunk
         decode = model.get_graph("decode")
         if state_specs(model.get_graph("prefill", stateful=True)) != state_specs(decode):
@@ -113,6 +114,7 @@ class Engine:
         return ids
 
     def check_request(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        params.stop_set((), self.model.config.vocab_size)       # stop ids inside the vocabulary
         if len(prompts) > self.cache.free_slots:
             raise GenerationError(f"batch of {len(prompts)} prompts is larger than the cache: "
                                   f"{self.cache.free_slots} of {self.cache.num_slots} slots free")
@@ -163,7 +165,7 @@ class Engine:
         sequences that go on. The last token sampled per sequence is not run (its slot holds
         everything before it)."""
         sampler = Sampler(params, len(slots))
-        stops = params.stop_set(self.model.config.eos_ids)
+        stops = params.stop_set(self.model.config.eos_ids, self.model.config.vocab_size)
         active = list(range(len(slots)))
         for step in range(params.max_new_tokens):
             tokens = sampler(logits, active)

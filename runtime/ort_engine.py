@@ -11,6 +11,8 @@ threads (intra-op threads), opset.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
 from pathlib import Path
 
@@ -20,28 +22,86 @@ import torch
 from kimi_graph.ir import Graph
 
 TWO_GB = 2 ** 31
+# load(..., backend="onnxruntime", **options): option -> default
+OPTIONS = {"ops": "ort", "providers": ["CPUExecutionProvider"], "threads": None, "opset": None,
+           "onnx_dir": None}
+
+
+MANIFEST = "kimi_graph_onnx.json"
+DTYPES = ("float32", "float16", "bfloat16")
+# manifest key -> the type its value must have
+MANIFEST_KEYS = {"models": dict, "dtype": str, "router_weights": str, "state_inputs": list,
+                 "sha256": dict}
 
 
 class OrtError(ValueError):
     """An export directory or graph the ONNX Runtime backend cannot run."""
 
 
+def is_onnx_export(path: Path) -> bool:
+    """A directory written by export-onnx (or what is left of one: ONNX models, no weights)."""
+    return (path / MANIFEST).exists() or (any(path.glob("*.onnx")) and not any(path.glob("*.safetensors")))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_export(path: Path) -> dict:
+    """An export directory's manifest, checked: its fields, and the sha256 of each file it
+    ties together (models and config.json), so a file changed or swapped since the export is
+    refused. OrtError says what is wrong."""
+    path = Path(path)
+    p = path / MANIFEST
+    again = "; export the model again (kimi-graph export-onnx)"
+    if not p.exists():
+        raise OrtError(f"{path} holds ONNX models but no {MANIFEST}: not a complete kimi-graph export" + again)
+    try:
+        man = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OrtError(f"{p} is not valid JSON ({e})" + again) from None
+    if not isinstance(man, dict):
+        raise OrtError(f"{p} must hold a JSON object, got {type(man).__name__}" + again)
+    bad = [f"{k} (a JSON {t.__name__})" for k, t in MANIFEST_KEYS.items() if not isinstance(man.get(k), t)]
+    if bad:
+        raise OrtError(f"{p} lacks or misstates {', '.join(bad)}" + again)
+    if man["dtype"] not in DTYPES:
+        raise OrtError(f"{p}: dtype {man['dtype']!r:.40} is not one of {', '.join(DTYPES)}" + again)
+    if man["router_weights"] not in ("official", "unbiased"):
+        raise OrtError(f"{p}: router_weights {man['router_weights']!r:.40} is not 'official' or 'unbiased'" + again)
+    if not {"prefill", "decode"} <= set(man["models"]):
+        raise OrtError(f"{p}: models must name the prefill and decode models" + again)
+    for name, digest in man["sha256"].items():
+        f = path / str(name)
+        if not f.is_file():
+            raise OrtError(f"{f} is missing: the export {path} is incomplete" + again)
+        if file_sha256(f) != digest:
+            raise OrtError(f"{f} changed since the export (its sha256 differs from the manifest's): "
+                           f"the models were built for the files as they were then" + again)
+    return man
+
+
 class OrtExecutor:
     def __init__(self, model):
         import onnxruntime as ort
         self.ort, self.model = ort, model
-        opts = model.options
-        self.ops = opts.get("ops", "ort")
-        self.providers = opts.get("providers", ["CPUExecutionProvider"])
-        self.threads = opts.get("threads")
-        self.opset = opts.get("opset")
+        opts = {**OPTIONS, **model.options}
+        self.ops, self.providers = opts["ops"], opts["providers"]
+        self.threads, self.opset = opts["threads"], opts["opset"]
         self.export_dir = Path(opts["onnx_dir"]) if opts.get("onnx_dir") else None
         self.manifest = None
-        if self.export_dir is not None:
-            from kimi_graph.lowering.onnx.package import read_manifest
-            self.manifest = read_manifest(self.export_dir)
-            if self.manifest is None:
-                raise OrtError(f"{self.export_dir} is not a kimi-graph ONNX export (no manifest)")
+        if self.export_dir is not None:      # dtype and router as exported
+            self.manifest = read_export(self.export_dir)
+            model.dtype = getattr(torch, self.manifest["dtype"])
+            model.router_weights = self.manifest["router_weights"]
+        if model.dtype == torch.bfloat16:
+            raise OrtError("bf16 models do not run through ONNX Runtime's Python API (numpy has no "
+                           "bf16; the CPU provider has no bf16 MatMul): use float32 or float16, or "
+                           "run a bf16 export with onnxruntime-genai or a C/C++ client")
         self._sessions: dict[tuple, object] = {}
         self._tmp = None
 

@@ -2,6 +2,7 @@
 sequence, so a sequence's tokens depend on its prompt and seed, not on its batch."""
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field
 
@@ -24,12 +25,20 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        self.stop_ids = tuple(self.stop_ids or ())
+        stop = self.stop_ids if self.stop_ids is not None else ()
+        if isinstance(stop, (str, bytes, int)) or not hasattr(stop, "__iter__"):
+            raise ValueError(f"stop_ids must be a list of token ids, got {type(stop).__name__} {stop!r:.40}")
+        self.stop_ids = tuple(stop)
+        bad = [x for x in self.stop_ids if not isinstance(x, int) or isinstance(x, bool) or x < 0]
+        if bad:
+            raise ValueError(f"stop_ids must be token ids (integers >= 0), got {bad[:4]!r:.60}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r:.40}")
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
                 or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 is off), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
@@ -41,7 +50,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def stop_set(self, eos_ids) -> set[int]:
+    def stop_set(self, eos_ids, vocab_size: int | None = None) -> set[int]:
+        """The stop tokens: stop_ids (checked against `vocab_size` when given) and eos."""
+        out = [x for x in self.stop_ids if vocab_size is not None and x >= vocab_size]
+        if out:
+            raise ValueError(f"stop_ids {out[:4]} are outside the vocabulary [0, {vocab_size})")
         return set(self.stop_ids) | (set() if self.ignore_eos else set(eos_ids))
 
 

@@ -109,7 +109,7 @@ class Scheduler:
         """Queue a request (checked now: GenerationError for one that cannot run, QueueFull
         when `max_queue` requests already wait)."""
         req = Request(self.check(prompt, params), params, sink, t_submit=time.perf_counter())
-        req.stops = frozenset(params.stop_set(self._eos))
+        req.stops = frozenset(params.stop_set(self._eos, self.engine.model.config.vocab_size))
         req.sampler = None if params.greedy else Sampler(params, 1)
         with self._cv:
             if len(self._inbox) + len(self.waiting) >= self.max_queue:

@@ -140,6 +140,131 @@ def _(tmp):
     m.generate([[1, 2, 3]], max_new_tokens=2)
 
 
+# -- requests: token ids, stops, sampling, engine sizing ------------------------------------
+def _tiny_call(fn):
+    return lambda tmp: fn(kimi_graph.load("tiny"))
+
+
+for id_, fn, error, phrase in [
+    ("ids_as_string", lambda m: m("1,2,3"), ValueError, "input_ids must be token ids"),
+    ("ids_as_strings_list", lambda m: m([["a", "b"]]), ValueError, "nested lists of integers"),
+    ("stop_ids_int", lambda m: m.generate([[1]], stop_ids=5), ValueError, "stop_ids must be a list of token ids, got int"),
+    ("stop_ids_string", lambda m: m.generate([[1]], stop_ids="5"), ValueError, "stop_ids must be a list of token ids, got str"),
+    ("stop_ids_out_of_vocab", lambda m: m.generate([[1]], stop_ids=[10 ** 6]), ValueError,
+     "stop_ids [1000000] are outside the vocabulary [0, 512)"),
+    ("stop_ids_negative", lambda m: m.generate([[1]], stop_ids=[-1]), ValueError, "stop_ids must be token ids (integers >= 0)"),
+    ("stop_ids_letters", lambda m: m.generate([[1]], stop_ids=["a"]), ValueError, "stop_ids must be token ids"),
+    ("ignore_eos_string", lambda m: m.generate([[1]], ignore_eos="no"), ValueError, "ignore_eos must be True or False"),
+    ("temperature_inf", lambda m: m.generate([[1]], temperature=math.inf), ValueError,
+     "temperature must be a finite number >= 0"),
+    ("temperature_nan", lambda m: m.generate([[1]], temperature=math.nan), ValueError, "temperature must be a finite"),
+    ("window_block_negative", lambda m: m.generate([[1]], engine_options={"window_block": -4}),
+     ValueError, "window_block must be a positive integer or None, got -4"),
+    ("prompt_not_a_list", lambda m: m.generate([[1, 2], 7]), ValueError, "a prompt must be a list of token ids"),
+]:
+    CASES.append((id_, _tiny_call(fn), error, phrase))
+
+
+# -- load() options and devices -----------------------------------------------------------
+for id_, options, phrase in [
+    ("torch_dtype", {"torch_dtype": torch.float16},
+     "unknown option(s) torch_dtype for backend 'interpreter' (did you mean torch_dtype -> dtype?)"),
+    ("pipline", {"pipline": "default"}, "pipline -> pipeline"),
+    ("interpreter_compile", {"compile": True}, "unknown option(s) compile for backend 'interpreter'"),
+    ("triton_bogus", {"backend": "triton", "bogus": 1}, "bogus for backend 'triton'; it takes no options"),
+    ("torch_bogus", {"backend": "torch", "bogus": 1}, "it takes check_inputs, compile"),
+    ("onnxruntime_thread", {"backend": "onnxruntime", "thread": 2}, "thread -> threads"),
+    ("device_tpu", {"device": "tpu"}, "device 'tpu' is not supported"),
+    ("device_gpu", {"device": "gpu"}, "device 'gpu' is not supported"),
+    ("bf16_on_onnxruntime", {"backend": "onnxruntime", "dtype": torch.bfloat16}, "bf16 models do not run"),
+]:
+    CASES.append((id_, (lambda o: lambda tmp: kimi_graph.load("tiny", **o))(options), ValueError, phrase))
+
+
+@case("device_tpu_on_a_checkpoint", ValueError, "device 'tpu' is not supported")
+def _(tmp):
+    write_checkpoint(tmp, TINY, seed=0)
+    kimi_graph.load(tmp, device="tpu")
+
+
+@case("index_weight_map_list", WeightError, "weight_map must be an object (tensor name -> shard file), got list")
+def _(tmp):
+    write_checkpoint(tmp, TINY, seed=0, shard_bytes=100_000)
+    index = tmp / "model.safetensors.index.json"
+    d = json.loads(index.read_text())
+    d["weight_map"] = list(d["weight_map"].values())
+    index.write_text(json.dumps(d))
+    kimi_graph.load(tmp)
+
+
+# -- export directories that check themselves ----------------------------------------------
+_EXPORT = {}
+
+
+def export_copy(tmp):
+    """A fresh copy of one tiny fp32 export (made once)."""
+    import shutil
+    import tempfile
+    from kimi_graph.lowering.onnx.package import export_model
+    if "dir" not in _EXPORT:
+        _EXPORT["dir"] = tempfile.mkdtemp(prefix="kimi_graph_corpus_")
+        export_model(kimi_graph.load("tiny"), _EXPORT["dir"], genai=False, check_models=False)
+    out = tmp / "export"
+    shutil.copytree(_EXPORT["dir"], out)
+    return out
+
+
+def broken_export(edit):
+    def make(tmp):
+        out = export_copy(tmp)
+        edit(out)
+        kimi_graph.load(out, backend="onnxruntime")
+    return make
+
+
+def _edit_json(name, fn):
+    def edit(out):
+        d = json.loads((out / name).read_text())
+        fn(d)
+        (out / name).write_text(json.dumps(d))
+    return edit
+
+
+for id_, edit, phrase in [
+    ("manifest_missing", lambda out: (out / "kimi_graph_onnx.json").unlink(),
+     "holds ONNX models but no kimi_graph_onnx.json"),
+    ("manifest_not_json", lambda out: (out / "kimi_graph_onnx.json").write_text("{oops"), "is not valid JSON"),
+    ("manifest_without_dtype", _edit_json("kimi_graph_onnx.json", lambda d: d.pop("dtype")),
+     "lacks or misstates dtype"),
+    ("manifest_dtype_float99", _edit_json("kimi_graph_onnx.json", lambda d: d.update(dtype="float99")),
+     "dtype 'float99' is not one of"),
+    ("manifest_without_hashes", _edit_json("kimi_graph_onnx.json", lambda d: d.pop("sha256")),
+     "lacks or misstates sha256"),
+    ("decode_over_prefill", lambda out: (out / "prefill.onnx").write_bytes((out / "decode.onnx").read_bytes()),
+     "prefill.onnx changed since the export"),
+    ("config_gained_a_layer", _edit_json("config.json", lambda d: d.update(
+        num_hidden_layers=5, linear_attn_config={**d["linear_attn_config"], "kda_layers": [1, 3, 5]})),
+     "config.json changed since the export"),
+    ("vocabulary_enlarged", _edit_json("config.json", lambda d: d.update(vocab_size=1024)),
+     "config.json changed since the export"),
+    ("model_file_missing", lambda out: (out / "decode.onnx").unlink(), "decode.onnx is missing"),
+]:
+    CASES.append((id_, broken_export(edit), ValueError, phrase))
+
+
+@case("bf16_export_on_onnxruntime", ValueError, "bf16 models do not run")
+def _(tmp):
+    out = export_copy(tmp)
+    _edit_json("kimi_graph_onnx.json", lambda d: d.update(dtype="bfloat16"))(out)
+    kimi_graph.load(out, backend="onnxruntime")
+
+
+@case("export_loaded_on_another_backend", ValueError, "is an ONNX export (kimi-graph export-onnx)")
+def _(tmp):
+    kimi_graph.load(export_copy(tmp))
+
+
+# -- the corpus runs ------------------------------------------------------------------------
 @pytest.mark.parametrize("make,error,phrase", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_malformed_input(make, error, phrase, tmp_path):
     with pytest.raises(error) as e:
@@ -152,3 +277,18 @@ def test_trusted_weights_skip_the_check(tmp_path):
     w["model.norm.weight"][0] = math.nan
     write_checkpoint(tmp_path, TINY, weights=w)
     assert torch.isnan(kimi_graph.load(tmp_path, check_finite=False).weights["model.norm.weight"][0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_finite_check_and_auto_device(tmp_path):
+    from kimi_graph.api import resolve_device
+    assert resolve_device("auto") == "cuda"
+    w = random_weights(TINY, 0)
+    w["model.layers.2.self_attn.kv_b_proj.weight"][1, 1] = math.inf
+    write_checkpoint(tmp_path, TINY, weights=w)
+    with pytest.raises(NonFiniteError, match="model.layers.2.self_attn.kv_b_proj.weight"):
+        kimi_graph.load(tmp_path, device="auto")
+    m = kimi_graph.load(tmp_path, device="cuda", check_finite=False)
+    assert m.weights["model.norm.weight"].is_cuda
+    with pytest.raises(ValueError, match="there are"):
+        kimi_graph.load("tiny", device=f"cuda:{torch.cuda.device_count()}")

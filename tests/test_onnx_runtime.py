@@ -77,7 +77,7 @@ def test_fp16_export_runs(tmp_path):
 def test_export_errors(tmp_path, capsys):
     assert main(["export-onnx", "tiny", "--out", str(tmp_path), "--opset", "17"]) == 2
     assert "too old" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="not a kimi-graph ONNX export"):
+    with pytest.raises(ValueError, match="not a complete kimi-graph export"):
         from kimi_graph.runtime.ort_engine import OrtExecutor
         m = kimi_graph.load("tiny")
         m.options["onnx_dir"] = str(tmp_path)

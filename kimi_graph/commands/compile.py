@@ -12,16 +12,36 @@ def add_arguments(p):
     p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
     p.add_argument("--tuning", help="a per-device tuning file (from the autotuner) to apply and ship")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--force", action="store_true",
+                   help="replace a previous build in --out (removes only the files it wrote)")
+
+
+def owned(path):
+    """What a previous build wrote into `path`: its manifest, sources, per-target folders and
+    tuning file."""
+    import json
+    names = ["manifest.json", "src"]
+    try:
+        man = json.loads((path / "manifest.json").read_text())
+        names += list(man.get("targets", [])) + ([man["tuning"]] if man.get("tuning") else [])
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    return [str(n) for n in names]
 
 
 def run(args) -> int:
+    from collections import Counter
+
     from ..lowering.triton.aot import compile_model
     from ..lowering.triton.targets import parse_targets
+    from .output import output_dir
     targets = parse_targets(args.target)
+    output_dir(args.out, args.force, owned)
     pipeline = None if args.pipeline in ("", "none") else args.pipeline
     m = compile_model(args.model, targets, args.out, pipeline=pipeline, dtype=args.dtype, tuning=args.tuning,
                       log=(lambda *_: None) if args.quiet else print)
-    kernels = {e["kernel"] for e in m["kernels"]}
-    print(f"{len(m['kernels'])} binaries ({len(kernels)} kernels x {len(targets)} targets) in {args.out}, "
-          f"triton {m['triton_version']}")
+    per_target = Counter(e["target"] for e in m["kernels"])
+    print(f"{len(m['kernels'])} kernel binaries in {args.out} ("
+          + ", ".join(f"{per_target[t]} for {t}" for t in targets)
+          + f"; {len({e['kernel'] for e in m['kernels']})} distinct kernels), triton {m['triton_version']}")
     return 0

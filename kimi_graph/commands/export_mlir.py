@@ -17,28 +17,24 @@ def add_arguments(p):
     p.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16", "f64"])
     p.add_argument("--pipeline", default=None, help="pass pipeline to run first (e.g. default)")
     p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
 
 
 def run(args) -> int:
-    import sys
-    from pathlib import Path
-
     from ..api import load
+    from .output import human_bytes
     from ..lowering.mlir.export import example_inputs, export_mlir
     from ..ops import TORCH_DTYPES
 
+    from .output import output_file
     for flag in ("batch", "seq", "cache_len"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+    out = output_file(args.out, args.force)
     model = load(args.model, dtype=TORCH_DTYPES[args.dtype], pipeline=args.pipeline, seed=args.seed)
     g = model.get_graph(args.mode, args.stateful)
     inputs = example_inputs(g, args.batch, 1 if args.mode == "decode" else args.seq, args.cache_len)
-    try:
-        text = export_mlir(g, model.weights, args.dialect, inputs)
-    except ImportError as e:          # torch-mlir missing: say how to get it, no traceback
-        print(f"kimi-graph export-mlir: error: {e}", file=sys.stderr)
-        return 2
-    Path(args.out).write_text(text)
-    print(f"wrote {args.out}: {args.dialect}, {len(text) / 1e6:.1f} MB, graph {g.name} "
-          f"({len(g)} ops)")
+    text = export_mlir(g, model.weights, args.dialect, inputs)    # ImportError without torch-mlir
+    out.write_text(text)
+    print(f"wrote {args.out}: {args.dialect}, {human_bytes(len(text))}, graph {g.name} ({len(g)} ops)")
     return 0

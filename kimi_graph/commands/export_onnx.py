@@ -11,12 +11,29 @@ def add_arguments(p):
     p.add_argument("--ops", choices=("ort", "portable"), default="ort",
                    help="ort: ONNX Runtime's fused contrib ops (default); portable: standard ops + functions")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--opset", type=int, default=None, help="ai.onnx opset (default 23)")
+    p.add_argument("--opset", type=int, default=None, help="ai.onnx opset (None: 23)")
     p.add_argument("--pipeline", default=None, help="pass pipeline to run first (e.g. default)")
     p.add_argument("--router-weights", choices=("official", "unbiased"), default="official")
     p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
     p.add_argument("--no-genai", action="store_true", help="skip the onnxruntime-genai model")
     p.add_argument("--no-check", action="store_true", help="skip onnx.checker and shape inference")
+    p.add_argument("--force", action="store_true",
+                   help="replace a previous export in --out (removes only the files it wrote)")
+
+
+def owned(path):
+    """The files an export wrote into `path` (by its manifest, and by name)."""
+    from ..runtime.ort_engine import MANIFEST
+    names = ["prefill.onnx", "decode.onnx", "genai.onnx", "weights.bin", "genai_config.json",
+             "config.json", MANIFEST]
+    try:
+        import json
+        man = json.loads((path / MANIFEST).read_text())
+        names += list(man.get("models", {}).values()) + list(man.get("tokenizer_files", []))
+        names += [man["external_weights"]] if man.get("external_weights") else []
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    return [str(n) for n in names]
 
 
 def run(args) -> int:
@@ -28,7 +45,9 @@ def run(args) -> int:
     from ..lowering.onnx import DEFAULT_OPSET
     from ..lowering.onnx.package import export_model
 
+    from .output import output_dir
     t0 = time.perf_counter()
+    output_dir(args.out, args.force, owned)
     model = load(args.model, dtype=getattr(torch, DTYPES[args.dtype]), router_weights=args.router_weights,
                  seed=args.seed, pipeline=args.pipeline)
     man = export_model(model, args.out, ops=args.ops, opset=args.opset or DEFAULT_OPSET,

@@ -34,9 +34,21 @@ def add_arguments(p):
     p.add_argument("--tokenizer", help="directory with tiktoken.model and tokenizer_config.json")
     p.add_argument("--print-ids", action="store_true", help="print token ids, not text")
     p.add_argument("--dtype", default="f32", choices=DTYPES)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default="interpreter")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--backend", default="auto",
+                   help="interpreter, torch, triton, onnxruntime; auto: onnxruntime for an "
+                        "export-onnx directory, else interpreter")
     p.add_argument("--pipeline", default=None, help="pass pipeline to run before execution")
+
+
+def pick_backend(backend: str, model: str) -> str:
+    """--backend auto: onnxruntime for an export-onnx directory, else the interpreter."""
+    from pathlib import Path
+
+    from ..runtime.ort_engine import is_onnx_export
+    if backend != "auto":
+        return backend
+    return "onnxruntime" if Path(model).is_dir() and is_onnx_export(Path(model)) else "interpreter"
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -55,7 +67,7 @@ def run(args) -> int:
     if args.chat and args.prompt is None:
         raise ValueError("--chat needs --prompt")
     model = load(args.model, dtype=TORCH_DTYPES[args.dtype], device=args.device, seed=args.seed,
-                 backend=args.backend, pipeline=args.pipeline)
+                 backend=pick_backend(args.backend, args.model), pipeline=args.pipeline)
     tok = None
     if args.ids is None or args.tokenizer:
         tok = load_tokenizer(args.tokenizer, model.config.vocab_size) if args.tokenizer else model.tokenizer

@@ -115,14 +115,15 @@ def format_comparison(p: dict) -> str:
 
 
 def format_summary(f: dict) -> str:
+    from .output import human, human_bytes
     lines = [
-        f"total params            {f['total_params'] / 1e9:8.3f} B",
-        f"active params / token   {f['active_params_per_token'] / 1e9:8.3f} B",
+        f"total params            {human(f['total_params'])}",
+        f"active params / token   {human(f['active_params_per_token'])}",
         f"layers                  {f['layers']['kda']} KDA + {f['layers']['mla']} MLA "
         f"({f['moe_layers']} MoE)",
-        f"MLA cache / token       {f['kv_cache_bytes_per_token']} bytes (bf16)",
-        f"KDA state / sequence    {f['kda_state_bytes_per_sequence']} bytes",
-        f"FLOPs / token           {f['flops_per_token'] / 1e9:8.3f} G (prefill, short context)",
+        f"MLA cache / token       {human_bytes(f['kv_cache_bytes_per_token'])} (bf16)",
+        f"KDA state / sequence    {human_bytes(f['kda_state_bytes_per_sequence'])}",
+        f"FLOPs / token           {human(f['flops_per_token'], 'FLOP')} (prefill, short context)",
         f"ops                     {f['num_ops']}",
     ]
     if "weight_bytes" in f:

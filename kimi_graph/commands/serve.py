@@ -13,7 +13,7 @@ def add_arguments(p):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", default="interpreter", help="interpreter, torch, triton, onnxruntime")
     p.add_argument("--dtype", default="f32", choices=DTYPES)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--pipeline", default=None, help="pass pipeline to run before execution")
     p.add_argument("--experts", default=None,
                    help="storage of the routed experts' weights (default: --dtype); other formats "

@@ -18,11 +18,11 @@ import torch
 from onnx import TensorProto
 
 from kimi_graph.ops import IR_DTYPES
+from kimi_graph.runtime.ort_engine import MANIFEST, file_sha256, read_export
 
 from .emitter import ONNX_DTYPES, tensor_proto
 from .export import DEFAULT_OPSET, ir_version_for, lower
 
-MANIFEST = "kimi_graph_onnx.json"
 WEIGHTS_FILE = "weights.bin"
 TWO_GB = 2 ** 31
 ALIGN = 4096
@@ -143,6 +143,8 @@ def export_model(model, out: str | Path, *, ops: str = "ort", opset: int = DEFAU
         "tokenizer_files": copied, "onnx": onnx.__version__,
         "graph_sha256": {n: hashlib.sha256(str(model.get_graph(*MODELS[n])).encode()).hexdigest()
                          for n in MODELS},
+        # what ties the directory together: a changed or swapped file is refused on loading
+        "sha256": {f: file_sha256(out / f) for f in ["config.json", *files.values()]},
         "export_seconds": round(time.perf_counter() - t0, 2),
     }
     if genai:
@@ -153,5 +155,5 @@ def export_model(model, out: str | Path, *, ops: str = "ort", opset: int = DEFAU
 
 
 def read_manifest(path: str | Path) -> dict | None:
-    p = Path(path) / MANIFEST
-    return json.loads(p.read_text()) if p.exists() else None
+    """The checked manifest of an export directory (see read_export); None if it has none."""
+    return read_export(Path(path)) if (Path(path) / MANIFEST).exists() else None
