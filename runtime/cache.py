@@ -278,3 +278,44 @@ class CacheManager:
                     dst.copy_(new)
             else:
                 t.index_copy_(0, rows, new.to(t.dtype))
+
+    # -- one slot's contents copied out and back (prefix caching) ------------------
+    def _seq_rows(self, slot: int, n: int):
+        """Flat pool rows of `slot`'s first n positions (paged), else None."""
+        if not self.page_size:
+            return None
+        return self._page_rows([slot], torch.arange(n, device=self.device).view(1, n))[0]
+
+    def save(self, slot: int) -> dict[str, torch.Tensor]:
+        """A copy of what `slot` holds: its fixed-size states and its cache rows up to its
+        length (`restore` puts it into another slot)."""
+        self._check(slot)
+        n = self.lengths[slot]
+        rows = self._seq_rows(slot, n)
+        out = {}
+        for spec in self.specs:
+            t = self.storage[spec.name]
+            if spec.seq_axis is None:
+                out[spec.name] = t[slot].clone()
+            elif rows is not None:
+                out[spec.name] = t.flatten(0, 1)[rows]
+            else:
+                out[spec.name] = t[slot].narrow(spec.seq_axis, 0, n).clone()
+        return out
+
+    def restore(self, slot: int, saved: dict[str, torch.Tensor], length: int) -> None:
+        """Make the empty `slot` hold `saved`, what `save` took from a slot of `length` tokens."""
+        self._check(slot)
+        if self.lengths[slot]:
+            raise CacheError(f"slot {slot} is not empty: it holds {self.lengths[slot]} tokens")
+        self.reserve([slot], length)
+        rows = self._seq_rows(slot, length)
+        for spec in self.specs:
+            t, src = self.storage[spec.name], saved[spec.name]
+            if spec.seq_axis is None:
+                t[slot].copy_(src)
+            elif rows is not None:
+                t.flatten(0, 1).index_copy_(0, rows, src)
+            else:
+                t[slot].narrow(spec.seq_axis, 0, length).copy_(src)
+        self.advance([slot], length)

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from .engine import Engine, GenerationError
+from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams
 
 log = logging.getLogger("kimi_graph.scheduler")
@@ -45,6 +46,7 @@ class Request:
     id: int = 0
     slot: int | None = None
     prefilled: int = 0                  # prompt tokens already in the slot
+    cached: int = 0                     # of which restored from the prefix cache
     output: list[int] = field(default_factory=list)
     pending: int | None = None          # the last sampled token, not yet run
     sampler: Sampler | None = None
@@ -61,11 +63,12 @@ class Scheduler:
     `prefill_chunk`: prompt tokens per request per prefill call. `step_tokens`: tokens a
     step may run (decodes plus prefill chunks), default max_batch + prefill_chunk.
     `max_queue`: requests that may wait for a slot before `submit` raises QueueFull.
+    `prefix_cache_bytes`: keep up to this many bytes of prompt prefixes (0: off).
     `on_step(waiting, running)` and `on_finish(request)` are called on the step's thread
     (metrics)."""
 
     def __init__(self, engine: Engine, *, prefill_chunk: int = 256, step_tokens: int | None = None,
-                 max_queue: int = 256, on_step=None, on_finish=None):
+                 max_queue: int = 256, prefix_cache_bytes: int = 0, on_step=None, on_finish=None):
         for name, v in (("prefill_chunk", prefill_chunk), ("max_queue", max_queue),
                         ("step_tokens", step_tokens)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -73,6 +76,7 @@ class Scheduler:
         self.engine, self.prefill_chunk, self.max_queue = engine, prefill_chunk, max_queue
         self.step_tokens = step_tokens or engine.cache.num_slots + prefill_chunk
         self.on_step, self.on_finish = on_step, on_finish
+        self.prefix = PrefixCache(engine.cache, prefill_chunk, prefix_cache_bytes) if prefix_cache_bytes else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._inbox: deque[Request] = deque()
@@ -161,6 +165,8 @@ class Scheduler:
                 break       # every admitted request's worst case fits, so none stalls midway
             self.waiting.popleft()
             (r.slot,) = cache.allocate(1)
+            if self.prefix is not None:
+                r.prefilled = r.cached = self.prefix.restore(r.slot, r.prompt)
             self.running.append(r)
 
     def _pages(self, r: Request) -> int:
@@ -202,6 +208,8 @@ class Scheduler:
                 ready = []
                 for i, (r, n) in enumerate(work):
                     r.prefilled += n
+                    if self.prefix is not None:
+                        self.prefix.save(r.slot, r.prompt)
                     if r.prefilled == len(r.prompt):
                         ready.append(i)
                 if not ready:

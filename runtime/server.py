@@ -49,6 +49,8 @@ class Metrics:
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter(p + "prompt_tokens", "prompt tokens admitted", registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "tokens generated", registry=r)
+        self.cached_tokens = Counter(p + "prefix_cache_hit_tokens", "prompt tokens restored from the "
+                                     "prefix cache instead of run", registry=r)
         self.queue_depth = Gauge(p + "queue_depth", "requests waiting for a cache slot", registry=r)
         self.running = Gauge(p + "running_requests", "requests holding a cache slot", registry=r)
         self.occupancy = Gauge(p + "batch_occupancy", "running requests / max batch", registry=r)
@@ -65,6 +67,7 @@ class Metrics:
 
     def on_finish(self, r: Request) -> None:
         self.generation_tokens.inc(len(r.output))
+        self.cached_tokens.inc(r.cached)
         if r.t_first is not None:
             self.ttft.observe(r.t_first - r.t_submit)
         if len(r.output) > 1:
@@ -137,7 +140,8 @@ class Generation:
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.tokens),
-                "total_tokens": self.prompt_tokens + len(self.tokens)}
+                "total_tokens": self.prompt_tokens + len(self.tokens),
+                "prompt_tokens_details": {"cached_tokens": self.req.cached}}
 
 
 class EventStream(StreamingResponse):
@@ -349,13 +353,14 @@ def _usage_chunk(req) -> bool:
 # -- running it -------------------------------------------------------------------------------
 def build_server(model, *, name: str, max_batch: int = 8, max_len: int = 4096,
                  api_key: str | None = None, max_queue: int = 256, prefill_chunk: int = 256,
-                 step_tokens: int | None = None, page_size: int | None = None) -> OpenAIServer:
+                 step_tokens: int | None = None, page_size: int | None = None,
+                 prefix_cache_bytes: int = 0) -> OpenAIServer:
     """An engine of `max_batch` slots of `max_len` tokens, its scheduler (started), the app."""
     from .engine import Engine
     max_len = min(max_len, model.config.model_max_length)
     engine = Engine(model, max_batch, max_len, page_size=page_size)
     scheduler = Scheduler(engine, prefill_chunk=prefill_chunk, step_tokens=step_tokens,
-                          max_queue=max_queue)
+                          max_queue=max_queue, prefix_cache_bytes=prefix_cache_bytes)
     server = OpenAIServer(model, scheduler, name, api_key)
     scheduler.start()
     return server

@@ -127,3 +127,37 @@ def test_a_failing_step_ends_only_its_requests(model):
     while not s.idle:
         s.step()
     assert engine.cache.free_pages == 3
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_prefix_cache_keeps_outputs(model, page_size):
+    """Prompts that share chunk-aligned prefixes continue from the saved states: the chunks
+    that run are only the new ones, and the outputs equal a cold run's."""
+    rng = random.Random(1)
+    shared = [rng.randrange(512) for _ in range(9)]
+    prompts = [shared + [rng.randrange(512) for _ in range(k)] for k in (0, 3, 6)] + [shared[:5] + [7]]
+    params = [SamplingParams(max_new_tokens=3, ignore_eos=True, temperature=0.0 if i % 2 else 0.7, seed=i)
+              for i in range(len(prompts))]
+    cold = Engine(model, 1, 32)
+    want = [cold.generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    engine = Engine(model, 2, 32, page_size=page_size)
+    s = Scheduler(engine, prefill_chunk=4, prefix_cache_bytes=1 << 20)
+    ran = []
+    prefill = engine.prefill
+    engine.prefill = lambda slots, chunks: ran.append([len(c) for c in chunks]) or prefill(slots, chunks)
+    got = []
+    for p, sp in zip(prompts, params):          # one after another: each finds the last's saves
+        rec = Recorder()
+        req = s.submit(p, sp, rec)
+        while not s.idle:
+            s.step()
+        got.append((rec.tokens, req.cached))
+    assert [t for t, _ in got] == want
+    assert [c for _, c in got] == [0, 8, 8, 4]
+    assert sum(sum(r) for r in ran) == 9 + 4 + 7 + 2
+    # the budget holds: entries past it are dropped, oldest first
+    small = Scheduler(Engine(model, 1, 32), prefill_chunk=4, prefix_cache_bytes=1)
+    small.submit(shared, params[0], Recorder())
+    while not small.idle:
+        small.step()
+    assert not small.prefix.entries

@@ -67,7 +67,7 @@ class Live:
 @pytest.fixture(scope="module")
 def live(model_dir):
     s = Live(kimi_graph.load(model_dir), max_batch=MAX_BATCH, max_len=64, api_key=KEY,
-             prefill_chunk=4, step_tokens=12, max_queue=80)
+             prefill_chunk=4, step_tokens=12, max_queue=80, prefix_cache_bytes=1 << 20)
     yield s
     s.close()
 
@@ -104,6 +104,7 @@ def test_completions_text_ids_and_stream(live, model_dir):
     r2 = client.completions.create(model=NAME, prompt=tok.encode("hello world"), max_tokens=6,
                                    temperature=0, extra_body={"ignore_eos": True})
     assert r2.choices[0].model_extra["token_ids"] == ids
+    assert r2.usage.prompt_tokens_details.cached_tokens == (len(tok.encode("hello world")) - 1) // 4 * 4
     chunks = list(client.completions.create(model=NAME, prompt="hello world", max_tokens=6,
                                             temperature=0, stream=True,
                                             stream_options={"include_usage": True},
@@ -163,7 +164,8 @@ def test_chat(live):
 
 def test_concurrent_streams_equal_one_by_one(live):
     """64 streaming requests of mixed prompt and output lengths at once, through 8 slots and
-    4-token prefill chunks; greedy outputs equal each request run alone."""
+    4-token prefill chunks; greedy outputs equal each request run alone. The concurrent run
+    finds the prompts' prefixes in the prefix cache (saved by the runs alone)."""
     rng = random.Random(0)
     reqs = [([rng.randrange(VOCAB) for _ in range(rng.randint(1, 10))], rng.randint(1, 5))
             for _ in range(64)]
@@ -185,7 +187,11 @@ def test_concurrent_streams_equal_one_by_one(live):
         aclient = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0)
         async with aclient:
             return await asyncio.gather(*(one(aclient, p, n) for p, n in reqs))
+    cached = metrics(live).get("kimi_graph_prefix_cache_hit_tokens_total", 0)
     assert asyncio.run(all_at_once()) == alone
+    wait_idle(live)
+    hits = metrics(live)["kimi_graph_prefix_cache_hit_tokens_total"] - cached
+    assert hits == sum((len(p) - 1) // 4 * 4 for p, _ in reqs)
     wait_idle(live)
 
 

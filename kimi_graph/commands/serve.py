@@ -27,6 +27,9 @@ def add_arguments(p):
                    help="tokens per scheduler step, decodes plus prefill chunks "
                         "(default: max batch + prefill chunk)")
     p.add_argument("--page-size", type=int, default=None, help="paged MLA caches of this many tokens")
+    p.add_argument("--prefix-cache-mb", type=float, default=0,
+                   help="keep up to this many MB of prompt prefixes (states at prefill-chunk "
+                        "boundaries) for prompts that repeat them (default 0: off)")
     p.add_argument("--api-key", default=os.environ.get("KIMI_GRAPH_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $KIMI_GRAPH_API_KEY; none: open)")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
@@ -62,6 +65,6 @@ def run(args) -> int:
     server = build_server(model, name=args.served_model_name or args.model, max_batch=args.max_batch,
                           max_len=args.max_len, api_key=args.api_key, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, step_tokens=args.step_tokens,
-                          page_size=args.page_size)
+                          page_size=args.page_size, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
     serve(server, args.host, args.port, log_level=args.log_level)
     return 0
