@@ -96,10 +96,13 @@ class _Sampling(BaseModel):
 
     def sampling(self, max_tokens: int, stop_ids=()) -> SamplingParams:
         temperature = float(self.temperature) if self.temperature >= GREEDY_BELOW else 0.0
-        return SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
-                              top_k=max(self.top_k, 0), top_p=float(self.top_p), seed=self.seed,
-                              stop_ids=tuple(self.stop_token_ids or ()) + tuple(stop_ids),
-                              ignore_eos=self.ignore_eos)
+        try:
+            return SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
+                                  top_k=max(self.top_k, 0), top_p=float(self.top_p), seed=self.seed,
+                                  stop_ids=tuple(self.stop_token_ids or ()) + tuple(stop_ids),
+                                  ignore_eos=self.ignore_eos)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
 
 
 class CompletionRequest(_Sampling):

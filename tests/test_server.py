@@ -221,6 +221,8 @@ def test_disconnect_frees_the_slot(live):
     ({"model": NAME, "prompt": ["a", "b"]}, 400, "one prompt"),
     ({"model": NAME, "prompt": [1] * 60, "max_tokens": 5}, 400, "context of 64"),
     ({"model": NAME, "prompt": "hi", "stop": [""]}, 400, "stop"),
+    ({"model": NAME, "prompt": "hi", "stop_token_ids": [-1]}, 400, "stop_ids"),
+    ({"model": NAME, "prompt": "hi", "stop_token_ids": [VOCAB]}, 400, "outside the vocabulary"),
     ({"model": NAME}, 400, "prompt"),
 ])
 def test_bad_requests_get_400(live, body, status, match):
