@@ -53,9 +53,10 @@ def moe_scatter(ids_ptr, base_ptr, tot_ptr, x_ptr, order_ptr, off_ptr, rows_ptr,
     e = tl.arange(0, NB)
     i = tl.arange(0, SUB)
     earlier = i[None, :] < i[:, None]
+    n = tl.minimum(M - b * BLOCK, BLOCK)            # copies in this block
     if ONE_BLOCK:
         tot = tl.zeros((NB,), tl.int32)
-        for s in range(0, BLOCK, SUB):
+        for s in range(0, n, SUB):
             m = s + i
             tot += tl.histogram(tl.load(ids_ptr + m, mask=m < M, other=E).to(tl.int32), NB)
         tot = tl.where(e < E, tot, 0)
@@ -68,7 +69,7 @@ def moe_scatter(ids_ptr, base_ptr, tot_ptr, x_ptr, order_ptr, off_ptr, rows_ptr,
         tl.store(off_ptr + e, tl.zeros((NB,), tl.int64), mask=e == 0)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     md = d < D
-    for s in range(0, BLOCK, SUB):
+    for s in range(0, n, SUB):
         m = b * BLOCK + s + i
         mm = m < M
         ids = tl.load(ids_ptr + m, mask=mm, other=E).to(tl.int32)
