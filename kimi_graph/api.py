@@ -20,8 +20,10 @@ from .weight_transforms import WeightTransforms
 from .weights import CheckpointSource, RandomSource, WeightSource
 
 # the graphs a model runs, (mode, stateful): stateless prefill, prefill continuing from
-# caches, one decode step
+# caches, one decode step. With a pipeline, load builds the two that generation runs; the
+# stateless prefill graph reads the same parameters, so building it later holds nothing new.
 GRAPHS = (("prefill", False), ("prefill", True), ("decode", True))
+LOAD_GRAPHS = GRAPHS[1:]
 
 
 def resolve_config(model: str | Path) -> tuple[KimiLinearConfig, Path | None]:
@@ -132,12 +134,12 @@ class KimiModel:
         return self._graphs[key]
 
     def build_graphs(self, given: dict[tuple[str, bool], Graph] | None = None) -> set[str]:
-        """Build the graphs the model runs, types only: all of GRAPHS through the pipeline
+        """Build the graphs the model runs, types only: LOAD_GRAPHS through the pipeline
         (derived parameters as recipes in `transforms`), or without one the declared prefill
         graph (the others read the same parameters). `given`: graphs already built with this
         model's `transforms`. -> the names of the parameters they read."""
         self._graphs.update(given or {})
-        for key in GRAPHS if self.pipeline else GRAPHS[:1]:
+        for key in LOAD_GRAPHS if self.pipeline else GRAPHS[:1]:
             if key not in self._graphs:
                 self._graphs[key] = self._optimized(*key)
         return {p[1:] for g in self._graphs.values() for p in g.params}
@@ -151,16 +153,15 @@ class KimiModel:
         return g
 
     def _load(self, params) -> None:
-        """Add the weights of `params` ("@name") that `weights` lacks: from the source, or
-        derived from the weights held when the model has no source."""
-        from .loading import load_weights, materialize
+        """Add the weights of `params` ("@name") that `weights` lacks, derived from the
+        weights held where they can be (views stay views); originals no longer held come
+        from the source again."""
+        from .loading import materialize
         missing = [p[1:] for p in params if p[1:] not in self.weights]
         if not missing or (self.source is None and not self.weights):
             return                  # all there, or none here (an exported ONNX directory)
-        if self.source is not None:
-            self.weights.update(load_weights(self.source, missing, self.transforms))
-        else:
-            self.weights.update(materialize(missing, self.transforms, self.weights.__getitem__))
+        fetch = self.source.fetch if self.source is not None else self.weights.__getitem__
+        self.weights.update(materialize(missing, self.transforms, fetch, held=self.weights))
 
     @property
     def weight_bytes(self) -> int:

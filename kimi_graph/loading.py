@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -69,14 +69,18 @@ class Live:
 
 
 def materialize(names: Iterable[str], transforms: WeightTransforms | None,
-                fetch: Callable[[str], torch.Tensor], *, live: Live | None = None,
-                progress: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
-    """Tensors for `names`: originals from `fetch`, derived parameters by their recipes.
+                fetch: Callable[[str], torch.Tensor], *, held: Mapping[str, torch.Tensor] | None = None,
+                live: Live | None = None, progress: Callable[[str], None] | None = None
+                ) -> dict[str, torch.Tensor]:
+    """Tensors for `names`: originals from `fetch`, derived parameters by their recipes,
+    reading the tensors `held` already has where they serve.
 
     Parameters are produced in layer order; an original or intermediate derived tensor is
     fetched when a recipe first needs it and dropped after its last reader. `live` accounts
     for the bytes alive; `progress(name)` is called after each original is fetched."""
-    recipes = transforms.recipes if transforms is not None else {}
+    held = held or {}
+    recipes = {n: r for n, r in (transforms.recipes if transforms is not None else {}).items()
+               if n not in held}
     want = set(names)
     readers: Counter = Counter()
     todo, stack = set(), [n for n in want if n in recipes]
@@ -110,6 +114,8 @@ def materialize(names: Iterable[str], transforms: WeightTransforms | None,
     def get(n: str) -> torch.Tensor:
         if n in out:
             return out[n]
+        if n in held:
+            return held[n]
         if n not in cache:
             cache[n] = produce(n)
         return cache[n]

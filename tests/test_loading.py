@@ -48,9 +48,12 @@ def test_published_width_slice_holds_weights_once():
     declared = declared_bytes(m)
     assert declared > 5e9
     assert m.weight_bytes <= 1.05 * declared
-    # every graph reads what is held, and what is held is read by some graph
+    # what is held is what the graphs built at load read; the stateless prefill graph,
+    # built on first use, reads nothing new
     read = {p[1:] for g in m._graphs.values() for p in g.params}
-    assert set(m.weights) == read and len(m._graphs) == 3
+    assert set(m.weights) == read and len(m._graphs) == 2
+    held = dict(m.weights)
+    assert {p[1:] for p in m.graph.params} <= read and m.weights == held
     assert not any(".experts.0." in n for n in m.weights)          # packed replaced them
     assert any(n.endswith("experts.w13") for n in m.weights)
     held, peak = estimate(m.source, m.weights, m.transforms)
@@ -85,11 +88,27 @@ def test_a_later_graph_gets_dropped_originals_from_the_source():
     name = "model.layers.1.block_sparse_moe.experts.0.w1.weight"
     assert name not in m.weights
     m.pipeline = None                       # a graph that reads the declared parameters
-    del m._graphs[("prefill", False)]
+    m._graphs.pop(("prefill", False), None)
     out = m(IDS)
     assert torch.equal(m.weights[name], kimi_graph.load("tiny", seed=5).weights[name])
     ref = kimi_graph.load("tiny", seed=5)(IDS)
     assert torch.equal(out, ref)
+
+
+def test_a_later_graph_derives_from_the_weights_held():
+    m = kimi_graph.load("tiny", seed=5, pipeline="default")
+    before = m.weight_bytes
+    derived = [n for n in m.weights if n.endswith("_absorb")]
+    assert derived
+    for n in derived:
+        del m.weights[n]
+    del m._graphs[("decode", True)]
+    m.source = None                         # nothing to re-read: they come from kv_b_proj
+    m.get_graph("decode")
+    assert all(n in m.weights for n in derived) and m.weight_bytes == before
+    kv = m.weights["model.layers.1.self_attn.kv_b_proj.weight"]
+    k = m.weights["model.layers.1.self_attn.kv_b_proj.k_absorb"]
+    assert k.untyped_storage().data_ptr() == kv.untyped_storage().data_ptr()     # a view
 
 
 def test_random_draws_are_per_parameter_and_on_the_device():
