@@ -211,7 +211,9 @@ def check_fits(needed: int, device, what: str, alternatives: dict[str, int]) -> 
     if free is None or needed <= free:
         return
     fits = [f"dtype={d} ({gb(n)})" for d, n in alternatives.items() if n <= free]
-    hint = ("what fits: " + ", ".join(fits)) if fits else "no supported dtype fits"
+    others = ", ".join(f"{d}: {gb(n)}" for d, n in alternatives.items())
+    hint = ("what fits: " + ", ".join(fits)) if fits else \
+        "no supported dtype fits" + (f" ({others})" if others else "")
     raise InsufficientMemoryError(
         f"{what} needs {gb(needed)} but {device} has {gb(free)} free; {hint}. "
         "Low-bit experts and loading across several GPUs are not supported yet.")
