@@ -3,9 +3,10 @@
 Every state a stateful graph takes (`g.meta["state_inputs"]`) gets storage shaped by the
 graph's input type: "B" becomes the slot axis, "S" (the MLA caches' sequence axis) the
 capacity in tokens, or, paged, a pool of fixed-size pages shared by all slots. A sequence
-owns one slot from `allocate` to `free`; `gather`/`scatter` move a batch of slots in and
-out of a graph call, cut to a window of the sequence axis so a call attends over the rows
-in use rather than the whole capacity.
+owns one slot from `allocate` to `free`. A backend that aliases states (the triton
+backend) gets `views` of the storage and updates it in place; for the others `gather` /
+`scatter` move a batch of slots in and out of a graph call, cut to a window of the
+sequence axis so a call attends over the rows in use rather than the whole capacity.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch
 
 from kimi_graph.ir import DTYPE_BYTES, Graph, eval_dim
 from kimi_graph.ops import TORCH_DTYPES
+
+from .views import PagedRows, SlotRows, to_device
 
 SEQ_DIM = "S"      # the sequence axis of the MLA caches
 BATCH_DIM = "B"
@@ -111,6 +114,12 @@ class CacheManager:
         self._used: set[int] = set()
         self.pages: list[list[int]] = [[] for _ in range(num_slots)]   # page table per slot
         self._free_pages = list(range(1, (num_pages or 0) + 1))
+        # the page tables on the device, for in-place views (unpaged: page s is slot s)
+        if page_size:
+            self.table = torch.zeros(num_slots, self.pages_for(capacity), dtype=torch.int32, device=device)
+        else:
+            self.table = torch.arange(num_slots, dtype=torch.int32, device=device).view(-1, 1)
+        self._slots_key, self._slots_dev = None, None
 
     def _storage_shape(self, s: StateSpec) -> tuple[int, ...]:
         if self.page_size is not None and s.seq_axis is not None:
@@ -169,6 +178,8 @@ class CacheManager:
             self._used.discard(s)
             self._free.append(s)
             self._free_pages += self.pages[s]
+            if self.page_size and self.pages[s]:
+                self.table[s].zero_()
             self.pages[s] = []
 
     def _reset(self, s: int) -> None:
@@ -200,6 +211,7 @@ class CacheManager:
         for s in slots:
             for _ in range(self.pages_for(self.lengths[s] + n) - len(self.pages[s])):
                 page = self._free_pages.pop()
+                self.table[s, len(self.pages[s])] = page
                 self.pages[s].append(page)
                 for spec in self.specs:
                     if spec.seq_axis is not None and self.storage:
@@ -209,6 +221,38 @@ class CacheManager:
         for s in slots:
             self.lengths[s] += n
             self._written[s] = max(self._written[s], self.lengths[s])
+
+    # -- a batch's states in place (backends that alias states) ----------------
+    def device_ints(self, values: list[int]) -> torch.Tensor:
+        """int64 values on the cache's device, copied without waiting for the device."""
+        return to_device(torch.tensor(values, dtype=torch.int64), self.device)
+
+    def slot_index(self, slots: list[int]) -> torch.Tensor:
+        """`slots` as a device tensor (kept while the batch stays the same)."""
+        key = tuple(slots)
+        if key != self._slots_key:
+            self._slots_key, self._slots_dev = key, self.device_ints(slots)
+        return self._slots_dev
+
+    def positions(self, slots: list[int]) -> torch.Tensor:
+        """Each slot's length (where its next token goes) as a device tensor [B]."""
+        return self.device_ints([self.lengths[s] for s in slots])
+
+    def views(self, slots: list[int], window: int, index: torch.Tensor | None = None
+              ) -> dict[str, SlotRows | PagedRows]:
+        """The states of `slots` as in-place views (runtime/views.py), caches seen `window`
+        rows long; `index`: the slots as a device tensor (default: made from `slots`)."""
+        idx = self.slot_index(slots) if index is None else index
+        out = {}
+        for spec in self.specs:
+            t = self.storage[spec.name]
+            if spec.seq_axis is None:
+                out[spec.name] = SlotRows(t, idx)
+            elif spec.seq_axis == 0:
+                out[spec.name] = PagedRows(t, idx, self.table, window, self.capacity)
+            else:
+                raise CacheError(f"state {spec.name}: in-place views need the sequence axis first")
+        return out
 
     # -- moving a batch in and out of a graph call ------------------------------
     def window(self, slots: list[int], new_tokens: int, block: int | None) -> int:

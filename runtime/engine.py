@@ -14,11 +14,15 @@ from typing import Iterable, Iterator
 import torch
 
 from .cache import CacheError, CacheManager, state_specs
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, tokens_of
+from .views import to_device
 
 
 class GenerationError(ValueError):
     """A generation request that cannot run as asked (bad prompt, too long, too many)."""
+
+
+PREFILL_CHUNK = 4096    # tokens per prefill call by default: bounds activation memory
 
 
 class Engine:
@@ -26,13 +30,17 @@ class Engine:
     up to `max_len` tokens (default: config.model_max_length).
 
     `window_block`: caches are passed cut to the rows in use, rounded up to this many tokens
-    (None: always the whole capacity). `prefill_chunk`: prefill long prompts this many
-    tokens at a time (continuation through the states; None: whole prompts).
-    `page_size`, `num_pages`: paged MLA caches (see CacheManager)."""
+    (None: always the whole capacity). `prefill_chunk`: prefill prompts this many tokens at
+    a time (continuation through the states), so activations stay bounded by the chunk
+    (default PREFILL_CHUNK; None: whole prompts). `page_size`, `num_pages`: paged MLA
+    caches (see CacheManager). `cuda_graphs`: replay each decode step as one CUDA graph per
+    batch-size bucket (runtime/graphs.py; needs a backend that updates states in place, on
+    CUDA: backend="triton" with the default pipeline)."""
 
     def __init__(self, model, max_batch: int = 1, max_len: int | None = None, *,
-                 window_block: int | None = 64, prefill_chunk: int | None = None,
-                 page_size: int | None = None, num_pages: int | None = None):
+                 window_block: int | None = 64, prefill_chunk: int | None = PREFILL_CHUNK,
+                 page_size: int | None = None, num_pages: int | None = None,
+                 cuda_graphs: bool = False):
         limit = model.config.model_max_length
         max_len = limit if max_len is None else max_len
         if isinstance(max_len, int) and max_len > limit:
@@ -46,22 +54,45 @@ class Engine:
             raise GenerationError("the stateful prefill and decode graphs take different states")
         self.cache = CacheManager(decode, max_batch, max_len, device=model.device,
                                   page_size=page_size, num_pages=num_pages)
+        self._in_place: dict[str, bool] = {}
+        self.graphs = None
+        if cuda_graphs:
+            if torch.device(model.device).type != "cuda":
+                raise GenerationError(f"cuda_graphs=True needs a CUDA device, got {model.device!r}")
+            if not self.in_place("decode"):
+                raise GenerationError("cuda_graphs=True needs a backend that updates states in place "
+                                      "(backend='triton' with the default pipeline)")
+            from .graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(self)
 
     # -- one graph call ---------------------------------------------------------
+    def in_place(self, mode: str) -> bool:
+        """Does the backend update this mode's states in place (views of the cache storage)?"""
+        if mode not in self._in_place:
+            accepts = getattr(self.model.executor, "accepts_views", None)
+            self._in_place[mode] = bool(accepts and accepts(self.model.get_graph(mode, True)))
+        return self._in_place[mode]
+
     def step(self, mode: str, slots: list[int], ids: torch.Tensor) -> torch.Tensor:
         """Run `ids` [len(slots), T] at the end of each slot's sequence -> logits [B, T, V];
-        the slots' states advance by T tokens."""
+        the slots' states advance by T tokens. In place when the backend can (no cache moves
+        and no wait for the device: positions and slots go over as device tensors), else the
+        states of `slots` are gathered in and scattered back."""
         T = ids.shape[1]
         self.cache.reserve(slots, T)
         window = self.cache.window(slots, T, self.window_block)
-        pos = torch.tensor([self.cache.lengths[s] for s in slots], dtype=torch.int64,
-                           device=self.model.device)
-        inputs = {"input_ids": ids.to(self.model.device), "cache_pos": pos}
-        inputs.update(self.cache.gather(slots, window))
-        outs = self.model.execute(mode, True, inputs)
-        self.cache.scatter(slots, window, outs[1:], T)
+        inputs = {"input_ids": to_device(ids, self.model.device), "cache_pos": self.cache.positions(slots)}
+        if self.in_place(mode):
+            inputs.update(self.cache.views(slots, window))
+            outs = self.model.execute(mode, True, inputs)
+        else:
+            inputs.update(self.cache.gather(slots, window))
+            outs = self.model.execute(mode, True, inputs)
+            self.cache.scatter(slots, window, outs[1:], T)
         self.cache.advance(slots, T)
         return outs[0]
+
+
 
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> list[torch.Tensor]:
         """Append each prompt to its slot (continuing what the slot holds) -> logits [T_i, V]
@@ -85,10 +116,56 @@ class Engine:
 
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         """One token per slot -> logits [len(slots), V]."""
+        if self.graphs is not None:
+            return self.decode_sample(slots, tokens, Sampler(SamplingParams(), len(slots)),
+                                      list(range(len(slots))))[0].clone()
         ids = torch.tensor(self.check_prompt(tokens), dtype=torch.int64).view(-1, 1)
         if ids.shape[0] != len(slots):
             raise GenerationError(f"{ids.shape[0]} tokens for {len(slots)} slots")
         return self.step("decode", slots, ids)[:, 0]
+
+    def decode_sample(self, slots: list[int], tokens: list[int], sampler: Sampler,
+                      rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step and the draw of each slot's next token (sequence `rows[i]` of
+        `sampler` for slots[i]) -> (logits [B, V], tokens [B]) on the device, nothing waited
+        for. With cuda_graphs both are the graph's outputs, valid until its next replay."""
+        ids = self.check_prompt(tokens)
+        if len(ids) != len(slots) or len(rows) != len(slots):
+            raise GenerationError(f"{len(ids)} tokens and {len(rows)} rows for {len(slots)} slots")
+        if self.graphs is None:
+            logits = self.step("decode", slots, torch.tensor(ids, dtype=torch.int64).view(-1, 1))[:, 0]
+            return logits, sampler.draw(logits, rows)
+        self.cache.reserve(slots, 1)
+        out = self.graphs.run(slots, ids, sampler, rows)
+        self.cache.advance(slots, 1)
+        return out
+
+    def fill_context(self, slots: list[int], length: int, seed: int = 0) -> None:
+        """Set each slot to hold `length` tokens of random cache and state contents, with no
+        prefill: a decode step at that context can then be timed (benchmarks only)."""
+        c = self.cache
+        for s in slots:
+            c._check(s)
+            if c.lengths[s]:
+                raise GenerationError(f"slot {s} already holds {c.lengths[s]} tokens")
+        c.reserve(slots, length)
+        gen = torch.Generator(device=c.device).manual_seed(seed)
+        for spec in c.specs:
+            t = c.storage[spec.name]
+            if spec.seq_axis is None:
+                for s in slots:
+                    t[s].normal_(generator=gen).mul_(0.05 if t.dtype == torch.float32 else 1.0)
+            else:
+                flat = t.flatten(0, 1)
+                for s in slots:
+                    rows = torch.arange(length, device=c.device)
+                    if c.page_size:
+                        pages = torch.tensor(c.pages[s], device=c.device)
+                        rows = pages[rows // c.page_size] * c.page_size + rows % c.page_size
+                    else:
+                        rows = rows + s * c.capacity
+                    flat[rows] = torch.randn(length, t.shape[-1], generator=gen, device=c.device).to(t.dtype)
+        c.advance(slots, length)
 
     # -- generation ---------------------------------------------------------------
     def check_prompt(self, prompt) -> list[int]:
@@ -167,15 +244,16 @@ class Engine:
         sampler = Sampler(params, len(slots))
         stops = params.stop_set(self.model.config.eos_ids, self.model.config.vocab_size)
         active = list(range(len(slots)))
+        drawn = sampler.draw(logits, active)
         for step in range(params.max_new_tokens):
-            tokens = sampler(logits, active)
+            tokens = tokens_of(drawn)
             for i, t in zip(active, tokens):
                 yield i, t
             going = [(i, t) for i, t in zip(active, tokens) if t not in stops]
             if not going or step + 1 == params.max_new_tokens:
                 break
             active = [i for i, _ in going]
-            logits = self.decode([slots[i] for i in active], [t for _, t in going])
+            _, drawn = self.decode_sample([slots[i] for i in active], [t for _, t in going], sampler, active)
 
     def sequence(self) -> "Sequence":
         """A sequence kept on its own slot across calls (a multi-turn chat): see Sequence."""

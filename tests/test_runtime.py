@@ -20,6 +20,7 @@ from kimi_graph.presets import PRESETS
 from kimi_graph.summary import summarize
 from kimi_graph.runtime import (CacheError, CacheManager, Engine, GenerationError, Sampler,
                                 SamplingParams, filter_logits)
+from kimi_graph.runtime.sampling import sample
 from reference_kimi import forward, read_checkpoint, rel_err
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -171,18 +172,30 @@ def test_filter_logits_top_k_top_p():
 
 
 def test_sampler_draws_from_the_filtered_distribution():
-    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    """Device sampling (Gumbel-max over counter-based noise) draws from softmax of the
+    filtered, tempered logits, as filter_logits defines them."""
     n = 20000
-    s = Sampler(SamplingParams(temperature=1.0, top_p=0.85, seed=0), 1)
-    logits = probs.log().expand(n, 4)
-    draws = torch.tensor(s(logits, [0] * n))
-    freq = torch.bincount(draws, minlength=4).double() / n
-    want = torch.tensor([0.4, 0.3, 0.2, 0.0], dtype=torch.float64) / 0.9
-    assert (freq - want).abs().max() < 0.015       # ~4 sigma at n = 20000
+    logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log().expand(n, 4) * 2.0
+    ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.int64)
+    for T, k, p in [(2.0, 0, 0.85), (1.0, 2, 1.0), (0.7, 3, 0.9)]:
+        draws = sample(logits, zeros, torch.arange(n), ones * T, zeros + k, ones * p)
+        freq = torch.bincount(draws, minlength=4).double() / n
+        want = filter_logits(logits[:1] / T, k, p).softmax(-1)[0].double()
+        assert (freq - want).abs().max() < 0.015, (T, k, p)     # ~4 sigma at n = 20000
+    # a row's draw depends on its seed, step and logits only, never on the other rows
+    x = torch.randn(6, 50)
+    args = (torch.tensor([3, 3, 4, 4, 5, 5]), torch.tensor([0, 1, 0, 1, 0, 1]), torch.full((6,), 0.8),
+            torch.full((6,), 10), torch.full((6,), 0.95))
+    both = sample(x, *args)
+    for i in range(6):
+        assert sample(x[i:i + 1], *(a[i:i + 1] for a in args)) == both[i]
     g = Sampler(SamplingParams(temperature=0.0), 2)
     assert g(torch.tensor([[0.0, 1.0, 1.0], [5.0, 0.0, 0.0]]), [0, 1]) == [1, 0]   # lowest id on ties
     with pytest.raises(FloatingPointError):
         g(torch.tensor([[0.0, float("nan")]]), [0])
+    h = Sampler(SamplingParams(temperature=1.0, seed=1), 1)
+    with pytest.raises(FloatingPointError):
+        h(torch.tensor([[0.0, float("inf")]]), [0])
 
 
 @pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_k=-2),

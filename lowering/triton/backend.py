@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from kimi_graph.interpreter import initial_env, op_attrs
 from kimi_graph.ir import Graph, eval_dim
 from kimi_graph.ops import get_op
+from kimi_graph.runtime.views import is_view
 
 from . import conv, elementwise, kda, mla, moe, norm
 from .targets import current_target
@@ -30,12 +32,16 @@ KERNELS: dict[str, tuple[Callable, Callable]] = {
     "gated_rmsnorm": (norm.op_gated_rmsnorm, norm.specs_for),
     "mla_latent_attention": (mla.op_mla_latent_attention, mla.specs_for),
     "causal_attention": (mla.op_causal_attention, mla.specs_for),
+    "cache_write": (mla.op_cache_write, mla.specs_for),
     "moe_route": (moe.op_moe_route, moe.specs_for),
     "moe_permute": (moe.op_moe_permute, moe.specs_for),
     "grouped_swiglu": (moe.op_grouped_swiglu, moe.specs_for),
     "moe_unpermute": (moe.op_moe_unpermute, moe.specs_for),
 }
 KERNEL_DTYPES = ("f32", "bf16", "f16")
+# kernels that take in-place state views (runtime/views.py) and return them as the new state
+VIEW_KINDS = ("kda_fused_chunk", "kda_fused_recurrent", "kda_recurrent", "causal_conv1d",
+              "mla_latent_attention", "cache_write")
 
 
 def covered(g: Graph, op) -> bool:
@@ -118,18 +124,62 @@ def _group(g: Graph, members: list, out_vals: set) -> Group:
     return Group(members, chain, inputs, outputs, shape)
 
 
+# ops run differently while a CUDA graph is captured: the reference embedding checks its ids
+# on the host, which waits for the device (forbidden in a capture; the engine checks the ids
+# it writes into the graph's input buffer)
+CAPTURE_IMPLS: dict[str, Callable] = {"embedding": lambda args, attrs: [F.embedding(*args)]}
+TRACE: list | None = None      # when a list: the name of each schedule item as it runs (bench/)
+
+
+def accepts_views(g: Graph) -> bool:
+    """Can `g` take its states as in-place views? Yes when every state input is read only by
+    kernels that update views where they live, and its state output is what they return."""
+    names = g.meta.get("state_inputs") or []
+    if not names or len(g.outputs) != 1 + len(names):
+        return False
+    for name, out in zip(names, g.outputs[1:]):
+        users = g.users(name)
+        if not users or not all(covered(g, u) and u.kind in VIEW_KINDS for u in users):
+            return False
+        if not any(out in u.outputs for u in users):
+            return False
+    return True
+
+
 def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
         schedule: list | None = None) -> list[torch.Tensor]:
-    """Execute `g` on kernels (see `plan`); same contract as the reference interpreter."""
+    """Execute `g` on kernels (see `plan`); same contract as the reference interpreter.
+    State inputs may be in-place views (see `accepts_views`); ops without a view kernel
+    read a dense copy of the rows in use."""
     env, dims = initial_env(g, inputs, params)
+    dense: dict[int, torch.Tensor] = {}
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+    def plain(x):
+        if is_view(x):
+            if id(x) not in dense:
+                dense[id(x)] = x.dense()
+            return dense[id(x)]
+        return x
+
     for item in schedule if schedule is not None else plan(g):
+        if TRACE is not None:
+            TRACE.append(item.outputs[0])
         if isinstance(item, Group):
             shape = tuple(eval_dim(d, dims) for d in item.shape)
-            outs = elementwise.run_chain(item.chain, [env[v] for v in item.inputs], shape)
+            outs = elementwise.run_chain(item.chain, [plain(env[v]) for v in item.inputs], shape)
             env.update(zip(item.outputs, outs))
             continue
-        fn = KERNELS[item.kind][0] if covered(g, item) else get_op(item.kind).ref
-        env.update(zip(item.outputs, fn([env[v] for v in item.inputs], op_attrs(item, dims))))
+        args = [env[v] for v in item.inputs]
+        if covered(g, item):
+            fn = KERNELS[item.kind][0]
+            if item.kind not in VIEW_KINDS:
+                args = [plain(a) for a in args]
+        elif capturing and item.kind in CAPTURE_IMPLS:
+            fn, args = CAPTURE_IMPLS[item.kind], [plain(a) for a in args]
+        else:
+            fn, args = get_op(item.kind).ref, [plain(a) for a in args]
+        env.update(zip(item.outputs, fn(args, op_attrs(item, dims))))
     return [env[v] for v in g.outputs]
 
 
@@ -146,6 +196,7 @@ def triton_backend(model):
         if id(graph) not in schedules:
             schedules[id(graph)] = (graph, plan(graph))
         return run(graph, inputs, model.weights, schedules[id(graph)][1])
+    execute.accepts_views = accepts_views
     return execute
 
 

@@ -18,13 +18,18 @@ import functools
 
 import torch
 
+from kimi_graph.runtime.views import SlotRows
+
 from .codegen import PTR_TYPES, TL_DTYPES, KernelSpec, dot_precision, launch, next_pow2, render
 from .targets import config, current_target
 
 _STATE_IN = """
-# the (sequence, head) state tile [K, BV], fp32, zeros without an initial state
-soff = ((s * H + h) * K + dk[:, None]) * V + dv[None, :]
-smask = mk[:, None] & mv[None, :]
+# the (sequence, head) state tile [K, BV], fp32, zeros without an initial state; sequence s
+# keeps its state at row slot[s] of the state storage (in place when s0 and sn are one);
+# a padding row (slot -1) starts from zeros and stores nothing
+srow = tl.load(slot_ptr + s)
+soff = ((tl.maximum(srow, 0) * H + h) * K + dk[:, None]) * V + dv[None, :]
+smask = (mk & (dk * 0 + srow >= 0))[:, None] & mv[None, :]
 if HAS_STATE:
     S = tl.load(s0_ptr + soff, mask=smask, other=0.0)
 else:
@@ -170,7 +175,7 @@ def kda_chunk_solve(kn_ptr, v_ptr, gc_ptr, beta_ptr, akk_ptr, chunk_start, chunk
 
 _SCAN = """
 @triton.jit
-def kda_chunk_scan(qg_ptr, kg_ptr, w_ptr, u_ptr, aqk_ptr, gl_ptr, o_ptr, s0_ptr, sn_ptr,
+def kda_chunk_scan(qg_ptr, kg_ptr, w_ptr, u_ptr, aqk_ptr, gl_ptr, o_ptr, s0_ptr, sn_ptr, slot_ptr,
                    cu_ptr, chunk0_ptr):
     # one program per (sequence, head, V block): the state stays in registers across chunks
     s = tl.program_id(0)
@@ -210,7 +215,8 @@ def kda_chunk_scan(qg_ptr, kg_ptr, w_ptr, u_ptr, aqk_ptr, gl_ptr, o_ptr, s0_ptr,
 
 _STEP = """
 @triton.jit
-def kda_recurrent_step(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, o_ptr, s0_ptr, sn_ptr, cu_ptr):
+def kda_recurrent_step(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, o_ptr, s0_ptr, sn_ptr, slot_ptr,
+                       cu_ptr):
     # one program per (sequence, head, V block); token by token, state in registers
     s = tl.program_id(0)
     h = tl.program_id(1)
@@ -315,7 +321,8 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> li
     i32 = ("chunk_start", "chunk_len", "cu_ptr", "chunk0_ptr")
 
     def spec(name, template, args, warps, stages=1, **blocks):
-        sig = {a: ("*i32" if a in i32 else "*fp32" if a in f32 else PTR_TYPES[dtype]) for a in args}
+        sig = {a: ("*i32" if a in i32 else "*fp32" if a in f32 else "*i64" if a == "slot_ptr"
+                   else PTR_TYPES[dtype]) for a in args}
         return KernelSpec(name, name, render(name, template, consts, **blocks), sig, warps, stages, consts)
 
     return [spec("kda_chunk_prep", _PREP, ["q_ptr", "k_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "chunk_start",
@@ -327,7 +334,7 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> li
                                              "chunk_len", "w_ptr", "u_ptr"], cfg["solve_warps"],
                  solve=_solve_source(BT // BC, BC)),
             spec("kda_chunk_scan", _SCAN, ["qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr", "gl_ptr", "o_ptr",
-                                           "s0_ptr", "sn_ptr", "cu_ptr", "chunk0_ptr"], cfg["num_warps"],
+                                           "s0_ptr", "sn_ptr", "slot_ptr", "cu_ptr", "chunk0_ptr"], cfg["num_warps"],
                  cfg["num_stages"], state_in=_STATE_IN)]
 
 
@@ -337,9 +344,9 @@ def step_spec(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> Kern
     BV = min(cfg["BV"], max(16, next_pow2(V)))
     consts = _consts(H, K, V, dtype, fused, scale, eps, BV=BV, HAS_STATE=bool(has_state))
     names = ["q_ptr", "k_ptr", "v_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "o_ptr", "s0_ptr", "sn_ptr",
-             "cu_ptr"]
+             "slot_ptr", "cu_ptr"]
     sig = _sig(names, dtype, ("a_ptr", "dt_ptr", "s0_ptr", "sn_ptr") + (() if fused else ("f_ptr", "b_ptr")))
-    sig["cu_ptr"] = "*i32"
+    sig["cu_ptr"], sig["slot_ptr"] = "*i32", "*i64"
     src = render("kda_recurrent_step", _STEP, consts, state_in=_STATE_IN)
     return KernelSpec("kda_recurrent_step", "kda_recurrent_step", src, sig, cfg["num_warps"], cfg["num_stages"],
                       consts)
@@ -389,12 +396,18 @@ def _inputs(q, k, v, f, b, A_log, dt_bias, cu_seqlens, fused):
     return (q2, k2, v2, f2, b2), cu, H, K, V, a, dt
 
 
-def _state_in(state, N, H, K, V, device):
-    if state is None:
-        return torch.zeros(1, device=device, dtype=torch.float32)
-    if tuple(state.shape) != (N, H, K, V) or state.dtype != torch.float32:
+def _states(state, N, H, K, V, device):
+    """(initial state storage, new state storage, slot index, the op's state result): an
+    in-place view (SlotRows) is read and written where it lives and returned as the result."""
+    if state is not None and (tuple(state.shape) != (N, H, K, V) or state.dtype != torch.float32):
         raise ValueError(f"state must be fp32 [{N},{H},{K},{V}], got {state.dtype} {tuple(state.shape)}")
-    return state.contiguous()
+    if isinstance(state, SlotRows):
+        if not state.storage.is_contiguous():
+            raise ValueError("an in-place KDA state needs contiguous storage")
+        return state.storage, state.storage, state.slots, state
+    s0 = torch.zeros(1, device=device, dtype=torch.float32) if state is None else state.contiguous()
+    sn = torch.empty(N, H, K, V, device=device, dtype=torch.float32)
+    return s0, sn, torch.arange(N, device=device), sn
 
 
 def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_seqlens=None,
@@ -425,31 +438,32 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
     akk = torch.empty(NT, H, BT, device=dev, dtype=torch.float32)
     gl = torch.empty(max(NCH, 1), H, K, device=dev, dtype=torch.float32)
     o = torch.empty(NT, H, V, **e)
-    sn = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
+    s0, sn, slot, result = _states(state, N, H, K, V, dev)
     if NCH:
         c = prep.config
         launch(prep, (NCH, H), q2, k2, f2, b2, a, dt, cstart, clen, qn, kn, gc, beta, qg, kg, gl)
         launch(intra, (NCH, H), qn, kn, gc, beta, cstart, clen, aqk, akk)
         launch(solve, (NCH, H, c["NKW"] + _cdiv(V, c["BW"])), kn, v2, gc, beta, akk, cstart, clen, w, u)
-    launch(scan, (N, H, _cdiv(V, scan.config["BV"])), qg, kg, w, u, aqk, gl, o,
-           _state_in(state, N, H, K, V, dev), sn, cu, chunk0)
-    return o.view(q.shape[0], q.shape[1], H, V), sn
+    launch(scan, (N, H, _cdiv(V, scan.config["BV"])), qg, kg, w, u, aqk, gl, o, s0, sn, slot, cu, chunk0)
+    return o.view(q.shape[0], q.shape[1], H, V), result
 
 
 def kda_step(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_seqlens=None,
              fused=True, inplace=False):
-    """Token-by-token KDA (decode). `inplace`: the new state is written into `state`."""
+    """Token-by-token KDA (decode). `inplace`: the new state is written into `state` (a
+    `SlotRows` view always is)."""
     dtype, dev = _ir_dtype(q), q.device
     (q2, k2, v2, f2, b2), cu, H, K, V, a, dt = _inputs(q, k, v, f, b, A_log, dt_bias, cu_seqlens, fused)
     N = cu.numel() - 1
     spec = step_spec(H, K, V, dtype, fused, scale, eps, state is not None, current_target())
-    s0 = _state_in(state, N, H, K, V, dev)
-    if inplace and (state is None or not state.is_contiguous()):
-        raise ValueError("inplace needs a contiguous fp32 state")
-    sn = s0 if inplace else torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
+    s0, sn, slot, result = _states(state, N, H, K, V, dev)
+    if inplace and not isinstance(state, SlotRows):
+        if state is None or not state.is_contiguous():
+            raise ValueError("inplace needs a contiguous fp32 state")
+        sn = result = s0
     o = torch.empty(q2.shape[0], H, V, device=dev, dtype=q.dtype)
-    launch(spec, (N, H, _cdiv(V, spec.config["BV"])), q2, k2, v2, f2, b2, a, dt, o, s0, sn, cu)
-    return o.view(q.shape[0], q.shape[1], H, V), sn
+    launch(spec, (N, H, _cdiv(V, spec.config["BV"])), q2, k2, v2, f2, b2, a, dt, o, s0, sn, slot, cu)
+    return o.view(q.shape[0], q.shape[1], H, V), result
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -1,6 +1,8 @@
 """MLA kernels: latent-space attention over the cache (split along the context, merged by
-log-sum-exp; per-sequence lengths from q_start) and causal flash attention for prefill
-(qk dim split into power-of-two dot pieces: 192 = 128 + 64; v dim 128).
+log-sum-exp; per-sequence lengths from q_start; paged caches read through their page table),
+the cache write (new rows at each sequence's position, in place in the engine's storage),
+and causal flash attention for prefill (qk dim split into power-of-two dot pieces:
+192 = 128 + 64; v dim 128).
 
 Visibility (both): query t of sequence b sits at q_start[b] + t (default S - T) and sees keys
 j <= that position. Softmax statistics in fp32.
@@ -11,64 +13,94 @@ import functools
 
 import torch
 
+from kimi_graph.ops import get_op
+from kimi_graph.runtime.views import PagedRows
+
 from .codegen import dot_precision, TL_DTYPES, KernelSpec, dot_pieces, launch, next_pow2, render
 from .elementwise import ir_dtype, ptr_type
 from .targets import config, current_target
 
 _LATENT = """
 @triton.jit
-def mla_latent_split(ql_ptr, qr_ptr, c_ptr, kr_ptr, qs_ptr, op_ptr, lse_ptr, T, S, split_len):
-    # grid (B, row blocks, splits); rows are (t, h) pairs; keys shared by all heads
+def mla_latent_split(ql_ptr, qr_ptr, c_ptr, kr_ptr, qs_ptr, slot_ptr, tab_ptr, op_ptr, lse_ptr, T, S, PS, MAXP):
+    # grid (B, row blocks, splits); rows are (t, h) pairs; keys shared by all heads. Key j of
+    # sequence b is cache row tab[slot[b], j // PS] * PS + j % PS. The splits share the keys
+    # the sequence's queries see (its length, read here: the grid does not depend on it).
     b = tl.program_id(0)
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
     sp = tl.program_id(2)
     nsp = tl.num_programs(2)
-    mr = rows < T * H
-    pos = tl.load(qs_ptr + b) + rows // H
-    dr = tl.arange(0, BR)
-    dp = tl.arange(0, BP)
-    mR = dr < R
-    mP = dp < P
-    qrow = b * T * H + rows
-    ql = tl.load(ql_ptr + qrow[:, None] * R + dr[None, :], mask=mr[:, None] & mR[None, :], other=0.0)
-    qr = tl.load(qr_ptr + qrow[:, None] * P + dp[None, :], mask=mr[:, None] & mP[None, :], other=0.0)
-    m_i = tl.full((BM,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BM,), tl.float32)
-    acc = tl.zeros((BM, BR), tl.float32)
+    q0 = tl.load(qs_ptr + b)
+    slot = tl.load(slot_ptr + b)
+    end = tl.where(slot >= 0, tl.minimum(S, q0 + T), 0)       # a padding row (slot -1) sees nothing
+    split_len = tl.maximum(SPLIT_MIN, tl.cdiv(tl.cdiv(end, nsp), BS) * BS)
     lo = sp * split_len
-    hi = tl.minimum(lo + split_len, tl.minimum(S, tl.max(tl.where(mr, pos, 0), 0) + 1))
-    for j0 in range(lo, hi, BS):
-        j = j0 + tl.arange(0, BS)
-        mj = j < hi
-        c = tl.load(c_ptr + (b * S + j)[:, None] * R + dr[None, :], mask=mj[:, None] & mR[None, :], other=0.0)
-        kr = tl.load(kr_ptr + (b * S + j)[:, None] * P + dp[None, :], mask=mj[:, None] & mP[None, :], other=0.0)
-        s = tl.dot(ql, tl.trans(c), input_precision=PREC) + tl.dot(qr, tl.trans(kr), input_precision=PREC)
-        $online_softmax
-        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PREC)
-        m_i = m_new
-    out = (b * T * H + rows) * nsp + sp
-    tl.store(op_ptr + out[:, None] * R + dr[None, :], acc / tl.where(l_i > 0, l_i, 1.0)[:, None],
-             mask=mr[:, None] & mR[None, :])
-    tl.store(lse_ptr + out, tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf")), mask=mr)
+    if lo < end:
+        mr = rows < T * H
+        pos = q0 + rows // H
+        dr = tl.arange(0, BR)
+        dp = tl.arange(0, BP)
+        mR = dr < R
+        mP = dp < P
+        qrow = b * T * H + rows
+        ql = tl.load(ql_ptr + qrow[:, None] * R + dr[None, :], mask=mr[:, None] & mR[None, :], other=0.0)
+        qr = tl.load(qr_ptr + qrow[:, None] * P + dp[None, :], mask=mr[:, None] & mP[None, :], other=0.0)
+        m_i = tl.full((BM,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BM,), tl.float32)
+        acc = tl.zeros((BM, BR), tl.float32)
+        hi = tl.minimum(lo + split_len, end)
+        tab = tab_ptr + slot * MAXP
+        for j0 in range(lo, hi, BS):
+            j = j0 + tl.arange(0, BS)
+            mj = j < hi
+            row = tl.load(tab + j // PS, mask=mj, other=0).to(tl.int64) * PS + j % PS
+            c = tl.load(c_ptr + row[:, None] * R + dr[None, :], mask=mj[:, None] & mR[None, :], other=0.0)
+            kr = tl.load(kr_ptr + row[:, None] * P + dp[None, :], mask=mj[:, None] & mP[None, :], other=0.0)
+            s = tl.dot(ql, tl.trans(c), input_precision=PREC) + tl.dot(qr, tl.trans(kr), input_precision=PREC)
+            $online_softmax
+            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PREC)
+            m_i = m_new
+        out = (b * T * H + rows) * nsp + sp
+        tl.store(op_ptr + out[:, None] * R + dr[None, :], acc / tl.where(l_i > 0, l_i, 1.0)[:, None],
+                 mask=mr[:, None] & mR[None, :])
+        tl.store(lse_ptr + out, tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf")), mask=mr)
 
 
 @triton.jit
-def mla_latent_merge(op_ptr, lse_ptr, o_ptr, nsp):
-    # one program per (b, t, h) row: merge the splits' partial outputs by their log2-sum-exp
+def mla_latent_merge(op_ptr, lse_ptr, qs_ptr, slot_ptr, o_ptr, T, S, nsp):
+    # one program per (b, t, h) row: merge the splits that held keys by their log2-sum-exp
     row = tl.program_id(0)
+    b = row // (T * H)
+    end = tl.where(tl.load(slot_ptr + b) >= 0, tl.minimum(S, tl.load(qs_ptr + b) + T), 0)
+    used = tl.cdiv(end, tl.maximum(SPLIT_MIN, tl.cdiv(tl.cdiv(end, nsp), BS) * BS))
     dr = tl.arange(0, BR)
     mR = dr < R
     m = tl.full((), float("-inf"), tl.float32)
-    for s in range(0, nsp):
+    for s in range(0, used):
         m = tl.maximum(m, tl.load(lse_ptr + row * nsp + s))
     m = tl.where(m == float("-inf"), 0.0, m)
     acc = tl.zeros((BR,), tl.float32)
     tot = tl.zeros((), tl.float32)
-    for s in range(0, nsp):
+    for s in range(0, used):
         w = tl.exp2(tl.load(lse_ptr + row * nsp + s) - m)
         acc += w * tl.load(op_ptr + (row * nsp + s) * R + dr, mask=mR, other=0.0)
         tot += w
     tl.store(o_ptr + row * R + dr, (acc / tl.where(tot > 0, tot, 1.0)).to(DT), mask=mR)
+"""
+
+_CACHE_WRITE = """
+@triton.jit
+def cache_write_rows(new_ptr, qs_ptr, slot_ptr, tab_ptr, c_ptr, T, PS, MAXP):
+    # one program per new row (b, t): to position p = qs[b] + t, cache row
+    # tab[slot[b], p // PS] * PS + p % PS; padding rows (slot -1) write nothing
+    i = tl.program_id(0)
+    b = i // T
+    p = tl.load(qs_ptr + b) + i % T
+    slot = tl.load(slot_ptr + b)
+    row = tl.load(tab_ptr + tl.maximum(slot, 0) * MAXP + p // PS).to(tl.int64) * PS + p % PS
+    dc = tl.arange(0, BC)
+    v = tl.load(new_ptr + i.to(tl.int64) * C + dc, mask=dc < C)
+    tl.store(c_ptr + row * C + dc, v, mask=(dc < C) & (dc * 0 + slot >= 0))
 """
 
 _ONLINE_SOFTMAX = """
@@ -125,17 +157,52 @@ def latent_specs(H: int, R: int, P: int, dtype: str, scale: float, rows: int, ta
     BM = max(16, min(next_pow2(rows), cfg.get("BM", 64)))
     consts = {"H": H, "R": R, "P": P, "BR": max(16, next_pow2(R)), "BP": max(16, next_pow2(P)),
               "BM": BM, "BS": cfg["BS"], "SCALE_LOG2E": float(scale) * LOG2E,
-              "DT": TL_DTYPES[dtype], "PREC": dot_precision(dtype), "split_min": cfg["split_min"]}
-    src = render("mla_latent_attention", _LATENT, {k: v for k, v in consts.items() if k != "split_min"},
-                 online_softmax=_ONLINE_SOFTMAX)
+              "DT": TL_DTYPES[dtype], "PREC": dot_precision(dtype), "SPLIT_MIN": cfg["split_min"]}
+    src = render("mla_latent_attention", _LATENT, consts, online_softmax=_ONLINE_SOFTMAX)
     p = ptr_type(dtype)
     split = KernelSpec("mla_latent_split", "mla_latent_split", src,
-                       {"ql_ptr": p, "qr_ptr": p, "c_ptr": p, "kr_ptr": p, "qs_ptr": "*i64", "op_ptr": "*fp32",
-                        "lse_ptr": "*fp32", "T": "i32", "S": "i32", "split_len": "i32"},
+                       {"ql_ptr": p, "qr_ptr": p, "c_ptr": p, "kr_ptr": p, "qs_ptr": "*i64", "slot_ptr": "*i64",
+                        "tab_ptr": "*i32", "op_ptr": "*fp32", "lse_ptr": "*fp32", "T": "i32", "S": "i32",
+                        "PS": "i32", "MAXP": "i32"},
                        cfg["num_warps"], cfg["num_stages"], consts)
     merge = KernelSpec("mla_latent_merge", "mla_latent_merge", src,
-                       {"op_ptr": "*fp32", "lse_ptr": "*fp32", "o_ptr": p, "nsp": "i32"}, 4, 1, consts)
+                       {"op_ptr": "*fp32", "lse_ptr": "*fp32", "qs_ptr": "*i64", "slot_ptr": "*i64", "o_ptr": p, "T": "i32",
+                        "S": "i32", "nsp": "i32"}, 4, 1, consts)
     return split, merge
+
+
+@functools.lru_cache(maxsize=None)
+def cache_write_spec(C: int, dtype: str, target: str) -> KernelSpec:
+    src = render("cache_write", _CACHE_WRITE, {"C": C, "BC": next_pow2(C)})
+    p = ptr_type(dtype)
+    return KernelSpec("cache_write_rows", "cache_write_rows", src,
+                      {"new_ptr": p, "qs_ptr": "*i64", "slot_ptr": "*i64", "tab_ptr": "*i32", "c_ptr": p,
+                       "T": "i32", "PS": "i32", "MAXP": "i32"}, 1, 1, {"C": C})
+
+
+def _paged(cache, B: int):
+    """(flat storage, slot index, page table, page size, capacity) of a cache: a PagedRows view
+    as it lives, or a dense [B, S, C] tensor as B slots of one S-row page."""
+    if isinstance(cache, PagedRows):
+        return cache.storage, cache.slots, cache.table, cache.page_size, cache.capacity
+    S = cache.shape[1]
+    idx = torch.arange(B, device=cache.device)
+    return cache.contiguous(), idx, idx.to(torch.int32).view(-1, 1), S, S
+
+
+def cache_write(cache, new, pos):
+    """The cache_write op: a PagedRows view gets rows new [B,T,C] at positions pos[b] + t in
+    place (and is returned); a dense cache is copied first (the op's functional form)."""
+    if not isinstance(cache, PagedRows):
+        return get_op("cache_write").ref([cache, new, pos], {})[0]
+    B, T, C = new.shape
+    if new.dtype != cache.dtype:
+        raise ValueError(f"cache_write: rows {new.dtype} into a {cache.dtype} cache")
+    spec = cache_write_spec(C, ir_dtype(new), current_target())
+    if B * T:
+        launch(spec, (B * T,), new.contiguous(), pos.contiguous(), cache.slots, cache.table, cache.storage,
+               T, cache.page_size, cache.table.shape[1])
+    return cache
 
 
 def _q_start(q_start, B, T, S, device):
@@ -147,28 +214,32 @@ def _q_start(q_start, B, T, S, device):
 
 
 def mla_latent_attention(q_lat, q_rope, latent, rope_key, q_start=None, *, scale, splits=None):
-    """softmax((q_lat.latent + q_rope.rope_key) * scale) latent over visible keys -> [B,T,H,R]."""
+    """softmax((q_lat.latent + q_rope.rope_key) * scale) latent over visible keys -> [B,T,H,R].
+    The caches are dense [B,S,*] or PagedRows views, read through their page table. The
+    split count depends on the capacity, not the length, so one launch fits every length."""
     B, T, H, R = q_lat.shape
     S, P = latent.shape[1], rope_key.shape[2]
-    if q_rope.shape[:3] != (B, T, H) or latent.shape != (B, S, R) or rope_key.shape != (B, S, P):
+    if q_rope.shape[:3] != (B, T, H) or tuple(latent.shape) != (B, S, R) or tuple(rope_key.shape) != (B, S, P):
         raise ValueError(f"q_lat {tuple(q_lat.shape)}, q_rope {tuple(q_rope.shape)}, latent "
                          f"{tuple(latent.shape)}, rope_key {tuple(rope_key.shape)} do not fit")
     dt = q_lat.dtype
     split, merge = latent_specs(H, R, P, ir_dtype(q_lat), float(scale), T * H, current_target())
     qs = _q_start(q_start, B, T, S, q_lat.device)
+    c_rows, slots, table, PS, cap = _paged(latent, B)
+    kr_rows, *_ = _paged(rope_key, B)
+    if kr_rows.dtype != dt or c_rows.dtype != dt:
+        raise ValueError(f"latent {c_rows.dtype} / rope_key {kr_rows.dtype} caches must be {dt}")
     c = split.config
     nrb = -(-T * H // c["BM"])
     if splits is None:   # enough programs to fill the GPU, each split at least split_min keys
         want = max(1, 264 // max(1, B * nrb))
-        splits = max(1, min(want, -(-S // c["split_min"])))
-    split_len = -(-(-(-S // splits)) // c["BS"]) * c["BS"]
-    splits = max(1, -(-S // split_len))
+        splits = max(1, min(want, -(-cap // c["SPLIT_MIN"])))
     op = torch.empty(B * T * H, splits, R, device=q_lat.device, dtype=torch.float32)
     lse = torch.empty(B * T * H, splits, device=q_lat.device, dtype=torch.float32)
     o = torch.empty(B, T, H, R, device=q_lat.device, dtype=dt)
-    launch(split, (B, nrb, splits), q_lat.contiguous(), q_rope.to(dt).contiguous(), latent.contiguous(),
-           rope_key.to(dt).contiguous(), qs, op, lse, T, S, split_len)
-    launch(merge, (B * T * H,), op, lse, o, splits)
+    launch(split, (B, nrb, splits), q_lat.contiguous(), q_rope.to(dt).contiguous(), c_rows, kr_rows, qs,
+           slots, table, op, lse, T, S, PS, table.shape[1])
+    launch(merge, (B * T * H,), op, lse, qs, slots, o, T, S, splits)
     return o
 
 
@@ -218,7 +289,13 @@ def op_causal_attention(args, attrs):
     return [causal_attention(*args[:3], args[3] if len(args) > 3 else None, scale=attrs["scale"])]
 
 
+def op_cache_write(args, attrs):
+    return [cache_write(*args)]
+
+
 def specs_for(kind, ins, outs, attrs, target):
+    if kind == "cache_write":
+        return [cache_write_spec(ins[1].shape[2], ins[1].dtype, target)]
     if kind == "causal_attention":
         q, v = ins[0], ins[2]
         return [flash_spec(q.shape[2], q.shape[3], v.shape[3], q.dtype, float(attrs["scale"]), target)]
