@@ -12,7 +12,8 @@ pytest.importorskip("triton")
 
 import kimi_graph  # noqa: E402
 from kimi_graph.lowering.triton.backend import accepts_views  # noqa: E402
-from kimi_graph.runtime import Engine  # noqa: E402
+from checkpoints import random_config  # noqa: E402
+from kimi_graph.runtime import Engine, SamplingParams  # noqa: E402
 from kimi_graph.runtime.views import PagedRows, SlotRows  # noqa: E402
 from reference_kimi import rel_err  # noqa: E402
 
@@ -20,55 +21,62 @@ TOL = 1e-5
 pytestmark = pytest.mark.usefixtures("triton_interpret")
 
 
+@pytest.fixture(scope="module")
+def small(make_checkpoint):
+    """Two layers (KDA with a dense MLP, then MLA with MoE), small enough for the interpreter."""
+    cfg = random_config(0, num_hidden_layers=2, first_k_dense_replace=1, num_experts=4,
+                        num_experts_per_token=2, num_expert_group=1, topk_group=1, vocab_size=61,
+                        num_shared_experts=1, tie_word_embeddings=False,
+                        linear_attn_config={"kda_layers": [1], "full_attn_layers": [2],
+                                            "num_heads": 2, "head_dim": 8, "short_conv_kernel_size": 4})
+    return make_checkpoint(cfg, seed=2)
+
+
 def script(engine: Engine) -> list[torch.Tensor]:
-    """A fixed schedule of prefills, decodes, frees and reuses -> every step's logits (and
-    the live slots' states at the end, flattened)."""
+    """Ragged prefills, a batch out of slot order, a sequence finishing while another goes on,
+    its slot freed and reused, a continuation -> each step's logits and the live states."""
     out = []
-    a, b, c = engine.cache.allocate(3)
-    out += engine.prefill([a, b, c], [[1, 5, 9, 14, 3], [7], [300, 2, 41]])      # ragged
-    out.append(engine.decode([a, b, c], [4, 8, 15]))
-    out.append(engine.decode([a, c], [16, 23]))          # b finished: a hole in the batch
-    engine.cache.free([b])
-    (d,) = engine.cache.allocate(1)                       # b's slot again, states reset
-    out += engine.prefill([d], [[42, 43]])
-    out.append(engine.decode([c, d, a], [1, 2, 3]))      # a batch out of slot order
-    out += engine.prefill([a], [[9, 8, 7]])               # a continuation mid-generation
-    out.append(engine.decode([a, d], [5, 6]))
-    for s in (a, c, d):
-        for name, t in engine.cache.storage.items():
-            if engine.cache.page_size is None or t.dim() != 3:
-                out.append(t[s].flatten())
+    a, b = engine.cache.allocate(2)
+    out += engine.prefill([a, b], [[1, 5, 9, 14, 3], [7, 2]])       # ragged: two calls
+    out.append(engine.decode([b, a], [4, 8]))
+    engine.cache.free([a])                                           # a finished
+    (d,) = engine.cache.allocate(1)                                  # its slot, states reset
+    out += engine.prefill([d], [[42, 43, 44]])
+    out.append(engine.decode([b, d], [5, 6]))
+    for spec in engine.cache.specs:
+        t = engine.cache.storage[spec.name]
+        for s in (b, d):
+            rows = engine.cache.pages[s] if engine.cache.page_size and spec.seq_axis is not None else [s]
+            out.append(t[rows].flatten())
     return out
 
 
-@pytest.mark.parametrize("page_size", [None, 2])
-@pytest.mark.parametrize("pipeline", ["default", None])
-def test_in_place_steps_equal_the_functional_path(pipeline, page_size):
-    tri = kimi_graph.load("tiny", pipeline=pipeline, backend="triton")
-    ref = kimi_graph.load("tiny", pipeline=pipeline)
-    kw = dict(max_batch=4, max_len=24, page_size=page_size, window_block=4)
+@pytest.mark.parametrize("pipeline,page_size", [("default", None), ("default", 2), (None, 3)])
+def test_in_place_steps_equal_the_functional_path(small, pipeline, page_size):
+    tri = kimi_graph.load(small, pipeline=pipeline, backend="triton")
+    ref = kimi_graph.load(small, pipeline=pipeline)
+    kw = dict(max_batch=3, max_len=12, page_size=page_size, window_block=4)
     fast, slow = Engine(tri, **kw), Engine(ref, **kw)
-    got, want = script(fast), script(slow)
     assert fast.in_place("decode") and fast.in_place("prefill")
     assert not slow.in_place("decode")
+    got, want = script(fast), script(slow)
     assert len(got) == len(want)
     for i, (x, y) in enumerate(zip(got, want)):
         assert x.shape == y.shape and rel_err(x, y) <= TOL, i
 
 
-def test_views_never_gather_or_scatter(monkeypatch):
+def test_views_never_gather_or_scatter(small, monkeypatch):
     """The in-place engine never moves a cache: gather and scatter are not called."""
-    tri = kimi_graph.load("tiny", pipeline="default", backend="triton")
-    engine = Engine(tri, max_batch=2, max_len=16, page_size=4)
+    engine = Engine(kimi_graph.load(small, pipeline="default", backend="triton"), max_batch=2,
+                    max_len=16, page_size=4)
     for name in ("gather", "scatter"):
         monkeypatch.setattr(engine.cache, name, lambda *a, **k: pytest.fail("cache moved"))
-    out = engine.generate([[1, 2, 3], [4]], kimi_graph.runtime.SamplingParams(max_new_tokens=3,
-                                                                             ignore_eos=True))
-    assert [len(o) for o in out] == [3, 3]
+    out = engine.generate([[1, 2, 3], [4]], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    assert [len(o) for o in out] == [2, 2]
 
 
-def test_views_locate_rows_in_the_storage():
-    tri = kimi_graph.load("tiny", pipeline="default", backend="triton")
+def test_views_locate_rows_in_the_storage(small):
+    tri = kimi_graph.load(small, pipeline="default", backend="triton")
     assert accepts_views(tri.get_graph("decode", True))
     engine = Engine(tri, max_batch=3, max_len=8, page_size=2)
     s0, s1 = engine.cache.allocate(2)
