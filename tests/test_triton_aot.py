@@ -75,3 +75,18 @@ def test_tuning_file_applies_to_its_arch_and_ships(build):
 def test_bad_target_is_a_clear_error(tmp_path, capsys):
     assert main(["compile", "tiny", "--target", "sm_75", "--out", str(tmp_path)]) == 2
     assert "unknown target" in capsys.readouterr().err
+
+
+def test_startup_note_says_where_kernels_come_from(tmp_path, monkeypatch):
+    import json
+
+    import triton
+
+    from kimi_graph.lowering.triton.aot import ARTIFACTS_ENV, startup_note
+    monkeypatch.delenv(ARTIFACTS_ENV, raising=False)
+    assert "compile just in time for sm_90" in startup_note(90)
+    kernels = [{"source_hash": "h", "entry": "k", "arch": 90, "triton_version": v} for v in ("0.0", triton.__version__)]
+    (tmp_path / "manifest.json").write_text(json.dumps({"kernels": kernels}))
+    assert startup_note(90, str(tmp_path)).startswith("using 1 prebuilt kernels")
+    note = startup_note(80, str(tmp_path))
+    assert "compile just in time" in note and "sm_90 / Triton 0.0" in note and "sm_80" in note

@@ -146,6 +146,27 @@ def _index(directory: str) -> dict:
     return _INDEX[directory]
 
 
+def startup_note(arch: int, directory: str | None = None) -> str:
+    """One line saying where this GPU's kernels come from: the prebuilt kernels in the
+    artifact directory when its manifest has any for `arch` built by this Triton, else
+    Triton's just-in-time compiler (and why)."""
+    import triton
+    directory = directory or os.environ.get(ARTIFACTS_ENV)
+    if not directory:
+        return (f"Triton kernels compile just in time for sm_{arch} (set {ARTIFACTS_ENV} to a "
+                "`kimi-graph compile` output to use prebuilt ones)")
+    try:
+        index = _index(directory)
+    except (OSError, ValueError) as e:
+        return f"Triton kernels compile just in time: {directory} has no readable manifest.json ({e})"
+    n = sum(1 for (_, _, a, v) in index if a == arch and v == triton.__version__)
+    if n:
+        return f"using {n} prebuilt kernels from {directory} (sm_{arch}, Triton {triton.__version__})"
+    built = sorted({f"sm_{a} / Triton {v}" for (_, _, a, v) in index})
+    return (f"Triton kernels compile just in time: {directory} holds kernels for {', '.join(built)}, "
+            f"not for this GPU and Triton (sm_{arch} / Triton {triton.__version__})")
+
+
 def find_artifact(spec: KernelSpec, arch: int, directory: str | None = None):
     """A loaded CompiledKernel for `spec` on `arch` from the artifact directory (argument or
     $KIMI_GRAPH_TRITON_ARTIFACTS) when its manifest has one built by this Triton; else None."""

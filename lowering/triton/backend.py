@@ -7,6 +7,7 @@ before the group's first op, so a group runs whole at its first op's place.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -190,6 +191,8 @@ def triton_backend(model):
     if target != "interpret" and not str(model.device).startswith("cuda"):
         raise ValueError(f"backend='triton' runs on a CUDA device (got device={model.device!r}); "
                          "on CPU set TRITON_INTERPRET=1 to use the Triton interpreter")
+    if target != "interpret":
+        _say_once_where_kernels_come_from(torch.device(model.device))
     schedules: dict[int, tuple[Graph, list]] = {}
 
     def execute(graph: Graph, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -198,6 +201,18 @@ def triton_backend(model):
         return run(graph, inputs, model.weights, schedules[id(graph)][1])
     execute.accepts_views = accepts_views
     return execute
+
+
+_SAID: set = set()
+
+
+def _say_once_where_kernels_come_from(device: torch.device) -> None:
+    from .aot import startup_note
+    major, minor = torch.cuda.get_device_capability(device)
+    note = startup_note(10 * major + minor)
+    if note not in _SAID:
+        _SAID.add(note)
+        logging.getLogger("kimi_graph").warning(note)
 
 
 def register_custom_ops(device_type: str = "cuda") -> list[str]:

@@ -19,15 +19,15 @@ from .targets import config, current_target
 _STATE_WRITE = """
 # the new state of sequence b: column j = (state ‖ x)[T + j], in ascending j (in place safe);
 # a padding row (slot -1) stores nothing
-row = tl.load(slot_ptr + b)
-ms = mc & (c * 0 + row >= 0)
-row = tl.maximum(row, 0)
+dst = tl.load(slot_ptr + b)
+ms = mc & (c * 0 + dst >= 0)
+dst = tl.maximum(dst, 0)
 for j in tl.static_range(W - 1):
-    src = c * 0 + T + j - (W - 1)
-    v = tl.load(x_ptr + (b * T + src) * C + c, mask=mc & (src >= 0), other=0.0)
+    sj = c * 0 + T + j - (W - 1)
+    v = tl.load(x_ptr + (b * T + sj) * C + c, mask=mc & (sj >= 0), other=0.0)
     if HAS_STATE:
-        v += tl.load(s_ptr + (row * C + c) * (W - 1) + (src + (W - 1)), mask=ms & (src < 0), other=0.0)
-    tl.store(sn_ptr + (row * C + c) * (W - 1) + j, v, mask=ms)
+        v += tl.load(s_ptr + (dst * C + c) * (W - 1) + (sj + (W - 1)), mask=ms & (sj < 0), other=0.0)
+    tl.store(sn_ptr + (dst * C + c) * (W - 1) + j, v, mask=ms)
 """
 
 _CONV = """
