@@ -23,7 +23,7 @@ from kimi_graph.lowering.triton import backend, codegen
 from kimi_graph.runtime import Engine
 
 NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "_local_scalar_dense",
-             "lift_fresh", "detach", "alias", "set_", "resize_", "record_stream"}
+             "lift_fresh", "detach", "alias", "set_", "resize_", "record_stream", "_unsafe_view"}
 
 
 class Counter(TorchDispatchMode):
@@ -32,6 +32,7 @@ class Counter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.by_item: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.in_launch = False      # torch ops inside a Triton launch are the interpreter's own
 
     def where(self) -> str:
         return backend.TRACE[-1] if backend.TRACE else "(engine)"
@@ -39,7 +40,7 @@ class Counter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name.split("::")[-1]
         view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
-        if not view and name not in NO_KERNEL:
+        if not view and name not in NO_KERNEL and not self.in_launch:
             self.by_item[self.where()]["torch." + name] += 1
         return func(*args, **(kwargs or {}))
 
@@ -53,7 +54,11 @@ def count_step(engine: Engine, batch: int) -> Counter:
 
     def counted(spec, grid, *args):
         counter.by_item[counter.where()]["triton." + spec.name] += 1
-        return launch(spec, grid, *args)
+        counter.in_launch = True
+        try:
+            return launch(spec, grid, *args)
+        finally:
+            counter.in_launch = False
 
     backend.TRACE = []
     codegen.launch = counted

@@ -367,7 +367,7 @@ def _packed(q, k, v, f, b, cu_seqlens):
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be [B,T,H,*]")
     B, T, H, K = q.shape
     if cu_seqlens is None:
-        cu_seqlens = torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int32)
+        cu_seqlens = _uniform_offsets(B, T, q.device)
     else:
         if B != 1:
             raise ValueError("packed sequences (cu_seqlens) need B == 1")
@@ -376,6 +376,20 @@ def _packed(q, k, v, f, b, cu_seqlens):
             raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu_seqlens.tolist()}")
     flat = [t.reshape(B * T, *t.shape[2:]).contiguous() for t in (q, k, v, f, b)]
     return flat, cu_seqlens, H, K, v.shape[-1]
+
+
+_OFFSETS: dict = {}
+
+
+def _uniform_offsets(B: int, T: int, device) -> torch.Tensor:
+    """cu_seqlens of B sequences of T tokens; kept (read only) for decode steps (T = 1), so a
+    step launches no kernel to make them."""
+    if T != 1:
+        return torch.arange(0, (B + 1) * T, T, device=device, dtype=torch.int32)
+    key = (B, str(device))
+    if key not in _OFFSETS:
+        _OFFSETS[key] = torch.arange(0, B + 1, device=device, dtype=torch.int32)
+    return _OFFSETS[key]
 
 
 def _gate_params(A_log, dt_bias, H, K, device):

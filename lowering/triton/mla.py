@@ -22,7 +22,8 @@ from .targets import config, current_target
 
 _LATENT = """
 @triton.jit
-def mla_latent_split(ql_ptr, qr_ptr, c_ptr, kr_ptr, qs_ptr, slot_ptr, tab_ptr, op_ptr, lse_ptr, T, S, PS, MAXP):
+def mla_latent_split(ql_ptr, qr_ptr, c_ptr, kr_ptr, qs_ptr, slot_ptr, tab_ptr, op_ptr, lse_ptr, T, S, PS, MAXP,
+                     sql, sqr):
     # grid (B, row blocks, splits); rows are (t, h) pairs; keys shared by all heads. Key j of
     # sequence b is cache row tab[slot[b], j // PS] * PS + j % PS. The splits share the keys
     # the sequence's queries see (its length, read here: the grid does not depend on it).
@@ -43,8 +44,8 @@ def mla_latent_split(ql_ptr, qr_ptr, c_ptr, kr_ptr, qs_ptr, slot_ptr, tab_ptr, o
         mR = dr < R
         mP = dp < P
         qrow = b * T * H + rows
-        ql = tl.load(ql_ptr + qrow[:, None] * R + dr[None, :], mask=mr[:, None] & mR[None, :], other=0.0)
-        qr = tl.load(qr_ptr + qrow[:, None] * P + dp[None, :], mask=mr[:, None] & mP[None, :], other=0.0)
+        ql = tl.load(ql_ptr + qrow[:, None] * sql + dr[None, :], mask=mr[:, None] & mR[None, :], other=0.0)
+        qr = tl.load(qr_ptr + qrow[:, None] * sqr + dp[None, :], mask=mr[:, None] & mP[None, :], other=0.0)
         m_i = tl.full((BM,), float("-inf"), tl.float32)
         l_i = tl.zeros((BM,), tl.float32)
         acc = tl.zeros((BM, BR), tl.float32)
@@ -163,7 +164,7 @@ def latent_specs(H: int, R: int, P: int, dtype: str, scale: float, rows: int, ta
     split = KernelSpec("mla_latent_split", "mla_latent_split", src,
                        {"ql_ptr": p, "qr_ptr": p, "c_ptr": p, "kr_ptr": p, "qs_ptr": "*i64", "slot_ptr": "*i64",
                         "tab_ptr": "*i32", "op_ptr": "*fp32", "lse_ptr": "*fp32", "T": "i32", "S": "i32",
-                        "PS": "i32", "MAXP": "i32"},
+                        "PS": "i32", "MAXP": "i32", "sql": "i32", "sqr": "i32"},
                        cfg["num_warps"], cfg["num_stages"], consts)
     merge = KernelSpec("mla_latent_merge", "mla_latent_merge", src,
                        {"op_ptr": "*fp32", "lse_ptr": "*fp32", "qs_ptr": "*i64", "slot_ptr": "*i64", "o_ptr": p, "T": "i32",
@@ -213,6 +214,16 @@ def _q_start(q_start, B, T, S, device):
     return q_start.to(device=device, dtype=torch.int64).contiguous()
 
 
+def _rows_of(q: torch.Tensor) -> torch.Tensor:
+    """q [B,T,H,D] as is when its (b, t, h) rows are evenly strided with unit-stride D (e.g.
+    the q_lat / q_rope slices of one projection), else a contiguous copy."""
+    B, T, H, D = q.shape
+    s = q.stride(2)
+    if q.stride(3) == 1 and (T == 1 or q.stride(1) == H * s) and (B == 1 or q.stride(0) == T * H * s):
+        return q
+    return q.contiguous()
+
+
 def mla_latent_attention(q_lat, q_rope, latent, rope_key, q_start=None, *, scale, splits=None):
     """softmax((q_lat.latent + q_rope.rope_key) * scale) latent over visible keys -> [B,T,H,R].
     The caches are dense [B,S,*] or PagedRows views, read through their page table. The
@@ -237,8 +248,9 @@ def mla_latent_attention(q_lat, q_rope, latent, rope_key, q_start=None, *, scale
     op = torch.empty(B * T * H, splits, R, device=q_lat.device, dtype=torch.float32)
     lse = torch.empty(B * T * H, splits, device=q_lat.device, dtype=torch.float32)
     o = torch.empty(B, T, H, R, device=q_lat.device, dtype=dt)
-    launch(split, (B, nrb, splits), q_lat.contiguous(), q_rope.to(dt).contiguous(), c_rows, kr_rows, qs,
-           slots, table, op, lse, T, S, PS, table.shape[1])
+    ql, qr = _rows_of(q_lat), _rows_of(q_rope.to(dt))
+    launch(split, (B, nrb, splits), ql, qr, c_rows, kr_rows, qs, slots, table, op, lse, T, S, PS,
+           table.shape[1], ql.stride(2), qr.stride(2))
     launch(merge, (B * T * H,), op, lse, qs, slots, o, T, S, splits)
     return o
 
