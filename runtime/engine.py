@@ -30,9 +30,9 @@ class Engine:
     up to `max_len` tokens (default: config.model_max_length).
 
     `window_block`: caches are passed cut to the rows in use, rounded up to this many tokens
-    (None: always the whole capacity). `prefill_chunk`: prefill prompts this many tokens at
-    a time (continuation through the states), so activations stay bounded by the chunk
-    (default PREFILL_CHUNK; None: whole prompts). `page_size`, `num_pages`: paged MLA
+    (None: always the whole capacity). `prefill_chunk`: the most tokens (sequences x tokens)
+    one prefill call runs; longer prompts continue through the states chunk by chunk, so
+    activations stay bounded by the chunk (default PREFILL_CHUNK; None: whole batches). `page_size`, `num_pages`: paged MLA
     caches (see CacheManager). `cuda_graphs`: replay each decode step as one CUDA graph per
     batch-size bucket (runtime/graphs.py; needs a backend that updates states in place, on
     CUDA: backend="triton" with the default pipeline)."""
@@ -94,9 +94,12 @@ class Engine:
 
 
 
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> list[torch.Tensor]:
+    def prefill(self, slots: list[int], prompts: list[list[int]], last_only: bool = False
+                ) -> list[torch.Tensor]:
         """Append each prompt to its slot (continuing what the slot holds) -> logits [T_i, V]
-        per prompt. Prompts of equal length run together; no padding."""
+        per prompt ([1, V], the next-token logits, with `last_only`). Prompts of equal length
+        run together, no padding, at most `prefill_chunk` tokens per call (long prompts in
+        chunks, many short ones in sub-batches)."""
         if len(slots) != len(prompts):
             raise GenerationError(f"{len(prompts)} prompts for {len(slots)} slots")
         ids = [self.check_prompt(p) for p in prompts]
@@ -105,13 +108,18 @@ class Engine:
         for i, t in enumerate(ids):
             groups.setdefault(len(t), []).append(i)
         for T, members in groups.items():
-            batch = torch.tensor([ids[i] for i in members], dtype=torch.int64)
-            chunk = self.prefill_chunk or T
-            parts = [self.step("prefill", [slots[i] for i in members], batch[:, a:a + chunk])
-                     for a in range(0, T, chunk)]
-            logits = torch.cat(parts, dim=1)
-            for j, i in enumerate(members):
-                out[i] = logits[j]
+            chunk = min(T, self.prefill_chunk or T)
+            rows = max(1, (self.prefill_chunk or T * len(members)) // chunk)
+            for r in range(0, len(members), rows):
+                part = members[r:r + rows]
+                batch = torch.tensor([ids[i] for i in part], dtype=torch.int64)
+                pieces = []
+                for a in range(0, T, chunk):
+                    logits = self.step("prefill", [slots[i] for i in part], batch[:, a:a + chunk])
+                    pieces.append(logits[:, -1:] if last_only else logits)
+                logits = pieces[-1] if last_only else torch.cat(pieces, dim=1)
+                for j, i in enumerate(part):
+                    out[i] = logits[j]
         return out
 
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
@@ -139,6 +147,17 @@ class Engine:
         out = self.graphs.run(slots, ids, sampler, rows)
         self.cache.advance(slots, 1)
         return out
+
+    def capture_graphs(self, batch_sizes: list[int] | None = None, sampling: bool = False) -> None:
+        """With cuda_graphs: capture the decode step ahead of time for the buckets of
+        `batch_sizes` (default: every bucket up to max_batch's), greedy and, with `sampling`,
+        sampling graphs too (otherwise each is captured on first use)."""
+        if self.graphs is None:
+            raise GenerationError("capture_graphs needs Engine(..., cuda_graphs=True)")
+        from .graphs import BUCKETS, bucket
+        sizes = batch_sizes or [b for b in BUCKETS if b <= bucket(self.cache.num_slots)]
+        for greedy in (True, False) if sampling else (True,):
+            self.graphs.capture_all(sizes, greedy)
 
     def fill_context(self, slots: list[int], length: int, seed: int = 0) -> None:
         """Set each slot to hold `length` tokens of random cache and state contents, with no
@@ -231,7 +250,7 @@ class Engine:
     def _run(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[tuple[int, int]]:
         slots = self.cache.allocate(len(prompts))
         try:
-            logits = torch.stack([t[-1] for t in self.prefill(slots, prompts)])
+            logits = torch.stack([t[-1] for t in self.prefill(slots, prompts, last_only=True)])
             yield from self.sample_loop(slots, logits, params)
         finally:
             self.cache.free(slots)

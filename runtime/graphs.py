@@ -77,6 +77,12 @@ class DecodeGraphs:
                                f"as a CUDA graph: {err}") from err
         return _Captured(graph, ints, floats, logits, tokens)
 
+    def capture_all(self, batch_sizes: list[int], greedy: bool = True) -> None:
+        """Capture ahead of time the buckets of `batch_sizes` (not yet captured)."""
+        for Bp in sorted({bucket(n) for n in batch_sizes}):
+            if (Bp, greedy) not in self.graphs:
+                self.graphs[(Bp, greedy)] = self.capture(Bp, greedy)
+
     def run(self, slots: list[int], ids: list[int], sampler, rows: list[int]):
         """Replay the step for `slots` fed `ids` -> (logits [B, V], tokens [B]) as views of
         the graph's outputs (valid until the next replay of the same bucket)."""

@@ -90,6 +90,8 @@ def test_published_slice_replay_equals_eager_step_by_step(published_slice, page_
 
 def test_contexts_grow_without_recapture_and_padding_touches_no_slot(tiny):
     engine = Engine(tiny, max_batch=8, max_len=300, page_size=16, cuda_graphs=True)
+    engine.capture_graphs([3])                                  # ahead of time: bucket 4
+    assert list(engine.graphs.graphs) == [(4, True)]
     idle, a, b, c = engine.cache.allocate(4)
     engine.prefill([idle, a, b, c], [[1, 2], [3], [4, 5, 6], [7]])
     before = {k: v.clone() for k, v in engine.cache.storage.items()}

@@ -89,3 +89,29 @@ def test_views_locate_rows_in_the_storage(small):
     assert torch.equal(lat.dense()[0, :5], new[0])
     pages = engine.cache.pages[s1]
     assert torch.equal(lat.storage[pages[1]], new[0, 2:4])
+
+
+def test_graph_buckets_and_clear_errors_without_cuda(small):
+    from kimi_graph.runtime.engine import GenerationError
+    from kimi_graph.runtime.graphs import bucket
+    assert [bucket(n) for n in (1, 2, 3, 5, 17, 256, 257, 600)] == [1, 2, 4, 8, 32, 256, 512, 768]
+    model = kimi_graph.load(small)
+    with pytest.raises(GenerationError, match="needs a CUDA device"):
+        Engine(model, cuda_graphs=True)
+    with pytest.raises(GenerationError, match="needs Engine"):
+        Engine(model).capture_graphs()
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_fill_context_primes_slots_for_timing(small, page_size):
+    """fill_context: slots hold L tokens of random contents; decode continues from there."""
+    engine = Engine(kimi_graph.load(small), max_batch=2, max_len=16, page_size=page_size)
+    slots = engine.cache.allocate(2)
+    engine.fill_context(slots, 9)
+    assert [engine.cache.lengths[s] for s in slots] == [9, 9]
+    logits = engine.decode(slots, [1, 2])
+    assert logits.shape[0] == 2 and bool(torch.isfinite(logits).all())
+    assert [engine.cache.lengths[s] for s in slots] == [10, 10]
+    lat = next(n for n, t in engine.cache.storage.items() if "latent" in n)
+    rows = engine.cache.views(slots, 10)[lat].dense()
+    assert bool((rows[:, :9].abs().sum(-1) > 0).all())          # every primed row written
