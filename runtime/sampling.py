@@ -146,12 +146,14 @@ class Sampler:
         """The per-row sampling inputs of `sample` for `rows`, as host lists: ints (seed,
         step, top_k per row, in that order) and floats (temperature, top_p per row)."""
         p, n = self.params, len(rows)
-        ints = [self.seed] * n + [self.steps[r] for r in rows] + [p.top_k] * n
+        steps = [0] * n if p.greedy else [self.steps[r] for r in rows]     # greedy draws no noise
+        ints = [self.seed] * n + steps + [p.top_k] * n
         return ints, [float(p.temperature)] * n + [float(p.top_p)] * n
 
     def advance(self, rows: list[int]) -> None:
-        for r in rows:
-            self.steps[r] += 1
+        if not self.params.greedy:
+            for r in rows:
+                self.steps[r] += 1
 
     def draw(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """Tokens [N] on the logits' device for the sequences `rows` (no wait for the device)."""

@@ -21,14 +21,9 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(eq=False)
-class SlotRows:
-    storage: torch.Tensor       # [num_slots, ...]
-    slots: torch.Tensor         # [B] int64 on the storage's device
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.slots.shape[0],) + tuple(self.storage.shape[1:]))
+class _View:
+    """What a graph input needs to look like: shape, dtype, device, dim()."""
+    storage: torch.Tensor
 
     @property
     def dtype(self) -> torch.dtype:
@@ -39,14 +34,24 @@ class SlotRows:
         return self.storage.device
 
     def dim(self) -> int:
-        return self.storage.dim()
+        return len(self.shape)
+
+
+@dataclass(eq=False)
+class SlotRows(_View):
+    storage: torch.Tensor       # [num_slots, ...]
+    slots: torch.Tensor         # [B] int64 on the storage's device
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.slots.shape[0],) + tuple(self.storage.shape[1:]))
 
     def dense(self) -> torch.Tensor:
         return self.storage.index_select(0, self.slots)
 
 
 @dataclass(eq=False)
-class PagedRows:
+class PagedRows(_View):
     storage: torch.Tensor       # [pages, page_size, C]
     slots: torch.Tensor         # [B] int64
     table: torch.Tensor         # [num_slots, pages per slot] int32: page of each block of positions
@@ -60,17 +65,6 @@ class PagedRows:
     @property
     def shape(self) -> torch.Size:
         return torch.Size((self.slots.shape[0], self.window, self.storage.shape[2]))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.storage.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.storage.device
-
-    def dim(self) -> int:
-        return 3
 
     def rows(self, pos: torch.Tensor) -> torch.Tensor:
         """Flat storage rows of positions `pos` [B, N] (long)."""
