@@ -233,7 +233,8 @@ def phase_ours(cfg_dict: dict, args, bw: float, rows: list, info: dict) -> None:
     cfg = KimiLinearConfig.from_dict(cfg_dict)
     model, load_info = load_ours(cfg, args)
     info["ours"] = {**load_info, "layers": cfg.num_hidden_layers,
-                    "checkpoint_bytes": sum(t.nbytes({}) for t in build_graph(cfg, dtype="bf16").params.values())}
+                    "checkpoint_bytes": args.torch_dtype.itemsize * sum(
+                        t.numel() for t in build_graph(cfg, dtype="bf16").params.values())}
     print(info["ours"], flush=True)
     bench_prefill(model, args, rows)
     bench_decode(model, args, bw, rows)
