@@ -152,6 +152,8 @@ class KimiModel:
             g = run_pipeline(g, self.pipeline, transforms=self.transforms)
         return g
 
+    check_finite = True         # check weights for NaN and inf as they load (see load)
+
     def _load(self, params) -> None:
         """Add the weights of `params` ("@name") that `weights` lacks, derived from the
         weights held where they can be (views stay views); originals no longer held come
@@ -161,7 +163,10 @@ class KimiModel:
         if not missing or (self.source is None and not self.weights):
             return                  # all there, or none here (an exported ONNX directory)
         fetch = self.source.fetch if self.source is not None else self.weights.__getitem__
-        self.weights.update(materialize(missing, self.transforms, fetch, held=self.weights))
+        new = materialize(missing, self.transforms, fetch, held=self.weights)
+        if self.check_finite:
+            check_finite_weights(new)
+        self.weights.update(new)
 
     @property
     def weight_bytes(self) -> int:
@@ -289,6 +294,7 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
     m.weights = load_weights(m.source, names, m.transforms, progress=progress)
     m.load_stats = {"graphs_s": t1 - t0, "weights_s": time.perf_counter() - t1,
                     "held_bytes_estimate": held, "peak_bytes_estimate": peak}
+    m.check_finite = check_finite               # weights loaded later are checked too
     if check_finite:
         check_finite_weights(m.weights)
     if backend == "onnxruntime":
