@@ -249,8 +249,8 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
     """Load a model directory (HF layout: config.json + safetensors) or a preset.
 
     Presets get seeded random weights, drawn on `device`. `router_weights`: "official" (the
-    official modeling code: routing weights from the bias-corrected scores) or "unbiased"
-    (vLLM's). `pipeline`: a pass pipeline run before execution (None: the graph as declared);
+    remote modeling code: routing weights from the bias-corrected scores) or "unbiased"
+    (transformers >= 5 and vLLM: from the unbiased scores). `pipeline`: a pass pipeline run before execution (None: the graph as declared);
     with one, every graph the model runs is optimized now, and the weights are loaded layer
     by layer straight into the layout those graphs read (packed experts, ...), each held
     once. Before allocating, the bytes needed are checked against the device's free memory
@@ -260,8 +260,12 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
     `check_finite`: check the weights for NaN and inf on their device (False: trusted).
     `device`: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available). Unknown options are
     refused (ValueError), on every backend."""
-    if dtype not in IR_DTYPES or dtype in (torch.int64, torch.int32, torch.bool):
-        raise ValueError(f"unsupported dtype {dtype}")
+    if not isinstance(dtype, torch.dtype) or dtype not in IR_DTYPES or \
+            dtype in (torch.int64, torch.int32, torch.bool):
+        raise ValueError(f"unsupported dtype {dtype!r}: use torch.float32, torch.bfloat16, "
+                         "torch.float16 or torch.float64")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r:.40}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     check_options(backend, options)

@@ -177,6 +177,11 @@ for id_, options, phrase in [
     ("device_tpu", {"device": "tpu"}, "device 'tpu' is not supported"),
     ("device_gpu", {"device": "gpu"}, "device 'gpu' is not supported"),
     ("bf16_on_onnxruntime", {"backend": "onnxruntime", "dtype": torch.bfloat16}, "bf16 models do not run"),
+    ("dtype_as_string", {"dtype": "float32"}, "unsupported dtype 'float32': use torch.float32"),
+    ("seed_as_string", {"seed": "a"}, "seed must be an integer, got 'a'"),
+    ("router_weights_unknown", {"router_weights": "vllm"}, "router_weights must be one of ('official', 'unbiased')"),
+    ("pipeline_unknown", {"pipeline": "nope"}, "unknown pass 'nope'"),
+    ("backend_unknown", {"backend": "tpu"}, "unknown backend 'tpu'"),
 ]:
     CASES.append((id_, (lambda o: lambda tmp: kimi_graph.load("tiny", **o))(options), ValueError, phrase))
 

@@ -13,7 +13,8 @@ def add_arguments(p):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--opset", type=int, default=None, help="ai.onnx opset (None: 23)")
     p.add_argument("--pipeline", default=None, help="pass pipeline to run first (e.g. default)")
-    p.add_argument("--router-weights", choices=("official", "unbiased"), default="official")
+    p.add_argument("--router-weights", choices=("official", "unbiased"), default="official",
+                   help="official: as the remote modeling code; unbiased: as transformers >= 5 and vLLM")
     p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
     p.add_argument("--no-genai", action="store_true", help="skip the onnxruntime-genai model")
     p.add_argument("--no-check", action="store_true", help="skip onnx.checker and shape inference")

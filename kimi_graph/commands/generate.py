@@ -39,6 +39,8 @@ def add_arguments(p):
                    help="interpreter, torch, triton, onnxruntime; auto: onnxruntime for an "
                         "export-onnx directory, else interpreter")
     p.add_argument("--pipeline", default=None, help="pass pipeline to run before execution")
+    p.add_argument("--router-weights", choices=("official", "unbiased"), default="official",
+                   help="official: as the remote modeling code; unbiased: as transformers >= 5 and vLLM")
 
 
 def pick_backend(backend: str, model: str) -> str:
@@ -67,7 +69,8 @@ def run(args) -> int:
     if args.chat and args.prompt is None:
         raise ValueError("--chat needs --prompt")
     model = load(args.model, dtype=TORCH_DTYPES[args.dtype], device=args.device, seed=args.seed,
-                 backend=pick_backend(args.backend, args.model), pipeline=args.pipeline)
+                 backend=pick_backend(args.backend, args.model), pipeline=args.pipeline,
+                 router_weights=args.router_weights)
     tok = None
     if args.ids is None or args.tokenizer:
         tok = load_tokenizer(args.tokenizer, model.config.vocab_size) if args.tokenizer else model.tokenizer
