@@ -130,7 +130,7 @@ def moe_permute(x, ids, num_experts):
     flat = ids.reshape(-1).contiguous()
     M, dev = flat.numel(), x.device
     target = current_target()
-    nblocks = -(-M // config("moe_permute", target)["BLOCK"])
+    nblocks = -(-M // permute_specs(D, E, k, ir_dtype(x), False, target)[0].config["BLOCK"])
     count, scan, scatter = permute_specs(D, E, k, ir_dtype(x), nblocks <= 1, target)
     order = torch.empty(M, device=dev, dtype=torch.int64)
     offsets = torch.zeros(E + 1, device=dev, dtype=torch.int64)

@@ -133,7 +133,7 @@ def select_spec(E, top_k, n_group, topk_group, renorm, scaling, weights, target)
     src = render("moe_router_select", _SELECT, consts, groups=groups,
                  weights_from="choice" if weights == "official" else "scores")
     sig = {"part_ptr": "*fp32", "bias_ptr": "*fp32", "ids_ptr": "*i64", "wts_ptr": "*fp32", "N": "i32", "S": "i32"}
-    return KernelSpec("moe_router_select", "moe_router_select", src, sig, cfg["select_warps"], 1, consts)
+    return KernelSpec("moe_router_select", "moe_router_select", src, sig, cfg["select_warps"], 1, {**cfg, **consts})
 
 
 def _splits(N: int, D: int, E: int, spec: KernelSpec) -> tuple[int, int]:
@@ -163,8 +163,7 @@ def moe_route(x, gate_weight, bias, *, top_k, n_group=1, topk_group=1, renormali
     ids = torch.empty(N, top_k, device=x.device, dtype=torch.int64)
     wts = torch.empty(N, top_k, device=x.device, dtype=torch.float32)
     if N:
-        small = N <= config("moe_route", target)["small_max"]
-        lg = logits_spec(D, E, ir_dtype(x), ir_dtype(gate_weight), small, target)
+        lg = logits_spec(D, E, ir_dtype(x), ir_dtype(gate_weight), N <= sel.config["small_max"], target)
         S, kch = _splits(N, D, E, lg)
         part = torch.empty(S, N, E, device=x.device, dtype=torch.float32)
         launch(lg, (-(-N // lg.config["BN"]), -(-E // lg.config["BE"]), S), xf, gate_weight.contiguous(), part, N, kch)
