@@ -157,3 +157,16 @@ def write_checkpoint(path, cfg: dict, seed: int = 0, shard_bytes: int | None = N
         weights = random_weights(cfg, seed, dtype)
     save_safetensors(weights, path, max_shard_bytes=shard_bytes)
     return weights
+
+
+def tie_routers(weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Routers whose scores tie exactly, in place: about half the gate rows zero (score exactly
+    sigmoid(0) = 0.5 for every token) and biases from {-1, -0.25, 0}: equal experts, equal
+    groups, and kept experts below the zeroed experts of unchosen groups (bias -1)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, w in weights.items():
+        if name.endswith("gate.weight"):
+            w[torch.rand(w.shape[0], generator=gen) < 0.5] = 0.0
+        elif name.endswith("gate.e_score_correction_bias"):
+            w.copy_(torch.tensor([-1.0, -0.25, 0.0])[torch.randint(0, 3, w.shape, generator=gen)])
+    return weights
