@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-hypothesis = pytest.importorskip("hypothesis")
+pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -25,9 +25,9 @@ from reference_kimi import rel_err  # noqa: E402
 MAX_T = 9
 # backend -> (load options, tolerance, examples); Triton's interpreter is slow (seconds a step)
 BACKENDS = {
-    "interpreter": ({}, 1e-5, 12),
-    "torch": ({}, 1e-5, 8),
-    "onnxruntime": ({"threads": 1}, 1e-4, 8),
+    "interpreter": ({}, 1e-5, 20),
+    "torch": ({}, 1e-5, 10),
+    "onnxruntime": ({"threads": 1}, 1e-4, 15),
     "triton": ({}, 1e-5, 2),
 }
 CONFIG = random_config(
@@ -81,13 +81,6 @@ def run_schedule(engine: Engine, prompts, steps, batch_decodes: bool) -> list[to
     return [torch.cat(o) for o in out]
 
 
-def same_greedy(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
-    """argmax agrees wherever one-shot's best two logits are apart by more than the tolerance."""
-    top2 = want.float().topk(2, -1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 100 * tol * want.abs().max()
-    return bool((got.argmax(-1) == want.argmax(-1))[clear].all())
-
-
 @pytest.fixture(scope="module")
 def model_for(make_checkpoint):
     path, models = make_checkpoint(CONFIG, seed=5), {}
@@ -118,6 +111,6 @@ def test_continuation_equals_one_shot_prefill(backend, model_for, request):
             want = model(torch.tensor([prompt]))[0]
             assert got.shape == want.shape
             assert rel_err(got, want) <= tol, steps
-            assert same_greedy(got, want, tol), steps
+            assert torch.equal(got.argmax(-1), want.argmax(-1)), steps     # greedy tokens
 
     check()
