@@ -29,6 +29,8 @@ BACKEND_TOL = {"torch": 1e-5, "onnxruntime": 1e-4, "triton": 1e-5}
 
 def case(seed: int, groups: int, per: int, topk_group: int, top_k: int, kda: tuple[bool, ...],
          dense: int, ties: bool, router: str = "official") -> dict:
+    """A config from random_config(seed) with these experts, groups and layers (kda[i]: layer
+    i is KDA, else MLA; the first `dense` layers dense), and how to write and run it."""
     lac = {"kda_layers": [i + 1 for i, k in enumerate(kda) if k],
            "full_attn_layers": [i + 1 for i, k in enumerate(kda) if not k],
            "num_heads": 1 + seed % 2, "head_dim": 4, "short_conv_kernel_size": 2 + seed % 3}

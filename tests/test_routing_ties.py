@@ -89,7 +89,7 @@ def targets(g, weights, x):
     from kimi_graph.lowering.torch import lower
     yield ("torch", *lower(g, weights)(x))
     yield ("torch decomposed", *lower(g, weights, decompose=True)(x))
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     from onnx.reference import ReferenceEvaluator
 
