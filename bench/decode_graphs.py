@@ -18,8 +18,11 @@ from kimi_graph.presets import PRESETS
 from kimi_graph.runtime import Engine
 
 
-def slice_config(layers: int, experts: int | None) -> KimiLinearConfig:
+def slice_config(layers: int | None, experts: int | None) -> KimiLinearConfig:
+    """The published config cut to its first `layers` layers (its KDA/MLA pattern kept), with
+    `experts` routed experts per MoE layer (None: 256)."""
     cfg = json.loads(json.dumps(PRESETS["kimi-linear-48b-a3b"]))
+    layers = layers or cfg["num_hidden_layers"]
     lac = cfg["linear_attn_config"]
     cfg["num_hidden_layers"] = layers
     lac["kda_layers"] = [i for i in lac["kda_layers"] if i <= layers]

@@ -3,7 +3,7 @@ codegen.launch) and every torch op that runs a kernel (views and allocations exc
 counted against the schedule item of the triton backend that issued it.
 
     TRITON_INTERPRET=1 python bench/decode_launches.py            # CPU, the tiny model
-    python bench/decode_launches.py --model kimi-linear-48b-a3b --layers 4 --dtype bfloat16   # GPU
+    python bench/decode_launches.py --model kimi-linear-48b-a3b --layers 4 --dtype bfloat16   # GPU slice
 
 Prints launches per layer kind (KDA / MLA, dense / MoE) and the step's total, and the ops
 that issue them in the first layer of each kind.
@@ -14,6 +14,7 @@ import argparse
 import collections
 import os
 import re
+import sys
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -21,6 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kimi_graph
 from kimi_graph.lowering.triton import backend, codegen
 from kimi_graph.runtime import Engine
+
+from decode_graphs import slice_config     # noqa: E402 (bench/ is on the path when run as a script)
 
 NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "_local_scalar_dense",
              "lift_fresh", "detach", "alias", "set_", "resize_", "record_stream", "_unsafe_view"}
@@ -60,16 +63,17 @@ def count_step(engine: Engine, batch: int) -> Counter:
         finally:
             counter.in_launch = False
 
+    # every kernel module's own reference to codegen.launch
+    mods = [m for name, m in list(sys.modules.items())
+            if name.startswith("kimi_graph.lowering.triton") and getattr(m, "launch", None) is launch]
     backend.TRACE = []
-    codegen.launch = counted
-    for mod in (backend.conv, backend.kda, backend.mla, backend.moe, backend.norm, backend.elementwise):
+    for mod in mods:
         mod.launch = counted
     try:
         with counter:
             engine.decode(slots, [5] * batch)
     finally:
-        codegen.launch = launch
-        for mod in (backend.conv, backend.kda, backend.mla, backend.moe, backend.norm, backend.elementwise):
+        for mod in mods:
             mod.launch = launch
         backend.TRACE = None
     return counter
@@ -78,16 +82,15 @@ def count_step(engine: Engine, batch: int) -> Counter:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny")
-    ap.add_argument("--layers", type=int, default=None, help="keep the first N layers")
+    ap.add_argument("--layers", type=int, default=None, help="published model: keep the first N layers")
+    ap.add_argument("--experts", type=int, default=32, help="published model: experts per MoE layer")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch", type=int, default=1)
     a = ap.parse_args(argv)
     device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-    cfg, _ = kimi_graph.api.resolve_config(a.model)
-    if a.layers:
-        cfg = cfg.with_layers(a.layers) if hasattr(cfg, "with_layers") else cfg
-    model = kimi_graph.load(a.model if not a.layers else cfg, dtype=getattr(torch, a.dtype), device=device,
-                            pipeline="default", backend="triton")
+    src = slice_config(a.layers, a.experts) if a.model == "kimi-linear-48b-a3b" else a.model
+    model = kimi_graph.load(src, dtype=getattr(torch, a.dtype), device=device, pipeline="default",
+                            backend="triton")
     engine = Engine(model, max_batch=a.batch, max_len=64)
     counter = count_step(engine, a.batch)
     per_layer: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
