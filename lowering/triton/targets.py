@@ -18,7 +18,10 @@ _BASE = {
     "kda_chunk": {"BT": 64, "BC": 16, "BV": 32, "BW": 128, "num_warps": 4, "num_stages": 2, "prep_warps": 8,
                   "intra_warps": 4, "solve_warps": 4},
     "kda_recurrent": {"BV": 32, "num_warps": 4, "num_stages": 1},
-    "mla_decode": {"BS": 64, "num_warps": 8, "num_stages": 2, "split_min": 512},
+    # split_min: fewest keys a split takes; small so that short contexts at small batch still
+    # spread over many programs (H200 e2e, B=1, 1k context, split_min 512: two programs,
+    # mla_latent_split ~80 us per MLA layer)
+    "mla_decode": {"BS": 64, "num_warps": 8, "num_stages": 2, "split_min": 64},
     "attention": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
     # router logits: BN tokens x BE experts x BK per step, K split until ~`programs` programs run;
     # the *_small tiles serve <= small_max tokens (decode); the selection takes BR tokens a program
