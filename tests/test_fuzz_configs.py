@@ -3,9 +3,9 @@ backends.
 
 Hypothesis draws small configs: the KDA / MLA layer mix, dense layers, heads, experts in 1-4
 groups of 1-4 (non-power-of-two groups such as 6 experts in 2 groups, 12 in 4, 3 in 3),
-kept groups, top-k, shared experts, the router convention; half of the checkpoints get tied
-routers (checkpoints.tie_routers), whose exact ties every backend breaks by lowest index. The
-issue's non-power-of-two cases are pinned as explicit examples.
+kept groups, top-k, shared experts, the router convention, the ONNX operator set; half of the
+checkpoints get tied routers (checkpoints.tie_routers), whose exact ties every backend breaks
+by lowest index. The issue's non-power-of-two cases are pinned as explicit examples.
 
 Tolerances (relative error of the logits): fp64 graph vs reference <= 1e-10; fp32 graph vs
 reference <= 1e-4 (a routing mismatch costs 4e-3 to 0.4); fp32 backends vs the fp32 graph:
@@ -21,23 +21,27 @@ from hypothesis import strategies as st  # noqa: E402
 
 import kimi_graph  # noqa: E402
 import reference_kimi  # noqa: E402
+from kimi_graph.lowering.onnx import OP_SETS  # noqa: E402
 from checkpoints import random_config, random_weights, tie_routers, write_checkpoint  # noqa: E402
 from reference_kimi import forward, read_checkpoint, rel_err  # noqa: E402
 
 B, T = 2, 5
 BACKEND_TOL = {"torch": 1e-5, "onnxruntime": 1e-4, "triton": 1e-5}
 
+
 def case(seed: int, groups: int, per: int, topk_group: int, top_k: int, kda: tuple[bool, ...],
-         dense: int, ties: bool, router: str = "official") -> dict:
+         dense: int, ties: bool, router: str = "official", ops: str = "ort") -> dict:
     """A config from random_config(seed) with these experts, groups and layers (kda[i]: layer
-    i is KDA, else MLA; the first `dense` layers dense), and how to write and run it."""
+    i is KDA, else MLA; the first `dense` layers dense), and how to write and run it (`ops`:
+    the ONNX operator set)."""
     lac = {"kda_layers": [i + 1 for i, k in enumerate(kda) if k],
            "full_attn_layers": [i + 1 for i, k in enumerate(kda) if not k],
            "num_heads": 1 + seed % 2, "head_dim": 4, "short_conv_kernel_size": 2 + seed % 3}
     cfg = random_config(seed, num_hidden_layers=len(kda), first_k_dense_replace=dense,
                         num_experts=groups * per, num_expert_group=groups, topk_group=topk_group,
                         num_experts_per_token=top_k, linear_attn_config=lac)
-    return {"cfg": cfg, "seed": seed, "ties": ties, "router": router}
+    return {"cfg": cfg, "seed": seed, "ties": ties, "router": router, "ops": ops}
+
 
 @st.composite
 def cases(draw):
@@ -47,12 +51,14 @@ def cases(draw):
     kda = tuple(draw(st.lists(st.booleans(), min_size=2, max_size=3)))
     return case(draw(st.integers(0, 9999)), groups, per, topk_group,
                 draw(st.integers(1, topk_group * per)), kda, draw(st.integers(0, len(kda) - 1)),
-                draw(st.booleans()), draw(st.sampled_from(["official", "unbiased"])))
+                draw(st.booleans()), draw(st.sampled_from(["official", "unbiased"])),
+                draw(st.sampled_from(OP_SETS)))
+
 
 # the groups the Triton router once refused, each with ties the reference has to break
 PINNED = [case(13, 2, 3, 1, 2, (True, False), 1, True),            # 6 experts in 2 groups
           case(14, 4, 3, 2, 4, (False, True), 0, True, "unbiased"),  # 12 in 4
-          case(11, 3, 1, 1, 1, (False, True), 0, True)]             # 3 in 3
+          case(11, 3, 1, 1, 1, (False, True), 0, True, ops="portable")]   # 3 in 3
 
 
 @pytest.fixture
@@ -88,7 +94,7 @@ def check_case(c, path, backends) -> None:
     got32 = kimi_graph.load(path, router_weights=router)(ids)
     assert rel_err(got32, want) <= 1e-4, c
     for backend in backends:
-        opts = {"threads": 1} if backend == "onnxruntime" else {}
+        opts = {"threads": 1, "ops": c["ops"]} if backend == "onnxruntime" else {}
         got = kimi_graph.load(path, router_weights=router, backend=backend, **opts)(ids)
         assert rel_err(got, got32) <= BACKEND_TOL[backend], (backend, c)
 
