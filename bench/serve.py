@@ -109,7 +109,8 @@ def serve(args) -> None:
                             backend=args.backend, pipeline=args.pipeline or None, seed=args.seed)
     server = build_server(model, name="bench", max_batch=args.max_batch,
                           max_len=args.input_len + args.output_len, max_queue=args.requests + 1,
-                          prefill_chunk=args.prefill_chunk, step_tokens=args.step_tokens)
+                          prefill_chunk=args.prefill_chunk, step_tokens=args.step_tokens,
+                          cuda_graphs=args.cuda_graphs)
     print(f"serving {model!r}, torch {torch.__version__}", flush=True)
     run(server, "127.0.0.1", args.port, log_level="warning")
 
@@ -153,6 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=256, help="server: cache slots")
     p.add_argument("--prefill-chunk", type=int, default=512, help="server: prompt tokens per chunk")
     p.add_argument("--step-tokens", type=int, default=None, help="server: tokens per step")
+    p.add_argument("--cuda-graphs", action="store_true", help="server: decode steps as CUDA graphs")
     p.add_argument("--warmup", type=int, default=None,
                    help="warm-up requests (32 tokens in, 4 out) sent at once first (default: --concurrency)")
     p.add_argument("--seed", type=int, default=0)
@@ -180,7 +182,8 @@ def main(argv=None) -> int:
             proc.wait(timeout=60)
     row = summarize(results, wall, args)
     row["server"] = {k: getattr(args, k) for k in ("config", "layers", "device", "dtype", "backend",
-                                                    "pipeline", "max_batch", "prefill_chunk", "step_tokens")}
+                                                    "pipeline", "max_batch", "prefill_chunk", "step_tokens",
+                                                    "cuda_graphs")}
     text = json.dumps(row, indent=1)
     on_gpu = args.device.startswith("cuda")
     for d in filter(None, [os.environ.get("OUT"), on_gpu and str(ROOT / "results")]):

@@ -5,8 +5,9 @@ waiting requests to free cache slots; one decode call for every sequence that ha
 to run; prefill chunks of newly admitted prompts, as many as fit the step's token budget
 after the decodes (at least one, so prompts always progress). A request's prompt is cut at
 fixed multiples of `prefill_chunk`, whatever else runs, and each request samples with its
-own Sampler (its own seeded generator), so greedy and seeded outputs do not depend on the
-batch. A finished, failed or cancelled request frees its slot (and pages) at once.
+own Sampler (its seed and draw count), so greedy and seeded outputs do not depend on the
+batch. A step's draws run as one batched call on the device, the decode's inside its CUDA
+graph when the engine has them. A finished, failed or cancelled request frees its slot (and pages) at once.
 
 Single-threaded use: `submit` then `step()` until `idle`. Served: `start()` runs the steps
 on a thread; `submit` and `cancel` are thread-safe; results come back through each
@@ -49,7 +50,7 @@ class Request:
     cached: int = 0                     # of which restored from the prefix cache
     output: list[int] = field(default_factory=list)
     pending: int | None = None          # the last sampled token, not yet run
-    sampler: Sampler | None = None
+    sampler: Sampler | None = None      # its seed and draw count
     stops: frozenset = frozenset()
     done: bool = False
     t_submit: float = 0.0
@@ -85,7 +86,6 @@ class Scheduler:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._greedy = Sampler(SamplingParams(), 0)
         self._eos = frozenset(engine.model.config.eos_ids)
 
     # -- limits -----------------------------------------------------------------------
@@ -114,7 +114,7 @@ class Scheduler:
         when `max_queue` requests already wait)."""
         req = Request(self.check(prompt, params), params, sink, t_submit=time.perf_counter())
         req.stops = frozenset(params.stop_set(self._eos, self.engine.model.config.vocab_size))
-        req.sampler = None if params.greedy else Sampler(params, 1)
+        req.sampler = Sampler(params, 1)
         with self._cv:
             if len(self._inbox) + len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting; try again later")
@@ -192,7 +192,7 @@ class Scheduler:
 
     def _run(self, mode: str, work) -> None:
         """One engine call for `work` (decode: requests; prefill: (request, n) chunks), then
-        sampling for the requests whose next token it produced. A failure ends only the
+        the draws of the requests whose next token it produced. A failure ends only the
         requests of this call."""
         reqs = work if mode == "decode" else [r for r, _ in work]
         try:
@@ -200,11 +200,13 @@ class Scheduler:
                 tokens = [r.pending for r in reqs]
                 for r in reqs:
                     r.pending = None
-                logits = self.engine.decode([r.slot for r in reqs], tokens)
-                ready = list(range(len(reqs)))
+                rows = list(range(len(reqs)))
+                _, drawn = self.engine.decode_sample([r.slot for r in reqs], tokens,
+                                                     RequestSamplers(reqs), rows)
             else:
                 outs = self.engine.prefill([r.slot for r in reqs],
-                                           [r.prompt[r.prefilled:r.prefilled + n] for r, n in work])
+                                           [r.prompt[r.prefilled:r.prefilled + n] for r, n in work],
+                                           last_only=True)
                 ready = []
                 for i, (r, n) in enumerate(work):
                     r.prefilled += n
@@ -214,33 +216,21 @@ class Scheduler:
                         ready.append(i)
                 if not ready:
                     return
-                logits = torch.stack([outs[i][-1] for i in ready])
                 reqs = [reqs[i] for i in ready]
-            self._sample(reqs, logits)
+                logits = torch.stack([outs[i][-1] for i in ready])
+                drawn = RequestSamplers(reqs).draw(logits, list(range(len(reqs))))
+            self._deliver(reqs, drawn.tolist())
         except Exception as e:      # noqa: BLE001 - the server keeps serving the others
             log.exception("%s step failed", mode)
             for r in reqs:
                 self._finish(r, "error", f"{mode} failed: {type(e).__name__}: {e}")
 
-    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        """Each request's next token from its row of `logits`: greedy rows in one argmax,
-        the others each with its own sampler; a row that fails ends only its request."""
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
-        greedy = [i for i, r in enumerate(reqs) if r.sampler is None and finite[i]]
-        tokens: dict[int, int] = dict(zip(greedy, self._greedy(logits[greedy], greedy))) if greedy else {}
-        errors = {i: "the model produced NaN or inf logits" for i in range(len(reqs)) if not finite[i]}
-        for i, r in enumerate(reqs):
-            if r.sampler is not None and finite[i]:
-                try:
-                    tokens[i] = r.sampler(logits[i:i + 1], [0])[0]
-                except Exception as e:      # noqa: BLE001 - e.g. a temperature that overflows
-                    errors[i] = f"sampling failed: {type(e).__name__}: {e}"
+    def _deliver(self, reqs: list[Request], tokens: list[int]) -> None:
         now = time.perf_counter()
-        for i, r in enumerate(reqs):
-            if i in errors:
-                self._finish(r, "error", errors[i])
+        for r, t in zip(reqs, tokens):
+            if t < 0:           # the draw's mark for non-finite logits
+                self._finish(r, "error", "the model produced NaN or inf logits")
                 continue
-            t = tokens[i]
             r.output.append(t)
             r.t_first = r.t_first or now
             r.t_last = now
@@ -300,3 +290,22 @@ class Scheduler:
                     log.exception("scheduler step failed")
                     for r in list(self.running):
                         self._finish(r, "error", "internal error in the scheduler")
+
+
+class RequestSamplers(Sampler):
+    """The Samplers of several requests as one: row i draws as reqs[i]'s own sampler would
+    (its parameters, seed and draw count), so a batch of them is one device call."""
+
+    def __init__(self, reqs: list[Request]):
+        self.samplers = [r.sampler for r in reqs]
+        greedy = all(s.params.greedy for s in self.samplers)
+        self.params = SamplingParams(temperature=0.0 if greedy else 1.0)   # read for .greedy only
+
+    def inputs(self, rows: list[int]) -> tuple[list[int], list[float]]:
+        parts = [self.samplers[r].inputs([0]) for r in rows]
+        return ([p[0][k] for k in range(3) for p in parts],     # seeds, steps, top_k
+                [p[1][k] for k in range(2) for p in parts])     # temperatures, top_p
+
+    def advance(self, rows: list[int]) -> None:
+        for r in rows:
+            self.samplers[r].advance([0])

@@ -354,11 +354,11 @@ def _usage_chunk(req) -> bool:
 def build_server(model, *, name: str, max_batch: int = 8, max_len: int = 4096,
                  api_key: str | None = None, max_queue: int = 256, prefill_chunk: int = 256,
                  step_tokens: int | None = None, page_size: int | None = None,
-                 prefix_cache_bytes: int = 0) -> OpenAIServer:
+                 prefix_cache_bytes: int = 0, cuda_graphs: bool = False) -> OpenAIServer:
     """An engine of `max_batch` slots of `max_len` tokens, its scheduler (started), the app."""
     from .engine import Engine
     max_len = min(max_len, model.config.model_max_length)
-    engine = Engine(model, max_batch, max_len, page_size=page_size)
+    engine = Engine(model, max_batch, max_len, page_size=page_size, cuda_graphs=cuda_graphs)
     scheduler = Scheduler(engine, prefill_chunk=prefill_chunk, step_tokens=step_tokens,
                           max_queue=max_queue, prefix_cache_bytes=prefix_cache_bytes)
     server = OpenAIServer(model, scheduler, name, api_key)

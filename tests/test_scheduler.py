@@ -59,7 +59,8 @@ def test_chunks_fit_the_step_budget(model):
     s = Scheduler(engine, prefill_chunk=4, step_tokens=6)
     calls = []
     prefill = engine.prefill
-    engine.prefill = lambda slots, prompts: calls.append([len(p) for p in prompts]) or prefill(slots, prompts)
+    engine.prefill = lambda slots, prompts, **kw: (calls.append([len(p) for p in prompts])
+                                                   or prefill(slots, prompts, **kw))
     for n in (10, 3, 5):
         s.submit(list(range(1, n + 1)), SamplingParams(max_new_tokens=2, ignore_eos=True), Recorder())
     while not s.idle:
@@ -106,7 +107,7 @@ def test_a_failing_step_ends_only_its_requests(model):
     s.step()
     prefill = engine.prefill
 
-    def broken(slots, prompts):
+    def broken(slots, prompts, **kw):
         raise RuntimeError("device lost")
     engine.prefill = broken
     s.submit([3, 4], SamplingParams(max_new_tokens=4, ignore_eos=True), bad)
@@ -144,7 +145,8 @@ def test_prefix_cache_keeps_outputs(model, page_size):
     s = Scheduler(engine, prefill_chunk=4, prefix_cache_bytes=1 << 20)
     ran = []
     prefill = engine.prefill
-    engine.prefill = lambda slots, chunks: ran.append([len(c) for c in chunks]) or prefill(slots, chunks)
+    engine.prefill = lambda slots, chunks, **kw: (ran.append([len(c) for c in chunks])
+                                                  or prefill(slots, chunks, **kw))
     got = []
     for p, sp in zip(prompts, params):          # one after another: each finds the last's saves
         rec = Recorder()

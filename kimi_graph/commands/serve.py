@@ -30,6 +30,8 @@ def add_arguments(p):
     p.add_argument("--prefix-cache-mb", type=float, default=0,
                    help="keep up to this many MB of prompt prefixes (states at prefill-chunk "
                         "boundaries) for prompts that repeat them (default 0: off)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode steps as CUDA graphs (CUDA, --backend triton --pipeline default)")
     p.add_argument("--api-key", default=os.environ.get("KIMI_GRAPH_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $KIMI_GRAPH_API_KEY; none: open)")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
@@ -65,6 +67,7 @@ def run(args) -> int:
     server = build_server(model, name=args.served_model_name or args.model, max_batch=args.max_batch,
                           max_len=args.max_len, api_key=args.api_key, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, step_tokens=args.step_tokens,
-                          page_size=args.page_size, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
+                          page_size=args.page_size, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+                          cuda_graphs=args.cuda_graphs)
     serve(server, args.host, args.port, log_level=args.log_level)
     return 0
