@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from kimi_graph.ir import TensorType, eval_dim
 from kimi_graph.ops import IR_DTYPES, REQUIRED, TORCH_DTYPES, get_op
@@ -97,6 +98,37 @@ def _own_contiguous(results, args):
             if r.untyped_storage().data_ptr() in ptrs else r.contiguous() for r in results]
 
 
+class _SymDim(str):
+    """A symbolic size as the registry's type inference sees it: a dim name. Where inference
+    asks whether two sizes are equal, the answer is a constraint, not a comparison of names:
+    dynamo may give sizes that are equal by design (a layer's latent and rope-key cache
+    lengths) two symbols, and inference demanding their equality makes them one (a guard
+    for sizes known at trace time, a runtime assertion for data-dependent ones). Sizes that
+    differ in the example at hand stay unequal, so a wrong shape still gets the op's error."""
+
+    def __new__(cls, name: str, size):
+        self = super().__new__(cls, name)
+        self.size = size
+        return self
+
+    __hash__ = str.__hash__
+
+    def __eq__(self, other):
+        if isinstance(other, _SymDim):
+            if str.__eq__(self, other):
+                return True
+            other = other.size
+        elif not isinstance(other, int) or isinstance(other, bool):
+            return str.__eq__(self, other)
+        if not guard_or_true(self.size == other):
+            return False
+        torch._check(self.size == other)
+        return True
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+
 def _define(kind: str):
     name = f"{NAMESPACE}::{kind}"
     torch.library.define(name, schema(kind))
@@ -114,15 +146,16 @@ def _define(kind: str):
         args = list(args)
         while args and args[-1] is None:
             args.pop()
-        syms: dict[str, str] = {}          # symbolic size (its text) -> a dim name
+        names: dict[str, _SymDim] = {}     # symbolic size (its text) -> its dim name
         values: dict[str, object] = {}     # dim name -> the SymInt
 
         def dim(d):
             if isinstance(d, int):
                 return d
-            name = syms.setdefault(str(d), f"d{len(syms)}")
-            values[name] = d
-            return name
+            if str(d) not in names:
+                name = f"d{len(names)}"
+                names[str(d)], values[name] = _SymDim(name, d), d
+            return names[str(d)]
 
         types = [TensorType(tuple(dim(d) for d in a.shape), IR_DTYPES[a.dtype]) for a in args]
         out = [args[0].new_empty([eval_dim(d, values) for d in t.shape], dtype=TORCH_DTYPES[t.dtype])
