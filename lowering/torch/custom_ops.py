@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
-from kimi_graph.ir import TensorType, eval_dim
+from kimi_graph.ir import IRError, TensorType, eval_dim
 from kimi_graph.ops import IR_DTYPES, REQUIRED, TORCH_DTYPES, get_op
 
 from .ops import LOWERING, custom_kinds
@@ -129,6 +129,12 @@ class _SymDim(str):
         return not self.__eq__(other)
 
 
+def _new_results(like: torch.Tensor, types: list[TensorType], values: dict):
+    out = [like.new_empty([eval_dim(d, values) for d in t.shape], dtype=TORCH_DTYPES[t.dtype])
+           for t in types]
+    return out[0] if len(out) == 1 else tuple(out)
+
+
 def _define(kind: str):
     name = f"{NAMESPACE}::{kind}"
     torch.library.define(name, schema(kind))
@@ -146,6 +152,7 @@ def _define(kind: str):
         args = list(args)
         while args and args[-1] is None:
             args.pop()
+        attrs = opdef.full_attrs(attrs)
         names: dict[str, _SymDim] = {}     # symbolic size (its text) -> its dim name
         values: dict[str, object] = {}     # dim name -> the SymInt
 
@@ -158,9 +165,22 @@ def _define(kind: str):
             return names[str(d)]
 
         types = [TensorType(tuple(dim(d) for d in a.shape), IR_DTYPES[a.dtype]) for a in args]
-        out = [args[0].new_empty([eval_dim(d, values) for d in t.shape], dtype=TORCH_DTYPES[t.dtype])
-               for t in opdef.infer(types, opdef.full_attrs(attrs))]
-        return out[0] if len(out) == 1 else tuple(out)
+        try:
+            results = opdef.infer(types, attrs)
+        except (IRError, TypeError):    # TypeError: arithmetic on a dim name
+            if not names:
+                raise
+            # the op wants some of these sizes concrete (an expert count, a head dim): try
+            # again with every symbolic size specialized (guarded); else the first error
+            try:
+                results = opdef.infer([TensorType(tuple(int(d) for d in a.shape), t.dtype)
+                                       for a, t in zip(args, types)], attrs)
+            except IRError:
+                pass
+            else:
+                return _new_results(args[0], results, {})
+            raise
+        return _new_results(args[0], results, values)
 
     torch.library.impl(name, "CompositeExplicitAutograd", impl)
     torch.library.register_fake(name, fake)
