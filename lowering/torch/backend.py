@@ -1,9 +1,16 @@
 """Running lowered modules: the `backend="torch"` executor and the "kimi_graph" compile backend.
 
 Executor (`kimi_graph.load(..., backend="torch", compile=True, mode="reduce-overhead")`):
-each graph is lowered once; with `compile` it runs under `torch.compile(fullgraph=True)`.
+each graph is lowered once; with `compile` it runs under `torch.compile(fullgraph=True)`,
+region by region (`regions.py`: each distinct decoder layer compiled once and reused by every
+layer of its kind, so compile time does not grow with depth) or as one graph. The dims the
+graph leaves symbolic (batch, sequence, cache window) are marked dynamic at the first call,
+so a growing context does not recompile. Compiled artifacts persist across processes in
+Inductor's FX graph and AOTAutograd caches (on by default; TORCHINDUCTOR_CACHE_DIR says where).
 Options: compile (False), mode (None; "reduce-overhead" captures CUDA graphs on GPU),
-dynamic (None: torch's default), compile_backend ("inductor", or "kimi_graph"),
+regional (None: yes, except with compile_backend="kimi_graph", whose pipeline must see the
+whole model), dynamic (None: the marked dims; True: every dim; False:
+none), compile_backend ("inductor", or "kimi_graph"),
 check_inputs (True: shapes, dtypes, token ids and cache positions are checked before each
 call; the id and position checks read two numbers back from the device), kernels ("torch":
 the custom ops' default implementations; "triton": the generated Triton kernels on CUDA,
@@ -19,19 +26,25 @@ pipeline (packed experts, absorbed MLA weights) are computed then and not refres
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Callable
 
 import torch
+import torch._inductor.config
 
 from kimi_graph.interpreter import bind_dims
 from kimi_graph.ir import Graph
+import kimi_graph.ops
 from kimi_graph.ops.tensor import check_token_ids
 
 from .fx import lower
 from .importer import import_fx, input_positions
+from .ops import functional
+from .regions import MarkDynamic, RegionalModule, symbolic_dims
 
-EXECUTOR_OPTIONS = {"compile": False, "mode": None, "dynamic": None, "compile_backend": "inductor",
-                    "check_inputs": True, "kernels": "torch"}
+EXECUTOR_OPTIONS = {"compile": False, "mode": None, "regional": None, "dynamic": None,
+                    "compile_backend": "inductor", "check_inputs": True, "kernels": "torch"}
 
 
 def torch_backend(model) -> Callable:
@@ -47,16 +60,37 @@ def torch_backend(model) -> Callable:
     if opts["mode"] is not None and opts["compile_backend"] != "inductor":
         raise ValueError("backend 'torch': mode is an Inductor option; with compile_backend="
                          f"{opts['compile_backend']!r} leave it unset")
+    if opts["regional"] is None:
+        opts["regional"] = opts["compile_backend"] != "kimi_graph"
+    elif opts["regional"] and opts["compile_backend"] == "kimi_graph":
+        raise ValueError("backend 'torch': regional compilation reuses one compiled layer for "
+                         "every layer's weights; compile_backend='kimi_graph' bakes the first "
+                         "call's weights in, so it compiles the whole graph (regional=False)")
     if kernels == "triton":
         from kimi_graph.lowering.triton.backend import register_custom_ops
         register_custom_ops("cuda")
+    if opts["compile"]:
+        mark_node_functions_cacheable()
     return TorchExecutor(model.weights, **opts)
 
 
+def mark_node_functions_cacheable() -> None:
+    """Let AOTAutograd's cache take graphs that call our traced node functions (INLINE ops;
+    it bypasses functions it does not know), keyed by a digest of the sources that define
+    them: a warm start in a new process then skips tracing through AOTAutograd."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(kimi_graph.ops.__file__).parent.glob("*.py")) + \
+            [Path(__file__).with_name("ops.py")]:
+        digest.update(path.read_bytes())
+    torch._inductor.config.unsafe_marked_cacheable_functions.update(
+        {f"{functional.__name__}.{name}": digest.hexdigest()[:16]
+         for name, fn in vars(functional).items() if callable(fn) and not name.startswith("_")})
+
+
 class TorchExecutor:
-    def __init__(self, weights, *, compile, mode, dynamic, compile_backend, check_inputs):
+    def __init__(self, weights, *, compile, mode, regional, dynamic, compile_backend, check_inputs):
         self.weights, self.compile, self.mode, self.dynamic = weights, compile, mode, dynamic
-        self.compile_backend, self.check_inputs = compile_backend, check_inputs
+        self.regional, self.compile_backend, self.check_inputs = regional, compile_backend, check_inputs
         self._fns: dict[int, tuple[Graph, Callable]] = {}
         self._checked_ops: dict[int, list] = {}
 
@@ -67,10 +101,19 @@ class TorchExecutor:
     def function(self, g: Graph) -> Callable:
         """The lowered (and compiled) module for `g`, built once."""
         if id(g) not in self._fns:
-            fn = lower(g, self.weights)
+            compile_fn = None
             if self.compile:
-                fn = torch.compile(fn, backend=self.compile_backend, mode=self.mode,
-                                   dynamic=self.dynamic, fullgraph=True)
+                def compile_fn(f):
+                    return torch.compile(f, backend=self.compile_backend, mode=self.mode,
+                                         dynamic=self.dynamic, fullgraph=True)
+            if self.compile and self.regional:
+                fn = RegionalModule(g, self.weights, compile_fn, mark_dynamic=self.dynamic is None)
+            else:
+                fn = lower(g, self.weights)
+                if self.compile:
+                    fn = compile_fn(fn)
+                    if self.dynamic is None:
+                        fn = MarkDynamic(symbolic_dims(g), fn)
             self._fns[id(g)] = (g, fn)
             self._checked_ops[id(g)] = [op for op in g.ops() if op.kind in ("embedding", "cache_write")]
         return self._fns[id(g)][1]

@@ -1,0 +1,158 @@
+"""Regional compilation: a layer graph cut into regions, one per decoder layer plus the
+embedding before and the head after, so that torch.compile traces and compiles each distinct
+region once and reuses it for every layer of the same kind (torch's regional-compilation
+recipe). Compile time then follows the number of layer kinds, not the depth.
+
+`split_regions(g)` cuts the graph: an op belongs to the layer its result is named after
+("%l3.kda.q" -> layer 3; "%embed" before the layers, "%head.*" after) or, if later, to the
+last region that produces one of its operands. Each region becomes a graph of its own with
+canonical names (inputs %in0.., parameters @w0.. in order of first use, results %v0..), so
+two layers of one kind print the same text, their `key`.
+
+`RegionalModule(g, weights, compile_fn)` lowers each key once: the lowered module's
+`forward` becomes the method of one class per key, instantiated per layer with that layer's
+weights as buffers. `compile_fn(forward)` compiles that shared method once; dynamo keys its
+cache on the code object and guards on tensor properties, not on which layer's weights it
+sees, so every layer of the kind reuses one compiled graph (and, under CUDA graphs, one
+recording per layer). The dims the graph leaves symbolic (batch B, sequence T, cache window S)
+are marked dynamic on each region's inputs at the first call, so growing lengths never
+recompile.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from kimi_graph.ir import Graph
+
+from .fx import lower, mangle
+
+_LAYER = re.compile(r"%l(\d+)\.")
+
+
+@dataclass
+class Region:
+    name: str                  # "embed", "l0", ..., "head"
+    graph: Graph               # the region with canonical names
+    inputs: list[str]          # the outer values it takes, in its graph's input order
+    outputs: list[str]         # the outer values it defines and others read, in order
+    params: dict[str, str]     # canonical parameter name -> outer parameter name
+    key: str                   # canonical text: equal keys, one compiled region
+
+
+def _region_index(op, producers: list[int], n_layers: int) -> int:
+    m = _LAYER.match(op.outputs[0])
+    own = int(m.group(1)) if m else (n_layers if op.outputs[0].startswith("%head") else -1)
+    return max([own, *producers])
+
+
+def split_regions(g: Graph) -> list[Region]:
+    """The graph's regions in execution order (see the module docstring)."""
+    n_layers = len(g.meta.get("layers", ())) or 1 + max(
+        (int(m.group(1)) for op in g.ops() if (m := _LAYER.match(op.outputs[0]))), default=-1)
+    where: dict[str, int] = {}          # value -> region index
+    members: dict[int, list] = {}
+    for op in g.ops():
+        r = _region_index(op, [where[v] for v in op.inputs if v in where], n_layers)
+        members.setdefault(r, []).append(op)
+        for v in op.outputs:
+            where[v] = r
+    readers: dict[str, set[int]] = {}
+    for r, ops in members.items():
+        for op in ops:
+            for v in op.inputs:
+                readers.setdefault(v, set()).add(r)
+    graph_outputs = set(g.outputs)
+    regions = []
+    for r in sorted(members):
+        name = "embed" if r < 0 else "head" if r == n_layers else f"l{r}"
+        regions.append(_region(g, name, members[r], r, readers, graph_outputs))
+    return regions
+
+
+def _region(g: Graph, name: str, ops: list, index: int, readers, graph_outputs) -> Region:
+    sub = Graph("region")
+    rename: dict[str, str] = {}
+    inputs, params, n_values = [], {}, 0
+    for op in ops:
+        for v in op.inputs:
+            if v in rename:
+                continue
+            if v in g.params:
+                rename[v] = sub.add_param(f"w{len(params)}", g.types[v])
+                params[rename[v][1:]] = v[1:]
+            else:
+                rename[v] = sub.add_input(f"in{len(inputs)}", g.types[v])
+                inputs.append(v)
+        outs = []
+        for v in op.outputs:
+            rename[v], n_values = f"%v{n_values}", n_values + 1
+            outs.append(rename[v])
+        sub.add_op(op.kind, [rename[v] for v in op.inputs], [g.types[v] for v in op.outputs],
+                   op.attrs, out_names=outs)
+    defined = [v for op in ops for v in op.outputs]
+    outputs = [v for v in defined if v in graph_outputs or readers.get(v, set()) - {index}]
+    sub.outputs = [rename[v] for v in outputs]
+    return Region(name, sub, inputs, outputs, params, str(sub))
+
+
+def symbolic_dims(g: Graph) -> list[list[int]]:
+    """Per graph input, the axes its type leaves symbolic."""
+    return [[i for i, d in enumerate(ty.shape) if isinstance(d, str)] for ty in g.inputs.values()]
+
+
+class MarkDynamic:
+    """`fn(*inputs)` that, at its first call, marks the axes `dims` names (per input) dynamic,
+    so that the first graph torch.compile traces is already general in them."""
+
+    def __init__(self, dims: list[list[int]], fn: Callable):
+        self.dims, self.fn, self.marked = dims, fn, False
+
+    def __call__(self, *args):
+        if not self.marked:
+            for t, axes in zip(args, self.dims):
+                for i in axes:
+                    torch._dynamo.maybe_mark_dynamic(t, i)
+            self.marked = True
+        return self.fn(*args)
+
+
+class RegionalModule(torch.nn.Module):
+    """Runs a layer graph region by region: `forward(*graph inputs) -> tuple of outputs`, as
+    the module `lower(g, weights)` would. `compile_fn(fn) -> compiled fn` is applied once
+    per distinct region (None: eager); `mark_dynamic`: mark each region's symbolic axes
+    dynamic at its first call. `kinds` counts the distinct regions."""
+
+    def __init__(self, g: Graph, weights: Mapping[str, torch.Tensor],
+                 compile_fn: Callable[[Callable], Callable] | None = None, mark_dynamic: bool = True):
+        super().__init__()
+        self.input_names, self.output_names = list(g.inputs), list(g.outputs)
+        shared: dict[str, tuple[type, Callable]] = {}
+        self.steps: list[tuple[Callable, Region]] = []
+        for region in split_regions(g):
+            own = {canon: weights[outer] for canon, outer in region.params.items()}
+            if region.key not in shared:
+                template = type(lower(region.graph, own))
+                cls = type(f"Region{len(shared)}_{region.name}", (torch.nn.Module,),
+                           {"forward": template.forward})
+                shared[region.key] = (cls, compile_fn(cls.forward) if compile_fn else cls.forward)
+            cls, fn = shared[region.key]
+            module = cls()
+            for canon, w in own.items():
+                module.register_buffer(mangle("@" + canon), w)
+            self.add_module(region.name, module)
+            call = functools.partial(fn, module)
+            if mark_dynamic:
+                call = MarkDynamic(symbolic_dims(region.graph), call)
+            self.steps.append((call, region))
+        self.kinds = len(shared)
+
+    def forward(self, *args):
+        env = dict(zip(self.input_names, args))
+        for call, region in self.steps:
+            env.update(zip(region.outputs, call(*[env[v] for v in region.inputs])))
+        return tuple(env[v] for v in self.output_names)
