@@ -16,9 +16,9 @@ from typing import Iterable, Iterator, Sequence, Union
 
 import networkx as nx
 
+from .dtypes import DTYPE_BYTES, DTYPES  # noqa: F401 (re-exported)
+
 Dim = Union[int, str]
-DTYPES = ("f64", "f32", "f16", "bf16", "i64", "i32", "bool")
-DTYPE_BYTES = {"f64": 8, "f32": 4, "f16": 2, "bf16": 2, "i64": 8, "i32": 4, "bool": 1}
 
 
 class IRError(ValueError):

@@ -13,17 +13,14 @@ from __future__ import annotations
 
 from .builder import GraphBuilder
 from .config import KimiLinearConfig
+from .dtypes import acc_dtype
 from .ir import Graph, TensorType, gc_paused
+from .ops.fused import decay_gate, route
 
 ROUTER_WEIGHTS = ("official", "unbiased")
 MODES = ("prefill", "decode")
 L2NORM_EPS = 1e-6       # q/k L2 norm inside KDA (fla's use_qk_l2norm_in_kernel)
 KV_A_NORM_EPS = 1e-6    # the official code builds kv_a_layernorm with the RMSNorm default
-
-
-def acc_dtype(dtype: str) -> str:
-    """Precision of router scores, decay gates and recurrent state: fp32, or fp64 in fp64 graphs."""
-    return "f64" if dtype == "f64" else "f32"
 
 
 def state_types(cfg: KimiLinearConfig, dtype: str = "f32") -> dict[str, TensorType]:
@@ -42,7 +39,9 @@ def state_types(cfg: KimiLinearConfig, dtype: str = "f32") -> dict[str, TensorTy
     return out
 
 
-class _Declare:
+class ModelDeclaration:
+    """Builds one graph (mode, statefulness, dtype, router weights) from the config."""
+
     def __init__(self, cfg: KimiLinearConfig, mode: str, stateful: bool, dtype: str,
                  router_weights: str):
         if mode not in MODES:
@@ -126,10 +125,8 @@ class _Declare:
         # decay: g = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias), per channel, in fp32
         f = b("linear", b("linear", x, self.p(pre + "f_a_proj.weight", (K, D)), name="f_a"),
               self.p(pre + "f_b_proj.weight", (C, K)), name="f_b")
-        f = b("add", b("cast", f, dtype=self.acc), self.p(pre + "dt_bias", (C,), self.acc), name="f")
-        f = b("reshape", b("softplus", f, name="f"), shape=list(shp), name="f")
-        a = b("neg", b("exp", self.p(pre + "A_log", (1, 1, H, 1), self.acc), name="A"), name="A")
-        g = b("mul", f, a, name="decay")
+        dt_bias = self.p(pre + "dt_bias", (C,), self.acc)
+        g = decay_gate(b, f, self.p(pre + "A_log", (1, 1, H, 1), self.acc), dt_bias, shp, self.acc)
         beta = b("sigmoid", b("cast", b("linear", x, self.p(pre + "b_proj.weight", (H, D)), name="b"),
                              dtype=self.acc), name="beta")
         st = self.state(f"state.l{i}.kda") if self.stateful else None
@@ -186,19 +183,12 @@ class _Declare:
         cfg, b = self.cfg, self.b
         D, E, I = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
         with b.scope("router"):
-            logits = b("linear", b("cast", x, dtype=self.acc), self.p(pre + "gate.weight", (E, D)),
-                       name="logits")
-            scores = b("sigmoid", logits, name="scores")
-            choice = b("add", scores, self.p(pre + "gate.e_score_correction_bias", (E,), self.acc),
-                       name="choice")
-            ids = b("grouped_topk", choice, top_k=cfg.num_experts_per_token,
-                    n_group=cfg.num_expert_group, topk_group=cfg.topk_group, name="ids")
             # official modeling code: weights from the biased scores; vLLM: from the unbiased
-            w = b("take_along", choice if self.router_weights == "official" else scores, ids,
-                  name="weights")
-            if cfg.num_experts_per_token > 1 and cfg.moe_renormalize:
-                w = b("renormalize", w, eps=1e-20, name="weights")
-            w = b("scale", w, factor=cfg.routed_scaling_factor, name="weights")
+            ids, w = route(b, x, self.p(pre + "gate.weight", (E, D)),
+                           self.p(pre + "gate.e_score_correction_bias", (E,), self.acc),
+                           {"top_k": cfg.num_experts_per_token, "n_group": cfg.num_expert_group,
+                            "topk_group": cfg.topk_group, "renormalize": cfg.moe_renormalize,
+                            "scaling": cfg.routed_scaling_factor, "weights": self.router_weights})
         if cfg.num_shared_experts:
             with b.scope("shared"):
                 y = self.mlp(pre + "shared_experts.", x, I * cfg.num_shared_experts)
@@ -217,4 +207,4 @@ def build_graph(cfg: KimiLinearConfig, mode: str = "prefill", *, stateful: bool 
                 dtype: str = "f32", router_weights: str = "official") -> Graph:
     """Declare Kimi Linear as a graph (see the module docstring for the modes)."""
     with gc_paused():
-        return _Declare(cfg, mode, stateful, dtype, router_weights).build()
+        return ModelDeclaration(cfg, mode, stateful, dtype, router_weights).build()

@@ -12,7 +12,7 @@ Each rewrite is exact: the fused ops compute the same expressions in the same or
 from __future__ import annotations
 
 from kimi_graph.ir import Graph
-from kimi_graph.ops import FLOAT_DTYPES
+from kimi_graph.dtypes import FLOAT_DTYPES, acc_dtype
 
 from .manager import PassContext, register_pass
 from .rewrite import Alt, P, Pattern, PatternPass, V
@@ -31,12 +31,8 @@ KDA = P("kda_recurrent", P("l2norm", V("q"), name="qn"), P("l2norm", V("k"), nam
         DECAY, P("sigmoid", _maybe_cast("b"), name="beta"), open=True)
 
 
-def _acc(g: Graph, v: str) -> str:
-    return "f64" if g.types[v].dtype == "f64" else "f32"
-
-
 def _kda_where(g: Graph, m) -> bool:
-    acc = _acc(g, m["v"])
+    acc = acc_dtype(g.types[m["v"]].dtype)
     f, dt = g.types[m["f"]], g.types[m["dt_bias"]]
     floats = all(g.types[m[n]].dtype in FLOAT_DTYPES for n in ("f", "b"))
     return (floats and m["qn"].attrs["eps"] == m["kn"].attrs["eps"]

@@ -10,7 +10,7 @@ import pytest
 from kimi_graph.api import resolve_config
 from kimi_graph.cli import main
 from kimi_graph.model import build_graph
-from kimi_graph.passes.svg import render_svg
+from kimi_graph.svg import render_svg
 from kimi_graph.printer import parse_graph
 from kimi_graph.summary import graph_cost
 from kimi_graph.verifier import verify

@@ -78,7 +78,7 @@ def run(args) -> int:
             facts["pipeline"]["absorb_mla"] = final.meta["absorb_mla"]
     facts.update(weight_facts(model, g, {(args.mode, args.stateful or args.mode == "decode"): final}))
     if args.svg:
-        from ..passes.svg import render_svg
+        from ..svg import render_svg
 
         with open(args.svg, "w") as f:
             f.write(render_svg(final, layer=args.layer,

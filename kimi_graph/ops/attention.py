@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..dtypes import acc_torch
 from .registry import REQUIRED, OpDef, dim, expect, expect_float, register
 
 
@@ -11,7 +12,7 @@ def causal_attention(q, k, v, q_start, scale):
     position q_start[b] + i (default S - T) and sees keys j <= that position."""
     B, T, H, _ = q.shape
     S = k.shape[1]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_torch(q.dtype)
     if q_start is None:
         q_start = torch.full((B,), S - T, dtype=torch.long, device=q.device)
     pos = q_start.view(B, 1) + torch.arange(T, device=q.device).view(1, T)           # [B, T]
@@ -26,8 +27,9 @@ def causal_attention(q, k, v, q_start, scale):
 class CausalAttention(OpDef):
     kind = "causal_attention"
     doc = "softmax(q k^T * scale, causal from q_start) v; keys past a query's position are masked"
+    family = "attention"
     operands = ("q", "k", "v", "q_start?")
-    attributes = {"scale": REQUIRED}
+    attributes = {"scale": REQUIRED(float)}
 
     def infer(self, types, attrs):
         q, k, v = types[:3]

@@ -23,6 +23,8 @@ def causal_conv1d(x: torch.Tensor, w: torch.Tensor, state: torch.Tensor | None):
 class CausalConv1d(OpDef):
     kind = "causal_conv1d"
     doc = "y[t, c] = sum_i w[c, 0, i] * x[t - K + 1 + i, c], inputs before t=0 from `state`"
+    family = "elementwise"
+    results = ("y", "state")
     operands = ("x", "weight", "state?")
     attributes = {"activation": "none"}   # "silu": fused SiLU on the output
 

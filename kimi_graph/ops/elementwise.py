@@ -9,6 +9,7 @@ from .registry import (REQUIRED, TORCH_DTYPES, OpDef, broadcast_shapes, expect,
 
 
 class _Binary(OpDef):
+    family = "elementwise"
     operands = ("lhs", "rhs")
     fn = None
 
@@ -46,6 +47,7 @@ class Div(_Binary):
 
 
 class _Unary(OpDef):
+    family = "elementwise"
     operands = ("x",)
     fn = None
     flops_per_element = 1
@@ -93,9 +95,10 @@ class Softplus(_Unary):
 
 @register
 class Scale(OpDef):
+    family = "elementwise"
     kind, doc = "scale", "x * factor (a scalar attribute)"
     operands = ("x",)
-    attributes = {"factor": REQUIRED}
+    attributes = {"factor": REQUIRED(float)}
 
     def infer(self, types, attrs):
         expect_float(self.kind, types[0])
@@ -107,9 +110,10 @@ class Scale(OpDef):
 
 @register
 class Cast(OpDef):
+    family = "elementwise"
     kind, doc = "cast", "convert x to `dtype`"
     operands = ("x",)
-    attributes = {"dtype": REQUIRED}
+    attributes = {"dtype": REQUIRED(str)}
 
     def infer(self, types, attrs):
         expect(attrs["dtype"] in TORCH_DTYPES, self.kind, f"unknown dtype {attrs['dtype']!r}")

@@ -7,7 +7,7 @@ KDA   kda_fused_recurrent / kda_fused_chunk (q, k, v, f, b, A_log, dt_bias, stat
         q, k L2-normalised (eps `l2norm_eps`), then the delta rule -> (o [B,T,H,V], state).
         `_chunk` is the chunkwise (WY/UT) form for prefill, same results.
       gated_rmsnorm(x, weight, gate): rmsnorm(x) * weight * sigmoid(gate) over the last dim.
-      add_rmsnorm(x, residual, weight) -> (rmsnorm(x + residual) * weight, x + residual).
+Norm  add_rmsnorm(x, residual, weight) -> (rmsnorm(x + residual) * weight, x + residual).
 MLA   head_matmul(x [B,T,H,N], w [H,N,R]) -> [B,T,H,R]: per-head projection (absorbed weights).
       mla_latent_attention(q_lat [B,T,H,R], q_rope [B,T,H,P], latent [B,S,R], rope_key [B,S,P],
         q_start? [B]) {scale}: softmax((q_lat.latent + q_rope.rope_key) * scale) latent, causal
@@ -20,12 +20,19 @@ MoE   moe_route(x, gate_weight [E,D], bias [E]) -> (ids [...,k] i64, weights [..
         rows of expert e, w2_e (silu(w1_e x) * w3_e x); w13_e = [w1_e; w3_e].
       moe_unpermute(y [M,D], order [M], weights [...,k], acc [...,D]) -> acc + sum_j w_j y_j.
       stack(*xs) -> [n, ...]: the compile-time expert packing (folded into parameters).
+
+Each fused op's `decompose(b, ins, attrs)` states its meaning in simpler registry ops through a
+builder `b` (a GraphBuilder, or decompose.Eager to run it in torch); targets without a fused
+form lower that (see decompose.py). `ref` stays the oracle the decompositions are tested
+against. The MoE dispatch ops have none: their layout (rows sorted by expert, offsets) is
+data-dependent and every target maps them natively.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..dtypes import acc_dtype, acc_torch
 from .attention import causal_attention
 from .kda import kda_recurrence
 from .moe import grouped_topk
@@ -41,9 +48,25 @@ def kda_gate(f, A_log, dt_bias, acc):
     return -A_log.to(acc).exp() * g
 
 
+def cast_to(b, x, dtype: str, name: str | None = None):
+    """x in `dtype` (a cast op only where it differs)."""
+    return x if b.type(x).dtype == dtype else b("cast", x, dtype=dtype, name=name)
+
+
+def decay_gate(b, f, A_log, dt_bias, shape, acc: str):
+    """The decay g = -exp(A_log) * softplus(f + dt_bias) in `acc`, reshaped to `shape`
+    [B,T,H,K], through builder `b`: the model declares it so, and KDA's decomposition."""
+    f = b("add", b("cast", f, dtype=acc), cast_to(b, dt_bias, acc), name="f")
+    f = b("reshape", b("softplus", f, name="f"), shape=list(shape), name="f")
+    a = b("neg", b("exp", cast_to(b, A_log, acc), name="A"), name="A")
+    return b("mul", f, a, name="decay")
+
 class _KDAFused(OpDef):
+    fused = True
     operands = ("q", "k", "v", "f", "b", "A_log", "dt_bias", "state?")
-    attributes = {"scale": REQUIRED, "l2norm_eps": 1e-6}
+    results = ("o", "state")
+    family = "kda"
+    attributes = {"scale": REQUIRED(float), "l2norm_eps": 1e-6}
 
     def infer(self, types, attrs):
         q, k, v, f, b, A, dt = types[:7]
@@ -55,14 +78,25 @@ class _KDAFused(OpDef):
         expect(b.shape == (B, T, H), self.kind, f"b {b} must be [B,T,{H}]")
         expect(A.shape == (1, 1, H, 1) and dt.shape == (H * K,), self.kind,
                f"A_log {A} / dt_bias {dt} do not fit {H} heads of {K}")
-        state = v.with_shape((B, H, K, v.shape[3])).with_dtype("f64" if v.dtype == "f64" else "f32")
+        state = v.with_shape((B, H, K, v.shape[3])).with_dtype(acc_dtype(v.dtype))
         if len(types) > 7:
             expect(types[7] == state, self.kind, f"state must be {state}, got {types[7]}")
         return [v, state]
 
+    def decompose(self, b, ins, attrs):
+        """l2norm(q), l2norm(k), the decay gate, sigmoid(b), then kda_recurrent."""
+        q, k, v, f, beta_in, A, dt = ins[:7]
+        acc = acc_dtype(b.type(v).dtype)
+        eps = attrs["l2norm_eps"]
+        g = decay_gate(b, f, A, dt, b.type(q).shape, acc)
+        beta = b("sigmoid", b("cast", beta_in, dtype=acc), name="beta")
+        return b.emit("kda_recurrent", b("l2norm", q, eps=eps, name="q"), b("l2norm", k, eps=eps, name="k"),
+                      v, g, beta, ins[7] if len(ins) > 7 else None, scale=attrs["scale"],
+                      chunk_size=attrs.get("chunk_size", 0), name="kda")
+
     def prepare(self, args, attrs):
         q, k, v, f, b, A, dt = args[:7]
-        acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+        acc = acc_torch(v.dtype)
         g = kda_gate(f, A, dt, acc)
         beta = torch.sigmoid(b.to(acc))
         eps = attrs["l2norm_eps"]
@@ -88,7 +122,7 @@ class KDAFusedRecurrent(_KDAFused):
 class KDAFusedChunk(_KDAFused):
     kind = "kda_fused_chunk"
     doc = "KDA with fused gating in the chunkwise (WY/UT) form for prefill"
-    attributes = {"scale": REQUIRED, "l2norm_eps": 1e-6, "chunk_size": 64}
+    attributes = {"scale": REQUIRED(float), "l2norm_eps": 1e-6, "chunk_size": 64}
 
     def ref(self, args, attrs):
         from .kda import kda_chunkwise
@@ -99,9 +133,11 @@ class KDAFusedChunk(_KDAFused):
 
 @register
 class GatedRMSNorm(OpDef):
+    fused = True
     kind, doc = "gated_rmsnorm", "rmsnorm(x) * weight * sigmoid(gate) over the last dim"
+    family = "norm"
     operands = ("x", "weight", "gate")
-    attributes = {"eps": REQUIRED}
+    attributes = {"eps": REQUIRED(float)}
 
     def infer(self, types, attrs):
         x, w, g = types
@@ -114,15 +150,23 @@ class GatedRMSNorm(OpDef):
         x, w, g = args
         return [w.to(x.dtype) * rms_normalize(x, attrs["eps"]) * torch.sigmoid(g.to(x.dtype))]
 
+    def decompose(self, b, ins, attrs):
+        x, w, g = ins
+        y = b("rmsnorm", x, w, eps=attrs["eps"], name="norm")
+        return [b("mul", y, b("sigmoid", cast_to(b, g, b.type(x).dtype), name="gate"), name="gated")]
+
     def flops(self, ins, outs, attrs, dims):
         return 9.0 * outs[0].numel(dims)
 
 
 @register
 class AddRMSNorm(OpDef):
+    fused = True
     kind, doc = "add_rmsnorm", "(rmsnorm(x + residual) * weight, x + residual)"
+    family = "norm"
+    results = ("y", "sum")
     operands = ("x", "residual", "weight")
-    attributes = {"eps": REQUIRED}
+    attributes = {"eps": REQUIRED(float)}
 
     def infer(self, types, attrs):
         x, r, w = types
@@ -135,13 +179,19 @@ class AddRMSNorm(OpDef):
         s = x + r
         return [w.to(x.dtype) * rms_normalize(s, attrs["eps"]), s]
 
+    def decompose(self, b, ins, attrs):
+        s = b("add", ins[0], ins[1], name="sum")
+        return [b("rmsnorm", s, ins[2], eps=attrs["eps"], name="norm"), s]
+
     def flops(self, ins, outs, attrs, dims):
         return 5.0 * outs[0].numel(dims)
 
 
 @register
 class HeadMatmul(OpDef):
+    fused = True
     kind, doc = "head_matmul", "per-head x[b,t,h,:] @ w[h] : [B,T,H,N] x [H,N,R] -> [B,T,H,R]"
+    family = "linear"
     operands = ("x", "weight")
 
     def infer(self, types, attrs):
@@ -155,16 +205,24 @@ class HeadMatmul(OpDef):
         x, w = args
         return [torch.einsum("bthn,hnr->bthr", x, w.to(x.dtype))]
 
+    def decompose(self, b, ins, attrs):
+        """[B,H,T,N] @ [H,N,R] per head, heads first and back."""
+        x, w = ins
+        y = b("matmul", b("transpose", x, perm=[0, 2, 1, 3], name="x"), w, name="y")
+        return [b("transpose", y, perm=[0, 2, 1, 3], name="y")]
+
     def flops(self, ins, outs, attrs, dims):
         return 2.0 * outs[0].numel(dims) * ins[1].shape[1]
 
 
 @register
 class MLALatentAttention(OpDef):
+    fused = True
     kind = "mla_latent_attention"
     doc = "attention in latent space: keys latent ‖ rope_key, values latent (one shared KV head)"
+    family = "attention"
     operands = ("q_lat", "q_rope", "latent", "rope_key", "q_start?")
-    attributes = {"scale": REQUIRED}
+    attributes = {"scale": REQUIRED(float)}
 
     def infer(self, types, attrs):
         ql, qr, c, kr = types[:4]
@@ -184,6 +242,21 @@ class MLALatentAttention(OpDef):
         return [causal_attention(q, k.expand(-1, -1, H, -1), c.unsqueeze(2).expand(-1, -1, H, -1),
                                  args[4] if len(args) > 4 else None, attrs["scale"])]
 
+    def decompose(self, b, ins, attrs):
+        """causal_attention with queries q_lat ‖ q_rope, keys latent ‖ rope_key and values
+        latent, the one KV head expanded to every query head."""
+        ql, qr, c, kr = ins[:4]
+        B, T, H, R = b.type(ql).shape
+        S, P = b.type(c).shape[1], b.type(kr).shape[2]
+        q = b("concat", ql, cast_to(b, qr, b.type(ql).dtype), dim=-1, name="q")
+
+        def heads(x, width, name):
+            return b("expand", b("reshape", x, shape=[B, S, 1, width], name=name), shape=[B, S, H, width],
+                     name=name)
+        k = heads(b("concat", c, cast_to(b, kr, b.type(c).dtype), dim=-1, name="k"), R + P, "k")
+        return [b("causal_attention", q, k, heads(c, R, "v"), ins[4] if len(ins) > 4 else None,
+                  scale=attrs["scale"], name="attn")]
+
     def flops(self, ins, outs, attrs, dims):
         B, T, H, R = (dim(d, dims) for d in ins[0].shape)
         S, P = dim(ins[2].shape[1], dims), ins[1].shape[3]
@@ -192,10 +265,13 @@ class MLALatentAttention(OpDef):
 
 @register
 class MoERoute(OpDef):
+    fused = True
     kind = "moe_route"
     doc = "the router: sigmoid scores (fp32), + bias for selection, grouped top-k, renormalise, scale"
+    family = "moe"
+    results = ("ids", "weights")
     operands = ("x", "gate_weight", "bias")
-    attributes = {"top_k": REQUIRED, "n_group": 1, "topk_group": 1, "renormalize": True,
+    attributes = {"top_k": REQUIRED(int), "n_group": 1, "topk_group": 1, "renormalize": True,
                   "scaling": 1.0, "weights": "official"}
 
     def infer(self, types, attrs):
@@ -221,9 +297,31 @@ class MoERoute(OpDef):
             wts = wts / (wts.sum(-1, keepdim=True) + 1e-20)
         return [ids, wts * attrs["scaling"]]
 
+    def decompose(self, b, ins, attrs):
+        return route(b, *ins, attrs)
+
     def flops(self, ins, outs, attrs, dims):
         n = ins[0].numel(dims) / dim(ins[0].shape[-1], dims)
         return n * (2.0 * ins[1].shape[0] * ins[1].shape[1] + 8 * ins[1].shape[0])
+
+
+def route(b, x, gate_weight, bias, attrs: dict) -> list:
+    """The router through builder `b` (the model declares it so; moe_route's decomposition):
+    fp32 sigmoid scores, + bias for selection, grouped top-k, weights from the biased
+    ("official") or unbiased scores, renormalised (top_k > 1), scaled."""
+    scores = b("sigmoid", b("linear", b("cast", x, dtype=b.type(bias).dtype), gate_weight, name="logits"),
+               name="scores")
+    choice = b("add", scores, bias, name="choice")
+    ids = b("grouped_topk", choice, top_k=attrs["top_k"], n_group=attrs["n_group"],
+            topk_group=attrs["topk_group"], name="ids")
+    w = b("take_along", choice if attrs["weights"] == "official" else scores, ids, name="weights")
+    if attrs["top_k"] > 1 and attrs["renormalize"]:
+        w = b("renormalize", w, eps=1e-20, name="weights")
+    return [ids, b("scale", w, factor=attrs["scaling"], name="weights")]
+
+
+DISPATCH_LAYOUT = ("its rows are laid out by expert at run time (data-dependent sizes); every "
+                   "target maps it natively")
 
 
 def _rows_dim(x_shape, k: int):
@@ -239,10 +337,14 @@ def _rows_dim(x_shape, k: int):
 
 @register
 class MoEPermute(OpDef):
+    fused = True
+    no_decomposition = DISPATCH_LAYOUT
     kind = "moe_permute"
     doc = "token copies sorted by expert: (rows [M,D], offsets [E+1], order [M]), M = N*top_k"
+    family = "moe"
+    results = ("rows", "offsets", "order")
     operands = ("x", "ids")
-    attributes = {"num_experts": REQUIRED}
+    attributes = {"num_experts": REQUIRED(int)}
 
     def infer(self, types, attrs):
         x, ids = types
@@ -268,8 +370,11 @@ class MoEPermute(OpDef):
 
 @register
 class GroupedSwiGLU(OpDef):
+    fused = True
+    no_decomposition = DISPATCH_LAYOUT
     kind = "grouped_swiglu"
     doc = "per-expert SwiGLU over expert-sorted rows with packed weights w13 [E,2I,D], w2 [E,D,I]"
+    family = "moe"
     operands = ("rows", "offsets", "w13", "w2")
 
     def infer(self, types, attrs):
@@ -306,8 +411,11 @@ class GroupedSwiGLU(OpDef):
 
 @register
 class MoEUnpermute(OpDef):
+    fused = True
+    no_decomposition = DISPATCH_LAYOUT
     kind = "moe_unpermute"
     doc = "acc[n] + sum_j weights[n, j] * y[row holding copy (n, j)]"
+    family = "moe"
     operands = ("y", "order", "weights", "acc")
 
     def infer(self, types, attrs):
@@ -328,7 +436,9 @@ class MoEUnpermute(OpDef):
 
 @register
 class Stack(OpDef):
+    fused = True
     kind, doc = "stack", "stack equal-typed operands along a new leading dim"
+    family = "moe"
     operands = ("*xs",)
 
     def infer(self, types, attrs):
@@ -338,6 +448,10 @@ class Stack(OpDef):
 
     def ref(self, args, attrs):
         return [torch.stack(list(args))]
+
+    def decompose(self, b, ins, attrs):
+        shape = list(b.type(ins[0]).shape)
+        return [b("concat", *[b("reshape", x, shape=[1] + shape) for x in ins], dim=0)]
 
     def flops(self, ins, outs, attrs, dims):
         return 0.0

@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..dtypes import acc_dtype, acc_torch
 from .registry import REQUIRED, OpDef, expect, expect_float, register
-
-
-def state_dtype(x: torch.dtype) -> torch.dtype:
-    return torch.float64 if x == torch.float64 else torch.float32
 
 
 def kda_recurrence(q, k, v, g, beta, state, scale):
@@ -15,7 +12,7 @@ def kda_recurrence(q, k, v, g, beta, state, scale):
     Per token: S = S*exp(g)[:, None]; S += k (beta (v - k^T S))^T; o = (scale q)^T S."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    acc = state_dtype(v.dtype)
+    acc = acc_torch(v.dtype)
     S = torch.zeros(B, H, K, V, dtype=acc, device=v.device) if state is None else state.to(acc).clone()
     q, k, v, g, beta = (t.to(acc) for t in (q, k, v, g, beta))
     out = torch.empty(B, T, H, V, dtype=acc, device=v.device)
@@ -31,9 +28,12 @@ def kda_recurrence(q, k, v, g, beta, state, scale):
 @register
 class KDARecurrent(OpDef):
     kind = "kda_recurrent"
-    doc = "gated delta rule per head with per-channel log decay g; state [B, H, K, V] in fp32"
+    doc = ("gated delta rule per head with per-channel log decay g; state [B, H, K, V] in fp32; "
+           "chunk_size > 0: computed in the chunkwise form (same results), 0: the target's choice")
+    family = "kda"
+    results = ("o", "state")
     operands = ("q", "k", "v", "g", "beta", "state?")
-    attributes = {"scale": REQUIRED}
+    attributes = {"scale": REQUIRED(float), "chunk_size": 0}
 
     def infer(self, types, attrs):
         q, k, v, g, beta = types[:5]
@@ -43,14 +43,16 @@ class KDARecurrent(OpDef):
         expect(v.rank == 4 and v.shape[:3] == q.shape[:3], self.kind, f"v {v} must be [B, T, H, V]")
         expect(beta.shape == q.shape[:3], self.kind, f"beta {beta} must be [B, T, H]")
         B, _, H, K = q.shape
-        state = v.with_shape((B, H, K, v.shape[3])).with_dtype("f64" if v.dtype == "f64" else "f32")
+        state = v.with_shape((B, H, K, v.shape[3])).with_dtype(acc_dtype(v.dtype))
         if len(types) > 5:
             expect(types[5] == state, self.kind, f"state must be {state}, got {types[5]}")
         return [v, state]
 
     def ref(self, args, attrs):
         q, k, v, g, beta = args[:5]
-        o, S = kda_recurrence(q, k, v, g, beta, args[5] if len(args) > 5 else None, attrs["scale"])
+        state, n = args[5] if len(args) > 5 else None, attrs["chunk_size"]
+        o, S = (kda_chunkwise(q, k, v, g, beta, state, attrs["scale"], n) if n
+                else kda_recurrence(q, k, v, g, beta, state, attrs["scale"]))
         return [o.to(v.dtype), S]
 
     def flops(self, ins, outs, attrs, dims):
@@ -71,7 +73,7 @@ def kda_chunkwise(q, k, v, g, beta, state, scale, chunk_size):
         raise ValueError(f"kda_chunkwise: chunk_size must be a positive int, got {chunk_size!r}")
     B, T, H, K = k.shape
     V = v.shape[-1]
-    acc = state_dtype(v.dtype)
+    acc = acc_torch(v.dtype)
     S = torch.zeros(B, H, K, V, dtype=acc, device=v.device) if state is None else state.to(acc).clone()
     # heads first: [B, H, T, *]
     q, k, v, g = (t.to(acc).transpose(1, 2) for t in (q, k, v, g))

@@ -9,6 +9,7 @@ from .registry import OpDef, broadcast_shapes, dim, expect, expect_float, regist
 @register
 class Linear(OpDef):
     kind, doc = "linear", "x[..., in] @ weight[out, in]^T -> [..., out] (fp32 accumulation)"
+    family = "linear"
     operands = ("x", "weight")
 
     def infer(self, types, attrs):
@@ -29,6 +30,7 @@ class Linear(OpDef):
 @register
 class Matmul(OpDef):
     kind, doc = "matmul", "batched a[..., m, k] @ b[..., k, n]"
+    family = "linear"
     operands = ("a", "b")
 
     def infer(self, types, attrs):

@@ -42,8 +42,9 @@ def grouped_topk(choice: torch.Tensor, top_k: int, n_group: int, topk_group: int
 class GroupedTopK(OpDef):
     kind = "grouped_topk"
     doc = "ids of the top_k experts by `choice` score, restricted to the best topk_group groups"
+    family = "moe"
     operands = ("choice",)
-    attributes = {"top_k": REQUIRED, "n_group": 1, "topk_group": 1}
+    attributes = {"top_k": REQUIRED(int), "n_group": 1, "topk_group": 1}
 
     def infer(self, types, attrs):
         (c,) = types
@@ -62,6 +63,7 @@ class GroupedTopK(OpDef):
 @register
 class TakeAlong(OpDef):
     kind, doc = "take_along", "x[..., ids[..., j]] along the last dim"
+    family = "moe"
     operands = ("x", "ids")
 
     def infer(self, types, attrs):
@@ -77,6 +79,7 @@ class TakeAlong(OpDef):
 @register
 class Renormalize(OpDef):
     kind, doc = "renormalize", "x / (sum(x, last dim) + eps)"
+    family = "moe"
     operands = ("x",)
     attributes = {"eps": 1e-20}
 
@@ -99,8 +102,9 @@ class MoEExpert(OpDef):
     kind = "moe_expert"
     doc = ("acc + sum_j [ids[..., j] == expert] * weights[..., j] * SwiGLU_e(x): one routed "
            "expert's contribution, computed for the tokens routed to it")
+    family = "moe"
     operands = ("acc", "x", "ids", "weights", "w1", "w3", "w2")
-    attributes = {"expert": REQUIRED, "num_experts": REQUIRED}
+    attributes = {"expert": REQUIRED(int), "num_experts": REQUIRED(int)}
 
     def infer(self, types, attrs):
         acc, x, ids, w, w1, w3, w2 = types

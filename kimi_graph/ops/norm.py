@@ -3,26 +3,28 @@ from __future__ import annotations
 
 import torch
 
+from ..dtypes import acc_torch
 from .registry import REQUIRED, OpDef, expect, expect_float, register
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps), computed in at least fp32, returned in x's dtype."""
-    xf = x.float() if x.dtype != torch.float64 else x
+    xf = x.to(acc_torch(x.dtype))
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def l2_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(sum(x^2) + eps) over the last dim, computed in at least fp32."""
-    xf = x.float() if x.dtype != torch.float64 else x
+    xf = x.to(acc_torch(x.dtype))
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 @register
 class RMSNorm(OpDef):
     kind, doc = "rmsnorm", "weight * x / sqrt(mean(x^2) + eps) over the last dim"
+    family = "norm"
     operands = ("x", "weight")
-    attributes = {"eps": REQUIRED}
+    attributes = {"eps": REQUIRED(float)}
 
     def infer(self, types, attrs):
         x, w = types
@@ -41,8 +43,9 @@ class RMSNorm(OpDef):
 @register
 class L2Norm(OpDef):
     kind, doc = "l2norm", "x / sqrt(sum(x^2) + eps) over the last dim"
+    family = "norm"
     operands = ("x",)
-    attributes = {"eps": REQUIRED}
+    attributes = {"eps": REQUIRED(float)}
 
     def infer(self, types, attrs):
         expect_float(self.kind, types[0])

@@ -1,8 +1,10 @@
 """The op registry: one `OpDef` per op kind, defined once.
 
 An OpDef declares its operands (a trailing "name?" is optional, "*name" variadic), its
-attributes with defaults, type inference, a torch reference implementation and a cost
-(FLOPs and bytes moved, for concrete dims). Every lowering maps ops by `kind`.
+results, its attributes with defaults (`REQUIRED(type)` for none), a drawing family, type
+inference, a torch reference implementation (`ref`, the oracle) and a cost (FLOPs and
+bytes moved, for concrete dims). A fused op also has a `decompose`: its meaning in simpler
+registry ops (see decompose.py). Every lowering maps ops by `kind`.
 """
 from __future__ import annotations
 
@@ -10,12 +12,8 @@ from typing import Sequence
 
 import torch
 
-from ..ir import DTYPE_BYTES, IRError, TensorType, eval_dim
-
-TORCH_DTYPES = {"f64": torch.float64, "f32": torch.float32, "f16": torch.float16,
-                "bf16": torch.bfloat16, "i64": torch.int64, "i32": torch.int32, "bool": torch.bool}
-IR_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
-FLOAT_DTYPES = ("f64", "f32", "f16", "bf16")
+from ..dtypes import DTYPE_BYTES, FLOAT_DTYPES, IR_DTYPES, TORCH_DTYPES  # noqa: F401 (re-exported)
+from ..ir import IRError, TensorType, eval_dim
 
 REGISTRY: dict[str, "OpDef"] = {}
 
@@ -36,12 +34,20 @@ def get_op(kind: str) -> "OpDef":
         raise IRError(f"unknown op {kind!r}; registered: {', '.join(sorted(REGISTRY))}") from None
 
 
+FAMILIES = ("kda", "attention", "moe", "norm", "linear", "elementwise", "movement")
+
+
 class OpDef:
     kind: str = ""
     operands: tuple[str, ...] = ()
-    attributes: dict = {}     # name -> default (REQUIRED for none)
+    results: tuple[str, ...] = ("out",)
+    attributes: dict = {}     # name -> default (REQUIRED(type) for none)
     shape_attrs: tuple[str, ...] = ()  # attributes holding shapes; symbols bound before `ref`
+    family: str = ""          # one of FAMILIES (drawing, grouping)
     doc: str = ""
+    fused: bool = False       # introduced by a pass; targets may run it as one kernel
+    decompose = None          # fused ops: fn(b, ins, attrs) -> results in simpler ops (decompose.py)
+    no_decomposition: str = ""   # a fused op without `decompose`: why
 
     # -- signature ----------------------------------------------------------
     def check_arity(self, n: int) -> None:
@@ -62,11 +68,15 @@ class OpDef:
         for name, default in self.attributes.items():
             if name in attrs:
                 out[name] = attrs[name]
-            elif default is REQUIRED:
+            elif isinstance(default, Required):
                 raise IRError(f"{self.kind}: attribute {name!r} is required")
             else:
                 out[name] = default
         return out
+
+    def attr_types(self) -> dict[str, type]:
+        """Each attribute's type: a required one's declared type, else its default's."""
+        return {name: d.type if isinstance(d, Required) else type(d) for name, d in self.attributes.items()}
 
     # -- to implement -------------------------------------------------------
     def infer(self, types: Sequence[TensorType], attrs: dict) -> list[TensorType]:
@@ -86,12 +96,18 @@ class OpDef:
         return float(sum(t.nbytes(dims) for t in list(ins) + list(outs)))
 
 
-class _Required:
+class Required:
+    """The default of an attribute that has none; `type` is its value type (list for
+    shapes and permutations)."""
+
+    def __init__(self, type_: type):
+        self.type = type_
+
     def __repr__(self):
-        return "REQUIRED"
+        return f"REQUIRED({self.type.__name__})"
 
 
-REQUIRED = _Required()
+REQUIRED = Required
 
 
 def expect(cond: bool, op: str, msg: str) -> None:

@@ -29,13 +29,14 @@ def check_token_ids(ids: torch.Tensor, vocab: int, error: type = ValueError) -> 
 
 
 class _Movement(OpDef):
+    family = "movement"
     flops = _zero_flops
 
 
 class _ToShape(_Movement):
     """x given the type of its `shape` attribute; `allowed` says when that is legal."""
     operands = ("x",)
-    attributes = {"shape": REQUIRED}
+    attributes = {"shape": REQUIRED(list)}
     shape_attrs = ("shape",)
 
     def allowed(self, x, shape: tuple) -> bool:
@@ -66,7 +67,7 @@ class Reshape(_ToShape):
 class Transpose(_Movement):
     kind, doc = "transpose", "permute the dims of x by `perm`"
     operands = ("x",)
-    attributes = {"perm": REQUIRED}
+    attributes = {"perm": REQUIRED(list)}
 
     def infer(self, types, attrs):
         (x,) = types
@@ -82,7 +83,7 @@ class Transpose(_Movement):
 class Slice(_Movement):
     kind, doc = "slice", "x[..., start:end, ...] along `dim`"
     operands = ("x",)
-    attributes = {"dim": REQUIRED, "start": REQUIRED, "end": REQUIRED}
+    attributes = {"dim": REQUIRED(int), "start": REQUIRED(int), "end": REQUIRED(int)}
 
     def infer(self, types, attrs):
         (x,) = types
@@ -102,7 +103,7 @@ class Slice(_Movement):
 class Concat(_Movement):
     kind, doc = "concat", "concatenate operands along `dim`"
     operands = ("*xs",)
-    attributes = {"dim": REQUIRED}
+    attributes = {"dim": REQUIRED(int)}
 
     def infer(self, types, attrs):
         expect(len(types) >= 1, self.kind, "needs at least one operand")
@@ -140,6 +141,7 @@ class Expand(_ToShape):
 @register
 class Embedding(_Movement):
     kind, doc = "embedding", "rows of `weight` [V, D] picked by integer `ids`"
+    family = "linear"
     operands = ("ids", "weight")
 
     def infer(self, types, attrs):
@@ -161,6 +163,7 @@ class Embedding(_Movement):
 class CacheWrite(_Movement):
     kind = "cache_write"
     doc = "cache[b, pos[b] + t] = new[b, t]: write T new rows per sequence at its position"
+    family = "attention"
     operands = ("cache", "new", "pos")
 
     def infer(self, types, attrs):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from onnx import AttributeProto, TensorProto, helper
 
+from kimi_graph.dtypes import IR_DTYPES, TORCH_DTYPES
 from kimi_graph.ir import IRError, TensorType
 
 DOMAIN = "kimi_graph"          # our fused ops' domain (portable set: each carries a function)
@@ -33,15 +34,10 @@ def table_registrar(table: dict):
 def tensor_proto(name: str, t: torch.Tensor, onnx_dtype: int | None = None) -> TensorProto:
     """A TensorProto holding `t`'s bytes (bf16 included: torch has it, numpy does not)."""
     t = t.detach().cpu().contiguous()
-    dt = onnx_dtype if onnx_dtype is not None else ONNX_DTYPES[_ir_dtype(t.dtype)]
+    dt = onnx_dtype if onnx_dtype is not None else ONNX_DTYPES[IR_DTYPES[t.dtype]]
     p = TensorProto(name=name, data_type=dt, dims=list(t.shape))
     p.raw_data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
     return p
-
-
-def _ir_dtype(d: torch.dtype) -> str:
-    from kimi_graph.ops import IR_DTYPES
-    return IR_DTYPES[d]
 
 
 def attr_ref(name: str, ref: str, kind: int) -> AttributeProto:
@@ -54,10 +50,13 @@ class Emitter:
     """Collects nodes; `node()` returns the output names. `types` maps IR value names (with
     their "%"/"@" prefixes stripped) to TensorTypes where known (graph values)."""
 
-    def __init__(self, prefix: str = ""):
+    def __init__(self, prefix: str = "", opset: int = 23, functions: dict | None = None,
+                 signatures: dict | None = None):
         self.nodes: list = []
         self.initializers: dict[str, TensorProto] = {}
-        self.functions: dict[tuple[str, str], object] = {}   # (domain, name) -> FunctionProto
+        self.opset = opset                     # of the default domain, in the model and its functions
+        self.functions: dict[tuple[str, str], object] = {} if functions is None else functions
+        self.signatures: dict[tuple, str] = {} if signatures is None else signatures  # key -> name
         self.opsets: dict[str, int] = {}
         self._ids = itertools.count()
         self._consts: dict[tuple, str] = {}
@@ -148,15 +147,36 @@ class Emitter:
         return self("Reshape", x, self.shape(dims))
 
     # -- functions of our domain ---------------------------------------------------------
+    def body(self, prefix: str) -> "Emitter":
+        """An emitter for a function body or subgraph of the model this one builds."""
+        return Emitter(prefix, self.opset, self.functions, self.signatures)
+
     def add_function(self, fn) -> None:
         self.functions.setdefault((fn.domain, fn.name), fn)
         self.opsets.setdefault(fn.domain, 1)
 
+    def function(self, base: str, key: tuple, build) -> str:
+        """The name of the function of our domain for signature `key` (`base`, then `base_2`,
+        ... for further signatures), built once: build(name, body emitter) -> (input names,
+        output names, attribute names) with the body's nodes emitted into the body emitter."""
+        if key not in self.signatures:
+            n = sum(k[0] == base for k in self.signatures)
+            name = self.signatures[key] = base if n == 0 else f"{base}_{n + 1}"
+            body = self.body(f"{name}_")
+            self.add_function(make_function(name, *build(name, body), body=body))
+        self.opsets.setdefault(DOMAIN, 1)
+        return self.signatures[key]
+
 
 _FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
-_TORCH_OF = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16,
-             TensorProto.BFLOAT16: torch.bfloat16, TensorProto.DOUBLE: torch.float64,
-             TensorProto.INT64: torch.int64, TensorProto.INT32: torch.int32, TensorProto.BOOL: torch.bool}
+_TORCH_OF = {onnx_dt: TORCH_DTYPES[ir] for ir, onnx_dt in ONNX_DTYPES.items()}
+
+
+def make_function(name: str, inputs, outputs, attributes=(), *, body: Emitter):
+    """A FunctionProto of our domain from the nodes of `body` (default domain at its opset)."""
+    imports = [helper.make_opsetid("", body.opset)] + [helper.make_opsetid(d, 1) for d in body.opsets if d]
+    return helper.make_function(DOMAIN, name, list(inputs), list(outputs), body.nodes, imports,
+                                attributes=list(attributes))
 
 
 def value_info(name: str, ty: TensorType):

@@ -6,11 +6,13 @@ and decode models, as external data), one operator-set table per target.
 """
 from __future__ import annotations
 
+import json
+
 import torch
 from onnx import AttributeProto, TensorProto, helper
 
 from kimi_graph.ir import Graph, IRError
-from kimi_graph.ops import TORCH_DTYPES
+from kimi_graph.ops import TORCH_DTYPES, get_op
 
 from .emitter import DOMAIN, MS, ONNX_DTYPES, Emitter, tensor_proto, value_info
 
@@ -22,6 +24,11 @@ MIN_OPSET = 23
 def tables() -> dict[str, dict]:
     from . import ort, portable
     return {"ort": ort.TABLE, "portable": portable.TABLE}
+
+
+def refusals() -> dict[str, dict[str, str]]:
+    """Per operator set, the op kinds it does not lower, each with the reason."""
+    return {"ort": {}, "portable": {}}
 
 
 def ir_version_for(opset: int) -> int:
@@ -91,6 +98,88 @@ class LowerContext:
         return tensor_proto("one", torch.ones(1, dtype=TORCH_DTYPES[dtype]), ONNX_DTYPES[dtype])
 
 
+class SubContext(LowerContext):
+    """Lowering a fused op's decomposition (a subgraph): types from the subgraph; `params`
+    maps the subgraph inputs that stand for parameters of the outer graph to them (none in
+    a function body, which sees only its formal inputs); padded-batch masks only inline."""
+
+    def __init__(self, outer: LowerContext, g: Graph, em: Emitter, params: dict[str, str], inline: bool):
+        super().__init__(g, outer.weights, em, outer.ops)
+        self.outer, self.params, self.derived = outer, params, outer.derived
+        if inline:
+            self.token_valid, self.key_valid = outer.token_valid, outer.key_valid
+
+    def is_param(self, value: str) -> bool:
+        return value in self.params
+
+    def param(self, value: str) -> torch.Tensor:
+        return self.outer.param(self.params[value])
+
+    def transposed_param(self, value: str, dtype: str | None = None) -> str | None:
+        return self.outer.transposed_param(self.params[value], dtype) if value in self.params else None
+
+    def as_dtype(self, value: str, name: str, dtype: str) -> str:
+        if value in self.params:
+            return self.outer.as_dtype(self.params[value], name, dtype)
+        return super().as_dtype(value, name, dtype)
+
+
+def lower_ops(ctx: LowerContext) -> None:
+    """Lower every op of `ctx.g` through its operator set's table, filling `ctx.env`."""
+    table = tables()[ctx.ops]
+    for op in ctx.g.ops():
+        fn = table.get(op.kind)
+        if fn is None:
+            why = refusals()[ctx.ops].get(op.kind, "")
+            raise IRError(f"the {ctx.ops!r} ONNX operator set has no mapping for op {op.kind!r} ({op})"
+                          + (f": {why}" if why else ""))
+        outs = fn(ctx, op, [ctx.env[v] for v in op.inputs])
+        if len(outs) != len(op.outputs):
+            raise IRError(f"{ctx.ops} mapping of {op.kind} returned {len(outs)} values for {len(op.outputs)}")
+        ctx.env.update(zip(op.outputs, outs))
+
+
+def decomposition_of(ctx: LowerContext, op) -> Graph:
+    from kimi_graph.ops.decompose import subgraph
+    return subgraph(op.kind, [ctx.ty(v) for v in op.inputs], op.attrs)
+
+
+def inline_decomposition(ctx: LowerContext, op, ins: list[str]) -> list[str]:
+    """`op` lowered as its decomposition, op by op, in place (the standard fallback)."""
+    sub = decomposition_of(ctx, op)
+    sc = SubContext(ctx, sub, ctx.em, {s: v for s, v in zip(sub.inputs, op.inputs) if ctx.is_param(v)},
+                    inline=True)
+    sc.env.update(zip(sub.inputs, ins))
+    lower_ops(sc)
+    return [sc.env[v] for v in sub.outputs]
+
+
+def decomposition_call(ctx: LowerContext, op, ins: list[str]) -> list[str]:
+    """`op` as one node of our domain whose function body is its decomposition, one
+    function per signature (operand types and attributes). Padded batches inline it: the
+    masks are not function inputs."""
+    if ctx.token_valid is not None or ctx.key_valid is not None:
+        return inline_decomposition(ctx, op, ins)
+    sub = decomposition_of(ctx, op)
+    results = [r + "_out" for r in get_op(op.kind).results]
+
+    def build(name: str, body: Emitter):
+        for v, ty in sub.inputs.items():
+            for axis, d in enumerate(ty.shape):
+                if isinstance(d, str):
+                    body.dim_sources.setdefault(d, (v[1:], axis))
+        sc = SubContext(ctx, sub, body, {}, inline=False)
+        sc.env.update({v: v[1:] for v in sub.inputs})
+        lower_ops(sc)
+        for v, r in zip(sub.outputs, results):
+            body.node("Identity", [sc.env[v]], outputs=[r])
+        return [v[1:] for v in sub.inputs], results, []
+
+    key = (op.kind, tuple(ctx.ty(v) for v in op.inputs), json.dumps(op.attrs, sort_keys=True))
+    name = ctx.em.function(op.kind, key, build)
+    return ctx.em.node(name, ins, len(results), domain=DOMAIN)
+
+
 def lower(g: Graph, weights, *, ops: str = "ort", opset: int = DEFAULT_OPSET, name: str | None = None,
           io=None, sink=None):
     """Lower `g` to an ONNX ModelProto. Initializers are inline, or, with `sink` (see
@@ -102,8 +191,7 @@ def lower(g: Graph, weights, *, ops: str = "ort", opset: int = DEFAULT_OPSET, na
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: the export needs opset >= {MIN_OPSET} "
                          "(RMSNormalization, Attention)")
-    table = tables()[ops]
-    em = Emitter()
+    em = Emitter(opset=opset)
     ctx = LowerContext(g, weights, em, ops)
     env = ctx.env
     graph_inputs, graph_outputs = [], []
@@ -118,14 +206,7 @@ def lower(g: Graph, weights, *, ops: str = "ort", opset: int = DEFAULT_OPSET, na
         graph_inputs = [value_info(v[1:], ty) for v, ty in g.inputs.items()]
     for v in g.params:
         env[v] = v[1:]
-    for op in g.ops():
-        fn = table.get(op.kind)
-        if fn is None:
-            raise IRError(f"the {ops!r} ONNX operator set has no mapping for op {op.kind!r} ({op})")
-        outs = fn(ctx, op, [env[v] for v in op.inputs])
-        if len(outs) != len(op.outputs):
-            raise IRError(f"{ops} mapping of {op.kind} returned {len(outs)} values for {len(op.outputs)}")
-        env.update(zip(op.outputs, outs))
+    lower_ops(ctx)
     out_names = ["logits"] + [state_output_name(s) for s in g.meta.get("state_inputs", [])]
     if len(out_names) != len(g.outputs):
         out_names = ["logits"] + [f"output_{i}" for i in range(1, len(g.outputs))]

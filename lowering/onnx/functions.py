@@ -1,5 +1,7 @@
-"""Function bodies (standard ONNX ops only) for the nodes of our `kimi_graph` domain, so any
-runtime runs them: ONNX Runtime without contrib ops, `onnx.reference`, others.
+"""Hand-written function bodies (standard ONNX ops only) for the nodes of our `kimi_graph`
+domain that have no decomposition in the op library: the KDA recurrence in its chunkwise
+form (a Loop over chunks) and the MoE dispatch ops. (The fused ops' bodies are generated
+from their decompositions: export.decomposition_call.)
 
 Bodies are generic in the model dtype (CastLike back to an input's type) and compute in
 fp32, as the op library does. Float/int attributes of the calling node reach the body
@@ -8,17 +10,10 @@ from __future__ import annotations
 
 from onnx import AttributeProto, TensorProto, helper
 
-from .emitter import DOMAIN, FLOAT, Emitter, attr_ref
-from .standard import attention_explicit, causal_mask, kda_gate, l2_unit
+from .emitter import FLOAT, Emitter, attr_ref
+from .standard import swiglu
 
-KDA_CHUNK = 16      # tokens per chunk of the portable KDA; (I + A)^-1 needs log2(16) = 4 products
-OPSET = 23
-
-
-def _function(name, inputs, outputs, em: Emitter, attributes=()):
-    imports = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in em.opsets if d]
-    return helper.make_function(DOMAIN, name, inputs, outputs, em.nodes, imports,
-                                attributes=list(attributes))
+KDA_CHUNK = 16      # tokens per chunk where the IR leaves the choice (kda_recurrent{chunk_size=0})
 
 
 def _bool(v: bool):
@@ -41,21 +36,21 @@ def _attr_int(em: Emitter, ref: str) -> str:
 
 
 # -- KDA: the chunkwise form with a Loop over chunks ---------------------------------------------
-def kda_chunkwise() -> object:
+def kda_chunkwise(em: Emitter, chunk: int):
     """kda_chunkwise(q, k, v [B,T,H,*], g [B,T,H,K] fp32, beta [B,T,H] fp32, state [B,H,K,V]
-    fp32) {scale} -> (o [B,T,H,V] like v, state). The token axis is padded to whole chunks with
+    fp32) {scale} -> (o [B,T,H,V] like v, state), in chunks of min(T, `chunk`) tokens, with
+    (I + A)^-1 as a product of ceil(log2 chunk) factors. The token axis is padded to whole chunks with
     k = v = g = beta = 0 (padding leaves the state untouched); per chunk, with cumulative log
     decay G (decay ratios masked before the exp, so nothing overflows):
-      A = strict_lower(beta_r k_r.k_i e^(G_r-G_i)),  T = (I + A)^-1 (product of 4 factors),
+      A = strict_lower(beta_r k_r.k_i e^(G_r-G_i)),  T = (I + A)^-1 = prod_j (I + (-A)^(2^j)),
       u = T beta (v - (k e^G) S),  o = scale ((q e^G) S + lower(q_r.k_i e^(G_r-G_i)) u),
       S' = e^(G_last) S + (k e^(G_last - G))^T u.
     Everything but the state update is batched over all chunks; a Loop carries the state."""
-    em = Emitter("kda_")
     q, k, v, g, beta, s0 = "q", "k", "v", "g", "beta", "state"
     hf = [em("Transpose", em("Cast", x, to=FLOAT), perm=[0, 2, 1, 3]) for x in (q, k, v, g)]
     bh = em("Transpose", em("Cast", beta, to=FLOAT), perm=[0, 2, 1])              # [B,H,T]
     T = em("Shape", q, start=1, end=2)
-    C = em("Min", T, em.ints(KDA_CHUNK))
+    C = em("Min", T, em.ints(chunk))
     n = em("Div", em("Sub", em("Add", T, C), em.ints(1)), C)
     pad = em("Sub", em("Mul", n, C), T)
     pads4 = em("Concat", em.ints(0, 0, 0, 0, 0, 0), pad, em.ints(0), axis=0)
@@ -84,7 +79,7 @@ def kda_chunkwise() -> object:
     Nn = em("Neg", A)
     Tinv = em("Add", eye, Nn)
     Np = Nn
-    for _ in range(3):                       # (I+N)(I+N^2)(I+N^4)(I+N^8) = sum_{j<16} N^j
+    for _ in range(max(chunk - 1, 1).bit_length() - 1):   # (I+N)(I+N^2)... = sum_{j<2^m} N^j
         Np = em("MatMul", Np, Np)
         Tinv = em("MatMul", Tinv, em("Add", eye, Np))
     eG = em("Exp", G)
@@ -97,7 +92,7 @@ def kda_chunkwise() -> object:
     kdec = em("Mul", kc, em("Exp", em("Sub", last, G)))
     dlast = em("Transpose", em("Exp", last), perm=[0, 1, 2, 4, 3])                  # [B,H,n,K,1]
     # the loop over chunks: only the state-dependent part
-    body = Emitter("kdab_")
+    body = em.body(em.prefix + "step_")
     it = "i"
 
     def at(x):
@@ -129,115 +124,13 @@ def kda_chunkwise() -> object:
     o = em("Slice", o, em.ints(0), T, em.ints(1))
     em.node("CastLike", [o, v], outputs=["o"])
     em.node("Identity", [S_end], outputs=["state_out"])
-    return _function("kda_chunkwise", [q, k, v, g, beta, s0], ["o", "state_out"], em, ["scale"])
-
-
-def kda_fused(kind: str):
-    """kda_fused_recurrent / kda_fused_chunk(q, k, v, f, b, A_log, dt_bias, state) {scale,
-    l2norm_eps, chunk_size}: the gate, beta and q/k L2 norm in fp32, then kda_chunkwise.
-    (The portable form always runs chunks of KDA_CHUNK tokens; chunk_size is a hint.)"""
-    em = Emitter("kdaf_")
-    q, k, v, f, b, A, dt, s0 = "q", "k", "v", "f", "b", "A_log", "dt_bias", "state"
-    eps = em.node("Constant", [], value_float=attr_ref("value_float", "l2norm_eps", AttributeProto.FLOAT))[0]
-    g = kda_gate(em, f, A, dt, em("Shape", q, start=2, end=4))
-    beta = em("Sigmoid", em("Cast", b, to=FLOAT))
-    em.node("kda_chunkwise", [l2_unit(em, q, eps), l2_unit(em, k, eps), v, g, beta, s0], outputs=["o", "state_out"], domain=DOMAIN,
-            scale=attr_ref("scale", "scale", AttributeProto.FLOAT))
-    attrs = ["scale", "l2norm_eps"] + (["chunk_size"] if kind == "kda_fused_chunk" else [])
-    return _function(kind, [q, k, v, f, b, A, dt, s0], ["o", "state_out"], em, attrs)
-
-
-# -- norms ------------------------------------------------------------------------------------------
-def _rms(em, x, eps_ref):
-    eps = em.node("Constant", [], value_float=attr_ref("value_float", eps_ref, AttributeProto.FLOAT))[0]
-    xf = em("Cast", x, to=FLOAT)
-    ms = em("ReduceMean", em("Mul", xf, xf), em.ints(-1), keepdims=1)
-    return em("CastLike", em("Div", xf, em("Sqrt", em("Add", ms, eps))), x)
-
-
-def gated_rmsnorm():
-    """gated_rmsnorm(x, weight, gate) {eps}: rmsnorm(x) * weight * sigmoid(gate)."""
-    em = Emitter("grms_")
-    y = em("Mul", em("Mul", em("CastLike", "weight", "x"), _rms(em, "x", "eps")),
-           em("Sigmoid", em("CastLike", "gate", "x")))
-    em.node("Identity", [y], outputs=["y"])
-    return _function("gated_rmsnorm", ["x", "weight", "gate"], ["y"], em, ["eps"])
-
-
-def add_rmsnorm():
-    """add_rmsnorm(x, residual, weight) {eps} -> (rmsnorm(x + residual) * weight, x + residual)."""
-    em = Emitter("arms_")
-    s = em("Add", "x", "residual")
-    em.node("Mul", [em("CastLike", "weight", "x"), _rms(em, s, "eps")], outputs=["y"])
-    em.node("Identity", [s], outputs=["sum"])
-    return _function("add_rmsnorm", ["x", "residual", "weight"], ["y", "sum"], em, ["eps"])
-
-
-def head_matmul():
-    """head_matmul(x [B,T,H,N], w [H,N,R]) -> [B,T,H,R]."""
-    em = Emitter("hm_")
-    y = em("MatMul", em("Transpose", "x", perm=[0, 2, 1, 3]), em("CastLike", "w", "x"))   # [B,H,T,R]
-    em.node("Transpose", [y], outputs=["y"], perm=[0, 2, 1, 3])
-    return _function("head_matmul", ["x", "w"], ["y"], em)
-
-
-def mla_latent_attention():
-    """mla_latent_attention(q_lat, q_rope, latent, rope_key, q_start, key_valid [B,S] bool)
-    {scale}: one shared KV head, keys latent ‖ rope_key, values latent, causal from q_start,
-    padded keys hidden; fp32 softmax."""
-    em = Emitter("mla_")
-    scale = em.node("Constant", [], value_float=attr_ref("value_float", "scale", AttributeProto.FLOAT))[0]
-    q = em("Transpose", em("Concat", "q_lat", em("CastLike", "q_rope", "q_lat"), axis=-1), perm=[0, 2, 1, 3])
-    k = em("Unsqueeze", em("Concat", "latent", em("CastLike", "rope_key", "latent"), axis=-1), em.ints(1))
-    mask = causal_mask(em, "q_start", em("Shape", "q_lat", start=1, end=2), em("Shape", "latent", start=1, end=2),
-                       "key_valid")
-    o = attention_explicit(em, q, k, em("Unsqueeze", "latent", em.ints(1)), mask, scale)
-    em.node("CastLike", [em("Transpose", o, perm=[0, 2, 1, 3]), "q_lat"], outputs=["o"])
-    return _function("mla_latent_attention", ["q_lat", "q_rope", "latent", "rope_key", "q_start", "key_valid"],
-                     ["o"], em, ["scale"])
+    return [q, k, v, g, beta, s0], ["o", "state_out"], ["scale"]
 
 
 # -- MoE dispatch -------------------------------------------------------------------------------------
-def moe_route():
-    """moe_route(x, gate_weight, bias) {top_k, n_group, topk_group, renormalize, scaling,
-    unbiased} -> (ids, weights): fp32 sigmoid scores, biased grouped top-k (other groups
-    scored 0), weights from the biased (official) or unbiased scores, renormalised, scaled."""
-    em = Emitter("route_")
-    logits = em("MatMul", em("Cast", "x", to=FLOAT), em("Transpose", em("Cast", "gate_weight", to=FLOAT), perm=[1, 0]))
-    scores = em("Sigmoid", logits)
-    choice = em("Add", scores, em("Cast", "bias", to=FLOAT))
-    E = em("Shape", "gate_weight", start=0, end=1)
-    lead = em("Shape", "x", start=0, end=-1)
-    c = em("Reshape", choice, em("Concat", em.ints(-1), E, axis=0))
-    G, kg, kk = _attr_int(em, "n_group"), _attr_int(em, "topk_group"), _attr_int(em, "top_k")
-    per = em("Div", E, G)
-    top2 = em.node("TopK", [em("Reshape", c, em("Concat", em.ints(-1), G, per, axis=0)), em("Min", per, em.ints(2))],
-                   2, axis=-1)[0]
-    gscore = em("ReduceSum", top2, em.ints(-1), keepdims=0)
-    gidx = em.node("TopK", [gscore, kg], 2, axis=-1)[1]
-    gmask = em("ScatterElements", em("ConstantOfShape", em("Shape", gscore), value=_bool(False)), gidx,
-               em("ConstantOfShape", em("Shape", gidx), value=_bool(True)), axis=1)
-    emask = em("Reshape", em("Expand", em("Unsqueeze", gmask, em.ints(-1)), em("Concat", em.ints(1, 1), per, axis=0)),
-               em("Shape", c))
-    ids = em.node("TopK", [em("Where", emask, c, em.const(0.0, "f32")), kk], 2, axis=-1)[1]
-    unb = em("Cast", _attr_int(em, "unbiased"), to=TensorProto.BOOL)
-    src = em("Where", unb, em("Reshape", scores, em("Shape", c)), c)
-    w = em("GatherElements", src, ids, axis=1)
-    renorm = em("Cast", _attr_int(em, "renormalize"), to=TensorProto.BOOL)
-    w = em("Where", renorm, em("Div", w, em("Add", em("ReduceSum", w, em.ints(-1), keepdims=1),
-                                                em.const(1e-20, "f32"))), w)
-    w = em("Mul", w, _attr_float(em, "scaling"))
-    out_shape = em("Concat", lead, kk, axis=0)
-    em.node("Reshape", [ids, out_shape], outputs=["ids"])
-    em.node("Reshape", [w, out_shape], outputs=["weights"])
-    return _function("moe_route", ["x", "gate_weight", "bias"], ["ids", "weights"], em,
-                     ["top_k", "n_group", "topk_group", "renormalize", "scaling", "unbiased"])
-
-
-def moe_permute():
+def moe_permute(em: Emitter):
     """moe_permute(x, ids) {num_experts} -> (rows, offsets, order): stable sort of the token
     copies by expert (TopK keeps equal keys in index order)."""
-    em = Emitter("perm_")
     D = em("Shape", "x", start=-1)
     k = em("Shape", "ids", start=-1)
     flat = em("Reshape", "ids", em.ints(-1))
@@ -252,27 +145,24 @@ def moe_permute():
                 em.ints(0), keepdims=0)
     em.node("Concat", [em.ints(0), em("CumSum", counts, em.const(0, "i64"))], outputs=["offsets"], axis=0)
     em.node("Identity", [order], outputs=["order"])
-    return _function("moe_permute", ["x", "ids"], ["rows", "offsets", "order"], em, ["num_experts"])
+    return ["x", "ids"], ["rows", "offsets", "order"], ["num_experts"]
 
 
-def grouped_swiglu():
+def grouped_swiglu(em: Emitter):
     """grouped_swiglu(rows, offsets, w13 [E,2I,D], w2 [E,D,I]): a Loop over experts, each
     running SwiGLU (in fp32) on its contiguous block of rows; blocks are concatenated in order."""
-    em = Emitter("gsw_")
     E = em("Squeeze", em("Shape", "w13", start=0, end=1), em.ints(0))
     I = em("Shape", "w2", start=2, end=3)
     rows = em("Cast", "rows", to=FLOAT)
     empty = em("Slice", rows, em.ints(0), em.ints(0), em.ints(0))
-    b = Emitter("gswb_")
+    b = em.body(em.prefix + "step_")
     e1 = b("Unsqueeze", "e", b.ints(0))
     s = b("Gather", "offsets", e1)
     t = b("Gather", "offsets", b("Add", e1, b.ints(1)))
     xs = b("Slice", rows, s, t, b.ints(0))
-    gu = b("MatMul", xs, b("Transpose", b("Cast", b("Gather", "w13", "e", axis=0), to=FLOAT), perm=[1, 0]))
-    gate = b("Slice", gu, b.ints(0), I, b.ints(1))
-    up = b("Slice", gu, I, b("Mul", I, b.ints(2)), b.ints(1))
-    h = b("Mul", b("Mul", gate, b("Sigmoid", gate)), up)
-    y = b("MatMul", h, b("Transpose", b("Cast", b("Gather", "w2", "e", axis=0), to=FLOAT), perm=[1, 0]))
+    w13t = b("Transpose", b("Cast", b("Gather", "w13", "e", axis=0), to=FLOAT), perm=[1, 0])    # [D, 2I]
+    w1t, w3t = b("Slice", w13t, b.ints(0), I, b.ints(1)), b("Slice", w13t, I, b("Mul", I, b.ints(2)), b.ints(1))
+    y = swiglu(b, xs, w1t, w3t, b("Transpose", b("Cast", b("Gather", "w2", "e", axis=0), to=FLOAT), perm=[1, 0]))
     b.node("Identity", ["c_in"], outputs=["c_out"])
     b.node("Concat", ["acc_in", y], outputs=["acc_out"], axis=0)
     body = helper.make_graph(b.nodes, "expert_step",
@@ -283,12 +173,11 @@ def grouped_swiglu():
                               helper.make_tensor_value_info("acc_out", FLOAT, None)])
     out = em.node("Loop", [E, _true(em), empty], 1, body=body)[0]
     em.node("CastLike", [out, "rows"], outputs=["y"])
-    return _function("grouped_swiglu", ["rows", "offsets", "w13", "w2"], ["y"], em)
+    return ["rows", "offsets", "w13", "w2"], ["y"], []
 
 
-def moe_unpermute():
+def moe_unpermute(em: Emitter):
     """moe_unpermute(y [M,D], order [M], weights [...,k], acc [...,D]) -> acc + sum_j w_j y_j."""
-    em = Emitter("unp_")
     D = em("Shape", "acc", start=-1)
     k = em("Shape", "weights", start=-1)
     unsorted = em("ScatterND", em("Mul", "y", em("CastLike", em.const(0.0, "f32"), "y")),
@@ -298,20 +187,17 @@ def moe_unpermute():
     contrib = em("ReduceSum", em("Mul", per, w), em.ints(1), keepdims=0)
     out = em("Add", em("Reshape", "acc", em("Concat", em.ints(-1), D, axis=0)), em("CastLike", contrib, "acc"))
     em.node("Reshape", [out, em("Shape", "acc")], outputs=["out"])
-    return _function("moe_unpermute", ["y", "order", "weights", "acc"], ["out"], em)
+    return ["y", "order", "weights", "acc"], ["out"], []
 
 
-BUILDERS = {"kda_chunkwise": kda_chunkwise, "kda_fused_recurrent": lambda: kda_fused("kda_fused_recurrent"),
-            "kda_fused_chunk": lambda: kda_fused("kda_fused_chunk"), "gated_rmsnorm": gated_rmsnorm,
-            "add_rmsnorm": add_rmsnorm, "head_matmul": head_matmul,
-            "mla_latent_attention": mla_latent_attention, "moe_route": moe_route,
-            "moe_permute": moe_permute, "grouped_swiglu": grouped_swiglu, "moe_unpermute": moe_unpermute}
-DEPENDS = {"kda_fused_recurrent": ["kda_chunkwise"], "kda_fused_chunk": ["kda_chunkwise"]}
+BUILDERS = {"moe_permute": moe_permute, "grouped_swiglu": grouped_swiglu, "moe_unpermute": moe_unpermute}
 
 
-def require(em: Emitter, name: str) -> None:
-    """Add function `name` (and those it calls) to the model being emitted."""
-    for dep in DEPENDS.get(name, []):
-        require(em, dep)
-    if (DOMAIN, name) not in em.functions:
-        em.add_function(BUILDERS[name]())
+def require(em: Emitter, name: str) -> str:
+    """Add the function of MoE dispatch op `name` to the model being emitted; its name."""
+    return em.function(name, (name,), lambda _, body: BUILDERS[name](body))
+
+
+def require_kda_chunkwise(em: Emitter, chunk: int) -> str:
+    """Add the chunkwise KDA function for chunks of `chunk` tokens; its name."""
+    return em.function("kda_chunkwise", ("kda_chunkwise", chunk), lambda _, body: kda_chunkwise(body, chunk))

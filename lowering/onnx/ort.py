@@ -44,36 +44,31 @@ def causal_conv1d(ctx, op, ins):
     return [y, em("Transpose", new, perm=[0, 2, 1])]
 
 
-def linear_attention(ctx, op, q, k, v, g, beta, state):
-    """LinearAttention on [B,T,H,*] inputs (all cast to fp32) -> (o in v's dtype, state)."""
+def linear_attention(ctx, op, q, k, v, g, beta, state, domain: str = MS):
+    """LinearAttention on [B,T,H,*] inputs (all cast to fp32) -> (o in v's dtype, state);
+    ONNX Runtime's contrib op, or (domain "") the standard one of opset 27."""
     em = ctx.em
     B, T, H, K = ctx.ty(op.inputs[0]).shape
     g, beta = standard.kda_hold(ctx, em("Reshape", g, em.ints(0, 0, H, -1)), em("Cast", beta, to=FLOAT))
     f32 = [standard.to_acc(ctx, x, name) for x, name in ((q, op.inputs[0]), (k, op.inputs[1]),
                                                            (v, op.inputs[2]))]
     packed = [em("Reshape", x, em.ints(0, 0, -1)) for x in f32 + [g]]
-    o, s = em.node("LinearAttention", packed[:3] + [state or "", packed[3], beta], 2, domain=MS,
-                   q_num_heads=H, kv_num_heads=H, scale=float(op.attrs["scale"]), update_rule="gated_delta")
+    chunk = {"chunk_size": op.attrs["chunk_size"]} if domain == "" and op.attrs["chunk_size"] else {}
+    o, s = em.node("LinearAttention", packed[:3] + [state or "", packed[3], beta], 2, domain=domain,
+                   q_num_heads=H, kv_num_heads=H, scale=float(op.attrs["scale"]), update_rule="gated_delta",
+                   **chunk)
     o = em("Reshape", o, em.ints(0, 0, H, -1))
     return [standard.cast_to(ctx, o, ctx.ty(op.inputs[2]).dtype), s]
 
 
 @maps("kda_recurrent")
-def kda_recurrent(ctx, op, ins):
+def kda_recurrent(ctx, op, ins, domain: str = MS):
     g = ctx.em("Cast", ins[3], to=FLOAT)
-    return linear_attention(ctx, op, *ins[:3], g, ins[4], ins[5] if len(ins) > 5 else None)
+    return linear_attention(ctx, op, *ins[:3], g, ins[4], ins[5] if len(ins) > 5 else None, domain)
 
 
-@maps("kda_fused_recurrent", "kda_fused_chunk")
-def kda_fused(ctx, op, ins):
-    """Gate, beta and L2 norms in standard ops (fp32), then LinearAttention."""
-    em = ctx.em
-    q, k, v, f, b, A, dt = ins[:7]
-    eps = op.attrs["l2norm_eps"]
-    qn, kn = (standard.l2_normalize(ctx, x, name, eps) for x, name in ((q, op.inputs[0]), (k, op.inputs[1])))
-    g = em("Reshape", standard.kda_gate(em, f, A, dt, em("Shape", q, start=2, end=4)), em.ints(0, 0, -1))
-    return linear_attention(ctx, op, qn, kn, v, g, em("Sigmoid", em("Cast", b, to=FLOAT)),
-                            ins[7] if len(ins) > 7 else None)
+# gate, beta and L2 norms in standard ops (fp32), then LinearAttention
+maps("kda_fused_recurrent", "kda_fused_chunk")(standard.TABLE["kda_fused_recurrent"])
 
 
 def attention(ctx, q, k, v, mask, scale, q_heads, kv_heads, out_dtype, in_dtype):

@@ -1,22 +1,19 @@
-"""The `portable` operator set: standard ONNX ops for primitive ops, and for every fused op
-(and the KDA recurrence) one node of our `kimi_graph` domain carrying a function body in
-standard ops (functions.py). Runs on any ONNX runtime, `onnx.reference` included."""
+"""The `portable` operator set: standard ONNX ops for primitive ops, and every fused op (and
+the KDA recurrence) as one node of our `kimi_graph` domain carrying a function body in
+standard ops: generated from the op's decomposition where it has one, hand-written
+(functions.py) for the chunkwise KDA and the MoE dispatch ops. Runs on any ONNX runtime,
+`onnx.reference` included."""
 from __future__ import annotations
 
-from onnx import TensorProto
+from kimi_graph.ops.decompose import decomposable_kinds
 
 from . import standard
-from .emitter import DOMAIN, FLOAT, table_registrar
-from .functions import require
+from .emitter import DOMAIN, table_registrar
+from .functions import KDA_CHUNK, require, require_kda_chunkwise
 
 TABLE = dict(standard.TABLE)
 
 maps = table_registrar(TABLE)
-
-
-def call(ctx, name: str, ins, n_out: int, **attrs) -> list[str]:
-    require(ctx.em, name)
-    return ctx.em.node(name, ins, n_out, domain=DOMAIN, **attrs)
 
 
 def zeros(ctx, dims, dtype: str) -> str:
@@ -47,71 +44,30 @@ def causal_conv1d(ctx, op, ins):
 
 @maps("kda_recurrent")
 def kda_recurrent(ctx, op, ins):
-    """The delta rule in its chunkwise form (a Loop over chunks, see functions.kda_chunkwise)."""
+    """The delta rule in its chunkwise form (a Loop over chunks of the op's chunk size, see
+    functions.kda_chunkwise)."""
     st = state_or_zeros(ctx, op, ins, 5, ctx.ty(op.outputs[1]))
     g, beta = standard.kda_hold(ctx, ins[3], ins[4])
-    return call(ctx, "kda_chunkwise", ins[:3] + [g, beta, st], 2, scale=float(op.attrs["scale"]))
+    name = require_kda_chunkwise(ctx.em, op.attrs["chunk_size"] or KDA_CHUNK)
+    return ctx.em.node(name, ins[:3] + [g, beta, st], 2, domain=DOMAIN, scale=float(op.attrs["scale"]))
 
 
-@maps("kda_fused_recurrent", "kda_fused_chunk")
-def kda_fused(ctx, op, ins):
-    st = state_or_zeros(ctx, op, ins, 7, ctx.ty(op.outputs[1]))
-    if ctx.token_valid is not None:      # padded batch: gate here, held on pads, then the core
-        em = ctx.em
-        q, k, v, f, b, A, dt = ins[:7]
-        eps = em.const(float(op.attrs["l2norm_eps"]), "f32")
-        g, beta = standard.kda_hold(ctx, standard.kda_gate(em, f, A, dt, em("Shape", q, start=2, end=4)),
-                                    em("Sigmoid", em("Cast", b, to=FLOAT)))
-        return call(ctx, "kda_chunkwise", [standard.l2_unit(em, q, eps), standard.l2_unit(em, k, eps), v, g, beta, st],
-                    2, scale=float(op.attrs["scale"]))
-    attrs = {"scale": float(op.attrs["scale"]), "l2norm_eps": float(op.attrs["l2norm_eps"])}
-    if op.kind == "kda_fused_chunk":
-        attrs["chunk_size"] = int(op.attrs["chunk_size"])
-    return call(ctx, op.kind, ins[:7] + [st], 2, **attrs)
+def _decomposition_call(ctx, op, ins):
+    from .export import decomposition_call
+    return decomposition_call(ctx, op, ins)
 
 
-@maps("gated_rmsnorm", "add_rmsnorm")
-def norms(ctx, op, ins):
-    return call(ctx, op.kind, ins, len(op.outputs), eps=float(op.attrs["eps"]))
-
-
-@maps("head_matmul", "moe_unpermute", "grouped_swiglu")
-def plain(ctx, op, ins):
-    return call(ctx, op.kind, ins, len(op.outputs))
-
-
-def default_q_start(ctx, q: str, cache: str) -> str:
-    """S - T for every sequence: a prefill with nothing cached before it."""
-    em = ctx.em
-    st = em("Sub", em("Shape", cache, start=1, end=2), em("Shape", q, start=1, end=2))
-    return em("Expand", st, em("Shape", q, start=0, end=1))
-
-
-@maps("mla_latent_attention")
-def mla_latent_attention(ctx, op, ins):
-    em = ctx.em
-    qs = ins[4] if len(ins) > 4 else default_q_start(ctx, ins[0], ins[2])
-    keys = ctx.key_valid or em("ConstantOfShape", em("Shape", ins[2], start=0, end=2), value=ctx.one_tensor("bool"))
-    return call(ctx, op.kind, ins[:4] + [qs, keys], 1, scale=float(op.attrs["scale"]))
-
-
-@maps("moe_route")
-def moe_route(ctx, op, ins):
-    a = op.attrs
-    return call(ctx, op.kind, ins, 2, top_k=a["top_k"], n_group=a["n_group"], topk_group=a["topk_group"],
-                renormalize=int(bool(a["renormalize"]) and a["top_k"] > 1), scaling=float(a["scaling"]),
-                unbiased=int(a["weights"] == "unbiased"))
+maps(*(k for k in decomposable_kinds() if k != "stack"))(_decomposition_call)
 
 
 @maps("moe_permute")
 def moe_permute(ctx, op, ins):
-    return call(ctx, op.kind, ins, 3, num_experts=op.attrs["num_experts"])
+    return ctx.em.node(require(ctx.em, op.kind), ins, 3, domain=DOMAIN, num_experts=op.attrs["num_experts"])
 
 
-@maps("stack")
-def stack(ctx, op, ins):
-    em = ctx.em
-    return [em("Concat", *[em("Unsqueeze", x, em.ints(0)) for x in ins], axis=0)]
+@maps("grouped_swiglu", "moe_unpermute")
+def moe_dispatch_call(ctx, op, ins):
+    return ctx.em.node(require(ctx.em, op.kind), ins, 1, domain=DOMAIN)
 
 
-__all__ = ["TABLE", "FLOAT", "TensorProto"]
+__all__ = ["TABLE"]

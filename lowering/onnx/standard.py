@@ -1,15 +1,26 @@
-"""Primitive graph ops -> standard ONNX ops (ai.onnx, opset 23). Both operator sets start
-from this table; `ort` and `portable` override the kinds they map differently.
+"""Primitive graph ops -> standard ONNX ops (ai.onnx, opset 23), and every fused op that has
+a decomposition as that decomposition, inline (the fallback). Every operator set starts
+from this table and overrides the kinds it maps differently.
 
 Each entry: fn(ctx, op, ins) -> output names, `ins` the ONNX names of op.inputs. The
 numerics follow the op library: fp32 statistics, softmax and state (see kimi_graph/ops)."""
 from __future__ import annotations
+
+from kimi_graph.ops.decompose import decomposable_kinds
 
 from .emitter import FLOAT, ONNX_DTYPES, table_registrar
 
 TABLE = {}
 
 maps = table_registrar(TABLE)
+
+
+def _inline_decomposition(ctx, op, ins):
+    from .export import inline_decomposition
+    return inline_decomposition(ctx, op, ins)
+
+
+maps(*decomposable_kinds())(_inline_decomposition)
 
 
 def to_acc(ctx, x: str, value: str) -> str:
@@ -75,28 +86,14 @@ def rmsnorm(ctx, op, ins):
                    stash_type=1)]
 
 
-def l2_unit(em, x: str, eps: str) -> str:
-    """fp32 x / sqrt(sum(x^2) + eps) over the last dim; `eps` an fp32 tensor name."""
-    xf = em("Cast", x, to=FLOAT)
-    return em("Div", xf, em("Sqrt", em("Add", em("ReduceSum", em("Mul", xf, xf), em.ints(-1), keepdims=1), eps)))
-
-
-def l2_normalize(ctx, x: str, value: str, eps: float) -> str:
-    """l2_unit in x's dtype."""
-    return cast_to(ctx, l2_unit(ctx.em, x, ctx.em.const(eps, "f32")), ctx.ty(value).dtype)
-
-
-def kda_gate(em, f: str, A_log: str, dt_bias: str, heads_shape: str) -> str:
-    """g = -exp(A_log) * softplus(f + dt_bias) in fp32, [B,T,H*K] -> [B,T,H,K] (heads_shape:
-    the [H, K] tail as an int64 tensor); torch's softplus threshold 20."""
-    x = em("Add", em("Cast", f, to=FLOAT), em("Cast", dt_bias, to=FLOAT))
-    sp = em("Reshape", softplus_torch(em, x), em("Concat", em.ints(0, 0), heads_shape, axis=0))
-    return em("Mul", em("Neg", em("Exp", em("Cast", A_log, to=FLOAT))), sp)
-
-
 @maps("l2norm")
 def l2norm(ctx, op, ins):
-    return [l2_normalize(ctx, ins[0], op.inputs[0], op.attrs["eps"])]
+    """fp32 x / sqrt(sum(x^2) + eps) over the last dim, in x's dtype."""
+    em = ctx.em
+    xf = em("Cast", ins[0], to=FLOAT)
+    ss = em("ReduceSum", em("Mul", xf, xf), em.ints(-1), keepdims=1)
+    y = em("Div", xf, em("Sqrt", em("Add", ss, em.const(op.attrs["eps"], "f32"))))
+    return [cast_to(ctx, y, ctx.ty(op.inputs[0]).dtype)]
 
 
 # -- data movement ------------------------------------------------------------------------------
@@ -274,9 +271,8 @@ def renormalize(ctx, op, ins):
     return [em("Div", ins[0], em("Add", s, em.const(op.attrs["eps"], dt)))]
 
 
-def swiglu(ctx, x: str, w1t: str, w3t: str, w2t: str) -> str:
+def swiglu(em, x: str, w1t: str, w3t: str, w2t: str) -> str:
     """w2 (silu(w1 x) * w3 x) with weights already [in, out]."""
-    em = ctx.em
     g = em("MatMul", x, w1t)
     return em("MatMul", em("Mul", em("Mul", g, em("Sigmoid", g)), em("MatMul", x, w3t)), w2t)
 
@@ -299,7 +295,7 @@ def moe_expert(ctx, op, ins):
     rows = em("NonZero", em("Cast", em("ReduceMax", em("Cast", hit, to=FLOAT), em.ints(-1), keepdims=0),
                              to=ONNX_DTYPES["bool"]))                               # [1, n]
     rows = em("Transpose", rows, perm=[1, 0])                                       # [n, 1]
-    y = swiglu(ctx, em("GatherND", xf, rows), w1, w3, w2)
+    y = swiglu(em, em("GatherND", xf, rows), w1, w3, w2)
     y = to_acc(ctx, y, op.inputs[1])                                   # weights are fp32
     contrib = cast_to(ctx, em("Mul", em("GatherND", gate, rows), y), ctx.ty(op.inputs[0]).dtype)
     accf = em("Reshape", acc, em.ints(-1, D))

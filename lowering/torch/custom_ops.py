@@ -23,15 +23,12 @@ import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from kimi_graph.ir import IRError, TensorType, eval_dim
-from kimi_graph.ops import IR_DTYPES, REQUIRED, TORCH_DTYPES, get_op
+from kimi_graph.ops import IR_DTYPES, TORCH_DTYPES, get_op
+from kimi_graph.ops.registry import Required
 
 from .ops import LOWERING, custom_kinds
 
 NAMESPACE = "kimi_graph"
-NUM_RESULTS = {"kda_recurrent": 2, "kda_fused_recurrent": 2, "kda_fused_chunk": 2,
-               "add_rmsnorm": 2, "moe_route": 2, "moe_permute": 3}
-# types of attributes without a default (the others take their default's type)
-REQUIRED_ATTR_TYPES = {"scale": float, "eps": float, "top_k": int, "num_experts": int, "expert": int}
 _SCHEMA_TYPES = {bool: "bool", int: "int", float: "float", str: "str"}
 
 _IMPLS: dict[tuple[str, str], Callable] = {}
@@ -59,10 +56,7 @@ def get_impl(kind: str, device_type: str) -> Callable:
 
 
 def attr_types(kind: str) -> dict[str, type]:
-    out = {}
-    for name, default in get_op(kind).attributes.items():
-        out[name] = REQUIRED_ATTR_TYPES[name] if default is REQUIRED else type(default)
-    return out
+    return get_op(kind).attr_types()
 
 
 def schema(kind: str) -> str:
@@ -76,10 +70,10 @@ def schema(kind: str) -> str:
     for name, ty in attr_types(kind).items():
         default = opdef.attributes[name]
         text = f"{_SCHEMA_TYPES[ty]} {name}"
-        if default is not REQUIRED:
+        if not isinstance(default, Required):
             text += "=" + (f'"{default}"' if ty is str else repr(default))
         kw.append(text)
-    n = NUM_RESULTS.get(kind, 1)
+    n = len(opdef.results)
     results = "Tensor" if n == 1 else "(" + ", ".join(["Tensor"] * n) + ")"
     return "(" + ", ".join(params + (["*"] + kw if kw else [])) + ") -> " + results
 

@@ -43,6 +43,15 @@ KERNEL_DTYPES = ("f32", "bf16", "f16")
 # kernels that take in-place state views (runtime/views.py) and return them as the new state
 VIEW_KINDS = ("kda_fused_chunk", "kda_fused_recurrent", "kda_recurrent", "causal_conv1d",
               "mla_latent_attention", "cache_write")
+_MOVEMENT = "data movement: a view or copy torch does as well"
+_UNFUSED = "unfused form: a pass folds it into a kernel-backed fused op"
+# the kinds no generated kernel runs (the op's torch reference does), each with its reason
+REFERENCE: dict[str, str] = {
+    **{k: "a GEMM: cuBLAS through torch is the bar" for k in ("linear", "matmul", "head_matmul")},
+    **{k: _MOVEMENT for k in ("reshape", "transpose", "slice", "concat", "expand", "zeros_like",
+                              "stack", "embedding")},
+    **{k: _UNFUSED for k in ("grouped_topk", "take_along", "renormalize", "moe_expert", "l2norm")},
+}
 
 
 def covered(g: Graph, op) -> bool:

@@ -503,7 +503,8 @@ def op_kda_recurrent(args, attrs):
 
 
 def specs_for(kind, ins, outs, attrs, target):
-    """The kernels one KDA op needs (for AOT): the step kernel, plus the chunk pair when T != 1."""
+    """The kernels one KDA op needs (for AOT): the step kernel, plus the four chunk kernels
+    (prep, intra, solve, scan) when T != 1."""
     q, v = ins[0], ins[2]
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
     fused = kind != "kda_recurrent"

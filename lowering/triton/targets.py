@@ -72,7 +72,7 @@ TARGETS: dict[str, dict] = {
         "moe_permute": {"BLOCK": 64, "SUB": 16, "BD": 32, "SCAN_E": 4, "SCAN_B": 4}})},
 }
 
-TUNING_ENV = "KIMI_GRAPH_TRITON_TUNING"     # a tuning file written by `tuning.write_tuning`
+TUNING_ENV = "KIMI_GRAPH_TRITON_TUNING"     # a tuning file written by `write_tuning`
 
 
 def interpreting() -> bool:

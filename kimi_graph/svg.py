@@ -11,19 +11,12 @@ from __future__ import annotations
 import re
 from html import escape
 
-from kimi_graph.ir import Graph, Op
-from kimi_graph.printer import format_attrs
+from .ir import Graph, Op
+from .ops import get_op
+from .printer import format_attrs
 
-FAMILIES = [  # (colour, op kinds matched by prefix)
-    ("#d9c8f0", ("kda_",)),
-    ("#c8dcf5", ("causal_attention", "mla_", "cache_write")),
-    ("#fbd9b0", ("moe_", "grouped_", "take_along", "renormalize", "stack")),
-    ("#cdebc8", ("rmsnorm", "gated_rmsnorm", "add_rmsnorm", "l2norm")),
-    ("#e2e6ea", ("linear", "matmul", "head_matmul", "embedding")),
-    ("#f4f1d0", ("add", "sub", "mul", "div", "neg", "exp", "sigmoid", "silu", "softplus",
-                 "scale", "cast", "causal_conv1d")),
-]
-OTHER = "#f7f7f7"
+COLOURS = {"kda": "#d9c8f0", "attention": "#c8dcf5", "moe": "#fbd9b0", "norm": "#cdebc8",
+           "linear": "#e2e6ea", "elementwise": "#f4f1d0", "movement": "#f7f7f7"}   # by OpDef.family
 CHAR_W, ROW_H, BOX_H, GAP = 6.6, 74, 40, 18
 
 
@@ -34,10 +27,7 @@ def layer_of(value: str) -> int | None:
 
 
 def _colour(kind: str) -> str:
-    for colour, prefixes in FAMILIES:
-        if any(kind == p or (p.endswith("_") and kind.startswith(p)) for p in prefixes):
-            return colour
-    return OTHER
+    return COLOURS[get_op(kind).family]
 
 
 def _short_type(g: Graph, v: str) -> str:
