@@ -128,8 +128,8 @@ class OrtExecutor:
             if not path.is_file():
                 raise OrtError(f"export {self.export_dir} has no model for {key}")
             return ort.InferenceSession(str(path), self._options(), providers=self.providers)
-        from kimi_graph.lowering.onnx import DEFAULT_OPSET, lower
-        proto = lower(graph, self.model.weights, ops=self.ops, opset=self.opset or DEFAULT_OPSET)
+        from kimi_graph.lowering.onnx import lower
+        proto = lower(graph, self.model.weights, ops=self.ops, opset=self.opset)
         if proto.ByteSize() < TWO_GB:
             return ort.InferenceSession(proto.SerializeToString(), self._options(), providers=self.providers)
         import onnx

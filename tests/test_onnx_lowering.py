@@ -95,7 +95,7 @@ def test_portable_runs_under_onnx_reference(pipeline):
             assert rel_err(o, r) <= RTOL and rel_err(o, torch.from_numpy(oo)) <= RTOL
 
 
-@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("ops", OPS + ("standard",))
 def test_prefill_then_decode_steps_carry_states(ops):
     """Prefill a prompt, then decode 3 tokens feeding back each step's states (ONNX)
     versus the same chain in the interpreter; logits at every step within 1e-4."""

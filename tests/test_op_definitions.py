@@ -47,6 +47,12 @@ def _route(weights: str, n_group: int):
     return make
 
 
+def _experts(dt, gen):
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dt)  # noqa: E731
+    ids = torch.stack([torch.randperm(E, generator=gen)[:2] for _ in range(B * T)]).view(B, T, 2)
+    return [r(B, T, D), ids, r(B, T, 2), r(E, 6, D), r(E, D, 3), r(B, T, D)], {}
+
+
 def _simple(shapes, **attrs):
     def make(dt, gen):
         return [torch.randn(*s, generator=gen, dtype=torch.float64).to(dt) for s in shapes], attrs
@@ -62,6 +68,7 @@ SAMPLES = {
     "mla_latent_attention": [_mla(True), _mla(False)],
     "moe_route": [_route("official", 2), _route("unbiased", 1)],
     "stack": [_simple([(3, D), (3, D), (3, D)])],
+    "moe_experts": [_experts],
 }
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 

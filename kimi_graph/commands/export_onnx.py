@@ -8,10 +8,11 @@ DTYPES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float1
 def add_arguments(p):
     p.add_argument("model", help="preset (tiny, kimi-linear-48b-a3b) or model directory")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--ops", choices=("ort", "portable"), default="ort",
-                   help="ort: ONNX Runtime's fused contrib ops (default); portable: standard ops + functions")
+    p.add_argument("--ops", choices=("ort", "portable", "standard"), default="ort",
+                   help="ort: ONNX Runtime's fused contrib ops (default); portable: standard ops + functions; "
+                        "standard: default-domain ops only, opset 27+ (LinearAttention, CausalConvWithState)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--opset", type=int, default=None, help="ai.onnx opset (None: 23)")
+    p.add_argument("--opset", type=int, default=None, help="ai.onnx opset (None: 23; 27 for --ops standard)")
     p.add_argument("--pipeline", default=None, help="pass pipeline to run first (e.g. default)")
     p.add_argument("--router-weights", choices=("official", "unbiased"), default="official",
                    help="official: as the remote modeling code; unbiased: as transformers >= 5 and vLLM")
@@ -43,7 +44,6 @@ def run(args) -> int:
     import torch
 
     from ..api import load
-    from ..lowering.onnx import DEFAULT_OPSET
     from ..lowering.onnx.package import export_model
 
     from .output import output_dir
@@ -51,7 +51,7 @@ def run(args) -> int:
     output_dir(args.out, args.force, owned)
     model = load(args.model, dtype=getattr(torch, DTYPES[args.dtype]), router_weights=args.router_weights,
                  seed=args.seed, pipeline=args.pipeline)
-    man = export_model(model, args.out, ops=args.ops, opset=args.opset or DEFAULT_OPSET,
+    man = export_model(model, args.out, ops=args.ops, opset=args.opset,
                        genai=not args.no_genai, check_models=not args.no_check)
     print(f"exported {args.model} ({args.ops}, {args.dtype}, opset {man['opset']}, IR {man['ir_version']}) "
           f"to {args.out} in {time.perf_counter() - t0:.1f} s: {', '.join(man['models'].values())}"

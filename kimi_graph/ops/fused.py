@@ -19,6 +19,8 @@ MoE   moe_route(x, gate_weight [E,D], bias [E]) -> (ids [...,k] i64, weights [..
       grouped_swiglu(rows [M,D], offsets [E+1], w13 [E,2I,D], w2 [E,D,I]) -> [M,D]: for the
         rows of expert e, w2_e (silu(w1_e x) * w3_e x); w13_e = [w1_e; w3_e].
       moe_unpermute(y [M,D], order [M], weights [...,k], acc [...,D]) -> acc + sum_j w_j y_j.
+      moe_experts(x, ids, weights, w13, w2, acc) -> acc + sum_j w_j SwiGLU_{ids_j}(x): the three
+        above as one op (what ONNX Runtime's MoE computes; legalize-ort-moe introduces it).
       stack(*xs) -> [n, ...]: the compile-time expert packing (folded into parameters).
 
 Each fused op's `decompose(b, ins, attrs)` states its meaning in simpler registry ops through a
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from ..dtypes import acc_dtype, acc_torch
 from .attention import causal_attention
 from .kda import kda_recurrence
-from .moe import grouped_topk
+from .moe import grouped_topk, swiglu
 from .norm import l2_normalize, rms_normalize
 from .registry import REQUIRED, OpDef, dim, expect, expect_float, register
 
@@ -393,8 +395,7 @@ class GroupedSwiGLU(OpDef):
         for e in range(w13.shape[0]):
             s, t = int(off[e]), int(off[e + 1])
             if t > s:
-                gu = F.linear(x[s:t], w13[e].to(x.dtype))
-                out[s:t] = F.linear(F.silu(gu[:, :I]) * gu[:, I:], w2[e].to(x.dtype))
+                out[s:t] = swiglu(x[s:t], *(w.to(x.dtype) for w in (w13[e, :I], w13[e, I:], w2[e])))
         return [out]
 
     def flops(self, ins, outs, attrs, dims):
@@ -432,6 +433,54 @@ class MoEUnpermute(OpDef):
         unsorted[order] = y
         contrib = (unsorted.view(-1, k, D).to(w.dtype) * w.reshape(-1, k, 1)).sum(1)
         return [(acc.reshape(-1, D) + contrib.to(acc.dtype)).reshape(acc.shape)]
+
+
+@register
+class MoEExperts(OpDef):
+    kind = "moe_experts"
+    doc = "acc + sum_j weights[..., j] * SwiGLU_{ids[..., j]}(x), packed expert weights (the routed MoE)"
+    family = "moe"
+    fused = True
+    operands = ("x", "ids", "weights", "w13", "w2", "acc")
+
+    def infer(self, types, attrs):
+        x, ids, w, w13, w2, acc = types
+        expect_float(self.kind, x, w, w13, w2, acc)
+        E, I2, D = w13.shape
+        expect(ids.dtype == "i64" and ids.shape == w.shape and ids.shape[:-1] == x.shape[:-1]
+               and acc.shape == x.shape and x.shape[-1] == D and w2.shape == (E, D, I2 // 2), self.kind,
+               f"x {x}, ids {ids}, weights {w}, w13 {w13}, w2 {w2}, acc {acc} do not fit")
+        return [acc]
+
+    def ref(self, args, attrs):
+        x, ids, w, w13, w2, acc = args
+        D, I = x.shape[-1], w2.shape[2]
+        xf, idf, wf = x.reshape(-1, D), ids.reshape(-1, ids.shape[-1]), w.reshape(-1, w.shape[-1])
+        out = acc.reshape(-1, D).clone()
+        for e in range(w13.shape[0]):
+            hit = idf == e
+            rows = hit.any(-1).nonzero().squeeze(-1)
+            if rows.numel():
+                y = swiglu(xf[rows], *(t.to(x.dtype) for t in (w13[e, :I], w13[e, I:], w2[e])))
+                gate = (wf[rows] * hit[rows]).sum(-1, keepdim=True)
+                out[rows] = out[rows] + (gate * y.to(gate.dtype)).to(out.dtype)
+        return [out.reshape(acc.shape)]
+
+    def decompose(self, b, ins, attrs):
+        x, ids, w, w13, w2, acc = ins
+        rows, offsets, order = b.emit("moe_permute", x, ids, num_experts=b.type(w13).shape[0], name="permute")
+        return [b("moe_unpermute", b("grouped_swiglu", rows, offsets, w13, w2, name="experts"), order, w, acc,
+                  name="unpermute")]
+
+    def flops(self, ins, outs, attrs, dims):
+        E, I2, D = ins[3].shape
+        return 2.0 * ins[1].numel(dims) * D * (I2 + I2 // 2)     # one SwiGLU per routed copy
+
+    def bytes_moved(self, ins, outs, attrs, dims):
+        E = ins[3].shape[0]
+        touched = min(E, ins[1].numel(dims))
+        per_expert = (ins[3].nbytes(dims) + ins[4].nbytes(dims)) / E
+        return float(touched * per_expert + ins[0].nbytes(dims) + 2 * outs[0].nbytes(dims))
 
 
 @register

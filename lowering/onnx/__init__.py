@@ -10,7 +10,7 @@
 - `portable` (portable.py, functions.py): standard ops, and our fused ops as `kimi_graph`
   domain nodes each carrying a function body in standard ops (ONNX Runtime without contrib
   ops, onnx.reference); KDA as the chunkwise form with a Loop over chunks.
-Primitive ops map through standard.py, one table per operator set, one entry per op kind.
+Primitive ops map through primitives.py, one table per operator set, one entry per op kind.
 Models: opset 23, IR 11; symbolic B / T / S axes; every cache and state an input and a
 `present.*` output. An export directory (package.py) also holds the onnxruntime-genai model
 and genai_config.json (genai.py). onnx is imported only when this package is used.

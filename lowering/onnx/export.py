@@ -2,7 +2,7 @@
 input and a `present.*` output, weights as initializers (written once, shared by the prefill
 and decode models, as external data), one operator-set table per target.
 
-    lower(graph, weights, ops="ort"|"portable", opset=23) -> onnx.ModelProto
+    lower(graph, weights, ops="ort"|"portable"|"standard", opset=None) -> onnx.ModelProto
 """
 from __future__ import annotations
 
@@ -16,19 +16,24 @@ from kimi_graph.ops import TORCH_DTYPES, get_op
 
 from .emitter import DOMAIN, MS, ONNX_DTYPES, Emitter, tensor_proto, value_info
 
-OP_SETS = ("ort", "portable")
+OP_SETS = ("ort", "portable", "standard")
 DEFAULT_OPSET = 23          # RMSNormalization and Attention; ONNX Runtime 1.20+ runs it
 MIN_OPSET = 23
+MIN_OPSETS = {"ort": 23, "portable": 23, "standard": 27}     # standard: LinearAttention (ONNX 1.22+)
+
+
+def default_opset(ops: str) -> int:
+    return max(DEFAULT_OPSET, MIN_OPSETS.get(ops, MIN_OPSET))
 
 
 def tables() -> dict[str, dict]:
-    from . import ort, portable
-    return {"ort": ort.TABLE, "portable": portable.TABLE}
+    from . import ort, portable, standard
+    return {"ort": ort.TABLE, "portable": portable.TABLE, "standard": standard.TABLE}
 
 
 def refusals() -> dict[str, dict[str, str]]:
     """Per operator set, the op kinds it does not lower, each with the reason."""
-    return {"ort": {}, "portable": {}}
+    return {ops: {} for ops in OP_SETS}
 
 
 def ir_version_for(opset: int) -> int:
@@ -124,16 +129,22 @@ class SubContext(LowerContext):
         return super().as_dtype(value, name, dtype)
 
 
+def check_kinds(g: Graph, ops: str) -> None:
+    """Raise for the first op of `g` that operator set `ops` does not lower."""
+    table = tables()[ops]
+    for op in g.ops():
+        if op.kind not in table:
+            why = refusals()[ops].get(op.kind, "")
+            raise IRError(f"the {ops!r} ONNX operator set has no mapping for op {op.kind!r} ({op})"
+                          + (f": {why}" if why else ""))
+
+
 def lower_ops(ctx: LowerContext) -> None:
     """Lower every op of `ctx.g` through its operator set's table, filling `ctx.env`."""
     table = tables()[ctx.ops]
+    check_kinds(ctx.g, ctx.ops)
     for op in ctx.g.ops():
-        fn = table.get(op.kind)
-        if fn is None:
-            why = refusals()[ctx.ops].get(op.kind, "")
-            raise IRError(f"the {ctx.ops!r} ONNX operator set has no mapping for op {op.kind!r} ({op})"
-                          + (f": {why}" if why else ""))
-        outs = fn(ctx, op, [ctx.env[v] for v in op.inputs])
+        outs = table[op.kind](ctx, op, [ctx.env[v] for v in op.inputs])
         if len(outs) != len(op.outputs):
             raise IRError(f"{ctx.ops} mapping of {op.kind} returned {len(outs)} values for {len(op.outputs)}")
         ctx.env.update(zip(op.outputs, outs))
@@ -180,7 +191,7 @@ def decomposition_call(ctx: LowerContext, op, ins: list[str]) -> list[str]:
     return ctx.em.node(name, ins, len(results), domain=DOMAIN)
 
 
-def lower(g: Graph, weights, *, ops: str = "ort", opset: int = DEFAULT_OPSET, name: str | None = None,
+def lower(g: Graph, weights, *, ops: str = "ort", opset: int | None = None, name: str | None = None,
           io=None, sink=None):
     """Lower `g` to an ONNX ModelProto. Initializers are inline, or, with `sink` (see
     package.WeightsWriter), written by it to an external file and referenced: big tensors
@@ -188,6 +199,16 @@ def lower(g: Graph, weights, *, ops: str = "ort", opset: int = DEFAULT_OPSET, na
     and reshapes inputs and outputs."""
     if ops not in OP_SETS:
         raise ValueError(f"operator set must be one of {OP_SETS}, got {ops!r}")
+    opset = opset or default_opset(ops)
+    check_kinds(g, ops)
+    if ops == "ort":
+        from kimi_graph.passes import run_pipeline
+        from kimi_graph.passes.legalize_ort_moe import LEGALIZE_ORT
+        weights = dict(weights)             # packed expert weights land in this copy
+        g = run_pipeline(g, LEGALIZE_ORT, weights=weights)
+    if ops == "standard" and opset < MIN_OPSETS[ops]:
+        raise ValueError(f"opset {opset} is too old for the standard operator set: it needs opset >= "
+                         f"{MIN_OPSETS[ops]} (LinearAttention, CausalConvWithState)")
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: the export needs opset >= {MIN_OPSET} "
                          "(RMSNormalization, Attention)")
@@ -230,6 +251,9 @@ def lower(g: Graph, weights, *, ops: str = "ort", opset: int = DEFAULT_OPSET, na
             "kimi_graph.stateful": str(bool(g.meta.get("stateful"))),
             "kimi_graph.state_inputs": ",".join(s.lstrip("%") for s in g.meta.get("state_inputs", []))}
     helper.set_model_props(model, meta)
+    if ops == "standard":
+        from .standard import inline_functions
+        model = inline_functions(model)
     return model
 
 

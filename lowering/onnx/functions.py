@@ -11,7 +11,7 @@ from __future__ import annotations
 from onnx import AttributeProto, TensorProto, helper
 
 from .emitter import FLOAT, Emitter, attr_ref
-from .standard import swiglu
+from .primitives import swiglu
 
 KDA_CHUNK = 16      # tokens per chunk where the IR leaves the choice (kda_recurrent{chunk_size=0})
 

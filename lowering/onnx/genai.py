@@ -141,7 +141,7 @@ class GenaiIO:
         return vis
 
 
-def genai_model(model, *, ops: str = "ort", opset: int = 23, sink=None):
+def genai_model(model, *, ops: str = "ort", opset: int | None = None, sink=None):
     g = model.get_graph("prefill", True)
     return lower(g, model.weights, ops=ops, opset=opset, name="kimi_linear_genai", io=GenaiIO(g), sink=sink)
 

@@ -9,19 +9,20 @@ installed build; see tests/test_onnx_ort_ops.py); the portable mapping elsewhere
 - causal_attention / mla_latent_attention -> Attention (opset 23) with a boolean mask from
   cache_pos; MLA in latent space is attention with one shared KV head (kv_num_heads=1).
 - add_rmsnorm -> SkipSimplifiedLayerNormalization (its 4th output is x + residual).
-- Experts -> MoE. Its router differs from Kimi's (it takes top-k of softmax(router_probs);
-  Kimi selects by biased sigmoid scores, renormalises and scales, and "official" weights may
-  even be negative), so routing stays in our nodes and MoE gets our choice: one k-way call on
-  router_probs = log(weights) (scaled back by their sum) when all weights are positive, else
-  one k=1 call per routing slot on one-hot router_probs (see moe_calls). ORT's CPU kernel
-  wants the gate/up rows interleaved.
+- Experts -> MoE, after the legalisation pipeline LEGALIZE_ORT (passes/legalize_ort_moe.py) has
+  made each layer's routed experts one moe_experts op. MoE's router differs from Kimi's (it
+  takes top-k of softmax(router_probs); Kimi selects by biased sigmoid scores, renormalises
+  and scales, and "official" weights may even be negative), so routing stays in our nodes
+  and MoE gets our choice: one k-way call on router_probs = log(weights) (scaled back by
+  their sum) when all weights are positive, else one k=1 call per routing slot on one-hot
+  router_probs (see moe_calls). ORT's CPU kernel wants the gate/up rows interleaved.
 """
 from __future__ import annotations
 
 import torch
 from onnx import helper
 
-from . import portable, standard
+from . import portable, primitives
 from .emitter import FLOAT, MS, Emitter, table_registrar
 
 TABLE = dict(portable.TABLE)
@@ -32,7 +33,7 @@ maps = table_registrar(TABLE)
 @maps("causal_conv1d")
 def causal_conv1d(ctx, op, ins):
     em = ctx.em
-    x = standard.token_masked(ctx, ins[0])
+    x = primitives.token_masked(ctx, ins[0])
     st = [em("Transpose", ins[2], perm=[0, 2, 1])] if len(ins) > 2 else []
     y, new = em.node("CausalConvWithState", [x, ins[1], ""] + st, 2, domain=MS, channels_last=1,
                      activation=op.attrs["activation"])
@@ -40,7 +41,7 @@ def causal_conv1d(ctx, op, ins):
         K = ctx.ty(op.inputs[1]).shape[2]
         prev = ins[2] if len(ins) > 2 else portable.zeros(ctx, ctx.ty(op.outputs[1]).shape, ctx.ty(op.outputs[1]).dtype)
         xs = em("Concat", prev, em("Transpose", x, perm=[0, 2, 1]), axis=2)
-        return [y, standard.conv_state_at_last_token(ctx, xs, K)]
+        return [y, primitives.conv_state_at_last_token(ctx, xs, K)]
     return [y, em("Transpose", new, perm=[0, 2, 1])]
 
 
@@ -49,8 +50,8 @@ def linear_attention(ctx, op, q, k, v, g, beta, state, domain: str = MS):
     ONNX Runtime's contrib op, or (domain "") the standard one of opset 27."""
     em = ctx.em
     B, T, H, K = ctx.ty(op.inputs[0]).shape
-    g, beta = standard.kda_hold(ctx, em("Reshape", g, em.ints(0, 0, H, -1)), em("Cast", beta, to=FLOAT))
-    f32 = [standard.to_acc(ctx, x, name) for x, name in ((q, op.inputs[0]), (k, op.inputs[1]),
+    g, beta = primitives.kda_hold(ctx, em("Reshape", g, em.ints(0, 0, H, -1)), em("Cast", beta, to=FLOAT))
+    f32 = [primitives.to_acc(ctx, x, name) for x, name in ((q, op.inputs[0]), (k, op.inputs[1]),
                                                            (v, op.inputs[2]))]
     packed = [em("Reshape", x, em.ints(0, 0, -1)) for x in f32 + [g]]
     chunk = {"chunk_size": op.attrs["chunk_size"]} if domain == "" and op.attrs["chunk_size"] else {}
@@ -58,7 +59,7 @@ def linear_attention(ctx, op, q, k, v, g, beta, state, domain: str = MS):
                    q_num_heads=H, kv_num_heads=H, scale=float(op.attrs["scale"]), update_rule="gated_delta",
                    **chunk)
     o = em("Reshape", o, em.ints(0, 0, H, -1))
-    return [standard.cast_to(ctx, o, ctx.ty(op.inputs[2]).dtype), s]
+    return [primitives.cast_to(ctx, o, ctx.ty(op.inputs[2]).dtype), s]
 
 
 @maps("kda_recurrent")
@@ -68,7 +69,7 @@ def kda_recurrent(ctx, op, ins, domain: str = MS):
 
 
 # gate, beta and L2 norms in standard ops (fp32), then LinearAttention
-maps("kda_fused_recurrent", "kda_fused_chunk")(standard.TABLE["kda_fused_recurrent"])
+maps("kda_fused_recurrent", "kda_fused_chunk")(primitives.TABLE["kda_fused_recurrent"])
 
 
 def attention(ctx, q, k, v, mask, scale, q_heads, kv_heads, out_dtype, in_dtype):
@@ -76,7 +77,7 @@ def attention(ctx, q, k, v, mask, scale, q_heads, kv_heads, out_dtype, in_dtype)
     em = ctx.em
     q, k, v = (x if in_dtype == "f32" else em("Cast", x, to=FLOAT) for x in (q, k, v))
     o = em("Attention", q, k, v, mask, scale=float(scale))          # 4D: heads from the shapes
-    return standard.cast_to(ctx, em("Transpose", o, perm=[0, 2, 1, 3]), out_dtype)
+    return primitives.cast_to(ctx, em("Transpose", o, perm=[0, 2, 1, 3]), out_dtype)
 
 
 @maps("causal_attention")
@@ -84,7 +85,7 @@ def causal_attention(ctx, op, ins):
     em = ctx.em
     H = ctx.ty(op.inputs[0]).shape[2]
     q, k, v = (em("Transpose", t, perm=[0, 2, 1, 3]) for t in ins[:3])
-    mask = standard.causal_mask(em, ins[3] if len(ins) > 3 else None, em("Shape", ins[0], start=1, end=2),
+    mask = primitives.causal_mask(em, ins[3] if len(ins) > 3 else None, em("Shape", ins[0], start=1, end=2),
                                 em("Shape", ins[1], start=1, end=2), ctx.key_valid)
     return [attention(ctx, q, k, v, mask, op.attrs["scale"], H, H, ctx.ty(op.inputs[2]).dtype,
                       ctx.ty(op.inputs[0]).dtype)]
@@ -98,7 +99,7 @@ def mla_latent_attention(ctx, op, ins):
     q = em("Transpose", em("Concat", ql, qr, axis=-1), perm=[0, 2, 1, 3])           # [B,H,T,R+P]
     k = em("Unsqueeze", em("Concat", c, kr, axis=-1), em.ints(1))                    # [B,1,S,R+P]
     v = em("Unsqueeze", c, em.ints(1))                                               # [B,1,S,R]
-    mask = standard.causal_mask(em, ins[4] if len(ins) > 4 else None, em("Shape", ql, start=1, end=2),
+    mask = primitives.causal_mask(em, ins[4] if len(ins) > 4 else None, em("Shape", ql, start=1, end=2),
                                 em("Shape", c, start=1, end=2), ctx.key_valid)
     return [attention(ctx, q, k, v, mask, op.attrs["scale"], H, 1, ctx.ty(op.inputs[0]).dtype,
                       ctx.ty(op.inputs[0]).dtype)]
@@ -124,7 +125,7 @@ def moe_calls(ctx, x: str, ids: str, w: str, w13: str, w2: str, E: int, D: int, 
     wf = em("Cast", em("Reshape", w, em.ints(-1, k)), to=FLOAT)                      # [N, k]
 
     def moe(probs, kk):
-        return ctx.em.node("MoE", [xf, standard.cast_to(ctx, probs, x_dtype), w13, "", w2], 1, domain=MS, k=kk,
+        return ctx.em.node("MoE", [xf, primitives.cast_to(ctx, probs, x_dtype), w13, "", w2], 1, domain=MS, k=kk,
                        activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1)[0]
 
     def branch(build, tag):
@@ -169,67 +170,20 @@ def interleave(w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     return torch.stack([w1, w3], dim=2).reshape(w1.shape[0], 2 * w1.shape[1], w1.shape[2])
 
 
-def expert_chain(ctx, op):
-    """The moe_expert ops that accumulate into `op`'s result, first to last, if they form a
-    whole layer (all experts, one x / ids / weights); else None."""
-    chain = [op]
-    while True:
-        prev = ctx.g.defining_op(chain[-1].inputs[0])
-        if prev is None or prev.kind != "moe_expert" or prev.inputs[1:4] != op.inputs[1:4]:
-            break
-        chain.append(prev)
-    chain.reverse()
-    E = op.attrs["num_experts"]
-    if sorted(o.attrs["expert"] for o in chain) != list(range(E)) or \
-            not all(ctx.is_param(v) for o in chain for v in o.inputs[4:]):
-        return None
-    users = ctx.g.users(op.outputs[0])
-    if any(u.kind == "moe_expert" and u.inputs[1:4] == op.inputs[1:4] for u in users):
-        return None                                   # not the last of its chain
-    return chain
-
-
-@maps("moe_expert")
-def moe_expert(ctx, op, ins):
-    """The last expert of a layer's chain emits the whole layer as MoE calls; the other
-    experts' portable lowering is left dead and pruned."""
-    chain = expert_chain(ctx, op)
-    if chain is None:
-        return portable.TABLE["moe_expert"](ctx, op, ins)
+@maps("moe_experts")
+def moe_experts(ctx, op, ins):
+    """The routed experts (legalize-ort-moe made them one op) as MoE calls; expert weights
+    that are not parameters (nothing to interleave at export) take the decomposition."""
+    x_v, ids_v, w_v, w13_v, w2_v, acc_v = op.inputs
+    if not (ctx.is_param(w13_v) and ctx.is_param(w2_v)):
+        return primitives.TABLE[op.kind](ctx, op, ins)
     em = ctx.em
-    by_e = sorted(chain, key=lambda o: o.attrs["expert"])
-    key = by_e[0].inputs[4][1:].rsplit(".experts.", 1)[0] + ".experts"
-    w13 = ctx.derived_param(key + ".w13_interleaved", lambda: interleave(
-        torch.stack([ctx.param(o.inputs[4]) for o in by_e]), torch.stack([ctx.param(o.inputs[5]) for o in by_e])))
-    w2 = ctx.derived_param(key + ".w2_stacked", lambda: torch.stack([ctx.param(o.inputs[6]) for o in by_e]))
-    x_ty, ids_ty = ctx.ty(op.inputs[1]), ctx.ty(op.inputs[2])
-    acc0 = ctx.env_of(chain[0].inputs[0])
-    total = moe_calls(ctx, ins[1], ins[2], ins[3], w13, w2, op.attrs["num_experts"], x_ty.shape[-1],
-                      ids_ty.shape[-1], ctx.ty(op.inputs[3]).dtype, x_ty.dtype)
-    acc_ty = ctx.ty(op.inputs[0])
-    out = em("Add", em("Reshape", acc0, em.ints(-1, x_ty.shape[-1])), standard.cast_to(ctx, total, acc_ty.dtype))
-    return [em("Reshape", out, em("Shape", acc0))]
-
-
-@maps("moe_unpermute")
-def moe_unpermute(ctx, op, ins):
-    """acc + sum_j w_j y_j where y = grouped_swiglu(moe_permute(x, ids)): the three ops as
-    MoE calls on x and ids (the permuted form's lowering is left dead and pruned)."""
-    gs = ctx.g.defining_op(op.inputs[0])
-    perm = ctx.g.defining_op(gs.inputs[0]) if gs is not None and gs.kind == "grouped_swiglu" else None
-    if perm is None or perm.kind != "moe_permute" or not all(ctx.is_param(v) for v in gs.inputs[2:]):
-        return portable.TABLE["moe_unpermute"](ctx, op, ins)
-    em = ctx.em
-    w13_v, w2_v = gs.inputs[2], gs.inputs[3]
     I = ctx.ty(w2_v).shape[2]
     w13 = ctx.derived_param(w13_v[1:] + ".interleaved", lambda: interleave(
         ctx.param(w13_v)[:, :I], ctx.param(w13_v)[:, I:]))
-    x_v, ids_v = perm.inputs
-    x_ty = ctx.ty(x_v)
-    total = moe_calls(ctx, ctx.env_of(x_v), ctx.env_of(ids_v), ins[2], w13, ctx.env_of(w2_v),
-                      perm.attrs["num_experts"], x_ty.shape[-1], ctx.ty(ids_v).shape[-1],
-                      ctx.ty(op.inputs[2]).dtype, x_ty.dtype)
-    acc_ty = ctx.ty(op.inputs[3])
-    D = acc_ty.shape[-1]
-    out = em("Add", em("Reshape", ins[3], em.ints(-1, D)), standard.cast_to(ctx, total, acc_ty.dtype))
-    return [em("Reshape", out, em("Shape", ins[3]))]
+    x_ty, acc_ty = ctx.ty(x_v), ctx.ty(acc_v)
+    D = x_ty.shape[-1]
+    total = moe_calls(ctx, ins[0], ins[1], ins[2], w13, ins[4], ctx.ty(w13_v).shape[0], D,
+                      ctx.ty(ids_v).shape[-1], ctx.ty(w_v).dtype, x_ty.dtype)
+    out = em("Add", em("Reshape", ins[5], em.ints(-1, D)), primitives.cast_to(ctx, total, acc_ty.dtype))
+    return [em("Reshape", out, em("Shape", ins[5]))]

@@ -21,7 +21,7 @@ from kimi_graph.ops import IR_DTYPES
 from kimi_graph.runtime.ort_engine import MANIFEST, file_sha256, read_export
 
 from .emitter import ONNX_DTYPES, tensor_proto
-from .export import DEFAULT_OPSET, ir_version_for, lower
+from .export import default_opset, ir_version_for, lower
 
 WEIGHTS_FILE = "weights.bin"
 TWO_GB = 2 ** 31
@@ -91,11 +91,12 @@ def _progress(total: int, show: bool):
     return _Bar()
 
 
-def export_model(model, out: str | Path, *, ops: str = "ort", opset: int = DEFAULT_OPSET,
+def export_model(model, out: str | Path, *, ops: str = "ort", opset: int | None = None,
                  genai: bool = True, progress: bool | None = None, check_models: bool = True) -> dict:
     """Write `model` (a KimiModel: graphs through its pipeline, its weights) to directory
     `out`. Returns the manifest (also written as kimi_graph_onnx.json)."""
     from .genai import genai_config, genai_model
+    opset = opset or default_opset(ops)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from kimi_graph.ops.decompose import decomposable_kinds
 
-from . import standard
+from . import primitives
 from .emitter import DOMAIN, table_registrar
 from .functions import KDA_CHUNK, require, require_kda_chunkwise
 
-TABLE = dict(standard.TABLE)
+TABLE = dict(primitives.TABLE)
 
 maps = table_registrar(TABLE)
 
@@ -32,13 +32,13 @@ def causal_conv1d(ctx, op, ins):
     C, K = wt.shape[0], wt.shape[2]
     st_ty = ctx.ty(op.outputs[1])
     st = state_or_zeros(ctx, op, ins, 2, st_ty)
-    xs = em("Concat", st, em("Transpose", standard.token_masked(ctx, ins[0]), perm=[0, 2, 1]), axis=2)  # [B,C,K-1+T]
+    xs = em("Concat", st, em("Transpose", primitives.token_masked(ctx, ins[0]), perm=[0, 2, 1]), axis=2)  # [B,C,K-1+T]
     y = em("Conv", xs, ins[1], group=C, kernel_shape=[K])
     y = em("Transpose", y, perm=[0, 2, 1])
     if op.attrs["activation"] == "silu":
         y = em("Mul", y, em("Sigmoid", y))
     new = em("Slice", xs, em.ints(-(K - 1)), em.ints(2 ** 62), em.ints(2)) if ctx.token_valid is None \
-        else standard.conv_state_at_last_token(ctx, xs, K)
+        else primitives.conv_state_at_last_token(ctx, xs, K)
     return [y, new]
 
 
@@ -47,7 +47,7 @@ def kda_recurrent(ctx, op, ins):
     """The delta rule in its chunkwise form (a Loop over chunks of the op's chunk size, see
     functions.kda_chunkwise)."""
     st = state_or_zeros(ctx, op, ins, 5, ctx.ty(op.outputs[1]))
-    g, beta = standard.kda_hold(ctx, ins[3], ins[4])
+    g, beta = primitives.kda_hold(ctx, ins[3], ins[4])
     name = require_kda_chunkwise(ctx.em, op.attrs["chunk_size"] or KDA_CHUNK)
     return ctx.em.node(name, ins[:3] + [g, beta, st], 2, domain=DOMAIN, scale=float(op.attrs["scale"]))
 

@@ -51,6 +51,7 @@ REFERENCE: dict[str, str] = {
     **{k: _MOVEMENT for k in ("reshape", "transpose", "slice", "concat", "expand", "zeros_like",
                               "stack", "embedding")},
     **{k: _UNFUSED for k in ("grouped_topk", "take_along", "renormalize", "moe_expert", "l2norm")},
+    "moe_experts": "ONNX Runtime's legalised form; fuse-moe-dispatch gives this backend its three kernels",
 }
 
 
@@ -79,8 +80,12 @@ class Group:
 
 
 def plan(g: Graph) -> list:
-    """The schedule: ops and fused elementwise `Group`s, in an executable order."""
+    """The schedule: ops and fused elementwise `Group`s, in an executable order. Refuses a
+    KDA chunk size the kernels cannot run."""
     order = list(g.ops())
+    for op in order:
+        if op.kind in ("kda_fused_chunk", "kda_recurrent") and op.attrs.get("chunk_size"):
+            kda.check_chunk_size(op.attrs["chunk_size"])
     index = {op.id: i for i, op in enumerate(order)}
     group_of: dict[int, list] = {}            # op id -> its group's op list
     for op in order:

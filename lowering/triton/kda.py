@@ -308,11 +308,23 @@ def _consts(H, K, V, dtype, fused, scale, eps, **extra):
             "SCALE": float(scale), "EPS": float(eps), "DT": TL_DTYPES[dtype], **extra}
 
 
+CHUNK_SIZES = (16, 32, 64, 128)    # chunk lengths the kernels run: powers of two, whole sub-chunks
+
+
+def check_chunk_size(chunk: int) -> None:
+    if chunk not in CHUNK_SIZES:
+        raise ValueError(f"the triton KDA kernels run chunks of {', '.join(map(str, CHUNK_SIZES))} tokens, "
+                         f"not {chunk} (chunk-kda{{chunk-size=N}})")
+
+
 @functools.lru_cache(maxsize=None)
-def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> list[KernelSpec]:
-    """The four chunk-prefill kernels (prep, intra, solve, scan) for one head geometry and dtype."""
+def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk=None) -> list[KernelSpec]:
+    """The four chunk-prefill kernels (prep, intra, solve, scan) for one head geometry and dtype;
+    chunks of `chunk` tokens (the op's chunk size), else the target's tile."""
     cfg = config("kda_chunk", target)
-    BT, BC, BV = cfg["BT"], cfg["BC"], min(cfg["BV"], max(16, next_pow2(V)))
+    if chunk:
+        check_chunk_size(chunk)
+    BT, BC, BV = chunk or cfg["BT"], cfg["BC"], min(cfg["BV"], max(16, next_pow2(V)))
     BW = min(cfg["BW"], max(16, next_pow2(max(K, V))))
     consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=BT // BC,
                      BV=BV, BW=BW, NKW=_cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype))
@@ -425,14 +437,14 @@ def _states(state, N, H, K, V, device):
 
 
 def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_seqlens=None,
-              fused=True):
+              fused=True, chunk=None):
     """Chunkwise KDA prefill. fused: f, b are the raw f_b / b_proj outputs; else f is g (log decay
     [B,T,H,K]) and b is beta [B,T,H], with q, k already normalised. -> (o [B,T,H,V], state [N,H,K,V])."""
     dtype, dev = _ir_dtype(q), q.device
     (q2, k2, v2, f2, b2), cu, H, K, V, a, dt = _inputs(q, k, v, f, b, A_log, dt_bias, cu_seqlens, fused)
     N = cu.numel() - 1
     prep, intra, solve, scan = chunk_specs(H, K, V, dtype, fused, scale, eps, state is not None,
-                                           current_target())
+                                           current_target(), chunk)
     BT = prep.config["BT"]
     lens = (cu[1:] - cu[:-1]).long()
     nch = (lens + BT - 1) // BT
@@ -486,20 +498,26 @@ def _cdiv(a: int, b: int) -> int:
 
 # -- op implementations (kind -> fn(args, attrs) -> results) ----------------------------
 
+def _run(T: int, attrs: dict):
+    """The step kernel for one token, else the chunk launcher in the op's chunk size (the
+    target's tile where the op leaves the choice: chunk_size 0 or none)."""
+    if T == 1:
+        return kda_step
+    return functools.partial(kda_chunk, chunk=attrs.get("chunk_size") or None)
+
+
 def op_kda_fused(args, attrs):
     q, k, v, f, b, A, dt = args[:7]
     st = args[7] if len(args) > 7 else None
     B, T, H, K = q.shape
-    run = kda_step if T == 1 else kda_chunk
-    return list(run(q, k, v, f.view(B, T, H, K), b, A, dt, attrs["scale"], eps=attrs["l2norm_eps"],
-                    state=st))
+    return list(_run(T, attrs)(q, k, v, f.view(B, T, H, K), b, A, dt, attrs["scale"], eps=attrs["l2norm_eps"],
+                               state=st))
 
 
 def op_kda_recurrent(args, attrs):
     q, k, v, g, beta = args[:5]
     st = args[5] if len(args) > 5 else None
-    run = kda_step if q.shape[1] == 1 else kda_chunk
-    return list(run(q, k, v, g, beta, None, None, attrs["scale"], state=st, fused=False))
+    return list(_run(q.shape[1], attrs)(q, k, v, g, beta, None, None, attrs["scale"], state=st, fused=False))
 
 
 def specs_for(kind, ins, outs, attrs, target):
@@ -512,5 +530,6 @@ def specs_for(kind, ins, outs, attrs, target):
     eps = attrs.get("l2norm_eps", 1e-6)
     out = [step_spec(H, K, V, q.dtype, fused, attrs["scale"], eps, has_state, target)]
     if q.shape[1] != 1:
-        out += chunk_specs(H, K, V, q.dtype, fused, attrs["scale"], eps, has_state, target)
+        out += chunk_specs(H, K, V, q.dtype, fused, attrs["scale"], eps, has_state, target,
+                           attrs.get("chunk_size") or None)
     return out
