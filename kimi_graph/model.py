@@ -15,7 +15,8 @@ from .builder import GraphBuilder
 from .config import KimiLinearConfig
 from .dtypes import acc_dtype
 from .ir import Graph, TensorType, gc_paused
-from .ops.fused import decay_gate, route
+from .ops.kda import decay_gate
+from .ops.moe import route
 
 ROUTER_WEIGHTS = ("official", "unbiased")
 MODES = ("prefill", "decode")

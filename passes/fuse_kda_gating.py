@@ -1,4 +1,4 @@
-"""fuse-kda-gating: KDA's gating folds into fused ops (signatures in kimi_graph/ops/fused.py).
+"""fuse-kda-gating: KDA's gating folds into fused ops (signatures in kimi_graph/ops/kda.py, norm.py).
 
 - kda_recurrent(l2norm(q), l2norm(k), v, g, sigmoid(b)) whose decay is the chain
   g = reshape(softplus(f + dt_bias)) * -exp(A_log)  (optional casts to the accumulation

@@ -37,6 +37,11 @@ class Eager:
         return TensorType(tuple(t.shape), IR_DTYPES[t.dtype])
 
 
+def cast_to(b, x, dtype: str, name: str | None = None):
+    """x in `dtype` (a cast op only where it differs)."""
+    return x if b.type(x).dtype == dtype else b("cast", x, dtype=dtype, name=name)
+
+
 def decomposable(kind: str) -> bool:
     return get_op(kind).decompose is not None
 

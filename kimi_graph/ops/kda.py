@@ -1,10 +1,22 @@
-"""The KDA delta rule as one semantic op (token-by-token recurrence, fp32 state)."""
+"""KDA: the delta rule as one semantic op (kda_recurrent: token-by-token recurrence, or the
+chunkwise WY/UT form, fp32 state), and the fused ops the passes make of it with its gating:
+
+kda_fused_recurrent / kda_fused_chunk (q, k, v, f, b, A_log, dt_bias, state?)
+  q, k [B,T,H,K] after conv+SiLU, *not* normalised; v [B,T,H,V]; f [B,T,H*K] the raw f_b
+  output; b [B,T,H] the raw b_proj output; A_log [1,1,H,1]; dt_bias [H*K]. Inside:
+  g = -exp(A_log) * softplus(f + dt_bias) (fp32), beta = sigmoid(b), q, k L2-normalised (eps
+  `l2norm_eps`), then the delta rule -> (o [B,T,H,V], state). `_chunk` is the chunkwise form
+  for prefill in chunks of `chunk_size`, same results.
+"""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..dtypes import acc_dtype, acc_torch
-from .registry import REQUIRED, OpDef, expect, expect_float, register
+from .decompose import cast_to
+from .norm import l2_normalize
+from .registry import REQUIRED, OpDef, dim, expect, expect_float, register
 
 
 def kda_recurrence(q, k, v, g, beta, state, scale):
@@ -99,3 +111,89 @@ def kda_chunkwise(q, k, v, g, beta, state, scale, chunk_size):
         S = S * last.transpose(2, 3).exp() + torch.einsum(
             "bhid,bhiv->bhdv", kc * (last - G).exp(), u)
     return out.transpose(1, 2), S
+
+
+def kda_gate(f, A_log, dt_bias, acc):
+    """g = -exp(A_log) * softplus(f + dt_bias) in `acc` precision, shaped like [B,T,H,K]."""
+    B, T, C = f.shape
+    H = A_log.shape[2]
+    g = F.softplus(f.to(acc) + dt_bias.to(acc)).view(B, T, H, C // H)
+    return -A_log.to(acc).exp() * g
+
+
+def decay_gate(b, f, A_log, dt_bias, shape, acc: str):
+    """The decay g = -exp(A_log) * softplus(f + dt_bias) in `acc`, reshaped to `shape`
+    [B,T,H,K], through builder `b`: the model declares it so, and KDA's decomposition."""
+    f = b("add", b("cast", f, dtype=acc), cast_to(b, dt_bias, acc), name="f")
+    f = b("reshape", b("softplus", f, name="f"), shape=list(shape), name="f")
+    a = b("neg", b("exp", cast_to(b, A_log, acc), name="A"), name="A")
+    return b("mul", f, a, name="decay")
+
+class _KDAFused(OpDef):
+    fused = True
+    operands = ("q", "k", "v", "f", "b", "A_log", "dt_bias", "state?")
+    results = ("o", "state")
+    family = "kda"
+    attributes = {"scale": REQUIRED(float), "l2norm_eps": 1e-6}
+
+    def infer(self, types, attrs):
+        q, k, v, f, b, A, dt = types[:7]
+        expect_float(self.kind, *types[:7])
+        expect(q.rank == 4 and q.shape == k.shape, self.kind, f"q {q} and k {k} must be [B,T,H,K]")
+        B, T, H, K = q.shape
+        expect(v.rank == 4 and v.shape[:3] == (B, T, H), self.kind, f"v {v} must be [B,T,H,V]")
+        expect(f.shape == (B, T, H * K), self.kind, f"f {f} must be [B,T,{H * K}]")
+        expect(b.shape == (B, T, H), self.kind, f"b {b} must be [B,T,{H}]")
+        expect(A.shape == (1, 1, H, 1) and dt.shape == (H * K,), self.kind,
+               f"A_log {A} / dt_bias {dt} do not fit {H} heads of {K}")
+        state = v.with_shape((B, H, K, v.shape[3])).with_dtype(acc_dtype(v.dtype))
+        if len(types) > 7:
+            expect(types[7] == state, self.kind, f"state must be {state}, got {types[7]}")
+        return [v, state]
+
+    def decompose(self, b, ins, attrs):
+        """l2norm(q), l2norm(k), the decay gate, sigmoid(b), then kda_recurrent."""
+        q, k, v, f, beta_in, A, dt = ins[:7]
+        acc = acc_dtype(b.type(v).dtype)
+        eps = attrs["l2norm_eps"]
+        g = decay_gate(b, f, A, dt, b.type(q).shape, acc)
+        beta = b("sigmoid", b("cast", beta_in, dtype=acc), name="beta")
+        return b.emit("kda_recurrent", b("l2norm", q, eps=eps, name="q"), b("l2norm", k, eps=eps, name="k"),
+                      v, g, beta, ins[7] if len(ins) > 7 else None, scale=attrs["scale"],
+                      chunk_size=attrs.get("chunk_size", 0), name="kda")
+
+    def prepare(self, args, attrs):
+        q, k, v, f, b, A, dt = args[:7]
+        acc = acc_torch(v.dtype)
+        g = kda_gate(f, A, dt, acc)
+        beta = torch.sigmoid(b.to(acc))
+        eps = attrs["l2norm_eps"]
+        return l2_normalize(q, eps), l2_normalize(k, eps), v, g, beta, (args[7] if len(args) > 7 else None)
+
+    def flops(self, ins, outs, attrs, dims):
+        B, T, H, K = (dim(d, dims) for d in ins[0].shape)
+        return 7.0 * B * T * H * K * dim(ins[2].shape[3], dims) + 12.0 * B * T * H * K
+
+
+@register
+class KDAFusedRecurrent(_KDAFused):
+    kind = "kda_fused_recurrent"
+    doc = "KDA with decay gate, beta sigmoid and q/k L2 norm fused; token-by-token recurrence"
+
+    def ref(self, args, attrs):
+        q, k, v, g, beta, s0 = self.prepare(args, attrs)
+        o, S = kda_recurrence(q, k, v, g, beta, s0, attrs["scale"])
+        return [o.to(v.dtype), S]
+
+
+@register
+class KDAFusedChunk(_KDAFused):
+    kind = "kda_fused_chunk"
+    doc = "KDA with fused gating in the chunkwise (WY/UT) form for prefill"
+    attributes = {"scale": REQUIRED(float), "l2norm_eps": 1e-6, "chunk_size": 64}
+
+    def ref(self, args, attrs):
+        from .kda import kda_chunkwise
+        q, k, v, g, beta, s0 = self.prepare(args, attrs)
+        o, S = kda_chunkwise(q, k, v, g, beta, s0, attrs["scale"], attrs["chunk_size"])
+        return [o.to(v.dtype), S]

@@ -84,7 +84,7 @@ def _grouped_swiglu(args, attrs):
 
 
 def _kda_chunk_as_recurrence(args, attrs):
-    """kda_fused_chunk computes what kda_fused_recurrent does (fused.py): the token loop
+    """kda_fused_chunk computes what kda_fused_recurrent does (ops/kda.py): the token loop
     avoids linalg_solve_triangular, which torch-mlir does not lower."""
     return get_op("kda_fused_recurrent").ref(args, {k: attrs[k] for k in ("scale", "l2norm_eps")})
 
@@ -110,7 +110,7 @@ LOWERING: dict[str, Lowering] = {
     "moe_expert": Lowering(CUSTOM, _moe_expert),
     "cache_write": Lowering(CUSTOM, _cache_write),
     "kda_recurrent": Lowering(CUSTOM),
-    # fused ops (kimi_graph/ops/fused.py)
+    # fused ops (introduced by passes; see kimi_graph/ops/fused.py for where each lives)
     "kda_fused_recurrent": Lowering(CUSTOM),
     "kda_fused_chunk": Lowering(CUSTOM, export=_kda_chunk_as_recurrence),
     "gated_rmsnorm": Lowering(CUSTOM),
