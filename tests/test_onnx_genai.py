@@ -40,7 +40,7 @@ def genai_greedy(path, prompts, new_tokens, pad=0):
     return out
 
 
-@pytest.fixture(scope="module", params=["ort", "portable"])
+@pytest.fixture(scope="module", params=["ort", "portable", "standard"])
 def exported(request, tmp_path_factory):
     model = kimi_graph.load("tiny")
     out = tmp_path_factory.mktemp(f"genai_{request.param}")

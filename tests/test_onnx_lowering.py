@@ -23,7 +23,7 @@ from kimi_graph.ir import IRError  # noqa: E402
 from kimi_graph.lowering.onnx import lower  # noqa: E402
 
 RTOL = 1e-4
-OPS = ("ort", "portable")
+OPS = ("ort", "portable", "standard")
 
 
 def rel_err(got, ref: torch.Tensor) -> float:
@@ -81,21 +81,22 @@ def test_onnx_runtime_matches_interpreter(ops, pipeline, seed):
         assert max(errs) <= RTOL, (mode, stateful, errs)
 
 
+@pytest.mark.parametrize("ops", ["portable", "standard"])
 @pytest.mark.parametrize("pipeline", [None, "default"], ids=["declared", "default_pipeline"])
-def test_portable_runs_under_onnx_reference(pipeline):
+def test_portable_runs_under_onnx_reference(pipeline, ops):
     from onnx.reference import ReferenceEvaluator
     m = model_for(None, pipeline)
     for mode, stateful, T in (("prefill", True, 19), ("decode", True, 1)):
         g = m.get_graph(mode, stateful)
         feeds = inputs_for(g, 2, T, T + 4, seed=1, pos=[4, 1])
         ref = run_graph(g, feeds, m.weights)
-        proto, ort_outs = check_and_run(g, m.weights, "portable", feeds)
+        proto, ort_outs = check_and_run(g, m.weights, ops, feeds)
         outs = ReferenceEvaluator(proto).run(None, {k: v.numpy() for k, v in feeds.items()})
         for o, oo, r in zip(outs, ort_outs, ref):
             assert rel_err(o, r) <= RTOL and rel_err(o, torch.from_numpy(oo)) <= RTOL
 
 
-@pytest.mark.parametrize("ops", OPS + ("standard",))
+@pytest.mark.parametrize("ops", OPS)
 def test_prefill_then_decode_steps_carry_states(ops):
     """Prefill a prompt, then decode 3 tokens feeding back each step's states (ONNX)
     versus the same chain in the interpreter; logits at every step within 1e-4."""
