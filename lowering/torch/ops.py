@@ -14,9 +14,11 @@ Some references sync with the host (`int(t)`, `nonzero`, `bincount`): fine on th
 neither traceable with static shapes nor capturable in a CUDA graph. Their STATIC forms
 below compute the same function without host syncs or data-dependent shapes; they serve as
 the default CUDA implementations of those custom ops and as the "reference form" that the
-MLIR export decomposes custom ops into (`lower(..., decompose=True)`). Where torch-mlir
-cannot lower even that (the chunkwise KDA's triangular solve), an EXPORT form stands in:
-the same function through ops it can lower.
+MLIR export decomposes custom ops into (`lower(..., decompose=True)`). A fused op with a
+decomposition in the op library is decomposed through it, each of its ops in its own
+decomposed form, so it needs no form written here. Where torch-mlir cannot lower even that
+(the chunkwise KDA's triangular solve), an EXPORT form stands in: the same function through
+ops it can lower.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kimi_graph.ops import REGISTRY, get_op
+from kimi_graph.ops.decompose import decomposable, eager_form
 from kimi_graph.ops.moe import swiglu
 
 CUSTOM, INLINE = "custom", "inline"
@@ -121,7 +124,7 @@ LOWERING: dict[str, Lowering] = {
     "moe_permute": Lowering(CUSTOM, _moe_permute),
     "grouped_swiglu": Lowering(CUSTOM, _grouped_swiglu),
     "moe_unpermute": Lowering(CUSTOM),
-    # ONNX Runtime's legalisation only: traced as its reference (a host-syncing loop)
+    # ONNX Runtime's legalisation only: traced as its decomposition (the dispatch ops' static forms)
     "moe_experts": Lowering(INLINE),
 }
 
@@ -141,8 +144,12 @@ def static_form(kind: str) -> Callable:
 
 
 def decomposed_form(kind: str) -> Callable:
-    """What `lower(..., decompose=True)` traces for a kind: its export form, else static form."""
-    return lowering(kind).export or static_form(kind)
+    """What `lower(..., decompose=True)` traces for a kind: its export form, else its
+    decomposition (ops/decompose.py; each op in its decomposed form), else its static form."""
+    low = lowering(kind)
+    if low.export:
+        return low.export
+    return eager_form(kind, decomposed_form) if decomposable(kind) else static_form(kind)
 
 
 def custom_kinds() -> list[str]:
