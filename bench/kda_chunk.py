@@ -7,9 +7,8 @@ import torch
 from harness import bench, kernel_times, merge_tuning, override_config, rel_err, write_result
 
 from kimi_graph.lowering.triton import kda
-from kimi_graph.ops.kda import kda_gate
+from kimi_graph.ops.kda import kda_gate, kda_recurrence
 from kimi_graph.ops.norm import l2_normalize
-from kimi_graph.ops.kda import kda_recurrence
 
 H, D = 32, 128
 

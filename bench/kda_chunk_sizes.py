@@ -1,0 +1,33 @@
+"""KDA chunk prefill at each chunk size the Triton kernels run (chunk-kda{chunk-size=N} reaches
+them): bf16 error against the fp64 recurrence and time at T = 16k, B = 1, H = 32, D = 128,
+next to the target's own tile. Run on a GPU: python bench/kda_chunk_sizes.py"""
+from __future__ import annotations
+
+import torch
+from harness import bench, rel_err, write_result
+from kda_chunk import D, inputs, reference
+
+from kimi_graph.lowering.triton import kda
+from kimi_graph.lowering.triton.targets import config
+
+
+def main():
+    rows = []
+    cu = [0, 700, 701, 2000]
+    q, k, v, f, b, A_log, dt_bias = inputs(1, cu[-1], seed=1)
+    state = torch.randn(len(cu) - 1, 32, D, D, device="cuda") * 0.1
+    ro, rs = reference(q, k, v, f, b, A_log, dt_bias, state, cu)
+    cu_t = torch.tensor(cu, device="cuda", dtype=torch.int32)
+    big = inputs(1, 16384)
+    for chunk in (None,) + kda.CHUNK_SIZES:
+        o, s = kda.kda_chunk(q, k, v, f, b, A_log, dt_bias, D ** -0.5, state=state, cu_seqlens=cu_t, chunk=chunk)
+        with torch.no_grad():
+            ms = bench(lambda: kda.kda_chunk(*big, D ** -0.5, chunk=chunk))
+        rows.append({"chunk": chunk or f"target ({config('kda_chunk')['BT']})", "err_o": rel_err(o, ro),
+                     "err_state": rel_err(s, rs), "ms_16k": ms})
+        print(rows[-1])
+    return rows
+
+
+if __name__ == "__main__":
+    write_result("kda_chunk_sizes", main(), {"tolerance": "bf16 inputs, fp32 state: rel err <= 1e-2"})
