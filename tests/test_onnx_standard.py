@@ -18,7 +18,7 @@ from kimi_graph.lowering.onnx import lower  # noqa: E402
 
 @pytest.mark.parametrize("pipeline", [None, "default"], ids=["declared", "default_pipeline"])
 def test_standard_is_default_domain_only(pipeline):
-    m = model_for(3, pipeline)
+    m = model_for(None, pipeline)
     for mode in ("prefill", "decode"):
         proto = lower(m.get_graph(mode, True), m.weights, ops="standard")
         onnx.checker.check_model(proto, full_check=True)
