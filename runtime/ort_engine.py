@@ -6,7 +6,7 @@ an export directory (kimi-graph export-onnx) whose prefill / decode models are u
 written. The runtime's Engine (caches, prefill/decode, sampling) runs unchanged on top:
 states go in and come out as tensors that share memory with ORT's CPU buffers (no copy).
 
-Options: ops ("ort" | "portable"), providers (ORT execution providers, default CPU),
+Options: ops ("ort" | "portable" | "standard"), providers (ORT execution providers, default CPU),
 threads (intra-op threads), opset.
 """
 from __future__ import annotations
