@@ -62,7 +62,7 @@ class KDARecurrent(OpDef):
 
     def ref(self, args, attrs):
         q, k, v, g, beta = args[:5]
-        state, n = args[5] if len(args) > 5 else None, attrs["chunk_size"]
+        state, n = args[5] if len(args) > 5 else None, attrs.get("chunk_size", 0)
         o, S = (kda_chunkwise(q, k, v, g, beta, state, attrs["scale"], n) if n
                 else kda_recurrence(q, k, v, g, beta, state, attrs["scale"]))
         return [o.to(v.dtype), S]

@@ -54,7 +54,7 @@ def linear_attention(ctx, op, q, k, v, g, beta, state, domain: str = MS):
     f32 = [primitives.to_acc(ctx, x, name) for x, name in ((q, op.inputs[0]), (k, op.inputs[1]),
                                                            (v, op.inputs[2]))]
     packed = [em("Reshape", x, em.ints(0, 0, -1)) for x in f32 + [g]]
-    chunk = {"chunk_size": op.attrs["chunk_size"]} if domain == "" and op.attrs["chunk_size"] else {}
+    chunk = {"chunk_size": op.attrs["chunk_size"]} if domain == "" and op.attrs.get("chunk_size") else {}
     o, s = em.node("LinearAttention", packed[:3] + [state or "", packed[3], beta], 2, domain=domain,
                    q_num_heads=H, kv_num_heads=H, scale=float(op.attrs["scale"]), update_rule="gated_delta",
                    **chunk)

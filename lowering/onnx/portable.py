@@ -48,7 +48,7 @@ def kda_recurrent(ctx, op, ins):
     functions.kda_chunkwise)."""
     st = state_or_zeros(ctx, op, ins, 5, ctx.ty(op.outputs[1]))
     g, beta = primitives.kda_hold(ctx, ins[3], ins[4])
-    name = require_kda_chunkwise(ctx.em, op.attrs["chunk_size"] or KDA_CHUNK)
+    name = require_kda_chunkwise(ctx.em, op.attrs.get("chunk_size") or KDA_CHUNK)
     return ctx.em.node(name, ins[:3] + [g, beta, st], 2, domain=DOMAIN, scale=float(op.attrs["scale"]))
 
 
