@@ -3,8 +3,8 @@
 - route, B = 1, 8, 64 tokens: CUDA-graph replay (as a captured decode step runs it) and eager;
   target <= 10 us per layer. Also 32k tokens (prefill).
 - permute (sort + row copy), 1k / 32k / 128k tokens: the counting sort against the single-program
-  sort before and against torch.sort(stable) + an index; the row copy's floor is its bytes over
-  the copy bandwidth measured in the same run.
+  sort before and against torch.sort(stable) + an index; the row copy's floor is its bytes (rows
+  written, x read once) over the copy bandwidth measured in the same run.
 - one MoE layer's routed part at 32k tokens: route + permute + grouped SwiGLU + un-permute;
   dispatch share = (route + permute + un-permute) / total, target <= 10%.
 Tile candidates for the router and the permutation are swept in the same run; the winners are
@@ -156,7 +156,7 @@ def bench_permute(S, rows, g, bw):
     ins = {N: permute_inputs(S, N, g) for N in sizes}
     for N, (x, ids) in ins.items():
         ref = get_op("moe_permute").ref([x, ids], {"num_experts": S.E})
-        floor = 2 * N * S.K * S.D * x.element_size() / bw * 1e6
+        floor = (N * S.K + N) * S.D * x.element_size() / bw * 1e6     # rows written, x read once
         fns = {"torch.sort": lambda: torch_permute(x, ids, S.E)}
         if N <= 32768 or S.smoke:           # the single-program sort takes ~0.4 s at 128k tokens
             fns["before"] = lambda: before.permute(x, ids, S.E)

@@ -5,8 +5,9 @@ into blocks of BLOCK; `moe_count` takes each block's expert histogram, `moe_scan
 histograms into each block's first slot per expert (an exclusive scan over blocks, per expert)
 and the expert totals, and `moe_scatter` ranks every copy inside its block (copies of one
 expert keep their order: stable), writes `order` and copies the token's row to its slot. When
-the copies fit in one block (decode) only `moe_scatter` runs, counting the block itself. Every
-launch is sized from shapes: nothing is read back to the host (CUDA-graph capturable).
+the copies fit in one block (decode) only `moe_scatter` runs, one program per SUB copies, each
+counting the block itself. Every launch is sized from shapes: nothing is read back to the host
+(CUDA-graph capturable).
 
 Un-permute: out[n] = acc[n] + sum_j w[n, j] y[slot of copy (n, j)], with the slots from `order`.
 """
@@ -47,30 +48,31 @@ def moe_scan(counts_ptr, base_ptr, tot_ptr, nblocks):
 
 @triton.jit
 def moe_scatter(ids_ptr, base_ptr, tot_ptr, x_ptr, order_ptr, off_ptr, rows_ptr, M):
-    # grid (blocks, column blocks): slot of copy m = first slot of its expert + copies of that
-    # expert in earlier blocks + earlier copies in this block; rows[slot] = x[m // TOPK]
-    b = tl.program_id(0)
+    # slot of copy m = first slot of its expert + copies of that expert in earlier blocks + earlier
+    # copies in this block; rows[slot] = x[m // TOPK]. Grid (blocks, column blocks); with
+    # ONE_BLOCK, (SUB-copy chunks, column blocks), each program counting the whole block itself
     e = tl.arange(0, NB)
     i = tl.arange(0, SUB)
     earlier = i[None, :] < i[:, None]
-    n = tl.minimum(M - b * BLOCK, BLOCK)            # copies in this block
     if ONE_BLOCK:
-        tot = tl.zeros((NB,), tl.int32)
-        for s in range(0, n, SUB):
-            m = s + i
-            tot += tl.histogram(tl.load(ids_ptr + m, mask=m < M, other=E).to(tl.int32), NB)
-        tot = tl.where(e < E, tot, 0)
-        run = tl.cumsum(tot, 0) - tot
+        mb = tl.arange(0, BLOCK)
+        block = tl.load(ids_ptr + mb, mask=mb < M, other=E).to(tl.int32)
+        tot = tl.where(e < E, tl.histogram(block, NB), 0)
+        lo = tl.program_id(0) * SUB
+        run = tl.cumsum(tot, 0) - tot + tl.histogram(tl.where(mb < lo, block, E), NB)
+        hi = lo + SUB
     else:
+        lo = tl.program_id(0) * BLOCK
         tot = tl.load(tot_ptr + e, mask=e < E, other=0)
-        run = tl.cumsum(tot, 0) - tot + tl.load(base_ptr + b * E + e, mask=e < E, other=0)
-    if b + tl.program_id(1) == 0:
+        run = tl.cumsum(tot, 0) - tot + tl.load(base_ptr + tl.program_id(0) * E + e, mask=e < E, other=0)
+        hi = tl.minimum(M, lo + BLOCK)
+    if tl.program_id(0) + tl.program_id(1) == 0:
         tl.store(off_ptr + 1 + e, tl.cumsum(tot, 0).to(tl.int64), mask=e < E)
         tl.store(off_ptr + e, tl.zeros((NB,), tl.int64), mask=e == 0)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     md = d < D
-    for s in range(0, n, SUB):
-        m = b * BLOCK + s + i
+    for s in range(lo, hi, SUB):
+        m = s + i
         mm = m < M
         ids = tl.load(ids_ptr + m, mask=mm, other=E).to(tl.int32)
         same = (ids[:, None] == ids[None, :]) & earlier
@@ -143,7 +145,8 @@ def moe_permute(x, ids, num_experts):
             counts = torch.empty(nblocks, E, device=dev, dtype=torch.int32)
             launch(count, (nblocks,), flat, counts, M)
             launch(scan, (-(-E // c["SCAN_E"]),), counts, base, tot, nblocks)
-        launch(scatter, (nblocks, -(-D // c["BD"])), flat, base, tot, x.reshape(-1, D).contiguous(), order,
+        chunks = nblocks if nblocks > 1 else -(-M // c["SUB"])
+        launch(scatter, (chunks, -(-D // c["BD"])), flat, base, tot, x.reshape(-1, D).contiguous(), order,
                offsets, rows, M)
     return rows, offsets, order
 

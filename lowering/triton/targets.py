@@ -57,6 +57,8 @@ TARGETS: dict[str, dict] = {
         "kda_recurrent": {"BV": 64, "num_warps": 4},
         "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
         "mla_decode": {"BS": 64, "num_warps": 4, "num_stages": 2},
+        # router: best of bench/moe_dispatch.py's sweep on an H200 (2026-11-30)
+        "moe_route": {"BN": 128, "BE": 128, "BR": 1, "select_warps": 2},
         "moe_gemm": {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3,
                      "BN_small": 64, "BK_small": 64}})},
     "interpret": {"arch": None, "gpu": "Triton interpreter (CPU)", "configs": _merge(_BASE, {
