@@ -6,8 +6,9 @@ single-token decode steps (a sequence may even start with a decode step), and in
 two sequences in one engine, decode steps of both sometimes batched together. Each
 sequence's logits equal its one-shot prefill on the same backend (fp32 rel. error <= 1e-5;
 ONNX Runtime <= 1e-4) and so do its greedy tokens. The model has a KDA and an MLA layer, a conv
-kernel longer than some chunks, and grouped MoE with groups of 3 experts. Examples are few and
-derandomized: CI runs the same cases every time."""
+kernel longer than some chunks, and grouped MoE with groups of 3 experts; the default pass
+pipeline fuses KDA and the MoE dispatch. Examples are few and derandomized: CI runs the same
+cases every time."""
 from __future__ import annotations
 
 import pytest
@@ -87,7 +88,8 @@ def model_for(make_checkpoint):
 
     def get(backend):
         if backend not in models:
-            models[backend] = kimi_graph.load(path, backend=backend, **BACKENDS[backend][0])
+            models[backend] = kimi_graph.load(path, backend=backend, pipeline="default",
+                                              **BACKENDS[backend][0])
         return models[backend]
     return get
 

@@ -3,7 +3,8 @@ backends.
 
 Hypothesis draws small configs: the KDA / MLA layer mix, dense layers, heads, experts in 1-4
 groups of 1-4 (non-power-of-two groups such as 6 experts in 2 groups, 12 in 4, 3 in 3),
-kept groups, top-k, shared experts, the router convention, the ONNX operator set; half of the
+kept groups, top-k, shared experts, the router convention, the ONNX operator set, the pass
+pipeline (none, or the default one that fuses the router into moe_route); half of the
 checkpoints get tied routers (checkpoints.tie_routers), whose exact ties every backend breaks
 by lowest index. The issue's non-power-of-two cases are pinned as explicit examples.
 
@@ -30,17 +31,18 @@ BACKEND_TOL = {"torch": 1e-5, "onnxruntime": 1e-4, "triton": 1e-5}
 
 
 def case(seed: int, groups: int, per: int, topk_group: int, top_k: int, kda: tuple[bool, ...],
-         dense: int, ties: bool, router: str = "official", ops: str = "ort") -> dict:
+         dense: int, ties: bool, router: str = "official", ops: str = "ort",
+         pipeline: str | None = "default") -> dict:
     """A config from random_config(seed) with these experts, groups and layers (kda[i]: layer
     i is KDA, else MLA; the first `dense` layers dense), and how to write and run it (`ops`:
-    the ONNX operator set)."""
+    the ONNX operator set; `pipeline`: the passes, "default" fusing the router into moe_route)."""
     lac = {"kda_layers": [i + 1 for i, k in enumerate(kda) if k],
            "full_attn_layers": [i + 1 for i, k in enumerate(kda) if not k],
            "num_heads": 1 + seed % 2, "head_dim": 4, "short_conv_kernel_size": 2 + seed % 3}
     cfg = random_config(seed, num_hidden_layers=len(kda), first_k_dense_replace=dense,
                         num_experts=groups * per, num_expert_group=groups, topk_group=topk_group,
                         num_experts_per_token=top_k, linear_attn_config=lac)
-    return {"cfg": cfg, "seed": seed, "ties": ties, "router": router, "ops": ops}
+    return {"cfg": cfg, "seed": seed, "ties": ties, "router": router, "ops": ops, "pipeline": pipeline}
 
 
 @st.composite
@@ -52,7 +54,7 @@ def cases(draw):
     return case(draw(st.integers(0, 9999)), groups, per, topk_group,
                 draw(st.integers(1, topk_group * per)), kda, draw(st.integers(0, len(kda) - 1)),
                 draw(st.booleans()), draw(st.sampled_from(["official", "unbiased"])),
-                draw(st.sampled_from(OP_SETS)))
+                draw(st.sampled_from(OP_SETS)), draw(st.sampled_from([None, "default"])))
 
 
 # the groups the Triton router once refused, each with ties the reference has to break
@@ -85,17 +87,17 @@ def tie_counter(monkeypatch):
     return seen
 
 def check_case(c, path, backends) -> None:
-    router = c["router"]
+    router, pipeline = c["router"], c["pipeline"]
     ids = torch.randint(0, c["cfg"]["vocab_size"], (B, T), generator=torch.Generator().manual_seed(c["seed"]))
     ref_cfg, W = read_checkpoint(path)
     want = forward(ref_cfg, W, ids, router)
-    got64 = kimi_graph.load(path, dtype=torch.float64, router_weights=router)(ids)
+    got64 = kimi_graph.load(path, dtype=torch.float64, router_weights=router, pipeline=pipeline)(ids)
     assert rel_err(got64, want) <= 1e-10, c
-    got32 = kimi_graph.load(path, router_weights=router)(ids)
+    got32 = kimi_graph.load(path, router_weights=router, pipeline=pipeline)(ids)
     assert rel_err(got32, want) <= 1e-4, c
     for backend in backends:
         opts = {"threads": 1, "ops": c["ops"]} if backend == "onnxruntime" else {}
-        got = kimi_graph.load(path, router_weights=router, backend=backend, **opts)(ids)
+        got = kimi_graph.load(path, router_weights=router, pipeline=pipeline, backend=backend, **opts)(ids)
         assert rel_err(got, got32) <= BACKEND_TOL[backend], (backend, c)
 
 def test_fuzzed_configs(write_case, tie_counter):
