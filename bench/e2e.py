@@ -337,6 +337,7 @@ def phase_long(args, bw: float, rows: list, info: dict) -> None:
         model, load_info = load_ours(cfg, args)
         info[f"long_{label}"] = {**load_info, "layers": cfg.num_hidden_layers}
         for L in args.long_contexts:
+            L = min(L, cfg.model_max_length - args.steps - 32)    # room for the timed steps
             fl = floor_bytes(cfg, 1, L)
             row = {"what": f"long_{label}", "B": 1, "context": L, "floor_ms": fl["total"] / bw * 1e3,
                    "cache_gb": fl["mla_cache"] / 1e9}
@@ -359,7 +360,7 @@ def phase_long(args, bw: float, rows: list, info: dict) -> None:
         del model
         free_memory()
     by = {(r["what"], r["context"]): r.get("ms") for r in rows if r["what"].startswith("long_")}
-    for L in args.long_contexts:
+    for L in sorted({r["context"] for r in rows if r["what"].startswith("long_")}):
         a, b = by.get(("long_kimi_linear", L)), by.get(("long_all_mla", L))
         if a and b:
             rows.append({"what": "long_tpot_ratio", "context": L, "all_mla_over_kimi_linear": b / a,
