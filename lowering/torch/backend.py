@@ -112,7 +112,7 @@ class TorchExecutor:
                 fn = lower(g, self.weights)
                 if self.compile:
                     fn = compile_fn(fn)
-                    if self.dynamic is None:
+                    if self.dynamic is None and self.compile_backend != "kimi_graph":   # static only
                         fn = MarkDynamic(symbolic_dims(g), fn)
             self._fns[id(g)] = (g, fn)
             self._checked_ops[id(g)] = [op for op in g.ops() if op.kind in ("embedding", "cache_write")]
