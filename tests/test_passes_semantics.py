@@ -87,19 +87,38 @@ def test_every_pass_preserves_semantics(seed):
     assert applied.get("expert-loop", 0) == 6 * moe and applied.get("router", 0) == 6 * moe
 
 
+def bf16_within(got, want, want32) -> tuple[bool, float, float]:
+    """bf16 outputs of a rewritten graph against the declared graph's: within 3e-2, or, where
+    rounding flips a near-tied expert choice (a different, equally valid bf16 answer), no
+    further from the fp32 result than the declared bf16 graph is (x1.5, as the GPU tests)."""
+    err = max(rel(a, b) for a, b in zip(got, want))
+    base = max(rel(b, c) for b, c in zip(want, want32))
+    new = max(rel(a, c) for a, c in zip(got, want32))
+    return err <= 3e-2 or new <= 1.5 * base, err, base
+
+
+def run_bf16_and_f32(cfg, mode, stateful, seed, **kw):
+    """(declared bf16 graph, its weights, inputs, bf16 outputs, fp32 outputs); the bf16
+    weights are the fp32 ones rounded."""
+    g = build_graph(cfg, mode, stateful=stateful, dtype="bf16", **kw)
+    g32 = build_graph(cfg, mode, stateful=stateful, dtype="f32", **kw)
+    weights, w32 = random_weights(g, seed), random_weights(g32, seed)
+    ins = graph_inputs(g, cfg, seed)
+    ins32 = {k: v.float() if v.is_floating_point() else v for k, v in ins.items()}
+    return g, weights, ins, run_graph(g, ins, weights), run_graph(g32, ins32, w32)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_default_pipeline_in_bf16(seed):
     """bf16 graphs (fp32 state, router and gates): the rewrites reorder bf16 roundings only.
-    Tolerance: relative Frobenius error <= 3e-2 per output."""
+    Tolerance: relative Frobenius error <= 3e-2 per output (see bf16_within)."""
     cfg = KimiLinearConfig.from_dict(random_config(seed))
     for mode, stateful in GRAPHS:
-        g = build_graph(cfg, mode, stateful=stateful, dtype="bf16")
-        weights = random_weights(g, seed)
-        ins = graph_inputs(g, cfg, seed)
-        want = run_graph(g, ins, weights)
+        g, weights, ins, want, want32 = run_bf16_and_f32(cfg, mode, stateful, seed)
         got = run_graph(PassManager(pipeline_for(seed)).run(g, weights), ins, weights)
-        for a, b in zip(got, want):
-            assert a.dtype == b.dtype and rel(a, b) <= 3e-2, (mode, stateful, rel(a, b))
+        assert all(a.dtype == b.dtype for a, b in zip(got, want))
+        ok, err, base = bf16_within(got, want, want32)
+        assert ok, (mode, stateful, err, base)
 
 
 EXACT = ["canonicalize", "cse", "dce", "fold-constants", "fuse-kda-gating", "fuse-residual-norm"]
@@ -116,14 +135,21 @@ def test_each_pass_alone_on_the_declared_graph(seed):
     cfg = KimiLinearConfig.from_dict(random_config(seed))
     for dtype in ("f64", "f32", "bf16"):
         for mode, stateful in GRAPHS:
-            g = build_graph(cfg, mode, stateful=stateful, dtype=dtype)
-            weights = random_weights(g, seed)
-            ins = graph_inputs(g, cfg, seed)
-            want = run_graph(g, ins, weights)
+            if dtype == "bf16":
+                g, weights, ins, want, want32 = run_bf16_and_f32(cfg, mode, stateful, seed)
+            else:
+                g = build_graph(cfg, mode, stateful=stateful, dtype=dtype)
+                weights = random_weights(g, seed)
+                ins = graph_inputs(g, cfg, seed)
+                want = run_graph(g, ins, weights)
             for p in EXACT:
                 got = run_graph(PassManager(p).run(g, weights), ins, weights)
                 assert all(torch.equal(a, b) for a, b in zip(got, want)), (p, dtype, mode)
             for name, p in REASSOCIATING.items():
                 got = run_graph(PassManager(p).run(g, weights), ins, weights)
-                err = max(rel(a, b) for a, b in zip(got, want))
-                assert err <= TOL.get(dtype, 3e-2), (name, dtype, mode, err)
+                if dtype == "bf16":
+                    ok, err, base = bf16_within(got, want, want32)
+                    assert ok, (name, dtype, mode, err, base)
+                else:
+                    err = max(rel(a, b) for a, b in zip(got, want))
+                    assert err <= TOL[dtype], (name, dtype, mode, err)
