@@ -87,13 +87,20 @@ def child_cpu() -> float:
 
 
 def test_inspect_json_command_under_5s():
+    """The command's own work: its CPU time less that of importing torch and the CLI (2-4 s
+    of the total on a 2-core machine, more when the machine is shared) stays under 3 s, and
+    the whole under 5 s plus whatever the import took beyond 2 s."""
+    c0 = child_cpu()
+    subprocess.run([sys.executable, "-c", "import torch, kimi_graph.cli"], check=True, timeout=120)
+    imports = child_cpu() - c0
     t0, c0 = time.perf_counter(), child_cpu()
     p = subprocess.run([sys.executable, "-m", "kimi_graph.cli", "inspect", "kimi-linear-48b-a3b", "--json"],
                        capture_output=True, text=True, timeout=120)
     cpu, wall = child_cpu() - c0, time.perf_counter() - t0
     assert p.returncode == 0, p.stderr
     check_published(json.loads(p.stdout))
-    assert cpu < 5.0, f"kimi-graph inspect took {cpu:.2f} s of CPU ({wall:.2f} s wall)"
+    msg = f"kimi-graph inspect took {cpu:.2f} s of CPU ({wall:.2f} s wall; imports {imports:.2f} s)"
+    assert cpu - imports < 3.0 and cpu < 5.0 + max(0.0, imports - 2.0), msg
 
 
 def run_main(capsys, *args: str) -> tuple[int, str, str]:
