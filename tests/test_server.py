@@ -203,10 +203,22 @@ def test_disconnect_frees_the_slot(live):
         assert next(line for line in lines if line.startswith("data:"))
         assert live.scheduler.engine.cache.free_slots == MAX_BATCH - 1
     wait_idle(live, timeout=10)     # long before 60 tokens could have been generated
-    # not streamed: the client gives up waiting
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(live.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5,
-                   json={"model": NAME, "prompt": [1, 2, 3], "max_tokens": 60, "ignore_eos": True})
+    # not streamed: the client gives up waiting. Each step is slowed to 50 ms so that 60 tokens
+    # take 3 s, well past the client's 0.5 s, however fast the machine.
+    engine = live.scheduler.engine
+    decode_sample = engine.decode_sample
+
+    def slow_decode_sample(*args, **kwargs):
+        time.sleep(0.05)
+        return decode_sample(*args, **kwargs)
+    engine.decode_sample = slow_decode_sample
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(live.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5,
+                       json={"model": NAME, "prompt": [1, 2, 3], "max_tokens": 60, "ignore_eos": True})
+        wait_idle(live, timeout=2.5)    # freed before the 60 tokens (3 s) could have been generated
+    finally:
+        del engine.decode_sample
     wait_idle(live, timeout=10)
 
 
