@@ -90,3 +90,37 @@ def test_startup_note_says_where_kernels_come_from(tmp_path, monkeypatch):
     assert startup_note(90, str(tmp_path)).startswith("using 1 prebuilt kernels")
     note = startup_note(80, str(tmp_path))
     assert "compile just in time" in note and "sm_90 / Triton 0.0" in note and "sm_80" in note
+
+
+def test_a_kernel_short_of_shared_memory_compiles_with_fewer_stages(recwarn):
+    """A spec whose tiles need more shared memory than the GPU has (fp32 operands at bf16's
+    tiles) retries with fewer pipeline stages, once, and later launches start there."""
+    from triton.runtime.errors import OutOfResources
+
+    from kimi_graph.lowering.triton import codegen
+    spec = codegen.KernelSpec("big_tiles", "k", "# source", {}, num_warps=8, num_stages=3)
+    tried = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, num_warps, num_stages):
+                tried.append(num_stages)
+                if num_stages > 1:
+                    raise OutOfResources(262144, 232448, "shared memory")
+                return "launched"
+            return run
+    assert codegen._launch_fitting(Kernel(), spec, (1,), ()) == "launched"
+    assert codegen._launch_fitting(Kernel(), spec, (1,), ()) == "launched"
+    assert tried == [3, 2, 1, 1]
+    said = [str(w.message) for w in recwarn.list if w.category is RuntimeWarning]
+    assert [m.rsplit("=", 1)[1] for m in said] == ["2", "1"] and "big_tiles" in said[0]
+
+    other = codegen.KernelSpec("other", "k", "# other", {}, num_stages=2)
+
+    class Registers(Kernel):
+        def __getitem__(self, grid):
+            def run(*args, num_warps, num_stages):
+                raise OutOfResources(300, 255, "registers")
+            return run
+    with pytest.raises(OutOfResources):
+        codegen._launch_fitting(Registers(), other, (1,), ())

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import textwrap
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
@@ -174,7 +175,28 @@ def launch(spec: KernelSpec, grid, *args):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         with _interpretable_stdlib():
             return kernel[grid](*args)
-    return kernel[grid](*args, num_warps=spec.num_warps, num_stages=spec.num_stages)
+    return _launch_fitting(kernel, spec, grid, args)
+
+
+_STAGES: dict[str, int] = {}     # spec hash -> the pipeline stages that fit this GPU
+
+
+def _launch_fitting(kernel, spec: KernelSpec, grid, args):
+    """Triton's JIT launch with the spec's stages, or fewer where the spec's tiles need more
+    shared memory than this GPU has (fp32 operands take twice bf16's): the first launch
+    that fails to compile retries one stage fewer, and later launches start from there."""
+    from triton.runtime.errors import OutOfResources
+    stages = _STAGES.get(spec.hash, spec.num_stages)
+    while True:
+        try:
+            return kernel[grid](*args, num_warps=spec.num_warps, num_stages=stages)
+        except OutOfResources as err:
+            if stages <= 1 or "shared memory" not in str(err):
+                raise
+            stages -= 1
+            _STAGES[spec.hash] = stages
+            warnings.warn(f"{spec.name}: {err}; compiling it with num_stages={stages}", RuntimeWarning,
+                          stacklevel=3)
 
 
 def next_pow2(n: int) -> int:
