@@ -111,19 +111,24 @@ class KimiModel:
     def __init__(self, config: KimiLinearConfig, weights: dict[str, torch.Tensor], *,
                  dtype: torch.dtype, device: str, router_weights: str, path: Path | None = None,
                  pipeline: str | None = None, backend: str = "interpreter", options: dict | None = None,
-                 source: WeightSource | None = None):
+                 source: WeightSource | None = None, layout=None):
         self.config, self.weights, self.dtype = config, weights, dtype
         self.device, self.router_weights, self.path = device, router_weights, path
         self.pipeline, self.backend, self.options = pipeline, backend, dict(options or {})
         self.source, self.transforms = source, WeightTransforms()
+        self.layout = layout           # parallel.Layout: this rank's part of a sharded model
         self.load_stats: dict = {}     # load(): seconds for graphs and weights, estimated bytes
         self._graphs: dict[tuple[str, bool], Graph] = {}
         self._executor = None
 
     def build(self, mode: str = "prefill", stateful: bool = False) -> Graph:
-        """The unoptimized graph as declared."""
-        return build_graph(self.config, mode, stateful=stateful, dtype=IR_DTYPES[self.dtype],
-                           router_weights=self.router_weights)
+        """The unoptimized graph as declared (this rank's part, for a sharded model)."""
+        g = build_graph(self.config, mode, stateful=stateful, dtype=IR_DTYPES[self.dtype],
+                        router_weights=self.router_weights)
+        if self.layout is not None:
+            from .passes import run_pipeline
+            g = run_pipeline(g, self.layout.pipeline())
+        return g
 
     def get_graph(self, mode: str = "prefill", stateful: bool = False) -> Graph:
         """The graph that runs: declared, then optimized by the pipeline (cached)."""
@@ -245,7 +250,7 @@ class KimiModel:
 def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, device: str = "cpu",
          router_weights: str = "official", seed: int = 0, pipeline: str | None = None,
          backend: str = "interpreter", progress: bool | None = None, check_finite: bool = True,
-         **options) -> KimiModel:
+         parallel: str | None = None, **options) -> KimiModel:
     """Load a model directory (HF layout: config.json + safetensors) or a preset.
 
     Presets get seeded random weights, drawn on `device`. `router_weights`: "official" (the
@@ -259,7 +264,10 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
     (see BACKENDS); `options` go to the backend.
     `check_finite`: check the weights for NaN and inf on their device (False: trusted).
     `device`: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available). Unknown options are
-    refused (ValueError), on every backend."""
+    refused (ValueError), on every backend.
+    `parallel`: "tp=N", "ep=M" or "tp=N,ep=M" inside an initialized torch.distributed process
+    group of N*M ranks: this rank's part of the model (passes/shard.py), its slice of the
+    weights and of the caches; every rank returns the whole logits."""
     if not isinstance(dtype, torch.dtype) or dtype not in IR_DTYPES or \
             dtype in (torch.int64, torch.int32, torch.bool):
         raise ValueError(f"unsupported dtype {dtype!r}: use torch.float32, torch.bfloat16, "
@@ -271,8 +279,14 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
     check_options(backend, options)
     device = resolve_device(device)
     config, path = resolve_config(model)
+    layout = None
+    if parallel is not None:
+        if backend == "onnxruntime":
+            raise ValueError("parallel= runs over torch.distributed; backend='onnxruntime' runs one device")
+        from .parallel import init_mesh
+        layout = init_mesh(parallel).layout
     m = KimiModel(config, {}, dtype=dtype, device=device, router_weights=router_weights, path=path,
-                  pipeline=pipeline, backend=backend, options=options)
+                  pipeline=pipeline, backend=backend, options=options, layout=layout)
     g = m.build()
     from .runtime.ort_engine import is_onnx_export
     if path is not None and is_onnx_export(path):

@@ -8,8 +8,9 @@ from .ops import get_op
 
 
 def graph_cost(g: Graph, dims: dict[str, int]) -> dict[str, float]:
-    """Total FLOPs and bytes moved for concrete dims (e.g. {"B": 1, "T": 1, "S": 1})."""
-    flops = bytes_ = 0.0
+    """Total FLOPs, bytes moved and bytes sent between ranks (collectives of a sharded graph)
+    for concrete dims (e.g. {"B": 1, "T": 1, "S": 1})."""
+    flops = bytes_ = link = 0.0
     for _, data in g.nx.nodes(data=True):     # a sum: any order will do
         op = data["op"]
         opdef = get_op(op.kind)
@@ -18,7 +19,8 @@ def graph_cost(g: Graph, dims: dict[str, int]) -> dict[str, float]:
         outs = [g.types[v] for v in op.outputs]
         flops += opdef.flops(ins, outs, attrs, dims)
         bytes_ += opdef.bytes_moved(ins, outs, attrs, dims)
-    return {"flops": flops, "bytes": bytes_}
+        link += opdef.link_bytes(ins, outs, attrs, dims)
+    return {"flops": flops, "bytes": bytes_, "link_bytes": link}
 
 
 def _is_routed_expert(name: str) -> bool:

@@ -16,7 +16,8 @@ from .ops import get_op
 from .printer import format_attrs
 
 COLOURS = {"kda": "#d9c8f0", "attention": "#c8dcf5", "moe": "#fbd9b0", "norm": "#cdebc8",
-           "linear": "#e2e6ea", "elementwise": "#f4f1d0", "movement": "#f7f7f7"}   # by OpDef.family
+           "linear": "#e2e6ea", "elementwise": "#f4f1d0", "movement": "#f7f7f7",
+           "collective": "#f5c6cb"}   # by OpDef.family
 CHAR_W, ROW_H, BOX_H, GAP = 6.6, 74, 40, 18
 
 

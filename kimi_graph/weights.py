@@ -51,10 +51,34 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 class WeightSource:
     """The parameters a graph declares (name -> TensorType) and a way to produce each one on
-    `device` in its declared dtype: `fetch(name)`. On the meta device nothing is read."""
+    `device` in its declared dtype: `fetch(name)`. On the meta device nothing is read.
+
+    A sharded graph (passes/shard.py) declares one rank's slice of some parameters
+    (`slices`: name -> [dim, start, end, whole size]; `whole(name)`: the checkpoint's type) and
+    leaves out others (`elsewhere`: other ranks' experts); a source produces just its part."""
 
     def __init__(self, g: Graph, device: str | torch.device = "cpu"):
         self.types, self.device = param_shapes(g), torch.device(device)
+        shard = g.meta.get("shard", {})
+        self.slices = {n: tuple(s) for n, s in shard.get("slices", {}).items()}
+        self.elsewhere = set(shard.get("elsewhere", ()))    # parameters other ranks hold
+
+    def whole(self, name: str) -> TensorType:
+        """The checkpoint's type of a parameter (its declared type unless sliced)."""
+        ty = self.types[name]
+        if name not in self.slices:
+            return ty
+        d, _, _, size = self.slices[name]
+        shape = list(ty.shape)
+        shape[d] = size
+        return ty.with_shape(shape)
+
+    def index(self, name: str) -> tuple[slice, ...] | None:
+        """The slice of the whole tensor this rank reads, as an index (None: all of it)."""
+        if name not in self.slices:
+            return None
+        d, start, end, _ = self.slices[name]
+        return (slice(None),) * d + (slice(start, end),)
 
     def empty(self, name: str, device: str | torch.device | None = None) -> torch.Tensor:
         ty = self.types[name]
@@ -89,16 +113,19 @@ class CheckpointSource(WeightSource):
         self.where: dict[str, tuple] = {}       # parameter -> (file handle, stored name, index)
         found: dict[str, tuple[int, ...]] = {}
         problems: dict[str, list[str]] = {"unexpected": [], "not floating point": [], "in two files": []}
+        known = {**self.types, **dict.fromkeys(self.elsewhere)}
         for f in checkpoint_files(self.path):
             try:
                 handle = safe_open(str(f), framework="pt", device="cpu")
                 for key in handle.keys():
                     header = handle.get_slice(key)
-                    provided = intake(key, tuple(header.get_shape()), self.types)   # peers' names too
+                    provided = intake(key, tuple(header.get_shape()), known)   # peers' names too
                     if provided is None:
                         problems["unexpected"].append(key)
                         continue
                     for name, index, shape in provided:
+                        if name in self.elsewhere:
+                            continue
                         if name in found:
                             problems["in two files"].append(name)
                             continue
@@ -110,8 +137,8 @@ class CheckpointSource(WeightSource):
             except (SafetensorError, OSError, RuntimeError, ValueError) as e:
                 raise WeightError(f"cannot read {f}: {e}") from None
         problems["missing"] = [n for n in self.types if n not in found]
-        problems["misshaped"] = [f"{n}: expected {list(self.types[n].shape)}, got {list(found[n])}"
-                                 for n in found if found[n] != tuple(self.types[n].shape)]
+        problems["misshaped"] = [f"{n}: expected {list(self.whole(n).shape)}, got {list(found[n])}"
+                                 for n in found if found[n] != tuple(self.whole(n).shape)]
         parts = [f"{kind} ({len(names)}): " + ", ".join(_trim(sorted(names)))
                  for kind, names in problems.items() if names]
         if parts:
@@ -120,8 +147,13 @@ class CheckpointSource(WeightSource):
     def _read(self, name: str) -> torch.Tensor:
         ty = self.types[name]
         handle, key, index = self.where[name]
+        part = self.index(name)         # a rank's slice: read only those bytes where it can
         try:
-            t = handle.get_slice(key)[index] if index else handle.get_tensor(key)
+            if index:
+                t = handle.get_slice(key)[index]
+                t = t[part].contiguous() if part else t
+            else:
+                t = handle.get_slice(key)[part] if part else handle.get_tensor(key)
         except Exception as e:          # safetensors raises its own error types
             raise WeightError(f"cannot read {name} from {self.path}: {e}") from None
         return t.to(device=self.device, dtype=TORCH_DTYPES[ty.dtype])
@@ -135,7 +167,10 @@ class RandomSource(WeightSource):
         self.seed = seed
 
     def _read(self, name: str) -> torch.Tensor:
-        return random_tensor(name, self.types[name], self.seed, self.device)
+        """A rank's slice is cut from the whole draw, so every rank's slices agree."""
+        t = random_tensor(name, self.whole(name), self.seed, self.device)
+        part = self.index(name)
+        return t if part is None else t[part].clone()
 
 
 def load_safetensors(path: str | Path, g: Graph, device: str = "cpu",

@@ -38,7 +38,21 @@ def cost_facts(g, dims: dict[str, int]) -> dict:
     cost = graph_cost(g, dims)
     tokens = dims.get("B", 1) * dims.get("T", 1)
     return {"num_ops": len(g), "op_counts": g.op_counts(), "num_params": len(g.params),
-            "flops_per_token": cost["flops"] / tokens, "bytes_per_token": cost["bytes"] / tokens}
+            "flops_per_token": cost["flops"] / tokens, "bytes_per_token": cost["bytes"] / tokens,
+            "link_bytes_per_token": cost["link_bytes"] / tokens}
+
+
+def sharded(pipeline: str | None) -> dict:
+    """A pipeline that starts with `shard{...}`: the model is one rank's part (its weights are
+    counted as that rank holds them) and the rest of the pipeline optimizes it."""
+    from ..passes import parse_pipeline
+    from ..passes.manager import format_step
+    steps = parse_pipeline(pipeline) if pipeline else []
+    if not steps or steps[0][0] != "shard":
+        return {"pipeline": pipeline}
+    from ..parallel import Layout
+    rest = ",".join(format_step(*s) for s in steps[1:])
+    return {"pipeline": rest or None, "layout": Layout(**steps[0][1])}
 
 
 def run(args) -> int:
@@ -59,7 +73,7 @@ def run(args) -> int:
     facts = summarize(cfg, g if args.mode == "prefill" and not args.stateful and args.dtype == "bf16"
                       else None)
     model = KimiModel(cfg, {}, dtype=TORCH_DTYPES[args.dtype], device="meta",
-                      router_weights="official", pipeline=args.pipeline)
+                      router_weights="official", **sharded(args.pipeline))
     final, records = g, []
     if args.pipeline:
         from ..passes import PassManager
@@ -76,7 +90,8 @@ def run(args) -> int:
                              "passes": [r.as_dict() for r in records]}
         if "absorb_mla" in final.meta:
             facts["pipeline"]["absorb_mla"] = final.meta["absorb_mla"]
-    facts.update(weight_facts(model, g, {(args.mode, args.stateful or args.mode == "decode"): final}))
+    key = (args.mode, args.stateful or args.mode == "decode")
+    facts.update(weight_facts(model, model.build(*key) if model.layout else g, {key: final}))
     if args.svg:
         from ..svg import render_svg
 
@@ -107,8 +122,11 @@ def format_comparison(p: dict) -> str:
     lines = [f"{'per token (' + dims + ')':<34}{'before':>16}{'after':>16}",
              f"{'ops':<34}{b['num_ops']:>16}{a['num_ops']:>16}",
              f"{'GFLOPs':<34}{b['flops_per_token'] / 1e9:>16.4f}{a['flops_per_token'] / 1e9:>16.4f}",
-             f"{'GB moved':<34}{b['bytes_per_token'] / 1e9:>16.4f}{a['bytes_per_token'] / 1e9:>16.4f}",
-             f"{'op kind':<34}{'before':>16}{'after':>16}"]
+             f"{'GB moved':<34}{b['bytes_per_token'] / 1e9:>16.4f}{a['bytes_per_token'] / 1e9:>16.4f}"]
+    if b["link_bytes_per_token"] or a["link_bytes_per_token"]:      # collectives: sent per rank
+        lines.append(f"{'MB sent to other ranks':<34}{b['link_bytes_per_token'] / 1e6:>16.4f}"
+                     f"{a['link_bytes_per_token'] / 1e6:>16.4f}")
+    lines.append(f"{'op kind':<34}{'before':>16}{'after':>16}")
     for k in sorted(set(b["op_counts"]) | set(a["op_counts"])):
         lines.append(f"  {k:<32}{b['op_counts'].get(k, 0):>16}{a['op_counts'].get(k, 0):>16}")
     return "\n".join(lines)

@@ -34,7 +34,7 @@ def get_op(kind: str) -> "OpDef":
         raise IRError(f"unknown op {kind!r}; registered: {', '.join(sorted(REGISTRY))}") from None
 
 
-FAMILIES = ("kda", "attention", "moe", "norm", "linear", "elementwise", "movement")
+FAMILIES = ("kda", "attention", "moe", "norm", "linear", "elementwise", "movement", "collective")
 
 
 class OpDef:
@@ -94,6 +94,11 @@ class OpDef:
                     dims: dict[str, int]) -> float:
         """Default: read every operand once, write every result once."""
         return float(sum(t.nbytes(dims) for t in list(ins) + list(outs)))
+
+    def link_bytes(self, ins: Sequence[TensorType], outs: Sequence[TensorType], attrs: dict,
+                   dims: dict[str, int]) -> float:
+        """Bytes one rank sends to the others (collectives); 0 for ops local to a device."""
+        return 0.0
 
 
 class Required:

@@ -33,7 +33,9 @@ def tables() -> dict[str, dict]:
 
 def refusals() -> dict[str, dict[str, str]]:
     """Per operator set, the op kinds it does not lower, each with the reason."""
-    return {ops: {} for ops in OP_SETS}
+    sharded = ("an op of sharded graphs (passes/shard.py), which run over torch.distributed; "
+               "an ONNX export is the whole model on one device")
+    return {ops: {k: sharded for k in ("all_reduce", "all_gather", "local_experts")} for ops in OP_SETS}
 
 
 def ir_version_for(opset: int) -> int:

@@ -92,6 +92,24 @@ def _kda_chunk_as_recurrence(args, attrs):
     return get_op("kda_fused_recurrent").ref(args, {k: attrs[k] for k in ("scale", "l2norm_eps")})
 
 
+def _all_reduce(args, attrs):
+    """A functional collective: torch.compile traces it (the reference's in-place call it cannot)."""
+    import torch.distributed._functional_collectives as funcol
+
+    from kimi_graph.parallel import process_group
+    return [funcol.wait_tensor(funcol.all_reduce(args[0], "sum", process_group(attrs["group"], attrs["size"])))]
+
+
+def _all_gather(args, attrs):
+    import torch.distributed._functional_collectives as funcol
+
+    from kimi_graph.parallel import process_group
+    x = args[0].contiguous()
+    group = process_group(attrs["group"], attrs["size"])
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor   # torch < 2.12
+    return [funcol.wait_tensor(gather(x, attrs["dim"] % x.dim(), group))]
+
+
 @dataclass(frozen=True)
 class Lowering:
     how: str                              # CUSTOM or INLINE
@@ -106,8 +124,11 @@ LOWERING: dict[str, Lowering] = {
         "add", "sub", "mul", "div", "neg", "exp", "sigmoid", "silu", "softplus", "scale", "cast",
         "linear", "matmul", "rmsnorm", "l2norm", "reshape", "transpose", "slice", "concat",
         "expand", "zeros_like", "take_along", "renormalize", "causal_conv1d", "causal_attention",
-        "stack")},
+        "stack", "local_experts")},
     "embedding": Lowering(INLINE, _embedding),
+    # collectives of sharded graphs: torch.distributed's functional collectives
+    "all_reduce": Lowering(INLINE, _all_reduce),
+    "all_gather": Lowering(INLINE, _all_gather),
     # data-dependent primitives
     "grouped_topk": Lowering(CUSTOM),
     "moe_expert": Lowering(CUSTOM, _moe_expert),

@@ -52,6 +52,9 @@ REFERENCE: dict[str, str] = {
                               "stack", "embedding")},
     **{k: _UNFUSED for k in ("grouped_topk", "take_along", "renormalize", "moe_expert", "l2norm")},
     "moe_experts": "ONNX Runtime's legalised form; fuse-moe-dispatch gives this backend its three kernels",
+    **{k: "a collective: torch.distributed (NCCL) between the kernels, capturable in a CUDA graph"
+       for k in ("all_reduce", "all_gather")},
+    "local_experts": "an index remap over [tokens, top_k] before the expert kernels: torch does as well",
 }
 
 
