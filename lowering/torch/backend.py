@@ -7,7 +7,8 @@ layer of its kind, so compile time does not grow with depth) or as one graph. Th
 graph leaves symbolic (batch, sequence, cache window) are marked dynamic at the first call,
 so a growing context does not recompile. Compiled artifacts persist across processes in
 Inductor's FX graph and AOTAutograd caches (on by default; TORCHINDUCTOR_CACHE_DIR says where).
-Options: compile (False), mode (None; "reduce-overhead" captures CUDA graphs on GPU),
+Options: compile (False), mode (None; "reduce-overhead" or "max-autotune": each decode step
+is replayed as one CUDA graph on GPU, prefill runs compiled without graphs),
 regional (None: yes, except with compile_backend="kimi_graph", whose pipeline must see the
 whole model), dynamic (None: the marked dims; True: every dim; False:
 none), compile_backend ("inductor", or "kimi_graph"),
@@ -42,7 +43,11 @@ from .fx import lower
 from .importer import import_fx, input_positions
 from .ops import functional
 from .regions import MarkDynamic, RegionalModule, symbolic_dims
+from .step_graphs import StepGraphs
 
+# CUDA-graph modes: Inductor compiles without its own graphs, the executor captures whole
+# decode steps instead (step_graphs.py says why)
+INDUCTOR_MODE_WITHOUT_GRAPHS = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}
 EXECUTOR_OPTIONS = {"compile": False, "mode": None, "regional": None, "dynamic": None,
                     "compile_backend": "inductor", "check_inputs": True, "kernels": "torch"}
 
@@ -96,15 +101,18 @@ class TorchExecutor:
 
     @property
     def cudagraphs(self) -> bool:
-        return self.compile and self.mode in ("reduce-overhead", "max-autotune")
+        return self.compile and self.mode in INDUCTOR_MODE_WITHOUT_GRAPHS
 
-    def function(self, g: Graph) -> Callable:
-        """The lowered (and compiled) module for `g`, built once."""
+    def function(self, g: Graph, device: torch.device) -> Callable:
+        """The lowered (and compiled) module for `g`, built once. With a CUDA-graph mode, the
+        decode graph (one token per row) on CUDA replays whole steps (step_graphs.py)."""
         if id(g) not in self._fns:
             compile_fn = None
             if self.compile:
+                mode = INDUCTOR_MODE_WITHOUT_GRAPHS.get(self.mode, self.mode)
+
                 def compile_fn(f):
-                    return torch.compile(f, backend=self.compile_backend, mode=self.mode,
+                    return torch.compile(f, backend=self.compile_backend, mode=mode,
                                          dynamic=self.dynamic, fullgraph=True)
             if self.compile and self.regional:
                 fn = RegionalModule(g, self.weights, compile_fn, mark_dynamic=self.dynamic is None)
@@ -114,19 +122,20 @@ class TorchExecutor:
                     fn = compile_fn(fn)
                     if self.dynamic is None and self.compile_backend != "kimi_graph":   # static only
                         fn = MarkDynamic(symbolic_dims(g), fn)
+            ids = g.types.get("%input_ids")
+            if self.cudagraphs and device.type == "cuda" and ids is not None and ids.shape[-1] == 1:
+                fn = StepGraphs(fn, device)
             self._fns[id(g)] = (g, fn)
             self._checked_ops[id(g)] = [op for op in g.ops() if op.kind in ("embedding", "cache_write")]
         return self._fns[id(g)][1]
 
     def __call__(self, g: Graph, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         inputs = {(k if k.startswith("%") else "%" + k): v for k, v in inputs.items()}
-        fn = self.function(g)
+        fn = self.function(g, next((v.device for v in inputs.values()), torch.device("cpu")))
         if self.check_inputs:
             check_inputs(g, inputs, self._checked_ops[id(g)])
-        if self.cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
         outs = fn(*[inputs[n] for n in g.inputs])
-        return [o.clone() for o in outs] if self.cudagraphs else list(outs)
+        return [o.clone() for o in outs] if isinstance(fn, StepGraphs) else list(outs)
 
 
 def check_inputs(g: Graph, inputs: dict[str, torch.Tensor], ops=None) -> None:
