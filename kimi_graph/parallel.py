@@ -152,3 +152,15 @@ def init_process_group_from_env(device: str = "auto") -> str:
         dist.init_process_group("nccl" if cuda else "gloo",
                                 device_id=torch.device("cuda", local) if cuda else None)
     return f"cuda:{local}" if cuda else "cpu"
+
+
+def follow_rank_zero() -> bool:
+    """Every rank runs the same program on the same inputs and only rank 0 prints: the other
+    ranks' stdout goes to /dev/null (their stderr stays, for errors). -> is this rank 0?"""
+    import sys
+
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+        return False
+    return True

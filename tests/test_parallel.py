@@ -146,3 +146,11 @@ def test_two_processes_tp_and_ep(tmp_path):
 def test_four_processes_tp_with_ep(tmp_path):
     jobs = [("tp=2,ep=2", None, "interpreter")]
     _check(_run_ranks(4, jobs, tmp_path), jobs, 4)
+
+
+def test_generate_parallel_needs_torchrun(capsys, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    from kimi_graph.cli import main
+    assert main(["generate", "tiny", "--ids", "1,2", "--parallel", "tp=2", "--device", "cpu"]) == 2
+    assert "start them with torchrun" in capsys.readouterr().err

@@ -41,6 +41,9 @@ def add_arguments(p):
     p.add_argument("--pipeline", default=None, help="pass pipeline to run before execution")
     p.add_argument("--router-weights", choices=("official", "unbiased"), default="official",
                    help="official: as the remote modeling code; unbiased: as transformers >= 5 and vLLM")
+    p.add_argument("--parallel", default=None,
+                   help="tp=N, ep=M or tp=N,ep=M: this process is one of N*M ranks started by "
+                        "torchrun (torchrun --nproc-per-node N -m kimi_graph generate ...); rank 0 prints")
 
 
 def pick_backend(backend: str, model: str) -> str:
@@ -68,9 +71,16 @@ def run(args) -> int:
 
     if args.chat and args.prompt is None:
         raise ValueError("--chat needs --prompt")
-    model = load(args.model, dtype=TORCH_DTYPES[args.dtype], device=args.device, seed=args.seed,
+    device, timing = args.device, True
+    if args.parallel is not None:
+        from ..parallel import follow_rank_zero, init_process_group_from_env
+        if args.interactive:
+            raise ValueError("--interactive reads stdin on one process; with --parallel give --prompt or --ids")
+        device = init_process_group_from_env(args.device)
+        timing = follow_rank_zero()
+    model = load(args.model, dtype=TORCH_DTYPES[args.dtype], device=device, seed=args.seed,
                  backend=pick_backend(args.backend, args.model), pipeline=args.pipeline,
-                 router_weights=args.router_weights)
+                 router_weights=args.router_weights, parallel=args.parallel)
     tok = None
     if args.ids is None or args.tokenizer:
         tok = load_tokenizer(args.tokenizer, model.config.vocab_size) if args.tokenizer else model.tokenizer
@@ -91,11 +101,14 @@ def run(args) -> int:
     else:
         prompt = tok.encode(args.prompt)
     engine = Engine(model, 1, min(len(prompt) + params.max_new_tokens, model.config.model_max_length))
-    _print_stream(engine.stream(prompt, params), len(prompt), tok, args.print_ids)
+    _print_stream(engine.stream(prompt, params), len(prompt), tok, args.print_ids, timing)
+    if args.parallel is not None:
+        import torch.distributed as dist
+        dist.destroy_process_group()
     return 0
 
 
-def _print_stream(tokens, n_prompt: int, tok, print_ids: bool) -> list[int]:
+def _print_stream(tokens, n_prompt: int, tok, print_ids: bool, timing: bool = True) -> list[int]:
     """Write tokens as they come (text without special tokens, or ids); timing to stderr."""
     import time
 
@@ -111,8 +124,9 @@ def _print_stream(tokens, n_prompt: int, tok, print_ids: bool) -> list[int]:
     sys.stdout.write((text.flush() if text else "") + "\n")
     n = len(out)
     rate = (n - 1) / (end - first) if n > 1 and end > first else float("nan")
-    print(f"[{n_prompt} prompt tokens, {n} new; first token {(first - t0) * 1e3:.1f} ms, "
-          f"then {rate:.1f} tokens/s]", file=sys.stderr)
+    if timing:
+        print(f"[{n_prompt} prompt tokens, {n} new; first token {(first - t0) * 1e3:.1f} ms, "
+              f"then {rate:.1f} tokens/s]", file=sys.stderr)
     return out
 
 
