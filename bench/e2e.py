@@ -5,6 +5,8 @@ kernels when importable) as the baseline in the same run; the long-context table
 
     python bench/e2e.py                                   # 27 layers, every phase
     python bench/e2e.py --layers 8 --phases ours,hf       # a slice
+    python bench/e2e.py --phases ours --backend torch --graphs off --name e2e-compiled \
+        --backend-options '{"compile": true, "mode": "reduce-overhead", "kernels": "triton"}'
     python bench/e2e.py --config tiny --device cpu --phases ours --batches 1,2 --contexts 64 \
         --prefill 1x32,2x16                               # CPU smoke test (TRITON_INTERPRET=1)
 
@@ -142,7 +144,7 @@ def load_ours(cfg: KimiLinearConfig, args) -> tuple[object, dict]:
     free_memory()
     t0 = time.perf_counter()
     model = kimi_graph.load(cfg, dtype=args.torch_dtype, device=args.device, pipeline=args.pipeline,
-                            backend=args.backend)
+                            backend=args.backend, **json.loads(args.backend_options))
     for mode in ("prefill", "decode"):
         model.get_graph(mode, stateful=True)
     sync(args.device)
@@ -380,6 +382,9 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backend", default="triton")
+    ap.add_argument("--backend-options", default="{}",
+                    help='JSON, e.g. \'{"compile": true, "mode": "reduce-overhead", "kernels": "triton"}\' '
+                         'with --backend torch --graphs off (the torch backend captures its own graphs)')
     ap.add_argument("--pipeline", default="default")
     ap.add_argument("--prefill", default="1x4096,1x16384,32x1024", help="BxT prompt shapes")
     ap.add_argument("--batches", default="1,8,32,128,256")
