@@ -144,7 +144,7 @@ def load_ours(cfg: KimiLinearConfig, args) -> tuple[object, dict]:
     free_memory()
     t0 = time.perf_counter()
     model = kimi_graph.load(cfg, dtype=args.torch_dtype, device=args.device, pipeline=args.pipeline,
-                            backend=args.backend, **json.loads(args.backend_options))
+                            backend=args.backend, experts=args.experts, **json.loads(args.backend_options))
     for mode in ("prefill", "decode"):
         model.get_graph(mode, stateful=True)
     sync(args.device)
@@ -386,6 +386,8 @@ def main(argv=None) -> None:
                     help='JSON, e.g. \'{"compile": true, "mode": "reduce-overhead", "kernels": "triton"}\' '
                          'with --backend torch --graphs off (the torch backend captures its own graphs)')
     ap.add_argument("--pipeline", default="default")
+    ap.add_argument("--experts", default=None, choices=("int4", "int8", "fp8"),
+                    help="low-bit routed experts (load's experts=; default: the model dtype)")
     ap.add_argument("--prefill", default="1x4096,1x16384,32x1024", help="BxT prompt shapes")
     ap.add_argument("--batches", default="1,8,32,128,256")
     ap.add_argument("--contexts", default="1024,32768")

@@ -13,7 +13,7 @@ from .finite import check_finite_logits, check_finite_weights
 from .interpreter import run_graph
 from .ir import Graph
 from .model import build_graph
-from .ops import IR_DTYPES, TORCH_DTYPES
+from .ops import FLOAT_DTYPES, IR_DTYPES, TORCH_DTYPES
 from .ops.tensor import check_token_ids
 from .presets import PRESETS
 from .weight_transforms import WeightTransforms
@@ -95,6 +95,21 @@ def resolve_device(device) -> str:
     return name
 
 
+EXPERTS = ("int4", "int8", "fp8")     # low-bit routed experts (kimi_graph/ops/quant.py)
+
+
+def experts_pipeline(pipeline: str | None, experts: str | None) -> str | None:
+    """`pipeline` (default: "default") followed by quantize-experts and fold-constants for
+    `experts` ("int4" | "int8" | "fp8", group 128); `pipeline` itself for None or "bf16"."""
+    if experts in (None, "bf16"):
+        return pipeline
+    if experts not in EXPERTS:
+        raise ValueError(f"experts={experts!r}: choose one of {', '.join(EXPERTS)} (or None for "
+                         "the model dtype)")
+    from .passes.quantize_experts import quantize_pipeline
+    return f"{pipeline or 'default'},{quantize_pipeline(experts)}"
+
+
 def interpreter_backend(model: "KimiModel"):
     return lambda graph, inputs: run_graph(graph, inputs, model.weights)
 
@@ -117,6 +132,7 @@ class KimiModel:
         self.pipeline, self.backend, self.options = pipeline, backend, dict(options or {})
         self.source, self.transforms = source, WeightTransforms()
         self.layout = layout           # parallel.Layout: this rank's part of a sharded model
+        self.experts: str | None = None      # low-bit routed experts (load's `experts`)
         self.load_stats: dict = {}     # load(): seconds for graphs and weights, estimated bytes
         self._graphs: dict[tuple[str, bool], Graph] = {}
         self._executor = None
@@ -250,7 +266,7 @@ class KimiModel:
 def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, device: str = "cpu",
          router_weights: str = "official", seed: int = 0, pipeline: str | None = None,
          backend: str = "interpreter", progress: bool | None = None, check_finite: bool = True,
-         parallel: str | None = None, **options) -> KimiModel:
+         parallel: str | None = None, experts: str | None = None, **options) -> KimiModel:
     """Load a model directory (HF layout: config.json + safetensors) or a preset.
 
     Presets get seeded random weights, drawn on `device`. `router_weights`: "official" (the
@@ -267,9 +283,11 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
     refused (ValueError), on every backend.
     `parallel`: "tp=N", "ep=M" or "tp=N,ep=M" inside an initialized torch.distributed process
     group of N*M ranks: this rank's part of the model (passes/shard.py), its slice of the
-    weights and of the caches; every rank returns the whole logits."""
-    if not isinstance(dtype, torch.dtype) or dtype not in IR_DTYPES or \
-            dtype in (torch.int64, torch.int32, torch.bool):
+    weights and of the caches; every rank returns the whole logits.
+    `experts`: "int4" | "int8" | "fp8" quantizes the routed experts' weights as they load
+    (layer by layer, on `device`: the full-precision model is never held), after `pipeline`
+    (default "default"); see experts_pipeline."""
+    if not isinstance(dtype, torch.dtype) or IR_DTYPES.get(dtype) not in FLOAT_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}: use torch.float32, torch.bfloat16, "
                          "torch.float16 or torch.float64")
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -277,6 +295,7 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     check_options(backend, options)
+    pipeline = experts_pipeline(pipeline, experts)
     device = resolve_device(device)
     config, path = resolve_config(model)
     layout = None
@@ -287,6 +306,7 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
         layout = init_mesh(parallel).layout
     m = KimiModel(config, {}, dtype=dtype, device=device, router_weights=router_weights, path=path,
                   pipeline=pipeline, backend=backend, options=options, layout=layout)
+    m.experts = experts
     g = m.build()
     from .runtime.ort_engine import is_onnx_export
     if path is not None and is_onnx_export(path):
@@ -300,8 +320,9 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
     m.source = CheckpointSource(path, g, device) if path is not None else RandomSource(g, seed, device)
     what = (f"{model}" if isinstance(model, (str, Path)) else f"a {config.num_hidden_layers}-layer model") \
         + f" in {str(dtype).removeprefix('torch.')}"
-    _check_fits(m, sum(m.source.types[n].nbytes() for n in m.source.types),
-                what + " (its declared weights)")
+    if experts in (None, "bf16"):     # low-bit experts: only what the pipeline holds must fit
+        _check_fits(m, sum(m.source.types[n].nbytes() for n in m.source.types),
+                    what + " (its declared weights)")
     t0 = time.perf_counter()
     names = m.build_graphs(None if pipeline else {GRAPHS[0]: g})
     from .loading import estimate, load_weights

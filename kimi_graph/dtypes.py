@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import torch
 
-DTYPES = ("f64", "f32", "f16", "bf16", "i64", "i32", "bool")
+# u8 and f8e4m3 (float8 e4m3fn) hold quantized weights only (packed codes; see ops/quant.py)
+DTYPES = ("f64", "f32", "f16", "bf16", "i64", "i32", "bool", "u8", "f8e4m3")
 FLOAT_DTYPES = ("f64", "f32", "f16", "bf16")
-DTYPE_BYTES = {"f64": 8, "f32": 4, "f16": 2, "bf16": 2, "i64": 8, "i32": 4, "bool": 1}
+DTYPE_BYTES = {"f64": 8, "f32": 4, "f16": 2, "bf16": 2, "i64": 8, "i32": 4, "bool": 1, "u8": 1,
+               "f8e4m3": 1}
 TORCH_DTYPES = {"f64": torch.float64, "f32": torch.float32, "f16": torch.float16,
-                "bf16": torch.bfloat16, "i64": torch.int64, "i32": torch.int32, "bool": torch.bool}
+                "bf16": torch.bfloat16, "i64": torch.int64, "i32": torch.int32, "bool": torch.bool,
+                "u8": torch.uint8, "f8e4m3": torch.float8_e4m3fn}
 IR_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 
 

@@ -216,7 +216,8 @@ def check_fits(needed: int, device, what: str, alternatives: dict[str, int]) -> 
         "no supported dtype fits" + (f" ({others})" if others else "")
     raise InsufficientMemoryError(
         f"{what} needs {gb(needed)} but {device} has {gb(free)} free; {hint}. "
-        "Low-bit experts and loading across several GPUs are not supported yet.")
+        "Low-bit experts (load(..., experts='int4' | 'fp8' | 'int8'), --experts) hold less; "
+        "loading across several GPUs is not supported yet.")
 
 
 def progress_bar(total: int, show: bool, label: str = "loading weights"):

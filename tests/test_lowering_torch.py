@@ -76,7 +76,8 @@ def test_table_maps_every_registered_op_once():
 
 def captured_samples() -> dict[str, tuple[list, dict]]:
     """Real operands of every custom op kind, captured while the interpreter runs the tiny
-    graphs before and after the default pipeline (which introduces the fused ops)."""
+    graphs before and after the default pipeline (which introduces the fused ops), and with
+    int4 experts."""
     seen: dict[str, tuple[list, dict]] = {}
 
     def spy(kind):
@@ -86,7 +87,7 @@ def captured_samples() -> dict[str, tuple[list, dict]]:
         return fn
 
     impls = {k: spy(k) for k in custom_kinds()}
-    for pipeline in (None, "default"):
+    for pipeline in (None, "default", "default,quantize-experts,fold-constants"):
         for mode, stateful in GRAPHS:
             g, w = graph_and_weights(1, mode, stateful, pipeline=pipeline)
             run_graph(g, example_inputs(g, batch=2, seq=5, cache_len=8), w, impls=impls)

@@ -53,6 +53,25 @@ def _experts(dt, gen):
     return [r(B, T, D), ids, r(B, T, 2), r(E, 6, D), r(E, D, 3), r(B, T, D)], {}
 
 
+def _quantized(kind: str, fmt: str, symmetric: bool = True):
+    """Quantized expert weights (w13 [E,6,D], w2 [E,D,4]: D=6 and I=4 rows are one group)."""
+    from kimi_graph.ops.quant import quantize
+
+    def make(dt, gen):
+        args, _ = _experts(dt, gen)
+        if kind == "quantized_grouped_swiglu":
+            rows = args[0].reshape(-1, D)[:7]
+            lead, tail = [rows, torch.tensor([0, 2, 2, 5, 7])], []
+        else:
+            lead, tail = args[:3], args[5:]
+        w13 = torch.randn(E, 8, D, generator=gen, dtype=torch.float64).to(dt)
+        w2 = torch.randn(E, D, 4, generator=gen, dtype=torch.float64).to(dt)
+        (q13, s13, z13), (q2, s2, z2) = (quantize(w, fmt, 128, symmetric) for w in (w13, w2))
+        zeros = [] if symmetric else [z13, z2]
+        return lead + [q13, s13, q2, s2] + tail + zeros, {"format": fmt}
+    return make
+
+
 def _simple(shapes, **attrs):
     def make(dt, gen):
         return [torch.randn(*s, generator=gen, dtype=torch.float64).to(dt) for s in shapes], attrs
@@ -69,6 +88,8 @@ SAMPLES = {
     "moe_route": [_route("official", 2), _route("unbiased", 1)],
     "stack": [_simple([(3, D), (3, D), (3, D)])],
     "moe_experts": [_experts],
+    **{k: [_quantized(k, "int4"), _quantized(k, "int8", False), _quantized(k, "fp8")]
+       for k in ("quantized_grouped_swiglu", "quantized_moe_experts")},
 }
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 

@@ -3,6 +3,8 @@ model needs, compile it for each target (no GPU needed) and write sources, binar
 manifest (kernel, target, config, source hash, triton version)."""
 from __future__ import annotations
 
+from .output import add_experts_option
+
 
 def add_arguments(p):
     p.add_argument("model", help="model directory (config.json) or preset name")
@@ -10,6 +12,7 @@ def add_arguments(p):
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--pipeline", default="default", help="pass pipeline before lowering ('none': as declared)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
+    add_experts_option(p)
     p.add_argument("--tuning", help="a per-device tuning file (from the autotuner) to apply and ship")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--force", action="store_true",
@@ -32,12 +35,13 @@ def owned(path):
 def run(args) -> int:
     from collections import Counter
 
+    from ..api import experts_pipeline
     from ..lowering.triton.aot import compile_model
     from ..lowering.triton.targets import parse_targets
     from .output import output_dir
     targets = parse_targets(args.target)
     output_dir(args.out, args.force, owned)
-    pipeline = None if args.pipeline in ("", "none") else args.pipeline
+    pipeline = experts_pipeline(None if args.pipeline in ("", "none") else args.pipeline, args.experts)
     m = compile_model(args.model, targets, args.out, pipeline=pipeline, dtype=args.dtype, tuning=args.tuning,
                       log=(lambda *_: None) if args.quiet else print)
     per_target = Counter(e["target"] for e in m["kernels"])

@@ -2,6 +2,8 @@
 onnxruntime-genai model, weights, config, tokenizer files and genai_config.json."""
 from __future__ import annotations
 
+from .output import add_experts_option
+
 DTYPES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "bf16": "bfloat16"}
 
 
@@ -14,6 +16,7 @@ def add_arguments(p):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--opset", type=int, default=None, help="ai.onnx opset (None: 23; 27 for --ops standard)")
     p.add_argument("--pipeline", default=None, help="pass pipeline to run first (e.g. default)")
+    add_experts_option(p)
     p.add_argument("--router-weights", choices=("official", "unbiased"), default="official",
                    help="official: as the remote modeling code; unbiased: as transformers >= 5 and vLLM")
     p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
@@ -50,7 +53,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     output_dir(args.out, args.force, owned)
     model = load(args.model, dtype=getattr(torch, DTYPES[args.dtype]), router_weights=args.router_weights,
-                 seed=args.seed, pipeline=args.pipeline)
+                 seed=args.seed, pipeline=args.pipeline, experts=args.experts)
     man = export_model(model, args.out, ops=args.ops, opset=args.opset,
                        genai=not args.no_genai, check_models=not args.no_check)
     print(f"exported {args.model} ({args.ops}, {args.dtype}, opset {man['opset']}, IR {man['ir_version']}) "

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 
+from .output import add_experts_option
+
 DTYPES = ("f32", "bf16", "f16", "f64")
 
 
@@ -39,6 +41,7 @@ def add_arguments(p):
                    help="interpreter, torch, triton, onnxruntime; auto: onnxruntime for an "
                         "export-onnx directory, else interpreter")
     p.add_argument("--pipeline", default=None, help="pass pipeline to run before execution")
+    add_experts_option(p)
     p.add_argument("--router-weights", choices=("official", "unbiased"), default="official",
                    help="official: as the remote modeling code; unbiased: as transformers >= 5 and vLLM")
     p.add_argument("--parallel", default=None,
@@ -80,7 +83,7 @@ def run(args) -> int:
         timing = follow_rank_zero()
     model = load(args.model, dtype=TORCH_DTYPES[args.dtype], device=device, seed=args.seed,
                  backend=pick_backend(args.backend, args.model), pipeline=args.pipeline,
-                 router_weights=args.router_weights, parallel=args.parallel)
+                 router_weights=args.router_weights, parallel=args.parallel, experts=args.experts)
     tok = None
     if args.ids is None or args.tokenizer:
         tok = load_tokenizer(args.tokenizer, model.config.vocab_size) if args.tokenizer else model.tokenizer

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import sys
 
+from .output import add_experts_option
+
 
 def add_arguments(p):
     p.add_argument("model", help="model directory (config.json) or preset name")
@@ -17,6 +19,7 @@ def add_arguments(p):
     p.add_argument("--stateful", action="store_true", help="prefill continuing from caches")
     p.add_argument("--no-ir", action="store_true", help="summary only")
     p.add_argument("--pipeline", help="pass pipeline, e.g. 'default' or 'canonicalize,cse,dce'")
+    add_experts_option(p)
     p.add_argument("--print-ir-after-all", action="store_true", help="the IR after every pass (stderr)")
     p.add_argument("--print-ir-before-all", action="store_true", help="the IR before every pass (stderr)")
     p.add_argument("--print-ir-after", metavar="PASSES", default="",
@@ -56,7 +59,7 @@ def sharded(pipeline: str | None) -> dict:
 
 
 def run(args) -> int:
-    from ..api import KimiModel, resolve_config
+    from ..api import KimiModel, experts_pipeline, resolve_config
     from ..model import build_graph
     from ..ops import TORCH_DTYPES
     from ..summary import summarize, weight_facts
@@ -68,6 +71,7 @@ def run(args) -> int:
         raise ValueError("--layer selects what --svg draws; give --svg FILE too")
     if args.tokens < 1 or args.context < 1:
         raise ValueError("--tokens and --context must be >= 1")
+    args.pipeline = experts_pipeline(args.pipeline, args.experts)
     cfg, _ = resolve_config(args.model)
     g = build_graph(cfg, args.mode, stateful=args.stateful, dtype=args.dtype)
     facts = summarize(cfg, g if args.mode == "prefill" and not args.stateful and args.dtype == "bf16"

@@ -53,3 +53,11 @@ def human(n: float, unit: str = "", base: int = 1000) -> str:
 
 def human_bytes(n: float) -> str:
     return human(n, "B", 1024)
+
+
+def add_experts_option(p) -> None:
+    """--experts: low-bit routed experts (kimi_graph.load's `experts`)."""
+    p.add_argument("--experts", choices=("bf16", "int4", "int8", "fp8"), default=None,
+                   help="routed experts' weights: int4 / int8 (group 128) or fp8 (128x128 blocks), "
+                        "quantized as they load, after --pipeline (default: 'default'); "
+                        "bf16 or unset: the model dtype")

@@ -1,5 +1,5 @@
 """The op library. Importing it registers every op; `REGISTRY` maps kind -> OpDef."""
-from . import attention, conv, elementwise, kda, linalg, moe, norm, parallel, tensor  # noqa: F401 (register)
+from . import attention, conv, elementwise, kda, linalg, moe, norm, parallel, quant, tensor  # noqa: F401 (register)
 from .registry import (FLOAT_DTYPES, IR_DTYPES, REGISTRY, REQUIRED, TORCH_DTYPES, OpDef, expect,
                        get_op, register)
 

@@ -16,7 +16,7 @@ DOMAIN = "kimi_graph"          # our fused ops' domain (portable set: each carri
 MS = "com.microsoft"           # ONNX Runtime's contrib ops
 ONNX_DTYPES = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16,
                "f64": TensorProto.DOUBLE, "i64": TensorProto.INT64, "i32": TensorProto.INT32,
-               "bool": TensorProto.BOOL}
+               "bool": TensorProto.BOOL, "u8": TensorProto.UINT8, "f8e4m3": TensorProto.FLOAT8E4M3FN}
 FLOAT = TensorProto.FLOAT
 
 

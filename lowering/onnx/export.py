@@ -35,7 +35,9 @@ def refusals() -> dict[str, dict[str, str]]:
     """Per operator set, the op kinds it does not lower, each with the reason."""
     sharded = ("an op of sharded graphs (passes/shard.py), which run over torch.distributed; "
                "an ONNX export is the whole model on one device")
-    return {ops: {k: sharded for k in ("all_reduce", "all_gather", "local_experts")} for ops in OP_SETS}
+    weight_transform = "a weight transform: fold-constants makes its results parameters before export"
+    return {ops: {**{k: sharded for k in ("all_reduce", "all_gather", "local_experts")},
+                  "quantize": weight_transform} for ops in OP_SETS}
 
 
 def ir_version_for(opset: int) -> int:

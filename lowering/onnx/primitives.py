@@ -6,9 +6,11 @@ Each entry: fn(ctx, op, ins) -> output names, `ins` the ONNX names of op.inputs.
 numerics follow the op library: fp32 statistics, softmax and state (see kimi_graph/ops)."""
 from __future__ import annotations
 
+import torch
+
 from kimi_graph.ops.decompose import decomposable_kinds
 
-from .emitter import FLOAT, ONNX_DTYPES, table_registrar
+from .emitter import FLOAT, ONNX_DTYPES, table_registrar, tensor_proto
 
 TABLE = {}
 
@@ -302,3 +304,34 @@ def moe_expert(ctx, op, ins):
     out = em("ScatterND", accf, rows, contrib, reduction="add")
     return [em("Reshape", out, em("Shape", acc))]
 
+
+
+# -- low-bit weights (ops/quant.py) ------------------------------------------------------
+@maps("dequantize")
+def dequantize(ctx, op, ins):
+    """int4 / int8: codes (int4 unpacked from nibbles) -> blocked DequantizeLinear along K
+    (zero point 2^(bits-1) when none is given); fp8: codes cast and multiplied by the block
+    scales spread over their G x G blocks."""
+    from kimi_graph.ops.quant import BITS, group_of
+    em, fmt = ctx.em, op.attrs["format"]
+    shape = ctx.ty(op.outputs[0]).shape
+    N, K = shape[-2:]
+    G = group_of(fmt, K, op.attrs["group_size"])
+    sdt = ctx.ty(op.inputs[1]).dtype
+    if fmt == "fp8":
+        lead = list(shape[:-2])
+        nb, kb = -(-N // G), -(-K // G)
+        s = em("Unsqueeze", em("Unsqueeze", ins[1], em.ints(-1)), em.ints(-3))          # [.., nb, 1, kb, 1]
+        s = em("Expand", s, em.ints(*lead, nb, G, kb, G))
+        s = em("Reshape", s, em.ints(*lead, nb * G, kb * G))
+        s = em("Slice", s, em.ints(0, 0), em.ints(N, K), em.ints(-2, -1))
+        return [em("Mul", em("Cast", ins[0], to=ONNX_DTYPES[sdt]), s)]
+    codes = ins[0]
+    if fmt == "int4":
+        lo = em("BitwiseAnd", codes, em.const(15, "u8"))
+        hi = em("BitShift", codes, em.const(4, "u8"), direction="RIGHT")
+        pair = em("Concat", em("Unsqueeze", lo, em.ints(-1)), em("Unsqueeze", hi, em.ints(-1)), axis=-1)
+        codes = em("Reshape", pair, em.ints(*shape))
+    zp = ins[2] if len(ins) > 2 else em("ConstantOfShape", em("Shape", ins[1]), value=tensor_proto(
+        "zp", torch.full((1,), 2 ** (BITS[fmt] - 1), dtype=torch.uint8), ONNX_DTYPES["u8"]))
+    return [em("DequantizeLinear", codes, ins[1], zp, axis=len(shape) - 1, block_size=G)]

@@ -147,7 +147,18 @@ LOWERING: dict[str, Lowering] = {
     "moe_unpermute": Lowering(CUSTOM),
     # ONNX Runtime's legalisation only: traced as its decomposition (the dispatch ops' static forms)
     "moe_experts": Lowering(INLINE),
+    # low-bit experts (ops/quant.py): a weight transform, dequantization, the quantized MoE
+    "quantize": Lowering(INLINE),
+    "dequantize": Lowering(INLINE),
+    "quantized_grouped_swiglu": Lowering(CUSTOM, lambda args, attrs: _decomposed_static(
+        "quantized_grouped_swiglu", args, attrs)),
+    "quantized_moe_experts": Lowering(INLINE),
 }
+
+
+def _decomposed_static(kind: str, args, attrs):
+    """`kind`'s decomposition, each op in its static form."""
+    return eager_form(kind, static_form)(args, attrs)
 
 
 def lowering(kind: str) -> Lowering:

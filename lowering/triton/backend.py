@@ -55,6 +55,10 @@ REFERENCE: dict[str, str] = {
     **{k: "a collective: torch.distributed (NCCL) between the kernels, capturable in a CUDA graph"
        for k in ("all_reduce", "all_gather")},
     "local_experts": "an index remap over [tokens, top_k] before the expert kernels: torch does as well",
+    "quantized_moe_experts": "ONNX Runtime's legalised form of the quantized experts",
+    "quantize": "a weight transform: fold-constants computes it when the weights load",
+    "dequantize": "runs inside the quantized grouped SwiGLU kernels; alone, torch's elementwise form",
+    "quantized_grouped_swiglu": "no kernel yet",
 }
 
 
