@@ -200,10 +200,12 @@ class Bench:
         cols = ["load_s", "weight_gb_per_rank"] + [k for r in self.rows for k in r
                                                    if k.startswith(("prefill_", "decode_")) and k.endswith(("tok_s", "ms"))]
         cols = list(dict.fromkeys(cols))
-        print(f"{'':<28}" + "".join(f"{c.replace('_tok_s', ' tok/s').replace('_ms', ' ms'):>22}" for c in cols))
+        names = [c.replace("_tok_s", " tok/s").replace("_ms", " ms").replace("_", " ") for c in cols]
+        width = [max(len(n) + 2, 10) for n in names]
+        print(f"{'':<28}" + "".join(f"{n:>{w}}" for n, w in zip(names, width)))
         for r in self.rows:
-            cells = "".join(f"{r[c]:>22.4g}" if isinstance(r.get(c), float) else f"{str(r.get(c, '')):>22}"
-                            for c in cols)
+            cells = "".join(f"{r[c]:>{w}.4g}" if isinstance(r.get(c), float) else f"{str(r.get(c, '')):>{w}}"
+                            for c, w in zip(cols, width))
             extra = {k: r[k] for k in ("tokens_equal", "logits_rel_err", "greedy_tokens_agreeing", "error") if k in r}
             print(f"{r['what']:<28}{cells}  {extra if extra else ''}")
 

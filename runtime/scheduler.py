@@ -112,15 +112,20 @@ class Scheduler:
     def submit(self, prompt, params: SamplingParams, sink: Sink) -> Request:
         """Queue a request (checked now: GenerationError for one that cannot run, QueueFull
         when `max_queue` requests already wait)."""
-        req = Request(self.check(prompt, params), params, sink, t_submit=time.perf_counter())
-        req.stops = frozenset(params.stop_set(self._eos, self.engine.model.config.vocab_size))
-        req.sampler = Sampler(params, 1)
+        req = self.request(self.check(prompt, params), params, sink)
         with self._cv:
             if len(self._inbox) + len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting; try again later")
             req.id = next(self._ids)
             self._inbox.append(req)
             self._cv.notify()
+        return req
+
+    def request(self, ids: list[int], params: SamplingParams, sink: Sink) -> Request:
+        """A Request for checked prompt `ids`, with its stop set and its own sampler."""
+        req = Request(ids, params, sink, t_submit=time.perf_counter())
+        req.stops = frozenset(params.stop_set(self._eos, self.engine.model.config.vocab_size))
+        req.sampler = Sampler(params, 1)
         return req
 
     def cancel(self, req: Request) -> None:
@@ -147,11 +152,17 @@ class Scheduler:
         if self.on_step:
             self.on_step(len(self.waiting), len(self.running))
 
-    def _take_inbox(self) -> None:
+    def _drain(self) -> tuple[list[Request], set[Request]]:
+        """The requests submitted and cancelled since the last step."""
         with self._cv:
-            self.waiting.extend(self._inbox)
+            new = list(self._inbox)
             self._inbox.clear()
             cancels, self._cancels = self._cancels, set()
+        return new, cancels
+
+    def _take_inbox(self) -> None:
+        new, cancels = self._drain()
+        self.waiting.extend(new)
         for r in cancels:
             if r in self.waiting:
                 self.waiting.remove(r)

@@ -351,16 +351,22 @@ def _usage_chunk(req) -> bool:
 
 
 # -- running it -------------------------------------------------------------------------------
-def build_server(model, *, name: str, max_batch: int = 8, max_len: int = 4096,
-                 api_key: str | None = None, max_queue: int = 256, prefill_chunk: int = 256,
-                 step_tokens: int | None = None, page_size: int | None = None,
-                 prefix_cache_bytes: int = 0, cuda_graphs: bool = False) -> OpenAIServer:
-    """An engine of `max_batch` slots of `max_len` tokens, its scheduler (started), the app."""
+def build_scheduler(model, *, max_batch: int = 8, max_len: int = 4096, max_queue: int = 256,
+                    prefill_chunk: int = 256, step_tokens: int | None = None,
+                    page_size: int | None = None, prefix_cache_bytes: int = 0,
+                    cuda_graphs: bool = False, scheduler_class: type = Scheduler) -> Scheduler:
+    """An engine of `max_batch` slots of `max_len` tokens and its scheduler (not started).
+    `scheduler_class`: runtime.replicated's for the ranks of a sharded model."""
     from .engine import Engine
     max_len = min(max_len, model.config.model_max_length)
     engine = Engine(model, max_batch, max_len, page_size=page_size, cuda_graphs=cuda_graphs)
-    scheduler = Scheduler(engine, prefill_chunk=prefill_chunk, step_tokens=step_tokens,
-                          max_queue=max_queue, prefix_cache_bytes=prefix_cache_bytes)
+    return scheduler_class(engine, prefill_chunk=prefill_chunk, step_tokens=step_tokens,
+                           max_queue=max_queue, prefix_cache_bytes=prefix_cache_bytes)
+
+
+def build_server(model, *, name: str, api_key: str | None = None, **options) -> OpenAIServer:
+    """The app over build_scheduler(model, **options), its scheduler started."""
+    scheduler = build_scheduler(model, **options)
     server = OpenAIServer(model, scheduler, name, api_key)
     scheduler.start()
     return server

@@ -117,8 +117,13 @@ def _rank(rank, world, port, jobs, out):
     dist.destroy_process_group()
 
 
+def _spawn(fn, world, jobs, tmp_path):
+    """`world` forked ranks (forking keeps the imports: spawning would import torch per rank)."""
+    mp.start_processes(fn, args=(world, _free_port(), jobs, tmp_path), nprocs=world, start_method="fork")
+
+
 def _run_ranks(world, jobs, tmp_path):
-    mp.start_processes(_rank, args=(world, _free_port(), jobs, tmp_path), nprocs=world, start_method="fork")
+    _spawn(_rank, world, jobs, tmp_path)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -154,3 +159,45 @@ def test_generate_parallel_needs_torchrun(capsys, monkeypatch):
     from kimi_graph.cli import main
     assert main(["generate", "tiny", "--ids", "1,2", "--parallel", "tp=2", "--device", "cpu"]) == 2
     assert "start them with torchrun" in capsys.readouterr().err
+
+
+SERVED = [([1, 5, 9], 4), ([3], 6), ([7, 7, 2, 4], 3)]
+
+
+def _serving_rank(rank, world, port, jobs, out):
+    """Rank 0 schedules by hand (arrivals mid-run, one cancellation); rank 1 follows."""
+    import torch.distributed as dist
+
+    from kimi_graph.runtime import SamplingParams
+    from kimi_graph.runtime.replicated import FollowerScheduler, LeaderScheduler
+    from kimi_graph.runtime.server import build_scheduler
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    m = kimi_graph.load("tiny", parallel="tp=2")
+    if rank:
+        build_scheduler(m, scheduler_class=FollowerScheduler, max_batch=2, max_len=32, prefill_chunk=2).follow()
+    else:
+        s = build_scheduler(m, scheduler_class=LeaderScheduler, max_batch=2, max_len=32, prefill_chunk=2)
+        got = [[] for _ in SERVED] + [[]]
+        sink = lambda i: lambda kind, v: got[i].append(v) if kind == "token" else None  # noqa: E731
+        params = lambda n: SamplingParams(max_new_tokens=n, ignore_eos=True)  # noqa: E731
+        s.submit(*SERVED[0][:1], params(SERVED[0][1]), sink(0))
+        doomed = s.submit([4, 4], params(20), sink(3))
+        s.step()
+        for i in (1, 2):
+            s.submit(SERVED[i][0], params(SERVED[i][1]), sink(i))
+        s.step()
+        s.cancel(doomed)
+        while not s.idle:
+            s.step()
+        s.stop()
+        torch.save(got, out / "served.pt")
+    dist.destroy_process_group()
+
+
+def test_serving_ranks_replay_rank_zeros_steps(tmp_path):
+    _spawn(_serving_rank, 2, [], tmp_path)
+    got = torch.load(tmp_path / "served.pt")
+    ref = kimi_graph.load("tiny")
+    assert got[:3] == [ref.generate([p], max_new_tokens=n)[0] for p, n in SERVED]
+    assert 1 <= len(got[3]) < 20                     # cancelled after its first tokens

@@ -36,6 +36,9 @@ def add_arguments(p):
                    help="require 'Authorization: Bearer KEY' (default: $KIMI_GRAPH_API_KEY; none: open)")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
     p.add_argument("--seed", type=int, default=0, help="preset weights' seed")
+    p.add_argument("--parallel", default=None,
+                   help="tp=N, ep=M or tp=N,ep=M: this process is one of N*M ranks started by "
+                        "torchrun; rank 0 serves HTTP, the others follow its steps")
     p.add_argument("--log-level", default="info")
 
 
@@ -62,12 +65,30 @@ def run(args) -> int:
     for name in ("max_batch", "max_len", "max_queue", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    model = load(args.model, dtype=TORCH_DTYPES[args.dtype], device=args.device, seed=args.seed,
-                 backend=args.backend, pipeline=args.pipeline, **options)
-    server = build_server(model, name=args.served_model_name or args.model, max_batch=args.max_batch,
-                          max_len=args.max_len, api_key=args.api_key, max_queue=args.max_queue,
-                          prefill_chunk=args.prefill_chunk, step_tokens=args.step_tokens,
-                          page_size=args.page_size, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
-                          cuda_graphs=args.cuda_graphs)
-    serve(server, args.host, args.port, log_level=args.log_level)
+    device, leader = args.device, True
+    if args.parallel is not None:
+        from ..parallel import follow_rank_zero, init_process_group_from_env
+        device = init_process_group_from_env(args.device)
+        leader = follow_rank_zero()
+    model = load(args.model, dtype=TORCH_DTYPES[args.dtype], device=device, seed=args.seed,
+                 backend=args.backend, pipeline=args.pipeline, parallel=args.parallel, **options)
+    sizing = dict(max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue,
+                  prefill_chunk=args.prefill_chunk, step_tokens=args.step_tokens,
+                  page_size=args.page_size, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+                  cuda_graphs=args.cuda_graphs)
+    if args.parallel is None:
+        serve(build_server(model, name=args.served_model_name or args.model, api_key=args.api_key, **sizing),
+              args.host, args.port, log_level=args.log_level)
+        return 0
+    import torch.distributed as dist
+
+    from ..runtime.replicated import FollowerScheduler, LeaderScheduler
+    from ..runtime.server import build_scheduler
+    if leader:
+        serve(build_server(model, name=args.served_model_name or args.model, api_key=args.api_key,
+                           scheduler_class=LeaderScheduler, **sizing), args.host, args.port,
+              log_level=args.log_level)
+    else:
+        build_scheduler(model, scheduler_class=FollowerScheduler, **sizing).follow()
+    dist.destroy_process_group()
     return 0
