@@ -1,8 +1,19 @@
-"""KDA chunk prefill: bf16 correctness against an fp64 recurrence, then timing against
-fla-core's chunk_kda with the same fusions (gate, beta sigmoid, q/k L2 norm in the kernel).
-H=32, D=128, T = 4k, 16k, 64k (B=1) and B=8 x 4k. Run on a GPU: python bench/kda_chunk.py"""
+"""KDA chunk prefill on a GPU, in one run: bf16 error against an fp64 recurrence, then time
+against fla-core's chunk_kda with the same fusions (gate, beta sigmoid, q/k L2 norm in the
+kernel) and against the previous kernels (bench/kda_chunk_before.py: A/B), with the per-kernel
+split; a short table last. H=32, D=128, bf16, initial states everywhere; B=1 at T = 4k, 16k,
+64k and packed ragged batches (cu_seqlens) of 8x4k, 64x512, 256x128 (lengths drawn around
+the mean, summing to the same total).
+
+    python bench/kda_chunk.py            # check + timing + split (a few minutes with fla's autotune)
+    python bench/kda_chunk.py --sweep    # also the tile sweep for this GPU: writes its tuning file
+"""
 from __future__ import annotations
 
+import argparse
+import os
+
+import kda_chunk_before as before
 import torch
 from harness import bench, kernel_times, merge_tuning, override_config, rel_err, write_result
 
@@ -11,25 +22,50 @@ from kimi_graph.ops.kda import kda_gate, kda_recurrence
 from kimi_graph.ops.norm import l2_normalize
 
 H, D = 32, 128
+DEV = "cuda"
+TOL = 5e-3
+SHAPES = (("4k", [4096]), ("16k", [16384]), ("64k", [65536]), ("8x4k", (8, 4096)), ("64x512", (64, 512)),
+          ("256x128", (256, 128)))
 
 
-def inputs(B, T, dtype=torch.bfloat16, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    r = lambda *s: torch.randn(*s, device="cuda", generator=g)
-    q, k, v = (r(B, T, H, D).to(dtype) for _ in range(3))
-    f = (0.5 * r(B, T, H, D)).to(dtype)
-    b = r(B, T, H).to(dtype)
-    A_log = torch.log(torch.empty(H, device="cuda").uniform_(1, 16, generator=g))
-    dt_bias = torch.log(torch.expm1(torch.empty(H * D, device="cuda").uniform_(1e-3, 0.1, generator=g)))
-    return q, k, v, f, b, A_log, dt_bias
+def lengths(spec, seed=0):
+    """A list of lengths: [T] for B=1, else n ragged lengths (mean L, from L/4 to 7L/4) summing
+    to n*L."""
+    if isinstance(spec, list):
+        return spec
+    n, L = spec
+    g = torch.Generator().manual_seed(seed)
+    lens = (torch.rand(n, generator=g) * 1.5 * L + L / 4).long().clamp(min=1)
+    lens[-1] += n * L - int(lens.sum())
+    while lens[-1] < 1:                      # keep the total: take from the longest
+        i = int(lens[:-1].argmax())
+        lens[i] -= 1 - lens[-1]
+        lens[-1] = 1
+    return lens.tolist()
 
 
-def reference(q, k, v, f, b, A_log, dt_bias, state, cu):
+def inputs(lens, dtype=torch.bfloat16, seed=0):
+    """Packed q, k, v, f, b [1, T, H, *], gate parameters, cu_seqlens and initial states."""
+    T = sum(lens)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device=DEV, generator=g)
+    q, k, v = (r(1, T, H, D).to(dtype) for _ in range(3))
+    f = (0.5 * r(1, T, H, D)).to(dtype)
+    b = r(1, T, H).to(dtype)
+    A_log = torch.log(torch.empty(H, device=DEV).uniform_(1, 16, generator=g))
+    dt_bias = torch.log(torch.expm1(torch.empty(H * D, device=DEV).uniform_(1e-3, 0.1, generator=g)))
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEV, dtype=torch.int32)
+    state = 0.1 * r(len(lens), H, D, D)
+    return (q, k, v, f, b, A_log, dt_bias), cu, state
+
+
+def reference(args, state, cu):
     """fp64 token recurrence per packed sequence."""
+    q, k, v, f, b, A_log, dt_bias = args
     outs, states = [], []
     A = A_log.view(1, 1, H, 1).double()
     for i in range(len(cu) - 1):
-        s, e = cu[i], cu[i + 1]
+        s, e = int(cu[i]), int(cu[i + 1])
         sl = lambda t: t[:, s:e].double()
         g = kda_gate(sl(f).flatten(2), A, dt_bias.double(), torch.float64)
         o, S = kda_recurrence(l2_normalize(sl(q), 1e-6), l2_normalize(sl(k), 1e-6), sl(v), g,
@@ -39,94 +75,151 @@ def reference(q, k, v, f, b, A_log, dt_bias, state, cu):
     return torch.cat(outs, 1), torch.cat(states, 0)
 
 
-def check():
-    rows = []
-    for lens in ([1000], [300, 1, 700, 64, 129]):
-        cu = [0] + list(torch.tensor(lens).cumsum(0).tolist())
-        q, k, v, f, b, A_log, dt_bias = inputs(1, cu[-1], seed=len(lens))
-        state = torch.randn(len(lens), H, D, D, device="cuda") * 0.1
-        ro, rs = reference(q, k, v, f, b, A_log, dt_bias, state, cu)
-        cu_t = torch.tensor(cu, device="cuda", dtype=torch.int32)
-        for name, fn in (("chunk", kda.kda_chunk), ("step", kda.kda_step)):
-            o, s = fn(q, k, v, f, b, A_log, dt_bias, D ** -0.5, state=state, cu_seqlens=cu_t)
-            rows.append({"kernel": f"kda_{name}", "seqs": len(lens), "T": cu[-1],
-                         "err_o": rel_err(o, ro), "err_state": rel_err(s, rs)})
-        try:
-            from fla.ops.kda import chunk_kda
-            o, s = chunk_kda(q, k, v, f, b, scale=D ** -0.5, initial_state=state, output_final_state=True,
+def fla_fn(args, cu, state):
+    from fla.ops.kda import chunk_kda
+    q, k, v, f, b, A_log, dt_bias = args
+    return lambda: chunk_kda(q, k, v, f, b, scale=D ** -0.5, initial_state=state, output_final_state=True,
                              use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
                              use_beta_sigmoid_in_kernel=True, A_log=A_log, dt_bias=dt_bias,
-                             cu_seqlens=cu_t.long())
-            rows.append({"kernel": "fla_chunk_kda", "seqs": len(lens), "T": cu[-1],
-                         "err_o": rel_err(o, ro), "err_state": rel_err(s, rs)})
-        except Exception as e:   # fla-core is optional: report and go on
-            print("fla-core check failed:", type(e).__name__, e)
-    return rows
+                             cu_seqlens=cu.long())
 
 
-def timing():
-    rows = [time_one(B, T) for B, T in ((1, 4096), (1, 16384), (1, 65536), (8, 4096))]
-    torch.cuda.empty_cache()
-    return rows
-
-
-def time_one(B, T):
-    from fla.ops.kda import chunk_kda
-    q, k, v, f, b, A_log, dt_bias = inputs(B, T)
-    ours = lambda: kda.kda_chunk(q, k, v, f, b, A_log, dt_bias, D ** -0.5)
-    fla = lambda: chunk_kda(q, k, v, f, b, scale=D ** -0.5, output_final_state=True,
-                            use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
-                            use_beta_sigmoid_in_kernel=True, A_log=A_log, dt_bias=dt_bias)
-    with torch.no_grad():
-        o1, _ = ours()
-        o2, _ = fla()
-        t_ours, t_fla = bench(ours), bench(fla)
-    return {"B": B, "T": T, "ours_ms": t_ours, "fla_ms": t_fla, "speedup": t_fla / t_ours,
-            "diff_vs_fla": rel_err(o1, o2)}
-
-
-def sweep():
-    """Tile variants of ours at T=16k, with per-kernel CUDA time (our four kernels: prep, intra,
-    solve, scan); fla's kernels for reference.
-    Returns (rows, best variant)."""
-    from fla.ops.kda import chunk_kda
-
-    from kimi_graph.lowering.triton.targets import TARGETS, current_target
-    q, k, v, f, b, A_log, dt_bias = inputs(1, 16384)
-    rows = []
-    fla = lambda: chunk_kda(q, k, v, f, b, scale=D ** -0.5, output_final_state=True,
-                            use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
-                            use_beta_sigmoid_in_kernel=True, A_log=A_log, dt_bias=dt_bias)
-    for name, ms in list(kernel_times(fla).items())[:8]:
-        rows.append({"impl": "fla", "variant": "-", "kernel": name[:40], "ms": ms})
-    base = dict(TARGETS[current_target()]["configs"]["kda_chunk"])
-    best = (float("inf"), {})
-    for variant in ({}, {"BW": 64}, {"BT": 64}, {"intra_warps": 8}, {"BV": 64}):
-        override_config("kda_chunk", **{**base, **variant})
-        ours = lambda: kda.kda_chunk(q, k, v, f, b, A_log, dt_bias, D ** -0.5)
+def impls(args, cu, state, with_fla=True):
+    """name -> fn() -> (o, state): ours, the previous kernels, fla-core (when importable)."""
+    fns = {"ours": lambda: kda.kda_chunk(*args, D ** -0.5, state=state, cu_seqlens=cu),
+           "before": lambda: before.kda_chunk(*args, D ** -0.5, state=state, cu_seqlens=cu)}
+    if with_fla:
         try:
-            for name, ms in list(kernel_times(ours).items())[:4]:
-                rows.append({"impl": "ours", "variant": str(variant), "kernel": name[:40], "ms": ms})
-            total = bench(ours)
-        except Exception as e:
-            print(variant, type(e).__name__, str(e)[:100])
+            import fla.ops.kda  # noqa: F401
+            fns["fla"] = fla_fn(args, cu, state)
+        except ImportError as e:
+            print("fla-core not importable:", e)
+    return fns
+
+
+def check(cases=([1000], [300, 1, 700, 64, 129]), dtype=torch.bfloat16):
+    rows = []
+    for lens in cases:
+        args, cu, state = inputs(lens, dtype, seed=len(lens))
+        ro, rs = reference(args, state, cu)
+        fns = impls(args, cu, state)
+        fns["step"] = lambda: kda.kda_step(*args, D ** -0.5, state=state, cu_seqlens=cu)
+        for name, fn in fns.items():
+            o, s = fn()
+            e_o, e_s = rel_err(o, ro), rel_err(s, rs)
+            rows.append({"impl": name, "seqs": len(lens), "T": sum(lens), "err_o": e_o, "err_state": e_s,
+                         "ok": max(e_o, e_s) <= TOL})
+    return rows
+
+
+def timing(names=None):
+    rows = []
+    for name, spec in SHAPES:
+        if names and name not in names:
             continue
-        rows.append({"impl": "ours", "variant": str(variant), "kernel": "TOTAL", "ms": total})
-        best = min(best, (total, variant), key=lambda x: x[0])
-    override_config("kda_chunk", **base)
-    return rows, best
+        lens = lengths(spec)
+        args, cu, state = inputs(lens)
+        fns = impls(args, cu, state)
+        with torch.no_grad():
+            outs = {k: fn()[0] for k, fn in fns.items()}
+            ms = {k: bench(fn) for k, fn in fns.items()}
+        row = {"shape": name, "seqs": len(lens), "T": sum(lens), **{f"{k}_ms": v for k, v in ms.items()}}
+        if "fla" in ms:
+            row.update(speedup=ms["fla"] / ms["ours"], before_vs_fla=ms["fla"] / ms["before"],
+                       diff_vs_fla=rel_err(outs["ours"], outs["fla"]))
+        rows.append(row)
+        print(row)
+        del args, fns, outs
+        torch.cuda.empty_cache()
+    return rows
+
+
+def split(shape="16k"):
+    """CUDA time per kernel (ms per call) of each implementation at one shape."""
+    args, cu, state = inputs(lengths(dict(SHAPES)[shape]))
+    rows = []
+    for impl, fn in impls(args, cu, state).items():
+        times = kernel_times(fn)
+        for name, ms in list(times.items())[:8]:
+            rows.append({"shape": shape, "impl": impl, "kernel": name[:44], "ms": ms})
+        rows.append({"shape": shape, "impl": impl, "kernel": "SUM", "ms": sum(times.values())})
+    return rows
+
+
+VARIANTS = ({}, {"KH": 128}, {"BW": 128}, {"BT": 64}, {"intra_warps": 8}, {"intra_warps": 2},
+            {"intra_stages": 2}, {"BV": 64}, {"prep_warps": 8})
+
+
+def sweep(shapes=("16k", "64x512")):
+    """Tile variants of ours, one at a time over the target's config; the best by the sum of
+    the times at `shapes`. -> (rows, best config)."""
+    from kimi_graph.lowering.triton.targets import TARGETS, current_target
+    cases = {s: inputs(lengths(dict(SHAPES)[s])) for s in shapes}
+    base = dict(TARGETS[current_target()]["configs"]["kda_chunk"])
+    rows, best = [], (float("inf"), base)
+    for variant in VARIANTS:
+        cfg = {**base, **variant}
+        override_config("kda_chunk", **cfg)
+        try:
+            ms = {s: bench(lambda: kda.kda_chunk(*a, D ** -0.5, state=st, cu_seqlens=cu), rep=50)
+                  for s, (a, cu, st) in cases.items()}
+        except Exception as e:      # a variant that does not build or fit: report it
+            print(variant, type(e).__name__, str(e)[:120])
+            continue
+        rows.append({"variant": str(variant) or "base", **{f"{s}_ms": v for s, v in ms.items()}})
+        print(rows[-1])
+        best = min(best, (sum(ms.values()), cfg), key=lambda x: x[0])
+    override_config("kda_chunk", **best[1])
+    return rows, best[1]
+
+
+def summary(checks, times):
+    print("\n== KDA chunk prefill, H=32 D=128 bf16, initial states (ms; speedup = fla / ours)")
+    worst = max(max(r["err_o"], r["err_state"]) for r in checks if r["impl"] == "ours")
+    print(f"max rel. error vs fp64 (ours): {worst:.2e}  ({'ok' if worst <= TOL else 'OVER'} <= {TOL})")
+    print(f"{'shape':>8} {'ours':>8} {'before':>8} {'fla':>8} {'speedup':>8} {'before':>8}")
+    for r in times:
+        print(f"{r['shape']:>8} {r['ours_ms']:8.3f} {r['before_ms']:8.3f} {r.get('fla_ms', float('nan')):8.3f} "
+              f"{r.get('speedup', float('nan')):7.2f}x {r.get('before_vs_fla', float('nan')):7.2f}x")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", action="store_true", help="sweep tile variants first; write the tuning file")
+    ap.add_argument("--shapes", default="", help="comma-separated subset of " + ",".join(s for s, _ in SHAPES))
+    ap.add_argument("--smoke", action="store_true", help="the check alone, tiny and in fp32 (CPU: TRITON_INTERPRET=1)")
+    a = ap.parse_args()
+    if a.smoke:
+        return smoke()
+    checks = check()
+    write_result("kda_chunk_check", checks, {"tolerance": f"bf16 inputs, fp32 state: rel err <= {TOL}"})
+    extra = {}
+    if a.sweep:
+        rows, cfg = sweep()
+        write_result("kda_chunk_sweep", rows)
+        keys = ("BT", "BC", "BV", "KH", "BW", "num_warps", "num_stages", "prep_warps", "intra_warps", "intra_stages")
+        merge_tuning("kda_chunk", {k: cfg[k] for k in keys}, "best of bench/kda_chunk.py --sweep at 16k + 64x512")
+        extra["config"] = cfg
+    write_result("kda_chunk_split", split("16k") + split("64x512"))
+    times = timing([s for s in a.shapes.split(",") if s])
+    write_result("kda_chunk", times, {"shape": f"H={H}, D={D}, bf16, fused gate/beta/l2norm, initial states",
+                                      "baseline": "fla-core chunk_kda, same fusions, same run; before: "
+                                                  "bench/kda_chunk_before.py", **extra})
+    summary(checks, times)
+
+
+def smoke():
+    """The check on tiny heads in fp32, on the CPU through the Triton interpreter when there is
+    no GPU: the bench's own code paths, without timing."""
+    global H, D, DEV
+    H, D, DEV = 2, 16, "cuda" if torch.cuda.is_available() else "cpu"
+    rows = check(([40], [19, 1, 33, 5]), torch.float32)
+    for r in rows:
+        print(r)
+    assert lengths((8, 4096))[-1] >= 1 and sum(lengths((256, 128))) == 256 * 128
+    assert all(r["err_o"] < 1e-4 and r["err_state"] < 1e-4 for r in rows), "smoke check over 1e-4"
 
 
 if __name__ == "__main__":
-    write_result("kda_chunk_check", check(), {"tolerance": "bf16 inputs, fp32 state: rel err <= 1e-2"})
-    rows, (ms, variant) = sweep()
-    write_result("kda_chunk_sweep", rows)
-    from kimi_graph.lowering.triton.targets import TARGETS, current_target
-    tuned = {**TARGETS[current_target()]["configs"]["kda_chunk"], **variant}
-    keys = ("BT", "BC", "BV", "BW", "num_warps", "num_stages", "prep_warps", "intra_warps", "solve_warps")
-    merge_tuning("kda_chunk", {k: tuned[k] for k in keys},
-                 f"T=16k B=1 H=32 D=128 bf16: {ms:.3f} ms")
-    override_config("kda_chunk", **tuned)
-    write_result("kda_chunk", timing(), {"shape": f"H={H}, D={D}, bf16, fused gate/beta/l2norm",
-                                         "baseline": "fla-core chunk_kda, same fusions, same run",
-                                         "config": {k: v for k, v in tuned.items()}})
+    os.environ.setdefault("TRITON_PRINT_AUTOTUNING", "0")
+    main()

@@ -13,14 +13,11 @@ from kimi_graph.lowering.triton.targets import config
 
 def main():
     rows = []
-    cu = [0, 700, 701, 2000]
-    q, k, v, f, b, A_log, dt_bias = inputs(1, cu[-1], seed=1)
-    state = torch.randn(len(cu) - 1, 32, D, D, device="cuda") * 0.1
-    ro, rs = reference(q, k, v, f, b, A_log, dt_bias, state, cu)
-    cu_t = torch.tensor(cu, device="cuda", dtype=torch.int32)
-    big = inputs(1, 16384)
+    args, cu, state = inputs([700, 1, 1299], seed=1)
+    ro, rs = reference(args, state, cu)
+    big, _, _ = inputs([16384])
     for chunk in (None,) + kda.CHUNK_SIZES:
-        o, s = kda.kda_chunk(q, k, v, f, b, A_log, dt_bias, D ** -0.5, state=state, cu_seqlens=cu_t, chunk=chunk)
+        o, s = kda.kda_chunk(*args, D ** -0.5, state=state, cu_seqlens=cu, chunk=chunk)
         with torch.no_grad():
             ms = bench(lambda: kda.kda_chunk(*big, D ** -0.5, chunk=chunk))
         rows.append({"chunk": chunk or f"target ({config('kda_chunk')['BT']})", "err_o": rel_err(o, ro),

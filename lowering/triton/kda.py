@@ -1,4 +1,4 @@
-"""KDA kernels: chunkwise prefill (four generated kernels) and the recurrent step (decode).
+"""KDA kernels: chunkwise prefill (three generated kernels) and the recurrent step (decode).
 
 Both take packed tokens [N_tok, H, *] with cumulative sequence offsets `cu_seqlens` [N+1]
 (a [B, T] batch is B sequences of T). FUSED kernels compute the gating inside:
@@ -6,15 +6,18 @@ g = -exp(A_log) * softplus(f + dt_bias), beta = sigmoid(b), q and k L2-normalise
 unfused variant (the `kda_recurrent` op) reads g, beta and normalised q, k.
 
 Chunk form (chunk BT, sub-chunk BC), per chunk with cumulative decay G_i = exp(gc_i):
-  A_kk[i,j] = beta_i sum_d k_id k_jd G_id/G_jd (j < i)   T = (I + A_kk)^-1
-  W = T (beta k G), U = T (beta v)                       A_qk[i,j] = scale q_i.k_j G_i/G_j (j <= i)
+  prep:  gating, norms, gc, scale q G, beta k G, k G_L/G
+  intra: A_kk[i,j] = beta_i sum_d k_id k_jd G_id/G_jd (j < i), A_qk[i,j] = scale q_i.k_j G_i/G_j
+         (j <= i); T = (I + A_kk)^-1 once; W = T (beta k G), U = T (beta v)
   scan over chunks: V' = U - W S;  O = (scale q G) S + A_qk V';  S = G_L S + (k G_L/G)^T V'
-G_i/G_j is never formed from G alone: off-diagonal sub-blocks factor through the row before
-the later sub-chunk (both factors <= 1) and diagonal sub-blocks are exact column loops.
+G_i/G_j is never formed from G alone: every product factors through a reference row between
+j and i (both factors <= 1), so all of A is tensor-core products (see _products_source).
 """
 from __future__ import annotations
 
+import collections
 import functools
+import weakref
 
 import torch
 
@@ -57,8 +60,9 @@ _GATE = """
 _PREP = """
 @triton.jit
 def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk_len,
-                   qn_ptr, kn_ptr, gc_ptr, beta_ptr, qg_ptr, kg_ptr, gl_ptr):
-    # one program per (chunk, head): gating, norms, cumulative decay, BC rows at a time
+                   qn_ptr, kn_ptr, gc_ptr, beta_ptr, qg_ptr, bkg_ptr, kg_ptr, gl_ptr):
+    # one program per (chunk, head): gating, norms, cumulative decay, BC rows at a time; writes
+    # q, k normalised, G, beta, scale q G, beta k G (fp32: the W solve's right side), k G_L/G
     c = tl.program_id(0)
     h = tl.program_id(1)
     start = tl.load(chunk_start + c)
@@ -82,7 +86,9 @@ def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk
         tl.store(kn_ptr + offk, k.to(DT), mask=m2)
         tl.store(gc_ptr + offk, gc, mask=m2)
         tl.store(beta_ptr + tok * H + h, beta, mask=rm)
-        tl.store(qg_ptr + offk, (q * tl.exp(gc) * SCALE).to(DT), mask=m2)
+        eg = tl.exp(gc)
+        tl.store(qg_ptr + offk, (q * eg * SCALE).to(DT), mask=m2)
+        tl.store(bkg_ptr + offk, k.to(DT).to(tl.float32) * eg * beta[:, None], mask=m2)
     tl.store(gl_ptr + (c * H + h) * K + dk, tl.exp(carry), mask=mk)
     tl.debug_barrier()
     for i0 in range(0, BT, BC):     # k G_L / G, once the chunk's total decay is known
@@ -96,81 +102,18 @@ def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk
 
 _INTRA = """
 @triton.jit
-def kda_chunk_intra(qn_ptr, kn_ptr, gc_ptr, beta_ptr, chunk_start, chunk_len, aqk_ptr, akk_ptr):
-    # one program per (chunk, head)
+def kda_chunk_intra(qn_ptr, kn_ptr, gc_ptr, beta_ptr, bkg_ptr, v_ptr, chunk_start, chunk_len,
+                    aqk_ptr, w_ptr, u_ptr):
+    # one program per (chunk, head): A_kk and A_qk by BC x BC blocks in KH-wide slices of K,
+    # T = (I + A_kk)^-1 once, then W = T (beta k G) and U = T (beta v) by BW-wide column blocks
     c = tl.program_id(0)
     h = tl.program_id(1)
     start = tl.load(chunk_start + c)
     n = tl.load(chunk_len + c)
-    dk = tl.arange(0, BK)
-    mk = dk < K
     cc = tl.arange(0, BC)
-    # intra-chunk A_kk (strictly lower, times beta) and A_qk (lower, times scale), by BC sub-blocks
-    for I in tl.static_range(NC):
-        rI = I * BC + cc
-        mI = rI < n
-        mI2 = mI[:, None] & mk[None, :]
-        offI = (start + rI)[:, None] * (H * K) + h * K + dk[None, :]
-        kI = tl.load(kn_ptr + offI, mask=mI2, other=0.0).to(tl.float32)
-        qI = tl.load(qn_ptr + offI, mask=mI2, other=0.0).to(tl.float32)
-        gI = tl.load(gc_ptr + offI, mask=mI2, other=0.0)
-        bI = tl.load(beta_ptr + (start + rI) * H + h, mask=mI, other=0.0)
-        arow = (start + rI)[:, None] * (H * BT) + h * BT
-        if I > 0:
-            gref = tl.load(gc_ptr + (start + I * BC - 1) * (H * K) + h * K + dk,
-                           mask=mk & (dk * 0 + I * BC - 1 < n), other=0.0)
-            eI = tl.exp(tl.where(mI2, gI - gref[None, :], 0.0))
-            ka = kI * eI
-            qa = qI * eI
-            for J in tl.static_range(I):
-                rJ = J * BC + cc
-                mJ2 = (rJ < n)[:, None] & mk[None, :]
-                offJ = (start + rJ)[:, None] * (H * K) + h * K + dk[None, :]
-                kJ = tl.load(kn_ptr + offJ, mask=mJ2, other=0.0).to(tl.float32)
-                gJ = tl.load(gc_ptr + offJ, mask=mJ2, other=0.0)
-                kb = tl.trans(kJ * tl.exp(tl.where(mJ2, gref[None, :] - gJ, 0.0)))
-                akk = tl.dot(ka, kb, input_precision=PREC) * bI[:, None]
-                aqk = tl.dot(qa, kb, input_precision=PREC) * SCALE
-                tl.store(akk_ptr + arow + (cc[None, :] + J * BC), akk, mask=mI[:, None])
-                tl.store(aqk_ptr + arow + (cc[None, :] + J * BC), aqk.to(DT), mask=mI[:, None])
-        dkk = tl.zeros((BC, BC), tl.float32)
-        dqk = tl.zeros((BC, BC), tl.float32)
-        for j in tl.static_range(BC):      # unrolled: the row loads issue early
-            row = I * BC + j
-            okj = (start + row) * (H * K) + h * K + dk
-            kj = tl.load(kn_ptr + okj, mask=mk & (dk * 0 + row < n), other=0.0).to(tl.float32)
-            gj = tl.load(gc_ptr + okj, mask=mk & (dk * 0 + row < n), other=0.0)
-            vis = mI2 & (rI >= row)[:, None]
-            e = tl.exp(tl.where(vis, gI - gj[None, :], float("-inf")))
-            ck = tl.sum(kI * kj[None, :] * e, 1)
-            cq = tl.sum(qI * kj[None, :] * e, 1)
-            dkk = tl.where(cc[None, :] == j, ck[:, None], dkk)
-            dqk = tl.where(cc[None, :] == j, cq[:, None], dqk)
-        dkk = tl.where(cc[:, None] > cc[None, :], dkk * bI[:, None], 0.0)
-        dqk = tl.where(cc[:, None] >= cc[None, :], dqk * SCALE, 0.0)
-        tl.store(akk_ptr + arow + (cc[None, :] + I * BC), dkk, mask=mI[:, None])
-        tl.store(aqk_ptr + arow + (cc[None, :] + I * BC), dqk.to(DT), mask=mI[:, None])
-        for J in tl.static_range(I + 1, NC):
-            z = tl.zeros((BC, BC), tl.float32)
-            tl.store(akk_ptr + arow + (cc[None, :] + J * BC), z, mask=mI[:, None])
-            tl.store(aqk_ptr + arow + (cc[None, :] + J * BC), z.to(DT), mask=mI[:, None])
-"""
-
-_SOLVE = """
-@triton.jit
-def kda_chunk_solve(kn_ptr, v_ptr, gc_ptr, beta_ptr, akk_ptr, chunk_start, chunk_len, w_ptr, u_ptr):
-    # one program per (chunk, head, BW column block of [W | U]): T = (I + A_kk)^-1, then
-    # W = T (beta k G) for the first NKW blocks, U = T (beta v) for the rest
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    p = tl.program_id(2)
-    start = tl.load(chunk_start + c)
-    n = tl.load(chunk_len + c)
-    cc = tl.arange(0, BC)
-    col = tl.where(p < NKW, p, p - NKW) * BW + tl.arange(0, BW)
-    mw = (col * 0 + p < NKW) & (col < K)
-    mu = (col * 0 + p >= NKW) & (col < V)
-    $solve
+    dkh = tl.arange(0, KH)
+    dw = tl.arange(0, BW)
+    $body
 """
 
 _SCAN = """
@@ -258,44 +201,108 @@ def kda_recurrent_step(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, o_ptr, 
 """
 
 
-def _solve_source(NC: int, BC: int) -> str:
-    """Block lower-triangular inverse: T_II = (I + N)^-1 of the strictly lower diagonal block N as
-    log2(BC) factors (I - N)(I + N^2)(I + N^4).. (exact fp32 products: N^BC = 0, no serial loop),
-    T_IJ = -T_II sum_{J<=K<I} A_IK T_KJ; then row block J of this program's column block,
-    sum_I T_JI beta_I X_I with X = k G (W columns) or v (U columns): the unused load is masked off."""
+def _products_source(NC: int, BC: int, KH: int, NKH: int) -> list[str]:
+    """A_kk and A_qk of the chunk as register blocks A{I}_{J} / Q{I}_{J} (J < I) and D{I} / E{I}
+    (diagonal, strictly lower / lower), accumulated over NKH slices of K. Every decay ratio
+    G_i/G_j (j < i) factors through a reference row r with j <= r < i, so both factors are
+    <= 1 (no overflow however strong the decay) and each product is a tl.dot:
+    - block (I, J < I): r = the row before sub-chunk I;
+    - inside the diagonal block, level by level (s = BC/2, .., 1): rows in the later half of a
+      2s-row group against the earlier half, r = the earlier half's last row."""
+    L = []
+    for I in range(NC):
+        L += [f"rI = {I * BC} + cc", "mI = rI < n",
+              f"D{I} = tl.zeros((BC, BC), tl.float32)", f"E{I} = tl.zeros((BC, BC), tl.float32)"]
+        L += [f"A{I}_{J} = tl.zeros((BC, BC), tl.float32)\nQ{I}_{J} = tl.zeros((BC, BC), tl.float32)"
+              for J in range(I)]
+        for kh in range(NKH):
+            L += [f"col = {kh * KH} + dkh", "mc = col < K", "m2 = mI[:, None] & mc[None, :]",
+                  "oI = (start + rI)[:, None] * (H * K) + h * K + col[None, :]",
+                  "kI = tl.load(kn_ptr + oI, mask=m2, other=0.0).to(tl.float32)",
+                  "qI = tl.load(qn_ptr + oI, mask=m2, other=0.0).to(tl.float32)",
+                  "gI = tl.load(gc_ptr + oI, mask=m2, other=0.0)",
+                  "E_ = tl.where(cc[:, None] == cc[None, :], tl.sum(qI * kI, 1)[:, None], 0.0)",
+                  f"E{I} += E_"]
+            if I:
+                L += [f"mR1 = mc & (col * 0 + {I * BC - 1} < n)",     # the reference row exists (else no row of I does)
+                      f"gR = tl.load(gc_ptr + (start + {I * BC - 1}) * (H * K) + h * K + col, mask=mR1, other=0.0)",
+                      "eI = tl.exp(tl.where(m2, gI - gR[None, :], 0.0))",
+                      "ka = kI * eI", "qa = qI * eI"]
+                for J in range(I):
+                    L += [f"rJ = {J * BC} + cc", "mJ2 = (rJ < n)[:, None] & mc[None, :]",
+                          "oJ = (start + rJ)[:, None] * (H * K) + h * K + col[None, :]",
+                          "kJ = tl.load(kn_ptr + oJ, mask=mJ2, other=0.0).to(tl.float32)",
+                          "gJ = tl.load(gc_ptr + oJ, mask=mJ2, other=0.0)",
+                          "kb = tl.trans(kJ * tl.exp(tl.where(mJ2 & mR1[None, :], gR[None, :] - gJ, 0.0)))",
+                          f"A{I}_{J} += tl.dot(ka, kb, input_precision=PREC)",
+                          f"Q{I}_{J} += tl.dot(qa, kb, input_precision=PREC)"]
+            s = BC // 2
+            while s:
+                L += [f"ref = (cc // {2 * s}) * {2 * s} + {s - 1}",     # the group's earlier half's last row
+                      f"late = (cc // {s}) % 2 == 1",
+                      f"mR = m2 & ({I * BC} + ref < n)[:, None]",
+                      f"gR2 = tl.load(gc_ptr + (start + {I * BC} + ref)[:, None] * (H * K) + h * K + col[None, :], "
+                      "mask=mR, other=0.0)",
+                      "eI = tl.exp(tl.where(mR & late[:, None], gI - gR2, 0.0))",
+                      "ka = tl.where(late[:, None], kI * eI, 0.0)",
+                      "qa = tl.where(late[:, None], qI * eI, 0.0)",
+                      "kb = tl.trans(tl.where(late[:, None], 0.0, kI * tl.exp(tl.where(mR & (late == 0)[:, None], gR2 - gI, 0.0))))",
+                      f"grp = (cc // {2 * s})[:, None] == (cc // {2 * s})[None, :]",
+                      f"D{I} += tl.where(grp, tl.dot(ka, kb, input_precision=PREC), 0.0)",
+                      f"E{I} += tl.where(grp, tl.dot(qa, kb, input_precision=PREC), 0.0)"]
+                s //= 2
+        L += [f"bI = tl.load(beta_ptr + (start + rI) * H + h, mask=mI, other=0.0)",
+              "arow = (start + rI)[:, None] * (H * BT) + h * BT + cc[None, :]"]
+        for J in range(NC):
+            blk = f"Q{I}_{J}" if J < I else f"E{I}" if J == I else "tl.zeros((BC, BC), tl.float32)"
+            L.append(f"tl.store(aqk_ptr + arow + {J * BC}, ({blk} * SCALE).to(DT), mask=mI[:, None])")
+        L += [f"A{I}_{J} = A{I}_{J} * bI[:, None]" for J in range(I)]
+        L.append(f"D{I} = D{I} * bI[:, None]")
+    return L
+
+
+def _inverse_source(NC: int, BC: int) -> list[str]:
+    """T = (I + A)^-1 by blocks: T{J}_{J} = (I + D{J})^-1 of the strictly lower diagonal block
+    as log2(BC) factors (I - N)(I + N^2)(I + N^4).. (exact fp32 products: N^BC = 0, no serial
+    loop), T{J}_{I} = -T{J}_{J} sum_{I<=M<J} A{J}_{M} T{M}_{I}."""
     L = ["eye = tl.where(cc[:, None] == cc[None, :], 1.0, 0.0)"]
     for J in range(NC):
-        L += [f"rJ = start + {J} * BC + cc",
-              f"mJ = {J} * BC + cc < n",
-              f"N = tl.load(akk_ptr + rJ[:, None] * (H * BT) + h * BT + {J} * BC + cc[None, :], "
-              "mask=mJ[:, None], other=0.0)",
-              f"T{J}_{J} = eye - N"]
-        for _ in range(1, BC.bit_length() - 1):   # (I+N)^-1 = (I-N)(I+N^2)(I+N^4).. (N^BC = 0)
+        L += [f"N = D{J}", f"T{J}_{J} = eye - N"]
+        for _ in range(1, BC.bit_length() - 1):
             L += ["N = tl.dot(N, N, input_precision='ieee')",
                   f"T{J}_{J} = tl.dot(T{J}_{J}, eye + N, input_precision='ieee')"]
-        for K_ in range(J):
-            L.append(f"A{J}_{K_} = tl.load(akk_ptr + rJ[:, None] * (H * BT) + h * BT + {K_} * BC + cc[None, :], "
-                     f"mask=mJ[:, None], other=0.0)")
-        for I in range(J - 1, -1, -1):        # T_JI for I < J, from the nearest block outwards
-            terms = " + ".join(f"tl.dot(A{J}_{K_}, T{K_}_{I}, input_precision=PREC)" for K_ in range(I, J))
+        for I in range(J - 1, -1, -1):        # from the nearest block outwards
+            terms = " + ".join(f"tl.dot(A{J}_{M}, T{M}_{I}, input_precision=PREC)" for M in range(I, J))
             L.append(f"T{J}_{I} = -tl.dot(T{J}_{J}, {terms}, input_precision=PREC)")
-        L += ["acc = tl.zeros((BC, BW), tl.float32)"]
-        for I in range(J + 1):
-            L += [f"rI = start + {I} * BC + cc",
-                  f"mI = {I} * BC + cc < n",
-                  "oI = rI[:, None] * (H * K) + h * K + col[None, :]",
-                  "mW = mI[:, None] & mw[None, :]",
-                  "xI = tl.load(kn_ptr + oI, mask=mW, other=0.0).to(tl.float32) * "
-                  "tl.exp(tl.load(gc_ptr + oI, mask=mW, other=0.0))",
-                  "xI += tl.load(v_ptr + rI[:, None] * (H * V) + h * V + col[None, :], "
-                  "mask=mI[:, None] & mu[None, :], other=0.0).to(tl.float32)",
-                  "xI = xI * tl.load(beta_ptr + rI * H + h, mask=mI, other=0.0)[:, None]",
-                  f"acc += tl.dot(T{J}_{I}, xI, input_precision=PREC)"]
-        L += ["tl.store(w_ptr + rJ[:, None] * (H * K) + h * K + col[None, :], acc.to(DT), "
-              "mask=mJ[:, None] & mw[None, :])",
-              "tl.store(u_ptr + rJ[:, None] * (H * V) + h * V + col[None, :], acc.to(DT), "
-              "mask=mJ[:, None] & mu[None, :])"]
-    return "\n".join(L)
+    return L
+
+
+def _wu_source(NC: int, BC: int, BW: int, n_w: int, n_u: int) -> list[str]:
+    """W = T (beta k G) over n_w column blocks of K, U = T (beta v) over n_u blocks of V: each
+    row block I of the right side loaded once, into every row block J >= I."""
+    L = []
+    for p in range(n_w + n_u):
+        is_w = p < n_w
+        X, D, out = ("K", "bkg_ptr", "w_ptr") if is_w else ("V", "v_ptr", "u_ptr")
+        L += [f"col = {(p if is_w else p - n_w) * BW} + dw", f"mc = col < {X}"]
+        L += [f"acc{J} = tl.zeros((BC, BW), tl.float32)" for J in range(NC)]
+        for I in range(NC):
+            L += [f"rI = start + {I * BC} + cc", f"mX = ({I * BC} + cc < n)[:, None] & mc[None, :]",
+                  f"x = tl.load({D} + rI[:, None] * (H * {X}) + h * {X} + col[None, :], mask=mX, other=0.0)"
+                  ".to(tl.float32)"]
+            if not is_w:
+                L.append(f"x = x * tl.load(beta_ptr + rI * H + h, mask={I * BC} + cc < n, other=0.0)[:, None]")
+            L += [f"acc{J} += tl.dot(T{J}_{I}, x, input_precision=PREC)" for J in range(I, NC)]
+        for J in range(NC):
+            L += [f"rJ = {J * BC} + cc",
+                  f"tl.store({out} + (start + rJ)[:, None] * (H * {X}) + h * {X} + col[None, :], acc{J}.to(DT), "
+                  f"mask=(rJ < n)[:, None] & mc[None, :])"]
+    return L
+
+
+def _intra_source(NC: int, BC: int, KH: int, NKH: int, BW: int, n_w: int, n_u: int) -> str:
+    return "\n".join(_products_source(NC, BC, KH, NKH) + _inverse_source(NC, BC)
+                     + _wu_source(NC, BC, BW, n_w, n_u))
 
 
 def _sig(names, dtype, fp32=()):
@@ -319,17 +326,19 @@ def check_chunk_size(chunk: int) -> None:
 
 @functools.lru_cache(maxsize=None)
 def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk=None) -> list[KernelSpec]:
-    """The four chunk-prefill kernels (prep, intra, solve, scan) for one head geometry and dtype;
+    """The three chunk-prefill kernels (prep, intra, scan) for one head geometry and dtype;
     chunks of `chunk` tokens (the op's chunk size), else the target's tile."""
     cfg = config("kda_chunk", target)
     if chunk:
         check_chunk_size(chunk)
     BT, BC, BV = chunk or cfg["BT"], cfg["BC"], min(cfg["BV"], max(16, next_pow2(V)))
-    BW = min(cfg["BW"], max(16, next_pow2(max(K, V))))
-    consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=BT // BC,
-                     BV=BV, BW=BW, NKW=_cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype))
+    BK = max(16, next_pow2(K))
+    KH, BW = min(cfg["KH"], BK), min(cfg["BW"], max(16, next_pow2(max(K, V))))
+    NC = BT // BC
+    consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=NC, BV=BV, KH=KH, BW=BW,
+                     HAS_STATE=bool(has_state), PREC=dot_precision(dtype))
     gate_f32 = () if fused else ("f_ptr", "b_ptr")        # unfused: g and beta come in fp32
-    f32 = ("gc_ptr", "beta_ptr", "akk_ptr", "gl_ptr", "a_ptr", "dt_ptr", "s0_ptr", "sn_ptr") + gate_f32
+    f32 = ("gc_ptr", "beta_ptr", "bkg_ptr", "gl_ptr", "a_ptr", "dt_ptr", "s0_ptr", "sn_ptr") + gate_f32
     i32 = ("chunk_start", "chunk_len", "cu_ptr", "chunk0_ptr")
 
     def spec(name, template, args, warps, stages=1, **blocks):
@@ -339,12 +348,11 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
 
     return [spec("kda_chunk_prep", _PREP, ["q_ptr", "k_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "chunk_start",
                                            "chunk_len", "qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "qg_ptr",
-                                           "kg_ptr", "gl_ptr"], cfg["prep_warps"], gate=_GATE),
-            spec("kda_chunk_intra", _INTRA, ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "chunk_start",
-                                             "chunk_len", "aqk_ptr", "akk_ptr"], cfg["intra_warps"]),
-            spec("kda_chunk_solve", _SOLVE, ["kn_ptr", "v_ptr", "gc_ptr", "beta_ptr", "akk_ptr", "chunk_start",
-                                             "chunk_len", "w_ptr", "u_ptr"], cfg["solve_warps"],
-                 solve=_solve_source(BT // BC, BC)),
+                                           "bkg_ptr", "kg_ptr", "gl_ptr"], cfg["prep_warps"], gate=_GATE),
+            spec("kda_chunk_intra", _INTRA, ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "bkg_ptr", "v_ptr",
+                                             "chunk_start", "chunk_len", "aqk_ptr", "w_ptr", "u_ptr"],
+                 cfg["intra_warps"], cfg["intra_stages"],
+                 body=_intra_source(NC, BC, KH, BK // KH, BW, _cdiv(K, BW), _cdiv(V, BW))),
             spec("kda_chunk_scan", _SCAN, ["qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr", "gl_ptr", "o_ptr",
                                            "s0_ptr", "sn_ptr", "slot_ptr", "cu_ptr", "chunk0_ptr"], cfg["num_warps"],
                  cfg["num_stages"], state_in=_STATE_IN)]
@@ -379,29 +387,48 @@ def _packed(q, k, v, f, b, cu_seqlens):
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be [B,T,H,*]")
     B, T, H, K = q.shape
     if cu_seqlens is None:
-        cu_seqlens = _uniform_offsets(B, T, q.device)
+        cu = _uniform_offsets(B, T, q.device)
     else:
         if B != 1:
             raise ValueError("packed sequences (cu_seqlens) need B == 1")
-        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        if cu_seqlens[0] != 0 or cu_seqlens[-1] != T or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu_seqlens.tolist()}")
+        cu = _kept(("offsets", T, str(q.device)), cu_seqlens, lambda: _checked_offsets(cu_seqlens, T, q.device))
     flat = [t.reshape(B * T, *t.shape[2:]).contiguous() for t in (q, k, v, f, b)]
-    return flat, cu_seqlens, H, K, v.shape[-1]
+    return flat, cu, H, K, v.shape[-1]
 
 
-_OFFSETS: dict = {}
+def _checked_offsets(cu_seqlens, T, device):
+    cu = cu_seqlens.to(device=device, dtype=torch.int32)
+    if cu[0] != 0 or cu[-1] != T or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu.tolist()}")
+    return cu
+
+
+_KEPT: collections.OrderedDict = collections.OrderedDict()
+_KEPT_MAX = 64
+
+
+def _kept(key, given, make):
+    """make(), computed once per key and per `given` tensor while it lives unchanged (None: per
+    key alone); the last _KEPT_MAX results are kept. So the offsets a batch's cu_seqlens give,
+    checked once (a host sync), and their chunk tables serve every layer of a forward pass."""
+    if given is not None:
+        key = key + (id(given), given._version)
+    hit = _KEPT.get(key)
+    if hit is not None and (given is None or hit[0]() is given):
+        _KEPT.move_to_end(key)
+        return hit[1]
+    value = make()
+    _KEPT[key] = (None if given is None else weakref.ref(given), value)
+    while len(_KEPT) > _KEPT_MAX:
+        _KEPT.popitem(last=False)
+    return value
 
 
 def _uniform_offsets(B: int, T: int, device) -> torch.Tensor:
-    """cu_seqlens of B sequences of T tokens; kept (read only) for decode steps (T = 1), so a
-    step launches no kernel to make them."""
-    if T != 1:
-        return torch.arange(0, (B + 1) * T, T, device=device, dtype=torch.int32)
-    key = (B, str(device))
-    if key not in _OFFSETS:
-        _OFFSETS[key] = torch.arange(0, B + 1, device=device, dtype=torch.int32)
-    return _OFFSETS[key]
+    """cu_seqlens of B sequences of T tokens, kept (read only), so a step launches no kernel
+    to make them."""
+    return _kept(("uniform", B, T, str(device)), None,
+                 lambda: torch.arange(0, (B + 1) * T, T, device=device, dtype=torch.int32))
 
 
 def _gate_params(A_log, dt_bias, H, K, device):
@@ -443,35 +470,46 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
     dtype, dev = _ir_dtype(q), q.device
     (q2, k2, v2, f2, b2), cu, H, K, V, a, dt = _inputs(q, k, v, f, b, A_log, dt_bias, cu_seqlens, fused)
     N = cu.numel() - 1
-    prep, intra, solve, scan = chunk_specs(H, K, V, dtype, fused, scale, eps, state is not None,
-                                           current_target(), chunk)
+    prep, intra, scan = chunk_specs(H, K, V, dtype, fused, scale, eps, state is not None, current_target(), chunk)
     BT = prep.config["BT"]
-    lens = (cu[1:] - cu[:-1]).long()
-    nch = (lens + BT - 1) // BT
-    chunk0 = torch.zeros(N, dtype=torch.int32, device=dev)
-    chunk0[1:] = torch.cumsum(nch, 0)[:-1].to(torch.int32)
-    seq = torch.repeat_interleave(torch.arange(N, device=dev), nch)
-    idx = torch.arange(seq.numel(), device=dev) - chunk0.long()[seq]
-    cstart = (cu.long()[seq] + idx * BT).to(torch.int32)
-    clen = torch.minimum(lens[seq] - idx * BT, torch.full_like(idx, BT)).to(torch.int32)
-    NT, NCH = q2.shape[0], int(seq.numel())
+    NT = q2.shape[0]
+    cstart, clen, chunk0, NCH = chunk_tables(cu, cu_seqlens, q.shape[0], q.shape[1], BT)
     e = dict(device=dev, dtype=q.dtype)
     qn, kn, qg, kg, w = (torch.empty(NT, H, K, **e) for _ in range(5))
     u = torch.empty(NT, H, V, **e)
-    gc = torch.empty(NT, H, K, device=dev, dtype=torch.float32)
+    gc, bkg = (torch.empty(NT, H, K, device=dev, dtype=torch.float32) for _ in range(2))
     beta = torch.empty(NT, H, device=dev, dtype=torch.float32)
     aqk = torch.empty(NT, H, BT, **e)
-    akk = torch.empty(NT, H, BT, device=dev, dtype=torch.float32)
     gl = torch.empty(max(NCH, 1), H, K, device=dev, dtype=torch.float32)
     o = torch.empty(NT, H, V, **e)
     s0, sn, slot, result = _states(state, N, H, K, V, dev)
     if NCH:
-        c = prep.config
-        launch(prep, (NCH, H), q2, k2, f2, b2, a, dt, cstart, clen, qn, kn, gc, beta, qg, kg, gl)
-        launch(intra, (NCH, H), qn, kn, gc, beta, cstart, clen, aqk, akk)
-        launch(solve, (NCH, H, c["NKW"] + _cdiv(V, c["BW"])), kn, v2, gc, beta, akk, cstart, clen, w, u)
+        launch(prep, (NCH, H), q2, k2, f2, b2, a, dt, cstart, clen, qn, kn, gc, beta, qg, bkg, kg, gl)
+        launch(intra, (NCH, H), qn, kn, gc, beta, bkg, v2, cstart, clen, aqk, w, u)
     launch(scan, (N, H, _cdiv(V, scan.config["BV"])), qg, kg, w, u, aqk, gl, o, s0, sn, slot, cu, chunk0)
     return o.view(q.shape[0], q.shape[1], H, V), result
+
+
+def chunk_tables(cu: torch.Tensor, given: torch.Tensor | None, B: int, T: int, BT: int):
+    """(chunk start token, chunk length, first chunk of each sequence, chunk count) for the
+    sequences `cu` delimits, built on the device without waiting for it: for packed sequences
+    the count is the bound T_total // BT + N (chunks past the real ones have length 0 and do
+    nothing). Kept per uniform (B, T) and per `given` cu_seqlens tensor (see _kept)."""
+    def make():
+        N, NT = cu.numel() - 1, B * T
+        nch_max = min(NT, NT // BT + N) if given is not None else B * _cdiv(T, BT)
+        lens = cu[1:] - cu[:-1]
+        nch = (lens + BT - 1) // BT
+        last = torch.cumsum(nch, 0)
+        chunk0 = (last - nch).to(torch.int32)
+        c = torch.arange(nch_max, device=cu.device, dtype=last.dtype)
+        seq = torch.searchsorted(last, c, right=True)
+        sc = seq.clamp(max=N - 1)
+        idx = c - chunk0[sc]
+        cstart = (cu[sc] + idx * BT).to(torch.int32)
+        clen = torch.where(seq < N, (lens[sc] - idx * BT).clamp(max=BT), 0).to(torch.int32)
+        return cstart, clen, chunk0, nch_max
+    return _kept(("chunks", B, T, BT, str(cu.device)), given, make)
 
 
 def kda_step(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_seqlens=None,
@@ -521,8 +559,8 @@ def op_kda_recurrent(args, attrs):
 
 
 def specs_for(kind, ins, outs, attrs, target):
-    """The kernels one KDA op needs (for AOT): the step kernel, plus the four chunk kernels
-    (prep, intra, solve, scan) when T != 1."""
+    """The kernels one KDA op needs (for AOT): the step kernel, plus the three chunk kernels
+    (prep, intra, scan) when T != 1."""
     q, v = ins[0], ins[2]
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
     fused = kind != "kda_recurrent"

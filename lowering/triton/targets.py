@@ -15,8 +15,9 @@ _BASE = {
     "elementwise": {"BLOCK": 1024, "num_warps": 4, "num_stages": 1},
     "norm": {"num_warps": 4, "num_stages": 1},
     "conv": {"BT": 32, "BC": 128, "num_warps": 4, "num_stages": 1},
-    "kda_chunk": {"BT": 64, "BC": 16, "BV": 32, "BW": 128, "num_warps": 4, "num_stages": 2, "prep_warps": 8,
-                  "intra_warps": 4, "solve_warps": 4},
+    # KH: the slice of K the intra-chunk products take at a time; BW: W/U columns per block
+    "kda_chunk": {"BT": 64, "BC": 16, "BV": 32, "KH": 64, "BW": 64, "num_warps": 4, "num_stages": 2,
+                  "prep_warps": 8, "intra_warps": 4, "intra_stages": 1},
     "kda_recurrent": {"BV": 32, "num_warps": 4, "num_stages": 1},
     # split_min: fewest keys a split takes; small so that short contexts at small batch still
     # spread over many programs (H200 e2e, B=1, 1k context, split_min 512: two programs,
@@ -53,7 +54,7 @@ TARGETS: dict[str, dict] = {
         "moe_gemm": {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3}})},
     # sm_90: decode tiles from sweeps on an H100 (bench/results/*.json)
     "sm_90": {"arch": 90, "gpu": "H100 / H200", "configs": _merge(_BASE, {
-        "kda_chunk": {"BT": 32, "BW": 128, "prep_warps": 4, "num_warps": 4, "num_stages": 3},
+        "kda_chunk": {"BT": 32, "prep_warps": 4, "num_warps": 4, "num_stages": 3},
         "kda_recurrent": {"BV": 64, "num_warps": 4},
         "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
         "mla_decode": {"BS": 64, "num_warps": 4, "num_stages": 2},
@@ -64,7 +65,7 @@ TARGETS: dict[str, dict] = {
     "interpret": {"arch": None, "gpu": "Triton interpreter (CPU)", "configs": _merge(_BASE, {
         "elementwise": {"BLOCK": 64},
         "conv": {"BT": 8, "BC": 16},
-        "kda_chunk": {"BT": 32, "BC": 16, "BV": 16, "BW": 16},
+        "kda_chunk": {"BT": 32, "BC": 16, "BV": 16, "KH": 16, "BW": 16},
         "kda_recurrent": {"BV": 16},
         "mla_decode": {"BS": 16, "split_min": 16},
         "attention": {"BM": 16, "BN": 16},
