@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -104,8 +105,11 @@ def compile_model(model, targets: list[str], out: str | Path, *, pipeline: str |
         (out / t).mkdir(exist_ok=True)
     for job in jobs:
         write(job[3], out / "src")
-    # compile in threads: most of the time is ptxas, a subprocess
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    # compile in threads: most of the time is ptxas, a subprocess. Before Python 3.12.2, ast.parse
+    # (which Triton's front end calls) is not thread-safe (CPython gh-106905: "AST constructor
+    # recursion depth mismatch"), so there the kernels compile one at a time.
+    workers = min(8, os.cpu_count() or 1) if sys.version_info >= (3, 12, 2) else 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         built = list(pool.map(lambda j: compile_spec(j[3], j[0]), jobs))
     for (target, h, entry, spec, kinds), ck in zip(jobs, built):
         stem = f"{spec.name}_{h[:12]}" + ("" if entry == spec.name else f"_{entry}")
