@@ -14,12 +14,13 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from kimi_graph.dtypes import FLOAT_DTYPES
 from kimi_graph.interpreter import initial_env, op_attrs
 from kimi_graph.ir import Graph, eval_dim
 from kimi_graph.ops import get_op
 from kimi_graph.runtime.views import is_view
 
-from . import conv, elementwise, kda, mla, moe, norm
+from . import conv, elementwise, kda, mla, moe, moe_quant, norm
 from .targets import current_target
 
 # kind -> (kernel launcher fn(args, attrs) -> results, AOT spec fn(kind, ins, outs, attrs, target))
@@ -38,6 +39,7 @@ KERNELS: dict[str, tuple[Callable, Callable]] = {
     "moe_permute": (moe.op_moe_permute, moe.specs_for),
     "grouped_swiglu": (moe.op_grouped_swiglu, moe.specs_for),
     "moe_unpermute": (moe.op_moe_unpermute, moe.specs_for),
+    "quantized_grouped_swiglu": (moe_quant.op_quantized_grouped_swiglu, moe_quant.specs_for),
 }
 KERNEL_DTYPES = ("f32", "bf16", "f16")
 # kernels that take in-place state views (runtime/views.py) and return them as the new state
@@ -58,7 +60,6 @@ REFERENCE: dict[str, str] = {
     "quantized_moe_experts": "ONNX Runtime's legalised form of the quantized experts",
     "quantize": "a weight transform: fold-constants computes it when the weights load",
     "dequantize": "runs inside the quantized grouped SwiGLU kernels; alone, torch's elementwise form",
-    "quantized_grouped_swiglu": "no kernel yet",
 }
 
 
@@ -66,7 +67,7 @@ def covered(g: Graph, op) -> bool:
     """Does a generated kernel run this op? (float operands in f32/bf16/f16 only)"""
     if op.kind not in KERNELS:
         return False
-    floats = [g.types[v].dtype for v in op.inputs if g.types[v].dtype.startswith(("f", "bf"))]
+    floats = [g.types[v].dtype for v in op.inputs if g.types[v].dtype in FLOAT_DTYPES]   # not codes
     return all(d in KERNEL_DTYPES for d in floats)
 
 

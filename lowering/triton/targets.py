@@ -31,6 +31,10 @@ _BASE = {
                   "small_max": 64, "programs": 264, "BR": 4, "select_warps": 4},
     "moe_gemm": {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3,
                  "BM_small": 16, "BN_small": 64, "BK_small": 64},
+    # quantized grouped SwiGLU (moe_quant.py): BK <= the quantization group; fp8_dot: fp8 tensor
+    # cores take prefill tiles (sm_89+)
+    "moe_gemm_q": {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3,
+                   "BM_small": 16, "BN_small": 32, "BK_small": 128, "fp8_dot": False},
     # permutation: BLOCK token copies per block (ranked SUB at a time), rows copied BD columns a
     # program; the scan takes SCAN_E experts x SCAN_B blocks a step
     "moe_permute": {"BLOCK": 1024, "SUB": 64, "BD": 256, "SCAN_E": 16, "SCAN_B": 64, "num_warps": 4,
@@ -50,6 +54,7 @@ TARGETS: dict[str, dict] = {
         "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
         "moe_gemm": {"BM": 64, "BN": 128, "BK": 32, "num_warps": 4, "num_stages": 4}})},
     "sm_89": {"arch": 89, "gpu": "L40S / RTX 4090", "configs": _merge(_BASE, {
+        "moe_gemm_q": {"fp8_dot": True},
         "attention": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
         "moe_gemm": {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3}})},
     # sm_90: decode tiles from sweeps on an H100 (bench/results/*.json)
@@ -61,7 +66,8 @@ TARGETS: dict[str, dict] = {
         # router: best of bench/moe_dispatch.py's sweep on an H200 (2026-11-30)
         "moe_route": {"BN": 128, "BE": 128, "BR": 1, "select_warps": 2},
         "moe_gemm": {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3,
-                     "BN_small": 64, "BK_small": 64}})},
+                     "BN_small": 64, "BK_small": 64},
+        "moe_gemm_q": {"BM": 128, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3, "fp8_dot": True}})},
     "interpret": {"arch": None, "gpu": "Triton interpreter (CPU)", "configs": _merge(_BASE, {
         "elementwise": {"BLOCK": 64},
         "conv": {"BT": 8, "BC": 16},
@@ -72,6 +78,7 @@ TARGETS: dict[str, dict] = {
         "moe_route": {"BN": 64, "BE": 16, "BK": 16, "BN_small": 16, "BE_small": 16, "BK_small": 16,
                       "small_max": 4, "programs": 8, "BR": 32},
         "moe_gemm": {"BM": 16, "BN": 16, "BK": 16, "BM_small": 16, "BN_small": 16, "BK_small": 16},
+        "moe_gemm_q": {"BM": 16, "BN": 16, "BK": 32, "BM_small": 16, "BN_small": 16, "BK_small": 32},
         "moe_permute": {"BLOCK": 64, "SUB": 16, "BD": 32, "SCAN_E": 4, "SCAN_B": 4}})},
 }
 

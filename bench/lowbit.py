@@ -1,0 +1,138 @@
+"""Low-bit expert kernels (lowering/triton/moe_quant.py) on the published shapes (D=2304 ->
+I=1024, 256 experts, top-8), against our bf16 grouped SwiGLU (lowering/triton/moe.py) in the
+same run:
+
+- int4 (group 128) and int8 at 1 / 4 / 16 tokens (decode; CUDA-graph replays): bytes of the
+  quantized experts read (codes + scales of the experts touched) against the copy bandwidth
+  measured here, and the speedup over bf16;
+- fp8 (128 x 128 blocks) at 8k tokens (prefill): fp8 tensor cores (activations in e4m3 per
+  row and K tile) and weight-only (codes converted to bf16), against bf16.
+Errors: against a float64 SwiGLU over the dequantized weights.
+
+    python bench/lowbit.py              # GPU: table + bench/results/lowbit.json
+    python bench/lowbit.py --cpu        # no GPU: the same kernels on small shapes through the
+                                        # Triton interpreter (errors only, no timing)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+E, K, D, I = 256, 8, 2304, 1024
+
+
+def swiglu_fp64(rows, offsets, w13, w2, fmt, group):
+    """float64 SwiGLU of each expert's rows over its dequantized weights (one expert at a time)."""
+    from kimi_graph.ops.quant import dequantize
+    out = torch.zeros(rows.shape, dtype=torch.float64, device=rows.device)
+    off = offsets.tolist()
+    Ie = w2[0].shape[-1] * (2 if fmt == "int4" else 1)
+    for e in range(len(off) - 1):
+        if off[e + 1] > off[e]:
+            a = dequantize(w13[0][e], w13[1][e].double(), None, fmt, group)
+            b = dequantize(w2[0][e], w2[1][e].double(), None, fmt, group)
+            x = rows[off[e]:off[e + 1]].double()
+            g, u = x @ a[:Ie].T, x @ a[Ie:].T
+            out[off[e]:off[e + 1]] = (g * torch.sigmoid(g) * u) @ b.T
+    return out
+
+
+def routed_rows(N, experts, dim, g, device, dtype):
+    """N tokens routed top-8 over `experts`: rows sorted by expert and offsets."""
+    x = torch.randn(N, dim, generator=g, device=device).to(dtype)
+    ids = torch.rand(N, experts, generator=g, device=device).topk(K, -1)[1].reshape(-1)
+    order = ids.sort(stable=True)[1]
+    offsets = torch.zeros(experts + 1, dtype=torch.long, device=device)
+    offsets[1:] = torch.bincount(ids, minlength=experts).cumsum(0)
+    return x[order // K].contiguous(), offsets
+
+
+def cpu_smoke():
+    """The kernels through the Triton interpreter on small shapes (fp32): errors only."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    from kimi_graph.lowering.triton.moe_quant import quantized_grouped_swiglu
+    from kimi_graph.ops.quant import quantize
+    g = torch.Generator().manual_seed(0)
+    e, d, i = 8, 128, 64
+    w13 = torch.randn(e, 2 * i, d, generator=g) * d ** -0.5
+    w2 = torch.randn(e, d, i, generator=g) * i ** -0.5
+    print(f"{'format':>8}{'tokens':>8}{'rel err':>12}   (Triton interpreter, fp32, E={e} D={d} I={i})")
+    for fmt in ("int4", "int8", "fp8"):
+        q13, q2 = quantize(w13, fmt, 64)[:2], quantize(w2, fmt, 64)[:2]
+        for n in (1, 16):
+            rows, off = routed_rows(n, e, d, g, "cpu", torch.float32)
+            y = quantized_grouped_swiglu(rows, off, *q13, *q2, fmt=fmt, group_size=64)
+            err = ((y.double() - (ref := swiglu_fp64(rows, off, q13, q2, fmt, 64))).norm() / ref.norm()).item()
+            print(f"{fmt:>8}{n:>8}{err:>12.2e}")
+
+
+def gpu(args):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from harness import bench, bench_graph, copy_bandwidth, rel_err, write_result
+
+    from kimi_graph.lowering.triton import moe, moe_quant
+    from kimi_graph.lowering.triton.targets import TARGETS, current_target
+    from kimi_graph.ops.quant import quantize
+
+    bw = copy_bandwidth()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w13 = (torch.randn(E, 2 * I, D, device="cuda", generator=g) * D ** -0.5).bfloat16()
+    w2 = (torch.randn(E, D, I, device="cuda", generator=g) * I ** -0.5).bfloat16()
+    cfg = TARGETS[current_target()]["configs"]["moe_gemm_q"]
+    base = dict(cfg)
+
+    def with_config(over, fn):
+        cfg.clear()
+        cfg.update({**base, **over})
+        moe_quant.specs.cache_clear()
+        try:
+            return fn()
+        finally:
+            cfg.clear()
+            cfg.update(base)
+            moe_quant.specs.cache_clear()
+
+    rows_out = []
+    decode_variants = [("default", {})] + [(f"BN{bn}_BK{bk}_w{w}", dict(BN_small=bn, BK_small=bk, num_warps=w))
+                                           for bn, bk, w in ((16, 128, 4), (64, 128, 4), (32, 64, 4), (32, 128, 2))]
+    for fmt in args.formats.split(","):
+        q13, q2 = quantize(w13, fmt, 128)[:2], quantize(w2, fmt, 128)[:2]
+        per_expert = sum(t[0].nbytes + t[1].nbytes for t in (q13, q2)) / E
+        shapes = [n for n in (1, 4, 16)] if fmt != "fp8" else [16, 8192]
+        for N in shapes:
+            rows, off = routed_rows(N, E, D, g, "cuda", torch.bfloat16)
+            touched = int((off[1:] > off[:-1]).sum())
+            run = lambda: moe_quant.quantized_grouped_swiglu(rows, off, *q13, *q2, fmt=fmt)  # noqa: E731
+            ref = swiglu_fp64(rows, off, q13, q2, fmt, 128)
+            bf16 = lambda: moe.grouped_swiglu(rows, off, w13, w2)  # noqa: E731
+            timer = bench_graph if N <= 16 else bench
+            t_bf16 = timer(bf16)
+            variants = decode_variants if N <= 16 else [("fp8 dot" if cfg["fp8_dot"] else "default", {}),
+                                                          ("weight-only", {"fp8_dot": False})]
+            for name, over in variants:
+                ms, err = with_config(over, lambda: (timer(run), rel_err(run(), ref)))
+                read = touched * per_expert + 2 * rows.nbytes
+                flops = 2 * rows.shape[0] * D * 3 * I
+                rows_out.append({"format": fmt, "tokens": N, "variant": name, "ms": ms, "bf16_ms": t_bf16,
+                                 "x_bf16": t_bf16 / ms, "pct_copy_bw": 100 * read / (ms * 1e-3) / bw,
+                                 "tflops": flops / (ms * 1e-3) / 1e12, "rel_err": err})
+    write_result("lowbit", rows_out, {"copy_bandwidth_GBps": bw / 1e9,
+                                      "shapes": {"E": E, "top_k": K, "D": D, "I": I, "group": 128}})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu", action="store_true", help="interpreter smoke run (default without a GPU)")
+    ap.add_argument("--formats", default="int4,int8,fp8")
+    args = ap.parse_args(argv)
+    if args.cpu or not torch.cuda.is_available():
+        cpu_smoke()
+    else:
+        gpu(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""The quantized grouped SwiGLU (quantized_grouped_swiglu, formats in kimi_graph/ops/quant.py):
+weights stay in their low-bit codes in memory and are dequantized to the activation dtype
+inside the main loop, one K tile at a time.
+
+Grid (N blocks, experts): a program takes one expert's rows (offsets[e]:offsets[e+1]), BM at a
+time, for BN output columns; experts with no rows return at once. K tiles never straddle a
+quantization group (BK divides G), so a tile's scale (and zero point) is one value per
+column and multiplies the tile's dot product instead of every weight:
+- int4: each byte holds k = 2j (low nibble) and 2j+1; the tile is two dots, even input
+  columns with the low nibbles and odd ones with the high, each (code - zero point) exact
+  in bf16;
+- int8: one dot over (code - zero point);
+- fp8: on targets with fp8 tensor cores (sm_89, sm_90) and prefill-sized tiles, the
+  activations are quantized too, per row and K tile (scale = max|x| / 448, e4m3), and the
+  dot runs in fp8 (W8A8: an approximation of the weight-only reference, about 2^-4 relative
+  per activation); otherwise the codes are converted to the activation dtype (weight-only).
+The gate and up projections share one pass (SiLU * up in the epilogue), then the down
+projection, as the bf16 kernel in moe.py.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kimi_graph.ops.quant import group_of
+
+from .codegen import TL_DTYPES, KernelSpec, launch, render
+from .elementwise import ir_dtype, ptr_type
+from .targets import config, current_target
+
+_GEMM = """
+@triton.jit
+def qmoe_gate_up(x_ptr, off_ptr, q_ptr, s_ptr, z_ptr, h_ptr):
+    # grid (I blocks, experts): h = silu(x w1^T) * (x w3^T) for expert e's rows
+    $head_gate_up
+    for r0 in range(lo, hi, BM):
+        r = r0 + tl.arange(0, BM)
+        mr = r < hi
+        acc_g = tl.zeros((BM, BN), tl.float32)
+        acc_u = tl.zeros((BM, BN), tl.float32)
+        for k0 in range(0, D, BK):
+            $gate_up
+        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        tl.store(h_ptr + r[:, None] * I + n[None, :], h.to(DT), mask=mr[:, None] & mn[None, :])
+
+
+@triton.jit
+def qmoe_down(h_ptr, off_ptr, q_ptr, s_ptr, z_ptr, y_ptr):
+    # grid (D blocks, experts): y = h w2^T for expert e's rows
+    $head_down
+    for r0 in range(lo, hi, BM):
+        r = r0 + tl.arange(0, BM)
+        mr = r < hi
+        acc = tl.zeros((BM, BN), tl.float32)
+        for k0 in range(0, I, BK2):
+            $down
+        tl.store(y_ptr + r[:, None] * D + n[None, :], acc.to(DT), mask=mr[:, None] & mn[None, :])
+"""
+
+
+def _head(N: str, codes_per_expert: str, scales_per_expert: str) -> str:
+    """Expert e's row range, the program's N columns and its weights' base pointers."""
+    return "\n".join([
+        "ex = tl.program_id(1)", "lo = tl.load(off_ptr + ex)", "hi = tl.load(off_ptr + ex + 1)",
+        "n = tl.program_id(0) * BN + tl.arange(0, BN)", f"mn = n < {N}",
+        f"qb = q_ptr + ex.to(tl.int64) * ({codes_per_expert})",
+        f"sb = s_ptr + ex.to(tl.int64) * {scales_per_expert}",
+        f"zb = z_ptr + ex.to(tl.int64) * {scales_per_expert}"])
+
+
+def _x_loads(a: str, K: int, BK: int, fmt: str, fp8_act: bool) -> list[str]:
+    """Load the activation tile(s) of one K step from `a`_ptr ([M, K] row-major)."""
+    if fmt == "int4":
+        return [f"dk = tl.arange(0, {BK // 2})",
+                f"xe = tl.load({a}_ptr + r[:, None] * {K} + k0 + 2 * dk[None, :], mask=mr[:, None], other=0.0)",
+                f"xo = tl.load({a}_ptr + r[:, None] * {K} + k0 + 2 * dk[None, :] + 1, mask=mr[:, None], other=0.0)"]
+    lines = [f"dk = tl.arange(0, {BK})",
+             f"x = tl.load({a}_ptr + r[:, None] * {K} + k0 + dk[None, :], mask=mr[:, None], other=0.0)"]
+    if fp8_act:     # per row and tile: x = xq * xs
+        lines += ["xs = tl.maximum(tl.max(tl.abs(x.to(tl.float32)), 1), 1e-30) / 448.0",
+                  "xq = (x.to(tl.float32) / xs[:, None]).to(tl.float8e4nv)"]
+    return lines
+
+
+def _w_step(acc: str, rows: str, K: int, G: int, fmt: str, asym: bool, fp8_act: bool) -> list[str]:
+    """Accumulate one K tile of weight rows `rows` (the columns of the output) into `acc`."""
+    if fmt == "fp8":
+        nkb = -(-K // G)
+        lines = [f"c = tl.load(qb + {rows}[None, :] * {K} + k0 + dk[:, None], mask=mn[None, :], other=0.0)",
+                 f"s = tl.load(sb + ({rows} // {G}) * {nkb} + k0 // {G}, mask=mn, other=0.0).to(tl.float32)"]
+        if fp8_act:
+            return lines + [f"{acc} += tl.dot(xq, c) * xs[:, None] * s[None, :]"]
+        return lines + [f"{acc} += tl.dot(x, c.to(DT), input_precision=PREC) * s[None, :]"]
+    ng = K // G
+    lines = [f"s = tl.load(sb + {rows} * {ng} + k0 // {G}, mask=mn, other=0.0).to(tl.float32)",
+             f"z = tl.load(zb + {rows} * {ng} + k0 // {G}, mask=mn, other=0).to(tl.float32)" if asym
+             else f"z = {128.0 if fmt == 'int8' else 8.0}"]
+    zz = "z[None, :]" if asym else "z"
+    if fmt == "int8":
+        return lines + [f"c = tl.load(qb + {rows}[None, :] * {K} + k0 + dk[:, None], mask=mn[None, :], other=0)",
+                        f"{acc} += tl.dot(x, (c.to(tl.float32) - {zz}).to(DT), input_precision=PREC) * s[None, :]"]
+    return lines + [
+        f"c = tl.load(qb + {rows}[None, :] * {K // 2} + k0 // 2 + dk[:, None], mask=mn[None, :], other=0)",
+        f"wl = ((c & 15).to(tl.float32) - {zz}).to(DT)",
+        f"wh = ((c >> 4).to(tl.float32) - {zz}).to(DT)",
+        f"{acc} += (tl.dot(xe, wl, input_precision=PREC) + tl.dot(xo, wh, input_precision=PREC)) * s[None, :]"]
+
+
+def tile_k(fmt: str, K: int, G: int, BK: int) -> int | None:
+    """The K tile: BK, or the group when smaller; None when no tile fits (the kernel needs K
+    to be a multiple of a tile that divides the group, and dots of >= 16)."""
+    bk = min(BK, G) if fmt != "fp8" else BK
+    if fmt == "fp8":
+        while bk > 16 and (G % bk or K % bk):
+            bk //= 2
+    if K % bk or G % bk or bk < (32 if fmt == "int4" else 16):
+        return None
+    return bk
+
+
+CODE_PTR = {"int4": "*u8", "int8": "*u8", "fp8": "*fp8e4nv"}
+
+
+@functools.lru_cache(maxsize=None)
+def specs(fmt: str, E: int, I: int, D: int, group_size: int, asym: bool, dtype: str, small: bool,
+          target: str) -> tuple[KernelSpec, KernelSpec] | None:
+    """(gate_up, down) kernels for one shape and format, or None when the tiles do not fit
+    (the op's reference runs then)."""
+    cfg = config("moe_gemm_q", target)
+    sfx = "_small" if small else ""
+    BM, BN, BK = cfg["BM" + sfx], cfg["BN" + sfx], cfg["BK" + sfx]
+    G1, G2 = group_of(fmt, D, group_size), group_of(fmt, I, group_size)
+    bk1, bk2 = tile_k(fmt, D, G1, BK), tile_k(fmt, I, G2, BK)
+    if bk1 is None or bk2 is None:
+        return None
+    fp8_act = fmt == "fp8" and not small and cfg["fp8_dot"] and dtype != "f32"
+    if fmt == "fp8":            # a weight tile lies in one G x G block
+        BN = min(BN, G1, G2)
+    qd = D // 2 if fmt == "int4" else D
+    qi = I // 2 if fmt == "int4" else I
+    sd = 2 * I * (D // G1) if fmt != "fp8" else -(-2 * I // G1) * -(-D // G1)
+    si = D * (I // G2) if fmt != "fp8" else -(-D // G2) * -(-I // G2)
+    consts = {"I": I, "D": D, "QD": qd, "QI": qi, "SD": sd, "SI": si, "BM": BM, "BN": BN, "BK": bk1,
+              "BK2": bk2, "DT": TL_DTYPES[dtype], "PREC": "ieee" if dtype == "f32" else "tf32"}
+    gate_up = _x_loads("x", D, bk1, fmt, fp8_act) + _w_step("acc_g", "n", D, G1, fmt, asym, fp8_act) \
+        + _w_step("acc_u", "(n + I)", D, G1, fmt, asym, fp8_act)
+    down = _x_loads("h", I, bk2, fmt, fp8_act) + _w_step("acc", "n", I, G2, fmt, asym, fp8_act)
+    src = render(f"quantized_grouped_swiglu_{fmt}", _GEMM, consts, gate_up="\n".join(gate_up),
+                 down="\n".join(down), head_gate_up=_head("I", "2 * I * QD", "SD"),
+                 head_down=_head("D", "D * QI", "SI"))
+    p, q = ptr_type(dtype), CODE_PTR[fmt]
+    z = "*u8" if asym else p
+    mk = lambda name, sig: KernelSpec(f"{name}_{fmt}", name, src, sig, cfg["num_warps"],  # noqa: E731
+                                      cfg["num_stages"], {**consts, "fp8_act": fp8_act})
+    return (mk("qmoe_gate_up", {"x_ptr": p, "off_ptr": "*i64", "q_ptr": q, "s_ptr": p, "z_ptr": z, "h_ptr": p}),
+            mk("qmoe_down", {"h_ptr": p, "off_ptr": "*i64", "q_ptr": q, "s_ptr": p, "z_ptr": z, "y_ptr": p}))
+
+
+def quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13=None, z2=None, *, fmt: str,
+                             group_size: int = 128):
+    """For the rows of expert e (offsets[e]:offsets[e+1]): w2_e (silu(w1_e x) * w3_e x) with
+    w13 and w2 in `fmt` codes; None when no kernel fits the shapes (see `specs`)."""
+    E, M, D = q13.shape[0], rows.shape[0], rows.shape[1]
+    I = q2.shape[2] * (2 if fmt == "int4" else 1)
+    dt = ir_dtype(rows)
+    kernels = specs(fmt, E, I, D, group_size, z13 is not None, dt, M <= 256, current_target())
+    if kernels is None:
+        return None
+    gate_up, down = kernels
+    h = torch.empty(M, I, device=rows.device, dtype=rows.dtype)
+    y = torch.empty(M, D, device=rows.device, dtype=rows.dtype)
+    if M:
+        off = offsets.to(torch.int64).contiguous()
+        s13, s2 = s13.to(rows.dtype).contiguous(), s2.to(rows.dtype).contiguous()
+        z13 = s13 if z13 is None else z13.contiguous()
+        z2 = s2 if z2 is None else z2.contiguous()
+        c = gate_up.config
+        launch(gate_up, (-(-I // c["BN"]), E), rows.contiguous(), off, q13.contiguous(), s13, z13, h)
+        launch(down, (-(-D // c["BN"]), E), h, off, q2.contiguous(), s2, z2, y)
+    return y
+
+
+def op_quantized_grouped_swiglu(args, attrs):
+    fmt, group = attrs["format"], attrs["group_size"]
+    y = quantized_grouped_swiglu(*args, fmt=fmt, group_size=group)
+    if y is None:
+        from kimi_graph.ops import get_op
+        return get_op("quantized_grouped_swiglu").ref(args, attrs)
+    return [y]
+
+
+def specs_for(kind, ins, outs, attrs, target):
+    rows, q13, q2 = ins[0], ins[2], ins[4]
+    fmt = attrs["format"]
+    I = q2.shape[2] * (2 if fmt == "int4" else 1)
+    asym = len(ins) > 6
+    return [s for small in (True, False)
+            for s in specs(fmt, q13.shape[0], I, rows.shape[1], attrs["group_size"], asym, rows.dtype,
+                           small, target) or ()]
