@@ -201,3 +201,18 @@ def test_serving_ranks_replay_rank_zeros_steps(tmp_path):
     ref = kimi_graph.load("tiny")
     assert got[:3] == [ref.generate([p], max_new_tokens=n)[0] for p, n in SERVED]
     assert 1 <= len(got[3]) < 20                     # cancelled after its first tokens
+
+
+def test_inspect_shows_a_ranks_weights_and_link_bytes(capsys):
+    import json
+
+    from kimi_graph.cli import main
+    facts = {}
+    for pipeline in ("default", "shard{tp=2,ep=2},default"):
+        assert main(["inspect", "tiny", "--json", "--no-ir", "--mode", "decode", "--pipeline", pipeline]) == 0
+        facts[pipeline] = json.loads(capsys.readouterr().out)
+    whole, part = facts["default"], facts["shard{tp=2,ep=2},default"]
+    assert part["weight_bytes"] < 0.5 * whole["weight_bytes"]
+    assert whole["pipeline"]["after"]["link_bytes_per_token"] == 0
+    assert part["pipeline"]["after"]["link_bytes_per_token"] > 0
+    assert part["pipeline"]["after"]["op_counts"]["all_reduce"] == 8
