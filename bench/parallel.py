@@ -25,6 +25,7 @@ import os
 import sys
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -49,7 +50,8 @@ class Bench:
         import torch.distributed as dist
         from kimi_graph.parallel import init_process_group_from_env
         self.args, self.dist = args, dist
-        self.device = init_process_group_from_env(args.device)
+        # a rank that fails mid-collective stops the others within minutes, not at the 10-minute default
+        self.device = init_process_group_from_env(args.device, timedelta(minutes=args.timeout_min))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.cuda = self.device.startswith("cuda")
         self.rows: list[dict] = []
@@ -228,6 +230,7 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--timeout-min", type=float, default=4, help="collective timeout")
     ap.add_argument("--name", default="parallel")
     Bench(ap.parse_args(argv)).main()
 

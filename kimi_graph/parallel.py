@@ -134,10 +134,11 @@ def process_group(name: str, size: int):
     return _MESH.group(name, size)
 
 
-def init_process_group_from_env(device: str = "auto") -> str:
+def init_process_group_from_env(device: str = "auto", timeout=None) -> str:
     """Start the default process group from torchrun's environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL with one GPU per local rank where CUDA is
-    available (and device is not "cpu"), else gloo. -> the device this rank runs on."""
+    available (and device is not "cpu"), else gloo; `timeout` (a timedelta) for its
+    collectives. -> the device this rank runs on."""
     import torch.distributed as dist
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ParallelError("--parallel needs several processes: start them with torchrun "
@@ -149,7 +150,7 @@ def init_process_group_from_env(device: str = "auto") -> str:
             raise ParallelError(f"local rank {local} has no GPU ({torch.cuda.device_count()} visible)")
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo",
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout,
                                 device_id=torch.device("cuda", local) if cuda else None)
     return f"cuda:{local}" if cuda else "cpu"
 
