@@ -3,6 +3,7 @@ MoE computes (lowering/onnx/ort.py maps it; its decomposition serves every other
 
     moe_unpermute(grouped_swiglu(moe_permute(x, ids)), order, weights, acc)
         -> moe_experts(x, ids, weights, w13, w2, acc)
+    (quantized_grouped_swiglu likewise -> quantized_moe_experts: ONNX Runtime's QMoE)
 
 The `ort` ONNX export runs LEGALIZE_ORT first (fuse-moe-dispatch packs a declared model's
 per-expert loop); `kimi-graph inspect MODEL --pipeline "default,legalize-ort-moe"` shows the
@@ -21,6 +22,22 @@ DISPATCH = P("moe_unpermute",
              P("moe_permute", V("x"), V("ids"), name="perm", result=2), V("weights"), V("acc"))
 
 
+# the quantized form (quantize-experts): codes, scales (and zero points) after rows and offsets
+QUANTIZED = P("moe_unpermute", P("quantized_grouped_swiglu", P("moe_permute", V("x"), V("ids"), name="perm"),
+                                 P("moe_permute", V("x"), V("ids"), name="perm", result=1), open=True, name="gs"),
+              P("moe_permute", V("x"), V("ids"), name="perm", result=2), V("weights"), V("acc"))
+
+
+def _fuse_quantized(m, rw) -> bool:
+    """-> quantized_moe_experts(x, ids, weights, w13 codes, scales, w2 codes, scales, acc, zeros...)"""
+    gs = m["gs"]
+    q = gs.inputs[2:]
+    out = rw.create1("quantized_moe_experts", m["x"], m["ids"], m["weights"], *q[:4], m["acc"], *q[4:],
+                     like=m.root.outputs[0], name="experts", **gs.attrs)
+    rw.replace({m.root.outputs[0]: out}, erase=[m.root])
+    return True
+
+
 def _fuse(m, rw) -> bool:
     out = rw.create1("moe_experts", m["x"], m["ids"], m["weights"], m["w13"], m["w2"], m["acc"],
                      like=m.root.outputs[0], name="experts")
@@ -34,4 +51,5 @@ class LegalizeORTMoE(PatternPass):
     summary = "moe_permute -> grouped_swiglu -> moe_unpermute as one moe_experts (ONNX Runtime's MoE)"
 
     def patterns(self, ctx: PassContext) -> list[Pattern]:
-        return [Pattern(DISPATCH, _fuse, name="moe-experts")]
+        return [Pattern(DISPATCH, _fuse, name="moe-experts"),
+                Pattern(QUANTIZED, _fuse_quantized, name="quantized-moe-experts")]

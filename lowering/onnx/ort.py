@@ -16,6 +16,9 @@ installed build; see tests/test_onnx_ort_ops.py); the portable mapping elsewhere
   and MoE gets our choice: one k-way call on router_probs = log(weights) (scaled back by
   their sum) when all weights are positive, else one k=1 call per routing slot on one-hot
   router_probs (see moe_calls). ORT's CPU kernel wants the gate/up rows interleaved.
+- Low-bit experts (quantize-experts; legalised to quantized_moe_experts) -> QMoE: symmetric
+  int4 / int8 codes as they are (our layouts are its), one call whose router_weights input
+  carries our routing weights (see quantized_moe_experts).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import torch
 from onnx import helper
 
 from . import portable, primitives
-from .emitter import FLOAT, MS, Emitter, table_registrar
+from .emitter import FLOAT, MS, ONNX_DTYPES, Emitter, table_registrar
 
 TABLE = dict(portable.TABLE)
 
@@ -187,3 +190,50 @@ def moe_experts(ctx, op, ins):
                       ctx.ty(ids_v).shape[-1], ctx.ty(w_v).dtype, x_ty.dtype)
     out = em("Add", em("Reshape", ins[5], em.ints(-1, D)), primitives.cast_to(ctx, total, acc_ty.dtype))
     return [em("Reshape", out, em("Shape", ins[5]))]
+
+
+@maps("quantized_moe_experts")
+def quantized_moe_experts(ctx, op, ins):
+    """Symmetric int4 / int8 experts -> one QMoE call fed by our router: router_probs is 1 at
+    the chosen experts (its top-k picks exactly them) and router_weights carries our weights,
+    mixed as they are (normalize_routing_weights=0). Gate / up rows interleaved
+    (swiglu_fusion=1); block_size = the quantization group, or none (per-row scales) when
+    both projections' groups are whole rows. Otherwise (fp8, zero points, groups QMoE cannot
+    state, weights that are not parameters) the decomposition: dequantize, then the float MoE."""
+    from kimi_graph.ops.quant import BITS, group_of
+    fmt, group = op.attrs["format"], op.attrs["group_size"]
+    x_v, ids_v, w_v, q13_v, s13_v, q2_v, s2_v, acc_v = op.inputs[:8]
+    x_ty = ctx.ty(x_v)
+    D, I = x_ty.shape[-1], ctx.ty(q13_v).shape[1] // 2
+    G1, G2 = (group_of(fmt, D, group), group_of(fmt, I, group)) if fmt in BITS else (0, 0)
+    whole = G1 == D and G2 == I
+    blocked = G1 == G2 and G1 >= 16 and G1 & (G1 - 1) == 0
+    if fmt not in BITS or len(op.inputs) > 8 or not (whole or blocked) \
+            or not all(ctx.is_param(v) for v in op.inputs[3:7]):
+        return primitives.TABLE[op.kind](ctx, op, ins)
+    em = ctx.em
+
+    def gate_up(v):
+        """A [E, 2I, ...] parameter with gate and up rows interleaved."""
+        return ctx.derived_param(v[1:] + ".interleaved", lambda: interleave(ctx.param(v)[:, :I], ctx.param(v)[:, I:]))
+
+    def per_row(name):
+        return em("Reshape", name, em.ints(0, 0)) if whole else name        # [E, N, 1] -> [E, N]
+
+    E, k = ctx.ty(q13_v).shape[0], ctx.ty(ids_v).shape[-1]
+    xf = em("Reshape", ins[0], em.ints(-1, D))
+    idf = em("Reshape", ins[1], em.ints(-1, k))
+    wf = em("Reshape", ins[2], em.ints(-1, k))
+    if ctx.ty(w_v).dtype != x_ty.dtype:
+        wf = em("Cast", wf, to=ONNX_DTYPES[x_ty.dtype])
+    base = em("ConstantOfShape", em("Concat", em("Shape", idf, start=0, end=1), em.ints(E), axis=0),
+              value=ctx.zero_tensor(x_ty.dtype))
+    probs = em("ScatterElements", base, idf, em("Expand", em.const([1.0], x_ty.dtype), em("Shape", idf)), axis=1)
+    mix = em("ScatterElements", base, idf, wf, axis=1)
+    attrs = {"k": k, "activation_type": "swiglu", "swiglu_fusion": 1, "normalize_routing_weights": 0,
+             "expert_weight_bits": BITS[fmt], "activation_alpha": 1.0, "activation_beta": 0.0,
+             **({} if whole else {"block_size": G1})}
+    y = em.node("QMoE", [xf, probs, gate_up(q13_v), per_row(gate_up(s13_v)), "", ins[5], per_row(ins[6]), "",
+                         "", "", "", "", "", "", mix], 1, domain=MS, **attrs)[0]
+    out = em("Add", em("Reshape", ins[7], em.ints(-1, D)), y if x_ty.dtype == ctx.ty(acc_v).dtype else em("Cast", y, to=ONNX_DTYPES[ctx.ty(acc_v).dtype]))
+    return [em("Reshape", out, em("Shape", ins[7]))]
