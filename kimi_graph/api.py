@@ -98,16 +98,17 @@ def resolve_device(device) -> str:
 EXPERTS = ("int4", "int8", "fp8")     # low-bit routed experts (kimi_graph/ops/quant.py)
 
 
-def experts_pipeline(pipeline: str | None, experts: str | None) -> str | None:
+def experts_pipeline(pipeline: str | None, experts: str | None, group_size: int = 128) -> str | None:
     """`pipeline` (default: "default") followed by quantize-experts and fold-constants for
-    `experts` ("int4" | "int8" | "fp8", group 128); `pipeline` itself for None or "bf16"."""
+    `experts` ("int4" | "int8" | "fp8", groups of `group_size`); `pipeline` itself for None or
+    "bf16"."""
     if experts in (None, "bf16"):
         return pipeline
     if experts not in EXPERTS:
         raise ValueError(f"experts={experts!r}: choose one of {', '.join(EXPERTS)} (or None for "
                          "the model dtype)")
     from .passes.quantize_experts import quantize_pipeline
-    return f"{pipeline or 'default'},{quantize_pipeline(experts)}"
+    return f"{pipeline or 'default'},{quantize_pipeline(experts, group_size)}"
 
 
 def interpreter_backend(model: "KimiModel"):
@@ -184,7 +185,8 @@ class KimiModel:
         if not missing or (self.source is None and not self.weights):
             return                  # all there, or none here (an exported ONNX directory)
         fetch = self.source.fetch if self.source is not None else self.weights.__getitem__
-        new = materialize(missing, self.transforms, fetch, held=self.weights)
+        new = materialize(missing, self.transforms, fetch, held=self.weights,
+                          direct=getattr(self.source, "direct", ()))
         if self.check_finite:
             check_finite_weights(new)
         self.weights.update(new)
@@ -295,9 +297,15 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     check_options(backend, options)
-    pipeline = experts_pipeline(pipeline, experts)
     device = resolve_device(device)
     config, path = resolve_config(model)
+    from .compressed import scheme_of
+    scheme = scheme_of(config.extra.get("quantization_config")) if path is not None else None
+    if scheme is not None and experts is None:      # a pre-quantized checkpoint: its format
+        experts = scheme.format
+    group = scheme.group_size(config.hidden_size, config.moe_intermediate_size) \
+        if scheme is not None and experts == scheme.format else 128
+    pipeline = experts_pipeline(pipeline, experts, group)
     layout = None
     if parallel is not None:
         if backend == "onnxruntime":
@@ -317,7 +325,7 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
         m.options["onnx_dir"] = str(path)
         m.executor                          # reads and checks the export now
         return m
-    m.source = CheckpointSource(path, g, device) if path is not None else RandomSource(g, seed, device)
+    m.source = CheckpointSource(path, g, device, scheme) if path is not None else RandomSource(g, seed, device)
     what = (f"{model}" if isinstance(model, (str, Path)) else f"a {config.num_hidden_layers}-layer model") \
         + f" in {str(dtype).removeprefix('torch.')}"
     if experts in (None, "bf16"):     # low-bit experts: only what the pipeline holds must fit
@@ -325,6 +333,8 @@ def load(model: str | Path = "tiny", *, dtype: torch.dtype = torch.float32, devi
                     what + " (its declared weights)")
     t0 = time.perf_counter()
     names = m.build_graphs(None if pipeline else {GRAPHS[0]: g})
+    if scheme is not None:          # packed experts straight from the checkpoint's codes
+        m.source.offer({p[1:]: t for gr in m._graphs.values() for p, t in gr.params.items()})
     from .loading import estimate, load_weights
     held, peak = estimate(m.source, names, m.transforms)
     _check_fits(m, peak, what + f" ({_gb(held)} of weights held after "

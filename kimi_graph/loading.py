@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Container, Iterable, Mapping
 
 import torch
 
@@ -70,17 +70,18 @@ class Live:
 
 def materialize(names: Iterable[str], transforms: WeightTransforms | None,
                 fetch: Callable[[str], torch.Tensor], *, held: Mapping[str, torch.Tensor] | None = None,
-                live: Live | None = None, progress: Callable[[str], None] | None = None
-                ) -> dict[str, torch.Tensor]:
+                live: Live | None = None, progress: Callable[[str], None] | None = None,
+                direct: Container[str] = ()) -> dict[str, torch.Tensor]:
     """Tensors for `names`: originals from `fetch`, derived parameters by their recipes,
-    reading the tensors `held` already has where they serve.
+    reading the tensors `held` already has where they serve; `direct`: derived names `fetch`
+    gives as they are (a pre-quantized checkpoint's packed experts).
 
     Parameters are produced in layer order; an original or intermediate derived tensor is
     fetched when a recipe first needs it and dropped after its last reader. `live` accounts
     for the bytes alive; `progress(name)` is called after each original is fetched."""
     held = held or {}
     recipes = {n: r for n, r in (transforms.recipes if transforms is not None else {}).items()
-               if n not in held}
+               if n not in held and n not in direct}
     want = set(names)
     readers: Counter = Counter()
     todo, stack = set(), [n for n in want if n in recipes]
@@ -130,9 +131,9 @@ def materialize(names: Iterable[str], transforms: WeightTransforms | None,
     return out
 
 
-def originals(names: Iterable[str], transforms: WeightTransforms | None) -> set[str]:
-    """The source parameters `names` are made from (themselves, for originals)."""
-    recipes = transforms.recipes if transforms is not None else {}
+def originals(names: Iterable[str], transforms: WeightTransforms | None, direct: Container[str] = ()) -> set[str]:
+    """The source parameters `names` are made from (themselves, for originals and `direct`)."""
+    recipes = {n: r for n, r in (transforms.recipes if transforms is not None else {}).items() if n not in direct}
     seen, stack, found = set(), list(names), set()
     while stack:
         n = stack.pop()
@@ -153,12 +154,13 @@ def load_weights(source, names: Iterable[str] | None = None,
     source's device, with a progress bar over the bytes read (shown from 1 GiB on, or as
     `progress` says)."""
     names = list(source.types) if names is None else list(names)
-    total = sum(source.nbytes(n) for n in originals(names, transforms))
+    direct = getattr(source, "direct", ())
+    total = sum(source.nbytes(n) for n in originals(names, transforms, direct))
     show = progress if progress is not None else total >= PROGRESS_MIN_BYTES
     bar = progress_bar(total, show and source.device.type != "meta")
     try:
         return materialize(names, transforms, source.fetch, live=live,
-                           progress=lambda n: bar(source.nbytes(n)))
+                           progress=lambda n: bar(source.nbytes(n)), direct=direct)
     finally:
         bar(None)
 
@@ -168,11 +170,12 @@ def estimate(source, names: Iterable[str] | None = None,
     """(bytes held after loading, peak bytes while loading) `names` from `source`, found by
     loading them on the meta device: nothing is read or allocated."""
     names = list(source.types) if names is None else list(names)
-    if transforms is None or not any(n in transforms for n in names):
+    direct = getattr(source, "direct", ())
+    if transforms is None or not any(n in transforms and n not in direct for n in names):
         held = sum(source.nbytes(n) for n in names)      # originals only: nothing to walk
         return held, held
     live = Live()
-    materialize(names, transforms, lambda n: source.empty(n, "meta"), live=live)
+    materialize(names, transforms, lambda n: source.empty(n, "meta"), live=live, direct=direct)
     return live.bytes, live.peak
 
 

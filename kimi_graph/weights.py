@@ -103,13 +103,22 @@ class CheckpointSource(WeightSource):
     kimi_graph.checkpoint_names maps them) and converted to the dtype the graph declares.
 
     Opening it reads only the headers and raises one WeightError naming every missing,
-    unexpected, misshaped, non-float and duplicated tensor."""
+    unexpected, misshaped, non-float and duplicated tensor.
 
-    def __init__(self, path: str | Path, g: Graph, device: str | torch.device = "cpu"):
+    A pre-quantized checkpoint (`scheme`, kimi_graph/compressed.py) stores linears as packed
+    codes and scales: they are dequantized as they are read, or, for the routed experts' packed
+    parameters that quantize-experts derives (`offer`), given as they are (`direct`)."""
+
+    def __init__(self, path: str | Path, g: Graph, device: str | torch.device = "cpu", scheme=None):
         from safetensors import SafetensorError, safe_open
 
+        from .compressed import SUFFIXES
+
         super().__init__(g, device)
-        self.path = Path(path)
+        self.path, self.scheme = Path(path), scheme
+        self.packed: dict[str, dict[str, tuple]] = {}     # parameter -> {suffix: (handle, key)}
+        self.direct: dict[str, list[list[str]]] = {}      # derived parameter -> per expert, its parts
+        stored_packed: dict[str, dict[str, tuple]] = {}
         self.where: dict[str, tuple] = {}       # parameter -> (file handle, stored name, index)
         found: dict[str, tuple[int, ...]] = {}
         problems: dict[str, list[str]] = {"unexpected": [], "not floating point": [], "in two files": []}
@@ -118,6 +127,10 @@ class CheckpointSource(WeightSource):
             try:
                 handle = safe_open(str(f), framework="pt", device="cpu")
                 for key in handle.keys():
+                    base, _, suffix = key.rpartition(".")
+                    if suffix in SUFFIXES:
+                        stored_packed.setdefault(base, {})[suffix] = (handle, key)
+                        continue
                     header = handle.get_slice(key)
                     provided = intake(key, tuple(header.get_shape()), known)   # peers' names too
                     if provided is None:
@@ -136,6 +149,7 @@ class CheckpointSource(WeightSource):
                         self.where[name] = (handle, key, index)
             except (SafetensorError, OSError, RuntimeError, ValueError) as e:
                 raise WeightError(f"cannot read {f}: {e}") from None
+        self._intake_packed(stored_packed, found, problems)
         problems["missing"] = [n for n in self.types if n not in found]
         problems["misshaped"] = [f"{n}: expected {list(self.whole(n).shape)}, got {list(found[n])}"
                                  for n in found if found[n] != tuple(self.whole(n).shape)]
@@ -144,8 +158,77 @@ class CheckpointSource(WeightSource):
         if parts:
             raise WeightError(f"checkpoint {self.path} does not match the model:\n  " + "\n  ".join(parts))
 
-    def _read(self, name: str) -> torch.Tensor:
+    def _intake_packed(self, stored: dict, found: dict, problems: dict) -> None:
+        """Map packed linears (`X.weight_packed`, ...) to the parameters `X.weight` they hold."""
+        if stored and self.scheme is None:
+            problems.setdefault("packed without a quantization_config", []).extend(stored)
+            return
+        for base, parts in stored.items():
+            if "weight_zero_point" in parts or "weight_g_idx" in parts or "weight_packed" not in parts \
+                    or "weight_scale" not in parts:
+                problems.setdefault("packed, not symmetric codes + scales", []).append(base)
+                continue
+            handle, key = parts["weight_packed"]
+            rows, words = handle.get_slice(key).get_shape()
+            shape = tuple(int(v) for v in handle.get_tensor(parts["weight_shape"][1])) if "weight_shape" in parts \
+                else (rows, words * 32 // self.scheme.bits)
+            provided = intake(base + ".weight", shape, self.types)
+            if provided is None or any(index for _, index, _ in provided):
+                problems["unexpected"].append(base + ".weight_packed")
+                continue
+            for name, _, shp in provided:
+                found[name] = shp
+                self.packed[name] = parts
+
+    def offer(self, params: Mapping[str, TensorType]) -> None:
+        """Give the routed experts' packed parameters among `params` (name -> type) straight
+        from the checkpoint's codes and scales where every expert's tensors are packed in the
+        layout the type says (kimi_graph/compressed.py)."""
+        from .compressed import experts_part
+        for name, ty in params.items():
+            part = experts_part(name)
+            if part is None or name in self.types:
+                continue
+            prefix, w, _ = part
+            per_expert = [[f"{prefix}{e}.{p}.weight" for p in (("w1", "w3") if w == "w13" else ("w2",))]
+                          for e in range(ty.shape[0])]
+            if all(n in self.packed for ns in per_expert for n in ns):
+                self.direct[name] = per_expert
+                self.types[name] = ty
+                got = self._read(name, "meta")
+                if tuple(got.shape) != tuple(ty.shape):     # another group size or width
+                    del self.direct[name], self.types[name]
+
+    def _packed_tensor(self, name: str, suffix: str, device) -> torch.Tensor:
+        handle, key = self.packed[name][suffix]
+        if torch.device(device).type == "meta":
+            return torch.empty(handle.get_slice(key).get_shape(), dtype=torch.int32, device="meta")
+        return handle.get_tensor(key).to(device)
+
+    def _read(self, name: str, device=None) -> torch.Tensor:
+        from .compressed import codes
+        from .ops.quant import dequantize
+        device = self.device if device is None else device
         ty = self.types[name]
+        if name in self.direct:         # stacked per expert: [w1; w3] or w2
+            part = name.rsplit(".", 1)[1]
+            suffix = "weight_packed" if part == "codes" else "weight_scale"
+            out = []
+            for names in self.direct[name]:
+                ts = [self._packed_tensor(n, suffix, device) for n in names]
+                ts = [codes(t) if part == "codes" and t.device.type != "meta" else
+                      t.view(torch.uint8) if part == "codes" else t for t in ts]
+                out.append(torch.cat(ts, 0))
+            return torch.stack(out).to(dtype=TORCH_DTYPES[ty.dtype])
+        if name in self.packed:
+            c = codes(self._packed_tensor(name, "weight_packed", device))
+            s = self._packed_tensor(name, "weight_scale", device)
+            K = ty.shape[-1]
+            if K % s.shape[-1] or c.shape[-1] * 8 // self.scheme.bits != K:
+                raise WeightError(f"{name}: packed codes {list(c.shape)} / scales {list(s.shape)} do not "
+                                  f"fit {list(ty.shape)}")
+            w = dequantize(c, s.float(), None, self.scheme.format, K // s.shape[-1])
+            return w.to(dtype=TORCH_DTYPES[ty.dtype])
         handle, key, index = self.where[name]
         part = self.index(name)         # a rank's slice: read only those bytes where it can
         try:
