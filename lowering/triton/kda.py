@@ -40,24 +40,24 @@ else:
 """
 
 _GATE = """
-    if FUSED:
-        ss = tl.sum(q * q, 1)
-        q = q * (1.0 / tl.sqrt(ss + EPS))[:, None]
-        ss = tl.sum(k * k, 1)
-        k = k * (1.0 / tl.sqrt(ss + EPS))[:, None]
-        x = tl.load(f_ptr + offk, mask=m2, other=0.0).to(tl.float32) + \\
-            tl.load(dt_ptr + h * K + dk, mask=mk, other=0.0).to(tl.float32)[None, :]
-        y = tl.exp(tl.minimum(x, 20.0))
-        sp = tl.where(x > 20.0, x, tl.where(y < 1e-2, y * (1.0 - y * (0.5 - y * (0.3333333333 - y * 0.25))),
-                                            tl.log(1.0 + y)))
-        g = -tl.exp(tl.load(a_ptr + h).to(tl.float32)) * sp
-        beta = tl.sigmoid(tl.load(b_ptr + tok * H + h, mask=rm, other=0.0).to(tl.float32))
-    else:
-        g = tl.load(f_ptr + offk, mask=m2, other=0.0).to(tl.float32)
-        beta = tl.load(b_ptr + tok * H + h, mask=rm, other=0.0).to(tl.float32)
+@triton.jit
+def kda_l2norm(x, AXIS: tl.constexpr):
+    # x / sqrt(sum x^2 + eps) along AXIS (q and k of the fused gating)
+    return x * tl.expand_dims(1.0 / tl.sqrt(tl.sum(x * x, AXIS) + EPS), AXIS)
+
+
+@triton.jit
+def kda_decay(x, a_log):
+    # g = -exp(A_log) * softplus(x), x = f + dt_bias in fp32; softplus as torch computes it
+    # (x itself above 20, a series below y = e^x < 1e-2)
+    y = tl.exp(tl.minimum(x, 20.0))
+    sp = tl.where(x > 20.0, x, tl.where(y < 1e-2, y * (1.0 - y * (0.5 - y * (0.3333333333 - y * 0.25))),
+                                        tl.log(1.0 + y)))
+    return -tl.exp(a_log) * sp
 """
 
-_PREP = """
+_PREP = _GATE + """
+
 @triton.jit
 def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk_len,
                    qn_ptr, kn_ptr, gc_ptr, beta_ptr, qg_ptr, bkg_ptr, kg_ptr, gl_ptr):
@@ -78,7 +78,15 @@ def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk
         offk = tok[:, None] * (H * K) + h * K + dk[None, :]
         q = tl.load(q_ptr + offk, mask=m2, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + offk, mask=m2, other=0.0).to(tl.float32)
-        $gate
+        f = tl.load(f_ptr + offk, mask=m2, other=0.0).to(tl.float32)
+        beta = tl.load(b_ptr + tok * H + h, mask=rm, other=0.0).to(tl.float32)
+        if FUSED:
+            q = kda_l2norm(q, 1)
+            k = kda_l2norm(k, 1)
+            g = kda_decay(f + tl.load(dt_ptr + h * K + dk, mask=mk, other=0.0)[None, :], tl.load(a_ptr + h))
+            beta = tl.sigmoid(beta)
+        else:
+            g = f
         g = tl.where(m2, g, 0.0)
         gc = tl.cumsum(g, 0) + carry[None, :]
         carry += tl.sum(g, 0)
@@ -156,7 +164,8 @@ def kda_chunk_scan(qg_ptr, kg_ptr, w_ptr, u_ptr, aqk_ptr, gl_ptr, o_ptr, s0_ptr,
     tl.store(sn_ptr + soff, S, mask=smask)
 """
 
-_STEP = """
+_STEP = _GATE + """
+
 @triton.jit
 def kda_recurrent_step(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, o_ptr, s0_ptr, sn_ptr, slot_ptr,
                        cu_ptr):
@@ -172,8 +181,8 @@ def kda_recurrent_step(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, o_ptr, 
     mv = dv < V
     $state_in
     if FUSED:
-        dt = tl.load(dt_ptr + h * K + dk, mask=mk, other=0.0).to(tl.float32)
-        A = tl.exp(tl.load(a_ptr + h).to(tl.float32))
+        dt = tl.load(dt_ptr + h * K + dk, mask=mk, other=0.0)
+        a_log = tl.load(a_ptr + h)
     for t in range(0, L):
         tok = tok0 + t
         offk = tok * (H * K) + h * K + dk
@@ -181,17 +190,12 @@ def kda_recurrent_step(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, o_ptr, 
         k = tl.load(k_ptr + offk, mask=mk, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + tok * (H * V) + h * V + dv, mask=mv, other=0.0).to(tl.float32)
         bb = tl.load(b_ptr + tok * H + h).to(tl.float32)
+        g = tl.load(f_ptr + offk, mask=mk, other=0.0).to(tl.float32)
         if FUSED:
-            q = q / tl.sqrt(tl.sum(q * q, 0) + EPS)
-            k = k / tl.sqrt(tl.sum(k * k, 0) + EPS)
-            x = tl.load(f_ptr + offk, mask=mk, other=0.0).to(tl.float32) + dt
-            y = tl.exp(tl.minimum(x, 20.0))
-            sp = tl.where(x > 20.0, x, tl.where(y < 1e-2, y * (1.0 - y * (0.5 - y * (0.3333333333 - y * 0.25))),
-                                                tl.log(1.0 + y)))
-            g = -A * sp
+            q = kda_l2norm(q, 0)
+            k = kda_l2norm(k, 0)
+            g = kda_decay(g + dt, a_log)
             bb = tl.sigmoid(bb)
-        else:
-            g = tl.load(f_ptr + offk, mask=mk, other=0.0).to(tl.float32)
         S = S * tl.exp(g)[:, None]
         err = v - tl.sum(k[:, None] * S, 0)
         S = S + k[:, None] * (bb * err)[None, :]
@@ -348,7 +352,7 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
 
     return [spec("kda_chunk_prep", _PREP, ["q_ptr", "k_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "chunk_start",
                                            "chunk_len", "qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "qg_ptr",
-                                           "bkg_ptr", "kg_ptr", "gl_ptr"], cfg["prep_warps"], gate=_GATE),
+                                           "bkg_ptr", "kg_ptr", "gl_ptr"], cfg["prep_warps"]),
             spec("kda_chunk_intra", _INTRA, ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "bkg_ptr", "v_ptr",
                                              "chunk_start", "chunk_len", "aqk_ptr", "w_ptr", "u_ptr"],
                  cfg["intra_warps"], cfg["intra_stages"],

@@ -59,7 +59,8 @@ TARGETS: dict[str, dict] = {
         "moe_gemm": {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3}})},
     # sm_90: decode tiles from sweeps on an H100 (bench/results/*.json)
     "sm_90": {"arch": 90, "gpu": "H100 / H200", "configs": _merge(_BASE, {
-        "kda_chunk": {"BT": 32, "prep_warps": 4, "num_warps": 4, "num_stages": 3},
+        # kda intra: 8 warps, the sm_90 build's registers without spilling (4 warps: 255 + 408 B stack)
+        "kda_chunk": {"BT": 32, "prep_warps": 4, "intra_warps": 8, "num_warps": 4, "num_stages": 3},
         "kda_recurrent": {"BV": 64, "num_warps": 4},
         "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
         "mla_decode": {"BS": 64, "num_warps": 4, "num_stages": 2},
