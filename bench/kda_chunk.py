@@ -146,7 +146,7 @@ def split(shape="16k"):
     return rows
 
 
-VARIANTS = ({}, {"KH": 128}, {"BW": 128}, {"BT": 64}, {"intra_warps": 8}, {"intra_warps": 2},
+VARIANTS = ({}, {"KH": 128}, {"BW": 128}, {"BT": 64}, {"intra_warps": 4}, {"BT": 64, "KH": 32},
             {"intra_stages": 2}, {"BV": 64}, {"prep_warps": 8})
 
 

@@ -14,7 +14,7 @@ from kimi_graph.lowering.triton import kda
 from kimi_graph.lowering.triton.codegen import PTR_TYPES, KernelSpec, dot_precision, launch, next_pow2, render
 from kimi_graph.lowering.triton.targets import config, current_target
 
-BEFORE = {"BW": 128, "solve_warps": 4}     # the previous tiles the current config lacks
+BEFORE = {"BW": 128, "solve_warps": 4, "intra_warps": 4}     # the previous tiles
 
 _PREP = "\n".join(line for line in kda._PREP.replace("qg_ptr, bkg_ptr, kg_ptr", "qg_ptr, kg_ptr").splitlines()
                   if "bkg_ptr +" not in line)
