@@ -1,5 +1,7 @@
 """legalize-ort-moe: the routed experts become one moe_experts op, the form ONNX Runtime's
-MoE computes (lowering/onnx/ort.py maps it; its decomposition serves every other target).
+MoE computes (lowering/onnx/ort.py maps it; its decomposition serves every other target) and
+the Triton backend runs fused (rows read by index, un-permute in the down projection's
+epilogue; lowering/triton/backend.py runs this pass on the graphs it is given).
 
     moe_unpermute(grouped_swiglu(moe_permute(x, ids)), order, weights, acc)
         -> moe_experts(x, ids, weights, w13, w2, acc)
@@ -11,7 +13,7 @@ result.
 """
 from __future__ import annotations
 
-from .manager import PassContext, register_pass
+from .manager import Option, PassContext, register_pass
 from .rewrite import P, Pattern, PatternPass, V
 
 LEGALIZE_ORT = "fuse-moe-dispatch,fold-constants,legalize-ort-moe"
@@ -50,6 +52,9 @@ class LegalizeORTMoE(PatternPass):
     name = "legalize-ort-moe"
     summary = "moe_permute -> grouped_swiglu -> moe_unpermute as one moe_experts (ONNX Runtime's MoE)"
 
+    options = {"quantized": Option(bool, True, "the quantized chain too (the Triton backend keeps it: its "
+                                               "quantized grouped SwiGLU kernels run it)")}
+
     def patterns(self, ctx: PassContext) -> list[Pattern]:
-        return [Pattern(DISPATCH, _fuse, name="moe-experts"),
-                Pattern(QUANTIZED, _fuse_quantized, name="quantized-moe-experts")]
+        return [Pattern(DISPATCH, _fuse, name="moe-experts")] + (
+            [Pattern(QUANTIZED, _fuse_quantized, name="quantized-moe-experts")] if ctx.options["quantized"] else [])

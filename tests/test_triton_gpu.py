@@ -61,6 +61,11 @@ def cases():
          dict(top_k=4, n_group=1, topk_group=1, renormalize=True, scaling=2.446, weights="official")),
         ("grouped_swiglu", [perm[0], perm[1], r(E, 2 * I, D, scale=D ** -0.5), r(E, D, I, scale=I ** -0.5)], {}),
         ("moe_unpermute", [r(200, D), perm[2], torch.rand(50, 4, device="cuda"), r(50, D)], {}),
+        ("moe_experts", [x, ids, torch.rand(50, 4, device="cuda"), r(E, 2 * I, D, scale=D ** -0.5),
+                         r(E, D, I, scale=I ** -0.5), r(50, D)], {}),   # the chain (decode size)
+        ("moe_experts", [r(3000, D), torch.rand(3000, E, device="cuda").topk(4, -1)[1],
+                         torch.rand(3000, 4, device="cuda"), r(E, 2 * I, D, scale=D ** -0.5),
+                         r(E, D, I, scale=I ** -0.5), r(3000, D)], {}),  # the fused form
         ("moe_permute", [x, ids], {"num_experts": E}),                  # one block
         ("moe_permute", [r(3000, D), torch.rand(3000, E, device="cuda").topk(4, -1)[1]],
          {"num_experts": E}),                                            # many blocks
@@ -82,6 +87,22 @@ def test_kernel_bf16_against_fp64(kind, args, attrs):
             assert e <= BF16_TOL, f"{kind} result {i}: rel err {e:.2e}"
         else:
             assert torch.equal(a, b)
+
+
+def test_moe_experts_batch_equals_alone():
+    """The fused routed experts in bf16: each token's result is the same bitwise whatever
+    batch it runs in (fixed-order combine; a row's GEMM never depends on its tile mates), and
+    equal to the chain permute -> grouped SwiGLU -> un-permute."""
+    from kimi_graph.lowering.triton import moe, moe_permute
+    E, D, I, k, N = 64, 512, 256, 8, 2000
+    x, acc = r(N, D), r(N, D)
+    ids, w = torch.rand(N, E, device="cuda").topk(k, -1)[1], torch.rand(N, k, device="cuda")
+    w13, w2 = r(E, 2 * I, D, scale=D ** -0.5), r(E, D, I, scale=I ** -0.5)
+    out = moe.moe_experts(x, ids, w, w13, w2, acc)
+    for part in (slice(0, 100), slice(1500, 2000)):
+        assert torch.equal(moe.moe_experts(x[part], ids[part], w[part], w13, w2, acc[part]), out[part])
+    rows, off, order = moe_permute.moe_permute(x, ids, E)
+    assert torch.equal(moe_permute.moe_unpermute(moe.grouped_swiglu(rows, off, w13, w2), order, w, acc), out)
 
 
 def test_elementwise_chain_bf16():

@@ -86,3 +86,49 @@ def test_permute_repeated_expert_and_empty():
     assert torch.equal(order, ref[2]) and torch.equal(off, ref[1]) and torch.equal(rows, ref[0])
     rows, off, order = moe_permute.moe_permute(torch.randn(0, 8), torch.zeros(0, 2, dtype=torch.int64), 5)
     assert rows.shape == (0, 8) and order.shape == (0,) and off.tolist() == [0] * 6
+
+
+def experts_case(seed: int):
+    """Random routed-expert inputs: some experts empty, dims the tiles do / do not divide."""
+    rng = random.Random(seed)
+    E, k = rng.choice([(6, 2), (7, 3), (16, 4)])
+    N, D, I = rng.choice([13, 40, 70]), rng.choice([32, 40]), rng.choice([24, 48])
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(N)])
+    return (torch.randn(N, D, generator=g), ids, torch.rand(N, k, generator=g),
+            torch.randn(E, 2 * I, D, generator=g) * 0.2, torch.randn(E, D, I, generator=g) * 0.2,
+            torch.randn(N, D, generator=g))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_moe_experts_fused(seed):
+    """The fused form (rows read by index, each copy's result in its token's slot, combined in
+    order) equals the chain permute -> grouped SwiGLU -> un-permute exactly, and the float64
+    reference; a token's result does not depend on the batch around it (to rounding here: exact
+    on a GPU, tests/test_triton_gpu.py)."""
+    from kimi_graph.lowering.triton import moe
+    x, ids, w, w13, w2, acc = experts_case(seed)
+    E, M = w13.shape[0], ids.numel()
+    assert M >= moe.config("moe_gemm")["fused_min_rows"]            # the fused form runs
+    out = moe.moe_experts(x, ids, w, w13, w2, acc)
+    rows, off, order = moe_permute.moe_permute(x, ids, E)
+    assert torch.equal(out, moe_permute.moe_unpermute(moe.grouped_swiglu(rows, off, w13, w2), order, w, acc))
+    ref = get_op("moe_experts").ref([t.double() if t.is_floating_point() else t for t in (x, ids, w, w13, w2, acc)],
+                                    {})[0]
+    assert (out.double() - ref).norm() <= 1e-6 * ref.norm()
+    part = slice(3, 3 + max(1, moe.config("moe_gemm")["fused_min_rows"] // ids.shape[1] + 1))
+    alone = moe.moe_experts(x[part], ids[part], w[part], w13, w2, acc[part])
+    assert (alone - out[part]).abs().max() <= 1e-6 * out.abs().max()   # numpy's dot: not bitwise per row
+
+
+def test_moe_sort_and_errors():
+    """moe_sort is moe_permute's order and offsets; bad shapes are refused."""
+    from kimi_graph.lowering.triton import moe
+    x, ids, w, w13, w2, acc = experts_case(1)
+    _, off, order = moe_permute.moe_permute(x, ids, w13.shape[0])
+    off2, order2 = moe_permute.moe_sort(ids, w13.shape[0])
+    assert torch.equal(off, off2) and torch.equal(order, order2)
+    with pytest.raises(ValueError, match="do not fit"):
+        moe.moe_experts(x, ids, w[:, :1], w13, w2, acc)
+    with pytest.raises(ValueError, match="do not fit"):
+        moe.moe_experts(x, ids.int(), w, w13, w2, acc)

@@ -28,9 +28,10 @@ def graph_specs(g, target: str) -> dict[tuple[str, str], tuple[KernelSpec, set]]
     """(source hash, entry) -> (spec, op kinds using it) for one graph."""
     from kimi_graph.ops import get_op
 
-    from .backend import KERNELS, Group, covered, plan
+    from .backend import KERNELS, Group, covered, legalize, plan
     from .elementwise import chain_spec
     out: dict = {}
+    g = legalize(g)
     for item in plan(g):
         if isinstance(item, Group):
             specs, kind = [chain_spec(item.chain, target)], "+".join(o.kind for o in item.ops)

@@ -40,6 +40,7 @@ KERNELS: dict[str, tuple[Callable, Callable]] = {
     "grouped_swiglu": (moe.op_grouped_swiglu, moe.specs_for),
     "moe_unpermute": (moe.op_moe_unpermute, moe.specs_for),
     "quantized_grouped_swiglu": (moe_quant.op_quantized_grouped_swiglu, moe_quant.specs_for),
+    "moe_experts": (moe.op_moe_experts, moe.specs_for),
 }
 KERNEL_DTYPES = ("f32", "bf16", "f16")
 # kernels that take in-place state views (runtime/views.py) and return them as the new state
@@ -53,7 +54,6 @@ REFERENCE: dict[str, str] = {
     **{k: _MOVEMENT for k in ("reshape", "transpose", "slice", "concat", "expand", "zeros_like",
                               "stack", "embedding")},
     **{k: _UNFUSED for k in ("grouped_topk", "take_along", "renormalize", "moe_expert", "l2norm")},
-    "moe_experts": "ONNX Runtime's legalised form; fuse-moe-dispatch gives this backend its three kernels",
     **{k: "a collective: torch.distributed (NCCL) between the kernels, capturable in a CUDA graph"
        for k in ("all_reduce", "all_gather")},
     "local_experts": "an index remap over [tokens, top_k] before the expert kernels: torch does as well",
@@ -61,6 +61,17 @@ REFERENCE: dict[str, str] = {
     "quantize": "a weight transform: fold-constants computes it when the weights load",
     "dequantize": "runs inside the quantized grouped SwiGLU kernels; alone, torch's elementwise form",
 }
+# passes this target runs after the model's pipeline: the routed experts as one moe_experts op,
+# which reads token rows by index and combines in place of the permuted copies (moe.moe_experts)
+LEGALIZE = "legalize-ort-moe{quantized=false}"
+
+
+def legalize(g: Graph) -> Graph:
+    """`g` in the form this backend runs (LEGALIZE), unchanged when there is nothing to fuse."""
+    if not any(op.kind == "grouped_swiglu" for op in g.ops()):
+        return g
+    from kimi_graph.passes import run_pipeline
+    return run_pipeline(g, LEGALIZE)
 
 
 def covered(g: Graph, op) -> bool:
@@ -216,12 +227,14 @@ def triton_backend(model):
                          "on CPU set TRITON_INTERPRET=1 to use the Triton interpreter")
     if target != "interpret":
         _say_once_where_kernels_come_from(torch.device(model.device))
-    schedules: dict[int, tuple[Graph, list]] = {}
+    schedules: dict[int, tuple[Graph, Graph, list]] = {}
 
     def execute(graph: Graph, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         if id(graph) not in schedules:
-            schedules[id(graph)] = (graph, plan(graph))
-        return run(graph, inputs, model.weights, schedules[id(graph)][1])
+            legal = legalize(graph)
+            schedules[id(graph)] = (graph, legal, plan(legal))
+        _, legal, schedule = schedules[id(graph)]
+        return run(legal, inputs, model.weights, schedule)
     execute.accepts_views = accepts_views
     return execute
 

@@ -29,8 +29,11 @@ _BASE = {
     "moe_route": {"BN": 64, "BE": 128, "BK": 64, "num_warps": 8, "num_stages": 3,
                   "BN_small": 16, "BE_small": 32, "BK_small": 128, "num_warps_small": 4, "num_stages_small": 2,
                   "small_max": 64, "programs": 264, "BR": 4, "select_warps": 4},
+    # grouped SwiGLU: *_small tiles for <= 256 rows, BM_mid below mid_rows rows per expert on
+    # average; moe_experts runs its fused form (rows read by index) from fused_min_rows copies
     "moe_gemm": {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3,
-                 "BM_small": 16, "BN_small": 64, "BK_small": 64},
+                 "BM_small": 16, "BN_small": 64, "BK_small": 64, "BM_mid": 64, "mid_rows": 256,
+                 "fused_min_rows": 257},
     # quantized grouped SwiGLU (moe_quant.py): BK <= the quantization group; fp8_dot: fp8 tensor
     # cores take prefill tiles (sm_89+)
     "moe_gemm_q": {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3,
@@ -78,7 +81,8 @@ TARGETS: dict[str, dict] = {
         "attention": {"BM": 16, "BN": 16},
         "moe_route": {"BN": 64, "BE": 16, "BK": 16, "BN_small": 16, "BE_small": 16, "BK_small": 16,
                       "small_max": 4, "programs": 8, "BR": 32},
-        "moe_gemm": {"BM": 16, "BN": 16, "BK": 16, "BM_small": 16, "BN_small": 16, "BK_small": 16},
+        "moe_gemm": {"BM": 16, "BN": 16, "BK": 16, "BM_small": 16, "BN_small": 16, "BK_small": 16, "BM_mid": 16,
+                     "fused_min_rows": 24},
         "moe_gemm_q": {"BM": 16, "BN": 16, "BK": 32, "BM_small": 16, "BN_small": 16, "BK_small": 32},
         "moe_permute": {"BLOCK": 64, "SUB": 16, "BD": 32, "SCAN_E": 4, "SCAN_B": 4}})},
 }
