@@ -31,16 +31,15 @@ from kimi_graph.lowering.triton.targets import config
 from kimi_graph.ops import get_op
 
 ATTRS = dict(n_group=1, topk_group=1, renormalize=True, scaling=2.446, weights="official")
-# grouped GEMM tiles (moe_gemm family) tried on top of the target's
+# grouped GEMM tiles tried per tile class: "mid" at 4k tokens (128 rows per expert, the engine's
+# 4k-token prefill calls), "large" at 32k (keys suffixed _mid for the first)
 GEMM_SWEEP = [
     {},
+    {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
     {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 4},
     {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3, "BN_down": 256},
-    {"BM": 128, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 4},
     {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4},
-    {"BM_mid": 128},
-    {"BM_mid": 64, "mid_rows": 512},
-    {"BM_mid": 64, "num_warps": 4, "num_stages": 4},
+    {"BM": 64, "BN": 256, "BK": 64, "num_warps": 8, "num_stages": 3},
 ]
 OLD = {"fused_min_rows": 1 << 62}          # moe_experts runs the chain at every size
 
@@ -49,7 +48,7 @@ class Shapes(moe_dispatch.Shapes):
     def __init__(self, smoke: bool):
         super().__init__(smoke)
         self.tokens = (40,) if smoke else (1024, 4096, 32768)
-        self.sweep_tokens = (40,) if smoke else (4096, 32768)
+        self.sweep_sizes = (("mid", 80),) if smoke else (("mid", 4096), ("large", 32768))
         self.sweep = GEMM_SWEEP[:2] if smoke else GEMM_SWEEP
 
 
@@ -118,32 +117,33 @@ def bench_layers(S, g, gemm_flops) -> list[dict]:
 
 
 def sweep_gemm(S, g) -> tuple[dict, list]:
-    """Time the fused grouped GEMM for each GEMM_SWEEP variant; keep the best (mean of ratios)."""
+    """Time the fused grouped GEMM for each GEMM_SWEEP variant, per tile class at its size;
+    keep each class's fastest."""
     t = timer(S)
     w13 = (torch.randn(S.E, 2 * S.I, S.D, device=S.dev, generator=g) * S.D ** -0.5).to(S.dt)
     w2 = (torch.randn(S.E, S.D, S.I, device=S.dev, generator=g) * S.I ** -0.5).to(S.dt)
-    ins = {}
-    for N in S.sweep_tokens:
+    rows, cfg = [], dict(BASE_GEMM)
+    for size, N in S.sweep_sizes:
         x, gate, bias, _ = layer_inputs(S, N, g)
         ids, _ = moe_route.moe_route(x, gate, bias, top_k=S.K, **ATTRS)
-        ins[N] = (x, ids, moe_permute.moe_sort(ids, S.E))
-    rows = []
-    for v, over in enumerate(S.sweep):
-        override_config("moe_gemm", **{**BASE_GEMM, **over})
-        for N, (x, ids, (off, order)) in ins.items():
-            fn = lambda: moe._swiglu_launch(x, off, w13, w2, ids.numel(), order, S.K)
+        off, order = moe_permute.moe_sort(ids, S.E)
+        sfx = "_mid" if size == "mid" else ""
+        times = []
+        for v, over in enumerate(S.sweep):
+            override_config("moe_gemm", **{**cfg, **{k + sfx: val for k, val in over.items()}})
+            assert moe.gemm_size(ids.numel(), S.E, moe.current_target()) == size
             try:
-                ms = t(fn)
-            except Exception as e:        # a tile that does not fit this GPU's shared memory
-                print(f"variant {v} {over}: {type(e).__name__} {str(e)[:80]}")
+                ms = t(lambda: moe._swiglu_launch(x, off, w13, w2, ids.numel(), order, S.K))
+            except Exception as e:        # a tile this GPU cannot build
+                print(f"{size} variant {v} {over}: {type(e).__name__} {str(e)[:80]}")
                 ms = float("inf")
-            rows.append({"variant": v, "tokens": N, "ms": ms, "config": over})
-    best = {N: min(r["ms"] for r in rows if r["tokens"] == N) for N in ins}
-    score = [sum(r["ms"] / best[r["tokens"]] for r in rows if r["variant"] == v) for v in range(len(S.sweep))]
-    win = min(range(len(S.sweep)), key=score.__getitem__)
-    cfg = {**BASE_GEMM, **GEMM_SWEEP[win]}
+            times.append(ms)
+            rows.append({"class": size, "tokens": N, "variant": v, "ms": ms, "config": over})
+        win = min(range(len(times)), key=times.__getitem__)
+        cfg.update({k + sfx: val for k, val in S.sweep[win].items()})
+        print(f"grouped GEMM, {size} tiles at {N} tokens: best variant {win} {S.sweep[win]} "
+              f"{times[win]:.3f} ms (default {times[0]:.3f} ms)", flush=True)
     override_config("moe_gemm", **cfg)
-    print(f"grouped GEMM: best variant {win} {GEMM_SWEEP[win]}", flush=True)
     return cfg, rows
 
 

@@ -101,7 +101,8 @@ SIZES = ("small", "mid", "large")
 def gemm_size(M: int, E: int, target: str) -> str:
     """The tile class for M sorted rows over E experts: "small" (decode, M <= 256), "mid" (fewer
     than mid_rows rows per expert on average: a shorter row tile wastes less of each expert's
-    last tile), "large"."""
+    last tile), "large". A class's tiles are the config's keys with its suffix (BM_mid, ...),
+    else the large ones."""
     if M <= 256:
         return "small"
     return "mid" if M < config("moe_gemm", target)["mid_rows"] * E else "large"
@@ -112,8 +113,9 @@ def gemm_specs(E, I, D, dtype, size, target, gather=False, top_k=1):
     """(tile map, gate_up, down). With `gather`, gate_up reads x rows by index (order[r] //
     top_k) and down stores each row at its copy's own slot order[r]: no permuted copies."""
     cfg = config("moe_gemm", target)
-    sfx = {"small": "_small", "mid": "", "large": ""}[size]
-    BM, BN, BK = cfg["BM_mid" if size == "mid" else "BM" + sfx], cfg["BN" + sfx], cfg["BK" + sfx]
+    sfx = {"small": "_small", "mid": "_mid", "large": ""}[size]
+    get = lambda key: cfg.get(key + sfx, cfg[key])       # a class's own value, else the large one
+    BM, BN, BK, w, st = (get(k) for k in ("BM", "BN", "BK", "num_warps", "num_stages"))
     BN_down = cfg.get("BN_down" + sfx, BN)
     consts = {"E": E, "I": I, "D": D, "BE": max(16, next_pow2(E)), "BM": BM, "BN": BN, "BK": BK,
               "TB": 64, "DT": TL_DTYPES[dtype], "PREC": dot_precision(dtype), "TOPK": top_k}
@@ -128,7 +130,6 @@ def gemm_specs(E, I, D, dtype, size, target, gather=False, top_k=1):
     p = ptr_type(dtype)
     tiles = {"tile_e_ptr": "*i32", "tile_r_ptr": "*i32"}
     order = {"order_ptr": "*i64"} if gather else {}
-    w, st = cfg["num_warps"], cfg["num_stages"]
     return (KernelSpec("moe_tile_map", "moe_tile_map", src_gu, {"off_ptr": "*i64", **tiles, "max_tiles": "i32"},
                        4, 1, gu),
             KernelSpec("moe_gate_up", "moe_gate_up", src_gu,

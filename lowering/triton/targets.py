@@ -29,8 +29,9 @@ _BASE = {
     "moe_route": {"BN": 64, "BE": 128, "BK": 64, "num_warps": 8, "num_stages": 3,
                   "BN_small": 16, "BE_small": 32, "BK_small": 128, "num_warps_small": 4, "num_stages_small": 2,
                   "small_max": 64, "programs": 264, "BR": 4, "select_warps": 4},
-    # grouped SwiGLU: *_small tiles for <= 256 rows, BM_mid below mid_rows rows per expert on
-    # average; moe_experts runs its fused form (rows read by index) from fused_min_rows copies
+    # grouped SwiGLU: *_small tiles for <= 256 rows, *_mid below mid_rows rows per expert on
+    # average (each falling back to the unsuffixed key); BN_down: the down projection's BN;
+    # moe_experts runs its fused form (rows read by index) from fused_min_rows token copies
     "moe_gemm": {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3,
                  "BM_small": 16, "BN_small": 64, "BK_small": 64, "BM_mid": 64, "mid_rows": 256,
                  "fused_min_rows": 257},
