@@ -1,5 +1,7 @@
 """KDA: the delta rule as one semantic op (kda_recurrent: token-by-token recurrence, or the
-chunkwise WY/UT form, fp32 state), and the fused ops the passes make of it with its gating:
+chunkwise WY/UT form, fp32 state), and the fused ops the passes make of it with its gating.
+The chunkwise form is written once, `chunk_form`, against an array namespace: torch here, ONNX
+values for the portable export; the Triton kernels compute the same quantities.
 
 kda_fused_recurrent / kda_fused_chunk (q, k, v, f, b, A_log, dt_bias, state?)
   q, k [B,T,H,K] after conv+SiLU, *not* normalised; v [B,T,H,V]; f [B,T,H*K] the raw f_b
@@ -13,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dtypes import acc_dtype, acc_torch
-from .decompose import cast_to
+from ..dtypes import IR_DTYPES, acc_dtype, acc_torch
+from .decompose import Eager, cast_to
 from .norm import l2_normalize
 from .registry import REQUIRED, OpDef, dim, expect, expect_float, register
 
@@ -73,52 +75,143 @@ class KDARecurrent(OpDef):
 
 
 def kda_chunkwise(q, k, v, g, beta, state, scale, chunk_size):
-    """The chunkwise (WY/UT) form of `kda_recurrence`: same inputs, same results up to fp
-    rounding. Per chunk of C tokens with cumulative log decay G_r = sum_{i<=r} g_i:
-      A[r,i] = beta_r sum_d k_rd k_id exp(G_rd - G_id)            (i < r, strictly lower)
-      u = (I + A)^-1 diag(beta) (v - (k * exp(G)) S0)             (UT transform, one solve)
-      o_r = scale (q_r * exp(G_r)) S0 + scale sum_{i<=r} (q_r . k_i exp(G_r - G_i)) u_i
-      S_C = exp(G_C) * S0 + sum_i (k_i * exp(G_C - G_i)) u_i^T
-    Decay ratios are taken as exp of differences, masked before the exp, so no factor
-    overflows however strong the decay. The last chunk may be shorter (any T)."""
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    """The chunkwise form of `kda_recurrence` (chunk_form on torch tensors): same inputs, same
+    results up to fp rounding; any T (the last chunk may be shorter)."""
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"kda_chunkwise: chunk_size must be a positive int, got {chunk_size!r}")
     B, T, H, K = k.shape
-    V = v.shape[-1]
     acc = acc_torch(v.dtype)
-    S = torch.zeros(B, H, K, V, dtype=acc, device=v.device) if state is None else state.to(acc).clone()
-    # heads first: [B, H, T, *]
-    q, k, v, g = (t.to(acc).transpose(1, 2) for t in (q, k, v, g))
-    beta = beta.to(acc).transpose(1, 2)
-    out = torch.empty(B, H, T, V, dtype=acc, device=v.device)
-    for s in range(0, T, chunk_size):
-        e = min(s + chunk_size, T)
-        C = e - s
-        qc, kc, vc, bc = q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], beta[:, :, s:e]
-        G = g[:, :, s:e].cumsum(2)                                         # [B,H,C,K]
-        diff = G.unsqueeze(3) - G.unsqueeze(2)                             # [B,H,r,i,K]
-        tri = torch.ones(C, C, dtype=torch.bool, device=v.device).tril()
-        incl = torch.where(tri[..., None], diff, diff.new_tensor(float("-inf"))).exp()
-        strict = incl * (~torch.eye(C, dtype=torch.bool, device=v.device))[..., None]
-        A = torch.einsum("bhrd,bhid,bhrid->bhri", kc, kc, strict) * bc.unsqueeze(-1)
-        eye = torch.eye(C, dtype=acc, device=v.device)
-        rhs = bc.unsqueeze(-1) * (vc - torch.einsum("bhrd,bhdv->bhrv", kc * G.exp(), S))
-        u = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
-        qk = torch.einsum("bhrd,bhid,bhrid->bhri", qc, kc, incl)
-        out[:, :, s:e] = scale * (torch.einsum("bhrd,bhdv->bhrv", qc * G.exp(), S)
-                                  + torch.einsum("bhri,bhiv->bhrv", qk, u))
-        last = G[:, :, -1:]                                                # [B,H,1,K]
-        S = S * last.transpose(2, 3).exp() + torch.einsum(
-            "bhid,bhiv->bhdv", kc * (last - G).exp(), u)
-    return out.transpose(1, 2), S
+    S = torch.zeros(B, H, K, v.shape[-1], dtype=acc, device=v.device) if state is None else state.to(acc).clone()
+    o, S = chunk_form(TorchArrays(acc, min(T, chunk_size)), q, k, v, g, beta, S, scale, chunk_size)
+    return o, S
+
+
+SUB = 16    # rows of the diagonal blocks the inverse works in (the Triton kernels' sub-chunk)
+
+
+def chunk_form(x, q, k, v, g, beta, state, scale, chunk):
+    """KDA in its chunkwise WY/UT form, written once against an array namespace `x` (torch
+    here: TorchArrays; the portable ONNX body: lowering/onnx/functions.OnnxArrays); the Triton
+    kernels (lowering/triton/kda.py) compute the same quantities. Heads first, tokens in chunks
+    of C = min(T, chunk) (the last padded with zeros, which leave the state alone); per chunk,
+    with G the cumulative log decay (ratios exp of differences, masked before the exp):
+      A = strict_lower(beta_r k_r.k_i e^(G_r-G_i)),  A_qk = scale lower(q_r.k_i e^(G_r-G_i)),
+      T = (I + A)^-1 by SUB-row blocks (unit_lower_inverse),
+      W = T (beta k e^G),  U = T (beta v),  qG = scale q e^G,  kG = k e^(G_C-G),  gC = e^(G_C);
+    then a scan over chunks carries the state: V' = U - W S; O = qG S + A_qk V';
+    S = gC S + kG^T V'. -> (o [B,T,H,V] like v, state [B,H,K,V])."""
+    qc, kc, vc, gc, bc = (x.chunks(t) for t in (q, k, v, g, x.unsqueeze(beta, -1)))   # [B,H,n,C,*]
+    G = x.cumsum(gc)
+    diff = x.sub(x.unsqueeze(G, 4), x.unsqueeze(G, 3))                    # [B,H,n,r,i,K]
+    k_i = x.unsqueeze(kc, 3)
+    A = x.mul(x.sum_last(x.mul(x.mul(x.unsqueeze(kc, 4), k_i), x.exp(x.lower(diff, strict=True)))), bc)
+    Aqk = x.scale(x.sum_last(x.mul(x.mul(x.unsqueeze(qc, 4), k_i), x.exp(x.lower(diff, strict=False)))), scale)
+    Tinv = unit_lower_inverse(x, A, chunk)
+    eG = x.exp(G)
+    W = lower_apply(x, Tinv, x.mul(bc, x.mul(kc, eG)))
+    U = lower_apply(x, Tinv, x.mul(bc, vc))
+    last = x.last(G)                                                      # [B,H,n,1,K]
+    o, S = x.scan(_scan_step, state, (x.scale(x.mul(qc, eG), scale), x.mul(kc, x.exp(x.sub(last, G))),
+                                      W, U, Aqk, x.exp(last)))
+    return x.unchunk(o, v), S
+
+
+def _scan_step(y, S, qG, kG, W, U, Aqk, gC):
+    """One chunk of the scan: (o, new state) from the state S [B,H,K,V]."""
+    u = y.sub(U, y.matmul(W, S))
+    o = y.add(y.matmul(qG, S), y.matmul(Aqk, u))
+    return o, y.add(y.mul(y.transpose(gC), S), y.matmul(y.transpose(kG), u))
+
+
+def unit_lower_inverse(x, A, chunk):
+    """T = (I + A)^-1 of strictly lower A [.., C, C] as blocks {(J, I): T_JI} of SUB rows: the
+    diagonal block (I + N)^-1 = (I - N)(I + N^2)(I + N^4).. (exact: N^SUB = 0, no serial
+    loop), T_JI = -T_JJ sum_{I<=M<J} A_JM T_MI."""
+    nb, T = -(-chunk // SUB), {}
+    n = min(chunk, SUB)
+    for J in range(nb):
+        N = x.block(A, J, J, SUB)
+        eye = x.eye_like(N)
+        T[J, J] = x.sub(eye, N)
+        for _ in range(max(n - 1, 1).bit_length() - 1):
+            N = x.matmul(N, N)
+            T[J, J] = x.matmul(T[J, J], x.add(eye, N))
+        for I in range(J - 1, -1, -1):       # from the nearest block outwards
+            acc = x.matmul(x.block(A, J, I, SUB), T[I, I])
+            for M in range(I + 1, J):
+                acc = x.add(acc, x.matmul(x.block(A, J, M, SUB), T[M, I]))
+            T[J, I] = x.neg(x.matmul(T[J, J], acc))
+    return T
+
+
+def lower_apply(x, T, X):
+    """T X for block lower T (unit_lower_inverse) and X [.., C, *], row block by row block."""
+    nb = max(J for J, _ in T) + 1
+    rows = []
+    for J in range(nb):
+        acc = x.matmul(T[J, 0], x.block_rows(X, 0, SUB))
+        for I in range(1, J + 1):
+            acc = x.add(acc, x.matmul(T[J, I], x.block_rows(X, I, SUB)))
+        rows.append(acc)
+    return rows[0] if nb == 1 else x.concat_rows(rows)
+
+
+class TorchArrays:
+    """chunk_form's array namespace on torch tensors, in `acc` precision, chunks of C tokens."""
+
+    def __init__(self, acc, C):
+        self.acc, self.C = acc, max(C, 1)
+
+    def chunks(self, t):
+        """[B,T,H,D] -> [B,H,n,C,D], zero-padded."""
+        t = t.to(self.acc)
+        B, T, H, D = t.shape
+        n = -(-T // self.C)
+        t = F.pad(t, (0, 0, 0, 0, 0, n * self.C - T))
+        return t.view(B, n, self.C, H, D).permute(0, 3, 1, 2, 4)
+
+    def unchunk(self, o, v):
+        B, H, n, C, V = o.shape
+        return o.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :v.shape[1]]
+
+    def lower(self, d, strict):
+        r = torch.arange(d.shape[3], device=d.device)
+        keep = (r[:, None] > r[None, :]) if strict else (r[:, None] >= r[None, :])
+        return torch.where(keep[..., None], d, d.new_tensor(float("-inf")))
+
+    def scan(self, step, S, per_chunk):
+        n = per_chunk[0].shape[2]
+        outs = []
+        for c in range(n):
+            o, S = step(self, S, *(t[:, :, c] for t in per_chunk))
+            outs.append(o)
+        empty = per_chunk[3][:, :, :0]
+        return (torch.stack(outs, 2) if outs else empty), S
+
+    cumsum = staticmethod(lambda t: t.cumsum(3))
+    exp = staticmethod(torch.exp)
+    neg = staticmethod(torch.neg)
+    add = staticmethod(torch.add)
+    sub = staticmethod(torch.sub)
+    mul = staticmethod(torch.mul)
+    matmul = staticmethod(torch.matmul)
+    unsqueeze = staticmethod(torch.unsqueeze)
+    sum_last = staticmethod(lambda t: t.sum(-1))
+    scale = staticmethod(lambda t, s: t * s)
+    transpose = staticmethod(lambda t: t.transpose(-1, -2))
+    last = staticmethod(lambda G: G[..., -1:, :])
+    block = staticmethod(lambda A, J, I, n: A[..., J * n:(J + 1) * n, I * n:(I + 1) * n])
+    block_rows = staticmethod(lambda X, I, n: X[..., I * n:(I + 1) * n, :])
+    concat_rows = staticmethod(lambda rows: torch.cat(rows, -2))
+    eye_like = staticmethod(lambda N: torch.eye(N.shape[-1], dtype=N.dtype, device=N.device))
 
 
 def kda_gate(f, A_log, dt_bias, acc):
-    """g = -exp(A_log) * softplus(f + dt_bias) in `acc` precision, shaped like [B,T,H,K]."""
+    """g = -exp(A_log) * softplus(f + dt_bias) in torch dtype `acc`, shaped [B,T,H,K]: decay_gate
+    run eagerly."""
     B, T, C = f.shape
     H = A_log.shape[2]
-    g = F.softplus(f.to(acc) + dt_bias.to(acc)).view(B, T, H, C // H)
-    return -A_log.to(acc).exp() * g
+    return decay_gate(Eager(), f, A_log, dt_bias, (B, T, H, C // H), IR_DTYPES[acc])
 
 
 def decay_gate(b, f, A_log, dt_bias, shape, acc: str):
@@ -193,7 +286,6 @@ class KDAFusedChunk(_KDAFused):
     attributes = {"scale": REQUIRED(float), "l2norm_eps": 1e-6, "chunk_size": 64}
 
     def ref(self, args, attrs):
-        from .kda import kda_chunkwise
         q, k, v, g, beta, s0 = self.prepare(args, attrs)
         o, S = kda_chunkwise(q, k, v, g, beta, s0, attrs["scale"], attrs["chunk_size"])
         return [o.to(v.dtype), S]

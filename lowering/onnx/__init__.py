@@ -11,7 +11,8 @@
 - `portable` (portable.py, functions.py): standard ops, and our fused ops as `kimi_graph`
   domain nodes each carrying a function body in standard ops (ONNX Runtime without contrib
   ops, onnx.reference): generated from the op's decomposition (export.decomposition_call),
-  or hand-written for the chunkwise KDA (a Loop over chunks) and the MoE dispatch ops.
+  the chunkwise KDA (a Loop over chunks) from the op library's chunk_form, written once for
+  torch and ONNX values; the MoE dispatch ops hand-written.
 - `standard` (standard.py): default-domain ops only at opset 27 (LinearAttention,
   CausalConvWithState), fused ops as their decompositions inline, no functions.
 Primitive ops map through primitives.py, the base table of every set, one entry per op kind.

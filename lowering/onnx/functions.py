@@ -1,14 +1,18 @@
-"""Hand-written function bodies (standard ONNX ops only) for the nodes of our `kimi_graph`
-domain that have no decomposition in the op library: the KDA recurrence in its chunkwise
-form (a Loop over chunks) and the MoE dispatch ops. (The fused ops' bodies are generated
-from their decompositions: export.decomposition_call.)
+"""Function bodies (standard ONNX ops only) for the nodes of our `kimi_graph` domain that have
+no decomposition in the op library: the KDA recurrence in its chunkwise form (a Loop over
+chunks: the op library's chunk_form run on ONNX values, OnnxArrays) and the MoE dispatch ops
+(hand-written). (The fused ops' bodies are generated from their decompositions:
+export.decomposition_call.)
 
 Bodies are generic in the model dtype (CastLike back to an input's type) and compute in
 fp32, as the op library does. Float/int attributes of the calling node reach the body
 through attribute references."""
 from __future__ import annotations
 
+import numpy as np
 from onnx import AttributeProto, TensorProto, helper
+
+from kimi_graph.ops.kda import SUB, chunk_form
 
 from .emitter import FLOAT, Emitter, attr_ref
 from .primitives import swiglu
@@ -38,93 +42,127 @@ def _attr_int(em: Emitter, ref: str) -> str:
 # -- KDA: the chunkwise form with a Loop over chunks ---------------------------------------------
 def kda_chunkwise(em: Emitter, chunk: int):
     """kda_chunkwise(q, k, v [B,T,H,*], g [B,T,H,K] fp32, beta [B,T,H] fp32, state [B,H,K,V]
-    fp32) {scale} -> (o [B,T,H,V] like v, state), in chunks of min(T, `chunk`) tokens, with
-    (I + A)^-1 as a product of ceil(log2 chunk) factors. The token axis is padded to whole chunks with
-    k = v = g = beta = 0 (padding leaves the state untouched); per chunk, with cumulative log
-    decay G (decay ratios masked before the exp, so nothing overflows):
-      A = strict_lower(beta_r k_r.k_i e^(G_r-G_i)),  T = (I + A)^-1 = prod_j (I + (-A)^(2^j)),
-      u = T beta (v - (k e^G) S),  o = scale ((q e^G) S + lower(q_r.k_i e^(G_r-G_i)) u),
-      S' = e^(G_last) S + (k e^(G_last - G))^T u.
-    Everything but the state update is batched over all chunks; a Loop carries the state."""
-    q, k, v, g, beta, s0 = "q", "k", "v", "g", "beta", "state"
-    hf = [em("Transpose", em("Cast", x, to=FLOAT), perm=[0, 2, 1, 3]) for x in (q, k, v, g)]
-    bh = em("Transpose", em("Cast", beta, to=FLOAT), perm=[0, 2, 1])              # [B,H,T]
-    T = em("Shape", q, start=1, end=2)
-    C = em("Min", T, em.ints(chunk))
-    n = em("Div", em("Sub", em("Add", T, C), em.ints(1)), C)
-    pad = em("Sub", em("Mul", n, C), T)
-    pads4 = em("Concat", em.ints(0, 0, 0, 0, 0, 0), pad, em.ints(0), axis=0)
-    pads3 = em("Concat", em.ints(0, 0, 0, 0, 0), pad, axis=0)
-
-    def chunks(x, last):
-        return em("Reshape", em("Pad", x, pads4), em("Concat", em.ints(0, 0, -1), C, last, axis=0))
-    K = em("Shape", k, start=3, end=4)
-    V = em("Shape", v, start=3, end=4)
-    qc, kc, vc, gc = chunks(hf[0], K), chunks(hf[1], K), chunks(hf[2], V), chunks(hf[3], K)
-    bc = em("Unsqueeze", em("Reshape", em("Pad", bh, pads3), em("Concat", em.ints(0, 0, -1), C, axis=0)),
-            em.ints(-1))                                                              # [B,H,n,C,1]
-    G = em("CumSum", gc, em.const(3, "i64"))                                          # [B,H,n,C,K]
-    diff = em("Sub", em("Unsqueeze", G, em.ints(4)), em("Unsqueeze", G, em.ints(3)))   # [..,r,i,K]
-    r = em("Range", em.const(0, "i64"), em("Squeeze", C, em.ints(0)), em.const(1, "i64"))
-    rr, ii = em("Unsqueeze", r, em.ints(1)), em("Unsqueeze", r, em.ints(0))
-    ninf = em.const(float("-inf"), "f32")
-    incl = em("Exp", em("Where", em("Unsqueeze", em("GreaterOrEqual", rr, ii), em.ints(-1)), diff, ninf))
-    strict = em("Exp", em("Where", em("Unsqueeze", em("Greater", rr, ii), em.ints(-1)), diff, ninf))
-    k_r, k_i = em("Unsqueeze", kc, em.ints(4)), em("Unsqueeze", kc, em.ints(3))
-    A = em("Mul", em("ReduceSum", em("Mul", em("Mul", k_r, k_i), strict), em.ints(-1), keepdims=0), bc)
-    qk = em("ReduceSum", em("Mul", em("Mul", em("Unsqueeze", qc, em.ints(4)), k_i), incl), em.ints(-1),
-            keepdims=0)                                                               # [B,H,n,C,C]
-    eye = em("Cast", em("EyeLike", em("Squeeze", em("Slice", A, em.ints(0, 0, 0), em.ints(1, 1, 1),
-                                                     em.ints(0, 1, 2)), em.ints(0, 1, 2))), to=FLOAT)
-    Nn = em("Neg", A)
-    Tinv = em("Add", eye, Nn)
-    Np = Nn
-    for _ in range(max(chunk - 1, 1).bit_length() - 1):   # (I+N)(I+N^2)... = sum_{j<2^m} N^j
-        Np = em("MatMul", Np, Np)
-        Tinv = em("MatMul", Tinv, em("Add", eye, Np))
-    eG = em("Exp", G)
-    W = em("MatMul", Tinv, em("Mul", bc, em("Mul", kc, eG)))                       # [B,H,n,C,K]
-    U0 = em("MatMul", Tinv, em("Mul", bc, vc))                                      # [B,H,n,C,V]
+    fp32) {scale} -> (o [B,T,H,V] like v, state): the op library's chunk_form (ops/kda.py) on
+    ONNX values, in chunks of min(T, `chunk`) tokens; everything but the state update is
+    batched over all chunks, a Loop carries the state."""
+    x = OnnxArrays(em, chunk)
     scale = em.node("Constant", [], value_float=attr_ref("value_float", "scale", AttributeProto.FLOAT))[0]
-    qG = em("Mul", em("Mul", qc, eG), scale)
-    qk = em("Mul", qk, scale)
-    last = em("Gather", G, em("Sub", C, em.ints(1)), axis=3)                        # [B,H,n,1,K]
-    kdec = em("Mul", kc, em("Exp", em("Sub", last, G)))
-    dlast = em("Transpose", em("Exp", last), perm=[0, 1, 2, 4, 3])                  # [B,H,n,K,1]
-    # the loop over chunks: only the state-dependent part
-    body = em.body(em.prefix + "step_")
-    it = "i"
+    o, S = chunk_form(x, "q", "k", "v", "g", "beta", em("Cast", "state", to=FLOAT), scale, chunk)
+    em.node("CastLike", [o, "v"], outputs=["o"])
+    em.node("Identity", [S], outputs=["state_out"])
+    return ["q", "k", "v", "g", "beta", "state"], ["o", "state_out"], ["scale"]
 
-    def at(x):
-        return body("Gather", x, it, axis=2)
-    Sb = "S_in"
-    u = body("Sub", at(U0), body("MatMul", at(W), Sb))
-    o = body("Add", body("MatMul", at(qG), Sb), body("MatMul", at(qk), u))
-    S2 = body("Add", body("Mul", at(dlast), Sb),
-              body("MatMul", body("Transpose", at(kdec), perm=[0, 1, 3, 2]), u))
-    body.node("Identity", ["cond_in"], outputs=["cond_out"])
-    body.node("Identity", [S2], outputs=["S_out"])
-    # outputs gathered as a carried [i, B,H,C,V] tensor (not a scan output: onnx.reference
-    # concatenates scan outputs of rank > 1 instead of stacking them)
-    body.node("Concat", ["O_in", body("Unsqueeze", o, body.ints(0))], outputs=["O_out"], axis=0)
-    bgraph = helper.make_graph(
-        body.nodes, "kda_chunk_step",
-        [helper.make_tensor_value_info(it, TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info(Sb, FLOAT, None),
-         helper.make_tensor_value_info("O_in", FLOAT, None)],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("S_out", FLOAT, None),
-         helper.make_tensor_value_info("O_out", FLOAT, None)])
-    empty = em("Slice", em("Transpose", U0, perm=[2, 0, 1, 3, 4]), em.ints(0), em.ints(0), em.ints(0))
-    S_end, os = em.node("Loop", [em("Squeeze", n, em.ints(0)), _true(em), em("Cast", s0, to=FLOAT), empty], 2,
-                        body=bgraph)
-    o = em("Transpose", os, perm=[1, 0, 3, 2, 4])                                   # [B,n,C,H,V]
-    o = em("Reshape", o, em("Concat", em.ints(0, -1), em("Shape", v, start=2, end=4), axis=0))
-    o = em("Slice", o, em.ints(0), T, em.ints(1))
-    em.node("CastLike", [o, v], outputs=["o"])
-    em.node("Identity", [S_end], outputs=["state_out"])
-    return [q, k, v, g, beta, s0], ["o", "state_out"], ["scale"]
+
+class OnnxArrays:
+    """chunk_form's array namespace on ONNX values (fp32) of emitter `em`; chunks of C =
+    min(T, chunk) tokens (T read from q)."""
+
+    def __init__(self, em: Emitter, chunk: int):
+        self.em = em
+        T = em("Shape", "q", start=1, end=2)
+        self.T, self.C = T, em("Min", T, em.ints(chunk))
+        n = em("Div", em("Sub", em("Add", T, self.C), em.ints(1)), self.C)
+        self.n, self.pad = n, em("Sub", em("Mul", n, self.C), T)
+
+    def __call__(self, op, *ins, **attrs):
+        return self.em(op, *ins, **attrs)
+
+    def chunks(self, t):
+        """[B,T,H,D] -> [B,H,n,C,D], zero-padded."""
+        em = self.em
+        t = em("Transpose", em("Cast", t, to=FLOAT), perm=[0, 2, 1, 3])                  # [B,H,T,D]
+        t = em("Pad", t, em("Concat", em.ints(0, 0, 0, 0, 0, 0), self.pad, em.ints(0), axis=0))
+        return em("Reshape", t, em("Concat", em.ints(0, 0, -1), self.C, em("Shape", t, start=3), axis=0))
+
+    def unchunk(self, o, v):
+        em = self.em
+        o = em("Transpose", o, perm=[0, 2, 3, 1, 4])                                    # [B,n,C,H,V]
+        o = em("Reshape", o, em("Concat", em.ints(0, -1), em("Shape", v, start=2, end=4), axis=0))
+        return em("Slice", o, em.ints(0), self.T, em.ints(1))
+
+    def lower(self, d, strict):
+        em = self.em
+        r = em("Range", em.const(0, "i64"), em("Squeeze", self.C, em.ints(0)), em.const(1, "i64"))
+        rr, ii = em("Unsqueeze", r, em.ints(1)), em("Unsqueeze", r, em.ints(0))
+        keep = em("Greater" if strict else "GreaterOrEqual", rr, ii)
+        return em("Where", em("Unsqueeze", keep, em.ints(-1)), d, em.const(float("-inf"), "f32"))
+
+    def scan(self, step, S0, per_chunk):
+        """A Loop over the n chunks: the body gathers chunk i of each `per_chunk` value (outer
+        scope) and runs `step`; outputs gathered as a carried [n, B,H,C,V] tensor (not a scan
+        output: onnx.reference concatenates scan outputs of rank > 1 instead of stacking)."""
+        em = self.em
+        body = OnnxArrays.__new__(OnnxArrays)
+        body.em = em.body(em.prefix + "step_")
+        o, S = step(body, "S_in", *(body("Gather", t, "i", axis=2) for t in per_chunk))
+        body.em.node("Identity", ["cond_in"], outputs=["cond_out"])
+        body.em.node("Identity", [S], outputs=["S_out"])
+        body.em.node("Concat", ["O_in", body("Unsqueeze", o, body.em.ints(0))], outputs=["O_out"], axis=0)
+        graph = helper.make_graph(
+            body.em.nodes, "kda_chunk_step",
+            [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("S_in", FLOAT, None),
+             helper.make_tensor_value_info("O_in", FLOAT, None)],
+            [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("S_out", FLOAT, None),
+             helper.make_tensor_value_info("O_out", FLOAT, None)])
+        U = per_chunk[3]
+        empty = em("Slice", em("Transpose", U, perm=[2, 0, 1, 3, 4]), em.ints(0), em.ints(0), em.ints(0))
+        S_end, os = em.node("Loop", [em("Squeeze", self.n, em.ints(0)), _true(em), S0, empty], 2, body=graph)
+        return em("Transpose", os, perm=[1, 2, 0, 3, 4]), S_end                       # [B,H,n,C,V]
+
+    def cumsum(self, t):
+        return self("CumSum", t, self.em.const(3, "i64"))
+
+    def exp(self, t):
+        return self("Exp", t)
+
+    def neg(self, t):
+        return self("Neg", t)
+
+    def add(self, a, b):
+        return self("Add", a, b)
+
+    def sub(self, a, b):
+        return self("Sub", a, b)
+
+    def mul(self, a, b):
+        return self("Mul", a, b)
+
+    def matmul(self, a, b):
+        return self("MatMul", a, b)
+
+    def unsqueeze(self, t, axis):
+        return self("Unsqueeze", t, self.em.ints(axis))
+
+    def sum_last(self, t):
+        return self("ReduceSum", t, self.em.ints(-1), keepdims=0)
+
+    def scale(self, t, s):
+        return self("Mul", t, s)
+
+    def transpose(self, t):
+        return self("Transpose", t, perm=[0, 1, 3, 2])
+
+    def last(self, G):
+        return self("Gather", G, self.em("Sub", self.C, self.em.ints(1)), axis=3)
+
+    def block(self, A, J, I, n):
+        return self("Slice", A, self.em.ints(J * n, I * n), self.em.ints((J + 1) * n, (I + 1) * n),
+                    self.em.ints(-2, -1))
+
+    def block_rows(self, X, I, n):
+        return self("Slice", X, self.em.ints(I * n), self.em.ints((I + 1) * n), self.em.ints(-2))
+
+    def concat_rows(self, rows):
+        return self("Concat", *rows, axis=-2)
+
+    def eye_like(self, N):
+        """The identity of N's (square, at most SUB) last two dims."""
+        em = self.em
+        eye = em.const(np.eye(SUB).tolist(), "f32")
+        return em("Slice", eye, em.ints(0, 0), em("Shape", N, start=-2), em.ints(0, 1))
 
 
 # -- MoE dispatch -------------------------------------------------------------------------------------

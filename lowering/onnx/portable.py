@@ -1,8 +1,8 @@
 """The `portable` operator set: standard ONNX ops for primitive ops, and every fused op (and
 the KDA recurrence) as one node of our `kimi_graph` domain carrying a function body in
-standard ops: generated from the op's decomposition where it has one, hand-written
-(functions.py) for the chunkwise KDA and the MoE dispatch ops. Runs on any ONNX runtime,
-`onnx.reference` included."""
+standard ops: generated from the op's decomposition where it has one; the chunkwise KDA from
+the op library's chunk_form (functions.py), the MoE dispatch ops hand-written. Runs on any
+ONNX runtime, `onnx.reference` included."""
 from __future__ import annotations
 
 from kimi_graph.ops.decompose import decomposable_kinds
@@ -44,8 +44,8 @@ def causal_conv1d(ctx, op, ins):
 
 @maps("kda_recurrent")
 def kda_recurrent(ctx, op, ins):
-    """The delta rule in its chunkwise form (a Loop over chunks of the op's chunk size, see
-    functions.kda_chunkwise)."""
+    """The delta rule in its chunkwise form (ops/kda.chunk_form: a Loop over chunks of the op's
+    chunk size, functions.kda_chunkwise)."""
     st = state_or_zeros(ctx, op, ins, 5, ctx.ty(op.outputs[1]))
     g, beta = primitives.kda_hold(ctx, ins[3], ins[4])
     name = require_kda_chunkwise(ctx.em, op.attrs.get("chunk_size") or KDA_CHUNK)

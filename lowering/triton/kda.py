@@ -5,7 +5,8 @@ Both take packed tokens [N_tok, H, *] with cumulative sequence offsets `cu_seqle
 g = -exp(A_log) * softplus(f + dt_bias), beta = sigmoid(b), q and k L2-normalised; the
 unfused variant (the `kda_recurrent` op) reads g, beta and normalised q, k.
 
-Chunk form (chunk BT, sub-chunk BC), per chunk with cumulative decay G_i = exp(gc_i):
+Chunk form: the op library's chunk_form (kimi_graph/ops/kda.py), chunk BT, sub-chunk BC (its
+SUB), per chunk with cumulative decay G_i = exp(gc_i):
   prep:  gating, norms, gc, scale q G, beta k G, k G_L/G
   intra: A_kk[i,j] = beta_i sum_d k_id k_jd G_id/G_jd (j < i), A_qk[i,j] = scale q_i.k_j G_i/G_j
          (j <= i); T = (I + A_kk)^-1 once; W = T (beta k G), U = T (beta v)
