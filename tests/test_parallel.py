@@ -57,6 +57,16 @@ def test_sharded_graph_optimizes_and_costs_its_collectives():
     assert link == 8 * 64 * 4 + 512 * 4 / 2
 
 
+def test_local_experts_sends_other_ranks_copies_to_an_expert_read_anyway():
+    from kimi_graph.ops import get_op
+    op = get_op("local_experts")
+    ids = torch.tensor([[5, 1, 6, 2], [0, 1, 2, 3], [7, 4, 0, 0]])
+    w = torch.rand(3, 4) + 0.1
+    got_ids, got_w = op.ref([ids, w], op.full_attrs({"first": 4, "count": 4}))
+    assert got_ids.tolist() == [[1, 1, 2, 1], [0, 0, 0, 0], [3, 0, 3, 3]]
+    assert torch.equal(got_w, w * ((ids >= 4) & (ids < 8)))
+
+
 @pytest.mark.parametrize("pipeline, message", [
     ("shard{tp=3}", "tp=3 does not divide the 4"),
     ("shard{ep=3}", "ep=3 does not divide the 8 routed experts"),

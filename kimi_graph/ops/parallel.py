@@ -5,7 +5,9 @@ all_reduce(x) {group, size} -> the sum of x over the `size` ranks of `group`.
 all_gather(x) {group, size, dim} -> the ranks' x concatenated along `dim`, in rank order.
 local_experts(ids, weights) {first, count} -> (ids', weights'): the routed copies of experts
   first .. first+count-1 keep their weight with ids' = ids - first; every other copy gets
-  weight 0 (and an id in range, so the local expert loop stays in bounds).
+  weight 0 and the id of the token's first local copy (an expert whose weights the step
+  reads anyway; local expert 0 for a token with none), so the expert kernels stay in bounds
+  and read no extra expert for it.
 
 A collective runs over a process group of the current mesh (kimi_graph/parallel.py): "tp" or
 "world". Its `link_bytes` is what one rank sends over the interconnect with ring algorithms:
@@ -110,7 +112,10 @@ class LocalExperts(OpDef):
         ids, w = args
         first, count = attrs["first"], attrs["count"]
         here = (ids >= first) & (ids < first + count)
-        return [torch.remainder(ids - first, count), w * here.to(w.dtype)]
+        local = ids - first
+        first_here = local.gather(-1, here.to(torch.int32).argmax(-1, keepdim=True))   # first local copy
+        fallback = torch.where(here.any(-1, keepdim=True), first_here, torch.zeros_like(first_here))
+        return [torch.where(here, local, fallback), w * here.to(w.dtype)]
 
     def flops(self, ins, outs, attrs, dims):
         return 0.0
