@@ -76,9 +76,11 @@ class Bench:
         return torch.randint(0, V, (PROMPT_LEN,), generator=torch.Generator().manual_seed(1)).tolist()
 
     # -- one model: tokens, logits, speed ----------------------------------------------------
-    def tokens(self, m) -> tuple[list[int], torch.Tensor]:
+    def tokens(self, m, logits: bool = False) -> tuple[list[int], torch.Tensor | None]:
+        """Greedy tokens after the prompt (and the prompt's logits, through the stateless graph)."""
         p = self.prompt(m.config.vocab_size)
-        return m.generate([p], max_new_tokens=self.args.new_tokens)[0], m(torch.tensor([p])).float().cpu()
+        toks = m.generate([p], max_new_tokens=self.args.new_tokens)[0]
+        return toks, m(torch.tensor([p])).float().cpu() if logits else None
 
     def speed(self, m) -> dict:
         from kimi_graph.runtime.engine import Engine
@@ -133,13 +135,13 @@ class Bench:
 
         def one():
             m, _ = self.load(cfg, dtype, None)
-            ref["tokens"], ref["logits"] = self.tokens(m)
+            ref["tokens"], ref["logits"] = self.tokens(m, logits=True)
             return {"tokens": ref["tokens"]}
         self.run_layout(f"check {self.args.check_dtype} single", lambda: self.single(one))
         for layout in self.layouts:
             def sharded():
                 m, _ = self.load(cfg, dtype, layout)
-                toks, logits = self.tokens(m)
+                toks, logits = self.tokens(m, logits=True)
                 if self.rank != 0 or "tokens" not in ref:
                     return {}
                 return {"tokens_equal": toks == ref["tokens"], "logits_rel_err": rel_err(logits, ref["logits"])}
