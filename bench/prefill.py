@@ -50,6 +50,8 @@ class Shapes(moe_dispatch.Shapes):
         self.tokens = (40,) if smoke else (1024, 4096, 32768)
         self.sweep_sizes = (("mid", 80),) if smoke else (("mid", 4096), ("large", 32768))
         self.sweep = GEMM_SWEEP[:2] if smoke else GEMM_SWEEP
+        self.slice_shapes = [(2, 8)] if smoke else [(1, 4096), (32, 1024), (1, 16384)]
+        self.small_chunk, self.big_chunk = 4096, 16384      # the engine's default; a larger one
 
 
 def layer_inputs(S, N, g):
@@ -151,17 +153,18 @@ def bench_slice(S, layers: int) -> tuple[list[dict], dict]:
     """Engine prefill tok/s on a slice, old and new MoE path (and a 16k prefill chunk); the
     kernels of one 4k-token call."""
     import kimi_graph
+    from kimi_graph.config import KimiLinearConfig
     from kimi_graph.runtime.engine import Engine
-    cfg = "tiny" if S.smoke else slice_dict("kimi-linear-48b-a3b", layers)
+    cfg = "tiny" if S.smoke else KimiLinearConfig.from_dict(slice_dict("kimi-linear-48b-a3b", layers))
     model = kimi_graph.load(cfg, dtype=S.dt, device=S.dev, pipeline="default", backend="triton")
     V = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    shapes = [(2, 8)] if S.smoke else [(1, 4096), (32, 1024), (1, 16384)]
+    shapes = S.slice_shapes
     rows, profile = [], {}
     for B, T in shapes:
         prompts, logits = [torch.randint(0, V, (T,), generator=gen).tolist() for _ in range(B)], []
-        for path, over, chunk in (("old", OLD, None), ("new", {}, None), ("new, chunk 16k", {}, 16384)):
-            if chunk and B * T <= 4096:
+        for path, over, chunk in (("old", OLD, None), ("new", {}, None), ("new, chunk 16k", {}, S.big_chunk)):
+            if chunk and B * T <= S.small_chunk:
                 continue
             override_config("moe_gemm", **{**BASE_GEMM, **over})
             engine = Engine(model, max_batch=B, max_len=T + 8, **({"prefill_chunk": chunk} if chunk else {}))

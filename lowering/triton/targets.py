@@ -70,8 +70,10 @@ TARGETS: dict[str, dict] = {
         "mla_decode": {"BS": 64, "num_warps": 4, "num_stages": 2},
         # router: best of bench/moe_dispatch.py's sweep on an H200 (2026-11-30)
         "moe_route": {"BN": 128, "BE": 128, "BR": 1, "select_warps": 2},
+        # grouped SwiGLU: the mid class (4k-token prefill calls) keeps the large tiles until
+        # bench/prefill.py's sweep on an H200 says otherwise
         "moe_gemm": {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3,
-                     "BN_small": 64, "BK_small": 64},
+                     "BN_small": 64, "BK_small": 64, "BM_mid": 128},
         "moe_gemm_q": {"BM": 128, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3, "fp8_dot": True}})},
     "interpret": {"arch": None, "gpu": "Triton interpreter (CPU)", "configs": _merge(_BASE, {
         "elementwise": {"BLOCK": 64},
