@@ -88,10 +88,10 @@ def write_result(name: str, rows: list[dict], extra: dict | None = None) -> dict
 def override_config(family: str, **values) -> None:
     """Set tile parameters of one kernel family on this GPU's target (for sweeps), dropping
     the cached specs so the next launch regenerates its kernels."""
-    from kimi_graph.lowering.triton import conv, elementwise, kda, mla, moe, moe_permute, moe_route, norm
+    from kimi_graph.lowering.triton import conv, elementwise, kda, mla, moe, moe_decode, moe_permute, moe_route, norm
     from kimi_graph.lowering.triton.targets import TARGETS, current_target
     TARGETS[current_target()]["configs"][family].update(values)
-    for mod in (conv, elementwise, kda, mla, moe, moe_permute, moe_route, norm):
+    for mod in (conv, elementwise, kda, mla, moe, moe_decode, moe_permute, moe_route, norm):
         for v in vars(mod).values():
             if hasattr(v, "cache_clear"):
                 v.cache_clear()
@@ -113,8 +113,9 @@ def merge_tuning(family: str, cfg: dict, note: str = "") -> Path:
     return path
 
 
-def kernel_times(fn, reps: int = 5) -> dict:
-    """CUDA time per kernel name (ms per call) over `reps` calls, from torch.profiler."""
+def kernel_events(fn, reps: int = 5) -> list[tuple[str, float]]:
+    """(kernel name, ms) of every GPU kernel `reps` calls of fn() run, from torch.profiler
+    (memcpy / memset excluded)."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
@@ -122,9 +123,19 @@ def kernel_times(fn, reps: int = 5) -> dict:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
+    return [(e.name, (getattr(e, "device_time", None) or getattr(e, "cuda_time", 0)) / 1e3)
+            for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and not any(w in e.name.lower() for w in ("memcpy", "memset"))]
+
+
+def per_name(events: list[tuple[str, float]], reps: int) -> dict:
+    """ms per call by kernel name, largest first."""
     out: dict = {}
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t:
-            out[e.key] = out.get(e.key, 0.0) + t / 1e3 / reps
+    for name, ms in events:
+        out[name] = out.get(name, 0.0) + ms / reps
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def kernel_times(fn, reps: int = 5) -> dict:
+    """CUDA time per kernel name (ms per call) over `reps` calls, from torch.profiler."""
+    return per_name(kernel_events(fn, reps), reps)

@@ -6,7 +6,7 @@
 Passes register by name on import (one module each); `PASSES` lists them, `PIPELINES` the
 named pipelines."""
 from . import (absorb_mla, canonicalize, chunk_kda, cse, dce, fold_constants,  # noqa: F401
-               fuse_kda_gating, fuse_moe_dispatch, fuse_residual_norm, legalize_ort_moe,
+               fuse_kda_gating, fuse_linears, fuse_moe_dispatch, fuse_residual_norm, legalize_ort_moe,
                quantize_experts, shard)
 from .manager import (DEFAULT_PIPELINE, PASSES, PIPELINES, Option, Pass, PassContext, PassError,
                       PassManager, PassRecord, format_timing, parse_pipeline, register_pass,

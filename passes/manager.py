@@ -61,7 +61,7 @@ PASSES: dict[str, type[Pass]] = {}
 # 48B graph into 4 per layer, so every later pass and verification walks a small graph
 # (its patterns accept the casts canonicalize may remove, so order does not change results).
 DEFAULT_PIPELINE = ("fuse-moe-dispatch,canonicalize,fuse-kda-gating,chunk-kda{chunk-size=64},"
-                    "absorb-mla,fuse-residual-norm,fold-constants,canonicalize,cse,dce")
+                    "absorb-mla,fuse-residual-norm,fuse-linears,fold-constants,canonicalize,cse,dce")
 PIPELINES = {"default": DEFAULT_PIPELINE}
 
 

@@ -208,8 +208,8 @@ def test_lowered_module_is_readable_and_names_its_io():
     code = gm.code
     assert "torch.ops.kimi_graph.kda_fused_recurrent.default" in code
     assert "state__l0__kda" in code                                  # mangled input names
-    assert hasattr(gm, "model__layers__0__self_attn__q_proj__weight")  # buffers: the weights
-    assert gm.model__layers__0__self_attn__q_proj__weight is w["model.layers.0.self_attn.q_proj.weight"]
+    assert hasattr(gm, "model__layers__0__self_attn__o_proj__weight")  # buffers: the weights
+    assert gm.model__layers__0__self_attn__o_proj__weight is w["model.layers.0.self_attn.o_proj.weight"]
 
 
 def test_torch_export_keeps_the_custom_ops_opaque():

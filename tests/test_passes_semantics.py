@@ -124,7 +124,8 @@ def test_default_pipeline_in_bf16(seed):
 EXACT = ["canonicalize", "cse", "dce", "fold-constants", "fuse-kda-gating", "fuse-residual-norm"]
 REASSOCIATING = {"fuse-moe-dispatch": "fuse-moe-dispatch",
                  "chunk-kda": "fuse-kda-gating,chunk-kda{chunk-size=3}",
-                 "absorb-mla": "absorb-mla", "absorb-mla-fold": "absorb-mla{mode=fold}"}
+                 "absorb-mla": "absorb-mla", "absorb-mla-fold": "absorb-mla{mode=fold}",
+                 "fuse-linears": "fuse-linears"}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

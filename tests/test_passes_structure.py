@@ -44,6 +44,11 @@ def check_structure(cfg, g, mode: str) -> None:
     for kind in ("moe_route", "moe_permute", "grouped_swiglu", "moe_unpermute"):
         assert counts.get(kind, 0) == n_moe, kind
     assert "stack" not in counts                    # packing folded into parameters
+    readers: dict = {}                              # fuse-linears: one linear per input
+    for op in g.ops():
+        if op.kind == "linear" and op.inputs[1] in g.params:
+            readers.setdefault((op.inputs[0], g.params[op.inputs[1]].dtype), []).append(op)
+    assert all(len(ops) == 1 for ops in readers.values()), [o for o in readers.values() if len(o) > 1]
     assert len([p for p in g.params if p.endswith("experts.w13")]) == n_moe
     if mode == "decode":
         assert "causal_attention" not in counts and counts.get("mla_latent_attention", 0) == n_mla
@@ -102,7 +107,7 @@ def test_absorb_mla_choice_is_visible_and_follows_the_cost_model():
     narrow.kv_lora_rank = 8
     g = run_pipeline(build_graph(narrow, "decode", dtype="f32"), "default")
     assert all(c["q"] == "fold" for c in g.meta["absorb_mla"].values())
-    assert any(p.endswith("q_proj.absorbed") for p in g.params)
+    assert any("q_proj.absorbed" in p for p in g.params)         # joined with kv_a by fuse-linears
     check_structure(narrow, g, "decode")
 
 
@@ -120,5 +125,5 @@ def test_published_model_default_pipeline_under_2s(mode):
         out = pm.run(g)
         best = min(best, time.process_time() - t0)
     check_structure(cfg, out, mode)
-    assert len(g) > 7900 and len(out) < 800
+    assert len(g) > 7900 and len(out) < 900
     assert best < 2.0, f"default pipeline on the 48B graph took {best:.2f} CPU s"

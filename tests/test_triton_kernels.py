@@ -150,6 +150,26 @@ def test_causal_conv1d(T, with_state):
     assert rel(conv.op_causal_conv1d(args, {"activation": "none"})[0], r[0]) < TOL
 
 
+@pytest.mark.parametrize("B,T", [(3, 1), (1, 6), (2, 13)])
+def test_causal_conv1d_reads_a_slice_in_place(B, T):
+    """x a column slice of a wider tensor (fuse-linears' output): same as its contiguous copy."""
+    wide, w, st = torch.randn(B, T, 52), torch.randn(20, 1, 4), torch.randn(B, 20, 3)
+    x = wide[..., 24:44]
+    y, sn = conv.causal_conv1d(x, w, st, "silu")
+    y2, sn2 = conv.causal_conv1d(x.contiguous(), w, st, "silu")
+    assert torch.equal(y, y2) and torch.equal(sn, sn2)
+
+
+@pytest.mark.parametrize("B,T", [(3, 1), (2, 13)])             # one launch; T past a block: one by one
+def test_causal_conv1d_group_equals_each_conv(B, T):
+    wide = torch.randn(B, T, 70)
+    xs = [wide[..., i * 20:(i + 1) * 20] for i in range(3)]
+    ws, sts = [torch.randn(20, 1, 4) for _ in range(3)], [torch.randn(B, 20, 3) for _ in range(3)]
+    for (y, sn), x, w, st in zip(conv.causal_conv1d_group(xs, ws, sts, "silu"), xs, ws, sts):
+        y2, sn2 = conv.causal_conv1d(x, w, st, "silu")
+        assert torch.equal(y, y2) and torch.equal(sn, sn2)
+
+
 @pytest.mark.parametrize("kind", ["rmsnorm", "add_rmsnorm", "gated_rmsnorm"])
 def test_norms(kind):
     x, r, w = torch.randn(3, 5, 40), torch.randn(3, 5, 40), torch.randn(40)

@@ -28,13 +28,25 @@ def graph_specs(g, target: str) -> dict[tuple[str, str], tuple[KernelSpec, set]]
     """(source hash, entry) -> (spec, op kinds using it) for one graph."""
     from kimi_graph.ops import get_op
 
-    from .backend import KERNELS, Group, covered, legalize, plan
+    from .backend import KERNELS, Convs, Experts, Group, covered, legalize, plan
+    from .conv import specs_for as conv_specs
     from .elementwise import chain_spec
+    from .moe_decode import specs_for as experts_specs
     out: dict = {}
     g = legalize(g)
     for item in plan(g):
         if isinstance(item, Group):
             specs, kind = [chain_spec(item.chain, target)], "+".join(o.kind for o in item.ops)
+        elif isinstance(item, Convs):
+            op = item.ops[0]
+            specs = conv_specs(op.kind, [g.types[v] for v in op.inputs], [], get_op(op.kind).full_attrs(op.attrs),
+                               target, group=len(item.ops))
+            kind = op.kind
+        elif isinstance(item, Experts):
+            ins = [g.types[v] for v in item.inputs]
+            specs = experts_specs("moe_experts", ins, [g.types[v] for v in item.outputs], {}, target,
+                                  shared_i=item.rows[0][1] - item.rows[0][0] if item.rows else 0)
+            kind = "+".join(o.kind for o in item.ops)
         elif covered(g, item):
             attrs = get_op(item.kind).full_attrs(item.attrs)
             specs = KERNELS[item.kind][1](item.kind, [g.types[v] for v in item.inputs],

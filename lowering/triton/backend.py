@@ -20,7 +20,7 @@ from kimi_graph.ir import Graph, eval_dim
 from kimi_graph.ops import get_op
 from kimi_graph.runtime.views import is_view
 
-from . import conv, elementwise, kda, mla, moe, moe_quant, norm
+from . import conv, elementwise, kda, mla, moe, moe_decode, moe_quant, norm
 from .targets import current_target
 
 # kind -> (kernel launcher fn(args, attrs) -> results, AOT spec fn(kind, ins, outs, attrs, target))
@@ -98,10 +98,104 @@ class Group:
     shape: tuple              # symbolic output shape
 
 
+@dataclass
+class Experts:
+    """A moe_experts op (see `legalize`) run as one step (moe_decode.moe_experts: experts read
+    by id for a decode-sized batch, else moe.moe_experts), with the shared expert folded in when
+    it feeds the accumulator as linear(silu(gate) * up, Wd), gate and up linears of the same x
+    (or slices of one, fuse-linears)."""
+    ops: list                 # the shared expert's ops, then the moe_experts op
+    inputs: list[str]         # x, ids, weights, w13, w2, then acc or the shared Wg, Wu, Wd
+    outputs: list[str]
+    rows: tuple = ()          # the shared expert's (start, end) rows of Wg and Wu
+
+
+def _only_read_by(g: Graph, values, ops) -> bool:
+    ids = {o.id for o in ops}
+    return not any(v in g.outputs for v in values) and all(u.id in ids for v in values for u in g.users(v))
+
+
+def _linear_rows(g: Graph, v: str, x: str):
+    """(ops, weight, (start, end)) when v = linear(x, @W) or a last-dim slice of one."""
+    op = g.defining_op(v)
+    ops = [op] if op is not None else []
+    if op is not None and op.kind == "slice" and op.attrs["dim"] % g.types[v].rank == g.types[v].rank - 1:
+        lin = g.defining_op(op.inputs[0])
+        ops, rows = [op, lin], (op.attrs["start"], op.attrs["end"])
+    else:
+        lin, rows = op, None
+    if lin is None or lin.kind != "linear" or lin.inputs[0] != x or lin.inputs[1] not in g.params:
+        return None
+    return ops, lin.inputs[1], rows or (0, g.params[lin.inputs[1]].shape[0])
+
+
+def _shared_expert(g: Graph, acc: str, x: str) -> tuple[list, list, tuple] | None:
+    """(ops, [Wg, Wu, Wd], rows of Wg and Wu) when acc = linear(silu(gate) * up, @Wd)."""
+    down = g.defining_op(acc)
+    mul = down and down.kind == "linear" and down.inputs[1] in g.params and g.defining_op(down.inputs[0])
+    if not mul or mul.kind != "mul":
+        return None
+    for a, b in (mul.inputs, mul.inputs[::-1]):
+        silu = g.defining_op(a)
+        gate = silu and silu.kind == "silu" and _linear_rows(g, silu.inputs[0], x)
+        up = _linear_rows(g, b, x)
+        if gate and up:
+            ops = list({id(o): o for o in gate[0] + up[0] + [silu, mul, down]}.values())
+            return ops, [gate[1], up[1], down.inputs[1]], (gate[2], up[2])
+    return None
+
+
+def _experts(g: Graph, last) -> Experts | None:
+    """The moe_experts op `last` as one step, with the shared expert when it folds."""
+    if not covered(g, last):
+        return None
+    ins = list(last.inputs)
+    shared = _shared_expert(g, ins[5], ins[0])
+    if shared is not None and g.types[ins[5]].dtype in KERNEL_DTYPES:
+        sops, weights, rows = shared
+        if _only_read_by(g, [v for o in sops for v in o.outputs], sops + [last]):
+            return Experts(sops + [last], ins[:5] + weights, list(last.outputs), rows)
+    return Experts([last], ins, list(last.outputs))
+
+
+@dataclass
+class Convs:
+    """causal_conv1d ops of one shape whose inputs are last-dim slices of one value (KDA's q, k,
+    v of one fused projection) run as one launch at the first conv's place (conv.causal_conv1d_group);
+    each input is its slice of that value, taken here."""
+    ops: list                 # the convs, in order
+    slices: list              # each conv's input slice op
+    outputs: list[str]
+
+
+def _conv_groups(g: Graph, order: list) -> dict[int, Convs]:
+    """first conv's op id -> its group."""
+    groups: dict[tuple, list] = {}
+    for op in order:
+        sl = g.defining_op(op.inputs[0]) if op.kind == "causal_conv1d" else None
+        if sl is None or sl.kind != "slice" or not covered(g, op) \
+                or sl.attrs["dim"] % g.types[sl.outputs[0]].rank != g.types[sl.outputs[0]].rank - 1:
+            continue
+        key = (sl.inputs[0], g.types[op.inputs[0]], g.types[op.inputs[1]], len(op.inputs),
+               get_op(op.kind).full_attrs(op.attrs)["activation"])
+        groups.setdefault(key, []).append((op, sl))
+    out = {}
+    for members in groups.values():
+        if len(members) > 1:
+            ops = [m[0] for m in members]
+            out[ops[0].id] = Convs(ops, [m[1] for m in members], [v for o in ops for v in o.outputs])
+    return out
+
+
 def plan(g: Graph) -> list:
-    """The schedule: ops and fused elementwise `Group`s, in an executable order. Refuses a
-    KDA chunk size the kernels cannot run."""
+    """The schedule: ops, fused elementwise `Group`s and routed-experts chains (`Experts`), in
+    an executable order. Refuses a KDA chunk size the kernels cannot run."""
     order = list(g.ops())
+    chains = {c.ops[-1].id: c for op in order if op.kind == "moe_experts" and (c := _experts(g, op))}
+    convs = _conv_groups(g, order)
+    folded = {o.id for c in chains.values() for o in c.ops[:-1]} | {o.id for c in convs.values() for o in c.ops[1:]}
+    order = [op for op in order if op.id not in folded]
+    chains.update(convs)
     for op in order:
         if op.kind in ("kda_fused_chunk", "kda_recurrent") and op.attrs.get("chunk_size"):
             kda.check_chunk_size(op.attrs["chunk_size"])
@@ -132,7 +226,7 @@ def plan(g: Graph) -> list:
     schedule, done = [], set()
     for op in order:
         if op.id not in group_of:
-            schedule.append(op)
+            schedule.append(chains.get(op.id, op))
             continue
         members = group_of[op.id]
         if id(members) in done:
@@ -204,6 +298,22 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
             shape = tuple(eval_dim(d, dims) for d in item.shape)
             outs = elementwise.run_chain(item.chain, [plain(env[v]) for v in item.inputs], shape)
             env.update(zip(item.outputs, outs))
+            continue
+        if isinstance(item, Convs):
+            ins = [[None] + [env[v] for v in op.inputs[1:]] for op in item.ops]     # x: the slices below
+            xs = [env[sl.inputs[0]].narrow(-1, sl.attrs["start"], sl.attrs["end"] - sl.attrs["start"])
+                  for sl in item.slices]
+            outs = conv.causal_conv1d_group(xs, [i[1] for i in ins], [i[2] if len(i) > 2 else None for i in ins],
+                                            get_op("causal_conv1d").full_attrs(item.ops[0].attrs)["activation"])
+            env.update(zip(item.outputs, [t for pair in outs for t in pair]))
+            continue
+        if isinstance(item, Experts):
+            args = [plain(env[v]) for v in item.inputs]
+            shared = None
+            if item.rows:
+                (g0, g1), (u0, u1) = item.rows
+                shared = (args[5][g0:g1], args[6][u0:u1], args[7])
+            env[item.outputs[0]] = moe_decode.moe_experts(*args[:5], None if shared else args[5], shared)
             continue
         args = [env[v] for v in item.inputs]
         if covered(g, item):

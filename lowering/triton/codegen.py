@@ -199,6 +199,20 @@ def _launch_fitting(kernel, spec: KernelSpec, grid, args):
                           stacklevel=3)
 
 
+def row_view(x):
+    """x [..., N] as rows [R, N] and their stride: read in place when the last dim is contiguous
+    and the rows are evenly apart (a last-dim slice of a wider tensor, e.g. fuse-linears'
+    outputs), else a contiguous copy."""
+    N = x.shape[-1]
+    if x.stride(-1) == 1:
+        try:
+            v = x.view(-1, N)
+            return v, v.stride(0)
+        except RuntimeError:
+            pass
+    return x.reshape(-1, N).contiguous(), N
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -12,7 +12,7 @@ import torch
 
 from kimi_graph.runtime.views import SlotRows
 
-from .codegen import TL_DTYPES, KernelSpec, launch, render
+from .codegen import TL_DTYPES, KernelSpec, launch, render, row_view
 from .elementwise import ir_dtype, ptr_type
 from .targets import config, current_target
 
@@ -24,7 +24,7 @@ ms = mc & (c * 0 + dst >= 0)
 dst = tl.maximum(dst, 0)
 for j in tl.static_range(W - 1):
     sj = c * 0 + T + j - (W - 1)
-    v = tl.load(x_ptr + (b * T + sj) * C + c, mask=mc & (sj >= 0), other=0.0)
+    v = tl.load(x_ptr + (b * T + sj) * xs + c, mask=mc & (sj >= 0), other=0.0)
     if HAS_STATE:
         v += tl.load(s_ptr + (dst * C + c) * (W - 1) + (sj + (W - 1)), mask=ms & (sj < 0), other=0.0)
     tl.store(sn_ptr + (dst * C + c) * (W - 1) + j, v, mask=ms)
@@ -32,19 +32,21 @@ for j in tl.static_range(W - 1):
 
 _CONV = """
 @triton.jit
-def causal_conv1d_fwd(x_ptr, w_ptr, s_ptr, slot_ptr, y_ptr, sn_ptr, T):
-    # grid (B, T blocks, C blocks); y[t, c] = sum_i w[c, i] x[t - W + 1 + i, c]. With one T block
-    # (decode) the program also writes the new state, after its reads of the old one.
+def _conv_block(x_ptr, w_ptr, s_ptr, slot_ptr, y_ptr, sn_ptr, T, xs, cblock):
+    # y[t, c] = sum_i w[c, i] x[t - W + 1 + i, c] for sequence program_id(0), T block
+    # program_id(1), C block `cblock`. With one T block (decode) the program also writes the new
+    # state, after its reads of the old one. x's rows (b, t) are xs apart (a slice of a wider
+    # projection's output reads in place).
     b = tl.program_id(0)
     t = tl.program_id(1) * BT + tl.arange(0, BT)
-    c = tl.program_id(2) * BC + tl.arange(0, BC)
+    c = cblock * BC + tl.arange(0, BC)
     mc = c < C
     mt = t < T
     acc = tl.zeros((BT, BC), tl.float32)
     for i in tl.static_range(W):
         src = t - (W - 1 - i)
         wi = tl.load(w_ptr + c * W + i, mask=mc, other=0.0).to(tl.float32)
-        xv = tl.load(x_ptr + (src + b * T)[:, None] * C + c[None, :],
+        xv = tl.load(x_ptr + (src + b * T)[:, None] * xs + c[None, :],
                      mask=(mt & (src >= 0))[:, None] & mc[None, :], other=0.0).to(tl.float32)
         if HAS_STATE:
             # src < 0 reads state column W - 1 + src (zeros for a padding row, slot -1)
@@ -63,7 +65,16 @@ def causal_conv1d_fwd(x_ptr, w_ptr, s_ptr, slot_ptr, y_ptr, sn_ptr, T):
 
 
 @triton.jit
-def causal_conv1d_state(x_ptr, s_ptr, slot_ptr, sn_ptr, T):
+def causal_conv1d_fwd(x_ptr, w_ptr, s_ptr, slot_ptr, y_ptr, sn_ptr, T, xs):
+    # grid (B, T blocks, C blocks)
+    _conv_block(x_ptr, w_ptr, s_ptr, slot_ptr, y_ptr, sn_ptr, T, xs, tl.program_id(2))
+
+
+$group
+
+
+@triton.jit
+def causal_conv1d_state(x_ptr, s_ptr, slot_ptr, sn_ptr, T, xs):
     # grid (B, C blocks), after the outputs when T spans several blocks
     b = tl.program_id(0)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -72,26 +83,49 @@ def causal_conv1d_state(x_ptr, s_ptr, slot_ptr, sn_ptr, T):
 """
 
 
+_ARGS = ("x", "w", "s", "slot", "y", "sn")
+
+
+def _group_kernel(n: int) -> str:
+    """A kernel running n convs of one shape in one launch, C blocks [i NCB, (i+1) NCB) the i-th."""
+    args = [f"{a}{i}_ptr" for i in range(n) for a in _ARGS]
+    lines = ["@triton.jit", f"def causal_conv1d_group({', '.join(args)}, T, xs):",
+             f"    # grid (B, 1, {n} x C blocks): {n} convs of the decode step in one launch",
+             "    cb = tl.program_id(2)"]
+    for i in range(n):
+        cond = "if" if i == 0 else ("elif" if i < n - 1 else "else")
+        lines.append(f"    {cond} cb < {i + 1} * NCB:" if cond != "else" else "    else:")
+        lines.append(f"        _conv_block({', '.join(f'{a}{i}_ptr' for a in _ARGS)}, T, xs, cb - {i} * NCB)")
+    return "\n".join(lines)
+
+
 @functools.lru_cache(maxsize=None)
-def conv_specs(C: int, W: int, dtype: str, silu: bool, has_state: bool, target: str):
+def conv_specs(C: int, W: int, dtype: str, silu: bool, has_state: bool, target: str, group: int = 0):
+    """(fwd, state) kernels; with group=n, the n-conv kernel instead of the state one."""
     cfg = config("conv", target)
     consts = {"C": C, "W": W, "BT": cfg["BT"], "BC": cfg["BC"], "SILU": silu, "HAS_STATE": has_state,
-              "DT": TL_DTYPES[dtype]}
-    src = render("causal_conv1d", _CONV, consts, state_write=_STATE_WRITE)
+              "DT": TL_DTYPES[dtype], "NCB": -(-C // cfg["BC"])}
+    src = render("causal_conv1d", _CONV, consts, state_write=_STATE_WRITE,
+                 group=_group_kernel(group) if group else "")
     p = ptr_type(dtype)
+    if group:
+        sig = {f"{a}{i}_ptr": ("*i64" if a == "slot" else p) for i in range(group) for a in _ARGS}
+        return KernelSpec("causal_conv1d_group", "causal_conv1d_group", src, {**sig, "T": "i32", "xs": "i32"},
+                          cfg["num_warps"], 1, consts)
     fwd = KernelSpec("causal_conv1d_fwd", "causal_conv1d_fwd", src,
                      {"x_ptr": p, "w_ptr": p, "s_ptr": p, "slot_ptr": "*i64", "y_ptr": p, "sn_ptr": p,
-                      "T": "i32"},
+                      "T": "i32", "xs": "i32"},
                      cfg["num_warps"], 1, consts)
     st = KernelSpec("causal_conv1d_state", "causal_conv1d_state", src,
-                    {"x_ptr": p, "s_ptr": p, "slot_ptr": "*i64", "sn_ptr": p, "T": "i32"}, cfg["num_warps"], 1,
+                    {"x_ptr": p, "s_ptr": p, "slot_ptr": "*i64", "sn_ptr": p, "T": "i32", "xs": "i32"},
+                    cfg["num_warps"], 1,
                     consts)
     return fwd, st
 
 
-def causal_conv1d(x, weight, state=None, activation="none"):
-    """x [B,T,C], weight [C,1,W], state [B,C,W-1] or None -> (y [B,T,C], new state).
-    A `SlotRows` state is updated in place and returned as the new state."""
+def _operands(x, weight, state, activation):
+    """Checked launch operands (x, w, s, slot, y, sn), the new state to return, x's row stride
+    and the spec key."""
     if activation not in ("none", "silu"):
         raise ValueError(f"activation must be 'none' or 'silu', got {activation!r}")
     B, T, C = x.shape
@@ -100,7 +134,7 @@ def causal_conv1d(x, weight, state=None, activation="none"):
     W = weight.shape[2]
     if state is not None and tuple(state.shape) != (B, C, W - 1):
         raise ValueError(f"state {tuple(state.shape)} must be [{B}, {C}, {W - 1}]")
-    xc = x.contiguous()
+    xc, xs = row_view(x)                  # rows (b, t) xs apart
     w = weight.to(x.dtype).reshape(C, W).contiguous()
     if isinstance(state, SlotRows):
         if state.dtype != x.dtype or not state.storage.is_contiguous():
@@ -111,21 +145,47 @@ def causal_conv1d(x, weight, state=None, activation="none"):
         s = xc if state is None else state.to(x.dtype).contiguous()
         sn = out = torch.empty(B, C, W - 1, device=x.device, dtype=x.dtype)
         slot = torch.arange(B, device=x.device)
-    fwd, st = conv_specs(C, W, ir_dtype(x), activation == "silu", state is not None, current_target())
-    y = torch.empty_like(xc)
+    y = torch.empty(B, T, C, device=x.device, dtype=x.dtype)
+    key = (C, W, ir_dtype(x), activation == "silu", state is not None)
+    return (xc, w, s, slot, y, sn), out, xs, key
+
+
+def causal_conv1d(x, weight, state=None, activation="none"):
+    """x [B,T,C], weight [C,1,W], state [B,C,W-1] or None -> (y [B,T,C], new state).
+    A `SlotRows` state is updated in place and returned as the new state."""
+    args, out, xs, key = _operands(x, weight, state, activation)
+    fwd, st = conv_specs(*key, current_target())
+    B, T, C = x.shape
     BT, BC = fwd.config["BT"], fwd.config["BC"]
     blocks = -(-T // BT)
+    xc, w, s, slot, y, sn = args
     if T:
-        launch(fwd, (B, blocks, -(-C // BC)), xc, w, s, slot, y, sn, T)
-    if W > 1 and blocks != 1:
-        launch(st, (B, -(-C // BC)), xc, s, slot, sn, T)
+        launch(fwd, (B, blocks, -(-C // BC)), *args, T, xs)
+    if key[1] > 1 and blocks != 1:
+        launch(st, (B, -(-C // BC)), xc, s, slot, sn, T, xs)
     return y, out
+
+
+def causal_conv1d_group(xs: list, weights: list, states: list, activation: str = "none") -> list:
+    """Several convs of one shape (KDA's q, k and v) -> [(y, new state)]: one launch when T
+    fits one block (decode), else one conv after another."""
+    prepared = [_operands(x, w, s, activation) for x, w, s in zip(xs, weights, states)]
+    B, T, _ = xs[0].shape
+    key, stride = prepared[0][3], prepared[0][2]
+    fwd = conv_specs(*key, current_target())[0]
+    if len(xs) < 2 or T == 0 or T > fwd.config["BT"] or any(p[3] != key or p[2] != stride for p in prepared) \
+            or any(x.shape != xs[0].shape for x in xs):
+        return [causal_conv1d(x, w, s, activation) for x, w, s in zip(xs, weights, states)]
+    spec = conv_specs(*key, current_target(), group=len(xs))
+    launch(spec, (B, 1, len(xs) * spec.config["NCB"]), *[a for p in prepared for a in p[0]], T, stride)
+    return [(p[0][4], p[1]) for p in prepared]
 
 
 def op_causal_conv1d(args, attrs):
     return list(causal_conv1d(args[0], args[1], args[2] if len(args) > 2 else None, attrs["activation"]))
 
 
-def specs_for(kind, ins, outs, attrs, target):
+def specs_for(kind, ins, outs, attrs, target, group: int = 0):
     x, w = ins[0], ins[1]
-    return list(conv_specs(x.shape[2], w.shape[2], x.dtype, attrs["activation"] == "silu", len(ins) > 2, target))
+    key = (x.shape[2], w.shape[2], x.dtype, attrs["activation"] == "silu", len(ins) > 2, target)
+    return list(conv_specs(*key)) + ([conv_specs(*key, group=group)] if group else [])

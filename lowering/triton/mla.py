@@ -16,7 +16,7 @@ import torch
 from kimi_graph.ops import get_op
 from kimi_graph.runtime.views import PagedRows
 
-from .codegen import dot_precision, TL_DTYPES, KernelSpec, dot_pieces, launch, next_pow2, render
+from .codegen import dot_precision, TL_DTYPES, KernelSpec, dot_pieces, launch, next_pow2, render, row_view
 from .elementwise import ir_dtype, ptr_type
 from .targets import config, current_target
 
@@ -91,8 +91,8 @@ def mla_latent_merge(op_ptr, lse_ptr, qs_ptr, slot_ptr, o_ptr, T, S, nsp):
 
 _CACHE_WRITE = """
 @triton.jit
-def cache_write_rows(new_ptr, qs_ptr, slot_ptr, tab_ptr, c_ptr, T, PS, MAXP):
-    # one program per new row (b, t): to position p = qs[b] + t, cache row
+def cache_write_rows(new_ptr, qs_ptr, slot_ptr, tab_ptr, c_ptr, T, PS, MAXP, ns):
+    # one program per new row (b, t), ns apart: to position p = qs[b] + t, cache row
     # tab[slot[b], p // PS] * PS + p % PS; padding rows (slot -1) write nothing
     i = tl.program_id(0)
     b = i // T
@@ -100,7 +100,7 @@ def cache_write_rows(new_ptr, qs_ptr, slot_ptr, tab_ptr, c_ptr, T, PS, MAXP):
     slot = tl.load(slot_ptr + b)
     row = tl.load(tab_ptr + tl.maximum(slot, 0) * MAXP + p // PS).to(tl.int64) * PS + p % PS
     dc = tl.arange(0, BC)
-    v = tl.load(new_ptr + i.to(tl.int64) * C + dc, mask=dc < C)
+    v = tl.load(new_ptr + i.to(tl.int64) * ns + dc, mask=dc < C)
     tl.store(c_ptr + row * C + dc, v, mask=(dc < C) & (dc * 0 + slot >= 0))
 """
 
@@ -178,7 +178,7 @@ def cache_write_spec(C: int, dtype: str, target: str) -> KernelSpec:
     p = ptr_type(dtype)
     return KernelSpec("cache_write_rows", "cache_write_rows", src,
                       {"new_ptr": p, "qs_ptr": "*i64", "slot_ptr": "*i64", "tab_ptr": "*i32", "c_ptr": p,
-                       "T": "i32", "PS": "i32", "MAXP": "i32"}, 1, 1, {"C": C})
+                       "T": "i32", "PS": "i32", "MAXP": "i32", "ns": "i32"}, 1, 1, {"C": C})
 
 
 def _paged(cache, B: int):
@@ -201,8 +201,9 @@ def cache_write(cache, new, pos):
         raise ValueError(f"cache_write: rows {new.dtype} into a {cache.dtype} cache")
     spec = cache_write_spec(C, ir_dtype(new), current_target())
     if B * T:
-        launch(spec, (B * T,), new.contiguous(), pos.contiguous(), cache.slots, cache.table, cache.storage,
-               T, cache.page_size, cache.table.shape[1])
+        rows, ns = row_view(new)
+        launch(spec, (B * T,), rows, pos.contiguous(), cache.slots, cache.table, cache.storage,
+               T, cache.page_size, cache.table.shape[1], ns)
     return cache
 
 

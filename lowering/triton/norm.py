@@ -6,18 +6,18 @@ import functools
 
 import torch
 
-from .codegen import KernelSpec, launch, next_pow2, render
+from .codegen import KernelSpec, launch, next_pow2, render, row_view
 from .elementwise import ir_dtype, ptr_type
 from .targets import config, current_target
 
 _NORM = """
 @triton.jit
-def rmsnorm_rows(x_ptr, r_ptr, g_ptr, w_ptr, y_ptr, s_ptr, rows):
-    # one program per row; N (the normalised dim) fits one block
+def rmsnorm_rows(x_ptr, r_ptr, g_ptr, w_ptr, y_ptr, s_ptr, rows, xs):
+    # one program per row; N (the normalised dim) fits one block; x's rows xs apart
     row = tl.program_id(0)
     d = tl.arange(0, BN)
     m = d < N
-    x = tl.load(x_ptr + row * N + d, mask=m, other=0.0)
+    x = tl.load(x_ptr + row.to(tl.int64) * xs + d, mask=m, other=0.0)
     if RESIDUAL:
         x = x + tl.load(r_ptr + row * N + d, mask=m, other=0.0)
         tl.store(s_ptr + row * N + d, x, mask=m)
@@ -37,7 +37,7 @@ def norm_spec(N: int, dtype: str, eps: float, residual: bool, gated: bool, targe
     consts = {"N": N, "BN": next_pow2(N), "EPS": float(eps), "RESIDUAL": residual, "GATED": gated,
               "DT": TL_DTYPES[dtype]}
     p = ptr_type(dtype)
-    sig = {"x_ptr": p, "r_ptr": p, "g_ptr": p, "w_ptr": p, "y_ptr": p, "s_ptr": p, "rows": "i32"}
+    sig = {"x_ptr": p, "r_ptr": p, "g_ptr": p, "w_ptr": p, "y_ptr": p, "s_ptr": p, "rows": "i32", "xs": "i32"}
     name = "add_rmsnorm" if residual else "gated_rmsnorm" if gated else "rmsnorm"
     return KernelSpec(name, "rmsnorm_rows", render(name, _NORM, consts), sig, cfg["num_warps"], 1, consts)
 
@@ -51,14 +51,14 @@ def rmsnorm(x, weight, eps, residual=None, gate=None):
         if t is not None and t.shape != x.shape:
             raise ValueError(f"residual/gate {tuple(t.shape)} must match x {tuple(x.shape)}")
     N = x.shape[-1]
-    xc = x.contiguous()
-    rows = xc.numel() // N
-    y = torch.empty_like(xc)
-    s = torch.empty_like(xc) if residual is not None else y
+    xc, xs = row_view(x)
+    rows = xc.shape[0]
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    s = torch.empty_like(y) if residual is not None else y
     spec = norm_spec(N, ir_dtype(x), float(eps), residual is not None, gate is not None, current_target())
     cast = lambda t: xc if t is None else t.to(x.dtype).contiguous()
     if rows:
-        launch(spec, (rows,), xc, cast(residual), cast(gate), weight.to(x.dtype).contiguous(), y, s, rows)
+        launch(spec, (rows,), xc, cast(residual), cast(gate), weight.to(x.dtype).contiguous(), y, s, rows, xs)
     return (y, s) if residual is not None else y
 
 

@@ -43,6 +43,12 @@ _BASE = {
     # program; the scan takes SCAN_E experts x SCAN_B blocks a step
     "moe_permute": {"BLOCK": 1024, "SUB": 64, "BD": 256, "SCAN_E": 16, "SCAN_B": 64, "num_warps": 4,
                     "num_stages": 1},
+    # routed experts read by id (decode, <= max_pairs token copies): gate/up BN rows x BK columns a
+    # step per (token, expert) pair; down BND rows x BKD columns per token, its top_k experts in turn.
+    # Two tokens on one expert read it twice: 64 copies (8 tokens at top-8 of 256) read ~1.1x the
+    # distinct experts' bytes, 128 copies ~1.25x, so larger batches go to the grouped kernels
+    "moe_decode": {"BN": 16, "BK": 256, "BND": 16, "BKD": 256, "max_pairs": 64, "num_warps": 4,
+                   "num_stages": 2},
 }
 
 
@@ -87,7 +93,8 @@ TARGETS: dict[str, dict] = {
         "moe_gemm": {"BM": 16, "BN": 16, "BK": 16, "BM_small": 16, "BN_small": 16, "BK_small": 16, "BM_mid": 16,
                      "fused_min_rows": 24},
         "moe_gemm_q": {"BM": 16, "BN": 16, "BK": 32, "BM_small": 16, "BN_small": 16, "BK_small": 32},
-        "moe_permute": {"BLOCK": 64, "SUB": 16, "BD": 32, "SCAN_E": 4, "SCAN_B": 4}})},
+        "moe_permute": {"BLOCK": 64, "SUB": 16, "BD": 32, "SCAN_E": 4, "SCAN_B": 4},
+        "moe_decode": {"BN": 8, "BK": 16, "BND": 16, "BKD": 8}})},
 }
 
 TUNING_ENV = "KIMI_GRAPH_TRITON_TUNING"     # a tuning file written by `write_tuning`

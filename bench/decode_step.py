@@ -1,0 +1,168 @@
+"""One decode step on the GPU, its kernels and its memory floor, with the fused decode path and
+the previous one side by side (bf16, random weights, pipeline "default", backend "triton").
+
+For each model (a published-width slice, the full 27 layers) and batch: kernels per step and
+kernel time per step (torch.profiler, eager and CUDA-graph replay), ms per step as generation
+runs it under CUDA graphs (the step, the draw, the tokens read back), and the memory floor:
+the bytes the step must read (bench/e2e.floor_bytes) over the copy bandwidth measured here.
+"previous" turns the decode fusions off: routed experts through the permutation at every
+batch size (moe_decode max_pairs 0) and the pipeline without the passes in FUSION_PASSES.
+First, a tile sweep of the direct MoE kernels alone against the grouped path (published
+shapes, B = 1, 8, 16).
+
+    python bench/decode_step.py                       # 4-layer slice and 27 layers, B=1,32, both paths
+    python bench/decode_step.py --layers 4 --batches 1 --variants fused
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+import harness  # noqa: F401  (puts the checkout on the path)
+import kimi_graph
+from e2e import decode_step_fn, floor_bytes, slice_dict
+from harness import copy_bandwidth, kernel_events, per_name, write_result
+from kimi_graph.config import KimiLinearConfig
+from kimi_graph.passes import DEFAULT_PIPELINE
+from kimi_graph.runtime import Engine
+
+FUSION_PASSES = ("fuse-linears",)        # passes of the default pipeline that "previous" leaves out
+
+
+_MAX_PAIRS: list = []
+
+
+def variant_setup(name: str) -> str:
+    """Configure the kernels for a variant; returns its pipeline."""
+    from harness import override_config
+    from kimi_graph.lowering.triton.targets import config
+    if not _MAX_PAIRS:
+        _MAX_PAIRS.append(config("moe_decode")["max_pairs"])
+    override_config("moe_decode", max_pairs=0 if name == "previous" else _MAX_PAIRS[0])
+    if name == "previous":
+        return ",".join(p for p in DEFAULT_PIPELINE.split(",") if p.split("{")[0] not in FUSION_PASSES)
+    return "default"
+
+
+def profile_step(step, reps: int) -> tuple[float, float, dict]:
+    """(kernels per step, kernel ms per step, top kernels by ms per step) over `reps` steps."""
+    events = kernel_events(step, reps)
+    top = {k[:48]: round(v, 4) for k, v in list(per_name(events, reps).items())[:8]}
+    return len(events) / reps, sum(ms for _, ms in events) / reps, top
+
+
+def timed_ms(step, steps: int) -> float:
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+def run_model(layers: int, variant: str, args, bw: float, rows: list) -> None:
+    pipeline = variant_setup(variant)
+    cfg = KimiLinearConfig.from_dict(slice_dict("kimi-linear-48b-a3b", layers))
+    model = kimi_graph.load(cfg, dtype=torch.bfloat16, device="cuda", pipeline=pipeline, backend="triton")
+    for B in args.batches:
+        row = {"layers": layers, "variant": variant, "B": B,
+               "floor_ms": floor_bytes(cfg, B, args.context)["total"] / bw * 1e3}
+        for graphs in (False, True):
+            engine = Engine(model, max_batch=B, max_len=args.context + args.steps + 32, cuda_graphs=graphs)
+            slots = engine.cache.allocate(B)
+            engine.fill_context(slots, args.context)
+            step = decode_step_fn(engine, slots)
+            key = "graph" if graphs else "eager"
+            n, kms, top = profile_step(step, 3 if graphs else 2)
+            row[f"kernels_{key}"], row[f"kernel_ms_{key}"] = n, kms
+            if graphs:
+                row["ms"] = timed_ms(step, args.steps)
+                row["floor_frac"] = row["floor_ms"] / row["ms"]
+                row["top_kernels"] = top
+            engine.cache.free(slots)
+            del engine, step
+            gc.collect()
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# tile variants of the direct MoE kernels (BN, BK, BND, BKD, num_warps)
+TILES: list = [(16, 256, 16, 256, 4), (16, 256, 8, 512, 4), (32, 256, 8, 1024, 4), (8, 512, 8, 512, 4),
+         (16, 512, 16, 512, 8), (32, 128, 32, 128, 4)]
+
+
+def sweep_moe_tiles(bw: float, rows: list) -> None:
+    """The direct routed + shared experts at B = 1, 8, 16 on the published shapes (256 experts,
+    top-8, D 2304, I 1024) per tile variant, and the grouped path ("grouped"), graph-replayed;
+    bw_frac: the distinct experts' bytes over the time, against the copy bandwidth."""
+    from harness import bench_graph, override_config
+    from kimi_graph.lowering.triton import moe, moe_decode
+    from kimi_graph.lowering.triton.targets import config
+    E, K, D, I = 256, 8, 2304, 1024
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g, dtype=torch.bfloat16) * s[-1] ** -0.5
+    w13, w2, shared = r(E, 2 * I, D), r(E, D, I), (r(I, D), r(I, D), r(D, I))
+    base = config("moe_decode")
+    for B in (1, 8, 16):
+        x = r(B, D)
+        ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(B)])
+        w = torch.rand(B, K, device="cuda", generator=g)
+        nbytes = (len(ids.unique()) + 1) * 3 * D * I * 2
+        for bn, bk, bnd, bkd, warps in TILES + [None]:
+            if bn is None:              # the grouped path (permutation) with the shared expert in torch
+                run, name = lambda: moe.moe_experts(x, ids, w, w13, w2, moe_decode.shared_swiglu(x, *shared)), "grouped"
+            else:
+                override_config("moe_decode", BN=bn, BK=bk, BND=bnd, BKD=bkd, num_warps=warps)
+                run, name = lambda: moe_decode.direct(x, ids, w, w13, w2, None, shared), f"{bn}/{bk}/{bnd}/{bkd}/w{warps}"
+            ms = bench_graph(run)
+            rows.append({"B": B, "tiles": name, "us": ms * 1e3, "bw_frac": nbytes / (ms * 1e-3) / bw})
+            print(rows[-1], flush=True)
+    override_config("moe_decode", **base)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", default="4,27", help="published-width slices (27: the whole model)")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--variants", default="fused,previous")
+    ap.add_argument("--name", default="decode_step")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the direct MoE kernels' tile sweep")
+    a = ap.parse_args(argv)
+    a.batches = [int(b) for b in a.batches.split(",")]
+    bw = copy_bandwidth()
+    rows: list = []
+    tiles: list = []
+    if not a.no_sweep:
+        sweep_moe_tiles(bw, tiles)
+    extra = {"copy_tb_s": bw / 1e12, "context": a.context, "moe_decode_tiles": tiles}
+    for layers in [int(n) for n in a.layers.split(",")]:
+        for variant in a.variants.split(","):
+            try:
+                run_model(layers, variant, a, bw, rows)
+            except Exception as e:          # noqa: BLE001 (the other models still run; the error is kept)
+                rows.append({"layers": layers, "variant": variant, "error": f"{type(e).__name__}: {e}"[:300]})
+                print(rows[-1], flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+            write_result(a.name, rows, extra)
+    keys = ("layers", "variant", "B", "kernels_eager", "kernels_graph", "kernel_ms_eager", "kernel_ms_graph", "ms",
+            "floor_ms", "floor_frac")
+    print("\nsummary (kernels and kernel ms per step; ms per step graph-replayed; floor at the copy bandwidth)")
+    print("  ".join(f"{k[:14]:>14}" for k in keys))
+    for r in rows:
+        print("  ".join(f"{(f'{v:.3f}' if isinstance(v, float) else str(v))[:14]:>14}" for v in
+                        (r.get(k, "-") for k in keys)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The decode step's fused launches, through the Triton interpreter, fp32: the routed experts of
+decode-sized batches read by their top-k ids (lowering/triton/moe_decode) against an fp64 loop
+written here, the op library's moe_experts reference and moe.moe_experts; the backend's plan
+running the routed (and shared) experts as one step and KDA's three convs as one launch.
+Tolerance: rel. error <= 1e-5 (the conv group: bitwise, tests/test_triton_kernels.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kimi_graph.lowering.triton import backend, moe, moe_decode  # noqa: E402
+from kimi_graph.ops import get_op  # noqa: E402
+from reference_kimi import rel_err as rel  # noqa: E402
+
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _interpret(triton_interpret):
+    pass
+
+
+def swiglu64(x, wg, wu, wd):
+    return wd.double() @ (torch.nn.functional.silu(wg.double() @ x.double()) * (wu.double() @ x.double()))
+
+
+def experts_fp64(x, ids, w, w13, w2, acc, shared=None):
+    I = w2.shape[2]
+    out = acc.double().clone() if shared is None else torch.stack([swiglu64(r, *shared) for r in x])
+    for n in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[n, j])
+            h = w13[e].double() @ x[n].double()
+            out[n] += w[n, j].double() * (w2[e].double() @ (torch.nn.functional.silu(h[:I]) * h[I:]))
+    return out
+
+
+def draw(N, E, k, D, I, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, acc = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    ids[-1] = ids[0]                                 # two tokens on the same experts
+    w = torch.rand(N, k, generator=g)
+    w13, w2 = torch.randn(E, 2 * I, D, generator=g) * 0.2, torch.randn(E, D, I, generator=g) * 0.2
+    return x, ids, w, w13, w2, acc
+
+
+@pytest.mark.parametrize("N,E,k,D,I", [(1, 16, 8, 40, 24), (3, 6, 2, 32, 48), (16, 9, 4, 24, 20)])
+def test_direct_path_matches_fp64_and_the_batched_path(N, E, k, D, I):
+    """Tiles that do and do not divide D and I; repeated experts across tokens."""
+    args = draw(N, E, k, D, I, seed=N)
+    out = moe_decode.direct(*args)
+    assert rel(out, experts_fp64(*args)) < TOL
+    assert rel(out, get_op("moe_experts").ref(list(args), {})[0]) < TOL
+    assert rel(out, moe.moe_experts(*args)) < TOL
+
+
+@pytest.mark.parametrize("N,IS", [(1, 24), (4, 56)])       # shared width below and above I
+def test_shared_expert_folded_in(N, IS):
+    x, ids, w, w13, w2, _ = draw(N, 7, 3, 40, 24, seed=N + 10)
+    g = torch.Generator().manual_seed(IS)
+    shared = (torch.randn(IS, 40, generator=g) * 0.2, torch.randn(IS, 40, generator=g) * 0.2,
+              torch.randn(40, IS, generator=g) * 0.2)
+    out = moe_decode.direct(x, ids, w, w13, w2, None, shared)
+    assert rel(out, experts_fp64(x, ids, w, w13, w2, None, shared)) < TOL
+    assert rel(out, moe.moe_experts(x, ids, w, w13, w2, moe_decode.shared_swiglu(x, *shared))) < TOL
+
+
+def test_moe_experts_chooses_by_batch_size(monkeypatch):
+    args = draw(5, 6, 2, 24, 16)
+    calls = []
+    monkeypatch.setattr(moe_decode, "direct", lambda *a, _f=moe_decode.direct: calls.append("direct") or _f(*a))
+    monkeypatch.setattr(moe, "moe_experts", lambda *a, _f=moe.moe_experts: calls.append("moe") or _f(*a))
+    moe_decode.moe_experts(*args)
+    big = draw(70, 6, 2, 24, 16)                     # 140 copies > max_pairs
+    assert rel(moe_decode.moe_experts(*big), experts_fp64(*big)) < TOL
+    assert calls == ["direct", "moe"]
+    with pytest.raises(ValueError, match="do not fit"):
+        moe_decode.direct(args[0], args[1][:, :1], *args[2:])
+
+
+def test_plan_runs_the_routed_and_shared_experts_as_one_step():
+    import kimi_graph
+    model = kimi_graph.load("tiny", dtype=torch.float32, device="cpu", pipeline="default")
+    g = backend.legalize(model.get_graph("decode", True))
+    items = backend.plan(g)
+    chains = [i for i in items if isinstance(i, backend.Experts)]
+    moe_layers = sum(model.config.is_moe_layer(i) for i in range(model.config.num_hidden_layers))
+    assert len(chains) == moe_layers
+    kinds = {getattr(i, "kind", None) for i in items}
+    assert not kinds & {"moe_permute", "grouped_swiglu", "moe_unpermute", "moe_experts"}
+    assert all(len(c.inputs) == 8 for c in chains)         # the shared experts folded in
+    assert not [i for i in items if ".shared." in i.outputs[0]]
+
+
+def test_plan_runs_the_kda_convs_as_one_launch():
+    import kimi_graph
+    model = kimi_graph.load("tiny", dtype=torch.float32, device="cpu", pipeline="default")
+    g = model.get_graph("decode", True)
+    items = backend.plan(g)
+    groups = [i for i in items if isinstance(i, backend.Convs)]
+    assert len(groups) == model.config.layer_kinds.count("kda")
+    assert all(len(c.ops) == 3 for c in groups)
+    assert not [i for i in items if getattr(i, "kind", None) == "causal_conv1d"]
