@@ -146,8 +146,7 @@ def split(shape="16k"):
     return rows
 
 
-VARIANTS = ({}, {"KH": 128}, {"BW": 128}, {"BT": 64}, {"intra_warps": 4}, {"BT": 64, "KH": 32},
-            {"intra_stages": 2}, {"BV": 64}, {"prep_warps": 8})
+VARIANTS = ({}, {"intra_warps": 4}, {"KH": 128}, {"BT": 64}, {"BV": 64})
 
 
 def sweep(shapes=("16k", "64x512")):

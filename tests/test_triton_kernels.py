@@ -94,6 +94,31 @@ def test_kda_varlen_packed_sequences(fn):
         assert rel(o[:, sl], ro) < TOL and rel(s[i:i + 1], rs) < TOL
 
 
+def test_kda_chunk_k_slices_and_strong_decay():
+    """K = 32: the intra products run in two 16-wide slices of K (the interpreter's KH); a decay
+    strong enough that a ratio G_i/G_j formed from G alone would overflow fp32."""
+    q, k, v, f, b, A, dt = kda_inputs(1, 45, 2, 32, 16)
+    f = 4 * f + 6
+    s0 = torch.randn(1, 2, 32, 16)
+    o, s = kda.kda_chunk(q, k, v, f, b, A, dt, 32 ** -0.5, state=s0)
+    ro, rs = kda_loop(q, k, v, f, b, A, dt, s0, 32 ** -0.5)
+    assert torch.isfinite(o).all() and rel(o, ro) < 1e-4 and rel(s, rs) < 1e-4
+
+
+def test_kda_chunk_tables_follow_cu_seqlens():
+    """The chunk tables kept for a cu_seqlens tensor are rebuilt once it changes in place."""
+    H, K = 1, 16
+    q, k, v, f, b, A, dt = kda_inputs(1, 40, H, K, K)
+    cu = torch.tensor([0, 5, 40], dtype=torch.int32)
+    for split in (5, 33):
+        cu[1] = split
+        o, s = kda.kda_chunk(q, k, v, f, b, A, dt, 0.25, cu_seqlens=cu)
+        for i in range(2):
+            sl = slice(int(cu[i]), int(cu[i + 1]))
+            ro, rs = kda_loop(q[:, sl], k[:, sl], v[:, sl], f[:, sl], b[:, sl], A, dt, None, 0.25)
+            assert rel(o[:, sl], ro) < TOL and rel(s[i:i + 1], rs) < TOL
+
+
 @pytest.mark.parametrize("kind", ["kda_fused_chunk", "kda_fused_recurrent", "kda_recurrent"])
 def test_kda_ops_match_references(kind):
     from kimi_graph.lowering.triton.backend import KERNELS
