@@ -32,7 +32,7 @@ def test_json_reports_before_and_after_for_the_published_model(capsys):
     before, after = p["before"], p["after"]
     assert p["dims"] == {"B": 1, "T": 1, "S": 4096}
     assert before["op_counts"]["moe_expert"] == 26 * 256 and "moe_expert" not in after["op_counts"]
-    assert after["op_counts"]["mla_latent_attention"] == 7 and after["num_ops"] < 800
+    assert after["op_counts"]["mla_latent_attention"] == 7 and after["num_ops"] < 900
     # cross-check the numbers against graph_cost on graphs built here
     cfg, _ = resolve_config("kimi-linear-48b-a3b")
     ref = graph_cost(build_graph(cfg, "decode", dtype="bf16"), p["dims"])
