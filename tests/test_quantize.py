@@ -128,3 +128,35 @@ def test_published_weight_bytes(experts, limit):
     assert total <= limit
     if experts is None:     # the full walk: 98.27 GB (inspect --json --pipeline default)
         assert abs(total - 98.27e9) < 0.05e9
+
+
+@pytest.fixture(scope="module")
+def small_width():
+    """A 2-layer model of small width (hidden 256, 16 experts top-8 of width 128; a dense KDA
+    layer, then KDA + MoE), random weights; its stateless prefill graph with float experts
+    and the logits on a 2 x 24 prompt."""
+    from kimi_graph.model import build_graph
+    from kimi_graph.weights import random_weights
+    cfg = json.loads(json.dumps(PRESETS["kimi-linear-48b-a3b"]))
+    cfg.update(num_hidden_layers=2, hidden_size=256, intermediate_size=1024, moe_intermediate_size=128,
+               num_experts=16, num_expert_group=1, topk_group=1, vocab_size=4096, num_attention_heads=2,
+               num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg["linear_attn_config"].update(kda_layers=[1, 2], full_attn_layers=[], num_heads=2)
+    g = build_graph(KimiLinearConfig.from_dict(cfg), "prefill")
+    weights = random_weights(g, seed=0)
+    ids = torch.randint(3, 4096, (2, 24), generator=torch.Generator().manual_seed(0))
+    w = dict(weights)                       # the packed float experts land here
+    f = run_pipeline(g, "fuse-moe-dispatch,fold-constants", weights=w)
+    return g, weights, ids, run_graph(f, {"%input_ids": ids}, w)[0]
+
+
+# measured on this model: int8 0.004, fp8 0.017, int4 0.069 (the issue's published-width
+# targets: 0.03 / 0.08 / 0.2; bench/lowbit_accuracy.py reports the published-width slice)
+@pytest.mark.parametrize("fmt,max_err,min_agree", [("int8", 0.03, 0.95), ("fp8", 0.08, 0.9), ("int4", 0.2, 0.8)])
+def test_accuracy_against_full_precision_experts(small_width, fmt, max_err, min_agree):
+    g, weights, ids, ref = small_width
+    w = dict(weights)
+    q = run_pipeline(g, f"fuse-moe-dispatch,quantize-experts{{format={fmt}}},fold-constants", weights=w)
+    out = run_graph(q, {"%input_ids": ids}, w)[0]
+    assert rel_err(out, ref) <= max_err
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= min_agree
