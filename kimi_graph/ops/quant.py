@@ -27,6 +27,7 @@ from .registry import REQUIRED, OpDef, dim, expect, expect_float, get_op, regist
 FORMATS = ("int4", "int8", "fp8")
 BITS = {"int4": 4, "int8": 8}
 FP8_MAX = 448.0
+CHUNK = 1 << 24         # elements quantized at once (a layer's experts: one matrix at a time)
 
 
 def group_of(fmt: str, K: int, group_size: int) -> int:
@@ -90,6 +91,10 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int = 128, symmetric: bool =
     (fp64 for fp64), scales rounded to w's dtype first, so dequantization uses exactly the
     scale divided by."""
     G = group_of(fmt, w.shape[-1], group_size)
+    if w.dim() > 2 and w.numel() > CHUNK:      # a matrix at a time: bounded fp32 temporaries
+        parts = [quantize(m, fmt, group_size, symmetric) for m in w.reshape(-1, *w.shape[-2:])]
+        return tuple(torch.stack([p[i] for p in parts]).reshape(*w.shape[:-2], *parts[0][i].shape)
+                     for i in range(3))
     acc = torch.float64 if w.dtype == torch.float64 else torch.float32
     wf = w.to(acc)
     if fmt == "fp8":
