@@ -126,14 +126,14 @@ CODE_PTR = {"int4": "*u8", "int8": "*u8", "fp8": "*fp8e4nv"}
 def specs(fmt: str, E: int, I: int, D: int, group_size: int, asym: bool, dtype: str, small: bool,
           target: str) -> tuple[KernelSpec, KernelSpec] | None:
     """(gate_up, down) kernels for one shape and format, or None when the tiles do not fit
-    (the op's reference runs then)."""
+    or the target has no fp8 (the op's reference runs then)."""
     cfg = config("moe_gemm_q", target)
     sfx = "_small" if small else ""
     BM, BN, BK = cfg["BM" + sfx], cfg["BN" + sfx], cfg["BK" + sfx]
     G1, G2 = group_of(fmt, D, group_size), group_of(fmt, I, group_size)
     bk1, bk2 = tile_k(fmt, D, G1, BK), tile_k(fmt, I, G2, BK)
-    if bk1 is None or bk2 is None:
-        return None
+    if bk1 is None or bk2 is None or (fmt == "fp8" and not cfg["fp8_dot"] and target != "interpret"):
+        return None             # (Triton has no e4m3 type before sm_89)
     fp8_act = fmt == "fp8" and not small and cfg["fp8_dot"] and dtype != "f32"
     if fmt == "fp8":            # a weight tile lies in one G x G block
         BN = min(BN, G1, G2)
