@@ -88,6 +88,8 @@ def test_gpu_bf16_kernel_against_fp64(fmt, tokens):
     offsets[1:] = torch.bincount(ids, minlength=E).cumsum(0)
     rows = torch.randn(tokens, D, generator=gen)[order // k]
     got = quantized_grouped_swiglu(rows.cuda().bfloat16(), offsets.cuda(), q13, s13, q2, s2, fmt=fmt)
+    if got is None:
+        pytest.skip(f"no {fmt} kernel on this GPU (fp8: sm_89+)")
     want = swiglu_fp64(rows, offsets, dequantized_fp64(q13.cpu(), s13.cpu(), None, fmt, 128),
                        dequantized_fp64(q2.cpu(), s2.cpu(), None, fmt, 128))
     assert rel_err(got.cpu(), want) <= (4e-2 if fmt == "fp8" and tokens * k > 256 else 1e-2)
