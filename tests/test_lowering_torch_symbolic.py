@@ -19,7 +19,7 @@ from kimi_graph.lowering.torch.ops import custom_kinds
 from kimi_graph.ops import get_op
 from test_lowering_torch import GRAPHS, graph_and_weights
 
-PIPELINES = (None, "default")
+PIPELINES = (None, "default", "default,quantize-experts,fold-constants")   # the last: int4 experts
 
 
 def samples_by_pipeline() -> dict[tuple[str | None, str], tuple]:
