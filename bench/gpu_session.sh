@@ -1,14 +1,47 @@
 #!/bin/bash
-# This session's one GPU run (~240 s): correctness of the new kernels on the GPU first, then the
-# whole-model decode step, prefill, and the torch backend's CUDA graphs. Prints as it goes.
+# One batched GPU run: the steps named on the command line, in order, each under a time limit;
+# every step's full output goes to $OUT/STEP.txt, its exit status and seconds print last.
+#   bash bench/gpu_session.sh tests prefill kda        (KIMI_GRAPH_COMMIT: the commit to record)
+# Wheels in .whl (fla-core, transformers 5.24 and its dependencies) install to /tmp/site.
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1
-export PYTHONPATH=$PWD/bench
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl >/dev/null 2>&1
+fi
+export PYTHONPATH=$PWD/bench:/tmp/site
 export OUT=${OUT:-/tmp/out}
-# t SECONDS CMD...: run with a time limit; the step's exit status and seconds print whatever
-# the filter after it keeps (they go to stderr)
-t() { local s=$SECONDS; timeout "$@"; echo "[rc=$? $((SECONDS-s))s] ${*:2:4}" >&2; }
-t 60 python3 -m pytest -q -x tests/test_decode_graphs_gpu.py "tests/test_triton_gpu.py::test_moe_experts_batch_equals_alone" "tests/test_triton_gpu.py::test_kernel_bf16_against_fp64" 2>/dev/null | grep -E "passed|failed|Error|assert" | tail -6
-t 85 python3 bench/decode_step.py --layers 27 --batches 1,32 --no-sweep 2>&1 | grep -v Warning | tail -22
-t 55 python3 bench/prefill.py --no-sweep 2>&1 | grep -v Warning | tail -22
-t 35 python3 -m pytest -q tests/test_torch_step_graphs.py "tests/test_lowering_torch_compile.py::test_decode_under_cuda_graphs" 2>/dev/null | grep -E "passed|failed|Error" | tail -4
-ls $OUT
+mkdir -p "$OUT"
+SUMMARY=()
+
+step_tests() {
+  python3 -c "import transformers, fla; print('transformers', transformers.__version__, 'fla', fla.__version__)"
+  timeout 150 python3 -m pytest -q -rf tests/test_decode_graphs_gpu.py tests/test_triton_gpu.py \
+    tests/test_triton_moe_quant.py tests/test_torch_step_graphs.py \
+    "tests/test_lowering_torch_compile.py::test_decode_under_cuda_graphs"
+}
+step_prefill() { timeout 200 python3 bench/prefill_split.py --layers 27; }
+step_kda() { timeout 330 python3 bench/kda_chunk.py --sweep; }
+step_kda_check() { timeout 240 python3 bench/kda_chunk.py; }
+step_lowbit() { timeout 150 python3 bench/lowbit.py; }
+step_lowbit_acc() { timeout 150 python3 bench/lowbit_accuracy.py --write; }
+step_decode() { timeout 150 python3 bench/decode_step.py --layers 27 --batches 1,32; }
+step_e2e() { timeout 420 python3 bench/e2e.py --phases ours,hf; }
+step_e2e_int4() {
+  timeout 200 python3 bench/e2e.py --phases ours --experts int4 --batches 1,32 --contexts 1024 \
+    --prefill 1x4096 --graphs on --name e2e-int4
+}
+step_compiled() {
+  timeout 300 python3 bench/e2e.py --phases ours --backend torch --graphs off --batches 1,32 \
+    --contexts 1024 --prefill 1x4096 --name e2e-compiled \
+    --backend-options '{"compile": true, "mode": "reduce-overhead", "kernels": "triton"}'
+}
+step_long() { timeout 400 python3 bench/e2e.py --phases long; }
+
+for s in "$@"; do
+  t0=$SECONDS
+  "step_$s" >"$OUT/$s.txt" 2>&1
+  rc=$?
+  SUMMARY+=("$s rc=$rc $((SECONDS - t0))s")
+  tail -n 14 "$OUT/$s.txt" | grep -v -i warn | cut -c1-300
+done
+printf '%s\n' "${SUMMARY[@]}"
