@@ -274,11 +274,40 @@ def accepts_views(g: Graph) -> bool:
     return True
 
 
+def reads(item) -> list[str]:
+    """The values a schedule item reads."""
+    if isinstance(item, Convs):
+        return [sl.inputs[0] for sl in item.slices] + [v for op in item.ops for v in op.inputs[1:]]
+    return list(item.inputs)
+
+
+def dead_after(g: Graph, schedule: list) -> list[list[str]]:
+    """For each schedule item, the values nothing after it reads, its own unread outputs
+    included (graph outputs and weights excepted): `run` drops them there, so activations live only as long as they are used."""
+    last: dict[str, int] = {}
+    for i, item in enumerate(schedule):
+        for v in item.outputs:               # produced and never read: dropped at once
+            last[v] = i
+        for v in reads(item):
+            last[v] = i
+    keep = set(g.outputs) | set(g.params)
+    drops: list[list[str]] = [[] for _ in schedule]
+    for v, i in last.items():
+        if v not in keep:
+            drops[i].append(v)
+    return drops
+
+
 def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
-        schedule: list | None = None) -> list[torch.Tensor]:
+        schedule: list | None = None, drops: list | None = None) -> list[torch.Tensor]:
     """Execute `g` on kernels (see `plan`); same contract as the reference interpreter.
     State inputs may be in-place views (see `accepts_views`); ops without a view kernel
-    read a dense copy of the rows in use."""
+    read a dense copy of the rows in use. Each value is dropped after its last reader
+    (`dead_after`)."""
+    if schedule is None:
+        schedule = plan(g)
+    if drops is None:
+        drops = dead_after(g, schedule)
     env, dims = initial_env(g, inputs, params)
     dense: dict[int, torch.Tensor] = {}
     trusted = any(is_view(x) for x in inputs.values()) or (
@@ -291,7 +320,10 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
             return dense[id(x)]
         return x
 
-    for item in schedule if schedule is not None else plan(g):
+    for i, item in enumerate(schedule):
+        if i:
+            for v in drops[i - 1]:
+                env.pop(v, None)
         if TRACE is not None:
             TRACE.append(item.outputs[0])
         if isinstance(item, Group):
@@ -342,9 +374,10 @@ def triton_backend(model):
     def execute(graph: Graph, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         if id(graph) not in schedules:
             legal = legalize(graph)
-            schedules[id(graph)] = (graph, legal, plan(legal))
-        _, legal, schedule = schedules[id(graph)]
-        return run(legal, inputs, model.weights, schedule)
+            schedule = plan(legal)
+            schedules[id(graph)] = (graph, legal, schedule, dead_after(legal, schedule))
+        _, legal, schedule, drops = schedules[id(graph)]
+        return run(legal, inputs, model.weights, schedule, drops)
     execute.accepts_views = accepts_views
     return execute
 
