@@ -15,7 +15,7 @@ SUMMARY=()
 
 step_tests() {
   python3 -c "import transformers, fla; print('transformers', transformers.__version__, 'fla', fla.__version__)"
-  timeout 150 python3 -m pytest -q -rf tests/test_decode_graphs_gpu.py tests/test_triton_gpu.py \
+  timeout 240 python3 -m pytest -v -rf --durations=15 tests/test_decode_graphs_gpu.py tests/test_triton_gpu.py \
     tests/test_triton_moe_quant.py tests/test_torch_step_graphs.py \
     "tests/test_lowering_torch_compile.py::test_decode_under_cuda_graphs"
 }
