@@ -15,9 +15,9 @@ SUMMARY=()
 
 step_tests() {
   python3 -c "import transformers, fla; print('transformers', transformers.__version__, 'fla', fla.__version__)"
-  timeout 240 python3 -m pytest -v -rf --durations=15 tests/test_decode_graphs_gpu.py tests/test_triton_gpu.py \
-    tests/test_triton_moe_quant.py tests/test_torch_step_graphs.py \
-    "tests/test_lowering_torch_compile.py::test_decode_under_cuda_graphs"
+  timeout 280 python3 -m pytest -v -rf --timeout 100 --durations=15 tests/test_decode_graphs_gpu.py \
+    tests/test_triton_gpu.py tests/test_triton_moe_quant.py tests/test_torch_step_graphs.py \
+    "tests/test_lowering_torch_compile.py::test_decode_under_cuda_graphs" ${TESTS_K:+-k "$TESTS_K"}
 }
 step_prefill() { timeout 200 python3 bench/prefill_split.py --layers 27; }
 step_kda() { timeout 330 python3 bench/kda_chunk.py --sweep; }
