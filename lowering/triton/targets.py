@@ -80,7 +80,10 @@ TARGETS: dict[str, dict] = {
         # bench/prefill.py's sweep on an H200 says otherwise
         "moe_gemm": {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3,
                      "BN_small": 64, "BK_small": 64, "BM_mid": 128},
-        "moe_gemm_q": {"BM": 128, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3, "fp8_dot": True}})},
+        # quantized: BN_small 64 is the best swept decode tile at 4-16 tokens for int4/int8/fp8
+        # (bench/lowbit.py on an H200, 2026-11-30: 1.4-2.1x the 32-row default)
+        "moe_gemm_q": {"BM": 128, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3, "fp8_dot": True,
+                       "BN_small": 64}})},
     "interpret": {"arch": None, "gpu": "Triton interpreter (CPU)", "configs": _merge(_BASE, {
         "elementwise": {"BLOCK": 64},
         "conv": {"BT": 8, "BC": 16},
