@@ -115,8 +115,16 @@ def test_elementwise_chain_bf16():
 @pytest.mark.parametrize("pipeline", [None, "default"])
 def test_tiny_logits_match_interpreter(pipeline):
     ids = torch.randint(0, 512, (3, 70), device="cuda")
-    run = lambda dtype, backend: kimi_graph.load("tiny", dtype=dtype, device="cuda", pipeline=pipeline,
-                                                 backend=backend)(ids).double()
+
+    def run(dtype, backend):
+        # experts chosen far apart (router bias steps of 1.5 > any score gap): bf16 rounding
+        # cannot flip a near-tied choice, so the logits compare the kernels' arithmetic alone
+        # (routing ties under rounding are tests/test_routing_ties.py's subject)
+        m = kimi_graph.load("tiny", dtype=dtype, device="cuda", pipeline=pipeline, backend=backend)
+        for name, w in m.weights.items():
+            if name.endswith("e_score_correction_bias"):
+                w.copy_(1.5 * torch.arange(w.numel(), device=w.device, dtype=w.dtype))
+        return m(ids).double()
     ref32 = run(torch.float32, "interpreter")
     ERRORS[f"tiny f32 {pipeline}"] = e32 = rel(run(torch.float32, "triton"), ref32)
     assert e32 <= 1e-4
