@@ -27,7 +27,7 @@ from kimi_graph.ops.quant import group_of
 
 from .codegen import TL_DTYPES, KernelSpec, launch, render
 from .elementwise import ir_dtype, ptr_type
-from .targets import config, current_target
+from .targets import TARGETS, config, current_target
 
 _GEMM = """
 @triton.jit
@@ -132,7 +132,7 @@ def specs(fmt: str, E: int, I: int, D: int, group_size: int, asym: bool, dtype: 
     BM, BN, BK = cfg["BM" + sfx], cfg["BN" + sfx], cfg["BK" + sfx]
     G1, G2 = group_of(fmt, D, group_size), group_of(fmt, I, group_size)
     bk1, bk2 = tile_k(fmt, D, G1, BK), tile_k(fmt, I, G2, BK)
-    if bk1 is None or bk2 is None or (fmt == "fp8" and not cfg["fp8_dot"] and target != "interpret"):
+    if bk1 is None or bk2 is None or (fmt == "fp8" and (TARGETS[target]["arch"] or 89) < 89):
         return None             # (Triton has no e4m3 type before sm_89)
     fp8_act = fmt == "fp8" and not small and cfg["fp8_dot"] and dtype != "f32"
     if fmt == "fp8":            # a weight tile lies in one G x G block
