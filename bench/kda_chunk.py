@@ -146,30 +146,50 @@ def split(shape="16k"):
     return rows
 
 
-VARIANTS = ({}, {"intra_warps": 4}, {"KH": 128}, {"BT": 64}, {"BV": 64})
+# one at a time over the target's config (sm_90: diagonal blocks token-parallel, W/U in their own
+# kernel, BT=32): the layouts, then each kernel's warps and tiles
+VARIANTS = ({}, {"diag": "levels", "wu": "fused"}, {"diag": "levels"}, {"wu": "fused"},
+            {"intra_warps": 2}, {"intra_warps": 8}, {"BH": 1}, {"BH": 2}, {"BH": 8},
+            {"diag_warps": 1}, {"diag_warps": 2}, {"diag_warps": 8}, {"wu_warps": 2}, {"wu_warps": 8},
+            {"BW": 128}, {"KH": 32}, {"KH": 128}, {"BT": 64}, {"BT": 64, "intra_warps": 8},
+            {"prep_warps": 8}, {"BV": 64})
+TUNED_KEYS = ("BT", "BC", "BV", "KH", "BW", "BH", "diag", "wu", "num_warps", "num_stages", "prep_warps",
+              "diag_warps", "intra_warps", "intra_stages", "wu_warps", "wu_stages")
 
 
 def sweep(shapes=("16k", "64x512")):
-    """Tile variants of ours, one at a time over the target's config; the best by the sum of
-    the times at `shapes`. -> (rows, best config)."""
+    """Tile variants of ours, one at a time over the target's config, then the variants that
+    beat it merged (the better first where two set one key); the best by the sum of the times at
+    `shapes`. -> (rows, best config)."""
     from kimi_graph.lowering.triton.targets import TARGETS, current_target
     cases = {s: inputs(lengths(dict(SHAPES)[s])) for s in shapes}
     base = dict(TARGETS[current_target()]["configs"]["kda_chunk"])
-    rows, best = [], (float("inf"), base)
-    for variant in VARIANTS:
+    rows, timed = [], []
+
+    def run(name, variant):
         cfg = {**base, **variant}
         override_config("kda_chunk", **cfg)
         try:
             ms = {s: bench(lambda: kda.kda_chunk(*a, D ** -0.5, state=st, cu_seqlens=cu), rep=50)
                   for s, (a, cu, st) in cases.items()}
         except Exception as e:      # a variant that does not build or fit: report it
-            print(variant, type(e).__name__, str(e)[:120])
-            continue
-        rows.append({"variant": str(variant) or "base", **{f"{s}_ms": v for s, v in ms.items()}})
+            print(name, type(e).__name__, str(e)[:120])
+            return
+        rows.append({"variant": name, **{f"{s}_ms": v for s, v in ms.items()}})
         print(rows[-1])
-        best = min(best, (sum(ms.values()), cfg), key=lambda x: x[0])
-    override_config("kda_chunk", **best[1])
-    return rows, best[1]
+        timed.append((sum(ms.values()), variant))
+
+    for variant in VARIANTS:
+        run(str(variant) if variant else "base", variant)
+    base_ms = next((t for t, v in timed if not v), float("inf"))
+    merged = {}
+    for _, v in sorted(((t, v) for t, v in timed if v and t < base_ms), key=lambda x: x[0]):
+        merged.update({k: x for k, x in v.items() if k not in merged})
+    if merged and merged not in [v for _, v in timed]:
+        run("merged " + str(merged), merged)
+    best = {**base, **min(timed, key=lambda x: x[0])[1]} if timed else base
+    override_config("kda_chunk", **best)
+    return rows, best
 
 
 def summary(checks, times):
@@ -196,8 +216,7 @@ def main():
     if a.sweep:
         rows, cfg = sweep()
         write_result("kda_chunk_sweep", rows)
-        keys = ("BT", "BC", "BV", "KH", "BW", "num_warps", "num_stages", "prep_warps", "intra_warps", "intra_stages")
-        merge_tuning("kda_chunk", {k: cfg[k] for k in keys}, "best of bench/kda_chunk.py --sweep at 16k + 64x512")
+        merge_tuning("kda_chunk", {k: cfg[k] for k in TUNED_KEYS}, "best of bench/kda_chunk.py --sweep at 16k + 64x512")
         extra["config"] = cfg
     write_result("kda_chunk_split", split("16k") + split("64x512"))
     times = timing([s for s in a.shapes.split(",") if s])

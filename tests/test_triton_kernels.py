@@ -105,6 +105,47 @@ def test_kda_chunk_k_slices_and_strong_decay():
     assert torch.isfinite(o).all() and rel(o, ro) < 1e-4 and rel(s, rs) < 1e-4
 
 
+
+@pytest.mark.parametrize("modes", [("token", "fused", 2), ("levels", "split", 4), ("levels", "fused", 4)],
+                         ids=["token-fused-BH2", "levels-split", "levels-fused"])
+def test_kda_chunk_kernel_modes(modes, monkeypatch):
+    """Each generated layout of the chunk kernels (diagonal blocks token-parallel or in the intra
+    kernel, W/U in their own kernel or in it; the default token/split runs in the tests above),
+    on 3 heads (a partial head group for BH=2), K in two slices, ragged packed sequences under a
+    strong decay."""
+    from kimi_graph.lowering.triton.targets import TARGETS
+    diag, wu, bh = modes
+    monkeypatch.setitem(TARGETS["interpret"]["configs"], "kda_chunk",
+                        {**TARGETS["interpret"]["configs"]["kda_chunk"], "diag": diag, "wu": wu, "BH": bh})
+    kda.chunk_specs.cache_clear()
+    lens, H, K, V = [37, 1, 18], 3, 32, 16
+    q, k, v, f, b, A, dt = kda_inputs(1, sum(lens), H, K, V)
+    f = 4 * f + 6
+    s0 = torch.randn(len(lens), H, K, V)
+    cu = torch.tensor([0, 37, 38, 56], dtype=torch.int32)
+    try:
+        names = [sp.name for sp in kda.chunk_specs(H, K, V, "f32", True, 0.2, 1e-6, True, "interpret")]
+        o, s = kda.kda_chunk(q, k, v, f, b, A, dt, 0.2, state=s0, cu_seqlens=cu)
+    finally:
+        kda.chunk_specs.cache_clear()
+    assert ("kda_chunk_diag" in names) == (diag == "token") and ("kda_chunk_wu" in names) == (wu == "split")
+    for i in range(len(lens)):
+        sl = slice(int(cu[i]), int(cu[i + 1]))
+        ro, rs = kda_loop(q[:, sl], k[:, sl], v[:, sl], f[:, sl], b[:, sl], A, dt, s0[i:i + 1], 0.2)
+        assert rel(o[:, sl], ro) < 1e-4 and rel(s[i:i + 1], rs) < 1e-4
+
+
+def test_kda_chunk_refuses_an_unknown_mode(monkeypatch):
+    from kimi_graph.lowering.triton.targets import TARGETS
+    monkeypatch.setitem(TARGETS["interpret"]["configs"], "kda_chunk",
+                        {**TARGETS["interpret"]["configs"]["kda_chunk"], "diag": "columns"})
+    kda.chunk_specs.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="diag must be one of"):
+            kda.chunk_specs(2, 16, 16, "f32", True, 0.25, 1e-6, False, "interpret")
+    finally:
+        kda.chunk_specs.cache_clear()
+
 def test_kda_chunk_tables_follow_cu_seqlens():
     """The chunk tables kept for a cu_seqlens tensor are rebuilt once it changes in place."""
     H, K = 1, 16

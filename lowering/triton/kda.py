@@ -1,4 +1,4 @@
-"""KDA kernels: chunkwise prefill (three generated kernels) and the recurrent step (decode).
+"""KDA kernels: chunkwise prefill (generated kernels) and the recurrent step (decode).
 
 Both take packed tokens [N_tok, H, *] with cumulative sequence offsets `cu_seqlens` [N+1]
 (a [B, T] batch is B sequences of T). FUSED kernels compute the gating inside:
@@ -8,11 +8,16 @@ unfused variant (the `kda_recurrent` op) reads g, beta and normalised q, k.
 Chunk form: the op library's chunk_form (kimi_graph/ops/kda.py), chunk BT, sub-chunk BC (its
 SUB), per chunk with cumulative decay G_i = exp(gc_i):
   prep:  gating, norms, gc, scale q G, beta k G, k G_L/G
-  intra: A_kk[i,j] = beta_i sum_d k_id k_jd G_id/G_jd (j < i), A_qk[i,j] = scale q_i.k_j G_i/G_j
-         (j <= i); T = (I + A_kk)^-1 once; W = T (beta k G), U = T (beta v)
+  diag:  (token-parallel, one program per row and BH heads) the diagonal BC x BC blocks of
+         A_kk[i,j] = beta_i sum_d k_id k_jd G_id/G_jd (j < i) and A_qk[i,j] = scale q_i.k_j G_i/G_j
+         (j <= i), elementwise over K with exp(gc_i - gc_j) <= 1
+  intra: the off-diagonal blocks (tensor-core products), T = (I + A_kk)^-1 once per chunk
+  wu:    W = T (beta k G), U = T (beta v), one program per column block
   scan over chunks: V' = U - W S;  O = (scale q G) S + A_qk V';  S = G_L S + (k G_L/G)^T V'
-G_i/G_j is never formed from G alone: every product factors through a reference row between
-j and i (both factors <= 1), so all of A is tensor-core products (see _products_source).
+The target's `diag` / `wu` modes may instead keep the diagonal blocks ("levels") or W and U
+("fused") inside the intra kernel. G_i/G_j is never formed from G alone: every off-diagonal
+product factors through a reference row between j and i (both factors <= 1; see
+_products_source).
 """
 from __future__ import annotations
 
@@ -109,12 +114,51 @@ def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk
         tl.store(kg_ptr + offk, (k * tl.exp(tl.where(m2, carry[None, :] - gc, 0.0))).to(DT), mask=m2)
 """
 
+_DIAG = """
+@triton.jit
+def kda_chunk_diag(qn_ptr, kn_ptr, gc_ptr, beta_ptr, chunk_start, chunk_len, aqk_ptr, akd_ptr):
+    # one program per (row of a chunk, BH heads), token-parallel: the row's part of the diagonal
+    # BC x BC blocks, elementwise over K (no tensor cores): A_qk[i, j] = scale q_i.k_j G_i/G_j and
+    # A_kk[i, j] = beta_i k_i.k_j G_i/G_j for the columns j <= i of its sub-chunk (exp of a masked
+    # difference: the factor is <= 1); A_qk into its columns of aqk, A_kk into akd [N_tok, H, BC]
+    pid = tl.program_id(0)
+    c = pid // BT
+    r = pid % BT
+    if r >= tl.load(chunk_len + c):
+        return
+    start = tl.load(chunk_start + c)
+    tok = start + r
+    j0 = start + (r // BC) * BC
+    hh = tl.program_id(1) * BH + tl.arange(0, BH)
+    mh = hh < H
+    dk = tl.arange(0, BK)
+    m2 = mh[:, None] & (dk < K)[None, :]
+    off = hh[:, None] * K + dk[None, :]
+    qi = tl.load(qn_ptr + tok * (H * K) + off, mask=m2, other=0.0).to(tl.float32)
+    ki = tl.load(kn_ptr + tok * (H * K) + off, mask=m2, other=0.0).to(tl.float32)
+    gi = tl.load(gc_ptr + tok * (H * K) + off, mask=m2, other=0.0)
+    cols = tl.arange(0, BC)
+    aq = tl.zeros((BH, BC), tl.float32)
+    ak = tl.zeros((BH, BC), tl.float32)
+    for j in range(j0, tok + 1):     # the columns j <= i of the sub-chunk
+        kj = tl.load(kn_ptr + j * (H * K) + off, mask=m2, other=0.0).to(tl.float32)
+        kgj = kj * tl.exp(gi - tl.load(gc_ptr + j * (H * K) + off, mask=m2, other=0.0))
+        at = cols[None, :] == j - j0
+        aq = tl.where(at, tl.sum(qi * kgj, 1)[:, None], aq)
+        ak = tl.where(at & (j < tok), tl.sum(ki * kgj, 1)[:, None], ak)
+    bi = tl.load(beta_ptr + tok * H + hh, mask=mh, other=0.0)
+    tl.store(aqk_ptr + tok * (H * BT) + hh[:, None] * BT + (j0 - start) + cols[None, :], (aq * SCALE).to(DT),
+             mask=mh[:, None])
+    tl.store(akd_ptr + tok * (H * BC) + hh[:, None] * BC + cols[None, :], ak * bi[:, None], mask=mh[:, None])
+"""
+
 _INTRA = """
 @triton.jit
-def kda_chunk_intra(qn_ptr, kn_ptr, gc_ptr, beta_ptr, bkg_ptr, v_ptr, chunk_start, chunk_len,
-                    aqk_ptr, w_ptr, u_ptr):
-    # one program per (chunk, head): A_kk and A_qk by BC x BC blocks in KH-wide slices of K,
-    # T = (I + A_kk)^-1 once, then W = T (beta k G) and U = T (beta v) by BW-wide column blocks
+def kda_chunk_intra(qn_ptr, kn_ptr, gc_ptr, beta_ptr, bkg_ptr, v_ptr, akd_ptr, chunk_start, chunk_len,
+                    aqk_ptr, w_ptr, u_ptr, t_ptr):
+    # one program per (chunk, head): A_kk and A_qk by BC x BC blocks in KH-wide slices of K (the
+    # diagonal blocks here or from kda_chunk_diag), T = (I + A_kk)^-1 once; then W = T (beta k G)
+    # and U = T (beta v) by BW-wide column blocks, or T stored for kda_chunk_wu
     c = tl.program_id(0)
     h = tl.program_id(1)
     start = tl.load(chunk_start + c)
@@ -123,6 +167,35 @@ def kda_chunk_intra(qn_ptr, kn_ptr, gc_ptr, beta_ptr, bkg_ptr, v_ptr, chunk_star
     dkh = tl.arange(0, KH)
     dw = tl.arange(0, BW)
     $body
+"""
+
+_WU = """
+@triton.jit
+def kda_chunk_wu(t_ptr, bkg_ptr, v_ptr, beta_ptr, chunk_start, chunk_len, w_ptr, u_ptr):
+    # one program per (chunk, head, BW-wide column block of W, then of U): W = T (beta k G),
+    # U = T (beta v), one BT x BT by BT x BW product with T = (I + A_kk)^-1 from kda_chunk_intra
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    p = tl.program_id(2)
+    start = tl.load(chunk_start + c)
+    n = tl.load(chunk_len + c)
+    r = tl.arange(0, BT)
+    rm = r < n
+    tok = start + r
+    t = tl.load(t_ptr + tok[:, None] * (H * BT) + h * BT + r[None, :], mask=rm[:, None], other=0.0)
+    if p < NW:
+        col = p * BW + tl.arange(0, BW)
+        m2 = rm[:, None] & (col < K)[None, :]
+        off = tok[:, None] * (H * K) + h * K + col[None, :]
+        x = tl.load(bkg_ptr + off, mask=m2, other=0.0)
+        tl.store(w_ptr + off, tl.dot(t, x, input_precision=PREC).to(DT), mask=m2)
+    else:
+        col = (p - NW) * BW + tl.arange(0, BW)
+        m2 = rm[:, None] & (col < V)[None, :]
+        off = tok[:, None] * (H * V) + h * V + col[None, :]
+        x = tl.load(v_ptr + off, mask=m2, other=0.0).to(tl.float32)
+        x = x * tl.load(beta_ptr + tok * H + h, mask=rm, other=0.0)[:, None]
+        tl.store(u_ptr + off, tl.dot(t, x, input_precision=PREC).to(DT), mask=m2)
 """
 
 _SCAN = """
@@ -206,28 +279,34 @@ def kda_recurrent_step(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, o_ptr, 
 """
 
 
-def _products_source(NC: int, BC: int, KH: int, NKH: int) -> list[str]:
+def _products_source(NC: int, BC: int, KH: int, NKH: int, levels: bool) -> list[str]:
     """A_kk and A_qk of the chunk as register blocks A{I}_{J} / Q{I}_{J} (J < I) and D{I} / E{I}
     (diagonal, strictly lower / lower), accumulated over NKH slices of K. Every decay ratio
     G_i/G_j (j < i) factors through a reference row r with j <= r < i, so both factors are
     <= 1 (no overflow however strong the decay) and each product is a tl.dot:
     - block (I, J < I): r = the row before sub-chunk I;
-    - inside the diagonal block, level by level (s = BC/2, .., 1): rows in the later half of a
-      2s-row group against the earlier half, r = the earlier half's last row."""
+    - inside the diagonal block (`levels`), level by level (s = BC/2, .., 1): rows in the later
+      half of a 2s-row group against the earlier half, r = the earlier half's last row.
+    Without `levels` the diagonal blocks come from kda_chunk_diag (A_kk's in akd, times beta;
+    A_qk's already in aqk)."""
     L = []
     for I in range(NC):
-        L += [f"rI = {I * BC} + cc", "mI = rI < n",
-              f"D{I} = tl.zeros((BC, BC), tl.float32)", f"E{I} = tl.zeros((BC, BC), tl.float32)"]
+        L += [f"rI = {I * BC} + cc", "mI = rI < n"]
+        if levels:
+            L += [f"D{I} = tl.zeros((BC, BC), tl.float32)", f"E{I} = tl.zeros((BC, BC), tl.float32)"]
+        else:
+            L.append(f"D{I} = tl.load(akd_ptr + (start + rI)[:, None] * (H * BC) + h * BC + cc[None, :], "
+                     "mask=mI[:, None], other=0.0)")
         L += [f"A{I}_{J} = tl.zeros((BC, BC), tl.float32)\nQ{I}_{J} = tl.zeros((BC, BC), tl.float32)"
               for J in range(I)]
-        for kh in range(NKH):
+        for kh in range(NKH if levels or I else 0):
             L += [f"col = {kh * KH} + dkh", "mc = col < K", "m2 = mI[:, None] & mc[None, :]",
                   "oI = (start + rI)[:, None] * (H * K) + h * K + col[None, :]",
                   "kI = tl.load(kn_ptr + oI, mask=m2, other=0.0).to(tl.float32)",
                   "qI = tl.load(qn_ptr + oI, mask=m2, other=0.0).to(tl.float32)",
-                  "gI = tl.load(gc_ptr + oI, mask=m2, other=0.0)",
-                  "E_ = tl.where(cc[:, None] == cc[None, :], tl.sum(qI * kI, 1)[:, None], 0.0)",
-                  f"E{I} += E_"]
+                  "gI = tl.load(gc_ptr + oI, mask=m2, other=0.0)"]
+            if levels:
+                L += ["E_ = tl.where(cc[:, None] == cc[None, :], tl.sum(qI * kI, 1)[:, None], 0.0)", f"E{I} += E_"]
             if I:
                 L += [f"mR1 = mc & (col * 0 + {I * BC - 1} < n)",     # the reference row exists (else no row of I does)
                       f"gR = tl.load(gc_ptr + (start + {I * BC - 1}) * (H * K) + h * K + col, mask=mR1, other=0.0)",
@@ -242,7 +321,7 @@ def _products_source(NC: int, BC: int, KH: int, NKH: int) -> list[str]:
                           f"A{I}_{J} += tl.dot(ka, kb, input_precision=PREC)",
                           f"Q{I}_{J} += tl.dot(qa, kb, input_precision=PREC)"]
             s = BC // 2
-            while s:
+            while s and levels:
                 L += [f"ref = (cc // {2 * s}) * {2 * s} + {s - 1}",     # the group's earlier half's last row
                       f"late = (cc // {s}) % 2 == 1",
                       f"mR = m2 & ({I * BC} + ref < n)[:, None]",
@@ -259,10 +338,13 @@ def _products_source(NC: int, BC: int, KH: int, NKH: int) -> list[str]:
         L += [f"bI = tl.load(beta_ptr + (start + rI) * H + h, mask=mI, other=0.0)",
               "arow = (start + rI)[:, None] * (H * BT) + h * BT + cc[None, :]"]
         for J in range(NC):
+            if J == I and not levels:
+                continue
             blk = f"Q{I}_{J}" if J < I else f"E{I}" if J == I else "tl.zeros((BC, BC), tl.float32)"
             L.append(f"tl.store(aqk_ptr + arow + {J * BC}, ({blk} * SCALE).to(DT), mask=mI[:, None])")
         L += [f"A{I}_{J} = A{I}_{J} * bI[:, None]" for J in range(I)]
-        L.append(f"D{I} = D{I} * bI[:, None]")
+        if levels:
+            L.append(f"D{I} = D{I} * bI[:, None]")
     return L
 
 
@@ -305,9 +387,21 @@ def _wu_source(NC: int, BC: int, BW: int, n_w: int, n_u: int) -> list[str]:
     return L
 
 
-def _intra_source(NC: int, BC: int, KH: int, NKH: int, BW: int, n_w: int, n_u: int) -> str:
-    return "\n".join(_products_source(NC, BC, KH, NKH) + _inverse_source(NC, BC)
-                     + _wu_source(NC, BC, BW, n_w, n_u))
+def _t_store_source(NC: int, BC: int) -> list[str]:
+    """T by rows into t_ptr [N_tok, H, BT] (fp32; zeros right of the diagonal block) for kda_chunk_wu."""
+    L = []
+    for J in range(NC):
+        L += [f"rJ = {J * BC} + cc", "trow = (start + rJ)[:, None] * (H * BT) + h * BT + cc[None, :]"]
+        for I in range(NC):
+            blk = f"T{J}_{I}" if I <= J else "tl.zeros((BC, BC), tl.float32)"
+            L.append(f"tl.store(t_ptr + trow + {I * BC}, {blk}, mask=(rJ < n)[:, None])")
+    return L
+
+
+def _intra_source(NC: int, BC: int, KH: int, NKH: int, BW: int, n_w: int, n_u: int, levels: bool,
+                  wu_split: bool) -> str:
+    return "\n".join(_products_source(NC, BC, KH, NKH, levels) + _inverse_source(NC, BC)
+                     + (_t_store_source(NC, BC) if wu_split else _wu_source(NC, BC, BW, n_w, n_u)))
 
 
 def _sig(names, dtype, fp32=()):
@@ -329,21 +423,32 @@ def check_chunk_size(chunk: int) -> None:
                          f"not {chunk} (chunk-kda{{chunk-size=N}})")
 
 
+DIAG_MODES = ("token", "levels")   # diagonal blocks: kda_chunk_diag (token-parallel) or inside the intra kernel
+WU_MODES = ("split", "fused")       # W and U: kda_chunk_wu from a stored T, or inside the intra kernel
+
+
 @functools.lru_cache(maxsize=None)
 def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk=None) -> list[KernelSpec]:
-    """The three chunk-prefill kernels (prep, intra, scan) for one head geometry and dtype;
-    chunks of `chunk` tokens (the op's chunk size), else the target's tile."""
+    """The chunk-prefill kernels for one head geometry and dtype: prep, [diag], intra, [wu],
+    scan (the target's `diag` and `wu` modes); chunks of `chunk` tokens (the op's chunk size),
+    else the target's tile."""
     cfg = config("kda_chunk", target)
     if chunk:
         check_chunk_size(chunk)
+    if cfg["diag"] not in DIAG_MODES or cfg["wu"] not in WU_MODES:
+        raise ValueError(f"kda_chunk: diag must be one of {DIAG_MODES}, wu one of {WU_MODES}; got "
+                         f"{cfg['diag']!r}, {cfg['wu']!r}")
     BT, BC, BV = chunk or cfg["BT"], cfg["BC"], min(cfg["BV"], max(16, next_pow2(V)))
     BK = max(16, next_pow2(K))
     KH, BW = min(cfg["KH"], BK), min(cfg["BW"], max(16, next_pow2(max(K, V))))
+    BH = min(cfg["BH"], next_pow2(H))
     NC = BT // BC
-    consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=NC, BV=BV, KH=KH, BW=BW,
-                     HAS_STATE=bool(has_state), PREC=dot_precision(dtype))
+    levels, wu_split = cfg["diag"] == "levels", cfg["wu"] == "split"
+    consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=NC, BV=BV, KH=KH, BW=BW, BH=BH,
+                     NW=_cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype))
     gate_f32 = () if fused else ("f_ptr", "b_ptr")        # unfused: g and beta come in fp32
-    f32 = ("gc_ptr", "beta_ptr", "bkg_ptr", "gl_ptr", "a_ptr", "dt_ptr", "s0_ptr", "sn_ptr") + gate_f32
+    f32 = ("gc_ptr", "beta_ptr", "bkg_ptr", "gl_ptr", "a_ptr", "dt_ptr", "s0_ptr", "sn_ptr", "akd_ptr",
+           "t_ptr") + gate_f32
     i32 = ("chunk_start", "chunk_len", "cu_ptr", "chunk0_ptr")
 
     def spec(name, template, args, warps, stages=1, **blocks):
@@ -351,16 +456,23 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
                    else PTR_TYPES[dtype]) for a in args}
         return KernelSpec(name, name, render(name, template, consts, **blocks), sig, warps, stages, consts)
 
-    return [spec("kda_chunk_prep", _PREP, ["q_ptr", "k_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "chunk_start",
-                                           "chunk_len", "qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "qg_ptr",
-                                           "bkg_ptr", "kg_ptr", "gl_ptr"], cfg["prep_warps"]),
-            spec("kda_chunk_intra", _INTRA, ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "bkg_ptr", "v_ptr",
-                                             "chunk_start", "chunk_len", "aqk_ptr", "w_ptr", "u_ptr"],
-                 cfg["intra_warps"], cfg["intra_stages"],
-                 body=_intra_source(NC, BC, KH, BK // KH, BW, _cdiv(K, BW), _cdiv(V, BW))),
-            spec("kda_chunk_scan", _SCAN, ["qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr", "gl_ptr", "o_ptr",
-                                           "s0_ptr", "sn_ptr", "slot_ptr", "cu_ptr", "chunk0_ptr"], cfg["num_warps"],
-                 cfg["num_stages"], state_in=_STATE_IN)]
+    out = [spec("kda_chunk_prep", _PREP, ["q_ptr", "k_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "chunk_start",
+                                          "chunk_len", "qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "qg_ptr",
+                                          "bkg_ptr", "kg_ptr", "gl_ptr"], cfg["prep_warps"])]
+    if not levels:
+        out.append(spec("kda_chunk_diag", _DIAG, ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "chunk_start",
+                                                  "chunk_len", "aqk_ptr", "akd_ptr"], cfg["diag_warps"]))
+    out.append(spec("kda_chunk_intra", _INTRA, ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "bkg_ptr", "v_ptr",
+                                                "akd_ptr", "chunk_start", "chunk_len", "aqk_ptr", "w_ptr",
+                                                "u_ptr", "t_ptr"], cfg["intra_warps"], cfg["intra_stages"],
+                    body=_intra_source(NC, BC, KH, BK // KH, BW, _cdiv(K, BW), _cdiv(V, BW), levels, wu_split)))
+    if wu_split:
+        out.append(spec("kda_chunk_wu", _WU, ["t_ptr", "bkg_ptr", "v_ptr", "beta_ptr", "chunk_start", "chunk_len",
+                                              "w_ptr", "u_ptr"], cfg["wu_warps"], cfg["wu_stages"]))
+    out.append(spec("kda_chunk_scan", _SCAN, ["qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr", "gl_ptr", "o_ptr",
+                                              "s0_ptr", "sn_ptr", "slot_ptr", "cu_ptr", "chunk0_ptr"],
+                    cfg["num_warps"], cfg["num_stages"], state_in=_STATE_IN))
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -475,22 +587,33 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
     dtype, dev = _ir_dtype(q), q.device
     (q2, k2, v2, f2, b2), cu, H, K, V, a, dt = _inputs(q, k, v, f, b, A_log, dt_bias, cu_seqlens, fused)
     N = cu.numel() - 1
-    prep, intra, scan = chunk_specs(H, K, V, dtype, fused, scale, eps, state is not None, current_target(), chunk)
-    BT = prep.config["BT"]
+    specs = {sp.name: sp for sp in chunk_specs(H, K, V, dtype, fused, scale, eps, state is not None,
+                                               current_target(), chunk)}
+    prep, intra, scan = specs["kda_chunk_prep"], specs["kda_chunk_intra"], specs["kda_chunk_scan"]
+    diag, wu = specs.get("kda_chunk_diag"), specs.get("kda_chunk_wu")
+    BT, BC = prep.config["BT"], prep.config["BC"]
     NT = q2.shape[0]
     cstart, clen, chunk0, NCH = chunk_tables(cu, cu_seqlens, q.shape[0], q.shape[1], BT)
     e = dict(device=dev, dtype=q.dtype)
+    f32 = dict(device=dev, dtype=torch.float32)
     qn, kn, qg, kg, w = (torch.empty(NT, H, K, **e) for _ in range(5))
     u = torch.empty(NT, H, V, **e)
-    gc, bkg = (torch.empty(NT, H, K, device=dev, dtype=torch.float32) for _ in range(2))
-    beta = torch.empty(NT, H, device=dev, dtype=torch.float32)
+    gc, bkg = (torch.empty(NT, H, K, **f32) for _ in range(2))
+    beta = torch.empty(NT, H, **f32)
     aqk = torch.empty(NT, H, BT, **e)
-    gl = torch.empty(max(NCH, 1), H, K, device=dev, dtype=torch.float32)
+    akd = torch.empty(NT, H, BC, **f32) if diag else beta         # diagonal blocks of A_kk (kda_chunk_diag)
+    tinv = torch.empty(NT, H, BT, **f32) if wu else beta          # (I + A_kk)^-1 by rows (kda_chunk_wu)
+    gl = torch.empty(max(NCH, 1), H, K, **f32)
     o = torch.empty(NT, H, V, **e)
     s0, sn, slot, result = _states(state, N, H, K, V, dev)
     if NCH:
         launch(prep, (NCH, H), q2, k2, f2, b2, a, dt, cstart, clen, qn, kn, gc, beta, qg, bkg, kg, gl)
-        launch(intra, (NCH, H), qn, kn, gc, beta, bkg, v2, cstart, clen, aqk, w, u)
+        if diag:
+            launch(diag, (NCH * BT, _cdiv(H, diag.config["BH"])), qn, kn, gc, beta, cstart, clen, aqk, akd)
+        launch(intra, (NCH, H), qn, kn, gc, beta, bkg, v2, akd, cstart, clen, aqk, w, u, tinv)
+        if wu:
+            launch(wu, (NCH, H, _cdiv(K, wu.config["BW"]) + _cdiv(V, wu.config["BW"])), tinv, bkg, v2, beta,
+                   cstart, clen, w, u)
     launch(scan, (N, H, _cdiv(V, scan.config["BV"])), qg, kg, w, u, aqk, gl, o, s0, sn, slot, cu, chunk0)
     return o.view(q.shape[0], q.shape[1], H, V), result
 
@@ -564,8 +687,8 @@ def op_kda_recurrent(args, attrs):
 
 
 def specs_for(kind, ins, outs, attrs, target):
-    """The kernels one KDA op needs (for AOT): the step kernel, plus the three chunk kernels
-    (prep, intra, scan) when T != 1."""
+    """The kernels one KDA op needs (for AOT): the step kernel, plus the chunk kernels (prep,
+    [diag], intra, [wu], scan) when T != 1."""
     q, v = ins[0], ins[2]
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
     fused = kind != "kda_recurrent"

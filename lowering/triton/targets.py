@@ -15,9 +15,13 @@ _BASE = {
     "elementwise": {"BLOCK": 1024, "num_warps": 4, "num_stages": 1},
     "norm": {"num_warps": 4, "num_stages": 1},
     "conv": {"BT": 32, "BC": 128, "num_warps": 4, "num_stages": 1},
-    # KH: the slice of K the intra-chunk products take at a time; BW: W/U columns per block
+    # KH: the slice of K the intra-chunk products take at a time; BW: W/U columns per block;
+    # diag: the diagonal BC x BC blocks token-parallel ("token": kda_chunk_diag, BH heads a
+    # program) or inside the intra kernel ("levels"); wu: W/U in their own kernel from a stored
+    # (I + A)^-1 ("split": kda_chunk_wu) or inside the intra kernel ("fused")
     "kda_chunk": {"BT": 64, "BC": 16, "BV": 32, "KH": 64, "BW": 64, "num_warps": 4, "num_stages": 2,
-                  "prep_warps": 8, "intra_warps": 4, "intra_stages": 1},
+                  "prep_warps": 8, "intra_warps": 4, "intra_stages": 1, "diag": "token", "BH": 4,
+                  "diag_warps": 4, "wu": "split", "wu_warps": 4, "wu_stages": 2},
     "kda_recurrent": {"BV": 32, "num_warps": 4, "num_stages": 1},
     # split_min: fewest keys a split takes; small so that short contexts at small batch still
     # spread over many programs (H200 e2e, B=1, 1k context, split_min 512: two programs,
@@ -69,8 +73,8 @@ TARGETS: dict[str, dict] = {
         "moe_gemm": {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3}})},
     # sm_90: decode tiles from sweeps on an H100 (bench/results/*.json)
     "sm_90": {"arch": 90, "gpu": "H100 / H200", "configs": _merge(_BASE, {
-        # kda intra: 8 warps, the sm_90 build's registers without spilling (4 warps: 255 + 408 B stack)
-        "kda_chunk": {"BT": 32, "prep_warps": 4, "intra_warps": 8, "num_warps": 4, "num_stages": 3},
+        # kda intra: 4 warps (H200 sweep, fused levels/W-U kernel: 16k 3.09 vs 4.10 ms on 8 warps)
+        "kda_chunk": {"BT": 32, "prep_warps": 4, "intra_warps": 4, "num_warps": 4, "num_stages": 3},
         "kda_recurrent": {"BV": 64, "num_warps": 4},
         "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
         "mla_decode": {"BS": 64, "num_warps": 4, "num_stages": 2},
