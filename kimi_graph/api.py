@@ -19,11 +19,17 @@ from .presets import PRESETS
 from .weight_transforms import WeightTransforms
 from .weights import CheckpointSource, RandomSource, WeightSource
 
-# the graphs a model runs, (mode, stateful): stateless prefill, prefill continuing from
+# the graphs a model runs, (mode, stateful, logits): stateless prefill, prefill continuing from
 # caches, one decode step. With a pipeline, load builds the two that generation runs; the
-# stateless prefill graph reads the same parameters, so building it later holds nothing new.
-GRAPHS = (("prefill", False), ("prefill", True), ("decode", True))
+# stateless prefill graph, and the prefill with only the last position's logits (what
+# generation's prefill needs), read the same parameters, so building them later holds nothing new.
+GRAPHS = (("prefill", False, "all"), ("prefill", True, "all"), ("decode", True, "all"))
 LOAD_GRAPHS = GRAPHS[1:]
+
+
+def graph_key(mode: str, stateful: bool, logits: str = "all") -> tuple[str, bool, str]:
+    """The key of a graph variant: decode is always stateful, and its one position is the last."""
+    return mode, stateful or mode == "decode", "all" if mode == "decode" else logits
 
 
 def resolve_config(model: str | Path) -> tuple[KimiLinearConfig, Path | None]:
@@ -135,27 +141,28 @@ class KimiModel:
         self.layout = layout           # parallel.Layout: this rank's part of a sharded model
         self.experts: str | None = None      # low-bit routed experts (load's `experts`)
         self.load_stats: dict = {}     # load(): seconds for graphs and weights, estimated bytes
-        self._graphs: dict[tuple[str, bool], Graph] = {}
+        self._graphs: dict[tuple[str, bool, str], Graph] = {}
         self._executor = None
 
-    def build(self, mode: str = "prefill", stateful: bool = False) -> Graph:
-        """The unoptimized graph as declared (this rank's part, for a sharded model)."""
+    def build(self, mode: str = "prefill", stateful: bool = False, logits: str = "all") -> Graph:
+        """The unoptimized graph as declared (this rank's part, for a sharded model).
+        `logits`: "all" positions, or each sequence's "last" (see kimi_graph.model)."""
         g = build_graph(self.config, mode, stateful=stateful, dtype=IR_DTYPES[self.dtype],
-                        router_weights=self.router_weights)
+                        router_weights=self.router_weights, logits=logits)
         if self.layout is not None:
             from .passes import run_pipeline
             g = run_pipeline(g, self.layout.pipeline())
         return g
 
-    def get_graph(self, mode: str = "prefill", stateful: bool = False) -> Graph:
+    def get_graph(self, mode: str = "prefill", stateful: bool = False, logits: str = "all") -> Graph:
         """The graph that runs: declared, then optimized by the pipeline (cached)."""
-        key = (mode, stateful or mode == "decode")
+        key = graph_key(mode, stateful, logits)
         if key not in self._graphs:
             self._graphs[key] = self._optimized(*key)
             self._load(self._graphs[key].params)
         return self._graphs[key]
 
-    def build_graphs(self, given: dict[tuple[str, bool], Graph] | None = None) -> set[str]:
+    def build_graphs(self, given: dict[tuple[str, bool, str], Graph] | None = None) -> set[str]:
         """Build the graphs the model runs, types only: LOAD_GRAPHS through the pipeline
         (derived parameters as recipes in `transforms`), or without one the declared prefill
         graph (the others read the same parameters). `given`: graphs already built with this
@@ -166,9 +173,9 @@ class KimiModel:
                 self._graphs[key] = self._optimized(*key)
         return {p[1:] for g in self._graphs.values() for p in g.params}
 
-    def _optimized(self, mode: str, stateful: bool) -> Graph:
+    def _optimized(self, mode: str, stateful: bool, logits: str) -> Graph:
         """The graph through the pipeline, types only (derived parameters as recipes)."""
-        g = self.build(mode, stateful)
+        g = self.build(mode, stateful, logits)
         if self.pipeline:
             from .passes import run_pipeline
             g = run_pipeline(g, self.pipeline, transforms=self.transforms)
@@ -211,9 +218,11 @@ class KimiModel:
             self._executor = getattr(importlib.import_module(mod), fn)(self)
         return self._executor
 
-    def execute(self, mode: str, stateful: bool, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Run one graph on named inputs (input_ids, cache_pos, states) -> its outputs."""
-        return self.executor(self.get_graph(mode, stateful), inputs)
+    def execute(self, mode: str, stateful: bool, inputs: dict[str, torch.Tensor],
+                logits: str = "all") -> list[torch.Tensor]:
+        """Run one graph on named inputs (input_ids, cache_pos, states) -> its outputs (logits
+        [B, T, V], or [B, 1, V] with logits="last"; then the new states)."""
+        return self.executor(self.get_graph(mode, stateful, logits), inputs)
 
     def check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         if isinstance(input_ids, (str, bytes)):

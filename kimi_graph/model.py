@@ -5,6 +5,9 @@ One declaration serves every mode (state-passing style):
 - mode="prefill", stateful=True: also takes and returns every cache and state, continuing
   sequences whose first new token sits at `cache_pos[b]`.
 - mode="decode": stateful, with T = 1.
+`logits="last"` (prefill) computes the head at each sequence's last position only: logits
+[B, 1, V], the next-token logits generation needs, without the [B, T, V] of every position
+(sequences of one call have equal length, so the last position is the last row).
 Caches: per MLA layer the normalised latent [B, S, kv_lora_rank] and the shared key slice
 [B, S, qk_rope_head_dim]; per KDA layer the recurrent state [B, H, K, V] (fp32) and the q/k/v
 conv states [B, C, kernel-1]. Parameter names are the HF checkpoint names.
@@ -20,6 +23,7 @@ from .ops.moe import route
 
 ROUTER_WEIGHTS = ("official", "unbiased")
 MODES = ("prefill", "decode")
+LOGITS = ("all", "last")    # logits at every position, or at each sequence's last one
 L2NORM_EPS = 1e-6       # q/k L2 norm inside KDA (fla's use_qk_l2norm_in_kernel)
 KV_A_NORM_EPS = 1e-6    # the official code builds kv_a_layernorm with the RMSNorm default
 
@@ -44,14 +48,17 @@ class ModelDeclaration:
     """Builds one graph (mode, statefulness, dtype, router weights) from the config."""
 
     def __init__(self, cfg: KimiLinearConfig, mode: str, stateful: bool, dtype: str,
-                 router_weights: str):
+                 router_weights: str, logits: str = "all"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if logits not in LOGITS:
+            raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
         if router_weights not in ROUTER_WEIGHTS:
             raise ValueError(f"router_weights must be one of {ROUTER_WEIGHTS}, got {router_weights!r}")
         self.cfg, self.dtype, self.acc = cfg, dtype, acc_dtype(dtype)
         self.stateful = stateful or mode == "decode"
         self.router_weights = router_weights
+        self.logits = "all" if mode == "decode" else logits     # one position: the same graph
         self.b = GraphBuilder(mode)
         self.T = 1 if mode == "decode" else "T"
         self.state_specs = state_types(cfg, dtype) if self.stateful else {}
@@ -97,12 +104,14 @@ class ModelDeclaration:
                 h = b("add", h, f, name="ffn_res")
         with b.scope("head"):
             h = b("rmsnorm", h, self.p("model.norm.weight", (D,)), eps=cfg.rms_norm_eps, name="norm")
+            if self.logits == "last":
+                h = b("take_last", h, dim=1, name="last")
             head = emb if cfg.tie_word_embeddings else self.p("lm_head.weight", (cfg.vocab_size, D))
             logits = b("linear", h, head, name="logits")
         b.output(logits, *self.state_outputs)
         g = b.graph
         g.meta = {"model": "kimi_linear", "mode": g.name, "stateful": self.stateful,
-                  "dtype": self.dtype, "router_weights": self.router_weights,
+                  "dtype": self.dtype, "router_weights": self.router_weights, "logits": self.logits,
                   "layers": cfg.layer_kinds, "state_inputs": self.state_inputs}
         return g
 
@@ -205,7 +214,7 @@ class ModelDeclaration:
 
 
 def build_graph(cfg: KimiLinearConfig, mode: str = "prefill", *, stateful: bool = False,
-                dtype: str = "f32", router_weights: str = "official") -> Graph:
-    """Declare Kimi Linear as a graph (see the module docstring for the modes)."""
+                dtype: str = "f32", router_weights: str = "official", logits: str = "all") -> Graph:
+    """Declare Kimi Linear as a graph (see the module docstring for the modes and `logits`)."""
     with gc_paused():
-        return ModelDeclaration(cfg, mode, stateful, dtype, router_weights).build()
+        return ModelDeclaration(cfg, mode, stateful, dtype, router_weights, logits).build()

@@ -73,9 +73,10 @@ class Engine:
             self._in_place[mode] = bool(accepts and accepts(self.model.get_graph(mode, True)))
         return self._in_place[mode]
 
-    def step(self, mode: str, slots: list[int], ids: torch.Tensor) -> torch.Tensor:
-        """Run `ids` [len(slots), T] at the end of each slot's sequence -> logits [B, T, V];
-        the slots' states advance by T tokens. In place when the backend can (no cache moves
+    def step(self, mode: str, slots: list[int], ids: torch.Tensor, logits: str = "all") -> torch.Tensor:
+        """Run `ids` [len(slots), T] at the end of each slot's sequence -> logits [B, T, V]
+        ([B, 1, V], the last position's, with logits="last"); the slots' states advance by
+        T tokens. In place when the backend can (no cache moves
         and no wait for the device: positions and slots go over as device tensors), else the
         states of `slots` are gathered in and scattered back."""
         T = ids.shape[1]
@@ -84,22 +85,21 @@ class Engine:
         inputs = {"input_ids": to_device(ids, self.model.device), "cache_pos": self.cache.positions(slots)}
         if self.in_place(mode):
             inputs.update(self.cache.views(slots, window))
-            outs = self.model.execute(mode, True, inputs)
+            outs = self.model.execute(mode, True, inputs, logits)
         else:
             inputs.update(self.cache.gather(slots, window))
-            outs = self.model.execute(mode, True, inputs)
+            outs = self.model.execute(mode, True, inputs, logits)
             self.cache.scatter(slots, window, outs[1:], T)
         self.cache.advance(slots, T)
         return outs[0]
 
-
-
     def prefill(self, slots: list[int], prompts: list[list[int]], last_only: bool = False
                 ) -> list[torch.Tensor]:
         """Append each prompt to its slot (continuing what the slot holds) -> logits [T_i, V]
-        per prompt ([1, V], the next-token logits, with `last_only`). Prompts of equal length
-        run together, no padding, at most `prefill_chunk` tokens per call (long prompts in
-        chunks, many short ones in sub-batches)."""
+        per prompt ([1, V], the next-token logits, with `last_only`: the graph then computes
+        the head at the last position of each call only). Prompts of equal length run
+        together, no padding, at most `prefill_chunk` tokens per call (long prompts in chunks,
+        many short ones in sub-batches)."""
         if len(slots) != len(prompts):
             raise GenerationError(f"{len(prompts)} prompts for {len(slots)} slots")
         ids = [self.check_prompt(p) for p in prompts]
@@ -113,10 +113,8 @@ class Engine:
             for r in range(0, len(members), rows):
                 part = members[r:r + rows]
                 batch = torch.tensor([ids[i] for i in part], dtype=torch.int64)
-                pieces = []
-                for a in range(0, T, chunk):
-                    logits = self.step("prefill", [slots[i] for i in part], batch[:, a:a + chunk])
-                    pieces.append(logits[:, -1:] if last_only else logits)
+                pieces = [self.step("prefill", [slots[i] for i in part], batch[:, a:a + chunk],
+                                    "last" if last_only else "all") for a in range(0, T, chunk)]
                 logits = pieces[-1] if last_only else torch.cat(pieces, dim=1)
                 for j, i in enumerate(part):
                     out[i] = logits[j]

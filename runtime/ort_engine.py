@@ -38,6 +38,11 @@ class OrtError(ValueError):
     """An export directory or graph the ONNX Runtime backend cannot run."""
 
 
+def export_name(mode: str, logits: str = "all") -> str:
+    """The name of a graph's model in an export directory: prefill, prefill_last, decode."""
+    return mode + ("_last" if logits == "last" else "")
+
+
 def is_onnx_export(path: Path) -> bool:
     """A directory written by export-onnx (or what is left of one: ONNX models, no weights)."""
     return (path / MANIFEST).exists() or (any(path.glob("*.onnx")) and not any(path.glob("*.safetensors")))
@@ -103,6 +108,7 @@ class OrtExecutor:
                            "bf16; the CPU provider has no bf16 MatMul): use float32 or float16, or "
                            "run a bf16 export with onnxruntime-genai or a C/C++ client")
         self._sessions: dict[tuple, object] = {}
+        self._cut_last: set[tuple] = set()     # keys run by a full-logits model of an export
         self._tmp = None
 
     # -- sessions ----------------------------------------------------------------
@@ -112,19 +118,26 @@ class OrtExecutor:
             so.intra_op_num_threads = int(self.threads)
         return so
 
+    @staticmethod
+    def _key(graph: Graph) -> tuple[str, bool, str]:
+        return (graph.meta.get("mode", graph.name), bool(graph.meta.get("stateful")),
+                graph.meta.get("logits", "all"))
+
     def session(self, graph: Graph):
-        key = (graph.meta.get("mode", graph.name), bool(graph.meta.get("stateful")))
+        key = self._key(graph)
         if key not in self._sessions:
             self._sessions[key] = self._make_session(graph, key)
         return self._sessions[key]
 
     def _make_session(self, graph: Graph, key):
         ort = self.ort
-        if self.manifest is not None:
-            name = key[0]
-            path = self.export_dir / self.manifest["models"].get(name, "")
-            if not key[1] and name == "prefill":       # stateless: the stateful model, empty states
-                path = self.export_dir / self.manifest["models"]["prefill"]
+        if self.manifest is not None:       # stateless prefill: the stateful model, empty states
+            models = self.manifest["models"]
+            name = export_name(key[0], key[2])
+            if name not in models and key[2] == "last":     # an export without it: the full
+                name = export_name(key[0], "all")            # logits' model, cut to the last
+                self._cut_last.add(key)
+            path = self.export_dir / models.get(name, "")
             if not path.is_file():
                 raise OrtError(f"export {self.export_dir} has no model for {key}")
             return ort.InferenceSession(str(path), self._options(), providers=self.providers)
@@ -134,7 +147,7 @@ class OrtExecutor:
             return ort.InferenceSession(proto.SerializeToString(), self._options(), providers=self.providers)
         import onnx
         self._tmp = self._tmp or tempfile.TemporaryDirectory(prefix="kimi_graph_ort_")
-        path = Path(self._tmp.name) / f"{key[0]}_{int(key[1])}.onnx"
+        path = Path(self._tmp.name) / f"{key[0]}_{int(key[1])}_{key[2]}.onnx"
         onnx.save_model(proto, str(path), save_as_external_data=True, location=path.name + ".data")
         return ort.InferenceSession(str(path), self._options(), providers=self.providers)
 
@@ -154,6 +167,8 @@ class OrtExecutor:
         result = [torch.from_numpy(np.asarray(o)) for o in outs]
         if stateless_on_export:
             result = result[:1]
+        if self._key(graph) in self._cut_last:
+            result[0] = result[0][:, -1:]
         dev = self.model.device
         return [r.to(dev) for r in result] if dev != "cpu" else result
 

@@ -60,7 +60,7 @@ def test_export_refuses_a_non_empty_directory_and_force_clears_only_its_files(ca
     assert main(["export-onnx", "tiny", "--out", str(out), "--no-genai", "--no-check", "--force"]) == 0
     assert (out / "notes.txt").read_text() == "mine"
     man = json.loads((out / "kimi_graph_onnx.json").read_text())
-    assert set(man["models"].values()) == {"prefill.onnx", "decode.onnx"}
+    assert set(man["models"].values()) == {"prefill.onnx", "prefill_last.onnx", "decode.onnx"}
 
 
 def test_generate_notices_an_onnx_export(capsys, export_dir):

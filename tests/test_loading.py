@@ -88,7 +88,7 @@ def test_a_later_graph_gets_dropped_originals_from_the_source():
     name = "model.layers.1.block_sparse_moe.experts.0.w1.weight"
     assert name not in m.weights
     m.pipeline = None                       # a graph that reads the declared parameters
-    m._graphs.pop(("prefill", False), None)
+    m._graphs.pop(("prefill", False, "all"), None)
     out = m(IDS)
     assert torch.equal(m.weights[name], kimi_graph.load("tiny", seed=5).weights[name])
     ref = kimi_graph.load("tiny", seed=5)(IDS)
@@ -102,7 +102,7 @@ def test_a_later_graph_derives_from_the_weights_held():
     assert derived
     for n in derived:
         del m.weights[n]
-    del m._graphs[("decode", True)]
+    del m._graphs[("decode", True, "all")]
     m.source = None                         # nothing to re-read: they come from kv_b_proj
     m.get_graph("decode")
     assert all(n in m.weights for n in derived) and m.weight_bytes == before

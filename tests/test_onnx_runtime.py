@@ -35,9 +35,11 @@ def test_generation_from_an_export_directory(tmp_path, reference_tokens):
     out = tmp_path / "tiny_onnx"
     assert main(["export-onnx", "tiny", "--out", str(out)]) == 0
     man = json.loads((out / "kimi_graph_onnx.json").read_text())
-    assert man["models"] == {"prefill": "prefill.onnx", "decode": "decode.onnx", "genai": "genai.onnx"}
+    assert man["models"] == {"prefill": "prefill.onnx", "prefill_last": "prefill_last.onnx",
+                             "decode": "decode.onnx", "genai": "genai.onnx"}
     assert man["external_weights"] is None and man["ir_version"] == 11
-    for f in ("config.json", "genai_config.json", "prefill.onnx", "decode.onnx", "genai.onnx"):
+    for f in ("config.json", "genai_config.json", "prefill.onnx", "prefill_last.onnx", "decode.onnx",
+              "genai.onnx"):
         assert (out / f).is_file()
     m = kimi_graph.load(out, backend="onnxruntime")
     assert m.weights == {}                      # everything runs from the exported models
@@ -46,6 +48,13 @@ def test_generation_from_an_export_directory(tmp_path, reference_tokens):
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     got, want = m(ids), ref(ids)                 # stateless call on the stateful export
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
+    # generation's prefill ran the last-position model; an export without one cuts the full logits
+    assert ("prefill", True, "last") in m.executor._sessions and not m.executor._cut_last
+    man["models"].pop("prefill_last")
+    (out / "kimi_graph_onnx.json").write_text(json.dumps(man))
+    old = kimi_graph.load(out, backend="onnxruntime")
+    assert old.generate(PROMPTS, max_new_tokens=6) == reference_tokens
+    assert old.executor._cut_last == {("prefill", True, "last")}
 
 
 def test_external_weights_are_shared_by_the_models(tmp_path, monkeypatch):

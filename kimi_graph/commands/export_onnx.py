@@ -29,8 +29,8 @@ def add_arguments(p):
 def owned(path):
     """The files an export wrote into `path` (by its manifest, and by name)."""
     from ..runtime.ort_engine import MANIFEST
-    names = ["prefill.onnx", "decode.onnx", "genai.onnx", "weights.bin", "genai_config.json",
-             "config.json", MANIFEST]
+    names = ["prefill.onnx", "prefill_last.onnx", "decode.onnx", "genai.onnx", "weights.bin",
+             "genai_config.json", "config.json", MANIFEST]
     try:
         import json
         man = json.loads((path / MANIFEST).read_text())

@@ -1,4 +1,4 @@
-"""Data movement: reshape, transpose, slice, concat, expand, embedding, cache writes."""
+"""Data movement: reshape, transpose, slice, take_last, concat, expand, embedding, cache writes."""
 from __future__ import annotations
 
 import torch
@@ -97,6 +97,29 @@ class Slice(_Movement):
 
     def ref(self, args, attrs):
         return [args[0].narrow(attrs["dim"], attrs["start"], attrs["end"] - attrs["start"])]
+
+
+@register
+class TakeLast(_Movement):
+    kind, doc = "take_last", "the last `count` entries of x along `dim`, whose size may be symbolic"
+    operands = ("x",)
+    attributes = {"dim": REQUIRED(int), "count": 1}
+
+    def infer(self, types, attrs):
+        (x,) = types
+        d, n = attrs["dim"] % x.rank, attrs["count"]
+        size = x.shape[d]
+        expect(n >= 1 and (not isinstance(size, int) or n <= size), self.kind,
+               f"cannot take the last {n} of dim {d} of {x}")
+        shape = list(x.shape)
+        shape[d] = n
+        return [x.with_shape(shape)]
+
+    def ref(self, args, attrs):
+        x, n = args[0], attrs["count"]
+        if x.shape[attrs["dim"]] < n:
+            raise ValueError(f"take_last: dim {attrs['dim']} of {tuple(x.shape)} has fewer than {n} entries")
+        return [x.narrow(attrs["dim"], -n, n)]
 
 
 @register

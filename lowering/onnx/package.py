@@ -1,5 +1,6 @@
-"""An export directory: the stateful prefill and decode models, the onnxruntime-genai model
-and its genai_config.json, the weights, config.json, the tokenizer files, a manifest.
+"""An export directory: the stateful prefill (every position's logits, and the last's only)
+and decode models, the onnxruntime-genai model and its genai_config.json, the weights,
+config.json, the tokenizer files, a manifest.
 
 Weights: below 2 GB each model holds its initializers inline (self-contained files); past
 2 GB (protobuf's limit) they go to one `weights.bin` that every model of the directory
@@ -18,7 +19,7 @@ import torch
 from onnx import TensorProto
 
 from kimi_graph.ops import IR_DTYPES
-from kimi_graph.runtime.ort_engine import MANIFEST, file_sha256, read_export
+from kimi_graph.runtime.ort_engine import MANIFEST, export_name, file_sha256, read_export
 
 from .emitter import ONNX_DTYPES, tensor_proto
 from .export import default_opset, ir_version_for, lower
@@ -29,7 +30,10 @@ ALIGN = 4096
 INLINE_MAX = 1024          # initializers under this many bytes stay in the model file
 TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
-MODELS = {"prefill": ("prefill", True), "decode": ("decode", True)}
+# model name -> graph (mode, stateful, logits): the prefill with every position's logits, the
+# prefill with the last position's only (what generation needs), one decode step
+MODELS = {export_name(m, lg): (m, True, lg) for m, lg in (("prefill", "all"), ("prefill", "last"),
+                                                           ("decode", "all"))}
 
 
 class WeightsWriter:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from kimi_graph.ops import get_op
 from kimi_graph.ops.decompose import decomposable_kinds
 
 from .emitter import FLOAT, ONNX_DTYPES, table_registrar, tensor_proto
@@ -113,6 +114,13 @@ def transpose(ctx, op, ins):
 def slice_(ctx, op, ins):
     a = op.attrs
     return [ctx.em("Slice", ins[0], ctx.em.ints(a["start"]), ctx.em.ints(a["end"]), ctx.em.ints(a["dim"]))]
+
+
+@maps("take_last")
+def take_last(ctx, op, ins):
+    """Slice from -count to the end (INT64_MAX): the dim's size may be symbolic."""
+    a = get_op("take_last").full_attrs(op.attrs)
+    return [ctx.em("Slice", ins[0], ctx.em.ints(-a["count"]), ctx.em.ints(2 ** 63 - 1), ctx.em.ints(a["dim"]))]
 
 
 @maps("concat")

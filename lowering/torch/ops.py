@@ -122,7 +122,7 @@ LOWERING: dict[str, Lowering] = {
     # elementwise, matrix, normalisation, data movement: traced and fused by the compiler
     **{k: Lowering(INLINE) for k in (
         "add", "sub", "mul", "div", "neg", "exp", "sigmoid", "silu", "softplus", "scale", "cast",
-        "linear", "matmul", "rmsnorm", "l2norm", "reshape", "transpose", "slice", "concat",
+        "linear", "matmul", "rmsnorm", "l2norm", "reshape", "transpose", "slice", "take_last", "concat",
         "expand", "zeros_like", "take_along", "renormalize", "causal_conv1d", "causal_attention",
         "stack", "local_experts")},
     "embedding": Lowering(INLINE, _embedding),

@@ -51,7 +51,7 @@ _UNFUSED = "unfused form: a pass folds it into a kernel-backed fused op"
 # the kinds no generated kernel runs (the op's torch reference does), each with its reason
 REFERENCE: dict[str, str] = {
     **{k: "a GEMM: cuBLAS through torch is the bar" for k in ("linear", "matmul", "head_matmul")},
-    **{k: _MOVEMENT for k in ("reshape", "transpose", "slice", "concat", "expand", "zeros_like",
+    **{k: _MOVEMENT for k in ("reshape", "transpose", "slice", "take_last", "concat", "expand", "zeros_like",
                               "stack", "embedding")},
     **{k: _UNFUSED for k in ("grouped_topk", "take_along", "renormalize", "moe_expert", "l2norm")},
     **{k: "a collective: torch.distributed (NCCL) between the kernels, capturable in a CUDA graph"
