@@ -106,17 +106,20 @@ def test_kda_chunk_k_slices_and_strong_decay():
 
 
 
-@pytest.mark.parametrize("modes", [("token", "fused", 2), ("levels", "split", 4), ("levels", "fused", 4)],
-                         ids=["token-fused-BH2", "levels-split", "levels-fused"])
+@pytest.mark.parametrize("modes", [("token", "fused", 2, True), ("levels", "split", 4, False),
+                                   ("levels", "fused", 4, False)],
+                         ids=["token-unrolled-fused-BH2", "levels-split", "levels-fused"])
 def test_kda_chunk_kernel_modes(modes, monkeypatch):
     """Each generated layout of the chunk kernels (diagonal blocks token-parallel or in the intra
-    kernel, W/U in their own kernel or in it; the default token/split runs in the tests above),
+    kernel, W/U in their own kernel or in it, the token-parallel columns unrolled; the default
+    token loop / split runs in the tests above),
     on 3 heads (a partial head group for BH=2), K in two slices, ragged packed sequences under a
     strong decay."""
     from kimi_graph.lowering.triton.targets import TARGETS
-    diag, wu, bh = modes
+    diag, wu, bh, unroll = modes
     monkeypatch.setitem(TARGETS["interpret"]["configs"], "kda_chunk",
-                        {**TARGETS["interpret"]["configs"]["kda_chunk"], "diag": diag, "wu": wu, "BH": bh})
+                        {**TARGETS["interpret"]["configs"]["kda_chunk"], "diag": diag, "wu": wu, "BH": bh,
+                         "diag_unroll": unroll})
     kda.chunk_specs.cache_clear()
     lens, H, K, V = [37, 1, 18], 3, 32, 16
     q, k, v, f, b, A, dt = kda_inputs(1, sum(lens), H, K, V)

@@ -120,7 +120,9 @@ def kda_chunk_diag(qn_ptr, kn_ptr, gc_ptr, beta_ptr, chunk_start, chunk_len, aqk
     # one program per (row of a chunk, BH heads), token-parallel: the row's part of the diagonal
     # BC x BC blocks, elementwise over K (no tensor cores): A_qk[i, j] = scale q_i.k_j G_i/G_j and
     # A_kk[i, j] = beta_i k_i.k_j G_i/G_j for the columns j <= i of its sub-chunk (exp of a masked
-    # difference: the factor is <= 1); A_qk into its columns of aqk, A_kk into akd [N_tok, H, BC]
+    # difference: the factor is <= 1); A_qk into its columns of aqk, A_kk into akd [N_tok, H, BC].
+    # Columns by a loop over j <= i, or unrolled over all BC (loads issued together; j > i reads
+    # row i and is dropped)
     pid = tl.program_id(0)
     c = pid // BT
     r = pid % BT
@@ -140,12 +142,12 @@ def kda_chunk_diag(qn_ptr, kn_ptr, gc_ptr, beta_ptr, chunk_start, chunk_len, aqk
     cols = tl.arange(0, BC)
     aq = tl.zeros((BH, BC), tl.float32)
     ak = tl.zeros((BH, BC), tl.float32)
-    for j in range(j0, tok + 1):     # the columns j <= i of the sub-chunk
+    $columns
         kj = tl.load(kn_ptr + j * (H * K) + off, mask=m2, other=0.0).to(tl.float32)
         kgj = kj * tl.exp(gi - tl.load(gc_ptr + j * (H * K) + off, mask=m2, other=0.0))
-        at = cols[None, :] == j - j0
+        at = (cols[None, :] == jj) & (cols[None, :] <= tok - j0)
         aq = tl.where(at, tl.sum(qi * kgj, 1)[:, None], aq)
-        ak = tl.where(at & (j < tok), tl.sum(ki * kgj, 1)[:, None], ak)
+        ak = tl.where(at & (cols[None, :] < tok - j0), tl.sum(ki * kgj, 1)[:, None], ak)
     bi = tl.load(beta_ptr + tok * H + hh, mask=mh, other=0.0)
     tl.store(aqk_ptr + tok * (H * BT) + hh[:, None] * BT + (j0 - start) + cols[None, :], (aq * SCALE).to(DT),
              mask=mh[:, None])
@@ -425,6 +427,8 @@ def check_chunk_size(chunk: int) -> None:
 
 DIAG_MODES = ("token", "levels")   # diagonal blocks: kda_chunk_diag (token-parallel) or inside the intra kernel
 WU_MODES = ("split", "fused")       # W and U: kda_chunk_wu from a stored T, or inside the intra kernel
+_DIAG_COLUMNS = ("for j in range(j0, tok + 1):\n    jj = j - j0",                   # a loop over j <= i
+                 "for jj in tl.static_range(BC):\n    j = tl.minimum(j0 + jj, tok)")   # unrolled
 
 
 @functools.lru_cache(maxsize=None)
@@ -461,7 +465,8 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
                                           "bkg_ptr", "kg_ptr", "gl_ptr"], cfg["prep_warps"])]
     if not levels:
         out.append(spec("kda_chunk_diag", _DIAG, ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "chunk_start",
-                                                  "chunk_len", "aqk_ptr", "akd_ptr"], cfg["diag_warps"]))
+                                                  "chunk_len", "aqk_ptr", "akd_ptr"], cfg["diag_warps"],
+                        columns=_DIAG_COLUMNS[bool(cfg["diag_unroll"])]))
     out.append(spec("kda_chunk_intra", _INTRA, ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "bkg_ptr", "v_ptr",
                                                 "akd_ptr", "chunk_start", "chunk_len", "aqk_ptr", "w_ptr",
                                                 "u_ptr", "t_ptr"], cfg["intra_warps"], cfg["intra_stages"],
