@@ -7,6 +7,7 @@ the mean, summing to the same total).
 
     python bench/kda_chunk.py            # check + timing + split (a few minutes with fla's autotune)
     python bench/kda_chunk.py --sweep    # also the tile sweep for this GPU: writes its tuning file
+    python bench/kda_chunk.py --sweep-only    # the sweep and its tuning file alone (no fla-core)
 """
 from __future__ import annotations
 
@@ -153,9 +154,9 @@ VARIANTS = ({}, {"diag": "levels", "wu": "fused"}, {"diag": "levels"}, {"wu": "f
             {"diag_unroll": True}, {"diag_unroll": True, "BH": 8},
             {"diag_warps": 1}, {"diag_warps": 2}, {"diag_warps": 8}, {"wu_warps": 2}, {"wu_warps": 8},
             {"BW": 128}, {"KH": 32}, {"KH": 128}, {"BT": 64}, {"BT": 64, "intra_warps": 8},
-            {"prep_warps": 8}, {"BV": 64})
+            {"prep_warps": 8}, {"prep_rows": 32}, {"prep_rows": 32, "prep_warps": 8}, {"BV": 64})
 TUNED_KEYS = ("BT", "BC", "BV", "KH", "BW", "BH", "diag", "diag_unroll", "wu", "num_warps", "num_stages", "prep_warps",
-              "diag_warps", "intra_warps", "intra_stages", "wu_warps", "wu_stages")
+              "prep_rows", "diag_warps", "intra_warps", "intra_stages", "wu_warps", "wu_stages")
 
 
 def sweep(shapes=("16k", "64x512")):
@@ -206,19 +207,23 @@ def summary(checks, times):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="sweep tile variants first; write the tuning file")
+    ap.add_argument("--sweep-only", action="store_true", help="the sweep and its tuning file, nothing else")
     ap.add_argument("--shapes", default="", help="comma-separated subset of " + ",".join(s for s, _ in SHAPES))
     ap.add_argument("--smoke", action="store_true", help="the check alone, tiny and in fp32 (CPU: TRITON_INTERPRET=1)")
     a = ap.parse_args()
     if a.smoke:
         return smoke()
-    checks = check()
-    write_result("kda_chunk_check", checks, {"tolerance": f"bf16 inputs, fp32 state: rel err <= {TOL}"})
     extra = {}
-    if a.sweep:
+    if a.sweep or a.sweep_only:
         rows, cfg = sweep()
         write_result("kda_chunk_sweep", rows)
         merge_tuning("kda_chunk", {k: cfg[k] for k in TUNED_KEYS}, "best of bench/kda_chunk.py --sweep at 16k + 64x512")
         extra["config"] = cfg
+        print("best:", {k: cfg[k] for k in TUNED_KEYS})
+        if a.sweep_only:
+            return
+    checks = check()
+    write_result("kda_chunk_check", checks, {"tolerance": f"bf16 inputs, fp32 state: rel err <= {TOL}"})
     write_result("kda_chunk_split", split("16k") + split("64x512"))
     times = timing([s for s in a.shapes.split(",") if s])
     write_result("kda_chunk", times, {"shape": f"H={H}, D={D}, bf16, fused gate/beta/l2norm, initial states",

@@ -106,20 +106,18 @@ def test_kda_chunk_k_slices_and_strong_decay():
 
 
 
-@pytest.mark.parametrize("modes", [("token", "fused", 2, True), ("levels", "split", 4, False),
-                                   ("levels", "fused", 4, False)],
-                         ids=["token-unrolled-fused-BH2", "levels-split", "levels-fused"])
+@pytest.mark.parametrize("modes", [{"diag": "token", "wu": "fused", "BH": 2, "diag_unroll": True},
+                                   {"diag": "levels", "wu": "split", "prep_rows": 32},
+                                   {"diag": "levels", "wu": "fused"}],
+                         ids=["token-unrolled-fused-BH2", "levels-split-prep32", "levels-fused"])
 def test_kda_chunk_kernel_modes(modes, monkeypatch):
     """Each generated layout of the chunk kernels (diagonal blocks token-parallel or in the intra
-    kernel, W/U in their own kernel or in it, the token-parallel columns unrolled; the default
-    token loop / split runs in the tests above),
-    on 3 heads (a partial head group for BH=2), K in two slices, ragged packed sequences under a
-    strong decay."""
+    kernel, W/U in their own kernel or in it, the token-parallel columns unrolled, prep a whole
+    chunk at a time; the default token loop / split runs in the tests above), on 3 heads (a
+    partial head group for BH=2), K in two slices, ragged packed sequences under a strong decay."""
     from kimi_graph.lowering.triton.targets import TARGETS
-    diag, wu, bh, unroll = modes
     monkeypatch.setitem(TARGETS["interpret"]["configs"], "kda_chunk",
-                        {**TARGETS["interpret"]["configs"]["kda_chunk"], "diag": diag, "wu": wu, "BH": bh,
-                         "diag_unroll": unroll})
+                        {**TARGETS["interpret"]["configs"]["kda_chunk"], **modes})
     kda.chunk_specs.cache_clear()
     lens, H, K, V = [37, 1, 18], 3, 32, 16
     q, k, v, f, b, A, dt = kda_inputs(1, sum(lens), H, K, V)
@@ -131,7 +129,8 @@ def test_kda_chunk_kernel_modes(modes, monkeypatch):
         o, s = kda.kda_chunk(q, k, v, f, b, A, dt, 0.2, state=s0, cu_seqlens=cu)
     finally:
         kda.chunk_specs.cache_clear()
-    assert ("kda_chunk_diag" in names) == (diag == "token") and ("kda_chunk_wu" in names) == (wu == "split")
+    assert ("kda_chunk_diag" in names) == (modes["diag"] == "token")
+    assert ("kda_chunk_wu" in names) == (modes["wu"] == "split")
     for i in range(len(lens)):
         sl = slice(int(cu[i]), int(cu[i + 1]))
         ro, rs = kda_loop(q[:, sl], k[:, sl], v[:, sl], f[:, sl], b[:, sl], A, dt, s0[i:i + 1], 0.2)

@@ -67,7 +67,7 @@ _PREP = _GATE + """
 @triton.jit
 def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk_len,
                    qn_ptr, kn_ptr, gc_ptr, beta_ptr, qg_ptr, bkg_ptr, kg_ptr, gl_ptr):
-    # one program per (chunk, head): gating, norms, cumulative decay, BC rows at a time; writes
+    # one program per (chunk, head): gating, norms, cumulative decay, PR rows at a time; writes
     # q, k normalised, G, beta, scale q G, beta k G (fp32: the W solve's right side), k G_L/G
     c = tl.program_id(0)
     h = tl.program_id(1)
@@ -75,9 +75,9 @@ def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk
     n = tl.load(chunk_len + c)
     dk = tl.arange(0, BK)
     mk = dk < K
-    cc = tl.arange(0, BC)
+    cc = tl.arange(0, PR)
     carry = tl.zeros((BK,), tl.float32)
-    for i0 in range(0, BT, BC):
+    for i0 in range(0, BT, PR):
         rm = i0 + cc < n
         tok = start + i0 + cc
         m2 = rm[:, None] & mk[None, :]
@@ -105,7 +105,7 @@ def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk
         tl.store(bkg_ptr + offk, k.to(DT).to(tl.float32) * eg * beta[:, None], mask=m2)
     tl.store(gl_ptr + (c * H + h) * K + dk, tl.exp(carry), mask=mk)
     tl.debug_barrier()
-    for i0 in range(0, BT, BC):     # k G_L / G, once the chunk's total decay is known
+    for i0 in range(0, BT, PR):     # k G_L / G, once the chunk's total decay is known
         rm = i0 + cc < n
         m2 = rm[:, None] & mk[None, :]
         offk = (start + i0 + cc)[:, None] * (H * K) + h * K + dk[None, :]
@@ -445,11 +445,11 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
     BT, BC, BV = chunk or cfg["BT"], cfg["BC"], min(cfg["BV"], max(16, next_pow2(V)))
     BK = max(16, next_pow2(K))
     KH, BW = min(cfg["KH"], BK), min(cfg["BW"], max(16, next_pow2(max(K, V))))
-    BH = min(cfg["BH"], next_pow2(H))
+    BH, PR = min(cfg["BH"], next_pow2(H)), min(cfg["prep_rows"], BT)
     NC = BT // BC
     levels, wu_split = cfg["diag"] == "levels", cfg["wu"] == "split"
     consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=NC, BV=BV, KH=KH, BW=BW, BH=BH,
-                     NW=_cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype))
+                     PR=PR, NW=_cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype))
     gate_f32 = () if fused else ("f_ptr", "b_ptr")        # unfused: g and beta come in fp32
     f32 = ("gc_ptr", "beta_ptr", "bkg_ptr", "gl_ptr", "a_ptr", "dt_ptr", "s0_ptr", "sn_ptr", "akd_ptr",
            "t_ptr") + gate_f32
