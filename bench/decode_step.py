@@ -94,38 +94,62 @@ def run_model(layers: int, variant: str, args, bw: float, rows: list) -> None:
     torch.cuda.empty_cache()
 
 
-# tile variants of the direct MoE kernels (BN, BK, BND, BKD, num_warps)
-TILES: list = [(16, 256, 16, 256, 4), (16, 256, 8, 512, 4), (32, 256, 8, 1024, 4), (8, 512, 8, 512, 4),
-         (16, 512, 16, 512, 8), (32, 128, 32, 128, 4)]
+# tile variants of the direct MoE kernels, swept in pairs (gate_up i with down i); each kernel's
+# best is chosen apart by its own kernel time: gate_up (BN, BK, num_warps), down (BND, BKD, warps_down)
+GATE_UP_TILES = [(16, 256, 4), (8, 512, 4), (16, 512, 4), (32, 256, 8), (16, 256, 2), (8, 256, 2),
+                 (32, 512, 8), (64, 128, 8)]
+DOWN_TILES = [(16, 256, 4), (16, 512, 4), (8, 1024, 4), (32, 256, 4), (16, 1024, 8), (8, 512, 2),
+              (32, 512, 8), (64, 256, 8)]
 
 
-def sweep_moe_tiles(bw: float, rows: list) -> None:
+def sweep_moe_tiles(bw: float, rows: list, shape=(256, 8, 2304, 1024), device="cuda", dtype=torch.bfloat16) -> dict:
     """The direct routed + shared experts at B = 1, 8, 16 on the published shapes (256 experts,
     top-8, D 2304, I 1024) per tile variant, and the grouped path ("grouped"), graph-replayed;
-    bw_frac: the distinct experts' bytes over the time, against the copy bandwidth."""
-    from harness import bench_graph, override_config
+    bw_frac: the distinct experts' bytes over the time, against the copy bandwidth; rel_err: against
+    the grouped path's result; gate_up_us,
+    down_us, combine_us: each kernel's time (profiler). Returns the best tiles (least summed
+    kernel time over the batches, per kernel), merged into this device's tuning file."""
+    from harness import bench_graph, kernel_times, merge_tuning, override_config, rel_err
     from kimi_graph.lowering.triton import moe, moe_decode
     from kimi_graph.lowering.triton.targets import config
-    E, K, D, I = 256, 8, 2304, 1024
-    g = torch.Generator(device="cuda").manual_seed(0)
-    r = lambda *s: torch.randn(*s, device="cuda", generator=g, dtype=torch.bfloat16) * s[-1] ** -0.5
+    E, K, D, I = shape
+    g = torch.Generator(device=device).manual_seed(0)
+    r = lambda *s: torch.randn(*s, device=device, generator=g, dtype=dtype) * s[-1] ** -0.5
     w13, w2, shared = r(E, 2 * I, D), r(E, D, I), (r(I, D), r(I, D), r(D, I))
     base = config("moe_decode")
+    score_gu: dict = {}
+    score_down: dict = {}
     for B in (1, 8, 16):
         x = r(B, D)
-        ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(B)])
-        w = torch.rand(B, K, device="cuda", generator=g)
-        nbytes = (len(ids.unique()) + 1) * 3 * D * I * 2
-        for bn, bk, bnd, bkd, warps in TILES + [None]:
-            if bn is None:              # the grouped path (permutation) with the shared expert in torch
+        ids = torch.stack([torch.randperm(E, device=device, generator=g)[:K] for _ in range(B)])
+        w = torch.rand(B, K, device=device, generator=g)
+        nbytes = (len(ids.unique()) + 1) * 3 * D * I * w13.element_size()
+        ref = moe.moe_experts(x, ids, w, w13, w2, moe_decode.shared_swiglu(x, *shared)).float()
+        for gu, dn in list(zip(GATE_UP_TILES, DOWN_TILES)) + [(None, None)]:
+            if gu is None:              # the grouped path (permutation) with the shared expert in torch
                 run, name = lambda: moe.moe_experts(x, ids, w, w13, w2, moe_decode.shared_swiglu(x, *shared)), "grouped"
             else:
-                override_config("moe_decode", BN=bn, BK=bk, BND=bnd, BKD=bkd, num_warps=warps)
-                run, name = lambda: moe_decode.direct(x, ids, w, w13, w2, None, shared), f"{bn}/{bk}/{bnd}/{bkd}/w{warps}"
+                override_config("moe_decode", BN=gu[0], BK=gu[1], num_warps=gu[2], BND=dn[0], BKD=dn[1],
+                                warps_down=dn[2])
+                run = lambda: moe_decode.direct(x, ids, w, w13, w2, None, shared)
+                name = "gu {}/{}/w{} down {}/{}/w{}".format(*gu, *dn)
             ms = bench_graph(run)
-            rows.append({"B": B, "tiles": name, "us": ms * 1e3, "bw_frac": nbytes / (ms * 1e-3) / bw})
-            print(rows[-1], flush=True)
+            row = {"B": B, "tiles": name, "us": ms * 1e3, "bw_frac": nbytes / (ms * 1e-3) / bw}
+            if gu is not None:
+                row["rel_err"] = rel_err(run(), ref)       # against the grouped path (bf16 rounding apart)
+                kt = kernel_times(run, 5)
+                row.update({f"{k}_us": kt.get(kernel, 0.0) * 1e3 for k, kernel in
+                            (("gate_up", "moe_decode_gate_up"), ("down", "moe_decode_down"), ("combine", "moe_unpermute"))})
+                score_gu[gu] = score_gu.get(gu, 0.0) + row["gate_up_us"]
+                score_down[dn] = score_down.get(dn, 0.0) + row["down_us"]
+            rows.append(row)
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     override_config("moe_decode", **base)
+    (bn, bk, wg), (bnd, bkd, wd) = min(score_gu, key=score_gu.get), min(score_down, key=score_down.get)
+    best = {"BN": bn, "BK": bk, "num_warps": wg, "BND": bnd, "BKD": bkd, "warps_down": wd}
+    print(f"best moe_decode tiles (least kernel time summed over B = 1, 8, 16): {best}", flush=True)
+    merge_tuning("moe_decode", best, "bench/decode_step.py: best of the swept direct MoE tiles (per kernel)")
+    return best
 
 
 def main(argv=None) -> None:
@@ -137,14 +161,18 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", default="fused,previous")
     ap.add_argument("--name", default="decode_step")
     ap.add_argument("--no-sweep", action="store_true", help="skip the direct MoE kernels' tile sweep")
+    ap.add_argument("--use-best", action="store_true", help="run the models with the sweep's best tiles "
+                    "(else the target's defaults)")
     a = ap.parse_args(argv)
     a.batches = [int(b) for b in a.batches.split(",")]
     bw = copy_bandwidth()
     rows: list = []
     tiles: list = []
-    if not a.no_sweep:
-        sweep_moe_tiles(bw, tiles)
-    extra = {"copy_tb_s": bw / 1e12, "context": a.context, "moe_decode_tiles": tiles}
+    best = sweep_moe_tiles(bw, tiles) if not a.no_sweep else {}
+    extra = {"copy_tb_s": bw / 1e12, "context": a.context, "moe_decode_tiles": tiles, "moe_decode_best": best}
+    if best and a.use_best:                 # the whole-model runs with the sweep's best tiles
+        from harness import override_config
+        override_config("moe_decode", **best)
     for layers in [int(n) for n in a.layers.split(",")]:
         for variant in a.variants.split(","):
             try:

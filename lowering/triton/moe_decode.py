@@ -1,13 +1,18 @@
 """The routed experts of a decode-sized batch, read by their top-k ids (no permutation).
 
 For up to `max_pairs` token copies (N tokens x top_k) the expert rows are read directly, one
-(token, expert) pair per program column: no sort, no tile map, no un-permute; two kernels:
+(token, expert) pair per program column: no sort, no tile map, no un-permute; three kernels:
     moe_decode_gate_up   h[p] = silu(x[p // K] w1_e^T) * (x[p // K] w3_e^T), e = ids[p]
-    moe_decode_down      out[n] = acc[n] + sum_j weights[n, j] (h[n K + j] w2_e^T)
-The rounding is the permuted path's: h and each expert's output are rounded to the data dtype,
-the weighted sum runs in fp32 in the order j = 0..K-1 onto acc. A shared expert of the layer
-can take acc's place (its gate/up rows one more program column per token, its down projection
-the down kernel's start). Larger batches take moe.moe_experts; `moe_experts` chooses.
+    moe_decode_down      y[p] = h[p] w2_e^T
+    moe_combine          out[n] = acc[n] + sum_j weights[n, j] y[n K + j]   (moe_permute's)
+The rounding is the permuted path's: h and each expert's output y are rounded to the data
+dtype, the weighted sum runs in fp32 in the order j = 0..K-1 onto acc. A shared expert of the
+layer can take acc's place: its gate/up rows and its down rows are one more program column per
+token in each kernel (its output, rounded, is the combine's acc). Both projections run one
+program per (BN or BND output rows, pair): at B=1, top-8 plus the shared expert and D = 2304,
+BND = 16 gives 144 x 9 programs, so a single token's ~42 MB of down weights is read by the
+whole GPU rather than by one program per D block looping over the experts.
+Larger batches take moe.moe_experts; `moe_experts` chooses.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import functools
 
 import torch
 
-from . import moe
+from . import moe, moe_permute
 from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render
 from .elementwise import ir_dtype, ptr_type
 from .targets import config, current_target
@@ -44,7 +49,7 @@ def _swiglu_rows(x_ptr, wg_ptr, wu_ptr, n, mn, ROUND: tl.constexpr):
 
 @triton.jit
 def _rows_dot(h_ptr, w_ptr, n, mn, K: tl.constexpr):
-    # (h w^T)[n] for the BND rows n of w [., K], rounded to the data dtype
+    # (h w^T)[n] for the BND rows n of w [., K], in fp32
     dk = tl.arange(0, BKD)
     y = tl.zeros((BND,), tl.float32)
     for k0 in range(0, K, BKD):
@@ -52,7 +57,7 @@ def _rows_dot(h_ptr, w_ptr, n, mn, K: tl.constexpr):
         h = tl.load(h_ptr + k0 + dk, mask=mk, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + n[:, None] * K + k0 + dk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
         y += tl.sum(w.to(tl.float32) * h[None, :], 1)
-    return y.to(DT).to(tl.float32)
+    return y
 
 
 @triton.jit
@@ -75,42 +80,40 @@ def moe_decode_gate_up(x_ptr, ids_ptr, w13_ptr, h_ptr, wg_ptr, wu_ptr, hs_ptr, p
 
 
 @triton.jit
-def moe_decode_down(h_ptr, ids_ptr, w_ptr, w2_ptr, acc_ptr, hs_ptr, wd_ptr, out_ptr):
-    # grid (D blocks, tokens): out = acc + sum_j w_j * round(h_j w2_{e_j}^T), j in order; with
-    # SHARED, acc = round(hs wd^T) (the shared expert's down projection)
-    tok = tl.program_id(1).to(tl.int64)
+def moe_decode_down(h_ptr, ids_ptr, w2_ptr, hs_ptr, wd_ptr, y_ptr, pairs):
+    # grid (D blocks, pairs + shared rows): y[p] = round(h[p] w2_{ids[p]}^T) for BND of its D
+    # rows; programs past the pairs do the shared expert of token p - pairs (y's row p)
+    p = tl.program_id(1)
     n = tl.program_id(0) * BND + tl.arange(0, BND)
     mn = n < D
-    if SHARED:
-        a = _rows_dot(hs_ptr + tok * IS, wd_ptr, n, mn, IS)
-    else:
-        a = tl.load(acc_ptr + tok * D + n, mask=mn, other=0.0).to(tl.float32)
-    for j in tl.static_range(TOPK):
-        p = tok * TOPK + j
+    if p < pairs:
         ex = tl.load(ids_ptr + p)
-        y = _rows_dot(h_ptr + p * I, w2_ptr + ex * (D * I), n, mn, I)
-        a += tl.load(w_ptr + p).to(tl.float32) * y
-    tl.store(out_ptr + tok * D + n, a.to(DT), mask=mn)
+        y = _rows_dot(h_ptr + p.to(tl.int64) * I, w2_ptr + ex * (D * I), n, mn, I)
+    else:
+        y = _rows_dot(hs_ptr + (p - pairs).to(tl.int64) * IS, wd_ptr, n, mn, IS)
+    tl.store(y_ptr + p.to(tl.int64) * D + n, y.to(DT), mask=mn)
 """
 
 
 @functools.lru_cache(maxsize=None)
 def decode_specs(I, D, top_k, dtype, wdt, shared_i, target):
-    """(gate_up, down) kernels of the direct path; shared_i: the shared expert's width (0: none)."""
+    """(gate_up, down, combine) kernels of the direct path; shared_i: the shared expert's width
+    (0: none)."""
     cfg = config("moe_decode", target)
     wide = max(I, shared_i)
-    consts = {"I": I, "IS": max(shared_i, 1), "SHARED": shared_i > 0, "D": D, "TOPK": top_k,
+    consts = {"I": I, "IS": max(shared_i, 1), "D": D, "TOPK": top_k,
               "BN": min(cfg["BN"], next_pow2(wide)), "BK": min(cfg["BK"], next_pow2(D)),
               "BND": min(cfg["BND"], next_pow2(D)), "BKD": min(cfg["BKD"], next_pow2(wide)),
               "DT": TL_DTYPES[dtype]}
     src = render("moe_decode", _DECODE, consts)
-    p, w = ptr_type(dtype), cfg["num_warps"]
+    p, stages = ptr_type(dtype), cfg["num_stages"]
     return (KernelSpec("moe_decode_gate_up", "moe_decode_gate_up", src,
                        {"x_ptr": p, "ids_ptr": "*i64", "w13_ptr": p, "h_ptr": p, "wg_ptr": p, "wu_ptr": p,
-                        "hs_ptr": p, "pairs": "i32"}, w, cfg["num_stages"], consts),
+                        "hs_ptr": p, "pairs": "i32"}, cfg["num_warps"], stages, consts),
             KernelSpec("moe_decode_down", "moe_decode_down", src,
-                       {"h_ptr": p, "ids_ptr": "*i64", "w_ptr": ptr_type(wdt), "w2_ptr": p, "acc_ptr": p,
-                        "hs_ptr": p, "wd_ptr": p, "out_ptr": p}, w, cfg["num_stages"], consts))
+                       {"h_ptr": p, "ids_ptr": "*i64", "w2_ptr": p, "hs_ptr": p, "wd_ptr": p, "y_ptr": p,
+                        "pairs": "i32"}, cfg.get("warps_down", cfg["num_warps"]), stages, consts),
+            *moe_permute.combine_specs(D, top_k, dtype, wdt, target))
 
 
 def _check(x, ids, weights, w13, w2, acc, shared):
@@ -135,25 +138,21 @@ def direct(x, ids, weights, w13, w2, acc=None, shared=None):
     I, k = I2 // 2, ids.shape[-1]
     dt = x.dtype
     IS = 0 if shared is None else shared[0].shape[0]
-    gate_up, down = decode_specs(I, D, k, ir_dtype(x), ir_dtype(weights), IS, current_target())
+    gate_up, down, _ = decode_specs(I, D, k, ir_dtype(x), ir_dtype(weights), IS, current_target())
     c = gate_up.config
     pairs = ids.numel()
     N = pairs // k if k else 0
+    if not pairs:
+        return shared_swiglu(x, *shared) if IS else acc.clone()
+    rows = pairs + (N if IS else 0)          # the shared expert's rows after the pairs
     h = torch.empty(pairs, I, device=x.device, dtype=dt)
-    out = torch.empty(x.shape, device=x.device, dtype=dt)
+    y = torch.empty(rows, D, device=x.device, dtype=dt)
     hs = torch.empty(N, IS, device=x.device, dtype=dt) if IS else h
     wg, wu, wd = (t.to(dt).contiguous() for t in shared) if IS else (h, h, h)
-    if pairs:
-        ids_c, xc = ids.contiguous(), x.contiguous()
-        launch(gate_up, (-(-max(I, IS) // c["BN"]), pairs + (N if IS else 0)), xc, ids_c,
-               w13.to(dt).contiguous(), h, wg, wu, hs, pairs)
-        launch(down, (-(-D // c["BND"]), N), h, ids_c, weights.contiguous(), w2.to(dt).contiguous(),
-               xc if IS else acc.to(dt).contiguous(), hs, wd, out)
-    elif IS:
-        out = shared_swiglu(x, *shared)
-    else:
-        out = acc.clone()
-    return out
+    ids_c, xc = ids.contiguous(), x.contiguous()
+    launch(gate_up, (-(-max(I, IS) // c["BN"]), rows), xc, ids_c, w13.to(dt).contiguous(), h, wg, wu, hs, pairs)
+    launch(down, (-(-D // c["BND"]), rows), h, ids_c, w2.to(dt).contiguous(), hs, wd, y, pairs)
+    return moe_permute.moe_combine(y[:pairs], weights, y[pairs:].view(x.shape) if IS else acc.to(dt))
 
 
 def shared_swiglu(x, wg, wu, wd):

@@ -50,11 +50,12 @@ _BASE = {
     "moe_permute": {"BLOCK": 1024, "SUB": 64, "BD": 256, "SCAN_E": 16, "SCAN_B": 64, "num_warps": 4,
                     "num_stages": 1},
     # routed experts read by id (decode, <= max_pairs token copies): gate/up BN rows x BK columns a
-    # step per (token, expert) pair; down BND rows x BKD columns per token, its top_k experts in turn.
-    # Two tokens on one expert read it twice: 64 copies (8 tokens at top-8 of 256) read ~1.1x the
-    # distinct experts' bytes, 128 copies ~1.25x, so larger batches go to the grouped kernels
+    # step per (token, expert) pair, num_warps; down BND rows x BKD columns a step per pair,
+    # warps_down. Two tokens on one expert read it twice: 64 copies (8 tokens at top-8 of 256)
+    # read ~1.1x the distinct experts' bytes, 128 copies ~1.25x, so larger batches go to the
+    # grouped kernels
     "moe_decode": {"BN": 16, "BK": 256, "BND": 16, "BKD": 256, "max_pairs": 64, "num_warps": 4,
-                   "num_stages": 2},
+                   "warps_down": 4, "num_stages": 2},
 }
 
 
@@ -89,7 +90,10 @@ TARGETS: dict[str, dict] = {
         # quantized: BN_small 64 is the best swept decode tile at 4-16 tokens for int4/int8/fp8
         # (bench/lowbit.py on an H200, 2026-11-30: 1.4-2.1x the 32-row default)
         "moe_gemm_q": {"BM": 128, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3, "fp8_dot": True,
-                       "BN_small": 64}})},
+                       "BN_small": 64},
+        # direct decode experts: down 16 rows x 512 columns (16 KB bf16) a step, two steps per pair;
+        # until bench/decode_step.py's sweep on an H200 writes its best to the tuning file
+        "moe_decode": {"BND": 16, "BKD": 512}})},
     "interpret": {"arch": None, "gpu": "Triton interpreter (CPU)", "configs": _merge(_BASE, {
         "elementwise": {"BLOCK": 64},
         "conv": {"BT": 8, "BC": 16},
