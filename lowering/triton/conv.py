@@ -12,7 +12,7 @@ import torch
 
 from kimi_graph.runtime.views import SlotRows
 
-from .codegen import TL_DTYPES, KernelSpec, launch, render, row_view
+from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render, row_view
 from .elementwise import ir_dtype, ptr_type
 from .targets import config, current_target
 
@@ -21,10 +21,10 @@ _STATE_WRITE = """
 # a padding row (slot -1) stores nothing
 dst = tl.load(slot_ptr + b)
 ms = mc & (c * 0 + dst >= 0)
-dst = tl.maximum(dst, 0)
+dst = tl.maximum(dst, 0).to(tl.int64)
 for j in tl.static_range(W - 1):
     sj = c * 0 + T + j - (W - 1)
-    v = tl.load(x_ptr + (b * T + sj) * xs + c, mask=mc & (sj >= 0), other=0.0)
+    v = tl.load(x_ptr + (b * T + sj).to(tl.int64) * xs + c, mask=mc & (sj >= 0), other=0.0)
     if HAS_STATE:
         v += tl.load(s_ptr + (dst * C + c) * (W - 1) + (sj + (W - 1)), mask=ms & (sj < 0), other=0.0)
     tl.store(sn_ptr + (dst * C + c) * (W - 1) + j, v, mask=ms)
@@ -34,31 +34,37 @@ _CONV = """
 @triton.jit
 def _conv_block(x_ptr, w_ptr, s_ptr, slot_ptr, y_ptr, sn_ptr, T, xs, cblock):
     # y[t, c] = sum_i w[c, i] x[t - W + 1 + i, c] for sequence program_id(0), T block
-    # program_id(1), C block `cblock`. With one T block (decode) the program also writes the new
-    # state, after its reads of the old one. x's rows (b, t) are xs apart (a slice of a wider
-    # projection's output reads in place).
+    # program_id(1), C block `cblock`: tap i reads the [BT, BC] tile of x shifted up W - 1 - i
+    # rows (one pointer tile, offset by whole rows: its rows come again from L1 / L2). Inputs
+    # before t=0 come from the state, which only the first T block reads. With one T block
+    # (decode) the program also writes the new state, after its reads of the old one. x's rows
+    # (b, t) are xs apart (a slice of a wider projection's output reads in place).
     b = tl.program_id(0)
-    t = tl.program_id(1) * BT + tl.arange(0, BT)
+    tb = tl.program_id(1)
+    t = tb * BT + tl.arange(0, BT)
     c = cblock * BC + tl.arange(0, BC)
     mc = c < C
     mt = t < T
+    rows = (b * T + t).to(tl.int64)
+    xp = x_ptr + rows[:, None] * xs + c[None, :]
     acc = tl.zeros((BT, BC), tl.float32)
     for i in tl.static_range(W):
-        src = t - (W - 1 - i)
         wi = tl.load(w_ptr + c * W + i, mask=mc, other=0.0).to(tl.float32)
-        xv = tl.load(x_ptr + (src + b * T)[:, None] * xs + c[None, :],
-                     mask=(mt & (src >= 0))[:, None] & mc[None, :], other=0.0).to(tl.float32)
-        if HAS_STATE:
-            # src < 0 reads state column W - 1 + src (zeros for a padding row, slot -1)
-            col = src + (W - 1)
+        xv = tl.load(xp - (W - 1 - i) * xs, mask=(mt & (t >= W - 1 - i))[:, None] & mc[None, :], other=0.0)
+        acc += xv.to(tl.float32) * wi[None, :]
+    if HAS_STATE:
+        if tb == 0:
+            # t < W - 1 - i reads state column t + i (zeros for a padding row, slot -1)
             srow = tl.load(slot_ptr + b)
-            sv = tl.load(s_ptr + (tl.maximum(srow, 0) * C + c[None, :]) * (W - 1) + col[:, None],
-                         mask=(mt & (src < 0) & (t * 0 + srow >= 0))[:, None] & mc[None, :], other=0.0).to(tl.float32)
-            xv = xv + sv
-        acc += xv * wi[None, :]
+            sp = s_ptr + (tl.maximum(srow, 0).to(tl.int64) * C + c[None, :]) * (W - 1)
+            for i in tl.static_range(W - 1):
+                wi = tl.load(w_ptr + c * W + i, mask=mc, other=0.0).to(tl.float32)
+                sv = tl.load(sp + (t + i)[:, None], mask=(mt & (t < W - 1 - i) & (t * 0 + srow >= 0))[:, None]
+                             & mc[None, :], other=0.0)
+                acc += sv.to(tl.float32) * wi[None, :]
     if SILU:
         acc = acc / (1.0 + tl.exp(-acc))
-    tl.store(y_ptr + (t + b * T)[:, None] * C + c[None, :], acc.to(DT), mask=mt[:, None] & mc[None, :])
+    tl.store(y_ptr + rows[:, None] * C + c[None, :], acc.to(DT), mask=mt[:, None] & mc[None, :])
     if W > 1:
         if tl.num_programs(1) == 1:
             $state_write
@@ -103,7 +109,8 @@ def _group_kernel(n: int) -> str:
 def conv_specs(C: int, W: int, dtype: str, silu: bool, has_state: bool, target: str, group: int = 0):
     """(fwd, state) kernels; with group=n, the n-conv kernel instead of the state one."""
     cfg = config("conv", target)
-    consts = {"C": C, "W": W, "BT": cfg["BT"], "BC": cfg["BC"], "SILU": silu, "HAS_STATE": has_state,
+    # BT >= W - 1: only the first T block reads the state
+    consts = {"C": C, "W": W, "BT": max(cfg["BT"], next_pow2(W - 1)), "BC": cfg["BC"], "SILU": silu, "HAS_STATE": has_state,
               "DT": TL_DTYPES[dtype], "NCB": -(-C // cfg["BC"])}
     src = render("causal_conv1d", _CONV, consts, state_write=_STATE_WRITE,
                  group=_group_kernel(group) if group else "")

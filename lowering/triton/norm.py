@@ -13,33 +13,42 @@ from .targets import config, current_target
 _NORM = """
 @triton.jit
 def rmsnorm_rows(x_ptr, r_ptr, g_ptr, w_ptr, y_ptr, s_ptr, rows, xs):
-    # one program per row; N (the normalised dim) fits one block; x's rows xs apart
-    row = tl.program_id(0)
+    # BR rows a program (one [BR, BN] tile: short rows, e.g. KDA's per-head norm over 128, go
+    # many to a program); N (the normalised dim) fits one block; x's rows xs apart
+    row = tl.program_id(0) * BR + tl.arange(0, BR)
     d = tl.arange(0, BN)
-    m = d < N
-    x = tl.load(x_ptr + row.to(tl.int64) * xs + d, mask=m, other=0.0)
+    md = d < N
+    m = (row < rows)[:, None] & md[None, :]
+    r64 = row.to(tl.int64)[:, None]
+    o = r64 * N + d[None, :]
+    x = tl.load(x_ptr + r64 * xs + d[None, :], mask=m, other=0.0)
     if RESIDUAL:
-        x = x + tl.load(r_ptr + row * N + d, mask=m, other=0.0)
-        tl.store(s_ptr + row * N + d, x, mask=m)
+        x = x + tl.load(r_ptr + o, mask=m, other=0.0)
+        tl.store(s_ptr + o, x, mask=m)
     xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + EPS)
-    y = (xf * rstd).to(DT).to(tl.float32) * tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 1) / N + EPS)
+    w = tl.load(w_ptr + d, mask=md, other=0.0).to(tl.float32)
+    y = (xf * rstd[:, None]).to(DT).to(tl.float32) * w[None, :]
     if GATED:
-        y = y * tl.sigmoid(tl.load(g_ptr + row * N + d, mask=m, other=0.0).to(tl.float32))
-    tl.store(y_ptr + row * N + d, y.to(DT), mask=m)
+        y = y * tl.sigmoid(tl.load(g_ptr + o, mask=m, other=0.0).to(tl.float32))
+    tl.store(y_ptr + o, y.to(DT), mask=m)
 """
 
 
 @functools.lru_cache(maxsize=None)
 def norm_spec(N: int, dtype: str, eps: float, residual: bool, gated: bool, target: str) -> KernelSpec:
+    """Rows of N; a program takes BR = tile // BN rows (at least one), BN = N's power of two;
+    its warps: `num_warps`, or `num_warps_wide` for rows of `wide` elements and more."""
     cfg = config("norm", target)
     from .codegen import TL_DTYPES
-    consts = {"N": N, "BN": next_pow2(N), "EPS": float(eps), "RESIDUAL": residual, "GATED": gated,
-              "DT": TL_DTYPES[dtype]}
+    BN = next_pow2(N)
+    consts = {"N": N, "BN": BN, "BR": max(1, next_pow2(cfg["tile"]) // BN), "EPS": float(eps),
+              "RESIDUAL": residual, "GATED": gated, "DT": TL_DTYPES[dtype]}
     p = ptr_type(dtype)
     sig = {"x_ptr": p, "r_ptr": p, "g_ptr": p, "w_ptr": p, "y_ptr": p, "s_ptr": p, "rows": "i32", "xs": "i32"}
     name = "add_rmsnorm" if residual else "gated_rmsnorm" if gated else "rmsnorm"
-    return KernelSpec(name, "rmsnorm_rows", render(name, _NORM, consts), sig, cfg["num_warps"], 1, consts)
+    warps = cfg["num_warps_wide"] if BN >= cfg["wide"] else cfg["num_warps"]
+    return KernelSpec(name, "rmsnorm_rows", render(name, _NORM, consts), sig, warps, 1, consts)
 
 
 def rmsnorm(x, weight, eps, residual=None, gate=None):
@@ -58,7 +67,7 @@ def rmsnorm(x, weight, eps, residual=None, gate=None):
     spec = norm_spec(N, ir_dtype(x), float(eps), residual is not None, gate is not None, current_target())
     cast = lambda t: xc if t is None else t.to(x.dtype).contiguous()
     if rows:
-        launch(spec, (rows,), xc, cast(residual), cast(gate), weight.to(x.dtype).contiguous(), y, s, rows, xs)
+        launch(spec, (-(-rows // spec.config["BR"]),), xc, cast(residual), cast(gate), weight.to(x.dtype).contiguous(), y, s, rows, xs)
     return (y, s) if residual is not None else y
 
 

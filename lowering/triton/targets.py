@@ -13,7 +13,9 @@ from pathlib import Path
 
 _BASE = {
     "elementwise": {"BLOCK": 1024, "num_warps": 4, "num_stages": 1},
-    "norm": {"num_warps": 4, "num_stages": 1},
+    # tile: elements a program normalises (rows of N: max(1, tile // pow2(N)) rows a program);
+    # rows of `wide` elements (pow2) or more take num_warps_wide
+    "norm": {"tile": 4096, "num_warps": 4, "wide": 4096, "num_warps_wide": 4, "num_stages": 1},
     "conv": {"BT": 32, "BC": 128, "num_warps": 4, "num_stages": 1},
     # prep_rows: rows the prep kernel takes at a time; KH: the slice of K the intra-chunk
     # products take at a time; BW: W/U columns per block;
@@ -97,6 +99,7 @@ TARGETS: dict[str, dict] = {
     "interpret": {"arch": None, "gpu": "Triton interpreter (CPU)", "configs": _merge(_BASE, {
         "elementwise": {"BLOCK": 64},
         "conv": {"BT": 8, "BC": 16},
+        "norm": {"tile": 128},
         "kda_chunk": {"BT": 32, "BC": 16, "BV": 16, "KH": 16, "BW": 16},
         "kda_recurrent": {"BV": 16},
         "mla_decode": {"BS": 16, "split_min": 16},
