@@ -4,6 +4,7 @@ and 4 processes (tp=2 with ep=2), every rank's logits equal to the single-proces
 in fp32 (1e-5 relative) and its greedy tokens equal."""
 from __future__ import annotations
 
+import datetime
 import socket
 
 import pytest
@@ -113,7 +114,8 @@ def _free_port() -> int:
 def _rank(rank, world, port, jobs, out):
     import torch.distributed as dist
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=180))
     results = {}
     for parallel, pipeline, backend in jobs:
         m = kimi_graph.load("tiny", parallel=parallel, pipeline=pipeline, backend=backend)
@@ -128,8 +130,9 @@ def _rank(rank, world, port, jobs, out):
 
 
 def _spawn(fn, world, jobs, tmp_path):
-    """`world` forked ranks (forking keeps the imports: spawning would import torch per rank)."""
-    mp.start_processes(fn, args=(world, _free_port(), jobs, tmp_path), nprocs=world, start_method="fork")
+    """`world` ranks forked from a fresh fork server (imports once; forking the test process
+    itself can copy a held thread-pool lock into a rank, which then hangs)."""
+    mp.start_processes(fn, args=(world, _free_port(), jobs, tmp_path), nprocs=world, start_method="forkserver")
 
 
 def _run_ranks(world, jobs, tmp_path):
@@ -182,7 +185,8 @@ def _serving_rank(rank, world, port, jobs, out):
     from kimi_graph.runtime.replicated import FollowerScheduler, LeaderScheduler
     from kimi_graph.runtime.server import build_scheduler
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=180))
     m = kimi_graph.load("tiny", parallel="tp=2")
     if rank:
         build_scheduler(m, scheduler_class=FollowerScheduler, max_batch=2, max_len=32, prefill_chunk=2).follow()
