@@ -152,9 +152,10 @@ def split(shape="16k"):
 VARIANTS = ({}, {"diag": "levels", "wu": "fused"}, {"diag": "levels"}, {"wu": "fused"},
             {"intra_warps": 2}, {"intra_warps": 8}, {"BH": 1}, {"BH": 2}, {"BH": 8},
             {"diag_unroll": True}, {"diag_unroll": True, "BH": 8},
-            {"diag_warps": 1}, {"diag_warps": 2}, {"diag_warps": 8}, {"wu_warps": 2}, {"wu_warps": 8},
-            {"BW": 128}, {"KH": 32}, {"KH": 128}, {"BT": 64}, {"BT": 64, "intra_warps": 8},
-            {"prep_warps": 8}, {"prep_rows": 32}, {"prep_rows": 32, "prep_warps": 8}, {"BV": 64})
+            {"diag_warps": 1}, {"diag_warps": 2}, {"diag_warps": 8}, {"wu_warps": 2},
+            {"BW": 128}, {"KH": 128}, {"BT": 64}, {"BT": 64, "intra_warps": 8},
+            {"prep_warps": 8}, {"prep_rows": 32}, {"prep_rows": 32, "prep_warps": 8},
+            {"BV": 16}, {"BV": 64}, {"num_warps": 8})
 TUNED_KEYS = ("BT", "BC", "BV", "KH", "BW", "BH", "diag", "diag_unroll", "wu", "num_warps", "num_stages", "prep_warps",
               "prep_rows", "diag_warps", "intra_warps", "intra_stages", "wu_warps", "wu_stages")
 
