@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import kda_chunk_before as before
 import torch
@@ -148,28 +149,32 @@ def split(shape="16k"):
 
 
 # one at a time over the target's config (sm_90: diagonal blocks token-parallel, W/U in their own
-# kernel, BT=32): the layouts, then each kernel's warps and tiles
-VARIANTS = ({}, {"diag": "levels", "wu": "fused"}, {"diag": "levels"}, {"wu": "fused"},
-            {"intra_warps": 2}, {"intra_warps": 8}, {"BH": 1}, {"BH": 2}, {"BH": 8},
-            {"diag_unroll": True}, {"diag_unroll": True, "BH": 8},
-            {"diag_warps": 1}, {"diag_warps": 2}, {"diag_warps": 8}, {"wu_warps": 2},
-            {"BW": 128}, {"KH": 128}, {"BT": 64}, {"BT": 64, "intra_warps": 8},
-            {"prep_warps": 8}, {"prep_rows": 32}, {"prep_rows": 32, "prep_warps": 8},
-            {"BV": 16}, {"BV": 64}, {"num_warps": 8})
+# kernel, BT=32), the likelier first (a time budget may stop the sweep early): each kernel's warps
+# and tiles, then BT 64 and the layouts with the diagonal blocks / W and U in the intra kernel
+VARIANTS = ({}, {"BH": 8}, {"BH": 2}, {"diag_unroll": True}, {"diag_unroll": True, "BH": 8},
+            {"diag_warps": 2}, {"diag_warps": 8}, {"BH": 1}, {"diag_warps": 1},
+            {"intra_warps": 2}, {"intra_warps": 8}, {"wu": "fused"}, {"BW": 128}, {"wu_warps": 2}, {"KH": 128},
+            {"prep_rows": 32}, {"prep_warps": 8}, {"prep_rows": 32, "prep_warps": 8},
+            {"BV": 16}, {"BV": 64}, {"num_warps": 8}, {"BT": 64}, {"BT": 64, "intra_warps": 8},
+            {"diag": "levels"}, {"diag": "levels", "wu": "fused"})
 TUNED_KEYS = ("BT", "BC", "BV", "KH", "BW", "BH", "diag", "diag_unroll", "wu", "num_warps", "num_stages", "prep_warps",
               "prep_rows", "diag_warps", "intra_warps", "intra_stages", "wu_warps", "wu_stages")
 
 
-def sweep(shapes=("16k", "64x512")):
+def sweep(shapes=("16k", "64x512"), budget=0.0):
     """Tile variants of ours, one at a time over the target's config, then the variants that
     beat it merged (the better first where two set one key); the best by the sum of the times at
-    `shapes`. -> (rows, best config)."""
+    `shapes`; no new variant starts after `budget` seconds (0: no limit). -> (rows, best config)."""
     from kimi_graph.lowering.triton.targets import TARGETS, current_target
     cases = {s: inputs(lengths(dict(SHAPES)[s])) for s in shapes}
     base = dict(TARGETS[current_target()]["configs"]["kda_chunk"])
     rows, timed = [], []
+    t0 = time.monotonic()
 
     def run(name, variant):
+        if budget and time.monotonic() - t0 > budget:
+            print("over the time budget, not run:", name)
+            return
         cfg = {**base, **variant}
         override_config("kda_chunk", **cfg)
         try:
@@ -209,6 +214,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="sweep tile variants first; write the tuning file")
     ap.add_argument("--sweep-only", action="store_true", help="the sweep and its tuning file, nothing else")
+    ap.add_argument("--budget", type=float, default=0.0, help="seconds after which the sweep starts no new variant")
     ap.add_argument("--shapes", default="", help="comma-separated subset of " + ",".join(s for s, _ in SHAPES))
     ap.add_argument("--smoke", action="store_true", help="the check alone, tiny and in fp32 (CPU: TRITON_INTERPRET=1)")
     a = ap.parse_args()
@@ -216,7 +222,7 @@ def main():
         return smoke()
     extra = {}
     if a.sweep or a.sweep_only:
-        rows, cfg = sweep()
+        rows, cfg = sweep(budget=a.budget)
         write_result("kda_chunk_sweep", rows)
         merge_tuning("kda_chunk", {k: cfg[k] for k in TUNED_KEYS}, "best of bench/kda_chunk.py --sweep at 16k + 64x512")
         extra["config"] = cfg
