@@ -38,7 +38,7 @@ step_compiled() {
 step_long() { timeout 400 python3 bench/e2e.py --phases long; }
 # the final run: tiles swept first (into this GPU's tuning file), then the whole model with them
 TUNING=bench/results/tuning-nvidia-h200.json
-step_kda_tiles() { timeout 150 python3 bench/kda_chunk.py --sweep-only; }
+step_kda_tiles() { timeout 150 python3 bench/kda_chunk.py --sweep-only --budget 90; }
 step_decode_tiles() {
   timeout 130 python3 bench/decode_step.py --layers 27 --batches 1,32 --variants fused --use-best
 }
