@@ -38,9 +38,9 @@ step_compiled() {
 step_long() { timeout 400 python3 bench/e2e.py --phases long; }
 # the final run: tiles swept first (into this GPU's tuning file), then the whole model with them
 TUNING=bench/results/tuning-nvidia-h200.json
-step_kda_tiles() { timeout 150 python3 bench/kda_chunk.py --sweep-only --budget 90; }
+step_kda_tiles() { timeout 150 python3 bench/kda_chunk.py --sweep-only --budget 100; }
 step_decode_tiles() {
-  timeout 130 python3 bench/decode_step.py --layers 27 --batches 1,32 --variants fused --use-best
+  timeout 120 python3 bench/decode_step.py --layers 27 --batches 1,32 --variants fused --use-best
 }
 step_e2e_tuned() {
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout ${E2E_S:-280} python3 bench/e2e.py --phases ours,hf \
