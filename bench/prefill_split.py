@@ -4,6 +4,7 @@ cuBLAS GEMMs, norms, the rest), with the largest kernels by name.
 
     python bench/prefill_split.py                                 # 27 layers, 32x1k and 1x16k
     python bench/prefill_split.py --layers 8 --chunks 4096,16384
+    python bench/prefill_split.py --chunks auto,4096      # the engine's default: sized from free memory
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=27)
     ap.add_argument("--shapes", default="32x1024,1x16384")
-    ap.add_argument("--chunks", default="4096,16384,32768")
+    ap.add_argument("--chunks", default="auto,4096,16384,32768", help="tokens per prefill call, or auto")
     ap.add_argument("--name", default="prefill_split")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--config", default="kimi-linear-48b-a3b", help="preset (\"tiny\": a CPU smoke run)")
@@ -44,10 +45,12 @@ def main(argv=None) -> None:
     for shape in args.shapes.split(","):
         B, T = (int(v) for v in shape.split("x"))
         prompts = [torch.randint(0, V, (T,), generator=gen).tolist() for _ in range(B)]
-        for chunk in (int(c) for c in args.chunks.split(",")):
-            if chunk > B * T and chunk != int(args.chunks.split(",")[0]):
+        for chunk in (c if c == "auto" else int(c) for c in args.chunks.split(",")):
+            if chunk != "auto" and chunk > B * T and str(chunk) != args.chunks.split(",")[0]:
                 continue
             engine = Engine(model, max_batch=B, max_len=T + 8, prefill_chunk=chunk)
+            if chunk == "auto":
+                chunk = f"auto={engine.prefill_chunk}"
 
             def run():
                 slots = engine.cache.allocate(B)
@@ -77,7 +80,8 @@ def main(argv=None) -> None:
             print(rows[-1], flush=True)
             del engine
             free_memory()
-    write_result(args.name, rows, {"layers": args.layers})
+    if args.device == "cuda":          # provenance names the GPU
+        write_result(args.name, rows, {"layers": args.layers})
 
 
 if __name__ == "__main__":

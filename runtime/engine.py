@@ -22,7 +22,33 @@ class GenerationError(ValueError):
     """A generation request that cannot run as asked (bad prompt, too long, too many)."""
 
 
-PREFILL_CHUNK = 4096    # tokens per prefill call by default: bounds activation memory
+PREFILL_CHUNK = 4096    # tokens per prefill call off CUDA (and the auto size's fallback)
+# prefill="auto" on CUDA: the largest power of two up to MAX_PREFILL_CHUNK whose activations fit
+# ACTIVATION_SHARE of the memory free once the caches are allocated. Activations: the prefill
+# graph's intermediate values at their peak (kimi_graph.liveness: freed after their last reader,
+# as the Triton backend runs it; published model ~80 KB per token, plus the MLA keys and values
+# rebuilt from the latent for every cached row, ~37 KB a row) times KERNEL_SCRATCH for what
+# kernels allocate inside an op (the MoE's 8 token copies' gate_up and down rows, KDA's fp32
+# chunk intermediates). Why 16384: on the H200 (27 layers, bf16, bench/prefill_split.py, with
+# every position's logits then) 16k-token calls prefilled 1x16k 19% faster than 4k-token calls
+# and 32x1k 17% faster, and 32k calls only 2% more than 16k for twice the activations; beside
+# 98 GB of weights on a 141 GB GPU a 16k call's estimate (2.6 GB) fits many times over, and a
+# GPU with less free memory, or caches of long contexts, get smaller calls.
+MAX_PREFILL_CHUNK = 16384
+MIN_PREFILL_CHUNK = 512
+ACTIVATION_SHARE = 0.5
+KERNEL_SCRATCH = 2.0
+
+
+def auto_prefill_chunk(graph, capacity: int, free_bytes: int) -> int:
+    """Tokens per prefill call for `graph` (a stateful prefill graph) whose cache windows reach
+    `capacity` rows, with `free_bytes` of device memory free (see MAX_PREFILL_CHUNK)."""
+    from kimi_graph.liveness import peak_activation_bytes
+    chunk = MAX_PREFILL_CHUNK
+    while chunk > MIN_PREFILL_CHUNK and KERNEL_SCRATCH * peak_activation_bytes(
+            graph, {"B": 1, "T": chunk, "S": max(capacity, chunk)}) > ACTIVATION_SHARE * free_bytes:
+        chunk //= 2
+    return chunk
 
 
 class Engine:
@@ -32,13 +58,14 @@ class Engine:
     `window_block`: caches are passed cut to the rows in use, rounded up to this many tokens
     (None: always the whole capacity). `prefill_chunk`: the most tokens (sequences x tokens)
     one prefill call runs; longer prompts continue through the states chunk by chunk, so
-    activations stay bounded by the chunk (default PREFILL_CHUNK; None: whole batches). `page_size`, `num_pages`: paged MLA
+    activations stay bounded by the chunk ("auto": sized from the free memory on CUDA, see
+    MAX_PREFILL_CHUNK, else PREFILL_CHUNK; None: whole batches). `page_size`, `num_pages`: paged MLA
     caches (see CacheManager). `cuda_graphs`: replay each decode step as one CUDA graph per
     batch-size bucket (runtime/graphs.py; needs a backend that updates states in place, on
     CUDA: backend="triton" with the default pipeline)."""
 
     def __init__(self, model, max_batch: int = 1, max_len: int | None = None, *,
-                 window_block: int | None = 64, prefill_chunk: int | None = PREFILL_CHUNK,
+                 window_block: int | None = 64, prefill_chunk: int | str | None = "auto",
                  page_size: int | None = None, num_pages: int | None = None,
                  cuda_graphs: bool = False):
         limit = model.config.model_max_length
@@ -46,14 +73,23 @@ class Engine:
         if isinstance(max_len, int) and max_len > limit:
             raise GenerationError(f"max_len {max_len} exceeds the model's model_max_length {limit}")
         for name, v in (("prefill_chunk", prefill_chunk), ("window_block", window_block)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise GenerationError(f"{name} must be a positive integer or None, got {v!r:.40}")
+            if v is None or (name == "prefill_chunk" and isinstance(v, str) and v == "auto"):
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                also = " or 'auto'" if name == "prefill_chunk" else ""
+                raise GenerationError(f"{name} must be a positive integer{also} or None, got {v!r:.40}")
         self.model, self.window_block, self.prefill_chunk = model, window_block, prefill_chunk
         decode = model.get_graph("decode")
         if state_specs(model.get_graph("prefill", stateful=True)) != state_specs(decode):
             raise GenerationError("the stateful prefill and decode graphs take different states")
         self.cache = CacheManager(decode, max_batch, max_len, device=model.device,
                                   page_size=page_size, num_pages=num_pages)
+        if prefill_chunk == "auto":
+            self.prefill_chunk = PREFILL_CHUNK
+            dev = torch.device(model.device)
+            if dev.type == "cuda":
+                self.prefill_chunk = auto_prefill_chunk(model.get_graph("prefill", True, "last"),
+                                                        self.cache.capacity, torch.cuda.mem_get_info(dev)[0])
         self._in_place: dict[str, bool] = {}
         self.graphs = None
         if cuda_graphs:
