@@ -93,3 +93,97 @@ def test_gpu_bf16_kernel_against_fp64(fmt, tokens):
     want = swiglu_fp64(rows, offsets, dequantized_fp64(q13.cpu(), s13.cpu(), None, fmt, 128),
                        dequantized_fp64(q2.cpu(), s2.cpu(), None, fmt, 128))
     assert rel_err(got.cpu(), want) <= (4e-2 if fmt == "fp8" and tokens * k > 256 else 1e-2)
+
+
+# -- decode-sized batches: low-bit experts read by top-k id (lowering/triton/moe_decode.py) --------
+# groups above, at and below the interpreter's K tiles (16, 8); fp8 with partial edge blocks
+DECODE_CASES = [("int4", True, 48), ("int4", False, 16), ("int8", True, 8), ("int8", False, 24), ("fp8", True, 16),
+                ("fp8", True, 40)]
+
+
+def experts_fp64(x, ids, w, w13, w2, acc):
+    """acc + sum_j w[n, j] SwiGLU_{ids[n, j]}(x[n]) over float64 weights."""
+    I = w2.shape[-1]
+    out = acc.double().clone()
+    for n in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[n, j])
+            g, u = w13[e, :I] @ x[n].double(), w13[e, I:] @ x[n].double()
+            out[n] += w[n, j].double() * (w2[e] @ (g * torch.sigmoid(g) * u))
+    return out
+
+
+@pytest.mark.parametrize("fmt,symmetric,group", DECODE_CASES)
+@pytest.mark.parametrize("with_shared", [False, True])
+def test_decode_by_id_matches_fp64_and_the_reference_op(triton_interpret, monkeypatch, fmt, symmetric, group,
+                                                        with_shared):
+    """Only the codes, scales and zero points are read (the op library's dequantize never runs);
+    two tokens on the same experts; D and I not multiples of the tiles."""
+    import kimi_graph.ops.quant as quant_ops
+    from kimi_graph.lowering.triton import moe_decode
+    from kimi_graph.ops import get_op
+    gen = torch.Generator().manual_seed(group)
+    E, I, D, N, k = 6, 48, 96, 3, 2
+    w13 = torch.randn(E, 2 * I, D, generator=gen) / D ** 0.5
+    w2 = torch.randn(E, D, I, generator=gen) / I ** 0.5
+    (q13, s13, z13), (q2, s2, z2) = (quantize(w, fmt, group, symmetric) for w in (w13, w2))
+    zeros = (None, None) if symmetric else (z13, z2)
+    x, acc = torch.randn(N, D, generator=gen), torch.randn(N, D, generator=gen)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(N)])
+    ids[-1] = ids[0]
+    w = torch.rand(N, k, generator=gen)
+    ref_op = get_op("quantized_moe_experts").ref([x, ids, w, q13, s13, q2, s2, acc, *(z for z in zeros if z is not None)],
+                                                 {"format": fmt, "group_size": group})[0]
+    G1, G2 = min(group, D), min(group, I)
+    d13, d2 = dequantized_fp64(q13, s13, zeros[0], fmt, G1), dequantized_fp64(q2, s2, zeros[1], fmt, G2)
+    shared = None
+    if with_shared:
+        shared = (torch.randn(40, D, generator=gen) * 0.1, torch.randn(40, D, generator=gen) * 0.1,
+                  torch.randn(D, 40, generator=gen) * 0.1)
+        acc = moe_decode.shared_swiglu(x, *shared)          # what the shared expert adds
+    monkeypatch.setattr(quant_ops, "dequantize", lambda *a, **k: pytest.fail("dequantized outside the kernels"))
+    q = moe_decode.Quant(fmt, group, s13, s2, *zeros)
+    got = moe_decode.direct(x, ids, w, q13, q2, None if with_shared else acc, shared, q)
+    assert rel_err(got, experts_fp64(x, ids, w, d13, d2, acc)) <= 1e-5
+    if not with_shared:
+        assert rel_err(got, ref_op) <= 1e-5
+
+
+def test_decode_plan_reads_low_bit_experts_by_id(triton_interpret):
+    """The backend legalises the quantized chain into quantized_moe_experts and runs it as one
+    step with the shared expert folded in (no permutation)."""
+    from kimi_graph.lowering.triton import backend
+    model = kimi_graph.load("tiny", dtype=torch.float32, device="cpu", pipeline="default", experts="int4")
+    items = backend.plan(backend.legalize(model.get_graph("decode", True)))
+    chains = [i for i in items if isinstance(i, backend.Experts)]
+    assert len(chains) == sum(model.config.is_moe_layer(i) for i in range(model.config.num_hidden_layers))
+    assert all(c.ops[-1].kind == "quantized_moe_experts" and c.rows for c in chains)
+    assert not {getattr(i, "kind", None) for i in items} & {"moe_permute", "quantized_grouped_swiglu", "moe_unpermute"}
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
+def test_low_bit_model_on_triton_matches_interpreter(triton_interpret, fmt):
+    """Prefill (the permuted path) and a decode step (experts by id), fp32: <= 1e-5."""
+    from test_triton_backend import state_inputs
+    ref = kimi_graph.load("tiny", experts=fmt)
+    tri = kimi_graph.load("tiny", experts=fmt, backend="triton")
+    ids = torch.tensor([[1, 5, 9, 100, 7, 3, 2, 8, 9], [4, 4, 8, 9, 10, 11, 12, 0, 1]])
+    assert rel_err(tri(ids), ref(ids)) <= 1e-5
+    inputs = state_inputs(tri.get_graph("decode", True), torch.tensor([[3], [7]]), torch.tensor([4, 9]))
+    for a, b in zip(tri.execute("decode", True, inputs), ref.execute("decode", True, inputs)):
+        assert a.shape == b.shape and rel_err(a, b) <= 1e-5
+
+
+def test_larger_batches_take_the_permuted_quantized_path(triton_interpret, monkeypatch):
+    from kimi_graph.lowering.triton import moe_decode
+    from kimi_graph.ops import get_op
+    gen = torch.Generator().manual_seed(5)
+    E, I, D, N, k = 6, 32, 64, 70, 2                       # 140 copies > max_pairs
+    (q13, s13, _), (q2, s2, _) = (quantize(torch.randn(*s, generator=gen) * 0.2, "int8", 32)
+                                  for s in ((E, 2 * I, D), (E, D, I)))
+    x, acc = torch.randn(N, D, generator=gen), torch.randn(N, D, generator=gen)
+    ids, w = torch.rand(N, E, generator=gen).topk(k, -1)[1], torch.rand(N, k, generator=gen)
+    monkeypatch.setattr(moe_decode, "direct", lambda *a: pytest.fail("a large batch read by id"))
+    got = moe_decode.moe_experts(x, ids, w, q13, q2, acc, None, moe_decode.Quant("int8", 32, s13, s2))
+    want = get_op("quantized_moe_experts").ref([x, ids, w, q13, s13, q2, s2, acc], {"format": "int8", "group_size": 32})
+    assert rel_err(got, want[0]) <= 1e-5

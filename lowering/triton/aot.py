@@ -44,7 +44,7 @@ def graph_specs(g, target: str) -> dict[tuple[str, str], tuple[KernelSpec, set]]
             kind = op.kind
         elif isinstance(item, Experts):
             ins = [g.types[v] for v in item.inputs]
-            specs = experts_specs("moe_experts", ins, [g.types[v] for v in item.outputs], {}, target,
+            specs = experts_specs(item.ops[-1].kind, ins, [g.types[v] for v in item.outputs], item.attrs, target,
                                   shared_i=item.rows[0][1] - item.rows[0][0] if item.rows else 0)
             kind = "+".join(o.kind for o in item.ops)
         elif covered(g, item):

@@ -41,6 +41,7 @@ KERNELS: dict[str, tuple[Callable, Callable]] = {
     "moe_unpermute": (moe.op_moe_unpermute, moe.specs_for),
     "quantized_grouped_swiglu": (moe_quant.op_quantized_grouped_swiglu, moe_quant.specs_for),
     "moe_experts": (moe.op_moe_experts, moe.specs_for),
+    "quantized_moe_experts": (moe_decode.op_quantized_moe_experts, moe_decode.specs_for),
 }
 KERNEL_DTYPES = ("f32", "bf16", "f16")
 # kernels that take in-place state views (runtime/views.py) and return them as the new state
@@ -57,18 +58,18 @@ REFERENCE: dict[str, str] = {
     **{k: "a collective: torch.distributed (NCCL) between the kernels, capturable in a CUDA graph"
        for k in ("all_reduce", "all_gather")},
     "local_experts": "an index remap over [tokens, top_k] before the expert kernels: torch does as well",
-    "quantized_moe_experts": "ONNX Runtime's legalised form of the quantized experts",
     "quantize": "a weight transform: fold-constants computes it when the weights load",
     "dequantize": "runs inside the quantized grouped SwiGLU kernels; alone, torch's elementwise form",
 }
-# passes this target runs after the model's pipeline: the routed experts as one moe_experts op,
-# which reads token rows by index and combines in place of the permuted copies (moe.moe_experts)
-LEGALIZE = "legalize-ort-moe{quantized=false}"
+# passes this target runs after the model's pipeline: the routed experts as one moe_experts (or
+# quantized_moe_experts) op, which reads a decode-sized batch's experts by id (moe_decode), and
+# larger batches' token rows by index in place of the permuted copies (moe.moe_experts)
+LEGALIZE = "legalize-ort-moe"
 
 
 def legalize(g: Graph) -> Graph:
     """`g` in the form this backend runs (LEGALIZE), unchanged when there is nothing to fuse."""
-    if not any(op.kind == "grouped_swiglu" for op in g.ops()):
+    if not any(op.kind in ("grouped_swiglu", "quantized_grouped_swiglu") for op in g.ops()):
         return g
     from kimi_graph.passes import run_pipeline
     return run_pipeline(g, LEGALIZE)
@@ -100,14 +101,15 @@ class Group:
 
 @dataclass
 class Experts:
-    """A moe_experts op (see `legalize`) run as one step (moe_decode.moe_experts: experts read
-    by id for a decode-sized batch, else moe.moe_experts), with the shared expert folded in when
-    it feeds the accumulator as linear(silu(gate) * up, Wd), gate and up linears of the same x
-    (or slices of one, fuse-linears)."""
-    ops: list                 # the shared expert's ops, then the moe_experts op
-    inputs: list[str]         # x, ids, weights, w13, w2, then acc or the shared Wg, Wu, Wd
+    """A moe_experts or quantized_moe_experts op (see `legalize`) run as one step
+    (moe_decode.run_step: experts read by id for a decode-sized batch, else the permuted path),
+    with the shared expert folded in when it feeds the accumulator as linear(silu(gate) * up, Wd),
+    gate and up linears of the same x (or slices of one, fuse-linears)."""
+    ops: list                 # the shared expert's ops, then the experts op
+    inputs: list[str]         # the op's operands, its acc replaced by the shared Wg, Wu, Wd
     outputs: list[str]
     rows: tuple = ()          # the shared expert's (start, end) rows of Wg and Wu
+    attrs: dict | None = None  # the experts op's attributes
 
 
 def _only_read_by(g: Graph, values, ops) -> bool:
@@ -150,12 +152,14 @@ def _experts(g: Graph, last) -> Experts | None:
     if not covered(g, last):
         return None
     ins = list(last.inputs)
-    shared = _shared_expert(g, ins[5], ins[0])
-    if shared is not None and g.types[ins[5]].dtype in KERNEL_DTYPES:
+    n = 7 if last.kind == "quantized_moe_experts" else 5       # operands before acc
+    attrs = get_op(last.kind).full_attrs(last.attrs)
+    shared = _shared_expert(g, ins[n], ins[0])
+    if shared is not None and g.types[ins[n]].dtype in KERNEL_DTYPES:
         sops, weights, rows = shared
         if _only_read_by(g, [v for o in sops for v in o.outputs], sops + [last]):
-            return Experts(sops + [last], ins[:5] + weights, list(last.outputs), rows)
-    return Experts([last], ins, list(last.outputs))
+            return Experts(sops + [last], ins[:n] + weights + ins[n + 1:], list(last.outputs), rows, attrs)
+    return Experts([last], ins, list(last.outputs), (), attrs)
 
 
 @dataclass
@@ -191,7 +195,8 @@ def plan(g: Graph) -> list:
     """The schedule: ops, fused elementwise `Group`s and routed-experts chains (`Experts`), in
     an executable order. Refuses a KDA chunk size the kernels cannot run."""
     order = list(g.ops())
-    chains = {c.ops[-1].id: c for op in order if op.kind == "moe_experts" and (c := _experts(g, op))}
+    chains = {c.ops[-1].id: c for op in order if op.kind in ("moe_experts", "quantized_moe_experts")
+              and (c := _experts(g, op))}
     convs = _conv_groups(g, order)
     folded = {o.id for c in chains.values() for o in c.ops[:-1]} | {o.id for c in convs.values() for o in c.ops[1:]}
     order = [op for op in order if op.id not in folded]
@@ -340,12 +345,8 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
             env.update(zip(item.outputs, [t for pair in outs for t in pair]))
             continue
         if isinstance(item, Experts):
-            args = [plain(env[v]) for v in item.inputs]
-            shared = None
-            if item.rows:
-                (g0, g1), (u0, u1) = item.rows
-                shared = (args[5][g0:g1], args[6][u0:u1], args[7])
-            env[item.outputs[0]] = moe_decode.moe_experts(*args[:5], None if shared else args[5], shared)
+            env[item.outputs[0]] = moe_decode.run_step(item.ops[-1].kind, item.attrs,
+                                                       [plain(env[v]) for v in item.inputs], item.rows)
             continue
         args = [env[v] for v in item.inputs]
         if covered(g, item):

@@ -12,35 +12,37 @@ token in each kernel (its output, rounded, is the combine's acc). Both projectio
 program per (BN or BND output rows, pair): at B=1, top-8 plus the shared expert and D = 2304,
 BND = 16 gives 144 x 9 programs, so a single token's ~42 MB of down weights is read by the
 whole GPU rather than by one program per D block looping over the experts.
-Larger batches take moe.moe_experts; `moe_experts` chooses.
+Low-bit experts (int4 / int8 / fp8, `Quant`) take the same kernels with their weight loads
+dequantizing the codes (`_loader`: each weight rounded as kimi_graph/ops/quant.dequantize does).
+Larger batches take moe.moe_experts (low-bit: moe_quant.quantized_moe_experts); `moe_experts`
+chooses.
 """
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import dataclass
 
 import torch
 
-from . import moe, moe_permute
+from kimi_graph.ops.quant import BITS, code_shape, group_of, scale_shape, weight_shape
+
+from . import moe, moe_permute, moe_quant
 from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render
 from .elementwise import ir_dtype, ptr_type
 from .targets import config, current_target
 
-_DECODE = """
+# the dot helpers, once per weight kind: "f" (float weights), "q" (low-bit codes, `_wdot_q`)
+_HELPERS = """
 @triton.jit
-def _swiglu_rows(x_ptr, wg_ptr, wu_ptr, n, mn, ROUND: tl.constexpr):
-    # silu(x wg[n]^T) * (x wu[n]^T) for the BN rows n of one expert (D columns); ROUND: gate
-    # and up rounded to the data dtype first (as separate linears give them)
-    dk = tl.arange(0, BK)
+def _swiglu_rows_L(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.constexpr):
+    # silu(x wg[rg]^T) * (x wu[ru]^T) for BN rows of one expert (D columns); ROUND: gate and up
+    # rounded to the data dtype first (as separate linears give them)
     acc_g = tl.zeros((BN,), tl.float32)
     acc_u = tl.zeros((BN,), tl.float32)
     for k0 in range(0, D, BK):
-        mk = k0 + dk < D
-        x = tl.load(x_ptr + k0 + dk, mask=mk, other=0.0).to(tl.float32)
-        m2 = mn[:, None] & mk[None, :]
-        wg = tl.load(wg_ptr + n[:, None] * D + k0 + dk[None, :], mask=m2, other=0.0).to(tl.float32)
-        wu = tl.load(wu_ptr + n[:, None] * D + k0 + dk[None, :], mask=m2, other=0.0).to(tl.float32)
-        acc_g += tl.sum(wg * x[None, :], 1)
-        acc_u += tl.sum(wu * x[None, :], 1)
+        acc_g += _wdot_L(wg_ptr, s_ptr, z_ptr, rg, mn, x_ptr, k0, D, G1, BK)
+        acc_u += _wdot_L(wu_ptr, s_ptr, z_ptr, ru, mn, x_ptr, k0, D, G1, BK)
     if ROUND:
         acc_g = acc_g.to(DT).to(tl.float32)
         acc_u = acc_u.to(DT).to(tl.float32)
@@ -48,39 +50,50 @@ def _swiglu_rows(x_ptr, wg_ptr, wu_ptr, n, mn, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _rows_dot(h_ptr, w_ptr, n, mn, K: tl.constexpr):
+def _rows_dot_L(h_ptr, w_ptr, s_ptr, z_ptr, n, mn, K: tl.constexpr, G: tl.constexpr):
     # (h w^T)[n] for the BND rows n of w [., K], in fp32
-    dk = tl.arange(0, BKD)
     y = tl.zeros((BND,), tl.float32)
     for k0 in range(0, K, BKD):
-        mk = k0 + dk < K
-        h = tl.load(h_ptr + k0 + dk, mask=mk, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + n[:, None] * K + k0 + dk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
-        y += tl.sum(w.to(tl.float32) * h[None, :], 1)
+        y += _wdot_L(w_ptr, s_ptr, z_ptr, n, mn, h_ptr, k0, K, G, BKD)
     return y
+"""
 
+_DECODE = """
+@triton.jit
+def _wdot_f(w_ptr, s_ptr, z_ptr, r, mr, v_ptr, k0, K: tl.constexpr, G: tl.constexpr, BKX: tl.constexpr):
+    # sum_k w[r, k] v[k] over k0 .. k0 + BKX of a float weight [., K]
+    k = k0 + tl.arange(0, BKX)
+    mk = k < K
+    v = tl.load(v_ptr + k, mask=mk, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + r[:, None] * K + k[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
+    return tl.sum(w.to(tl.float32) * v[None, :], 1)
+
+
+$loader
+$helpers
 
 @triton.jit
-def moe_decode_gate_up(x_ptr, ids_ptr, w13_ptr, h_ptr, wg_ptr, wu_ptr, hs_ptr, pairs):
+def moe_decode_gate_up(x_ptr, ids_ptr, w13_ptr, s13_ptr, z13_ptr, h_ptr, wg_ptr, wu_ptr, hs_ptr, pairs):
     # grid (I blocks, pairs + shared rows): one expert's BN gate and up rows against one token's
     # x; programs past the pairs do the shared expert of token p - pairs
     p = tl.program_id(1)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     if p < pairs:
         ex = tl.load(ids_ptr + p)
-        wb = w13_ptr + ex * (2 * I * D)
+        wb = w13_ptr + ex * W13
         mn = n < I
-        h = _swiglu_rows(x_ptr + (p // TOPK).to(tl.int64) * D, wb, wb + I * D, n, mn, False)
+        h = _swiglu_rows_$R(x_ptr + (p // TOPK).to(tl.int64) * D, wb, wb, s13_ptr + ex * S13, z13_ptr + ex * S13,
+                           n, n + I, mn, False)
         tl.store(h_ptr + p.to(tl.int64) * I + n, h.to(DT), mask=mn)
     else:
         tok = (p - pairs).to(tl.int64)
         mn = n < IS
-        h = _swiglu_rows(x_ptr + tok * D, wg_ptr, wu_ptr, n, mn, True)
+        h = _swiglu_rows_f(x_ptr + tok * D, wg_ptr, wu_ptr, wg_ptr, wg_ptr, n, n, mn, True)
         tl.store(hs_ptr + tok * IS + n, h.to(DT), mask=mn)
 
 
 @triton.jit
-def moe_decode_down(h_ptr, ids_ptr, w2_ptr, hs_ptr, wd_ptr, y_ptr, pairs):
+def moe_decode_down(h_ptr, ids_ptr, w2_ptr, s2_ptr, z2_ptr, hs_ptr, wd_ptr, y_ptr, pairs):
     # grid (D blocks, pairs + shared rows): y[p] = round(h[p] w2_{ids[p]}^T) for BND of its D
     # rows; programs past the pairs do the shared expert of token p - pairs (y's row p)
     p = tl.program_id(1)
@@ -88,38 +101,110 @@ def moe_decode_down(h_ptr, ids_ptr, w2_ptr, hs_ptr, wd_ptr, y_ptr, pairs):
     mn = n < D
     if p < pairs:
         ex = tl.load(ids_ptr + p)
-        y = _rows_dot(h_ptr + p.to(tl.int64) * I, w2_ptr + ex * (D * I), n, mn, I)
+        y = _rows_dot_$R(h_ptr + p.to(tl.int64) * I, w2_ptr + ex * W2, s2_ptr + ex * S2, z2_ptr + ex * S2,
+                        n, mn, I, G2)
     else:
-        y = _rows_dot(hs_ptr + (p - pairs).to(tl.int64) * IS, wd_ptr, n, mn, IS)
+        y = _rows_dot_f(hs_ptr + (p - pairs).to(tl.int64) * IS, wd_ptr, wd_ptr, wd_ptr, n, mn, IS, 1)
     tl.store(y_ptr + p.to(tl.int64) * D + n, y.to(DT), mask=mn)
 """
 
 
+def _loader(fmt: str, asym: bool) -> str:
+    """`_wdot_q`: sum_k w[r, k] v[k] over one K tile of low-bit codes, each weight dequantized
+    as the op library does (kimi_graph/ops/quant.dequantize): (code - zero point) * scale in
+    fp32, rounded to the data dtype. A tile inside one group (G % BKX == 0) reads one scale
+    per row; otherwise each column's group is looked up. int4: byte j holds columns 2j (low
+    nibble) and 2j + 1, dotted with v's even and odd entries."""
+    int4 = fmt == "int4"
+    width, per_row = ("K // 2", "(K // 2)") if int4 else ("K", "K")
+    cols = {"e": ("2 * j", "c & 15"), "o": ("2 * j + 1", "c >> 4")} if int4 else {"": ("j", "c")}
+    row_g, nk = ("(r // G)", "((K + G - 1) // G)") if fmt == "fp8" else ("r", "(K // G)")   # fp8: G x G blocks
+
+    def params(g: str, m: str, t: str, col: str = "") -> list[str]:
+        z = f"tl.load(z_ptr + {g}, mask={m}, other=0).to(tl.float32){col}" if asym else \
+            ("0.0" if fmt == "fp8" else f"{2.0 ** (BITS[fmt] - 1)}")
+        return [f"    s{t} = tl.load(s_ptr + {g}, mask={m}, other=0.0).to(tl.float32){col}", f"    z{t} = {z}"]
+    lines = [f"j = k0{' // 2' if int4 else ''} + tl.arange(0, BKX{' // 2' if int4 else ''})",
+             f"mj = j < {width}", "m2 = mr[:, None] & mj[None, :]",
+             f"c = tl.load(w_ptr + r[:, None] * {per_row} + j[None, :], mask=m2, "
+             f"other={'0.0' if fmt == 'fp8' else '0'}).to({'tl.float32' if fmt == 'fp8' else 'tl.int32'})"]
+    lines += [f"v{t} = tl.load(v_ptr + {k}, mask=mj, other=0.0).to(tl.float32)" for t, (k, _) in cols.items()]
+    first = next(iter(cols))
+    lines += ["if G % BKX == 0:"] + params(f"{row_g} * {nk} + k0 // G", "mr", first, "[:, None]")
+    lines += [f"    s{t}, z{t} = s{first}, z{first}" for t in cols if t != first]
+    lines.append("else:")
+    for t, (k, _) in cols.items():
+        lines += params(f"{row_g}[:, None] * {nk} + ({k})[None, :] // G", "m2", t)
+    lines += [f"w{t} = ((({code}).to(tl.float32) - z{t}) * s{t}).to(DT).to(tl.float32)" for t, (_, code) in cols.items()]
+    lines.append("return tl.sum(" + " + ".join(f"w{t} * v{t}[None, :]" for t in cols) + ", 1)")
+    body = "\n".join("    " + ln for ln in lines)
+    return ("@triton.jit\ndef _wdot_q(w_ptr, s_ptr, z_ptr, r, mr, v_ptr, k0, K: tl.constexpr, G: tl.constexpr, "
+            f"BKX: tl.constexpr):\n    # {fmt} codes{' with zero points' if asym else ''}\n{body}\n\n")
+
+
+@dataclass(frozen=True, eq=False)
+class Quant:
+    """Low-bit routed experts (kimi_graph/ops/quant.py): w13 and w2 are `fmt` codes with these
+    scales, and zero points when asymmetric."""
+    fmt: str
+    group_size: int
+    s13: torch.Tensor
+    s2: torch.Tensor
+    z13: torch.Tensor | None = None
+    z2: torch.Tensor | None = None
+
+    def key(self) -> tuple:
+        return self.fmt, self.group_size, self.z13 is not None
+
+
 @functools.lru_cache(maxsize=None)
-def decode_specs(I, D, top_k, dtype, wdt, shared_i, target):
+def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None = None):
     """(gate_up, down, combine) kernels of the direct path; shared_i: the shared expert's width
-    (0: none)."""
+    (0: none); quant: (format, group size, asymmetric) of low-bit experts. None where the target
+    has no kernel for the format (fp8 before sm_89)."""
     cfg = config("moe_decode", target)
     wide = max(I, shared_i)
     consts = {"I": I, "IS": max(shared_i, 1), "D": D, "TOPK": top_k,
               "BN": min(cfg["BN"], next_pow2(wide)), "BK": min(cfg["BK"], next_pow2(D)),
               "BND": min(cfg["BND"], next_pow2(D)), "BKD": min(cfg["BKD"], next_pow2(wide)),
-              "DT": TL_DTYPES[dtype]}
-    src = render("moe_decode", _DECODE, consts)
+              "DT": TL_DTYPES[dtype], "W13": 2 * I * D, "W2": D * I, "S13": 1, "S2": 1, "G1": 1, "G2": 1}
     p, stages = ptr_type(dtype), cfg["num_stages"]
-    return (KernelSpec("moe_decode_gate_up", "moe_decode_gate_up", src,
-                       {"x_ptr": p, "ids_ptr": "*i64", "w13_ptr": p, "h_ptr": p, "wg_ptr": p, "wu_ptr": p,
-                        "hs_ptr": p, "pairs": "i32"}, cfg["num_warps"], stages, consts),
-            KernelSpec("moe_decode_down", "moe_decode_down", src,
-                       {"h_ptr": p, "ids_ptr": "*i64", "w2_ptr": p, "hs_ptr": p, "wd_ptr": p, "y_ptr": p,
-                        "pairs": "i32"}, cfg.get("warps_down", cfg["num_warps"]), stages, consts),
+    code, scale, zero = p, p, p
+    helpers, loader = _HELPERS.replace("_L(", "_f("), ""
+    if quant is not None:
+        fmt, group, asym = quant
+        if fmt == "fp8" and not moe_quant.has_e4m3(target):
+            return None
+        w13, w2 = (2 * I, D), (D, I)
+        consts.update(G1=group_of(fmt, D, group), G2=group_of(fmt, I, group),
+                      W13=math.prod(code_shape(fmt, w13)), W2=math.prod(code_shape(fmt, w2)),
+                      S13=math.prod(scale_shape(fmt, w13, group)), S2=math.prod(scale_shape(fmt, w2, group)))
+        code, zero = moe_quant.CODE_PTR[fmt], "*u8" if asym else p
+        helpers, loader = helpers + _HELPERS.replace("_L(", "_q("), _loader(fmt, asym)
+    name = "moe_decode" + (f"_{quant[0]}" if quant else "")
+    src = render(name, _DECODE, consts, loader=loader, helpers=helpers, R="q" if quant else "f")
+    return (KernelSpec(f"{name}_gate_up", "moe_decode_gate_up", src,
+                       {"x_ptr": p, "ids_ptr": "*i64", "w13_ptr": code, "s13_ptr": scale, "z13_ptr": zero,
+                        "h_ptr": p, "wg_ptr": p, "wu_ptr": p, "hs_ptr": p, "pairs": "i32"},
+                       cfg["num_warps"], stages, consts),
+            KernelSpec(f"{name}_down", "moe_decode_down", src,
+                       {"h_ptr": p, "ids_ptr": "*i64", "w2_ptr": code, "s2_ptr": scale, "z2_ptr": zero,
+                        "hs_ptr": p, "wd_ptr": p, "y_ptr": p, "pairs": "i32"},
+                       cfg.get("warps_down", cfg["num_warps"]), stages, consts),
             *moe_permute.combine_specs(D, top_k, dtype, wdt, target))
 
 
-def _check(x, ids, weights, w13, w2, acc, shared):
-    E, I2, D = w13.shape
+def _shapes(w13, w2, quant):
+    """The float weights' shapes ([E, 2I, D], [E, D, I])."""
+    if quant is None:
+        return tuple(w13.shape), tuple(w2.shape)
+    return weight_shape(quant.fmt, tuple(w13.shape)), weight_shape(quant.fmt, tuple(w2.shape))
+
+
+def _check(x, ids, weights, w13, w2, acc, shared, quant=None):
+    (E, I2, D), s2 = _shapes(w13, w2, quant)
     ok = ids.shape == weights.shape and ids.shape[:-1] == x.shape[:-1] and x.shape[-1] == D \
-        and w2.shape == (E, D, I2 // 2) and ids.dtype == torch.int64 and (acc is None or acc.shape == x.shape)
+        and s2 == (E, D, I2 // 2) and ids.dtype == torch.int64 and (acc is None or acc.shape == x.shape)
     if shared is not None:
         wg, wu, wd = shared
         ok = ok and wg.shape == wu.shape and wg.shape[1:] == (D,) and wd.shape == (D, wg.shape[0])
@@ -130,15 +215,26 @@ def _check(x, ids, weights, w13, w2, acc, shared):
                          "(give acc or a shared expert, not both)")
 
 
-def direct(x, ids, weights, w13, w2, acc=None, shared=None):
+def _specs(x, ids, weights, w13, w2, shared, quant):
+    (E, I2, D), _ = _shapes(w13, w2, quant)
+    IS = 0 if shared is None else shared[0].shape[0]
+    return decode_specs(I2 // 2, D, ids.shape[-1], ir_dtype(x), ir_dtype(weights), IS, current_target(),
+                        quant and quant.key())
+
+
+def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None = None):
     """acc + sum_j weights[..., j] SwiGLU_{ids[..., j]}(x), reading experts by id; with `shared`
-    = (w_gate, w_up, w_down), the shared expert's SwiGLU(x) takes acc's place."""
-    _check(x, ids, weights, w13, w2, acc, shared)
-    E, I2, D = w13.shape
+    = (w_gate, w_up, w_down), the shared expert's SwiGLU(x) takes acc's place; with `quant`,
+    w13 and w2 are low-bit codes, dequantized in the kernels (only the codes are read)."""
+    _check(x, ids, weights, w13, w2, acc, shared, quant)
+    specs = _specs(x, ids, weights, w13, w2, shared, quant)
+    if specs is None:
+        raise ValueError(f"no direct decode kernel for {quant.fmt} experts on {current_target()}")
+    gate_up, down, _ = specs
+    (E, I2, D), _ = _shapes(w13, w2, quant)
     I, k = I2 // 2, ids.shape[-1]
     dt = x.dtype
     IS = 0 if shared is None else shared[0].shape[0]
-    gate_up, down, _ = decode_specs(I, D, k, ir_dtype(x), ir_dtype(weights), IS, current_target())
     c = gate_up.config
     pairs = ids.numel()
     N = pairs // k if k else 0
@@ -149,9 +245,18 @@ def direct(x, ids, weights, w13, w2, acc=None, shared=None):
     y = torch.empty(rows, D, device=x.device, dtype=dt)
     hs = torch.empty(N, IS, device=x.device, dtype=dt) if IS else h
     wg, wu, wd = (t.to(dt).contiguous() for t in shared) if IS else (h, h, h)
+    if quant is None:
+        w13, w2 = w13.to(dt).contiguous(), w2.to(dt).contiguous()
+        s13 = z13 = w13
+        s2 = z2 = w2
+    else:
+        w13, w2 = w13.contiguous(), w2.contiguous()
+        s13, s2 = quant.s13.to(dt).contiguous(), quant.s2.to(dt).contiguous()
+        z13 = s13 if quant.z13 is None else quant.z13.contiguous()
+        z2 = s2 if quant.z2 is None else quant.z2.contiguous()
     ids_c, xc = ids.contiguous(), x.contiguous()
-    launch(gate_up, (-(-max(I, IS) // c["BN"]), rows), xc, ids_c, w13.to(dt).contiguous(), h, wg, wu, hs, pairs)
-    launch(down, (-(-D // c["BND"]), rows), h, ids_c, w2.to(dt).contiguous(), hs, wd, y, pairs)
+    launch(gate_up, (-(-max(I, IS) // c["BN"]), rows), xc, ids_c, w13, s13, z13, h, wg, wu, hs, pairs)
+    launch(down, (-(-D // c["BND"]), rows), h, ids_c, w2, s2, z2, hs, wd, y, pairs)
     return moe_permute.moe_combine(y[:pairs], weights, y[pairs:].view(x.shape) if IS else acc.to(dt))
 
 
@@ -165,20 +270,51 @@ def takes_direct(ids: torch.Tensor) -> bool:
     return ids.numel() <= config("moe_decode", current_target())["max_pairs"]
 
 
-def moe_experts(x, ids, weights, w13, w2, acc=None, shared=None):
-    """The routed experts (and a shared one): by id for a decode-sized batch, else moe.moe_experts
-    after the shared expert through torch."""
-    if takes_direct(ids):
-        return direct(x, ids, weights, w13, w2, acc, shared)
-    _check(x, ids, weights, w13, w2, acc, shared)
+def moe_experts(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None = None):
+    """The routed experts (and a shared one): by id for a decode-sized batch, else the permuted
+    path (moe.moe_experts, or for low-bit experts moe_quant.quantized_moe_experts) after the
+    shared expert through torch."""
+    if takes_direct(ids) and _specs(x, ids, weights, w13, w2, shared, quant) is not None:
+        return direct(x, ids, weights, w13, w2, acc, shared, quant)
+    _check(x, ids, weights, w13, w2, acc, shared, quant)
     if shared is not None:
         acc = shared_swiglu(x, *(t.to(x.dtype) for t in shared))
-    return moe.moe_experts(x, ids, weights, w13, w2, acc)
+    if quant is None:
+        return moe.moe_experts(x, ids, weights, w13, w2, acc)
+    return moe_quant.quantized_moe_experts(x, ids, weights, w13, quant.s13, w2, quant.s2, acc, quant.z13, quant.z2,
+                                           fmt=quant.fmt, group_size=quant.group_size)
+
+
+def run_step(kind: str, attrs: dict, args: list, shared_rows: tuple = ()):
+    """A moe_experts or quantized_moe_experts op's operands (the backend's `Experts` step): with
+    `shared_rows`, the acc operand is replaced by the shared expert's (Wg, Wu, Wd), Wg and Wu
+    sliced to those (start, end) rows."""
+    n = 7 if kind == "quantized_moe_experts" else 5          # operands before acc
+    if shared_rows:
+        (g0, g1), (u0, u1) = shared_rows
+        acc, shared, rest = None, (args[n][g0:g1], args[n + 1][u0:u1], args[n + 2]), args[n + 3:]
+    else:
+        acc, shared, rest = args[n], None, args[n + 1:]
+    if n == 5:
+        return moe_experts(*args[:5], acc, shared)
+    quant = Quant(attrs["format"], attrs["group_size"], args[4], args[6], *rest)
+    return moe_experts(*args[:4], args[5], acc, shared, quant)
+
+
+def op_quantized_moe_experts(args, attrs):
+    return [run_step("quantized_moe_experts", attrs, list(args))]
 
 
 def specs_for(kind, ins, outs, attrs, target, shared_i: int = 0):
-    """Both paths' kernels (moe_experts runs either), for AOT builds."""
-    x, ids, w, w13, w2 = ins[:5]
-    E, I2, D = w13.shape
+    """Both paths' kernels (the op runs either), for AOT builds."""
+    x, ids, w = ins[:3]
+    if kind == "quantized_moe_experts":
+        fmt = attrs["format"]
+        (E, I2, D), I = weight_shape(fmt, ins[3].shape), weight_shape(fmt, ins[5].shape)[2]
+        zeros = ins[7 + (3 if shared_i else 1):]             # after acc or the shared expert's weights
+        direct_specs = decode_specs(I, D, ids.shape[-1], x.dtype, w.dtype, shared_i, target,
+                                    (fmt, attrs["group_size"], bool(zeros)))
+        return list(direct_specs or ()) + moe_quant.chain_specs(ins[:7] + [x] + list(zeros), attrs, target)
+    E, I2, D = ins[3].shape
     return (list(decode_specs(I2 // 2, D, ids.shape[-1], x.dtype, w.dtype, shared_i, target))
             + moe.specs_for("moe_experts", ins[:5] + [x], outs, attrs, target))

@@ -25,6 +25,7 @@ import torch
 
 from kimi_graph.ops.quant import group_of
 
+from . import moe_permute
 from .codegen import TL_DTYPES, KernelSpec, launch, render
 from .elementwise import ir_dtype, ptr_type
 from .targets import TARGETS, config, current_target
@@ -122,6 +123,11 @@ def tile_k(fmt: str, K: int, G: int, BK: int) -> int | None:
 CODE_PTR = {"int4": "*u8", "int8": "*u8", "fp8": "*fp8e4nv"}
 
 
+def has_e4m3(target: str) -> bool:
+    """Does Triton have the fp8 e4m3 type on `target`? (sm_89 on, and the interpreter)"""
+    return (TARGETS[target]["arch"] or 89) >= 89
+
+
 @functools.lru_cache(maxsize=None)
 def specs(fmt: str, E: int, I: int, D: int, group_size: int, asym: bool, dtype: str, small: bool,
           target: str) -> tuple[KernelSpec, KernelSpec] | None:
@@ -132,8 +138,8 @@ def specs(fmt: str, E: int, I: int, D: int, group_size: int, asym: bool, dtype: 
     BM, BN, BK = cfg["BM" + sfx], cfg["BN" + sfx], cfg["BK" + sfx]
     G1, G2 = group_of(fmt, D, group_size), group_of(fmt, I, group_size)
     bk1, bk2 = tile_k(fmt, D, G1, BK), tile_k(fmt, I, G2, BK)
-    if bk1 is None or bk2 is None or (fmt == "fp8" and (TARGETS[target]["arch"] or 89) < 89):
-        return None             # (Triton has no e4m3 type before sm_89)
+    if bk1 is None or bk2 is None or (fmt == "fp8" and not has_e4m3(target)):
+        return None
     fp8_act = fmt == "fp8" and not small and cfg["fp8_dot"] and dtype != "f32"
     if fmt == "fp8":            # a weight tile lies in one G x G block
         BN = min(BN, G1, G2)
@@ -181,6 +187,17 @@ def quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13=None, z2=None,
     return y
 
 
+def quantized_moe_experts(x, ids, weights, q13, s13, q2, s2, acc, z13=None, z2=None, *, fmt: str,
+                          group_size: int = 128):
+    """quantized_moe_experts through the permutation: moe_permute -> quantized_grouped_swiglu
+    (the op's reference where no kernel fits) -> moe_unpermute (moe_decode reads a decode-sized
+    batch's experts by id instead)."""
+    rows, offsets, order = moe_permute.moe_permute(x, ids, q13.shape[0])
+    args = [rows, offsets, q13, s13, q2, s2] + ([z13, z2] if z13 is not None else [])
+    y = op_quantized_grouped_swiglu(args, {"format": fmt, "group_size": group_size})[0]
+    return moe_permute.moe_unpermute(y, order, weights, acc)
+
+
 def op_quantized_grouped_swiglu(args, attrs):
     fmt, group = attrs["format"], attrs["group_size"]
     y = quantized_grouped_swiglu(*args, fmt=fmt, group_size=group)
@@ -198,3 +215,12 @@ def specs_for(kind, ins, outs, attrs, target):
     return [s for small in (True, False)
             for s in specs(fmt, q13.shape[0], I, rows.shape[1], attrs["group_size"], asym, rows.dtype,
                            small, target) or ()]
+
+
+def chain_specs(ins, attrs, target) -> list[KernelSpec]:
+    """quantized_moe_experts' permuted path (`quantized_moe_experts`), for AOT builds."""
+    x, ids, w, q13, s13, q2, s2 = ins[:7]
+    E = q13.shape[0]
+    return (moe_permute.specs(x, ids, {"num_experts": E}, target)
+            + specs_for("quantized_grouped_swiglu", [x, None, q13, s13, q2, s2] + list(ins[8:]), [], attrs, target)
+            + list(moe_permute.unpermute_specs(x.shape[-1], ids.shape[-1], x.dtype, w.dtype, target)))
