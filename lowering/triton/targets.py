@@ -78,8 +78,11 @@ TARGETS: dict[str, dict] = {
         "moe_gemm": {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3}})},
     # sm_90: decode tiles from sweeps on an H100 (bench/results/*.json)
     "sm_90": {"arch": 90, "gpu": "H100 / H200", "configs": _merge(_BASE, {
-        # kda intra: 4 warps (H200 sweep, fused levels/W-U kernel: 16k 3.09 vs 4.10 ms on 8 warps)
-        "kda_chunk": {"BT": 32, "prep_warps": 4, "intra_warps": 4, "num_warps": 4, "num_stages": 3},
+        # kda chunk: the best of bench/kda_chunk.py --sweep on an H200 (2026-11-30; 16k 2.22 ms,
+        # 64x512 4.58 ms, the previous fused kernel 3.08 / 6.41 in the same sweep)
+        "kda_chunk": {"BT": 32, "BV": 32, "KH": 128, "BW": 128, "BH": 8, "diag": "token", "diag_unroll": False,
+                      "wu": "fused", "num_warps": 4, "num_stages": 3, "prep_warps": 4, "prep_rows": 16,
+                      "diag_warps": 4, "intra_warps": 2, "intra_stages": 1, "wu_warps": 2, "wu_stages": 2},
         "kda_recurrent": {"BV": 64, "num_warps": 4},
         "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
         "mla_decode": {"BS": 64, "num_warps": 4, "num_stages": 2},
@@ -93,9 +96,9 @@ TARGETS: dict[str, dict] = {
         # (bench/lowbit.py on an H200, 2026-11-30: 1.4-2.1x the 32-row default)
         "moe_gemm_q": {"BM": 128, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3, "fp8_dot": True,
                        "BN_small": 64},
-        # direct decode experts: down 16 rows x 512 columns (16 KB bf16) a step, two steps per pair;
-        # until bench/decode_step.py's sweep on an H200 writes its best to the tuning file
-        "moe_decode": {"BND": 16, "BKD": 512}})},
+        # direct decode experts: the best of bench/decode_step.py's sweep on an H200 (2026-11-30;
+        # one MoE layer at B=1 in 46 us, 65% of the copy rate over the experts read)
+        "moe_decode": {"BN": 16, "BK": 256, "num_warps": 4, "BND": 32, "BKD": 256, "warps_down": 4}})},
     "interpret": {"arch": None, "gpu": "Triton interpreter (CPU)", "configs": _merge(_BASE, {
         "elementwise": {"BLOCK": 64},
         "conv": {"BT": 8, "BC": 16},
