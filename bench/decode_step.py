@@ -48,9 +48,12 @@ def variant_setup(name: str) -> str:
 
 
 def profile_step(step, reps: int) -> tuple[float, float, dict]:
-    """(kernels per step, kernel ms per step, top kernels by ms per step) over `reps` steps."""
+    """(kernels per step, kernel ms per step, {kernel: [ms, launches] per step}, largest first)."""
     events = kernel_events(step, reps)
-    top = {k[:48]: round(v, 4) for k, v in list(per_name(events, reps).items())[:8]}
+    counts: dict = {}
+    for name, _ in events:
+        counts[name] = counts.get(name, 0) + 1
+    top = {k[:60]: [round(v, 4), counts[k] // reps] for k, v in per_name(events, reps).items()}
     return len(events) / reps, sum(ms for _, ms in events) / reps, top
 
 
@@ -83,7 +86,7 @@ def run_model(layers: int, variant: str, args, bw: float, rows: list) -> None:
             if graphs:
                 row["ms"] = timed_ms(step, args.steps)
                 row["floor_frac"] = row["floor_ms"] / row["ms"]
-                row["top_kernels"] = top
+                row["kernels_per_step"] = top
             engine.cache.free(slots)
             del engine, step
             gc.collect()
