@@ -19,7 +19,8 @@ step_tests() {
     tests/test_triton_gpu.py tests/test_triton_moe_quant.py tests/test_torch_step_graphs.py \
     "tests/test_lowering_torch_compile.py::test_decode_under_cuda_graphs" ${TESTS_K:+-k "$TESTS_K"}
 }
-step_prefill() { timeout 200 python3 bench/prefill_split.py --layers 27; }
+step_prefill() { timeout 200 python3 bench/prefill_split.py --layers 27 ${PREFILL_ARGS}; }
+step_mla_small() { timeout 200 python3 bench/mla_decode.py --small; }
 step_kda() { timeout 330 python3 bench/kda_chunk.py --sweep; }
 step_kda_check() { timeout 240 python3 bench/kda_chunk.py; }
 step_lowbit() { timeout 150 python3 bench/lowbit.py; }

@@ -1,10 +1,16 @@
 """MLA latent decode: B=32, H=32, latent 512 + rope 64, context 32k, bf16. Bytes: the latent and
 rope-key caches read once (plus queries and output); rate against the copy bandwidth measured in
-the same run; a torch (cuBLAS bmm + softmax) baseline in the same run. python bench/mla_decode.py"""
+the same run; a torch (cuBLAS bmm + softmax) baseline in the same run. python bench/mla_decode.py
+
+--small: the decode shapes of one engine step (B=1 and 32 at 1k-128k context), every kernel tile
+against every split count, replayed from CUDA graphs (split + merge, as decode runs them); the
+best per shape is printed last and written to mla_decode_small.json."""
 from __future__ import annotations
 
+import argparse
+
 import torch
-from harness import bench, copy_bandwidth, override_config, rel_err, write_result
+from harness import bench, bench_graph, copy_bandwidth, override_config, rel_err, write_result
 
 from kimi_graph.lowering.triton import mla
 from kimi_graph.ops import get_op
@@ -48,5 +54,49 @@ def main():
                                       "shape": f"B={B}, H={H}, R={R}, P={P}, S={S}, bf16"})
 
 
+SMALL_SHAPES = ((1, 1024), (1, 32768), (1, 131072), (32, 1024), (32, 32768))
+SMALL_TILES = [dict(BM=bm, BS=bs, num_warps=w, num_stages=2) for bm in (32, 16) for bs in (64, 32) for w in (4, 8)]
+SMALL_SPLITS = (None, 8, 16, 32, 66, 132, 264)      # None: mla.py's own rule
+
+
+def small():
+    bw = copy_bandwidth()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    mk = lambda *s: torch.randn(*s, device="cuda", generator=g, dtype=torch.bfloat16)
+    rows, base = [], {}
+    for B, S in SMALL_SHAPES:
+        ql, qr, c, kr = mk(B, 1, H, R), mk(B, 1, H, P), mk(B, S, R), mk(B, S, P)
+        nbytes = (c.numel() + kr.numel()) * 2
+        ref = torch_latent(ql, qr, c, kr)
+        for tile in SMALL_TILES:
+            override_config("mla_decode", **tile)
+            for splits in SMALL_SPLITS:
+                call = lambda: mla.mla_latent_attention(ql, qr, c, kr, scale=SCALE, splits=splits)
+                try:
+                    err = rel_err(call(), ref)
+                    us = bench_graph(call) * 1e3
+                except Exception as e:      # e.g. out of shared memory for a tile
+                    print(B, S, tile, splits, type(e).__name__, str(e)[:100])
+                    continue
+                row = {"B": B, "S": S, **tile, "splits": splits or "auto", "us": us,
+                       "of_copy_bw": nbytes / (us * 1e-6) / bw, "err_vs_torch": err}
+                rows.append(row)
+                if splits is None and tile == SMALL_TILES[0]:
+                    base[(B, S)] = us
+        del ql, qr, c, kr
+    best = {}
+    for r in rows:
+        k = (r["B"], r["S"])
+        if k not in best or r["us"] < best[k]["us"]:
+            best[k] = r
+    write_result("mla_decode_small", rows, {"copy_bandwidth_GBps": bw / 1e9,
+                                            "best": [dict(v, vs_today=base.get(k, 0) / v["us"]) for k, v in best.items()]})
+    for k, v in best.items():
+        print(f"B={k[0]} S={k[1]}: today {base.get(k, 0):.1f} us, best {v['us']:.1f} us "
+              f"({v['of_copy_bw']:.0%} of copy) with {dict((x, v[x]) for x in ('BM', 'BS', 'num_warps', 'splits'))}")
+
+
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="the engine's decode shapes, tiles x split counts")
+    (small if ap.parse_args().small else main)()
