@@ -12,7 +12,8 @@ import torch
 pytest.importorskip("triton")
 
 from kimi_graph.lowering.triton import conv, elementwise, kda, mla, moe, moe_permute, norm  # noqa: E402
-from kimi_graph.ops import get_op  # noqa: E402
+from kimi_graph.ops import get_op
+from kimi_graph.runtime.views import PagedRows  # noqa: E402
 from reference_kimi import rel_err as rel  # noqa: E402
 
 TOL = 1e-5
@@ -283,6 +284,22 @@ def test_mla_latent_attention(T, q_start, splits):
     assert rel(out, attention_loop(q, kk, c.unsqueeze(2).expand(B, S, H, R), qs, 0.2)) < TOL
     args = [ql, qr, c, kr] + ([qs] if qs is not None else [])
     assert rel(out, get_op("mla_latent_attention").ref(args, {"scale": 0.2})[0]) < TOL
+
+
+@pytest.mark.parametrize("page_size", [16, 5])   # whole key blocks (BS 16) per page / blocks straddling pages
+def test_mla_latent_attention_reads_paged_caches(page_size):
+    B, H, R, P, pages_per_slot = 2, 4, 32, 8, 4
+    S = page_size * pages_per_slot
+    table = torch.randperm(B * pages_per_slot + 3)[:B * pages_per_slot].view(B, -1).to(torch.int32)
+    pool_c, pool_k = torch.randn(B * pages_per_slot + 3, page_size, R), torch.randn(B * pages_per_slot + 3, page_size, P)
+    slots = torch.tensor([1, 0])
+    c, kr = (PagedRows(pool, slots, table, S, S) for pool in (pool_c, pool_k))
+    ql, qr, qs = torch.randn(B, 1, H, R), torch.randn(B, 1, H, P), torch.tensor([S - 1, S // 2])
+    out = mla.mla_latent_attention(ql, qr, c, kr, qs, scale=0.2)
+    dense_c, dense_k = c.dense(), kr.dense()
+    assert torch.equal(dense_c[0, :page_size], pool_c[table[1, 0]])       # the view is the pages' order
+    ref = get_op("mla_latent_attention").ref([ql, qr, dense_c, dense_k, qs], {"scale": 0.2})[0]
+    assert rel(out, ref) < TOL
 
 
 @pytest.mark.parametrize("T,S,q_start", [(7, 7, None), (1, 30, [29, 3, 15]), (20, 40, [0, 20, 5])])
