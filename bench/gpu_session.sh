@@ -15,9 +15,9 @@ SUMMARY=()
 
 step_tests() {
   python3 -c "import transformers, fla; print('transformers', transformers.__version__, 'fla', fla.__version__)"
-  timeout 280 python3 -m pytest -v -rf --timeout 100 --durations=15 tests/test_decode_graphs_gpu.py \
+  timeout 280 python3 -m pytest -v -rf --timeout 100 --durations=15 ${TESTS_FILES:-tests/test_decode_graphs_gpu.py \
     tests/test_triton_gpu.py tests/test_triton_moe_quant.py tests/test_torch_step_graphs.py \
-    "tests/test_lowering_torch_compile.py::test_decode_under_cuda_graphs" ${TESTS_K:+-k "$TESTS_K"}
+    "tests/test_lowering_torch_compile.py::test_decode_under_cuda_graphs"} ${TESTS_K:+-k "$TESTS_K"}
 }
 step_prefill() { timeout 200 python3 bench/prefill_split.py --layers 27 ${PREFILL_ARGS}; }
 step_mla_small() { timeout 200 python3 bench/mla_decode.py --small; }
@@ -35,6 +35,10 @@ step_compiled() {
   timeout 300 python3 bench/e2e.py --phases ours --backend torch --graphs off --batches 1,32 \
     --contexts 1024 --prefill 1x4096 --name e2e-compiled \
     --backend-options '{"compile": true, "mode": "reduce-overhead", "kernels": "triton"}'
+}
+step_e2e_decode() {   # ours only, decode at B=1 and 32, 1k and 32k, with the tuning file
+  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 200 python3 bench/e2e.py --phases ours --batches 1,32 \
+    --contexts 1024,32768 --prefill 1x4096 --graphs on --name e2e-decode
 }
 step_long() { timeout 400 python3 bench/e2e.py --phases long; }
 # the final run: tiles swept first (into this GPU's tuning file), then the whole model with them
