@@ -55,7 +55,9 @@ def main():
 
 
 SMALL_SHAPES = ((1, 1024), (1, 32768), (1, 131072), (32, 1024), (32, 32768))
-SMALL_TILES = [dict(BM=bm, BS=bs, num_warps=w, num_stages=2) for bm in (32, 16) for bs in (64, 32) for w in (4, 8)]
+SMALL_TILES = [dict(BM=bm, BM_small=bm, BS=bs, num_warps=w, num_stages=2)
+               for bm in (32, 16) for bs in (64, 32) for w in (4, 8)] + \
+    [dict(BM=bm, BM_small=bm, BS=64, num_warps=4, num_stages=3) for bm in (32, 16)]
 SMALL_SPLITS = (None, 8, 16, 32, 66, 132, 264)      # None: mla.py's own rule
 
 
@@ -63,14 +65,16 @@ def small():
     bw = copy_bandwidth()
     g = torch.Generator(device="cuda").manual_seed(0)
     mk = lambda *s: torch.randn(*s, device="cuda", generator=g, dtype=torch.bfloat16)
+    from kimi_graph.lowering.triton.targets import config
+    default = dict(config("mla_decode"))
     rows, base = [], {}
     for B, S in SMALL_SHAPES:
         ql, qr, c, kr = mk(B, 1, H, R), mk(B, 1, H, P), mk(B, S, R), mk(B, S, P)
         nbytes = (c.numel() + kr.numel()) * 2
         ref = torch_latent(ql, qr, c, kr)
-        for tile in SMALL_TILES:
-            override_config("mla_decode", **tile)
-            for splits in SMALL_SPLITS:
+        for tile in [None] + SMALL_TILES:       # None: the target's own tiles and split rule
+            override_config("mla_decode", **(tile or default))
+            for splits in (SMALL_SPLITS if tile else (None,)):
                 call = lambda: mla.mla_latent_attention(ql, qr, c, kr, scale=SCALE, splits=splits)
                 try:
                     err = rel_err(call(), ref)
@@ -78,10 +82,10 @@ def small():
                 except Exception as e:      # e.g. out of shared memory for a tile
                     print(B, S, tile, splits, type(e).__name__, str(e)[:100])
                     continue
-                row = {"B": B, "S": S, **tile, "splits": splits or "auto", "us": us,
+                row = {"B": B, "S": S, **(tile or {"BM": "default"}), "splits": splits or "auto", "us": us,
                        "of_copy_bw": nbytes / (us * 1e-6) / bw, "err_vs_torch": err}
                 rows.append(row)
-                if splits is None and tile == SMALL_TILES[0]:
+                if tile is None:
                     base[(B, S)] = us
         del ql, qr, c, kr
     best = {}
@@ -90,10 +94,10 @@ def small():
         if k not in best or r["us"] < best[k]["us"]:
             best[k] = r
     write_result("mla_decode_small", rows, {"copy_bandwidth_GBps": bw / 1e9,
-                                            "best": [dict(v, vs_today=base.get(k, 0) / v["us"]) for k, v in best.items()]})
+                                            "best": [dict(v, default_us=base.get(k, 0)) for k, v in best.items()]})
     for k, v in best.items():
-        print(f"B={k[0]} S={k[1]}: today {base.get(k, 0):.1f} us, best {v['us']:.1f} us "
-              f"({v['of_copy_bw']:.0%} of copy) with {dict((x, v[x]) for x in ('BM', 'BS', 'num_warps', 'splits'))}")
+        print(f"B={k[0]} S={k[1]}: default {base.get(k, 0):.1f} us, best {v['us']:.1f} us "
+              f"({v['of_copy_bw']:.0%} of copy) with {dict((x, v.get(x)) for x in ('BM', 'BS', 'num_warps', 'num_stages', 'splits'))}")
 
 
 if __name__ == "__main__":

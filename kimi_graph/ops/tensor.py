@@ -202,7 +202,8 @@ class CacheWrite(_Movement):
         T, S = new.shape[1], cache.shape[1]
         # the bounds checks read positions back to the host: skipped inside a CUDA-graph capture
         # (the engine checks every position before it runs a step)
-        checked = new.shape[0] and not torch.cuda.is_current_stream_capturing()
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        checked = new.shape[0] and not capturing
         if checked and int(pos.max()) + T > S:
             raise ValueError(f"cache overflow: writing {T} rows at position {int(pos.max())} "
                              f"of a cache with {S} slots")

@@ -157,13 +157,15 @@ LOG2E = 1.4426950408889634
 
 @functools.lru_cache(maxsize=None)
 def latent_specs(H: int, R: int, P: int, dtype: str, scale: float, rows: int, target: str,
-                 page_size: int = 0, pages: int = 0):
+                 page_size: int = 0, pages: int = 0, tokens: int = 1 << 30):
     """The split and merge kernels. PAGE_BLOCKS when no key block straddles a page (one page
     per slot, or pages and splits in whole blocks): each block then reads its page once and its
     rows as one contiguous tile (H200, B=32 at 32k: per-key row gathers ran at 28% of copy).
-    page_size 0: not known yet (ahead-of-time builds), taken as whole blocks."""
+    page_size 0: not known yet (ahead-of-time builds), taken as whole blocks. Up to
+    `small_tokens` query tokens (B x T) take the BM_small row tile."""
     cfg = config("mla_decode", target)
-    BM = max(16, min(next_pow2(rows), cfg.get("BM", 64)))
+    bm = cfg.get("BM_small", 64) if tokens <= cfg.get("small_tokens", 0) else cfg.get("BM", 64)
+    BM = max(16, min(next_pow2(rows), bm))
     BS = cfg["BS"]
     page_blocks = pages == 1 or (page_size % BS == 0 and cfg["split_min"] % BS == 0)
     consts = {"H": H, "R": R, "P": P, "BR": max(16, next_pow2(R)), "BP": max(16, next_pow2(P)),
@@ -235,6 +237,16 @@ def _rows_of(q: torch.Tensor) -> torch.Tensor:
     return q.contiguous()
 
 
+def split_count(cap: int, programs_per_split: int, cfg: dict) -> int:
+    """Splits of a capacity of `cap` keys: about split_keys keys each (a program streams its keys
+    at a bounded rate, and each split writes a partial output the merge reads back), at least
+    min_splits while each keeps split_min keys, and at most enough programs to fill the GPU
+    (H200, B=1, 32 heads: 32k in 66 splits 43 us vs 79 us in 264; 1k needs >= 16 splits)."""
+    most_programs = max(1, cfg.get("programs", 264) // max(1, programs_per_split))
+    fewest = min(cfg.get("min_splits", 16), -(-cap // cfg["split_min"]))
+    return max(1, min(most_programs, max(fewest, -(-cap // cfg.get("split_keys", 512)))))
+
+
 def mla_latent_attention(q_lat, q_rope, latent, rope_key, q_start=None, *, scale, splits=None):
     """softmax((q_lat.latent + q_rope.rope_key) * scale) latent over visible keys -> [B,T,H,R].
     The caches are dense [B,S,*] or PagedRows views, read through their page table. The
@@ -248,15 +260,14 @@ def mla_latent_attention(q_lat, q_rope, latent, rope_key, q_start=None, *, scale
     qs = _q_start(q_start, B, T, S, q_lat.device)
     c_rows, slots, table, PS, cap = _paged(latent, B)
     kr_rows, *_ = _paged(rope_key, B)
-    split, merge = latent_specs(H, R, P, ir_dtype(q_lat), float(scale), T * H, current_target(),
-                                PS, table.shape[1])
+    target = current_target()
+    split, merge = latent_specs(H, R, P, ir_dtype(q_lat), float(scale), T * H, target,
+                                PS, table.shape[1], B * T)
     if kr_rows.dtype != dt or c_rows.dtype != dt:
         raise ValueError(f"latent {c_rows.dtype} / rope_key {kr_rows.dtype} caches must be {dt}")
-    c = split.config
-    nrb = -(-T * H // c["BM"])
-    if splits is None:   # enough programs to fill the GPU, each split at least split_min keys
-        want = max(1, 264 // max(1, B * nrb))
-        splits = max(1, min(want, -(-cap // c["SPLIT_MIN"])))
+    nrb = -(-T * H // split.config["BM"])
+    if splits is None:
+        splits = split_count(cap, B * nrb, config("mla_decode", target))
     op = torch.empty(B * T * H, splits, R, device=q_lat.device, dtype=torch.float32)
     lse = torch.empty(B * T * H, splits, device=q_lat.device, dtype=torch.float32)
     o = torch.empty(B, T, H, R, device=q_lat.device, dtype=dt)

@@ -30,7 +30,10 @@ _BASE = {
     # split_min: fewest keys a split takes; small so that short contexts at small batch still
     # spread over many programs (H200 e2e, B=1, 1k context, split_min 512: two programs,
     # mla_latent_split ~80 us per MLA layer)
-    "mla_decode": {"BS": 64, "num_warps": 8, "num_stages": 2, "split_min": 64},
+    # split_keys / min_splits / programs: the split count (mla.split_count); BM_small: the row
+    # tile for up to small_tokens query tokens
+    "mla_decode": {"BS": 64, "num_warps": 8, "num_stages": 2, "split_min": 64, "split_keys": 512,
+                   "min_splits": 16, "programs": 264, "BM_small": 16, "small_tokens": 4},
     "attention": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
     # router logits: BN tokens x BE experts x BK per step, K split until ~`programs` programs run;
     # the *_small tiles serve <= small_max tokens (decode); the selection takes BR tokens a program
@@ -85,7 +88,9 @@ TARGETS: dict[str, dict] = {
                       "diag_warps": 4, "intra_warps": 2, "intra_stages": 1, "wu_warps": 2, "wu_stages": 2},
         "kda_recurrent": {"BV": 64, "num_warps": 4},
         "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
-        "mla_decode": {"BS": 64, "num_warps": 4, "num_stages": 2},
+        # bench/mla_decode.py --small on an H200 (2026-11-30): BM 16 at B=1 (32k: 43 vs 54 us),
+        # BM 32 at B=32 (32k: 408 vs 492 us, 70% of the copy rate)
+        "mla_decode": {"BS": 64, "num_warps": 4, "num_stages": 2, "BM": 32},
         # router: best of bench/moe_dispatch.py's sweep on an H200 (2026-11-30)
         "moe_route": {"BN": 128, "BE": 128, "BR": 1, "select_warps": 2},
         # grouped SwiGLU: the mid class (4k-token prefill calls) keeps the large tiles until
