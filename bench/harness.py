@@ -60,11 +60,14 @@ def rel_err(out, ref) -> float:
 
 
 def provenance() -> dict:
+    """Device, date, versions and commit: KIMI_GRAPH_COMMIT when set (a copied tree's own git
+    may be stale), else the checkout's HEAD."""
+    commit = os.environ.get("KIMI_GRAPH_COMMIT")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip() or os.environ.get("KIMI_GRAPH_COMMIT", "?")
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                          capture_output=True, text=True).stdout.strip() or "?"
     except OSError:
-        commit = os.environ.get("KIMI_GRAPH_COMMIT", "?")
+        commit = "?"
     import triton
     return {"device": torch.cuda.get_device_name(), "date": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"),
             "commit": commit, "torch": torch.__version__, "triton": triton.__version__}
