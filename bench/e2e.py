@@ -69,8 +69,20 @@ def expected_distinct(E: int, k: int, n_tokens: int) -> float:
     return E * (1.0 - (1.0 - k / E) ** n_tokens)
 
 
-def floor_bytes(cfg: KimiLinearConfig, B: int, context: int, elem: int = 2) -> dict:
-    """Bytes one decode step of B sequences at `context` tokens must read."""
+def routed_expert_bytes(model) -> float | None:
+    """Bytes per routed-expert weight as the model holds them (codes, scales and zero points of
+    low-bit experts included); None when it holds no routed experts."""
+    cfg = model.config
+    D, I, E = cfg.hidden_size, cfg.moe_intermediate_size or 0, cfg.num_experts or 0
+    n = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)) * E * 3 * D * I
+    held = sum(t.numel() * t.element_size() for name, t in model.weights.items()
+               if ".block_sparse_moe.experts." in name)
+    return held / n if n and held else None
+
+
+def floor_bytes(cfg: KimiLinearConfig, B: int, context: int, elem: int = 2, expert_elem: float | None = None) -> dict:
+    """Bytes one decode step of B sequences at `context` tokens must read (routed experts at
+    expert_elem bytes a weight, default elem)."""
     D, I = cfg.hidden_size, cfg.moe_intermediate_size or 0
     g = build_graph(cfg, "decode", dtype="bf16")
     routed = other = 0
@@ -88,7 +100,7 @@ def floor_bytes(cfg: KimiLinearConfig, B: int, context: int, elem: int = 2) -> d
     mla = kinds.count("mla") * B * context * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * elem
     H, K, C = cfg.kda_heads, cfg.kda_head_dim, cfg.kda_heads * cfg.kda_head_dim
     kda = kinds.count("kda") * B * (H * K * K * 4 + 3 * C * (cfg.conv_kernel - 1) * elem)
-    weights = (other + experts) * elem
+    weights = other * elem + experts * (expert_elem or elem)
     return {"weights": weights, "mla_cache": mla, "kda_state": kda, "total": weights + mla + kda}
 
 
@@ -195,9 +207,10 @@ def bench_prefill(model, args, rows: list) -> None:
 def bench_decode(model, args, bw: float, rows: list) -> None:
     from kimi_graph.runtime.engine import Engine
     cfg = model.config
+    expert_elem = routed_expert_bytes(model)
     for L in args.contexts:
         for B in args.batches:
-            fl = floor_bytes(cfg, B, L)
+            fl = floor_bytes(cfg, B, L, expert_elem=expert_elem)
             row = {"what": "decode", "B": B, "context": L, "floor_ms": fl["total"] / bw * 1e3}
             need = fl["mla_cache"] * (L + args.steps + 8) / L + fl["kda_state"]
             free = torch.cuda.mem_get_info()[0] if args.device.startswith("cuda") else 1 << 62
