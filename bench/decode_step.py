@@ -42,6 +42,7 @@ def variant_setup(name: str) -> str:
     if not _MAX_PAIRS:
         _MAX_PAIRS.append(config("moe_decode")["max_pairs"])
     override_config("moe_decode", max_pairs=0 if name == "previous" else _MAX_PAIRS[0])
+    override_config("launch", pdl=name == "pdl")     # "pdl": fused, with dependent launches
     if name == "previous":
         return ",".join(p for p in DEFAULT_PIPELINE.split(",") if p.split("{")[0] not in FUSION_PASSES)
     return "default"
@@ -155,13 +156,25 @@ def sweep_moe_tiles(bw: float, rows: list, shape=(256, 8, 2304, 1024), device="c
     return best
 
 
+def choose_pdl(rows: list) -> None:
+    """Dependent launches into this device's tuning file when they made every measured step
+    faster than the same kernels launched plainly."""
+    from harness import merge_tuning
+    ms = {(r["layers"], r["B"], r["variant"]): r["ms"] for r in rows if "ms" in r}
+    pairs = [(ms[k[:2] + ("pdl",)], v) for k, v in ms.items() if k[2] == "fused" and k[:2] + ("pdl",) in ms]
+    faster = bool(pairs) and all(p < f for p, f in pairs)
+    merge_tuning("launch", {"pdl": faster}, "bench/decode_step.py: dependent launches when faster at every size")
+    print(f"dependent launches {'on' if faster else 'off'}: (pdl ms, plain ms) {pairs}", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", default="4,27", help="published-width slices (27: the whole model)")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--variants", default="fused,previous")
+    ap.add_argument("--variants", default="fused,previous",
+                    help="fused, previous (without the fusion passes), pdl (fused, dependent launches)")
     ap.add_argument("--name", default="decode_step")
     ap.add_argument("--no-sweep", action="store_true", help="skip the direct MoE kernels' tile sweep")
     ap.add_argument("--use-best", action="store_true", help="run the models with the sweep's best tiles "
@@ -186,6 +199,8 @@ def main(argv=None) -> None:
                 gc.collect()
                 torch.cuda.empty_cache()
             write_result(a.name, rows, extra)
+    if a.use_best and {"fused", "pdl"} <= set(a.variants.split(",")):
+        choose_pdl(rows)
     keys = ("layers", "variant", "B", "kernels_eager", "kernels_graph", "kernel_ms_eager", "kernel_ms_graph", "ms",
             "floor_ms", "floor_frac")
     print("\nsummary (kernels and kernel ms per step; ms per step graph-replayed; floor at the copy bandwidth)")

@@ -335,3 +335,17 @@ def test_moe_permute_swiglu_unpermute(D, I):
     wts, acc = torch.rand(N, k), torch.randn(N, D)
     out = moe_permute.moe_unpermute(y, order, wts, acc)
     assert rel(out, get_op("moe_unpermute").ref([y, order, wts, acc], {})[0]) < TOL
+
+
+# -- launch ---------------------------------------------------------------------------------
+
+def test_dependent_launch_prologue_leads_the_entry_and_changes_nothing_else():
+    from kimi_graph.lowering.triton.codegen import with_pdl
+    split, _ = mla.latent_specs(4, 32, 8, "f32", 0.2, 4, "interpret")   # multi-line signature, comments
+    pdl = with_pdl(split)
+    import ast
+    entry = next(n for n in ast.parse(pdl.source).body if getattr(n, "name", "") == split.entry)
+    asm = [ast.unparse(st) for st in entry.body[:2]]
+    assert "griddepcontrol.launch_dependents" in asm[0] and "griddepcontrol.wait" in asm[1]
+    assert [ln for ln in pdl.source.splitlines() if "griddepcontrol" not in ln] == split.source.splitlines()
+    assert pdl.hash != split.hash and with_pdl(split) is pdl

@@ -6,7 +6,9 @@ per kernel, named after the kernel and its source hash) and imports the kernel f
 """
 from __future__ import annotations
 
+import ast
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -163,25 +165,65 @@ def launch(spec: KernelSpec, grid, *args):
                         f"({', '.join(spec.signature)}), got {len(args)}")
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and os.environ.get("KIMI_GRAPH_TRITON_ARTIFACTS"):
         from .aot import find_artifact
-        if not _ARCH:
-            import torch
-            major, minor = torch.cuda.get_device_capability()
-            _ARCH.append(10 * major + minor)
-        ck = find_artifact(spec, _ARCH[0])
+        ck = find_artifact(spec, _arch())
         if ck is not None:
             grid = tuple(grid) + (1,) * (3 - len(grid))
             return ck[grid](*args)
-    kernel = load(spec)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         with _interpretable_stdlib():
-            return kernel[grid](*args)
-    return _launch_fitting(kernel, spec, grid, args)
+            return load(spec)[grid](*args)
+    if _arch() >= 90 and pdl_enabled(_arch()):
+        spec = with_pdl(spec)
+        return _launch_fitting(load(spec), spec, grid, args, launch_pdl=True)
+    return _launch_fitting(load(spec), spec, grid, args)
+
+
+def _arch() -> int:
+    if not _ARCH:
+        import torch
+        major, minor = torch.cuda.get_device_capability()
+        _ARCH.append(10 * major + minor)
+    return _ARCH[0]
 
 
 _STAGES: dict[str, int] = {}     # spec hash -> the pipeline stages that fit this GPU
 
+# Programmatic dependent launch (sm_90+): a kernel lets the next one in the stream launch as
+# soon as all its programs have started, and the next one waits, before anything else, until
+# its predecessor has finished and its writes are visible: the launch gap hides behind the
+# previous kernel's tail, with the same ordering as plain stream order.
+PDL_ENV = "KIMI_GRAPH_TRITON_PDL"     # "1" / "0": overrides the target's launch.pdl
+_PDL_PROLOGUE = [f"tl.inline_asm_elementwise('griddepcontrol.{op}; // $0', '=r', [], dtype=tl.int32, "
+                 "is_pure=False, pack=1)" for op in ("launch_dependents", "wait")]
+_PDL_SPECS: dict[str, KernelSpec] = {}
 
-def _launch_fitting(kernel, spec: KernelSpec, grid, args):
+
+@functools.lru_cache(maxsize=None)
+def pdl_enabled(arch: int) -> bool:
+    """Whether launches on sm_`arch` use programmatic dependent launch."""
+    if arch < 90:
+        return False
+    env = os.environ.get(PDL_ENV)
+    if env is not None:
+        return env not in ("", "0")
+    from .targets import config
+    return bool(config("launch").get("pdl", False))
+
+
+def with_pdl(spec: KernelSpec) -> KernelSpec:
+    """`spec` with the dependent-launch prologue as the first statements of its entry."""
+    if spec.hash not in _PDL_SPECS:
+        tree = ast.parse(spec.source)
+        entry = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == spec.entry)
+        first = entry.body[0]
+        lines = spec.source.splitlines()
+        pad = lines[first.lineno - 1][: first.col_offset]
+        lines[first.lineno - 1:first.lineno - 1] = [pad + stmt for stmt in _PDL_PROLOGUE]
+        _PDL_SPECS[spec.hash] = dataclasses.replace(spec, source="\n".join(lines) + "\n")
+    return _PDL_SPECS[spec.hash]
+
+
+def _launch_fitting(kernel, spec: KernelSpec, grid, args, **options):
     """Triton's JIT launch with the spec's stages, or fewer where the spec's tiles need more
     shared memory than this GPU has (fp32 operands take twice bf16's): the first launch
     that fails to compile retries one stage fewer, and later launches start from there."""
@@ -189,7 +231,7 @@ def _launch_fitting(kernel, spec: KernelSpec, grid, args):
     stages = _STAGES.get(spec.hash, spec.num_stages)
     while True:
         try:
-            return kernel[grid](*args, num_warps=spec.num_warps, num_stages=stages)
+            return kernel[grid](*args, num_warps=spec.num_warps, num_stages=stages, **options)
         except OutOfResources as err:
             if stages <= 1 or "shared memory" not in str(err):
                 raise

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 
 _BASE = {
+    # pdl: programmatic dependent launch of every generated kernel (codegen.with_pdl; sm_90+)
+    "launch": {"pdl": False},
     "elementwise": {"BLOCK": 1024, "num_warps": 4, "num_stages": 1},
     # tile: elements a program normalises (rows of N: max(1, tile // pow2(N)) rows a program);
     # rows of `wide` elements (pow2) or more take num_warps_wide
