@@ -44,11 +44,14 @@ step_long() { timeout 400 python3 bench/e2e.py --phases long; }
 # the final run: tiles swept first (into this GPU's tuning file), then the whole model with them
 TUNING=bench/results/tuning-nvidia-h200.json
 step_kda_tiles() { timeout 150 python3 bench/kda_chunk.py --sweep-only --budget 100; }
-step_decode_tiles() {   # tiles, then the model plain and with dependent launches (the faster goes in)
-  timeout 180 python3 bench/decode_step.py --layers 27 --batches 1,32 --variants fused,pdl --use-best
+step_decode_tiles() {   # tiles, then the model plain and (when pdl_tests passed) with dependent launches
+  local variants=fused
+  [ -f "$OUT/pdl_ok" ] && variants=fused,pdl
+  timeout 180 python3 bench/decode_step.py --layers 27 --batches 1,32 --variants $variants --use-best
 }
 step_pdl_tests() {      # the decode graph tests with every generated kernel launched dependently
-  KIMI_GRAPH_TRITON_PDL=1 timeout 150 python3 -m pytest -q -rf --timeout 100 tests/test_decode_graphs_gpu.py
+  KIMI_GRAPH_TRITON_PDL=1 timeout 150 python3 -m pytest -q -rf --timeout 100 tests/test_decode_graphs_gpu.py \
+    && touch "$OUT/pdl_ok"
 }
 step_e2e_tuned() {
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout ${E2E_S:-280} python3 bench/e2e.py --phases ours,hf \
