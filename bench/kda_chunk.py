@@ -148,25 +148,31 @@ def split(shape="16k"):
     return rows
 
 
-# one at a time over the target's config (sm_90: diagonal blocks token-parallel, W/U in their own
-# kernel, BT=32), the likelier first (a time budget may stop the sweep early): each kernel's warps
-# and tiles, then BT 64 and the layouts with the diagonal blocks / W and U in the intra kernel
-VARIANTS = ({}, {"BH": 8}, {"BH": 2}, {"diag_unroll": True}, {"diag_unroll": True, "BH": 8},
-            {"diag_warps": 2}, {"diag_warps": 8}, {"BH": 1}, {"diag_warps": 1},
-            {"intra_warps": 2}, {"intra_warps": 8}, {"wu": "fused"}, {"BW": 128}, {"wu_warps": 2}, {"KH": 128},
-            {"prep_rows": 32}, {"prep_warps": 8}, {"prep_rows": 32, "prep_warps": 8},
-            {"BV": 16}, {"BV": 64}, {"num_warps": 8}, {"BT": 64}, {"BT": 64, "intra_warps": 8},
-            {"diag": "levels"}, {"diag": "levels", "wu": "fused"})
-TUNED_KEYS = ("BT", "BC", "BV", "KH", "BW", "BH", "diag", "diag_unroll", "wu", "num_warps", "num_stages", "prep_warps",
-              "prep_rows", "diag_warps", "intra_warps", "intra_stages", "wu_warps", "wu_stages")
+# one at a time over the target's config (sm_90: diagonal blocks token-parallel, W/U in the
+# intra kernel, BT=32), the likelier first (a time budget may stop the sweep early): the
+# diagonal kernel's sums stored column by column, prep's first pass over the decay, beta k G in
+# bf16; then each kernel's warps and tiles, BT 64 and the other layouts
+VARIANTS = ({}, {"diag_store": "column"}, {"diag_store": "column", "BH": 4}, {"diag_store": "column", "diag_warps": 2},
+            {"diag_store": "column", "BH": 4, "diag_warps": 2}, {"diag_store": "column", "diag_unroll": True},
+            {"prep_kg": "prepass"}, {"bkg_fp32": False}, {"prep_kg": "prepass", "prep_warps": 8},
+            {"diag_store": "column", "prep_kg": "prepass", "bkg_fp32": False},
+            {"BH": 4}, {"diag_unroll": True}, {"diag_warps": 2}, {"intra_warps": 4}, {"wu": "split"},
+            {"KH": 64}, {"BW": 64}, {"prep_rows": 32}, {"prep_warps": 8}, {"BV": 16}, {"BV": 64}, {"num_warps": 8},
+            {"num_stages": 2}, {"BT": 64}, {"diag": "levels"})
+TUNED_KEYS = ("BT", "BC", "BV", "KH", "BW", "BH", "diag", "diag_unroll", "diag_store", "wu", "num_warps", "num_stages",
+              "prep_warps", "prep_rows", "prep_kg", "bkg_fp32", "diag_warps", "intra_warps", "intra_stages",
+              "wu_warps", "wu_stages")
 
 
 def sweep(shapes=("16k", "64x512"), budget=0.0):
     """Tile variants of ours, one at a time over the target's config, then the variants that
     beat it merged (the better first where two set one key); the best by the sum of the times at
-    `shapes`; no new variant starts after `budget` seconds (0: no limit). -> (rows, best config)."""
+    `shapes` among those within TOL of the fp64 recurrence (5 ragged sequences); no new variant
+    starts after `budget` seconds (0: no limit). -> (rows, best config)."""
     from kimi_graph.lowering.triton.targets import TARGETS, current_target
     cases = {s: inputs(lengths(dict(SHAPES)[s])) for s in shapes}
+    e_args, e_cu, e_state = inputs([300, 1, 700, 64, 129], seed=5)
+    e_ref = reference(e_args, e_state, e_cu)
     base = dict(TARGETS[current_target()]["configs"]["kda_chunk"])
     rows, timed = [], []
     t0 = time.monotonic()
@@ -178,14 +184,17 @@ def sweep(shapes=("16k", "64x512"), budget=0.0):
         cfg = {**base, **variant}
         override_config("kda_chunk", **cfg)
         try:
+            o, sn = kda.kda_chunk(*e_args, D ** -0.5, state=e_state, cu_seqlens=e_cu)
+            err = max(rel_err(o, e_ref[0]), rel_err(sn, e_ref[1]))
             ms = {s: bench(lambda: kda.kda_chunk(*a, D ** -0.5, state=st, cu_seqlens=cu), rep=50)
                   for s, (a, cu, st) in cases.items()}
         except Exception as e:      # a variant that does not build or fit: report it
             print(name, type(e).__name__, str(e)[:120])
             return
-        rows.append({"variant": name, **{f"{s}_ms": v for s, v in ms.items()}})
+        rows.append({"variant": name, **{f"{s}_ms": v for s, v in ms.items()}, "err": err, "ok": err <= TOL})
         print(rows[-1])
-        timed.append((sum(ms.values()), variant))
+        if err <= TOL:
+            timed.append((sum(ms.values()), variant))
 
     for variant in VARIANTS:
         run(str(variant) if variant else "base", variant)
@@ -217,9 +226,10 @@ def main():
     ap.add_argument("--budget", type=float, default=0.0, help="seconds after which the sweep starts no new variant")
     ap.add_argument("--shapes", default="", help="comma-separated subset of " + ",".join(s for s, _ in SHAPES))
     ap.add_argument("--smoke", action="store_true", help="the check alone, tiny and in fp32 (CPU: TRITON_INTERPRET=1)")
+    ap.add_argument("--smoke-variants", action="store_true", help="--smoke, and each swept variant checked the same way")
     a = ap.parse_args()
-    if a.smoke:
-        return smoke()
+    if a.smoke or a.smoke_variants:
+        return smoke(a.smoke_variants)
     extra = {}
     if a.sweep or a.sweep_only:
         rows, cfg = sweep(budget=a.budget)
@@ -239,9 +249,9 @@ def main():
     summary(checks, times)
 
 
-def smoke():
+def smoke(variants=False):
     """The check on tiny heads in fp32, on the CPU through the Triton interpreter when there is
-    no GPU: the bench's own code paths, without timing."""
+    no GPU: the bench's own code paths, without timing; `variants`: each swept variant too."""
     global H, D, DEV
     H, D, DEV = 2, 16, "cuda" if torch.cuda.is_available() else "cpu"
     rows = check(([40], [19, 1, 33, 5]), torch.float32)
@@ -249,6 +259,18 @@ def smoke():
         print(r)
     assert lengths((8, 4096))[-1] >= 1 and sum(lengths((256, 128))) == 256 * 128
     assert all(r["err_o"] < 1e-4 and r["err_state"] < 1e-4 for r in rows), "smoke check over 1e-4"
+    if variants:        # every swept variant builds and agrees, on this target's tiles
+        from kimi_graph.lowering.triton.targets import TARGETS, current_target
+        base = dict(TARGETS[current_target()]["configs"]["kda_chunk"])
+        args, cu, state = inputs([19, 1, 33, 5], torch.float32, seed=4)
+        ro, rs = reference(args, state, cu)
+        for v in VARIANTS:
+            override_config("kda_chunk", **{**base, **v})
+            o, st = kda.kda_chunk(*args, D ** -0.5, state=state, cu_seqlens=cu)
+            err = max(rel_err(o, ro), rel_err(st, rs))
+            print("variant", v, f"err {err:.2e}")
+            assert err < 1e-4, f"variant {v}: err {err:.2e}"
+        override_config("kda_chunk", **base)
 
 
 if __name__ == "__main__":

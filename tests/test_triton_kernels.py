@@ -108,13 +108,19 @@ def test_kda_chunk_k_slices_and_strong_decay():
 
 
 @pytest.mark.parametrize("modes", [{"diag": "token", "wu": "fused", "BH": 2, "diag_unroll": True},
+                                   {"diag": "token", "wu": "split", "diag_store": "column", "prep_kg": "prepass",
+                                    "bkg_fp32": False},
+                                   {"diag": "token", "wu": "fused", "BH": 2, "diag_unroll": True,
+                                    "diag_store": "column", "prep_kg": "prepass", "bkg_fp32": False},
                                    {"diag": "levels", "wu": "split", "prep_rows": 32},
                                    {"diag": "levels", "wu": "fused"}],
-                         ids=["token-unrolled-fused-BH2", "levels-split-prep32", "levels-fused"])
+                         ids=["token-unrolled-fused-BH2", "token-columns-prepass-split", "token-unrolled-columns-fused",
+                              "levels-split-prep32", "levels-fused"])
 def test_kda_chunk_kernel_modes(modes, monkeypatch):
     """Each generated layout of the chunk kernels (diagonal blocks token-parallel or in the intra
-    kernel, W/U in their own kernel or in it, the token-parallel columns unrolled, prep a whole
-    chunk at a time; the default token loop / split runs in the tests above), on 3 heads (a
+    kernel, W/U in their own kernel or in it, the token-parallel columns unrolled or stored one by
+    one, prep a whole chunk at a time or summing the decay first, beta k G in the activation
+    dtype; the default token loop / split runs in the tests above), on 3 heads (a
     partial head group for BH=2), K in two slices, ragged packed sequences under a strong decay."""
     from kimi_graph.lowering.triton.targets import TARGETS
     monkeypatch.setitem(TARGETS["interpret"]["configs"], "kda_chunk",

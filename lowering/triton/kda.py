@@ -68,7 +68,7 @@ _PREP = _GATE + """
 def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk_len,
                    qn_ptr, kn_ptr, gc_ptr, beta_ptr, qg_ptr, bkg_ptr, kg_ptr, gl_ptr):
     # one program per (chunk, head): gating, norms, cumulative decay, PR rows at a time; writes
-    # q, k normalised, G, beta, scale q G, beta k G (fp32: the W solve's right side), k G_L/G
+    # q, k normalised, G, beta, scale q G, beta k G (the W solve's right side), k G_L/G
     c = tl.program_id(0)
     h = tl.program_id(1)
     start = tl.load(chunk_start + c)
@@ -76,6 +76,10 @@ def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk
     dk = tl.arange(0, BK)
     mk = dk < K
     cc = tl.arange(0, PR)
+    if FUSED:
+        dt = tl.load(dt_ptr + h * K + dk, mask=mk, other=0.0)[None, :]
+        a_log = tl.load(a_ptr + h)
+    $total
     carry = tl.zeros((BK,), tl.float32)
     for i0 in range(0, BT, PR):
         rm = i0 + cc < n
@@ -84,15 +88,13 @@ def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk
         offk = tok[:, None] * (H * K) + h * K + dk[None, :]
         q = tl.load(q_ptr + offk, mask=m2, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + offk, mask=m2, other=0.0).to(tl.float32)
-        f = tl.load(f_ptr + offk, mask=m2, other=0.0).to(tl.float32)
+        g = tl.load(f_ptr + offk, mask=m2, other=0.0).to(tl.float32)
         beta = tl.load(b_ptr + tok * H + h, mask=rm, other=0.0).to(tl.float32)
         if FUSED:
             q = kda_l2norm(q, 1)
             k = kda_l2norm(k, 1)
-            g = kda_decay(f + tl.load(dt_ptr + h * K + dk, mask=mk, other=0.0)[None, :], tl.load(a_ptr + h))
+            g = kda_decay(g + dt, a_log)
             beta = tl.sigmoid(beta)
-        else:
-            g = f
         g = tl.where(m2, g, 0.0)
         gc = tl.cumsum(g, 0) + carry[None, :]
         carry += tl.sum(g, 0)
@@ -102,17 +104,35 @@ def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk
         tl.store(beta_ptr + tok * H + h, beta, mask=rm)
         eg = tl.exp(gc)
         tl.store(qg_ptr + offk, (q * eg * SCALE).to(DT), mask=m2)
-        tl.store(bkg_ptr + offk, k.to(DT).to(tl.float32) * eg * beta[:, None], mask=m2)
+        tl.store(bkg_ptr + offk, (k.to(DT).to(tl.float32) * eg * beta[:, None]).to($bkg_dt), mask=m2)
+        $kg_here
     tl.store(gl_ptr + (c * H + h) * K + dk, tl.exp(carry), mask=mk)
-    tl.debug_barrier()
-    for i0 in range(0, BT, PR):     # k G_L / G, once the chunk's total decay is known
-        rm = i0 + cc < n
-        m2 = rm[:, None] & mk[None, :]
-        offk = (start + i0 + cc)[:, None] * (H * K) + h * K + dk[None, :]
-        k = tl.load(kn_ptr + offk, mask=m2, other=0.0).to(tl.float32)
-        gc = tl.load(gc_ptr + offk, mask=m2, other=0.0)
-        tl.store(kg_ptr + offk, (k * tl.exp(tl.where(m2, carry[None, :] - gc, 0.0))).to(DT), mask=m2)
+    $kg_after
 """
+
+# k G_L/G needs the chunk's total decay G_L: a second pass over the stored k and G once the
+# first has summed it ("reload"), or a first pass that sums the decay alone from f, so k G_L/G
+# is stored with the rest ("prepass": reads f twice instead of k and G once more)
+_PREP_KG = {"reload": {"total": "", "kg_here": "", "kg_after": """
+tl.debug_barrier()
+for i0 in range(0, BT, PR):
+    rm = i0 + cc < n
+    m2 = rm[:, None] & mk[None, :]
+    offk = (start + i0 + cc)[:, None] * (H * K) + h * K + dk[None, :]
+    k = tl.load(kn_ptr + offk, mask=m2, other=0.0).to(tl.float32)
+    gc = tl.load(gc_ptr + offk, mask=m2, other=0.0)
+    tl.store(kg_ptr + offk, (k * tl.exp(tl.where(m2, carry[None, :] - gc, 0.0))).to(DT), mask=m2)
+"""}, "prepass": {"total": """
+total = tl.zeros((BK,), tl.float32)
+for i0 in range(0, BT, PR):
+    m2 = (i0 + cc < n)[:, None] & mk[None, :]
+    g = tl.load(f_ptr + (start + i0 + cc)[:, None] * (H * K) + h * K + dk[None, :], mask=m2, other=0.0)
+    g = g.to(tl.float32)
+    if FUSED:
+        g = kda_decay(g + dt, a_log)
+    total += tl.sum(tl.where(m2, g, 0.0), 0)
+""", "kg_here": "tl.store(kg_ptr + offk, (k * tl.exp(tl.where(m2, total[None, :] - gc, 0.0))).to(DT), mask=m2)",
+    "kg_after": ""}}
 
 _DIAG = """
 @triton.jit
@@ -140,19 +160,39 @@ def kda_chunk_diag(qn_ptr, kn_ptr, gc_ptr, beta_ptr, chunk_start, chunk_len, aqk
     ki = tl.load(kn_ptr + tok * (H * K) + off, mask=m2, other=0.0).to(tl.float32)
     gi = tl.load(gc_ptr + tok * (H * K) + off, mask=m2, other=0.0)
     cols = tl.arange(0, BC)
-    aq = tl.zeros((BH, BC), tl.float32)
-    ak = tl.zeros((BH, BC), tl.float32)
-    $columns
-        kj = tl.load(kn_ptr + j * (H * K) + off, mask=m2, other=0.0).to(tl.float32)
-        kgj = kj * tl.exp(gi - tl.load(gc_ptr + j * (H * K) + off, mask=m2, other=0.0))
-        at = (cols[None, :] == jj) & (cols[None, :] <= tok - j0)
-        aq = tl.where(at, tl.sum(qi * kgj, 1)[:, None], aq)
-        ak = tl.where(at & (cols[None, :] < tok - j0), tl.sum(ki * kgj, 1)[:, None], ak)
     bi = tl.load(beta_ptr + tok * H + hh, mask=mh, other=0.0)
-    tl.store(aqk_ptr + tok * (H * BT) + hh[:, None] * BT + (j0 - start) + cols[None, :], (aq * SCALE).to(DT),
-             mask=mh[:, None])
-    tl.store(akd_ptr + tok * (H * BC) + hh[:, None] * BC + cols[None, :], ak * bi[:, None], mask=mh[:, None])
+    arow = aqk_ptr + tok * (H * BT) + hh * BT + (j0 - start)
+    krow = akd_ptr + tok * (H * BC) + hh * BC
+    $columns
 """
+
+# the diagonal kernel's column body: each column's sums into a [BH, BC] tile, stored once
+# ("row"), or each column stored as it is summed, the columns right of the diagonal zeroed
+# first ("column": no tile to gather the sums into)
+_DIAG_STORE = {"row": """
+aq = tl.zeros((BH, BC), tl.float32)
+ak = tl.zeros((BH, BC), tl.float32)
+$loop
+    kj = tl.load(kn_ptr + j * (H * K) + off, mask=m2, other=0.0).to(tl.float32)
+    kgj = kj * tl.exp(gi - tl.load(gc_ptr + j * (H * K) + off, mask=m2, other=0.0))
+    at = (cols[None, :] == jj) & (cols[None, :] <= tok - j0)
+    aq = tl.where(at, tl.sum(qi * kgj, 1)[:, None], aq)
+    ak = tl.where(at & (cols[None, :] < tok - j0), tl.sum(ki * kgj, 1)[:, None], ak)
+tl.store(arow[:, None] + cols[None, :], (aq * SCALE).to(DT), mask=mh[:, None])
+tl.store(krow[:, None] + cols[None, :], ak * bi[:, None], mask=mh[:, None])
+""", "column": """
+past = mh[:, None] & (cols[None, :] > tok - j0)
+tl.store(arow[:, None] + cols[None, :], tl.zeros((BH, BC), DT), mask=past)
+tl.store(krow[:, None] + cols[None, :], tl.zeros((BH, BC), tl.float32), mask=past)
+ki = ki * bi[:, None]
+$loop
+    kj = tl.load(kn_ptr + j * (H * K) + off, mask=m2, other=0.0).to(tl.float32)
+    kgj = kj * tl.exp(gi - tl.load(gc_ptr + j * (H * K) + off, mask=m2, other=0.0))
+    jv = hh * 0 + jj
+    mj = mh & (jv <= tok - j0)
+    tl.store(arow + jj, (tl.sum(qi * kgj, 1) * SCALE).to(DT), mask=mj)
+    tl.store(krow + jj, tl.where(jv < tok - j0, tl.sum(ki * kgj, 1), 0.0), mask=mj)
+"""}
 
 _INTRA = """
 @triton.jit
@@ -189,7 +229,7 @@ def kda_chunk_wu(t_ptr, bkg_ptr, v_ptr, beta_ptr, chunk_start, chunk_len, w_ptr,
         col = p * BW + tl.arange(0, BW)
         m2 = rm[:, None] & (col < K)[None, :]
         off = tok[:, None] * (H * K) + h * K + col[None, :]
-        x = tl.load(bkg_ptr + off, mask=m2, other=0.0)
+        x = tl.load(bkg_ptr + off, mask=m2, other=0.0).to(tl.float32)
         tl.store(w_ptr + off, tl.dot(t, x, input_precision=PREC).to(DT), mask=m2)
     else:
         col = (p - NW) * BW + tl.arange(0, BW)
@@ -439,9 +479,10 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
     cfg = config("kda_chunk", target)
     if chunk:
         check_chunk_size(chunk)
-    if cfg["diag"] not in DIAG_MODES or cfg["wu"] not in WU_MODES:
-        raise ValueError(f"kda_chunk: diag must be one of {DIAG_MODES}, wu one of {WU_MODES}; got "
-                         f"{cfg['diag']!r}, {cfg['wu']!r}")
+    for key, known in (("diag", DIAG_MODES), ("wu", WU_MODES), ("diag_store", tuple(_DIAG_STORE)),
+                       ("prep_kg", tuple(_PREP_KG))):
+        if cfg[key] not in known:
+            raise ValueError(f"kda_chunk: {key} must be one of {known}, got {cfg[key]!r}")
     BT, BC, BV = chunk or cfg["BT"], cfg["BC"], min(cfg["BV"], max(16, next_pow2(V)))
     BK = max(16, next_pow2(K))
     KH, BW = min(cfg["KH"], BK), min(cfg["BW"], max(16, next_pow2(max(K, V))))
@@ -451,8 +492,9 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
     consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=NC, BV=BV, KH=KH, BW=BW, BH=BH,
                      PR=PR, NW=_cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype))
     gate_f32 = () if fused else ("f_ptr", "b_ptr")        # unfused: g and beta come in fp32
-    f32 = ("gc_ptr", "beta_ptr", "bkg_ptr", "gl_ptr", "a_ptr", "dt_ptr", "s0_ptr", "sn_ptr", "akd_ptr",
-           "t_ptr") + gate_f32
+    bkg_f32 = ("bkg_ptr",) if cfg["bkg_fp32"] else ()       # beta k G in fp32, else the activation dtype
+    f32 = bkg_f32 + gate_f32 + ("gc_ptr", "beta_ptr", "gl_ptr", "a_ptr", "dt_ptr", "s0_ptr", "sn_ptr", "akd_ptr",
+           "t_ptr")
     i32 = ("chunk_start", "chunk_len", "cu_ptr", "chunk0_ptr")
 
     def spec(name, template, args, warps, stages=1, **blocks):
@@ -462,11 +504,12 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
 
     out = [spec("kda_chunk_prep", _PREP, ["q_ptr", "k_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "chunk_start",
                                           "chunk_len", "qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "qg_ptr",
-                                          "bkg_ptr", "kg_ptr", "gl_ptr"], cfg["prep_warps"])]
+                                          "bkg_ptr", "kg_ptr", "gl_ptr"], cfg["prep_warps"],
+                bkg_dt="tl.float32" if bkg_f32 else "DT", **_PREP_KG[cfg["prep_kg"]])]
     if not levels:
         out.append(spec("kda_chunk_diag", _DIAG, ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "chunk_start",
                                                   "chunk_len", "aqk_ptr", "akd_ptr"], cfg["diag_warps"],
-                        columns=_DIAG_COLUMNS[bool(cfg["diag_unroll"])]))
+                        columns=_DIAG_STORE[cfg["diag_store"]].replace("$loop", _DIAG_COLUMNS[bool(cfg["diag_unroll"])])))
     out.append(spec("kda_chunk_intra", _INTRA, ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "bkg_ptr", "v_ptr",
                                                 "akd_ptr", "chunk_start", "chunk_len", "aqk_ptr", "w_ptr",
                                                 "u_ptr", "t_ptr"], cfg["intra_warps"], cfg["intra_stages"],
@@ -603,7 +646,8 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
     f32 = dict(device=dev, dtype=torch.float32)
     qn, kn, qg, kg, w = (torch.empty(NT, H, K, **e) for _ in range(5))
     u = torch.empty(NT, H, V, **e)
-    gc, bkg = (torch.empty(NT, H, K, **f32) for _ in range(2))
+    gc = torch.empty(NT, H, K, **f32)
+    bkg = torch.empty(NT, H, K, **(f32 if prep.signature["bkg_ptr"] == "*fp32" else e))
     beta = torch.empty(NT, H, **f32)
     aqk = torch.empty(NT, H, BT, **e)
     akd = torch.empty(NT, H, BC, **f32) if diag else beta         # diagonal blocks of A_kk (kda_chunk_diag)
