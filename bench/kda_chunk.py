@@ -150,15 +150,17 @@ def split(shape="16k"):
 
 # one at a time over the target's config (sm_90: diagonal blocks token-parallel, W/U in the
 # intra kernel, BT=32), the likelier first (a time budget may stop the sweep early): the
-# diagonal kernel's sums stored column by column, prep's first pass over the decay, beta k G in
-# bf16; then each kernel's warps and tiles, BT 64 and the other layouts
-VARIANTS = ({}, {"diag_store": "column"}, {"diag_store": "column", "BH": 4}, {"diag_store": "column", "diag_warps": 2},
-            {"diag_store": "column", "BH": 4, "diag_warps": 2}, {"diag_store": "column", "diag_unroll": True},
-            {"prep_kg": "prepass"}, {"bkg_fp32": False}, {"prep_kg": "prepass", "prep_warps": 8},
-            {"diag_store": "column", "prep_kg": "prepass", "bkg_fp32": False},
-            {"BH": 4}, {"diag_unroll": True}, {"diag_warps": 2}, {"intra_warps": 4}, {"wu": "split"},
-            {"KH": 64}, {"BW": 64}, {"prep_rows": 32}, {"prep_warps": 8}, {"BV": 16}, {"BV": 64}, {"num_warps": 8},
-            {"num_stages": 2}, {"BT": 64}, {"diag": "levels"})
+# diagonal blocks a sub-chunk per program or inside prep, prep in fewer rows a step (fewer
+# registers) and with its first pass over the decay, beta k G in bf16, the token-parallel sums
+# stored by column; then each kernel's warps and tiles, BT 64 and the other layouts
+VARIANTS = ({}, {"diag": "block"}, {"diag": "block", "diag_warps": 8}, {"diag": "prep"}, {"diag": "prep", "prep_warps": 8},
+            {"prep_rows": 8}, {"prep_rows": 4}, {"prep_kg": "prepass"}, {"prep_rows": 8, "prep_kg": "prepass"},
+            {"bkg_fp32": False}, {"diag_store": "column"}, {"diag_store": "column", "BH": 4}, {"diag_warps": 2},
+            {"diag": "prep", "prep_warps": 8, "prep_kg": "prepass", "bkg_fp32": False},
+            {"diag": "block", "prep_rows": 8, "prep_kg": "prepass", "bkg_fp32": False},
+            {"BH": 4}, {"diag_unroll": True}, {"intra_warps": 4}, {"wu": "split"}, {"KH": 64}, {"BW": 64},
+            {"prep_warps": 8}, {"BV": 16}, {"BV": 64}, {"num_warps": 8}, {"num_stages": 2}, {"BT": 64},
+            {"diag": "levels"})
 TUNED_KEYS = ("BT", "BC", "BV", "KH", "BW", "BH", "diag", "diag_unroll", "diag_store", "wu", "num_warps", "num_stages",
               "prep_warps", "prep_rows", "prep_kg", "bkg_fp32", "diag_warps", "intra_warps", "intra_stages",
               "wu_warps", "wu_stages")
@@ -209,6 +211,50 @@ def sweep(shapes=("16k", "64x512"), budget=0.0):
     return rows, best
 
 
+def compile_variants(target="sm_90"):
+    """Each swept variant's kernels built for `target` without a GPU, pointers 16-byte aligned
+    as the JIT specialises the bench's tensors: registers a thread and spilled bytes per kernel
+    (cuobjdump from Triton's bundle), so a variant that spills is seen before a GPU run; each
+    kernel once, under the first variant that builds it."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kimi_graph.lowering.triton.codegen import jit_function
+    from kimi_graph.lowering.triton.targets import TARGETS
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    cfgs = TARGETS[target]["configs"]
+    base, rows, built = dict(cfgs["kda_chunk"]), [], {}
+    try:
+        for v in VARIANTS:
+            cfgs["kda_chunk"] = {**base, **v}
+            kda.chunk_specs.cache_clear()
+            for sp in kda.chunk_specs(H, D, D, "bf16", True, D ** -0.5, 1e-6, True, target):
+                if sp.hash in built:
+                    continue
+                attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sp.signature.values()) if t[0] == "*"}
+                ck = triton.compile(ASTSource(jit_function(sp), dict(sp.signature), {}, attrs),
+                                    target=GPUTarget("cuda", TARGETS[target]["arch"], 32),
+                                    options={"num_warps": sp.num_warps, "num_stages": sp.num_stages})
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(ck.asm["cubin"])
+                    f.flush()
+                    use = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+                reg, stack = (re.search(rf"{k}:(\d+)", use) for k in ("REG", "STACK"))
+                built[sp.hash] = {"variant": str(v) if v else "base", "kernel": sp.name, "warps": sp.num_warps,
+                                  "regs": int(reg[1]) if reg else None, "spill_bytes": int(stack[1]) if stack else None}
+                rows.append(built[sp.hash])
+                print(rows[-1])
+    finally:
+        cfgs["kda_chunk"] = base
+        kda.chunk_specs.cache_clear()
+    return rows
+
+
 def summary(checks, times):
     print("\n== KDA chunk prefill, H=32 D=128 bf16, initial states (ms; speedup = fla / ours)")
     worst = max(max(r["err_o"], r["err_state"]) for r in checks if r["impl"] == "ours")
@@ -227,9 +273,13 @@ def main():
     ap.add_argument("--shapes", default="", help="comma-separated subset of " + ",".join(s for s, _ in SHAPES))
     ap.add_argument("--smoke", action="store_true", help="the check alone, tiny and in fp32 (CPU: TRITON_INTERPRET=1)")
     ap.add_argument("--smoke-variants", action="store_true", help="--smoke, and each swept variant checked the same way")
+    ap.add_argument("--compile-variants", action="store_true",
+                    help="build each swept variant for sm_90 without a GPU: registers and spills per kernel")
     a = ap.parse_args()
     if a.smoke or a.smoke_variants:
         return smoke(a.smoke_variants)
+    if a.compile_variants:
+        return compile_variants()
     extra = {}
     if a.sweep or a.sweep_only:
         rows, cfg = sweep(budget=a.budget)

@@ -112,13 +112,15 @@ def test_kda_chunk_k_slices_and_strong_decay():
                                     "bkg_fp32": False},
                                    {"diag": "token", "wu": "fused", "BH": 2, "diag_unroll": True,
                                     "diag_store": "column", "prep_kg": "prepass", "bkg_fp32": False},
+                                   {"diag": "block", "wu": "split", "prep_kg": "prepass"},
+                                   {"diag": "prep", "wu": "fused", "bkg_fp32": False},
                                    {"diag": "levels", "wu": "split", "prep_rows": 32},
                                    {"diag": "levels", "wu": "fused"}],
                          ids=["token-unrolled-fused-BH2", "token-columns-prepass-split", "token-unrolled-columns-fused",
-                              "levels-split-prep32", "levels-fused"])
+                              "block-prepass-split", "in-prep-fused", "levels-split-prep32", "levels-fused"])
 def test_kda_chunk_kernel_modes(modes, monkeypatch):
-    """Each generated layout of the chunk kernels (diagonal blocks token-parallel or in the intra
-    kernel, W/U in their own kernel or in it, the token-parallel columns unrolled or stored one by
+    """Each generated layout of the chunk kernels (diagonal blocks token-parallel, by sub-chunk
+    blocks, in the prep kernel or in the intra kernel, W/U in their own kernel or in it, the token-parallel columns unrolled or stored one by
     one, prep a whole chunk at a time or summing the decay first, beta k G in the activation
     dtype; the default token loop / split runs in the tests above), on 3 heads (a
     partial head group for BH=2), K in two slices, ragged packed sequences under a strong decay."""
@@ -137,6 +139,7 @@ def test_kda_chunk_kernel_modes(modes, monkeypatch):
     finally:
         kda.chunk_specs.cache_clear()
     assert ("kda_chunk_diag" in names) == (modes["diag"] == "token")
+    assert ("kda_chunk_diag_block" in names) == (modes["diag"] == "block")
     assert ("kda_chunk_wu" in names) == (modes["wu"] == "split")
     for i in range(len(lens)):
         sl = slice(int(cu[i]), int(cu[i + 1]))

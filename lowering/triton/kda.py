@@ -14,8 +14,9 @@ SUB), per chunk with cumulative decay G_i = exp(gc_i):
   intra: the off-diagonal blocks (tensor-core products), T = (I + A_kk)^-1 once per chunk
   wu:    W = T (beta k G), U = T (beta v), one program per column block
   scan over chunks: V' = U - W S;  O = (scale q G) S + A_qk V';  S = G_L S + (k G_L/G)^T V'
-The target's `diag` / `wu` modes may instead keep the diagonal blocks ("levels") or W and U
-("fused") inside the intra kernel. G_i/G_j is never formed from G alone: every off-diagonal
+The target's `diag` / `wu` modes may instead compute the diagonal blocks a sub-chunk per program
+("block") or inside prep ("prep"), keep them ("levels") or W and U ("fused") inside the intra
+kernel. G_i/G_j is never formed from G alone: every off-diagonal
 product factors through a reference row between j and i (both factors <= 1; see
 _products_source).
 """
@@ -66,9 +67,10 @@ _PREP = _GATE + """
 
 @triton.jit
 def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk_len,
-                   qn_ptr, kn_ptr, gc_ptr, beta_ptr, qg_ptr, bkg_ptr, kg_ptr, gl_ptr):
+                   qn_ptr, kn_ptr, gc_ptr, beta_ptr, qg_ptr, bkg_ptr, kg_ptr, gl_ptr$diag_args):
     # one program per (chunk, head): gating, norms, cumulative decay, PR rows at a time; writes
-    # q, k normalised, G, beta, scale q G, beta k G (the W solve's right side), k G_L/G
+    # q, k normalised, G, beta, scale q G, beta k G (the W solve's right side), k G_L/G; with
+    # diag "prep" (PR = BC) also each sub-chunk's diagonal blocks, from the rows just stored
     c = tl.program_id(0)
     h = tl.program_id(1)
     start = tl.load(chunk_start + c)
@@ -106,6 +108,7 @@ def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk
         tl.store(qg_ptr + offk, (q * eg * SCALE).to(DT), mask=m2)
         tl.store(bkg_ptr + offk, (k.to(DT).to(tl.float32) * eg * beta[:, None]).to($bkg_dt), mask=m2)
         $kg_here
+        $diag_here
     tl.store(gl_ptr + (c * H + h) * K + dk, tl.exp(carry), mask=mk)
     $kg_after
 """
@@ -193,6 +196,59 @@ $loop
     tl.store(arow + jj, (tl.sum(qi * kgj, 1) * SCALE).to(DT), mask=mj)
     tl.store(krow + jj, tl.where(jv < tok - j0, tl.sum(ki * kgj, 1), 0.0), mask=mj)
 """}
+
+_DIAG_BLOCK = """
+@triton.jit
+def kda_chunk_diag_block(qn_ptr, kn_ptr, gc_ptr, beta_ptr, chunk_start, chunk_len, aqk_ptr, akd_ptr):
+    # one program per (sub-chunk, head): its diagonal BC x BC blocks (_diag_block_source)
+    pid = tl.program_id(0)
+    c = pid // NC
+    i0 = (pid % NC) * BC
+    n = tl.load(chunk_len + c)
+    if i0 >= n:
+        return
+    h = tl.program_id(1)
+    start = tl.load(chunk_start + c)
+    s0 = start + i0
+    nb = n - i0
+    dk = tl.arange(0, BK)
+    mk = dk < K
+    $block
+"""
+
+
+def _diag_block_source(BC: int) -> str:
+    """The diagonal BC x BC blocks of A_qk and A_kk of one sub-chunk (rows s0 .., nb of them
+    real; chunk from `start`; head h) as kda_chunk_diag computes them, a column at a time over
+    all rows of a [rows, K] register tile: exp of the masked difference G_i - G_j (-inf above
+    the diagonal), so each row's entry is a sum over K; the columns gathered into a [rows, BC]
+    tile, stored once. The later half's columns take the later half's rows alone (rows above
+    are zeros): 3/4 of the exponentials of the whole square. Reads q, k, G, beta as stored
+    (rows and the column rows, loaded into every row, hit the cache)."""
+    half = BC // 2
+    L = ["cb = tl.arange(0, BC)[None, :]"]
+    for r0, cols, keep in ((0, range(0, half), f"(cb < {half}) | (rb < {half})[:, None]"),
+                           (half, range(half, BC), f"cb >= {half}")):
+        L += [f"rb = {r0} + tl.arange(0, {BC - r0})", "mb = rb < nb", "mb2 = mb[:, None] & mk[None, :]",
+              "ob = (s0 + rb)[:, None] * (H * K) + h * K + dk[None, :]",
+              "qb = tl.load(qn_ptr + ob, mask=mb2, other=0.0).to(tl.float32)",
+              "kb = tl.load(kn_ptr + ob, mask=mb2, other=0.0).to(tl.float32)",
+              "gb = tl.load(gc_ptr + ob, mask=mb2, other=0.0)",
+              f"aq = tl.zeros(({BC - r0}, BC), tl.float32)", f"ak = tl.zeros(({BC - r0}, BC), tl.float32)",
+              f"for j in tl.static_range({cols.start}, {cols.stop}):",
+              "    mj = mb2 & (rb >= j)[:, None]",       # row j's K values, loaded into every row (cache hits)
+              "    oj = ob + (j - rb)[:, None] * (H * K)",
+              "    kj = tl.load(kn_ptr + oj, mask=mj, other=0.0).to(tl.float32)",
+              "    kgj = kj * tl.exp(tl.where(mj, gb - tl.load(gc_ptr + oj, mask=mj, other=0.0), float('-inf')))",
+              "    aq = tl.where(cb == j, tl.sum(qb * kgj, 1)[:, None], aq)",
+              "    ak = tl.where(cb == j, tl.sum(kb * kgj, 1)[:, None], ak)",
+              "bb = tl.load(beta_ptr + (s0 + rb) * H + h, mask=mb, other=0.0)",
+              f"mo = mb[:, None] & ({keep})",
+              "oo = (s0 + rb)[:, None] * H + h",
+              "tl.store(aqk_ptr + oo * BT + (s0 - start) + cb, (aq * SCALE).to(DT), mask=mo)",
+              "tl.store(akd_ptr + oo * BC + cb, tl.where(rb[:, None] > cb, ak * bb[:, None], 0.0), mask=mo)"]
+    return "\n".join(L)
+
 
 _INTRA = """
 @triton.jit
@@ -465,7 +521,9 @@ def check_chunk_size(chunk: int) -> None:
                          f"not {chunk} (chunk-kda{{chunk-size=N}})")
 
 
-DIAG_MODES = ("token", "levels")   # diagonal blocks: kda_chunk_diag (token-parallel) or inside the intra kernel
+# diagonal blocks: kda_chunk_diag (token-parallel), kda_chunk_diag_block (a program per sub-chunk
+# and head), inside the prep kernel (each sub-chunk once stored), or inside the intra kernel
+DIAG_MODES = ("token", "block", "prep", "levels")
 WU_MODES = ("split", "fused")       # W and U: kda_chunk_wu from a stored T, or inside the intra kernel
 _DIAG_COLUMNS = ("for j in range(j0, tok + 1):\n    jj = j - j0",                   # a loop over j <= i
                  "for jj in tl.static_range(BC):\n    j = tl.minimum(j0 + jj, tok)")   # unrolled
@@ -486,9 +544,10 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
     BT, BC, BV = chunk or cfg["BT"], cfg["BC"], min(cfg["BV"], max(16, next_pow2(V)))
     BK = max(16, next_pow2(K))
     KH, BW = min(cfg["KH"], BK), min(cfg["BW"], max(16, next_pow2(max(K, V))))
-    BH, PR = min(cfg["BH"], next_pow2(H)), min(cfg["prep_rows"], BT)
+    diag, wu_split = cfg["diag"], cfg["wu"] == "split"
+    levels = diag == "levels"
+    BH, PR = min(cfg["BH"], next_pow2(H)), BC if diag == "prep" else min(cfg["prep_rows"], BT)
     NC = BT // BC
-    levels, wu_split = cfg["diag"] == "levels", cfg["wu"] == "split"
     consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=NC, BV=BV, KH=KH, BW=BW, BH=BH,
                      PR=PR, NW=_cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype))
     gate_f32 = () if fused else ("f_ptr", "b_ptr")        # unfused: g and beta come in fp32
@@ -502,14 +561,21 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
                    else PTR_TYPES[dtype]) for a in args}
         return KernelSpec(name, name, render(name, template, consts, **blocks), sig, warps, stages, consts)
 
+    in_prep = diag == "prep"
     out = [spec("kda_chunk_prep", _PREP, ["q_ptr", "k_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "chunk_start",
                                           "chunk_len", "qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "qg_ptr",
-                                          "bkg_ptr", "kg_ptr", "gl_ptr"], cfg["prep_warps"],
-                bkg_dt="tl.float32" if bkg_f32 else "DT", **_PREP_KG[cfg["prep_kg"]])]
-    if not levels:
-        out.append(spec("kda_chunk_diag", _DIAG, ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "chunk_start",
-                                                  "chunk_len", "aqk_ptr", "akd_ptr"], cfg["diag_warps"],
-                        columns=_DIAG_STORE[cfg["diag_store"]].replace("$loop", _DIAG_COLUMNS[bool(cfg["diag_unroll"])])))
+                                          "bkg_ptr", "kg_ptr", "gl_ptr"] + ["aqk_ptr", "akd_ptr"] * in_prep,
+                cfg["prep_warps"], bkg_dt="tl.float32" if bkg_f32 else "DT", **_PREP_KG[cfg["prep_kg"]],
+                diag_args=", aqk_ptr, akd_ptr" if in_prep else "",
+                diag_here="tl.debug_barrier()\ns0 = start + i0\nnb = n - i0\n" + _diag_block_source(BC)
+                if in_prep else "")]
+    diag_args = ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "chunk_start", "chunk_len", "aqk_ptr", "akd_ptr"]
+    if diag == "token":
+        columns = _DIAG_STORE[cfg["diag_store"]].replace("$loop", _DIAG_COLUMNS[bool(cfg["diag_unroll"])])
+        out.append(spec("kda_chunk_diag", _DIAG, diag_args, cfg["diag_warps"], columns=columns))
+    elif diag == "block":
+        out.append(spec("kda_chunk_diag_block", _DIAG_BLOCK, diag_args, cfg["diag_warps"],
+                        block=_diag_block_source(BC)))
     out.append(spec("kda_chunk_intra", _INTRA, ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "bkg_ptr", "v_ptr",
                                                 "akd_ptr", "chunk_start", "chunk_len", "aqk_ptr", "w_ptr",
                                                 "u_ptr", "t_ptr"], cfg["intra_warps"], cfg["intra_stages"],
@@ -638,7 +704,7 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
     specs = {sp.name: sp for sp in chunk_specs(H, K, V, dtype, fused, scale, eps, state is not None,
                                                current_target(), chunk)}
     prep, intra, scan = specs["kda_chunk_prep"], specs["kda_chunk_intra"], specs["kda_chunk_scan"]
-    diag, wu = specs.get("kda_chunk_diag"), specs.get("kda_chunk_wu")
+    diag, wu = specs.get("kda_chunk_diag") or specs.get("kda_chunk_diag_block"), specs.get("kda_chunk_wu")
     BT, BC = prep.config["BT"], prep.config["BC"]
     NT = q2.shape[0]
     cstart, clen, chunk0, NCH = chunk_tables(cu, cu_seqlens, q.shape[0], q.shape[1], BT)
@@ -650,15 +716,18 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
     bkg = torch.empty(NT, H, K, **(f32 if prep.signature["bkg_ptr"] == "*fp32" else e))
     beta = torch.empty(NT, H, **f32)
     aqk = torch.empty(NT, H, BT, **e)
-    akd = torch.empty(NT, H, BC, **f32) if diag else beta         # diagonal blocks of A_kk (kda_chunk_diag)
+    in_prep = "akd_ptr" in prep.signature
+    akd = torch.empty(NT, H, BC, **f32) if diag or in_prep else beta     # diagonal blocks of A_kk
     tinv = torch.empty(NT, H, BT, **f32) if wu else beta          # (I + A_kk)^-1 by rows (kda_chunk_wu)
     gl = torch.empty(max(NCH, 1), H, K, **f32)
     o = torch.empty(NT, H, V, **e)
     s0, sn, slot, result = _states(state, N, H, K, V, dev)
     if NCH:
-        launch(prep, (NCH, H), q2, k2, f2, b2, a, dt, cstart, clen, qn, kn, gc, beta, qg, bkg, kg, gl)
-        if diag:
-            launch(diag, (NCH * BT, _cdiv(H, diag.config["BH"])), qn, kn, gc, beta, cstart, clen, aqk, akd)
+        launch(prep, (NCH, H), q2, k2, f2, b2, a, dt, cstart, clen, qn, kn, gc, beta, qg, bkg, kg, gl,
+               *((aqk, akd) if in_prep else ()))
+        if diag:    # token-parallel: a program per row and BH heads; by blocks: per sub-chunk and head
+            grid = (NCH * BT, _cdiv(H, diag.config["BH"])) if diag.name == "kda_chunk_diag" else (NCH * BT // BC, H)
+            launch(diag, grid, qn, kn, gc, beta, cstart, clen, aqk, akd)
         launch(intra, (NCH, H), qn, kn, gc, beta, bkg, v2, akd, cstart, clen, aqk, w, u, tinv)
         if wu:
             launch(wu, (NCH, H, _cdiv(K, wu.config["BW"]) + _cdiv(V, wu.config["BW"])), tinv, bkg, v2, beta,

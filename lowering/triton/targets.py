@@ -25,7 +25,9 @@ _BASE = {
     # KH: the slice of K the intra-chunk products take at a time; BW: W/U columns per block;
     # diag: the diagonal BC x BC blocks token-parallel ("token": kda_chunk_diag, BH heads a
     # program, diag_unroll: its columns unrolled, diag_store: its sums stored once per row
-    # ("row") or column by column ("column")) or inside the intra kernel ("levels");
+    # ("row") or column by column ("column")), a sub-chunk and head a program ("block":
+    # kda_chunk_diag_block, diag_warps), inside prep ("prep": prep takes BC rows a step) or
+    # inside the intra kernel ("levels");
     # wu: W/U in their own kernel from a stored (I + A)^-1 ("split": kda_chunk_wu) or inside
     # the intra kernel ("fused")
     "kda_chunk": {"BT": 64, "BC": 16, "BV": 32, "KH": 64, "BW": 64, "num_warps": 4, "num_stages": 2,
