@@ -150,10 +150,10 @@ def split(shape="16k"):
 
 # one at a time over the target's config (sm_90: diagonal blocks token-parallel, W/U in the
 # intra kernel, BT=32), the likelier first (a time budget may stop the sweep early): the
-# diagonal blocks a sub-chunk per program or inside prep, prep in fewer rows a step (fewer
+# exponentials as ex2.approx.ftz, the diagonal blocks a sub-chunk per program or inside prep, prep in fewer rows a step (fewer
 # registers) and with its first pass over the decay, beta k G in bf16, the token-parallel sums
 # stored by column; then each kernel's warps and tiles, BT 64 and the other layouts
-VARIANTS = ({}, {"diag": "block"}, {"diag": "block", "diag_warps": 8}, {"diag": "prep"}, {"diag": "prep", "prep_warps": 8},
+VARIANTS = ({}, {"ftz_exp": True}, {"diag": "block"}, {"diag": "block", "diag_warps": 8}, {"diag": "prep"}, {"diag": "prep", "prep_warps": 8},
             {"prep_rows": 8}, {"prep_rows": 4}, {"prep_kg": "prepass"}, {"prep_rows": 8, "prep_kg": "prepass"},
             {"bkg_fp32": False}, {"diag_store": "column"}, {"diag_store": "column", "BH": 4}, {"diag_warps": 2},
             {"diag": "prep", "prep_warps": 8, "prep_kg": "prepass", "bkg_fp32": False},
@@ -162,7 +162,7 @@ VARIANTS = ({}, {"diag": "block"}, {"diag": "block", "diag_warps": 8}, {"diag": 
             {"prep_warps": 8}, {"BV": 16}, {"BV": 64}, {"num_warps": 8}, {"num_stages": 2}, {"BT": 64},
             {"diag": "levels"})
 TUNED_KEYS = ("BT", "BC", "BV", "KH", "BW", "BH", "diag", "diag_unroll", "diag_store", "wu", "num_warps", "num_stages",
-              "prep_warps", "prep_rows", "prep_kg", "bkg_fp32", "diag_warps", "intra_warps", "intra_stages",
+              "prep_warps", "prep_rows", "prep_kg", "bkg_fp32", "ftz_exp", "diag_warps", "intra_warps", "intra_stages",
               "wu_warps", "wu_stages")
 
 

@@ -162,7 +162,8 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> li
     BT, BC, BV = cfg["BT"], cfg["BC"], min(cfg["BV"], max(16, next_pow2(V)))
     BW = min(cfg["BW"], max(16, next_pow2(max(K, V))))
     consts = kda._consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, PR=BC, NC=BT // BC, BV=BV, BW=BW,
-                         NKW=kda._cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype))
+                         NKW=kda._cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype),
+                         FTZ_EXP=False)
     f32 = ("gc_ptr", "beta_ptr", "akk_ptr", "gl_ptr", "a_ptr", "dt_ptr", "s0_ptr", "sn_ptr") + \
         (() if fused else ("f_ptr", "b_ptr"))
     i32 = ("chunk_start", "chunk_len", "cu_ptr", "chunk0_ptr")

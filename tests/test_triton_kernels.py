@@ -112,8 +112,8 @@ def test_kda_chunk_k_slices_and_strong_decay():
                                     "bkg_fp32": False},
                                    {"diag": "token", "wu": "fused", "BH": 2, "diag_unroll": True,
                                     "diag_store": "column", "prep_kg": "prepass", "bkg_fp32": False},
-                                   {"diag": "block", "wu": "split", "prep_kg": "prepass"},
-                                   {"diag": "prep", "wu": "fused", "bkg_fp32": False},
+                                   {"diag": "block", "wu": "split", "prep_kg": "prepass", "ftz_exp": True},
+                                   {"diag": "prep", "wu": "fused", "bkg_fp32": False, "ftz_exp": True},
                                    {"diag": "levels", "wu": "split", "prep_rows": 32},
                                    {"diag": "levels", "wu": "fused"}],
                          ids=["token-unrolled-fused-BH2", "token-columns-prepass-split", "token-unrolled-columns-fused",
@@ -122,7 +122,7 @@ def test_kda_chunk_kernel_modes(modes, monkeypatch):
     """Each generated layout of the chunk kernels (diagonal blocks token-parallel, by sub-chunk
     blocks, in the prep kernel or in the intra kernel, W/U in their own kernel or in it, the token-parallel columns unrolled or stored one by
     one, prep a whole chunk at a time or summing the decay first, beta k G in the activation
-    dtype; the default token loop / split runs in the tests above), on 3 heads (a
+    dtype, exponentials as exp2; the default token loop / split runs in the tests above), on 3 heads (a
     partial head group for BH=2), K in two slices, ragged packed sequences under a strong decay."""
     from kimi_graph.lowering.triton.targets import TARGETS
     monkeypatch.setitem(TARGETS["interpret"]["configs"], "kda_chunk",

@@ -63,7 +63,18 @@ def kda_decay(x, a_log):
     return -tl.exp(a_log) * sp
 """
 
-_PREP = _GATE + """
+_EXP = """
+@triton.jit
+def kda_exp(x):
+    # e^x of the chunk kernels: ex2.approx.ftz of x log2(e) (FTZ_EXP: two instructions; results
+    # below 2^-126 flush to zero), else tl.exp (ex2.approx with its subnormal range fix-up)
+    if FTZ_EXP:
+        return tl.math.exp2(x * 1.4426950408889634)
+    else:
+        return tl.exp(x)
+"""
+
+_PREP = _GATE + _EXP + """
 
 @triton.jit
 def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk_len,
@@ -104,12 +115,12 @@ def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk
         tl.store(kn_ptr + offk, k.to(DT), mask=m2)
         tl.store(gc_ptr + offk, gc, mask=m2)
         tl.store(beta_ptr + tok * H + h, beta, mask=rm)
-        eg = tl.exp(gc)
+        eg = kda_exp(gc)
         tl.store(qg_ptr + offk, (q * eg * SCALE).to(DT), mask=m2)
         tl.store(bkg_ptr + offk, (k.to(DT).to(tl.float32) * eg * beta[:, None]).to($bkg_dt), mask=m2)
         $kg_here
         $diag_here
-    tl.store(gl_ptr + (c * H + h) * K + dk, tl.exp(carry), mask=mk)
+    tl.store(gl_ptr + (c * H + h) * K + dk, kda_exp(carry), mask=mk)
     $kg_after
 """
 
@@ -124,7 +135,7 @@ for i0 in range(0, BT, PR):
     offk = (start + i0 + cc)[:, None] * (H * K) + h * K + dk[None, :]
     k = tl.load(kn_ptr + offk, mask=m2, other=0.0).to(tl.float32)
     gc = tl.load(gc_ptr + offk, mask=m2, other=0.0)
-    tl.store(kg_ptr + offk, (k * tl.exp(tl.where(m2, carry[None, :] - gc, 0.0))).to(DT), mask=m2)
+    tl.store(kg_ptr + offk, (k * kda_exp(tl.where(m2, carry[None, :] - gc, 0.0))).to(DT), mask=m2)
 """}, "prepass": {"total": """
 total = tl.zeros((BK,), tl.float32)
 for i0 in range(0, BT, PR):
@@ -134,10 +145,11 @@ for i0 in range(0, BT, PR):
     if FUSED:
         g = kda_decay(g + dt, a_log)
     total += tl.sum(tl.where(m2, g, 0.0), 0)
-""", "kg_here": "tl.store(kg_ptr + offk, (k * tl.exp(tl.where(m2, total[None, :] - gc, 0.0))).to(DT), mask=m2)",
+""", "kg_here": "tl.store(kg_ptr + offk, (k * kda_exp(tl.where(m2, total[None, :] - gc, 0.0))).to(DT), mask=m2)",
     "kg_after": ""}}
 
-_DIAG = """
+_DIAG = _EXP + """
+
 @triton.jit
 def kda_chunk_diag(qn_ptr, kn_ptr, gc_ptr, beta_ptr, chunk_start, chunk_len, aqk_ptr, akd_ptr):
     # one program per (row of a chunk, BH heads), token-parallel: the row's part of the diagonal
@@ -177,7 +189,7 @@ aq = tl.zeros((BH, BC), tl.float32)
 ak = tl.zeros((BH, BC), tl.float32)
 $loop
     kj = tl.load(kn_ptr + j * (H * K) + off, mask=m2, other=0.0).to(tl.float32)
-    kgj = kj * tl.exp(gi - tl.load(gc_ptr + j * (H * K) + off, mask=m2, other=0.0))
+    kgj = kj * kda_exp(gi - tl.load(gc_ptr + j * (H * K) + off, mask=m2, other=0.0))
     at = (cols[None, :] == jj) & (cols[None, :] <= tok - j0)
     aq = tl.where(at, tl.sum(qi * kgj, 1)[:, None], aq)
     ak = tl.where(at & (cols[None, :] < tok - j0), tl.sum(ki * kgj, 1)[:, None], ak)
@@ -190,14 +202,15 @@ tl.store(krow[:, None] + cols[None, :], tl.zeros((BH, BC), tl.float32), mask=pas
 ki = ki * bi[:, None]
 $loop
     kj = tl.load(kn_ptr + j * (H * K) + off, mask=m2, other=0.0).to(tl.float32)
-    kgj = kj * tl.exp(gi - tl.load(gc_ptr + j * (H * K) + off, mask=m2, other=0.0))
+    kgj = kj * kda_exp(gi - tl.load(gc_ptr + j * (H * K) + off, mask=m2, other=0.0))
     jv = hh * 0 + jj
     mj = mh & (jv <= tok - j0)
     tl.store(arow + jj, (tl.sum(qi * kgj, 1) * SCALE).to(DT), mask=mj)
     tl.store(krow + jj, tl.where(jv < tok - j0, tl.sum(ki * kgj, 1), 0.0), mask=mj)
 """}
 
-_DIAG_BLOCK = """
+_DIAG_BLOCK = _EXP + """
+
 @triton.jit
 def kda_chunk_diag_block(qn_ptr, kn_ptr, gc_ptr, beta_ptr, chunk_start, chunk_len, aqk_ptr, akd_ptr):
     # one program per (sub-chunk, head): its diagonal BC x BC blocks (_diag_block_source)
@@ -239,7 +252,7 @@ def _diag_block_source(BC: int) -> str:
               "    mj = mb2 & (rb >= j)[:, None]",       # row j's K values, loaded into every row (cache hits)
               "    oj = ob + (j - rb)[:, None] * (H * K)",
               "    kj = tl.load(kn_ptr + oj, mask=mj, other=0.0).to(tl.float32)",
-              "    kgj = kj * tl.exp(tl.where(mj, gb - tl.load(gc_ptr + oj, mask=mj, other=0.0), float('-inf')))",
+              "    kgj = kj * kda_exp(tl.where(mj, gb - tl.load(gc_ptr + oj, mask=mj, other=0.0), float('-inf')))",
               "    aq = tl.where(cb == j, tl.sum(qb * kgj, 1)[:, None], aq)",
               "    ak = tl.where(cb == j, tl.sum(kb * kgj, 1)[:, None], ak)",
               "bb = tl.load(beta_ptr + (s0 + rb) * H + h, mask=mb, other=0.0)",
@@ -250,7 +263,8 @@ def _diag_block_source(BC: int) -> str:
     return "\n".join(L)
 
 
-_INTRA = """
+_INTRA = _EXP + """
+
 @triton.jit
 def kda_chunk_intra(qn_ptr, kn_ptr, gc_ptr, beta_ptr, bkg_ptr, v_ptr, akd_ptr, chunk_start, chunk_len,
                     aqk_ptr, w_ptr, u_ptr, t_ptr):
@@ -408,14 +422,14 @@ def _products_source(NC: int, BC: int, KH: int, NKH: int, levels: bool) -> list[
             if I:
                 L += [f"mR1 = mc & (col * 0 + {I * BC - 1} < n)",     # the reference row exists (else no row of I does)
                       f"gR = tl.load(gc_ptr + (start + {I * BC - 1}) * (H * K) + h * K + col, mask=mR1, other=0.0)",
-                      "eI = tl.exp(tl.where(m2, gI - gR[None, :], 0.0))",
+                      "eI = kda_exp(tl.where(m2, gI - gR[None, :], 0.0))",
                       "ka = kI * eI", "qa = qI * eI"]
                 for J in range(I):
                     L += [f"rJ = {J * BC} + cc", "mJ2 = (rJ < n)[:, None] & mc[None, :]",
                           "oJ = (start + rJ)[:, None] * (H * K) + h * K + col[None, :]",
                           "kJ = tl.load(kn_ptr + oJ, mask=mJ2, other=0.0).to(tl.float32)",
                           "gJ = tl.load(gc_ptr + oJ, mask=mJ2, other=0.0)",
-                          "kb = tl.trans(kJ * tl.exp(tl.where(mJ2 & mR1[None, :], gR[None, :] - gJ, 0.0)))",
+                          "kb = tl.trans(kJ * kda_exp(tl.where(mJ2 & mR1[None, :], gR[None, :] - gJ, 0.0)))",
                           f"A{I}_{J} += tl.dot(ka, kb, input_precision=PREC)",
                           f"Q{I}_{J} += tl.dot(qa, kb, input_precision=PREC)"]
             s = BC // 2
@@ -425,10 +439,10 @@ def _products_source(NC: int, BC: int, KH: int, NKH: int, levels: bool) -> list[
                       f"mR = m2 & ({I * BC} + ref < n)[:, None]",
                       f"gR2 = tl.load(gc_ptr + (start + {I * BC} + ref)[:, None] * (H * K) + h * K + col[None, :], "
                       "mask=mR, other=0.0)",
-                      "eI = tl.exp(tl.where(mR & late[:, None], gI - gR2, 0.0))",
+                      "eI = kda_exp(tl.where(mR & late[:, None], gI - gR2, 0.0))",
                       "ka = tl.where(late[:, None], kI * eI, 0.0)",
                       "qa = tl.where(late[:, None], qI * eI, 0.0)",
-                      "kb = tl.trans(tl.where(late[:, None], 0.0, kI * tl.exp(tl.where(mR & (late == 0)[:, None], gR2 - gI, 0.0))))",
+                      "kb = tl.trans(tl.where(late[:, None], 0.0, kI * kda_exp(tl.where(mR & (late == 0)[:, None], gR2 - gI, 0.0))))",
                       f"grp = (cc // {2 * s})[:, None] == (cc // {2 * s})[None, :]",
                       f"D{I} += tl.where(grp, tl.dot(ka, kb, input_precision=PREC), 0.0)",
                       f"E{I} += tl.where(grp, tl.dot(qa, kb, input_precision=PREC), 0.0)"]
@@ -549,7 +563,8 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
     BH, PR = min(cfg["BH"], next_pow2(H)), BC if diag == "prep" else min(cfg["prep_rows"], BT)
     NC = BT // BC
     consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=NC, BV=BV, KH=KH, BW=BW, BH=BH,
-                     PR=PR, NW=_cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype))
+                     PR=PR, NW=_cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype),
+                     FTZ_EXP=bool(cfg["ftz_exp"]))
     gate_f32 = () if fused else ("f_ptr", "b_ptr")        # unfused: g and beta come in fp32
     bkg_f32 = ("bkg_ptr",) if cfg["bkg_fp32"] else ()       # beta k G in fp32, else the activation dtype
     f32 = bkg_f32 + gate_f32 + ("gc_ptr", "beta_ptr", "gl_ptr", "a_ptr", "dt_ptr", "s0_ptr", "sn_ptr", "akd_ptr",

@@ -21,7 +21,8 @@ _BASE = {
     "conv": {"BT": 32, "BC": 128, "num_warps": 4, "num_stages": 1},
     # prep_rows: rows the prep kernel takes at a time; prep_kg: how prep finds the chunk's
     # total decay for k G_L/G ("reload": a second pass over the stored k and G, "prepass": a
-    # first pass over f); bkg_fp32: beta k G in fp32, else in the activation dtype;
+    # first pass over f); bkg_fp32: beta k G in fp32, else in the activation dtype; ftz_exp:
+    # the chunk kernels' exponentials as ex2.approx.ftz (2 instructions, not 4-5);
     # KH: the slice of K the intra-chunk products take at a time; BW: W/U columns per block;
     # diag: the diagonal BC x BC blocks token-parallel ("token": kda_chunk_diag, BH heads a
     # program, diag_unroll: its columns unrolled, diag_store: its sums stored once per row
@@ -31,8 +32,8 @@ _BASE = {
     # wu: W/U in their own kernel from a stored (I + A)^-1 ("split": kda_chunk_wu) or inside
     # the intra kernel ("fused")
     "kda_chunk": {"BT": 64, "BC": 16, "BV": 32, "KH": 64, "BW": 64, "num_warps": 4, "num_stages": 2,
-                  "prep_warps": 8, "prep_rows": 16, "prep_kg": "reload", "bkg_fp32": True, "intra_warps": 4,
-                  "intra_stages": 1, "diag": "token", "BH": 4, "diag_warps": 4, "diag_unroll": False,
+                  "prep_warps": 8, "prep_rows": 16, "prep_kg": "reload", "bkg_fp32": True, "ftz_exp": False,
+                  "intra_warps": 4, "intra_stages": 1, "diag": "token", "BH": 4, "diag_warps": 4, "diag_unroll": False,
                   "diag_store": "row", "wu": "split", "wu_warps": 4, "wu_stages": 2},
     "kda_recurrent": {"BV": 32, "num_warps": 4, "num_stages": 1},
     # split_min: fewest keys a split takes; small so that short contexts at small batch still
