@@ -120,10 +120,11 @@ def test_kda_chunk_k_slices_and_strong_decay():
                               "block-prepass-split", "in-prep-fused", "levels-split-prep32", "levels-fused"])
 def test_kda_chunk_kernel_modes(modes, monkeypatch):
     """Each generated layout of the chunk kernels (diagonal blocks token-parallel, by sub-chunk
-    blocks, in the prep kernel or in the intra kernel, W/U in their own kernel or in it, the token-parallel columns unrolled or stored one by
-    one, prep a whole chunk at a time or summing the decay first, beta k G in the activation
-    dtype, exponentials as exp2; the default token loop / split runs in the tests above), on 3 heads (a
-    partial head group for BH=2), K in two slices, ragged packed sequences under a strong decay."""
+    blocks, in the prep kernel or in the intra kernel, W/U in their own kernel or in it, the
+    token-parallel columns unrolled or stored one by one, prep a whole chunk at a time or summing
+    the decay first, beta k G in the activation dtype, exponentials as exp2; the default token
+    loop / split runs in the tests above), on 3 heads (a partial head group for BH=2), K in two
+    slices, ragged packed sequences under a strong decay."""
     from kimi_graph.lowering.triton.targets import TARGETS
     monkeypatch.setitem(TARGETS["interpret"]["configs"], "kda_chunk",
                         {**TARGETS["interpret"]["configs"]["kda_chunk"], **modes})
