@@ -8,10 +8,13 @@ the bytes the step must read (bench/e2e.floor_bytes) over the copy bandwidth mea
 "previous" turns the decode fusions off: routed experts through the permutation at every
 batch size (moe_decode max_pairs 0) and the pipeline without the passes in FUSION_PASSES.
 First, a tile sweep of the direct MoE kernels alone against the grouped path (published
-shapes, B = 1, 8, 16).
+shapes, B = 1, 2, 8), best tiles per token bucket (moe_decode token_tiles). Variants (VARIANTS):
+"fused" (the defaults, plain launches), "previous", "one-tile" (the direct MoE's base tiles at
+every batch), "pdl" (fused, with dependent launches).
 
     python bench/decode_step.py                       # 4-layer slice and 27 layers, B=1,32, both paths
     python bench/decode_step.py --layers 4 --batches 1 --variants fused
+    python bench/decode_step.py --layers 27 --batches 1,32 --variants fused,one-tile --use-best
 """
 from __future__ import annotations
 
@@ -31,17 +34,28 @@ from kimi_graph.runtime import Engine
 
 FUSION_PASSES = ("fuse-linears",)        # passes of the default pipeline that "previous" leaves out
 
-
-_MAX_PAIRS: list = []
+# variant -> the tile keys it sets (over the target's, or the sweep's best with --use-best)
+VARIANTS = {
+    "fused": {},
+    "previous": {"moe_decode": {"max_pairs": 0}},                   # + the pipeline without FUSION_PASSES
+    "one-tile": {"moe_decode": {"token_tiles": []}},                # the direct MoE's tiles whatever the batch
+    "pdl": {},                                                      # fused, with dependent launches
+}
+_BASE_KEYS: dict = {}
 
 
 def variant_setup(name: str) -> str:
     """Configure the kernels for a variant; returns its pipeline."""
     from harness import override_config
     from kimi_graph.lowering.triton.targets import config
-    if not _MAX_PAIRS:
-        _MAX_PAIRS.append(config("moe_decode")["max_pairs"])
-    override_config("moe_decode", max_pairs=0 if name == "previous" else _MAX_PAIRS[0])
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    for fam, keys in ((f, k) for over in VARIANTS.values() for f, k in over.items()):
+        base = _BASE_KEYS.setdefault(fam, {})
+        cfg = config(fam)
+        base.update({k: cfg[k] for k in keys if k not in base})
+    for fam, keys in _BASE_KEYS.items():
+        override_config(fam, **{**keys, **VARIANTS[name].get(fam, {})})
     override_config("launch", pdl=name == "pdl")     # "pdl": fused, with dependent launches
     if name == "previous":
         return ",".join(p for p in DEFAULT_PIPELINE.split(",") if p.split("{")[0] not in FUSION_PASSES)
@@ -101,18 +115,20 @@ def run_model(layers: int, variant: str, args, bw: float, rows: list) -> None:
 # tile variants of the direct MoE kernels, swept in pairs (gate_up i with down i); each kernel's
 # best is chosen apart by its own kernel time: gate_up (BN, BK, num_warps), down (BND, BKD, warps_down)
 GATE_UP_TILES = [(16, 256, 4), (8, 512, 4), (16, 512, 4), (32, 256, 8), (16, 256, 2), (8, 256, 2),
-                 (32, 512, 8), (64, 128, 8)]
+                 (32, 512, 8), (64, 128, 8), (8, 512, 2), (4, 512, 4), (8, 1024, 4), (8, 512, 8), (4, 1024, 2)]
 DOWN_TILES = [(16, 256, 4), (16, 512, 4), (8, 1024, 4), (32, 256, 4), (16, 1024, 8), (8, 512, 2),
-              (32, 512, 8), (64, 256, 8)]
+              (32, 512, 8), (64, 256, 8), (8, 1024, 2), (4, 1024, 4), (16, 1024, 4), (4, 512, 2), (8, 512, 4)]
 
 
-def sweep_moe_tiles(bw: float, rows: list, shape=(256, 8, 2304, 1024), device="cuda", dtype=torch.bfloat16) -> dict:
-    """The direct routed + shared experts at B = 1, 8, 16 on the published shapes (256 experts,
-    top-8, D 2304, I 1024) per tile variant, and the grouped path ("grouped"), graph-replayed;
-    bw_frac: the distinct experts' bytes over the time, against the copy bandwidth; rel_err: against
-    the grouped path's result; gate_up_us,
-    down_us, combine_us: each kernel's time (profiler). Returns the best tiles (least summed
-    kernel time over the batches, per kernel), merged into this device's tuning file."""
+def sweep_moe_tiles(bw: float, rows: list, batches=(1, 2, 8), buckets=(2,), shape=(256, 8, 2304, 1024),
+                    device="cuda", dtype=torch.bfloat16) -> dict:
+    """The direct routed + shared experts at each batch size on the published shapes (256
+    experts, top-8, D 2304, I 1024) per tile variant, and the grouped path ("grouped"),
+    graph-replayed; bw_frac: the distinct experts' bytes over the time, against the copy
+    bandwidth; rel_err: against the grouped path's result; gate_up_us, down_us, combine_us: each
+    kernel's time (profiler). Returns the best tiles (least summed kernel time over the batches
+    of a token bucket, per kernel): the batches above every bound in `buckets` give the base
+    tiles, the others their bucket's `token_tiles` entry; merged into this device's tuning file."""
     from harness import bench_graph, kernel_times, merge_tuning, override_config, rel_err
     from kimi_graph.lowering.triton import moe, moe_decode
     from kimi_graph.lowering.triton.targets import config
@@ -121,9 +137,11 @@ def sweep_moe_tiles(bw: float, rows: list, shape=(256, 8, 2304, 1024), device="c
     r = lambda *s: torch.randn(*s, device=device, generator=g, dtype=dtype) * s[-1] ** -0.5
     w13, w2, shared = r(E, 2 * I, D), r(E, D, I), (r(I, D), r(I, D), r(D, I))
     base = config("moe_decode")
-    score_gu: dict = {}
+    bucketing = {"token_tiles": [[b, {}] for b in sorted(buckets)]}
+    score_gu: dict = {}                 # (bucket, tile) -> summed kernel us
     score_down: dict = {}
-    for B in (1, 8, 16):
+    for B in batches:
+        bucket = moe_decode.bucket_of(bucketing, B)
         x = r(B, D)
         ids = torch.stack([torch.randperm(E, device=device, generator=g)[:K] for _ in range(B)])
         w = torch.rand(B, K, device=device, generator=g)
@@ -134,25 +152,33 @@ def sweep_moe_tiles(bw: float, rows: list, shape=(256, 8, 2304, 1024), device="c
                 run, name = lambda: moe.moe_experts(x, ids, w, w13, w2, moe_decode.shared_swiglu(x, *shared)), "grouped"
             else:
                 override_config("moe_decode", BN=gu[0], BK=gu[1], num_warps=gu[2], BND=dn[0], BKD=dn[1],
-                                warps_down=dn[2])
+                                warps_down=dn[2], token_tiles=[])
                 run = lambda: moe_decode.direct(x, ids, w, w13, w2, None, shared)
                 name = "gu {}/{}/w{} down {}/{}/w{}".format(*gu, *dn)
             ms = bench_graph(run)
-            row = {"B": B, "tiles": name, "us": ms * 1e3, "bw_frac": nbytes / (ms * 1e-3) / bw}
+            row = {"B": B, "bucket": bucket or "base", "tiles": name, "us": ms * 1e3,
+                   "bw_frac": nbytes / (ms * 1e-3) / bw}
             if gu is not None:
                 row["rel_err"] = rel_err(run(), ref)       # against the grouped path (bf16 rounding apart)
                 kt = kernel_times(run, 5)
                 row.update({f"{k}_us": kt.get(kernel, 0.0) * 1e3 for k, kernel in
                             (("gate_up", "moe_decode_gate_up"), ("down", "moe_decode_down"), ("combine", "moe_unpermute"))})
-                score_gu[gu] = score_gu.get(gu, 0.0) + row["gate_up_us"]
-                score_down[dn] = score_down.get(dn, 0.0) + row["down_us"]
+                score_gu[bucket, gu] = score_gu.get((bucket, gu), 0.0) + row["gate_up_us"]
+                score_down[bucket, dn] = score_down.get((bucket, dn), 0.0) + row["down_us"]
             rows.append(row)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     override_config("moe_decode", **base)
-    (bn, bk, wg), (bnd, bkd, wd) = min(score_gu, key=score_gu.get), min(score_down, key=score_down.get)
-    best = {"BN": bn, "BK": bk, "num_warps": wg, "BND": bnd, "BKD": bkd, "warps_down": wd}
-    print(f"best moe_decode tiles (least kernel time summed over B = 1, 8, 16): {best}", flush=True)
-    merge_tuning("moe_decode", best, "bench/decode_step.py: best of the swept direct MoE tiles (per kernel)")
+
+    def best_of(bucket):
+        gu = min((t for b, t in score_gu if b == bucket), key=lambda t: score_gu[bucket, t])
+        dn = min((t for b, t in score_down if b == bucket), key=lambda t: score_down[bucket, t])
+        return dict(zip(("BN", "BK", "num_warps", "BND", "BKD", "warps_down"), gu + dn))
+    swept = {b for b, _ in score_gu}
+    best = best_of(None) if None in swept else {k: base[k] for k in moe_decode.TILE_KEYS if k != "num_stages"}
+    best["token_tiles"] = [[b, best_of(b)] for b in sorted(buckets) if b in swept]
+    print(f"best moe_decode tiles (least kernel time summed over the batches of each token bucket): {best}", flush=True)
+    merge_tuning("moe_decode", best, "bench/decode_step.py: best of the swept direct MoE tiles (per kernel, "
+                 f"per token bucket; batches {', '.join(map(str, batches))})")
     return best
 
 
@@ -173,18 +199,25 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--variants", default="fused,previous",
-                    help="fused, previous (without the fusion passes), pdl (fused, dependent launches)")
+    ap.add_argument("--variants", default="fused,previous", help=f"any of {', '.join(VARIANTS)} (pdl: fused, "
+                    "with dependent launches)")
     ap.add_argument("--name", default="decode_step")
     ap.add_argument("--no-sweep", action="store_true", help="skip the direct MoE kernels' tile sweep")
     ap.add_argument("--use-best", action="store_true", help="run the models with the sweep's best tiles "
                     "(else the target's defaults)")
+    ap.add_argument("--sweep-batches", default="1,2,8", help="batch sizes of the direct MoE tile sweep")
+    ap.add_argument("--token-buckets", default="2", help="moe_decode token_tiles bounds the sweep picks tiles for "
+                    "(batches above every bound pick the base tiles)")
     a = ap.parse_args(argv)
+    for v in a.variants.split(","):
+        if v not in VARIANTS:
+            ap.error(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
     a.batches = [int(b) for b in a.batches.split(",")]
     bw = copy_bandwidth()
     rows: list = []
     tiles: list = []
-    best = sweep_moe_tiles(bw, tiles) if not a.no_sweep else {}
+    best = {} if a.no_sweep else sweep_moe_tiles(bw, tiles, [int(b) for b in a.sweep_batches.split(",")],
+                                                [int(b) for b in a.token_buckets.split(",") if b])
     extra = {"copy_tb_s": bw / 1e12, "context": a.context, "moe_decode_tiles": tiles, "moe_decode_best": best}
     if best and a.use_best:                 # the whole-model runs with the sweep's best tiles
         from harness import override_config

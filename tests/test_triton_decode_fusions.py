@@ -68,6 +68,34 @@ def test_shared_expert_folded_in(N, IS):
     assert rel(out, moe.moe_experts(x, ids, w, w13, w2, moe_decode.shared_swiglu(x, *shared))) < TOL
 
 
+def test_tiles_by_token_count(monkeypatch):
+    """token_tiles: one or two tokens take the bucket's tiles (the interpreter's differ from its
+    base tiles), three the base ones; each token is bitwise the same alone as in a batch of its
+    bucket, and every bucket agrees with fp64; the AOT list holds every bucket's kernels."""
+    from kimi_graph.lowering.triton import targets
+    cfg = targets.config("moe_decode", "interpret")
+    assert [moe_decode.bucket_of(cfg, n) for n in (1, 2, 3)] == [2, 2, None]
+    x, ids, w, w13, w2, acc = draw(3, 9, 4, 40, 24, seed=7)
+    specs = {n: moe_decode._specs(x[:n], ids[:n], w[:n], w13, w2, None, None)[0].config for n in (1, 2, 3)}
+    assert (specs[1]["BN"], specs[1]["BK"], specs[3]["BN"], specs[3]["BK"]) == (16, 32, 8, 16)
+    out = moe_decode.direct(x, ids, w, w13, w2, acc)
+    assert rel(out, experts_fp64(x, ids, w, w13, w2, acc)) < TOL
+    pair = moe_decode.direct(x[1:], ids[1:], w[1:], w13, w2, acc[1:])
+    for n in (1, 2):
+        one = moe_decode.direct(x[n:n + 1], ids[n:n + 1], w[n:n + 1], w13, w2, acc[n:n + 1])
+        assert torch.equal(one, pair[n - 1:n])
+        assert rel(one, out[n:n + 1]) < TOL
+    from types import SimpleNamespace
+    ins = [SimpleNamespace(shape=tuple(t.shape), dtype="i64" if t is ids else "f32") for t in (x, ids, w, w13, w2, acc)]
+    got = {s.config["BN"] for s in moe_decode.specs_for("moe_experts", ins, [x], {}, "interpret") if "BN" in s.config
+           and s.name.startswith("moe_decode")}
+    assert got == {8, 16}
+    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_decode"], "token_tiles", [[2, {"max_pairs": 9}]])
+    moe_decode.decode_specs.cache_clear()
+    with pytest.raises(ValueError, match="not tile keys"):
+        moe_decode.direct(x[:1], ids[:1], w[:1], w13, w2, acc[:1])
+
+
 def test_moe_experts_chooses_by_batch_size(monkeypatch):
     args = draw(5, 6, 2, 24, 16)
     calls = []

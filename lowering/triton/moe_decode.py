@@ -12,6 +12,10 @@ token in each kernel (its output, rounded, is the combine's acc). Both projectio
 program per (BN or BND output rows, pair): at B=1, top-8 plus the shared expert and D = 2304,
 BND = 16 gives 144 x 9 programs, so a single token's ~42 MB of down weights is read by the
 whole GPU rather than by one program per D block looping over the experts.
+Tiles may depend on the token count (`token_tiles` of the moe_decode config: one token reads 9
+experts' rows, eight tokens ~65, and the best tile differs): a CUDA graph captures one batch size,
+so the choice costs nothing at replay. A token's result is bitwise the same in any batch of its
+bucket; across buckets the K tiles (so the fp32 summation order) may differ: bf16 rounding apart.
 Low-bit experts (int4 / int8 / fp8, `Quant`) take the same kernels with their weight loads
 dequantizing the codes (`_loader`: each weight rounded as kimi_graph/ops/quant.dequantize does).
 Larger batches take moe.moe_experts (low-bit: moe_quant.quantized_moe_experts); `moe_experts`
@@ -157,12 +161,32 @@ class Quant:
         return self.fmt, self.group_size, self.z13 is not None
 
 
+TILE_KEYS = ("BN", "BK", "num_warps", "BND", "BKD", "warps_down", "num_stages")
+
+
+def bucket_of(cfg: dict, tokens: int) -> int | None:
+    """The first `token_tiles` bound that holds `tokens` tokens (None: the unbucketed tiles)."""
+    return next((bound for bound, _ in cfg.get("token_tiles", ()) if tokens <= bound), None)
+
+
+def bucket_config(cfg: dict, bucket: int | None) -> dict:
+    """cfg with the tiles of its `token_tiles` entry for `bucket` (a bound) over its own."""
+    if bucket is None:
+        return cfg
+    over = dict(cfg["token_tiles"])[bucket]
+    bad = set(over) - set(TILE_KEYS)
+    if bad:
+        raise ValueError(f"moe_decode token_tiles[{bucket}]: {sorted(bad)} are not tile keys ({', '.join(TILE_KEYS)})")
+    return {**cfg, **over}
+
+
 @functools.lru_cache(maxsize=None)
-def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None = None):
+def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None = None, bucket: int | None = None):
     """(gate_up, down, combine) kernels of the direct path; shared_i: the shared expert's width
-    (0: none); quant: (format, group size, asymmetric) of low-bit experts. None where the target
-    has no kernel for the format (fp8 before sm_89)."""
-    cfg = config("moe_decode", target)
+    (0: none); quant: (format, group size, asymmetric) of low-bit experts; bucket: the
+    `token_tiles` bound whose tiles to take (bucket_of). None where the target has no kernel for
+    the format (fp8 before sm_89)."""
+    cfg = bucket_config(config("moe_decode", target), bucket)
     wide = max(I, shared_i)
     consts = {"I": I, "IS": max(shared_i, 1), "D": D, "TOPK": top_k,
               "BN": min(cfg["BN"], next_pow2(wide)), "BK": min(cfg["BK"], next_pow2(D)),
@@ -218,8 +242,10 @@ def _check(x, ids, weights, w13, w2, acc, shared, quant=None):
 def _specs(x, ids, weights, w13, w2, shared, quant):
     (E, I2, D), _ = _shapes(w13, w2, quant)
     IS = 0 if shared is None else shared[0].shape[0]
-    return decode_specs(I2 // 2, D, ids.shape[-1], ir_dtype(x), ir_dtype(weights), IS, current_target(),
-                        quant and quant.key())
+    target = current_target()
+    tokens = ids.numel() // ids.shape[-1] if ids.shape[-1] else 0
+    return decode_specs(I2 // 2, D, ids.shape[-1], ir_dtype(x), ir_dtype(weights), IS, target,
+                        quant and quant.key(), bucket_of(config("moe_decode", target), tokens))
 
 
 def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None = None):
@@ -306,15 +332,19 @@ def op_quantized_moe_experts(args, attrs):
 
 
 def specs_for(kind, ins, outs, attrs, target, shared_i: int = 0):
-    """Both paths' kernels (the op runs either), for AOT builds."""
+    """Both paths' kernels (the op runs either; the direct one in every token bucket), for AOT
+    builds."""
     x, ids, w = ins[:3]
+    buckets = [None] + [bound for bound, _ in config("moe_decode", target).get("token_tiles", ())]
     if kind == "quantized_moe_experts":
         fmt = attrs["format"]
         (E, I2, D), I = weight_shape(fmt, ins[3].shape), weight_shape(fmt, ins[5].shape)[2]
         zeros = ins[7 + (3 if shared_i else 1):]             # after acc or the shared expert's weights
-        direct_specs = decode_specs(I, D, ids.shape[-1], x.dtype, w.dtype, shared_i, target,
-                                    (fmt, attrs["group_size"], bool(zeros)))
-        return list(direct_specs or ()) + moe_quant.chain_specs(ins[:7] + [x] + list(zeros), attrs, target)
+        direct_specs = [s for b in buckets for s in decode_specs(I, D, ids.shape[-1], x.dtype, w.dtype, shared_i,
+                                                                 target, (fmt, attrs["group_size"], bool(zeros)), b)
+                        or ()]
+        return direct_specs + moe_quant.chain_specs(ins[:7] + [x] + list(zeros), attrs, target)
     E, I2, D = ins[3].shape
-    return (list(decode_specs(I2 // 2, D, ids.shape[-1], x.dtype, w.dtype, shared_i, target))
+    return ([s for b in buckets for s in decode_specs(I2 // 2, D, ids.shape[-1], x.dtype, w.dtype, shared_i, target,
+                                                      None, b)]
             + moe.specs_for("moe_experts", ins[:5] + [x], outs, attrs, target))

@@ -67,9 +67,10 @@ _BASE = {
     # step per (token, expert) pair, num_warps; down BND rows x BKD columns a step per pair,
     # warps_down. Two tokens on one expert read it twice: 64 copies (8 tokens at top-8 of 256)
     # read ~1.1x the distinct experts' bytes, 128 copies ~1.25x, so larger batches go to the
-    # grouped kernels
+    # grouped kernels. token_tiles: [[max tokens, {tile key: value}], ...]: a batch of at most that
+    # many tokens (the first entry that holds it) takes those tiles over the ones above
     "moe_decode": {"BN": 16, "BK": 256, "BND": 16, "BKD": 256, "max_pairs": 64, "num_warps": 4,
-                   "warps_down": 4, "num_stages": 2},
+                   "warps_down": 4, "num_stages": 2, "token_tiles": []},
 }
 
 
@@ -111,8 +112,11 @@ TARGETS: dict[str, dict] = {
         "moe_gemm_q": {"BM": 128, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3, "fp8_dot": True,
                        "BN_small": 64},
         # direct decode experts: the best of bench/decode_step.py's sweep on an H200 (2026-11-30;
-        # one MoE layer at B=1 in 46 us, 65% of the copy rate over the experts read)
-        "moe_decode": {"BN": 16, "BK": 256, "num_warps": 4, "BND": 32, "BKD": 256, "warps_down": 4}})},
+        # one MoE layer at B=1 in 46 us, 65% of the copy rate over the experts read); one or two
+        # tokens: the best at B=1 of that sweep (gate_up 25.2 us, was 30.5; down 13.3, was 14.8)
+        "moe_decode": {"BN": 16, "BK": 256, "num_warps": 4, "BND": 32, "BKD": 256, "warps_down": 4,
+                       "token_tiles": [[2, {"BN": 8, "BK": 512, "num_warps": 4, "BND": 8, "BKD": 1024,
+                                            "warps_down": 4}]]}})},
     "interpret": {"arch": None, "gpu": "Triton interpreter (CPU)", "configs": _merge(_BASE, {
         "elementwise": {"BLOCK": 64},
         "conv": {"BT": 8, "BC": 16},
@@ -127,7 +131,8 @@ TARGETS: dict[str, dict] = {
                      "fused_min_rows": 24},
         "moe_gemm_q": {"BM": 16, "BN": 16, "BK": 32, "BM_small": 16, "BN_small": 16, "BK_small": 32},
         "moe_permute": {"BLOCK": 64, "SUB": 16, "BD": 32, "SCAN_E": 4, "SCAN_B": 4},
-        "moe_decode": {"BN": 8, "BK": 16, "BND": 16, "BKD": 8}})},
+        "moe_decode": {"BN": 8, "BK": 16, "BND": 16, "BKD": 8,
+                       "token_tiles": [[2, {"BN": 16, "BK": 32, "BND": 8, "BKD": 16, "num_warps": 2}]]}})},
 }
 
 TUNING_ENV = "KIMI_GRAPH_TRITON_TUNING"     # a tuning file written by `write_tuning`
