@@ -6,15 +6,17 @@ kernel time per step (torch.profiler, eager and CUDA-graph replay), ms per step 
 runs it under CUDA graphs (the step, the draw, the tokens read back), and the memory floor:
 the bytes the step must read (bench/e2e.floor_bytes) over the copy bandwidth measured here.
 "previous" turns the decode fusions off: routed experts through the permutation at every
-batch size (moe_decode max_pairs 0) and the pipeline without the passes in FUSION_PASSES.
+batch size (moe_decode max_pairs 0), the router in two kernels and the pipeline without the
+passes in FUSION_PASSES.
 First, a tile sweep of the direct MoE kernels alone against the grouped path (published
 shapes, B = 1, 2, 8), best tiles per token bucket (moe_decode token_tiles). Variants (VARIANTS):
 "fused" (the defaults, plain launches), "previous", "one-tile" (the direct MoE's base tiles at
-every batch), "pdl" (fused, with dependent launches).
+every batch), "router-2k" (the router's two kernels where it would run as one launch), "pdl"
+(fused, with dependent launches).
 
     python bench/decode_step.py                       # 4-layer slice and 27 layers, B=1,32, both paths
     python bench/decode_step.py --layers 4 --batches 1 --variants fused
-    python bench/decode_step.py --layers 27 --batches 1,32 --variants fused,one-tile --use-best
+    python bench/decode_step.py --layers 27 --batches 1,32 --variants fused,one-tile,router-2k --no-sweep
 """
 from __future__ import annotations
 
@@ -37,8 +39,9 @@ FUSION_PASSES = ("fuse-linears",)        # passes of the default pipeline that "
 # variant -> the tile keys it sets (over the target's, or the sweep's best with --use-best)
 VARIANTS = {
     "fused": {},
-    "previous": {"moe_decode": {"max_pairs": 0}},                   # + the pipeline without FUSION_PASSES
+    "previous": {"moe_decode": {"max_pairs": 0}, "moe_route": {"fused_max": 0}},  # + the pipeline without FUSION_PASSES
     "one-tile": {"moe_decode": {"token_tiles": []}},                # the direct MoE's tiles whatever the batch
+    "router-2k": {"moe_route": {"fused_max": 0}},                   # the router in two kernels at every batch
     "pdl": {},                                                      # fused, with dependent launches
 }
 _BASE_KEYS: dict = {}
@@ -114,10 +117,10 @@ def run_model(layers: int, variant: str, args, bw: float, rows: list) -> None:
 
 # tile variants of the direct MoE kernels, swept in pairs (gate_up i with down i); each kernel's
 # best is chosen apart by its own kernel time: gate_up (BN, BK, num_warps), down (BND, BKD, warps_down)
-GATE_UP_TILES = [(16, 256, 4), (8, 512, 4), (16, 512, 4), (32, 256, 8), (16, 256, 2), (8, 256, 2),
-                 (32, 512, 8), (64, 128, 8), (8, 512, 2), (4, 512, 4), (8, 1024, 4), (8, 512, 8), (4, 1024, 2)]
-DOWN_TILES = [(16, 256, 4), (16, 512, 4), (8, 1024, 4), (32, 256, 4), (16, 1024, 8), (8, 512, 2),
-              (32, 512, 8), (64, 256, 8), (8, 1024, 2), (4, 1024, 4), (16, 1024, 4), (4, 512, 2), (8, 512, 4)]
+GATE_UP_TILES = [(16, 256, 4), (8, 512, 4), (16, 512, 4), (32, 256, 8), (8, 256, 2), (8, 512, 2), (4, 512, 4),
+                 (8, 1024, 4), (8, 512, 8), (4, 1024, 2)]
+DOWN_TILES = [(16, 256, 4), (16, 512, 4), (8, 1024, 4), (32, 256, 4), (8, 512, 2), (8, 1024, 2), (4, 1024, 4),
+              (16, 1024, 4), (4, 512, 2), (8, 512, 4)]
 
 
 def sweep_moe_tiles(bw: float, rows: list, batches=(1, 2, 8), buckets=(2,), shape=(256, 8, 2304, 1024),

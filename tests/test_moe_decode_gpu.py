@@ -1,7 +1,8 @@
 """GPU only (skipped without CUDA): the routed experts read by id (lowering/triton/moe_decode) in
 bf16 on the published shapes against an fp64 loop (rel. error <= 1e-2), each token's result
 bitwise the same alone as in a batch of its tile bucket (every (token, expert) pair is its own
-program; the combine sums in a fixed order)."""
+program; the combine sums in a fixed order); the router's one launch against its two kernels
+(bitwise) and under CUDA-graph replay."""
 from __future__ import annotations
 
 import pytest
@@ -58,3 +59,33 @@ def test_direct_token_alone_equals_in_batch():
             assert rel(one, out[n:n + 1]) <= BF16_TOL
 
 
+
+def test_one_launch_router_equals_two_kernels_and_replays(monkeypatch):
+    """The router at decode (one launch, its last program selects) on the published shapes:
+    bitwise the two kernels' result, and a CUDA graph of it replays with new inputs as run
+    eagerly (the ticket is reset by every launch)."""
+    from kimi_graph.lowering.triton import moe_route
+    from kimi_graph.lowering.triton.targets import TARGETS, config
+    g = torch.Generator(device="cuda").manual_seed(2)
+    E, D = 256, 2304
+    w = (torch.randn(E, D, device="cuda", generator=g) * D ** -0.5).to(torch.bfloat16)
+    b = torch.rand(E, device="cuda", generator=g) * 0.1
+    attrs = dict(top_k=8, scaling=2.446)
+    n = config("moe_route")["fused_max"]
+    xs = [torch.randn(n, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3)]
+    want = [moe_route.moe_route(x, w, b, **attrs) for x in xs]
+    assert int(moe_route._TICKETS[str(xs[0].device)]) == 0
+    static = xs[0].clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ids, wts = moe_route.moe_route(static, w, b, **attrs)
+    for x, (wi, ww) in zip(xs, want):
+        static.copy_(x)
+        graph.replay()
+        assert torch.equal(ids, wi) and torch.equal(wts, ww)
+    monkeypatch.setitem(TARGETS[moe_route.current_target()]["configs"]["moe_route"], "fused_max", 0)
+    moe_route.fused_spec.cache_clear()
+    for x, (wi, ww) in zip(xs, want):
+        two = moe_route.moe_route(x, w, b, **attrs)
+        assert torch.equal(two[0], wi) and torch.equal(two[1], ww)
+    moe_route.fused_spec.cache_clear()

@@ -55,6 +55,38 @@ def test_route_random(seed):
     assert torch.equal(ids, fi) and (wts.double() - fw).abs().max() <= 1e-5 * fw.abs().max()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_route_one_launch_equals_two_kernels(monkeypatch, seed):
+    """Up to fused_max tokens the router is one launch (its last program selects): bitwise the two
+    kernels' ids and weights, the reference op's ids; its ticket is reset, so the next launch (as a
+    CUDA graph's replay) selects again."""
+    from kimi_graph.lowering.triton import codegen, targets
+    _, w, b, attrs = random_routing(seed)
+    x = torch.randn(4, w.shape[1], generator=torch.Generator().manual_seed(seed))
+    cfg = targets.TARGETS["interpret"]["configs"]["moe_route"]
+    names = []
+    monkeypatch.setattr(moe_route, "launch", lambda spec, *a: names.append(spec.name) or codegen.launch(spec, *a))
+    for N in range(1, cfg["fused_max"] + 1):
+        one = [moe_route.moe_route(x[i:i + N], w, b, **attrs) for i in (0, N)]
+        assert names[-2:] == ["moe_router"] * 2 and int(moe_route._TICKETS["cpu"]) == 0
+        for i, (ids, wts) in zip((0, N), one):
+            ri, rw = get_op("moe_route").ref([x[i:i + N], w, b], attrs)
+            assert torch.equal(ids, ri) and (wts - rw).abs().max() <= 1e-5 * rw.abs().max()
+        monkeypatch.setitem(cfg, "fused_max", 0)
+        moe_route.fused_spec.cache_clear()
+        two = moe_route.moe_route(x[:N], w, b, **attrs)
+        assert names[-2:] == ["moe_router_logits", "moe_router_select"]
+        assert torch.equal(two[0], one[0][0]) and torch.equal(two[1], one[0][1])
+        monkeypatch.setitem(cfg, "fused_max", 2)
+        moe_route.fused_spec.cache_clear()
+    monkeypatch.setitem(cfg, "fused_max", cfg["BN_small"] + 1)
+    monkeypatch.setitem(cfg, "small_max", cfg["BN_small"] + 1)
+    moe_route.fused_spec.cache_clear()
+    with pytest.raises(ValueError, match="one token block"):
+        moe_route.moe_route(x[:1], w, b, **attrs)
+    moe_route.fused_spec.cache_clear()
+
+
 def test_route_errors():
     x, w, b = torch.randn(3, 40), torch.randn(6, 40), torch.randn(6)
     with pytest.raises(TypeError, match="bias must be fp32"):

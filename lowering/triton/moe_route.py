@@ -1,7 +1,10 @@
 """The MoE router in two kernels: the router logits x W^T split over (token, expert, K) blocks
 into fp32 partial sums, so a few tokens still spread over the whole GPU; then the selection
 per token (sum of the partials in a fixed order, sigmoid, + bias for selection, grouped top-k,
-renormalise, scale), entirely in registers.
+renormalise, scale), entirely in registers. Up to `fused_max` tokens (decode) take one launch:
+the same logits programs, each taking a ticket from a counter once its partials are stored; the
+last to arrive does the selection (same order, bitwise the same result) and resets the counter,
+so a CUDA graph replays it as captured.
 
 Ties: among exactly equal scores the lowest expert (and group) index wins. Groups may have any
 size the config allows (6 experts in 2 groups, 3 in 3): the selection pads each group to a power
@@ -18,8 +21,8 @@ from .targets import config, current_target
 
 _LOGITS = """
 @triton.jit
-def moe_router_logits(x_ptr, w_ptr, part_ptr, N, KCH):
-    # grid (token blocks, expert blocks, K splits): part[s, n, e] = sum over split s of x[n, k] w[e, k]
+def _logits_block(x_ptr, w_ptr, part_ptr, N, KCH):
+    # program (token block, expert block, K split): part[s, n, e] = sum over split s of x[n, k] w[e, k]
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     mr = rows < N
     e = tl.program_id(1) * BE + tl.arange(0, BE)
@@ -37,30 +40,34 @@ def moe_router_logits(x_ptr, w_ptr, part_ptr, N, KCH):
     tl.store(out, acc, mask=mr[:, None] & me[None, :])
 """
 
+_LOGITS_KERNEL = """
+@triton.jit
+def moe_router_logits(x_ptr, w_ptr, part_ptr, N, KCH):
+    # grid (token blocks, expert blocks, K splits)
+    _logits_block(x_ptr, w_ptr, part_ptr, N, KCH)
+"""
+
 _SELECT = """
 @triton.jit
-def moe_router_select(part_ptr, bias_ptr, ids_ptr, wts_ptr, N, S):
-    # grid (token blocks,): experts laid out [NGP groups, EGP slots] (padding slots masked)
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    mr = rows < N
+def _slots():
+    # experts laid out [NGP groups, EGP slots]: each slot's expert, whether it is one, its slot
     f = tl.arange(0, BEP)
     slot = f % EGP
     e = (f // EGP) * EG + slot
-    me = (slot < EG) & (e < E)
+    return e, (slot < EG) & (e < E), slot
+
+
+@triton.jit
+def _select_rows(acc, e, me, slot, bias_ptr, ids_ptr, wts_ptr, rows, mr, R: tl.constexpr):
+    # the R tokens `rows` (mr: real ones) from their logits acc [R, BEP] (padding slots masked)
     ek = tl.where(me, e, E)             # expert ids for comparisons (padding slots never match)
-    m2 = mr[:, None] & me[None, :]
-    acc = tl.zeros((BR, BEP), tl.float32)
-    p = part_ptr + rows[:, None] * E + e[None, :]
-    for s in range(0, S):               # the K splits, summed in a fixed order
-        acc += tl.load(p, mask=m2, other=0.0)
-        p += N * E
     scores = 1.0 / (1.0 + tl.exp(-acc))
     choice = scores + tl.load(bias_ptr + e, mask=me, other=0.0).to(tl.float32)[None, :]
     choice = tl.where(me[None, :], choice, float("-inf"))
     $groups
     picked = tl.where(me[None, :], picked, float("-inf"))
     src = $weights_from
-    tot = tl.zeros((BR,), tl.float32)
+    tot = tl.zeros((R,), tl.float32)
     for j in tl.static_range(TOPK):
         best = tl.max(picked, 1)
         idx = tl.min(tl.where(picked == best[:, None], ek[None, :], E), 1)
@@ -73,28 +80,65 @@ def moe_router_select(part_ptr, bias_ptr, ids_ptr, wts_ptr, N, S):
     if RENORM:
         inv = SCALING / (tot + 1e-20)
     else:
-        inv = tl.full((BR,), SCALING, tl.float32)
+        inv = tl.full((R,), SCALING, tl.float32)
     for j in tl.static_range(TOPK):
         wj = tl.load(wts_ptr + rows * TOPK + j, mask=mr, other=0.0)
         tl.store(wts_ptr + rows * TOPK + j, wj * inv, mask=mr)
 """
 
+_SELECT_KERNEL = """
+@triton.jit
+def moe_router_select(part_ptr, bias_ptr, ids_ptr, wts_ptr, N, S):
+    # grid (token blocks of BR,): the S partials summed in a fixed order, then the selection
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    mr = rows < N
+    e, me, slot = _slots()
+    m2 = mr[:, None] & me[None, :]
+    acc = tl.zeros((BR, BEP), tl.float32)
+    p = part_ptr + rows[:, None] * E + e[None, :]
+    for s in range(0, S):
+        acc += tl.load(p, mask=m2, other=0.0)
+        p += N * E
+    _select_rows(acc, e, me, slot, bias_ptr, ids_ptr, wts_ptr, rows, mr, BR)
+"""
+
+_FUSED_KERNEL = """
+@triton.jit
+def moe_router(x_ptr, w_ptr, part_ptr, bias_ptr, ids_ptr, wts_ptr, ticket_ptr, N, KCH):
+    # grid as moe_router_logits with one token block (N <= RF <= BN); each program then takes a
+    # ticket, and the last to arrive (every partial stored) sums the SF partials in the select
+    # kernel's order (unrolled: its loads issue together, past L1), selects, and resets the ticket
+    _logits_block(x_ptr, w_ptr, part_ptr, N, KCH)
+    tl.debug_barrier()                  # every thread's partials stored before the ticket
+    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == tl.num_programs(1) * tl.num_programs(2) - 1:
+        tl.store(ticket_ptr, 0)
+        rows = tl.arange(0, RF)
+        mr = rows < N
+        e, me, slot = _slots()
+        m2 = mr[:, None] & me[None, :]
+        acc = tl.zeros((RF, BEP), tl.float32)
+        p = part_ptr + rows[:, None] * E + e[None, :]
+        for s in tl.static_range(SF):
+            acc += tl.load(p + s * N * E, mask=m2, other=0.0, cache_modifier=".cg")
+        _select_rows(acc, e, me, slot, bias_ptr, ids_ptr, wts_ptr, rows, mr, RF)
+"""
+
 _GROUPS = """
 # keep the TOPK_GROUP groups with the best top-2 sums (ties: lowest group); other experts' scores
 # become 0 (padding slots and padding groups hold -inf and are never kept)
-g3 = tl.reshape(choice, (BR, NGP, EGP))
-s3 = tl.reshape(slot[None, :] + tl.zeros((BR, BEP), tl.int32), (BR, NGP, EGP))
+g3 = tl.reshape(choice, (R, NGP, EGP))
+s3 = tl.reshape(slot[None, :] + tl.zeros((R, BEP), tl.int32), (R, NGP, EGP))
 t1 = tl.max(g3, 2)
 i1 = tl.min(tl.where(g3 == t1[:, :, None], s3, EGP), 2)
 gs = $group_score
 gi = tl.arange(0, NGP)
-keep = tl.zeros((BR, NGP), tl.int32)
+keep = tl.zeros((R, NGP), tl.int32)
 for _ in tl.static_range(TOPK_GROUP):
     gb = tl.max(gs, 1)
     gbi = tl.min(tl.where(gs == gb[:, None], gi[None, :], NGP), 1)
     keep = tl.where(gi[None, :] == gbi[:, None], 1, keep)
     gs = tl.where(gi[None, :] == gbi[:, None], float("-inf"), gs)
-keep_e = tl.reshape(keep[:, :, None] + tl.zeros((BR, NGP, EGP), tl.int32), (BR, BEP))
+keep_e = tl.reshape(keep[:, :, None] + tl.zeros((R, NGP, EGP), tl.int32), (R, BEP))
 picked = tl.where(keep_e > 0, choice, 0.0)
 """
 
@@ -111,17 +155,16 @@ def logits_spec(D, E, xdt, wdt, small, target) -> KernelSpec:
     sfx = "_small" if small else ""
     consts = {"D": D, "E": E, "BN": cfg["BN" + sfx], "BE": min(cfg["BE" + sfx], max(16, next_pow2(E))),
               "BK": cfg["BK" + sfx], "CT": _compute_type(xdt, wdt)}
-    src = render("moe_router_logits", _LOGITS, consts)
+    src = render("moe_router_logits", _LOGITS + _LOGITS_KERNEL, consts)
     sig = {"x_ptr": ptr_type(xdt), "w_ptr": ptr_type(wdt), "part_ptr": "*fp32", "N": "i32", "KCH": "i32"}
     return KernelSpec("moe_router_logits", "moe_router_logits", src, sig, cfg["num_warps" + sfx],
                       cfg["num_stages" + sfx], {**cfg, **consts})
 
 
-@functools.lru_cache(maxsize=None)
-def select_spec(E, top_k, n_group, topk_group, renorm, scaling, weights, target) -> KernelSpec:
+def _selection(E, top_k, n_group, topk_group, renorm, scaling, weights, cfg) -> tuple[dict, dict]:
+    """The selection's constants and source blocks."""
     if E % n_group or not 0 < topk_group <= n_group or not 0 < top_k <= E:
         raise ValueError(f"bad routing: {E} experts, {n_group} groups, topk_group {topk_group}, top_k {top_k}")
-    cfg = config("moe_route", target)
     EG = E // n_group
     EGP, NGP = next_pow2(EG), next_pow2(n_group)
     BEP = max(16, EGP * NGP)
@@ -130,10 +173,52 @@ def select_spec(E, top_k, n_group, topk_group, renorm, scaling, weights, target)
               "TOPK_GROUP": topk_group, "RENORM": bool(renorm and top_k > 1), "SCALING": float(scaling)}
     top2 = "t1 + tl.max(tl.where(s3 == i1[:, :, None], float('-inf'), g3), 2)" if EG > 1 else "t1"
     groups = _GROUPS.replace("$group_score", top2) if n_group > 1 else "picked = choice"
-    src = render("moe_router_select", _SELECT, consts, groups=groups,
-                 weights_from="choice" if weights == "official" else "scores")
+    return consts, {"groups": groups, "weights_from": "choice" if weights == "official" else "scores"}
+
+
+@functools.lru_cache(maxsize=None)
+def select_spec(E, top_k, n_group, topk_group, renorm, scaling, weights, target) -> KernelSpec:
+    cfg = config("moe_route", target)
+    consts, blocks = _selection(E, top_k, n_group, topk_group, renorm, scaling, weights, cfg)
+    src = render("moe_router_select", _SELECT + _SELECT_KERNEL, consts, **blocks)
     sig = {"part_ptr": "*fp32", "bias_ptr": "*fp32", "ids_ptr": "*i64", "wts_ptr": "*fp32", "N": "i32", "S": "i32"}
     return KernelSpec("moe_router_select", "moe_router_select", src, sig, cfg["select_warps"], 1, {**cfg, **consts})
+
+
+@functools.lru_cache(maxsize=None)
+def fused_spec(D, E, xdt, wdt, top_k, n_group, topk_group, renorm, scaling, weights, target) -> KernelSpec | None:
+    """The router in one launch for up to `fused_max` tokens (the small logits tiles, one token
+    block; None when fused_max is 0): bitwise the two kernels' result."""
+    cfg = config("moe_route", target)
+    lg = logits_spec(D, E, xdt, wdt, True, target)
+    rows = min(cfg["fused_max"], cfg["small_max"])
+    if rows <= 0:
+        return None
+    if rows > lg.config["BN"]:
+        raise ValueError(f"moe_route fused_max {cfg['fused_max']} exceeds one token block (BN_small {lg.config['BN']})")
+    consts, blocks = _selection(E, top_k, n_group, topk_group, renorm, scaling, weights, cfg)
+    consts.update({k: lg.config[k] for k in ("D", "BN", "BE", "BK", "CT")},
+                  RF=next_pow2(rows), SF=_splits(rows, D, E, lg)[0])
+    src = render("moe_router", _LOGITS + _SELECT + _FUSED_KERNEL, consts, **blocks)
+    sig = {"x_ptr": ptr_type(xdt), "w_ptr": ptr_type(wdt), "part_ptr": "*fp32", "bias_ptr": "*fp32",
+           "ids_ptr": "*i64", "wts_ptr": "*fp32", "ticket_ptr": "*i32", "N": "i32", "KCH": "i32"}
+    return KernelSpec("moe_router", "moe_router", src, sig, lg.num_warps, lg.num_stages,
+                      {**cfg, **consts, "max_tokens": rows})
+
+
+_TICKETS: dict = {}
+
+
+def _ticket(device: torch.device):
+    """The one-launch router's ticket on `device` (zero between launches: each launch's last
+    program resets it; launches sharing it run one at a time, as on one stream), or None while
+    a CUDA graph is captured before any launch made it (the two kernels run then)."""
+    t = _TICKETS.get(str(device))
+    if t is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        t = _TICKETS[str(device)] = torch.zeros(1, dtype=torch.int32, device=device)
+    return t
 
 
 def _splits(N: int, D: int, E: int, spec: KernelSpec) -> tuple[int, int]:
@@ -163,11 +248,19 @@ def moe_route(x, gate_weight, bias, *, top_k, n_group=1, topk_group=1, renormali
     ids = torch.empty(N, top_k, device=x.device, dtype=torch.int64)
     wts = torch.empty(N, top_k, device=x.device, dtype=torch.float32)
     if N:
-        lg = logits_spec(D, E, ir_dtype(x), ir_dtype(gate_weight), N <= sel.config["small_max"], target)
+        xdt, wdt = ir_dtype(x), ir_dtype(gate_weight)
+        lg = logits_spec(D, E, xdt, wdt, N <= sel.config["small_max"], target)
         S, kch = _splits(N, D, E, lg)
         part = torch.empty(S, N, E, device=x.device, dtype=torch.float32)
-        launch(lg, (-(-N // lg.config["BN"]), -(-E // lg.config["BE"]), S), xf, gate_weight.contiguous(), part, N, kch)
-        launch(sel, (-(-N // sel.config["BR"]),), part, bias.contiguous(), ids, wts, N, S)
+        grid = (-(-N // lg.config["BN"]), -(-E // lg.config["BE"]), S)
+        one = fused_spec(D, E, xdt, wdt, top_k, n_group, topk_group, renormalize, float(scaling), weights, target) \
+            if N <= sel.config["fused_max"] else None
+        ticket = one and _ticket(x.device)
+        if ticket is not None:
+            launch(one, grid, xf, gate_weight.contiguous(), part, bias.contiguous(), ids, wts, ticket, N, kch)
+        else:
+            launch(lg, grid, xf, gate_weight.contiguous(), part, N, kch)
+            launch(sel, (-(-N // sel.config["BR"]),), part, bias.contiguous(), ids, wts, N, S)
     return ids.view(*lead, top_k), wts.view(*lead, top_k)
 
 
@@ -175,4 +268,7 @@ def specs(x, w, attrs, target) -> list[KernelSpec]:
     """Every router kernel one op may launch (both logits variants), for AOT builds."""
     sel = select_spec(w.shape[0], attrs["top_k"], attrs["n_group"], attrs["topk_group"], attrs["renormalize"],
                       float(attrs["scaling"]), attrs["weights"], target)
-    return [logits_spec(x.shape[-1], w.shape[0], x.dtype, w.dtype, small, target) for small in (True, False)] + [sel]
+    one = fused_spec(x.shape[-1], w.shape[0], x.dtype, w.dtype, attrs["top_k"], attrs["n_group"], attrs["topk_group"],
+                     attrs["renormalize"], float(attrs["scaling"]), attrs["weights"], target)
+    return ([logits_spec(x.shape[-1], w.shape[0], x.dtype, w.dtype, small, target) for small in (True, False)]
+            + [sel] + ([one] if one else []))
