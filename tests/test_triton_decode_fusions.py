@@ -68,6 +68,30 @@ def test_shared_expert_folded_in(N, IS):
     assert rel(out, moe.moe_experts(x, ids, w, w13, w2, moe_decode.shared_swiglu(x, *shared))) < TOL
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_down_kernel_combines(monkeypatch, shared):
+    """Two launches: the down kernel's last program per (token, D block) does the combine, as
+    moe_permute.moe_combine sums (bitwise), and leaves its tickets zero (a second run, as a CUDA
+    graph's replay, gives the same)."""
+    from kimi_graph.lowering.triton import codegen, moe_permute
+    x, ids, w, w13, w2, acc = draw(3, 9, 4, 40, 24, seed=11)
+    sh = tuple(torch.randn(*s, generator=torch.Generator().manual_seed(5)) * 0.2 for s in ((24, 40), (24, 40), (40, 24)))
+    args = (x, ids, w, w13, w2, None, sh) if shared else (x, ids, w, w13, w2, acc)
+    names = []
+    monkeypatch.setattr(moe_decode, "launch", lambda spec, *a: names.append(spec.name) or codegen.launch(spec, *a))
+    out = moe_decode.direct(*args)
+    assert names == ["moe_decode_gate_up", "moe_decode_down"] and not codegen._TICKETS["cpu"][-1].any()
+    assert torch.equal(moe_decode.direct(*args), out)
+    ys = []                            # the rows the down kernel combined, through the combine kernel
+    monkeypatch.setattr(moe_decode.torch, "empty", lambda *a, _f=torch.empty, **k: ys.append(_f(*a, **k)) or ys[-1])
+    moe_decode.direct(*args)
+    y = ys[1]                          # h, y, (hs), out
+    base = y[ids.numel():] if shared else acc
+    assert torch.equal(moe_permute.moe_combine(y[:ids.numel()], w, base), out)
+    want = experts_fp64(x, ids, w, w13, w2, None, sh) if shared else experts_fp64(x, ids, w, w13, w2, acc)
+    assert rel(out, want) < TOL
+
+
 def test_tiles_by_token_count(monkeypatch):
     """token_tiles: one or two tokens take the bucket's tiles (the interpreter's differ from its
     base tiles), three the base ones; each token is bitwise the same alone as in a batch of its

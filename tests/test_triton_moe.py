@@ -68,7 +68,7 @@ def test_route_one_launch_equals_two_kernels(monkeypatch, seed):
     monkeypatch.setattr(moe_route, "launch", lambda spec, *a: names.append(spec.name) or codegen.launch(spec, *a))
     for N in range(1, cfg["fused_max"] + 1):
         one = [moe_route.moe_route(x[i:i + N], w, b, **attrs) for i in (0, N)]
-        assert names[-2:] == ["moe_router"] * 2 and int(moe_route._TICKETS["cpu"]) == 0
+        assert names[-2:] == ["moe_router"] * 2 and not codegen._TICKETS["cpu"][-1].any()
         for i, (ids, wts) in zip((0, N), one):
             ri, rw = get_op("moe_route").ref([x[i:i + N], w, b], attrs)
             assert torch.equal(ids, ri) and (wts - rw).abs().max() <= 1e-5 * rw.abs().max()

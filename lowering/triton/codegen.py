@@ -274,3 +274,23 @@ def dot_precision(dtype: str) -> str:
     """tl.dot precision for fp32 operands: exact ("ieee") in f32 kernels; tf32 inside bf16/f16
     kernels, whose error budget is the 16-bit inputs' (fp32 accumulation either way)."""
     return "ieee" if dtype == "f32" else "tf32"
+
+
+_TICKETS: dict[str, list] = {}      # device -> its ticket buffers, newest last (older ones kept: graphs hold them)
+
+
+def tickets(device, n: int):
+    """n int32 counters on `device`, zero, for a kernel whose programs each take a ticket and whose
+    last to arrive finishes the work and resets its counter (so every launch leaves them zero).
+    Kept for the process, since CUDA graphs hold their address; launches that use them run one at
+    a time (one stream). Inside a CUDA-graph capture before enough were made, the capture's own
+    zeroed counters (their memset replays with the graph)."""
+    import torch
+    held = _TICKETS.get(str(device))
+    if held and held[-1].numel() >= n:
+        return held[-1]
+    fresh = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return fresh
+    _TICKETS.setdefault(str(device), []).append(fresh)
+    return fresh

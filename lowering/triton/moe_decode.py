@@ -1,10 +1,12 @@
 """The routed experts of a decode-sized batch, read by their top-k ids (no permutation).
 
 For up to `max_pairs` token copies (N tokens x top_k) the expert rows are read directly, one
-(token, expert) pair per program column: no sort, no tile map, no un-permute; three kernels:
+(token, expert) pair per program column: no sort, no tile map, no un-permute; two kernels:
     moe_decode_gate_up   h[p] = silu(x[p // K] w1_e^T) * (x[p // K] w3_e^T), e = ids[p]
-    moe_decode_down      y[p] = h[p] w2_e^T
-    moe_combine          out[n] = acc[n] + sum_j weights[n, j] y[n K + j]   (moe_permute's)
+    moe_decode_down      y[p] = h[p] w2_e^T, then out[n] = acc[n] + sum_j weights[n, j] y[n K + j]
+The combine (moe_permute's weighted sum) runs in the down kernel: each program takes a ticket of
+its (token, D block) once its rows are stored, and the last of the token's programs there sums
+them and resets the ticket (codegen.tickets; a CUDA graph replays it as captured).
 The rounding is the permuted path's: h and each expert's output y are rounded to the data
 dtype, the weighted sum runs in fp32 in the order j = 0..K-1 onto acc. A shared expert of the
 layer can take acc's place: its gate/up rows and its down rows are one more program column per
@@ -32,7 +34,7 @@ import torch
 from kimi_graph.ops.quant import BITS, code_shape, group_of, scale_shape, weight_shape
 
 from . import moe, moe_permute, moe_quant
-from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render
+from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render, tickets
 from .elementwise import ir_dtype, ptr_type
 from .targets import config, current_target
 
@@ -97,9 +99,12 @@ def moe_decode_gate_up(x_ptr, ids_ptr, w13_ptr, s13_ptr, z13_ptr, h_ptr, wg_ptr,
 
 
 @triton.jit
-def moe_decode_down(h_ptr, ids_ptr, w2_ptr, s2_ptr, z2_ptr, hs_ptr, wd_ptr, y_ptr, pairs):
+def moe_decode_down(h_ptr, ids_ptr, w2_ptr, s2_ptr, z2_ptr, hs_ptr, wd_ptr, y_ptr, wts_ptr, acc_ptr, out_ptr,
+                    tickets_ptr, pairs):
     # grid (D blocks, pairs + shared rows): y[p] = round(h[p] w2_{ids[p]}^T) for BND of its D
-    # rows; programs past the pairs do the shared expert of token p - pairs (y's row p)
+    # rows; programs past the pairs do the shared expert of token p - pairs (y's row p). Each then
+    # takes a ticket of (its token, D block); the last of the token's TOPK (+ shared) programs
+    # there combines: out[tok] = acc[tok] (or the shared row) + sum_j weights[tok, j] y[tok K + j]
     p = tl.program_id(1)
     n = tl.program_id(0) * BND + tl.arange(0, BND)
     mn = n < D
@@ -107,9 +112,21 @@ def moe_decode_down(h_ptr, ids_ptr, w2_ptr, s2_ptr, z2_ptr, hs_ptr, wd_ptr, y_pt
         ex = tl.load(ids_ptr + p)
         y = _rows_dot_$R(h_ptr + p.to(tl.int64) * I, w2_ptr + ex * W2, s2_ptr + ex * S2, z2_ptr + ex * S2,
                         n, mn, I, G2)
+        tok = p // TOPK
     else:
         y = _rows_dot_f(hs_ptr + (p - pairs).to(tl.int64) * IS, wd_ptr, wd_ptr, wd_ptr, n, mn, IS, 1)
+        tok = p - pairs
     tl.store(y_ptr + p.to(tl.int64) * D + n, y.to(DT), mask=mn)
+    tl.debug_barrier()                  # every thread's rows stored before the ticket
+    ticket = tickets_ptr + tok * tl.num_programs(0) + tl.program_id(0)
+    if tl.atomic_add(ticket, 1, sem="acq_rel") == TOPK + SHARED - 1:
+        tl.store(ticket, 0)
+        if SHARED:
+            a = tl.load(y_ptr + (pairs + tok).to(tl.int64) * D + n, mask=mn, other=0.0, cache_modifier=".cg")
+        else:
+            a = tl.load(acc_ptr + tok.to(tl.int64) * D + n, mask=mn, other=0.0)
+        a = _weighted_rows(y_ptr, y_ptr, wts_ptr, a.to(tl.float32), tok, n, mn, True)
+        tl.store(out_ptr + tok.to(tl.int64) * D + n, a.to(DT), mask=mn)
 """
 
 
@@ -182,7 +199,7 @@ def bucket_config(cfg: dict, bucket: int | None) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None = None, bucket: int | None = None):
-    """(gate_up, down, combine) kernels of the direct path; shared_i: the shared expert's width
+    """(gate_up, down) kernels of the direct path (down combines); shared_i: the shared expert's width
     (0: none); quant: (format, group size, asymmetric) of low-bit experts; bucket: the
     `token_tiles` bound whose tiles to take (bucket_of). None where the target has no kernel for
     the format (fp8 before sm_89)."""
@@ -191,7 +208,7 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
     consts = {"I": I, "IS": max(shared_i, 1), "D": D, "TOPK": top_k,
               "BN": min(cfg["BN"], next_pow2(wide)), "BK": min(cfg["BK"], next_pow2(D)),
               "BND": min(cfg["BND"], next_pow2(D)), "BKD": min(cfg["BKD"], next_pow2(wide)),
-              "DT": TL_DTYPES[dtype], "W13": 2 * I * D, "W2": D * I, "S13": 1, "S2": 1, "G1": 1, "G2": 1}
+              "SHARED": int(shared_i > 0), "DT": TL_DTYPES[dtype], "W13": 2 * I * D, "W2": D * I, "S13": 1, "S2": 1, "G1": 1, "G2": 1}
     p, stages = ptr_type(dtype), cfg["num_stages"]
     code, scale, zero = p, p, p
     helpers, loader = _HELPERS.replace("_L(", "_f("), ""
@@ -206,16 +223,17 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
         code, zero = moe_quant.CODE_PTR[fmt], "*u8" if asym else p
         helpers, loader = helpers + _HELPERS.replace("_L(", "_q("), _loader(fmt, asym)
     name = "moe_decode" + (f"_{quant[0]}" if quant else "")
-    src = render(name, _DECODE, consts, loader=loader, helpers=helpers, R="q" if quant else "f")
+    src = render(name, _DECODE + moe_permute.WEIGHTED_ROWS, consts, loader=loader, helpers=helpers,
+                 R="q" if quant else "f")
     return (KernelSpec(f"{name}_gate_up", "moe_decode_gate_up", src,
                        {"x_ptr": p, "ids_ptr": "*i64", "w13_ptr": code, "s13_ptr": scale, "z13_ptr": zero,
                         "h_ptr": p, "wg_ptr": p, "wu_ptr": p, "hs_ptr": p, "pairs": "i32"},
                        cfg["num_warps"], stages, consts),
             KernelSpec(f"{name}_down", "moe_decode_down", src,
                        {"h_ptr": p, "ids_ptr": "*i64", "w2_ptr": code, "s2_ptr": scale, "z2_ptr": zero,
-                        "hs_ptr": p, "wd_ptr": p, "y_ptr": p, "pairs": "i32"},
-                       cfg.get("warps_down", cfg["num_warps"]), stages, consts),
-            *moe_permute.combine_specs(D, top_k, dtype, wdt, target))
+                        "hs_ptr": p, "wd_ptr": p, "y_ptr": p, "wts_ptr": ptr_type(wdt), "acc_ptr": p, "out_ptr": p,
+                        "tickets_ptr": "*i32", "pairs": "i32"},
+                       cfg.get("warps_down", cfg["num_warps"]), stages, consts))
 
 
 def _shapes(w13, w2, quant):
@@ -256,7 +274,7 @@ def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None 
     specs = _specs(x, ids, weights, w13, w2, shared, quant)
     if specs is None:
         raise ValueError(f"no direct decode kernel for {quant.fmt} experts on {current_target()}")
-    gate_up, down, _ = specs
+    gate_up, down = specs
     (E, I2, D), _ = _shapes(w13, w2, quant)
     I, k = I2 // 2, ids.shape[-1]
     dt = x.dtype
@@ -281,9 +299,13 @@ def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None 
         z13 = s13 if quant.z13 is None else quant.z13.contiguous()
         z2 = s2 if quant.z2 is None else quant.z2.contiguous()
     ids_c, xc = ids.contiguous(), x.contiguous()
+    out = torch.empty(x.shape, device=x.device, dtype=dt)
+    acc = y if IS else acc.to(dt).contiguous()
+    d_blocks = -(-D // c["BND"])
     launch(gate_up, (-(-max(I, IS) // c["BN"]), rows), xc, ids_c, w13, s13, z13, h, wg, wu, hs, pairs)
-    launch(down, (-(-D // c["BND"]), rows), h, ids_c, w2, s2, z2, hs, wd, y, pairs)
-    return moe_permute.moe_combine(y[:pairs], weights, y[pairs:].view(x.shape) if IS else acc.to(dt))
+    launch(down, (d_blocks, rows), h, ids_c, w2, s2, z2, hs, wd, y, weights.contiguous(), acc, out,
+           tickets(x.device, N * d_blocks), pairs)
+    return out
 
 
 def shared_swiglu(x, wg, wu, wd):

@@ -84,7 +84,24 @@ def moe_scatter(ids_ptr, base_ptr, tot_ptr, $x_arg order_ptr, off_ptr, $rows_arg
         run += tl.histogram(ids, NB)
 """
 
-_UNPERMUTE = """
+# a token's weighted sum of its expert rows, the one form every combine takes (bitwise alike):
+# rows by slot (p = tok * TOPK + j) or sorted by expert (p = inv[tok * TOPK + j]); y read past L1
+# (moe_decode_down combines rows other programs of its launch have just stored)
+WEIGHTED_ROWS = """
+@triton.jit
+def _weighted_rows(y_ptr, inv_ptr, w_ptr, a, tok, d, md, BY_SLOT: tl.constexpr):
+    # a + sum_j w[tok, j] y[p_j, d] in fp32, j = 0 .. TOPK - 1 in order
+    for j in tl.static_range(TOPK):
+        if BY_SLOT:
+            p = (tok * TOPK + j).to(tl.int64)
+        else:
+            p = tl.load(inv_ptr + tok * TOPK + j)
+        wj = tl.load(w_ptr + tok * TOPK + j).to(tl.float32)
+        a += wj * tl.load(y_ptr + p * D + d, mask=md, other=0.0, cache_modifier=".cg").to(tl.float32)
+    return a
+"""
+
+_UNPERMUTE = WEIGHTED_ROWS + """
 @triton.jit
 def moe_inverse(order_ptr, inv_ptr, M):
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -100,10 +117,7 @@ def moe_unpermute(y_ptr, $inv_arg w_ptr, acc_ptr, out_ptr):
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     md = d < D
     a = tl.load(acc_ptr + tok * D + d, mask=md, other=0.0).to(tl.float32)
-    for j in tl.static_range(TOPK):
-        $slot
-        wj = tl.load(w_ptr + tok * TOPK + j).to(tl.float32)
-        a += wj * tl.load(y_ptr + p * D + d, mask=md, other=0.0).to(tl.float32)
+    a = _weighted_rows(y_ptr, $inv, w_ptr, a, tok, d, md, $by_slot)
     tl.store(out_ptr + tok * D + d, a.to(DT), mask=md)
 """
 
@@ -179,8 +193,8 @@ def unpermute_specs(D, top_k, dtype, wdt, target, by_token=False):
     (the combine; no inverse)."""
     cfg = config("moe_permute", target)
     consts = {"D": D, "TOPK": top_k, "BLOCK": cfg["BLOCK"], "BD": min(1024, next_pow2(D)), "DT": TL_DTYPES[dtype]}
-    slot = "p = (tok * TOPK + j).to(tl.int64)" if by_token else "p = tl.load(inv_ptr + tok * TOPK + j)"
-    src = render("moe_unpermute", _UNPERMUTE, consts, inv_arg="" if by_token else "inv_ptr,", slot=slot)
+    src = render("moe_unpermute", _UNPERMUTE, consts, inv_arg="" if by_token else "inv_ptr,",
+                 inv="y_ptr" if by_token else "inv_ptr", by_slot=str(by_token))
     p = ptr_type(dtype)
     inv = {} if by_token else {"inv_ptr": "*i64"}
     return (KernelSpec("moe_inverse", "moe_inverse", src, {"order_ptr": "*i64", "inv_ptr": "*i64", "M": "i32"},

@@ -3,8 +3,8 @@ into fp32 partial sums, so a few tokens still spread over the whole GPU; then th
 per token (sum of the partials in a fixed order, sigmoid, + bias for selection, grouped top-k,
 renormalise, scale), entirely in registers. Up to `fused_max` tokens (decode) take one launch:
 the same logits programs, each taking a ticket from a counter once its partials are stored; the
-last to arrive does the selection (same order, bitwise the same result) and resets the counter,
-so a CUDA graph replays it as captured.
+last to arrive does the selection (same order, bitwise the same result) and resets the counter
+(codegen.tickets), so a CUDA graph replays it as captured.
 
 Ties: among exactly equal scores the lowest expert (and group) index wins. Groups may have any
 size the config allows (6 experts in 2 groups, 3 in 3): the selection pads each group to a power
@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render
+from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render, tickets
 from .elementwise import ir_dtype, ptr_type
 from .targets import config, current_target
 
@@ -206,21 +206,6 @@ def fused_spec(D, E, xdt, wdt, top_k, n_group, topk_group, renorm, scaling, weig
                       {**cfg, **consts, "max_tokens": rows})
 
 
-_TICKETS: dict = {}
-
-
-def _ticket(device: torch.device):
-    """The one-launch router's ticket on `device` (zero between launches: each launch's last
-    program resets it; launches sharing it run one at a time, as on one stream), or None while
-    a CUDA graph is captured before any launch made it (the two kernels run then)."""
-    t = _TICKETS.get(str(device))
-    if t is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        t = _TICKETS[str(device)] = torch.zeros(1, dtype=torch.int32, device=device)
-    return t
-
-
 def _splits(N: int, D: int, E: int, spec: KernelSpec) -> tuple[int, int]:
     """(K splits, K per split) from the shape alone: enough programs to fill the GPU."""
     c = spec.config
@@ -255,9 +240,9 @@ def moe_route(x, gate_weight, bias, *, top_k, n_group=1, topk_group=1, renormali
         grid = (-(-N // lg.config["BN"]), -(-E // lg.config["BE"]), S)
         one = fused_spec(D, E, xdt, wdt, top_k, n_group, topk_group, renormalize, float(scaling), weights, target) \
             if N <= sel.config["fused_max"] else None
-        ticket = one and _ticket(x.device)
-        if ticket is not None:
-            launch(one, grid, xf, gate_weight.contiguous(), part, bias.contiguous(), ids, wts, ticket, N, kch)
+        if one is not None:
+            launch(one, grid, xf, gate_weight.contiguous(), part, bias.contiguous(), ids, wts, tickets(x.device, 1),
+                   N, kch)
         else:
             launch(lg, grid, xf, gate_weight.contiguous(), part, N, kch)
             launch(sel, (-(-N // sel.config["BR"]),), part, bias.contiguous(), ids, wts, N, S)
