@@ -16,7 +16,7 @@ SUMMARY=()
 step_tests() {
   python3 -c "import transformers, fla; print('transformers', transformers.__version__, 'fla', fla.__version__)"
   timeout 280 python3 -m pytest -v -rf --timeout 100 --durations=15 ${TESTS_FILES:-tests/test_decode_graphs_gpu.py \
-    tests/test_triton_gpu.py tests/test_triton_moe_quant.py tests/test_torch_step_graphs.py \
+    tests/test_triton_gpu.py tests/test_moe_decode_gpu.py tests/test_triton_moe_quant.py tests/test_torch_step_graphs.py \
     "tests/test_lowering_torch_compile.py::test_decode_under_cuda_graphs"} ${TESTS_K:+-k "$TESTS_K"}
 }
 step_prefill() { timeout 200 python3 bench/prefill_split.py --layers 27 ${PREFILL_ARGS}; }
