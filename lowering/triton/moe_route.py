@@ -96,9 +96,9 @@ def moe_router_select(part_ptr, bias_ptr, ids_ptr, wts_ptr, N, S):
     m2 = mr[:, None] & me[None, :]
     acc = tl.zeros((BR, BEP), tl.float32)
     p = part_ptr + rows[:, None] * E + e[None, :]
-    for s in range(0, S):
-        acc += tl.load(p, mask=m2, other=0.0)
-        p += N * E
+    for s0 in range(0, S, SU):          # SU partials a step, their loads issued together (past S: + 0.0)
+        for u in tl.static_range(SU):
+            acc += tl.load(p + (s0 + u) * N * E, mask=m2 & (tl.full((BR, BEP), s0 + u, tl.int32) < S), other=0.0)
     _select_rows(acc, e, me, slot, bias_ptr, ids_ptr, wts_ptr, rows, mr, BR)
 """
 
@@ -169,7 +169,7 @@ def _selection(E, top_k, n_group, topk_group, renorm, scaling, weights, cfg) -> 
     EGP, NGP = next_pow2(EG), next_pow2(n_group)
     BEP = max(16, EGP * NGP)
     NGP = BEP // EGP                    # at least 16 slots: extra groups are padding
-    consts = {"E": E, "EG": EG, "EGP": EGP, "NGP": NGP, "BEP": BEP, "BR": cfg["BR"], "TOPK": top_k,
+    consts = {"E": E, "EG": EG, "EGP": EGP, "NGP": NGP, "BEP": BEP, "BR": cfg["BR"], "SU": cfg["select_unroll"], "TOPK": top_k,
               "TOPK_GROUP": topk_group, "RENORM": bool(renorm and top_k > 1), "SCALING": float(scaling)}
     top2 = "t1 + tl.max(tl.where(s3 == i1[:, :, None], float('-inf'), g3), 2)" if EG > 1 else "t1"
     groups = _GROUPS.replace("$group_score", top2) if n_group > 1 else "picked = choice"

@@ -45,11 +45,12 @@ _BASE = {
                    "min_splits": 16, "programs": 264, "BM_small": 16, "small_tokens": 4},
     "attention": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
     # router logits: BN tokens x BE experts x BK per step, K split until ~`programs` programs run;
-    # the *_small tiles serve <= small_max tokens (decode); the selection takes BR tokens a program;
-    # up to fused_max tokens (<= BN_small) the router is one launch (0: always two)
+    # the *_small tiles serve <= small_max tokens (decode); the selection takes BR tokens a program
+    # and sums select_unroll K splits' partials a step; up to fused_max tokens (<= BN_small) the
+    # router is one launch (0: always two)
     "moe_route": {"BN": 64, "BE": 128, "BK": 64, "num_warps": 8, "num_stages": 3,
                   "BN_small": 16, "BE_small": 32, "BK_small": 128, "num_warps_small": 4, "num_stages_small": 2,
-                  "small_max": 64, "programs": 264, "BR": 4, "select_warps": 4, "fused_max": 2},
+                  "small_max": 64, "programs": 264, "BR": 4, "select_warps": 4, "select_unroll": 4, "fused_max": 2},
     # grouped SwiGLU: *_small tiles for <= 256 rows, *_mid below mid_rows rows per expert on
     # average (each falling back to the unsuffixed key); BN_down: the down projection's BN;
     # moe_experts runs its fused form (rows read by index) from fused_min_rows token copies
