@@ -43,7 +43,7 @@ step_e2e_decode() {   # ours only, decode at B=1 and 32, 1k and 32k, with the tu
 step_long() { timeout 400 python3 bench/e2e.py --phases long; }
 # the final run: tiles swept first (into this GPU's tuning file), then the whole model with them
 TUNING=bench/results/tuning-nvidia-h200.json
-step_kda_tiles() { timeout 150 python3 bench/kda_chunk.py --sweep-only --budget 100; }
+step_kda_tiles() { timeout 150 python3 bench/kda_chunk.py --sweep-only --budget ${KDA_BUDGET:-100}; }
 step_decode_tiles() {   # tiles, then the model plain and (when pdl_tests passed) with dependent launches
   local variants=fused
   [ -f "$OUT/pdl_ok" ] && variants=fused,pdl
