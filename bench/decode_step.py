@@ -118,9 +118,9 @@ def run_model(layers: int, variant: str, args, bw: float, rows: list) -> None:
 # tile variants of the direct MoE kernels, swept in pairs (gate_up i with down i); each kernel's
 # best is chosen apart by its own kernel time: gate_up (BN, BK, num_warps), down (BND, BKD, warps_down)
 GATE_UP_TILES = [(16, 256, 4), (8, 512, 4), (16, 512, 4), (32, 256, 8), (8, 256, 2), (8, 512, 2), (4, 512, 4),
-                 (8, 1024, 4), (8, 512, 8), (4, 1024, 2)]
+                 (8, 1024, 4), (8, 512, 8), (4, 1024, 2), (8, 256, 4)]
 DOWN_TILES = [(16, 256, 4), (16, 512, 4), (8, 1024, 4), (32, 256, 4), (8, 512, 2), (8, 1024, 2), (4, 1024, 4),
-              (16, 1024, 4), (4, 512, 2), (8, 512, 4)]
+              (16, 1024, 4), (4, 512, 2), (8, 512, 4), (8, 256, 4)]
 
 
 def sweep_moe_tiles(bw: float, rows: list, batches=(1, 2, 8), buckets=(2,), shape=(256, 8, 2304, 1024),
