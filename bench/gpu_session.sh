@@ -49,6 +49,11 @@ step_decode_tiles() {   # tiles, then the model plain and (when pdl_tests passed
   [ -f "$OUT/pdl_ok" ] && variants=fused,pdl
   timeout 180 python3 bench/decode_step.py --layers 27 --batches 1,32 --variants $variants --use-best
 }
+step_decode_pdl() {     # the model with and without dependent launches (after pdl_tests passed)
+  [ -f "$OUT/pdl_ok" ] || { echo "pdl_tests did not pass"; return 1; }
+  timeout 120 python3 bench/decode_step.py --layers 27 --batches 1,32 --variants fused,pdl --no-sweep \
+    --name decode_step_pdl
+}
 step_pdl_tests() {      # the decode graph tests with every generated kernel launched dependently
   KIMI_GRAPH_TRITON_PDL=1 timeout 150 python3 -m pytest -q -rf --timeout 100 tests/test_decode_graphs_gpu.py \
     && touch "$OUT/pdl_ok"

@@ -359,3 +359,5 @@ def test_dependent_launch_prologue_leads_the_entry_and_changes_nothing_else():
     assert "griddepcontrol.launch_dependents" in asm[0] and "griddepcontrol.wait" in asm[1]
     assert [ln for ln in pdl.source.splitlines() if "griddepcontrol" not in ln] == split.source.splitlines()
     assert pdl.hash != split.hash and with_pdl(split) is pdl
+    merge = with_pdl(mla.latent_specs(4, 32, 8, "f32", 0.2, 4, "interpret")[1])   # same source, other entry
+    assert merge.entry == "mla_latent_merge" and "griddepcontrol" in merge.source.split("def mla_latent_merge")[1]

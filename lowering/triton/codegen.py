@@ -212,15 +212,16 @@ def pdl_enabled(arch: int) -> bool:
 
 def with_pdl(spec: KernelSpec) -> KernelSpec:
     """`spec` with the dependent-launch prologue as the first statements of its entry."""
-    if spec.hash not in _PDL_SPECS:
+    key = spec.hash + spec.entry        # kernels of one source share its hash
+    if key not in _PDL_SPECS:
         tree = ast.parse(spec.source)
         entry = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == spec.entry)
         first = entry.body[0]
         lines = spec.source.splitlines()
         pad = lines[first.lineno - 1][: first.col_offset]
         lines[first.lineno - 1:first.lineno - 1] = [pad + stmt for stmt in _PDL_PROLOGUE]
-        _PDL_SPECS[spec.hash] = dataclasses.replace(spec, source="\n".join(lines) + "\n")
-    return _PDL_SPECS[spec.hash]
+        _PDL_SPECS[key] = dataclasses.replace(spec, source="\n".join(lines) + "\n")
+    return _PDL_SPECS[key]
 
 
 def _launch_fitting(kernel, spec: KernelSpec, grid, args, **options):
