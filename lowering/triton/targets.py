@@ -93,11 +93,12 @@ TARGETS: dict[str, dict] = {
         "moe_gemm": {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3}})},
     # sm_90: decode tiles from sweeps on an H100 (bench/results/*.json)
     "sm_90": {"arch": 90, "gpu": "H100 / H200", "configs": _merge(_BASE, {
-        # kda chunk: the best of bench/kda_chunk.py --sweep on an H200 (2026-11-30; 16k 2.22 ms,
-        # 64x512 4.58 ms, the previous fused kernel 3.08 / 6.41 in the same sweep)
-        "kda_chunk": {"BT": 32, "BV": 32, "KH": 128, "BW": 128, "BH": 8, "diag": "token", "diag_unroll": False,
-                      "wu": "fused", "num_warps": 4, "num_stages": 3, "prep_warps": 4, "prep_rows": 16,
-                      "diag_warps": 4, "intra_warps": 2, "intra_stages": 1, "wu_warps": 2, "wu_stages": 2},
+        # kda chunk: the best of bench/kda_chunk.py --sweep on an H200 (2026-11-30 21:26, 6790dd5:
+        # 16k 2.03 ms, 64x512 4.21 ms; the previous defaults 2.40 / 4.91 in the same sweep)
+        "kda_chunk": {"BT": 32, "BV": 32, "KH": 128, "BW": 128, "BH": 4, "diag": "block", "diag_unroll": False,
+                      "diag_store": "column", "wu": "fused", "num_warps": 4, "num_stages": 4, "prep_warps": 4,
+                      "prep_rows": 4, "bkg_fp32": False, "ftz_exp": True, "diag_warps": 8, "intra_warps": 2,
+                      "intra_stages": 1, "wu_warps": 2, "wu_stages": 2},
         "kda_recurrent": {"BV": 64, "num_warps": 4},
         "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
         # bench/mla_decode.py --small on an H200 (2026-11-30): BM 16 at B=1 (32k: 43 vs 54 us),
