@@ -28,7 +28,7 @@ import torch
 
 import harness  # noqa: F401  (puts the checkout on the path)
 import kimi_graph
-from e2e import decode_step_fn, floor_bytes, slice_dict
+from e2e import decode_step_fn, floor_bytes, routed_expert_bytes, slice_dict
 from harness import copy_bandwidth, kernel_events, per_name, write_result
 from kimi_graph.config import KimiLinearConfig
 from kimi_graph.passes import DEFAULT_PIPELINE
@@ -89,10 +89,12 @@ def timed_ms(step, steps: int) -> float:
 def run_model(layers: int, variant: str, args, bw: float, rows: list) -> None:
     pipeline = variant_setup(variant)
     cfg = KimiLinearConfig.from_dict(slice_dict("kimi-linear-48b-a3b", layers))
-    model = kimi_graph.load(cfg, dtype=torch.bfloat16, device="cuda", pipeline=pipeline, backend="triton")
+    model = kimi_graph.load(cfg, dtype=torch.bfloat16, device="cuda", pipeline=pipeline, backend="triton",
+                            **({"experts": args.experts} if args.experts else {}))
+    expert_elem = routed_expert_bytes(model)
     for B in args.batches:
-        row = {"layers": layers, "variant": variant, "B": B,
-               "floor_ms": floor_bytes(cfg, B, args.context)["total"] / bw * 1e3}
+        row = {"layers": layers, "variant": variant, "B": B, "experts": args.experts or "bf16",
+               "floor_ms": floor_bytes(cfg, B, args.context, expert_elem=expert_elem)["total"] / bw * 1e3}
         for graphs in (False, True):
             engine = Engine(model, max_batch=B, max_len=args.context + args.steps + 32, cuda_graphs=graphs)
             slots = engine.cache.allocate(B)
@@ -205,6 +207,8 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", default="fused,previous", help=f"any of {', '.join(VARIANTS)} (pdl: fused, "
                     "with dependent launches)")
     ap.add_argument("--name", default="decode_step")
+    ap.add_argument("--experts", default=None, choices=("int4", "int8", "fp8"),
+                    help="low-bit routed experts (load's experts=; the floor counts their bytes)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the direct MoE kernels' tile sweep")
     ap.add_argument("--use-best", action="store_true", help="run the models with the sweep's best tiles "
                     "(else the target's defaults)")

@@ -31,6 +31,10 @@ step_e2e_int4() {
   timeout 200 python3 bench/e2e.py --phases ours --experts int4 --batches 1,32 --contexts 1024 \
     --prefill 1x4096 --graphs on --name e2e-int4
 }
+step_decode_int4() {    # every kernel of a B=1 / 32 step with int4 experts, beside bf16's
+  timeout 200 python3 bench/decode_step.py --layers 27 --batches 1,32 --variants fused --no-sweep \
+    --experts int4 --name decode_step_int4
+}
 step_compiled() {
   timeout 300 python3 bench/e2e.py --phases ours --backend torch --graphs off --batches 1,32 \
     --contexts 1024 --prefill 1x4096 --name e2e-compiled \
