@@ -134,7 +134,9 @@ TARGETS: dict[str, dict] = {
                      "fused_min_rows": 24},
         "moe_gemm_q": {"BM": 16, "BN": 16, "BK": 32, "BM_small": 16, "BN_small": 16, "BK_small": 32},
         "moe_permute": {"BLOCK": 64, "SUB": 16, "BD": 32, "SCAN_E": 4, "SCAN_B": 4},
-        "moe_decode": {"BN": 8, "BK": 16, "BND": 16, "BKD": 8,
+        # max_pairs: the tiny model's decode steps and short chunks read experts by id, its
+        # prefills of a few sequences (> 16 token copies) take the grouped kernels
+        "moe_decode": {"BN": 8, "BK": 16, "BND": 16, "BKD": 8, "max_pairs": 16,
                        "token_tiles": [[2, {"BN": 16, "BK": 32, "BND": 8, "BKD": 16, "num_warps": 2}]]}})},
 }
 
