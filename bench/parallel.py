@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import decode_step_fn, free_memory, parse_list, parse_prefill, slice_dict, timed  # noqa: E402
+from e2e import decode_step_fn, free_memory, parse_list, parse_prefill, prefill_batch, slice_dict, timed  # noqa: E402
 
 import kimi_graph  # noqa: E402
 from kimi_graph.config import KimiLinearConfig  # noqa: E402
@@ -90,13 +90,7 @@ class Bench:
         for B, T in parse_prefill(a.prefill):
             engine = Engine(m, max_batch=B, max_len=T + 8)
             prompts = [torch.randint(0, V, (T,), generator=gen).tolist() for _ in range(B)]
-
-            def run():
-                slots = engine.cache.allocate(B)
-                try:
-                    engine.prefill(slots, prompts, last_only=True)
-                finally:
-                    engine.cache.free(slots)
+            run = prefill_batch(engine, prompts, last_only=True)
             timed(run, self.device)
             out[f"prefill_{B}x{T}_tok_s"] = B * T / min(timed(run, self.device) for _ in range(2))
             del engine

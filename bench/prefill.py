@@ -22,7 +22,7 @@ import torch
 from harness import copy_bandwidth, gemm_rate, kernel_times, merge_tuning, override_config, rel_err, \
     write_result
 
-from e2e import slice_dict, timed
+from e2e import prefill_batch, slice_dict, timed
 import moe_dispatch
 from moe_dispatch import timer
 
@@ -168,13 +168,7 @@ def bench_slice(S, layers: int) -> tuple[list[dict], dict]:
                 continue
             override_config("moe_gemm", **{**BASE_GEMM, **over})
             engine = Engine(model, max_batch=B, max_len=T + 8, **({"prefill_chunk": chunk} if chunk else {}))
-
-            def run():
-                slots = engine.cache.allocate(B)
-                try:
-                    return engine.prefill(slots, prompts)
-                finally:
-                    engine.cache.free(slots)
+            run = prefill_batch(engine, prompts)
             s = timed(lambda: logits.append(run()), S.dev) if S.smoke else None   # smoke: the first call
             if not S.smoke:
                 logits.append(run())                                  # kernels compile on first use

@@ -14,7 +14,7 @@ import torch
 
 import harness  # noqa: F401  (puts the checkout on the path)
 import kimi_graph
-from e2e import free_memory, slice_dict, timed
+from e2e import free_memory, prefill_batch, slice_dict, timed
 from harness import kernel_events, per_name, write_result
 from kimi_graph.config import KimiLinearConfig
 from kimi_graph.runtime import Engine
@@ -51,13 +51,7 @@ def main(argv=None) -> None:
             engine = Engine(model, max_batch=B, max_len=T + 8, prefill_chunk=chunk)
             if chunk == "auto":
                 chunk = f"auto={engine.prefill_chunk}"
-
-            def run():
-                slots = engine.cache.allocate(B)
-                try:
-                    engine.prefill(slots, prompts, last_only=True)
-                finally:
-                    engine.cache.free(slots)
+            run = prefill_batch(engine, prompts, last_only=True)
             try:
                 first = timed(run, args.device)
                 s = min(timed(run, args.device) for _ in range(2))
