@@ -172,7 +172,7 @@ def launch(spec: KernelSpec, grid, *args):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         with _interpretable_stdlib():
             return load(spec)[grid](*args)
-    if _arch() >= 90 and pdl_enabled(_arch()):
+    if pdl_enabled(_arch()):
         spec = with_pdl(spec)
         return _launch_fitting(load(spec), spec, grid, args, launch_pdl=True)
     return _launch_fitting(load(spec), spec, grid, args)

@@ -7,6 +7,7 @@ interpreter (TRITON_INTERPRET=1): small tiles so tests cover several blocks and 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from pathlib import Path
@@ -173,10 +174,17 @@ def current_target() -> str:
 
 
 def load_tuning(path: str | Path | None) -> dict:
-    """A tuning file's per-family configs ({} when none): {"device", "arch", "configs"}."""
+    """A tuning file's per-family configs ({} when none): {"device", "arch", "configs"}. Parsed
+    once per version of the file (config() asks on every launch that sizes a grid)."""
     path = path or os.environ.get(TUNING_ENV)
     if not path:
         return {}
+    stat = Path(path).stat()
+    return _parsed_tuning(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_tuning(path: str, mtime_ns: int, size: int) -> dict:
     data = json.loads(Path(path).read_text())
     if "configs" not in data:
         raise ValueError(f"{path}: not a tuning file (no 'configs')")
