@@ -174,7 +174,8 @@ class Bench:
         self.layouts = [x for x in a.layouts.split(";") if x]
         try:
             if a.layers:
-                self.check(slice_dict(a.config, a.check_layers or a.layers))
+                if a.check_layers != 0:
+                    self.check(slice_dict(a.config, a.check_layers or a.layers))
                 self.speed_slice(slice_dict(a.config, a.layers))
             if a.full_layers:
                 self.full(slice_dict(a.config, a.full_layers))
@@ -214,7 +215,7 @@ def main(argv=None) -> None:
     ap.add_argument("--config", default="kimi-linear-48b-a3b")
     ap.add_argument("--layouts", default="tp=2;ep=2", help="';'-separated parallel layouts")
     ap.add_argument("--layers", type=int, default=4, help="the slice compared with one GPU (0: skip)")
-    ap.add_argument("--check-layers", type=int, default=None, help="the fp32 check's slice (default --layers)")
+    ap.add_argument("--check-layers", type=int, default=None, help="the fp32 check's slice (default --layers; 0: skip the check)")
     ap.add_argument("--full-layers", type=int, default=27, help="the whole model's depth (0: skip)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="bfloat16")
