@@ -85,7 +85,21 @@ def child(args) -> dict:
         return out, time.perf_counter() - t0
 
     seq = engine.sequence()
+    prof = None
+    if args.profile:        # where the first (compiling) prefill call spends its host time
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
     logits, res["prefill_first_s"] = timed(lambda: seq.extend(prompt))
+    if prof is not None:
+        import io
+        import pstats
+        prof.disable()
+        text = io.StringIO()
+        for key in ("cumulative", "tottime"):
+            pstats.Stats(prof, stream=text).sort_stats(key).print_stats(45)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"profile-prefill-{args.run_name}.txt").write_text(text.getvalue())
     graphs_after_prefill = counters["stats"]["unique_graphs"]
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     steps, tokens = [], []
@@ -176,7 +190,10 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=540, help="seconds for both runs together")
     p.add_argument("--cache-dir", help="compile cache (default: a fresh temporary directory)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results/out"))
+    p.add_argument("--profile", action="store_true",
+                   help="profile each process's first prefill call (profile-prefill-{cold,warm}.txt under --out)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--run-name", default="cold", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.pipeline in ("", "none"):
         args.pipeline = None
@@ -192,7 +209,7 @@ def main(argv=None) -> int:
         if left < 10:
             rows[name] = {"error": "no time left under --timeout"}
             continue
-        rows[name] = run_child(forwarded, cache, left)
+        rows[name] = run_child(forwarded + ["--run-name", name], cache, left)
         print(f"{name}: {json.dumps(rows[name])}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,9 @@ step_e2e_decode() {   # ours only, decode at B=1 and 32, 1k and 32k, with the tu
 step_compile200() {   # the 27-layer compiled torch backend: cold / warm compile, recompiles over 200 tokens
   timeout 580 python3 bench/compile_depth.py --layers 27 --new-tokens 200 --timeout 560
 }
+step_compile_profile() {   # where the warm process's first compiled prefill spends its time
+  timeout 300 python3 bench/compile_depth.py --layers 27 --new-tokens 16 --no-check --profile --timeout 280
+}
 step_long() { timeout 400 python3 bench/e2e.py --phases long; }
 # the final run: tiles swept first (into this GPU's tuning file), then the whole model with them
 TUNING=bench/results/tuning-nvidia-h200.json
