@@ -200,12 +200,13 @@ def bench_prefill(model, args, rows: list) -> None:
     for B, T in args.prefill_shapes:
         engine = Engine(model, max_batch=B, max_len=T + 8, **args.engine_options)
         prompts = [torch.randint(0, V, (T,), generator=gen).tolist() for _ in range(B)]
-        run = prefill_batch(engine, prompts)
-        first = timed(run, args.device)           # kernels compile just in time on first use
-        s = min(timed(run, args.device) for _ in range(args.reps))
-        rows.append({"what": "prefill", "shape": f"{B}x{T}", "first_s": first, "s": s,
-                     "tok_s": B * T / s, "peak_gb": peak_gb(args.device)})
-        print(rows[-1], flush=True)
+        for logits in args.prefill_logits:
+            run = prefill_batch(engine, prompts, last_only=logits == "last")
+            first = timed(run, args.device)           # kernels compile just in time on first use
+            s = min(timed(run, args.device) for _ in range(args.reps))
+            rows.append({"what": "prefill", "shape": f"{B}x{T}", "logits": logits, "first_s": first, "s": s,
+                         "tok_s": B * T / s, "peak_gb": peak_gb(args.device)})
+            print(rows[-1], flush=True)
         del engine
         free_memory()
 
@@ -318,13 +319,16 @@ def phase_hf(cfg_dict: dict, args, rows: list, info: dict) -> None:
     with torch.no_grad():
         for B, T in args.prefill_shapes:
             ids = torch.randint(0, V, (B, T), generator=gen, device=args.device)
-            run = lambda: model(ids, use_cache=True)        # noqa: E731  (caches built, as ours)
-            first = timed(run, args.device)
-            s = min(timed(run, args.device) for _ in range(args.reps))
-            rows.append({"what": "hf_prefill", "shape": f"{B}x{T}", "first_s": first, "s": s,
-                         "tok_s": B * T / s, "peak_gb": peak_gb(args.device)})
-            print(rows[-1], flush=True)
-            free_memory()
+            for logits in args.prefill_logits:
+                # caches built, as ours; "last": only the last position's logits, as generate asks
+                keep = {"logits_to_keep": 1} if logits == "last" else {}
+                run = lambda: model(ids, use_cache=True, **keep)        # noqa: E731
+                first = timed(run, args.device)
+                s = min(timed(run, args.device) for _ in range(args.reps))
+                rows.append({"what": "hf_prefill", "shape": f"{B}x{T}", "logits": logits, "first_s": first, "s": s,
+                             "tok_s": B * T / s, "peak_gb": peak_gb(args.device)})
+                print(rows[-1], flush=True)
+                free_memory()
         for L in args.hf_contexts:
             for B in args.hf_batches:
                 ids = torch.randint(0, V, (B, L), generator=gen, device=args.device)
@@ -408,6 +412,9 @@ def main(argv=None) -> None:
     ap.add_argument("--experts", default=None, choices=("int4", "int8", "fp8"),
                     help="low-bit routed experts (load's experts=; default: the model dtype)")
     ap.add_argument("--prefill", default="1x4096,1x16384,32x1024", help="BxT prompt shapes")
+    ap.add_argument("--prefill-logits", default="all,last",
+                    help="prefill rows computing every position's logits (all) and/or the last one's (last), "
+                         "for both implementations")
     ap.add_argument("--batches", default="1,8,32,128,256")
     ap.add_argument("--contexts", default="1024,32768")
     ap.add_argument("--hf-batches", default="1,8,32")
@@ -421,6 +428,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     args.torch_dtype = getattr(torch, args.dtype)
     args.prefill_shapes = parse_prefill(args.prefill)
+    args.prefill_logits = [x for x in args.prefill_logits.split(",") if x]
+    if not args.prefill_logits or set(args.prefill_logits) - {"all", "last"}:
+        ap.error(f"--prefill-logits takes all and/or last, got {args.prefill_logits}")
     args.batches, args.contexts = parse_list(args.batches), parse_list(args.contexts)
     args.hf_batches, args.hf_contexts = parse_list(args.hf_batches), parse_list(args.hf_contexts)
     args.long_contexts = parse_list(args.long_contexts)
@@ -460,6 +470,11 @@ def write(name: str, rows: list, info: dict, cuda: bool) -> None:
     for r in rows:
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in r.items() if k != "top_kernels"))
+    hf = {(r["shape"], r.get("logits")): r["tok_s"] for r in rows if r["what"] == "hf_prefill"}
+    for r in rows:
+        if r["what"] == "prefill" and (r["shape"], r.get("logits")) in hf:
+            print(f"prefill {r['shape']} ({r.get('logits')} logits): {r['tok_s']:.4g} tok/s vs transformers "
+                  f"{hf[r['shape'], r.get('logits')]:.4g} = {r['tok_s'] / hf[r['shape'], r.get('logits')]:.2f}x")
 
 
 if __name__ == "__main__":
