@@ -322,6 +322,44 @@ def test_causal_attention_qk_pieces(T, S, q_start):
     assert rel(out, attention_loop(q, k, v, qs, 0.3)) < TOL
 
 
+
+ATTENTION_VARIANTS = [{}, {"split": False, "order": "forward"}, {"BN": 32}, {"BM": 32, "BN": 16},
+                      {"fold_scale": True}, {"lazy_rescale": 8.0}, {"lazy_rescale": 3.0, "BN": 32, "order": "forward"}]
+
+
+@pytest.mark.parametrize("variant", ATTENTION_VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "base")
+def test_causal_attention_variants(variant, monkeypatch):
+    """Each generated form of the prefill kernel (loop split or one masked loop, heavy blocks
+    first or forward, key tiles wider / narrower than the query tiles, the scale folded into q,
+    lazy rescaling) against the fp64 loop: ragged q_start with S > T (a continuation), T and S
+    that no tile divides, a v dim (12) and a qk dim (24 = 16 + 8) that need masked pieces, and
+    one-shot prefill (S = T). Scores are spread wide so rows' maxima grow by > 8 (log2)."""
+    from kimi_graph.lowering.triton.targets import TARGETS
+    monkeypatch.setitem(TARGETS["interpret"]["configs"], "attention",
+                        {**TARGETS["interpret"]["configs"]["attention"], **variant})
+    mla.flash_spec.cache_clear()
+    B, H, D, DV = 3, 2, 24, 12
+    try:
+        for T, S, q_start in ((37, 60, [23, 0, 10]), (37, 37, None)):
+            q, k, v = 3 * torch.randn(B, T, H, D), torch.randn(B, S, H, D), torch.randn(B, S, H, DV)
+            qs = None if q_start is None else torch.tensor(q_start)
+            out = mla.causal_attention(q, k, v, qs, scale=0.5)
+            assert rel(out, attention_loop(q, k, v, qs, 0.5)) < TOL
+    finally:
+        mla.flash_spec.cache_clear()
+
+
+def test_causal_attention_refuses_an_unknown_order(monkeypatch):
+    from kimi_graph.lowering.triton.targets import TARGETS
+    monkeypatch.setitem(TARGETS["interpret"]["configs"], "attention",
+                        {**TARGETS["interpret"]["configs"]["attention"], "order": "backward"})
+    mla.flash_spec.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="attention order"):
+            mla.flash_spec(2, 24, 12, "f32", 0.5, "interpret")
+    finally:
+        mla.flash_spec.cache_clear()
+
 # -- MoE ------------------------------------------------------------------------------------
 
 # the router and the permutation on random shapes: tests/test_triton_moe.py

@@ -10,6 +10,7 @@ j <= that position. Softmax statistics in fp32.
 from __future__ import annotations
 
 import functools
+import textwrap
 
 import torch
 
@@ -122,34 +123,87 @@ _FLASH = """
 @triton.jit
 def causal_attention_fwd(q_ptr, k_ptr, v_ptr, qs_ptr, o_ptr, T, S,
                          sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sob, sot, soh):
-    # grid (B * H, T blocks); online softmax over key blocks up to the block's last position
+    # grid (B * H, T blocks); HEAVY_FIRST: the last (longest) query block of every head runs first
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
-    t = tl.program_id(1) * BM + tl.arange(0, BM)
+    tb = tl.program_id(1)
+    if HEAVY_FIRST:
+        tb = tl.num_programs(1) - 1 - tb
+    t0 = tb * BM
+    t = t0 + tl.arange(0, BM)
     mt = t < T
-    pos = tl.load(qs_ptr + b) + t
+    qpos = tl.load(qs_ptr + b).to(tl.int32)        # positions (and key offsets) fit in int32
+    pos = qpos + t
     dv = tl.arange(0, BDV)
-    mdv = dv < DV
-    qb = q_ptr + b * sqb + h * sqh + t[:, None] * sqt
-    kb = k_ptr + b * skb + h * skh
+    qb = q_ptr + b.to(tl.int64) * sqb + h * sqh + t[:, None] * sqt
+    kb = k_ptr + b.to(tl.int64) * skb + h * skh
+    vb = v_ptr + b.to(tl.int64) * svb + h * svh
     $load_q
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, BDV), tl.float32)
-    hi = tl.minimum(S, tl.max(tl.where(mt, pos, 0), 0) + 1)
-    for j0 in range(0, hi, BN):
-        j = j0 + tl.arange(0, BN)
-        mj = j < hi
-        $scores
-        $online_softmax
-        v = tl.load(v_ptr + b * svb + h * svh + j[:, None] * svs + dv[None, :], mask=mj[:, None] & mdv[None, :],
-                    other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+    hi = tl.minimum(S, qpos + tl.minimum(t0 + BM, T))       # past the block's last valid position
+    $key_loops
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(o_ptr + b * sob + h * soh + t[:, None] * sot + dv[None, :], o.to(DT), mask=mt[:, None] & mdv[None, :])
+    tl.store(o_ptr + b.to(tl.int64) * sob + h * soh + t[:, None] * sot + dv[None, :], o.to(DT), mask=$store_mask)
 """
+
+
+def _flash_step(pieces, D: int, DV: int, masked: bool, fold: bool, lazy: float) -> str:
+    """One key block of the flash loop: scores over the qk dot pieces, the online softmax (log2
+    domain, the scale in q when `fold`, else one FMA on the scores), p v into acc. `masked`: the
+    keys past S and past each query's position are masked (the diagonal blocks); else none.
+    `lazy` > 0: acc and l_i are rescaled only when a row's maximum grew by more than `lazy`
+    (log2 units) in the block, so p <= 2**lazy between rescales."""
+    bdv = max(16, next_pow2(DV))
+    kmask = ["mj[:, None]"] if masked else []
+    lines = ["j = j0 + tl.arange(0, BN)"] + (["mj = j < S"] if masked else [])
+    for i, (off, w) in enumerate(pieces):
+        m = kmask + ([f"(d{i} < {D})[None, :]"] if off + w > D else [])
+        mask = f", mask={' & '.join(m)}, other=0.0" if m else ""
+        lines.append(f"k{i} = tl.load(kb + j[:, None] * sks + d{i}[None, :]{mask})")
+    lines.append("s = tl.dot(q0, tl.trans(k0), input_precision=PREC)")
+    lines += [f"s = tl.dot(q{i}, tl.trans(k{i}), s, input_precision=PREC)" for i in range(1, len(pieces))]
+    if masked:
+        lines.append('s = tl.where(mj[None, :] & (j[None, :] <= pos[:, None]), s, float("-inf"))')
+    scaled, row_max = ("s", "tl.max(s, 1)") if fold else ("s * SCALE_LOG2E", "tl.max(s, 1) * SCALE_LOG2E")
+    lines.append(f"m_new = tl.maximum(m_i, {row_max})")
+    if lazy:
+        lines += [f"if tl.max(m_new - m_i, 0) > {float(lazy)!r}:   # a row's maximum grew: rescale",
+                  "    alpha = tl.exp2(m_i - m_new)",
+                  "    acc = acc * alpha[:, None]",
+                  "    l_i = l_i * alpha",
+                  "    m_i = m_new"]
+        ref = "m_i"
+    else:
+        ref = "m_new"
+        if masked:      # a row that sees no key yet (only with q_start < 0) keeps m -inf
+            lines.append('m_new = tl.where(m_new == float("-inf"), 0.0, m_new)')
+        lines += ["alpha = tl.exp2(m_i - m_new)", "acc = acc * alpha[:, None]"]
+    lines.append(f"p = tl.exp2({scaled} - {ref}[:, None])")
+    lines.append("l_i = l_i * alpha + tl.sum(p, 1)" if not lazy else "l_i = l_i + tl.sum(p, 1)")
+    vmask = kmask + ([f"(dv < {DV})[None, :]"] if bdv != DV else [])
+    vm = f", mask={' & '.join(vmask)}, other=0.0" if vmask else ""
+    lines.append(f"v = tl.load(vb + j[:, None] * svs + dv[None, :]{vm})")
+    lines.append("acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)")
+    if not lazy:
+        lines.append("m_i = m_new")
+    return "\n".join(lines)
+
+
+def _key_loops(pieces, D: int, DV: int, cfg: dict) -> str:
+    """The key loops of a query block: with `split`, the blocks every query of the block sees
+    (keys below its first position) without masks, then the diagonal blocks masked; else one
+    masked loop over all its keys."""
+    fold, lazy = cfg.get("fold_scale", False), cfg.get("lazy_rescale", 0)
+    masked = textwrap.indent(_flash_step(pieces, D, DV, True, fold, lazy), "    ")
+    if not cfg.get("split", True):
+        return f"for j0 in range(0, hi, BN):\n{masked}"
+    full = textwrap.indent(_flash_step(pieces, D, DV, False, fold, lazy), "    ")
+    return ("lo = tl.minimum(qpos + t0, S) // BN * BN            # keys every query of the block sees\n"
+            f"for j0 in range(0, lo, BN):\n{full}\nfor j0 in range(lo, hi, BN):\n{masked}")
+
 
 LOG2E = 1.4426950408889634
 
@@ -280,19 +334,28 @@ def mla_latent_attention(q_lat, q_rope, latent, rope_key, q_start=None, *, scale
 
 @functools.lru_cache(maxsize=None)
 def flash_spec(H: int, D: int, DV: int, dtype: str, scale: float, target: str) -> KernelSpec:
+    """The prefill attention kernel on `target`'s "attention" config: tiles BM x BN, warps,
+    stages; split (mask-free blocks below the diagonal), order ("heavy_first": the longest query
+    blocks first; "forward"), fold_scale (scale * log2 e folded into q once, in q's dtype),
+    lazy_rescale (log2 growth of a row's maximum before acc is rescaled; 0: every block)."""
     cfg = config("attention", target)
+    if cfg.get("order", "heavy_first") not in ("heavy_first", "forward"):
+        raise ValueError(f"attention order {cfg['order']!r}: 'heavy_first' or 'forward'")
     pieces = dot_pieces(D)
-    load_q, scores = [], []
+    load_q = []
     for i, (off, w) in enumerate(pieces):
+        mask = "mt[:, None]" + (f" & (d{i} < {D})[None, :]" if off + w > D else "")
         load_q.append(f"d{i} = {off} + tl.arange(0, {w})")
-        load_q.append(f"q{i} = tl.load(qb + d{i}[None, :], mask=mt[:, None] & (d{i} < {D})[None, :], other=0.0)")
-        scores.append(f"k{i} = tl.load(kb + j[None, :] * sks + d{i}[:, None], "
-                      f"mask=mj[None, :] & (d{i} < {D})[:, None], other=0.0)")
-    scores.append("s = " + " + ".join(f"tl.dot(q{i}, k{i}, input_precision=PREC)" for i in range(len(pieces))))
-    consts = {"H": H, "DV": DV, "BDV": max(16, next_pow2(DV)), "BM": cfg["BM"], "BN": cfg["BN"],
-              "SCALE_LOG2E": float(scale) * LOG2E, "DT": TL_DTYPES[dtype], "PREC": dot_precision(dtype)}
-    src = render("causal_attention", _FLASH, consts, load_q="\n".join(load_q), scores="\n".join(scores),
-                 online_softmax=_ONLINE_SOFTMAX)
+        load_q.append(f"q{i} = tl.load(qb + d{i}[None, :], mask={mask}, other=0.0)")
+        if cfg.get("fold_scale", False):
+            load_q.append(f"q{i} = (q{i} * SCALE_LOG2E).to(q{i}.dtype)")
+    BDV = max(16, next_pow2(DV))
+    consts = {"H": H, "DV": DV, "BDV": BDV, "BM": cfg["BM"], "BN": cfg["BN"],
+              "SCALE_LOG2E": float(scale) * LOG2E, "DT": TL_DTYPES[dtype], "PREC": dot_precision(dtype),
+              "HEAVY_FIRST": cfg.get("order", "heavy_first") == "heavy_first"}
+    store_mask = "mt[:, None]" + (f" & (dv < {DV})[None, :]" if BDV != DV else "")
+    src = render("causal_attention", _FLASH, consts, load_q="\n".join(load_q),
+                 key_loops=_key_loops(pieces, D, DV, cfg), store_mask=store_mask)
     p = ptr_type(dtype)
     sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "qs_ptr": "*i64", "o_ptr": p, "T": "i32", "S": "i32"}
     sig.update({n: "i32" for n in ("sqb", "sqt", "sqh", "skb", "sks", "skh", "svb", "svs", "svh",
