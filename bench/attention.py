@@ -30,7 +30,7 @@ SCALE = D ** -0.5
 SHAPES = {"4k": (1, 4096), "16k": (1, 16384), "64k": (1, 65536), "32x1k": (32, 1024)}
 HEADS_CHECKED = 4
 TOL = 2e-2              # bf16 inputs and p, fp32 softmax statistics and accumulation
-TUNED_KEYS = ("BM", "BN", "num_warps", "num_stages", "split", "order", "fold_scale", "lazy_rescale")
+TUNED_KEYS = ("BM", "BN", "num_warps", "num_stages", "split", "order", "fold_scale", "lazy_rescale", "tma")
 
 # name -> keys over the target's config ("base": the target's own)
 VARIANTS = {
@@ -49,6 +49,11 @@ VARIANTS = {
     "bm64-bn64-w4-s3": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3},
     "bm64-bn128-w4-s2": {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 2},
     "bm256-bn64-w8-s2": {"BM": 256, "BN": 64, "num_warps": 8, "num_stages": 2},
+    "tma": {"tma": True},
+    "tma-bm128-bn128-w8-s2": {"tma": True, "BM": 128, "BN": 128, "num_warps": 8, "num_stages": 2},
+    "tma-bm128-bn64-w8-s4": {"tma": True, "BM": 128, "BN": 64, "num_warps": 8, "num_stages": 4},
+    "tma-bm64-bn64-w4-s3": {"tma": True, "BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3},
+    "tma-fold-lazy8": {"tma": True, "fold_scale": True, "lazy_rescale": 8.0},
     "bm128-bn64-w8-s3-fold-lazy8": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3, "fold_scale": True,
                                     "lazy_rescale": 8.0},
     "bm128-bn128-w8-s2-fold-lazy8": {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 2, "fold_scale": True,
@@ -166,7 +171,8 @@ def smoke(names):
     base = dict(config("attention"))
     seen = []
     for name in names:         # the kernel forms (the tiles are the target's: the interpreter's are tiny)
-        form = {k: v for k, v in VARIANTS[name].items() if k in ("split", "order", "fold_scale", "lazy_rescale")}
+        form = {k: v for k, v in VARIANTS[name].items() if k in ("split", "order", "fold_scale", "lazy_rescale",
+                                                                               "tma")}
         if form in seen:
             continue
         seen.append(form)

@@ -150,19 +150,20 @@ def causal_attention_fwd(q_ptr, k_ptr, v_ptr, qs_ptr, o_ptr, T, S,
 """
 
 
-def _flash_step(pieces, D: int, DV: int, masked: bool, fold: bool, lazy: float) -> str:
+def _flash_step(pieces, D: int, DV: int, masked: bool, fold: bool, lazy: float, tma: bool) -> str:
     """One key block of the flash loop: scores over the qk dot pieces, the online softmax (log2
     domain, the scale in q when `fold`, else one FMA on the scores), p v into acc. `masked`: the
     keys past S and past each query's position are masked (the diagonal blocks); else none.
     `lazy` > 0: acc and l_i are rescaled only when a row's maximum grew by more than `lazy`
-    (log2 units) in the block, so p <= 2**lazy between rescales."""
+    (log2 units) in the block, so p <= 2**lazy between rescales. `tma`: k and v tiles through
+    tensor descriptors (rows past S and columns past D / DV read as zeros)."""
     bdv = max(16, next_pow2(DV))
     kmask = ["mj[:, None]"] if masked else []
     lines = ["j = j0 + tl.arange(0, BN)"] + (["mj = j < S"] if masked else [])
     for i, (off, w) in enumerate(pieces):
         m = kmask + ([f"(d{i} < {D})[None, :]"] if off + w > D else [])
         mask = f", mask={' & '.join(m)}, other=0.0" if m else ""
-        lines.append(f"k{i} = tl.load(kb + j[:, None] * sks + d{i}[None, :]{mask})")
+        lines.append(f"k{i} = kd{i}.load([j0, 0])" if tma else f"k{i} = tl.load(kb + j[:, None] * sks + d{i}[None, :]{mask})")
     lines.append("s = tl.dot(q0, tl.trans(k0), input_precision=PREC)")
     lines += [f"s = tl.dot(q{i}, tl.trans(k{i}), s, input_precision=PREC)" for i in range(1, len(pieces))]
     if masked:
@@ -185,22 +186,22 @@ def _flash_step(pieces, D: int, DV: int, masked: bool, fold: bool, lazy: float) 
     lines.append("l_i = l_i * alpha + tl.sum(p, 1)" if not lazy else "l_i = l_i + tl.sum(p, 1)")
     vmask = kmask + ([f"(dv < {DV})[None, :]"] if bdv != DV else [])
     vm = f", mask={' & '.join(vmask)}, other=0.0" if vmask else ""
-    lines.append(f"v = tl.load(vb + j[:, None] * svs + dv[None, :]{vm})")
+    lines.append("v = vd.load([j0, 0])" if tma else f"v = tl.load(vb + j[:, None] * svs + dv[None, :]{vm})")
     lines.append("acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)")
     if not lazy:
         lines.append("m_i = m_new")
     return "\n".join(lines)
 
 
-def _key_loops(pieces, D: int, DV: int, cfg: dict) -> str:
+def _key_loops(pieces, D: int, DV: int, cfg: dict, tma: bool) -> str:
     """The key loops of a query block: with `split`, the blocks every query of the block sees
     (keys below its first position) without masks, then the diagonal blocks masked; else one
     masked loop over all its keys."""
     fold, lazy = cfg.get("fold_scale", False), cfg.get("lazy_rescale", 0)
-    masked = textwrap.indent(_flash_step(pieces, D, DV, True, fold, lazy), "    ")
+    masked = textwrap.indent(_flash_step(pieces, D, DV, True, fold, lazy, tma), "    ")
     if not cfg.get("split", True):
         return f"for j0 in range(0, hi, BN):\n{masked}"
-    full = textwrap.indent(_flash_step(pieces, D, DV, False, fold, lazy), "    ")
+    full = textwrap.indent(_flash_step(pieces, D, DV, False, fold, lazy, tma), "    ")
     return ("lo = tl.minimum(qpos + t0, S) // BN * BN            # keys every query of the block sees\n"
             f"for j0 in range(0, lo, BN):\n{full}\nfor j0 in range(lo, hi, BN):\n{masked}")
 
@@ -333,20 +334,31 @@ def mla_latent_attention(q_lat, q_rope, latent, rope_key, q_start=None, *, scale
 
 
 @functools.lru_cache(maxsize=None)
-def flash_spec(H: int, D: int, DV: int, dtype: str, scale: float, target: str) -> KernelSpec:
+def flash_spec(H: int, D: int, DV: int, dtype: str, scale: float, target: str, aligned: bool = False) -> KernelSpec:
     """The prefill attention kernel on `target`'s "attention" config: tiles BM x BN, warps,
     stages; split (mask-free blocks below the diagonal), order ("heavy_first": the longest query
     blocks first; "forward"), fold_scale (scale * log2 e folded into q once, in q's dtype),
-    lazy_rescale (log2 growth of a row's maximum before acc is rescaled; 0: every block)."""
+    lazy_rescale (log2 growth of a row's maximum before acc is rescaled; 0: every block), tma
+    (q, k, v tiles through tensor descriptors: TMA on sm_90+; taken only when `aligned`, i.e.
+    the tensors meet tma_aligned)."""
     cfg = config("attention", target)
     if cfg.get("order", "heavy_first") not in ("heavy_first", "forward"):
         raise ValueError(f"attention order {cfg['order']!r}: 'heavy_first' or 'forward'")
+    tma = bool(cfg.get("tma", False)) and aligned
     pieces = dot_pieces(D)
     load_q = []
+    if tma:         # one descriptor per (b, h) and dot piece: [rows, the piece's columns up to D]
+        load_q += [f"kd{i} = tl.make_tensor_descriptor(kb + {off}, shape=[S, {D - off}], strides=[sks, 1], "
+                   f"block_shape=[BN, {w}])" for i, (off, w) in enumerate(pieces)]
+        load_q.append(f"vd = tl.make_tensor_descriptor(vb, shape=[S, {DV}], strides=[svs, 1], block_shape=[BN, BDV])")
     for i, (off, w) in enumerate(pieces):
         mask = "mt[:, None]" + (f" & (d{i} < {D})[None, :]" if off + w > D else "")
         load_q.append(f"d{i} = {off} + tl.arange(0, {w})")
-        load_q.append(f"q{i} = tl.load(qb + d{i}[None, :], mask={mask}, other=0.0)")
+        if tma:
+            load_q.append(f"q{i} = tl.make_tensor_descriptor(q_ptr + b.to(tl.int64) * sqb + h * sqh + {off}, "
+                          f"shape=[T, {D - off}], strides=[sqt, 1], block_shape=[BM, {w}]).load([t0, 0])")
+        else:
+            load_q.append(f"q{i} = tl.load(qb + d{i}[None, :], mask={mask}, other=0.0)")
         if cfg.get("fold_scale", False):
             load_q.append(f"q{i} = (q{i} * SCALE_LOG2E).to(q{i}.dtype)")
     BDV = max(16, next_pow2(DV))
@@ -355,13 +367,25 @@ def flash_spec(H: int, D: int, DV: int, dtype: str, scale: float, target: str) -
               "HEAVY_FIRST": cfg.get("order", "heavy_first") == "heavy_first"}
     store_mask = "mt[:, None]" + (f" & (dv < {DV})[None, :]" if BDV != DV else "")
     src = render("causal_attention", _FLASH, consts, load_q="\n".join(load_q),
-                 key_loops=_key_loops(pieces, D, DV, cfg), store_mask=store_mask)
+                 key_loops=_key_loops(pieces, D, DV, cfg, tma), store_mask=store_mask)
     p = ptr_type(dtype)
     sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "qs_ptr": "*i64", "o_ptr": p, "T": "i32", "S": "i32"}
     sig.update({n: "i32" for n in ("sqb", "sqt", "sqh", "skb", "sks", "skh", "svb", "svs", "svh",
                                    "sob", "sot", "soh")})
     return KernelSpec("causal_attention_fwd", "causal_attention_fwd", src, sig, cfg["num_warps"],
-                      cfg["num_stages"], {**consts, "pieces": pieces})
+                      cfg["num_stages"], {**consts, "pieces": pieces, "tma": tma})
+
+
+def tma_aligned(D: int, *ts: torch.Tensor) -> bool:
+    """Whether tensor descriptors can read q, k, v [B, *, H, d] per (b, h) and dot piece: 16-byte
+    aligned bases and piece offsets, row, head and batch strides in multiples of 16 bytes."""
+    return all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:3])
+               for t in ts) and all(off * ts[0].element_size() % 16 == 0 for off, _ in dot_pieces(D))
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Global memory for the kernels that build tensor descriptors on the device."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
 def causal_attention(q, k, v, q_start=None, *, scale):
@@ -371,7 +395,12 @@ def causal_attention(q, k, v, q_start=None, *, scale):
     if k.shape != (B, S, H, D) or v.shape[:3] != (B, S, H):
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k.to(q.dtype), v.to(q.dtype)))
-    spec = flash_spec(H, D, DV, ir_dtype(q), float(scale), current_target())
+    target = current_target()
+    spec = flash_spec(H, D, DV, ir_dtype(q), float(scale), target,
+                      config("attention", target).get("tma", False) and tma_aligned(D, q, k, v))
+    if spec.config["tma"]:
+        import triton
+        triton.set_allocator(_scratch)
     o = torch.empty(B, T, H, DV, device=q.device, dtype=q.dtype)
     qs = _q_start(q_start, B, T, S, q.device)
     strides = [st for t in (q, k, v, o) for st in (t.stride(0), t.stride(1), t.stride(2))]
