@@ -91,11 +91,11 @@ def write_result(name: str, rows: list[dict], extra: dict | None = None) -> dict
 def override_config(family: str, **values) -> None:
     """Set tile parameters of one kernel family on this GPU's target (for sweeps), dropping
     the cached specs so the next launch regenerates its kernels."""
-    from kimi_graph.lowering.triton import (codegen, conv, elementwise, kda, mla, moe, moe_decode, moe_permute,
-                                            moe_route, norm)
+    from kimi_graph.lowering.triton import (codegen, conv, elementwise, gemv, kda, mla, moe, moe_decode,
+                                            moe_permute, moe_route, norm)
     from kimi_graph.lowering.triton.targets import TARGETS, current_target
     TARGETS[current_target()]["configs"][family].update(values)
-    for mod in (codegen, conv, elementwise, kda, mla, moe, moe_decode, moe_permute, moe_route, norm):
+    for mod in (codegen, conv, elementwise, gemv, kda, mla, moe, moe_decode, moe_permute, moe_route, norm):
         for v in vars(mod).values():
             if hasattr(v, "cache_clear"):
                 v.cache_clear()

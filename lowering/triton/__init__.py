@@ -8,7 +8,7 @@
   `mla` (latent split-context decode, causal flash attention), `moe_route` (router logits split
   over the GPU, then grouped top-k), `moe_permute` (parallel stable counting sort, un-permute),
   `moe` (grouped SwiGLU; the MoE ops' entry points), `elementwise` (any chain of elementwise
-  ops as one kernel).
+  ops as one kernel), `gemv` (decode-sized projections, an RMSNorm prologue).
 - `aot`: every kernel a model needs, compiled per target without a GPU, plus a manifest;
   at run time `$KIMI_GRAPH_TRITON_ARTIFACTS=DIR` makes launches use DIR's binaries for this GPU
   (same source hash and Triton version), else Triton JIT-compiles and caches on first use.

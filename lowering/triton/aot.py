@@ -28,7 +28,8 @@ def graph_specs(g, target: str) -> dict[tuple[str, str], tuple[KernelSpec, set]]
     """(source hash, entry) -> (spec, op kinds using it) for one graph."""
     from kimi_graph.ops import get_op
 
-    from .backend import KERNELS, Convs, Experts, Group, covered, legalize, plan
+    from . import gemv, norm
+    from .backend import KERNEL_DTYPES, KERNELS, Convs, Experts, Group, NormLinear, covered, legalize, plan
     from .conv import specs_for as conv_specs
     from .elementwise import chain_spec
     from .moe_decode import specs_for as experts_specs
@@ -47,6 +48,16 @@ def graph_specs(g, target: str) -> dict[tuple[str, str], tuple[KernelSpec, set]]
             specs = experts_specs(item.ops[-1].kind, ins, [g.types[v] for v in item.outputs], item.attrs, target,
                                   shared_i=item.rows[0][1] - item.rows[0][0] if item.rows else 0)
             kind = "+".join(o.kind for o in item.ops)
+        elif isinstance(item, NormLinear):
+            op, lin = item.ops
+            attrs, (N, K) = get_op(op.kind).full_attrs(op.attrs), g.types[lin.inputs[1]].shape
+            dt = g.types[op.inputs[0]].dtype
+            specs = norm.specs_for(op.kind, [g.types[v] for v in op.inputs], [], attrs, target) \
+                + gemv.specs_for(N, K, dt, op.kind, float(attrs["eps"]), target)
+            kind = f"{op.kind}+linear"
+        elif item.kind == "linear" and item.inputs[1] in g.params:
+            (N, K), dt = g.types[item.inputs[1]].shape, g.types[item.inputs[0]].dtype
+            specs, kind = (gemv.specs_for(N, K, dt, None, 0.0, target) if dt in KERNEL_DTYPES else []), "linear"
         elif covered(g, item):
             attrs = get_op(item.kind).full_attrs(item.attrs)
             specs = KERNELS[item.kind][1](item.kind, [g.types[v] for v in item.inputs],

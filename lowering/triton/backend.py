@@ -20,7 +20,8 @@ from kimi_graph.ir import Graph, eval_dim
 from kimi_graph.ops import get_op
 from kimi_graph.runtime.views import is_view
 
-from . import conv, elementwise, kda, mla, moe, moe_decode, moe_quant, norm
+from . import conv, elementwise, gemv, kda, mla, moe, moe_decode, moe_quant, norm
+from .gemv import NormLinear
 from .targets import current_target
 
 # kind -> (kernel launcher fn(args, attrs) -> results, AOT spec fn(kind, ins, outs, attrs, target))
@@ -192,15 +193,19 @@ def _conv_groups(g: Graph, order: list) -> dict[int, Convs]:
 
 
 def plan(g: Graph) -> list:
-    """The schedule: ops, fused elementwise `Group`s and routed-experts chains (`Experts`), in
-    an executable order. Refuses a KDA chunk size the kernels cannot run."""
+    """The schedule: ops, fused elementwise `Group`s, routed-experts chains (`Experts`), conv
+    groups (`Convs`) and norms with the linear they feed (`NormLinear`), in an executable order.
+    Refuses a KDA chunk size the kernels cannot run."""
     order = list(g.ops())
     chains = {c.ops[-1].id: c for op in order if op.kind in ("moe_experts", "quantized_moe_experts")
               and (c := _experts(g, op))}
     convs = _conv_groups(g, order)
     folded = {o.id for c in chains.values() for o in c.ops[:-1]} | {o.id for c in convs.values() for o in c.ops[1:]}
+    norms = {i: n for i, n in gemv.norm_linears(g, order, covered).items() if n.ops[1].id not in folded}
+    folded |= {n.ops[1].id for n in norms.values()}
     order = [op for op in order if op.id not in folded]
     chains.update(convs)
+    chains.update(norms)
     for op in order:
         if op.kind in ("kda_fused_chunk", "kda_recurrent") and op.attrs.get("chunk_size"):
             kda.check_chunk_size(op.attrs["chunk_size"])
@@ -348,6 +353,10 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
             env[item.outputs[0]] = moe_decode.run_step(item.ops[-1].kind, item.attrs,
                                                        [plain(env[v]) for v in item.inputs], item.rows)
             continue
+        if isinstance(item, NormLinear):
+            env.update(zip(item.outputs, gemv.run_norm_linear(item, [plain(env[v]) for v in item.inputs],
+                                                              item.ops[0].attrs["eps"])))
+            continue
         args = [env[v] for v in item.inputs]
         if covered(g, item):
             fn = KERNELS[item.kind][0]
@@ -355,6 +364,8 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
                 args = [plain(a) for a in args]
         elif trusted and item.kind in ENGINE_IMPLS:
             fn, args = ENGINE_IMPLS[item.kind], [plain(a) for a in args]
+        elif item.kind == "linear":             # decode-sized rows: gemv's kernel where it takes them
+            fn, args = gemv.op_linear, [plain(a) for a in args]
         else:
             fn, args = get_op(item.kind).ref, [plain(a) for a in args]
         env.update(zip(item.outputs, fn(args, op_attrs(item, dims))))

@@ -186,14 +186,14 @@ def bucket_of(cfg: dict, tokens: int) -> int | None:
     return next((bound for bound, _ in cfg.get("token_tiles", ()) if tokens <= bound), None)
 
 
-def bucket_config(cfg: dict, bucket: int | None) -> dict:
+def bucket_config(cfg: dict, bucket: int | None, keys: tuple = TILE_KEYS, family: str = "moe_decode") -> dict:
     """cfg with the tiles of its `token_tiles` entry for `bucket` (a bound) over its own."""
     if bucket is None:
         return cfg
     over = dict(cfg["token_tiles"])[bucket]
-    bad = set(over) - set(TILE_KEYS)
+    bad = set(over) - set(keys)
     if bad:
-        raise ValueError(f"moe_decode token_tiles[{bucket}]: {sorted(bad)} are not tile keys ({', '.join(TILE_KEYS)})")
+        raise ValueError(f"{family} token_tiles[{bucket}]: {sorted(bad)} are not tile keys ({', '.join(keys)})")
     return {**cfg, **over}
 
 

@@ -81,6 +81,12 @@ _BASE = {
     # many tokens (the first entry that holds it) takes those tiles over the ones above
     "moe_decode": {"BN": 16, "BK": 256, "BND": 16, "BKD": 256, "max_pairs": 64, "num_warps": 4,
                    "warps_down": 4, "num_stages": 2, "token_tiles": []},
+    # dense projections of up to max_rows rows (lowering/triton/gemv.py; larger take cuBLAS):
+    # enabled: the kernel in place of cuBLAS (env KIMI_GRAPH_TRITON_GEMV=1/0 overrides); BN output
+    # columns x BK a step per program, K split until ~`programs` programs (at most max_split);
+    # dot_min_rows rows and more take tl.dot on 16-row tiles; token_tiles as moe_decode's
+    "gemv": {"enabled": False, "max_rows": 16, "BN": 16, "BK": 512, "num_warps": 4, "num_stages": 2,
+             "programs": 528, "max_split": 8, "dot_min_rows": 2, "token_tiles": []},
 }
 
 
@@ -144,6 +150,7 @@ TARGETS: dict[str, dict] = {
         "moe_permute": {"BLOCK": 64, "SUB": 16, "BD": 32, "SCAN_E": 4, "SCAN_B": 4},
         # max_pairs: the tiny model's decode steps and short chunks read experts by id, its
         # prefills of a few sequences (> 16 token copies) take the grouped kernels
+        "gemv": {"max_rows": 4, "BN": 8, "BK": 16, "programs": 8},
         "moe_decode": {"BN": 8, "BK": 16, "BND": 16, "BKD": 8, "max_pairs": 16,
                        "token_tiles": [[2, {"BN": 16, "BK": 32, "BND": 8, "BKD": 16, "num_warps": 2}]]}})},
 }

@@ -1,0 +1,219 @@
+"""Decode-sized projections on the GPU: lowering/triton/gemv.py's kernel (tile variants) against
+torch's linear (cuBLAS) on the published model's decode shapes, in the same run as the copy rate.
+
+The shapes are read from the published model's decode graph after the default pipeline and the
+triton backend's plan: plain linears (KDA f_b / g_b, o_proj, the dense layer's down projection)
+and norm + linear steps (the fused q/k/v/f_a/b/g_a projection, MLA's fused q / kv_a, the dense
+layer's gate/up, lm_head), the latter against the rmsnorm kernel then cuBLAS, as the backend runs
+them without the kernel. Each call is timed replayed from a CUDA graph, cycling through copies
+of the weight so that no replay finds it in L2 (as in a step, where the other layers evict it).
+Per shape and row count: us, fraction of the copy rate (bytes read and written over the time),
+speed-up vs cuBLAS, rel. error against fp64; per row count, the step's sum over its projections
+(count x us) for cuBLAS and for the variant with the least sum (token_tiles holds one variant per
+row bucket). JSON: $OUT/gemv.json and bench/results/gemv.json.
+
+    python bench/gemv.py                          # rows 1,4,16, the default variants
+    python bench/gemv.py --rows 1 --no-sweep      # the target's tiles only
+    python bench/gemv.py --use-best               # + the best tiles, switch and max_rows into the tuning file
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+import harness  # noqa: F401  (puts the checkout on the path)
+from harness import bench, copy_bandwidth, merge_tuning, override_config, rel_err, write_result
+
+ROTATE_BYTES = 256 << 20          # weight copies a graph cycles through: well past the 50 MB L2
+# tile variants (keys of the gemv family); BN below 16 runs as 16 on the tl.dot path (2+ rows)
+VARIANTS = [
+    {"BN": 16, "BK": 512, "num_warps": 4, "programs": 528},
+    {"BN": 8, "BK": 512, "num_warps": 4, "programs": 528},
+    {"BN": 32, "BK": 256, "num_warps": 4, "programs": 528},
+    {"BN": 16, "BK": 1024, "num_warps": 8, "programs": 528},
+    {"BN": 32, "BK": 512, "num_warps": 8, "programs": 528},
+    {"BN": 16, "BK": 256, "num_warps": 4, "programs": 1056},
+    {"BN": 64, "BK": 128, "num_warps": 4, "programs": 528},
+    {"BN": 16, "BK": 512, "num_warps": 4, "programs": 264, "max_split": 4},
+    {"BN": 16, "BK": 512, "num_warps": 4, "programs": 528, "num_stages": 3},
+    {"BN": 8, "BK": 1024, "num_warps": 4, "programs": 1056, "num_stages": 1},
+]
+GRID = {"BN": (8, 16, 32, 64), "BK": (128, 256, 512, 1024), "num_warps": (4, 8), "programs": (264, 528, 1056),
+        "num_stages": (1, 2, 3)}
+
+
+def decode_shapes(model: str = "kimi-linear-48b-a3b") -> list[dict]:
+    """{name, N, K, norm, count} of every projection of a decode step, as the triton backend plans it."""
+    from kimi_graph.api import resolve_config
+    from kimi_graph.lowering.triton.backend import NormLinear, legalize, plan
+    from kimi_graph.model import build_graph
+    from kimi_graph.passes import run_pipeline
+    cfg, _ = resolve_config(model)
+    g = legalize(run_pipeline(build_graph(cfg, "decode", stateful=True, dtype="bf16"), "default"))
+    counts: Counter = Counter()
+    names: dict = {}
+    for item in plan(g):
+        if isinstance(item, NormLinear):
+            key, w = (item.ops[0].kind, item.ops[0].attrs["eps"]), item.ops[1].inputs[1]
+        elif getattr(item, "kind", None) == "linear" and item.inputs[1] in g.params:
+            key, w = (None, 0.0), item.inputs[1]
+        else:
+            continue
+        key = key + tuple(g.types[w].shape)
+        counts[key] += 1
+        names.setdefault(key, w.lstrip("@").split(".")[-2][:20] + {"rmsnorm": "+norm", "add_rmsnorm": "+addnorm"}
+                         .get(key[0], ""))
+    return [{"name": names[k], "N": k[2], "K": k[3], "norm": k[0], "eps": k[1], "count": n} for k, n in counts.items()]
+
+
+def graph_us(calls: list) -> float:
+    """Median us of one call, the calls (each on its own weight copy) replayed from one graph."""
+    for c in calls[: min(2, len(calls))]:
+        c()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        calls[0]()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    return bench(graph.replay, warmup=5, rep=30) / len(calls) * 1e3
+
+
+class Case:
+    """One shape at one row count: weight copies, inputs, the fp64 reference."""
+
+    def __init__(self, shape: dict, rows: int, gen):
+        N, K = shape["N"], shape["K"]
+        wbytes = N * K * 2
+        self.copies = max(1, min(64, math.ceil(ROTATE_BYTES / wbytes)))
+        self.reps = max(20, self.copies)
+        r = lambda *s: torch.randn(*s, device="cuda", generator=gen, dtype=torch.bfloat16)
+        self.ws = [r(N, K) * K ** -0.5 for _ in range(self.copies)]
+        self.x, self.res, self.nw = r(rows, K), r(rows, K), (1 + 0.1 * r(K))
+        self.shape, self.rows = shape, rows
+        self.bytes = wbytes + 2 * rows * (N + K * (2 if shape["norm"] == "add_rmsnorm" else 1))
+        x = self.x.double() + (self.res.double() if shape["norm"] == "add_rmsnorm" else 0)
+        if shape["norm"]:
+            x = x / torch.sqrt((x * x).mean(-1, keepdim=True) + shape["eps"]) * self.nw.double()
+        self.ref = x @ self.ws[0].double().T
+
+    def torch_call(self, i: int):
+        """cuBLAS, after the rmsnorm kernel where a norm feeds the projection."""
+        from kimi_graph.lowering.triton.norm import rmsnorm
+        w, norm = self.ws[i % self.copies], self.shape["norm"]
+        if norm is None:
+            return lambda: F.linear(self.x, w)
+        if norm == "rmsnorm":
+            return lambda: F.linear(rmsnorm(self.x, self.nw, self.shape["eps"]), w)
+        return lambda: F.linear(rmsnorm(self.x, self.nw, self.shape["eps"], self.res)[0], w)
+
+    def ours_call(self, i: int):
+        from kimi_graph.lowering.triton import gemv
+        w, norm = self.ws[i % self.copies], self.shape["norm"]
+        if norm is None:
+            return lambda: gemv.linear(self.x, w)
+        if norm == "rmsnorm":
+            return lambda: gemv.linear(self.x, w, self.nw, self.shape["eps"])
+        return lambda: gemv.linear(self.x, w, self.nw, self.shape["eps"], self.res)[0]
+
+    def time(self, make) -> tuple[float, float]:
+        us = graph_us([make(i) for i in range(self.reps)])
+        return us, rel_err(make(0)(), self.ref)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default="1,4,16", help="row counts (decode batch sizes)")
+    ap.add_argument("--no-sweep", action="store_true", help="the target's tiles only")
+    ap.add_argument("--grid", action="store_true", help="sweep the full GRID product, not VARIANTS")
+    ap.add_argument("--shapes", default="", help="only shapes whose name contains one of these (comma list)")
+    ap.add_argument("--use-best", action="store_true", help="write the best tiles per row bucket, max_rows "
+                    "and the switch (on where ours is faster at 1 row) into this device's tuning file")
+    a = ap.parse_args(argv)
+    from kimi_graph.lowering.triton.targets import config
+    rows_list = sorted(int(r) for r in a.rows.split(","))
+    base = {k: v for k, v in config("gemv").items()}
+    if a.no_sweep:
+        variants = [{}]
+    elif a.grid:
+        variants = [dict(zip(GRID, v)) for v in itertools.product(*GRID.values())]
+    else:
+        variants = VARIANTS
+    shapes = decode_shapes()
+    if a.shapes:
+        shapes = [s for s in shapes if any(p in s["name"] for p in a.shapes.split(","))]
+    bw = copy_bandwidth()
+    print(f"copy rate {bw / 1e12:.3f} TB/s; shapes: {shapes}", flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows, per_variant = [], {}               # (M, variant index) -> {shape name: us}
+    cublas: dict = {}
+    for shape in shapes:
+        for M in rows_list:
+            case = Case(shape, M, gen)
+            t_us, t_err = case.time(case.torch_call)
+            cublas[M, shape["name"]] = t_us * shape["count"]
+            best = None
+            for vi, v in enumerate(variants):
+                override_config("gemv", **{**base, **v, "token_tiles": [], "enabled": True})
+                try:
+                    us, err = case.time(case.ours_call)
+                except Exception as e:           # noqa: BLE001 (a variant that does not build is skipped)
+                    print(f"  {shape['name']} M={M} {v}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                per_variant.setdefault((M, vi), {})[shape["name"]] = us * shape["count"]
+                if best is None or us < best[0]:
+                    best = (us, err, vi)
+            if best is None:
+                continue
+            us, err, vi = best
+            rows.append({"shape": shape["name"], "N": shape["N"], "K": shape["K"], "norm": shape["norm"] or "-",
+                         "count": shape["count"], "M": M, "cublas_us": t_us, "ours_us": us,
+                         "cublas_frac": case.bytes / (t_us * 1e-6) / bw, "ours_frac": case.bytes / (us * 1e-6) / bw,
+                         "speedup": t_us / us, "err_ours": err, "err_cublas": t_err, "variant": vi})
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
+            del case
+            torch.cuda.empty_cache()
+    override_config("gemv", **base)
+    names = {s["name"] for s in shapes}
+    summary, best_tiles = [], {}
+    for M in rows_list:
+        full = {vi: sum(t.values()) for (m, vi), t in per_variant.items() if m == M and set(t) == names}
+        if not full:
+            continue
+        vi = min(full, key=full.get)
+        total = sum(cublas[M, n] for n in names)
+        best_tiles[M] = variants[vi]
+        summary.append({"M": M, "cublas_step_us": total, "ours_step_us": full[vi], "speedup": total / full[vi],
+                        "variant": vi, "tiles": str(variants[vi] or "target")})
+    extra = {"copy_tb_s": bw / 1e12, "shapes": shapes, "variants": variants, "summary": summary}
+    write_result("gemv", rows, extra)
+    print("\nper step (sum over the step's projections of count x us; one variant per row count)")
+    for s in summary:
+        print(f"  M={s['M']:>3}  cuBLAS {s['cublas_step_us']:9.1f} us   ours {s['ours_step_us']:9.1f} us   "
+              f"x{s['speedup']:.2f}   tiles {s['tiles']}")
+    if a.use_best and summary:
+        wins = [s["M"] for s in summary if s["speedup"] > 1.0]
+        max_rows = 0
+        for s in summary:                   # the largest row count below which every measured one wins
+            if s["speedup"] <= 1.0:
+                break
+            max_rows = s["M"]
+        bounds = [s["M"] for s in summary]
+        cfg = {"enabled": max_rows > 0, "max_rows": max(max_rows, 1),
+               "token_tiles": [[m, best_tiles[m]] for m in bounds if best_tiles[m]]}
+        path = merge_tuning("gemv", cfg, f"bench/gemv.py: faster than cuBLAS at rows {wins}; best tiles per row "
+                            f"bucket over the decode step's projections (rows {bounds})")
+        print(f"gemv tuning -> {path}: {cfg}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

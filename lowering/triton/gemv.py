@@ -1,0 +1,236 @@
+"""Dense projections at decode sizes: y = x W^T for up to `max_rows` rows of x (W [N, K], fp32
+accumulation), optionally with the RMSNorm (or residual add + RMSNorm) that feeds it computed
+inline, so the norm's launch and its output's round trip go away.
+
+    gemv_rows   grid (N blocks of BN, K splits): each program streams BN rows of W over its
+                share of K in BK-wide tiles; with a norm, each program first reads its rows of
+                x whole (the norm's statistics: a few KB, from L2) and normalises each tile as
+                rmsnorm_rows does (rounded to the data dtype, then times the norm weight,
+                rounded again), so the product sees bitwise the norm kernel's output up to the
+                last bit of its fp32 rstd. With a residual, program (0, 0) stores x + r.
+Short rows go fewer programs than the GPU has, so K is split until about `programs` programs
+run (from N and K alone, never from the row count); each split stores its fp32 partial, takes a
+ticket of its N block (codegen.tickets), and the last to arrive sums the partials in split order
+and rounds once: deterministic, one launch.
+A product of few rows is W-bound: fewer than `dot_min_rows` rows take fp32 FMAs and a row sum,
+more take tl.dot on a 16-row tile (rows past M masked). A row's result depends on its own values
+and the rows' bucket only (the path and tiles: `token_tiles` bound, dot or not), so it is bitwise
+the same in any batch of its bucket; across buckets, the bf16 rounding of differently ordered
+fp32 sums apart. Larger batches, a switched-off target and anything unsupported take cuBLAS
+through torch (`takes`). The switch: the `gemv` family's `enabled` (per target), overridden by
+$KIMI_GRAPH_TRITON_GEMV=1/0.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .codegen import TL_DTYPES, KernelSpec, dot_precision, launch, next_pow2, render, row_view, tickets
+from .elementwise import ir_dtype, ptr_type
+from .moe_decode import bucket_config, bucket_of
+from .norm import rmsnorm
+from .targets import config, current_target, interpreting
+
+ENV = "KIMI_GRAPH_TRITON_GEMV"
+TILE_KEYS = ("BN", "BK", "num_warps", "num_stages", "programs", "max_split", "dot_min_rows")
+
+_GEMV = """
+@triton.jit
+def _x_tile(x_ptr, r_ptr, m64, mm, k, xs, rs):
+    # [BM, BK] of x's rows (plus the residual's, summed in the data dtype as add_rmsnorm does)
+    m2 = mm[:, None] & (k < K)[None, :]
+    x = tl.load(x_ptr + m64[:, None] * xs + k[None, :], mask=m2, other=0.0)
+    if RESIDUAL:
+        x = x + tl.load(r_ptr + m64[:, None] * rs + k[None, :], mask=m2, other=0.0)
+    return x
+
+
+@triton.jit
+def gemv_rows(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, s_ptr, part_ptr, tickets_ptr, M, xs, rs):
+    # y[m, n] = sum_k xn[m, k] w[n, k]: BN columns n a program, the KS columns k of split
+    # program_id(1); accumulators [BN, BM] in fp32
+    pn = tl.program_id(0)
+    ps = tl.program_id(1)
+    n = pn * BN + tl.arange(0, BN)
+    mn = n < N
+    m = tl.arange(0, BM)
+    mm = m < M
+    m64 = m.to(tl.int64)
+    wrow = w_ptr + n.to(tl.int64)[:, None] * K
+    if NORM:
+        ss = tl.zeros((BM,), tl.float32)
+        first = (pn == 0) & (ps == 0)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            xk = _x_tile(x_ptr, r_ptr, m64, mm, k, xs, rs)
+            if RESIDUAL:
+                if first:
+                    tl.store(s_ptr + m64[:, None] * K + k[None, :], xk, mask=mm[:, None] & (k < K)[None, :])
+            xf = xk.to(tl.float32)
+            ss += tl.sum(xf * xf, 1)
+        rstd = 1.0 / tl.sqrt(ss / K + EPS)
+    acc = tl.zeros((BN, BM), tl.float32)
+    for k0 in range(ps * KS, ps * KS + KS, BK):
+        k = k0 + tl.arange(0, BK)
+        xk = _x_tile(x_ptr, r_ptr, m64, mm, k, xs, rs)
+        if NORM:
+            nw = tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            xk = ((xk.to(tl.float32) * rstd[:, None]).to(DT).to(tl.float32) * nw[None, :]).to(DT)
+        if EVEN:
+            w = tl.load(wrow + k[None, :])
+        else:
+            w = tl.load(wrow + k[None, :], mask=mn[:, None] & (k < K)[None, :], other=0.0)
+        if DOT:
+            acc += tl.dot(w, tl.trans(xk), input_precision=PREC)
+        elif BM == 1:
+            acc += tl.sum(w.to(tl.float32) * xk.to(tl.float32), 1)[:, None]
+        else:
+            acc += tl.sum(w.to(tl.float32)[:, None, :] * xk.to(tl.float32)[None, :, :], 2)
+    yo = m64[None, :] * N + n[:, None]
+    my = mn[:, None] & mm[None, :]
+    if SPLIT == 1:
+        tl.store(y_ptr + yo, acc.to(DT), mask=my)
+    else:
+        tl.store(part_ptr + ps * M * N + yo, acc, mask=my)
+        tl.debug_barrier()              # every thread's partials stored before the ticket
+        ticket = tickets_ptr + pn
+        if tl.atomic_add(ticket, 1, sem="acq_rel") == SPLIT - 1:
+            tl.store(ticket, 0)
+            tot = tl.zeros((BN, BM), tl.float32)
+            for s in range(SPLIT):
+                tot += tl.load(part_ptr + s * M * N + yo, mask=my, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + yo, tot.to(DT), mask=my)
+"""
+
+
+def enabled(target: str | None = None) -> bool:
+    env = os.environ.get(ENV)
+    if env is not None:
+        return env not in ("", "0")
+    return bool(config("gemv", target or current_target())["enabled"])
+
+
+def splits(N: int, K: int, BN: int, BK: int, programs: int, max_split: int) -> tuple[int, int]:
+    """(K splits, K columns per split, a multiple of BK) from the shape alone: enough programs
+    to reach `programs`, at most `max_split` splits and one BK tile per split."""
+    tiles = -(-K // BK)
+    want = max(1, min(max_split, tiles, -(-programs // -(-N // BN))))
+    ks = -(-tiles // want) * BK
+    return -(-K // ks), ks
+
+
+@functools.lru_cache(maxsize=None)
+def gemv_spec(N: int, K: int, rows: int, dtype: str, norm: str | None, eps: float, target: str) -> KernelSpec:
+    """The kernel for `rows` rows of x [., K] against W [N, K]; norm: None, "rmsnorm" or
+    "add_rmsnorm" (the prologue); tiles from the `gemv` family (its `token_tiles` bucket)."""
+    cfg = config("gemv", target)
+    cfg = bucket_config(cfg, bucket_of(cfg, rows), TILE_KEYS, "gemv")
+    dot = rows >= cfg["dot_min_rows"]
+    BM = max(16, next_pow2(rows)) if dot else next_pow2(rows)
+    BN = max(16 if dot else 1, min(cfg["BN"], next_pow2(N)))
+    BK = max(16 if dot else 1, min(cfg["BK"], next_pow2(K)))
+    split, ks = splits(N, K, BN, BK, cfg["programs"], cfg["max_split"])
+    consts = {"N": N, "K": K, "BM": BM, "BN": BN, "BK": BK, "KS": ks, "SPLIT": split,
+              "EVEN": N % BN == 0 and K % ks == 0 and ks % BK == 0, "DOT": dot, "PREC": dot_precision(dtype),
+              "NORM": norm is not None, "RESIDUAL": norm == "add_rmsnorm", "EPS": float(eps) if norm else 0.0,
+              "DT": TL_DTYPES[dtype]}
+    p = ptr_type(dtype)
+    sig = {"x_ptr": p, "r_ptr": p, "nw_ptr": p, "w_ptr": p, "y_ptr": p, "s_ptr": p, "part_ptr": "*fp32",
+           "tickets_ptr": "*i32", "M": "i32", "xs": "i32", "rs": "i32"}
+    name = "gemv" + (f"_{norm}" if norm else "")
+    return KernelSpec(name, "gemv_rows", render(name, _GEMV, consts), sig, cfg["num_warps"], cfg["num_stages"],
+                      consts)
+
+
+def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Does the kernel run x W^T (else cuBLAS through torch)? Decode-sized rows, one float dtype,
+    a CUDA tensor (or the interpreter), the target switched on."""
+    if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or x.dtype != w.dtype:
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not (x.is_cuda or interpreting()):
+        return False
+    rows = x.numel() // max(1, x.shape[-1])
+    target = current_target()
+    return 0 < rows <= config("gemv", target)["max_rows"] and enabled(target)
+
+
+def linear(x, w, norm_weight=None, eps: float = 1e-6, residual=None):
+    """x W^T through the kernel (see `takes`); with `norm_weight`, rmsnorm(x [+ residual]) W^T,
+    returning (y, x + residual) when a residual is given."""
+    K, N = w.shape[1], w.shape[0]
+    if x.shape[-1] != K or (residual is not None and (norm_weight is None or residual.shape != x.shape)) \
+            or (norm_weight is not None and tuple(norm_weight.shape) != (K,)):
+        raise ValueError(f"x {tuple(x.shape)}, weight {tuple(w.shape)}, norm weight "
+                         f"{None if norm_weight is None else tuple(norm_weight.shape)}, residual "
+                         f"{None if residual is None else tuple(residual.shape)} do not fit")
+    xc, xs = row_view(x)
+    rows = xc.shape[0]
+    norm = None if norm_weight is None else "add_rmsnorm" if residual is not None else "rmsnorm"
+    spec = gemv_spec(N, K, rows, ir_dtype(x), norm, float(eps), current_target())
+    c = spec.config
+    y = torch.empty(x.shape[:-1] + (N,), device=x.device, dtype=x.dtype)
+    s = torch.empty(x.shape, device=x.device, dtype=x.dtype) if residual is not None else y
+    rc, rs = row_view(residual) if residual is not None else (xc, xs)
+    nw = norm_weight.to(x.dtype).contiguous() if norm_weight is not None else xc
+    blocks = -(-N // c["BN"])
+    part = torch.empty(c["SPLIT"] * rows * N if c["SPLIT"] > 1 else 1, device=x.device, dtype=torch.float32)
+    if rows:
+        launch(spec, (blocks, c["SPLIT"]), xc, rc, nw, w.contiguous(), y, s, part, tickets(x.device, blocks),
+               rows, xs, rs)
+    return (y, s) if residual is not None else y
+
+
+def op_linear(args, attrs):
+    """The backend's linear: the kernel where it `takes` the shapes, else the op's torch form."""
+    x, w = args
+    return [linear(x, w) if takes(x, w) else F.linear(x, w.to(x.dtype))]
+
+
+@dataclass
+class NormLinear:
+    """An rmsnorm or add_rmsnorm whose normalised output only one linear reads (a weight that is
+    a parameter): one step at the norm's place, the norm inline in the product at decode sizes
+    (`linear`), else the norm kernel then the linear."""
+    ops: list                 # [norm, linear]
+    inputs: list[str]         # the norm's operands, then the linear's weight
+    outputs: list[str]        # the linear's output, then (add_rmsnorm) the sum
+
+
+def norm_linears(g, order: list, covered) -> dict[int, NormLinear]:
+    """norm op id -> its step, for each norm whose output only a linear reads."""
+    out = {}
+    for op in order:
+        if op.kind not in ("rmsnorm", "add_rmsnorm") or not covered(g, op) or op.outputs[0] in g.outputs:
+            continue
+        users = g.users(op.outputs[0])
+        lin = users[0] if len(users) == 1 else None
+        if lin is None or lin.kind != "linear" or lin.inputs[0] != op.outputs[0] or lin.inputs[1] not in g.params \
+                or g.types[lin.inputs[1]].dtype != g.types[op.outputs[0]].dtype:
+            continue
+        out[op.id] = NormLinear([op, lin], list(op.inputs) + [lin.inputs[1]], lin.outputs + op.outputs[1:])
+    return out
+
+
+def run_norm_linear(item: NormLinear, args: list, eps: float) -> list:
+    """A NormLinear step's outputs from its inputs (see NormLinear.inputs)."""
+    norm = item.ops[0].kind
+    x, w = args[0], args[-1]
+    residual, nw = (args[1], args[2]) if norm == "add_rmsnorm" else (None, args[1])
+    if takes(x, w):
+        out = linear(x, w, nw, eps, residual)
+        return list(out) if residual is not None else [out]
+    out = rmsnorm(x, nw, eps, residual=residual)
+    xn, rest = (out[0], [out[1]]) if residual is not None else (out, [])
+    return [F.linear(xn, w.to(xn.dtype))] + rest
+
+
+def specs_for(N: int, K: int, dtype: str, norm: str | None, eps: float, target: str) -> list[KernelSpec]:
+    """The kernels of every row bucket up to `max_rows` (AOT builds); none where switched off."""
+    if not enabled(target):
+        return []
+    rows = [r for r in range(1, config("gemv", target)["max_rows"] + 1)]
+    return list({s.hash: s for s in (gemv_spec(N, K, r, dtype, norm, eps, target) for r in rows)}.values())

@@ -1,0 +1,122 @@
+"""Decode-sized projections (lowering/triton/gemv.py) through the Triton interpreter, fp32,
+against a float64 product written here: 1..16 rows, N and K off the tiles, K split or not, the
+RMSNorm prologue with and without a residual; a row's result bitwise the same in any batch of
+its bucket; the backend's plan running a norm and the linear it feeds as one step, and the tiny
+model's decode with the kernel switched on matching the reference interpreter.
+Tolerance: rel. error <= 1e-5 (fp32, a different summation order)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kimi_graph  # noqa: E402
+from kimi_graph.lowering.triton import backend, gemv  # noqa: E402
+from reference_kimi import rel_err as rel  # noqa: E402
+
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _interpret(triton_interpret, monkeypatch):
+    monkeypatch.setenv(gemv.ENV, "1")
+
+
+def tiles(monkeypatch, **cfg):
+    from kimi_graph.lowering.triton.targets import TARGETS
+    monkeypatch.setitem(TARGETS["interpret"]["configs"], "gemv", {**TARGETS["interpret"]["configs"]["gemv"], **cfg})
+    gemv.gemv_spec.cache_clear()
+
+
+def norm64(x, w, eps, r=None):
+    x = x.double() + (0 if r is None else r.double())
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w.double()
+
+
+def draw(M, N, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / K ** 0.5, torch.randn(K, generator=g), \
+        torch.randn(M, K, generator=g)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("split", [False, True])
+def test_product_matches_fp64(monkeypatch, M, split):
+    tiles(monkeypatch, programs=64 if split else 1)
+    N, K = 37, 53                                   # neither a multiple of BN 8 nor of BK 16
+    x, w, _, _ = draw(M, N, K, M)
+    spec = gemv.gemv_spec(N, K, M, "f32", None, 0.0, "interpret")
+    assert (spec.config["SPLIT"] > 1) == split and spec.config["DOT"] == (M >= 2)
+    assert rel(gemv.linear(x, w), x.double() @ w.double().T) < TOL
+
+
+@pytest.mark.parametrize("M", [1, 4, 7])
+@pytest.mark.parametrize("residual", [False, True])
+def test_norm_prologue_matches_fp64(monkeypatch, M, residual):
+    tiles(monkeypatch, programs=32)
+    N, K = 20, 45
+    x, w, nw, r = draw(M, N, K, 10 + M)
+    if residual:
+        y, s = gemv.linear(x, w, nw, 1e-5, r)
+        assert torch.equal(s, x + r)
+    else:
+        y = gemv.linear(x, w, nw, 1e-5)
+    assert rel(y, norm64(x, nw, 1e-5, r if residual else None) @ w.double().T) < TOL
+
+
+def test_rows_alone_in_their_bucket_and_leading_dims(monkeypatch):
+    """Row 0 gives the same bits whatever the other rows of its bucket hold; x [B, 1, K] slices
+    (strided rows) are read in place."""
+    tiles(monkeypatch, programs=16, token_tiles=[[2, {"BK": 32}]])
+    x, w, _, _ = draw(3, 24, 40, 5)
+    other = torch.randn(3, 40)
+    other[0] = x[0]
+    assert torch.equal(gemv.linear(x, w)[0], gemv.linear(other, w)[0])
+    wide = torch.randn(2, 1, 64)
+    xs = wide[..., 8:48]
+    assert not xs.is_contiguous()
+    assert rel(gemv.linear(xs, w), xs.double() @ w.double().T) < TOL
+
+
+def test_takes_decode_sizes_only(monkeypatch):
+    w = torch.randn(8, 16)
+    assert gemv.takes(torch.randn(4, 16), w)
+    assert not gemv.takes(torch.randn(5, 16), w)              # past the interpreter's max_rows 4
+    assert not gemv.takes(torch.randn(1, 16, dtype=torch.float64), w.double())
+    monkeypatch.setenv(gemv.ENV, "0")
+    assert not gemv.takes(torch.randn(1, 16), w)
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="do not fit"):
+        gemv.linear(torch.randn(2, 16), torch.randn(8, 16), torch.randn(15))
+
+
+def test_plan_runs_a_norm_with_its_linear():
+    model = kimi_graph.load("tiny", dtype=torch.float32, device="cpu", pipeline="default")
+    g = model.get_graph("decode", True)
+    items = backend.plan(g)
+    steps = [i for i in items if isinstance(i, backend.NormLinear)]
+    kinds = [s.ops[0].kind for s in steps]
+    assert "add_rmsnorm" in kinds and "rmsnorm" in kinds      # the layers' attention norms, the head's
+    assert any(s.outputs[0] == g.outputs[0] for s in steps)   # the logits
+    ran = {id(o) for s in steps for o in s.ops}
+    assert not [i for i in items if id(i) in ran]
+
+
+@pytest.mark.parametrize("B", [2, 5])                         # the kernel, and cuBLAS past max_rows
+def test_tiny_decode_with_the_kernel_matches_the_interpreter(monkeypatch, B):
+    from test_triton_backend import state_inputs
+    ref = kimi_graph.load("tiny", pipeline="default")
+    tri = kimi_graph.load("tiny", pipeline="default", backend="triton")
+    inputs = state_inputs(tri.get_graph("decode", True), torch.arange(B)[:, None] + 3, torch.arange(B) + 4, B=B)
+    calls = []
+    kernel = gemv.linear
+    form = lambda a: "plain" if len(a) == 2 else "norm" if a[4] is None else "residual"
+    monkeypatch.setattr(gemv, "linear", lambda *a: calls.append(form(a)) or kernel(*a))
+    outs, expect = tri.execute("decode", True, inputs), ref.execute("decode", True, inputs)
+    assert set(calls) == ({"plain", "norm", "residual"} if B <= 4 else set())
+    assert len(outs) == len(expect)
+    for a, b in zip(outs, expect):
+        assert a.shape == b.shape and rel(a, b) < TOL
