@@ -50,6 +50,14 @@ step_compile200() {   # the 27-layer compiled torch backend: cold / warm compile
 step_compile_profile() {   # where the warm process's first compiled prefill spends its time
   timeout 300 python3 bench/compile_depth.py --layers 27 --new-tokens 16 --no-check --profile --timeout 280
 }
+step_attention() { timeout 240 python3 bench/attention.py --write-tuning; }     # prefill flash attention forms and tiles
+step_gemv() { timeout 180 python3 bench/gemv.py --use-best; }                    # decode projections against cuBLAS
+step_decode_gemv() {    # the 27-layer step with the tuning file, decode projections on cuBLAS, then on the Triton GEMV
+  for g in 0 1; do
+    KIMI_GRAPH_TRITON_GEMV=$g KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 120 python3 bench/decode_step.py --layers 27 \
+      --batches 1,32 --variants fused --no-sweep --name decode_step_gemv$g || return 1
+  done
+}
 step_long() { timeout 400 python3 bench/e2e.py --phases long; }
 # the final run: tiles swept first (into this GPU's tuning file), then the whole model with them
 TUNING=bench/results/tuning-nvidia-h200.json
