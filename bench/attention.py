@@ -5,10 +5,11 @@ Each variant (generated kernel forms and tiles: VARIANTS, over the target's "att
 is checked against a float64 reference (first HEADS_CHECKED heads of every timed shape, and a
 ragged continuation batch) and timed; TFLOP/s count the causal half (the key-query pairs a
 query sees), against the bf16 cuBLAS GEMM rate measured in the same run. "before" is the
-kernel's previous form (one masked loop over all key blocks, forward block order, BM 128 x BN 64,
-8 warps, 3 stages).
+previous kernel (bench/attention_before.py: one masked loop over all key blocks, forward block
+order, BM 128 x BN 64, 8 warps, 3 stages).
 
-    python bench/attention.py                         # every variant, every shape: attention.json
+    python bench/attention.py                         # DEFAULT_VARIANTS, every shape: attention.json
+    python bench/attention.py --variants all          # every variant in VARIANTS
     python bench/attention.py --shapes 16k,32x1k --variants base,before
     python bench/attention.py --write-tuning          # also the best (sum over --tune-shapes) into
                                                       # this GPU's tuning file
@@ -23,6 +24,7 @@ import torch
 
 from harness import bench, gemm_rate, merge_tuning, override_config, rel_err, write_result
 
+import attention_before
 from kimi_graph.lowering.triton import mla
 
 H, D, DV, NOPE = 32, 192, 128, 128
@@ -35,7 +37,7 @@ TUNED_KEYS = ("BM", "BN", "num_warps", "num_stages", "split", "order", "fold_sca
 # name -> keys over the target's config ("base": the target's own)
 VARIANTS = {
     "base": {},
-    "before": {"split": False, "order": "forward", "BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
+    "before": {},           # bench/attention_before.py: the previous kernel at its own tiles
     "forward": {"order": "forward"},
     "one-loop": {"split": False},
     "fold": {"fold_scale": True},
@@ -54,11 +56,21 @@ VARIANTS = {
     "tma-bm128-bn64-w8-s4": {"tma": True, "BM": 128, "BN": 64, "num_warps": 8, "num_stages": 4},
     "tma-bm64-bn64-w4-s3": {"tma": True, "BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3},
     "tma-fold-lazy8": {"tma": True, "fold_scale": True, "lazy_rescale": 8.0},
+    # two programs an SM (shared memory <= 114 KB, 4 warps): one's softmax beside the other's MMAs
+    "tma-bm64-bn64-w4-s2": {"tma": True, "BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
+    "tma-bm64-bn32-w4-s3": {"tma": True, "BM": 64, "BN": 32, "num_warps": 4, "num_stages": 3},
+    "tma-bm64-bn32-w4-s2": {"tma": True, "BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2},
+    "bm64-bn64-w4-s2": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
     "bm128-bn64-w8-s3-fold-lazy8": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3, "fold_scale": True,
                                     "lazy_rescale": 8.0},
     "bm128-bn128-w8-s2-fold-lazy8": {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 2, "fold_scale": True,
                                      "lazy_rescale": 8.0},
 }
+
+# the default run: the previous kernel, the new forms at the target's tiles, the likeliest tiles
+DEFAULT_VARIANTS = ("base", "before", "forward", "one-loop", "fold", "lazy8", "tma", "tma-bm128-bn128-w8-s2",
+                    "tma-bm64-bn64-w4-s2", "tma-bm64-bn32-w4-s3", "tma-bm64-bn32-w4-s2", "bm64-bn64-w4-s2",
+                    "bm128-bn128-w8-s2", "tma-fold-lazy8")
 
 
 def inputs(B, T, S=None, dtype=torch.bfloat16, device="cuda", seed=0):
@@ -106,6 +118,10 @@ def set_variant(base: dict, keys: dict) -> None:
     override_config("attention", **{**base, **keys})
 
 
+def kernel(name: str):
+    return attention_before.causal_attention if name == "before" else mla.causal_attention
+
+
 def run(names, shapes, gemm):
     """Rows of (variant, shape): ms, TFLOP/s (causal), fraction of the GEMM rate, error."""
     from kimi_graph.lowering.triton.targets import config
@@ -119,15 +135,16 @@ def run(names, shapes, gemm):
     rows = []
     for name in names:
         set_variant(base, VARIANTS[name])
+        attn = kernel(name)
         try:
-            err_ragged = rel_err(mla.causal_attention(rq, rk, rv, rqs, scale=SCALE)[:, :, :HEADS_CHECKED], rref)
+            err_ragged = rel_err(attn(rq, rk, rv, rqs, scale=SCALE)[:, :, :HEADS_CHECKED], rref)
         except Exception as e:      # a variant that does not build or fit: reported, the rest run
             print(f"{name}: {type(e).__name__}: {str(e)[:160]}")
             rows.append({"variant": name, "shape": "-", "error": f"{type(e).__name__}: {str(e)[:160]}"})
             continue
         for s in shapes:
             q, k, v = cases[s]
-            fn = lambda: mla.causal_attention(q, k, v, scale=SCALE)
+            fn = lambda: attn(q, k, v, scale=SCALE)
             err = rel_err(fn()[:, :, :HEADS_CHECKED], refs[s])
             ms = bench(fn)
             tf = causal_flops(*SHAPES[s]) / (ms * 1e-3)
@@ -173,14 +190,14 @@ def smoke(names):
     for name in names:         # the kernel forms (the tiles are the target's: the interpreter's are tiny)
         form = {k: v for k, v in VARIANTS[name].items() if k in ("split", "order", "fold_scale", "lazy_rescale",
                                                                                "tma")}
-        if form in seen:
+        if form in seen and name != "before":
             continue
         seen.append(form)
         set_variant(base, form)
         for B, T, S, qs in ((2, 21, 40, [19, 3]), (1, 19, 19, None)):
             q, k, v = inputs(B, T, S, torch.float32, dev, seed=T)
             q_start = None if qs is None else torch.tensor(qs, device=dev)
-            err = rel_err(mla.causal_attention(q, k, v, q_start, scale=SCALE), reference(q, k, v, q_start))
+            err = rel_err(kernel(name)(q, k, v, q_start, scale=SCALE), reference(q, k, v, q_start))
             print(f"{name:>30} B={B} T={T} S={S}: err {err:.2e}")
             assert err < 1e-5, f"{name}: err {err:.2e}"
     set_variant(base, {})
@@ -191,14 +208,16 @@ def smoke(names):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help="'all' or a comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--write-tuning", action="store_true",
                     help="write the best variant's keys into this GPU's tuning file (bench/results, $OUT)")
     ap.add_argument("--tune-shapes", default="16k,32x1k", help="the shapes whose summed time picks the best")
     ap.add_argument("--name", default="attention")
     ap.add_argument("--smoke", action="store_true", help="each variant on tiny fp32 shapes (CPU: TRITON_INTERPRET=1)")
     a = ap.parse_args(argv)
-    shapes, names = [s for s in a.shapes.split(",") if s], [v for v in a.variants.split(",") if v]
+    shapes = [s for s in a.shapes.split(",") if s]
+    names = list(VARIANTS) if a.variants == "all" else [v for v in a.variants.split(",") if v]
     tune = [s for s in a.tune_shapes.split(",") if s]
     for s in shapes + tune:
         if s not in SHAPES:
