@@ -18,7 +18,7 @@ order, BM 128 x BN 64, 8 warps, 3 stages).
 from __future__ import annotations
 
 import argparse
-import math
+import time
 
 import torch
 
@@ -31,6 +31,7 @@ H, D, DV, NOPE = 32, 192, 128, 128
 SCALE = D ** -0.5
 SHAPES = {"4k": (1, 4096), "16k": (1, 16384), "64k": (1, 65536), "32x1k": (32, 1024)}
 HEADS_CHECKED = 4
+DEV = "cuda"
 TOL = 2e-2              # bf16 inputs and p, fp32 softmax statistics and accumulation
 TUNED_KEYS = ("BM", "BN", "num_warps", "num_stages", "split", "order", "fold_scale", "lazy_rescale", "tma")
 
@@ -40,6 +41,7 @@ VARIANTS = {
     "before": {},           # bench/attention_before.py: the previous kernel at its own tiles
     "forward": {"order": "forward"},
     "one-loop": {"split": False},
+    "one-loop-forward": {"split": False, "order": "forward"},   # the previous form in today's kernel
     "fold": {"fold_scale": True},
     "lazy8": {"lazy_rescale": 8.0},
     "bm128-bn64-w8-s3": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
@@ -68,15 +70,15 @@ VARIANTS = {
 }
 
 # the default run: the previous kernel, the new forms at the target's tiles, the likeliest tiles
-DEFAULT_VARIANTS = ("base", "before", "forward", "one-loop", "fold", "lazy8", "tma", "tma-bm128-bn128-w8-s2",
-                    "tma-bm64-bn64-w4-s2", "tma-bm64-bn32-w4-s3", "tma-bm64-bn32-w4-s2", "bm64-bn64-w4-s2",
-                    "bm128-bn128-w8-s2", "tma-fold-lazy8")
+DEFAULT_VARIANTS = ("base", "before", "tma", "tma-bm64-bn64-w4-s2", "tma-bm128-bn128-w8-s2", "tma-bm64-bn32-w4-s3",
+                    "forward", "one-loop", "one-loop-forward", "fold", "lazy8", "tma-bm64-bn32-w4-s2",
+                    "bm64-bn64-w4-s2", "tma-fold-lazy8")
 
 
-def inputs(B, T, S=None, dtype=torch.bfloat16, device="cuda", seed=0):
+def inputs(B, T, S=None, dtype=torch.bfloat16, device=None, seed=0):
     """q [B,T,H,D]; k = nope ‖ a rope key shared by the heads [B,S,H,D] (contiguous, as the
     graph's concat makes it); v a slice of kv [B,S,H,NOPE+DV] (strided, as the graph reads it)."""
-    S = S or T
+    S, device = S or T, device or DEV
     g = torch.Generator(device=device).manual_seed(seed)
     r = lambda *s: torch.randn(*s, device=device, generator=g, dtype=torch.float32).to(dtype)
     kv = r(B, S, H, NOPE + DV)
@@ -122,18 +124,23 @@ def kernel(name: str):
     return attention_before.causal_attention if name == "before" else mla.causal_attention
 
 
-def run(names, shapes, gemm):
-    """Rows of (variant, shape): ms, TFLOP/s (causal), fraction of the GEMM rate, error."""
+def run(names, shapes, gemm, budget=0.0):
+    """Rows of (variant, shape): ms, TFLOP/s (causal), fraction of the GEMM rate, error; no
+    variant starts after `budget` seconds (0: no limit)."""
+    t0 = time.monotonic()
     from kimi_graph.lowering.triton.targets import config
     base = {k: v for k, v in config("attention").items()}
     cases = {s: inputs(*SHAPES[s], seed=i) for i, s in enumerate(shapes)}
     refs = {s: reference(*cases[s]) for s in shapes}
     # a ragged continuation batch: each sequence's T new queries after q_start cached keys
     rq, rk, rv = inputs(3, 777, S=1500, seed=9)
-    rqs = torch.tensor([723, 0, 300], device="cuda")
+    rqs = torch.tensor([723, 0, 300], device=DEV)
     rref = reference(rq, rk, rv, rqs)
     rows = []
     for name in names:
+        if budget and time.monotonic() - t0 > budget:
+            print("over the time budget, not run:", name)
+            continue
         set_variant(base, VARIANTS[name])
         attn = kernel(name)
         try:
@@ -156,10 +163,11 @@ def run(names, shapes, gemm):
 
 
 def best_variant(rows, shapes):
-    """The variant with the least summed ms over `shapes`, among those within TOL at all of them."""
+    """The variant with the least summed ms over `shapes`, among those within TOL at all of them
+    (not "before": no config of today's kernel)."""
     sums: dict = {}
     for r in rows:
-        if r.get("shape") in shapes and "ms" in r:
+        if r.get("shape") in shapes and "ms" in r and r["variant"] != "before":
             ok, t, n = sums.get(r["variant"], (True, 0.0, 0))
             sums[r["variant"]] = (ok and r["ok"], t + r["ms"], n + 1)
     fit = {v: t for v, (ok, t, n) in sums.items() if ok and n == len(shapes)}
@@ -175,6 +183,13 @@ def summary(rows, gemm):
                   f"{r['err']:9.2e} {r['err_ragged']:9.2e}{'' if r['ok'] else '  OVER'}")
         else:
             print(f"{r['variant']:>30}   {r['error']}")
+    timed = [r for r in rows if "ms" in r and r["ok"]]
+    for shape in dict.fromkeys(r["shape"] for r in timed):
+        at = {r["variant"]: r["ms"] for r in timed if r["shape"] == shape}
+        fastest = min((v for v in at if v != "before"), key=at.get, default=None)
+        if fastest and "before" in at:
+            print(f"{shape}: fastest {fastest} {at[fastest]:.3f} ms, before {at['before']:.3f} ms "
+                  f"({at['before'] / at[fastest]:.2f}x; 7 MLA layers: {7 * at[fastest]:.1f} vs {7 * at['before']:.1f} ms)")
 
 
 def smoke(names):
@@ -214,6 +229,7 @@ def main(argv=None):
                     help="write the best variant's keys into this GPU's tuning file (bench/results, $OUT)")
     ap.add_argument("--tune-shapes", default="16k,32x1k", help="the shapes whose summed time picks the best")
     ap.add_argument("--name", default="attention")
+    ap.add_argument("--budget", type=float, default=170.0, help="seconds after which no new variant starts (0: none)")
     ap.add_argument("--smoke", action="store_true", help="each variant on tiny fp32 shapes (CPU: TRITON_INTERPRET=1)")
     a = ap.parse_args(argv)
     shapes = [s for s in a.shapes.split(",") if s]
@@ -230,7 +246,7 @@ def main(argv=None):
     if a.smoke:
         return smoke(names)
     gemm = gemm_rate()
-    rows, base = run(names, shapes, gemm)
+    rows, base = run(names, shapes, gemm, a.budget)
     best = best_variant(rows, tune)
     extra = {"gemm_tflops": gemm / 1e12, "shape": f"H={H}, D={D} ({NOPE}+{D - NOPE}), DV={DV}, bf16, q_start 0",
              "flops": "causal half: 2 (D + DV) H per visible key-query pair", "tolerance": TOL,
