@@ -36,12 +36,10 @@ VARIANTS = [
     {"BN": 8, "BK": 512, "num_warps": 4, "programs": 528},
     {"BN": 32, "BK": 256, "num_warps": 4, "programs": 528},
     {"BN": 16, "BK": 1024, "num_warps": 8, "programs": 528},
-    {"BN": 32, "BK": 512, "num_warps": 8, "programs": 528},
     {"BN": 16, "BK": 256, "num_warps": 4, "programs": 1056},
-    {"BN": 64, "BK": 128, "num_warps": 4, "programs": 528},
-    {"BN": 16, "BK": 512, "num_warps": 4, "programs": 264, "max_split": 4},
+    {"BN": 64, "BK": 128, "num_warps": 4, "programs": 264, "max_split": 4},
     {"BN": 16, "BK": 512, "num_warps": 4, "programs": 528, "num_stages": 3},
-    {"BN": 8, "BK": 1024, "num_warps": 4, "programs": 1056, "num_stages": 1},
+    {"BN": 16, "BK": 512, "num_warps": 4, "programs": 528, "norm_pass": "two"},
 ]
 GRID = {"BN": (8, 16, 32, 64), "BK": (128, 256, 512, 1024), "num_warps": (4, 8), "programs": (264, 528, 1056),
         "num_stages": (1, 2, 3)}
@@ -94,7 +92,7 @@ class Case:
     def __init__(self, shape: dict, rows: int, gen):
         N, K = shape["N"], shape["K"]
         wbytes = N * K * 2
-        self.copies = max(1, min(64, math.ceil(ROTATE_BYTES / wbytes)))
+        self.copies = max(1, min(256, math.ceil(ROTATE_BYTES / wbytes)))
         self.reps = max(20, self.copies)
         r = lambda *s: torch.randn(*s, device="cuda", generator=gen, dtype=torch.bfloat16)
         self.ws = [r(N, K) * K ** -0.5 for _ in range(self.copies)]

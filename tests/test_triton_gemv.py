@@ -53,10 +53,12 @@ def test_product_matches_fp64(monkeypatch, M, split):
 
 @pytest.mark.parametrize("M", [1, 4, 7])
 @pytest.mark.parametrize("residual", [False, True])
-def test_norm_prologue_matches_fp64(monkeypatch, M, residual):
-    tiles(monkeypatch, programs=32)
+@pytest.mark.parametrize("norm_pass,programs", [("one", 1), ("one", 32), ("two", 32)])
+def test_norm_prologue_matches_fp64(monkeypatch, M, residual, norm_pass, programs):
+    tiles(monkeypatch, programs=programs, norm_pass=norm_pass)
     N, K = 20, 45
     x, w, nw, r = draw(M, N, K, 10 + M)
+    assert (gemv.gemv_spec(N, K, M, "f32", "rmsnorm", 1e-5, "interpret").config["SPLIT"] > 1) == (programs > 1)
     if residual:
         y, s = gemv.linear(x, w, nw, 1e-5, r)
         assert torch.equal(s, x + r)

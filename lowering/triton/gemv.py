@@ -3,11 +3,15 @@ accumulation), optionally with the RMSNorm (or residual add + RMSNorm) that feed
 inline, so the norm's launch and its output's round trip go away.
 
     gemv_rows   grid (N blocks of BN, K splits): each program streams BN rows of W over its
-                share of K in BK-wide tiles; with a norm, each program first reads its rows of
-                x whole (the norm's statistics: a few KB, from L2) and normalises each tile as
-                rmsnorm_rows does (rounded to the data dtype, then times the norm weight,
-                rounded again), so the product sees bitwise the norm kernel's output up to the
-                last bit of its fp32 rstd. With a residual, program (0, 0) stores x + r.
+                share of K in BK-wide tiles. A norm runs inline in one of two ways (`norm_pass`):
+                "one" sums (x nw)[m, k] w[n, k] and x[m, k]^2 in the same pass and scales the
+                fp32 sums by rstd (the splits' square sums go with their partials): W streams
+                from the first instruction, and the product differs from the norm kernel's
+                (normalised row rounded to the data dtype) by that rounding; "two" first reads
+                its rows of x whole for rstd (a few KB, from L2), then normalises each tile as
+                rmsnorm_rows does (rounded, times the norm weight, rounded), so the product sees
+                the norm kernel's output up to the last bit of its fp32 rstd. With a residual, the
+                programs of the first N block store x + r.
 Short rows go fewer programs than the GPU has, so K is split until about `programs` programs
 run (from N and K alone, never from the row count); each split stores its fp32 partial, takes a
 ticket of its N block (codegen.tickets), and the last to arrive sums the partials in split order
@@ -36,7 +40,7 @@ from .norm import rmsnorm
 from .targets import config, current_target, interpreting
 
 ENV = "KIMI_GRAPH_TRITON_GEMV"
-TILE_KEYS = ("BN", "BK", "num_warps", "num_stages", "programs", "max_split", "dot_min_rows")
+TILE_KEYS = ("BN", "BK", "num_warps", "num_stages", "programs", "max_split", "dot_min_rows", "norm_pass")
 
 _GEMV = """
 @triton.jit
@@ -52,7 +56,9 @@ def _x_tile(x_ptr, r_ptr, m64, mm, k, xs, rs):
 @triton.jit
 def gemv_rows(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, s_ptr, part_ptr, tickets_ptr, M, xs, rs):
     # y[m, n] = sum_k xn[m, k] w[n, k]: BN columns n a program, the KS columns k of split
-    # program_id(1); accumulators [BN, BM] in fp32
+    # program_id(1); accumulators [BN, BM] in fp32. NORM 1: a first pass for rstd, then the
+    # normalised tiles; NORM 2: one pass, sum_k (x nw)[m, k] w[n, k] and sum_k x[m, k]^2 together,
+    # rstd applied to the sums (the splits' square sums stored after their partials)
     pn = tl.program_id(0)
     ps = tl.program_id(1)
     n = pn * BN + tl.arange(0, BN)
@@ -61,25 +67,32 @@ def gemv_rows(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, s_ptr, part_ptr, tickets_ptr, 
     mm = m < M
     m64 = m.to(tl.int64)
     wrow = w_ptr + n.to(tl.int64)[:, None] * K
-    if NORM:
-        ss = tl.zeros((BM,), tl.float32)
-        first = (pn == 0) & (ps == 0)
+    ss = tl.zeros((BM,), tl.float32)
+    if NORM == 1:
         for k0 in range(0, K, BK):
             k = k0 + tl.arange(0, BK)
             xk = _x_tile(x_ptr, r_ptr, m64, mm, k, xs, rs)
             if RESIDUAL:
-                if first:
+                if (pn == 0) & (ps == 0):
                     tl.store(s_ptr + m64[:, None] * K + k[None, :], xk, mask=mm[:, None] & (k < K)[None, :])
             xf = xk.to(tl.float32)
             ss += tl.sum(xf * xf, 1)
         rstd = 1.0 / tl.sqrt(ss / K + EPS)
     acc = tl.zeros((BN, BM), tl.float32)
+    acc1 = tl.zeros((BN, BK), tl.float32)     # one row: products summed across K once, at the end
     for k0 in range(ps * KS, ps * KS + KS, BK):
         k = k0 + tl.arange(0, BK)
         xk = _x_tile(x_ptr, r_ptr, m64, mm, k, xs, rs)
-        if NORM:
+        if NORM == 1:
             nw = tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)
             xk = ((xk.to(tl.float32) * rstd[:, None]).to(DT).to(tl.float32) * nw[None, :]).to(DT)
+        if NORM == 2:
+            if RESIDUAL:
+                if pn == 0:
+                    tl.store(s_ptr + m64[:, None] * K + k[None, :], xk, mask=mm[:, None] & (k < K)[None, :])
+            xf = xk.to(tl.float32)
+            ss += tl.sum(xf * xf, 1)
+            xk = (xf * tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]).to(DT)
         if EVEN:
             w = tl.load(wrow + k[None, :])
         else:
@@ -87,22 +100,35 @@ def gemv_rows(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, s_ptr, part_ptr, tickets_ptr, 
         if DOT:
             acc += tl.dot(w, tl.trans(xk), input_precision=PREC)
         elif BM == 1:
-            acc += tl.sum(w.to(tl.float32) * xk.to(tl.float32), 1)[:, None]
+            acc1 += w.to(tl.float32) * xk.to(tl.float32)
         else:
             acc += tl.sum(w.to(tl.float32)[:, None, :] * xk.to(tl.float32)[None, :, :], 2)
+    if BM == 1:
+        if not DOT:
+            acc = tl.sum(acc1, 1)[:, None]
     yo = m64[None, :] * N + n[:, None]
     my = mn[:, None] & mm[None, :]
     if SPLIT == 1:
+        if NORM == 2:
+            acc = acc * (1.0 / tl.sqrt(ss / K + EPS))[None, :]
         tl.store(y_ptr + yo, acc.to(DT), mask=my)
     else:
         tl.store(part_ptr + ps * M * N + yo, acc, mask=my)
+        ssp = part_ptr + SPLIT * M * N + pn * SPLIT * BM + m
+        if NORM == 2:
+            tl.store(ssp + ps * BM, ss)
         tl.debug_barrier()              # every thread's partials stored before the ticket
         ticket = tickets_ptr + pn
         if tl.atomic_add(ticket, 1, sem="acq_rel") == SPLIT - 1:
             tl.store(ticket, 0)
             tot = tl.zeros((BN, BM), tl.float32)
+            st = tl.zeros((BM,), tl.float32)
             for s in range(SPLIT):
                 tot += tl.load(part_ptr + s * M * N + yo, mask=my, other=0.0, cache_modifier=".cg")
+                if NORM == 2:
+                    st += tl.load(ssp + s * BM, cache_modifier=".cg")
+            if NORM == 2:
+                tot = tot * (1.0 / tl.sqrt(st / K + EPS))[None, :]
             tl.store(y_ptr + yo, tot.to(DT), mask=my)
 """
 
@@ -136,7 +162,8 @@ def gemv_spec(N: int, K: int, rows: int, dtype: str, norm: str | None, eps: floa
     split, ks = splits(N, K, BN, BK, cfg["programs"], cfg["max_split"])
     consts = {"N": N, "K": K, "BM": BM, "BN": BN, "BK": BK, "KS": ks, "SPLIT": split,
               "EVEN": N % BN == 0 and K % ks == 0 and ks % BK == 0, "DOT": dot, "PREC": dot_precision(dtype),
-              "NORM": norm is not None, "RESIDUAL": norm == "add_rmsnorm", "EPS": float(eps) if norm else 0.0,
+              "NORM": 0 if norm is None else {"two": 1, "one": 2}[cfg["norm_pass"]], "RESIDUAL": norm == "add_rmsnorm",
+              "EPS": float(eps) if norm else 0.0,
               "DT": TL_DTYPES[dtype]}
     p = ptr_type(dtype)
     sig = {"x_ptr": p, "r_ptr": p, "nw_ptr": p, "w_ptr": p, "y_ptr": p, "s_ptr": p, "part_ptr": "*fp32",
@@ -177,7 +204,8 @@ def linear(x, w, norm_weight=None, eps: float = 1e-6, residual=None):
     rc, rs = row_view(residual) if residual is not None else (xc, xs)
     nw = norm_weight.to(x.dtype).contiguous() if norm_weight is not None else xc
     blocks = -(-N // c["BN"])
-    part = torch.empty(c["SPLIT"] * rows * N if c["SPLIT"] > 1 else 1, device=x.device, dtype=torch.float32)
+    part = torch.empty(c["SPLIT"] * (rows * N + blocks * c["BM"]) if c["SPLIT"] > 1 else 1, device=x.device,
+                       dtype=torch.float32)            # the splits' partials, then their square sums
     if rows:
         launch(spec, (blocks, c["SPLIT"]), xc, rc, nw, w.contiguous(), y, s, part, tickets(x.device, blocks),
                rows, xs, rs)
