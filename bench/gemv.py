@@ -134,8 +134,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-sweep", action="store_true", help="the target's tiles only")
     ap.add_argument("--grid", action="store_true", help="sweep the full GRID product, not VARIANTS")
     ap.add_argument("--shapes", default="", help="only shapes whose name contains one of these (comma list)")
-    ap.add_argument("--use-best", action="store_true", help="write the best tiles per row bucket, max_rows "
-                    "and the switch (on where ours is faster at 1 row) into this device's tuning file")
+    ap.add_argument("--use-best", action="store_true", help="write the choice (best tiles per row bucket, "
+                    "max_rows, cublas_shapes, the switch) into this device's tuning file")
     a = ap.parse_args(argv)
     from kimi_graph.lowering.triton.targets import config
     rows_list = sorted(int(r) for r in a.rows.split(","))
@@ -181,37 +181,52 @@ def main(argv=None) -> None:
             del case
             torch.cuda.empty_cache()
     override_config("gemv", **base)
-    names = {s["name"] for s in shapes}
-    summary, best_tiles = [], {}
-    for M in rows_list:
-        full = {vi: sum(t.values()) for (m, vi), t in per_variant.items() if m == M and set(t) == names}
-        if not full:
-            continue
-        vi = min(full, key=full.get)
-        total = sum(cublas[M, n] for n in names)
-        best_tiles[M] = variants[vi]
-        summary.append({"M": M, "cublas_step_us": total, "ours_step_us": full[vi], "speedup": total / full[vi],
-                        "variant": vi, "tiles": str(variants[vi] or "target")})
-    extra = {"copy_tb_s": bw / 1e12, "shapes": shapes, "variants": variants, "summary": summary}
+    summary, cfg = choose(per_variant, cublas, shapes, rows_list, variants)
+    extra = {"copy_tb_s": bw / 1e12, "shapes": shapes, "variants": variants, "summary": summary, "choice": cfg}
     write_result("gemv", rows, extra)
-    print("\nper step (sum over the step's projections of count x us; one variant per row count)")
+    print("\nper step (sum over the step's projections of count x us; one variant per row count; mixed: the "
+          "shapes cuBLAS wins at the fewest rows left to it)")
     for s in summary:
         print(f"  M={s['M']:>3}  cuBLAS {s['cublas_step_us']:9.1f} us   ours {s['ours_step_us']:9.1f} us   "
-              f"x{s['speedup']:.2f}   tiles {s['tiles']}")
-    if a.use_best and summary:
-        wins = [s["M"] for s in summary if s["speedup"] > 1.0]
-        max_rows = 0
-        for s in summary:                   # the largest row count below which every measured one wins
-            if s["speedup"] <= 1.0:
-                break
-            max_rows = s["M"]
-        bounds = [s["M"] for s in summary]
-        cfg = {"enabled": max_rows > 0, "max_rows": max(max_rows, 1),
-               "token_tiles": [[m, best_tiles[m]] for m in bounds if best_tiles[m]]}
-        path = merge_tuning("gemv", cfg, f"bench/gemv.py: faster than cuBLAS at rows {wins}; best tiles per row "
-                            f"bucket over the decode step's projections (rows {bounds})")
-        print(f"gemv tuning -> {path}: {cfg}", flush=True)
+              f"mixed {s['mixed_step_us']:9.1f} us   x{s['speedup']:.2f}   tiles {s['tiles']}")
+    print(f"choice: {cfg}", flush=True)
+    if a.use_best and cfg:
+        path = merge_tuning("gemv", cfg, "bench/gemv.py: best tiles per row bucket over the decode step's projections "
+                            f"(rows {rows_list}); on up to max_rows where the step's sum beats cuBLAS")
+        print(f"gemv tuning -> {path}", flush=True)
 
+
+def choose(per_variant: dict, cublas: dict, shapes: list, rows_list: list, variants: list) -> tuple[list, dict]:
+    """Per row count, the variant with the least step sum; the weight shapes cuBLAS wins at the
+    fewest rows (left to it: cublas_shapes); max_rows: the largest row count up to which every
+    measured one is faster than cuBLAS with those shapes left to it."""
+    names = {s["name"] for s in shapes}
+    best = {}
+    for M in rows_list:
+        full = {vi: t for (m, vi), t in per_variant.items() if m == M and set(t) == names}
+        if full:
+            vi = min(full, key=lambda v: sum(full[v].values()))
+            best[M] = (vi, full[vi])
+    if not best:
+        return [], {}
+    m0, by_shape = min(best), {}
+    for s in shapes:                                # ours and cuBLAS at the fewest rows, per weight shape
+        o, c = by_shape.get((s["N"], s["K"]), (0.0, 0.0))
+        by_shape[s["N"], s["K"]] = (o + best[m0][1][s["name"]], c + cublas[m0, s["name"]])
+    kept = [[n, k] for (n, k), (o, c) in by_shape.items() if o >= c]
+    summary, max_rows = [], 0
+    for M, (vi, t) in best.items():
+        total = sum(cublas[M, n] for n in names)
+        mixed = sum(cublas[M, s["name"]] if [s["N"], s["K"]] in kept else t[s["name"]] for s in shapes)
+        summary.append({"M": M, "cublas_step_us": total, "ours_step_us": sum(t.values()), "mixed_step_us": mixed,
+                        "speedup": total / mixed, "variant": vi, "tiles": str(variants[vi] or "target")})
+    for s in summary:                               # the largest row count below which every measured one wins
+        if s["speedup"] <= 1.0:
+            break
+        max_rows = s["M"]
+    cfg = {"enabled": max_rows > 0, "max_rows": max(max_rows, 1), "cublas_shapes": kept,
+           "token_tiles": [[M, variants[vi]] for M, (vi, _) in best.items() if variants[vi]]}
+    return summary, cfg
 
 if __name__ == "__main__":
     main()

@@ -86,6 +86,8 @@ def test_takes_decode_sizes_only(monkeypatch):
     assert gemv.takes(torch.randn(4, 16), w)
     assert not gemv.takes(torch.randn(5, 16), w)              # past the interpreter's max_rows 4
     assert not gemv.takes(torch.randn(1, 16, dtype=torch.float64), w.double())
+    tiles(monkeypatch, cublas_shapes=[[8, 16]])               # a shape cuBLAS keeps
+    assert not gemv.takes(torch.randn(1, 16), w) and gemv.takes(torch.randn(1, 16), torch.randn(9, 16))
     monkeypatch.setenv(gemv.ENV, "0")
     assert not gemv.takes(torch.randn(1, 16), w)
 

@@ -175,14 +175,16 @@ def gemv_spec(N: int, K: int, rows: int, dtype: str, norm: str | None, eps: floa
 
 def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Does the kernel run x W^T (else cuBLAS through torch)? Decode-sized rows, one float dtype,
-    a CUDA tensor (or the interpreter), the target switched on."""
+    a CUDA tensor (or the interpreter), the target switched on, a weight shape not among the
+    target's `cublas_shapes`."""
     if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or x.dtype != w.dtype:
         return False
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not (x.is_cuda or interpreting()):
         return False
     rows = x.numel() // max(1, x.shape[-1])
     target = current_target()
-    return 0 < rows <= config("gemv", target)["max_rows"] and enabled(target)
+    cfg = config("gemv", target)
+    return 0 < rows <= cfg["max_rows"] and list(w.shape) not in cfg["cublas_shapes"] and enabled(target)
 
 
 def linear(x, w, norm_weight=None, eps: float = 1e-6, residual=None):
