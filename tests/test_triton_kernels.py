@@ -325,7 +325,8 @@ def test_causal_attention_qk_pieces(T, S, q_start):
 
 ATTENTION_VARIANTS = [{}, {"split": False, "order": "forward"}, {"BN": 32}, {"BM": 32, "BN": 16},
                       {"fold_scale": True}, {"lazy_rescale": 8.0}, {"lazy_rescale": 3.0, "BN": 32, "order": "forward"},
-                      {"tma": True}, {"tma": True, "split": False, "fold_scale": True, "BN": 32}]
+                      {"tma": True}, {"tma": True, "split": False, "fold_scale": True, "BN": 32},
+                      {"overlap": True}, {"overlap": True, "tma": True, "lazy_rescale": 8.0, "BM": 32, "BN": 16}]
 
 
 @pytest.mark.parametrize("variant", ATTENTION_VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "base")

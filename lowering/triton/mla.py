@@ -150,24 +150,30 @@ def causal_attention_fwd(q_ptr, k_ptr, v_ptr, qs_ptr, o_ptr, T, S,
 """
 
 
-def _flash_step(pieces, D: int, DV: int, masked: bool, fold: bool, lazy: float, tma: bool) -> str:
-    """One key block of the flash loop: scores over the qk dot pieces, the online softmax (log2
-    domain, the scale in q when `fold`, else one FMA on the scores), p v into acc. `masked`: the
-    keys past S and past each query's position are masked (the diagonal blocks); else none.
-    `lazy` > 0: acc and l_i are rescaled only when a row's maximum grew by more than `lazy`
-    (log2 units) in the block, so p <= 2**lazy between rescales. `tma`: k and v tiles through
-    tensor descriptors (rows past S and columns past D / DV read as zeros)."""
-    bdv = max(16, next_pow2(DV))
-    kmask = ["mj[:, None]"] if masked else []
-    lines = ["j = j0 + tl.arange(0, BN)"] + (["mj = j < S"] if masked else [])
+def _flash_scores(pieces, D: int, tma: bool, at: str, out: str, bounded: bool, widest_last: bool = False) -> list[str]:
+    """Scores `out` of the query block against the key block at row `at`, over the qk dot pieces
+    (`widest_last`: the widest piece's product last, the one left running when the scores are
+    issued ahead). `bounded`: keys past S masked (rows past S read as zeros through descriptors)."""
+    lines = [f"j = {at} + tl.arange(0, BN)"] + (["mj = j < S"] if bounded else [])
     for i, (off, w) in enumerate(pieces):
-        m = kmask + ([f"(d{i} < {D})[None, :]"] if off + w > D else [])
+        m = (["mj[:, None]"] if bounded else []) + ([f"(d{i} < {D})[None, :]"] if off + w > D else [])
         mask = f", mask={' & '.join(m)}, other=0.0" if m else ""
-        lines.append(f"k{i} = kd{i}.load([j0, 0])" if tma else f"k{i} = tl.load(kb + j[:, None] * sks + d{i}[None, :]{mask})")
-    lines.append("s = tl.dot(q0, tl.trans(k0), input_precision=PREC)")
-    lines += [f"s = tl.dot(q{i}, tl.trans(k{i}), s, input_precision=PREC)" for i in range(1, len(pieces))]
+        lines.append(f"k{i} = kd{i}.load([{at}, 0])" if tma else f"k{i} = tl.load(kb + j[:, None] * sks + d{i}[None, :]{mask})")
+    order = list(range(len(pieces)))[::-1 if widest_last else 1]
+    lines.append(f"{out} = tl.dot(q{order[0]}, tl.trans(k{order[0]}), input_precision=PREC)")
+    lines += [f"{out} = tl.dot(q{i}, tl.trans(k{i}), {out}, input_precision=PREC)" for i in order[1:]]
+    return lines
+
+
+def _flash_update(DV: int, masked: bool, fold: bool, lazy: float, tma: bool, at: str) -> list[str]:
+    """The online softmax of scores `s` of the key block at row `at` (log2 domain, the scale in q
+    when `fold`, else one FMA on the scores), then p v into acc. `masked`: keys past S and past
+    each query's position masked (the diagonal blocks). `lazy` > 0: acc and l_i are rescaled only
+    when a row's maximum grew by more than `lazy` (log2 units), so p <= 2**lazy between rescales."""
+    bdv = max(16, next_pow2(DV))
+    lines = [f"j = {at} + tl.arange(0, BN)"]
     if masked:
-        lines.append('s = tl.where(mj[None, :] & (j[None, :] <= pos[:, None]), s, float("-inf"))')
+        lines += ["mj = j < S", 's = tl.where(mj[None, :] & (j[None, :] <= pos[:, None]), s, float("-inf"))']
     scaled, row_max = ("s", "tl.max(s, 1)") if fold else ("s * SCALE_LOG2E", "tl.max(s, 1) * SCALE_LOG2E")
     lines.append(f"m_new = tl.maximum(m_i, {row_max})")
     if lazy:
@@ -184,26 +190,40 @@ def _flash_step(pieces, D: int, DV: int, masked: bool, fold: bool, lazy: float, 
         lines += ["alpha = tl.exp2(m_i - m_new)", "acc = acc * alpha[:, None]"]
     lines.append(f"p = tl.exp2({scaled} - {ref}[:, None])")
     lines.append("l_i = l_i * alpha + tl.sum(p, 1)" if not lazy else "l_i = l_i + tl.sum(p, 1)")
-    vmask = kmask + ([f"(dv < {DV})[None, :]"] if bdv != DV else [])
+    vmask = (["mj[:, None]"] if masked else []) + ([f"(dv < {DV})[None, :]"] if bdv != DV else [])
     vm = f", mask={' & '.join(vmask)}, other=0.0" if vmask else ""
-    lines.append("v = vd.load([j0, 0])" if tma else f"v = tl.load(vb + j[:, None] * svs + dv[None, :]{vm})")
+    lines.append(f"v = vd.load([{at}, 0])" if tma else f"v = tl.load(vb + j[:, None] * svs + dv[None, :]{vm})")
     lines.append("acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)")
     if not lazy:
         lines.append("m_i = m_new")
-    return "\n".join(lines)
+    return lines
 
 
 def _key_loops(pieces, D: int, DV: int, cfg: dict, tma: bool) -> str:
     """The key loops of a query block: with `split`, the blocks every query of the block sees
     (keys below its first position) without masks, then the diagonal blocks masked; else one
-    masked loop over all its keys."""
+    masked loop over all its keys. `overlap` (with split): the mask-free loop computes the next
+    block's scores before this block's softmax, so the tensor cores have work while it runs."""
     fold, lazy = cfg.get("fold_scale", False), cfg.get("lazy_rescale", 0)
-    masked = textwrap.indent(_flash_step(pieces, D, DV, True, fold, lazy, tma), "    ")
+    step = lambda masked, at="j0": (_flash_scores(pieces, D, tma, at, "s", masked)
+                                    + _flash_update(DV, masked, fold, lazy, tma, at))
+    body = lambda lines: textwrap.indent("\n".join(lines), "    ")
+    masked = f"for j0 in range(0, hi, BN):\n{body(step(True))}"
     if not cfg.get("split", True):
-        return f"for j0 in range(0, hi, BN):\n{masked}"
-    full = textwrap.indent(_flash_step(pieces, D, DV, False, fold, lazy, tma), "    ")
-    return ("lo = tl.minimum(qpos + t0, S) // BN * BN            # keys every query of the block sees\n"
-            f"for j0 in range(0, lo, BN):\n{full}\nfor j0 in range(lo, hi, BN):\n{masked}")
+        return masked
+    lo = "lo = tl.minimum(qpos + t0, S) // BN * BN            # keys every query of the block sees"
+    masked = masked.replace("range(0, hi, BN)", "range(lo, hi, BN)")
+    if not cfg.get("overlap", False):
+        return f"{lo}\nfor j0 in range(0, lo, BN):\n{body(step(False))}\n{masked}"
+    # the first block's scores ahead of the loop (bounded: unused when lo is 0, and S may be < BN);
+    # the next block's products chain through one accumulator, so only the last (the widest) is
+    # still running when the softmax starts (Triton 3.6 waits for the others on sm_90)
+    return "\n".join([lo, *_flash_scores(pieces, D, tma, "0", "s", True),
+                      "for j0 in range(0, lo - BN, BN):",
+                      body(_flash_scores(pieces, D, tma, "j0 + BN", "s_next", False, True)
+                           + _flash_update(DV, False, fold, lazy, tma, "j0") + ["s = s_next"]),
+                      "if lo > 0:",
+                      body(_flash_update(DV, False, fold, lazy, tma, "lo - BN")), masked])
 
 
 LOG2E = 1.4426950408889634
