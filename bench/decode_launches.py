@@ -1,6 +1,5 @@
-"""Kernel launches per decode step, per layer, without a profiler: every Triton launch (through
-codegen.launch) and every torch op that runs a kernel (views and allocations excluded) is
-counted against the schedule item of the triton backend that issued it.
+"""Kernel launches per decode step, per layer, without a profiler (kimi_graph.lowering.triton.launches:
+every Triton launch and every torch op that runs a kernel, by the backend's schedule item).
 
     TRITON_INTERPRET=1 python bench/decode_launches.py            # CPU, the tiny model
     python bench/decode_launches.py --model kimi-linear-48b-a3b --layers 4 --dtype bfloat16   # GPU slice
@@ -14,68 +13,22 @@ import argparse
 import collections
 import os
 import re
-import sys
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kimi_graph
-from kimi_graph.lowering.triton import backend, codegen
+from kimi_graph.lowering.triton.launches import LaunchCounter, counting
 from kimi_graph.runtime import Engine
 
 from decode_graphs import slice_config     # noqa: E402 (bench/ is on the path when run as a script)
 
-NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "_local_scalar_dense",
-             "lift_fresh", "detach", "alias", "set_", "resize_", "record_stream", "_unsafe_view"}
 
-
-class Counter(TorchDispatchMode):
-    """Counts launches by the backend's current schedule item (backend.TRACE)."""
-
-    def __init__(self):
-        super().__init__()
-        self.by_item: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-        self.in_launch = False      # torch ops inside a Triton launch are the interpreter's own
-
-    def where(self) -> str:
-        return backend.TRACE[-1] if backend.TRACE else "(engine)"
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name.split("::")[-1]
-        view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
-        if not view and name not in NO_KERNEL and not self.in_launch:
-            self.by_item[self.where()]["torch." + name] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count_step(engine: Engine, batch: int) -> Counter:
+def count_step(engine: Engine, batch: int) -> LaunchCounter:
     slots = engine.cache.allocate(batch)
     engine.prefill(slots, [[1, 2, 3]] * batch)
     engine.decode(slots, [4] * batch)             # warm: compile, first-use allocations
-    counter = Counter()
-    launch = codegen.launch
-
-    def counted(spec, grid, *args):
-        counter.by_item[counter.where()]["triton." + spec.name] += 1
-        counter.in_launch = True
-        try:
-            return launch(spec, grid, *args)
-        finally:
-            counter.in_launch = False
-
-    # every kernel module's own reference to codegen.launch
-    mods = [m for name, m in list(sys.modules.items())
-            if name.startswith("kimi_graph.lowering.triton") and getattr(m, "launch", None) is launch]
-    backend.TRACE = []
-    for mod in mods:
-        mod.launch = counted
-    try:
-        with counter:
-            engine.decode(slots, [5] * batch)
-    finally:
-        for mod in mods:
-            mod.launch = launch
-        backend.TRACE = None
+    with counting() as counter:
+        engine.decode(slots, [5] * batch)
     return counter
 
 

@@ -23,6 +23,29 @@ SEQ_DIM = "S"      # the sequence axis of the MLA caches
 BATCH_DIM = "B"
 
 
+def runs(slots: list[int]) -> list[tuple[int, int]]:
+    """`slots` as ascending [start, end) runs of consecutive indices (sorted, duplicates dropped)."""
+    out: list[tuple[int, int]] = []
+    for s in sorted(set(slots)):
+        if out and out[-1][1] == s:
+            out[-1] = (out[-1][0], s + 1)
+        else:
+            out.append((s, s + 1))
+    return out
+
+
+def zero_all(tensors: list[torch.Tensor]) -> None:
+    """Zero `tensors` with one multi-tensor launch per device and dtype (torch._foreach_zero_;
+    on CUDA it packs up to ~110 dense tensors a launch), not a launch each: a batch's states
+    are zeroed in a number of launches that does not grow with its sequences."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            groups.setdefault((t.device, t.dtype), []).append(t)
+    for group in groups.values():
+        torch._foreach_zero_(group)
+
+
 class CacheError(ValueError):
     """A request the cache cannot hold (no free slot, past capacity) or a bad slot."""
 
@@ -167,29 +190,38 @@ class CacheManager:
                              f"of {self.num_slots} slots free")
         self._free.sort()
         slots, self._free = self._free[:n], self._free[n:]
-        for s in slots:
-            self._reset(s)
-            self._used.add(s)
+        self._reset(slots)
+        self._used.update(slots)
         return slots
 
     def free(self, slots) -> None:
-        for s in ([slots] if isinstance(slots, int) else slots):
+        slots = [slots] if isinstance(slots, int) else list(slots)
+        for s in slots:
             self._check(s)
+        if len(set(slots)) != len(slots):
+            raise CacheError(f"slots {sorted(s for s in set(slots) if slots.count(s) > 1)} freed twice")
+        paged = [s for s in slots if self.page_size and self.pages[s]]
+        zero_all([self.table[a:b] for a, b in runs(paged)])
+        for s in slots:
             self._used.discard(s)
             self._free.append(s)
             self._free_pages += self.pages[s]
-            if self.page_size and self.pages[s]:
-                self.table[s].zero_()
             self.pages[s] = []
 
-    def _reset(self, s: int) -> None:
+    def _reset(self, slots: list[int]) -> None:
+        """Zero the states of `slots` (and the cache rows they wrote before, unpaged): a few
+        launches for the whole batch, not one per slot and state (see zero_all)."""
         if self.storage:
+            rows = []
             for spec in self.specs:
+                t = self.storage[spec.name]
                 if spec.seq_axis is None:
-                    self.storage[spec.name][s].zero_()
-                elif not self.page_size and self._written[s]:
-                    self.storage[spec.name][s].narrow(spec.seq_axis, 0, self._written[s]).zero_()
-        self.lengths[s] = self._written[s] = 0
+                    rows += [t[a:b] for a, b in runs(slots)]
+                elif not self.page_size:
+                    rows += [t[s].narrow(spec.seq_axis, 0, self._written[s]) for s in slots if self._written[s]]
+            zero_all(rows)
+        for s in slots:
+            self.lengths[s] = self._written[s] = 0
 
     def _check(self, s: int) -> None:
         if s not in self._used:
@@ -208,14 +240,16 @@ class CacheManager:
         if need > len(self._free_pages):
             raise CacheError(f"out of cache pages: {need} more needed, {len(self._free_pages)} of "
                              f"{self.num_pages} free")
+        taken = []                          # (slot, column of its table, page)
         for s in slots:
             for _ in range(self.pages_for(self.lengths[s] + n) - len(self.pages[s])):
-                page = self._free_pages.pop()
-                self.table[s, len(self.pages[s])] = page
-                self.pages[s].append(page)
-                for spec in self.specs:
-                    if spec.seq_axis is not None and self.storage:
-                        self.storage[spec.name][page].zero_()
+                taken.append((s, len(self.pages[s]), self._free_pages.pop()))
+                self.pages[s].append(taken[-1][2])
+        if taken:                           # one table write and a few zeroing launches per step
+            at = self.device_ints([v for col in zip(*taken) for v in col]).view(3, -1)
+            self.table.index_put_((at[0], at[1]), at[2].to(self.table.dtype))
+            zero_all([self.storage[spec.name][p] for spec in self.specs if spec.seq_axis is not None
+                      and self.storage for _, _, p in taken])
 
     def advance(self, slots: list[int], n: int) -> None:
         for s in slots:

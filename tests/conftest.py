@@ -89,3 +89,14 @@ def tiny_checkpoint(make_checkpoint):
                                             "num_heads": 2, "head_dim": 4,
                                             "short_conv_kernel_size": 4})
     return make_checkpoint(cfg, seed=1)
+
+
+@pytest.fixture(scope="session")
+def kda_mla_checkpoint(make_checkpoint):
+    """Two layers (KDA with a dense MLP, then MLA with MoE), small enough for the interpreter."""
+    cfg = random_config(0, num_hidden_layers=2, first_k_dense_replace=1, num_experts=4,
+                        num_experts_per_token=2, num_expert_group=1, topk_group=1, vocab_size=61,
+                        num_shared_experts=1, tie_word_embeddings=False,
+                        linear_attn_config={"kda_layers": [1], "full_attn_layers": [2],
+                                            "num_heads": 2, "head_dim": 8, "short_conv_kernel_size": 4})
+    return make_checkpoint(cfg, seed=2)

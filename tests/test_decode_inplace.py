@@ -12,7 +12,6 @@ pytest.importorskip("triton")
 
 import kimi_graph  # noqa: E402
 from kimi_graph.lowering.triton.backend import accepts_views  # noqa: E402
-from checkpoints import random_config  # noqa: E402
 from kimi_graph.runtime import Engine, SamplingParams  # noqa: E402
 from kimi_graph.runtime.views import PagedRows, SlotRows  # noqa: E402
 from reference_kimi import rel_err  # noqa: E402
@@ -22,14 +21,8 @@ pytestmark = pytest.mark.usefixtures("triton_interpret")
 
 
 @pytest.fixture(scope="module")
-def small(make_checkpoint):
-    """Two layers (KDA with a dense MLP, then MLA with MoE), small enough for the interpreter."""
-    cfg = random_config(0, num_hidden_layers=2, first_k_dense_replace=1, num_experts=4,
-                        num_experts_per_token=2, num_expert_group=1, topk_group=1, vocab_size=61,
-                        num_shared_experts=1, tie_word_embeddings=False,
-                        linear_attn_config={"kda_layers": [1], "full_attn_layers": [2],
-                                            "num_heads": 2, "head_dim": 8, "short_conv_kernel_size": 4})
-    return make_checkpoint(cfg, seed=2)
+def small(kda_mla_checkpoint):
+    return kda_mla_checkpoint
 
 
 def script(engine: Engine) -> list[torch.Tensor]:
