@@ -2,10 +2,11 @@
 torch's linear (cuBLAS) on the published model's decode shapes, in the same run as the copy rate.
 
 The shapes are read from the published model's decode graph after the default pipeline and the
-triton backend's plan: plain linears (KDA f_b / g_b, o_proj, the dense layer's down projection)
-and norm + linear steps (the fused q/k/v/f_a/b/g_a projection, MLA's fused q / kv_a, the dense
-layer's gate/up, lm_head), the latter against the rmsnorm kernel then cuBLAS, as the backend runs
-them without the kernel. Each call is timed replayed from a CUDA graph, cycling through copies
+triton backend's plan: plain linears (KDA f_b / g_b, MLA's o_proj, the dense layer's down
+projection) and norm + linear steps (the fused q/k/v/f_a/b/g_a projection, MLA's fused q / kv_a,
+the dense layer's gate/up, lm_head after add_rmsnorm; KDA's o_proj after its gated per-head
+norm), the latter against the norm kernel then cuBLAS, as the backend runs them without the
+kernel. Each call is timed replayed from a CUDA graph, cycling through copies
 of the weight so that no replay finds it in L2 (as in a step, where the other layers evict it).
 Per shape and row count: us, fraction of the copy rate (bytes read and written over the time),
 speed-up vs cuBLAS, rel. error against fp64; per row count, the step's sum over its projections
@@ -57,16 +58,19 @@ def decode_shapes(model: str = "kimi-linear-48b-a3b") -> list[dict]:
     names: dict = {}
     for item in plan(g):
         if isinstance(item, NormLinear):
-            key, w = (item.ops[0].kind, item.ops[0].attrs["eps"]), item.ops[1].inputs[1]
+            norm = item.ops[0]
+            group = g.types[norm.inputs[1]].shape[0] if norm.kind == "gated_rmsnorm" else 0
+            key, w = (norm.kind, norm.attrs["eps"], group), item.ops[-1].inputs[1]
         elif getattr(item, "kind", None) == "linear" and item.inputs[1] in g.params:
-            key, w = (None, 0.0), item.inputs[1]
+            key, w = (None, 0.0, 0), item.inputs[1]
         else:
             continue
         key = key + tuple(g.types[w].shape)
         counts[key] += 1
-        names.setdefault(key, w.lstrip("@").split(".")[-2][:20] + {"rmsnorm": "+norm", "add_rmsnorm": "+addnorm"}
-                         .get(key[0], ""))
-    return [{"name": names[k], "N": k[2], "K": k[3], "norm": k[0], "eps": k[1], "count": n} for k, n in counts.items()]
+        names.setdefault(key, w.lstrip("@").split(".")[-2][:20] + {"rmsnorm": "+norm", "add_rmsnorm": "+addnorm",
+                                                                    "gated_rmsnorm": "+gatednorm"}.get(key[0], ""))
+    return [{"name": names[k], "N": k[3], "K": k[4], "norm": k[0], "eps": k[1], "group": k[2], "count": n}
+            for k, n in counts.items()]
 
 
 def graph_us(calls: list) -> float:
@@ -96,13 +100,16 @@ class Case:
         self.reps = max(20, self.copies)
         r = lambda *s: torch.randn(*s, device="cuda", generator=gen, dtype=torch.bfloat16)
         self.ws = [r(N, K) * K ** -0.5 for _ in range(self.copies)]
-        self.x, self.res, self.nw = r(rows, K), r(rows, K), (1 + 0.1 * r(K))
+        G = shape["group"] or K                 # the norm's groups (gated_rmsnorm: KDA's heads)
+        self.x, self.res, self.nw = r(rows, K), r(rows, K), (1 + 0.1 * r(G))   # res: the residual or the gate
         self.shape, self.rows = shape, rows
-        self.bytes = wbytes + 2 * rows * (N + K * (2 if shape["norm"] == "add_rmsnorm" else 1))
-        x = self.x.double() + (self.res.double() if shape["norm"] == "add_rmsnorm" else 0)
+        self.bytes = wbytes + 2 * rows * (N + K * (1 if shape["norm"] in (None, "rmsnorm") else 2))
+        x = (self.x.double() + (self.res.double() if shape["norm"] == "add_rmsnorm" else 0)).view(rows, -1, G)
         if shape["norm"]:
             x = x / torch.sqrt((x * x).mean(-1, keepdim=True) + shape["eps"]) * self.nw.double()
-        self.ref = x @ self.ws[0].double().T
+        if shape["norm"] == "gated_rmsnorm":
+            x = x * torch.sigmoid(self.res.double().view(rows, -1, G))
+        self.ref = x.view(rows, K) @ self.ws[0].double().T
 
     def torch_call(self, i: int):
         """cuBLAS, after the rmsnorm kernel where a norm feeds the projection."""
@@ -112,6 +119,10 @@ class Case:
             return lambda: F.linear(self.x, w)
         if norm == "rmsnorm":
             return lambda: F.linear(rmsnorm(self.x, self.nw, self.shape["eps"]), w)
+        if norm == "gated_rmsnorm":
+            heads = lambda t: t.view(self.rows, -1, self.shape["group"])
+            return lambda: F.linear(rmsnorm(heads(self.x), self.nw, self.shape["eps"], gate=heads(self.res))
+                                    .view(self.rows, -1), w)
         return lambda: F.linear(rmsnorm(self.x, self.nw, self.shape["eps"], self.res)[0], w)
 
     def ours_call(self, i: int):
@@ -121,6 +132,8 @@ class Case:
             return lambda: gemv.linear(self.x, w)
         if norm == "rmsnorm":
             return lambda: gemv.linear(self.x, w, self.nw, self.shape["eps"])
+        if norm == "gated_rmsnorm":
+            return lambda: gemv.linear(self.x, w, self.nw, self.shape["eps"], gate=self.res)
         return lambda: gemv.linear(self.x, w, self.nw, self.shape["eps"], self.res)[0]
 
     def time(self, make) -> tuple[float, float]:

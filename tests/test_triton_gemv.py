@@ -1,6 +1,6 @@
 """Decode-sized projections (lowering/triton/gemv.py) through the Triton interpreter, fp32,
 against a float64 product written here: 1..16 rows, N and K off the tiles, K split or not, the
-RMSNorm prologue with and without a residual; a row's result bitwise the same in any batch of
+RMSNorm prologue with and without a residual (in one pass and in two), the gated per-group norm; a row's result bitwise the same in any batch of
 its bucket; the backend's plan running a norm and the linear it feeds as one step, and the tiny
 model's decode with the kernel switched on matching the reference interpreter.
 Tolerance: rel. error <= 1e-5 (fp32, a different summation order)."""
@@ -67,6 +67,21 @@ def test_norm_prologue_matches_fp64(monkeypatch, M, residual, norm_pass, program
     assert rel(y, norm64(x, nw, 1e-5, r if residual else None) @ w.double().T) < TOL
 
 
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("programs", [1, 32])
+def test_gated_group_norm_prologue_matches_fp64(monkeypatch, M, programs):
+    """gated_rmsnorm over groups of 16 (KDA's per-head output norm) then the projection; tiles of
+    two groups, K = 5 groups (the last tile half past K)."""
+    tiles(monkeypatch, programs=programs, BK=32)
+    H, G, N = 5, 16, 24
+    x, w, _, gate = draw(M, N, H * G, 30 + M)
+    nw = torch.randn(G)
+    xg = x.double().view(M, H, G)
+    xn = xg / torch.sqrt((xg * xg).mean(-1, keepdim=True) + 1e-5) * nw.double()
+    xn = (xn * torch.sigmoid(gate.double().view(M, H, G))).view(M, H * G)
+    assert rel(gemv.linear(x, w, nw, 1e-5, gate=gate), xn @ w.double().T) < TOL
+
+
 def test_rows_alone_in_their_bucket_and_leading_dims(monkeypatch):
     """Row 0 gives the same bits whatever the other rows of its bucket hold; x [B, 1, K] slices
     (strided rows) are read in place."""
@@ -103,7 +118,7 @@ def test_plan_runs_a_norm_with_its_linear():
     items = backend.plan(g)
     steps = [i for i in items if isinstance(i, backend.NormLinear)]
     kinds = [s.ops[0].kind for s in steps]
-    assert "add_rmsnorm" in kinds and "rmsnorm" in kinds      # the layers' attention norms, the head's
+    assert {"add_rmsnorm", "rmsnorm", "gated_rmsnorm"} <= set(kinds)   # attention norms, the head's, KDA's output
     assert any(s.outputs[0] == g.outputs[0] for s in steps)   # the logits
     ran = {id(o) for s in steps for o in s.ops}
     assert not [i for i in items if id(i) in ran]
@@ -117,10 +132,11 @@ def test_tiny_decode_with_the_kernel_matches_the_interpreter(monkeypatch, B):
     inputs = state_inputs(tri.get_graph("decode", True), torch.arange(B)[:, None] + 3, torch.arange(B) + 4, B=B)
     calls = []
     kernel = gemv.linear
-    form = lambda a: "plain" if len(a) == 2 else "norm" if a[4] is None else "residual"
-    monkeypatch.setattr(gemv, "linear", lambda *a: calls.append(form(a)) or kernel(*a))
+    form = lambda a, k: "plain" if len(a) == 2 else "gated" if k.get("gate") is not None \
+        else "norm" if a[4] is None else "residual"
+    monkeypatch.setattr(gemv, "linear", lambda *a, **k: calls.append(form(a, k)) or kernel(*a, **k))
     outs, expect = tri.execute("decode", True, inputs), ref.execute("decode", True, inputs)
-    assert set(calls) == ({"plain", "norm", "residual"} if B <= 4 else set())
+    assert set(calls) == ({"plain", "norm", "residual", "gated"} if B <= 4 else set())
     assert len(outs) == len(expect)
     for a, b in zip(outs, expect):
         assert a.shape == b.shape and rel(a, b) < TOL

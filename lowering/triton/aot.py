@@ -49,11 +49,11 @@ def graph_specs(g, target: str) -> dict[tuple[str, str], tuple[KernelSpec, set]]
                                   shared_i=item.rows[0][1] - item.rows[0][0] if item.rows else 0)
             kind = "+".join(o.kind for o in item.ops)
         elif isinstance(item, NormLinear):
-            op, lin = item.ops
+            op, lin = item.ops[0], item.ops[-1]
             attrs, (N, K) = get_op(op.kind).full_attrs(op.attrs), g.types[lin.inputs[1]].shape
-            dt = g.types[op.inputs[0]].dtype
+            dt, group = g.types[op.inputs[0]].dtype, g.types[op.inputs[1]].shape[0] if op.kind == "gated_rmsnorm" else 0
             specs = norm.specs_for(op.kind, [g.types[v] for v in op.inputs], [], attrs, target) \
-                + gemv.specs_for(N, K, dt, op.kind, float(attrs["eps"]), target)
+                + gemv.specs_for(N, K, dt, op.kind, float(attrs["eps"]), target, group)
             kind = f"{op.kind}+linear"
         elif item.kind == "linear" and item.inputs[1] in g.params:
             (N, K), dt = g.types[item.inputs[1]].shape, g.types[item.inputs[0]].dtype

@@ -201,8 +201,8 @@ def plan(g: Graph) -> list:
               and (c := _experts(g, op))}
     convs = _conv_groups(g, order)
     folded = {o.id for c in chains.values() for o in c.ops[:-1]} | {o.id for c in convs.values() for o in c.ops[1:]}
-    norms = {i: n for i, n in gemv.norm_linears(g, order, covered).items() if n.ops[1].id not in folded}
-    folded |= {n.ops[1].id for n in norms.values()}
+    norms = {i: n for i, n in gemv.norm_linears(g, order, covered).items() if n.ops[-1].id not in folded}
+    folded |= {o.id for n in norms.values() for o in n.ops[1:]}
     order = [op for op in order if op.id not in folded]
     chains.update(convs)
     chains.update(norms)

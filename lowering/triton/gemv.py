@@ -58,7 +58,8 @@ def gemv_rows(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, s_ptr, part_ptr, tickets_ptr, 
     # y[m, n] = sum_k xn[m, k] w[n, k]: BN columns n a program, the KS columns k of split
     # program_id(1); accumulators [BN, BM] in fp32. NORM 1: a first pass for rstd, then the
     # normalised tiles; NORM 2: one pass, sum_k (x nw)[m, k] w[n, k] and sum_k x[m, k]^2 together,
-    # rstd applied to the sums (the splits' square sums stored after their partials)
+    # rstd applied to the sums (the splits' square sums stored after their partials); NORM 3:
+    # gated_rmsnorm's per-group norm of each tile times sigmoid(gate) (the gate at r_ptr)
     pn = tl.program_id(0)
     ps = tl.program_id(1)
     n = pn * BN + tl.arange(0, BN)
@@ -86,6 +87,13 @@ def gemv_rows(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, s_ptr, part_ptr, tickets_ptr, 
         if NORM == 1:
             nw = tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)
             xk = ((xk.to(tl.float32) * rstd[:, None]).to(DT).to(tl.float32) * nw[None, :]).to(DT)
+        if NORM == 3:                   # gated, per group of G columns (whole groups per tile)
+            xg = tl.reshape(xk.to(tl.float32), (BM, BK // G, G))
+            rg = 1.0 / tl.sqrt(tl.sum(xg * xg, 2) / G + EPS)
+            xn = tl.reshape(xg * rg[:, :, None], (BM, BK)).to(DT).to(tl.float32)
+            xn = xn * tl.load(nw_ptr + k % G).to(tl.float32)[None, :]
+            gate = tl.load(r_ptr + m64[:, None] * rs + k[None, :], mask=mm[:, None] & (k < K)[None, :], other=0.0)
+            xk = (xn * tl.sigmoid(gate.to(tl.float32))).to(DT)
         if NORM == 2:
             if RESIDUAL:
                 if pn == 0:
@@ -150,20 +158,24 @@ def splits(N: int, K: int, BN: int, BK: int, programs: int, max_split: int) -> t
 
 
 @functools.lru_cache(maxsize=None)
-def gemv_spec(N: int, K: int, rows: int, dtype: str, norm: str | None, eps: float, target: str) -> KernelSpec:
-    """The kernel for `rows` rows of x [., K] against W [N, K]; norm: None, "rmsnorm" or
-    "add_rmsnorm" (the prologue); tiles from the `gemv` family (its `token_tiles` bucket)."""
+def gemv_spec(N: int, K: int, rows: int, dtype: str, norm: str | None, eps: float, target: str,
+              group: int = 0) -> KernelSpec:
+    """The kernel for `rows` rows of x [., K] against W [N, K]; norm: None, "rmsnorm",
+    "add_rmsnorm" or "gated_rmsnorm" (over groups of `group` columns, a power of two dividing K):
+    the prologue; tiles from the `gemv` family (its `token_tiles` bucket)."""
     cfg = config("gemv", target)
     cfg = bucket_config(cfg, bucket_of(cfg, rows), TILE_KEYS, "gemv")
     dot = rows >= cfg["dot_min_rows"]
     BM = max(16, next_pow2(rows)) if dot else next_pow2(rows)
     BN = max(16 if dot else 1, min(cfg["BN"], next_pow2(N)))
-    BK = max(16 if dot else 1, min(cfg["BK"], next_pow2(K)))
+    BK = max(16 if dot else 1, group, min(cfg["BK"], next_pow2(K)))
     split, ks = splits(N, K, BN, BK, cfg["programs"], cfg["max_split"])
+    if norm == "gated_rmsnorm" and (group != next_pow2(group) or K % group):
+        raise ValueError(f"gated norm groups of {group} do not tile K={K} (a power of two dividing K)")
+    mode = {None: 0, "gated_rmsnorm": 3}.get(norm, {"two": 1, "one": 2}[cfg["norm_pass"]])
     consts = {"N": N, "K": K, "BM": BM, "BN": BN, "BK": BK, "KS": ks, "SPLIT": split,
               "EVEN": N % BN == 0 and K % ks == 0 and ks % BK == 0, "DOT": dot, "PREC": dot_precision(dtype),
-              "NORM": 0 if norm is None else {"two": 1, "one": 2}[cfg["norm_pass"]], "RESIDUAL": norm == "add_rmsnorm",
-              "EPS": float(eps) if norm else 0.0,
+              "NORM": mode, "RESIDUAL": norm == "add_rmsnorm", "G": max(group, 1), "EPS": float(eps) if norm else 0.0,
               "DT": TL_DTYPES[dtype]}
     p = ptr_type(dtype)
     sig = {"x_ptr": p, "r_ptr": p, "nw_ptr": p, "w_ptr": p, "y_ptr": p, "s_ptr": p, "part_ptr": "*fp32",
@@ -187,23 +199,29 @@ def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     return 0 < rows <= cfg["max_rows"] and list(w.shape) not in cfg["cublas_shapes"] and enabled(target)
 
 
-def linear(x, w, norm_weight=None, eps: float = 1e-6, residual=None):
+def linear(x, w, norm_weight=None, eps: float = 1e-6, residual=None, gate=None):
     """x W^T through the kernel (see `takes`); with `norm_weight`, rmsnorm(x [+ residual]) W^T,
-    returning (y, x + residual) when a residual is given."""
+    returning (y, x + residual) when a residual is given; with a `gate` (x's shape), the
+    gated_rmsnorm of each group of norm_weight.numel() columns times sigmoid(gate), then W^T."""
     K, N = w.shape[1], w.shape[0]
-    if x.shape[-1] != K or (residual is not None and (norm_weight is None or residual.shape != x.shape)) \
-            or (norm_weight is not None and tuple(norm_weight.shape) != (K,)):
+    G = 0 if norm_weight is None or gate is None else norm_weight.numel()
+    if x.shape[-1] != K or (residual is not None and gate is not None) \
+            or any(t is not None and (norm_weight is None or t.shape != x.shape) for t in (residual, gate)) \
+            or (norm_weight is not None and tuple(norm_weight.shape) != ((G,) if gate is not None else (K,))):
         raise ValueError(f"x {tuple(x.shape)}, weight {tuple(w.shape)}, norm weight "
                          f"{None if norm_weight is None else tuple(norm_weight.shape)}, residual "
-                         f"{None if residual is None else tuple(residual.shape)} do not fit")
+                         f"{None if residual is None else tuple(residual.shape)}, gate "
+                         f"{None if gate is None else tuple(gate.shape)} do not fit")
     xc, xs = row_view(x)
     rows = xc.shape[0]
-    norm = None if norm_weight is None else "add_rmsnorm" if residual is not None else "rmsnorm"
-    spec = gemv_spec(N, K, rows, ir_dtype(x), norm, float(eps), current_target())
+    norm = None if norm_weight is None else "add_rmsnorm" if residual is not None \
+        else "gated_rmsnorm" if gate is not None else "rmsnorm"
+    spec = gemv_spec(N, K, rows, ir_dtype(x), norm, float(eps), current_target(), G)
     c = spec.config
     y = torch.empty(x.shape[:-1] + (N,), device=x.device, dtype=x.dtype)
     s = torch.empty(x.shape, device=x.device, dtype=x.dtype) if residual is not None else y
-    rc, rs = row_view(residual) if residual is not None else (xc, xs)
+    other = residual if residual is not None else gate
+    rc, rs = row_view(other.to(x.dtype)) if other is not None else (xc, xs)
     nw = norm_weight.to(x.dtype).contiguous() if norm_weight is not None else xc
     blocks = -(-N // c["BN"])
     part = torch.empty(c["SPLIT"] * (rows * N + blocks * c["BM"]) if c["SPLIT"] > 1 else 1, device=x.device,
@@ -222,26 +240,38 @@ def op_linear(args, attrs):
 
 @dataclass
 class NormLinear:
-    """An rmsnorm or add_rmsnorm whose normalised output only one linear reads (a weight that is
-    a parameter): one step at the norm's place, the norm inline in the product at decode sizes
-    (`linear`), else the norm kernel then the linear."""
-    ops: list                 # [norm, linear]
+    """An rmsnorm, add_rmsnorm or gated_rmsnorm (then a reshape merging its groups) whose
+    normalised output only one linear reads (a weight that is a parameter): one step at the
+    norm's place, the norm inline in the product at decode sizes (`linear`), else the norm
+    kernel then the linear."""
+    ops: list                 # [norm, (reshape,) linear]
     inputs: list[str]         # the norm's operands, then the linear's weight
     outputs: list[str]        # the linear's output, then (add_rmsnorm) the sum
 
 
+def _only_user(g, v: str, kind: str):
+    users = g.users(v) if v not in g.outputs else []
+    return users[0] if len(users) == 1 and users[0].kind == kind and users[0].inputs[0] == v else None
+
+
 def norm_linears(g, order: list, covered) -> dict[int, NormLinear]:
-    """norm op id -> its step, for each norm whose output only a linear reads."""
+    """norm op id -> its step, for each norm whose output only a linear reads (through a reshape
+    of its groups into rows, for gated_rmsnorm, whose groups must be a power of two)."""
     out = {}
     for op in order:
-        if op.kind not in ("rmsnorm", "add_rmsnorm") or not covered(g, op) or op.outputs[0] in g.outputs:
+        if op.kind not in ("rmsnorm", "add_rmsnorm", "gated_rmsnorm") or not covered(g, op):
             continue
-        users = g.users(op.outputs[0])
-        lin = users[0] if len(users) == 1 else None
-        if lin is None or lin.kind != "linear" or lin.inputs[0] != op.outputs[0] or lin.inputs[1] not in g.params \
-                or g.types[lin.inputs[1]].dtype != g.types[op.outputs[0]].dtype:
+        chain, v = [op], op.outputs[0]
+        if op.kind == "gated_rmsnorm":
+            resh, t = _only_user(g, v, "reshape"), g.types[v]
+            if resh is None or not isinstance(t.shape[-1], int) or t.shape[-1] != next_pow2(t.shape[-1]) \
+                    or g.types[resh.outputs[0]].shape != t.shape[:-2] + (t.shape[-2] * t.shape[-1],):
+                continue
+            chain, v = chain + [resh], resh.outputs[0]
+        lin = _only_user(g, v, "linear")
+        if lin is None or lin.inputs[1] not in g.params or g.types[lin.inputs[1]].dtype != g.types[v].dtype:
             continue
-        out[op.id] = NormLinear([op, lin], list(op.inputs) + [lin.inputs[1]], lin.outputs + op.outputs[1:])
+        out[op.id] = NormLinear(chain + [lin], list(op.inputs) + [lin.inputs[1]], lin.outputs + op.outputs[1:])
     return out
 
 
@@ -249,7 +279,14 @@ def run_norm_linear(item: NormLinear, args: list, eps: float) -> list:
     """A NormLinear step's outputs from its inputs (see NormLinear.inputs)."""
     norm = item.ops[0].kind
     x, w = args[0], args[-1]
-    residual, nw = (args[1], args[2]) if norm == "add_rmsnorm" else (None, args[1])
+    residual = args[1] if norm == "add_rmsnorm" else None
+    nw = args[2] if norm == "add_rmsnorm" else args[1]
+    gate = args[2] if norm == "gated_rmsnorm" else None
+    if gate is not None:                # the groups merged into rows, as the reshape does
+        rows = lambda t: t.reshape(t.shape[:-2] + (t.shape[-2] * t.shape[-1],))
+        if takes(rows(x), w):
+            return [linear(rows(x), w, nw, eps, gate=rows(gate))]
+        return [F.linear(rows(rmsnorm(x, nw, eps, gate=gate)), w.to(x.dtype))]
     if takes(x, w):
         out = linear(x, w, nw, eps, residual)
         return list(out) if residual is not None else [out]
@@ -258,9 +295,10 @@ def run_norm_linear(item: NormLinear, args: list, eps: float) -> list:
     return [F.linear(xn, w.to(xn.dtype))] + rest
 
 
-def specs_for(N: int, K: int, dtype: str, norm: str | None, eps: float, target: str) -> list[KernelSpec]:
+def specs_for(N: int, K: int, dtype: str, norm: str | None, eps: float, target: str,
+              group: int = 0) -> list[KernelSpec]:
     """The kernels of every row bucket up to `max_rows` (AOT builds); none where switched off."""
     if not enabled(target):
         return []
     rows = [r for r in range(1, config("gemv", target)["max_rows"] + 1)]
-    return list({s.hash: s for s in (gemv_spec(N, K, r, dtype, norm, eps, target) for r in rows)}.values())
+    return list({s.hash: s for s in (gemv_spec(N, K, r, dtype, norm, eps, target, group) for r in rows)}.values())
