@@ -96,8 +96,10 @@ def compile_spec(spec: KernelSpec, target: str):
     if arch is None:
         raise ValueError(f"{target} is not a GPU target")
     src = ASTSource(jit_function(spec), dict(spec.signature), constexprs={})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    if spec.config.get("maxnreg"):
+        options["maxnreg"] = spec.config["maxnreg"]
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _jsonable(cfg: dict) -> dict:

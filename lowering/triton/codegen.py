@@ -230,6 +230,8 @@ def _launch_fitting(kernel, spec: KernelSpec, grid, args, **options):
     that fails to compile retries one stage fewer, and later launches start from there."""
     from triton.runtime.errors import OutOfResources
     stages = _STAGES.get(spec.hash, spec.num_stages)
+    if spec.config.get("maxnreg"):      # a register cap per thread (e.g. two programs an SM)
+        options["maxnreg"] = spec.config["maxnreg"]
     while True:
         try:
             return kernel[grid](*args, num_warps=spec.num_warps, num_stages=stages, **options)

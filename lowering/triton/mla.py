@@ -358,7 +358,8 @@ def flash_spec(H: int, D: int, DV: int, dtype: str, scale: float, target: str, a
     """The prefill attention kernel on `target`'s "attention" config: tiles BM x BN, warps,
     stages; split (mask-free blocks below the diagonal), order ("heavy_first": the longest query
     blocks first; "forward"), fold_scale (scale * log2 e folded into q once, in q's dtype),
-    lazy_rescale (log2 growth of a row's maximum before acc is rescaled; 0: every block), tma
+    lazy_rescale (log2 growth of a row's maximum before acc is rescaled; 0: every block), maxnreg
+    (registers a thread at most; 0: the compiler's choice), tma
     (q, k, v tiles through tensor descriptors: TMA on sm_90+; taken only when `aligned`, i.e.
     the tensors meet tma_aligned)."""
     cfg = config("attention", target)
@@ -385,6 +386,8 @@ def flash_spec(H: int, D: int, DV: int, dtype: str, scale: float, target: str, a
     consts = {"H": H, "DV": DV, "BDV": BDV, "BM": cfg["BM"], "BN": cfg["BN"],
               "SCALE_LOG2E": float(scale) * LOG2E, "DT": TL_DTYPES[dtype], "PREC": dot_precision(dtype),
               "HEAVY_FIRST": cfg.get("order", "heavy_first") == "heavy_first"}
+    if cfg.get("maxnreg"):      # in the source, so the cap is part of the kernel's hash
+        consts["MAXNREG"] = int(cfg["maxnreg"])
     store_mask = "mt[:, None]" + (f" & (dv < {DV})[None, :]" if BDV != DV else "")
     src = render("causal_attention", _FLASH, consts, load_q="\n".join(load_q),
                  key_loops=_key_loops(pieces, D, DV, cfg, tma), store_mask=store_mask)
@@ -393,7 +396,7 @@ def flash_spec(H: int, D: int, DV: int, dtype: str, scale: float, target: str, a
     sig.update({n: "i32" for n in ("sqb", "sqt", "sqh", "skb", "sks", "skh", "svb", "svs", "svh",
                                    "sob", "sot", "soh")})
     return KernelSpec("causal_attention_fwd", "causal_attention_fwd", src, sig, cfg["num_warps"],
-                      cfg["num_stages"], {**consts, "pieces": pieces, "tma": tma})
+                      cfg["num_stages"], {**consts, "pieces": pieces, "tma": tma, "maxnreg": cfg.get("maxnreg", 0)})
 
 
 def tma_aligned(D: int, *ts: torch.Tensor) -> bool:
