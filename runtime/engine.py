@@ -151,7 +151,7 @@ class Engine:
                 batch = torch.tensor([ids[i] for i in part], dtype=torch.int64)
                 pieces = [self.step("prefill", [slots[i] for i in part], batch[:, a:a + chunk],
                                     "last" if last_only else "all") for a in range(0, T, chunk)]
-                logits = pieces[-1] if last_only else torch.cat(pieces, dim=1)
+                logits = pieces[-1] if last_only or len(pieces) == 1 else torch.cat(pieces, dim=1)
                 for j, i in enumerate(part):
                     out[i] = logits[j]
         return out
