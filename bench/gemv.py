@@ -6,7 +6,7 @@ triton backend's plan: plain linears (KDA f_b / g_b, MLA's o_proj, the dense lay
 projection) and norm + linear steps (the fused q/k/v/f_a/b/g_a projection, MLA's fused q / kv_a,
 the dense layer's gate/up, lm_head after add_rmsnorm; KDA's o_proj after its gated per-head
 norm), the latter against the norm kernel then cuBLAS, as the backend runs them without the
-kernel. Each call is timed replayed from a CUDA graph, cycling through copies
+kernel; KDA's f_b and g_b as one launch ("pair") against two cuBLAS calls. Each call is timed replayed from a CUDA graph, cycling through copies
 of the weight so that no replay finds it in L2 (as in a step, where the other layers evict it).
 Per shape and row count: us, fraction of the copy rate (bytes read and written over the time),
 speed-up vs cuBLAS, rel. error against fp64; per row count, the step's sum over its projections
@@ -49,7 +49,7 @@ GRID = {"BN": (8, 16, 32, 64), "BK": (128, 256, 512, 1024), "num_warps": (4, 8),
 def decode_shapes(model: str = "kimi-linear-48b-a3b") -> list[dict]:
     """{name, N, K, norm, count} of every projection of a decode step, as the triton backend plans it."""
     from kimi_graph.api import resolve_config
-    from kimi_graph.lowering.triton.backend import NormLinear, legalize, plan
+    from kimi_graph.lowering.triton.backend import LinearPair, NormLinear, legalize, plan
     from kimi_graph.model import build_graph
     from kimi_graph.passes import run_pipeline
     cfg, _ = resolve_config(model)
@@ -61,6 +61,8 @@ def decode_shapes(model: str = "kimi-linear-48b-a3b") -> list[dict]:
             norm = item.ops[0]
             group = g.types[norm.inputs[1]].shape[0] if norm.kind == "gated_rmsnorm" else 0
             key, w = (norm.kind, norm.attrs["eps"], group), item.ops[-1].inputs[1]
+        elif isinstance(item, LinearPair):
+            key, w = ("pair", 0.0, 0), item.inputs[1]
         elif getattr(item, "kind", None) == "linear" and item.inputs[1] in g.params:
             key, w = (None, 0.0, 0), item.inputs[1]
         else:
@@ -68,7 +70,7 @@ def decode_shapes(model: str = "kimi-linear-48b-a3b") -> list[dict]:
         key = key + tuple(g.types[w].shape)
         counts[key] += 1
         names.setdefault(key, w.lstrip("@").split(".")[-2][:20] + {"rmsnorm": "+norm", "add_rmsnorm": "+addnorm",
-                                                                    "gated_rmsnorm": "+gatednorm"}.get(key[0], ""))
+                                                                    "gated_rmsnorm": "+gatednorm", "pair": " pair"}.get(key[0], ""))
     return [{"name": names[k], "N": k[3], "K": k[4], "norm": k[0], "eps": k[1], "group": k[2], "count": n}
             for k, n in counts.items()]
 
@@ -104,8 +106,10 @@ class Case:
         self.x, self.res, self.nw = r(rows, K), r(rows, K), (1 + 0.1 * r(G))   # res: the residual or the gate
         self.shape, self.rows = shape, rows
         self.bytes = wbytes + 2 * rows * (N + K * (1 if shape["norm"] in (None, "rmsnorm") else 2))
+        if shape["norm"] == "pair":             # two products: x w_i^T and res w_(i+1)^T
+            self.bytes *= 2
         x = (self.x.double() + (self.res.double() if shape["norm"] == "add_rmsnorm" else 0)).view(rows, -1, G)
-        if shape["norm"]:
+        if shape["norm"] not in (None, "pair"):
             x = x / torch.sqrt((x * x).mean(-1, keepdim=True) + shape["eps"]) * self.nw.double()
         if shape["norm"] == "gated_rmsnorm":
             x = x * torch.sigmoid(self.res.double().view(rows, -1, G))
@@ -117,6 +121,9 @@ class Case:
         w, norm = self.ws[i % self.copies], self.shape["norm"]
         if norm is None:
             return lambda: F.linear(self.x, w)
+        if norm == "pair":
+            w1 = self.ws[(i + 1) % self.copies]
+            return lambda: (F.linear(self.x, w), F.linear(self.res, w1))[0]
         if norm == "rmsnorm":
             return lambda: F.linear(rmsnorm(self.x, self.nw, self.shape["eps"]), w)
         if norm == "gated_rmsnorm":
@@ -130,6 +137,9 @@ class Case:
         w, norm = self.ws[i % self.copies], self.shape["norm"]
         if norm is None:
             return lambda: gemv.linear(self.x, w)
+        if norm == "pair":
+            w1 = self.ws[(i + 1) % self.copies]
+            return lambda: gemv.pair(self.x, w, self.res, w1)[0]
         if norm == "rmsnorm":
             return lambda: gemv.linear(self.x, w, self.nw, self.shape["eps"])
         if norm == "gated_rmsnorm":

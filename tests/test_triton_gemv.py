@@ -1,6 +1,7 @@
 """Decode-sized projections (lowering/triton/gemv.py) through the Triton interpreter, fp32,
 against a float64 product written here: 1..16 rows, N and K off the tiles, K split or not, the
-RMSNorm prologue with and without a residual (in one pass and in two), the gated per-group norm; a row's result bitwise the same in any batch of
+RMSNorm prologue with and without a residual (in one pass and in two), the gated per-group norm,
+two products in one launch; a row's result bitwise the same in any batch of
 its bucket; the backend's plan running a norm and the linear it feeds as one step, and the tiny
 model's decode with the kernel switched on matching the reference interpreter.
 Tolerance: rel. error <= 1e-5 (fp32, a different summation order)."""
@@ -82,6 +83,19 @@ def test_gated_group_norm_prologue_matches_fp64(monkeypatch, M, programs):
     assert rel(gemv.linear(x, w, nw, 1e-5, gate=gate), xn @ w.double().T) < TOL
 
 
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("programs", [1, 64])
+def test_pair_of_products_in_one_launch(monkeypatch, M, programs):
+    """Two slices of one tensor against two weights of one shape (KDA's f_b and g_b)."""
+    tiles(monkeypatch, programs=programs)
+    g = torch.Generator().manual_seed(M)
+    v, w0, w1 = torch.randn(M, 1, 100, generator=g), torch.randn(37, 30, generator=g), torch.randn(37, 30, generator=g)
+    x0, x1 = v[..., 5:35], v[..., 60:90]
+    assert (gemv.gemv_spec(37, 30, M, "f32", None, 0.0, "interpret", 0, True).config["SPLIT"] > 1) == (programs > 1)
+    y0, y1 = gemv.pair(x0, w0, x1, w1)
+    assert rel(y0, x0.double() @ w0.double().T) < TOL and rel(y1, x1.double() @ w1.double().T) < TOL
+
+
 def test_rows_alone_in_their_bucket_and_leading_dims(monkeypatch):
     """Row 0 gives the same bits whatever the other rows of its bucket hold; x [B, 1, K] slices
     (strided rows) are read in place."""
@@ -120,7 +134,9 @@ def test_plan_runs_a_norm_with_its_linear():
     kinds = [s.ops[0].kind for s in steps]
     assert {"add_rmsnorm", "rmsnorm", "gated_rmsnorm"} <= set(kinds)   # attention norms, the head's, KDA's output
     assert any(s.outputs[0] == g.outputs[0] for s in steps)   # the logits
-    ran = {id(o) for s in steps for o in s.ops}
+    pairs = [i for i in items if isinstance(i, backend.LinearPair)]
+    assert len(pairs) == model.config.layer_kinds.count("kda")                  # f_b and g_b
+    ran = {id(o) for s in steps + pairs for o in s.ops}
     assert not [i for i in items if id(i) in ran]
 
 
@@ -135,8 +151,10 @@ def test_tiny_decode_with_the_kernel_matches_the_interpreter(monkeypatch, B):
     form = lambda a, k: "plain" if len(a) == 2 else "gated" if k.get("gate") is not None \
         else "norm" if a[4] is None else "residual"
     monkeypatch.setattr(gemv, "linear", lambda *a, **k: calls.append(form(a, k)) or kernel(*a, **k))
+    two = gemv.pair
+    monkeypatch.setattr(gemv, "pair", lambda *a: calls.append("pair") or two(*a))
     outs, expect = tri.execute("decode", True, inputs), ref.execute("decode", True, inputs)
-    assert set(calls) == ({"plain", "norm", "residual", "gated"} if B <= 4 else set())
+    assert set(calls) == ({"plain", "norm", "residual", "gated", "pair"} if B <= 4 else set())
     assert len(outs) == len(expect)
     for a, b in zip(outs, expect):
         assert a.shape == b.shape and rel(a, b) < TOL

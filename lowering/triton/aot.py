@@ -29,7 +29,7 @@ def graph_specs(g, target: str) -> dict[tuple[str, str], tuple[KernelSpec, set]]
     from kimi_graph.ops import get_op
 
     from . import gemv, norm
-    from .backend import KERNEL_DTYPES, KERNELS, Convs, Experts, Group, NormLinear, covered, legalize, plan
+    from .backend import KERNEL_DTYPES, KERNELS, Convs, Experts, Group, LinearPair, NormLinear, covered, legalize, plan
     from .conv import specs_for as conv_specs
     from .elementwise import chain_spec
     from .moe_decode import specs_for as experts_specs
@@ -55,6 +55,10 @@ def graph_specs(g, target: str) -> dict[tuple[str, str], tuple[KernelSpec, set]]
             specs = norm.specs_for(op.kind, [g.types[v] for v in op.inputs], [], attrs, target) \
                 + gemv.specs_for(N, K, dt, op.kind, float(attrs["eps"]), target, group)
             kind = f"{op.kind}+linear"
+        elif isinstance(item, LinearPair):
+            (N, K), dt = g.types[item.inputs[1]].shape, g.types[item.ops[0].inputs[0]].dtype
+            specs, kind = (gemv.specs_for(N, K, dt, None, 0.0, target, paired=True) if dt in KERNEL_DTYPES else []), \
+                "linear+linear"
         elif item.kind == "linear" and item.inputs[1] in g.params:
             (N, K), dt = g.types[item.inputs[1]].shape, g.types[item.inputs[0]].dtype
             specs, kind = (gemv.specs_for(N, K, dt, None, 0.0, target) if dt in KERNEL_DTYPES else []), "linear"

@@ -21,7 +21,7 @@ from kimi_graph.ops import get_op
 from kimi_graph.runtime.views import is_view
 
 from . import conv, elementwise, gemv, kda, mla, moe, moe_decode, moe_quant, norm
-from .gemv import NormLinear
+from .gemv import LinearPair, NormLinear
 from .targets import current_target
 
 # kind -> (kernel launcher fn(args, attrs) -> results, AOT spec fn(kind, ins, outs, attrs, target))
@@ -194,7 +194,8 @@ def _conv_groups(g: Graph, order: list) -> dict[int, Convs]:
 
 def plan(g: Graph) -> list:
     """The schedule: ops, fused elementwise `Group`s, routed-experts chains (`Experts`), conv
-    groups (`Convs`) and norms with the linear they feed (`NormLinear`), in an executable order.
+    groups (`Convs`), norms with the linear they feed (`NormLinear`) and pairs of linears of one
+    sliced value (`LinearPair`), in an executable order.
     Refuses a KDA chunk size the kernels cannot run."""
     order = list(g.ops())
     chains = {c.ops[-1].id: c for op in order if op.kind in ("moe_experts", "quantized_moe_experts")
@@ -203,9 +204,12 @@ def plan(g: Graph) -> list:
     folded = {o.id for c in chains.values() for o in c.ops[:-1]} | {o.id for c in convs.values() for o in c.ops[1:]}
     norms = {i: n for i, n in gemv.norm_linears(g, order, covered).items() if n.ops[-1].id not in folded}
     folded |= {o.id for n in norms.values() for o in n.ops[1:]}
+    pairs = gemv.linear_pairs(g, order, folded)
+    folded |= {p.ops[1].id for p in pairs.values()}
     order = [op for op in order if op.id not in folded]
     chains.update(convs)
     chains.update(norms)
+    chains.update(pairs)
     for op in order:
         if op.kind in ("kda_fused_chunk", "kda_recurrent") and op.attrs.get("chunk_size"):
             kda.check_chunk_size(op.attrs["chunk_size"])
@@ -352,6 +356,9 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
         if isinstance(item, Experts):
             env[item.outputs[0]] = moe_decode.run_step(item.ops[-1].kind, item.attrs,
                                                        [plain(env[v]) for v in item.inputs], item.rows)
+            continue
+        if isinstance(item, LinearPair):
+            env.update(zip(item.outputs, gemv.run_pair(item, *(plain(env[v]) for v in item.inputs))))
             continue
         if isinstance(item, NormLinear):
             env.update(zip(item.outputs, gemv.run_norm_linear(item, [plain(env[v]) for v in item.inputs],

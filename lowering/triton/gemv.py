@@ -54,14 +54,22 @@ def _x_tile(x_ptr, r_ptr, m64, mm, k, xs, rs):
 
 
 @triton.jit
-def gemv_rows(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, s_ptr, part_ptr, tickets_ptr, M, xs, rs):
+def gemv_rows(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, s_ptr, part_ptr, tickets_ptr, x1_ptr, w1_ptr, y1_ptr, M, xs, rs):
     # y[m, n] = sum_k xn[m, k] w[n, k]: BN columns n a program, the KS columns k of split
     # program_id(1); accumulators [BN, BM] in fp32. NORM 1: a first pass for rstd, then the
     # normalised tiles; NORM 2: one pass, sum_k (x nw)[m, k] w[n, k] and sum_k x[m, k]^2 together,
     # rstd applied to the sums (the splits' square sums stored after their partials); NORM 3:
-    # gated_rmsnorm's per-group norm of each tile times sigmoid(gate) (the gate at r_ptr)
+    # gated_rmsnorm's per-group norm of each tile times sigmoid(gate) (the gate at r_ptr).
+    # PAIR: program_id(2) 1 computes a second product of the same shape, x1 w1^T -> y1
     pn = tl.program_id(0)
     ps = tl.program_id(1)
+    if PAIR:
+        if tl.program_id(2) == 1:
+            x_ptr = x1_ptr
+            w_ptr = w1_ptr
+            y_ptr = y1_ptr
+            part_ptr = part_ptr + SPLIT * (M * N + tl.num_programs(0) * BM)
+            tickets_ptr = tickets_ptr + tl.num_programs(0)
     n = pn * BN + tl.arange(0, BN)
     mn = n < N
     m = tl.arange(0, BM)
@@ -159,10 +167,11 @@ def splits(N: int, K: int, BN: int, BK: int, programs: int, max_split: int) -> t
 
 @functools.lru_cache(maxsize=None)
 def gemv_spec(N: int, K: int, rows: int, dtype: str, norm: str | None, eps: float, target: str,
-              group: int = 0) -> KernelSpec:
+              group: int = 0, pair: bool = False) -> KernelSpec:
     """The kernel for `rows` rows of x [., K] against W [N, K]; norm: None, "rmsnorm",
     "add_rmsnorm" or "gated_rmsnorm" (over groups of `group` columns, a power of two dividing K):
-    the prologue; tiles from the `gemv` family (its `token_tiles` bucket)."""
+    the prologue; pair: two products of that shape in one launch (no norm); tiles from the
+    `gemv` family (its `token_tiles` bucket)."""
     cfg = config("gemv", target)
     cfg = bucket_config(cfg, bucket_of(cfg, rows), TILE_KEYS, "gemv")
     dot = rows >= cfg["dot_min_rows"]
@@ -176,11 +185,11 @@ def gemv_spec(N: int, K: int, rows: int, dtype: str, norm: str | None, eps: floa
     consts = {"N": N, "K": K, "BM": BM, "BN": BN, "BK": BK, "KS": ks, "SPLIT": split,
               "EVEN": N % BN == 0 and K % ks == 0 and ks % BK == 0, "DOT": dot, "PREC": dot_precision(dtype),
               "NORM": mode, "RESIDUAL": norm == "add_rmsnorm", "G": max(group, 1), "EPS": float(eps) if norm else 0.0,
-              "DT": TL_DTYPES[dtype]}
+              "PAIR": pair and norm is None, "DT": TL_DTYPES[dtype]}
     p = ptr_type(dtype)
     sig = {"x_ptr": p, "r_ptr": p, "nw_ptr": p, "w_ptr": p, "y_ptr": p, "s_ptr": p, "part_ptr": "*fp32",
-           "tickets_ptr": "*i32", "M": "i32", "xs": "i32", "rs": "i32"}
-    name = "gemv" + (f"_{norm}" if norm else "")
+           "tickets_ptr": "*i32", "x1_ptr": p, "w1_ptr": p, "y1_ptr": p, "M": "i32", "xs": "i32", "rs": "i32"}
+    name = "gemv" + (f"_{norm}" if norm else "_pair" if pair else "")
     return KernelSpec(name, "gemv_rows", render(name, _GEMV, consts), sig, cfg["num_warps"], cfg["num_stages"],
                       consts)
 
@@ -224,12 +233,38 @@ def linear(x, w, norm_weight=None, eps: float = 1e-6, residual=None, gate=None):
     rc, rs = row_view(other.to(x.dtype)) if other is not None else (xc, xs)
     nw = norm_weight.to(x.dtype).contiguous() if norm_weight is not None else xc
     blocks = -(-N // c["BN"])
-    part = torch.empty(c["SPLIT"] * (rows * N + blocks * c["BM"]) if c["SPLIT"] > 1 else 1, device=x.device,
-                       dtype=torch.float32)            # the splits' partials, then their square sums
     if rows:
-        launch(spec, (blocks, c["SPLIT"]), xc, rc, nw, w.contiguous(), y, s, part, tickets(x.device, blocks),
-               rows, xs, rs)
+        wc = w.contiguous()
+        launch(spec, (blocks, c["SPLIT"]), xc, rc, nw, wc, y, s, _partials(c, rows, N, blocks, x),
+               tickets(x.device, blocks), xc, wc, y, rows, xs, rs)
     return (y, s) if residual is not None else y
+
+
+def _partials(c: dict, rows: int, N: int, blocks: int, x, products: int = 1):
+    """fp32 scratch of the split programs: per product, the partials, then the square sums."""
+    n = c["SPLIT"] * (rows * N + blocks * c["BM"]) * products if c["SPLIT"] > 1 else 1
+    return torch.empty(n, device=x.device, dtype=torch.float32)
+
+
+def pair(x0, w0, x1, w1):
+    """(x0 w0^T, x1 w1^T) in one launch: weights of one shape, x0 and x1 rows of one stride
+    (e.g. two last-dim slices of one tensor); two launches where the strides differ."""
+    if w0.shape != w1.shape or x0.shape != x1.shape or x0.dtype != x1.dtype or x0.shape[-1] != w0.shape[1]:
+        raise ValueError(f"pair: x {tuple(x0.shape)} / {tuple(x1.shape)}, weights {tuple(w0.shape)} / "
+                         f"{tuple(w1.shape)} are not two products of one shape")
+    (a, sa), (b, sb) = row_view(x0), row_view(x1)
+    if sa != sb:
+        return linear(x0, w0), linear(x1, w1)
+    N, K = w0.shape
+    rows = a.shape[0]
+    spec = gemv_spec(N, K, rows, ir_dtype(x0), None, 0.0, current_target(), 0, True)
+    c = spec.config
+    y0, y1 = (torch.empty(x0.shape[:-1] + (N,), device=x0.device, dtype=x0.dtype) for _ in range(2))
+    blocks = -(-N // c["BN"])
+    if rows:
+        launch(spec, (blocks, c["SPLIT"], 2), a, a, a, w0.contiguous(), y0, y0, _partials(c, rows, N, blocks, x0, 2),
+               tickets(x0.device, 2 * blocks), b, w1.contiguous(), y1, rows, sa, sa)
+    return y0, y1
 
 
 def op_linear(args, attrs):
@@ -295,10 +330,46 @@ def run_norm_linear(item: NormLinear, args: list, eps: float) -> list:
     return [F.linear(xn, w.to(xn.dtype))] + rest
 
 
+@dataclass
+class LinearPair:
+    """Two linears with weights (parameters) of one shape whose inputs are last-dim slices of one
+    value (KDA's f_b and g_b of the fused projection's f_a and g_a): one step at the first's
+    place, one launch at decode sizes (`pair`), else two."""
+    ops: list                 # the two linears
+    slices: list              # each one's input slice
+    inputs: list[str]         # the sliced value, then the two weights
+    outputs: list[str]
+
+
+def linear_pairs(g, order: list, folded: set) -> dict[int, LinearPair]:
+    """first linear's op id -> its pair (linears taken in order, two at a time, per sliced value
+    and shape)."""
+    groups: dict[tuple, list] = {}
+    for op in order:
+        sl = g.defining_op(op.inputs[0]) if op.kind == "linear" and op.id not in folded else None
+        if sl is None or sl.kind != "slice" or op.inputs[1] not in g.params \
+                or sl.attrs["dim"] % g.types[sl.outputs[0]].rank != g.types[sl.outputs[0]].rank - 1 \
+                or not all(isinstance(sl.attrs[k], int) for k in ("start", "end")):
+            continue
+        key = (sl.inputs[0], g.types[op.inputs[0]], g.types[op.inputs[1]])
+        groups.setdefault(key, []).append((op, sl))
+    return {a.id: LinearPair([a, b], [sa, sb], [sa.inputs[0], a.inputs[1], b.inputs[1]], a.outputs + b.outputs)
+            for members in groups.values() for (a, sa), (b, sb) in zip(members[0::2], members[1::2])}
+
+
+def run_pair(item: LinearPair, v, w0, w1) -> list:
+    """A LinearPair step's outputs from the sliced value and the weights."""
+    x0, x1 = (v.narrow(-1, sl.attrs["start"], sl.attrs["end"] - sl.attrs["start"]) for sl in item.slices)
+    if takes(x0, w0):
+        return list(pair(x0, w0, x1, w1))
+    return [F.linear(x0, w0.to(x0.dtype)), F.linear(x1, w1.to(x1.dtype))]
+
+
 def specs_for(N: int, K: int, dtype: str, norm: str | None, eps: float, target: str,
-              group: int = 0) -> list[KernelSpec]:
+              group: int = 0, paired: bool = False) -> list[KernelSpec]:
     """The kernels of every row bucket up to `max_rows` (AOT builds); none where switched off."""
     if not enabled(target):
         return []
     rows = [r for r in range(1, config("gemv", target)["max_rows"] + 1)]
-    return list({s.hash: s for s in (gemv_spec(N, K, r, dtype, norm, eps, target, group) for r in rows)}.values())
+    return list({s.hash: s for s in (gemv_spec(N, K, r, dtype, norm, eps, target, group, paired)
+                                     for r in rows)}.values())
