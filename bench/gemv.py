@@ -2,12 +2,13 @@
 torch's linear (cuBLAS) on the published model's decode shapes, in the same run as the copy rate.
 
 The shapes are read from the published model's decode graph after the default pipeline and the
-triton backend's plan: plain linears (KDA f_b / g_b, MLA's o_proj, the dense layer's down
-projection) and norm + linear steps (the fused q/k/v/f_a/b/g_a projection, MLA's fused q / kv_a,
-the dense layer's gate/up, lm_head after add_rmsnorm; KDA's o_proj after its gated per-head
-norm), the latter against the norm kernel then cuBLAS, as the backend runs them without the
-kernel; KDA's f_b and g_b as one launch ("pair") against two cuBLAS calls. Each call is timed replayed from a CUDA graph, cycling through copies
-of the weight so that no replay finds it in L2 (as in a step, where the other layers evict it).
+triton backend's plan: plain linears (MLA's o_proj, the dense layer's down projection), KDA's
+f_b and g_b as one launch ("pair", against two cuBLAS calls) and norm + linear steps (the fused
+q/k/v/f_a/b/g_a projection, MLA's fused q / kv_a, the dense layer's gate/up, lm_head after
+add_rmsnorm; KDA's o_proj after its gated per-head norm), the latter against the norm kernel then
+cuBLAS, as the backend runs them without the kernel. Each call is timed replayed from a CUDA
+graph, cycling through copies of the weight so that no replay finds it in L2 (as in a step,
+where the other layers evict it).
 Per shape and row count: us, fraction of the copy rate (bytes read and written over the time),
 speed-up vs cuBLAS, rel. error against fp64; per row count, the step's sum over its projections
 (count x us) for cuBLAS and for the variant with the least sum (token_tiles holds one variant per
@@ -15,6 +16,7 @@ row bucket). JSON: $OUT/gemv.json and bench/results/gemv.json.
 
     python bench/gemv.py                          # rows 1,4,16, the default variants
     python bench/gemv.py --rows 1 --no-sweep      # the target's tiles only
+    python bench/gemv.py --rows 1,4 --variants 0,1,3    # a shorter sweep
     python bench/gemv.py --use-best               # + the best tiles, switch and max_rows into the tuning file
 """
 from __future__ import annotations
@@ -156,6 +158,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", default="1,4,16", help="row counts (decode batch sizes)")
     ap.add_argument("--no-sweep", action="store_true", help="the target's tiles only")
     ap.add_argument("--grid", action="store_true", help="sweep the full GRID product, not VARIANTS")
+    ap.add_argument("--variants", default="", help="indices into VARIANTS to sweep (comma list; default all)")
     ap.add_argument("--shapes", default="", help="only shapes whose name contains one of these (comma list)")
     ap.add_argument("--use-best", action="store_true", help="write the choice (best tiles per row bucket, "
                     "max_rows, cublas_shapes, the switch) into this device's tuning file")
@@ -168,7 +171,7 @@ def main(argv=None) -> None:
     elif a.grid:
         variants = [dict(zip(GRID, v)) for v in itertools.product(*GRID.values())]
     else:
-        variants = VARIANTS
+        variants = [VARIANTS[int(i)] for i in a.variants.split(",")] if a.variants else VARIANTS
     shapes = decode_shapes()
     if a.shapes:
         shapes = [s for s in shapes if any(p in s["name"] for p in a.shapes.split(","))]
