@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import time
 from collections import Counter
 
 import torch
@@ -35,6 +36,7 @@ from harness import bench, copy_bandwidth, merge_tuning, override_config, rel_er
 ROTATE_BYTES = 256 << 20          # weight copies a graph cycles through: well past the 50 MB L2
 # tile variants (keys of the gemv family); BN below 16 runs as 16 on the tl.dot path (2+ rows)
 VARIANTS = [
+    {},                                                     # the target's tiles
     {"BN": 16, "BK": 512, "num_warps": 4, "programs": 528},
     {"BN": 8, "BK": 512, "num_warps": 4, "programs": 528},
     {"BN": 32, "BK": 256, "num_warps": 4, "programs": 528},
@@ -94,16 +96,22 @@ def graph_us(calls: list) -> float:
     return bench(graph.replay, warmup=5, rep=30) / len(calls) * 1e3
 
 
+def weights(shape: dict, gen) -> list:
+    """Copies of a random weight of the shape, ROTATE_BYTES in all (at least one)."""
+    N, K = shape["N"], shape["K"]
+    copies = max(1, min(256, math.ceil(ROTATE_BYTES / (N * K * 2))))
+    return [torch.randn(N, K, device="cuda", generator=gen, dtype=torch.bfloat16) * K ** -0.5 for _ in range(copies)]
+
+
 class Case:
     """One shape at one row count: weight copies, inputs, the fp64 reference."""
 
-    def __init__(self, shape: dict, rows: int, gen):
+    def __init__(self, shape: dict, rows: int, gen, ws: list):
         N, K = shape["N"], shape["K"]
         wbytes = N * K * 2
-        self.copies = max(1, min(256, math.ceil(ROTATE_BYTES / wbytes)))
+        self.ws, self.copies = ws, len(ws)
         self.reps = max(20, self.copies)
         r = lambda *s: torch.randn(*s, device="cuda", generator=gen, dtype=torch.bfloat16)
-        self.ws = [r(N, K) * K ** -0.5 for _ in range(self.copies)]
         G = shape["group"] or K                 # the norm's groups (gated_rmsnorm: KDA's heads)
         self.x, self.res, self.nw = r(rows, K), r(rows, K), (1 + 0.1 * r(G))   # res: the residual or the gate
         self.shape, self.rows = shape, rows
@@ -154,12 +162,15 @@ class Case:
 
 
 def main(argv=None) -> None:
+    t0 = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default="1,4,16", help="row counts (decode batch sizes)")
     ap.add_argument("--no-sweep", action="store_true", help="the target's tiles only")
     ap.add_argument("--grid", action="store_true", help="sweep the full GRID product, not VARIANTS")
     ap.add_argument("--variants", default="", help="indices into VARIANTS to sweep (comma list; default all)")
     ap.add_argument("--shapes", default="", help="only shapes whose name contains one of these (comma list)")
+    ap.add_argument("--budget", type=float, default=140.0, help="seconds after which no further variant starts "
+                    "(results are written after each variant)")
     ap.add_argument("--use-best", action="store_true", help="write the choice (best tiles per row bucket, "
                     "max_rows, cublas_shapes, the switch) into this device's tuning file")
     a = ap.parse_args(argv)
@@ -169,7 +180,7 @@ def main(argv=None) -> None:
     if a.no_sweep:
         variants = [{}]
     elif a.grid:
-        variants = [dict(zip(GRID, v)) for v in itertools.product(*GRID.values())]
+        variants = [{}] + [dict(zip(GRID, v)) for v in itertools.product(*GRID.values())]
     else:
         variants = [VARIANTS[int(i)] for i in a.variants.split(",")] if a.variants else VARIANTS
     shapes = decode_shapes()
@@ -178,38 +189,32 @@ def main(argv=None) -> None:
     bw = copy_bandwidth()
     print(f"copy rate {bw / 1e12:.3f} TB/s; shapes: {shapes}", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    rows, per_variant = [], {}               # (M, variant index) -> {shape name: us}
-    cublas: dict = {}
+    cases = {}
     for shape in shapes:
+        ws = weights(shape, gen)
         for M in rows_list:
-            case = Case(shape, M, gen)
-            t_us, t_err = case.time(case.torch_call)
-            cublas[M, shape["name"]] = t_us * shape["count"]
-            best = None
-            for vi, v in enumerate(variants):
-                override_config("gemv", **{**base, **v, "token_tiles": [], "enabled": True})
-                try:
-                    us, err = case.time(case.ours_call)
-                except Exception as e:           # noqa: BLE001 (a variant that does not build is skipped)
-                    print(f"  {shape['name']} M={M} {v}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    continue
-                per_variant.setdefault((M, vi), {})[shape["name"]] = us * shape["count"]
-                if best is None or us < best[0]:
-                    best = (us, err, vi)
-            if best is None:
-                continue
-            us, err, vi = best
-            rows.append({"shape": shape["name"], "N": shape["N"], "K": shape["K"], "norm": shape["norm"] or "-",
-                         "count": shape["count"], "M": M, "cublas_us": t_us, "ours_us": us,
-                         "cublas_frac": case.bytes / (t_us * 1e-6) / bw, "ours_frac": case.bytes / (us * 1e-6) / bw,
-                         "speedup": t_us / us, "err_ours": err, "err_cublas": t_err, "variant": vi})
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
-            del case
-            torch.cuda.empty_cache()
+            cases[shape["name"], M] = Case(shape, M, gen, ws)
+    cublas = {key: c.time(c.torch_call) for key, c in cases.items()}         # (name, M) -> (us, err)
+    ours: dict = {}                                                          # (name, M, variant) -> (us, err)
+    summary, cfg = [], {}
+    for vi, v in enumerate(variants):
+        if time.perf_counter() - t0 > a.budget:
+            print(f"budget of {a.budget:.0f} s spent: variants {vi}.. not run", flush=True)
+            break
+        override_config("gemv", **{**base, **v, "token_tiles": [], "enabled": True})
+        for (name, M), case in cases.items():
+            try:
+                ours[name, M, vi] = case.time(case.ours_call)
+            except Exception as e:           # noqa: BLE001 (a variant that does not build is skipped)
+                print(f"  {name} M={M} {v}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        per_variant = {}
+        for (name, M, i), (us, _) in ours.items():
+            per_variant.setdefault((M, i), {})[name] = us * cases[name, M].shape["count"]
+        summary, cfg = choose(per_variant, {(M, n): cublas[n, M][0] * cases[n, M].shape["count"] for n, M in cases},
+                              shapes, rows_list, variants)
+        write_result("gemv", table(cases, cublas, ours, bw), {"copy_tb_s": bw / 1e12, "shapes": shapes,
+                     "variants": variants[:vi + 1], "summary": summary, "choice": cfg})
     override_config("gemv", **base)
-    summary, cfg = choose(per_variant, cublas, shapes, rows_list, variants)
-    extra = {"copy_tb_s": bw / 1e12, "shapes": shapes, "variants": variants, "summary": summary, "choice": cfg}
-    write_result("gemv", rows, extra)
     print("\nper step (sum over the step's projections of count x us; one variant per row count; mixed: the "
           "shapes cuBLAS wins at the fewest rows left to it)")
     for s in summary:
@@ -220,6 +225,21 @@ def main(argv=None) -> None:
         path = merge_tuning("gemv", cfg, "bench/gemv.py: best tiles per row bucket over the decode step's projections "
                             f"(rows {rows_list}); on up to max_rows where the step's sum beats cuBLAS")
         print(f"gemv tuning -> {path}", flush=True)
+
+
+def table(cases: dict, cublas: dict, ours: dict, bw: float) -> list[dict]:
+    """One row per shape and row count: cuBLAS, and our best variant so far."""
+    rows = []
+    for (name, M), case in cases.items():
+        got = [(us, err, i) for (n, m, i), (us, err) in ours.items() if (n, m) == (name, M)]
+        if not got:
+            continue
+        (us, err, vi), (t_us, t_err), sh = min(got), cublas[name, M], case.shape
+        rows.append({"shape": name, "N": sh["N"], "K": sh["K"], "norm": sh["norm"] or "-", "count": sh["count"],
+                     "M": M, "cublas_us": t_us, "ours_us": us, "cublas_frac": case.bytes / (t_us * 1e-6) / bw,
+                     "ours_frac": case.bytes / (us * 1e-6) / bw, "speedup": t_us / us, "err_ours": err,
+                     "err_cublas": t_err, "variant": vi})
+    return rows
 
 
 def choose(per_variant: dict, cublas: dict, shapes: list, rows_list: list, variants: list) -> tuple[list, dict]:
