@@ -169,7 +169,7 @@ def main(argv=None) -> None:
     ap.add_argument("--grid", action="store_true", help="sweep the full GRID product, not VARIANTS")
     ap.add_argument("--variants", default="", help="indices into VARIANTS to sweep (comma list; default all)")
     ap.add_argument("--shapes", default="", help="only shapes whose name contains one of these (comma list)")
-    ap.add_argument("--budget", type=float, default=140.0, help="seconds after which no further variant starts "
+    ap.add_argument("--budget", type=float, default=120.0, help="seconds after which no further variant starts "
                     "(results are written after each variant)")
     ap.add_argument("--use-best", action="store_true", help="write the choice (best tiles per row bucket, "
                     "max_rows, cublas_shapes, the switch) into this device's tuning file")
