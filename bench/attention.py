@@ -18,6 +18,8 @@ order, BM 128 x BN 64, 8 warps, 3 stages).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import time
 
 import torch
@@ -140,9 +142,9 @@ def kernel(name: str):
     return attention_before.causal_attention if name == "before" else mla.causal_attention
 
 
-def run(names, shapes, gemm, budget=0.0):
+def run(names, shapes, gemm, budget=0.0, save=lambda rows: None):
     """Rows of (variant, shape): ms, TFLOP/s (causal), fraction of the GEMM rate, error; no
-    variant starts after `budget` seconds (0: no limit)."""
+    variant starts after `budget` seconds (0: no limit); save(rows) after each variant."""
     t0 = time.monotonic()
     from kimi_graph.lowering.triton.targets import config
     base = {k: v for k, v in config("attention").items()}
@@ -176,6 +178,7 @@ def run(names, shapes, gemm, budget=0.0):
             rows.append({"variant": name, "shape": s, "ms": ms, "TFLOPs": tf / 1e12, "of_gemm": tf / gemm,
                          "err": err, "err_ragged": err_ragged, "ok": max(err, err_ragged) <= TOL})
             print(rows[-1], flush=True)
+        save(rows)
     set_variant(base, {})
     return rows, base
 
@@ -264,11 +267,15 @@ def main(argv=None):
     if a.smoke:
         return smoke(names)
     gemm = gemm_rate()
-    rows, base = run(names, shapes, gemm, a.budget)
-    best = best_variant(rows, tune)
     extra = {"gemm_tflops": gemm / 1e12, "shape": f"H={H}, D={D} ({NOPE}+{D - NOPE}), DV={DV}, bf16, q_start 0",
-             "flops": "causal half: 2 (D + DV) H per visible key-query pair", "tolerance": TOL,
-             "base_config": base, "best": best, "best_on": tune}
+             "flops": "causal half: 2 (D + DV) H per visible key-query pair", "tolerance": TOL}
+
+    def save(rows):         # the rows so far, written quietly (a session timeout keeps them)
+        with contextlib.redirect_stdout(io.StringIO()):
+            write_result(a.name, rows, extra)
+    rows, base = run(names, shapes, gemm, a.budget, save)
+    best = best_variant(rows, tune)
+    extra.update(base_config=base, best=best, best_on=tune)
     write_result(a.name, rows, extra)
     summary(rows, gemm)
     if best:
