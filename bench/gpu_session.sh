@@ -76,6 +76,10 @@ step_pdl_tests() {      # the decode graph tests with every generated kernel lau
   KIMI_GRAPH_TRITON_PDL=1 timeout 150 python3 -m pytest -q -rf --timeout 100 tests/test_decode_graphs_gpu.py \
     && touch "$OUT/pdl_ok"
 }
+step_e2e_final() {      # prefill at the shapes (every / last position's logits) and decode at 1k, both sides
+  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout ${E2E_S:-260} python3 bench/e2e.py --phases ours,hf \
+    --prefill 1x16384,32x1024 --batches 1,32 --contexts 1024 --hf-batches 1,32 --graphs on --name e2e
+}
 step_e2e_tuned() {
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout ${E2E_S:-280} python3 bench/e2e.py --phases ours,hf \
     --batches 1,32,256 --contexts 1024,32768 --hf-batches 1,32 --graphs on ${E2E_ARGS}
