@@ -2,9 +2,14 @@
 I=1024, 256 experts, top-8), against our bf16 grouped SwiGLU (lowering/triton/moe.py) in the
 same run:
 
-- int4 (group 128) and int8 at 1 / 4 / 16 tokens (decode; CUDA-graph replays): bytes of the
-  quantized experts read (codes + scales of the experts touched) against the copy bandwidth
-  measured here, and the speedup over bf16;
+- int4 (group 128) and int8 at 1 / 4 / 16 tokens (decode; CUDA-graph replays): the per-row
+  kernels over 32-bit words (`rows ...`, lowering/triton/dequant.py) beside the grouped dot
+  kernels' small tiles (`dot ...`, rows_max 0: the previous path); pct_copy_bw: the low-bit
+  bytes read (codes + scales of the experts touched, read_MB) per second against the copy
+  bandwidth measured here; x_bf16: our bf16 grouped SwiGLU's time over this one;
+- the same formats through moe_decode's experts by id (the decode step's path, 1-8 tokens at
+  top-8, with the combine): the word loader and the per-element one (`dequant` key) against the
+  bf16 experts by id;
 - fp8 (128 x 128 blocks) at 8k tokens (prefill): fp8 tensor cores (activations in e4m3 per
   row and K tile) and weight-only (codes converted to bf16), against bf16.
 Errors: against a float64 SwiGLU over the dequantized weights.
@@ -62,7 +67,7 @@ def cpu_smoke():
     print(f"{'format':>8}{'tokens':>8}{'rel err':>12}   (Triton interpreter, fp32, E={e} D={d} I={i})")
     for fmt in ("int4", "int8", "fp8"):
         q13, q2 = quantize(w13, fmt, 64)[:2], quantize(w2, fmt, 64)[:2]
-        for n in (1, 16):
+        for n in (1, 4):
             rows, off = routed_rows(n, e, d, g, "cpu", torch.float32)
             y = quantized_grouped_swiglu(rows, off, *q13, *q2, fmt=fmt, group_size=64)
             err = ((y.double() - (ref := swiglu_fp64(rows, off, q13, q2, fmt, 64))).norm() / ref.norm()).item()
@@ -88,16 +93,21 @@ def gpu(args):
         cfg.clear()
         cfg.update({**base, **over})
         moe_quant.specs.cache_clear()
+        moe_quant.row_specs.cache_clear()
         try:
             return fn()
         finally:
             cfg.clear()
             cfg.update(base)
             moe_quant.specs.cache_clear()
+            moe_quant.row_specs.cache_clear()
 
     rows_out = []
-    decode_variants = [("default", {})] + [(f"BN{bn}_BK{bk}_w{w}", dict(BN_small=bn, BK_small=bk, num_warps=w))
-                                           for bn, bk, w in ((16, 128, 4), (64, 128, 4), (32, 64, 4), (32, 128, 2))]
+    rows = lambda bn, bk, w=4: dict(BN_rows=bn, BK_rows=bk, BND_rows=bn, BKD_rows=bk, warps_rows=w)  # noqa: E731
+    decode_variants = [("default", {}), ("rows BN32_BK256", rows(32, 256)), ("rows BN8_BK512", rows(8, 512)),
+                       ("rows BN16_BK256", rows(16, 256)), ("rows BN32_BK512_w8", rows(32, 512, 8)),
+                       ("dot BN64", dict(rows_max=0, BN_small=64)),
+                       ("dot BN32_BK128_w2", dict(rows_max=0, BN_small=32, BK_small=128, num_warps=2))]
     for fmt in args.formats.split(","):
         q13, q2 = quantize(w13, fmt, 128)[:2], quantize(w2, fmt, 128)[:2]
         per_expert = sum(t[0].nbytes + t[1].nbytes for t in (q13, q2)) / E
@@ -119,11 +129,67 @@ def gpu(args):
                 ms, err = with_config(over, lambda: (timer(run), rel_err(run(), ref)))
                 read = touched * per_expert + 2 * rows.nbytes
                 flops = 2 * rows.shape[0] * D * 3 * I
-                rows_out.append({"format": fmt, "tokens": N, "variant": name, "ms": ms, "bf16_ms": t_bf16,
-                                 "x_bf16": t_bf16 / ms, "pct_copy_bw": 100 * read / (ms * 1e-3) / bw,
+                rows_out.append({"path": "grouped", "format": fmt, "tokens": N, "variant": name, "ms": ms,
+                                 "bf16_ms": t_bf16, "x_bf16": t_bf16 / ms, "read_MB": read / 1e6,
+                                 "pct_copy_bw": 100 * read / (ms * 1e-3) / bw,
                                  "tflops": flops / (ms * 1e-3) / 1e12, "rel_err": err})
+        if fmt != "fp8":
+            rows_out += by_id(fmt, q13, q2, w13, w2, per_expert, bw, g)
     write_result("lowbit", rows_out, {"copy_bandwidth_GBps": bw / 1e9,
                                       "shapes": {"E": E, "top_k": K, "D": D, "I": I, "group": 128}})
+
+
+def by_id_fp64(x, ids, wts, q13, q2, fmt):
+    """sum_j wts[n, j] SwiGLU_{ids[n, j]}(x[n]) in float64 over the dequantized experts."""
+    from kimi_graph.ops.quant import dequantize
+    out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    for e in ids.unique().tolist():
+        a = dequantize(q13[0][e], q13[1][e].double(), None, fmt, 128)
+        b = dequantize(q2[0][e], q2[1][e].double(), None, fmt, 128)
+        n, j = (ids == e).nonzero(as_tuple=True)
+        xe = x[n].double()
+        g, u = xe @ a[:I].T, xe @ a[I:].T
+        out.index_add_(0, n, wts[n, j, None].double() * ((g * torch.sigmoid(g) * u) @ b.T))
+    return out
+
+
+def by_id(fmt, q13, q2, w13, w2, per_expert, bw, g):
+    """moe_decode's experts by id (top-8, acc given, no shared expert) with `fmt` codes: the word
+    loader (default) and the per-element one against bf16 experts, 1-8 tokens (CUDA graphs)."""
+    from harness import bench_graph, rel_err
+
+    from kimi_graph.lowering.triton import moe_decode
+    from kimi_graph.lowering.triton.targets import TARGETS, current_target
+    cfg = TARGETS[current_target()]["configs"]["moe_decode"]
+    base = dict(cfg)
+    quant = moe_decode.Quant(fmt, 128, q13[1], q2[1])
+    out = []
+    for N in (1, 2, 4, 8):
+        x = torch.randn(N, D, generator=g, device="cuda").bfloat16()
+        ids = torch.rand(N, E, generator=g, device="cuda").topk(K, -1)[1]
+        wts = torch.rand(N, K, generator=g, device="cuda")
+        acc = torch.zeros(N, D, device="cuda", dtype=torch.bfloat16)
+        t_bf16 = bench_graph(lambda: moe_decode.direct(x, ids, wts, w13, w2, acc))
+        ref = by_id_fp64(x, ids, wts, q13, q2, fmt)
+        read = ids.unique().numel() * per_expert
+        for name, over in (("words", {"dequant": "words"}), ("elements", {"dequant": "elements"}),
+                           ("words BN8_BK1024", {"dequant": "words", "quant_tiles": {"BN": 8, "BK": 1024, "BND": 8,
+                                                                                      "BKD": 1024}}),
+                           ("words BN32_BK256", {"dequant": "words", "quant_tiles": {"BN": 32, "BK": 256, "BND": 32,
+                                                                                      "BKD": 256}})):
+            cfg.update(over)
+            moe_decode.decode_specs.cache_clear()
+            try:
+                run = lambda: moe_decode.direct(x, ids, wts, q13[0], q2[0], acc, None, quant)  # noqa: E731
+                ms, err = bench_graph(run), rel_err(run(), ref)
+            finally:
+                cfg.clear()
+                cfg.update(base)
+                moe_decode.decode_specs.cache_clear()
+            out.append({"path": "by id", "format": fmt, "tokens": N, "variant": name, "ms": ms, "bf16_ms": t_bf16,
+                        "x_bf16": t_bf16 / ms, "read_MB": read / 1e6, "pct_copy_bw": 100 * read / (ms * 1e-3) / bw,
+                        "tflops": 2 * N * K * 3 * D * I / (ms * 1e-3) / 1e12, "rel_err": err})
+    return out
 
 
 def main(argv=None):

@@ -187,3 +187,91 @@ def test_larger_batches_take_the_permuted_quantized_path(triton_interpret, monke
     got = moe_decode.moe_experts(x, ids, w, q13, q2, acc, None, moe_decode.Quant("int8", 32, s13, s2))
     want = get_op("quantized_moe_experts").ref([x, ids, w, q13, s13, q2, s2, acc], {"format": "int8", "group_size": 32})
     assert rel_err(got, want[0]) <= 1e-5
+
+
+# -- the word loader (lowering/triton/dequant.py) of decode-sized calls ---------------------------
+def _draw_quant(fmt, symmetric, group, E, I, D, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, D, generator=gen) / D ** 0.5
+    w2 = torch.randn(E, D, I, generator=gen) / I ** 0.5
+    (q13, s13, z13), (q2, s2, z2) = (quantize(w, fmt, group, symmetric) for w in (w13, w2))
+    zeros = (None, None) if symmetric else (z13, z2)
+    d13 = dequantized_fp64(q13, s13, zeros[0], fmt, min(group, D))
+    d2 = dequantized_fp64(q2, s2, zeros[1], fmt, min(group, I))
+    return (q13, s13, q2, s2), zeros, (d13, d2), gen
+
+
+# group 128 over rows of 56 and 24 (rows shorter than the group: G = K); a group of 8 in tiles of 16
+WORD_CASES = [("int4", True, 128, 1), ("int4", True, 128, 16), ("int4", False, 128, 5), ("int4", True, 8, 3),
+              ("int8", True, 128, 2), ("int8", False, 8, 7)]
+
+
+@pytest.mark.parametrize("fmt,symmetric,group,tokens", WORD_CASES)
+def test_grouped_rows_kernel_reads_words_and_matches_fp64(triton_interpret, fmt, symmetric, group, tokens):
+    """Decode-sized calls (<= rows_max rows) take the per-row kernels over 32-bit words: 1-16
+    tokens at top-2 over 8 experts (some without rows, some with several), D and I not multiples
+    of the tiles, against fp64 over the dequantized weights."""
+    from kimi_graph.lowering.triton import moe_quant
+    E, I, D, k = 8, 24, 56, 2
+    (q13, s13, q2, s2), zeros, (d13, d2), gen = _draw_quant(fmt, symmetric, group, E, I, D, tokens)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(tokens)]).reshape(-1)
+    order = ids.sort(stable=True)[1]
+    offsets = torch.zeros(E + 1, dtype=torch.long)
+    offsets[1:] = torch.bincount(ids, minlength=E).cumsum(0)
+    rows = torch.randn(tokens, D, generator=gen)[order // k]
+    specs = moe_quant.row_specs(fmt, E, I, D, group, not symmetric, "f32", "interpret")
+    assert specs is not None and specs[0].signature["q_ptr"] == "*i32"
+    got = quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, *(z for z in zeros if z is not None), fmt=fmt,
+                                   group_size=group)
+    assert rel_err(got, swiglu_fp64(rows, offsets, d13, d2)) <= 1e-5
+
+
+def test_grouped_small_tiles_without_the_rows_kernels(triton_interpret, monkeypatch):
+    """rows_max 0: decode-sized calls take the grouped dot kernels' small tiles again."""
+    from kimi_graph.lowering.triton import moe_quant, targets
+    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_gemm_q"], "rows_max", 0)
+    calls = []
+    monkeypatch.setattr(moe_quant, "row_specs", lambda *a: calls.append(a))
+    E, I, D = 4, 32, 64
+    (q13, s13, q2, s2), _, (d13, d2), gen = _draw_quant("int4", True, 32, E, I, D, 3)
+    offsets = torch.tensor([0, 2, 2, 3, 5])
+    rows = torch.randn(5, D, generator=gen)
+    got = quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, fmt="int4", group_size=32)
+    assert not calls and rel_err(got, swiglu_fp64(rows, offsets, d13, d2)) <= 1e-5
+
+
+@pytest.mark.parametrize("fmt,symmetric,group,dequant", [("int4", True, 128, "words"), ("int4", False, 128, "words"),
+                                                           ("int8", True, 128, "words"), ("int8", False, 8, "words"),
+                                                           ("int4", False, 128, "elements"),
+                                                           ("int8", True, 8, "elements")])
+def test_decode_by_id_words_and_elements(triton_interpret, monkeypatch, fmt, symmetric, group, dequant):
+    """moe_decode's experts by id with each loader (dequant key), 1 and 5 tokens (two token
+    buckets' tiles), against fp64; words read the codes as int32 words."""
+    from kimi_graph.lowering.triton import moe_decode, targets
+    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_decode"], "dequant", dequant)
+    moe_decode.decode_specs.cache_clear()
+    E, I, D, k = 6, 24, 56, 2
+    (q13, s13, q2, s2), zeros, (d13, d2), gen = _draw_quant(fmt, symmetric, group, E, I, D, 11)
+    q = moe_decode.Quant(fmt, group, s13, s2, *zeros)
+    for N in (1, 5):
+        x, acc = torch.randn(N, D, generator=gen), torch.randn(N, D, generator=gen)
+        ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(N)])
+        w = torch.rand(N, k, generator=gen)
+        gate_up = moe_decode._specs(x, ids, w, q13, q2, None, q)[0]
+        assert (gate_up.signature["w13_ptr"] == "*i32") == (dequant == "words")
+        got = moe_decode.direct(x, ids, w, q13, q2, acc, None, q)
+        assert rel_err(got, experts_fp64(x, ids, w, d13, d2, acc)) <= 1e-5
+    moe_decode.decode_specs.cache_clear()
+
+
+def test_decode_by_id_falls_back_to_elements_when_words_do_not_fit(triton_interpret):
+    """int4 rows of 36 codes (18 bytes: not whole 32-bit words) take the per-element loader."""
+    from kimi_graph.lowering.triton import moe_decode
+    E, I, D, k = 4, 20, 36, 2
+    (q13, s13, q2, s2), zeros, (d13, d2), gen = _draw_quant("int4", True, 128, E, I, D, 2)
+    x, acc = torch.randn(2, D, generator=gen), torch.randn(2, D, generator=gen)
+    ids, w = torch.tensor([[0, 3], [3, 1]]), torch.rand(2, k, generator=gen)
+    q = moe_decode.Quant("int4", 128, s13, s2)
+    assert moe_decode._specs(x, ids, w, q13, q2, None, q)[0].signature["w13_ptr"] == "*u8"
+    got = moe_decode.direct(x, ids, w, q13, q2, acc, None, q)
+    assert rel_err(got, experts_fp64(x, ids, w, d13, d2, acc)) <= 1e-5

@@ -19,7 +19,10 @@ experts' rows, eight tokens ~65, and the best tile differs): a CUDA graph captur
 so the choice costs nothing at replay. A token's result is bitwise the same in any batch of its
 bucket; across buckets the K tiles (so the fp32 summation order) may differ: bf16 rounding apart.
 Low-bit experts (int4 / int8 / fp8, `Quant`) take the same kernels with their weight loads
-dequantizing the codes (`_loader`: each weight rounded as kimi_graph/ops/quant.dequantize does).
+dequantizing the codes (dequant.py: int4 / int8 from 32-bit words without conversion
+instructions, the group scale on each word's partial sum; `dequant` = "elements": each weight
+rounded as kimi_graph/ops/quant.dequantize does), in the tiles of `quant_tiles` (a low-bit row is
+a quarter or half the bytes: wider K tiles keep as many bytes in flight).
 Larger batches take moe.moe_experts (low-bit: moe_quant.quantized_moe_experts); `moe_experts`
 chooses.
 """
@@ -31,24 +34,24 @@ from dataclasses import dataclass
 
 import torch
 
-from kimi_graph.ops.quant import BITS, code_shape, group_of, scale_shape, weight_shape
+from kimi_graph.ops.quant import code_shape, group_of, scale_shape, weight_shape
 
-from . import moe, moe_permute, moe_quant
+from . import dequant, moe, moe_permute, moe_quant
 from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render, tickets
 from .elementwise import ir_dtype, ptr_type
 from .targets import config, current_target
 
-# the dot helpers, once per weight kind: "f" (float weights), "q" (low-bit codes, `_wdot_q`)
+# the K loops over float weights ("f"; low-bit codes: "q", dequant.HELPERS_Q)
 _HELPERS = """
 @triton.jit
-def _swiglu_rows_L(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.constexpr):
+def _swiglu_rows_f(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.constexpr):
     # silu(x wg[rg]^T) * (x wu[ru]^T) for BN rows of one expert (D columns); ROUND: gate and up
     # rounded to the data dtype first (as separate linears give them)
     acc_g = tl.zeros((BN,), tl.float32)
     acc_u = tl.zeros((BN,), tl.float32)
     for k0 in range(0, D, BK):
-        acc_g += _wdot_L(wg_ptr, s_ptr, z_ptr, rg, mn, x_ptr, k0, D, G1, BK)
-        acc_u += _wdot_L(wu_ptr, s_ptr, z_ptr, ru, mn, x_ptr, k0, D, G1, BK)
+        acc_g += _wdot_f(wg_ptr, s_ptr, z_ptr, rg, mn, x_ptr, k0, D, G1, BK)
+        acc_u += _wdot_f(wu_ptr, s_ptr, z_ptr, ru, mn, x_ptr, k0, D, G1, BK)
     if ROUND:
         acc_g = acc_g.to(DT).to(tl.float32)
         acc_u = acc_u.to(DT).to(tl.float32)
@@ -56,11 +59,11 @@ def _swiglu_rows_L(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.co
 
 
 @triton.jit
-def _rows_dot_L(h_ptr, w_ptr, s_ptr, z_ptr, n, mn, K: tl.constexpr, G: tl.constexpr):
+def _rows_dot_f(h_ptr, w_ptr, s_ptr, z_ptr, n, mn, K: tl.constexpr, G: tl.constexpr):
     # (h w^T)[n] for the BND rows n of w [., K], in fp32
     y = tl.zeros((BND,), tl.float32)
     for k0 in range(0, K, BKD):
-        y += _wdot_L(w_ptr, s_ptr, z_ptr, n, mn, h_ptr, k0, K, G, BKD)
+        y += _wdot_f(w_ptr, s_ptr, z_ptr, n, mn, h_ptr, k0, K, G, BKD)
     return y
 """
 
@@ -130,39 +133,6 @@ def moe_decode_down(h_ptr, ids_ptr, w2_ptr, s2_ptr, z2_ptr, hs_ptr, wd_ptr, y_pt
 """
 
 
-def _loader(fmt: str, asym: bool) -> str:
-    """`_wdot_q`: sum_k w[r, k] v[k] over one K tile of low-bit codes, each weight dequantized
-    as the op library does (kimi_graph/ops/quant.dequantize): (code - zero point) * scale in
-    fp32, rounded to the data dtype. A tile inside one group (G % BKX == 0) reads one scale
-    per row; otherwise each column's group is looked up. int4: byte j holds columns 2j (low
-    nibble) and 2j + 1, dotted with v's even and odd entries."""
-    int4 = fmt == "int4"
-    width, per_row = ("K // 2", "(K // 2)") if int4 else ("K", "K")
-    cols = {"e": ("2 * j", "c & 15"), "o": ("2 * j + 1", "c >> 4")} if int4 else {"": ("j", "c")}
-    row_g, nk = ("(r // G)", "((K + G - 1) // G)") if fmt == "fp8" else ("r", "(K // G)")   # fp8: G x G blocks
-
-    def params(g: str, m: str, t: str, col: str = "") -> list[str]:
-        z = f"tl.load(z_ptr + {g}, mask={m}, other=0).to(tl.float32){col}" if asym else \
-            ("0.0" if fmt == "fp8" else f"{2.0 ** (BITS[fmt] - 1)}")
-        return [f"    s{t} = tl.load(s_ptr + {g}, mask={m}, other=0.0).to(tl.float32){col}", f"    z{t} = {z}"]
-    lines = [f"j = k0{' // 2' if int4 else ''} + tl.arange(0, BKX{' // 2' if int4 else ''})",
-             f"mj = j < {width}", "m2 = mr[:, None] & mj[None, :]",
-             f"c = tl.load(w_ptr + r[:, None] * {per_row} + j[None, :], mask=m2, "
-             f"other={'0.0' if fmt == 'fp8' else '0'}).to({'tl.float32' if fmt == 'fp8' else 'tl.int32'})"]
-    lines += [f"v{t} = tl.load(v_ptr + {k}, mask=mj, other=0.0).to(tl.float32)" for t, (k, _) in cols.items()]
-    first = next(iter(cols))
-    lines += ["if G % BKX == 0:"] + params(f"{row_g} * {nk} + k0 // G", "mr", first, "[:, None]")
-    lines += [f"    s{t}, z{t} = s{first}, z{first}" for t in cols if t != first]
-    lines.append("else:")
-    for t, (k, _) in cols.items():
-        lines += params(f"{row_g}[:, None] * {nk} + ({k})[None, :] // G", "m2", t)
-    lines += [f"w{t} = ((({code}).to(tl.float32) - z{t}) * s{t}).to(DT).to(tl.float32)" for t, (_, code) in cols.items()]
-    lines.append("return tl.sum(" + " + ".join(f"w{t} * v{t}[None, :]" for t in cols) + ", 1)")
-    body = "\n".join("    " + ln for ln in lines)
-    return ("@triton.jit\ndef _wdot_q(w_ptr, s_ptr, z_ptr, r, mr, v_ptr, k0, K: tl.constexpr, G: tl.constexpr, "
-            f"BKX: tl.constexpr):\n    # {fmt} codes{' with zero points' if asym else ''}\n{body}\n\n")
-
-
 @dataclass(frozen=True, eq=False)
 class Quant:
     """Low-bit routed experts (kimi_graph/ops/quant.py): w13 and w2 are `fmt` codes with these
@@ -186,15 +156,20 @@ def bucket_of(cfg: dict, tokens: int) -> int | None:
     return next((bound for bound, _ in cfg.get("token_tiles", ()) if tokens <= bound), None)
 
 
-def bucket_config(cfg: dict, bucket: int | None, keys: tuple = TILE_KEYS, family: str = "moe_decode") -> dict:
-    """cfg with the tiles of its `token_tiles` entry for `bucket` (a bound) over its own."""
-    if bucket is None:
-        return cfg
-    over = dict(cfg["token_tiles"])[bucket]
+def _tiles(cfg: dict, over: dict, where: str, keys: tuple) -> dict:
     bad = set(over) - set(keys)
     if bad:
-        raise ValueError(f"{family} token_tiles[{bucket}]: {sorted(bad)} are not tile keys ({', '.join(keys)})")
+        raise ValueError(f"{where}: {sorted(bad)} are not tile keys ({', '.join(keys)})")
     return {**cfg, **over}
+
+
+def bucket_config(cfg: dict, bucket: int | None, keys: tuple = TILE_KEYS, family: str = "moe_decode",
+                  quant: bool = False) -> dict:
+    """cfg with the tiles of its `token_tiles` entry for `bucket` (a bound) over its own, and for
+    low-bit experts (`quant`) those of `quant_tiles` over both."""
+    if bucket is not None:
+        cfg = _tiles(cfg, dict(cfg["token_tiles"])[bucket], f"{family} token_tiles[{bucket}]", keys)
+    return _tiles(cfg, cfg.get("quant_tiles") or {}, f"{family} quant_tiles", keys) if quant else cfg
 
 
 @functools.lru_cache(maxsize=None)
@@ -203,25 +178,29 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
     (0: none); quant: (format, group size, asymmetric) of low-bit experts; bucket: the
     `token_tiles` bound whose tiles to take (bucket_of). None where the target has no kernel for
     the format (fp8 before sm_89)."""
-    cfg = bucket_config(config("moe_decode", target), bucket)
+    cfg = bucket_config(config("moe_decode", target), bucket, quant=quant is not None)
     wide = max(I, shared_i)
     consts = {"I": I, "IS": max(shared_i, 1), "D": D, "TOPK": top_k,
               "BN": min(cfg["BN"], next_pow2(wide)), "BK": min(cfg["BK"], next_pow2(D)),
               "BND": min(cfg["BND"], next_pow2(D)), "BKD": min(cfg["BKD"], next_pow2(wide)),
-              "SHARED": int(shared_i > 0), "DT": TL_DTYPES[dtype], "W13": 2 * I * D, "W2": D * I, "S13": 1, "S2": 1, "G1": 1, "G2": 1}
+              "SHARED": int(shared_i > 0), "DT": TL_DTYPES[dtype], "W13": 2 * I * D, "W2": D * I, "S13": 1, "S2": 1,
+              "G1": 1, "G2": 1, "NPW": 1}
     p, stages = ptr_type(dtype), cfg["num_stages"]
     code, scale, zero = p, p, p
-    helpers, loader = _HELPERS.replace("_L(", "_f("), ""
+    helpers, loader = _HELPERS, ""
     if quant is not None:
         fmt, group, asym = quant
         if fmt == "fp8" and not moe_quant.has_e4m3(target):
             return None
         w13, w2 = (2 * I, D), (D, I)
-        consts.update(G1=group_of(fmt, D, group), G2=group_of(fmt, I, group),
-                      W13=math.prod(code_shape(fmt, w13)), W2=math.prod(code_shape(fmt, w2)),
+        G1, G2 = group_of(fmt, D, group), group_of(fmt, I, group)
+        words = uses_words(cfg, fmt, D, I, G1, G2, consts["BK"], consts["BKD"])
+        unit = 4 if words else 1                    # bytes a code pointer steps
+        consts.update(G1=G1, G2=G2, NPW=dequant.slots(fmt, words),
+                      W13=math.prod(code_shape(fmt, w13)) // unit, W2=math.prod(code_shape(fmt, w2)) // unit,
                       S13=math.prod(scale_shape(fmt, w13, group)), S2=math.prod(scale_shape(fmt, w2, group)))
-        code, zero = moe_quant.CODE_PTR[fmt], "*u8" if asym else p
-        helpers, loader = helpers + _HELPERS.replace("_L(", "_q("), _loader(fmt, asym)
+        code, zero = "*i32" if words else moe_quant.CODE_PTR[fmt], "*u8" if asym else p
+        helpers, loader = helpers + dequant.HELPERS_Q, dequant.loader(fmt, asym, words)
     name = "moe_decode" + (f"_{quant[0]}" if quant else "")
     src = render(name, _DECODE + moe_permute.WEIGHTED_ROWS, consts, loader=loader, helpers=helpers,
                  R="q" if quant else "f")
@@ -234,6 +213,12 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
                         "hs_ptr": p, "wd_ptr": p, "y_ptr": p, "wts_ptr": ptr_type(wdt), "acc_ptr": p, "out_ptr": p,
                         "tickets_ptr": "*i32", "pairs": "i32"},
                        cfg.get("warps_down", cfg["num_warps"]), stages, consts))
+
+
+def uses_words(cfg: dict, fmt: str, D: int, I: int, G1: int, G2: int, BK: int, BKD: int) -> bool:
+    """Do the kernels read `fmt` codes as 32-bit words (dequant.py)? Where the `dequant` key says
+    "words" and the rows, groups and K tiles hold whole words."""
+    return cfg.get("dequant", "words") == "words" and dequant.words_fit(fmt, [(D, G1, BK), (I, G2, BKD)])
 
 
 def _shapes(w13, w2, quant):
@@ -294,7 +279,8 @@ def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None 
         s13 = z13 = w13
         s2 = z2 = w2
     else:
-        w13, w2 = w13.contiguous(), w2.contiguous()
+        w13, w2 = (dequant.as_words(w) if gate_up.signature["w13_ptr"] == "*i32" else w.contiguous()
+                   for w in (w13, w2))
         s13, s2 = quant.s13.to(dt).contiguous(), quant.s2.to(dt).contiguous()
         z13 = s13 if quant.z13 is None else quant.z13.contiguous()
         z2 = s2 if quant.z2 is None else quant.z2.contiguous()

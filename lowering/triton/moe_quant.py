@@ -16,6 +16,12 @@ column and multiplies the tile's dot product instead of every weight:
   per activation); otherwise the codes are converted to the activation dtype (weight-only).
 The gate and up projections share one pass (SiLU * up in the epilogue), then the down
 projection, as the bf16 kernel in moe.py.
+
+Decode-sized calls (at most `rows_max` rows: 16 tokens at top-8) of int4 / int8 take `row_specs`
+instead: one program per (N block, row), the row's expert found in the offsets, its weight rows
+streamed as 32-bit words and dotted with the row (dequant.py, the loops of moe_decode's experts
+by id): the weights of the few experts touched are spread over all SMs rather than over one
+program per expert and N block, and no code is converted by an int->float instruction.
 """
 from __future__ import annotations
 
@@ -25,8 +31,8 @@ import torch
 
 from kimi_graph.ops.quant import group_of
 
-from . import moe_permute
-from .codegen import TL_DTYPES, KernelSpec, launch, render
+from . import dequant, moe_permute
+from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render
 from .elementwise import ir_dtype, ptr_type
 from .targets import TARGETS, config, current_target
 
@@ -163,14 +169,74 @@ def specs(fmt: str, E: int, I: int, D: int, group_size: int, asym: bool, dtype: 
             mk("qmoe_down", {"h_ptr": p, "off_ptr": "*i64", "q_ptr": q, "s_ptr": p, "z_ptr": z, "y_ptr": p}))
 
 
+_ROWS = """
+@triton.jit
+def _expert_of(off_ptr, r):
+    # the expert e whose rows offsets[e] .. offsets[e + 1] hold row r: how many end at or before it
+    e = tl.arange(0, EP)
+    ends = tl.load(off_ptr + 1 + e, mask=e < E, other=0)
+    return tl.sum(((ends <= r) & (e < E)).to(tl.int64), 0)
+
+
+@triton.jit
+def qmoe_rows_gate_up(x_ptr, off_ptr, q_ptr, s_ptr, z_ptr, h_ptr):
+    # grid (I blocks, rows): h[r] = silu(x[r] w1_e^T) * (x[r] w3_e^T) for BN columns, e = r's expert
+    r = tl.program_id(1)
+    ex = _expert_of(off_ptr, r)
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    mn = n < I
+    wb = q_ptr + ex * W13
+    h = _swiglu_rows_q(x_ptr + r.to(tl.int64) * D, wb, wb, s_ptr + ex * S13, z_ptr + ex * S13, n, n + I, mn, False)
+    tl.store(h_ptr + r.to(tl.int64) * I + n, h.to(DT), mask=mn)
+
+
+@triton.jit
+def qmoe_rows_down(h_ptr, off_ptr, q_ptr, s_ptr, z_ptr, y_ptr):
+    # grid (D blocks, rows): y[r] = h[r] w2_e^T for BND columns, e = r's expert
+    r = tl.program_id(1)
+    ex = _expert_of(off_ptr, r)
+    n = tl.program_id(0) * BND + tl.arange(0, BND)
+    mn = n < D
+    y = _rows_dot_q(h_ptr + r.to(tl.int64) * I, q_ptr + ex * W2, s_ptr + ex * S2, z_ptr + ex * S2, n, mn, I, G2)
+    tl.store(y_ptr + r.to(tl.int64) * D + n, y.to(DT), mask=mn)
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def row_specs(fmt: str, E: int, I: int, D: int, group_size: int, asym: bool, dtype: str,
+              target: str) -> tuple[KernelSpec, KernelSpec] | None:
+    """(gate_up, down) per-row kernels of decode-sized calls, or None where the codes do not
+    read as words (fp8; rows, groups or tiles not whole words)."""
+    cfg = config("moe_gemm_q", target)
+    G1, G2 = group_of(fmt, D, group_size), group_of(fmt, I, group_size)
+    BK, BKD = min(cfg["BK_rows"], next_pow2(D)), min(cfg["BKD_rows"], next_pow2(I))
+    if not dequant.words_fit(fmt, [(D, G1, BK), (I, G2, BKD)]):
+        return None
+    npw = dequant.words_per_code(fmt)
+    consts = {"E": E, "EP": next_pow2(E), "I": I, "D": D, "BN": min(cfg["BN_rows"], next_pow2(I)), "BK": BK,
+              "BND": min(cfg["BND_rows"], next_pow2(D)), "BKD": BKD, "G1": G1, "G2": G2, "NPW": npw,
+              "W13": 2 * I * D // npw, "W2": D * I // npw, "S13": 2 * I * (D // G1), "S2": D * (I // G2),
+              "DT": TL_DTYPES[dtype]}
+    src = render(f"quantized_grouped_swiglu_rows_{fmt}", dequant.loader(fmt, asym, True) + dequant.HELPERS_Q + _ROWS,
+                 consts)
+    p, z = ptr_type(dtype), "*u8" if asym else ptr_type(dtype)
+    mk = lambda name, sig: KernelSpec(f"{name}_{fmt}", name, src, sig, cfg["warps_rows"],  # noqa: E731
+                                      cfg["stages_rows"], consts)
+    return (mk("qmoe_rows_gate_up", {"x_ptr": p, "off_ptr": "*i64", "q_ptr": "*i32", "s_ptr": p, "z_ptr": z, "h_ptr": p}),
+            mk("qmoe_rows_down", {"h_ptr": p, "off_ptr": "*i64", "q_ptr": "*i32", "s_ptr": p, "z_ptr": z, "y_ptr": p}))
+
+
 def quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13=None, z2=None, *, fmt: str,
                              group_size: int = 128):
     """For the rows of expert e (offsets[e]:offsets[e+1]): w2_e (silu(w1_e x) * w3_e x) with
     w13 and w2 in `fmt` codes; None when no kernel fits the shapes (see `specs`)."""
     E, M, D = q13.shape[0], rows.shape[0], rows.shape[1]
     I = q2.shape[2] * (2 if fmt == "int4" else 1)
-    dt = ir_dtype(rows)
-    kernels = specs(fmt, E, I, D, group_size, z13 is not None, dt, M <= 256, current_target())
+    dt, target = ir_dtype(rows), current_target()
+    per_row = M <= config("moe_gemm_q", target)["rows_max"] and \
+        row_specs(fmt, E, I, D, group_size, z13 is not None, dt, target) is not None
+    kernels = row_specs(fmt, E, I, D, group_size, z13 is not None, dt, target) if per_row else \
+        specs(fmt, E, I, D, group_size, z13 is not None, dt, M <= 256, target)
     if kernels is None:
         return None
     gate_up, down = kernels
@@ -182,8 +248,12 @@ def quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13=None, z2=None,
         z13 = s13 if z13 is None else z13.contiguous()
         z2 = s2 if z2 is None else z2.contiguous()
         c = gate_up.config
-        launch(gate_up, (-(-I // c["BN"]), E), rows.contiguous(), off, q13.contiguous(), s13, z13, h)
-        launch(down, (-(-D // c["BN"]), E), h, off, q2.contiguous(), s2, z2, y)
+        if per_row:         # (N blocks, rows); the codes as 32-bit words
+            launch(gate_up, (-(-I // c["BN"]), M), rows.contiguous(), off, dequant.as_words(q13), s13, z13, h)
+            launch(down, (-(-D // c["BND"]), M), h, off, dequant.as_words(q2), s2, z2, y)
+        else:               # (N blocks, experts)
+            launch(gate_up, (-(-I // c["BN"]), E), rows.contiguous(), off, q13.contiguous(), s13, z13, h)
+            launch(down, (-(-D // c["BN"]), E), h, off, q2.contiguous(), s2, z2, y)
     return y
 
 
@@ -212,9 +282,9 @@ def specs_for(kind, ins, outs, attrs, target):
     fmt = attrs["format"]
     I = q2.shape[2] * (2 if fmt == "int4" else 1)
     asym = len(ins) > 6
-    return [s for small in (True, False)
-            for s in specs(fmt, q13.shape[0], I, rows.shape[1], attrs["group_size"], asym, rows.dtype,
-                           small, target) or ()]
+    E, D, G = q13.shape[0], rows.shape[1], attrs["group_size"]
+    return [s for small in (True, False) for s in specs(fmt, E, I, D, G, asym, rows.dtype, small, target) or ()] \
+        + list(row_specs(fmt, E, I, D, G, asym, rows.dtype, target) or ())
 
 
 def chain_specs(ins, attrs, target) -> list[KernelSpec]:

@@ -69,8 +69,13 @@ _BASE = {
                  "fused_min_rows": 257},
     # quantized grouped SwiGLU (moe_quant.py): BK <= the quantization group; fp8_dot: fp8 tensor
     # cores take prefill tiles (sm_89+)
+    # rows_max: up to that many rows (token copies), int4 / int8 take one program per (row, N
+    # block) dotting the row with its expert's codes read as words (dequant.py; moe_decode's
+    # loops), in BN_rows x BK_rows (gate/up) and BND_rows x BKD_rows (down) tiles
     "moe_gemm_q": {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3,
-                   "BM_small": 16, "BN_small": 32, "BK_small": 128, "fp8_dot": False},
+                   "BM_small": 16, "BN_small": 32, "BK_small": 128, "fp8_dot": False,
+                   "rows_max": 128, "BN_rows": 16, "BK_rows": 512, "BND_rows": 16, "BKD_rows": 512,
+                   "warps_rows": 4, "stages_rows": 2},
     # permutation: BLOCK token copies per block (ranked SUB at a time), rows copied BD columns a
     # program; the scan takes SCAN_E experts x SCAN_B blocks a step
     "moe_permute": {"BLOCK": 1024, "SUB": 64, "BD": 256, "SCAN_E": 16, "SCAN_B": 64, "num_warps": 4,
@@ -80,9 +85,11 @@ _BASE = {
     # warps_down. Two tokens on one expert read it twice: 64 copies (8 tokens at top-8 of 256)
     # read ~1.1x the distinct experts' bytes, 128 copies ~1.25x, so larger batches go to the
     # grouped kernels. token_tiles: [[max tokens, {tile key: value}], ...]: a batch of at most that
-    # many tokens (the first entry that holds it) takes those tiles over the ones above
+    # many tokens (the first entry that holds it) takes those tiles over the ones above. Low-bit
+    # experts: quant_tiles over those; dequant "words" (32-bit words, no conversion instructions,
+    # dequant.py) or "elements" (each weight dequantized and rounded as the op library does)
     "moe_decode": {"BN": 16, "BK": 256, "BND": 16, "BKD": 256, "max_pairs": 64, "num_warps": 4,
-                   "warps_down": 4, "num_stages": 2, "token_tiles": []},
+                   "warps_down": 4, "num_stages": 2, "token_tiles": [], "quant_tiles": {}, "dequant": "words"},
     # dense projections of up to max_rows rows (lowering/triton/gemv.py; larger take cuBLAS):
     # enabled: the kernel in place of cuBLAS (env KIMI_GRAPH_TRITON_GEMV=1/0 overrides); BN output
     # columns x BK a step per program, K split until ~`programs` programs (at most max_split);
@@ -139,7 +146,9 @@ TARGETS: dict[str, dict] = {
         # tokens: the best at B=1 of that sweep (gate_up 25.2 us, was 30.5; down 13.3, was 14.8)
         "moe_decode": {"BN": 16, "BK": 256, "num_warps": 4, "BND": 32, "BKD": 256, "warps_down": 4,
                        "token_tiles": [[2, {"BN": 8, "BK": 512, "num_warps": 4, "BND": 8, "BKD": 1024,
-                                            "warps_down": 4}]]}})},
+                                            "warps_down": 4}]],
+                       # low-bit experts (untuned): 16 rows x 512 columns a step, 2 rows a thread
+                       "quant_tiles": {"BN": 16, "BK": 512, "BND": 16, "BKD": 512}}})},
     "interpret": {"arch": None, "gpu": "Triton interpreter (CPU)", "configs": _merge(_BASE, {
         "elementwise": {"BLOCK": 64},
         "conv": {"BT": 8, "BC": 16},
@@ -152,7 +161,8 @@ TARGETS: dict[str, dict] = {
                       "small_max": 4, "programs": 8, "BR": 32},
         "moe_gemm": {"BM": 16, "BN": 16, "BK": 16, "BM_small": 16, "BN_small": 16, "BK_small": 16, "BM_mid": 16,
                      "fused_min_rows": 24},
-        "moe_gemm_q": {"BM": 16, "BN": 16, "BK": 32, "BM_small": 16, "BN_small": 16, "BK_small": 32},
+        "moe_gemm_q": {"BM": 16, "BN": 16, "BK": 32, "BM_small": 16, "BN_small": 16, "BK_small": 32,
+                       "BN_rows": 16, "BK_rows": 32, "BND_rows": 16, "BKD_rows": 16},
         "moe_permute": {"BLOCK": 64, "SUB": 16, "BD": 32, "SCAN_E": 4, "SCAN_B": 4},
         # max_pairs: the tiny model's decode steps and short chunks read experts by id, its
         # prefills of a few sequences (> 16 token copies) take the grouped kernels
