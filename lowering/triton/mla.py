@@ -154,7 +154,7 @@ def _flash_scores(pieces, D: int, tma: bool, at: str, out: str, bounded: bool, w
     """Scores `out` of the query block against the key block at row `at`, over the qk dot pieces
     (`widest_last`: the widest piece's product last, the one left running when the scores are
     issued ahead). `bounded`: keys past S masked (rows past S read as zeros through descriptors)."""
-    lines = [f"j = {at} + tl.arange(0, BN)"] + (["mj = j < S"] if bounded else [])
+    lines = [] if tma else [f"j = {at} + tl.arange(0, BN)"] + (["mj = j < S"] if bounded else [])
     for i, (off, w) in enumerate(pieces):
         m = (["mj[:, None]"] if bounded else []) + ([f"(d{i} < {D})[None, :]"] if off + w > D else [])
         mask = f", mask={' & '.join(m)}, other=0.0" if m else ""
@@ -165,15 +165,16 @@ def _flash_scores(pieces, D: int, tma: bool, at: str, out: str, bounded: bool, w
     return lines
 
 
-def _flash_update(DV: int, masked: bool, fold: bool, lazy: float, tma: bool, at: str) -> list[str]:
+def _flash_update(DV: int, masked: bool, fold: bool, lazy: float, tma: bool, at: str, j_set: bool = False) -> list[str]:
     """The online softmax of scores `s` of the key block at row `at` (log2 domain, the scale in q
     when `fold`, else one FMA on the scores), then p v into acc. `masked`: keys past S and past
     each query's position masked (the diagonal blocks). `lazy` > 0: acc and l_i are rescaled only
-    when a row's maximum grew by more than `lazy` (log2 units), so p <= 2**lazy between rescales."""
+    when a row's maximum grew by more than `lazy` (log2 units), so p <= 2**lazy between rescales.
+    `j_set`: j and mj already index the block (its scores were just computed)."""
     bdv = max(16, next_pow2(DV))
-    lines = [f"j = {at} + tl.arange(0, BN)"]
+    lines = [] if j_set or (tma and not masked) else [f"j = {at} + tl.arange(0, BN)"] + (["mj = j < S"] if masked else [])
     if masked:
-        lines += ["mj = j < S", 's = tl.where(mj[None, :] & (j[None, :] <= pos[:, None]), s, float("-inf"))']
+        lines.append('s = tl.where(mj[None, :] & (j[None, :] <= pos[:, None]), s, float("-inf"))')
     scaled, row_max = ("s", "tl.max(s, 1)") if fold else ("s * SCALE_LOG2E", "tl.max(s, 1) * SCALE_LOG2E")
     lines.append(f"m_new = tl.maximum(m_i, {row_max})")
     if lazy:
@@ -206,7 +207,7 @@ def _key_loops(pieces, D: int, DV: int, cfg: dict, tma: bool) -> str:
     block's scores before this block's softmax, so the tensor cores have work while it runs."""
     fold, lazy = cfg.get("fold_scale", False), cfg.get("lazy_rescale", 0)
     step = lambda masked, at="j0": (_flash_scores(pieces, D, tma, at, "s", masked)
-                                    + _flash_update(DV, masked, fold, lazy, tma, at))
+                                    + _flash_update(DV, masked, fold, lazy, tma, at, j_set=not tma))
     body = lambda lines: textwrap.indent("\n".join(lines), "    ")
     masked = f"for j0 in range(0, hi, BN):\n{body(step(True))}"
     if not cfg.get("split", True):
@@ -369,16 +370,16 @@ def flash_spec(H: int, D: int, DV: int, dtype: str, scale: float, target: str, a
     pieces = dot_pieces(D)
     load_q = []
     if tma:         # one descriptor per (b, h) and dot piece: [rows, the piece's columns up to D]
-        load_q += [f"kd{i} = tl.make_tensor_descriptor(kb + {off}, shape=[S, {D - off}], strides=[sks, 1], "
+        load_q += [f"kd{i} = tl.make_tensor_descriptor(kb{f' + {off}' if off else ''}, shape=[S, {D - off}], strides=[sks, 1], "
                    f"block_shape=[BN, {w}])" for i, (off, w) in enumerate(pieces)]
         load_q.append(f"vd = tl.make_tensor_descriptor(vb, shape=[S, {DV}], strides=[svs, 1], block_shape=[BN, BDV])")
     for i, (off, w) in enumerate(pieces):
         mask = "mt[:, None]" + (f" & (d{i} < {D})[None, :]" if off + w > D else "")
-        load_q.append(f"d{i} = {off} + tl.arange(0, {w})")
         if tma:
-            load_q.append(f"q{i} = tl.make_tensor_descriptor(q_ptr + b.to(tl.int64) * sqb + h * sqh + {off}, "
+            load_q.append(f"q{i} = tl.make_tensor_descriptor(q_ptr + b.to(tl.int64) * sqb + h * sqh{f' + {off}' if off else ''}, "
                           f"shape=[T, {D - off}], strides=[sqt, 1], block_shape=[BM, {w}]).load([t0, 0])")
         else:
+            load_q.append(f"d{i} = {off} + tl.arange(0, {w})")
             load_q.append(f"q{i} = tl.load(qb + d{i}[None, :], mask={mask}, other=0.0)")
         if cfg.get("fold_scale", False):
             load_q.append(f"q{i} = (q{i} * SCALE_LOG2E).to(q{i}.dtype)")
