@@ -12,27 +12,32 @@ import kimi_graph
 from kimi_graph.lowering.triton.launches import counting
 from kimi_graph.runtime import Engine
 from kimi_graph.runtime.cache import CacheManager, runs, zero_all
+from reference_kimi import rel_err
 
 
-def _prefill_launches(engine: Engine, B: int, T: int) -> int:
-    """Launches of one prefill of B prompts of T tokens into fresh slots (allocated, prefilled, freed)."""
+def _prefill(engine: Engine, B: int, T: int) -> tuple[int, list[torch.Tensor]]:
+    """(launches, last logits) of one prefill of B prompts of T tokens into fresh slots
+    (allocated, prefilled, freed)."""
     prompts = [[(5 * b + 3 * t) % 60 + 1 for t in range(T)] for b in range(B)]
     with counting() as c:
         slots = engine.cache.allocate(B)
-        engine.prefill(slots, prompts, last_only=True)
+        logits = engine.prefill(slots, prompts, last_only=True)
         engine.cache.free(slots)
-    return c.total
+    return c.total, logits
 
 
 @pytest.mark.usefixtures("triton_interpret")
 def test_prefill_launches_do_not_grow_with_sequences(kda_mla_checkpoint):
     """1 x 32 tokens vs 8 x 4 (same tokens, one call each), slots reused so their caches are
-    zeroed again: the batch of 8 launches no more than the one sequence."""
-    model = kimi_graph.load(kda_mla_checkpoint, pipeline="default", backend="triton")
-    engine = Engine(model, max_batch=8, max_len=40, prefill_chunk=None)
-    one = _prefill_launches(engine, 1, 32)
-    many = _prefill_launches(engine, 8, 4)
+    zeroed again: the batch of 8 launches no more than the one sequence, and both give the
+    reference interpreter's logits (rel. error <= 1e-5, fp32)."""
+    engines = [Engine(kimi_graph.load(kda_mla_checkpoint, pipeline="default", backend=b), max_batch=8,
+                      max_len=40, prefill_chunk=None) for b in ("triton", "interpreter")]
+    (one, got1), (_, want1) = (_prefill(e, 1, 32) for e in engines)
+    (many, got8), (_, want8) = (_prefill(e, 8, 4) for e in engines)
     assert many <= one, (one, many)
+    for x, y in zip(got1 + got8, want1 + want8):
+        assert rel_err(x, y) <= 1e-5
 
 
 def _written(cache: CacheManager, slots: list[int], n: int) -> None:

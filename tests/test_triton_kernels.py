@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kimi_graph.lowering.triton import conv, elementwise, kda, mla, moe, moe_permute, norm  # noqa: E402
+from kimi_graph.lowering.triton import codegen, conv, elementwise, kda, mla, moe, moe_permute, norm  # noqa: E402
 from kimi_graph.ops import get_op
 from kimi_graph.runtime.views import PagedRows  # noqa: E402
 from reference_kimi import rel_err as rel  # noqa: E402
@@ -239,12 +239,16 @@ def test_causal_conv1d_reads_a_slice_in_place(B, T):
     assert torch.equal(y, y2) and torch.equal(sn, sn2)
 
 
-@pytest.mark.parametrize("B,T", [(3, 1), (2, 13)])             # one launch; T past a block: one by one
-def test_causal_conv1d_group_equals_each_conv(B, T):
+@pytest.mark.parametrize("B,T,launches", [(3, 1, 1), (2, 13, 2)])     # T past a block: outputs, then states
+def test_causal_conv1d_group_equals_each_conv(B, T, launches, monkeypatch):
     wide = torch.randn(B, T, 70)
     xs = [wide[..., i * 20:(i + 1) * 20] for i in range(3)]
     ws, sts = [torch.randn(20, 1, 4) for _ in range(3)], [torch.randn(B, 20, 3) for _ in range(3)]
-    for (y, sn), x, w, st in zip(conv.causal_conv1d_group(xs, ws, sts, "silu"), xs, ws, sts):
+    names = []
+    monkeypatch.setattr(conv, "launch", lambda spec, *a: names.append(spec.name) or codegen.launch(spec, *a))
+    got = conv.causal_conv1d_group(xs, ws, sts, "silu")
+    assert len(names) == launches and all(n.endswith("_group") for n in names)
+    for (y, sn), x, w, st in zip(got, xs, ws, sts):
         y2, sn2 = conv.causal_conv1d(x, w, st, "silu")
         assert torch.equal(y, y2) and torch.equal(sn, sn2)
 

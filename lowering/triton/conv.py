@@ -80,34 +80,50 @@ $group
 
 
 @triton.jit
-def causal_conv1d_state(x_ptr, s_ptr, slot_ptr, sn_ptr, T, xs):
-    # grid (B, C blocks), after the outputs when T spans several blocks
+def _state_block(x_ptr, s_ptr, slot_ptr, sn_ptr, T, xs, cblock):
+    # the new state of sequence program_id(0), C block `cblock`
     b = tl.program_id(0)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    c = cblock * BC + tl.arange(0, BC)
     mc = c < C
     $state_write
+
+
+@triton.jit
+def causal_conv1d_state(x_ptr, s_ptr, slot_ptr, sn_ptr, T, xs):
+    # grid (B, C blocks), after the outputs when T spans several blocks
+    _state_block(x_ptr, s_ptr, slot_ptr, sn_ptr, T, xs, tl.program_id(1))
 """
 
 
 _ARGS = ("x", "w", "s", "slot", "y", "sn")
+_STATE_ARGS = ("x", "s", "slot", "sn")
+
+
+def _dispatch(n: int, block: str, args: tuple, axis: int) -> list[str]:
+    """Lines calling `block` for conv i on C blocks [i NCB, (i+1) NCB) of grid axis `axis`."""
+    lines = [f"    cb = tl.program_id({axis})"]
+    for i in range(n):
+        lines.append(f"    if cb < {i + 1} * NCB:" if i == 0 else
+                     (f"    elif cb < {i + 1} * NCB:" if i < n - 1 else "    else:"))
+        lines.append(f"        {block}({', '.join(f'{a}{i}_ptr' for a in args)}, T, xs, cb - {i} * NCB)")
+    return lines
 
 
 def _group_kernel(n: int) -> str:
-    """A kernel running n convs of one shape in one launch, C blocks [i NCB, (i+1) NCB) the i-th."""
-    args = [f"{a}{i}_ptr" for i in range(n) for a in _ARGS]
-    lines = ["@triton.jit", f"def causal_conv1d_group({', '.join(args)}, T, xs):",
-             f"    # grid (B, 1, {n} x C blocks): {n} convs of the decode step in one launch",
-             "    cb = tl.program_id(2)"]
-    for i in range(n):
-        cond = "if" if i == 0 else ("elif" if i < n - 1 else "else")
-        lines.append(f"    {cond} cb < {i + 1} * NCB:" if cond != "else" else "    else:")
-        lines.append(f"        _conv_block({', '.join(f'{a}{i}_ptr' for a in _ARGS)}, T, xs, cb - {i} * NCB)")
-    return "\n".join(lines)
+    """Kernels running n convs of one shape in one launch each: the outputs (and, with one T
+    block, the new states), then the new states when T spans several blocks."""
+    fwd = [f"{a}{i}_ptr" for i in range(n) for a in _ARGS]
+    st = [f"{a}{i}_ptr" for i in range(n) for a in _STATE_ARGS]
+    return "\n".join(["@triton.jit", f"def causal_conv1d_group({', '.join(fwd)}, T, xs):",
+                      f"    # grid (B, T blocks, {n} x C blocks)"] + _dispatch(n, "_conv_block", _ARGS, 2)
+                     + ["", "", "@triton.jit", f"def causal_conv1d_state_group({', '.join(st)}, T, xs):",
+                        f"    # grid (B, {n} x C blocks), after causal_conv1d_group when T spans several blocks"]
+                     + _dispatch(n, "_state_block", _STATE_ARGS, 1))
 
 
 @functools.lru_cache(maxsize=None)
 def conv_specs(C: int, W: int, dtype: str, silu: bool, has_state: bool, target: str, group: int = 0):
-    """(fwd, state) kernels; with group=n, the n-conv kernel instead of the state one."""
+    """(fwd, state) kernels; with group=n, those of n convs in one launch each."""
     cfg = config("conv", target)
     # BT >= W - 1: only the first T block reads the state
     consts = {"C": C, "W": W, "BT": max(cfg["BT"], next_pow2(W - 1)), "BC": cfg["BC"], "SILU": silu, "HAS_STATE": has_state,
@@ -116,9 +132,10 @@ def conv_specs(C: int, W: int, dtype: str, silu: bool, has_state: bool, target: 
                  group=_group_kernel(group) if group else "")
     p = ptr_type(dtype)
     if group:
-        sig = {f"{a}{i}_ptr": ("*i64" if a == "slot" else p) for i in range(group) for a in _ARGS}
-        return KernelSpec("causal_conv1d_group", "causal_conv1d_group", src, {**sig, "T": "i32", "xs": "i32"},
-                          cfg["num_warps"], 1, consts)
+        sigs = [{f"{a}{i}_ptr": ("*i64" if a == "slot" else p) for i in range(group) for a in args}
+                for args in (_ARGS, _STATE_ARGS)]
+        return tuple(KernelSpec(name, name, src, {**sig, "T": "i32", "xs": "i32"}, cfg["num_warps"], 1, consts)
+                     for name, sig in zip(("causal_conv1d_group", "causal_conv1d_state_group"), sigs))
     fwd = KernelSpec("causal_conv1d_fwd", "causal_conv1d_fwd", src,
                      {"x_ptr": p, "w_ptr": p, "s_ptr": p, "slot_ptr": "*i64", "y_ptr": p, "sn_ptr": p,
                       "T": "i32", "xs": "i32"},
@@ -175,16 +192,19 @@ def causal_conv1d(x, weight, state=None, activation="none"):
 
 def causal_conv1d_group(xs: list, weights: list, states: list, activation: str = "none") -> list:
     """Several convs of one shape (KDA's q, k and v) -> [(y, new state)]: one launch when T
-    fits one block (decode), else one conv after another."""
+    fits one block (decode), else two (the outputs, then the new states); convs that differ
+    in shape or stride run one after another."""
     prepared = [_operands(x, w, s, activation) for x, w, s in zip(xs, weights, states)]
     B, T, _ = xs[0].shape
     key, stride = prepared[0][3], prepared[0][2]
-    fwd = conv_specs(*key, current_target())[0]
-    if len(xs) < 2 or T == 0 or T > fwd.config["BT"] or any(p[3] != key or p[2] != stride for p in prepared) \
+    if len(xs) < 2 or T == 0 or any(p[3] != key or p[2] != stride for p in prepared) \
             or any(x.shape != xs[0].shape for x in xs):
         return [causal_conv1d(x, w, s, activation) for x, w, s in zip(xs, weights, states)]
-    spec = conv_specs(*key, current_target(), group=len(xs))
-    launch(spec, (B, 1, len(xs) * spec.config["NCB"]), *[a for p in prepared for a in p[0]], T, stride)
+    fwd, st = conv_specs(*key, current_target(), group=len(xs))
+    blocks, ncb = -(-T // fwd.config["BT"]), len(xs) * fwd.config["NCB"]
+    launch(fwd, (B, blocks, ncb), *[a for p in prepared for a in p[0]], T, stride)
+    if key[1] > 1 and blocks != 1:
+        launch(st, (B, ncb), *[a for p in prepared for a in (p[0][0], p[0][2], p[0][3], p[0][5])], T, stride)
     return [(p[0][4], p[1]) for p in prepared]
 
 
@@ -195,4 +215,4 @@ def op_causal_conv1d(args, attrs):
 def specs_for(kind, ins, outs, attrs, target, group: int = 0):
     x, w = ins[0], ins[1]
     key = (x.shape[2], w.shape[2], x.dtype, attrs["activation"] == "silu", len(ins) > 2, target)
-    return list(conv_specs(*key)) + ([conv_specs(*key, group=group)] if group else [])
+    return list(conv_specs(*key)) + (list(conv_specs(*key, group=group)) if group else [])
