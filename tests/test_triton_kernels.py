@@ -355,6 +355,23 @@ def test_causal_attention_variants(variant, monkeypatch):
         mla.flash_spec.cache_clear()
 
 
+def test_causal_attention_tma_only_on_aligned_tensors(monkeypatch):
+    """The tma form reads through tensor descriptors only where bases and strides are 16-byte
+    aligned; other tensors take pointer loads, with the same result."""
+    from kimi_graph.lowering.triton.targets import TARGETS
+    monkeypatch.setitem(TARGETS["interpret"]["configs"], "attention",
+                        {**TARGETS["interpret"]["configs"]["attention"], "tma": True})
+    mla.flash_spec.cache_clear()
+    B, T, H, D, DV = 2, 21, 2, 24, 12
+    kv = torch.randn(B, T, H, D + DV + 1)
+    q, k, v = torch.randn(B, T, H, D), kv[..., 1:D + 1], kv[..., D + 1:]    # k, v 4 bytes off 16
+    try:
+        assert mla.tma_aligned(D, q, q, q) and not mla.tma_aligned(D, q, k, v)
+        assert not mla.flash_spec(H, D, DV, "f32", 0.5, "interpret", False).config["tma"]
+        assert rel(mla.causal_attention(q, k, v, scale=0.5), attention_loop(q, k, v, None, 0.5)) < TOL
+    finally:
+        mla.flash_spec.cache_clear()
+
 def test_causal_attention_refuses_an_unknown_order(monkeypatch):
     from kimi_graph.lowering.triton.targets import TARGETS
     monkeypatch.setitem(TARGETS["interpret"]["configs"], "attention",

@@ -19,7 +19,7 @@ from kimi_graph.runtime.views import PagedRows
 
 from .codegen import dot_precision, TL_DTYPES, KernelSpec, dot_pieces, launch, next_pow2, render, row_view
 from .elementwise import ir_dtype, ptr_type
-from .targets import config, current_target
+from .targets import TARGETS, config, current_target
 
 _LATENT = """
 @triton.jit
@@ -366,7 +366,7 @@ def flash_spec(H: int, D: int, DV: int, dtype: str, scale: float, target: str, a
     cfg = config("attention", target)
     if cfg.get("order", "heavy_first") not in ("heavy_first", "forward"):
         raise ValueError(f"attention order {cfg['order']!r}: 'heavy_first' or 'forward'")
-    tma = bool(cfg.get("tma", False)) and aligned
+    tma = bool(cfg.get("tma", False)) and aligned and (TARGETS[target]["arch"] or 90) >= 90     # sm_90+, interpreter
     pieces = dot_pieces(D)
     load_q = []
     if tma:         # one descriptor per (b, h) and dot piece: [rows, the piece's columns up to D]
@@ -449,7 +449,8 @@ def specs_for(kind, ins, outs, attrs, target):
         return [cache_write_spec(ins[1].shape[2], ins[1].dtype, target)]
     if kind == "causal_attention":
         q, v = ins[0], ins[2]
-        return [flash_spec(q.shape[2], q.shape[3], v.shape[3], q.dtype, float(attrs["scale"]), target)]
+        # the graph's q, k, v are 16-byte aligned (a projection's reshape, a concat, a slice at 128)
+        return [flash_spec(q.shape[2], q.shape[3], v.shape[3], q.dtype, float(attrs["scale"]), target, True)]
     ql, qr = ins[0], ins[1]
     T, H = ql.shape[1], ql.shape[2]
     rows = T * H if isinstance(T, int) else 1 << 20
