@@ -181,7 +181,8 @@ def gemv_spec(N: int, K: int, rows: int, dtype: str, norm: str | None, eps: floa
     split, ks = splits(N, K, BN, BK, cfg["programs"], cfg["max_split"])
     if norm == "gated_rmsnorm" and (group != next_pow2(group) or K % group):
         raise ValueError(f"gated norm groups of {group} do not tile K={K} (a power of two dividing K)")
-    mode = {None: 0, "gated_rmsnorm": 3}.get(norm, {"two": 1, "one": 2}[cfg["norm_pass"]])
+    # one pass rounds x * nw unnormalised to the data dtype: fp16's range takes the two-pass form
+    mode = {None: 0, "gated_rmsnorm": 3}.get(norm, 1 if dtype == "f16" else {"two": 1, "one": 2}[cfg["norm_pass"]])
     consts = {"N": N, "K": K, "BM": BM, "BN": BN, "BK": BK, "KS": ks, "SPLIT": split,
               "EVEN": N % BN == 0 and K % ks == 0 and ks % BK == 0, "DOT": dot, "PREC": dot_precision(dtype),
               "NORM": mode, "RESIDUAL": norm == "add_rmsnorm", "G": max(group, 1), "EPS": float(eps) if norm else 0.0,
