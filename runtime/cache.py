@@ -277,13 +277,13 @@ class CacheManager:
         """The states of `slots` as in-place views (runtime/views.py), caches seen `window`
         rows long; `index`: the slots as a device tensor (default: made from `slots`)."""
         idx = self.slot_index(slots) if index is None else index
-        out = {}
+        out, memo = {}, {}
         for spec in self.specs:
             t = self.storage[spec.name]
             if spec.seq_axis is None:
                 out[spec.name] = SlotRows(t, idx)
             elif spec.seq_axis == 0:
-                out[spec.name] = PagedRows(t, idx, self.table, window, self.capacity)
+                out[spec.name] = PagedRows(t, idx, self.table, window, self.capacity, memo)
             else:
                 raise CacheError(f"state {spec.name}: in-place views need the sequence axis first")
         return out

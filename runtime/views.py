@@ -16,7 +16,7 @@ Ops that do not understand views get `dense()`: a [B, S, C] copy of the rows in 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -57,6 +57,9 @@ class PagedRows(_View):
     table: torch.Tensor         # [num_slots, pages per slot] int32: page of each block of positions
     window: int                 # S as the graph sees it: positions 0 .. window-1
     capacity: int               # the most positions a slot can hold (bounds kernel grids)
+    # shared by the views of one call (CacheManager.views): the storage rows `dense` reads,
+    # computed once for every cache of the call rather than once per cache
+    memo: dict = field(default_factory=dict, repr=False)
 
     @property
     def page_size(self) -> int:
@@ -75,9 +78,13 @@ class PagedRows(_View):
     def dense(self) -> torch.Tensor:
         """[B, window, C]: the rows in use (rows past a sequence's pages read its table's
         page, masked by every consumer as positions past the sequence's end)."""
-        B = self.slots.shape[0]
-        pos = torch.arange(self.window, device=self.device).expand(B, self.window)
-        return self.storage.flatten(0, 1)[self.rows(pos)]
+        key = ("dense", self.window, self.page_size, self.device, id(self.slots), id(self.table))
+        rows = self.memo.get(key)
+        if rows is None:
+            B = self.slots.shape[0]
+            pos = torch.arange(self.window, device=self.device).expand(B, self.window)
+            rows = self.memo[key] = self.rows(pos)
+        return self.storage.flatten(0, 1)[rows]
 
     def write(self, new: torch.Tensor, pos: torch.Tensor) -> None:
         """Rows new [B, T, C] at positions pos[b] + t (the torch form of the write kernel)."""
