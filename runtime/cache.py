@@ -37,10 +37,13 @@ def runs(slots: list[int]) -> list[tuple[int, int]]:
 def zero_all(tensors: list[torch.Tensor]) -> None:
     """Zero `tensors` with one multi-tensor launch per device and dtype (torch._foreach_zero_;
     on CUDA it packs up to ~110 dense tensors a launch), not a launch each: a batch's states
-    are zeroed in a number of launches that does not grow with its sequences."""
+    are zeroed in a number of launches that does not grow with its sequences. (A strided
+    tensor would send its whole group down the per-tensor path: it is zeroed on its own.)"""
     groups: dict[tuple, list[torch.Tensor]] = {}
     for t in tensors:
-        if t.numel():
+        if not t.is_contiguous():
+            t.zero_()
+        elif t.numel():
             groups.setdefault((t.device, t.dtype), []).append(t)
     for group in groups.values():
         torch._foreach_zero_(group)

@@ -103,9 +103,10 @@ def test_reused_slots_start_from_zero_and_others_are_untouched(kda_mla_checkpoin
 def test_runs_and_zero_all():
     assert runs([5, 0, 1, 3, 2, 7, 1]) == [(0, 4), (5, 6), (7, 8)]
     assert runs([]) == []
-    a, b, c = torch.ones(3, 4), torch.ones(2, dtype=torch.bfloat16), torch.ones(0)
-    zero_all([a[1:], b, c])
+    a, b, c, d = torch.ones(3, 4), torch.ones(2, dtype=torch.bfloat16), torch.ones(0), torch.ones(4, 3)
+    zero_all([a[1:], b, c, d[:, 1:]])
     assert a[0].eq(1).all() and a[1:].eq(0).all() and b.eq(0).all()
+    assert d[:, 0].eq(1).all() and d[:, 1:].eq(0).all()
 
 
 def test_freeing_a_slot_twice_is_refused(kda_mla_checkpoint):
