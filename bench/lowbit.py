@@ -175,6 +175,8 @@ def by_id(fmt, q13, q2, w13, w2, per_expert, bw, g):
         for name, over in (("words", {"dequant": "words"}), ("elements", {"dequant": "elements"}),
                            ("words BN8_BK1024", {"dequant": "words", "quant_tiles": {"BN": 8, "BK": 1024, "BND": 8,
                                                                                       "BKD": 1024}}),
+                           ("words BN32_BK512", {"dequant": "words", "quant_tiles": {"BN": 32, "BK": 512, "BND": 32,
+                                                                                      "BKD": 512}}),
                            ("words BN32_BK256", {"dequant": "words", "quant_tiles": {"BN": 32, "BK": 256, "BND": 32,
                                                                                       "BKD": 256}})):
             cfg.update(over)

@@ -10,9 +10,9 @@ each row once at the end. Two ways to dequantize:
   read as 32-bit words (a 16-byte load is 32 int4 codes) and no code goes through an int->float
   conversion (a quarter-rate instruction): a code c at bits p..p+b-1 of its word (p + b <= 23;
   the top ones after one 16-bit shift of the word) is OR-ed into the mantissa of 2^23
-  (0x4B000000), which gives the float 2^23 + c 2^p exactly; subtracting 2^23 + z 2^p leaves
-  (c - z) 2^p exactly, and the vector entry is pre-scaled by 2^-p (exact, once per tile and shared
-  by the rows). Per code: one AND/OR (one LOP3), one FADD, one FFMA. The group's scale multiplies
+  (0x4B000000), which gives the float f = 2^23 + c 2^p exactly, and f 2^-p - (2^(23-p) + z) is
+  c - z exactly (one FMA, or one FADD where p = 0). Per code: one AND/OR (one LOP3), one FMA or
+  FADD, one FFMA with the vector's entry. The group's scale multiplies
   each word's partial sum (the words never straddle a group), not every code; nothing is rounded
   to the data dtype on the way (the reference rounds each dequantized weight to it: the sums
   differ by that rounding, ~2^-9 relative in bf16, nothing in fp32).
@@ -63,15 +63,17 @@ def _words_body(fmt: str, asym: bool, sets: list[str]) -> list[str]:
     b = BITS[fmt]
     mask = (1 << b) - 1
     zero = 2.0 ** (b - 1)
-    lines = ["j = k0 // NPW + tl.arange(0, BKX // NPW)", "mj = j < K // NPW"]
-    # the vector's entries per code position, pre-scaled by 2^-p; asymmetric: their sum per word
-    for i, (_, p) in enumerate(_positions(fmt)):
+    # (the hints: k0 is a multiple of the tile, so the words' loads are 16-byte vectors)
+    # mgc: the constant 2^23 the compiler cannot see (program_id(2) is 0: the grids are 2-D), so
+    # it stays in a register: as a literal, ptxas re-materializes each code's mask instead, one
+    # MOV a code
+    lines = ["mgc = tl.program_id(2) + MAGIC", "j = tl.max_contiguous(tl.multiple_of(k0 // NPW + tl.arange(0, BKX // NPW), BKX // NPW), BKX // NPW)",
+             "mj = j < K // NPW"]
+    # the vector's entries per code position; asymmetric: their sum per word
+    for i in range(len(_positions(fmt))):
         lines.append(f"v{i} = tl.load(v_ptr + NPW * j + {i}, mask=mj, other=0.0).to(tl.float32)")
     if asym:
         lines.append("vs = " + " + ".join(f"v{i}" for i in range(len(_positions(fmt)))))
-    for i, (_, p) in enumerate(_positions(fmt)):
-        if p:
-            lines.append(f"v{i} = v{i} * {2.0 ** -p!r}")
     outs = []
     for t in sets:
         lines += [f"m{t} = mr{t}[:, None] & mj[None, :]",
@@ -86,9 +88,12 @@ def _words_body(fmt: str, asym: bool, sets: list[str]) -> list[str]:
                   f"s{t} = tl.load(s_ptr + g{t}, mask=mg{t}, other=0.0).to(tl.float32)"]
         terms = []
         for i, (src, p) in enumerate(_positions(fmt)):
-            # (c - z) 2^p: symmetric z is the constant 2^(b-1); asymmetric z comes off per word below
-            sub = 2.0 ** 23 + (0.0 if asym else zero * 2.0 ** p)
-            terms.append(f"(((({src} & {mask << p}) | {MAGIC}).to(tl.float32, bitcast=True) - {sub!r}) * v{i}[None, :])")
+            # (2^23 + c 2^p) 2^-p - (2^(23-p) + z) = c - z exactly, in one FMA: symmetric z is the
+            # constant 2^(b-1); asymmetric z comes off per word below
+            sub = 2.0 ** (23 - p) + (0.0 if asym else zero)
+            f = f"(({src} & {mask << p}) | mgc).to(tl.float32, bitcast=True)"
+            terms.append(f"(({f} * {2.0 ** -p!r} - {sub!r}) * v{i}[None, :])" if p else
+                         f"(({f} - {sub!r}) * v{i}[None, :])")
         lines.append(f"p{t} = " + terms[0])
         lines += [f"p{t} += " + term for term in terms[1:]]
         if asym:
@@ -138,7 +143,7 @@ def loader(fmt: str, asym: bool, words: bool) -> str:
     if words:
         one = _words_body(fmt, asym, [""])
         two = _words_body(fmt, asym, ["1", "2"])
-        return (f"@triton.jit\ndef _wdot_q(w_ptr, s_ptr, z_ptr, r, mr, v_ptr, k0, {_SIG}):\n    {what}\n"
+        return (f"MAGIC = tl.constexpr({MAGIC})\n\n\n@triton.jit\ndef _wdot_q(w_ptr, s_ptr, z_ptr, r, mr, v_ptr, k0, {_SIG}):\n    {what}\n"
                 f"{indent(one)}\n\n\n"
                 f"@triton.jit\ndef _wdot2_q(w1_ptr, w2_ptr, s_ptr, z_ptr, r1, r2, mr, v_ptr, k0, {_SIG}):\n"
                 f"    {what}; two row sets against one vector\n    mr1 = mr\n    mr2 = mr\n{indent(two)}\n\n\n")
