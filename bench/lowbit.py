@@ -106,6 +106,7 @@ def gpu(args):
     rows = lambda bn, bk, w=4: dict(BN_rows=bn, BK_rows=bk, BND_rows=bn, BKD_rows=bk, warps_rows=w)  # noqa: E731
     decode_variants = [("default", {}), ("rows BN32_BK256", rows(32, 256)), ("rows BN8_BK512", rows(8, 512)),
                        ("rows BN16_BK256", rows(16, 256)), ("rows BN32_BK512_w8", rows(32, 512, 8)),
+                       ("rows serial", dict(prefetch_rows=False)),
                        ("dot BN64", dict(rows_max=0, BN_small=64)),
                        ("dot BN32_BK128_w2", dict(rows_max=0, BN_small=32, BK_small=128, num_warps=2))]
     for fmt in args.formats.split(","):
@@ -173,6 +174,7 @@ def by_id(fmt, q13, q2, w13, w2, per_expert, bw, g):
         ref = by_id_fp64(x, ids, wts, q13, q2, fmt)
         read = ids.unique().numel() * per_expert
         for name, over in (("words", {"dequant": "words"}), ("elements", {"dequant": "elements"}),
+                           ("words serial", {"dequant": "words", "prefetch": False}),
                            ("words BN8_BK1024", {"dequant": "words", "quant_tiles": {"BN": 8, "BK": 1024, "BND": 8,
                                                                                       "BKD": 1024}}),
                            ("words BN32_BK512", {"dequant": "words", "quant_tiles": {"BN": 32, "BK": 512, "BND": 32,

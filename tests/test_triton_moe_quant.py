@@ -243,12 +243,17 @@ def test_grouped_small_tiles_without_the_rows_kernels(triton_interpret, monkeypa
 @pytest.mark.parametrize("fmt,symmetric,group,dequant", [("int4", True, 128, "words"), ("int4", False, 128, "words"),
                                                            ("int8", True, 128, "words"), ("int8", False, 8, "words"),
                                                            ("int4", False, 128, "elements"),
-                                                           ("int8", True, 8, "elements")])
+                                                           ("int8", True, 8, "elements"),
+                                                           ("int4", True, 8, "words serial")])
 def test_decode_by_id_words_and_elements(triton_interpret, monkeypatch, fmt, symmetric, group, dequant):
-    """moe_decode's experts by id with each loader (dequant key), 1 and 5 tokens (two token
-    buckets' tiles), against fp64; words read the codes as int32 words."""
+    """moe_decode's experts by id with each loader (dequant key; words with and without the
+    prefetch), 1 and 5 tokens (two token buckets' tiles), against fp64; words read the codes as
+    int32 words."""
     from kimi_graph.lowering.triton import moe_decode, targets
-    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_decode"], "dequant", dequant)
+    cfg = targets.TARGETS["interpret"]["configs"]["moe_decode"]
+    monkeypatch.setitem(cfg, "prefetch", dequant != "words serial")
+    dequant = dequant.split()[0]
+    monkeypatch.setitem(cfg, "dequant", dequant)
     moe_decode.decode_specs.cache_clear()
     E, I, D, k = 6, 24, 56, 2
     (q13, s13, q2, s2), zeros, (d13, d2), gen = _draw_quant(fmt, symmetric, group, E, I, D, 11)

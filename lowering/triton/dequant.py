@@ -1,10 +1,10 @@
 """Low-bit weight rows dotted with one vector, dequantizing in the load: the GEMV-shaped kernels'
 main loop (moe_decode's experts by id, moe_quant's per-row kernels for decode-sized batches).
 
-`loader(fmt, asym, words)` renders `_wdot_q` (one weight's rows) and `_wdot2_q` (two row sets
-against one vector: gate and up), and `HELPERS_Q` the K loops over them. Each returns one K tile's
-partial products per (row, column slot), [rows, BKX // NPW]; the loops accumulate those and sum
-each row once at the end. Two ways to dequantize:
+`loader(fmt, asym, words)` renders the K tile's loads and dots, `helpers(words)` the K loops over
+them (`_swiglu_rows_q`: gate and up rows against one vector, `_rows_dot_q`). A tile gives partial
+products per (row, column slot), [rows, BKX // NPW]; the loops accumulate those and sum each row
+once at the end. Two ways to dequantize:
 
 - words (int4 / int8 whose K and group hold whole 32-bit words, NPW codes a word): the codes are
   read as 32-bit words (a 16-byte load is 32 int4 codes) and no code goes through an int->float
@@ -58,16 +58,32 @@ def _positions(fmt: str) -> list[tuple[str, int]]:
     return [("w", p) if p + b <= 23 else ("hi", p - 16) for p in range(0, 32, b)]
 
 
-def _words_body(fmt: str, asym: bool, sets: list[str]) -> list[str]:
-    """`_wdot(2)_q`'s body over 32-bit words for the row sets `sets` (suffixes of r, w_ptr)."""
+def _words_load(asym: bool) -> list[str]:
+    """`_wload_q`'s body: one K tile's words, scales (and zero points) of rows r."""
+    return ["j = tl.max_contiguous(tl.multiple_of(k0 // NPW + tl.arange(0, BKX // NPW), BKX // NPW), BKX // NPW)",
+            "m = mr[:, None] & (j < K // NPW)[None, :]",
+            "w = tl.load(w_ptr + r[:, None] * (K // NPW) + j[None, :], mask=m, other=0)",
+            "if G % BKX == 0:",
+            "    g = (r * (K // G) + k0 // G)[:, None]",
+            "    mg = mr[:, None]",
+            "else:",
+            "    g = r[:, None] * (K // G) + (j // (G // NPW))[None, :]",
+            "    mg = m",
+            "s = tl.load(s_ptr + g, mask=mg, other=0.0).to(tl.float32)",
+            "z = tl.load(z_ptr + g, mask=mg, other=0).to(tl.float32)" if asym else "z = s",
+            "return w, s, z"]
+
+
+def _words_use(fmt: str, asym: bool, sets: list[str]) -> list[str]:
+    """`_wuse(2)_q`'s body: the partial products of loaded words (w, s, z + suffix in `sets`)."""
     b = BITS[fmt]
     mask = (1 << b) - 1
     zero = 2.0 ** (b - 1)
-    # (the hints: k0 is a multiple of the tile, so the words' loads are 16-byte vectors)
     # mgc: the constant 2^23 the compiler cannot see (program_id(2) is 0: the grids are 2-D), so
     # it stays in a register: as a literal, ptxas re-materializes each code's mask instead, one
     # MOV a code
-    lines = ["mgc = tl.program_id(2) + MAGIC", "j = tl.max_contiguous(tl.multiple_of(k0 // NPW + tl.arange(0, BKX // NPW), BKX // NPW), BKX // NPW)",
+    lines = ["mgc = tl.program_id(2) + MAGIC",
+             "j = tl.max_contiguous(tl.multiple_of(k0 // NPW + tl.arange(0, BKX // NPW), BKX // NPW), BKX // NPW)",
              "mj = j < K // NPW"]
     # the vector's entries per code position; asymmetric: their sum per word
     for i in range(len(_positions(fmt))):
@@ -76,28 +92,18 @@ def _words_body(fmt: str, asym: bool, sets: list[str]) -> list[str]:
         lines.append("vs = " + " + ".join(f"v{i}" for i in range(len(_positions(fmt)))))
     outs = []
     for t in sets:
-        lines += [f"m{t} = mr{t}[:, None] & mj[None, :]",
-                  f"w = tl.load(w{t}_ptr + r{t}[:, None] * (K // NPW) + j[None, :], mask=m{t}, other=0)",
-                  "hi = w >> 16",
-                  "if G % BKX == 0:",
-                  f"    g{t} = (r{t} * (K // G) + k0 // G)[:, None]",
-                  f"    mg{t} = mr{t}[:, None]",
-                  "else:",
-                  f"    g{t} = r{t}[:, None] * (K // G) + (j // (G // NPW))[None, :]",
-                  f"    mg{t} = m{t}",
-                  f"s{t} = tl.load(s_ptr + g{t}, mask=mg{t}, other=0.0).to(tl.float32)"]
+        lines.append(f"hi = w{t} >> 16")
         terms = []
         for i, (src, p) in enumerate(_positions(fmt)):
             # (2^23 + c 2^p) 2^-p - (2^(23-p) + z) = c - z exactly, in one FMA: symmetric z is the
             # constant 2^(b-1); asymmetric z comes off per word below
             sub = 2.0 ** (23 - p) + (0.0 if asym else zero)
-            f = f"(({src} & {mask << p}) | mgc).to(tl.float32, bitcast=True)"
+            f = f"(({src + t if src == 'w' else src} & {mask << p}) | mgc).to(tl.float32, bitcast=True)"
             terms.append(f"(({f} * {2.0 ** -p!r} - {sub!r}) * v{i}[None, :])" if p else
                          f"(({f} - {sub!r}) * v{i}[None, :])")
         lines.append(f"p{t} = " + terms[0])
         lines += [f"p{t} += " + term for term in terms[1:]]
         if asym:
-            lines.append(f"z{t} = tl.load(z_ptr + g{t}, mask=mg{t}, other=0).to(tl.float32)")
             lines.append(f"p{t} -= z{t} * vs[None, :]")
         outs.append(f"p{t} * s{t}")
     return lines + ["return " + ", ".join(outs)]
@@ -135,23 +141,22 @@ _SIG = "K: tl.constexpr, G: tl.constexpr, BKX: tl.constexpr"
 
 
 def loader(fmt: str, asym: bool, words: bool) -> str:
-    """The source of `_wdot_q` and `_wdot2_q` for `fmt` codes (zero points when `asym`), reading
-    words (see the module doc) or elements. Slots per tile: BKX // NPW (words), BKX // 2 (int4
-    elements: an even and an odd column a slot) or BKX."""
+    """The source of the K tiles' loads and dots for `fmt` codes (zero points when `asym`),
+    reading words (see the module doc: `_wload_q` loads a tile, `_wuse_q` / `_wuse2_q` dot one or
+    two loaded tiles with the vector) or elements (`_wdot_q`: load and dot). Slots per tile:
+    BKX // NPW (words), BKX // 2 (int4 elements: an even and an odd column a slot) or BKX."""
     what = f"# {fmt} codes{' with zero points' if asym else ''}, {'32-bit words' if words else 'per element'}"
     indent = lambda lines: "\n".join("    " + ln for ln in lines)  # noqa: E731
     if words:
-        one = _words_body(fmt, asym, [""])
-        two = _words_body(fmt, asym, ["1", "2"])
-        return (f"MAGIC = tl.constexpr({MAGIC})\n\n\n@triton.jit\ndef _wdot_q(w_ptr, s_ptr, z_ptr, r, mr, v_ptr, k0, {_SIG}):\n    {what}\n"
-                f"{indent(one)}\n\n\n"
-                f"@triton.jit\ndef _wdot2_q(w1_ptr, w2_ptr, s_ptr, z_ptr, r1, r2, mr, v_ptr, k0, {_SIG}):\n"
-                f"    {what}; two row sets against one vector\n    mr1 = mr\n    mr2 = mr\n{indent(two)}\n\n\n")
+        return (f"MAGIC = tl.constexpr({MAGIC})\n\n\n"
+                f"@triton.jit\ndef _wload_q(w_ptr, s_ptr, z_ptr, r, mr, k0, {_SIG}):\n    {what}\n"
+                f"{indent(_words_load(asym))}\n\n\n"
+                f"@triton.jit\ndef _wuse_q(w, s, z, v_ptr, k0, K: tl.constexpr, BKX: tl.constexpr):\n"
+                f"{indent(_words_use(fmt, asym, ['']))}\n\n\n"
+                f"@triton.jit\ndef _wuse2_q(w1, s1, z1, w2, s2, z2, v_ptr, k0, K: tl.constexpr, BKX: tl.constexpr):\n"
+                f"{indent(_words_use(fmt, asym, ['1', '2']))}\n\n\n")
     return (f"@triton.jit\ndef _wdot_q(w_ptr, s_ptr, z_ptr, r, mr, v_ptr, k0, {_SIG}):\n    {what}\n"
-            f"{indent(_elements_body(fmt, asym))}\n\n\n"
-            f"@triton.jit\ndef _wdot2_q(w1_ptr, w2_ptr, s_ptr, z_ptr, r1, r2, mr, v_ptr, k0, {_SIG}):\n"
-            "    return (_wdot_q(w1_ptr, s_ptr, z_ptr, r1, mr, v_ptr, k0, K, G, BKX),\n"
-            "            _wdot_q(w2_ptr, s_ptr, z_ptr, r2, mr, v_ptr, k0, K, G, BKX))\n\n\n")
+            f"{indent(_elements_body(fmt, asym))}\n\n\n")
 
 
 def slots(fmt: str, words: bool) -> int:
@@ -159,8 +164,10 @@ def slots(fmt: str, words: bool) -> int:
     return words_per_code(fmt) if words else (2 if fmt == "int4" else 1)
 
 
-# the K loops over the loader; constexprs of the including kernel: BN, BK, BND, BKD, D, G1, NPW
-HELPERS_Q = """
+# the K loops over the loader; constexprs of the including kernel: BN, BK, BND, BKD, D, G1, NPW.
+# Words, prefetching: the next K tile's words are loaded before this one is dotted (their latency
+# hidden behind the arithmetic; past K the loads are masked off and read nothing).
+_HELPERS_WORDS = """
 @triton.jit
 def _swiglu_rows_q(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.constexpr):
     # silu(x wg[rg]^T) * (x wu[ru]^T) for BN rows of one expert's low-bit codes (D columns); the
@@ -168,10 +175,14 @@ def _swiglu_rows_q(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.co
     # (ROUND: unused, the float helper's)
     acc_g = tl.zeros((BN, BK // NPW), tl.float32)
     acc_u = tl.zeros((BN, BK // NPW), tl.float32)
+    $first_gu
     for k0 in range(0, D, BK):
-        pg, pu = _wdot2_q(wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, x_ptr, k0, D, G1, BK)
+        wg2, sg2, zg2 = _wload_q(wg_ptr, s_ptr, z_ptr, rg, mn, $next_gu, D, G1, BK)
+        wu2, su2, zu2 = _wload_q(wu_ptr, s_ptr, z_ptr, ru, mn, $next_gu, D, G1, BK)
+        pg, pu = _wuse2_q($tiles_gu, x_ptr, k0, D, BK)
         acc_g += pg
         acc_u += pu
+        $rotate_gu
     g = tl.sum(acc_g, 1)
     u = tl.sum(acc_u, 1)
     return g / (1.0 + tl.exp(-g)) * u
@@ -181,7 +192,52 @@ def _swiglu_rows_q(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.co
 def _rows_dot_q(h_ptr, w_ptr, s_ptr, z_ptr, n, mn, K: tl.constexpr, G: tl.constexpr):
     # (h w^T)[n] for the BND rows n of low-bit codes w [., K], in fp32
     y = tl.zeros((BND, BKD // NPW), tl.float32)
+    $first_d
+    for k0 in range(0, K, BKD):
+        w2, s2, z2 = _wload_q(w_ptr, s_ptr, z_ptr, n, mn, $next_d, K, G, BKD)
+        y += _wuse_q($tiles_d, h_ptr, k0, K, BKD)
+        $rotate_d
+    return tl.sum(y, 1)
+"""
+
+_HELPERS_ELEMENTS = """
+@triton.jit
+def _swiglu_rows_q(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.constexpr):
+    # as the words' loop, each tile loaded and dotted in turn
+    acc_g = tl.zeros((BN, BK // NPW), tl.float32)
+    acc_u = tl.zeros((BN, BK // NPW), tl.float32)
+    for k0 in range(0, D, BK):
+        acc_g += _wdot_q(wg_ptr, s_ptr, z_ptr, rg, mn, x_ptr, k0, D, G1, BK)
+        acc_u += _wdot_q(wu_ptr, s_ptr, z_ptr, ru, mn, x_ptr, k0, D, G1, BK)
+    g = tl.sum(acc_g, 1)
+    u = tl.sum(acc_u, 1)
+    return g / (1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
+def _rows_dot_q(h_ptr, w_ptr, s_ptr, z_ptr, n, mn, K: tl.constexpr, G: tl.constexpr):
+    y = tl.zeros((BND, BKD // NPW), tl.float32)
     for k0 in range(0, K, BKD):
         y += _wdot_q(w_ptr, s_ptr, z_ptr, n, mn, h_ptr, k0, K, G, BKD)
     return tl.sum(y, 1)
 """
+
+
+def helpers(words: bool, prefetch: bool = True) -> str:
+    """`_swiglu_rows_q` and `_rows_dot_q`, the K loops over `loader(..., words)`; words with
+    `prefetch`: the next tile's words loaded before this one is dotted, else in the step that
+    dots them."""
+    if not words:
+        return _HELPERS_ELEMENTS
+    from string import Template
+    if prefetch:
+        blocks = {"first_gu": "wg, sg, zg = _wload_q(wg_ptr, s_ptr, z_ptr, rg, mn, 0, D, G1, BK)\n"
+                              "    wu, su, zu = _wload_q(wu_ptr, s_ptr, z_ptr, ru, mn, 0, D, G1, BK)",
+                  "next_gu": "k0 + BK", "tiles_gu": "wg, sg, zg, wu, su, zu",
+                  "rotate_gu": "wg, sg, zg, wu, su, zu = wg2, sg2, zg2, wu2, su2, zu2",
+                  "first_d": "w, s, z = _wload_q(w_ptr, s_ptr, z_ptr, n, mn, 0, K, G, BKD)",
+                  "next_d": "k0 + BKD", "tiles_d": "w, s, z", "rotate_d": "w, s, z = w2, s2, z2"}
+    else:
+        blocks = {"first_gu": "", "next_gu": "k0", "tiles_gu": "wg2, sg2, zg2, wu2, su2, zu2", "rotate_gu": "",
+                  "first_d": "", "next_d": "k0", "tiles_d": "w2, s2, z2", "rotate_d": ""}
+    return "\n".join(ln if ln.strip() else "" for ln in Template(_HELPERS_WORDS).substitute(blocks).splitlines())

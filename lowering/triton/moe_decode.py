@@ -41,7 +41,7 @@ from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render, tickets
 from .elementwise import ir_dtype, ptr_type
 from .targets import config, current_target
 
-# the K loops over float weights ("f"; low-bit codes: "q", dequant.HELPERS_Q)
+# the K loops over float weights ("f"; low-bit codes: "q", dequant.helpers)
 _HELPERS = """
 @triton.jit
 def _swiglu_rows_f(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.constexpr):
@@ -200,7 +200,7 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
                       W13=math.prod(code_shape(fmt, w13)) // unit, W2=math.prod(code_shape(fmt, w2)) // unit,
                       S13=math.prod(scale_shape(fmt, w13, group)), S2=math.prod(scale_shape(fmt, w2, group)))
         code, zero = "*i32" if words else moe_quant.CODE_PTR[fmt], "*u8" if asym else p
-        helpers, loader = helpers + dequant.HELPERS_Q, dequant.loader(fmt, asym, words)
+        helpers, loader = helpers + dequant.helpers(words, cfg["prefetch"]), dequant.loader(fmt, asym, words)
     name = "moe_decode" + (f"_{quant[0]}" if quant else "")
     src = render(name, _DECODE + moe_permute.WEIGHTED_ROWS, consts, loader=loader, helpers=helpers,
                  R="q" if quant else "f")

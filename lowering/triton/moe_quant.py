@@ -217,7 +217,7 @@ def row_specs(fmt: str, E: int, I: int, D: int, group_size: int, asym: bool, dty
               "BND": min(cfg["BND_rows"], next_pow2(D)), "BKD": BKD, "G1": G1, "G2": G2, "NPW": npw,
               "W13": 2 * I * D // npw, "W2": D * I // npw, "S13": 2 * I * (D // G1), "S2": D * (I // G2),
               "DT": TL_DTYPES[dtype]}
-    src = render(f"quantized_grouped_swiglu_rows_{fmt}", dequant.loader(fmt, asym, True) + dequant.HELPERS_Q + _ROWS,
+    src = render(f"quantized_grouped_swiglu_rows_{fmt}", dequant.loader(fmt, asym, True) + dequant.helpers(True, cfg["prefetch_rows"]) + _ROWS,
                  consts)
     p, z = ptr_type(dtype), "*u8" if asym else ptr_type(dtype)
     mk = lambda name, sig: KernelSpec(f"{name}_{fmt}", name, src, sig, cfg["warps_rows"],  # noqa: E731

@@ -71,11 +71,12 @@ _BASE = {
     # cores take prefill tiles (sm_89+)
     # rows_max: up to that many rows (token copies), int4 / int8 take one program per (row, N
     # block) dotting the row with its expert's codes read as words (dequant.py; moe_decode's
-    # loops), in BN_rows x BK_rows (gate/up) and BND_rows x BKD_rows (down) tiles
+    # loops), in BN_rows x BK_rows (gate/up) and BND_rows x BKD_rows (down) tiles, prefetch_rows
+    # as moe_decode's prefetch
     "moe_gemm_q": {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3,
                    "BM_small": 16, "BN_small": 32, "BK_small": 128, "fp8_dot": False,
                    "rows_max": 128, "BN_rows": 16, "BK_rows": 512, "BND_rows": 16, "BKD_rows": 512,
-                   "warps_rows": 4, "stages_rows": 2},
+                   "warps_rows": 4, "stages_rows": 2, "prefetch_rows": True},
     # permutation: BLOCK token copies per block (ranked SUB at a time), rows copied BD columns a
     # program; the scan takes SCAN_E experts x SCAN_B blocks a step
     "moe_permute": {"BLOCK": 1024, "SUB": 64, "BD": 256, "SCAN_E": 16, "SCAN_B": 64, "num_warps": 4,
@@ -87,9 +88,11 @@ _BASE = {
     # grouped kernels. token_tiles: [[max tokens, {tile key: value}], ...]: a batch of at most that
     # many tokens (the first entry that holds it) takes those tiles over the ones above. Low-bit
     # experts: quant_tiles over those; dequant "words" (32-bit words, no conversion instructions,
-    # dequant.py) or "elements" (each weight dequantized and rounded as the op library does)
+    # dequant.py; prefetch: the next K tile's words loaded before this one is dotted) or
+    # "elements" (each weight dequantized and rounded as the op library does)
     "moe_decode": {"BN": 16, "BK": 256, "BND": 16, "BKD": 256, "max_pairs": 64, "num_warps": 4,
-                   "warps_down": 4, "num_stages": 2, "token_tiles": [], "quant_tiles": {}, "dequant": "words"},
+                   "warps_down": 4, "num_stages": 2, "token_tiles": [], "quant_tiles": {}, "dequant": "words",
+                   "prefetch": True},
     # dense projections of up to max_rows rows (lowering/triton/gemv.py; larger take cuBLAS):
     # enabled: the kernel in place of cuBLAS (env KIMI_GRAPH_TRITON_GEMV=1/0 overrides); BN output
     # columns x BK a step per program, K split until ~`programs` programs (at most max_split);
