@@ -15,7 +15,7 @@ SUMMARY=()
 
 step_tests() {
   python3 -c "import transformers, fla; print('transformers', transformers.__version__, 'fla', fla.__version__)"
-  timeout 280 python3 -m pytest -v -rf --timeout 100 --durations=15 ${TESTS_FILES:-tests/test_decode_graphs_gpu.py \
+  timeout ${TESTS_S:-280} python3 -m pytest -v -rf --timeout 100 --durations=15 ${TESTS_FILES:-tests/test_decode_graphs_gpu.py \
     tests/test_triton_gpu.py tests/test_moe_decode_gpu.py tests/test_triton_moe_quant.py tests/test_torch_step_graphs.py \
     "tests/test_lowering_torch_compile.py::test_decode_under_cuda_graphs"} ${TESTS_K:+-k "$TESTS_K"}
 }
@@ -23,7 +23,7 @@ step_prefill() { timeout 200 python3 bench/prefill_split.py --layers 27 ${PREFIL
 step_mla_small() { timeout 200 python3 bench/mla_decode.py --small; }
 step_kda() { timeout 330 python3 bench/kda_chunk.py --sweep; }
 step_kda_check() { timeout 240 python3 bench/kda_chunk.py; }
-step_lowbit() { timeout 150 python3 bench/lowbit.py; }
+step_lowbit() { timeout ${LOWBIT_S:-150} python3 bench/lowbit.py; }
 step_lowbit_acc() { timeout 150 python3 bench/lowbit_accuracy.py --write; }
 step_decode() { timeout 150 python3 bench/decode_step.py --layers 27 --batches 1,32; }
 step_e2e() { timeout 420 python3 bench/e2e.py --phases ours,hf; }
@@ -32,8 +32,10 @@ step_e2e_int4() {
     --prefill 1x4096 --graphs on --name e2e-int4
 }
 step_decode_int4() {    # every kernel of a B=1 / 32 step with int4 experts, beside bf16's
-  timeout 200 python3 bench/decode_step.py --layers 27 --batches 1,32 --variants fused --no-sweep \
-    --experts int4 --name decode_step_int4
+  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 90 python3 bench/decode_step.py --layers 27 \
+    --batches 1,32 --variants fused --no-sweep --name decode_step_bf16
+  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout ${DECODE_INT4_S:-200} python3 bench/decode_step.py --layers 27 \
+    --batches 1,32 --variants fused --no-sweep --experts int4 --name decode_step_int4
 }
 step_compiled() {
   timeout 300 python3 bench/e2e.py --phases ours --backend torch --graphs off --batches 1,32 \
