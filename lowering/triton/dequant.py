@@ -43,6 +43,12 @@ def words_fit(fmt: str, tiles: list[tuple[int, int, int]]) -> bool:
     return npw > 0 and all(K % npw == 0 and G % npw == 0 and bk % npw == 0 for K, G, bk in tiles)
 
 
+def word_tile(fmt: str, bk: int) -> int:
+    """The K tile of `fmt` codes holding the bytes of a `bk` tile of int4 codes (tiles are given
+    for int4: int8 takes half the columns, as many words)."""
+    return bk * 4 // BITS[fmt]
+
+
 def as_words(codes: torch.Tensor) -> torch.Tensor:
     """u8 codes [..., N, K/2 or K] as int32 words [..., N, (bytes) / 4] (no copy when aligned)."""
     codes = codes.contiguous()
@@ -203,23 +209,21 @@ def _rows_dot_q(h_ptr, w_ptr, s_ptr, z_ptr, n, mn, K: tl.constexpr, G: tl.conste
 _HELPERS_ELEMENTS = """
 @triton.jit
 def _swiglu_rows_q(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.constexpr):
-    # as the words' loop, each tile loaded and dotted in turn
-    acc_g = tl.zeros((BN, BK // NPW), tl.float32)
-    acc_u = tl.zeros((BN, BK // NPW), tl.float32)
+    # silu(x wg[rg]^T) * (x wu[ru]^T), each tile loaded, dotted and summed in turn
+    acc_g = tl.zeros((BN,), tl.float32)
+    acc_u = tl.zeros((BN,), tl.float32)
     for k0 in range(0, D, BK):
-        acc_g += _wdot_q(wg_ptr, s_ptr, z_ptr, rg, mn, x_ptr, k0, D, G1, BK)
-        acc_u += _wdot_q(wu_ptr, s_ptr, z_ptr, ru, mn, x_ptr, k0, D, G1, BK)
-    g = tl.sum(acc_g, 1)
-    u = tl.sum(acc_u, 1)
-    return g / (1.0 + tl.exp(-g)) * u
+        acc_g += tl.sum(_wdot_q(wg_ptr, s_ptr, z_ptr, rg, mn, x_ptr, k0, D, G1, BK), 1)
+        acc_u += tl.sum(_wdot_q(wu_ptr, s_ptr, z_ptr, ru, mn, x_ptr, k0, D, G1, BK), 1)
+    return acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
 
 
 @triton.jit
 def _rows_dot_q(h_ptr, w_ptr, s_ptr, z_ptr, n, mn, K: tl.constexpr, G: tl.constexpr):
-    y = tl.zeros((BND, BKD // NPW), tl.float32)
+    y = tl.zeros((BND,), tl.float32)
     for k0 in range(0, K, BKD):
-        y += _wdot_q(w_ptr, s_ptr, z_ptr, n, mn, h_ptr, k0, K, G, BKD)
-    return tl.sum(y, 1)
+        y += tl.sum(_wdot_q(w_ptr, s_ptr, z_ptr, n, mn, h_ptr, k0, K, G, BKD), 1)
+    return y
 """
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kimi_graph.ops.quant import code_shape, group_of, scale_shape, weight_shape
+from kimi_graph.ops.quant import BITS, code_shape, group_of, scale_shape, weight_shape
 
 from . import dequant, moe, moe_permute, moe_quant
 from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render, tickets
@@ -178,7 +178,17 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
     (0: none); quant: (format, group size, asymmetric) of low-bit experts; bucket: the
     `token_tiles` bound whose tiles to take (bucket_of). None where the target has no kernel for
     the format (fp8 before sm_89)."""
-    cfg = bucket_config(config("moe_decode", target), bucket, quant=quant is not None)
+    base = config("moe_decode", target)
+    cfg = bucket_config(base, bucket)
+    words = False
+    if quant is not None:       # the word loader takes quant_tiles (K tiles in int4 columns)
+        fmt, group, asym = quant
+        qcfg = bucket_config(base, bucket, quant=True)
+        G1, G2 = group_of(fmt, D, group), group_of(fmt, I, group)
+        BK, BKD = (dequant.word_tile(fmt, qcfg[k]) if fmt in BITS else 0 for k in ("BK", "BKD"))
+        words = uses_words(qcfg, fmt, D, I, G1, G2, min(BK, next_pow2(D)), min(BKD, next_pow2(max(I, shared_i))))
+        if words:
+            cfg = {**qcfg, "BK": BK, "BKD": BKD}
     wide = max(I, shared_i)
     consts = {"I": I, "IS": max(shared_i, 1), "D": D, "TOPK": top_k,
               "BN": min(cfg["BN"], next_pow2(wide)), "BK": min(cfg["BK"], next_pow2(D)),
@@ -189,12 +199,9 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
     code, scale, zero = p, p, p
     helpers, loader = _HELPERS, ""
     if quant is not None:
-        fmt, group, asym = quant
         if fmt == "fp8" and not moe_quant.has_e4m3(target):
             return None
         w13, w2 = (2 * I, D), (D, I)
-        G1, G2 = group_of(fmt, D, group), group_of(fmt, I, group)
-        words = uses_words(cfg, fmt, D, I, G1, G2, consts["BK"], consts["BKD"])
         unit = 4 if words else 1                    # bytes a code pointer steps
         consts.update(G1=G1, G2=G2, NPW=dequant.slots(fmt, words),
                       W13=math.prod(code_shape(fmt, w13)) // unit, W2=math.prod(code_shape(fmt, w2)) // unit,

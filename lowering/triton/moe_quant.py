@@ -209,7 +209,10 @@ def row_specs(fmt: str, E: int, I: int, D: int, group_size: int, asym: bool, dty
     read as words (fp8; rows, groups or tiles not whole words)."""
     cfg = config("moe_gemm_q", target)
     G1, G2 = group_of(fmt, D, group_size), group_of(fmt, I, group_size)
-    BK, BKD = min(cfg["BK_rows"], next_pow2(D)), min(cfg["BKD_rows"], next_pow2(I))
+    if fmt not in ("int4", "int8"):
+        return None
+    BK = min(dequant.word_tile(fmt, cfg["BK_rows"]), next_pow2(D))
+    BKD = min(dequant.word_tile(fmt, cfg["BKD_rows"]), next_pow2(I))
     if not dequant.words_fit(fmt, [(D, G1, BK), (I, G2, BKD)]):
         return None
     npw = dequant.words_per_code(fmt)

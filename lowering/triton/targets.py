@@ -71,8 +71,8 @@ _BASE = {
     # cores take prefill tiles (sm_89+)
     # rows_max: up to that many rows (token copies), int4 / int8 take one program per (row, N
     # block) dotting the row with its expert's codes read as words (dequant.py; moe_decode's
-    # loops), in BN_rows x BK_rows (gate/up) and BND_rows x BKD_rows (down) tiles, prefetch_rows
-    # as moe_decode's prefetch
+    # loops), in BN_rows x BK_rows (gate/up) and BND_rows x BKD_rows (down) tiles (K in int4
+    # columns: int8 takes half), prefetch_rows as moe_decode's prefetch
     "moe_gemm_q": {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3,
                    "BM_small": 16, "BN_small": 32, "BK_small": 128, "fp8_dot": False,
                    "rows_max": 128, "BN_rows": 16, "BK_rows": 512, "BND_rows": 16, "BKD_rows": 512,
@@ -87,9 +87,10 @@ _BASE = {
     # read ~1.1x the distinct experts' bytes, 128 copies ~1.25x, so larger batches go to the
     # grouped kernels. token_tiles: [[max tokens, {tile key: value}], ...]: a batch of at most that
     # many tokens (the first entry that holds it) takes those tiles over the ones above. Low-bit
-    # experts: quant_tiles over those; dequant "words" (32-bit words, no conversion instructions,
-    # dequant.py; prefetch: the next K tile's words loaded before this one is dotted) or
-    # "elements" (each weight dequantized and rounded as the op library does)
+    # experts: dequant "words" (32-bit words, no conversion instructions, dequant.py; prefetch:
+    # the next K tile's words loaded before this one is dotted) in the tiles of quant_tiles over
+    # those (K tiles in int4 columns: int8 takes half as many, the same bytes), or "elements"
+    # (each weight dequantized and rounded as the op library does; fp8 always)
     "moe_decode": {"BN": 16, "BK": 256, "BND": 16, "BKD": 256, "max_pairs": 64, "num_warps": 4,
                    "warps_down": 4, "num_stages": 2, "token_tiles": [], "quant_tiles": {}, "dequant": "words",
                    "prefetch": True},
