@@ -6,7 +6,8 @@ triton backend's plan: plain linears (MLA's o_proj, the dense layer's down proje
 f_b and g_b as one launch ("pair", against two cuBLAS calls) and norm + linear steps (the fused
 q/k/v/f_a/b/g_a projection, MLA's fused q / kv_a, the dense layer's gate/up, lm_head after
 add_rmsnorm; KDA's o_proj after its gated per-head norm), the latter against the norm kernel then
-cuBLAS, as the backend runs them without the kernel. Each call is timed replayed from a CUDA
+cuBLAS, as the backend runs them without the kernel; MLA's absorbed head_matmul ("heads") against
+the op's einsum. Each call is timed replayed from a CUDA
 graph, cycling through copies of the weight so that no replay finds it in L2 (as in a step,
 where the other layers evict it).
 Per shape and row count: us, fraction of the copy rate (bytes read and written over the time),
@@ -67,6 +68,11 @@ def decode_shapes(model: str = "kimi-linear-48b-a3b") -> list[dict]:
             key, w = (norm.kind, norm.attrs["eps"], group), item.ops[-1].inputs[1]
         elif isinstance(item, LinearPair):
             key, w = ("pair", 0.0, 0), item.inputs[1]
+        elif getattr(item, "kind", None) == "head_matmul" and item.inputs[1] in g.params:
+            H, NI, R = g.types[item.inputs[1]].shape          # as N = R, K = NI, group = H
+            counts["heads", 0.0, H, R, NI] += 1
+            names.setdefault(("heads", 0.0, H, R, NI), item.inputs[1].split(".")[-1] + " heads")
+            continue
         elif getattr(item, "kind", None) == "linear" and item.inputs[1] in g.params:
             key, w = (None, 0.0, 0), item.inputs[1]
         else:
@@ -97,10 +103,12 @@ def graph_us(calls: list) -> float:
 
 
 def weights(shape: dict, gen) -> list:
-    """Copies of a random weight of the shape, ROTATE_BYTES in all (at least one)."""
-    N, K = shape["N"], shape["K"]
-    copies = max(1, min(256, math.ceil(ROTATE_BYTES / (N * K * 2))))
-    return [torch.randn(N, K, device="cuda", generator=gen, dtype=torch.bfloat16) * K ** -0.5 for _ in range(copies)]
+    """Copies of a random weight of the shape ([N, K], or [H, K, N] for head_matmul), ROTATE_BYTES
+    in all (at least one)."""
+    N, K, H = shape["N"], shape["K"], shape["group"] if shape["norm"] == "heads" else 1
+    dims = (H, K, N) if shape["norm"] == "heads" else (N, K)
+    copies = max(1, min(256, math.ceil(ROTATE_BYTES / (H * N * K * 2))))
+    return [torch.randn(*dims, device="cuda", generator=gen, dtype=torch.bfloat16) * K ** -0.5 for _ in range(copies)]
 
 
 class Case:
@@ -112,6 +120,13 @@ class Case:
         self.ws, self.copies = ws, len(ws)
         self.reps = max(20, self.copies)
         r = lambda *s: torch.randn(*s, device="cuda", generator=gen, dtype=torch.bfloat16)
+        self.shape, self.rows = shape, rows
+        if shape["norm"] == "heads":             # head_matmul: x [rows, 1, H, K] against [H, K, N]
+            H = shape["group"]
+            self.x = r(rows, 1, H, K)
+            self.bytes = 2 * H * (N * K + rows * (N + K))
+            self.ref = torch.einsum("bthn,hnr->bthr", self.x.double(), ws[0].double())
+            return
         G = shape["group"] or K                 # the norm's groups (gated_rmsnorm: KDA's heads)
         self.x, self.res, self.nw = r(rows, K), r(rows, K), (1 + 0.1 * r(G))   # res: the residual or the gate
         self.shape, self.rows = shape, rows
@@ -131,6 +146,8 @@ class Case:
         w, norm = self.ws[i % self.copies], self.shape["norm"]
         if norm is None:
             return lambda: F.linear(self.x, w)
+        if norm == "heads":
+            return lambda: torch.einsum("bthn,hnr->bthr", self.x, w)
         if norm == "pair":
             w1 = self.ws[(i + 1) % self.copies]
             return lambda: (F.linear(self.x, w), F.linear(self.res, w1))[0]
@@ -147,6 +164,8 @@ class Case:
         w, norm = self.ws[i % self.copies], self.shape["norm"]
         if norm is None:
             return lambda: gemv.linear(self.x, w)
+        if norm == "heads":
+            return lambda: gemv.heads(self.x, w)
         if norm == "pair":
             w1 = self.ws[(i + 1) % self.copies]
             return lambda: gemv.pair(self.x, w, self.res, w1)[0]
@@ -256,14 +275,15 @@ def choose(per_variant: dict, cublas: dict, shapes: list, rows_list: list, varia
     if not best:
         return [], {}
     m0, by_shape = min(best), {}
+    wshape = lambda s: (s["group"], s["K"], s["N"]) if s["norm"] == "heads" else (s["N"], s["K"])  # noqa: E731
     for s in shapes:                                # ours and cuBLAS at the fewest rows, per weight shape
-        o, c = by_shape.get((s["N"], s["K"]), (0.0, 0.0))
-        by_shape[s["N"], s["K"]] = (o + best[m0][1][s["name"]], c + cublas[m0, s["name"]])
-    kept = [[n, k] for (n, k), (o, c) in by_shape.items() if o >= c]
+        o, c = by_shape.get(wshape(s), (0.0, 0.0))
+        by_shape[wshape(s)] = (o + best[m0][1][s["name"]], c + cublas[m0, s["name"]])
+    kept = [list(w) for w, (o, c) in by_shape.items() if o >= c]
     summary, max_rows = [], 0
     for M, (vi, t) in best.items():
         total = sum(cublas[M, n] for n in names)
-        mixed = sum(cublas[M, s["name"]] if [s["N"], s["K"]] in kept else t[s["name"]] for s in shapes)
+        mixed = sum(cublas[M, s["name"]] if list(wshape(s)) in kept else t[s["name"]] for s in shapes)
         summary.append({"M": M, "cublas_step_us": total, "ours_step_us": sum(t.values()), "mixed_step_us": mixed,
                         "speedup": total / mixed, "variant": vi, "tiles": str(variants[vi] or "target")})
     for s in summary:                               # the largest row count below which every measured one wins

@@ -1,6 +1,6 @@
 """GPU only (skipped without CUDA): the decode projections' kernel (lowering/triton/gemv.py) in
-bf16 on published shapes against fp64 (rel. error <= 1e-2), with each norm prologue, split K and
-the pair; a row's result bitwise the same in any batch of its row bucket and replayed from a CUDA
+bf16 on published shapes against fp64 (rel. error <= 1e-2), with each norm prologue, split K,
+the pair and head_matmul; a row's result bitwise the same in any batch of its row bucket and replayed from a CUDA
 graph; the tiny model's decode step with the kernel switched on against the same step on cuBLAS."""
 from __future__ import annotations
 
@@ -68,6 +68,16 @@ def test_pair_bf16_against_fp64():
     x0, x1 = v[..., 12288:12416], v[..., 12448:12576]
     y0, y1 = gemv.pair(x0, w0, x1, w1)
     assert rel(y0, x0.double() @ w0.double().T) <= BF16_TOL and rel(y1, x1.double() @ w1.double().T) <= BF16_TOL
+
+
+@pytest.mark.parametrize("M", [1, 4])
+@pytest.mark.parametrize("NI,R", [(128, 512), (512, 128)])           # MLA's k_absorb, v_absorb
+def test_heads_bf16_against_fp64(M, NI, R):
+    g = torch.Generator(device="cuda").manual_seed(NI)
+    x = torch.randn(M, 1, 32, NI + 64, device="cuda", generator=g).to(torch.bfloat16)[..., :NI]
+    w = (torch.randn(32, NI + 128, R, device="cuda", generator=g) * NI ** -0.5).to(torch.bfloat16)[:, :NI]
+    ref = torch.einsum("bthn,hnr->bthr", x.double(), w.double())
+    assert rel(gemv.heads(x, w), ref) <= BF16_TOL
 
 
 @pytest.mark.parametrize("M", [1, 4])

@@ -1,7 +1,7 @@
 """Decode-sized projections (lowering/triton/gemv.py) through the Triton interpreter, fp32,
 against a float64 product written here: 1..16 rows, N and K off the tiles, K split or not, the
 RMSNorm prologue with and without a residual (in one pass and in two), the gated per-group norm,
-two products in one launch; a row's result bitwise the same in any batch of
+two products in one launch, head_matmul; a row's result bitwise the same in any batch of
 its bucket; the backend's plan running a norm and the linear it feeds as one step, and the tiny
 model's decode with the kernel switched on matching the reference interpreter.
 Tolerance: rel. error <= 1e-5 (fp32, a different summation order)."""
@@ -96,6 +96,16 @@ def test_pair_of_products_in_one_launch(monkeypatch, M, programs):
     assert rel(y0, x0.double() @ w0.double().T) < TOL and rel(y1, x1.double() @ w1.double().T) < TOL
 
 
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("H,NI,R", [(4, 16, 32), (3, 40, 24)])
+def test_heads_match_fp64(M, H, NI, R):
+    """head_matmul (MLA's absorbed weights): x and w strided views, NI and R off the tiles."""
+    g = torch.Generator().manual_seed(M + NI)
+    x = torch.randn(M, 1, H, NI + 8, generator=g)[..., :NI]
+    w = torch.randn(H, NI + 5, R, generator=g)[:, 2:NI + 2]             # a view, as absorbed weights are
+    assert rel(gemv.heads(x, w), torch.einsum("bthn,hnr->bthr", x.double(), w.double())) < TOL
+
+
 def test_rows_alone_in_their_bucket_and_leading_dims(monkeypatch):
     """Row 0 gives the same bits whatever the other rows of its bucket hold; x [B, 1, K] slices
     (strided rows) are read in place."""
@@ -151,10 +161,11 @@ def test_tiny_decode_with_the_kernel_matches_the_interpreter(monkeypatch, B):
     form = lambda a, k: "plain" if len(a) == 2 else "gated" if k.get("gate") is not None \
         else "norm" if a[4] is None else "residual"
     monkeypatch.setattr(gemv, "linear", lambda *a, **k: calls.append(form(a, k)) or kernel(*a, **k))
-    two = gemv.pair
+    two, per_head = gemv.pair, gemv.heads
     monkeypatch.setattr(gemv, "pair", lambda *a: calls.append("pair") or two(*a))
+    monkeypatch.setattr(gemv, "heads", lambda *a: calls.append("heads") or per_head(*a))
     outs, expect = tri.execute("decode", True, inputs), ref.execute("decode", True, inputs)
-    assert set(calls) == ({"plain", "norm", "residual", "gated", "pair"} if B <= 4 else set())
+    assert set(calls) == ({"plain", "norm", "residual", "gated", "pair", "heads"} if B <= 4 else set())
     assert len(outs) == len(expect)
     for a, b in zip(outs, expect):
         assert a.shape == b.shape and rel(a, b) < TOL

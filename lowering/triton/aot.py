@@ -59,6 +59,9 @@ def graph_specs(g, target: str) -> dict[tuple[str, str], tuple[KernelSpec, set]]
             (N, K), dt = g.types[item.inputs[1]].shape, g.types[item.ops[0].inputs[0]].dtype
             specs, kind = (gemv.specs_for(N, K, dt, None, 0.0, target, paired=True) if dt in KERNEL_DTYPES else []), \
                 "linear+linear"
+        elif item.kind == "head_matmul" and item.inputs[1] in g.params:
+            (H, NI, R), dt = g.types[item.inputs[1]].shape, g.types[item.inputs[0]].dtype
+            specs, kind = (gemv.heads_specs_for(H, NI, R, dt, target) if dt in KERNEL_DTYPES else []), "head_matmul"
         elif item.kind == "linear" and item.inputs[1] in g.params:
             (N, K), dt = g.types[item.inputs[1]].shape, g.types[item.inputs[0]].dtype
             specs, kind = (gemv.specs_for(N, K, dt, None, 0.0, target) if dt in KERNEL_DTYPES else []), "linear"

@@ -371,8 +371,8 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
                 args = [plain(a) for a in args]
         elif trusted and item.kind in ENGINE_IMPLS:
             fn, args = ENGINE_IMPLS[item.kind], [plain(a) for a in args]
-        elif item.kind == "linear":             # decode-sized rows: gemv's kernel where it takes them
-            fn, args = gemv.op_linear, [plain(a) for a in args]
+        elif item.kind in gemv.IMPLS:          # decode-sized rows: gemv's kernels where they take them
+            fn, args = gemv.IMPLS[item.kind], [plain(a) for a in args]
         else:
             fn, args = get_op(item.kind).ref, [plain(a) for a in args]
         env.update(zip(item.outputs, fn(args, op_attrs(item, dims))))

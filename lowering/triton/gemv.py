@@ -40,7 +40,8 @@ from .norm import rmsnorm
 from .targets import config, current_target, interpreting
 
 ENV = "KIMI_GRAPH_TRITON_GEMV"
-TILE_KEYS = ("BN", "BK", "num_warps", "num_stages", "programs", "max_split", "dot_min_rows", "norm_pass")
+TILE_KEYS = ("BN", "BK", "num_warps", "num_stages", "programs", "max_split", "dot_min_rows", "norm_pass", "BN_heads",
+             "BK_heads")
 
 _GEMV = """
 @triton.jit
@@ -148,6 +149,37 @@ def gemv_rows(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, s_ptr, part_ptr, tickets_ptr, 
             tl.store(y_ptr + yo, tot.to(DT), mask=my)
 """
 
+_HEADS = """
+@triton.jit
+def gemv_heads(x_ptr, w_ptr, y_ptr, M, xs, xh, wh, wn):
+    # y[m, h, r] = sum_n x[m, h, n] w[h, n, r] (head_matmul): BR columns r of head program_id(1)
+    # a program, W read in [BK, BR] tiles along its contiguous r (w's heads wh apart, rows wn:
+    # absorbed weights are views of kv_b_proj)
+    pr = tl.program_id(0)
+    h = tl.program_id(1)
+    r = pr * BR + tl.arange(0, BR)
+    mr = r < R
+    m = tl.arange(0, BM)
+    mm = m < M
+    m64 = m.to(tl.int64)
+    wp = w_ptr + h.to(tl.int64) * wh
+    xrow = x_ptr + m64[:, None] * xs + h * xh
+    acc = tl.zeros((BM, BR), tl.float32)
+    acc1 = tl.zeros((BK, BR), tl.float32)     # one row: products summed across n once, at the end
+    for k0 in range(0, NI, BK):
+        k = k0 + tl.arange(0, BK)
+        mk = k < NI
+        xk = tl.load(xrow + k[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
+        w = tl.load(wp + k[:, None] * wn + r[None, :], mask=mk[:, None] & mr[None, :], other=0.0)
+        if DOT:
+            acc += tl.dot(xk, w, input_precision=PREC)
+        else:
+            acc1 += tl.trans(xk).to(tl.float32) * w.to(tl.float32)
+    if not DOT:
+        acc = tl.sum(acc1, 0)[None, :]
+    tl.store(y_ptr + (m64[:, None] * H + h) * R + r[None, :], acc.to(DT), mask=mm[:, None] & mr[None, :])
+"""
+
 
 def enabled(target: str | None = None) -> bool:
     env = os.environ.get(ENV)
@@ -195,18 +227,72 @@ def gemv_spec(N: int, K: int, rows: int, dtype: str, norm: str | None, eps: floa
                       consts)
 
 
+@functools.lru_cache(maxsize=None)
+def heads_spec(H: int, NI: int, R: int, rows: int, dtype: str, target: str) -> KernelSpec:
+    """head_matmul's kernel for `rows` rows of x [., H, NI] against w [H, NI, R]: one row takes
+    FMAs, more tl.dot on a 16-row tile; tiles BN_heads x BK_heads of the `gemv` family."""
+    cfg = config("gemv", target)
+    cfg = bucket_config(cfg, bucket_of(cfg, rows), TILE_KEYS, "gemv")
+    dot = rows > 1
+    consts = {"H": H, "NI": NI, "R": R, "BM": max(16, next_pow2(rows)) if dot else 1,
+              "BR": max(16, min(cfg["BN_heads"], next_pow2(R))), "BK": max(16, min(cfg["BK_heads"], next_pow2(NI))),
+              "DOT": dot, "PREC": dot_precision(dtype), "DT": TL_DTYPES[dtype]}
+    p = ptr_type(dtype)
+    return KernelSpec("gemv_heads", "gemv_heads", render("gemv_heads", _HEADS, consts),
+                      {"x_ptr": p, "w_ptr": p, "y_ptr": p, "M": "i32", "xs": "i32", "xh": "i32", "wh": "i32",
+                       "wn": "i32"},
+                      cfg["num_warps"], cfg["num_stages"], consts)
+
+
+def heads(x, w):
+    """head_matmul through the kernel: x [..., H, NI] (rows of one stride, NI contiguous) against
+    w [H, NI, R] (R contiguous; heads and rows at any stride) -> [..., H, R]."""
+    H, NI, R = w.shape
+    if x.dim() < 2 or tuple(x.shape[-2:]) != (H, NI) or x.dtype != w.dtype:
+        raise ValueError(f"heads: x {tuple(x.shape)} {x.dtype} does not fit weight {tuple(w.shape)} {w.dtype}")
+    try:
+        xv = x.view(-1, H, NI)
+    except RuntimeError:
+        xv = x.reshape(-1, H, NI)
+    if xv.stride(2) != 1:
+        xv = xv.contiguous()
+    if w.stride(2) != 1:
+        w = w.contiguous()
+    rows = xv.shape[0]
+    spec = heads_spec(H, NI, R, rows, ir_dtype(x), current_target())
+    y = torch.empty(x.shape[:-1] + (R,), device=x.device, dtype=x.dtype)
+    if rows:
+        launch(spec, (-(-R // spec.config["BR"]), H), xv, w, y, rows, xv.stride(0), xv.stride(1), w.stride(0),
+               w.stride(1))
+    return y
+
+
+def op_head_matmul(args, attrs):
+    """The backend's head_matmul: the kernel for decode-sized rows, else the op's torch form."""
+    x, w = args
+    rows = x.numel() // max(1, x.shape[-1] * x.shape[-2]) if x.dim() == 4 else 0
+    if w.dim() == 3 and x.dim() == 4 and x.dtype == w.dtype and _decode_rows(x, rows, list(w.shape)):
+        return [heads(x, w)]
+    return [torch.einsum("bthn,hnr->bthr", x, w.to(x.dtype))]
+
+
+def _decode_rows(x, rows: int, shape: list) -> bool:
+    """Rows the kernel takes: decode-sized, float, on CUDA (or the interpreter), the target on,
+    the weight's shape not left to cuBLAS."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not (x.is_cuda or interpreting()):
+        return False
+    target = current_target()
+    cfg = config("gemv", target)
+    return 0 < rows <= cfg["max_rows"] and shape not in cfg["cublas_shapes"] and enabled(target)
+
+
 def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Does the kernel run x W^T (else cuBLAS through torch)? Decode-sized rows, one float dtype,
     a CUDA tensor (or the interpreter), the target switched on, a weight shape not among the
     target's `cublas_shapes`."""
     if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or x.dtype != w.dtype:
         return False
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not (x.is_cuda or interpreting()):
-        return False
-    rows = x.numel() // max(1, x.shape[-1])
-    target = current_target()
-    cfg = config("gemv", target)
-    return 0 < rows <= cfg["max_rows"] and list(w.shape) not in cfg["cublas_shapes"] and enabled(target)
+    return _decode_rows(x, x.numel() // max(1, x.shape[-1]), list(w.shape))
 
 
 def linear(x, w, norm_weight=None, eps: float = 1e-6, residual=None, gate=None):
@@ -374,3 +460,15 @@ def specs_for(N: int, K: int, dtype: str, norm: str | None, eps: float, target: 
     rows = [r for r in range(1, config("gemv", target)["max_rows"] + 1)]
     return list({s.hash: s for s in (gemv_spec(N, K, r, dtype, norm, eps, target, group, paired)
                                      for r in rows)}.values())
+
+
+def heads_specs_for(H: int, NI: int, R: int, dtype: str, target: str) -> list[KernelSpec]:
+    """head_matmul's kernels of every row bucket up to `max_rows` (AOT builds)."""
+    if not enabled(target):
+        return []
+    rows = range(1, config("gemv", target)["max_rows"] + 1)
+    return list({s.hash: s for s in (heads_spec(H, NI, R, r, dtype, target) for r in rows)}.values())
+
+
+# the backend's ops these kernels run at decode sizes (the op's torch form otherwise)
+IMPLS = {"linear": op_linear, "head_matmul": op_head_matmul}

@@ -99,11 +99,12 @@ _BASE = {
     # columns x BK a step per program, K split until ~`programs` programs (at most max_split);
     # dot_min_rows rows and more take tl.dot on 16-row tiles; norm_pass: a norm inline in one pass
     # ("one": rstd applied to the fp32 sums) or two ("two": rstd first, the normalised row rounded
-    # as rmsnorm_rows rounds it); cublas_shapes: weight shapes [N, K] left to cuBLAS; token_tiles
-    # as moe_decode's
+    # as rmsnorm_rows rounds it); cublas_shapes: weight shapes ([N, K], [H, N, R]) left to cuBLAS;
+    # head_matmul (w [H, N, R], contiguous along R) in BK_heads x BN_heads tiles; token_tiles as
+    # moe_decode's
     "gemv": {"enabled": False, "max_rows": 16, "BN": 16, "BK": 512, "num_warps": 4, "num_stages": 2,
              "programs": 528, "max_split": 8, "dot_min_rows": 2, "norm_pass": "one", "cublas_shapes": [],
-             "token_tiles": []},
+             "BN_heads": 64, "BK_heads": 128, "token_tiles": []},
 }
 
 
