@@ -124,6 +124,8 @@ def gpu(args):
             variants = decode_variants if N <= 16 else [("fp8 dot" if cfg["fp8_dot"] else "default", {}),
                                                           ("weight-only", {"fp8_dot": False})]
             for name, over in variants:
+                if fmt == "fp8" and name.startswith("rows"):     # int4 / int8 only
+                    continue
                 if with_config(over, run) is None:       # no kernel for this variant on this GPU
                     print(f"{fmt} {N} tokens {name}: no kernel fits (the reference would run)")
                     continue
