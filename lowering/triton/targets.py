@@ -133,6 +133,12 @@ TARGETS: dict[str, dict] = {
                       "intra_stages": 1, "wu_warps": 2, "wu_stages": 2},
         "kda_recurrent": {"BV": 64, "num_warps": 4},
         "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
+        # decode projections: bench/gemv.py on an H200 (2026-11-30 23:44, 9f3f49a) won at one row
+        # only, and lost where the norm rides on the wide fused projections (left to cuBLAS);
+        # the 27-layer B=1 step 3.11 -> 2.92 ms in e2e (2026-12-01 01:16, 825dd84)
+        "gemv": {"enabled": True, "max_rows": 1,
+                 "cublas_shapes": [[12576, 2304], [6720, 2304], [18432, 2304], [163840, 2304]],
+                 "token_tiles": [[1, {"BN": 8, "BK": 512, "num_warps": 4, "programs": 528}]]},
         # bench/mla_decode.py --small on an H200 (2026-11-30): BM 16 at B=1 (32k: 43 vs 54 us),
         # BM 32 at B=32 (32k: 408 vs 492 us, 70% of the copy rate)
         "mla_decode": {"BS": 64, "num_warps": 4, "num_stages": 2, "BM": 32},
