@@ -151,15 +151,20 @@ TARGETS: dict[str, dict] = {
         # quantized: BN_small 64 is the best swept decode tile at 4-16 tokens for int4/int8/fp8
         # (bench/lowbit.py on an H200, 2026-11-30: 1.4-2.1x the 32-row default)
         "moe_gemm_q": {"BM": 128, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3, "fp8_dot": True,
-                       "BN_small": 64},
+                       "BN_small": 64,
+                       # per-row word kernels: the best of bench/lowbit.py on an H200 (2026-12-01 01:18,
+                       # 825dd84) at 1, 4 and 16 tokens for int4 and int8 (int4 1 token 24.6 us, the
+                       # 16 x 512 tiles 37.7 us)
+                       "BN_rows": 32, "BK_rows": 256, "BND_rows": 32, "BKD_rows": 256, "warps_rows": 4},
         # direct decode experts: the best of bench/decode_step.py's sweep on an H200 (2026-11-30;
         # one MoE layer at B=1 in 46 us, 65% of the copy rate over the experts read); one or two
         # tokens: the best at B=1 of that sweep (gate_up 25.2 us, was 30.5; down 13.3, was 14.8)
         "moe_decode": {"BN": 16, "BK": 256, "num_warps": 4, "BND": 32, "BKD": 256, "warps_down": 4,
                        "token_tiles": [[2, {"BN": 8, "BK": 512, "num_warps": 4, "BND": 8, "BKD": 1024,
                                             "warps_down": 4}]],
-                       # low-bit experts (untuned): 16 rows x 512 columns a step, 2 rows a thread
-                       "quant_tiles": {"BN": 16, "BK": 512, "BND": 16, "BKD": 512}}})},
+                       # low-bit experts by id: the best of bench/lowbit.py on an H200 (2026-12-01 01:18,
+                       # 825dd84) at 1-8 tokens for int4 and int8 (int4 1 token 26.8 us, 16 x 512 38.1 us)
+                       "quant_tiles": {"BN": 32, "BK": 512, "BND": 32, "BKD": 512}}})},
     "interpret": {"arch": None, "gpu": "Triton interpreter (CPU)", "configs": _merge(_BASE, {
         "elementwise": {"BLOCK": 64},
         "conv": {"BT": 8, "BC": 16},
