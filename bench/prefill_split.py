@@ -70,7 +70,9 @@ def main(argv=None) -> None:
                          "tok_s": round(B * T / s), "kernel_ms": round(kernel_ms, 1), "kernels": len(events),
                          "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1) if args.device == "cuda" else None,
                          "groups_ms": {g: round(v, 1) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
-                         "top": {k[:60]: round(v, 2) for k, v in list(per_name(events, 1).items())[:14]}})
+                         "top": {k[:60]: round(v, 2) for k, v in list(per_name(events, 1).items())[:14]},
+                         "other": {k[:60]: round(v, 2) for k, v in per_name(events, 1).items()
+                                   if group_of(k) == "other" and v >= 0.05}})
             print(rows[-1], flush=True)
             del engine
             free_memory()
