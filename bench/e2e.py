@@ -371,7 +371,7 @@ def phase_long(args, bw: float, rows: list, info: dict) -> None:
                 engine = Engine(model, max_batch=1, max_len=L + args.steps + 32, **args.engine_options,
                                 **({"cuda_graphs": True} if True in args.graph_modes else {}))
                 slots = engine.cache.allocate(1)
-                if args.long_prefill and not all_mla:      # a real chunked prefill of L tokens
+                if L <= args.long_prefill and not all_mla:      # a real chunked prefill of L tokens
                     prompt = torch.randint(0, cfg.vocab_size, (L,), generator=gen).tolist()
                     s = timed(lambda: engine.prefill(slots, [prompt], last_only=True), args.device)
                     row.update(prefill_s=s, prefill_tok_s=L / s, prefill_chunk=engine.prefill_chunk,
@@ -428,9 +428,11 @@ def main(argv=None) -> None:
     ap.add_argument("--hf-batches", default="1,8,32")
     ap.add_argument("--hf-contexts", default="1024")
     ap.add_argument("--long-contexts", default="4096,131072,1048576")
-    ap.add_argument("--long-prefill", action="store_true",
-                    help="Kimi Linear's long contexts come from a real (chunked) prefill of random tokens, "
-                         "timed, instead of random cache contents; the all-MLA pair keeps random contents")
+    ap.add_argument("--long-prefill", type=int, default=0, metavar="MAX",
+                    help="Kimi Linear's long contexts up to MAX tokens come from a real (chunked) prefill of "
+                         "random tokens, timed, instead of random cache contents (the all-MLA pair keeps random "
+                         "contents). Past ~128k the prefill rebuilds every cached row's MLA keys and values per "
+                         "chunk: 1M does not fit beside the model")
     ap.add_argument("--graphs", default="both", choices=("both", "on", "off"))
     ap.add_argument("--steps", type=int, default=20, help="decode steps timed per figure")
     ap.add_argument("--reps", type=int, default=2, help="timed prefill repeats (best taken)")
