@@ -150,10 +150,12 @@ def split(shape="16k"):
 
 # one at a time over the target's config (sm_90 since the 21:26 sweep: diagonal blocks a
 # sub-chunk a program on 8 warps, exp2, beta k G in bf16, prep 4 rows a step, BT=32), the
-# likelier first (a time budget may stop the sweep early): the token-parallel diagonal kernel
+# likelier first (a time budget may stop the sweep early): the new forms (diagonal blocks in the
+# intra kernel, prep a whole chunk a step with k G_L/G inline), the token-parallel diagonal kernel
 # with column stores (the best single variant of that sweep, voided in its merge by diag
 # "block"), prep's rows a step, then each kernel's warps and tiles, BT 64 and the other layouts
-VARIANTS = ({}, {"diag": "token", "BH": 8, "diag_warps": 4}, {"diag": "token", "BH": 4, "diag_warps": 4},
+VARIANTS = ({}, {"diag": "intra"}, {"diag": "intra", "intra_warps": 4}, {"prep_kg": "inline"},
+            {"prep_kg": "inline", "prep_warps": 8}, {"diag": "token", "BH": 8, "diag_warps": 4}, {"diag": "token", "BH": 4, "diag_warps": 4},
             {"diag": "token", "BH": 8, "diag_warps": 2}, {"diag_warps": 4}, {"prep_rows": 2}, {"prep_rows": 8},
             {"bkg_fp32": True}, {"ftz_exp": False}, {"prep_kg": "prepass"}, {"diag": "prep"},
             {"intra_warps": 4}, {"wu": "split"}, {"KH": 64}, {"BW": 64}, {"prep_warps": 8}, {"BV": 16},

@@ -1,5 +1,5 @@
-"""chunk-kda{chunk-size=N} reaches every backend: Triton launches chunks of N tokens (and refuses
-a size its kernels cannot run), the portable ONNX function runs chunks of N, the standard
+"""chunk-kda{chunk-size=N} reaches every backend: Triton launches chunks of N tokens where the
+target follows the op (and refuses a size its kernels cannot run), the portable ONNX function runs chunks of N, the standard
 LinearAttention gets N as its hint; each still computes the op's reference."""
 from __future__ import annotations
 
@@ -34,6 +34,25 @@ def test_triton_runs_the_ops_chunk_size(chunk, triton_interpret, monkeypatch):
     ref = get_op("kda_fused_chunk").ref(args, get_op("kda_fused_chunk").full_attrs(attrs))
     out = kda.op_kda_fused(args, get_op("kda_fused_chunk").full_attrs(attrs))
     assert seen == [chunk]
+    assert all(rel_err(o, r) < 1e-5 for o, r in zip(out, ref))
+
+
+def test_triton_target_may_run_its_own_chunk(triton_interpret, monkeypatch):
+    """A target with op_chunk False (sm_90: its tiles are tuned for BT=32) runs its own BT
+    whatever the op's chunk size; the results are the op's."""
+    pytest.importorskip("triton")
+    from kimi_graph.lowering.triton import kda
+    from kimi_graph.lowering.triton.targets import TARGETS
+    monkeypatch.setitem(TARGETS["interpret"]["configs"], "kda_chunk",
+                        {**TARGETS["interpret"]["configs"]["kda_chunk"], "op_chunk": False, "BT": 16})
+    kda.chunk_specs.cache_clear()
+    try:
+        args, attrs = kda_args(37), get_op("kda_fused_chunk").full_attrs({"scale": 0.25, "chunk_size": 64})
+        assert kda.chunk_specs(2, 16, 16, "f32", True, 0.25, 1e-6, True, "interpret", 64)[0].config["BT"] == 16
+        out = kda.op_kda_fused(args, attrs)
+    finally:
+        kda.chunk_specs.cache_clear()
+    ref = get_op("kda_fused_chunk").ref(args, attrs)
     assert all(rel_err(o, r) < 1e-5 for o, r in zip(out, ref))
 
 

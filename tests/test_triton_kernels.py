@@ -115,14 +115,17 @@ def test_kda_chunk_k_slices_and_strong_decay():
                                    {"diag": "block", "wu": "split", "prep_kg": "prepass", "ftz_exp": True},
                                    {"diag": "prep", "wu": "fused", "bkg_fp32": False, "ftz_exp": True},
                                    {"diag": "levels", "wu": "split", "prep_rows": 32},
-                                   {"diag": "levels", "wu": "fused"}],
+                                   {"diag": "levels", "wu": "fused"},
+                                   {"diag": "intra", "wu": "fused", "prep_kg": "inline"},
+                                   {"diag": "intra", "wu": "split", "ftz_exp": True, "bkg_fp32": False}],
                          ids=["token-unrolled-fused-BH2", "token-columns-prepass-split", "token-unrolled-columns-fused",
-                              "block-prepass-split", "in-prep-fused", "levels-split-prep32", "levels-fused"])
+                              "block-prepass-split", "in-prep-fused", "levels-split-prep32", "levels-fused",
+                              "intra-fused-inline", "intra-split"])
 def test_kda_chunk_kernel_modes(modes, monkeypatch):
     """Each generated layout of the chunk kernels (diagonal blocks token-parallel, by sub-chunk
-    blocks, in the prep kernel or in the intra kernel, W/U in their own kernel or in it, the
-    token-parallel columns unrolled or stored one by one, prep a whole chunk at a time or summing
-    the decay first, beta k G in the activation dtype, exponentials as exp2; the default token
+    blocks, in the prep kernel or in the intra kernel by levels or by the block kernel's code, W/U
+    in their own kernel or in it, the token-parallel columns unrolled or stored one by one, prep a
+    whole chunk at a time or summing the decay first or k G_L/G in the same pass, beta k G in the activation dtype, exponentials as exp2; the default token
     loop / split runs in the tests above), on 3 heads (a partial head group for BH=2), K in two
     slices, ragged packed sequences under a strong decay."""
     from kimi_graph.lowering.triton.targets import TARGETS

@@ -15,8 +15,8 @@ SUB), per chunk with cumulative decay G_i = exp(gc_i):
   wu:    W = T (beta k G), U = T (beta v), one program per column block
   scan over chunks: V' = U - W S;  O = (scale q G) S + A_qk V';  S = G_L S + (k G_L/G)^T V'
 The target's `diag` / `wu` modes may instead compute the diagonal blocks a sub-chunk per program
-("block") or inside prep ("prep"), keep them ("levels") or W and U ("fused") inside the intra
-kernel. G_i/G_j is never formed from G alone: every off-diagonal
+("block") or inside prep ("prep"), keep them ("levels", "intra") or W and U ("fused") inside the
+intra kernel. G_i/G_j is never formed from G alone: every off-diagonal
 product factors through a reference row between j and i (both factors <= 1; see
 _products_source).
 """
@@ -125,9 +125,13 @@ def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk
 """
 
 # k G_L/G needs the chunk's total decay G_L: a second pass over the stored k and G once the
-# first has summed it ("reload"), or a first pass that sums the decay alone from f, so k G_L/G
-# is stored with the rest ("prepass": reads f twice instead of k and G once more)
-_PREP_KG = {"reload": {"total": "", "kg_here": "", "kg_after": """
+# first has summed it ("reload"), a first pass that sums the decay alone from f, so k G_L/G
+# is stored with the rest ("prepass": reads f twice instead of k and G once more), or the whole
+# chunk in one step ("inline": prep's rows a step are BT; G_L is known once its rows are summed)
+_PREP_KG = {"inline": {"total": "", "kg_after": "",
+                       "kg_here": "tl.store(kg_ptr + offk, (k * kda_exp(tl.where(m2, carry[None, :] - gc, 0.0))).to(DT), "
+                                  "mask=m2)"},
+            "reload": {"total": "", "kg_here": "", "kg_after": """
 tl.debug_barrier()
 for i0 in range(0, BT, PR):
     rm = i0 + cc < n
@@ -391,7 +395,7 @@ def kda_recurrent_step(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, o_ptr, 
 """
 
 
-def _products_source(NC: int, BC: int, KH: int, NKH: int, levels: bool) -> list[str]:
+def _products_source(NC: int, BC: int, KH: int, NKH: int, levels: bool, diag_here: bool) -> list[str]:
     """A_kk and A_qk of the chunk as register blocks A{I}_{J} / Q{I}_{J} (J < I) and D{I} / E{I}
     (diagonal, strictly lower / lower), accumulated over NKH slices of K. Every decay ratio
     G_i/G_j (j < i) factors through a reference row r with j <= r < i, so both factors are
@@ -400,10 +404,13 @@ def _products_source(NC: int, BC: int, KH: int, NKH: int, levels: bool) -> list[
     - inside the diagonal block (`levels`), level by level (s = BC/2, .., 1): rows in the later
       half of a 2s-row group against the earlier half, r = the earlier half's last row.
     Without `levels` the diagonal blocks come from kda_chunk_diag (A_kk's in akd, times beta;
-    A_qk's already in aqk)."""
-    L = []
+    A_qk's already in aqk), or with `diag_here` from kda_chunk_diag_block's code run here first
+    (its stores read back after a barrier)."""
+    L = ["dk = tl.arange(0, BK)", "mk = dk < K"] if diag_here else []
     for I in range(NC):
         L += [f"rI = {I * BC} + cc", "mI = rI < n"]
+        if diag_here:
+            L += [f"s0 = start + {I * BC}", f"nb = n - {I * BC}", _diag_block_source(BC), "tl.debug_barrier()"]
         if levels:
             L += [f"D{I} = tl.zeros((BC, BC), tl.float32)", f"E{I} = tl.zeros((BC, BC), tl.float32)"]
         else:
@@ -511,8 +518,8 @@ def _t_store_source(NC: int, BC: int) -> list[str]:
 
 
 def _intra_source(NC: int, BC: int, KH: int, NKH: int, BW: int, n_w: int, n_u: int, levels: bool,
-                  wu_split: bool) -> str:
-    return "\n".join(_products_source(NC, BC, KH, NKH, levels) + _inverse_source(NC, BC)
+                  wu_split: bool, diag_here: bool) -> str:
+    return "\n".join(_products_source(NC, BC, KH, NKH, levels, diag_here) + _inverse_source(NC, BC)
                      + (_t_store_source(NC, BC) if wu_split else _wu_source(NC, BC, BW, n_w, n_u)))
 
 
@@ -536,8 +543,9 @@ def check_chunk_size(chunk: int) -> None:
 
 
 # diagonal blocks: kda_chunk_diag (token-parallel), kda_chunk_diag_block (a program per sub-chunk
-# and head), inside the prep kernel (each sub-chunk once stored), or inside the intra kernel
-DIAG_MODES = ("token", "block", "prep", "levels")
+# and head), inside the prep kernel (each sub-chunk once stored), inside the intra kernel by
+# reference rows ("levels") or as kda_chunk_diag_block computes them ("intra")
+DIAG_MODES = ("token", "block", "prep", "levels", "intra")
 WU_MODES = ("split", "fused")       # W and U: kda_chunk_wu from a stored T, or inside the intra kernel
 _DIAG_COLUMNS = ("for j in range(j0, tok + 1):\n    jj = j - j0",                   # a loop over j <= i
                  "for jj in tl.static_range(BC):\n    j = tl.minimum(j0 + jj, tok)")   # unrolled
@@ -546,8 +554,8 @@ _DIAG_COLUMNS = ("for j in range(j0, tok + 1):\n    jj = j - j0",               
 @functools.lru_cache(maxsize=None)
 def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk=None) -> list[KernelSpec]:
     """The chunk-prefill kernels for one head geometry and dtype: prep, [diag], intra, [wu],
-    scan (the target's `diag` and `wu` modes); chunks of `chunk` tokens (the op's chunk size),
-    else the target's tile."""
+    scan (the target's `diag` and `wu` modes); chunks of `chunk` tokens (the op's chunk size)
+    where the target follows the op (`op_chunk`), else the target's tile."""
     cfg = config("kda_chunk", target)
     if chunk:
         check_chunk_size(chunk)
@@ -555,12 +563,15 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
                        ("prep_kg", tuple(_PREP_KG))):
         if cfg[key] not in known:
             raise ValueError(f"kda_chunk: {key} must be one of {known}, got {cfg[key]!r}")
-    BT, BC, BV = chunk or cfg["BT"], cfg["BC"], min(cfg["BV"], max(16, next_pow2(V)))
+    BT, BC, BV = chunk if chunk and cfg["op_chunk"] else cfg["BT"], cfg["BC"], min(cfg["BV"], max(16, next_pow2(V)))
     BK = max(16, next_pow2(K))
     KH, BW = min(cfg["KH"], BK), min(cfg["BW"], max(16, next_pow2(max(K, V))))
     diag, wu_split = cfg["diag"], cfg["wu"] == "split"
     levels = diag == "levels"
-    BH, PR = min(cfg["BH"], next_pow2(H)), BC if diag == "prep" else min(cfg["prep_rows"], BT)
+    if diag == "prep" and cfg["prep_kg"] == "inline":
+        raise ValueError("kda_chunk: diag 'prep' takes BC rows a step, prep_kg 'inline' the whole chunk")
+    BH = min(cfg["BH"], next_pow2(H))
+    PR = BC if diag == "prep" else BT if cfg["prep_kg"] == "inline" else min(cfg["prep_rows"], BT)
     NC = BT // BC
     consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=NC, BV=BV, KH=KH, BW=BW, BH=BH,
                      PR=PR, NW=_cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype),
@@ -594,7 +605,8 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
     out.append(spec("kda_chunk_intra", _INTRA, ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "bkg_ptr", "v_ptr",
                                                 "akd_ptr", "chunk_start", "chunk_len", "aqk_ptr", "w_ptr",
                                                 "u_ptr", "t_ptr"], cfg["intra_warps"], cfg["intra_stages"],
-                    body=_intra_source(NC, BC, KH, BK // KH, BW, _cdiv(K, BW), _cdiv(V, BW), levels, wu_split)))
+                    body=_intra_source(NC, BC, KH, BK // KH, BW, _cdiv(K, BW), _cdiv(V, BW), levels, wu_split,
+                                      diag == "intra")))
     if wu_split:
         out.append(spec("kda_chunk_wu", _WU, ["t_ptr", "bkg_ptr", "v_ptr", "beta_ptr", "chunk_start", "chunk_len",
                                               "w_ptr", "u_ptr"], cfg["wu_warps"], cfg["wu_stages"]))
@@ -731,15 +743,14 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
     bkg = torch.empty(NT, H, K, **(f32 if prep.signature["bkg_ptr"] == "*fp32" else e))
     beta = torch.empty(NT, H, **f32)
     aqk = torch.empty(NT, H, BT, **e)
-    in_prep = "akd_ptr" in prep.signature
-    akd = torch.empty(NT, H, BC, **f32) if diag or in_prep else beta     # diagonal blocks of A_kk
+    akd = torch.empty(NT, H, BC, **f32)      # diagonal blocks of A_kk (unread with diag "levels")
     tinv = torch.empty(NT, H, BT, **f32) if wu else beta          # (I + A_kk)^-1 by rows (kda_chunk_wu)
     gl = torch.empty(max(NCH, 1), H, K, **f32)
     o = torch.empty(NT, H, V, **e)
     s0, sn, slot, result = _states(state, N, H, K, V, dev)
     if NCH:
         launch(prep, (NCH, H), q2, k2, f2, b2, a, dt, cstart, clen, qn, kn, gc, beta, qg, bkg, kg, gl,
-               *((aqk, akd) if in_prep else ()))
+               *((aqk, akd) if "akd_ptr" in prep.signature else ()))
         if diag:    # token-parallel: a program per row and BH heads; by blocks: per sub-chunk and head
             grid = (NCH * BT, _cdiv(H, diag.config["BH"])) if diag.name == "kda_chunk_diag" else (NCH * BT // BC, H)
             launch(diag, grid, qn, kn, gc, beta, cstart, clen, aqk, akd)
@@ -799,7 +810,8 @@ def _cdiv(a: int, b: int) -> int:
 
 def _run(T: int, attrs: dict):
     """The step kernel for one token, else the chunk launcher in the op's chunk size (the
-    target's tile where the op leaves the choice: chunk_size 0 or none)."""
+    target's tile where the op leaves the choice, chunk_size 0 or none, or the target does not
+    follow the op: `op_chunk`)."""
     if T == 1:
         return kda_step
     return functools.partial(kda_chunk, chunk=attrs.get("chunk_size") or None)

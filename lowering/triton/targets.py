@@ -22,20 +22,23 @@ _BASE = {
     "conv": {"BT": 32, "BC": 128, "num_warps": 4, "num_stages": 1},
     # prep_rows: rows the prep kernel takes at a time; prep_kg: how prep finds the chunk's
     # total decay for k G_L/G ("reload": a second pass over the stored k and G, "prepass": a
-    # first pass over f); bkg_fp32: beta k G in fp32, else in the activation dtype; ftz_exp:
+    # first pass over f, "inline": the whole chunk a step, no second pass); bkg_fp32: beta k G in fp32, else in the activation dtype; ftz_exp:
     # the chunk kernels' exponentials as ex2.approx.ftz (2 instructions, not 4-5);
     # KH: the slice of K the intra-chunk products take at a time; BW: W/U columns per block;
     # diag: the diagonal BC x BC blocks token-parallel ("token": kda_chunk_diag, BH heads a
     # program, diag_unroll: its columns unrolled, diag_store: its sums stored once per row
     # ("row") or column by column ("column")), a sub-chunk and head a program ("block":
     # kda_chunk_diag_block, diag_warps), inside prep ("prep": prep takes BC rows a step) or
-    # inside the intra kernel ("levels");
+    # inside the intra kernel ("levels": by reference rows on tensor cores; "intra": the block
+    # kernel's code, saving its launch and its reads of q, k, G);
     # wu: W/U in their own kernel from a stored (I + A)^-1 ("split": kda_chunk_wu) or inside
-    # the intra kernel ("fused")
+    # the intra kernel ("fused");
+    # op_chunk: chunks of the op's chunk_size (chunk-kda{chunk-size=N}); False: of BT whatever
+    # the op asks (the chunk form's results do not depend on it beyond rounding)
     "kda_chunk": {"BT": 64, "BC": 16, "BV": 32, "KH": 64, "BW": 64, "num_warps": 4, "num_stages": 2,
                   "prep_warps": 8, "prep_rows": 16, "prep_kg": "reload", "bkg_fp32": True, "ftz_exp": False,
                   "intra_warps": 4, "intra_stages": 1, "diag": "token", "BH": 4, "diag_warps": 4, "diag_unroll": False,
-                  "diag_store": "row", "wu": "split", "wu_warps": 4, "wu_stages": 2},
+                  "diag_store": "row", "wu": "split", "wu_warps": 4, "wu_stages": 2, "op_chunk": True},
     "kda_recurrent": {"BV": 32, "num_warps": 4, "num_stages": 1},
     # split_min: fewest keys a split takes; small so that short contexts at small batch still
     # spread over many programs (H200 e2e, B=1, 1k context, split_min 512: two programs,
@@ -127,10 +130,12 @@ TARGETS: dict[str, dict] = {
     "sm_90": {"arch": 90, "gpu": "H100 / H200", "configs": _merge(_BASE, {
         # kda chunk: the best of bench/kda_chunk.py --sweep on an H200 (2026-11-30 21:26, 6790dd5:
         # 16k 2.03 ms, 64x512 4.21 ms; the previous defaults 2.40 / 4.91 in the same sweep)
+        # op_chunk False: the model's chunk-kda{chunk-size=64} ran these BT=32 tiles at BT=64 (the
+        # sweep's BT 64: 3.26 ms at 16k, 7.27 at 64x512 against 2.40 / 4.91)
         "kda_chunk": {"BT": 32, "BV": 32, "KH": 128, "BW": 128, "BH": 4, "diag": "block", "diag_unroll": False,
                       "diag_store": "column", "wu": "fused", "num_warps": 4, "num_stages": 4, "prep_warps": 4,
                       "prep_rows": 4, "bkg_fp32": False, "ftz_exp": True, "diag_warps": 8, "intra_warps": 2,
-                      "intra_stages": 1, "wu_warps": 2, "wu_stages": 2},
+                      "intra_stages": 1, "wu_warps": 2, "wu_stages": 2, "op_chunk": False},
         "kda_recurrent": {"BV": 64, "num_warps": 4},
         "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
         # decode projections: bench/gemv.py on an H200 (2026-11-30 23:44, 9f3f49a) won at one row
