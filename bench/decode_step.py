@@ -9,10 +9,12 @@ the bytes the step must read (bench/e2e.floor_bytes) over the copy bandwidth mea
 batch size (moe_decode max_pairs 0), the router in two kernels and the pipeline without the
 passes in FUSION_PASSES.
 First, a tile sweep of the direct MoE kernels alone against the grouped path (published
-shapes, B = 1, 2, 8), best tiles per token bucket (moe_decode token_tiles). Variants (VARIANTS):
-"fused" (the defaults, plain launches), "previous", "one-tile" (the direct MoE's base tiles at
-every batch), "router-2k" (the router's two kernels where it would run as one launch), "pdl"
-(fused, with dependent launches).
+shapes, B = 1, 2, 8), best tiles per token bucket (moe_decode token_tiles), in each of the
+`--forms` of the bf16 K loops. Variants (VARIANTS): "fused" (the defaults, plain launches),
+"previous", "one-tile" (the direct MoE's base tiles at every batch), "router-2k" (the router's
+two kernels where it would run as one launch), "pdl" (fused, with dependent launches), "packed"
+(the router's packed-key top-k), "tile-unroll" (the bf16 experts' tile accumulators, unrolled K
+loops), "packed-tile-unroll" (both).
 
     python bench/decode_step.py                       # 4-layer slice and 27 layers, B=1,32, both paths
     python bench/decode_step.py --layers 4 --batches 1 --variants fused
@@ -43,6 +45,9 @@ VARIANTS = {
     "one-tile": {"moe_decode": {"token_tiles": []}},                # the direct MoE's tiles whatever the batch
     "router-2k": {"moe_route": {"fused_max": 0}},                   # the router in two kernels at every batch
     "pdl": {},                                                      # fused, with dependent launches
+    "packed": {"moe_route": {"select": "packed"}},                  # the router's one-reduction-a-pick top-k
+    "tile-unroll": {"moe_decode": {"acc": "tile", "unroll": True}},  # the bf16 experts' K loops (moe_decode.FORMS)
+    "packed-tile-unroll": {"moe_route": {"select": "packed"}, "moe_decode": {"acc": "tile", "unroll": True}},
 }
 _BASE_KEYS: dict = {}
 
@@ -119,14 +124,19 @@ def run_model(layers: int, variant: str, args, bw: float, rows: list) -> None:
 
 # tile variants of the direct MoE kernels, swept in pairs (gate_up i with down i); each kernel's
 # best is chosen apart by its own kernel time: gate_up (BN, BK, num_warps), down (BND, BKD, warps_down)
-GATE_UP_TILES = [(16, 256, 4), (8, 512, 4), (16, 512, 4), (32, 256, 8), (8, 256, 2), (8, 512, 2), (4, 512, 4),
-                 (8, 1024, 4), (8, 512, 8), (4, 1024, 2), (8, 256, 4)]
-DOWN_TILES = [(16, 256, 4), (16, 512, 4), (8, 1024, 4), (32, 256, 4), (8, 512, 2), (8, 1024, 2), (4, 1024, 4),
-              (16, 1024, 4), (4, 512, 2), (8, 512, 4), (8, 256, 4)]
+# (the H200 tuning file's bests first: a sweep cut with --sweep-tiles still meets them)
+GATE_UP_TILES = [(4, 1024, 2), (8, 256, 2), (8, 512, 4), (16, 256, 4), (8, 512, 2), (4, 512, 4), (16, 512, 4),
+                 (32, 256, 8), (8, 1024, 4), (8, 512, 8), (8, 256, 4)]
+DOWN_TILES = [(8, 512, 2), (8, 512, 4), (8, 1024, 4), (16, 256, 4), (8, 1024, 2), (4, 1024, 4), (16, 512, 4),
+              (32, 256, 4), (16, 1024, 4), (4, 512, 2), (8, 256, 4)]
+
+
+# the bf16 K loops' forms (moe_decode.FORMS): name -> (acc, unroll)
+FORMS = {"row": ("row", False), "tile": ("tile", False), "row-unroll": ("row", True), "tile-unroll": ("tile", True)}
 
 
 def sweep_moe_tiles(bw: float, rows: list, batches=(1, 2, 8), buckets=(2,), shape=(256, 8, 2304, 1024),
-                    device="cuda", dtype=torch.bfloat16) -> dict:
+                    device="cuda", dtype=torch.bfloat16, forms=("row",), tiles: int | None = None) -> dict:
     """The direct routed + shared experts at each batch size on the published shapes (256
     experts, top-8, D 2304, I 1024) per tile variant, and the grouped path ("grouped"),
     graph-replayed; bw_frac: the distinct experts' bytes over the time, against the copy
@@ -152,14 +162,16 @@ def sweep_moe_tiles(bw: float, rows: list, batches=(1, 2, 8), buckets=(2,), shap
         w = torch.rand(B, K, device=device, generator=g)
         nbytes = (len(ids.unique()) + 1) * 3 * D * I * w13.element_size()
         ref = moe.moe_experts(x, ids, w, w13, w2, moe_decode.shared_swiglu(x, *shared)).float()
-        for gu, dn in list(zip(GATE_UP_TILES, DOWN_TILES)) + [(None, None)]:
+        pairs = list(zip(GATE_UP_TILES, DOWN_TILES))[:tiles]
+        for gu, dn in [(g_ + (f,), d_ + (f,)) for f in forms for g_, d_ in pairs] + [(None, None)]:
             if gu is None:              # the grouped path (permutation) with the shared expert in torch
                 run, name = lambda: moe.moe_experts(x, ids, w, w13, w2, moe_decode.shared_swiglu(x, *shared)), "grouped"
             else:
+                acc, unroll = FORMS[gu[3]]
                 override_config("moe_decode", BN=gu[0], BK=gu[1], num_warps=gu[2], BND=dn[0], BKD=dn[1],
-                                warps_down=dn[2], token_tiles=[])
+                                warps_down=dn[2], token_tiles=[], acc=acc, unroll=unroll)
                 run = lambda: moe_decode.direct(x, ids, w, w13, w2, None, shared)
-                name = "gu {}/{}/w{} down {}/{}/w{}".format(*gu, *dn)
+                name = "gu {}/{}/w{} down {}/{}/w{} {}".format(*gu[:3], *dn[:3], gu[3])
             ms = bench_graph(run)
             row = {"B": B, "bucket": bucket or "base", "tiles": name, "us": ms * 1e3,
                    "bw_frac": nbytes / (ms * 1e-3) / bw}
@@ -177,7 +189,10 @@ def sweep_moe_tiles(bw: float, rows: list, batches=(1, 2, 8), buckets=(2,), shap
     def best_of(bucket):
         gu = min((t for b, t in score_gu if b == bucket), key=lambda t: score_gu[bucket, t])
         dn = min((t for b, t in score_down if b == bucket), key=lambda t: score_down[bucket, t])
-        return dict(zip(("BN", "BK", "num_warps", "BND", "BKD", "warps_down"), gu + dn))
+        best = dict(zip(("BN", "BK", "num_warps", "BND", "BKD", "warps_down"), gu[:3] + dn[:3]))
+        if gu[3] != dn[3]:              # the forms are one pair of keys for both kernels: the gate/up's wins
+            print(f"moe_decode forms: gate_up best {gu[3]}, down best {dn[3]}; taking {gu[3]}", flush=True)
+        return {**best, **dict(zip(("acc", "unroll"), FORMS[gu[3]]))}
     swept = {b for b, _ in score_gu}
     best = best_of(None) if None in swept else {k: base[k] for k in moe_decode.TILE_KEYS if k != "num_stages"}
     best["token_tiles"] = [[b, best_of(b)] for b in sorted(buckets) if b in swept]
@@ -215,6 +230,9 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep-batches", default="1,2,8", help="batch sizes of the direct MoE tile sweep")
     ap.add_argument("--token-buckets", default="2", help="moe_decode token_tiles bounds the sweep picks tiles for "
                     "(batches above every bound pick the base tiles)")
+    ap.add_argument("--forms", default="row", help=f"the bf16 K loops' forms the sweep tries (any of "
+                    f"{', '.join(FORMS)})")
+    ap.add_argument("--sweep-tiles", type=int, default=None, help="the first N tile pairs only")
     a = ap.parse_args(argv)
     for v in a.variants.split(","):
         if v not in VARIANTS:
@@ -223,8 +241,12 @@ def main(argv=None) -> None:
     bw = copy_bandwidth()
     rows: list = []
     tiles: list = []
+    forms = a.forms.split(",")
+    if set(forms) - set(FORMS):
+        ap.error(f"unknown forms {sorted(set(forms) - set(FORMS))}; known: {', '.join(FORMS)}")
     best = {} if a.no_sweep else sweep_moe_tiles(bw, tiles, [int(b) for b in a.sweep_batches.split(",")],
-                                                [int(b) for b in a.token_buckets.split(",") if b])
+                                                [int(b) for b in a.token_buckets.split(",") if b], forms=forms,
+                                                tiles=a.sweep_tiles)
     extra = {"copy_tb_s": bw / 1e12, "context": a.context, "moe_decode_tiles": tiles, "moe_decode_best": best}
     if best and a.use_best:                 # the whole-model runs with the sweep's best tiles
         from harness import override_config

@@ -13,6 +13,7 @@ Every timed kernel is first checked: router ids against the op library's fp32 re
 ties may flip: <= 1% of choices), permutation outputs equal to the reference's.
 
     python bench/moe_dispatch.py            # on a GPU
+    python bench/moe_dispatch.py --route-only   # the router's decode tiles alone (B = 1, 8, 64), ~1 min
     TRITON_INTERPRET=1 python bench/moe_dispatch.py --smoke     # CPU: tiny shapes, wall clock"""
 from __future__ import annotations
 
@@ -37,6 +38,13 @@ ROUTE_SMALL = [          # decode tiles: logits (BN/BE/BK_small, warps, K-split 
     {"BN_small": 32, "BE_small": 32, "BK_small": 64, "num_warps_small": 4},
     {"BR": 1, "select_warps": 2},
     {"BR": 8, "select_warps": 8},
+    # one reduction a pick (moe_route.SELECTIONS), with fewer warps (fewer cross-warp steps a reduction)
+    {"select": "packed"},
+    {"select": "packed", "num_warps_small": 2},
+    {"select": "packed", "num_warps_small": 1, "BE_small": 16},
+    {"select": "packed", "num_warps_small": 2, "BE_small": 64, "BK_small": 256, "programs": 132},
+    {"select": "packed", "num_warps_small": 4, "BE_small": 64, "BK_small": 256, "programs": 132},
+    {"select": "packed", "BR": 1, "select_warps": 2, "num_warps_small": 2},
 ]
 ROUTE_LARGE = [          # prefill tiles of the logits GEMM
     {},
@@ -104,9 +112,9 @@ def sweep_best(rows, part, variants, sizes):
     return min(range(len(variants)), key=score.__getitem__)
 
 
-def bench_route(S, rows, g):
+def bench_route(S, rows, g, decode_only=False):
     K, base = S.K, dict(config("moe_route"))
-    ins = {N: route_inputs(S, N, g) for N in S.route_B + (S.prefill,)}
+    ins = {N: route_inputs(S, N, g) for N in S.route_B + (() if decode_only else (S.prefill,))}
     for N, (x, w, b) in ins.items():          # before, for the record
         ids, wts = before.route(x, w, b, K, ATTRS["scaling"])
         flips, err = check_route(ids, wts, x, w, b, K)
@@ -116,7 +124,8 @@ def bench_route(S, rows, g):
         rows.append({"part": "route" if N <= 64 else "route_prefill", "tokens": N, "variant": "before",
                      "us": graph * 1e3, "graph_us": graph * 1e3, "eager_us": eager * 1e3,
                      "check": f"flips {flips:.3g} err {err:.2g}"})
-    for sizes, variants, tag in ((S.route_B, ROUTE_SMALL, "route"), ((S.prefill,), ROUTE_LARGE, "route_prefill")):
+    sweeps = ((S.route_B, ROUTE_SMALL, "route"),) + (() if decode_only else (((S.prefill,), ROUTE_LARGE, "route_prefill"),))
+    for sizes, variants, tag in sweeps:
         for v, over in enumerate(variants):
             override_config("moe_route", **{**base, **over})
             for N in sizes:
@@ -202,13 +211,33 @@ def bench_layer(S, g):
             "dispatch_share_before": share(parts["route_before"], parts["permute_before"])}
 
 
+def route_only(S, rows, g) -> None:
+    """The decode router's tile and selection variants alone: a table of us per variant and batch."""
+    best = bench_route(S, rows, g, decode_only=True)
+    table = [{k: r.get(k, "-") for k in ("part", "tokens", "variant", "us", "eager_us", "check", "config")}
+             for r in rows]
+    if not S.smoke:
+        write_result("moe_dispatch_route", table, {"shape": f"E={S.E}, top-{S.K}, D={S.D}, {S.dt}",
+                                                   "route_config": best, "sweep": ROUTE_SMALL})
+    print("\nrouter, CUDA-graph replay (us):  variant  " + "  ".join(f"B={N:<5}" for N in S.route_B))
+    for v in ["before"] + list(range(len(ROUTE_SMALL))):
+        us = [next((r["us"] for r in rows if r["variant"] == v and r["tokens"] == N), float("nan")) for N in S.route_B]
+        conf = "" if v == "before" else ROUTE_SMALL[v]
+        print(f"  {v!s:>7}  " + "  ".join(f"{u:7.2f}" for u in us) + f"  {conf}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1), wall clock")
-    S = Shapes(ap.parse_args().smoke)
+    ap.add_argument("--route-only", action="store_true", help="the router's decode tiles alone (written to "
+                    "moe_dispatch_route.json; the tuning file untouched)")
+    args = ap.parse_args()
+    S = Shapes(args.smoke)
     bw = copy_bandwidth() if not S.smoke else 1e11
     g = torch.Generator(device=S.dev).manual_seed(0)
     rows: list[dict] = []
+    if args.route_only:
+        return route_only(S, rows, g)
     route_cfg = bench_route(S, rows, g)
     permute_cfg = bench_permute(S, rows, g, bw)
     layer = bench_layer(S, g)

@@ -33,10 +33,18 @@ def draw(N, E=256, k=8, D=2304, I=1024, seed=0):
 
 
 @pytest.mark.parametrize("N", [1, 8])
-def test_direct_bf16_against_fp64(N):
+@pytest.mark.parametrize("acc,unroll", [("row", False), ("tile", True), ("tile", False), ("row", True)])
+def test_direct_bf16_against_fp64(N, acc, unroll, monkeypatch):
+    """Each form of the bf16 K loops (moe_decode.FORMS)."""
+    from kimi_graph.lowering.triton.targets import TARGETS
+    target = moe_decode.current_target()
+    monkeypatch.setitem(TARGETS[target]["configs"], "moe_decode",
+                        {**TARGETS[target]["configs"]["moe_decode"], "acc": acc, "unroll": unroll})
+    moe_decode.decode_specs.cache_clear()
     x, ids, w, w13, w2, shared = draw(N)
     out = moe_decode.direct(x, ids, w, w13, w2, None, shared)
     ref = experts_fp64(x.cpu(), ids.cpu(), w.cpu(), w13.cpu(), w2.cpu(), None, [t.cpu() for t in shared])
+    moe_decode.decode_specs.cache_clear()
     assert rel(out.cpu(), ref) <= BF16_TOL
 
 
@@ -82,12 +90,17 @@ def test_direct_replays_as_run_eagerly(N):
         assert torch.equal(out, ref)
 
 
-def test_one_launch_router_equals_two_kernels_and_replays(monkeypatch):
-    """The router at decode (one launch, its last program selects) on the published shapes:
-    bitwise the two kernels' result, and a CUDA graph of it replays with new inputs as run
-    eagerly (the ticket is reset by every launch)."""
+@pytest.mark.parametrize("select", ["argmax", "packed"])
+def test_one_launch_router_equals_two_kernels_and_replays(monkeypatch, select):
+    """The router at decode (one launch, its last program selects) on the published shapes, in
+    each selection form: bitwise the two kernels' result, the fp32 reference's ids, and a CUDA
+    graph of it replays with new inputs as run eagerly (the ticket is reset by every launch)."""
     from kimi_graph.lowering.triton import codegen, moe_route
     from kimi_graph.lowering.triton.targets import TARGETS, config
+    from kimi_graph.ops import get_op
+    monkeypatch.setitem(TARGETS[moe_route.current_target()]["configs"]["moe_route"], "select", select)
+    moe_route.fused_spec.cache_clear()
+    moe_route.select_spec.cache_clear()
     g = torch.Generator(device="cuda").manual_seed(2)
     E, D = 256, 2304
     w = (torch.randn(E, D, device="cuda", generator=g) * D ** -0.5).to(torch.bfloat16)
@@ -97,6 +110,10 @@ def test_one_launch_router_equals_two_kernels_and_replays(monkeypatch):
     xs = [torch.randn(n, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3)]
     want = [moe_route.moe_route(x, w, b, **attrs) for x in xs]
     assert not codegen._TICKETS[str(xs[0].device)][-1].any()
+    for x, (wi, ww) in zip(xs, want):
+        ri, rw = get_op("moe_route").ref([x.float(), w.float(), b], dict(attrs, n_group=1, topk_group=1,
+                                                                         renormalize=True, weights="official"))
+        assert torch.equal(wi, ri) and (ww - rw).abs().max() <= 1e-5 * rw.abs().max()
     static = xs[0].clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -111,3 +128,4 @@ def test_one_launch_router_equals_two_kernels_and_replays(monkeypatch):
         two = moe_route.moe_route(x, w, b, **attrs)
         assert torch.equal(two[0], wi) and torch.equal(two[1], ww)
     moe_route.fused_spec.cache_clear()
+    moe_route.select_spec.cache_clear()

@@ -137,9 +137,14 @@ def test_compiled_router_breaks_ties_by_lowest_index():
 @pytest.mark.usefixtures("triton_interpret")
 @pytest.mark.parametrize("E,G,TG,k", SHAPES)
 @pytest.mark.parametrize("weights", ["official", "unbiased"])
-def test_triton_router_breaks_ties_by_lowest_index(E, G, TG, k, weights):
+@pytest.mark.parametrize("select", ["argmax", "packed"])
+def test_triton_router_breaks_ties_by_lowest_index(E, G, TG, k, weights, select, monkeypatch):
     pytest.importorskip("triton")
+    from kimi_graph.lowering.triton import moe_route, targets
     from kimi_graph.lowering.triton.backend import KERNELS
+    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_route"], "select", select)
+    moe_route.select_spec.cache_clear()
+    moe_route.fused_spec.cache_clear()
     x, gate, bias = tied_router(E, G, TG, k)
     want_ids, want_w = reference(x, gate, bias, E, G, TG, k, weights)
     attrs = dict(top_k=k, n_group=G, topk_group=TG, renormalize=True, scaling=2.5, weights=weights)

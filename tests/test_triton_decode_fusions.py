@@ -22,6 +22,19 @@ def _interpret(triton_interpret):
     pass
 
 
+@pytest.fixture(params=[("row", False), ("tile", False), ("row", True), ("tile", True)],
+                ids=["row", "tile", "row-unrolled", "tile-unrolled"])
+def forms(request, monkeypatch):
+    """Each form of the bf16 experts' K loops (moe_decode.FORMS), in the base and bucket tiles."""
+    from kimi_graph.lowering.triton.targets import TARGETS
+    acc, unroll = request.param
+    monkeypatch.setitem(TARGETS["interpret"]["configs"], "moe_decode",
+                        {**TARGETS["interpret"]["configs"]["moe_decode"], "acc": acc, "unroll": unroll})
+    moe_decode.decode_specs.cache_clear()
+    yield request.param
+    moe_decode.decode_specs.cache_clear()
+
+
 def swiglu64(x, wg, wu, wd):
     return wd.double() @ (torch.nn.functional.silu(wg.double() @ x.double()) * (wu.double() @ x.double()))
 
@@ -48,7 +61,7 @@ def draw(N, E, k, D, I, seed=0):
 
 
 @pytest.mark.parametrize("N,E,k,D,I", [(1, 16, 8, 40, 24), (3, 6, 2, 32, 48), (16, 9, 4, 24, 20)])
-def test_direct_path_matches_fp64_and_the_batched_path(N, E, k, D, I):
+def test_direct_path_matches_fp64_and_the_batched_path(N, E, k, D, I, forms):
     """Tiles that do and do not divide D and I; repeated experts across tokens."""
     args = draw(N, E, k, D, I, seed=N)
     out = moe_decode.direct(*args)
@@ -58,7 +71,7 @@ def test_direct_path_matches_fp64_and_the_batched_path(N, E, k, D, I):
 
 
 @pytest.mark.parametrize("N,IS", [(1, 24), (4, 56)])       # shared width below and above I
-def test_shared_expert_folded_in(N, IS):
+def test_shared_expert_folded_in(N, IS, forms):
     x, ids, w, w13, w2, _ = draw(N, 7, 3, 40, 24, seed=N + 10)
     g = torch.Generator().manual_seed(IS)
     shared = (torch.randn(IS, 40, generator=g) * 0.2, torch.randn(IS, 40, generator=g) * 0.2,

@@ -24,6 +24,18 @@ def _interpret(triton_interpret):
     pass
 
 
+@pytest.fixture(params=["argmax", "packed"])
+def select(request, monkeypatch):
+    """Each of the router's selection forms (moe_route.SELECTIONS)."""
+    from kimi_graph.lowering.triton import targets
+    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_route"], "select", request.param)
+    moe_route.select_spec.cache_clear()
+    moe_route.fused_spec.cache_clear()
+    yield request.param
+    moe_route.select_spec.cache_clear()
+    moe_route.fused_spec.cache_clear()
+
+
 def route_fp64(x, w, bias, top_k, n_group, topk_group, renormalize, scaling, weights):
     cfg = {"num_experts": w.shape[0], "num_experts_per_token": top_k, "num_expert_group": n_group,
            "topk_group": topk_group, "moe_renormalize": renormalize, "routed_scaling_factor": scaling}
@@ -45,7 +57,7 @@ def random_routing(seed: int):
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_route_random(seed):
+def test_route_random(seed, select):
     x, w, b, attrs = random_routing(seed)
     ids, wts = moe_route.moe_route(x, w, b, **attrs)
     ri, rw = get_op("moe_route").ref([x, w, b], attrs)
@@ -56,7 +68,7 @@ def test_route_random(seed):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_route_one_launch_equals_two_kernels(monkeypatch, seed):
+def test_route_one_launch_equals_two_kernels(monkeypatch, seed, select):
     """Up to fused_max tokens the router is one launch (its last program selects): bitwise the two
     kernels' ids and weights, the reference op's ids; its ticket is reset, so the next launch (as a
     CUDA graph's replay) selects again."""

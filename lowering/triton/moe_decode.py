@@ -41,17 +41,29 @@ from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render, tickets
 from .elementwise import ir_dtype, ptr_type
 from .targets import config, current_target
 
-# the K loops over float weights ("f"; low-bit codes: "q", dequant.helpers)
+# the K loops over float weights ("f"; low-bit codes: "q", dequant.helpers). FTILE: the products
+# summed into [rows, K tile] accumulators, each row summed once at the end (else a row sum per K
+# step); $krange: "range" or "tl.static_range" (the loop unrolled: a program's loads all issued
+# before its first sum)
 _HELPERS = """
 @triton.jit
 def _swiglu_rows_f(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.constexpr):
     # silu(x wg[rg]^T) * (x wu[ru]^T) for BN rows of one expert (D columns); ROUND: gate and up
     # rounded to the data dtype first (as separate linears give them)
-    acc_g = tl.zeros((BN,), tl.float32)
-    acc_u = tl.zeros((BN,), tl.float32)
-    for k0 in range(0, D, BK):
-        acc_g += _wdot_f(wg_ptr, s_ptr, z_ptr, rg, mn, x_ptr, k0, D, G1, BK)
-        acc_u += _wdot_f(wu_ptr, s_ptr, z_ptr, ru, mn, x_ptr, k0, D, G1, BK)
+    if FTILE:
+        tile_g = tl.zeros((BN, BK), tl.float32)
+        tile_u = tl.zeros((BN, BK), tl.float32)
+        for k0 in $krange(0, D, BK):
+            tile_g += _wmul_f(wg_ptr, rg, mn, x_ptr, k0, D, BK)
+            tile_u += _wmul_f(wu_ptr, ru, mn, x_ptr, k0, D, BK)
+        acc_g = tl.sum(tile_g, 1)
+        acc_u = tl.sum(tile_u, 1)
+    else:
+        acc_g = tl.zeros((BN,), tl.float32)
+        acc_u = tl.zeros((BN,), tl.float32)
+        for k0 in $krange(0, D, BK):
+            acc_g += _wdot_f(wg_ptr, s_ptr, z_ptr, rg, mn, x_ptr, k0, D, G1, BK)
+            acc_u += _wdot_f(wu_ptr, s_ptr, z_ptr, ru, mn, x_ptr, k0, D, G1, BK)
     if ROUND:
         acc_g = acc_g.to(DT).to(tl.float32)
         acc_u = acc_u.to(DT).to(tl.float32)
@@ -61,21 +73,33 @@ def _swiglu_rows_f(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.co
 @triton.jit
 def _rows_dot_f(h_ptr, w_ptr, s_ptr, z_ptr, n, mn, K: tl.constexpr, G: tl.constexpr):
     # (h w^T)[n] for the BND rows n of w [., K], in fp32
-    y = tl.zeros((BND,), tl.float32)
-    for k0 in range(0, K, BKD):
-        y += _wdot_f(w_ptr, s_ptr, z_ptr, n, mn, h_ptr, k0, K, G, BKD)
+    if FTILE:
+        tile = tl.zeros((BND, BKD), tl.float32)
+        for k0 in $krange(0, K, BKD):
+            tile += _wmul_f(w_ptr, n, mn, h_ptr, k0, K, BKD)
+        y = tl.sum(tile, 1)
+    else:
+        y = tl.zeros((BND,), tl.float32)
+        for k0 in $krange(0, K, BKD):
+            y += _wdot_f(w_ptr, s_ptr, z_ptr, n, mn, h_ptr, k0, K, G, BKD)
     return y
 """
 
 _DECODE = """
 @triton.jit
-def _wdot_f(w_ptr, s_ptr, z_ptr, r, mr, v_ptr, k0, K: tl.constexpr, G: tl.constexpr, BKX: tl.constexpr):
-    # sum_k w[r, k] v[k] over k0 .. k0 + BKX of a float weight [., K]
+def _wmul_f(w_ptr, r, mr, v_ptr, k0, K: tl.constexpr, BKX: tl.constexpr):
+    # w[r, k] v[k] over k0 .. k0 + BKX of a float weight [., K], in fp32
     k = k0 + tl.arange(0, BKX)
     mk = k < K
     v = tl.load(v_ptr + k, mask=mk, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + r[:, None] * K + k[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
-    return tl.sum(w.to(tl.float32) * v[None, :], 1)
+    return w.to(tl.float32) * v[None, :]
+
+
+@triton.jit
+def _wdot_f(w_ptr, s_ptr, z_ptr, r, mr, v_ptr, k0, K: tl.constexpr, G: tl.constexpr, BKX: tl.constexpr):
+    # sum_k w[r, k] v[k] over k0 .. k0 + BKX of a float weight [., K]
+    return tl.sum(_wmul_f(w_ptr, r, mr, v_ptr, k0, K, BKX), 1)
 
 
 $loader
@@ -148,7 +172,8 @@ class Quant:
         return self.fmt, self.group_size, self.z13 is not None
 
 
-TILE_KEYS = ("BN", "BK", "num_warps", "BND", "BKD", "warps_down", "num_stages")
+TILE_KEYS = ("BN", "BK", "num_warps", "BND", "BKD", "warps_down", "num_stages", "acc", "unroll")
+FORMS = {"acc": ("row", "tile"), "unroll": (False, True)}       # the float weights' K loops (_HELPERS)
 
 
 def bucket_of(cfg: dict, tokens: int) -> int | None:
@@ -197,7 +222,14 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
               "G1": 1, "G2": 1, "NPW": 1}
     p, stages = ptr_type(dtype), cfg["num_stages"]
     code, scale, zero = p, p, p
-    helpers, loader = _HELPERS, ""
+    for key, allowed in FORMS.items():
+        if cfg.get(key, allowed[0]) not in allowed:
+            raise ValueError(f"moe_decode {key} {cfg[key]!r}: one of {allowed}")
+    # the float K loops' forms: the bf16 experts' (low-bit kernels keep the plain loops for their shared expert)
+    plain = quant is not None
+    consts["FTILE"] = not plain and cfg.get("acc", "row") == "tile"
+    krange = "tl.static_range" if not plain and cfg.get("unroll", False) else "range"
+    helpers, loader = _HELPERS.replace("$krange", krange), ""
     if quant is not None:
         if fmt == "fp8" and not moe_quant.has_e4m3(target):
             return None

@@ -47,7 +47,7 @@ def moe_router_logits(x_ptr, w_ptr, part_ptr, N, KCH):
     _logits_block(x_ptr, w_ptr, part_ptr, N, KCH)
 """
 
-_SELECT = """
+_SLOTS = """
 @triton.jit
 def _slots():
     # experts laid out [NGP groups, EGP slots]: each slot's expert, whether it is one, its slot
@@ -58,15 +58,23 @@ def _slots():
 
 
 @triton.jit
-def _select_rows(acc, e, me, slot, bias_ptr, ids_ptr, wts_ptr, rows, mr, R: tl.constexpr):
-    # the R tokens `rows` (mr: real ones) from their logits acc [R, BEP] (padding slots masked)
-    ek = tl.where(me, e, E)             # expert ids for comparisons (padding slots never match)
+def _ranked(acc, e, me, slot, bias_ptr, R: tl.constexpr):
+    # from logits acc [R, BEP]: expert ids for comparisons (padding slots E: never match), the
+    # scores the selection ranks (sigmoid + bias, groups applied; padding -inf), the weights' source
+    ek = tl.where(me, e, E)
     scores = 1.0 / (1.0 + tl.exp(-acc))
     choice = scores + tl.load(bias_ptr + e, mask=me, other=0.0).to(tl.float32)[None, :]
     choice = tl.where(me[None, :], choice, float("-inf"))
     $groups
     picked = tl.where(me[None, :], picked, float("-inf"))
-    src = $weights_from
+    return ek, picked, $weights_from
+"""
+
+_SELECT_ARGMAX = """
+@triton.jit
+def _select_rows(acc, e, me, slot, bias_ptr, ids_ptr, wts_ptr, rows, mr, R: tl.constexpr):
+    # the R tokens `rows` (mr: real ones) from their logits acc [R, BEP] (padding slots masked)
+    ek, picked, src = _ranked(acc, e, me, slot, bias_ptr, R)
     tot = tl.zeros((R,), tl.float32)
     for j in tl.static_range(TOPK):
         best = tl.max(picked, 1)
@@ -84,6 +92,41 @@ def _select_rows(acc, e, me, slot, bias_ptr, ids_ptr, wts_ptr, rows, mr, R: tl.c
     for j in tl.static_range(TOPK):
         wj = tl.load(wts_ptr + rows * TOPK + j, mask=mr, other=0.0)
         tl.store(wts_ptr + rows * TOPK + j, wj * inv, mask=mr)
+"""
+
+# the same selection with one reduction per pick: each slot's score and expert packed into one
+# int64 key (the score's bits made order-preserving, -0.0 as +0.0, then E - 1 - expert: among equal
+# scores the lowest expert is the largest key), the TOPK largest keys taken in turn; each pick's
+# weight gathered afterwards (exact: one nonzero per sum) and summed in pick order, as above
+_SELECT_PACKED = """
+@triton.jit
+def _select_rows(acc, e, me, slot, bias_ptr, ids_ptr, wts_ptr, rows, mr, R: tl.constexpr):
+    # the R tokens `rows` (mr: real ones) from their logits acc [R, BEP] (padding slots masked)
+    ek, picked, src = _ranked(acc, e, me, slot, bias_ptr, R)
+    bits = (picked + 0.0).to(tl.int32, bitcast=True)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = (bits.to(tl.int64) << 32) | (-ek + (E - 1)).to(tl.int64)
+    key = tl.where(me[None, :], key, KEY_MIN)
+    jj = tl.arange(0, TKP)
+    best = tl.zeros((R, TKP), tl.int64)
+    for j in tl.static_range(TOPK):
+        top = tl.max(key, 1)
+        key = tl.where(key == top[:, None], KEY_MIN, key)
+        best = tl.where(jj[None, :] == j, top[:, None], best)
+    idx = -best.to(tl.int32) + (E - 1)          # the low word: E - 1 - expert
+    hit = ek[None, None, :] == idx[:, :, None]
+    w = tl.sum(tl.where(hit, src[:, None, :], 0.0), 2)
+    tot = tl.zeros((R,), tl.float32)
+    for j in tl.static_range(TOPK):
+        tot += tl.sum(tl.where(jj[None, :] == j, w, 0.0), 1)
+    if RENORM:
+        inv = SCALING / (tot + 1e-20)
+    else:
+        inv = tl.full((R,), SCALING, tl.float32)
+    out = rows[:, None] * TOPK + jj[None, :]
+    mo = mr[:, None] & (jj[None, :] < TOPK)
+    tl.store(ids_ptr + out, idx.to(tl.int64), mask=mo)
+    tl.store(wts_ptr + out, w * inv[:, None], mask=mo)
 """
 
 _SELECT_KERNEL = """
@@ -122,6 +165,10 @@ def moe_router(x_ptr, w_ptr, part_ptr, bias_ptr, ids_ptr, wts_ptr, ticket_ptr, N
             acc += tl.load(p + s * N * E, mask=m2, other=0.0, cache_modifier=".cg")
         _select_rows(acc, e, me, slot, bias_ptr, ids_ptr, wts_ptr, rows, mr, RF)
 """
+
+# the selection's forms (the moe_route "select" key): "argmax" takes each pick's best score, then
+# its lowest expert, then its weight (three reductions a pick); "packed" one reduction a pick
+SELECTIONS = {"argmax": _SELECT_ARGMAX, "packed": _SELECT_PACKED}
 
 _GROUPS = """
 # keep the TOPK_GROUP groups with the best top-2 sums (ties: lowest group); other experts' scores
@@ -169,26 +216,36 @@ def _selection(E, top_k, n_group, topk_group, renorm, scaling, weights, cfg) -> 
     EGP, NGP = next_pow2(EG), next_pow2(n_group)
     BEP = max(16, EGP * NGP)
     NGP = BEP // EGP                    # at least 16 slots: extra groups are padding
+    if cfg["select"] not in SELECTIONS:
+        raise ValueError(f"moe_route select {cfg['select']!r}: one of {', '.join(SELECTIONS)}")
     consts = {"E": E, "EG": EG, "EGP": EGP, "NGP": NGP, "BEP": BEP, "BR": cfg["BR"], "SU": cfg["select_unroll"], "TOPK": top_k,
               "TOPK_GROUP": topk_group, "RENORM": bool(renorm and top_k > 1), "SCALING": float(scaling)}
+    if cfg["select"] == "packed":
+        consts.update(TKP=next_pow2(top_k), KEY_MIN=-(1 << 63))
     top2 = "t1 + tl.max(tl.where(s3 == i1[:, :, None], float('-inf'), g3), 2)" if EG > 1 else "t1"
     groups = _GROUPS.replace("$group_score", top2) if n_group > 1 else "picked = choice"
     return consts, {"groups": groups, "weights_from": "choice" if weights == "official" else "scores"}
+
+
+def _select_source(cfg: dict) -> str:
+    return _SLOTS + SELECTIONS[cfg["select"]]
 
 
 @functools.lru_cache(maxsize=None)
 def select_spec(E, top_k, n_group, topk_group, renorm, scaling, weights, target) -> KernelSpec:
     cfg = config("moe_route", target)
     consts, blocks = _selection(E, top_k, n_group, topk_group, renorm, scaling, weights, cfg)
-    src = render("moe_router_select", _SELECT + _SELECT_KERNEL, consts, **blocks)
+    src = render("moe_router_select", _select_source(cfg) + _SELECT_KERNEL, consts, **blocks)
     sig = {"part_ptr": "*fp32", "bias_ptr": "*fp32", "ids_ptr": "*i64", "wts_ptr": "*fp32", "N": "i32", "S": "i32"}
     return KernelSpec("moe_router_select", "moe_router_select", src, sig, cfg["select_warps"], 1, {**cfg, **consts})
 
 
 @functools.lru_cache(maxsize=None)
-def fused_spec(D, E, xdt, wdt, top_k, n_group, topk_group, renorm, scaling, weights, target) -> KernelSpec | None:
+def fused_spec(D, E, xdt, wdt, top_k, n_group, topk_group, renorm, scaling, weights, target,
+               tokens: int | None = None) -> KernelSpec | None:
     """The router in one launch for up to `fused_max` tokens (the small logits tiles, one token
-    block; None when fused_max is 0): bitwise the two kernels' result."""
+    block; None when fused_max is 0), its selection over `tokens` rows (default: fused_max):
+    bitwise the two kernels' result."""
     cfg = config("moe_route", target)
     lg = logits_spec(D, E, xdt, wdt, True, target)
     rows = min(cfg["fused_max"], cfg["small_max"])
@@ -198,8 +255,8 @@ def fused_spec(D, E, xdt, wdt, top_k, n_group, topk_group, renorm, scaling, weig
         raise ValueError(f"moe_route fused_max {cfg['fused_max']} exceeds one token block (BN_small {lg.config['BN']})")
     consts, blocks = _selection(E, top_k, n_group, topk_group, renorm, scaling, weights, cfg)
     consts.update({k: lg.config[k] for k in ("D", "BN", "BE", "BK", "CT")},
-                  RF=next_pow2(rows), SF=_splits(rows, D, E, lg)[0])
-    src = render("moe_router", _LOGITS + _SELECT + _FUSED_KERNEL, consts, **blocks)
+                  RF=next_pow2(min(tokens or rows, rows)), SF=_splits(rows, D, E, lg)[0])
+    src = render("moe_router", _LOGITS + _select_source(cfg) + _FUSED_KERNEL, consts, **blocks)
     sig = {"x_ptr": ptr_type(xdt), "w_ptr": ptr_type(wdt), "part_ptr": "*fp32", "bias_ptr": "*fp32",
            "ids_ptr": "*i64", "wts_ptr": "*fp32", "ticket_ptr": "*i32", "N": "i32", "KCH": "i32"}
     return KernelSpec("moe_router", "moe_router", src, sig, lg.num_warps, lg.num_stages,
@@ -238,8 +295,8 @@ def moe_route(x, gate_weight, bias, *, top_k, n_group=1, topk_group=1, renormali
         S, kch = _splits(N, D, E, lg)
         part = torch.empty(S, N, E, device=x.device, dtype=torch.float32)
         grid = (-(-N // lg.config["BN"]), -(-E // lg.config["BE"]), S)
-        one = fused_spec(D, E, xdt, wdt, top_k, n_group, topk_group, renormalize, float(scaling), weights, target) \
-            if N <= sel.config["fused_max"] else None
+        one = fused_spec(D, E, xdt, wdt, top_k, n_group, topk_group, renormalize, float(scaling), weights, target,
+                         N) if N <= sel.config["fused_max"] else None
         if one is not None:
             launch(one, grid, xf, gate_weight.contiguous(), part, bias.contiguous(), ids, wts, tickets(x.device, 1),
                    N, kch)
@@ -253,7 +310,9 @@ def specs(x, w, attrs, target) -> list[KernelSpec]:
     """Every router kernel one op may launch (both logits variants), for AOT builds."""
     sel = select_spec(w.shape[0], attrs["top_k"], attrs["n_group"], attrs["topk_group"], attrs["renormalize"],
                       float(attrs["scaling"]), attrs["weights"], target)
-    one = fused_spec(x.shape[-1], w.shape[0], x.dtype, w.dtype, attrs["top_k"], attrs["n_group"], attrs["topk_group"],
-                     attrs["renormalize"], float(attrs["scaling"]), attrs["weights"], target)
+    fused = config("moe_route", target)["fused_max"]
+    ones = [fused_spec(x.shape[-1], w.shape[0], x.dtype, w.dtype, attrs["top_k"], attrs["n_group"], attrs["topk_group"],
+                       attrs["renormalize"], float(attrs["scaling"]), attrs["weights"], target, n)
+            for n in range(1, fused + 1)]
     return ([logits_spec(x.shape[-1], w.shape[0], x.dtype, w.dtype, small, target) for small in (True, False)]
-            + [sel] + ([one] if one else []))
+            + [sel] + list({s.hash: s for s in ones if s}.values()))

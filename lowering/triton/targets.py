@@ -60,10 +60,12 @@ _BASE = {
     # router logits: BN tokens x BE experts x BK per step, K split until ~`programs` programs run;
     # the *_small tiles serve <= small_max tokens (decode); the selection takes BR tokens a program
     # and sums select_unroll K splits' partials a step; up to fused_max tokens (<= BN_small) the
-    # router is one launch (0: always two)
+    # router is one launch (0: always two); select: the top-k's form (moe_route.SELECTIONS:
+    # "argmax" three reductions a pick, "packed" one)
     "moe_route": {"BN": 64, "BE": 128, "BK": 64, "num_warps": 8, "num_stages": 3,
                   "BN_small": 16, "BE_small": 32, "BK_small": 128, "num_warps_small": 4, "num_stages_small": 2,
-                  "small_max": 64, "programs": 264, "BR": 4, "select_warps": 4, "select_unroll": 4, "fused_max": 2},
+                  "small_max": 64, "programs": 264, "BR": 4, "select_warps": 4, "select_unroll": 4, "fused_max": 2,
+                  "select": "argmax"},
     # grouped SwiGLU: *_small tiles for <= 256 rows, *_mid below mid_rows rows per expert on
     # average (each falling back to the unsuffixed key); BN_down: the down projection's BN;
     # moe_experts runs its fused form (rows read by index) from fused_min_rows token copies
@@ -93,10 +95,12 @@ _BASE = {
     # experts: dequant "words" (32-bit words, no conversion instructions, dequant.py; prefetch:
     # the next K tile's words loaded before this one is dotted) in the tiles of quant_tiles over
     # those (K tiles in int4 columns: int8 takes half as many, the same bytes), or "elements"
-    # (each weight dequantized and rounded as the op library does; fp8 always)
+    # (each weight dequantized and rounded as the op library does; fp8 always). The bf16 experts'
+    # K loops (moe_decode.FORMS): acc "row" (a row sum per K step) or "tile" ([rows, K tile]
+    # accumulators summed once); unroll: the loop unrolled (every load of a program issued first)
     "moe_decode": {"BN": 16, "BK": 256, "BND": 16, "BKD": 256, "max_pairs": 64, "num_warps": 4,
                    "warps_down": 4, "num_stages": 2, "token_tiles": [], "quant_tiles": {}, "dequant": "words",
-                   "prefetch": True},
+                   "prefetch": True, "acc": "row", "unroll": False},
     # dense projections of up to max_rows rows (lowering/triton/gemv.py; larger take cuBLAS):
     # enabled: the kernel in place of cuBLAS (env KIMI_GRAPH_TRITON_GEMV=1/0 overrides); BN output
     # columns x BK a step per program, K split until ~`programs` programs (at most max_split);
