@@ -215,7 +215,8 @@ def choose_pdl(rows: list) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", default="4,27", help="published-width slices (27: the whole model)")
+    ap.add_argument("--layers", default="4,27", help="published-width slices (27: the whole model; '': the sweep "
+                    "alone)")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=30)
@@ -251,7 +252,7 @@ def main(argv=None) -> None:
     if best and a.use_best:                 # the whole-model runs with the sweep's best tiles
         from harness import override_config
         override_config("moe_decode", **best)
-    for layers in [int(n) for n in a.layers.split(",")]:
+    for layers in [int(n) for n in a.layers.split(",") if n]:
         for variant in a.variants.split(","):
             try:
                 run_model(layers, variant, a, bw, rows)
