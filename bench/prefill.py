@@ -6,7 +6,8 @@
   the grouped GEMM's TFLOP/s against cuBLAS on dense GEMMs of the same shapes and FLOPs, and
   against cuBLAS's 8192^3 rate, all measured in this run. Checks: new equal to old (bitwise),
   both against the float64 reference at 1k tokens.
-- the grouped GEMM's tiles swept at 4k and 32k tokens; the best goes to this device's tuning file.
+- the grouped GEMM variants of bench/moe_swiglu.py swept at 4k and 32k tokens (--budget); the
+  best per tile class goes to this device's tuning file.
 - a published-width slice (--layers, default 4: KDA dense, KDA + MoE x2, MLA + MoE) through the
   engine as bench/e2e.py runs it: prefill tok/s at 1x4k, 32x1k, 1x16k, old and new path, and
   with a 16k-token prefill chunk; then the kernels of one 4k-token prefill call (profiler).
@@ -24,6 +25,7 @@ from harness import copy_bandwidth, gemm_rate, kernel_times, merge_tuning, overr
 
 from e2e import prefill_batch, slice_dict, timed
 import moe_dispatch
+import moe_swiglu
 from moe_dispatch import timer
 
 from kimi_graph.lowering.triton import moe, moe_permute, moe_route
@@ -31,16 +33,6 @@ from kimi_graph.lowering.triton.targets import config
 from kimi_graph.ops import get_op
 
 ATTRS = dict(n_group=1, topk_group=1, renormalize=True, scaling=2.446, weights="official")
-# grouped GEMM tiles tried per tile class: "mid" at 4k tokens (128 rows per expert, the engine's
-# 4k-token prefill calls), "large" at 32k (keys suffixed _mid for the first)
-GEMM_SWEEP = [
-    {},
-    {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
-    {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 4},
-    {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3, "BN_down": 256},
-    {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4},
-    {"BM": 64, "BN": 256, "BK": 64, "num_warps": 8, "num_stages": 3},
-]
 OLD = {"fused_min_rows": 1 << 62}          # moe_experts runs the chain at every size
 
 
@@ -48,8 +40,6 @@ class Shapes(moe_dispatch.Shapes):
     def __init__(self, smoke: bool):
         super().__init__(smoke)
         self.tokens = (40,) if smoke else (1024, 4096, 32768)
-        self.sweep_sizes = (("mid", 80),) if smoke else (("mid", 4096), ("large", 32768))
-        self.sweep = GEMM_SWEEP[:2] if smoke else GEMM_SWEEP
         self.slice_shapes = [(2, 8)] if smoke else [(1, 4096), (32, 1024), (1, 16384)]
         self.small_chunk, self.big_chunk = 4096, 16384      # the engine's default; a larger one
 
@@ -118,37 +108,6 @@ def bench_layers(S, g, gemm_flops) -> list[dict]:
     return out
 
 
-def sweep_gemm(S, g) -> tuple[dict, list]:
-    """Time the fused grouped GEMM for each GEMM_SWEEP variant, per tile class at its size;
-    keep each class's fastest."""
-    t = timer(S)
-    w13 = (torch.randn(S.E, 2 * S.I, S.D, device=S.dev, generator=g) * S.D ** -0.5).to(S.dt)
-    w2 = (torch.randn(S.E, S.D, S.I, device=S.dev, generator=g) * S.I ** -0.5).to(S.dt)
-    rows, cfg = [], dict(BASE_GEMM)
-    for size, N in S.sweep_sizes:
-        x, gate, bias, _ = layer_inputs(S, N, g)
-        ids, _ = moe_route.moe_route(x, gate, bias, top_k=S.K, **ATTRS)
-        off, order = moe_permute.moe_sort(ids, S.E)
-        sfx = "_mid" if size == "mid" else ""
-        times = []
-        for v, over in enumerate(S.sweep):
-            override_config("moe_gemm", **{**cfg, **{k + sfx: val for k, val in over.items()}})
-            assert moe.gemm_size(ids.numel(), S.E, moe.current_target()) == size
-            try:
-                ms = t(lambda: moe._swiglu_launch(x, off, w13, w2, ids.numel(), order, S.K))
-            except Exception as e:        # a tile this GPU cannot build
-                print(f"{size} variant {v} {over}: {type(e).__name__} {str(e)[:80]}")
-                ms = float("inf")
-            times.append(ms)
-            rows.append({"class": size, "tokens": N, "variant": v, "ms": ms, "config": over})
-        win = min(range(len(times)), key=times.__getitem__)
-        cfg.update({k + sfx: val for k, val in S.sweep[win].items()})
-        print(f"grouped GEMM, {size} tiles at {N} tokens: best variant {win} {S.sweep[win]} "
-              f"{times[win]:.3f} ms (default {times[0]:.3f} ms)", flush=True)
-    override_config("moe_gemm", **cfg)
-    return cfg, rows
-
-
 def bench_slice(S, layers: int) -> tuple[list[dict], dict]:
     """Engine prefill tok/s on a slice, old and new MoE path (and a 16k prefill chunk); the
     kernels of one 4k-token call."""
@@ -192,6 +151,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1), wall clock")
     ap.add_argument("--layers", type=int, default=4, help="depth of the published-width slice")
     ap.add_argument("--no-sweep", action="store_true", help="skip the grouped GEMM tile sweep")
+    ap.add_argument("--budget", type=float, default=100.0, help="seconds after which no sweep variant starts")
     args = ap.parse_args()
     S = Shapes(args.smoke)
     BASE_GEMM.update(config("moe_gemm"))
@@ -199,10 +159,13 @@ def main():
     g = torch.Generator(device=S.dev).manual_seed(0)
     sweep_rows = []
     if not args.no_sweep:
-        cfg, sweep_rows = sweep_gemm(S, g)
+        sweep_rows, best, cfg = moe_swiglu.sweep((70, 260) if S.smoke else (4096, 32768), args.budget, S.smoke,
+                                                 ["current", "host_half"] if S.smoke else None)
         BASE_GEMM.update(cfg)
-        if not S.smoke:
-            merge_tuning("moe_gemm", cfg, "bench/prefill.py: best of the swept grouped GEMM tiles (4k, 32k tokens)")
+        override_config("moe_gemm", **cfg)
+        if not S.smoke and best:
+            merge_tuning("moe_gemm", cfg, "bench/prefill.py: best of bench/moe_swiglu.py's grouped GEMM variants "
+                         f"per class ({best}) at 4k, 32k tokens")
     layer_rows = bench_layers(S, g, flops)
     slice_rows, profile = bench_slice(S, args.layers)
     table = [{"what": f"MoE layer {r['tokens']} tok", "old": r["old_ms"], "new": r["new_ms"],

@@ -176,3 +176,48 @@ def test_moe_sort_and_errors():
         moe.moe_experts(x, ids, w[:, :1], w13, w2, acc)
     with pytest.raises(ValueError, match="do not fit"):
         moe.moe_experts(x, ids.int(), w, w13, w2, acc)
+
+
+# grouped GEMM variants ("moe_gemm" keys): weights (and down's h rows) through tensor
+# descriptors, an expert's last rows on a half-height tile, warp-specialized K loops, the down
+# GEMM's own tiles; BM 32 so that half tiles (16 rows) run beside full ones
+GEMM_VARIANTS = [
+    {"tma": True},
+    {"half": True},
+    {"tma": "host", "half": True},
+    {"tma": True, "half": True, "ws": True},
+    {"BN_down": 32, "BK_down": 8, "num_warps_down": 2, "num_stages_down": 2, "half": True},
+]
+
+
+@pytest.mark.parametrize("variant", GEMM_VARIANTS, ids=lambda v: ",".join(v))
+def test_grouped_gemm_variants(monkeypatch, variant):
+    """Each variant's fused form and chain agree with the float64 reference and with the default
+    tiles (to fp32 rounding); the half-height and full tiles both run."""
+    from kimi_graph.lowering.triton import moe, targets
+    cfg = targets.TARGETS["interpret"]["configs"]["moe_gemm"]
+    x, ids, w, w13, w2, acc = experts_case(1)
+    x, ids, w, acc = (torch.cat([t, t[:5]]) for t in (x, ids, w, acc))      # tails of 2 .. 31 rows
+    E, M = w13.shape[0], ids.numel()
+    up = [t.double() if t.is_floating_point() else t for t in (x, ids, w, w13, w2, acc)]
+    ref = get_op("moe_experts").ref(up, {})[0]
+    moe.gemm_specs.cache_clear()
+    base = moe.moe_experts(x, ids, w, w13, w2, acc)
+    for size in ("", "_mid", "_small"):
+        monkeypatch.setitem(cfg, "BM" + size, 32)
+        for k, v in variant.items():
+            monkeypatch.setitem(cfg, k + size, v)
+    moe.gemm_specs.cache_clear()
+    t = moe.gemm_tiles(moe.gemm_size(M, E, "interpret"), "interpret")
+    assert all(t[k] == {True: "device"}.get(v, v) if k == "tma" else t[k] == v for k, v in variant.items()), t
+    off = moe_permute.moe_sort(ids, E)[0]
+    tails = (off[1:] - off[:-1]) % 32
+    if variant.get("half"):
+        assert ((tails > 0) & (tails <= 16)).any() and (tails > 16).any(), tails
+    out = moe.moe_experts(x, ids, w, w13, w2, acc)
+    rows, off, order = moe_permute.moe_permute(x, ids, E)
+    chain = moe_permute.moe_unpermute(moe.grouped_swiglu(rows, off, w13, w2), order, w, acc)
+    for got in (out, chain):
+        assert (got.double() - ref).norm() <= 1e-6 * ref.norm()
+        assert (got - base).abs().max() <= 1e-5 * base.abs().max()
+    moe.gemm_specs.cache_clear()

@@ -244,6 +244,13 @@ def _launch_fitting(kernel, spec: KernelSpec, grid, args, **options):
                           stacklevel=3)
 
 
+def use_descriptor_scratch() -> None:
+    """Give Triton global memory for the kernels that build tensor descriptors on the device."""
+    import torch
+    import triton
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device="cuda", dtype=torch.int8))
+
+
 def row_view(x):
     """x [..., N] as rows [R, N] and their stride: read in place when the last dim is contiguous
     and the rows are evenly apart (a last-dim slice of a wider tensor, e.g. fuse-linears'

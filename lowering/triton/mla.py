@@ -17,7 +17,7 @@ import torch
 from kimi_graph.ops import get_op
 from kimi_graph.runtime.views import PagedRows
 
-from .codegen import dot_precision, TL_DTYPES, KernelSpec, dot_pieces, launch, next_pow2, render, row_view
+from .codegen import dot_precision, TL_DTYPES, KernelSpec, dot_pieces, launch, next_pow2, render, row_view, use_descriptor_scratch
 from .elementwise import ir_dtype, ptr_type
 from .targets import TARGETS, config, current_target
 
@@ -407,11 +407,6 @@ def tma_aligned(D: int, *ts: torch.Tensor) -> bool:
                for t in ts) and all(off * ts[0].element_size() % 16 == 0 for off, _ in dot_pieces(D))
 
 
-def _scratch(size: int, alignment: int, stream):
-    """Global memory for the kernels that build tensor descriptors on the device."""
-    return torch.empty(size, device="cuda", dtype=torch.int8)
-
-
 def causal_attention(q, k, v, q_start=None, *, scale):
     """q [B,T,H,D], k [B,S,H,D], v [B,S,H,Dv] (any strides with a unit last dim) -> [B,T,H,Dv]."""
     B, T, H, D = q.shape
@@ -423,8 +418,7 @@ def causal_attention(q, k, v, q_start=None, *, scale):
     spec = flash_spec(H, D, DV, ir_dtype(q), float(scale), target,
                       config("attention", target).get("tma", False) and tma_aligned(D, q, k, v))
     if spec.config["tma"]:
-        import triton
-        triton.set_allocator(_scratch)
+        use_descriptor_scratch()
     o = torch.empty(B, T, H, DV, device=q.device, dtype=q.dtype)
     qs = _q_start(q_start, B, T, S, q.device)
     strides = [st for t in (q, k, v, o) for st in (t.stride(0), t.stride(1), t.stride(2))]

@@ -9,11 +9,11 @@ import functools
 import torch
 
 from . import moe_permute, moe_route
-from .codegen import dot_precision, TL_DTYPES, KernelSpec, launch, next_pow2, render
+from .codegen import dot_precision, TL_DTYPES, KernelSpec, launch, next_pow2, render, use_descriptor_scratch
 from .elementwise import ir_dtype, ptr_type
-from .targets import config, current_target
+from .targets import TARGETS, config, current_target
 
-_GEMM = """
+_TILE_MAP = """
 @triton.jit
 def moe_tile_map(off_ptr, tile_e_ptr, tile_r_ptr, max_tiles):
     # grid (tile blocks,): tile t -> (expert, first row); -1 past the last tile
@@ -32,67 +32,123 @@ def moe_tile_map(off_ptr, tile_e_ptr, tile_r_ptr, max_tiles):
     valid = ex < E
     tl.store(tile_e_ptr + t, tl.where(valid, ex, -1), mask=t < max_tiles)
     tl.store(tile_r_ptr + t, tl.where(valid, row, 0).to(tl.int32), mask=t < max_tiles)
-
-
-@triton.jit
-def moe_gate_up(x_ptr, off_ptr, w13_ptr, h_ptr, tile_e_ptr, tile_r_ptr$gather_arg):
-    # grid (I blocks, tiles): h = silu(x w1^T) * (x w3^T) for one expert's rows; neighbouring
-    # programs share the row tile and the expert (L2 reuse). Sorted row r reads x row `src`:
-    # r itself (x already permuted), or token order[r] // TOPK (gathered by index)
-    ex = tl.load(tile_e_ptr + tl.program_id(1))
-    if ex >= 0:
-        r = tl.load(tile_r_ptr + tl.program_id(1)) + tl.arange(0, BM)
-        mr = r < tl.load(off_ptr + ex + 1)
-        $src_rows
-        n = tl.program_id(0) * BN + tl.arange(0, BN)
-        mn = n < I
-        dk = tl.arange(0, BK)
-        acc_g = tl.zeros((BM, BN), tl.float32)
-        acc_u = tl.zeros((BM, BN), tl.float32)
-        wb = w13_ptr + ex.to(tl.int64) * (2 * I * D)
-        for k0 in range(0, D, BK):
-            $gu_loads
-            acc_g += tl.dot(x, w1, input_precision=PREC)
-            acc_u += tl.dot(x, w3, input_precision=PREC)
-        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-        tl.store(h_ptr + r[:, None] * I + n[None, :], h.to(DT), mask=mr[:, None] & mn[None, :])
-
-
-@triton.jit
-def moe_down(h_ptr, off_ptr, w2_ptr, y_ptr, tile_e_ptr, tile_r_ptr$gather_arg):
-    # grid (D blocks, tiles): y = h w2^T for one expert's rows, stored at row `dst`: r (sorted),
-    # or order[r] = n * TOPK + j (the token's own slot j: un-permuted in the epilogue)
-    ex = tl.load(tile_e_ptr + tl.program_id(1))
-    if ex >= 0:
-        r = tl.load(tile_r_ptr + tl.program_id(1)) + tl.arange(0, BM)
-        mr = r < tl.load(off_ptr + ex + 1)
-        n = tl.program_id(0) * BN + tl.arange(0, BN)
-        mn = n < D
-        dk = tl.arange(0, BK)
-        acc = tl.zeros((BM, BN), tl.float32)
-        wb = w2_ptr + ex.to(tl.int64) * (D * I)
-        for k0 in range(0, I, BK):
-            $down_loads
-            acc += tl.dot(h, w, input_precision=PREC)
-        $dst_rows
-        tl.store(y_ptr + dst[:, None] * D + n[None, :], acc.to(DT), mask=mr[:, None] & mn[None, :])
 """
 
-def _gemm_loads(K: int, N: int, BK: int, BN: int, gate_up: bool) -> str:
-    """The K-loop loads of one grouped GEMM; masks only on the dims the tiles do not divide."""
+# One grouped GEMM of a row tile: $setup once per program, then $tile (the rows, K loop and
+# epilogue at a BMT-row tile), either at BM rows or, with HALF, at BM // 2 rows when the expert
+# has no more left (its last tile): the rows a tile computes past its expert are wasted work.
+_GEMM = """
+@triton.jit
+def $entry($args):
+    # grid (N blocks, tiles); neighbouring programs share the row tile and the expert (L2 reuse)
+    ex = tl.load(tile_e_ptr + tl.program_id(1))
+    if ex >= 0:
+        r0 = tl.load(tile_r_ptr + tl.program_id(1))
+        end = tl.load(off_ptr + ex + 1)
+        n = tl.program_id(0) * BN + tl.arange(0, BN)
+        mn = n < NO
+        dk = tl.arange(0, BK)
+        $setup
+        $tiles
+"""
+
+# gate_up: h = silu(x w1^T) * (x w3^T) for one expert's rows. Sorted row r reads x row `src`:
+# r itself (x already permuted), or token order[r] // TOPK (gathered by index)
+_GATE_UP_TILE = """
+r = r0 + tl.arange(0, BMT)
+mr = r < end
+$src_rows
+acc_g = tl.zeros((BMT, BN), tl.float32)
+acc_u = tl.zeros((BMT, BN), tl.float32)
+for k0 in $k_range:
+    $loads
+    acc_g = tl.dot(x, w1, acc_g, input_precision=PREC)
+    acc_u = tl.dot(x, w3, acc_u, input_precision=PREC)
+h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+tl.store(h_ptr + r[:, None] * I + n[None, :], h.to(DT), mask=mr[:, None] & mn[None, :])
+"""
+
+# down: y = h w2^T for one expert's rows, stored at row `dst`: r (sorted), or order[r] =
+# n * TOPK + j (the token's own slot j: un-permuted in the epilogue)
+_DOWN_TILE = """
+r = r0 + tl.arange(0, BMT)
+mr = r < end
+acc = tl.zeros((BMT, BN), tl.float32)
+for k0 in $k_range:
+    $loads
+    acc = tl.dot(h, w, acc, input_precision=PREC)
+$dst_rows
+tl.store(y_ptr + dst[:, None] * D + n[None, :], acc.to(DT), mask=mr[:, None] & mn[None, :])
+"""
+
+
+def _tile_loads(gate_up: bool, K: int, N: int, BK: int, BN: int, tma: bool) -> str:
+    """The K-loop loads of one grouped GEMM tile. Weights through a tensor descriptor (`tma`:
+    rows past N read the next matrix, K past the end reads zeros; either only reaches outputs
+    the store masks), else by pointer with masks only on the dims the tiles do not divide; the
+    down GEMM's sorted h rows through a descriptor too (rows past the expert: masked outputs)."""
     mk, mn = K % BK != 0, N % BN != 0
     kx = "mr[:, None] & (k0 + dk < KD)[None, :]" if mk else "mr[:, None]"
-    kw = " & ".join(filter(None, ["mn[None, :]" if mn else "", "(k0 + dk < KD)[:, None]" if mk else ""]))
-    wm = f", mask={kw}, other=0.0" if kw else ""
-    a = "x" if gate_up else "h"
-    lines = [f"{a} = tl.load({a}_ptr + {'src' if gate_up else 'r'}[:, None] * KD + k0 + dk[None, :], mask={kx}, "
-             "other=0.0)"]
     if gate_up:
-        lines += [f"w1 = tl.load(wb + n[None, :] * KD + k0 + dk[:, None]{wm})",
-                  f"w3 = tl.load(wb + (n[None, :] + I) * KD + k0 + dk[:, None]{wm})"]
+        lines = [f"x = tl.load(x_ptr + src[:, None] * KD + k0 + dk[None, :], mask={kx}, other=0.0)"]
+    elif tma:
+        lines = ["h = hd.load([r0, k0])"]
     else:
-        lines += [f"w = tl.load(wb + n[None, :] * KD + k0 + dk[:, None]{wm})"]
+        lines = [f"h = tl.load(h_ptr + r[:, None] * KD + k0 + dk[None, :], mask={kx}, other=0.0)"]
+    if tma:
+        ws = [("w1", "wn"), ("w3", "wn + I")] if gate_up else [("w", "wn")]
+        lines += [f"{a} = wd.load([{row}, k0]).T" for a, row in ws]
+    else:
+        kw = " & ".join(filter(None, ["mn[None, :]" if mn else "", "(k0 + dk < KD)[:, None]" if mk else ""]))
+        wm = f", mask={kw}, other=0.0" if kw else ""
+        ws = [("w1", "n[None, :]"), ("w3", "(n[None, :] + I)")] if gate_up else [("w", "n[None, :]")]
+        lines += [f"{a} = tl.load(wb + {row} * KD + k0 + dk[:, None]{wm})" for a, row in ws]
     return "\n".join(lines).replace("KD", str(K))
+
+
+def _kernel_source(gate_up: bool, K: int, N: int, BM: int, BK: int, BN: int, tma: str, half: bool,
+                   ws: bool, gather: bool) -> str:
+    """One grouped GEMM kernel's source (tile map included): its setup, and its tile at BM rows,
+    or at BM // 2 rows too for an expert's last rows when `half`. `tma`: "" (pointers), "device"
+    (descriptors built by each program) or "host" (descriptor arguments: wd, and down's h rows
+    hdf / hdh at BM / BM // 2 rows)."""
+    if gate_up:
+        w, shape = "w13_ptr", "[E * 2 * I, D], strides=[D, 1]"
+        wn, wb = "ex * (2 * I) + tl.program_id(0) * BN", "w13_ptr + ex.to(tl.int64) * (2 * I * D)"
+        idx = {"src_rows": "src = tl.load(order_ptr + r, mask=mr, other=0) // TOPK" if gather else "src = r"}
+        args = "x_ptr, off_ptr, w13_ptr, h_ptr, tile_e_ptr, tile_r_ptr"
+    else:
+        w, shape = "w2_ptr", "[E * D, I], strides=[I, 1]"
+        wn, wb = "ex * D + tl.program_id(0) * BN", "w2_ptr + ex.to(tl.int64) * (D * I)"
+        idx = {"dst_rows": "dst = tl.load(order_ptr + r, mask=mr, other=0)" if gather else "dst = r"}
+        args = "h_ptr, off_ptr, w2_ptr, y_ptr, tile_e_ptr, tile_r_ptr, M"
+    args += ", order_ptr" if gather else ""
+    if tma == "host":           # descriptors built on the host, passed as arguments
+        args += ", wd, hdf, hdh" if not gate_up else ", wd"
+    setup = ([] if tma == "host" else [f"wd = tl.make_tensor_descriptor({w}, shape={shape}, block_shape=[BN, BK])"])
+    setup = setup + [f"wn = {wn}"] if tma else [f"wb = {wb}"]
+    k_range = f"tl.range(0, {K}, BK, warp_specialize=True)" if ws else f"range(0, {K}, BK)"
+    tmpl = _GATE_UP_TILE if gate_up else _DOWN_TILE
+
+    def tile(bmt: int) -> list[str]:
+        pre = [] if gate_up or not tma else [f"hd = {'hdf' if bmt == BM else 'hdh'}"] if tma == "host" else \
+            [f"hd = tl.make_tensor_descriptor(h_ptr, shape=[M, I], strides=[I, 1], block_shape=[{bmt}, BK])"]
+        text = _body(tmpl, loads=_tile_loads(gate_up, K, N, BK, BN, tma), k_range=k_range, **idx)
+        return pre + text.replace("BMT", str(bmt)).splitlines()
+
+    if half:
+        ind = lambda ls: ["    " + s if s else s for s in ls]
+        tiles = ["if end - r0 <= BM // 2:", *ind(tile(BM // 2)), "else:", *ind(tile(BM))]
+    else:
+        tiles = tile(BM)
+    return _TILE_MAP + "\n\n" + _body(_GEMM, entry="moe_gate_up" if gate_up else "moe_down",
+                                       args=args, setup="\n".join(setup),
+                                       tiles="\n".join(tiles)) + "\n"
+
+
+def _body(template: str, **blocks: str) -> str:
+    """A template's text with its blocks in place (no header: pieces of one kernel source)."""
+    return render("", template, {}, **blocks).split("\n\n\n", 1)[1].strip("\n")
 
 
 SIZES = ("small", "mid", "large")
@@ -108,34 +164,56 @@ def gemm_size(M: int, E: int, target: str) -> str:
     return "mid" if M < config("moe_gemm", target)["mid_rows"] * E else "large"
 
 
-@functools.lru_cache(maxsize=None)
-def gemm_specs(E, I, D, dtype, size, target, gather=False, top_k=1):
-    """(tile map, gate_up, down). With `gather`, gate_up reads x rows by index (order[r] //
-    top_k) and down stores each row at its copy's own slot order[r]: no permuted copies."""
+def gemm_tiles(size: str, target: str) -> dict:
+    """The "moe_gemm" keys of one tile class: each key's value with the class's suffix, else the
+    large one; the down GEMM's BN / BK / warps / stages from its *_down keys (per class), else the
+    gate_up's. tma (false, true = "device", "host"; -> "", "device", "host"), half, ws fall back
+    to the large ones for "mid" only ("small" takes its own or none)."""
     cfg = config("moe_gemm", target)
     sfx = {"small": "_small", "mid": "_mid", "large": ""}[size]
-    get = lambda key: cfg.get(key + sfx, cfg[key])       # a class's own value, else the large one
-    BM, BN, BK, w, st = (get(k) for k in ("BM", "BN", "BK", "num_warps", "num_stages"))
-    BN_down = cfg.get("BN_down" + sfx, BN)
-    consts = {"E": E, "I": I, "D": D, "BE": max(16, next_pow2(E)), "BM": BM, "BN": BN, "BK": BK,
-              "TB": 64, "DT": TL_DTYPES[dtype], "PREC": dot_precision(dtype), "TOPK": top_k}
-    gu, dn = dict(consts), dict(consts, BN=BN_down)
-    idx = {"gather_arg": ", order_ptr" if gather else "",
-           "src_rows": "src = tl.load(order_ptr + r, mask=mr, other=0) // TOPK" if gather else "src = r",
-           "dst_rows": "dst = tl.load(order_ptr + r, mask=mr, other=0)" if gather else "dst = r"}
-    src_gu = render("grouped_swiglu", _GEMM, gu, gu_loads=_gemm_loads(D, I, BK, BN, True),
-                    down_loads=_gemm_loads(I, D, BK, BN, False), **idx)
-    src_dn = render("grouped_swiglu", _GEMM, dn, gu_loads=_gemm_loads(D, I, BK, BN_down, True),
-                    down_loads=_gemm_loads(I, D, BK, BN_down, False), **idx)
+    get = lambda key, default=None: cfg.get(key + sfx, cfg.get(key, default))
+    out = {k: get(k) for k in ("BM", "BN", "BK", "num_warps", "num_stages")}
+    out.update({f"{k}_down": cfg.get(f"{k}_down{sfx}", out[k]) for k in ("BN", "BK", "num_warps", "num_stages")})
+    flag = (lambda k: bool(cfg.get(k + sfx, False))) if size == "small" else (lambda k: bool(get(k, False)))
+    out.update({k: flag(k) for k in ("half", "ws")})
+    tma = cfg.get("tma" + sfx, False) if size == "small" else get("tma", False)
+    if tma not in (False, True, "", "device", "host"):
+        raise ValueError(f"moe_gemm tma {tma!r}: false / '', true / 'device', or 'host'")
+    out["tma"] = {False: "", True: "device"}.get(tma, tma)
+    out["half"] = out["half"] and out["BM"] >= 32          # tl.dot takes 16 rows at least
+    out["ws"] = out["ws"] and bool(out["tma"])             # warp specialization wants descriptor loads
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_specs(E, I, D, dtype, size, target, gather=False, top_k=1, aligned=False):
+    """(tile map, gate_up, down) at the tiles of class `size`. With `gather`, gate_up reads x
+    rows by index (order[r] // top_k) and down stores each row at its copy's own slot order[r]:
+    no permuted copies. Tensor descriptors (config tma) only when `aligned` (tma_aligned)."""
+    t = gemm_tiles(size, target)
+    tma = t["tma"] if aligned and (TARGETS[target]["arch"] or 90) >= 90 else ""      # sm_90+, interpreter
+    BM = t["BM"]
+    base = {"E": E, "I": I, "D": D, "BE": max(16, next_pow2(E)), "BM": BM, "TB": 64, "DT": TL_DTYPES[dtype],
+            "PREC": dot_precision(dtype), "TOPK": top_k}
+    gu = dict(base, NO=I, BN=t["BN"], BK=t["BK"])
+    dn = dict(base, NO=D, BN=t["BN_down"], BK=t["BK_down"])
+    flags = dict(tma=tma, half=t["half"], ws=t["ws"] and bool(tma), gather=gather)
+    src_gu = render("grouped_swiglu", "", gu).rstrip("\n") + "\n\n" + _kernel_source(True, D, I, BM, gu["BK"], gu["BN"], **flags)
+    src_dn = render("grouped_swiglu", "", dn).rstrip("\n") + "\n\n" + _kernel_source(False, I, D, BM, dn["BK"], dn["BN"], **flags)
     p = ptr_type(dtype)
     tiles = {"tile_e_ptr": "*i32", "tile_r_ptr": "*i32"}
     order = {"order_ptr": "*i64"} if gather else {}
+    extra = {"tma": tma, "half": flags["half"], "ws": flags["ws"]}
+    desc_gu, desc_dn = ({"wd": "desc"}, {"wd": "desc", "hdf": "desc", "hdh": "desc"}) if tma == "host" else ({}, {})
     return (KernelSpec("moe_tile_map", "moe_tile_map", src_gu, {"off_ptr": "*i64", **tiles, "max_tiles": "i32"},
-                       4, 1, gu),
+                       4, 1, {**gu, **extra}),
             KernelSpec("moe_gate_up", "moe_gate_up", src_gu,
-                       {"x_ptr": p, "off_ptr": "*i64", "w13_ptr": p, "h_ptr": p, **tiles, **order}, w, st, gu),
+                       {"x_ptr": p, "off_ptr": "*i64", "w13_ptr": p, "h_ptr": p, **tiles, **order, **desc_gu},
+                       t["num_warps"], t["num_stages"], {**gu, **extra}),
             KernelSpec("moe_down", "moe_down", src_dn,
-                       {"h_ptr": p, "off_ptr": "*i64", "w2_ptr": p, "y_ptr": p, **tiles, **order}, w, st, dn))
+                       {"h_ptr": p, "off_ptr": "*i64", "w2_ptr": p, "y_ptr": p, **tiles, "M": "i32", **order,
+                        **desc_dn},
+                       t["num_warps_down"], t["num_stages_down"], {**dn, **extra}))
 
 
 def _swiglu_launch(x, offsets, w13, w2, out_rows, order=None, top_k=1):
@@ -143,8 +221,10 @@ def _swiglu_launch(x, offsets, w13, w2, out_rows, order=None, top_k=1):
     E, I2, D = w13.shape
     I, M, dt = I2 // 2, out_rows, x.dtype
     target = current_target()
-    tmap, gate_up, down = gemm_specs(E, I, D, ir_dtype(x), gemm_size(M, E, target), target,
-                                     order is not None, top_k)
+    x, w13, w2 = x.contiguous(), w13.to(dt).contiguous(), w2.to(dt).contiguous()
+    size = gemm_size(M, E, target)
+    aligned = bool(gemm_tiles(size, target)["tma"]) and _rows_aligned(x, w13, w2)
+    tmap, gate_up, down = gemm_specs(E, I, D, ir_dtype(x), size, target, order is not None, top_k, aligned)
     c = gate_up.config
     max_tiles = -(-M // c["BM"]) + E
     te = torch.empty(max_tiles, device=x.device, dtype=torch.int32)
@@ -152,13 +232,28 @@ def _swiglu_launch(x, offsets, w13, w2, out_rows, order=None, top_k=1):
     h = torch.empty(M, I, device=x.device, dtype=dt)
     y = torch.empty(M, D, device=x.device, dtype=dt)
     if M:
+        if c["tma"] == "device":
+            use_descriptor_scratch()
         off = offsets.to(torch.int64).contiguous()
         extra = () if order is None else (order,)
+        d_gu, d_dn = _host_descriptors(c, down.config, w13, w2, h) if c["tma"] == "host" else ((), ())
         launch(tmap, (-(-max_tiles // c["TB"]),), off, te, tr, max_tiles)
-        launch(gate_up, (-(-I // c["BN"]), max_tiles), x.contiguous(), off, w13.to(dt).contiguous(), h, te, tr,
-               *extra)
-        launch(down, (-(-D // down.config["BN"]), max_tiles), h, off, w2.to(dt).contiguous(), y, te, tr, *extra)
+        launch(gate_up, (-(-I // c["BN"]), max_tiles), x, off, w13, h, te, tr, *extra, *d_gu)
+        launch(down, (-(-D // down.config["BN"]), max_tiles), h, off, w2, y, te, tr, M, *extra, *d_dn)
     return y
+
+
+def _host_descriptors(gu: dict, dn: dict, w13, w2, h):
+    """Tensor descriptor arguments: gate_up's weights; down's weights and h rows (BM and BM // 2)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    desc = lambda t, rows, cols: TensorDescriptor.from_tensor(t.reshape(-1, t.shape[-1]), [rows, cols])
+    return ((desc(w13, gu["BN"], gu["BK"]),),
+            (desc(w2, dn["BN"], dn["BK"]), desc(h, dn["BM"], dn["BK"]), desc(h, max(16, dn["BM"] // 2), dn["BK"])))
+
+
+def _rows_aligned(*ts) -> bool:
+    """Whether tensor descriptors can read these contiguous tensors: 16-byte aligned bases and rows."""
+    return all(t.data_ptr() % 16 == 0 and t.shape[-1] * t.element_size() % 16 == 0 for t in ts)
 
 
 def grouped_swiglu(rows, offsets, w13, w2):
