@@ -61,6 +61,10 @@ step_decode_gemv() {    # the 27-layer step with the tuning file, decode project
   done
 }
 step_long() { timeout 400 python3 bench/e2e.py --phases long; }
+step_long_prefill() {   # the long-context table: real prefills up to 128k, decode at 4k / 128k / 1M, vs all-MLA
+  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout ${LONG_S:-300} python3 bench/e2e.py --phases long --graphs on \
+    --long-prefill 131072 --name e2e-long
+}
 # the final run: tiles swept first (into this GPU's tuning file), then the whole model with them
 TUNING=bench/results/tuning-nvidia-h200.json
 step_kda_tiles() { timeout 150 python3 bench/kda_chunk.py --sweep-only --budget ${KDA_BUDGET:-100}; }
