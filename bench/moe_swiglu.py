@@ -9,7 +9,8 @@
         # tiles and cuBLAS on dense GEMMs of the same shapes and FLOPs, rel err against fp32 on a
         # few experts' rows; the best per tile class ("mid": 4k, "large": 16k + 32k) into this
         # device's tuning file
-    TRITON_INTERPRET=1 python bench/moe_swiglu.py --sweep --smoke     # CPU: tiny shapes, wall clock"""
+    TRITON_INTERPRET=1 python bench/moe_swiglu.py --sweep --smoke     # CPU: tiny shapes, wall clock
+    python bench/moe_swiglu.py --compile-variants     # no GPU: each variant built for sm_90"""
 from __future__ import annotations
 
 import argparse
@@ -210,6 +211,48 @@ def sweep(tokens, budget, smoke=False, names=None):
     return rows, best, cfg
 
 
+def compile_variants(target="sm_90"):
+    """Each SWEEP variant's two fused GEMM kernels ("large" tiles, rows by index, aligned tensors)
+    built for `target` without a GPU: registers a thread, spilled bytes, shared memory, or the
+    error that stops the build, so a variant that cannot build or spills is seen before a GPU run."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from kimi_graph.lowering.triton.aot import compile_spec
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    held = TARGETS[target]["configs"]["moe_gemm"]
+    base, rows = dict(held), []
+    try:
+        for name, over in SWEEP.items():
+            held.update({**base, **over})
+            moe.gemm_specs.cache_clear()
+            for sp in moe.gemm_specs(E, I, D, "bf16", "large", target, True, K, True)[1:]:
+                row = {"variant": name, "kernel": sp.name, "warps": sp.num_warps, "stages": sp.num_stages}
+                try:
+                    ck = compile_spec(sp, target)
+                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                        f.write(ck.asm["cubin"])
+                        f.flush()
+                        use = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                                             text=True).stdout
+                    reg, stack = (re.search(rf"{k}:(\d+)", use) for k in ("REG", "STACK"))
+                    row.update(regs=int(reg[1]) if reg else None, spill_bytes=int(stack[1]) if stack else None,
+                               shared_kb=ck.metadata.shared / 1024)
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160] if str(e).strip() else ''}"
+                rows.append(row)
+                print(row, flush=True)
+            held.clear()
+            held.update(base)
+    finally:
+        held.clear()
+        held.update(base)
+        moe.gemm_specs.cache_clear()
+    return rows
+
+
 def sweep_main(args):
     tokens = [int(n) for n in args.tokens.split(",")] if not args.smoke else [70, 260]     # mid, large
     names = ["current", "host_half"] if args.smoke else args.variants.split(",") if args.variants else None
@@ -239,5 +282,7 @@ if __name__ == "__main__":
     ap.add_argument("--variants", default="", help="comma-separated SWEEP names (default: all, in order)")
     ap.add_argument("--result", default="moe_gemm_sweep", help="name of the JSON in bench/results")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1), wall clock")
+    ap.add_argument("--compile-variants", action="store_true",
+                    help="build each SWEEP variant for sm_90 without a GPU: registers, spills, shared memory")
     args = ap.parse_args()
-    sweep_main(args) if args.sweep else main()
+    compile_variants() if args.compile_variants else sweep_main(args) if args.sweep else main()

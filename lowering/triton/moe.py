@@ -5,6 +5,7 @@ the four MoE ops; the router lives in `moe_route`, the permutation and its inver
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 
@@ -136,9 +137,11 @@ def _kernel_source(gate_up: bool, K: int, N: int, BM: int, BK: int, BN: int, tma
         text = _body(tmpl, loads=_tile_loads(gate_up, K, N, BK, BN, tma), k_range=k_range, **idx)
         return pre + text.replace("BMT", str(bmt)).splitlines()
 
-    if half:
+    if half:        # the half tile's names suffixed: Triton wants a name bound in both branches to keep its type
         ind = lambda ls: ["    " + s if s else s for s in ls]
-        tiles = ["if end - r0 <= BM // 2:", *ind(tile(BM // 2)), "else:", *ind(tile(BM))]
+        own = re.compile(r"\b(r|mr|src|dst|acc|acc_g|acc_u|x|h|hd|w|w1|w3|k0)\b")
+        tiles = ["if end - r0 <= BM // 2:", *ind(own.sub(r"\1_half", "\n".join(tile(BM // 2))).splitlines()),
+                 "else:", *ind(tile(BM))]
     else:
         tiles = tile(BM)
     return _TILE_MAP + "\n\n" + _body(_GEMM, entry="moe_gate_up" if gate_up else "moe_down",
@@ -204,7 +207,10 @@ def gemm_specs(E, I, D, dtype, size, target, gather=False, top_k=1, aligned=Fals
     tiles = {"tile_e_ptr": "*i32", "tile_r_ptr": "*i32"}
     order = {"order_ptr": "*i64"} if gather else {}
     extra = {"tma": tma, "half": flags["half"], "ws": flags["ws"]}
-    desc_gu, desc_dn = ({"wd": "desc"}, {"wd": "desc", "hdf": "desc", "hdh": "desc"}) if tma == "host" else ({}, {})
+    desc = lambda rows, cols: f"tensordesc<{p[1:]}[{rows}, {cols}]>"          # AOT's name of the argument type
+    desc_gu, desc_dn = ({"wd": desc(gu["BN"], gu["BK"])},
+                        {"wd": desc(dn["BN"], dn["BK"]), "hdf": desc(BM, dn["BK"]), "hdh": desc(max(16, BM // 2), dn["BK"])}) \
+        if tma == "host" else ({}, {})
     return (KernelSpec("moe_tile_map", "moe_tile_map", src_gu, {"off_ptr": "*i64", **tiles, "max_tiles": "i32"},
                        4, 1, {**gu, **extra}),
             KernelSpec("moe_gate_up", "moe_gate_up", src_gu,
