@@ -162,7 +162,7 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> li
     BT, BC, BV = cfg["BT"], cfg["BC"], min(cfg["BV"], max(16, next_pow2(V)))
     BW = min(cfg["BW"], max(16, next_pow2(max(K, V))))
     consts = kda._consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, PR=BC, NC=BT // BC, BV=BV, BW=BW,
-                         NKW=kda._cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype),
+                         NKW=kda._cdiv(K, BW), KS=max(16, next_pow2(K)), HAS_STATE=bool(has_state), PREC=dot_precision(dtype),
                          FTZ_EXP=False)
     f32 = ("gc_ptr", "beta_ptr", "akk_ptr", "gl_ptr", "a_ptr", "dt_ptr", "s0_ptr", "sn_ptr") + \
         (() if fused else ("f_ptr", "b_ptr"))
@@ -184,7 +184,7 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> li
                  solve=_solve_source(BT // BC, BC)),
             spec("kda_chunk_scan", kda._SCAN, ["qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr", "gl_ptr", "o_ptr",
                                                "s0_ptr", "sn_ptr", "slot_ptr", "cu_ptr", "chunk0_ptr"],
-                 cfg["num_warps"], cfg["num_stages"], state_in=kda._STATE_IN)]
+                 cfg["num_warps"], cfg["num_stages"], **kda._scan_blocks(1))]
 
 
 def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_seqlens=None, fused=True):

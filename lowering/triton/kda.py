@@ -267,6 +267,46 @@ def _diag_block_source(BC: int) -> str:
     return "\n".join(L)
 
 
+def _diag_rows_source(BC: int) -> str:
+    """The same blocks row by row, without an exponential per pair: for row i, P[j] = G_i/G_j
+    (j <= i) is P of row i-1 times row i's own decay exp(G_i - G_{i-1}) <= 1, the entry of column
+    i set to 1; so BC*K exponentials a sub-chunk instead of 3/4 BC*BC*K. Columns in two halves
+    (the earlier half's P from row 0, the later's from row BC/2), each row's sums stored as they
+    come (zeros right of the diagonal, and on it for A_kk)."""
+    half = BC // 2
+    L = [f"ra = tl.arange(0, {half})"]
+    for c, c0 in (("a", 0), ("b", half)):
+        L += [f"o{c} = (s0 + {c0} + ra)[:, None] * (H * K) + h * K + dk[None, :]",
+              f"k{c} = tl.load(kn_ptr + o{c}, mask=({c0} + ra < nb)[:, None] & mk[None, :], other=0.0).to(tl.float32)",
+              f"P{c} = tl.zeros(({half}, BK), tl.float32)"]
+    L.append("gp = tl.load(gc_ptr + s0 * (H * K) + h * K + dk, mask=mk & (dk * 0 < nb), other=0.0)")
+    for i in range(BC):
+        cs = ("a",) if i < half else ("a", "b")
+        L += [f"mi = mk & (dk * 0 + {i} < nb)", f"oi = (s0 + {i}) * (H * K) + h * K + dk",
+              "gi = tl.load(gc_ptr + oi, mask=mi, other=0.0)",
+              "qi = tl.load(qn_ptr + oi, mask=mi, other=0.0).to(tl.float32)",
+              "ki = tl.load(kn_ptr + oi, mask=mi, other=0.0).to(tl.float32)",
+              "d = kda_exp(tl.where(mi, gi - gp, 0.0))", "gp = tl.where(mi, gi, gp)",
+              f"bi = tl.load(beta_ptr + (s0 + {i}) * H + h + ra * 0, mask=ra * 0 + {i} < nb, other=0.0)",
+              f"orow = ((s0 + {i}) * H + h)"]
+        for c in cs:
+            c0 = 0 if c == "a" else half
+            L += [f"P{c} = P{c} * d[None, :]"]
+            if c0 <= i < c0 + half:
+                L.append(f"P{c} = tl.where((ra == {i - c0})[:, None], 1.0, P{c})")
+            L += [f"t = k{c} * P{c}", f"mo = (ra * 0 + {i} < nb)",
+                  f"tl.store(aqk_ptr + orow * BT + (s0 - start) + {c0} + ra, (tl.sum(t * qi[None, :], 1) * SCALE).to(DT), mask=mo)",
+                  f"tl.store(akd_ptr + orow * BC + {c0} + ra, tl.where({c0} + ra < {i}, tl.sum(t * ki[None, :], 1) * bi, 0.0), "
+                  "mask=mo)"]
+        if i < half:        # the later half's columns of an earlier row: zeros
+            L += [f"tl.store(aqk_ptr + orow * BT + (s0 - start) + {half} + ra, tl.zeros(({half},), DT), mask=ra * 0 + {i} < nb)",
+                  f"tl.store(akd_ptr + orow * BC + {half} + ra, tl.zeros(({half},), tl.float32), mask=ra * 0 + {i} < nb)"]
+    return "\n".join(L)
+
+
+_DIAG_FORMS = {"columns": _diag_block_source, "rows": _diag_rows_source}
+
+
 _INTRA = _EXP + """
 
 @triton.jit
@@ -318,7 +358,8 @@ _SCAN = """
 @triton.jit
 def kda_chunk_scan(qg_ptr, kg_ptr, w_ptr, u_ptr, aqk_ptr, gl_ptr, o_ptr, s0_ptr, sn_ptr, slot_ptr,
                    cu_ptr, chunk0_ptr):
-    # one program per (sequence, head, V block): the state stays in registers across chunks
+    # one program per (sequence, head, V block): the state stays in registers across chunks,
+    # as NS tiles of KS rows of K (independent products a step)
     s = tl.program_id(0)
     h = tl.program_id(1)
     iv = tl.program_id(2)
@@ -326,33 +367,50 @@ def kda_chunk_scan(qg_ptr, kg_ptr, w_ptr, u_ptr, aqk_ptr, gl_ptr, o_ptr, s0_ptr,
     L = tl.load(cu_ptr + s + 1) - tok0
     c0 = tl.load(chunk0_ptr + s)
     r = tl.arange(0, BT)
-    dk = tl.arange(0, BK)
     dv = iv * BV + tl.arange(0, BV)
-    mk = dk < K
     mv = dv < V
+    srow = tl.load(slot_ptr + s)
     $state_in
     for ci in range(0, tl.cdiv(L, BT)):
         tok = tok0 + ci * BT + r
         rm = ci * BT + r < L
-        m2 = rm[:, None] & mk[None, :]
-        offk = tok[:, None] * (H * K) + h * K + dk[None, :]
-        w = tl.load(w_ptr + offk, mask=m2, other=0.0)
-        qg = tl.load(qg_ptr + offk, mask=m2, other=0.0)
-        kgt = tl.load(kg_ptr + tok[None, :] * (H * K) + h * K + dk[:, None],
-                      mask=rm[None, :] & mk[:, None], other=0.0)
         offv = tok[:, None] * (H * V) + h * V + dv[None, :]
         mv2 = rm[:, None] & mv[None, :]
         u = tl.load(u_ptr + offv, mask=mv2, other=0.0).to(tl.float32)
         aqk = tl.load(aqk_ptr + tok[:, None] * (H * BT) + h * BT + r[None, :], mask=rm[:, None], other=0.0)
-        gl = tl.load(gl_ptr + ((c0 + ci) * H + h) * K + dk, mask=mk, other=1.0)
-        sd = S.to(DT)
-        vn = u - tl.dot(w, sd, input_precision=PREC)
-        vd = vn.to(DT)
-        o = tl.dot(qg, sd, input_precision=PREC) + tl.dot(aqk, vd, input_precision=PREC)
+        $step
         tl.store(o_ptr + offv, o.to(DT), mask=mv2)
-        S = S * gl[:, None] + tl.dot(kgt, vd, input_precision=PREC)
-    tl.store(sn_ptr + soff, S, mask=smask)
+    $state_out
 """
+
+
+def _scan_blocks(NS: int) -> dict:
+    """The scan's state as NS tiles S0.. of KS rows of K (dk0.. their rows): the (sequence, head)
+    state in and out (zeros without an initial state; sequence s keeps its state at row slot[s]
+    of the state storage, in place when s0 and sn are one; a padding row, slot -1, starts from
+    zeros and stores nothing), and one chunk's step: V' = U - W S, O = (scale q G) S + A_qk V',
+    S = G_L S + (k G_L/G)^T V'."""
+    ins, step, outs = [], [], []
+    for i in range(NS):
+        ins += [f"dk{i} = {i} * KS + tl.arange(0, KS)", f"mk{i} = dk{i} < K",
+                f"soff{i} = ((tl.maximum(srow, 0) * H + h) * K + dk{i}[:, None]) * V + dv[None, :]",
+                f"smask{i} = (mk{i} & (dk{i} * 0 + srow >= 0))[:, None] & mv[None, :]",
+                "if HAS_STATE:", f"    S{i} = tl.load(s0_ptr + soff{i}, mask=smask{i}, other=0.0)",
+                "else:", f"    S{i} = tl.zeros((KS, BV), tl.float32)"]
+        step += [f"m2 = rm[:, None] & mk{i}[None, :]", f"offk = tok[:, None] * (H * K) + h * K + dk{i}[None, :]",
+                 f"w{i} = tl.load(w_ptr + offk, mask=m2, other=0.0)",
+                 f"qg{i} = tl.load(qg_ptr + offk, mask=m2, other=0.0)",
+                 f"kgt{i} = tl.load(kg_ptr + tok[None, :] * (H * K) + h * K + dk{i}[:, None], "
+                 f"mask=rm[None, :] & mk{i}[:, None], other=0.0)",
+                 f"gl{i} = tl.load(gl_ptr + ((c0 + ci) * H + h) * K + dk{i}, mask=mk{i}, other=1.0)",
+                 f"sd{i} = S{i}.to(DT)"]
+        outs.append(f"tl.store(sn_ptr + soff{i}, S{i}, mask=smask{i})")
+    ws = " + ".join(f"tl.dot(w{i}, sd{i}, input_precision=PREC)" for i in range(NS))
+    qs = " + ".join(f"tl.dot(qg{i}, sd{i}, input_precision=PREC)" for i in range(NS))
+    step += [f"vn = u - ({ws})", "vd = vn.to(DT)", f"o = {qs} + tl.dot(aqk, vd, input_precision=PREC)"]
+    step += [f"S{i} = S{i} * gl{i}[:, None] + tl.dot(kgt{i}, vd, input_precision=PREC)" for i in range(NS)]
+    return {"state_in": "\n".join(ins), "step": "\n".join(step), "state_out": "\n".join(outs)}
+
 
 _STEP = _GATE + """
 
@@ -395,7 +453,7 @@ def kda_recurrent_step(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, o_ptr, 
 """
 
 
-def _products_source(NC: int, BC: int, KH: int, NKH: int, levels: bool, diag_here: bool) -> list[str]:
+def _products_source(NC: int, BC: int, KH: int, NKH: int, levels: bool, diag_here) -> list[str]:
     """A_kk and A_qk of the chunk as register blocks A{I}_{J} / Q{I}_{J} (J < I) and D{I} / E{I}
     (diagonal, strictly lower / lower), accumulated over NKH slices of K. Every decay ratio
     G_i/G_j (j < i) factors through a reference row r with j <= r < i, so both factors are
@@ -404,13 +462,13 @@ def _products_source(NC: int, BC: int, KH: int, NKH: int, levels: bool, diag_her
     - inside the diagonal block (`levels`), level by level (s = BC/2, .., 1): rows in the later
       half of a 2s-row group against the earlier half, r = the earlier half's last row.
     Without `levels` the diagonal blocks come from kda_chunk_diag (A_kk's in akd, times beta;
-    A_qk's already in aqk), or with `diag_here` from kda_chunk_diag_block's code run here first
-    (its stores read back after a barrier)."""
+    A_qk's already in aqk), or with `diag_here` (a _DIAG_FORMS source) from kda_chunk_diag_block's
+    code run here first (its stores read back after a barrier)."""
     L = ["dk = tl.arange(0, BK)", "mk = dk < K"] if diag_here else []
     for I in range(NC):
         L += [f"rI = {I * BC} + cc", "mI = rI < n"]
         if diag_here:
-            L += [f"s0 = start + {I * BC}", f"nb = n - {I * BC}", _diag_block_source(BC), "tl.debug_barrier()"]
+            L += [f"s0 = start + {I * BC}", f"nb = n - {I * BC}", diag_here(BC), "tl.debug_barrier()"]
         if levels:
             L += [f"D{I} = tl.zeros((BC, BC), tl.float32)", f"E{I} = tl.zeros((BC, BC), tl.float32)"]
         else:
@@ -518,7 +576,7 @@ def _t_store_source(NC: int, BC: int) -> list[str]:
 
 
 def _intra_source(NC: int, BC: int, KH: int, NKH: int, BW: int, n_w: int, n_u: int, levels: bool,
-                  wu_split: bool, diag_here: bool) -> str:
+                  wu_split: bool, diag_here) -> str:
     return "\n".join(_products_source(NC, BC, KH, NKH, levels, diag_here) + _inverse_source(NC, BC)
                      + (_t_store_source(NC, BC) if wu_split else _wu_source(NC, BC, BW, n_w, n_u)))
 
@@ -560,12 +618,13 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
     if chunk:
         check_chunk_size(chunk)
     for key, known in (("diag", DIAG_MODES), ("wu", WU_MODES), ("diag_store", tuple(_DIAG_STORE)),
-                       ("prep_kg", tuple(_PREP_KG))):
+                       ("prep_kg", tuple(_PREP_KG)), ("diag_form", tuple(_DIAG_FORMS))):
         if cfg[key] not in known:
             raise ValueError(f"kda_chunk: {key} must be one of {known}, got {cfg[key]!r}")
     BT, BC, BV = chunk if chunk and cfg["op_chunk"] else cfg["BT"], cfg["BC"], min(cfg["BV"], max(16, next_pow2(V)))
     BK = max(16, next_pow2(K))
     KH, BW = min(cfg["KH"], BK), min(cfg["BW"], max(16, next_pow2(max(K, V))))
+    KS = min(cfg["scan_ks"], BK)
     diag, wu_split = cfg["diag"], cfg["wu"] == "split"
     levels = diag == "levels"
     if diag == "prep" and cfg["prep_kg"] == "inline":
@@ -574,7 +633,7 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
     PR = BC if diag == "prep" else BT if cfg["prep_kg"] == "inline" else min(cfg["prep_rows"], BT)
     NC = BT // BC
     consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=NC, BV=BV, KH=KH, BW=BW, BH=BH,
-                     PR=PR, NW=_cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype),
+                     PR=PR, KS=KS, NW=_cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype),
                      FTZ_EXP=bool(cfg["ftz_exp"]))
     gate_f32 = () if fused else ("f_ptr", "b_ptr")        # unfused: g and beta come in fp32
     bkg_f32 = ("bkg_ptr",) if cfg["bkg_fp32"] else ()       # beta k G in fp32, else the activation dtype
@@ -587,13 +646,13 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
                    else PTR_TYPES[dtype]) for a in args}
         return KernelSpec(name, name, render(name, template, consts, **blocks), sig, warps, stages, consts)
 
-    in_prep = diag == "prep"
+    in_prep, diag_block = diag == "prep", _DIAG_FORMS[cfg["diag_form"]]
     out = [spec("kda_chunk_prep", _PREP, ["q_ptr", "k_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "chunk_start",
                                           "chunk_len", "qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "qg_ptr",
                                           "bkg_ptr", "kg_ptr", "gl_ptr"] + ["aqk_ptr", "akd_ptr"] * in_prep,
                 cfg["prep_warps"], bkg_dt="tl.float32" if bkg_f32 else "DT", **_PREP_KG[cfg["prep_kg"]],
                 diag_args=", aqk_ptr, akd_ptr" if in_prep else "",
-                diag_here="tl.debug_barrier()\ns0 = start + i0\nnb = n - i0\n" + _diag_block_source(BC)
+                diag_here="tl.debug_barrier()\ns0 = start + i0\nnb = n - i0\n" + diag_block(BC)
                 if in_prep else "")]
     diag_args = ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "chunk_start", "chunk_len", "aqk_ptr", "akd_ptr"]
     if diag == "token":
@@ -601,18 +660,18 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
         out.append(spec("kda_chunk_diag", _DIAG, diag_args, cfg["diag_warps"], columns=columns))
     elif diag == "block":
         out.append(spec("kda_chunk_diag_block", _DIAG_BLOCK, diag_args, cfg["diag_warps"],
-                        block=_diag_block_source(BC)))
+                        block=diag_block(BC)))
     out.append(spec("kda_chunk_intra", _INTRA, ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "bkg_ptr", "v_ptr",
                                                 "akd_ptr", "chunk_start", "chunk_len", "aqk_ptr", "w_ptr",
                                                 "u_ptr", "t_ptr"], cfg["intra_warps"], cfg["intra_stages"],
                     body=_intra_source(NC, BC, KH, BK // KH, BW, _cdiv(K, BW), _cdiv(V, BW), levels, wu_split,
-                                      diag == "intra")))
+                                      diag == "intra" and diag_block)))
     if wu_split:
         out.append(spec("kda_chunk_wu", _WU, ["t_ptr", "bkg_ptr", "v_ptr", "beta_ptr", "chunk_start", "chunk_len",
                                               "w_ptr", "u_ptr"], cfg["wu_warps"], cfg["wu_stages"]))
     out.append(spec("kda_chunk_scan", _SCAN, ["qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr", "gl_ptr", "o_ptr",
                                               "s0_ptr", "sn_ptr", "slot_ptr", "cu_ptr", "chunk0_ptr"],
-                    cfg["num_warps"], cfg["num_stages"], state_in=_STATE_IN))
+                    cfg["num_warps"], cfg["num_stages"], **_scan_blocks(BK // KS)))
     return out
 
 
