@@ -14,7 +14,8 @@ shapes, B = 1, 2, 8), best tiles per token bucket (moe_decode token_tiles), in e
 "previous", "one-tile" (the direct MoE's base tiles at every batch), "router-2k" (the router's
 two kernels where it would run as one launch), "pdl" (fused, with dependent launches), "packed"
 (the router's packed-key top-k), "tile-unroll" (the bf16 experts' tile accumulators, unrolled K
-loops), "packed-tile-unroll" (both).
+loops), "packed-tile-unroll" (both), "norm-route" (the add_rmsnorm feeding the router inside its
+launch), "all-new" (the three).
 
     python bench/decode_step.py                       # 4-layer slice and 27 layers, B=1,32, both paths
     python bench/decode_step.py --layers 4 --batches 1 --variants fused
@@ -48,6 +49,8 @@ VARIANTS = {
     "packed": {"moe_route": {"select": "packed"}},                  # the router's one-reduction-a-pick top-k
     "tile-unroll": {"moe_decode": {"acc": "tile", "unroll": True}},  # the bf16 experts' K loops (moe_decode.FORMS)
     "packed-tile-unroll": {"moe_route": {"select": "packed"}, "moe_decode": {"acc": "tile", "unroll": True}},
+    "norm-route": {"moe_route": {"norm_inline": True}},             # the norm feeding the router in its launch
+    "all-new": {"moe_route": {"select": "packed", "norm_inline": True}, "moe_decode": {"acc": "tile", "unroll": True}},
 }
 _BASE_KEYS: dict = {}
 

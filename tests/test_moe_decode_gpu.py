@@ -129,3 +129,37 @@ def test_one_launch_router_equals_two_kernels_and_replays(monkeypatch, select):
         assert torch.equal(two[0], wi) and torch.equal(two[1], ww)
     moe_route.fused_spec.cache_clear()
     moe_route.select_spec.cache_clear()
+
+
+def test_router_with_its_norm_inline(monkeypatch):
+    """routed_norm on the published shapes (bf16, one and two tokens): the norm inside the
+    router's launch against the norm kernel then the router (the sum bitwise; the normalised x
+    to bf16 rounding: rstd summed in another order), replayed from a CUDA graph as run eagerly."""
+    from kimi_graph.lowering.triton import moe_route
+    from kimi_graph.lowering.triton.targets import TARGETS
+    cfg = TARGETS[moe_route.current_target()]["configs"]["moe_route"]
+    g = torch.Generator(device="cuda").manual_seed(5)
+    E, D = 256, 2304
+    w = (torch.randn(E, D, device="cuda", generator=g) * D ** -0.5).to(torch.bfloat16)
+    b = torch.rand(E, device="cuda", generator=g) * 0.1
+    nw = (torch.rand(D, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
+    attrs = dict(top_k=8, scaling=2.446)
+    for N in (1, 2):
+        x, r = (torch.randn(N, 1, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2))
+        monkeypatch.setitem(cfg, "norm_inline", False)
+        want = moe_route.routed_norm(x, r, nw, 1e-5, w, b, **attrs)
+        monkeypatch.setitem(cfg, "norm_inline", True)
+        moe_route.fused_spec.cache_clear()
+        got = moe_route.routed_norm(x, r, nw, 1e-5, w, b, **attrs)
+        assert torch.equal(got[3], want[3]) and rel(got[2], want[2]) <= BF16_TOL
+        assert torch.equal(got[0], want[0]) and (got[1] - want[1]).abs().max() <= 1e-3 * want[1].abs().max()
+        static = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = moe_route.routed_norm(static, r, nw, 1e-5, w, b, **attrs)
+        x2 = torch.randn(x.shape, device="cuda", generator=g).to(torch.bfloat16)
+        again = moe_route.routed_norm(x2, r, nw, 1e-5, w, b, **attrs)
+        static.copy_(x2)
+        graph.replay()
+        assert all(torch.equal(o, a) for o, a in zip(outs, again))
+    moe_route.fused_spec.cache_clear()

@@ -169,3 +169,36 @@ def test_plan_runs_the_kda_convs_as_one_launch():
     assert len(groups) == model.config.layer_kinds.count("kda")
     assert all(len(c.ops) == 3 for c in groups)
     assert not [i for i in items if getattr(i, "kind", None) == "causal_conv1d"]
+
+
+@pytest.mark.parametrize("B", [1, 3])           # the norm inside the router's launch, and past fused_max
+def test_router_runs_with_its_norm(monkeypatch, B):
+    """Each MoE layer's add_rmsnorm and router are one step (moe_route.NormRoute); with
+    norm_inline on, a decode step of at most fused_max tokens launches the router with the norm
+    inside (no norm kernel for it) and its outputs match the reference interpreter's."""
+    import kimi_graph
+    from kimi_graph.lowering.triton import codegen, moe_route
+    from kimi_graph.lowering.triton.targets import TARGETS
+    from test_triton_backend import state_inputs
+    ref = kimi_graph.load("tiny", pipeline="default")
+    tri = kimi_graph.load("tiny", pipeline="default", backend="triton")
+    g = backend.legalize(tri.get_graph("decode", True))
+    steps = [i for i in backend.plan(g) if isinstance(i, moe_route.NormRoute)]
+    moe_layers = sum(tri.config.is_moe_layer(i) for i in range(tri.config.num_hidden_layers))
+    assert len(steps) == moe_layers and not [i for i in backend.plan(g) if getattr(i, "kind", None) == "moe_route"]
+    monkeypatch.setitem(TARGETS["interpret"]["configs"], "moe_route",
+                        {**TARGETS["interpret"]["configs"]["moe_route"], "norm_inline": True, "select": "packed"})
+    moe_route.fused_spec.cache_clear()
+    moe_route.select_spec.cache_clear()
+    names = []
+    for mod in (moe_route, backend.norm):
+        monkeypatch.setattr(mod, "launch", lambda spec, *a, _l=mod.launch: names.append(spec.name) or _l(spec, *a))
+    inputs = state_inputs(tri.get_graph("decode", True), torch.arange(B)[:, None] + 3, torch.arange(B) + 4, B=B)
+    outs, expect = tri.execute("decode", True, inputs), ref.execute("decode", True, inputs)
+    moe_route.fused_spec.cache_clear()
+    moe_route.select_spec.cache_clear()
+    inline = B <= TARGETS["interpret"]["configs"]["moe_route"]["fused_max"]
+    assert names.count("moe_router_norm") == (moe_layers if inline else 0)
+    assert not codegen._TICKETS["cpu"][-1].any()
+    for a, b in zip(outs, expect):
+        assert a.shape == b.shape and rel(a, b) < TOL

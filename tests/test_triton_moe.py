@@ -99,6 +99,27 @@ def test_route_one_launch_equals_two_kernels(monkeypatch, seed, select):
     moe_route.fused_spec.cache_clear()
 
 
+@pytest.mark.parametrize("N", [1, 2, 3])
+def test_route_with_its_norm_inline(monkeypatch, select, N):
+    """routed_norm: add_rmsnorm then the router in one launch (up to fused_max tokens; past it the
+    norm kernel, then the router): the reference ops' ids, weights, normalised x and sum."""
+    from kimi_graph.lowering.triton import codegen, targets
+    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_route"], "norm_inline", True)
+    _, w, b, attrs = random_routing(N + 3)
+    g = torch.Generator().manual_seed(N)
+    D = w.shape[1]
+    x, r, nw = torch.randn(N, 1, D, generator=g), torch.randn(N, 1, D, generator=g), torch.rand(D, generator=g) + 0.5
+    names = []
+    monkeypatch.setattr(moe_route, "launch", lambda spec, *a: names.append(spec.name) or codegen.launch(spec, *a))
+    ids, wts, xn, s = moe_route.routed_norm(x, r, nw, 1e-5, w, b, **attrs)
+    rxn, rs = get_op("add_rmsnorm").ref([x, r, nw], {"eps": 1e-5})
+    ri, rw = get_op("moe_route").ref([rxn, w, b], attrs)
+    assert names == (["moe_router_norm"] if N <= 2 else ["moe_router_logits", "moe_router_select"])
+    assert torch.equal(s, rs) and (xn - rxn).abs().max() <= 1e-5 * rxn.abs().max()
+    assert torch.equal(ids, ri) and (wts - rw).abs().max() <= 1e-5 * rw.abs().max()
+    assert not codegen._TICKETS["cpu"][-1].any()
+
+
 def test_route_errors():
     x, w, b = torch.randn(3, 40), torch.randn(6, 40), torch.randn(6)
     with pytest.raises(TypeError, match="bias must be fp32"):

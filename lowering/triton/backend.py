@@ -20,7 +20,7 @@ from kimi_graph.ir import Graph, eval_dim
 from kimi_graph.ops import get_op
 from kimi_graph.runtime.views import is_view
 
-from . import conv, elementwise, gemv, kda, mla, moe, moe_decode, moe_quant, norm
+from . import conv, elementwise, gemv, kda, mla, moe, moe_decode, moe_quant, moe_route, norm
 from .gemv import LinearPair, NormLinear
 from .targets import current_target
 
@@ -194,7 +194,8 @@ def _conv_groups(g: Graph, order: list) -> dict[int, Convs]:
 
 def plan(g: Graph) -> list:
     """The schedule: ops, fused elementwise `Group`s, routed-experts chains (`Experts`), conv
-    groups (`Convs`), norms with the linear they feed (`NormLinear`) and pairs of linears of one
+    groups (`Convs`), norms with the linear they feed (`NormLinear`) or the router they feed
+    (`moe_route.NormRoute`) and pairs of linears of one
     sliced value (`LinearPair`), in an executable order.
     Refuses a KDA chunk size the kernels cannot run."""
     order = list(g.ops())
@@ -203,6 +204,7 @@ def plan(g: Graph) -> list:
     convs = _conv_groups(g, order)
     folded = {o.id for c in chains.values() for o in c.ops[:-1]} | {o.id for c in convs.values() for o in c.ops[1:]}
     norms = {i: n for i, n in gemv.norm_linears(g, order, covered).items() if n.ops[-1].id not in folded}
+    norms.update(moe_route.norm_routes(g, order, covered))
     folded |= {o.id for n in norms.values() for o in n.ops[1:]}
     pairs = gemv.linear_pairs(g, order, folded)
     folded |= {p.ops[1].id for p in pairs.values()}
@@ -359,6 +361,10 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
             continue
         if isinstance(item, LinearPair):
             env.update(zip(item.outputs, gemv.run_pair(item, *(plain(env[v]) for v in item.inputs))))
+            continue
+        if isinstance(item, moe_route.NormRoute):
+            env.update(zip(item.outputs, moe_route.run_norm_route(
+                item, [plain(env[v]) for v in item.inputs], get_op("moe_route").full_attrs(item.ops[1].attrs))))
             continue
         if isinstance(item, NormLinear):
             env.update(zip(item.outputs, gemv.run_norm_linear(item, [plain(env[v]) for v in item.inputs],

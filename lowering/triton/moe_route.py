@@ -12,6 +12,7 @@ of two, so the padded [groups, experts-per-group] layout reshapes exactly."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -21,8 +22,11 @@ from .targets import config, current_target
 
 _LOGITS = """
 @triton.jit
-def _logits_block(x_ptr, w_ptr, part_ptr, N, KCH):
-    # program (token block, expert block, K split): part[s, n, e] = sum over split s of x[n, k] w[e, k]
+def _logits_block(x_ptr, w_ptr, part_ptr, N, KCH, r_ptr, nw_ptr, s_ptr, xn_ptr):
+    # program (token block, expert block, K split): part[s, n, e] = sum over split s of x[n, k] w[e, k].
+    # NORM: x is add_rmsnorm(x, r) * nw, computed here as rmsnorm_rows does (x + r in the data
+    # dtype, rstd over the whole row first, the normalised row rounded, times nw, rounded); the
+    # programs of expert block 0 store their K slice of x + r (s) and of the normalised x (xn)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     mr = rows < N
     e = tl.program_id(1) * BE + tl.arange(0, BE)
@@ -30,10 +34,30 @@ def _logits_block(x_ptr, w_ptr, part_ptr, N, KCH):
     k_lo = tl.program_id(2) * KCH
     k_hi = tl.minimum(k_lo + KCH, D)
     dk = tl.arange(0, BK)
+    if NORM:
+        ss = tl.zeros((BN,), tl.float32)
+        for k0 in range(0, D, BKN):
+            kn = k0 + tl.arange(0, BKN)
+            mn = mr[:, None] & (kn < D)[None, :]
+            xs = tl.load(x_ptr + rows[:, None] * D + kn[None, :], mask=mn, other=0.0) \
+                + tl.load(r_ptr + rows[:, None] * D + kn[None, :], mask=mn, other=0.0)
+            xf = xs.to(tl.float32)
+            ss += tl.sum(xf * xf, 1)
+        rstd = 1.0 / tl.sqrt(ss / D + EPS)
     acc = tl.zeros((BN, BE), tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         mk = k0 + dk < k_hi
-        x = tl.load(x_ptr + rows[:, None] * D + k0 + dk[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
+        xo = rows[:, None] * D + k0 + dk[None, :]
+        mx = mr[:, None] & mk[None, :]
+        x = tl.load(x_ptr + xo, mask=mx, other=0.0)
+        if NORM:
+            x = x + tl.load(r_ptr + xo, mask=mx, other=0.0)
+            if tl.program_id(1) == 0:
+                tl.store(s_ptr + xo, x, mask=mx)
+            nw = tl.load(nw_ptr + k0 + dk, mask=mk, other=0.0).to(tl.float32)
+            x = ((x.to(tl.float32) * rstd[:, None]).to(DT).to(tl.float32) * nw[None, :]).to(DT)
+            if tl.program_id(1) == 0:
+                tl.store(xn_ptr + xo, x, mask=mx)
         w = tl.load(w_ptr + e[None, :] * D + k0 + dk[:, None], mask=me[None, :] & mk[:, None], other=0.0)
         acc += tl.dot(x.to(CT), w.to(CT), input_precision="ieee")
     out = part_ptr + tl.program_id(2).to(tl.int64) * N * E + rows[:, None] * E + e[None, :]
@@ -44,7 +68,7 @@ _LOGITS_KERNEL = """
 @triton.jit
 def moe_router_logits(x_ptr, w_ptr, part_ptr, N, KCH):
     # grid (token blocks, expert blocks, K splits)
-    _logits_block(x_ptr, w_ptr, part_ptr, N, KCH)
+    _logits_block(x_ptr, w_ptr, part_ptr, N, KCH, x_ptr, x_ptr, x_ptr, x_ptr)
 """
 
 _SLOTS = """
@@ -147,11 +171,12 @@ def moe_router_select(part_ptr, bias_ptr, ids_ptr, wts_ptr, N, S):
 
 _FUSED_KERNEL = """
 @triton.jit
-def moe_router(x_ptr, w_ptr, part_ptr, bias_ptr, ids_ptr, wts_ptr, ticket_ptr, N, KCH):
+def moe_router(x_ptr, w_ptr, part_ptr, bias_ptr, ids_ptr, wts_ptr, ticket_ptr, N, KCH, r_ptr, nw_ptr, s_ptr, xn_ptr):
     # grid as moe_router_logits with one token block (N <= RF <= BN); each program then takes a
     # ticket, and the last to arrive (every partial stored) sums the SF partials in the select
-    # kernel's order (unrolled: its loads issue together, past L1), selects, and resets the ticket
-    _logits_block(x_ptr, w_ptr, part_ptr, N, KCH)
+    # kernel's order (unrolled: its loads issue together, past L1), selects, and resets the ticket.
+    # NORM: the add_rmsnorm that feeds the router inline (_logits_block)
+    _logits_block(x_ptr, w_ptr, part_ptr, N, KCH, r_ptr, nw_ptr, s_ptr, xn_ptr)
     tl.debug_barrier()                  # every thread's partials stored before the ticket
     if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == tl.num_programs(1) * tl.num_programs(2) - 1:
         tl.store(ticket_ptr, 0)
@@ -201,7 +226,8 @@ def logits_spec(D, E, xdt, wdt, small, target) -> KernelSpec:
     cfg = config("moe_route", target)
     sfx = "_small" if small else ""
     consts = {"D": D, "E": E, "BN": cfg["BN" + sfx], "BE": min(cfg["BE" + sfx], max(16, next_pow2(E))),
-              "BK": cfg["BK" + sfx], "CT": _compute_type(xdt, wdt)}
+              "BK": cfg["BK" + sfx], "CT": _compute_type(xdt, wdt), "NORM": False, "BKN": 1, "EPS": 0.0,
+              "DT": TL_DTYPES[xdt]}
     src = render("moe_router_logits", _LOGITS + _LOGITS_KERNEL, consts)
     sig = {"x_ptr": ptr_type(xdt), "w_ptr": ptr_type(wdt), "part_ptr": "*fp32", "N": "i32", "KCH": "i32"}
     return KernelSpec("moe_router_logits", "moe_router_logits", src, sig, cfg["num_warps" + sfx],
@@ -242,10 +268,10 @@ def select_spec(E, top_k, n_group, topk_group, renorm, scaling, weights, target)
 
 @functools.lru_cache(maxsize=None)
 def fused_spec(D, E, xdt, wdt, top_k, n_group, topk_group, renorm, scaling, weights, target,
-               tokens: int | None = None) -> KernelSpec | None:
+               tokens: int | None = None, norm_eps: float | None = None) -> KernelSpec | None:
     """The router in one launch for up to `fused_max` tokens (the small logits tiles, one token
     block; None when fused_max is 0), its selection over `tokens` rows (default: fused_max):
-    bitwise the two kernels' result."""
+    bitwise the two kernels' result. norm_eps: with the add_rmsnorm that feeds it inline."""
     cfg = config("moe_route", target)
     lg = logits_spec(D, E, xdt, wdt, True, target)
     rows = min(cfg["fused_max"], cfg["small_max"])
@@ -254,12 +280,16 @@ def fused_spec(D, E, xdt, wdt, top_k, n_group, topk_group, renorm, scaling, weig
     if rows > lg.config["BN"]:
         raise ValueError(f"moe_route fused_max {cfg['fused_max']} exceeds one token block (BN_small {lg.config['BN']})")
     consts, blocks = _selection(E, top_k, n_group, topk_group, renorm, scaling, weights, cfg)
-    consts.update({k: lg.config[k] for k in ("D", "BN", "BE", "BK", "CT")},
-                  RF=next_pow2(min(tokens or rows, rows)), SF=_splits(rows, D, E, lg)[0])
-    src = render("moe_router", _LOGITS + _select_source(cfg) + _FUSED_KERNEL, consts, **blocks)
-    sig = {"x_ptr": ptr_type(xdt), "w_ptr": ptr_type(wdt), "part_ptr": "*fp32", "bias_ptr": "*fp32",
-           "ids_ptr": "*i64", "wts_ptr": "*fp32", "ticket_ptr": "*i32", "N": "i32", "KCH": "i32"}
-    return KernelSpec("moe_router", "moe_router", src, sig, lg.num_warps, lg.num_stages,
+    consts.update({k: lg.config[k] for k in ("D", "BN", "BE", "BK", "CT", "DT")},
+                  RF=next_pow2(min(tokens or rows, rows)), SF=_splits(rows, D, E, lg)[0],
+                  NORM=norm_eps is not None, BKN=min(cfg["BK_norm"], next_pow2(D)), EPS=float(norm_eps or 0.0))
+    name = "moe_router" + ("_norm" if norm_eps is not None else "")
+    src = render(name, _LOGITS + _select_source(cfg) + _FUSED_KERNEL, consts, **blocks)
+    p = ptr_type(xdt)
+    sig = {"x_ptr": p, "w_ptr": ptr_type(wdt), "part_ptr": "*fp32", "bias_ptr": "*fp32",
+           "ids_ptr": "*i64", "wts_ptr": "*fp32", "ticket_ptr": "*i32", "N": "i32", "KCH": "i32",
+           "r_ptr": p, "nw_ptr": p, "s_ptr": p, "xn_ptr": p}
+    return KernelSpec(name, "moe_router", src, sig, lg.num_warps, lg.num_stages,
                       {**cfg, **consts, "max_tokens": rows})
 
 
@@ -299,11 +329,83 @@ def moe_route(x, gate_weight, bias, *, top_k, n_group=1, topk_group=1, renormali
                          N) if N <= sel.config["fused_max"] else None
         if one is not None:
             launch(one, grid, xf, gate_weight.contiguous(), part, bias.contiguous(), ids, wts, tickets(x.device, 1),
-                   N, kch)
+                   N, kch, xf, xf, xf, xf)
         else:
             launch(lg, grid, xf, gate_weight.contiguous(), part, N, kch)
             launch(sel, (-(-N // sel.config["BR"]),), part, bias.contiguous(), ids, wts, N, S)
     return ids.view(*lead, top_k), wts.view(*lead, top_k)
+
+
+def takes_norm(x, residual, gate_weight) -> bool:
+    """Does `routed_norm` run the norm inside the router's one launch? Decode-sized (up to
+    fused_max tokens), moe_route's norm_inline on, x and the residual of one float dtype."""
+    if x.dtype != residual.dtype or x.shape != residual.shape or x.dtype not in (torch.float32, torch.bfloat16,
+                                                                                  torch.float16):
+        return False
+    cfg = config("moe_route", current_target())
+    return bool(cfg["norm_inline"]) and 0 < x.numel() // x.shape[-1] <= min(cfg["fused_max"], cfg["small_max"])
+
+
+def routed_norm(x, residual, norm_weight, eps, gate_weight, bias, **route):
+    """add_rmsnorm(x, residual) * norm_weight, then moe_route of it: (ids, weights, normalised x,
+    x + residual), the norm inside the router's one launch where `takes_norm`, else its kernel
+    then the router."""
+    from .norm import rmsnorm
+    if not takes_norm(x, residual, gate_weight):
+        xn, s = rmsnorm(x, norm_weight, eps, residual=residual)
+        return (*moe_route(xn, gate_weight, bias, **route), xn, s)
+    E, D = gate_weight.shape
+    if x.shape[-1] != D or bias.shape != (E,) or norm_weight.shape != (D,) or bias.dtype != torch.float32:
+        raise ValueError(f"x {tuple(x.shape)}, gate_weight {tuple(gate_weight.shape)}, bias {tuple(bias.shape)} "
+                         f"{bias.dtype}, norm weight {tuple(norm_weight.shape)} do not fit")
+    top_k = route["top_k"]
+    xf, rf = x.reshape(-1, D).contiguous(), residual.reshape(-1, D).to(x.dtype).contiguous()
+    N = xf.shape[0]
+    target = current_target()
+    attrs = (top_k, route.get("n_group", 1), route.get("topk_group", 1), route.get("renormalize", True),
+             float(route.get("scaling", 1.0)), route.get("weights", "official"))
+    lg = logits_spec(D, E, ir_dtype(x), ir_dtype(gate_weight), True, target)
+    one = fused_spec(D, E, ir_dtype(x), ir_dtype(gate_weight), *attrs, target, N, float(eps))
+    S, kch = _splits(N, D, E, lg)
+    ids = torch.empty(N, top_k, device=x.device, dtype=torch.int64)
+    wts = torch.empty(N, top_k, device=x.device, dtype=torch.float32)
+    xn, s = torch.empty_like(xf), torch.empty_like(xf)
+    part = torch.empty(S, N, E, device=x.device, dtype=torch.float32)
+    launch(one, (1, -(-E // lg.config["BE"]), S), xf, gate_weight.contiguous(), part, bias.contiguous(), ids, wts,
+           tickets(x.device, 1), N, kch, rf, norm_weight.to(x.dtype).contiguous(), s, xn)
+    lead = x.shape[:-1]
+    return ids.view(*lead, top_k), wts.view(*lead, top_k), xn.view(x.shape), s.view(x.shape)
+
+
+@dataclass
+class NormRoute:
+    """An add_rmsnorm whose normalised output a moe_route op reads: one step at the norm's place
+    (`routed_norm`: the norm inside the router's launch at decode sizes, else both kernels)."""
+    ops: list                 # [add_rmsnorm, moe_route]
+    inputs: list[str]         # the norm's operands (x, residual, weight), the router's weight and bias
+    outputs: list[str]        # the router's (ids, weights), then the norm's (normalised, sum)
+
+
+def norm_routes(g, order: list, covered) -> dict[int, NormRoute]:
+    """add_rmsnorm op id -> its step, for each norm whose normalised output feeds a moe_route."""
+    out = {}
+    for op in order:
+        if op.kind != "add_rmsnorm" or not covered(g, op) or op.outputs[0] in g.outputs:
+            continue
+        route = next((u for u in g.users(op.outputs[0]) if u.kind == "moe_route" and u.inputs[0] == op.outputs[0]
+                      and covered(g, u)), None)
+        if route is not None:
+            out[op.id] = NormRoute([op, route], list(op.inputs) + list(route.inputs[1:]),
+                                   list(route.outputs) + list(op.outputs))
+    return out
+
+
+def run_norm_route(item: NormRoute, args: list, attrs: dict) -> list:
+    """A NormRoute step's outputs from its inputs; attrs: the router op's (full) attributes."""
+    x, r, nw, w, b = args
+    return list(routed_norm(x, r, nw, item.ops[0].attrs["eps"], w, b, top_k=attrs["top_k"],
+                            n_group=attrs["n_group"], topk_group=attrs["topk_group"],
+                            renormalize=attrs["renormalize"], scaling=attrs["scaling"], weights=attrs["weights"]))
 
 
 def specs(x, w, attrs, target) -> list[KernelSpec]:
