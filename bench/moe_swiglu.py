@@ -104,6 +104,10 @@ SWEEP = {
     "bm64_w4_host": {"BM": 64, "num_warps": 4, "num_warps_down": 4, "tma": "host", "num_stages": 4,
                      "num_stages_down": 4},
     "bm256_bn64_host_half": {"BM": 256, "BN": 64, "BN_down": 128, "tma": "host", "half": True},
+    "host_half2": {"tma": "host", "half": 2},
+    "host_half_bn64_w4": {"tma": "host", "half": True, "BN": 64, "num_warps": 4, "num_warps_down": 4},
+    "host_half_bk128": {"tma": "host", "half": True, "BK": 128, "num_stages": 2, "BK_down": 128,
+                        "num_stages_down": 3},
     "host_half_ws": {"tma": "host", "half": True, "ws": True},
     "device_half_ws": {"tma": "device", "half": True, "ws": True},
 }
@@ -211,7 +215,7 @@ def sweep(tokens, budget, smoke=False, names=None):
     return rows, best, cfg
 
 
-def compile_variants(target="sm_90"):
+def compile_variants(names=None, target="sm_90"):
     """Each SWEEP variant's two fused GEMM kernels ("large" tiles, rows by index, aligned tensors)
     built for `target` without a GPU: registers a thread, spilled bytes, shared memory, or the
     error that stops the build, so a variant that cannot build or spills is seen before a GPU run."""
@@ -225,8 +229,8 @@ def compile_variants(target="sm_90"):
     held = TARGETS[target]["configs"]["moe_gemm"]
     base, rows = dict(held), []
     try:
-        for name, over in SWEEP.items():
-            held.update({**base, **over})
+        for name in names or SWEEP:
+            held.update({**base, **SWEEP[name]})
             moe.gemm_specs.cache_clear()
             for sp in moe.gemm_specs(E, I, D, "bf16", "large", target, True, K, True)[1:]:
                 row = {"variant": name, "kernel": sp.name, "warps": sp.num_warps, "stages": sp.num_stages}
@@ -285,4 +289,4 @@ if __name__ == "__main__":
     ap.add_argument("--compile-variants", action="store_true",
                     help="build each SWEEP variant for sm_90 without a GPU: registers, spills, shared memory")
     args = ap.parse_args()
-    compile_variants() if args.compile_variants else sweep_main(args) if args.sweep else main()
+    compile_variants(args.variants.split(",") if args.variants else None) if args.compile_variants else sweep_main(args) if args.sweep else main()

@@ -200,41 +200,51 @@ def test_moe_sort_and_errors():
 
 
 # grouped GEMM variants ("moe_gemm" keys): weights (and down's h rows) through tensor
-# descriptors, an expert's last rows on a half-height tile, warp-specialized K loops, the down
-# GEMM's own tiles; BM 32 so that half tiles (16 rows) run beside full ones
+# descriptors, an expert's last rows on half-height tiles, warp-specialized K loops, the down
+# GEMM's own tiles; BM 32 (or 64) so that every row tile runs
 GEMM_VARIANTS = [
     {"tma": True},
     {"half": True},
     {"tma": "host", "half": True},
     {"tma": True, "half": True, "ws": True},
     {"BN_down": 32, "BK_down": 8, "num_warps_down": 2, "num_stages_down": 2, "half": True},
+    {"BM": 64, "half": 2, "tma": "host"},
 ]
 
 
-@pytest.mark.parametrize("variant", GEMM_VARIANTS, ids=lambda v: ",".join(v))
+def tail_case():
+    """Experts with 70, 90, 50 and 0 rows (2 per token): tails of 6, 26, 50 rows past 64 and of
+    6, 26, 18 past 32, so each row tile of BM 64 / half 2 and BM 32 / half 1 runs."""
+    g = torch.Generator().manual_seed(7)
+    flat = torch.tensor([0] * 70 + [1] * 90 + [2] * 50)
+    ids = flat[torch.randperm(flat.numel(), generator=g)].reshape(-1, 2)
+    N, D, I, E = ids.shape[0], 40, 24, 4
+    return (torch.randn(N, D, generator=g), ids, torch.rand(N, 2, generator=g),
+            torch.randn(E, 2 * I, D, generator=g) * 0.2, torch.randn(E, D, I, generator=g) * 0.2,
+            torch.randn(N, D, generator=g))
+
+
+@pytest.mark.parametrize("variant", GEMM_VARIANTS, ids=lambda v: ",".join(f"{k}={v}" for k, v in v.items()))
 def test_grouped_gemm_variants(monkeypatch, variant):
     """Each variant's fused form and chain agree with the float64 reference and with the default
-    tiles (to fp32 rounding); the half-height and full tiles both run."""
+    tiles (to fp32 rounding); each of its row tiles runs."""
     from kimi_graph.lowering.triton import moe, targets
     cfg = targets.TARGETS["interpret"]["configs"]["moe_gemm"]
-    x, ids, w, w13, w2, acc = experts_case(1)
-    x, ids, w, acc = (torch.cat([t, t[:5]]) for t in (x, ids, w, acc))      # tails of 2 .. 31 rows
+    x, ids, w, w13, w2, acc = tail_case()
     E, M = w13.shape[0], ids.numel()
     up = [t.double() if t.is_floating_point() else t for t in (x, ids, w, w13, w2, acc)]
     ref = get_op("moe_experts").ref(up, {})[0]
     moe.gemm_specs.cache_clear()
     base = moe.moe_experts(x, ids, w, w13, w2, acc)
     for size in ("", "_mid", "_small"):
-        monkeypatch.setitem(cfg, "BM" + size, 32)
-        for k, v in variant.items():
+        for k, v in {"BM": 32, **variant}.items():
             monkeypatch.setitem(cfg, k + size, v)
     moe.gemm_specs.cache_clear()
     t = moe.gemm_tiles(moe.gemm_size(M, E, "interpret"), "interpret")
     assert all(t[k] == {True: "device"}.get(v, v) if k == "tma" else t[k] == v for k, v in variant.items()), t
-    off = moe_permute.moe_sort(ids, E)[0]
-    tails = (off[1:] - off[:-1]) % 32
-    if variant.get("half"):
-        assert ((tails > 0) & (tails <= 16)).any() and (tails > 16).any(), tails
+    rows = moe.row_tiles(t["BM"], t["half"])
+    tails = [c % t["BM"] for c in torch.bincount(ids.flatten(), minlength=E).tolist() if c % t["BM"]]
+    assert {min(r for r in rows if r >= c) for c in tails} == set(rows), (rows, tails)
     out = moe.moe_experts(x, ids, w, w13, w2, acc)
     rows, off, order = moe_permute.moe_permute(x, ids, E)
     chain = moe_permute.moe_unpermute(moe.grouped_swiglu(rows, off, w13, w2), order, w, acc)
@@ -247,14 +257,14 @@ def test_grouped_gemm_variants(monkeypatch, variant):
 def test_grouped_gemm_variants_build_for_sm90(monkeypatch):
     """What the interpreter cannot judge compiles for sm_90 (no GPU): both tiles of `half` in one
     kernel, descriptor loads (TMA) into wgmma, warp-specialized K loops."""
-    variant = {"tma": "host", "half": True, "ws": True}
+    variant = {"tma": "host", "half": 2, "ws": True}
     from kimi_graph.lowering.triton import aot, moe, targets
     monkeypatch.setattr(targets, "TARGETS", {**targets.TARGETS, "sm_90": dict(targets.TARGETS["sm_90"])})
     cfg = dict(targets.TARGETS["sm_90"]["configs"]["moe_gemm"], **variant)
     monkeypatch.setitem(targets.TARGETS["sm_90"], "configs", {**targets.TARGETS["sm_90"]["configs"], "moe_gemm": cfg})
     moe.gemm_specs.cache_clear()
     for spec in moe.gemm_specs(4, 256, 512, "bf16", "large", "sm_90", True, 8, True)[1:]:
-        assert spec.config["half"] and spec.config["tma"] == variant["tma"]
+        assert spec.config["half"] == 2 and spec.config["tma"] == variant["tma"]
         ptx = aot.compile_spec(spec, "sm_90").asm["ptx"]
         assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx, spec.name
     moe.gemm_specs.cache_clear()

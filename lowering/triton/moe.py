@@ -107,12 +107,17 @@ def _tile_loads(gate_up: bool, K: int, N: int, BK: int, BN: int, tma: bool) -> s
     return "\n".join(lines).replace("KD", str(K))
 
 
-def _kernel_source(gate_up: bool, K: int, N: int, BM: int, BK: int, BN: int, tma: str, half: bool,
+def row_tiles(BM: int, half: int) -> list[int]:
+    """The row tiles of a kernel, largest first: BM, then `half` halvings of it (16 rows at least)."""
+    return [BM >> i for i in range(half + 1) if BM >> i >= 16]
+
+
+def _kernel_source(gate_up: bool, K: int, N: int, BM: int, BK: int, BN: int, tma: str, half: int,
                    ws: bool, gather: bool) -> str:
-    """One grouped GEMM kernel's source (tile map included): its setup, and its tile at BM rows,
-    or at BM // 2 rows too for an expert's last rows when `half`. `tma`: "" (pointers), "device"
-    (descriptors built by each program) or "host" (descriptor arguments: wd, and down's h rows
-    hdf / hdh at BM / BM // 2 rows)."""
+    """One grouped GEMM kernel's source (tile map included): its setup, and its tile at each of
+    row_tiles(BM, half), a program taking the least that holds the rows its expert has left.
+    `tma`: "" (pointers), "device" (descriptors built by each program) or "host" (descriptor
+    arguments: wd, and down's h rows hd<rows> per row tile)."""
     if gate_up:
         w, shape = "w13_ptr", "[E * 2 * I, D], strides=[D, 1]"
         wn, wb = "ex * (2 * I) + tl.program_id(0) * BN", "w13_ptr + ex.to(tl.int64) * (2 * I * D)"
@@ -124,26 +129,26 @@ def _kernel_source(gate_up: bool, K: int, N: int, BM: int, BK: int, BN: int, tma
         idx = {"dst_rows": "dst = tl.load(order_ptr + r, mask=mr, other=0)" if gather else "dst = r"}
         args = "h_ptr, off_ptr, w2_ptr, y_ptr, tile_e_ptr, tile_r_ptr, M"
     args += ", order_ptr" if gather else ""
+    rows = row_tiles(BM, half)
     if tma == "host":           # descriptors built on the host, passed as arguments
-        args += ", wd, hdf, hdh" if not gate_up else ", wd"
+        args += ", wd" + ("" if gate_up else "".join(f", hd{bmt}" for bmt in rows))
     setup = ([] if tma == "host" else [f"wd = tl.make_tensor_descriptor({w}, shape={shape}, block_shape=[BN, BK])"])
     setup = setup + [f"wn = {wn}"] if tma else [f"wb = {wb}"]
     k_range = f"tl.range(0, {K}, BK, warp_specialize=True)" if ws else f"range(0, {K}, BK)"
     tmpl = _GATE_UP_TILE if gate_up else _DOWN_TILE
 
     def tile(bmt: int) -> list[str]:
-        pre = [] if gate_up or not tma else [f"hd = {'hdf' if bmt == BM else 'hdh'}"] if tma == "host" else \
+        pre = [] if gate_up or not tma else [f"hd = hd{bmt}"] if tma == "host" else \
             [f"hd = tl.make_tensor_descriptor(h_ptr, shape=[M, I], strides=[I, 1], block_shape=[{bmt}, BK])"]
         text = _body(tmpl, loads=_tile_loads(gate_up, K, N, BK, BN, tma), k_range=k_range, **idx)
         return pre + text.replace("BMT", str(bmt)).splitlines()
 
-    if half:        # the half tile's names suffixed: Triton wants a name bound in both branches to keep its type
-        ind = lambda ls: ["    " + s if s else s for s in ls]
-        own = re.compile(r"\b(r|mr|src|dst|acc|acc_g|acc_u|x|h|hd|w|w1|w3|k0)\b")
-        tiles = ["if end - r0 <= BM // 2:", *ind(own.sub(r"\1_half", "\n".join(tile(BM // 2))).splitlines()),
-                 "else:", *ind(tile(BM))]
-    else:
-        tiles = tile(BM)
+    # smallest first; a smaller tile's names suffixed (Triton keeps a name's type across branches)
+    own = re.compile(r"\b(r|mr|src|dst|acc|acc_g|acc_u|x|h|hd|w|w1|w3|k0)\b")
+    tiles, ind = [], lambda ls: ["    " + s if s else s for s in ls]
+    for i, bmt in enumerate(reversed(rows[1:])):
+        tiles += [f"{'el' if i else ''}if end - r0 <= {bmt}:", *ind(own.sub(rf"\1_{bmt}", "\n".join(tile(bmt))).splitlines())]
+    tiles = tiles + ["else:", *ind(tile(BM))] if tiles else tile(BM)
     return _TILE_MAP + "\n\n" + _body(_GEMM, entry="moe_gate_up" if gate_up else "moe_down",
                                        args=args, setup="\n".join(setup),
                                        tiles="\n".join(tiles)) + "\n"
@@ -177,13 +182,13 @@ def gemm_tiles(size: str, target: str) -> dict:
     get = lambda key, default=None: cfg.get(key + sfx, cfg.get(key, default))
     out = {k: get(k) for k in ("BM", "BN", "BK", "num_warps", "num_stages")}
     out.update({f"{k}_down": cfg.get(f"{k}_down{sfx}", out[k]) for k in ("BN", "BK", "num_warps", "num_stages")})
-    flag = (lambda k: bool(cfg.get(k + sfx, False))) if size == "small" else (lambda k: bool(get(k, False)))
-    out.update({k: flag(k) for k in ("half", "ws")})
+    flag = (lambda k: cfg.get(k + sfx, False)) if size == "small" else (lambda k: get(k, False))
+    out.update(half=int(flag("half")), ws=bool(flag("ws")))
     tma = cfg.get("tma" + sfx, False) if size == "small" else get("tma", False)
     if tma not in (False, True, "", "device", "host"):
         raise ValueError(f"moe_gemm tma {tma!r}: false / '', true / 'device', or 'host'")
     out["tma"] = {False: "", True: "device"}.get(tma, tma)
-    out["half"] = out["half"] and out["BM"] >= 32          # tl.dot takes 16 rows at least
+    out["half"] = len(row_tiles(out["BM"], out["half"])) - 1      # tl.dot takes 16 rows at least
     out["ws"] = out["ws"] and bool(out["tma"])             # warp specialization wants descriptor loads
     return out
 
@@ -209,7 +214,7 @@ def gemm_specs(E, I, D, dtype, size, target, gather=False, top_k=1, aligned=Fals
     extra = {"tma": tma, "half": flags["half"], "ws": flags["ws"]}
     desc = lambda rows, cols: f"tensordesc<{p[1:]}[{rows}, {cols}]>"          # AOT's name of the argument type
     desc_gu, desc_dn = ({"wd": desc(gu["BN"], gu["BK"])},
-                        {"wd": desc(dn["BN"], dn["BK"]), "hdf": desc(BM, dn["BK"]), "hdh": desc(max(16, BM // 2), dn["BK"])}) \
+                        {"wd": desc(dn["BN"], dn["BK"]), **{f"hd{r}": desc(r, dn["BK"]) for r in row_tiles(BM, t["half"])}}) \
         if tma == "host" else ({}, {})
     return (KernelSpec("moe_tile_map", "moe_tile_map", src_gu, {"off_ptr": "*i64", **tiles, "max_tiles": "i32"},
                        4, 1, {**gu, **extra}),
@@ -250,11 +255,11 @@ def _swiglu_launch(x, offsets, w13, w2, out_rows, order=None, top_k=1):
 
 
 def _host_descriptors(gu: dict, dn: dict, w13, w2, h):
-    """Tensor descriptor arguments: gate_up's weights; down's weights and h rows (BM and BM // 2)."""
+    """Tensor descriptor arguments: gate_up's weights; down's weights and h rows (each row tile)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     desc = lambda t, rows, cols: TensorDescriptor.from_tensor(t.reshape(-1, t.shape[-1]), [rows, cols])
     return ((desc(w13, gu["BN"], gu["BK"]),),
-            (desc(w2, dn["BN"], dn["BK"]), desc(h, dn["BM"], dn["BK"]), desc(h, max(16, dn["BM"] // 2), dn["BK"])))
+            (desc(w2, dn["BN"], dn["BK"]), *(desc(h, r, dn["BK"]) for r in row_tiles(dn["BM"], dn["half"]))))
 
 
 def _rows_aligned(*ts) -> bool:
