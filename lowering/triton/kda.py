@@ -641,10 +641,11 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
            "t_ptr")
     i32 = ("chunk_start", "chunk_len", "cu_ptr", "chunk0_ptr")
 
-    def spec(name, template, args, warps, stages=1, **blocks):
+    def spec(name, template, args, warps, stages=1, entry=None, kconsts=consts, **blocks):
         sig = {a: ("*i32" if a in i32 else "*fp32" if a in f32 else "*i64" if a == "slot_ptr"
                    else PTR_TYPES[dtype]) for a in args}
-        return KernelSpec(name, name, render(name, template, consts, **blocks), sig, warps, stages, consts)
+        entry = entry or name
+        return KernelSpec(name, entry, render(entry, template, kconsts, **blocks), sig, warps, stages, kconsts)
 
     in_prep, diag_block = diag == "prep", _DIAG_FORMS[cfg["diag_form"]]
     out = [spec("kda_chunk_prep", _PREP, ["q_ptr", "k_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "chunk_start",
@@ -669,9 +670,13 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
     if wu_split:
         out.append(spec("kda_chunk_wu", _WU, ["t_ptr", "bkg_ptr", "v_ptr", "beta_ptr", "chunk_start", "chunk_len",
                                               "w_ptr", "u_ptr"], cfg["wu_warps"], cfg["wu_stages"]))
-    out.append(spec("kda_chunk_scan", _SCAN, ["qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr", "gl_ptr", "o_ptr",
-                                              "s0_ptr", "sn_ptr", "slot_ptr", "cu_ptr", "chunk0_ptr"],
-                    cfg["num_warps"], cfg["num_stages"], **_scan_blocks(BK // KS)))
+    scan_args = ["qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr", "gl_ptr", "o_ptr", "s0_ptr", "sn_ptr",
+                 "slot_ptr", "cu_ptr", "chunk0_ptr"]
+    out.append(spec("kda_chunk_scan", _SCAN, scan_args, cfg["num_warps"], cfg["num_stages"], **_scan_blocks(BK // KS)))
+    if cfg["scan_many"]:        # the scan of launches with many programs (packed sequences): its own tiles
+        many = {**consts, "BV": min(cfg["BV_many"], max(16, next_pow2(V))), "MANY": int(cfg["scan_many"])}
+        out.append(spec("kda_chunk_scan_many", _SCAN, scan_args, cfg["warps_many"], cfg["num_stages"],
+                        entry="kda_chunk_scan", kconsts=many, **_scan_blocks(BK // KS)))
     return out
 
 
@@ -817,6 +822,9 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
         if wu:
             launch(wu, (NCH, H, _cdiv(K, wu.config["BW"]) + _cdiv(V, wu.config["BW"])), tinv, bkg, v2, beta,
                    cstart, clen, w, u)
+    many = specs.get("kda_chunk_scan_many")
+    if many and N * H * _cdiv(V, scan.config["BV"]) >= many.config["MANY"]:
+        scan = many
     launch(scan, (N, H, _cdiv(V, scan.config["BV"])), qg, kg, w, u, aqk, gl, o, s0, sn, slot, cu, chunk0)
     return o.view(q.shape[0], q.shape[1], H, V), result
 
