@@ -15,7 +15,7 @@ shapes, B = 1, 2, 8), best tiles per token bucket (moe_decode token_tiles), in e
 two kernels where it would run as one launch), "pdl" (fused, with dependent launches), "packed"
 (the router's packed-key top-k), "tile-unroll" (the bf16 experts' tile accumulators, unrolled K
 loops), "packed-tile-unroll" (both), "norm-route" (the add_rmsnorm feeding the router inside its
-launch), "all-new" (the three).
+launch), "packed-norm" (the router's two).
 
     python bench/decode_step.py                       # 4-layer slice and 27 layers, B=1,32, both paths
     python bench/decode_step.py --layers 4 --batches 1 --variants fused
@@ -50,7 +50,7 @@ VARIANTS = {
     "tile-unroll": {"moe_decode": {"acc": "tile", "unroll": True}},  # the bf16 experts' K loops (moe_decode.FORMS)
     "packed-tile-unroll": {"moe_route": {"select": "packed"}, "moe_decode": {"acc": "tile", "unroll": True}},
     "norm-route": {"moe_route": {"norm_inline": True}},             # the norm feeding the router in its launch
-    "all-new": {"moe_route": {"select": "packed", "norm_inline": True}, "moe_decode": {"acc": "tile", "unroll": True}},
+    "packed-norm": {"moe_route": {"select": "packed", "norm_inline": True}},
 }
 _BASE_KEYS: dict = {}
 

@@ -24,8 +24,9 @@ _LOGITS = """
 @triton.jit
 def _logits_block(x_ptr, w_ptr, part_ptr, N, KCH, r_ptr, nw_ptr, s_ptr, xn_ptr):
     # program (token block, expert block, K split): part[s, n, e] = sum over split s of x[n, k] w[e, k].
-    # NORM: x is add_rmsnorm(x, r) * nw, computed here as rmsnorm_rows does (x + r in the data
-    # dtype, rstd over the whole row first, the normalised row rounded, times nw, rounded); the
+    # NORM (one token block: RF rows): x is add_rmsnorm(x, r) * nw, computed here as rmsnorm_rows
+    # does (x + r in the data dtype, rstd over the whole row first, the normalised row rounded,
+    # times nw, rounded); the
     # programs of expert block 0 store their K slice of x + r (s) and of the normalised x (xn)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     mr = rows < N
@@ -34,16 +35,15 @@ def _logits_block(x_ptr, w_ptr, part_ptr, N, KCH, r_ptr, nw_ptr, s_ptr, xn_ptr):
     k_lo = tl.program_id(2) * KCH
     k_hi = tl.minimum(k_lo + KCH, D)
     dk = tl.arange(0, BK)
-    if NORM:
-        ss = tl.zeros((BN,), tl.float32)
-        for k0 in range(0, D, BKN):
-            kn = k0 + tl.arange(0, BKN)
-            mn = mr[:, None] & (kn < D)[None, :]
-            xs = tl.load(x_ptr + rows[:, None] * D + kn[None, :], mask=mn, other=0.0) \
-                + tl.load(r_ptr + rows[:, None] * D + kn[None, :], mask=mn, other=0.0)
-            xf = xs.to(tl.float32)
-            ss += tl.sum(xf * xf, 1)
-        rstd = 1.0 / tl.sqrt(ss / D + EPS)
+    if NORM:                            # one token block of RF rows: their whole rows at once
+        rf = tl.arange(0, RF)
+        kn = tl.arange(0, DP)
+        mn = (rf < N)[:, None] & (kn < D)[None, :]
+        xs = tl.load(x_ptr + rf[:, None] * D + kn[None, :], mask=mn, other=0.0) \
+            + tl.load(r_ptr + rf[:, None] * D + kn[None, :], mask=mn, other=0.0)
+        xf = xs.to(tl.float32)
+        rs = 1.0 / tl.sqrt(tl.sum(xf * xf, 1) / D + EPS)
+        rstd = tl.sum(tl.where(rows[:, None] == rf[None, :], rs[None, :], 0.0), 1)     # per row of the tile
     acc = tl.zeros((BN, BE), tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         mk = k0 + dk < k_hi
@@ -226,7 +226,7 @@ def logits_spec(D, E, xdt, wdt, small, target) -> KernelSpec:
     cfg = config("moe_route", target)
     sfx = "_small" if small else ""
     consts = {"D": D, "E": E, "BN": cfg["BN" + sfx], "BE": min(cfg["BE" + sfx], max(16, next_pow2(E))),
-              "BK": cfg["BK" + sfx], "CT": _compute_type(xdt, wdt), "NORM": False, "BKN": 1, "EPS": 0.0,
+              "BK": cfg["BK" + sfx], "CT": _compute_type(xdt, wdt), "NORM": False, "DP": 1, "EPS": 0.0,
               "DT": TL_DTYPES[xdt]}
     src = render("moe_router_logits", _LOGITS + _LOGITS_KERNEL, consts)
     sig = {"x_ptr": ptr_type(xdt), "w_ptr": ptr_type(wdt), "part_ptr": "*fp32", "N": "i32", "KCH": "i32"}
@@ -282,7 +282,7 @@ def fused_spec(D, E, xdt, wdt, top_k, n_group, topk_group, renorm, scaling, weig
     consts, blocks = _selection(E, top_k, n_group, topk_group, renorm, scaling, weights, cfg)
     consts.update({k: lg.config[k] for k in ("D", "BN", "BE", "BK", "CT", "DT")},
                   RF=next_pow2(min(tokens or rows, rows)), SF=_splits(rows, D, E, lg)[0],
-                  NORM=norm_eps is not None, BKN=min(cfg["BK_norm"], next_pow2(D)), EPS=float(norm_eps or 0.0))
+                  NORM=norm_eps is not None, DP=next_pow2(D), EPS=float(norm_eps or 0.0))
     name = "moe_router" + ("_norm" if norm_eps is not None else "")
     src = render(name, _LOGITS + _select_source(cfg) + _FUSED_KERNEL, consts, **blocks)
     p = ptr_type(xdt)
