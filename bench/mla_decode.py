@@ -4,7 +4,9 @@ the same run; a torch (cuBLAS bmm + softmax) baseline in the same run. python be
 
 --small: the decode shapes of one engine step (B=1 and 32 at 1k-128k context), every kernel tile
 against every split count, replayed from CUDA graphs (split + merge, as decode runs them); the
-best per shape is printed last and written to mla_decode_small.json."""
+best per shape is printed last and written to mla_decode_small.json.
+--small --merge 1,16 [--shapes 1x1024,1x32768]: the target's tiles only, per merge_splits (the
+merge's splits a step) and split count (written to mla_decode_merge.json)."""
 from __future__ import annotations
 
 import argparse
@@ -61,18 +63,20 @@ SMALL_TILES = [dict(BM=bm, BM_small=bm, BS=bs, num_warps=w, num_stages=2)
 SMALL_SPLITS = (None, 8, 16, 32, 66, 132, 264)      # None: mla.py's own rule
 
 
-def small():
+def small(shapes=SMALL_SHAPES, merges=None):
+    """merges: the target's own tiles only, with each merge_splits in `merges`, against the split counts."""
     bw = copy_bandwidth()
     g = torch.Generator(device="cuda").manual_seed(0)
     mk = lambda *s: torch.randn(*s, device="cuda", generator=g, dtype=torch.bfloat16)
     from kimi_graph.lowering.triton.targets import config
     default = dict(config("mla_decode"))
     rows, base = [], {}
-    for B, S in SMALL_SHAPES:
+    tiles = SMALL_TILES if not merges else [dict(default, merge_splits=m) for m in merges]
+    for B, S in shapes:
         ql, qr, c, kr = mk(B, 1, H, R), mk(B, 1, H, P), mk(B, S, R), mk(B, S, P)
         nbytes = (c.numel() + kr.numel()) * 2
         ref = torch_latent(ql, qr, c, kr)
-        for tile in [None] + SMALL_TILES:       # None: the target's own tiles and split rule
+        for tile in [None] + tiles:             # None: the target's own tiles and split rule
             override_config("mla_decode", **(tile or default))
             for splits in (SMALL_SPLITS if tile else (None,)):
                 call = lambda: mla.mla_latent_attention(ql, qr, c, kr, scale=SCALE, splits=splits)
@@ -93,14 +97,23 @@ def small():
         k = (r["B"], r["S"])
         if k not in best or r["us"] < best[k]["us"]:
             best[k] = r
-    write_result("mla_decode_small", rows, {"copy_bandwidth_GBps": bw / 1e9,
+    write_result("mla_decode_merge" if merges else "mla_decode_small", rows, {"copy_bandwidth_GBps": bw / 1e9,
                                             "best": [dict(v, default_us=base.get(k, 0)) for k, v in best.items()]})
     for k, v in best.items():
         print(f"B={k[0]} S={k[1]}: default {base.get(k, 0):.1f} us, best {v['us']:.1f} us "
-              f"({v['of_copy_bw']:.0%} of copy) with {dict((x, v.get(x)) for x in ('BM', 'BS', 'num_warps', 'num_stages', 'splits'))}")
+              f"({v['of_copy_bw']:.0%} of copy) with "
+              f"{dict((x, v.get(x)) for x in ('BM', 'BS', 'num_warps', 'num_stages', 'splits', 'merge_splits'))}")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="the engine's decode shapes, tiles x split counts")
-    (small if ap.parse_args().small else main)()
+    ap.add_argument("--shapes", default=None, help="--small's shapes, BxS,... (default: all)")
+    ap.add_argument("--merge", default=None, help="--small with the target's tiles only, at each merge_splits "
+                    "(e.g. 1,8,16)")
+    a = ap.parse_args()
+    if a.small:
+        shapes = tuple(tuple(int(v) for v in sh.split("x")) for sh in a.shapes.split(",")) if a.shapes else SMALL_SHAPES
+        small(shapes, [int(m) for m in a.merge.split(",")] if a.merge else None)
+    else:
+        main()

@@ -296,9 +296,15 @@ def test_elementwise_chain_fuses_a_dag_with_broadcast_and_two_outputs():
 
 # -- MLA ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("T,q_start,splits", [(1, [36, 5, 20], None), (1, [36, 5, 20], 3), (4, None, 2),
-                                              (3, [0, 10, 33], 1)])
-def test_mla_latent_attention(T, q_start, splits):
+@pytest.mark.parametrize("T,q_start,splits,merge", [(1, [36, 5, 20], None, 1), (1, [36, 5, 20], 3, 1), (4, None, 2, 1),
+                                                    (3, [0, 10, 33], 1, 1), (1, [36, 5, 20], 3, 2),
+                                                    (1, [36, 5, 20], None, 4), (2, [0, 10, 33], 5, 4)])
+def test_mla_latent_attention(T, q_start, splits, merge, monkeypatch):
+    """merge: the merge's splits a step (mla_decode merge_splits; 3 and 5 splits: a ragged last step)."""
+    from kimi_graph.lowering.triton.targets import TARGETS
+    monkeypatch.setitem(TARGETS["interpret"]["configs"], "mla_decode",
+                        {**TARGETS["interpret"]["configs"]["mla_decode"], "merge_splits": merge})
+    mla.latent_specs.cache_clear()
     B, H, R, P, S = 3, 4, 32, 8, 37                     # S not a multiple of the key block
     ql, qr, c, kr = torch.randn(B, T, H, R), torch.randn(B, T, H, P), torch.randn(B, S, R), torch.randn(B, S, P)
     qs = None if q_start is None else torch.tensor(q_start)
@@ -308,6 +314,7 @@ def test_mla_latent_attention(T, q_start, splits):
     assert rel(out, attention_loop(q, kk, c.unsqueeze(2).expand(B, S, H, R), qs, 0.2)) < TOL
     args = [ql, qr, c, kr] + ([qs] if qs is not None else [])
     assert rel(out, get_op("mla_latent_attention").ref(args, {"scale": 0.2})[0]) < TOL
+    mla.latent_specs.cache_clear()
 
 
 @pytest.mark.parametrize("page_size", [16, 5])   # whole key blocks (BS 16) per page / blocks straddling pages

@@ -73,23 +73,41 @@ def mla_latent_split(ql_ptr, qr_ptr, c_ptr, kr_ptr, qs_ptr, slot_ptr, tab_ptr, o
 
 @triton.jit
 def mla_latent_merge(op_ptr, lse_ptr, qs_ptr, slot_ptr, o_ptr, T, S, nsp):
-    # one program per (b, t, h) row: merge the splits that held keys by their log2-sum-exp
+    # one program per (b, t, h) row: merge the splits that held keys by their log2-sum-exp, MS a step
     row = tl.program_id(0)
     b = row // (T * H)
     end = tl.where(tl.load(slot_ptr + b) >= 0, tl.minimum(S, tl.load(qs_ptr + b) + T), 0)
     used = tl.cdiv(end, tl.maximum(SPLIT_MIN, tl.cdiv(tl.cdiv(end, nsp), BS) * BS))
     dr = tl.arange(0, BR)
     mR = dr < R
-    m = tl.full((), float("-inf"), tl.float32)
-    for s in range(0, used):
-        m = tl.maximum(m, tl.load(lse_ptr + row * nsp + s))
-    m = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros((BR,), tl.float32)
-    tot = tl.zeros((), tl.float32)
-    for s in range(0, used):
-        w = tl.exp2(tl.load(lse_ptr + row * nsp + s) - m)
-        acc += w * tl.load(op_ptr + (row * nsp + s) * R + dr, mask=mR, other=0.0)
-        tot += w
+    if MS == 1:                         # one split a step
+        m = tl.full((), float("-inf"), tl.float32)
+        for s in range(0, used):
+            m = tl.maximum(m, tl.load(lse_ptr + row * nsp + s))
+        m = tl.where(m == float("-inf"), 0.0, m)
+        acc = tl.zeros((BR,), tl.float32)
+        tot = tl.zeros((), tl.float32)
+        for s in range(0, used):
+            w = tl.exp2(tl.load(lse_ptr + row * nsp + s) - m)
+            acc += w * tl.load(op_ptr + (row * nsp + s) * R + dr, mask=mR, other=0.0)
+            tot += w
+    else:                               # MS splits a step, their loads issued together
+        sc = tl.arange(0, MS)
+        mv = tl.full((MS,), float("-inf"), tl.float32)
+        for s0 in range(0, used, MS):
+            mv = tl.maximum(mv, tl.load(lse_ptr + row * nsp + s0 + sc, mask=s0 + sc < used, other=float("-inf")))
+        m = tl.max(mv, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        acc2 = tl.zeros((MS, BR), tl.float32)
+        tot2 = tl.zeros((MS,), tl.float32)
+        for s0 in range(0, used, MS):
+            ms = s0 + sc < used
+            w = tl.exp2(tl.load(lse_ptr + row * nsp + s0 + sc, mask=ms, other=float("-inf")) - m)
+            acc2 += w[:, None] * tl.load(op_ptr + (row * nsp + s0 + sc)[:, None] * R + dr[None, :],
+                                         mask=ms[:, None] & mR[None, :], other=0.0)
+            tot2 += w
+        acc = tl.sum(acc2, 0)
+        tot = tl.sum(tot2, 0)
     tl.store(o_ptr + row * R + dr, (acc / tl.where(tot > 0, tot, 1.0)).to(DT), mask=mR)
 """
 
@@ -246,7 +264,8 @@ def latent_specs(H: int, R: int, P: int, dtype: str, scale: float, rows: int, ta
     page_blocks = pages == 1 or (page_size % BS == 0 and cfg["split_min"] % BS == 0)
     consts = {"H": H, "R": R, "P": P, "BR": max(16, next_pow2(R)), "BP": max(16, next_pow2(P)),
               "BM": BM, "BS": BS, "SCALE_LOG2E": float(scale) * LOG2E, "PAGE_BLOCKS": page_blocks,
-              "DT": TL_DTYPES[dtype], "PREC": dot_precision(dtype), "SPLIT_MIN": cfg["split_min"]}
+              "DT": TL_DTYPES[dtype], "PREC": dot_precision(dtype), "SPLIT_MIN": cfg["split_min"],
+              "MS": cfg.get("merge_splits", 1)}
     src = render("mla_latent_attention", _LATENT, consts, online_softmax=_ONLINE_SOFTMAX)
     p = ptr_type(dtype)
     split = KernelSpec("mla_latent_split", "mla_latent_split", src,
