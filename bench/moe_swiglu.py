@@ -108,11 +108,17 @@ SWEEP = {
     "host_half_bn64_w4": {"tma": "host", "half": True, "BN": 64, "num_warps": 4, "num_warps_down": 4},
     "host_half_bk128": {"tma": "host", "half": True, "BK": 128, "num_stages": 2, "BK_down": 128,
                         "num_stages_down": 3},
+    "host_persist": {"tma": "host", "persistent": 1},
+    "host_persist_s4": {"tma": "host", "persistent": 1, "num_stages": 4, "num_stages_down": 4},
+    "host_bn64_w4_persist2": {"tma": "host", "persistent": 2, "BN": 64, "num_warps": 4, "num_warps_down": 4},
+    "host_persist_ws": {"tma": "host", "persistent": 1, "ws": True},
+    "host_half_pdown": {"tma": "host", "half": True, "persistent_down": 1},
+    "host_half_pdown_s4": {"tma": "host", "half": True, "persistent_down": 1, "num_stages_down": 4},
     "host_half_ws": {"tma": "host", "half": True, "ws": True},
     "device_half_ws": {"tma": "device", "half": True, "ws": True},
 }
 KEYS = ("BM", "BN", "BK", "num_warps", "num_stages", "BN_down", "BK_down", "num_warps_down", "num_stages_down",
-        "tma", "half", "ws")
+        "tma", "half", "ws", "persistent", "persistent_down")
 SFX = {"mid": "_mid", "large": ""}
 TOL = 2e-2              # bf16 products against fp32 (measured ~4e-3)
 

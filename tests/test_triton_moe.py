@@ -201,14 +201,14 @@ def test_moe_sort_and_errors():
 
 # grouped GEMM variants ("moe_gemm" keys): weights (and down's h rows) through tensor
 # descriptors, an expert's last rows on half-height tiles, warp-specialized K loops, the down
-# GEMM's own tiles; BM 32 (or 64) so that every row tile runs
+# GEMM's own tiles, persistent programs; BM 32 (or 64) so that every row tile runs
 GEMM_VARIANTS = [
-    {"tma": True},
     {"half": True},
-    {"tma": "host", "half": True},
     {"tma": True, "half": True, "ws": True},
-    {"BN_down": 32, "BK_down": 8, "num_warps_down": 2, "num_stages_down": 2, "half": True},
-    {"BM": 64, "half": 2, "tma": "host"},
+    {"BM": 64, "half": 2, "tma": "host", "BN_down": 32, "BK_down": 8, "num_warps_down": 2, "num_stages_down": 2},
+    {"persistent": 1},
+    {"persistent": 2, "tma": "host", "ws": True},
+    {"persistent_down": 1, "half": True, "tma": "host"},
 ]
 
 
@@ -254,17 +254,18 @@ def test_grouped_gemm_variants(monkeypatch, variant):
     moe.gemm_specs.cache_clear()
 
 
-def test_grouped_gemm_variants_build_for_sm90(monkeypatch):
-    """What the interpreter cannot judge compiles for sm_90 (no GPU): both tiles of `half` in one
-    kernel, descriptor loads (TMA) into wgmma, warp-specialized K loops."""
-    variant = {"tma": "host", "half": 2, "ws": True}
+@pytest.mark.parametrize("variant", [{"tma": "host", "half": 2, "ws": True}, {"tma": "device", "persistent": 1}],
+                         ids=["host,half2,ws", "device,persistent"])
+def test_grouped_gemm_variants_build_for_sm90(monkeypatch, variant):
+    """What the interpreter cannot judge compiles for sm_90 (no GPU): every row tile of `half` in
+    one kernel, descriptor loads (TMA) into wgmma, warp-specialized K loops, persistent loops."""
     from kimi_graph.lowering.triton import aot, moe, targets
     monkeypatch.setattr(targets, "TARGETS", {**targets.TARGETS, "sm_90": dict(targets.TARGETS["sm_90"])})
     cfg = dict(targets.TARGETS["sm_90"]["configs"]["moe_gemm"], **variant)
     monkeypatch.setitem(targets.TARGETS["sm_90"], "configs", {**targets.TARGETS["sm_90"]["configs"], "moe_gemm": cfg})
     moe.gemm_specs.cache_clear()
     for spec in moe.gemm_specs(4, 256, 512, "bf16", "large", "sm_90", True, 8, True)[1:]:
-        assert spec.config["half"] == 2 and spec.config["tma"] == variant["tma"]
+        assert spec.config["half"] == variant.get("half", 0) and spec.config["tma"] == variant["tma"]
         ptx = aot.compile_spec(spec, "sm_90").asm["ptx"]
         assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx, spec.name
     moe.gemm_specs.cache_clear()

@@ -16,7 +16,7 @@ from .targets import TARGETS, config, current_target
 
 _TILE_MAP = """
 @triton.jit
-def moe_tile_map(off_ptr, tile_e_ptr, tile_r_ptr, max_tiles):
+def moe_tile_map(off_ptr, tile_e_ptr, tile_r_ptr, max_tiles$count_arg):
     # grid (tile blocks,): tile t -> (expert, first row); -1 past the last tile
     e = tl.arange(0, BE)
     me = e < E
@@ -33,24 +33,43 @@ def moe_tile_map(off_ptr, tile_e_ptr, tile_r_ptr, max_tiles):
     valid = ex < E
     tl.store(tile_e_ptr + t, tl.where(valid, ex, -1), mask=t < max_tiles)
     tl.store(tile_r_ptr + t, tl.where(valid, row, 0).to(tl.int32), mask=t < max_tiles)
+    $count
 """
 
-# One grouped GEMM of a row tile: $setup once per program, then $tile (the rows, K loop and
-# epilogue at a BMT-row tile), either at BM rows or, with HALF, at BM // 2 rows when the expert
-# has no more left (its last tile): the rows a tile computes past its expert are wasted work.
+# One grouped GEMM: $descriptors once, then per (row tile t, N block nb) its $setup and $tiles
+# (the rows, K loop and epilogue at a BMT-row tile: BM rows, or a smaller tile of row_tiles when
+# the expert has no more left; rows a tile computes past its expert are wasted work). Grid (N
+# blocks, tiles), neighbouring programs sharing the row tile and the expert (L2 reuse); or
+# persistent: `persistent` programs an SM take work items t * NBLK + nb in turn, the next item's
+# loads issued during this one's epilogue (flattened loops)
 _GEMM = """
 @triton.jit
 def $entry($args):
-    # grid (N blocks, tiles); neighbouring programs share the row tile and the expert (L2 reuse)
-    ex = tl.load(tile_e_ptr + tl.program_id(1))
-    if ex >= 0:
-        r0 = tl.load(tile_r_ptr + tl.program_id(1))
-        end = tl.load(off_ptr + ex + 1)
-        n = tl.program_id(0) * BN + tl.arange(0, BN)
-        mn = n < NO
-        dk = tl.arange(0, BK)
-        $setup
-        $tiles
+    dk = tl.arange(0, BK)
+    $descriptors
+    $work
+"""
+_WORK_GRID = """
+t = tl.program_id(1)
+nb = tl.program_id(0)
+ex = tl.load(tile_e_ptr + t)
+if ex >= 0:
+    $item
+"""
+_WORK_PERSISTENT = """
+for item in tl.range(tl.program_id(0), tl.load(count_ptr) * NBLK, tl.num_programs(0), flatten=True$ws):
+    t = item // NBLK
+    nb = item % NBLK
+    ex = tl.load(tile_e_ptr + t)
+    $item
+"""
+_ITEM = """
+r0 = tl.load(tile_r_ptr + t)
+end = tl.load(off_ptr + ex + 1)
+n = nb * BN + tl.arange(0, BN)
+mn = n < NO
+$setup
+$tiles
 """
 
 # gate_up: h = silu(x w1^T) * (x w3^T) for one expert's rows. Sorted row r reads x row `src`:
@@ -93,7 +112,7 @@ def _tile_loads(gate_up: bool, K: int, N: int, BK: int, BN: int, tma: bool) -> s
     if gate_up:
         lines = [f"x = tl.load(x_ptr + src[:, None] * KD + k0 + dk[None, :], mask={kx}, other=0.0)"]
     elif tma:
-        lines = ["h = hd.load([r0, k0])"]
+        lines = ["h = hdBMT.load([r0, k0])"]
     else:
         lines = [f"h = tl.load(h_ptr + r[:, None] * KD + k0 + dk[None, :], mask={kx}, other=0.0)"]
     if tma:
@@ -113,45 +132,53 @@ def row_tiles(BM: int, half: int) -> list[int]:
 
 
 def _kernel_source(gate_up: bool, K: int, N: int, BM: int, BK: int, BN: int, tma: str, half: int,
-                   ws: bool, gather: bool) -> str:
+                   ws: bool, gather: bool, persistent: int, count: bool) -> str:
     """One grouped GEMM kernel's source (tile map included): its setup, and its tile at each of
     row_tiles(BM, half), a program taking the least that holds the rows its expert has left.
     `tma`: "" (pointers), "device" (descriptors built by each program) or "host" (descriptor
-    arguments: wd, and down's h rows hd<rows> per row tile)."""
+    arguments: wd, and down's h rows hd<rows> per row tile). `persistent`: the work loop of
+    _WORK_PERSISTENT (one row tile: no branches inside it), warp-specialized with `ws`; `count`:
+    the tile map also stores the number of valid tiles (for a persistent kernel)."""
     if gate_up:
         w, shape = "w13_ptr", "[E * 2 * I, D], strides=[D, 1]"
-        wn, wb = "ex * (2 * I) + tl.program_id(0) * BN", "w13_ptr + ex.to(tl.int64) * (2 * I * D)"
+        wn, wb = "ex * (2 * I) + nb * BN", "w13_ptr + ex.to(tl.int64) * (2 * I * D)"
         idx = {"src_rows": "src = tl.load(order_ptr + r, mask=mr, other=0) // TOPK" if gather else "src = r"}
         args = "x_ptr, off_ptr, w13_ptr, h_ptr, tile_e_ptr, tile_r_ptr"
     else:
         w, shape = "w2_ptr", "[E * D, I], strides=[I, 1]"
-        wn, wb = "ex * D + tl.program_id(0) * BN", "w2_ptr + ex.to(tl.int64) * (D * I)"
+        wn, wb = "ex * D + nb * BN", "w2_ptr + ex.to(tl.int64) * (D * I)"
         idx = {"dst_rows": "dst = tl.load(order_ptr + r, mask=mr, other=0)" if gather else "dst = r"}
         args = "h_ptr, off_ptr, w2_ptr, y_ptr, tile_e_ptr, tile_r_ptr, M"
-    args += ", order_ptr" if gather else ""
-    rows = row_tiles(BM, half)
-    if tma == "host":           # descriptors built on the host, passed as arguments
-        args += ", wd" + ("" if gate_up else "".join(f", hd{bmt}" for bmt in rows))
-    setup = ([] if tma == "host" else [f"wd = tl.make_tensor_descriptor({w}, shape={shape}, block_shape=[BN, BK])"])
-    setup = setup + [f"wn = {wn}"] if tma else [f"wb = {wb}"]
-    k_range = f"tl.range(0, {K}, BK, warp_specialize=True)" if ws else f"range(0, {K}, BK)"
+    args += (", order_ptr" if gather else "") + (", count_ptr" if persistent else "")
+    rows = row_tiles(BM, 0 if persistent else half)
+    descs = {"wd": (w, shape, "BN, BK")}
+    if not gate_up:
+        descs.update({f"hd{bmt}": ("h_ptr", "[M, I], strides=[I, 1]", f"{bmt}, BK") for bmt in rows})
+    if tma == "host":           # built on the host, passed as arguments
+        args += "".join(f", {d}" for d in descs)
+    descriptors = [f"{d} = tl.make_tensor_descriptor({ptr}, shape={sh}, block_shape=[{b}])"
+                   for d, (ptr, sh, b) in descs.items()] if tma == "device" else []
+    setup = f"wn = {wn}" if tma else f"wb = {wb}"
+    k_range = f"tl.range(0, {K}, BK, warp_specialize=True)" if ws and not persistent else f"range(0, {K}, BK)"
     tmpl = _GATE_UP_TILE if gate_up else _DOWN_TILE
 
     def tile(bmt: int) -> list[str]:
-        pre = [] if gate_up or not tma else [f"hd = hd{bmt}"] if tma == "host" else \
-            [f"hd = tl.make_tensor_descriptor(h_ptr, shape=[M, I], strides=[I, 1], block_shape=[{bmt}, BK])"]
         text = _body(tmpl, loads=_tile_loads(gate_up, K, N, BK, BN, tma), k_range=k_range, **idx)
-        return pre + text.replace("BMT", str(bmt)).splitlines()
+        return text.replace("BMT", str(bmt)).splitlines()
 
     # smallest first; a smaller tile's names suffixed (Triton keeps a name's type across branches)
-    own = re.compile(r"\b(r|mr|src|dst|acc|acc_g|acc_u|x|h|hd|w|w1|w3|k0)\b")
+    own = re.compile(r"\b(r|mr|src|dst|acc|acc_g|acc_u|x|h|w|w1|w3|k0)\b")
     tiles, ind = [], lambda ls: ["    " + s if s else s for s in ls]
     for i, bmt in enumerate(reversed(rows[1:])):
         tiles += [f"{'el' if i else ''}if end - r0 <= {bmt}:", *ind(own.sub(rf"\1_{bmt}", "\n".join(tile(bmt))).splitlines())]
     tiles = tiles + ["else:", *ind(tile(BM))] if tiles else tile(BM)
-    return _TILE_MAP + "\n\n" + _body(_GEMM, entry="moe_gate_up" if gate_up else "moe_down",
-                                       args=args, setup="\n".join(setup),
-                                       tiles="\n".join(tiles)) + "\n"
+    item = _body(_ITEM, setup=setup, tiles="\n".join(tiles))
+    work = _body(_WORK_PERSISTENT, item=item, ws=", warp_specialize=True" if ws else "").replace(
+        "NBLK", str(-(-N // BN))) if persistent else _body(_WORK_GRID, item=item)    # a literal: the interpreter's ints
+    tile_map = _body(_TILE_MAP, count_arg=", count_ptr" if count else "",
+                     count="if tl.program_id(0) == 0:\n    tl.store(count_ptr, tl.sum(nt, 0))" if count else "")
+    return tile_map + "\n\n\n" + _body(_GEMM, entry="moe_gate_up" if gate_up else "moe_down", args=args,
+                                         descriptors="\n".join(descriptors), work=work) + "\n"
 
 
 def _body(template: str, **blocks: str) -> str:
@@ -175,20 +202,25 @@ def gemm_size(M: int, E: int, target: str) -> str:
 def gemm_tiles(size: str, target: str) -> dict:
     """The "moe_gemm" keys of one tile class: each key's value with the class's suffix, else the
     large one; the down GEMM's BN / BK / warps / stages from its *_down keys (per class), else the
-    gate_up's. tma (false, true = "device", "host"; -> "", "device", "host"), half, ws fall back
-    to the large ones for "mid" only ("small" takes its own or none)."""
+    gate_up's. tma (false, true = "device", "host"; -> "", "device", "host"), half, ws and
+    persistent (programs an SM; 0: a grid of all tiles; persistent_down: the down GEMM's, else
+    the same) fall back to the large ones for "mid" only ("small" takes its own or none); a
+    persistent kernel has one row tile (its half 0)."""
     cfg = config("moe_gemm", target)
     sfx = {"small": "_small", "mid": "_mid", "large": ""}[size]
     get = lambda key, default=None: cfg.get(key + sfx, cfg.get(key, default))
     out = {k: get(k) for k in ("BM", "BN", "BK", "num_warps", "num_stages")}
     out.update({f"{k}_down": cfg.get(f"{k}_down{sfx}", out[k]) for k in ("BN", "BK", "num_warps", "num_stages")})
     flag = (lambda k: cfg.get(k + sfx, False)) if size == "small" else (lambda k: get(k, False))
-    out.update(half=int(flag("half")), ws=bool(flag("ws")))
+    out.update(half=int(flag("half")), ws=bool(flag("ws")), persistent=int(flag("persistent")))
+    pd = flag("persistent_down")
+    out["persistent_down"] = out["persistent"] if pd is False else int(pd)
     tma = cfg.get("tma" + sfx, False) if size == "small" else get("tma", False)
     if tma not in (False, True, "", "device", "host"):
         raise ValueError(f"moe_gemm tma {tma!r}: false / '', true / 'device', or 'host'")
     out["tma"] = {False: "", True: "device"}.get(tma, tma)
-    out["half"] = len(row_tiles(out["BM"], out["half"])) - 1      # tl.dot takes 16 rows at least
+    half = len(row_tiles(out["BM"], out["half"])) - 1                 # tl.dot takes 16 rows at least
+    out.update(half=0 if out["persistent"] else half, half_down=0 if out["persistent_down"] else half)
     out["ws"] = out["ws"] and bool(out["tma"])             # warp specialization wants descriptor loads
     return out
 
@@ -203,28 +235,31 @@ def gemm_specs(E, I, D, dtype, size, target, gather=False, top_k=1, aligned=Fals
     BM = t["BM"]
     base = {"E": E, "I": I, "D": D, "BE": max(16, next_pow2(E)), "BM": BM, "TB": 64, "DT": TL_DTYPES[dtype],
             "PREC": dot_precision(dtype), "TOPK": top_k}
-    gu = dict(base, NO=I, BN=t["BN"], BK=t["BK"])
-    dn = dict(base, NO=D, BN=t["BN_down"], BK=t["BK_down"])
-    flags = dict(tma=tma, half=t["half"], ws=t["ws"] and bool(tma), gather=gather)
-    src_gu = render("grouped_swiglu", "", gu).rstrip("\n") + "\n\n" + _kernel_source(True, D, I, BM, gu["BK"], gu["BN"], **flags)
-    src_dn = render("grouped_swiglu", "", dn).rstrip("\n") + "\n\n" + _kernel_source(False, I, D, BM, dn["BK"], dn["BN"], **flags)
+    gu = dict(base, NO=I, BN=t["BN"], BK=t["BK"], NBLK=-(-I // t["BN"]))
+    dn = dict(base, NO=D, BN=t["BN_down"], BK=t["BK_down"], NBLK=-(-D // t["BN_down"]))
+    ws, counted = t["ws"] and bool(tma), bool(t["persistent"] or t["persistent_down"])
+    gu.update(tma=tma, half=t["half"], ws=ws, persistent=t["persistent"])
+    dn.update(tma=tma, half=t["half_down"], ws=ws, persistent=t["persistent_down"])
+    src = lambda c, gate_up, K, N: (render("grouped_swiglu", "", {k: v for k, v in c.items() if k.isupper()}).rstrip("\n")
+                                    + "\n\n" + _kernel_source(gate_up, K, N, BM, c["BK"], c["BN"], tma, c["half"], ws,
+                                                              gather, c["persistent"], counted))
+    src_gu, src_dn = src(gu, True, D, I), src(dn, False, I, D)
     p = ptr_type(dtype)
     tiles = {"tile_e_ptr": "*i32", "tile_r_ptr": "*i32"}
     order = {"order_ptr": "*i64"} if gather else {}
-    extra = {"tma": tma, "half": flags["half"], "ws": flags["ws"]}
+    count = lambda c: {"count_ptr": "*i32"} if c else {}
     desc = lambda rows, cols: f"tensordesc<{p[1:]}[{rows}, {cols}]>"          # AOT's name of the argument type
     desc_gu, desc_dn = ({"wd": desc(gu["BN"], gu["BK"])},
-                        {"wd": desc(dn["BN"], dn["BK"]), **{f"hd{r}": desc(r, dn["BK"]) for r in row_tiles(BM, t["half"])}}) \
+                        {"wd": desc(dn["BN"], dn["BK"]), **{f"hd{r}": desc(r, dn["BK"]) for r in row_tiles(BM, dn["half"])}}) \
         if tma == "host" else ({}, {})
-    return (KernelSpec("moe_tile_map", "moe_tile_map", src_gu, {"off_ptr": "*i64", **tiles, "max_tiles": "i32"},
-                       4, 1, {**gu, **extra}),
+    return (KernelSpec("moe_tile_map", "moe_tile_map", src_gu,
+                       {"off_ptr": "*i64", **tiles, "max_tiles": "i32", **count(counted)}, 4, 1, gu),
             KernelSpec("moe_gate_up", "moe_gate_up", src_gu,
-                       {"x_ptr": p, "off_ptr": "*i64", "w13_ptr": p, "h_ptr": p, **tiles, **order, **desc_gu},
-                       t["num_warps"], t["num_stages"], {**gu, **extra}),
+                       {"x_ptr": p, "off_ptr": "*i64", "w13_ptr": p, "h_ptr": p, **tiles, **order,
+                        **count(gu["persistent"]), **desc_gu}, t["num_warps"], t["num_stages"], gu),
             KernelSpec("moe_down", "moe_down", src_dn,
                        {"h_ptr": p, "off_ptr": "*i64", "w2_ptr": p, "y_ptr": p, **tiles, "M": "i32", **order,
-                        **desc_dn},
-                       t["num_warps_down"], t["num_stages_down"], {**dn, **extra}))
+                        **count(dn["persistent"]), **desc_dn}, t["num_warps_down"], t["num_stages_down"], dn))
 
 
 def _swiglu_launch(x, offsets, w13, w2, out_rows, order=None, top_k=1):
@@ -234,7 +269,7 @@ def _swiglu_launch(x, offsets, w13, w2, out_rows, order=None, top_k=1):
     target = current_target()
     x, w13, w2 = x.contiguous(), w13.to(dt).contiguous(), w2.to(dt).contiguous()
     size = gemm_size(M, E, target)
-    aligned = bool(gemm_tiles(size, target)["tma"]) and _rows_aligned(x, w13, w2)
+    aligned = bool(gemm_tiles(size, target)["tma"]) and _rows_aligned(w13, w2)      # h: fresh, aligned
     tmap, gate_up, down = gemm_specs(E, I, D, ir_dtype(x), size, target, order is not None, top_k, aligned)
     c = gate_up.config
     max_tiles = -(-M // c["BM"]) + E
@@ -248,10 +283,20 @@ def _swiglu_launch(x, offsets, w13, w2, out_rows, order=None, top_k=1):
         off = offsets.to(torch.int64).contiguous()
         extra = () if order is None else (order,)
         d_gu, d_dn = _host_descriptors(c, down.config, w13, w2, h) if c["tma"] == "host" else ((), ())
-        launch(tmap, (-(-max_tiles // c["TB"]),), off, te, tr, max_tiles)
-        launch(gate_up, (-(-I // c["BN"]), max_tiles), x, off, w13, h, te, tr, *extra, *d_gu)
-        launch(down, (-(-D // down.config["BN"]), max_tiles), h, off, w2, y, te, tr, M, *extra, *d_dn)
+        count = torch.empty(1, device=x.device, dtype=torch.int32)      # valid tiles, for persistent kernels
+        # a persistent kernel: `persistent` programs an SM over the valid tiles, else one per tile
+        grid = lambda k: (min(k["persistent"] * _multiprocessors(x.device), max_tiles * k["NBLK"]),) \
+            if k["persistent"] else (k["NBLK"], max_tiles)
+        counted = lambda spec: (count,) if "count_ptr" in spec.signature else ()
+        launch(tmap, (-(-max_tiles // c["TB"]),), off, te, tr, max_tiles, *counted(tmap))
+        launch(gate_up, grid(c), x, off, w13, h, te, tr, *extra, *counted(gate_up), *d_gu)
+        launch(down, grid(down.config), h, off, w2, y, te, tr, M, *extra, *counted(down), *d_dn)
     return y
+
+
+def _multiprocessors(device) -> int:
+    """SMs of a CUDA device; 4 programs' worth in the interpreter."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _host_descriptors(gu: dict, dn: dict, w13, w2, h):

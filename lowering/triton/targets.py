@@ -78,10 +78,11 @@ _BASE = {
     # average (each falling back to the unsuffixed key); BN_down / BK_down / num_warps_down /
     # num_stages_down: the down projection's own (else gate_up's); tma: weights (and down's h
     # rows) through tensor descriptors built on the device (true / "device") or passed from the
-    # host ("host"); half: an expert's last rows, when BM // 2 or fewer, on a BM // 2 tile; ws:
-    # warp-specialized K loops (with tma); the three flags fall back to the large ones for "mid"
-    # only (moe.gemm_tiles); moe_experts runs its fused form (rows read by index) from
-    # fused_min_rows token copies
+    # host ("host"); half: n halvings of BM as smaller tiles for an expert's last rows; ws:
+    # warp-specialized loops (with tma); persistent (persistent_down: the down GEMM's): programs
+    # an SM looping over the tiles (0: one program a tile; one row tile); these flags fall back
+    # to the large ones for "mid" only (moe.gemm_tiles); moe_experts runs its fused form (rows
+    # read by index) from fused_min_rows token copies
     "moe_gemm": {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3,
                  "BM_small": 16, "BN_small": 64, "BK_small": 64, "BM_mid": 64, "mid_rows": 256,
                  "fused_min_rows": 257},
