@@ -151,16 +151,19 @@ def split(shape="16k"):
 # one at a time over the target's config (sm_90 since the 21:26 sweep: diagonal blocks a
 # sub-chunk a program on 8 warps, exp2, beta k G in bf16, prep 4 rows a step, BT=32), the
 # likelier first (a time budget may stop the sweep early): the new forms (diagonal blocks row by
-# row, prep a whole chunk a step with k G_L/G inline, wider scan tiles for packed sequences: BV 64
-# won at 64x512 and lost at 16k; the diagonal blocks in the intra kernel, the scan's state in two
-# K tiles; the scan on 2 warps spills), the token-parallel diagonal kernel
-# with column stores (the best single variant of that sweep, voided in its merge by diag
-# "block"), prep's rows a step, then each kernel's warps and tiles, BT 64 and the other layouts
-VARIANTS = ({}, {"diag_form": "rows"}, {"prep_kg": "inline"}, {"scan_many": 1024, "BV_many": 64, "warps_many": 8},
+# row, each segment's scan beside the next segment's kernels, prep a whole chunk a step with
+# k G_L/G inline, wider scan tiles for packed sequences: BV 64 won at 64x512 and lost at 16k; the
+# diagonal blocks in the intra kernel, the scan's state in two K tiles; the scan on 2 warps
+# spills), the token-parallel diagonal kernel with column stores (the best single variant of
+# that sweep, voided in its merge by diag "block"), prep's rows a step, then each kernel's warps
+# and tiles, BT 64 and the other layouts
+VARIANTS = ({}, {"diag_form": "rows"}, {"scan_seg": 128}, {"prep_kg": "inline"},
+            {"scan_many": 1024, "BV_many": 64, "warps_many": 8},
             {"diag": "intra", "diag_form": "rows", "intra_warps": 4}, {"diag_form": "rows", "diag_warps": 4},
             {"scan_ks": 64}, {"prep_kg": "inline", "prep_warps": 8}, {"diag": "prep", "diag_form": "rows"},
             {"scan_many": 1024, "BV_many": 64}, {"scan_many": 1024, "BV_many": 128, "warps_many": 8},
-            {"diag": "intra", "intra_warps": 4}, {"diag": "token", "BH": 8, "diag_warps": 4},
+            {"diag": "intra", "intra_warps": 4}, {"scan_seg": 64}, {"scan_seg": 256},
+            {"diag": "token", "BH": 8, "diag_warps": 4},
             {"diag": "token", "BH": 4, "diag_warps": 4}, {"diag": "token", "BH": 8, "diag_warps": 2}, {"diag_warps": 4},
             {"prep_rows": 2}, {"prep_rows": 8},
             {"bkg_fp32": True}, {"ftz_exp": False}, {"prep_kg": "prepass"}, {"diag": "prep"},
@@ -168,7 +171,7 @@ VARIANTS = ({}, {"diag_form": "rows"}, {"prep_kg": "inline"}, {"scan_many": 1024
             {"BV": 64}, {"num_warps": 8}, {"num_stages": 3}, {"BT": 64}, {"diag": "levels"})
 TUNED_KEYS = ("BT", "BC", "BV", "KH", "BW", "BH", "diag", "diag_unroll", "diag_store", "wu", "num_warps", "num_stages",
               "prep_warps", "prep_rows", "prep_kg", "bkg_fp32", "ftz_exp", "diag_warps", "intra_warps", "intra_stages",
-              "wu_warps", "wu_stages", "diag_form", "scan_ks", "scan_many", "BV_many", "warps_many")
+              "wu_warps", "wu_stages", "diag_form", "scan_ks", "scan_many", "BV_many", "warps_many", "scan_seg")
 
 
 def sweep(shapes=("16k", "64x512"), budget=0.0):

@@ -162,7 +162,7 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> li
     BT, BC, BV = cfg["BT"], cfg["BC"], min(cfg["BV"], max(16, next_pow2(V)))
     BW = min(cfg["BW"], max(16, next_pow2(max(K, V))))
     consts = kda._consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, PR=BC, NC=BT // BC, BV=BV, BW=BW,
-                         NKW=kda._cdiv(K, BW), KS=max(16, next_pow2(K)), HAS_STATE=bool(has_state), PREC=dot_precision(dtype),
+                         NKW=kda._cdiv(K, BW), KS=max(16, next_pow2(K)), SEG=0, HAS_STATE=bool(has_state), PREC=dot_precision(dtype),
                          FTZ_EXP=False)
     f32 = ("gc_ptr", "beta_ptr", "akk_ptr", "gl_ptr", "a_ptr", "dt_ptr", "s0_ptr", "sn_ptr") + \
         (() if fused else ("f_ptr", "b_ptr"))
@@ -170,7 +170,7 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> li
 
     def spec(name, template, args, warps, stages=1, **blocks):
         sig = {a: ("*i32" if a in i32 else "*fp32" if a in f32 else "*i64" if a == "slot_ptr"
-                   else PTR_TYPES[dtype]) for a in args}
+                   else "i32" if a in ("c_lo", "c_hi") else PTR_TYPES[dtype]) for a in args}
         return KernelSpec(name + "_before", name, render(name, template, consts, **blocks), sig, warps, stages, consts)
 
     return [spec("kda_chunk_prep", _PREP, ["q_ptr", "k_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "chunk_start",
@@ -183,7 +183,8 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> li
                                              "chunk_len", "w_ptr", "u_ptr"], cfg["solve_warps"],
                  solve=_solve_source(BT // BC, BC)),
             spec("kda_chunk_scan", kda._SCAN, ["qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr", "gl_ptr", "o_ptr",
-                                               "s0_ptr", "sn_ptr", "slot_ptr", "cu_ptr", "chunk0_ptr"],
+                                               "s0_ptr", "sn_ptr", "slot_ptr", "cu_ptr", "chunk0_ptr",
+                                               "c_lo", "c_hi"],
                  cfg["num_warps"], cfg["num_stages"], **kda._scan_blocks(1))]
 
 
@@ -218,5 +219,6 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
         launch(prep, (NCH, H), q2, k2, f2, b2, a, dt, cstart, clen, qn, kn, gc, beta, qg, kg, gl)
         launch(intra, (NCH, H), qn, kn, gc, beta, cstart, clen, aqk, akk)
         launch(solve, (NCH, H, c["NKW"] + kda._cdiv(V, c["BW"])), kn, v2, gc, beta, akk, cstart, clen, w, u)
-    launch(scan, (N, H, kda._cdiv(V, scan.config["BV"])), qg, kg, w, u, aqk, gl, o, s0, sn, slot, cu, chunk0)
+    launch(scan, (N, H, kda._cdiv(V, scan.config["BV"])), qg, kg, w, u, aqk, gl, o, s0, sn, slot, cu, chunk0,
+           0, 2 ** 31 - 1)
     return o.view(q.shape[0], q.shape[1], H, V), result

@@ -158,6 +158,29 @@ def test_kda_chunk_kernel_modes(modes, monkeypatch):
         assert rel(o[:, sl], ro) < 1e-4 and rel(s[i:i + 1], rs) < 1e-4
 
 
+@pytest.mark.parametrize("seg", [0, 1, 2])
+def test_kda_chunk_scan_segments(seg, monkeypatch):
+    """The chunk table in segments of `seg` chunks (each segment's kernels, then its scan: a
+    sequence's state continues across segments); an empty sequence keeps its initial state."""
+    from kimi_graph.lowering.triton.targets import TARGETS
+    monkeypatch.setitem(TARGETS["interpret"]["configs"], "kda_chunk",
+                        {**TARGETS["interpret"]["configs"]["kda_chunk"], "scan_seg": seg})
+    kda.chunk_specs.cache_clear()
+    lens, H, K, V = [70, 0, 5, 33], 2, 16, 16
+    cu = torch.tensor([0, 70, 70, 75, 108], dtype=torch.int32)
+    q, k, v, f, b, A, dt = kda_inputs(1, sum(lens), H, K, V)
+    s0 = torch.randn(len(lens), H, K, V)
+    try:
+        o, s = kda.kda_chunk(q, k, v, f, b, A, dt, 0.25, state=s0, cu_seqlens=cu)
+    finally:
+        kda.chunk_specs.cache_clear()
+    assert torch.equal(s[1], s0[1])
+    for i in (0, 2, 3):
+        sl = slice(int(cu[i]), int(cu[i + 1]))
+        ro, rs = kda_loop(q[:, sl], k[:, sl], v[:, sl], f[:, sl], b[:, sl], A, dt, s0[i:i + 1], 0.25)
+        assert rel(o[:, sl], ro) < TOL and rel(s[i:i + 1], rs) < TOL
+
+
 def test_kda_chunk_refuses_an_unknown_mode(monkeypatch):
     from kimi_graph.lowering.triton.targets import TARGETS
     monkeypatch.setitem(TARGETS["interpret"]["configs"], "kda_chunk",

@@ -357,21 +357,28 @@ def kda_chunk_wu(t_ptr, bkg_ptr, v_ptr, beta_ptr, chunk_start, chunk_len, w_ptr,
 _SCAN = """
 @triton.jit
 def kda_chunk_scan(qg_ptr, kg_ptr, w_ptr, u_ptr, aqk_ptr, gl_ptr, o_ptr, s0_ptr, sn_ptr, slot_ptr,
-                   cu_ptr, chunk0_ptr):
+                   cu_ptr, chunk0_ptr, c_lo, c_hi):
     # one program per (sequence, head, V block): the state stays in registers across chunks,
-    # as NS tiles of KS rows of K (independent products a step)
+    # as NS tiles of KS rows of K (independent products a step); the sequence's chunks among
+    # the chunk table's [c_lo, c_hi) (a segment: the state continues from sn past its first
+    # chunk; a sequence without chunks stores its state in the first segment)
     s = tl.program_id(0)
     h = tl.program_id(1)
     iv = tl.program_id(2)
     tok0 = tl.load(cu_ptr + s)
     L = tl.load(cu_ptr + s + 1) - tok0
     c0 = tl.load(chunk0_ptr + s)
+    nch = tl.cdiv(L, BT)
+    lo = tl.maximum(c_lo - c0, 0)
+    hi = tl.minimum(c_hi - c0, nch)
+    if (lo >= hi) & ((nch > 0) | (c_lo > 0)):
+        return
     r = tl.arange(0, BT)
     dv = iv * BV + tl.arange(0, BV)
     mv = dv < V
     srow = tl.load(slot_ptr + s)
     $state_in
-    for ci in range(0, tl.cdiv(L, BT)):
+    for ci in range(lo, hi):
         tok = tok0 + ci * BT + r
         rm = ci * BT + r < L
         offv = tok[:, None] * (H * V) + h * V + dv[None, :]
@@ -396,7 +403,8 @@ def _scan_blocks(NS: int) -> dict:
                 f"soff{i} = ((tl.maximum(srow, 0) * H + h) * K + dk{i}[:, None]) * V + dv[None, :]",
                 f"smask{i} = (mk{i} & (dk{i} * 0 + srow >= 0))[:, None] & mv[None, :]",
                 "if HAS_STATE:", f"    S{i} = tl.load(s0_ptr + soff{i}, mask=smask{i}, other=0.0)",
-                "else:", f"    S{i} = tl.zeros((KS, BV), tl.float32)"]
+                "else:", f"    S{i} = tl.zeros((KS, BV), tl.float32)",
+                "if lo > 0:", f"    S{i} = tl.load(sn_ptr + soff{i}, mask=smask{i}, other=0.0)"]
         step += [f"m2 = rm[:, None] & mk{i}[None, :]", f"offk = tok[:, None] * (H * K) + h * K + dk{i}[None, :]",
                  f"w{i} = tl.load(w_ptr + offk, mask=m2, other=0.0)",
                  f"qg{i} = tl.load(qg_ptr + offk, mask=m2, other=0.0)",
@@ -633,7 +641,7 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
     PR = BC if diag == "prep" else BT if cfg["prep_kg"] == "inline" else min(cfg["prep_rows"], BT)
     NC = BT // BC
     consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=NC, BV=BV, KH=KH, BW=BW, BH=BH,
-                     PR=PR, KS=KS, NW=_cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype),
+                     PR=PR, KS=KS, SEG=int(cfg["scan_seg"]), NW=_cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype),
                      FTZ_EXP=bool(cfg["ftz_exp"]))
     gate_f32 = () if fused else ("f_ptr", "b_ptr")        # unfused: g and beta come in fp32
     bkg_f32 = ("bkg_ptr",) if cfg["bkg_fp32"] else ()       # beta k G in fp32, else the activation dtype
@@ -643,7 +651,7 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
 
     def spec(name, template, args, warps, stages=1, entry=None, kconsts=consts, **blocks):
         sig = {a: ("*i32" if a in i32 else "*fp32" if a in f32 else "*i64" if a == "slot_ptr"
-                   else PTR_TYPES[dtype]) for a in args}
+                   else "i32" if a in ("c_lo", "c_hi") else PTR_TYPES[dtype]) for a in args}
         entry = entry or name
         return KernelSpec(name, entry, render(entry, template, kconsts, **blocks), sig, warps, stages, kconsts)
 
@@ -671,7 +679,7 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
         out.append(spec("kda_chunk_wu", _WU, ["t_ptr", "bkg_ptr", "v_ptr", "beta_ptr", "chunk_start", "chunk_len",
                                               "w_ptr", "u_ptr"], cfg["wu_warps"], cfg["wu_stages"]))
     scan_args = ["qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr", "gl_ptr", "o_ptr", "s0_ptr", "sn_ptr",
-                 "slot_ptr", "cu_ptr", "chunk0_ptr"]
+                 "slot_ptr", "cu_ptr", "chunk0_ptr", "c_lo", "c_hi"]
     out.append(spec("kda_chunk_scan", _SCAN, scan_args, cfg["num_warps"], cfg["num_stages"], **_scan_blocks(BK // KS)))
     if cfg["scan_many"]:        # the scan of launches with many programs (packed sequences): its own tiles
         many = {**consts, "BV": min(cfg["BV_many"], max(16, next_pow2(V))), "MANY": int(cfg["scan_many"])}
@@ -812,21 +820,57 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
     gl = torch.empty(max(NCH, 1), H, K, **f32)
     o = torch.empty(NT, H, V, **e)
     s0, sn, slot, result = _states(state, N, H, K, V, dev)
-    if NCH:
-        launch(prep, (NCH, H), q2, k2, f2, b2, a, dt, cstart, clen, qn, kn, gc, beta, qg, bkg, kg, gl,
-               *((aqk, akd) if "akd_ptr" in prep.signature else ()))
-        if diag:    # token-parallel: a program per row and BH heads; by blocks: per sub-chunk and head
-            grid = (NCH * BT, _cdiv(H, diag.config["BH"])) if diag.name == "kda_chunk_diag" else (NCH * BT // BC, H)
-            launch(diag, grid, qn, kn, gc, beta, cstart, clen, aqk, akd)
-        launch(intra, (NCH, H), qn, kn, gc, beta, bkg, v2, akd, cstart, clen, aqk, w, u, tinv)
-        if wu:
-            launch(wu, (NCH, H, _cdiv(K, wu.config["BW"]) + _cdiv(V, wu.config["BW"])), tinv, bkg, v2, beta,
-                   cstart, clen, w, u)
     many = specs.get("kda_chunk_scan_many")
     if many and N * H * _cdiv(V, scan.config["BV"]) >= many.config["MANY"]:
         scan = many
-    launch(scan, (N, H, _cdiv(V, scan.config["BV"])), qg, kg, w, u, aqk, gl, o, s0, sn, slot, cu, chunk0)
+    seg = scan.config["SEG"]
+    side = _side_stream(dev) if seg and NCH > seg and dev.type == "cuda" else None
+    for c_a in range(0, max(NCH, 1), seg or max(NCH, 1)):     # segments of the chunk table
+        c_b = min(c_a + seg, NCH) if seg else NCH
+        n, cs, cl, glv = c_b - c_a, cstart[c_a:], clen[c_a:], gl[c_a:]
+        if n:
+            launch(prep, (n, H), q2, k2, f2, b2, a, dt, cs, cl, qn, kn, gc, beta, qg, bkg, kg, glv,
+                   *((aqk, akd) if "akd_ptr" in prep.signature else ()))
+            if diag:    # token-parallel: a program per row and BH heads; by blocks: per sub-chunk and head
+                grid = (n * BT, _cdiv(H, diag.config["BH"])) if diag.name == "kda_chunk_diag" else (n * BT // BC, H)
+                launch(diag, grid, qn, kn, gc, beta, cs, cl, aqk, akd)
+            launch(intra, (n, H), qn, kn, gc, beta, bkg, v2, akd, cs, cl, aqk, w, u, tinv)
+            if wu:
+                launch(wu, (n, H, _cdiv(K, wu.config["BW"]) + _cdiv(V, wu.config["BW"])), tinv, bkg, v2, beta,
+                       cs, cl, w, u)
+        with _on(side):     # the scan of this segment beside the next segment's kernels
+            launch(scan, (N, H, _cdiv(V, scan.config["BV"])), qg, kg, w, u, aqk, gl, o, s0, sn, slot, cu, chunk0,
+                   c_a, c_b if c_b < NCH else 2 ** 31 - 1)
+    if side is not None:
+        torch.cuda.current_stream(dev).wait_stream(side)
     return o.view(q.shape[0], q.shape[1], H, V), result
+
+
+_SIDE: dict = {}
+
+
+def _side_stream(dev):
+    """A high-priority stream per device for the segmented scan."""
+    if dev not in _SIDE:
+        _SIDE[dev] = torch.cuda.Stream(dev, priority=-1)
+    return _SIDE[dev]
+
+
+class _on:
+    """Run the enclosed launches on `side` after the current stream's work so far (None: on
+    the current stream)."""
+    def __init__(self, side):
+        self.side, self.ctx = side, None
+
+    def __enter__(self):
+        if self.side is not None:
+            self.side.wait_stream(torch.cuda.current_stream(self.side.device))
+            self.ctx = torch.cuda.stream(self.side)
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
 
 
 def chunk_tables(cu: torch.Tensor, given: torch.Tensor | None, B: int, T: int, BT: int):

@@ -38,13 +38,16 @@ _BASE = {
     # scan_ks: rows of K a tile of the scan's state (128: one tile; 64: two, fla's layout);
     # scan_many: from this many scan programs (N x H x V/BV) on, the scan takes BV_many columns
     # and warps_many warps (packed sequences: fewer programs reloading each head's q, k, W; 0: off);
+    # scan_seg: the chunk table in segments of this many chunks, each segment's scan on a side
+    # stream beside the next segment's prep / diag / intra (0: one launch each);
     # op_chunk: chunks of the op's chunk_size (chunk-kda{chunk-size=N}); False: of BT whatever
     # the op asks (the chunk form's results do not depend on it beyond rounding)
     "kda_chunk": {"BT": 64, "BC": 16, "BV": 32, "KH": 64, "BW": 64, "num_warps": 4, "num_stages": 2,
                   "prep_warps": 8, "prep_rows": 16, "prep_kg": "reload", "bkg_fp32": True, "ftz_exp": False,
                   "intra_warps": 4, "intra_stages": 1, "diag": "token", "BH": 4, "diag_warps": 4, "diag_unroll": False,
                   "diag_store": "row", "diag_form": "columns", "wu": "split", "wu_warps": 4, "wu_stages": 2,
-                  "scan_ks": 128, "scan_many": 0, "BV_many": 64, "warps_many": 4, "op_chunk": True},
+                  "scan_ks": 128, "scan_many": 0, "BV_many": 64, "warps_many": 4, "scan_seg": 0,
+                  "op_chunk": True},
     "kda_recurrent": {"BV": 32, "num_warps": 4, "num_stages": 1},
     # split_min: fewest keys a split takes; small so that short contexts at small batch still
     # spread over many programs (H200 e2e, B=1, 1k context, split_min 512: two programs,
