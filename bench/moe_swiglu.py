@@ -123,6 +123,14 @@ SFX = {"mid": "_mid", "large": ""}
 TOL = 2e-2              # bf16 products against fp32 (measured ~4e-3)
 
 
+def variant_tiles(current: dict, over: dict) -> dict:
+    """A class's tiles under a variant: `persistent` reaches the down GEMM too unless it says otherwise."""
+    tiles = {**current, **over}
+    if "persistent" in over and "persistent_down" not in over:
+        tiles["persistent_down"] = over["persistent"]
+    return tiles
+
+
 def sweep_case(N, g, E, K, D, dev, dt):
     """Routed inputs for N tokens (router on random weights, as a prefill layer) and their sort."""
     x = torch.randn(N, D, device=dev, generator=g).to(dt)
@@ -182,7 +190,7 @@ def sweep(tokens, budget, smoke=False, names=None):
             print("over the time budget, not run:", name)
             continue
         for N, (x, off, order, M, size, flops, dense, (slots, ref), t) in cases.items():
-            tiles = {**current[size], **SWEEP[name]}
+            tiles = variant_tiles(current[size], SWEEP[name])
             held.clear()
             override_config("moe_gemm", **{**base, **{k + SFX[size]: tiles[k] for k in KEYS}})
             run = lambda: moe._swiglu_launch(x, off, w13, w2, M, order, K_)
@@ -216,7 +224,7 @@ def sweep(tokens, budget, smoke=False, names=None):
         fit = {v: ms for v, (ok, ms, n) in total.items() if ok and n == len(sizes)}
         if fit:
             best[size] = min(fit, key=fit.get)
-            tiles = {**current[size], **SWEEP[best[size]]}
+            tiles = variant_tiles(current[size], SWEEP[best[size]])
             cfg.update({k + SFX[size]: tiles[k] for k in KEYS})
     return rows, best, cfg
 
@@ -265,7 +273,7 @@ def compile_variants(names=None, target="sm_90"):
 
 def sweep_main(args):
     tokens = [int(n) for n in args.tokens.split(",")] if not args.smoke else [70, 260]     # mid, large
-    names = ["current", "host_half"] if args.smoke else args.variants.split(",") if args.variants else None
+    names = args.variants.split(",") if args.variants else ["current", "host_half"] if args.smoke else None
     rows, best, cfg = sweep(tokens, args.budget, args.smoke, names)
     print(f"\n{'variant':>24} {'tokens':>6} {'ms':>8} {'TFLOP/s':>8} {'vs cur':>7} {'vs dense':>8} {'err':>8}")
     for r in rows:
