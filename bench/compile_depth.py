@@ -35,10 +35,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def slice_config(name: str, layers: int):
     """The preset's first `layers` layers (published kinds: KDA, KDA, KDA, MLA, ...); a slice
-    without an MLA layer gets its last layer as MLA."""
+    without an MLA layer gets its last layer as MLA. A smaller preset (tiny) asked for more
+    layers than it has takes the published model's layer pattern at its own width: compile
+    time depends on the graph's structure, not its width, so `--config tiny --layers 27
+    --device cpu` shows the published model's tracing costs on a CPU."""
     from kimi_graph.config import KimiLinearConfig
-    from kimi_graph.presets import PRESETS
+    from kimi_graph.presets import KIMI_LINEAR_48B_A3B, PRESETS
     d = copy.deepcopy(PRESETS[name])
+    if layers > d["num_hidden_layers"]:
+        d["num_hidden_layers"] = KIMI_LINEAR_48B_A3B["num_hidden_layers"]
+        d["linear_attn_config"].update({k: KIMI_LINEAR_48B_A3B["linear_attn_config"][k]
+                                        for k in ("full_attn_layers", "kda_layers")})
     lac = d["linear_attn_config"]
     if not 1 <= layers <= d["num_hidden_layers"]:
         raise SystemExit(f"--layers must be 1..{d['num_hidden_layers']} for {name}")
@@ -52,6 +59,20 @@ def slice_config(name: str, layers: int):
 def rel_err(a, b) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+# dynamo's timers (torch._dynamo.utils.compile_times): the whole frame compile, its bytecode
+# tracing (dynamo's own work, not cached across processes), the backend (AOTAutograd +
+# Inductor: cached), guard building
+PHASES = {"compile": "_compile.compile_inner", "tracing": "bytecode_tracing",
+          "backend": "OutputGraph.call_user_compiler", "guards": "build_guards"}
+
+
+def phase_times() -> dict:
+    from torch._dynamo.utils import compile_times
+    names, values = compile_times(repr="csv", aggregate=True)
+    have = dict(zip(names, map(float, values)))
+    return {k: have.get(v, 0.0) for k, v in PHASES.items()}
 
 
 def child(args) -> dict:
@@ -100,7 +121,9 @@ def child(args) -> dict:
             pstats.Stats(prof, stream=text).sort_stats(key).print_stats(45)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"profile-prefill-{args.run_name}.txt").write_text(text.getvalue())
+        prof.dump_stats(Path(args.out) / f"profile-prefill-{args.run_name}.pstats")
     graphs_after_prefill = counters["stats"]["unique_graphs"]
+    res["prefill_phases_s"] = phase_times()
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     steps, tokens = [], []
     sync()
@@ -114,6 +137,7 @@ def child(args) -> dict:
     seq.close()
     res["decode_first_s"] = steps[1] if len(steps) > 1 else None
     res["decode_ms_per_step"] = 1e3 * statistics.median(steps[4:]) if len(steps) > 8 else None
+    res["decode_phases_s"] = {k: v - res["prefill_phases_s"][k] for k, v in phase_times().items()}
     res["graphs_prefill"] = graphs_after_prefill
     res["graphs_decode"] = counters["stats"]["unique_graphs"] - graphs_after_prefill
     warm = counters["stats"]["unique_graphs"]

@@ -1,8 +1,10 @@
 """Regions for regional compilation (lowering/torch/regions.py), without compiling: an 8-layer
-model with the published layer pattern (KDA, KDA, KDA, MLA, ...; layer 0 dense) cuts into
-one region per layer plus embedding and head, and only five are distinct (embedding, dense
-KDA, KDA + MoE, MLA + MoE, head) whatever the depth; run region by region, the graph
-computes exactly what the whole lowered module does. Compiled runs: test_torch_compile_generation.py."""
+model with the published layer pattern (KDA, KDA, KDA, MLA, ...; layer 0 dense) cuts into an
+attention and an FFN region per layer plus embedding and head, and after the default pipeline
+only six are distinct (embedding, KDA attention, MLA attention, dense FFN, MoE FFN, head)
+whatever the depth: a layer's attention is the same region whatever its FFN, and the last
+layer's FFN the same as the others. Run region by region, the graph computes exactly what the
+whole lowered module does. Compiled runs: test_torch_compile_generation.py."""
 from __future__ import annotations
 
 import copy
@@ -33,26 +35,31 @@ def deep_config(layers: int = 8) -> KimiLinearConfig:
 
 @pytest.mark.parametrize("pipeline", [None, "default"])
 @pytest.mark.parametrize("mode,stateful", GRAPHS)
-def test_one_region_per_layer_five_distinct(mode, stateful, pipeline):
+def test_two_regions_per_layer_six_distinct(mode, stateful, pipeline):
     cfg = deep_config()
     g = build_graph(cfg, mode, stateful=stateful)
     w = random_weights(g, seed=0)
     if pipeline:
         g = run_pipeline(g, pipeline, weights=w)
     regions = split_regions(g)
-    assert [r.name for r in regions] == ["embed", *(f"l{i}" for i in range(8)), "head"]
+    layers = [f"l{i}_{part}" for i in range(8) for part in ("attn", "ffn")]
+    assert [r.name for r in regions] == ["embed", *layers, "head"]
     keys = {}
-    for r, kind in zip(regions[1:-1], cfg.layer_kinds):
-        keys.setdefault((kind, r.name == "l0"), set()).add(r.key)
-    assert all(len(k) == 1 for k in keys.values()), "layers of one kind differ"
-    assert len({r.key for r in regions}) == 5
+    for i, kind in enumerate(cfg.layer_kinds):
+        attn, ffn = regions[1 + 2 * i], regions[2 + 2 * i]
+        keys.setdefault(kind, set()).add(attn.key)
+        last = pipeline is None and i == 7     # declared graph: the residual after it is unread
+        keys.setdefault("dense" if i == 0 else "last" if last else "moe", set()).add(ffn.key)
+    assert all(len(k) == 1 for k in keys.values()), "parts of one kind differ"
+    distinct = 6 if pipeline else 7
+    assert len({r.key for r in regions}) == distinct
     # every weight lands in exactly one region
     assert sorted(p for r in regions for p in r.params.values()) == sorted(n[1:] for n in g.params)
 
     inputs = example_inputs(g, batch=2, seq=5, cache_len=8)
     args = [inputs[n] for n in g.inputs]
     regional = RegionalModule(g, w, compile_fn=None)
-    assert regional.kinds == 5
+    assert regional.kinds == distinct
     with torch.no_grad():
         for a, b in zip(regional(*args), lower(g, w)(*args)):
             assert torch.equal(a, b)

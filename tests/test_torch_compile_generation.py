@@ -2,7 +2,7 @@
 graph and the default pipeline: a prompt of 90 tokens then 70 new ones (`load(...,
 compile=True).generate(...)` as a user calls it), an Engine with fixed cache windows
 (prefill 59 tokens, then decode), and a 200-token generation that recompiles nothing after
-warm-up. Each compiles the model's regions (one per distinct layer, `regions.py`) with the
+warm-up. Each compiles the model's regions (one per distinct attention or FFN, `regions.py`) with the
 batch, sequence and cache-window dims dynamic, so the growing cache window and a new prompt
 length reuse the compiled code. References: the same model run by the interpreter (tokens
 equal, prefill logits within fp32 1e-5 relative).

@@ -1,22 +1,28 @@
-"""Regional compilation: a layer graph cut into regions, one per decoder layer plus the
-embedding before and the head after, so that torch.compile traces and compiles each distinct
-region once and reuses it for every layer of the same kind (torch's regional-compilation
-recipe). Compile time then follows the number of layer kinds, not the depth.
+"""Regional compilation: a layer graph cut into regions, two per decoder layer (its attention
+and its FFN) plus the embedding before and the head after, so that torch.compile traces and
+compiles each distinct region once and reuses it for every layer of the same kind (torch's
+regional-compilation recipe). Compile time then follows the number of distinct parts (KDA and
+MLA attention, dense and MoE FFN), not the depth; a KDA attention is traced once, whether the
+layer's FFN is dense or MoE.
 
-`split_regions(g)` cuts the graph: an op belongs to the layer its result is named after
-("%l3.kda.q" -> layer 3; "%embed" before the layers, "%head.*" after) or, if later, to the
-last region that produces one of its operands. Each region becomes a graph of its own with
-canonical names (inputs %in0.., parameters @w0.. in order of first use, results %v0..), so
-two layers of one kind print the same text, their `key`.
+`split_regions(g)` cuts the graph in execution order: embed, l0_attn, l0_ffn, l1_attn, ...,
+head. An op belongs to the part its result is named after ("%l3.kda.q" -> l3_attn,
+"%l3.moe.*" -> l3_ffn; "%embed" before the layers, "%head.*" after) or, if later, to the last
+region that produces one of its operands. A norm that opens a part ("%lN.attn_norm",
+"%head.norm", with the residual sum fused into it) closes the part before, so every part of a
+kind has the same shape: an attention or FFN body, then the next part's norm. Each region
+becomes a graph of its own with canonical names (inputs %in0.., parameters @w0.. in order of
+first use, results %v0..), so two parts of one kind print the same text, their `key`. A
+region returns what later regions read, the graph's outputs, and results nothing reads (the
+last layer's unused residual), so the last layer's FFN matches the others.
 
 `RegionalModule(g, weights, compile_fn)` lowers each key once: the lowered module's
-`forward` becomes the method of one class per key, instantiated per layer with that layer's
-weights as buffers. `compile_fn(forward)` compiles that shared method once; dynamo keys its
-cache on the code object and guards on tensor properties, not on which layer's weights it
-sees, so every layer of the kind reuses one compiled graph (and, under CUDA graphs, one
-recording per layer). The dims the graph leaves symbolic (batch B, sequence T, cache window S)
-are marked dynamic on each region's inputs at the first call, so growing lengths never
-recompile.
+`forward` becomes the method of one class per key, instantiated per region with its weights
+as buffers. `compile_fn(forward)` compiles that shared method once; dynamo keys its cache on
+the code object and guards on tensor properties, not on which layer's weights it sees, so
+every region of the kind reuses one compiled graph. The dims the graph leaves symbolic (batch
+B, sequence T, cache window S) are marked dynamic on each region's inputs at the first call,
+so growing lengths never recompile. Values are dropped after their last reader.
 """
 from __future__ import annotations
 
@@ -31,23 +37,38 @@ from kimi_graph.ir import Graph
 
 from .fx import lower, mangle
 
-_LAYER = re.compile(r"%l(\d+)\.")
+_LAYER = re.compile(r"%l(\d+)\.([A-Za-z_]*)")
+_FFN_PARTS = ("mlp", "moe", "ffn_res")      # an FFN's ops and the residual sum after it
 
 
 @dataclass
 class Region:
-    name: str                  # "embed", "l0", ..., "head"
+    name: str                  # "embed", "l0_attn", "l0_ffn", ..., "head"
     graph: Graph               # the region with canonical names
     inputs: list[str]          # the outer values it takes, in its graph's input order
-    outputs: list[str]         # the outer values it defines and others read, in order
+    outputs: list[str]         # the outer values it defines that others read (or none do)
     params: dict[str, str]     # canonical parameter name -> outer parameter name
     key: str                   # canonical text: equal keys, one compiled region
 
 
-def _region_index(op, producers: list[int], n_layers: int) -> int:
-    m = _LAYER.match(op.outputs[0])
-    own = int(m.group(1)) if m else (n_layers if op.outputs[0].startswith("%head") else -1)
-    return max([own, *producers])
+def _part(name: str, n_layers: int) -> int:
+    """The part a result's name places it in: 0 embed, 2N+1 layer N's attention, 2N+2 its FFN,
+    2 n_layers + 1 the head; a norm opening a part goes to the part before."""
+    m = _LAYER.match(name)
+    if m:
+        n, part = int(m.group(1)), m.group(2)
+        return 2 * n if part == "attn_norm" else 2 * n + 2 if part in _FFN_PARTS else 2 * n + 1
+    if name.startswith("%head"):
+        return 2 * n_layers if name == "%head.norm" else 2 * n_layers + 1
+    return 0
+
+
+def _part_name(index: int, n_layers: int) -> str:
+    if index == 0:
+        return "embed"
+    if index > 2 * n_layers:
+        return "head"
+    return f"l{(index - 1) // 2}_{'attn' if index % 2 else 'ffn'}"
 
 
 def split_regions(g: Graph) -> list[Region]:
@@ -57,7 +78,7 @@ def split_regions(g: Graph) -> list[Region]:
     where: dict[str, int] = {}          # value -> region index
     members: dict[int, list] = {}
     for op in g.ops():
-        r = _region_index(op, [where[v] for v in op.inputs if v in where], n_layers)
+        r = max([_part(op.outputs[0], n_layers), *(where[v] for v in op.inputs if v in where)])
         members.setdefault(r, []).append(op)
         for v in op.outputs:
             where[v] = r
@@ -67,11 +88,8 @@ def split_regions(g: Graph) -> list[Region]:
             for v in op.inputs:
                 readers.setdefault(v, set()).add(r)
     graph_outputs = set(g.outputs)
-    regions = []
-    for r in sorted(members):
-        name = "embed" if r < 0 else "head" if r == n_layers else f"l{r}"
-        regions.append(_region(g, name, members[r], r, readers, graph_outputs))
-    return regions
+    return [_region(g, _part_name(r, n_layers), members[r], r, readers, graph_outputs)
+            for r in sorted(members)]
 
 
 def _region(g: Graph, name: str, ops: list, index: int, readers, graph_outputs) -> Region:
@@ -95,7 +113,7 @@ def _region(g: Graph, name: str, ops: list, index: int, readers, graph_outputs) 
         sub.add_op(op.kind, [rename[v] for v in op.inputs], [g.types[v] for v in op.outputs],
                    op.attrs, out_names=outs)
     defined = [v for op in ops for v in op.outputs]
-    outputs = [v for v in defined if v in graph_outputs or readers.get(v, set()) - {index}]
+    outputs = [v for v in defined if v in graph_outputs or v not in readers or readers[v] - {index}]
     sub.outputs = [rename[v] for v in outputs]
     return Region(name, sub, inputs, outputs, params, str(sub))
 
@@ -150,9 +168,16 @@ class RegionalModule(torch.nn.Module):
                 call = MarkDynamic(symbolic_dims(region.graph), call)
             self.steps.append((call, region))
         self.kinds = len(shared)
+        last_read = {v: i for i, (_, region) in enumerate(self.steps) for v in region.inputs}
+        kept = set(self.output_names)
+        self.dead_after = [[v for v in (*region.inputs, *region.outputs)      # env drops them
+                            if v not in kept and last_read.get(v, i) <= i]
+                           for i, (_, region) in enumerate(self.steps)]
 
     def forward(self, *args):
         env = dict(zip(self.input_names, args))
-        for call, region in self.steps:
+        for (call, region), dead in zip(self.steps, self.dead_after):
             env.update(zip(region.outputs, call(*[env[v] for v in region.inputs])))
+            for v in dead:
+                del env[v]
         return tuple(env[v] for v in self.output_names)
