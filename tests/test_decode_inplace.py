@@ -45,14 +45,20 @@ def script(engine: Engine) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("pipeline,page_size", [("default", None), ("default", 2), (None, 3)])
-def test_in_place_steps_equal_the_functional_path(small, pipeline, page_size):
+def test_in_place_steps_equal_the_functional_path(small, pipeline, page_size, monkeypatch):
+    """A decode step writes MLA's normalised latent and shared key rows by one launch a layer
+    (mla.CacheRows), in paged and unpaged caches."""
+    from kimi_graph.lowering.triton import mla
     tri = kimi_graph.load(small, pipeline=pipeline, backend="triton")
     ref = kimi_graph.load(small, pipeline=pipeline)
     kw = dict(max_batch=3, max_len=12, page_size=page_size, window_block=4)
     fast, slow = Engine(tri, **kw), Engine(ref, **kw)
     assert fast.in_place("decode") and fast.in_place("prefill")
     assert not slow.in_place("decode")
+    names = []
+    monkeypatch.setattr(mla, "launch", lambda spec, *a, _l=mla.launch: names.append(spec.name) or _l(spec, *a))
     got, want = script(fast), script(slow)
+    assert "cache_write_norm_pair" in names
     assert len(got) == len(want)
     for i, (x, y) in enumerate(zip(got, want)):
         assert x.shape == y.shape and rel_err(x, y) <= TOL, i

@@ -202,3 +202,15 @@ def test_router_runs_with_its_norm(monkeypatch, B):
     assert not codegen._TICKETS["cpu"][-1].any()
     for a, b in zip(outs, expect):
         assert a.shape == b.shape and rel(a, b) < TOL
+
+
+def test_plan_writes_the_mla_cache_rows_as_one_step():
+    """Each MLA layer's kv_a_layernorm and its two cache writes are one step (mla.CacheRows)."""
+    import kimi_graph
+    from kimi_graph.lowering.triton import mla
+    model = kimi_graph.load("tiny", dtype=torch.float32, device="cpu", pipeline="default")
+    items = backend.plan(backend.legalize(model.get_graph("decode", True)))
+    steps = [i for i in items if isinstance(i, mla.CacheRows)]
+    assert len(steps) == model.config.layer_kinds.count("mla")
+    assert [o.kind for o in steps[0].ops] == ["rmsnorm", "cache_write", "cache_write"]
+    assert not [i for i in items if getattr(i, "kind", None) == "cache_write"]

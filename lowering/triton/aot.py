@@ -28,7 +28,7 @@ def graph_specs(g, target: str) -> dict[tuple[str, str], tuple[KernelSpec, set]]
     """(source hash, entry) -> (spec, op kinds using it) for one graph."""
     from kimi_graph.ops import get_op
 
-    from . import gemv, norm
+    from . import gemv, mla, moe_route, norm
     from .backend import KERNEL_DTYPES, KERNELS, Convs, Experts, Group, LinearPair, NormLinear, covered, legalize, plan
     from .conv import specs_for as conv_specs
     from .elementwise import chain_spec
@@ -55,6 +55,12 @@ def graph_specs(g, target: str) -> dict[tuple[str, str], tuple[KernelSpec, set]]
             specs = norm.specs_for(op.kind, [g.types[v] for v in op.inputs], [], attrs, target) \
                 + gemv.specs_for(N, K, dt, op.kind, float(attrs["eps"]), target, group)
             kind = f"{op.kind}+linear"
+        elif isinstance(item, (moe_route.NormRoute, mla.CacheRows)):   # each op's kernels, and the fused one
+            specs = [sp for op in item.ops for sp in KERNELS[op.kind][1](
+                op.kind, [g.types[v] for v in op.inputs], [g.types[v] for v in op.outputs],
+                get_op(op.kind).full_attrs(op.attrs), target)]
+            specs += item.fused_specs(g, target)
+            kind = "+".join(o.kind for o in item.ops)
         elif isinstance(item, LinearPair):
             (N, K), dt = g.types[item.inputs[1]].shape, g.types[item.ops[0].inputs[0]].dtype
             specs, kind = (gemv.specs_for(N, K, dt, None, 0.0, target, paired=True) if dt in KERNEL_DTYPES else []), \

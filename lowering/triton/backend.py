@@ -195,7 +195,7 @@ def _conv_groups(g: Graph, order: list) -> dict[int, Convs]:
 def plan(g: Graph) -> list:
     """The schedule: ops, fused elementwise `Group`s, routed-experts chains (`Experts`), conv
     groups (`Convs`), norms with the linear they feed (`NormLinear`) or the router they feed
-    (`moe_route.NormRoute`) and pairs of linears of one
+    (`moe_route.NormRoute`), MLA's two cache writes (`mla.CacheRows`) and pairs of linears of one
     sliced value (`LinearPair`), in an executable order.
     Refuses a KDA chunk size the kernels cannot run."""
     order = list(g.ops())
@@ -206,12 +206,15 @@ def plan(g: Graph) -> list:
     norms = {i: n for i, n in gemv.norm_linears(g, order, covered).items() if n.ops[-1].id not in folded}
     norms.update(moe_route.norm_routes(g, order, covered))
     folded |= {o.id for n in norms.values() for o in n.ops[1:]}
+    writes = mla.cache_rows(g, [op for op in order if op.id not in folded], covered)
+    folded |= {o.id for w in writes.values() for o in w.ops[:-1]}
     pairs = gemv.linear_pairs(g, order, folded)
     folded |= {p.ops[1].id for p in pairs.values()}
     order = [op for op in order if op.id not in folded]
     chains.update(convs)
     chains.update(norms)
     chains.update(pairs)
+    chains.update(writes)
     for op in order:
         if op.kind in ("kda_fused_chunk", "kda_recurrent") and op.attrs.get("chunk_size"):
             kda.check_chunk_size(op.attrs["chunk_size"])
@@ -365,6 +368,9 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
         if isinstance(item, moe_route.NormRoute):
             env.update(zip(item.outputs, moe_route.run_norm_route(
                 item, [plain(env[v]) for v in item.inputs], get_op("moe_route").full_attrs(item.ops[1].attrs))))
+            continue
+        if isinstance(item, mla.CacheRows):
+            env.update(zip(item.outputs, mla.run_cache_rows(item, [env[v] for v in item.inputs])))
             continue
         if isinstance(item, NormLinear):
             env.update(zip(item.outputs, gemv.run_norm_linear(item, [plain(env[v]) for v in item.inputs],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import textwrap
+from dataclasses import dataclass
 
 import torch
 
@@ -124,6 +125,29 @@ def cache_write_rows(new_ptr, qs_ptr, slot_ptr, tab_ptr, c_ptr, T, PS, MAXP, ns)
     dc = tl.arange(0, BC)
     v = tl.load(new_ptr + i.to(tl.int64) * ns + dc, mask=dc < C)
     tl.store(c_ptr + row * C + dc, v, mask=(dc < C) & (dc * 0 + slot >= 0))
+"""
+
+_CACHE_ROWS = """
+@triton.jit
+def cache_write_norm_pair(a_ptr, nw_ptr, b_ptr, qs_ptr, slot_ptr, tab_ptr, ca_ptr, cb_ptr, T, PS, MAXP, sa, sb):
+    # one program per new row (b, t): rmsnorm(a row) * nw (CA columns, as rmsnorm_rows rounds it)
+    # and the b row (CB columns) to position p = qs[b] + t of two caches that share their slots and
+    # page table; padding rows (slot -1) write nothing
+    i = tl.program_id(0)
+    b = i // T
+    p = tl.load(qs_ptr + b) + i % T
+    slot = tl.load(slot_ptr + b)
+    row = tl.load(tab_ptr + tl.maximum(slot, 0) * MAXP + p // PS).to(tl.int64) * PS + p % PS
+    da = tl.arange(0, BA)
+    ma = da < CA
+    xf = tl.load(a_ptr + i.to(tl.int64) * sa + da, mask=ma, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / CA + EPS)
+    w = tl.load(nw_ptr + da, mask=ma, other=0.0).to(tl.float32)
+    tl.store(ca_ptr + row * CA + da, ((xf * rstd).to(DT).to(tl.float32) * w).to(DT), mask=ma & (da * 0 + slot >= 0))
+    db = tl.arange(0, BB)
+    mb = db < CB
+    vb = tl.load(b_ptr + i.to(tl.int64) * sb + db, mask=mb)
+    tl.store(cb_ptr + row * CB + db, vb, mask=mb & (db * 0 + slot >= 0))
 """
 
 _ONLINE_SOFTMAX = """
@@ -286,6 +310,73 @@ def cache_write_spec(C: int, dtype: str, target: str) -> KernelSpec:
     return KernelSpec("cache_write_rows", "cache_write_rows", src,
                       {"new_ptr": p, "qs_ptr": "*i64", "slot_ptr": "*i64", "tab_ptr": "*i32", "c_ptr": p,
                        "T": "i32", "PS": "i32", "MAXP": "i32", "ns": "i32"}, 1, 1, {"C": C})
+
+
+@functools.lru_cache(maxsize=None)
+def cache_rows_spec(CA: int, CB: int, dtype: str, eps: float, target: str) -> KernelSpec:
+    consts = {"CA": CA, "CB": CB, "BA": next_pow2(CA), "BB": next_pow2(CB), "EPS": float(eps), "DT": TL_DTYPES[dtype]}
+    p = ptr_type(dtype)
+    return KernelSpec("cache_write_norm_pair", "cache_write_norm_pair",
+                      render("cache_write_norm_pair", _CACHE_ROWS, consts),
+                      {"a_ptr": p, "nw_ptr": p, "b_ptr": p, "qs_ptr": "*i64", "slot_ptr": "*i64", "tab_ptr": "*i32",
+                       "ca_ptr": p, "cb_ptr": p, "T": "i32", "PS": "i32", "MAXP": "i32", "sa": "i32", "sb": "i32"},
+                      4, 1, consts)
+
+
+@dataclass
+class CacheRows:
+    """An rmsnorm whose output only a cache_write reads, and the next cache_write of the same
+    positions (MLA's normalised latent and its shared key slice): one step at the second write's
+    place, one launch (cache_write_norm_pair) when both caches are paged views of one page table,
+    else the norm, then each write."""
+    ops: list                 # [rmsnorm, its cache_write, the other cache_write]
+    inputs: list[str]         # the norm's x and weight, the two caches, the second's rows, the positions
+    outputs: list[str]        # the two caches
+
+    def fused_specs(self, g, target: str) -> list[KernelSpec]:
+        a, b = (g.types[op.inputs[1]] for op in self.ops[1:])
+        return [cache_rows_spec(a.shape[-1], b.shape[-1], a.dtype, float(self.ops[0].attrs["eps"]), target)]
+
+
+def cache_rows(g, order: list, covered) -> dict[int, CacheRows]:
+    """second cache_write's op id -> its step (see CacheRows)."""
+    out, pending = {}, None
+    index = {op.id: i for i, op in enumerate(order)}
+    for op in order:
+        if op.kind != "cache_write" or not covered(g, op):
+            continue
+        norm = g.defining_op(op.inputs[1])
+        if norm is not None and norm.kind == "rmsnorm" and covered(g, norm) and op.inputs[1] not in g.outputs \
+                and [u.id for u in g.users(op.inputs[1])] == [op.id]:
+            pending = (norm, op)
+            continue
+        if pending is not None and pending[1].inputs[2] == op.inputs[2] \
+                and g.types[pending[1].inputs[1]].shape[:-1] == g.types[op.inputs[1]].shape[:-1] \
+                and all(index.get(u.id, -1) > index[op.id] for u in g.users(pending[1].outputs[0])):
+            norm, first = pending
+            out[op.id] = CacheRows([norm, first, op], [norm.inputs[0], norm.inputs[1], first.inputs[0],
+                                                       op.inputs[0], op.inputs[1], op.inputs[2]],
+                                   list(first.outputs) + list(op.outputs))
+        pending = None
+    return out
+
+
+def run_cache_rows(item: CacheRows, args: list) -> list:
+    """A CacheRows step's outputs (the two caches) from its inputs."""
+    from .norm import rmsnorm
+    x, nw, ca, cb, nb, pos = args
+    eps = item.ops[0].attrs["eps"]
+    if not (isinstance(ca, PagedRows) and isinstance(cb, PagedRows) and ca.slots is cb.slots
+            and ca.table is cb.table and ca.page_size == cb.page_size and x.dim() == 3 and nb.shape[:2] == x.shape[:2]
+            and x.dtype == nb.dtype == ca.dtype == cb.dtype):
+        return [cache_write(ca, rmsnorm(x, nw, eps), pos), cache_write(cb, nb, pos)]
+    B, T, CA = x.shape
+    spec = cache_rows_spec(CA, nb.shape[2], ir_dtype(x), float(eps), current_target())
+    if B * T:
+        (xa, sa), (xb, sb) = row_view(x), row_view(nb)
+        launch(spec, (B * T,), xa, nw.to(x.dtype).contiguous(), xb, pos.contiguous(), ca.slots, ca.table, ca.storage,
+               cb.storage, T, ca.page_size, ca.table.shape[1], sa, sb)
+    return [ca, cb]
 
 
 def _paged(cache, B: int):

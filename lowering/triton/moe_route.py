@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kimi_graph.ops import get_op
+
 from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render, tickets
 from .elementwise import ir_dtype, ptr_type
 from .targets import config, current_target
@@ -384,6 +386,19 @@ class NormRoute:
     ops: list                 # [add_rmsnorm, moe_route]
     inputs: list[str]         # the norm's operands (x, residual, weight), the router's weight and bias
     outputs: list[str]        # the router's (ids, weights), then the norm's (normalised, sum)
+
+    def fused_specs(self, g, target: str) -> list[KernelSpec]:
+        """The router-with-norm kernels of every decode token count (none with norm_inline off)."""
+        norm, route = self.ops
+        cfg = config("moe_route", target)
+        if not cfg["norm_inline"]:
+            return []
+        x, w = g.types[route.inputs[0]], g.types[route.inputs[1]]
+        a = get_op("moe_route").full_attrs(route.attrs)
+        specs = [fused_spec(x.shape[-1], w.shape[0], x.dtype, w.dtype, a["top_k"], a["n_group"], a["topk_group"],
+                            a["renormalize"], float(a["scaling"]), a["weights"], target, n, float(norm.attrs["eps"]))
+                 for n in range(1, min(cfg["fused_max"], cfg["small_max"]) + 1)]
+        return list({s.hash: s for s in specs if s}.values())
 
 
 def norm_routes(g, order: list, covered) -> dict[int, NormRoute]:
