@@ -112,32 +112,35 @@ def mla_latent_merge(op_ptr, lse_ptr, qs_ptr, slot_ptr, o_ptr, T, S, nsp):
     tl.store(o_ptr + row * R + dr, (acc / tl.where(tot > 0, tot, 1.0)).to(DT), mask=mR)
 """
 
-_CACHE_WRITE = """
+_CACHE_ROW = """
 @triton.jit
-def cache_write_rows(new_ptr, qs_ptr, slot_ptr, tab_ptr, c_ptr, T, PS, MAXP, ns):
-    # one program per new row (b, t), ns apart: to position p = qs[b] + t, cache row
-    # tab[slot[b], p // PS] * PS + p % PS; padding rows (slot -1) write nothing
+def _cache_row(qs_ptr, slot_ptr, tab_ptr, T, PS, MAXP):
+    # this program's new row i = (b, t), its slot, and its cache row at position p = qs[b] + t:
+    # tab[slot[b], p // PS] * PS + p % PS
     i = tl.program_id(0)
     b = i // T
     p = tl.load(qs_ptr + b) + i % T
     slot = tl.load(slot_ptr + b)
-    row = tl.load(tab_ptr + tl.maximum(slot, 0) * MAXP + p // PS).to(tl.int64) * PS + p % PS
+    return i, slot, tl.load(tab_ptr + tl.maximum(slot, 0) * MAXP + p // PS).to(tl.int64) * PS + p % PS
+"""
+
+_CACHE_WRITE = _CACHE_ROW + """
+@triton.jit
+def cache_write_rows(new_ptr, qs_ptr, slot_ptr, tab_ptr, c_ptr, T, PS, MAXP, ns):
+    # one program per new row (b, t), ns apart, to its cache row; padding rows (slot -1) write nothing
+    i, slot, row = _cache_row(qs_ptr, slot_ptr, tab_ptr, T, PS, MAXP)
     dc = tl.arange(0, BC)
     v = tl.load(new_ptr + i.to(tl.int64) * ns + dc, mask=dc < C)
     tl.store(c_ptr + row * C + dc, v, mask=(dc < C) & (dc * 0 + slot >= 0))
 """
 
-_CACHE_ROWS = """
+_CACHE_ROWS = _CACHE_ROW + """
 @triton.jit
 def cache_write_norm_pair(a_ptr, nw_ptr, b_ptr, qs_ptr, slot_ptr, tab_ptr, ca_ptr, cb_ptr, T, PS, MAXP, sa, sb):
     # one program per new row (b, t): rmsnorm(a row) * nw (CA columns, as rmsnorm_rows rounds it)
-    # and the b row (CB columns) to position p = qs[b] + t of two caches that share their slots and
-    # page table; padding rows (slot -1) write nothing
-    i = tl.program_id(0)
-    b = i // T
-    p = tl.load(qs_ptr + b) + i % T
-    slot = tl.load(slot_ptr + b)
-    row = tl.load(tab_ptr + tl.maximum(slot, 0) * MAXP + p // PS).to(tl.int64) * PS + p % PS
+    # and the b row (CB columns) to its row of two caches that share their slots and page table;
+    # padding rows (slot -1) write nothing
+    i, slot, row = _cache_row(qs_ptr, slot_ptr, tab_ptr, T, PS, MAXP)
     da = tl.arange(0, BA)
     ma = da < CA
     xf = tl.load(a_ptr + i.to(tl.int64) * sa + da, mask=ma, other=0.0).to(tl.float32)
