@@ -1,20 +1,21 @@
 """Low-bit expert kernels (lowering/triton/moe_quant.py) on the published shapes (D=2304 ->
 I=1024, 256 experts, top-8), against our bf16 grouped SwiGLU (lowering/triton/moe.py) in the
-same run:
+same run, one line a variant (a moe_gemm_q config over the target's):
 
 - int4 (group 128) and int8 at 1 / 4 / 16 tokens (decode; CUDA-graph replays): the per-row
-  kernels over 32-bit words (`rows ...`, lowering/triton/dequant.py) beside the grouped dot
-  kernels' small tiles (`dot ...`, rows_max 0: the previous path); pct_copy_bw: the low-bit
-  bytes read (codes + scales of the experts touched, read_MB) per second against the copy
-  bandwidth measured here; x_bf16: our bf16 grouped SwiGLU's time over this one;
-- the same formats through moe_decode's experts by id (the decode step's path, 1-8 tokens at
-  top-8, with the combine): the word loader and the per-element one (`dequant` key) against the
-  bf16 experts by id;
-- fp8 (128 x 128 blocks) at 8k tokens (prefill): fp8 tensor cores (activations in e4m3 per
-  row and K tile) and weight-only (codes converted to bf16), against bf16.
+  kernels over 32-bit words (`rows ...`, lowering/triton/dequant.py) and the tensor-core ones
+  that read an expert's codes once for all its rows (`dot ...`, rows_kernel "dot",
+  lowering/triton/moe_qdot.py); pct_copy_bw: the low-bit bytes read (codes + scales of the
+  experts touched, read_MB) per second against the copy bandwidth measured here; x_bf16: our
+  bf16 grouped SwiGLU's time over this one;
+- with --by-id, the same formats through moe_decode's experts by id (the decode step's path,
+  1-8 tokens at top-8, with the combine);
+- fp8 (128 x 128 blocks) at 8k tokens (prefill): W8A8 on fp8 tensor cores, activations in e4m3
+  per row and 128 columns (`w8a8 ...`: lowering/triton/moe_fp8.py; `tile`: quantized inside
+  the main loop), and weight-only (codes converted to bf16), against bf16.
 Errors: against a float64 SwiGLU over the dequantized weights.
 
-    python bench/lowbit.py              # GPU: table + bench/results/lowbit.json
+    python bench/lowbit.py --budget 100 [--write-tuning]   # GPU: table + bench/results/lowbit.json
     python bench/lowbit.py --cpu        # no GPU: the same kernels on small shapes through the
                                         # Triton interpreter (errors only, no timing)
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -74,44 +76,63 @@ def cpu_smoke():
             print(f"{fmt:>8}{n:>8}{err:>12.2e}")
 
 
+DECODE_VARIANTS = [("default", {}),
+                   ("rows BN64_BK512", dict(BN_rows=64, BK_rows=512, BND_rows=64, BKD_rows=512)),
+                   ("rows BN32_BK512", dict(BN_rows=32, BK_rows=512, BND_rows=32, BKD_rows=512)),
+                   ("rows BN16_BK1024", dict(BN_rows=16, BK_rows=1024, BND_rows=16, BKD_rows=1024)),
+                   ("dot BN32", dict(rows_kernel="dot", BN_dot=32, BND_dot=32)),
+                   ("dot BN32_TPS3", dict(rows_kernel="dot", BN_dot=32, BND_dot=32, TPS_dot=3)),
+                   ("dot BN64", dict(rows_kernel="dot", BN_dot=64, BND_dot=64)),
+                   ("dot BN64_w8", dict(rows_kernel="dot", BN_dot=64, BND_dot=64, warps_dot=8)),
+                   ("dot BN16", dict(rows_kernel="dot", BN_dot=16, BND_dot=16))]
+W8A8 = dict(fp8_dot="w8a8")
+PREFILL_VARIANTS = [("tile (in-loop act quant)", dict(fp8_dot=True)),
+                    ("w8a8 BM64_BN128", W8A8),
+                    ("w8a8 BM64_BN128_s4", dict(W8A8, stages_w8a8=4)),
+                    ("w8a8 BM128_BN64", dict(W8A8, BM_w8a8=128, BN_w8a8=64, warps_w8a8=8, warps_down_w8a8=8)),
+                    ("w8a8 BM64_BN64_w4", dict(W8A8, BN_w8a8=64, warps_w8a8=4)),
+                    ("w8a8 BM128_BN128", dict(W8A8, BM_w8a8=128, warps_w8a8=8, warps_down_w8a8=8)),
+                    ("weight-only", dict(fp8_dot=False))]
+
+
 def gpu(args):
     sys.path.insert(0, os.path.dirname(__file__))
     from harness import bench, bench_graph, copy_bandwidth, rel_err, write_result
 
-    from kimi_graph.lowering.triton import moe, moe_quant
+    from kimi_graph.lowering.triton import moe, moe_fp8, moe_qdot, moe_quant
     from kimi_graph.lowering.triton.targets import TARGETS, current_target
     from kimi_graph.ops.quant import quantize
 
+    t0 = time.monotonic()
     bw = copy_bandwidth()
     g = torch.Generator(device="cuda").manual_seed(0)
     w13 = (torch.randn(E, 2 * I, D, device="cuda", generator=g) * D ** -0.5).bfloat16()
     w2 = (torch.randn(E, D, I, device="cuda", generator=g) * I ** -0.5).bfloat16()
     cfg = TARGETS[current_target()]["configs"]["moe_gemm_q"]
     base = dict(cfg)
+    caches = (moe_quant.specs, moe_quant.row_specs, moe_fp8.specs, moe_qdot.specs)
 
     def with_config(over, fn):
         cfg.clear()
         cfg.update({**base, **over})
-        moe_quant.specs.cache_clear()
-        moe_quant.row_specs.cache_clear()
+        for c in caches:
+            c.cache_clear()
         try:
             return fn()
         finally:
             cfg.clear()
             cfg.update(base)
-            moe_quant.specs.cache_clear()
-            moe_quant.row_specs.cache_clear()
+            for c in caches:
+                c.cache_clear()
 
     rows_out = []
-    rows = lambda bn, bk, w=4: dict(BN_rows=bn, BK_rows=bk, BND_rows=bn, BKD_rows=bk, warps_rows=w)  # noqa: E731
-    decode_variants = [("default", {}), ("rows BN32_BK256", rows(32, 256)), ("rows BN8_BK512", rows(8, 512)),
-                       ("rows serial", dict(prefetch_rows=False)),
-                       ("dot BN64", dict(rows_max=0, BN_small=64)),
-                       ("dot BN32_BK128_w2", dict(rows_max=0, BN_small=32, BK_small=128, num_warps=2))]
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s; E={E} top-{K} D={D} I={I}, group 128")
+    print(f"{'format':>6} {'tokens':>6}  {'variant':<26}{'us':>9}{'% copy':>8}{'x bf16':>8}{'TFLOP/s':>9}{'rel err':>10}")
+    decode = [int(n) for n in args.tokens.split(",")]
     for fmt in args.formats.split(","):
         q13, q2 = quantize(w13, fmt, 128)[:2], quantize(w2, fmt, 128)[:2]
         per_expert = sum(t[0].nbytes + t[1].nbytes for t in (q13, q2)) / E
-        shapes = [n for n in (1, 4, 16)] if fmt != "fp8" else [16, 8192]
+        shapes = decode if fmt != "fp8" else [16] + [int(n) for n in args.prefill.split(",") if n]
         for N in shapes:
             rows, off = routed_rows(N, E, D, g, "cuda", torch.bfloat16)
             touched = int((off[1:] > off[:-1]).sum())
@@ -120,10 +141,10 @@ def gpu(args):
             bf16 = lambda: moe.grouped_swiglu(rows, off, w13, w2)  # noqa: E731
             timer = bench_graph if N <= 16 else bench
             t_bf16 = timer(bf16)
-            variants = decode_variants if N <= 16 else [("fp8 dot" if cfg["fp8_dot"] else "default", {}),
-                                                          ("weight-only", {"fp8_dot": False})]
+            variants = ([("default", {})] if fmt == "fp8" else DECODE_VARIANTS) if N <= 16 else PREFILL_VARIANTS
             for name, over in variants:
-                if fmt == "fp8" and name.startswith("rows"):     # int4 / int8 only
+                if args.budget and time.monotonic() - t0 > args.budget:
+                    print(f"{fmt} {N} tokens {name}: over the time budget ({args.budget:.0f} s), not run")
                     continue
                 if with_config(over, run) is None:       # no kernel for this variant on this GPU
                     print(f"{fmt} {N} tokens {name}: no kernel fits (the reference would run)")
@@ -131,15 +152,59 @@ def gpu(args):
                 ms, err = with_config(over, lambda: (timer(run), rel_err(run(), ref)))
                 read = touched * per_expert + 2 * rows.nbytes
                 flops = 2 * rows.shape[0] * D * 3 * I
-                rows_out.append({"path": "grouped", "format": fmt, "tokens": N, "variant": name, "ms": ms,
-                                 "bf16_ms": t_bf16, "x_bf16": t_bf16 / ms, "read_MB": read / 1e6,
-                                 "pct_copy_bw": 100 * read / (ms * 1e-3) / bw,
-                                 "tflops": flops / (ms * 1e-3) / 1e12, "rel_err": err})
-        if fmt != "fp8":
+                row = {"path": "grouped", "format": fmt, "tokens": N, "variant": name, "config": over, "ms": ms,
+                       "bf16_ms": t_bf16, "x_bf16": t_bf16 / ms, "read_MB": read / 1e6,
+                       "pct_copy_bw": 100 * read / (ms * 1e-3) / bw, "tflops": flops / (ms * 1e-3) / 1e12,
+                       "rel_err": err}
+                rows_out.append(row)
+                print(f"{fmt:>6} {N:>6}  {name:<26}{1e3 * ms:>9.1f}{row['pct_copy_bw']:>8.1f}{row['x_bf16']:>8.2f}"
+                      f"{row['tflops']:>9.1f}{err:>10.1e}", flush=True)
+        if fmt != "fp8" and args.by_id:
             rows_out += by_id(fmt, q13, q2, w13, w2, per_expert, bw, g)
         # after each format: a run cut short by its time limit keeps what it measured
         write_result("lowbit", rows_out, {"copy_bandwidth_GBps": bw / 1e9,
                                           "shapes": {"E": E, "top_k": K, "D": D, "I": I, "group": 128}})
+    if args.write_tuning:
+        write_best(rows_out, base)
+
+
+def best_of(rows, pick) -> tuple[str, dict, float] | None:
+    """(variant, config, speed-up over the default) of the variant with the best geometric mean
+    time over the rows `pick` selects (only variants measured at every such shape)."""
+    import math
+    sel = [r for r in rows if pick(r)]
+    shapes = {(r["format"], r["tokens"]) for r in sel}
+    means = {}
+    for name in {r["variant"] for r in sel}:
+        mine = [r for r in sel if r["variant"] == name]
+        if {(r["format"], r["tokens"]) for r in mine} == shapes:
+            means[name] = (math.exp(sum(math.log(r["ms"]) for r in mine) / len(mine)), mine[0]["config"])
+    if not means:
+        return None
+    name = min(means, key=lambda n: means[n][0])
+    ref = means.get("default", means.get("tile (in-loop act quant)", means[name]))[0]
+    return name, means[name][1], ref / means[name][0]
+
+
+def write_best(rows, base):
+    """Merge the best decode (int4, 1-16 tokens) and prefill (fp8) variants into this device's
+    tuning file where they beat the defaults by more than 3%."""
+    from harness import merge_tuning
+    from kimi_graph.lowering.triton.targets import load_tuning
+    over, notes = {}, []
+    for what, pick in (("int4 decode", lambda r: r["format"] == "int4" and r["tokens"] <= 16),
+                       ("fp8 prefill", lambda r: r["format"] == "fp8" and r["tokens"] > 16)):
+        best = best_of(rows, pick)
+        if best and best[2] > 1.03:
+            over.update(best[1])
+            notes.append(f"{what}: {best[0]} ({best[2]:.2f}x the default)")
+    if not over:
+        print("no variant beat the defaults by more than 3%: tuning file unchanged")
+        return
+    family = dict((load_tuning(None) or {}).get("configs", {}).get("moe_gemm_q", {}))
+    family.update(over)
+    path = merge_tuning("moe_gemm_q", family, "bench/lowbit.py: " + "; ".join(notes))
+    print(f"wrote moe_gemm_q {over} to {path}")
 
 
 def by_id_fp64(x, ids, wts, q13, q2, fmt):
@@ -200,6 +265,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="interpreter smoke run (default without a GPU)")
     ap.add_argument("--formats", default="int4,int8,fp8")
+    ap.add_argument("--tokens", default="1,4,16", help="decode-sized token counts (int4 / int8)")
+    ap.add_argument("--prefill", default="8192", help="prefill token counts (fp8)")
+    ap.add_argument("--by-id", action="store_true", help="also moe_decode's experts by id (1-8 tokens)")
+    ap.add_argument("--budget", type=float, default=0.0, help="seconds after which no new variant starts (0: none)")
+    ap.add_argument("--write-tuning", action="store_true",
+                    help="merge the best int4 decode and fp8 prefill variants into the device's tuning file")
     args = ap.parse_args(argv)
     if args.cpu or not torch.cuda.is_available():
         cpu_smoke()

@@ -13,7 +13,10 @@ column and multiplies the tile's dot product instead of every weight:
 - fp8: on targets with fp8 tensor cores (sm_89, sm_90) and prefill-sized tiles, the
   activations are quantized too, per row and K tile (scale = max|x| / 448, e4m3), and the
   dot runs in fp8 (W8A8: an approximation of the weight-only reference, about 2^-4 relative
-  per activation); otherwise the codes are converted to the activation dtype (weight-only).
+  per activation): `fp8_dot` "w8a8" takes moe_fp8.py's kernels (activations quantized
+  outside the main loops, a device-side tile map), True quantizes each activation tile
+  inside this kernel's loop; otherwise the codes are converted to the activation dtype
+  (weight-only).
 The gate and up projections share one pass (SiLU * up in the epilogue), then the down
 projection, as the bf16 kernel in moe.py.
 
@@ -31,7 +34,7 @@ import torch
 
 from kimi_graph.ops.quant import group_of
 
-from . import dequant, moe_permute
+from . import dequant, moe_fp8, moe_permute, moe_qdot
 from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render
 from .elementwise import ir_dtype, ptr_type
 from .targets import TARGETS, config, current_target
@@ -146,7 +149,7 @@ def specs(fmt: str, E: int, I: int, D: int, group_size: int, asym: bool, dtype: 
     bk1, bk2 = tile_k(fmt, D, G1, BK), tile_k(fmt, I, G2, BK)
     if bk1 is None or bk2 is None or (fmt == "fp8" and not has_e4m3(target)):
         return None
-    fp8_act = fmt == "fp8" and not small and cfg["fp8_dot"] and dtype != "f32"
+    fp8_act = fmt == "fp8" and not small and cfg["fp8_dot"] is True and dtype != "f32"
     if fmt == "fp8":            # a weight tile lies in one G x G block
         BN = min(BN, G1, G2)
     qd = D // 2 if fmt == "int4" else D
@@ -238,11 +241,26 @@ def quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13=None, z2=None,
     dt, target = ir_dtype(rows), current_target()
     per_row = M <= config("moe_gemm_q", target)["rows_max"] and \
         row_specs(fmt, E, I, D, group_size, z13 is not None, dt, target) is not None
+    w8a8 = None if per_row or M <= 256 or z13 is not None else w8a8_specs(fmt, E, I, D, group_size, dt, target)
+    if w8a8 is not None:
+        return moe_fp8.grouped_swiglu(rows, offsets, q13, s13, q2, s2, w8a8)
+    dots = dot_specs(fmt, E, I, D, group_size, z13 is not None, dt, target) if per_row else None
+    if dots is not None:
+        return _rows_launch(dots, rows, offsets, q13, s13, q2, s2, z13, z2, "BN", "BND")
     kernels = row_specs(fmt, E, I, D, group_size, z13 is not None, dt, target) if per_row else \
         specs(fmt, E, I, D, group_size, z13 is not None, dt, M <= 256, target)
     if kernels is None:
         return None
+    if per_row:             # (N blocks, rows); the codes as 32-bit words
+        return _rows_launch(kernels, rows, offsets, q13, s13, q2, s2, z13, z2, "BN", "BND")
+    return _rows_launch(kernels, rows, offsets, q13, s13, q2, s2, z13, z2, "BN", "BN", E)
+
+
+def _rows_launch(kernels, rows, offsets, q13, s13, q2, s2, z13, z2, bn: str, bnd: str, experts: int = 0):
+    """gate_up then down over grids (N blocks of the configs' `bn` / `bnd`, rows), or (N blocks,
+    experts) given `experts` (the codes as bytes; else as 32-bit words)."""
     gate_up, down = kernels
+    c, (M, D), I = gate_up.config, rows.shape, gate_up.config["I"]
     h = torch.empty(M, I, device=rows.device, dtype=rows.dtype)
     y = torch.empty(M, D, device=rows.device, dtype=rows.dtype)
     if M:
@@ -250,14 +268,29 @@ def quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13=None, z2=None,
         s13, s2 = s13.to(rows.dtype).contiguous(), s2.to(rows.dtype).contiguous()
         z13 = s13 if z13 is None else z13.contiguous()
         z2 = s2 if z2 is None else z2.contiguous()
-        c = gate_up.config
-        if per_row:         # (N blocks, rows); the codes as 32-bit words
-            launch(gate_up, (-(-I // c["BN"]), M), rows.contiguous(), off, dequant.as_words(q13), s13, z13, h)
-            launch(down, (-(-D // c["BND"]), M), h, off, dequant.as_words(q2), s2, z2, y)
-        else:               # (N blocks, experts)
-            launch(gate_up, (-(-I // c["BN"]), E), rows.contiguous(), off, q13.contiguous(), s13, z13, h)
-            launch(down, (-(-D // c["BN"]), E), h, off, q2.contiguous(), s2, z2, y)
+        codes = (lambda q: q.contiguous()) if experts else dequant.as_words
+        launch(gate_up, (-(-I // c[bn]), experts or M), rows.contiguous(), off, codes(q13), s13, z13, h)
+        launch(down, (-(-D // c[bnd]), experts or M), h, off, codes(q2), s2, z2, y)
     return y
+
+
+def dot_specs(fmt: str, E: int, I: int, D: int, group_size: int, asym: bool, dtype: str, target: str):
+    """moe_qdot's tensor-core kernels for decode-sized calls where `rows_kernel` is "dot" and they
+    fit, else None (the per-row word kernels run then)."""
+    if config("moe_gemm_q", target)["rows_kernel"] != "dot" or fmt not in ("int4", "int8"):
+        return None
+    return moe_qdot.specs(fmt, E, I, D, group_of(fmt, D, group_size), group_of(fmt, I, group_size), asym, dtype,
+                          target)
+
+
+def w8a8_specs(fmt: str, E: int, I: int, D: int, group_size: int, dtype: str, target: str):
+    """moe_fp8's kernels for prefill-sized fp8 calls where `fp8_dot` is "w8a8" and they fit, else
+    None. Float32 graphs keep weight-only fp8 on GPUs; the interpreter (fp32 only) takes W8A8 too
+    so that it can be tested."""
+    if fmt != "fp8" or config("moe_gemm_q", target)["fp8_dot"] != "w8a8" or not has_e4m3(target) \
+            or (dtype == "f32" and target != "interpret"):
+        return None
+    return moe_fp8.specs(E, I, D, group_of(fmt, D, group_size), group_of(fmt, I, group_size), dtype, target)
 
 
 def quantized_moe_experts(x, ids, weights, q13, s13, q2, s2, acc, z13=None, z2=None, *, fmt: str,
@@ -287,7 +320,9 @@ def specs_for(kind, ins, outs, attrs, target):
     asym = len(ins) > 6
     E, D, G = q13.shape[0], rows.shape[1], attrs["group_size"]
     return [s for small in (True, False) for s in specs(fmt, E, I, D, G, asym, rows.dtype, small, target) or ()] \
-        + list(row_specs(fmt, E, I, D, G, asym, rows.dtype, target) or ())
+        + list(row_specs(fmt, E, I, D, G, asym, rows.dtype, target) or ()) \
+        + list(w8a8_specs(fmt, E, I, D, G, rows.dtype, target) or ()) \
+        + list(dot_specs(fmt, E, I, D, G, asym, rows.dtype, target) or ())
 
 
 def chain_specs(ins, attrs, target) -> list[KernelSpec]:

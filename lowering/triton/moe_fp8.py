@@ -1,0 +1,184 @@
+"""fp8 experts on fp8 tensor cores (W8A8, DeepSeek-V3's block scaling): the prefill-sized form of
+the quantized grouped SwiGLU for fp8 codes (moe_quant.py dispatches here).
+
+Weights are e4m3 codes with one scale per G x G block (kimi_graph/ops/quant.py); activations are
+quantized to e4m3 with one fp32 scale per row and K tile (BK columns, BK dividing G), outside the
+GEMMs' main loops:
+- `qmoe_fp8_rows`: the rows x before gate_up, in one pass (scale = max|x| / 448);
+- gate_up's epilogue quantizes h = silu(x w1^T) * (x w3^T) per row and BN columns as it stores it
+  (h never exists in the activation dtype): the down projection's K tile is gate_up's BN.
+In the main loops both operands are fp8 in memory and go straight to the MMA (fp32 accumulation);
+a K step's partial product is scaled once, by the row's activation scale times the weight block's
+scale (one scalar: a program's BN columns lie in one block, BN dividing G), and added to the
+accumulator. Programs take (N block, row tile) from moe.py's device-side tile map, so every tile
+of every expert is a program and neighbouring programs share the row tile (L2 reuse).
+
+e4m3 rounding: values are rounded to the e4m3 grid in fp32 (ties to even, as torch's
+float8_e4m3fn cast) before the conversion, which is then exact (Triton's interpreter rounds
+some values that cross a power of two wrongly in its own conversion).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import moe
+from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render
+from .elementwise import ptr_type
+from .targets import config
+
+E4M3_MAX = 448.0
+
+_KERNELS = """
+@triton.jit
+def _e4m3(v):
+    # v (fp32, |v| <= 448) as e4m3 (round to nearest, ties to even): 3 mantissa bits kept in
+    # fp32; below 2^-6 (subnormal e4m3) multiples of 2^-9, by adding and removing 1.5 * 2^14
+    u = v.to(tl.int32, bitcast=True)
+    nrm = ((u + 0x7FFFF + ((u >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+    sub = (v + 24576.0) - 24576.0
+    return tl.where(tl.abs(v) < 0.015625, sub, nrm).to(tl.float8e4nv)
+
+
+@triton.jit
+def _quantize_rows(v):
+    # v [R, C] fp32 -> (e4m3 codes, fp32 scale per row): v = codes * scale
+    s = tl.maximum(tl.max(tl.abs(v), 1), 1e-30) / 448.0
+    return _e4m3(v / s[:, None]), s
+
+
+@triton.jit
+def qmoe_fp8_rows(x_ptr, xq_ptr, xs_ptr, M):
+    # grid (row blocks, K tiles): x [M, D] -> e4m3 xq [M, D] and fp32 scales xs [M, D // BK]
+    r = tl.program_id(0) * QR + tl.arange(0, QR)
+    mr = r < M
+    k = tl.program_id(1) * BK + tl.arange(0, BK)
+    at = r.to(tl.int64)[:, None] * D + k[None, :]
+    x = tl.load(x_ptr + at, mask=mr[:, None], other=0.0).to(tl.float32)
+    q, s = _quantize_rows(x)
+    tl.store(xq_ptr + at, q, mask=mr[:, None])
+    tl.store(xs_ptr + r * (D // BK) + tl.program_id(1), s, mask=mr)
+
+
+@triton.jit
+def qmoe_fp8_gate_up(xq_ptr, xs_ptr, off_ptr, q_ptr, s_ptr, hq_ptr, hs_ptr, tile_e_ptr, tile_r_ptr):
+    # grid (I blocks, tiles): h = silu(x w1^T) * (x w3^T) for one expert's row tile, stored as
+    # e4m3 with a scale per row and BN columns
+    ex = tl.load(tile_e_ptr + tl.program_id(1))
+    if ex >= 0:
+        r = tl.load(tile_r_ptr + tl.program_id(1)) + tl.arange(0, BM)
+        mr = r < tl.load(off_ptr + ex + 1)
+        n0 = tl.program_id(0) * BN
+        n = n0 + tl.arange(0, BN)
+        dk = tl.arange(0, BK)
+        qb = q_ptr + ex.to(tl.int64) * (2 * I * D)
+        sg = s_ptr + ex * SD + (n0 // G1) * NKB1          # the weight blocks' scales of this N block
+        su = s_ptr + ex * SD + ((n0 + I) // G1) * NKB1
+        acc_g = tl.zeros((BM, BN), tl.float32)
+        acc_u = tl.zeros((BM, BN), tl.float32)
+        for k0 in range(0, D, BK):
+            x = tl.load(xq_ptr + r[:, None] * D + k0 + dk[None, :], mask=mr[:, None], other=0.0)
+            xs = tl.load(xs_ptr + r * (D // BK) + k0 // BK, mask=mr, other=0.0)
+            w1 = tl.load(qb + n[None, :] * D + k0 + dk[:, None])
+            w3 = tl.load(qb + (n[None, :] + I) * D + k0 + dk[:, None])
+            acc_g += tl.dot(x, w1) * (xs * tl.load(sg + k0 // G1).to(tl.float32))[:, None]
+            acc_u += tl.dot(x, w3) * (xs * tl.load(su + k0 // G1).to(tl.float32))[:, None]
+        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        hq, hs = _quantize_rows(h)
+        tl.store(hq_ptr + r[:, None] * I + n[None, :], hq, mask=mr[:, None])
+        tl.store(hs_ptr + r * (I // BN) + tl.program_id(0), hs, mask=mr)
+
+
+@triton.jit
+def qmoe_fp8_down(hq_ptr, hs_ptr, off_ptr, q_ptr, s_ptr, y_ptr, tile_e_ptr, tile_r_ptr):
+    # grid (D blocks, tiles): y = h w2^T for one expert's row tile; h's K tiles are gate_up's BN
+    ex = tl.load(tile_e_ptr + tl.program_id(1))
+    if ex >= 0:
+        r = tl.load(tile_r_ptr + tl.program_id(1)) + tl.arange(0, BM)
+        mr = r < tl.load(off_ptr + ex + 1)
+        n0 = tl.program_id(0) * BND
+        n = n0 + tl.arange(0, BND)
+        mn = n < D
+        dk = tl.arange(0, BN)
+        qb = q_ptr + ex.to(tl.int64) * (D * I)
+        sb = s_ptr + ex * SI + (n0 // G2) * NKB2
+        acc = tl.zeros((BM, BND), tl.float32)
+        for k0 in range(0, I, BN):
+            h = tl.load(hq_ptr + r[:, None] * I + k0 + dk[None, :], mask=mr[:, None], other=0.0)
+            hs = tl.load(hs_ptr + r * (I // BN) + k0 // BN, mask=mr, other=0.0)
+            w = tl.load(qb + n[None, :] * I + k0 + dk[:, None], mask=mn[None, :], other=0.0)
+            acc += tl.dot(h, w) * (hs * tl.load(sb + k0 // G2).to(tl.float32))[:, None]
+        tl.store(y_ptr + r[:, None] * D + n[None, :], acc.to(DT), mask=mr[:, None] & mn[None, :])
+"""
+
+
+def tiles(I: int, D: int, G1: int, G2: int, target: str) -> dict | None:
+    """The W8A8 tiles (config keys *_w8a8) for these shapes, or None where they do not fit: K
+    tiles dividing K and the blocks, N tiles inside one block (their scale is one scalar)."""
+    cfg = config("moe_gemm_q", target)
+    t = {k: cfg[k + "_w8a8"] for k in ("BM", "BN", "BK", "BND")}
+    t["BK"] = min(t["BK"], G1)
+    fits = (D % t["BK"] == 0 and G1 % t["BK"] == 0 and t["BK"] >= 16
+            and I % t["BN"] == 0 and G1 % t["BN"] == 0 and G2 % t["BN"] == 0 and t["BN"] >= 16
+            and G2 % t["BND"] == 0)
+    return t if fits else None
+
+
+@functools.lru_cache(maxsize=None)
+def specs(E: int, I: int, D: int, G1: int, G2: int, dtype: str, target: str) -> tuple[KernelSpec, ...] | None:
+    """(tile map, rows quantization, gate_up, down) for fp8 codes in G1 (w13) and G2 (w2) blocks,
+    or None where the tiles do not fit (moe_quant's other fp8 kernels run then)."""
+    t = tiles(I, D, G1, G2, target)
+    if t is None:
+        return None
+    cfg = config("moe_gemm_q", target)
+    consts = {"E": E, "I": I, "D": D, "G1": G1, "G2": G2, "NKB1": -(-D // G1), "NKB2": -(-I // G2),
+              "SD": -(-2 * I // G1) * -(-D // G1), "SI": -(-D // G2) * -(-I // G2), **t,
+              "QR": cfg["QR_w8a8"], "DT": TL_DTYPES[dtype]}
+    src = render("quantized_grouped_swiglu_fp8_w8a8", _KERNELS, consts)
+    p = ptr_type(dtype)
+    tiles_sig = {"tile_e_ptr": "*i32", "tile_r_ptr": "*i32"}
+    mk = lambda name, sig, w, st: KernelSpec(name, name, src, sig, w, st, consts)  # noqa: E731
+    return (tile_map(E, t["BM"], target),
+            mk("qmoe_fp8_rows", {"x_ptr": p, "xq_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "M": "i32"}, 4, 1),
+            mk("qmoe_fp8_gate_up", {"xq_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "off_ptr": "*i64", "q_ptr": "*fp8e4nv",
+                                    "s_ptr": p, "hq_ptr": "*fp8e4nv", "hs_ptr": "*fp32", **tiles_sig},
+               cfg["warps_w8a8"], cfg["stages_w8a8"]),
+            mk("qmoe_fp8_down", {"hq_ptr": "*fp8e4nv", "hs_ptr": "*fp32", "off_ptr": "*i64", "q_ptr": "*fp8e4nv",
+                                 "s_ptr": p, "y_ptr": p, **tiles_sig},
+               cfg["warps_down_w8a8"], cfg["stages_w8a8"]))
+
+
+def tile_map(E: int, BM: int, target: str) -> KernelSpec:
+    """moe.py's device-side tile map (tile -> expert, first row) for row tiles of BM."""
+    consts = {"E": E, "BE": max(16, next_pow2(E)), "BM": BM, "TB": 64}
+    blanks = dict.fromkeys(("gu_loads", "down_loads", "gather_arg", "src_rows", "dst_rows"), "")
+    src = render("moe_tile_map", moe._GEMM, consts, **blanks)
+    return KernelSpec("moe_tile_map", "moe_tile_map", src,
+                      {"off_ptr": "*i64", "tile_e_ptr": "*i32", "tile_r_ptr": "*i32", "max_tiles": "i32"}, 4, 1, consts)
+
+
+def grouped_swiglu(rows, offsets, q13, s13, q2, s2, kernels):
+    """y [M, D] for the rows of expert e (offsets[e]:offsets[e+1]) through `kernels` (specs)."""
+    tmap, quant, gate_up, down = kernels
+    c = gate_up.config
+    E, M, D, I, BM, BN = q13.shape[0], rows.shape[0], c["D"], c["I"], c["BM"], c["BN"]
+    dev = rows.device
+    y = torch.empty(M, D, device=dev, dtype=rows.dtype)
+    if not M:
+        return y
+    max_tiles = -(-M // BM) + E
+    te = torch.empty(max_tiles, device=dev, dtype=torch.int32)
+    tr = torch.empty(max_tiles, device=dev, dtype=torch.int32)
+    xq = torch.empty(M, D, device=dev, dtype=torch.float8_e4m3fn)
+    xs = torch.empty(M, D // c["BK"], device=dev, dtype=torch.float32)
+    hq = torch.empty(M, I, device=dev, dtype=torch.float8_e4m3fn)
+    hs = torch.empty(M, I // BN, device=dev, dtype=torch.float32)
+    off = offsets.to(torch.int64).contiguous()
+    s13, s2 = s13.to(rows.dtype).contiguous(), s2.to(rows.dtype).contiguous()
+    launch(tmap, (-(-max_tiles // tmap.config["TB"]),), off, te, tr, max_tiles)
+    launch(quant, (-(-M // c["QR"]), D // c["BK"]), rows.contiguous(), xq, xs, M)
+    launch(gate_up, (I // BN, max_tiles), xq, xs, off, q13.contiguous(), s13, hq, hs, te, tr)
+    launch(down, (-(-D // c["BND"]), max_tiles), hq, hs, off, q2.contiguous(), s2, y, te, tr)
+    return y
