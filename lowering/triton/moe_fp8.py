@@ -153,8 +153,7 @@ def specs(E: int, I: int, D: int, G1: int, G2: int, dtype: str, target: str) -> 
 def tile_map(E: int, BM: int, target: str) -> KernelSpec:
     """moe.py's device-side tile map (tile -> expert, first row) for row tiles of BM."""
     consts = {"E": E, "BE": max(16, next_pow2(E)), "BM": BM, "TB": 64}
-    blanks = dict.fromkeys(("gu_loads", "down_loads", "gather_arg", "src_rows", "dst_rows"), "")
-    src = render("moe_tile_map", moe._GEMM, consts, **blanks)
+    src = render("moe_tile_map", moe._TILE_MAP, consts)
     return KernelSpec("moe_tile_map", "moe_tile_map", src,
                       {"off_ptr": "*i64", "tile_e_ptr": "*i32", "tile_r_ptr": "*i32", "max_tiles": "i32"}, 4, 1, consts)
 
