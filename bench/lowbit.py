@@ -5,7 +5,9 @@ same run, one line a variant (a moe_gemm_q config over the target's):
 - int4 (group 128) and int8 at 1 / 4 / 16 tokens (decode; CUDA-graph replays): the per-row
   kernels over 32-bit words (`rows ...`, lowering/triton/dequant.py) and the tensor-core ones
   that read an expert's codes once for all its rows (`dot ...`, rows_kernel "dot",
-  lowering/triton/moe_qdot.py); pct_copy_bw: the low-bit bytes read (codes + scales of the
+  lowering/triton/moe_qdot.py), and int4 times int8 activations by dp4a (`w4a8 ...`,
+  lowering/triton/moe_w4a8.py: W4A8, activations rounded per row and group); pct_copy_bw: the
+  low-bit bytes read (codes + scales of the
   experts touched, read_MB) per second against the copy bandwidth measured here; x_bf16: our
   bf16 grouped SwiGLU's time over this one;
 - with --by-id, the same formats through moe_decode's experts by id (the decode step's path,
@@ -77,14 +79,19 @@ def cpu_smoke():
 
 
 DECODE_VARIANTS = [("default", {}),
+                   ("w4a8 BN32_TPS4", dict(rows_kernel="w4a8", TPS_w4a8=4)),
+                   ("w4a8 BN64_TPS4", dict(rows_kernel="w4a8", BN_w4a8=64, BND_w4a8=64, TPS_w4a8=4)),
+                   ("w4a8 BN32_TPS2", dict(rows_kernel="w4a8")),
+                   ("w4a8 BN16_TPS4", dict(rows_kernel="w4a8", BN_w4a8=16, BND_w4a8=16, TPS_w4a8=4)),
+                   ("w4a8 BN32_TPS8_w8", dict(rows_kernel="w4a8", TPS_w4a8=8, warps_w4a8=8)),
+                   ("dot BN32", dict(rows_kernel="dot", BN_dot=32, BND_dot=32)),
+                   ("dot BN64", dict(rows_kernel="dot", BN_dot=64, BND_dot=64)),
                    ("rows BN64_BK512", dict(BN_rows=64, BK_rows=512, BND_rows=64, BKD_rows=512)),
                    ("rows BN32_BK512", dict(BN_rows=32, BK_rows=512, BND_rows=32, BKD_rows=512)),
-                   ("rows BN16_BK1024", dict(BN_rows=16, BK_rows=1024, BND_rows=16, BKD_rows=1024)),
-                   ("dot BN32", dict(rows_kernel="dot", BN_dot=32, BND_dot=32)),
-                   ("dot BN32_TPS3", dict(rows_kernel="dot", BN_dot=32, BND_dot=32, TPS_dot=3)),
-                   ("dot BN64", dict(rows_kernel="dot", BN_dot=64, BND_dot=64)),
                    ("dot BN64_w8", dict(rows_kernel="dot", BN_dot=64, BND_dot=64, warps_dot=8)),
-                   ("dot BN16", dict(rows_kernel="dot", BN_dot=16, BND_dot=16))]
+                   ("dot BN32_TPS3", dict(rows_kernel="dot", BN_dot=32, BND_dot=32, TPS_dot=3)),
+                   ("dot BN16", dict(rows_kernel="dot", BN_dot=16, BND_dot=16)),
+                   ("rows BN16_BK1024", dict(BN_rows=16, BK_rows=1024, BND_rows=16, BKD_rows=1024))]
 W8A8 = dict(fp8_dot="w8a8")
 PREFILL_VARIANTS = [("tile (in-loop act quant)", dict(fp8_dot=True)),
                     ("w8a8 BM64_BN128", W8A8),
@@ -99,7 +106,7 @@ def gpu(args):
     sys.path.insert(0, os.path.dirname(__file__))
     from harness import bench, bench_graph, copy_bandwidth, rel_err, write_result
 
-    from kimi_graph.lowering.triton import moe, moe_fp8, moe_qdot, moe_quant
+    from kimi_graph.lowering.triton import moe, moe_fp8, moe_qdot, moe_quant, moe_w4a8
     from kimi_graph.lowering.triton.targets import TARGETS, current_target
     from kimi_graph.ops.quant import quantize
 
@@ -110,7 +117,7 @@ def gpu(args):
     w2 = (torch.randn(E, D, I, device="cuda", generator=g) * I ** -0.5).bfloat16()
     cfg = TARGETS[current_target()]["configs"]["moe_gemm_q"]
     base = dict(cfg)
-    caches = (moe_quant.specs, moe_quant.row_specs, moe_fp8.specs, moe_qdot.specs)
+    caches = (moe_quant.specs, moe_quant.row_specs, moe_fp8.specs, moe_qdot.specs, moe_w4a8.specs)
 
     def with_config(over, fn):
         cfg.clear()
@@ -146,10 +153,14 @@ def gpu(args):
                 if args.budget and time.monotonic() - t0 > args.budget:
                     print(f"{fmt} {N} tokens {name}: over the time budget ({args.budget:.0f} s), not run")
                     continue
-                if with_config(over, run) is None:       # no kernel for this variant on this GPU
-                    print(f"{fmt} {N} tokens {name}: no kernel fits (the reference would run)")
+                try:
+                    if with_config(over, run) is None:       # no kernel for this variant on this GPU
+                        print(f"{fmt} {N} tokens {name}: no kernel fits (the reference would run)")
+                        continue
+                    ms, err = with_config(over, lambda: (timer(run), rel_err(run(), ref)))
+                except Exception as exc:                    # one variant's failure ends no other's
+                    print(f"{fmt} {N} tokens {name}: error {type(exc).__name__}: {str(exc)[:300]}")
                     continue
-                ms, err = with_config(over, lambda: (timer(run), rel_err(run(), ref)))
                 read = touched * per_expert + 2 * rows.nbytes
                 flops = 2 * rows.shape[0] * D * 3 * I
                 row = {"path": "grouped", "format": fmt, "tokens": N, "variant": name, "config": over, "ms": ms,

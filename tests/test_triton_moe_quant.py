@@ -109,16 +109,19 @@ def test_gpu_bf16_kernel_against_fp64(fmt, tokens):
                                              ("fp8", 512, {"fp8_dot": "w8a8", "BM_w8a8": 128, "BN_w8a8": 64,
                                                            "warps_w8a8": 8, "warps_down_w8a8": 8}),
                                              ("int4", 1, {"rows_kernel": "dot"}), ("int4", 16, {"rows_kernel": "dot"}),
-                                             ("int8", 4, {"rows_kernel": "dot", "BN_dot": 64, "BND_dot": 64})])
+                                             ("int8", 4, {"rows_kernel": "dot", "BN_dot": 64, "BND_dot": 64}),
+                                             ("int4", 1, {"rows_kernel": "w4a8"}),
+                                             ("int4", 16, {"rows_kernel": "w4a8", "BN_w4a8": 64, "TPS_w4a8": 4})])
 def test_gpu_kernel_variants_against_fp64(monkeypatch, fmt, tokens, over):
-    """The W8A8 fp8 kernels (moe_fp8.py; sm_89+) <= 6e-2 and the tensor-core decode kernels
-    (moe_qdot.py) <= 1e-2 in bf16 at published widths, 32 experts (several rows on most)."""
-    from kimi_graph.lowering.triton import moe_fp8, moe_qdot, moe_quant
+    """The W8A8 fp8 kernels (moe_fp8.py; sm_89+) <= 6e-2, the tensor-core decode kernels
+    (moe_qdot.py) and int4 with int8 activations (moe_w4a8.py: dp4a in inline assembly) <= 1e-2
+    in bf16 at published widths, 32 experts (several rows on most)."""
+    from kimi_graph.lowering.triton import moe_fp8, moe_qdot, moe_quant, moe_w4a8
     from kimi_graph.lowering.triton.targets import TARGETS, current_target
     target = current_target()
     if fmt == "fp8" and not moe_quant.has_e4m3(target):
         pytest.skip("no fp8 tensor cores on this GPU (sm_89+)")
-    caches = (moe_quant.specs, moe_quant.row_specs, moe_fp8.specs, moe_qdot.specs)
+    caches = (moe_quant.specs, moe_quant.row_specs, moe_fp8.specs, moe_qdot.specs, moe_w4a8.specs)
     for c in caches:
         c.cache_clear()
     for key, value in over.items():
@@ -414,3 +417,42 @@ def test_grouped_dot_kernel_matches_fp64(triton_interpret, monkeypatch, fmt, sym
                                    group_size=128)
     assert rel_err(got, swiglu_fp64(rows, offsets, d13, d2)) <= 1e-5
     moe_qdot.specs.cache_clear()
+
+
+# -- decode-sized int4 with int8 activations (lowering/triton/moe_w4a8.py) --------------------------
+def int8_rows_fp64(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x with each row's groups quantized to int8 (scale max|x| / 127, round to nearest even) and
+    dequantized, in float64."""
+    xb = x.double().reshape(x.shape[0], x.shape[1] // group, group)
+    s = xb.abs().amax(-1, keepdim=True).clamp_min(1e-30).float().double() / 127.0
+    return (torch.round(xb / s) * s).reshape(x.shape)
+
+
+@pytest.mark.parametrize("symmetric,tokens,D", [(True, 1, 256), (True, 9, 192), (False, 4, 192)])
+def test_w4a8_kernels_match_fp64_with_int8_activations(triton_interpret, monkeypatch, symmetric, tokens, D):
+    """rows_kernel "w4a8": the rows and h quantized to int8 per group, codes times activations by
+    dp4a (written out in integer operations in the interpreter), steps of two groups (three
+    groups: the last step half past K): against a float64 SwiGLU over the dequantized weights
+    with the activations rounded the same way, and near the weight-only result."""
+    from kimi_graph.lowering.triton import moe_quant, moe_w4a8, targets
+    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_gemm_q"], "rows_kernel", "w4a8")
+    E, I, k, G = 4, 128, 2, 64
+    (q13, s13, q2, s2), zeros, (d13, d2), gen = _draw_quant("int4", symmetric, G, E, I, D, tokens)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(tokens)]).reshape(-1)
+    order = ids.sort(stable=True)[1]
+    offsets = torch.zeros(E + 1, dtype=torch.long)
+    offsets[1:] = torch.bincount(ids, minlength=E).cumsum(0)
+    rows = torch.randn(tokens, D, generator=gen)[order // k] * torch.logspace(-2, 1, D)
+    assert moe_quant.dot_specs("int4", E, I, D, G, not symmetric, "f32", "interpret")[0].entry == "qmoe_a8_x"
+    got = quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, *(z for z in zeros if z is not None),
+                                   fmt="int4", group_size=G)
+    want = torch.zeros(rows.shape, dtype=torch.float64)
+    x = int8_rows_fp64(rows, G)
+    for e in range(E):
+        xe = x[offsets[e]:offsets[e + 1]]
+        g, u = xe @ d13[e, :I].T, xe @ d13[e, I:].T
+        want[offsets[e]:offsets[e + 1]] = int8_rows_fp64((g * torch.sigmoid(g) * u).float(), G) @ d2[e].T
+    assert rel_err(got, want) <= 1e-3
+    # activations spanning three decades in a group: 1.3e-2 from weight-only
+    assert rel_err(got, swiglu_fp64(rows, offsets, d13, d2)) <= 2e-2
+    moe_w4a8.specs.cache_clear()
