@@ -89,6 +89,21 @@ def test_kernel_bf16_against_fp64(kind, args, attrs):
             assert torch.equal(a, b)
 
 
+def test_mla_prefill_attention_rope_key_apart_bf16():
+    """MLA's prefill shapes (H 32, N 128 + P 64, v 128) with the rope key read apart, ragged
+    starts over a cache: bf16 against fp64 attention over the concatenated keys."""
+    from kimi_graph.lowering.triton import mla
+    B, T, S, H = 3, 300, 700, 32
+    kv, kr, q = r(B, S, H, 256), r(B, S, 64), r(B, T, H, 192)
+    qs = torch.tensor([400, 0, 250], device="cuda")
+    out = mla.causal_attention(q, kv[..., :128], kv[..., 128:], qs, scale=192 ** -0.5, rope_key=kr)
+    k = torch.cat([kv[..., :128], kr[:, :, None].expand(B, S, H, 64)], -1)
+    ref = get_op("causal_attention").ref([q.double(), k.double(), kv[..., 128:].double(), qs],
+                                         {"scale": 192 ** -0.5})[0]
+    ERRORS["causal_attention[rope apart]"] = e = rel(out, ref)
+    assert e <= BF16_TOL
+
+
 def test_moe_experts_batch_equals_alone():
     """The fused routed experts in bf16: each token's result is the same bitwise whatever
     batch it runs in (fixed-order combine; a row's GEMM never depends on its tile mates), and

@@ -367,6 +367,47 @@ def test_causal_attention_qk_pieces(T, S, q_start):
 
 
 
+@pytest.mark.parametrize("variant", [{}, {"split": False, "order": "forward", "BN": 32}, {"overlap": True, "tma": True}],
+                         ids=["base", "one-loop", "overlap"])
+def test_causal_attention_rope_key_apart(variant, monkeypatch):
+    """MLA's prefill keys k ‖ rope_key with the rope key [B,S,P] read apart (shared by every
+    head; the tma form falls back to pointer loads): equal to attention over the concatenated
+    keys, with masked pieces on both sides (N 24 = 16 + 8, P 8), a continuation and ragged starts."""
+    from kimi_graph.lowering.triton.targets import TARGETS
+    monkeypatch.setitem(TARGETS["interpret"]["configs"], "attention",
+                        {**TARGETS["interpret"]["configs"]["attention"], **variant})
+    mla.flash_spec.cache_clear()
+    B, H, N, P, DV = 3, 2, 24, 8, 12
+    try:
+        for T, S, q_start in ((37, 60, [23, 0, 10]), (21, 21, None)):
+            kv = torch.randn(B, S, H, N + DV)
+            q, kr, qs = 3 * torch.randn(B, T, H, N + P), torch.randn(B, S, P), q_start and torch.tensor(q_start)
+            k = torch.cat([kv[..., :N], kr[:, :, None].expand(B, S, H, P)], -1)
+            out = mla.causal_attention(q, kv[..., :N], kv[..., N:], qs, scale=0.5, rope_key=kr)
+            assert rel(out, attention_loop(q, k, kv[..., N:], qs, 0.5)) < TOL
+        with pytest.raises(ValueError, match="do not fit"):
+            mla.causal_attention(q, kv[..., :N], kv[..., N:], scale=0.5, rope_key=kr[:, :, :4])
+    finally:
+        mla.flash_spec.cache_clear()
+
+
+def test_mla_prefill_attention_runs_without_its_key_concat():
+    """The backend's plan takes each MLA prefill attention with its concat(k, expand(reshape(rope
+    key))) as one step (no concatenated key copy), and the model still generates the reference's
+    tokens."""
+    import kimi_graph
+    from kimi_graph.lowering.triton import backend
+    model = kimi_graph.load("tiny", pipeline="default", backend="triton", device="cpu")
+    g = model.get_graph("prefill", True, "last")
+    steps = [s for s in backend.plan(g) if isinstance(s, mla.SplitKeyAttention)]
+    n_mla = sum(op.kind == "causal_attention" for op in g.ops())
+    assert n_mla and len(steps) == n_mla
+    assert [op.kind for op in steps[0].ops][-2:] == ["concat", "causal_attention"]
+    ref = kimi_graph.load("tiny", pipeline="default", backend="interpreter", device="cpu")
+    prompts = [[1, 2, 3, 4, 5, 6, 7] * 5, [9, 8, 7] * 4]
+    assert model.generate(prompts, max_new_tokens=4) == ref.generate(prompts, max_new_tokens=4)
+
+
 ATTENTION_VARIANTS = [{}, {"split": False, "order": "forward"}, {"BN": 32}, {"BM": 32, "BN": 16},
                       {"fold_scale": True}, {"lazy_rescale": 8.0}, {"lazy_rescale": 3.0, "BN": 32, "order": "forward"},
                       {"tma": True}, {"tma": True, "split": False, "fold_scale": True, "BN": 32},

@@ -195,7 +195,8 @@ def _conv_groups(g: Graph, order: list) -> dict[int, Convs]:
 def plan(g: Graph) -> list:
     """The schedule: ops, fused elementwise `Group`s, routed-experts chains (`Experts`), conv
     groups (`Convs`), norms with the linear they feed (`NormLinear`) or the router they feed
-    (`moe_route.NormRoute`), MLA's two cache writes (`mla.CacheRows`) and pairs of linears of one
+    (`moe_route.NormRoute`), MLA's two cache writes (`mla.CacheRows`), MLA's prefill attention
+    with its rope key read apart (`mla.SplitKeyAttention`) and pairs of linears of one
     sliced value (`LinearPair`), in an executable order.
     Refuses a KDA chunk size the kernels cannot run."""
     order = list(g.ops())
@@ -207,6 +208,8 @@ def plan(g: Graph) -> list:
     norms.update(moe_route.norm_routes(g, order, covered))
     folded |= {o.id for n in norms.values() for o in n.ops[1:]}
     writes = mla.cache_rows(g, [op for op in order if op.id not in folded], covered)
+    folded |= {o.id for w in writes.values() for o in w.ops[:-1]}
+    writes.update(mla.split_key_attentions(g, order, covered))
     folded |= {o.id for w in writes.values() for o in w.ops[:-1]}
     pairs = gemv.linear_pairs(g, order, folded)
     folded |= {p.ops[1].id for p in pairs.values()}
@@ -371,6 +374,9 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
             continue
         if isinstance(item, mla.CacheRows):
             env.update(zip(item.outputs, mla.run_cache_rows(item, [env[v] for v in item.inputs])))
+            continue
+        if isinstance(item, mla.SplitKeyAttention):
+            env.update(zip(item.outputs, mla.run_split_key_attention(item, [plain(env[v]) for v in item.inputs])))
             continue
         if isinstance(item, NormLinear):
             env.update(zip(item.outputs, gemv.run_norm_linear(item, [plain(env[v]) for v in item.inputs],

@@ -167,7 +167,7 @@ l_i = l_i * alpha + tl.sum(p, 1)
 _FLASH = """
 @triton.jit
 def causal_attention_fwd(q_ptr, k_ptr, v_ptr, qs_ptr, o_ptr, T, S,
-                         sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sob, sot, soh):
+                         sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sob, sot, soh$rope_params):
     # grid (B * H, T blocks); HEAVY_FIRST: the last (longest) query block of every head runs first
     bh = tl.program_id(0)
     b = bh // H
@@ -184,6 +184,7 @@ def causal_attention_fwd(q_ptr, k_ptr, v_ptr, qs_ptr, o_ptr, T, S,
     qb = q_ptr + b.to(tl.int64) * sqb + h * sqh + t[:, None] * sqt
     kb = k_ptr + b.to(tl.int64) * skb + h * skh
     vb = v_ptr + b.to(tl.int64) * svb + h * svh
+    $rope_base
     $load_q
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
@@ -195,15 +196,26 @@ def causal_attention_fwd(q_ptr, k_ptr, v_ptr, qs_ptr, o_ptr, T, S,
 """
 
 
+def key_pieces(D: int, rope: int = 0) -> list[tuple[int, int, int, int]]:
+    """The qk dot pieces (offset, width, end, rope_at): power-of-two pieces of [0, D), `end`
+    masking a last partial piece. `rope` > 0: the keys' last `rope` columns come from a separate
+    [B, S, rope] tensor shared by every head (MLA's rope key): pieces of [0, D - rope) from k,
+    then pieces of [D - rope, D) read at column offset - rope_at of the rope key."""
+    n = D - rope
+    pieces = [(o, w, n, 0) for o, w in dot_pieces(n)]
+    return pieces + [(n + o, w, D, n) for o, w in dot_pieces(rope)] if rope else pieces
+
+
 def _flash_scores(pieces, D: int, tma: bool, at: str, out: str, bounded: bool, widest_last: bool = False) -> list[str]:
     """Scores `out` of the query block against the key block at row `at`, over the qk dot pieces
     (`widest_last`: the widest piece's product last, the one left running when the scores are
     issued ahead). `bounded`: keys past S masked (rows past S read as zeros through descriptors)."""
     lines = [] if tma else [f"j = {at} + tl.arange(0, BN)"] + (["mj = j < S"] if bounded else [])
-    for i, (off, w) in enumerate(pieces):
-        m = (["mj[:, None]"] if bounded else []) + ([f"(d{i} < {D})[None, :]"] if off + w > D else [])
+    for i, (off, w, end, rope_at) in enumerate(pieces):
+        m = (["mj[:, None]"] if bounded else []) + ([f"(d{i} < {end})[None, :]"] if off + w > end else [])
         mask = f", mask={' & '.join(m)}, other=0.0" if m else ""
-        lines.append(f"k{i} = kd{i}.load([{at}, 0])" if tma else f"k{i} = tl.load(kb + j[:, None] * sks + d{i}[None, :]{mask})")
+        row = f"krb + j[:, None] * skrs + (d{i} - {rope_at})[None, :]" if rope_at else f"kb + j[:, None] * sks + d{i}[None, :]"
+        lines.append(f"k{i} = kd{i}.load([{at}, 0])" if tma else f"k{i} = tl.load({row}{mask})")
     order = list(range(len(pieces)))[::-1 if widest_last else 1]
     lines.append(f"{out} = tl.dot(q{order[0]}, tl.trans(k{order[0]}), input_precision=PREC)")
     lines += [f"{out} = tl.dot(q{i}, tl.trans(k{i}), {out}, input_precision=PREC)" for i in order[1:]]
@@ -382,6 +394,53 @@ def run_cache_rows(item: CacheRows, args: list) -> list:
     return [ca, cb]
 
 
+@dataclass
+class SplitKeyAttention:
+    """causal_attention whose keys are concat(k, expand(reshape(rope_key))) read by it alone
+    (MLA's decompressed prefill form): one flash launch reading k and the shared rope key
+    [B, S, P] apart, with no concatenated [B, S, H, D] key copy."""
+    ops: list                 # [reshape, expand?, concat, causal_attention]
+    inputs: list[str]         # q, k, rope_key [B, S, P], v, q_start?
+    outputs: list[str]
+
+    def fused_specs(self, g, target: str) -> list[KernelSpec]:
+        q, v, kr = (g.types[x] for x in (self.inputs[0], self.inputs[3], self.inputs[2]))
+        return [flash_spec(q.shape[2], q.shape[3], v.shape[3], q.dtype, float(self.ops[-1].attrs["scale"]),
+                           target, False, kr.shape[2])]
+
+
+def split_key_attentions(g, order: list, covered) -> dict[int, SplitKeyAttention]:
+    """attention op id -> its SplitKeyAttention step, where the pattern holds."""
+    def sole(v, op):           # v read by op alone, and not a graph output
+        return v not in g.outputs and [u.id for u in g.users(v)] == [op.id]
+
+    out = {}
+    for op in order:
+        cat = g.defining_op(op.inputs[1]) if op.kind == "causal_attention" and covered(g, op) else None
+        if cat is None or cat.kind != "concat" or len(cat.inputs) != 2 or not sole(cat.outputs[0], op) \
+                or cat.attrs["dim"] % 4 != 3:
+            continue
+        chain, user = [cat], cat
+        src = g.defining_op(cat.inputs[1])
+        if src is not None and src.kind == "expand" and sole(src.outputs[0], user):
+            chain, user, src = [src] + chain, src, g.defining_op(src.inputs[0])
+        if src is None or src.kind != "reshape" or not sole(src.outputs[0], user):
+            continue
+        kr, k = g.types[src.inputs[0]], g.types[cat.inputs[0]]
+        if kr.rank != 3 or k.rank != 4 or g.types[src.outputs[0]].shape != kr.shape[:2] + (1, kr.shape[2]) \
+                or kr.shape[:2] != k.shape[:2]:
+            continue
+        out[op.id] = SplitKeyAttention([src] + chain + [op], [op.inputs[0], cat.inputs[0], src.inputs[0],
+                                                              *op.inputs[2:]], list(op.outputs))
+    return out
+
+
+def run_split_key_attention(item: SplitKeyAttention, args: list) -> list:
+    q, k, kr, v, *q_start = args
+    return [causal_attention(q, k, v, q_start[0] if q_start else None, scale=item.ops[-1].attrs["scale"],
+                             rope_key=kr)]
+
+
 def _paged(cache, B: int):
     """(flat storage, slot index, page table, page size, capacity) of a cache: a PagedRows view
     as it lives, or a dense [B, S, C] tensor as B slots of one S-row page."""
@@ -468,26 +527,28 @@ def mla_latent_attention(q_lat, q_rope, latent, rope_key, q_start=None, *, scale
 
 
 @functools.lru_cache(maxsize=None)
-def flash_spec(H: int, D: int, DV: int, dtype: str, scale: float, target: str, aligned: bool = False) -> KernelSpec:
+def flash_spec(H: int, D: int, DV: int, dtype: str, scale: float, target: str, aligned: bool = False,
+               rope: int = 0) -> KernelSpec:
     """The prefill attention kernel on `target`'s "attention" config: tiles BM x BN, warps,
     stages; split (mask-free blocks below the diagonal), order ("heavy_first": the longest query
     blocks first; "forward"), fold_scale (scale * log2 e folded into q once, in q's dtype),
     lazy_rescale (log2 growth of a row's maximum before acc is rescaled; 0: every block), maxnreg
     (registers a thread at most; 0: the compiler's choice), tma
     (q, k, v tiles through tensor descriptors: TMA on sm_90+; taken only when `aligned`, i.e.
-    the tensors meet tma_aligned)."""
+    the tensors meet tma_aligned). `rope` > 0: the keys' last `rope` columns come from a
+    separate rope key shared by every head (see key_pieces; no tensor descriptors then)."""
     cfg = config("attention", target)
     if cfg.get("order", "heavy_first") not in ("heavy_first", "forward"):
         raise ValueError(f"attention order {cfg['order']!r}: 'heavy_first' or 'forward'")
-    tma = bool(cfg.get("tma", False)) and aligned and (TARGETS[target]["arch"] or 90) >= 90     # sm_90+, interpreter
-    pieces = dot_pieces(D)
+    tma = bool(cfg.get("tma", False)) and aligned and not rope and (TARGETS[target]["arch"] or 90) >= 90    # sm_90+, interpreter
+    pieces = key_pieces(D, rope)
     load_q = []
     if tma:         # one descriptor per (b, h) and dot piece: [rows, the piece's columns up to D]
         load_q += [f"kd{i} = tl.make_tensor_descriptor(kb{f' + {off}' if off else ''}, shape=[S, {D - off}], strides=[sks, 1], "
-                   f"block_shape=[BN, {w}])" for i, (off, w) in enumerate(pieces)]
+                   f"block_shape=[BN, {w}])" for i, (off, w, _, _) in enumerate(pieces)]
         load_q.append(f"vd = tl.make_tensor_descriptor(vb, shape=[S, {DV}], strides=[svs, 1], block_shape=[BN, BDV])")
-    for i, (off, w) in enumerate(pieces):
-        mask = "mt[:, None]" + (f" & (d{i} < {D})[None, :]" if off + w > D else "")
+    for i, (off, w, end, _) in enumerate(pieces):
+        mask = "mt[:, None]" + (f" & (d{i} < {end})[None, :]" if off + w > end else "")
         if tma:
             load_q.append(f"q{i} = tl.make_tensor_descriptor(q_ptr + b.to(tl.int64) * sqb + h * sqh{f' + {off}' if off else ''}, "
                           f"shape=[T, {D - off}], strides=[sqt, 1], block_shape=[BM, {w}]).load([t0, 0])")
@@ -504,11 +565,15 @@ def flash_spec(H: int, D: int, DV: int, dtype: str, scale: float, target: str, a
         consts["MAXNREG"] = int(cfg["maxnreg"])
     store_mask = "mt[:, None]" + (f" & (dv < {DV})[None, :]" if BDV != DV else "")
     src = render("causal_attention", _FLASH, consts, load_q="\n".join(load_q),
-                 key_loops=_key_loops(pieces, D, DV, cfg, tma), store_mask=store_mask)
+                 key_loops=_key_loops(pieces, D, DV, cfg, tma), store_mask=store_mask,
+                 rope_params=", kr_ptr, skrb, skrs" if rope else "",
+                 rope_base="krb = kr_ptr + b.to(tl.int64) * skrb" if rope else "")
     p = ptr_type(dtype)
     sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "qs_ptr": "*i64", "o_ptr": p, "T": "i32", "S": "i32"}
     sig.update({n: "i32" for n in ("sqb", "sqt", "sqh", "skb", "sks", "skh", "svb", "svs", "svh",
                                    "sob", "sot", "soh")})
+    if rope:
+        sig.update({"kr_ptr": p, "skrb": "i32", "skrs": "i32"})
     return KernelSpec("causal_attention_fwd", "causal_attention_fwd", src, sig, cfg["num_warps"],
                       cfg["num_stages"], {**consts, "pieces": pieces, "tma": tma, "maxnreg": cfg.get("maxnreg", 0)})
 
@@ -520,21 +585,29 @@ def tma_aligned(D: int, *ts: torch.Tensor) -> bool:
                for t in ts) and all(off * ts[0].element_size() % 16 == 0 for off, _ in dot_pieces(D))
 
 
-def causal_attention(q, k, v, q_start=None, *, scale):
-    """q [B,T,H,D], k [B,S,H,D], v [B,S,H,Dv] (any strides with a unit last dim) -> [B,T,H,Dv]."""
+def causal_attention(q, k, v, q_start=None, *, scale, rope_key=None):
+    """q [B,T,H,D], k [B,S,H,D], v [B,S,H,Dv] (any strides with a unit last dim) -> [B,T,H,Dv].
+    With `rope_key` [B,S,P]: k is [B,S,H,D-P] and each head's keys are k ‖ rope_key (MLA's
+    prefill keys without their concatenated copy)."""
     B, T, H, D = q.shape
     S, DV = k.shape[1], v.shape[3]
-    if k.shape != (B, S, H, D) or v.shape[:3] != (B, S, H):
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
+    P = 0 if rope_key is None else rope_key.shape[2]
+    if k.shape != (B, S, H, D - P) or v.shape[:3] != (B, S, H) or (P and rope_key.shape != (B, S, P)):
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+                         + (f", rope_key {tuple(rope_key.shape)}" if P else "") + " do not fit")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k.to(q.dtype), v.to(q.dtype)))
     target = current_target()
     spec = flash_spec(H, D, DV, ir_dtype(q), float(scale), target,
-                      config("attention", target).get("tma", False) and tma_aligned(D, q, k, v))
+                      not P and config("attention", target).get("tma", False) and tma_aligned(D, q, k, v), P)
     if spec.config["tma"]:
         use_descriptor_scratch()
     o = torch.empty(B, T, H, DV, device=q.device, dtype=q.dtype)
     qs = _q_start(q_start, B, T, S, q.device)
     strides = [st for t in (q, k, v, o) for st in (t.stride(0), t.stride(1), t.stride(2))]
+    if P:
+        kr = rope_key.to(q.dtype)
+        kr = kr if kr.stride(-1) == 1 else kr.contiguous()
+        strides += [kr, kr.stride(0), kr.stride(1)]
     launch(spec, (B * H, -(-T // spec.config["BM"])), q, k, v, qs, o, T, S, *strides)
     return o
 
