@@ -179,9 +179,13 @@ TARGETS: dict[str, dict] = {
                  "token_tiles": [[1, {"BN": 8, "BK": 512, "num_warps": 4, "programs": 528}]]},
         # bench/mla_decode.py --small on an H200 (2026-11-30): BM 16 at B=1 (32k: 43 vs 54 us),
         # BM 32 at B=32 (32k: 408 vs 492 us, 70% of the copy rate)
-        "mla_decode": {"BS": 64, "num_warps": 4, "num_stages": 2, "BM": 32},
-        # router: best of bench/moe_dispatch.py's sweep on an H200 (2026-11-30)
-        "moe_route": {"BN": 128, "BE": 128, "BR": 1, "select_warps": 2},
+        # merge_splits 16: B=1 at 32k 41.3 vs 42.8 us, at 1k even (16.3 / 16.2; H200 2026-12-01,
+        # e43d28b, bench/results/mla_decode_merge.json)
+        "mla_decode": {"BS": 64, "num_warps": 4, "num_stages": 2, "BM": 32, "merge_splits": 16},
+        # router: best of bench/moe_dispatch.py's sweep on an H200 (2026-11-30); the packed top-k with
+        # the norm inside its launch: the 27-layer B=1 step 2.948 -> 2.911 ms, 311 -> 285 launches
+        # (H200, 2026-12-01 03:35, e43d28b, bench/results/decode_step_forms27.json)
+        "moe_route": {"BN": 128, "BE": 128, "BR": 1, "select_warps": 2, "select": "packed", "norm_inline": True},
         # grouped SwiGLU: the mid class (4k-token prefill calls) keeps the large tiles until
         # bench/prefill.py's sweep on an H200 says otherwise
         "moe_gemm": {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3,
