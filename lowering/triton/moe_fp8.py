@@ -20,6 +20,7 @@ some values that cross a power of two wrongly in its own conversion).
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 
@@ -153,7 +154,8 @@ def specs(E: int, I: int, D: int, G1: int, G2: int, dtype: str, target: str) -> 
 def tile_map(E: int, BM: int, target: str) -> KernelSpec:
     """moe.py's device-side tile map (tile -> expert, first row) for row tiles of BM."""
     consts = {"E": E, "BE": max(16, next_pow2(E)), "BM": BM, "TB": 64}
-    src = render("moe_tile_map", moe._TILE_MAP, consts)
+    optional = dict.fromkeys(re.findall(r"\$(\w+)", moe._TILE_MAP), "")      # its optional parts left out
+    src = render("moe_tile_map", moe._TILE_MAP, consts, **optional)
     return KernelSpec("moe_tile_map", "moe_tile_map", src,
                       {"off_ptr": "*i64", "tile_e_ptr": "*i32", "tile_r_ptr": "*i32", "max_tiles": "i32"}, 4, 1, consts)
 
