@@ -406,6 +406,13 @@ def test_mla_prefill_attention_runs_without_its_key_concat():
     ref = kimi_graph.load("tiny", pipeline="default", backend="interpreter", device="cpu")
     prompts = [[1, 2, 3, 4, 5, 6, 7] * 5, [9, 8, 7] * 4]
     assert model.generate(prompts, max_new_tokens=4) == ref.generate(prompts, max_new_tokens=4)
+    from kimi_graph.lowering.triton.targets import TARGETS       # rope_apart off: the concat, same tokens
+    attention = TARGETS["interpret"]["configs"]["attention"]
+    try:
+        attention["rope_apart"] = False
+        assert model.generate(prompts, max_new_tokens=4) == ref.generate(prompts, max_new_tokens=4)
+    finally:
+        attention["rope_apart"] = True
 
 
 ATTENTION_VARIANTS = [{}, {"split": False, "order": "forward"}, {"BN": 32}, {"BM": 32, "BN": 16},

@@ -437,6 +437,9 @@ def split_key_attentions(g, order: list, covered) -> dict[int, SplitKeyAttention
 
 def run_split_key_attention(item: SplitKeyAttention, args: list) -> list:
     q, k, kr, v, *q_start = args
+    if not config("attention", current_target()).get("rope_apart", True):       # the graph's own form
+        B, S, H, _ = k.shape
+        k, kr = torch.cat([k, kr.to(k.dtype)[:, :, None].expand(B, S, H, kr.shape[2])], -1), None
     return [causal_attention(q, k, v, q_start[0] if q_start else None, scale=item.ops[-1].attrs["scale"],
                              rope_key=kr)]
 
