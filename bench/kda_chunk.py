@@ -148,37 +148,32 @@ def split(shape="16k"):
     return rows
 
 
-# one at a time over the target's config (sm_90 since the 21:26 sweep: diagonal blocks a
-# sub-chunk a program on 8 warps, exp2, beta k G in bf16, prep 4 rows a step, BT=32), the
-# likelier first (a time budget may stop the sweep early): the new forms (diagonal blocks row by
-# row, each segment's scan beside the next segment's kernels, prep a whole chunk a step with
-# k G_L/G inline, wider scan tiles for packed sequences: BV 64 won at 64x512 and lost at 16k; the
-# diagonal blocks in the intra kernel, the scan's state in two K tiles; the scan on 2 warps
-# spills), the token-parallel diagonal kernel with column stores (the best single variant of
-# that sweep, voided in its merge by diag "block"), prep's rows a step, then each kernel's warps
+# one at a time over the target's config (sm_90 since the 2026-12-01 03:31 sweep: token-parallel
+# diagonal blocks, 8 heads a program on 2 warps, column stores; the scan of many programs 128
+# columns wide on 8 warps; exp2, beta k G in bf16, prep 4 rows a step, BT=32), the likelier first
+# (a time budget may stop the sweep early): each segment's scan beside the next segment's kernels
+# (16 chunks: the error check's 42 run in segments too), the diagonal blocks row by row (lost on 8
+# and 4 warps), prep a whole chunk a step (lost), the scan's other tiles, then each kernel's warps
 # and tiles, BT 64 and the other layouts
-VARIANTS = ({}, {"diag_form": "rows"}, {"scan_seg": 128}, {"prep_kg": "inline"},
-            {"scan_many": 1024, "BV_many": 64, "warps_many": 8},
-            {"diag": "intra", "diag_form": "rows", "intra_warps": 4}, {"diag_form": "rows", "diag_warps": 4},
-            {"scan_ks": 64}, {"prep_kg": "inline", "prep_warps": 8}, {"diag": "prep", "diag_form": "rows"},
-            {"scan_many": 1024, "BV_many": 64}, {"scan_many": 1024, "BV_many": 128, "warps_many": 8},
-            {"diag": "intra", "intra_warps": 4}, {"scan_seg": 64}, {"scan_seg": 256},
-            {"diag": "token", "BH": 8, "diag_warps": 4},
-            {"diag": "token", "BH": 4, "diag_warps": 4}, {"diag": "token", "BH": 8, "diag_warps": 2}, {"diag_warps": 4},
-            {"prep_rows": 2}, {"prep_rows": 8},
-            {"bkg_fp32": True}, {"ftz_exp": False}, {"prep_kg": "prepass"}, {"diag": "prep"},
-            {"intra_warps": 4}, {"wu": "split"}, {"KH": 64}, {"BW": 64}, {"prep_warps": 8}, {"BV": 16},
-            {"BV": 64}, {"num_warps": 8}, {"num_stages": 3}, {"BT": 64}, {"diag": "levels"})
+VARIANTS = ({}, {"scan_seg": 128}, {"scan_seg": 64}, {"scan_seg": 256}, {"scan_seg": 16},
+            {"diag": "block", "diag_form": "rows", "diag_warps": 2}, {"BH": 16}, {"diag_warps": 1},
+            {"scan_many": 1024, "BV_many": 64, "warps_many": 8}, {"scan_many": 4096}, {"scan_many": 512},
+            {"prep_kg": "inline"}, {"scan_ks": 64}, {"diag": "intra", "intra_warps": 4},
+            {"diag": "block", "diag_warps": 8}, {"diag": "block", "diag_form": "rows", "diag_warps": 4},
+            {"diag": "intra", "diag_form": "rows", "intra_warps": 4}, {"diag": "prep", "diag_form": "rows"},
+            {"diag_store": "row"}, {"prep_rows": 2}, {"prep_rows": 8}, {"bkg_fp32": True}, {"ftz_exp": False},
+            {"prep_kg": "prepass"}, {"intra_warps": 4}, {"wu": "split"}, {"KH": 64}, {"BW": 64}, {"prep_warps": 8},
+            {"BV": 16}, {"BV": 64}, {"num_warps": 8}, {"num_stages": 3}, {"BT": 64}, {"diag": "levels"})
 TUNED_KEYS = ("BT", "BC", "BV", "KH", "BW", "BH", "diag", "diag_unroll", "diag_store", "wu", "num_warps", "num_stages",
               "prep_warps", "prep_rows", "prep_kg", "bkg_fp32", "ftz_exp", "diag_warps", "intra_warps", "intra_stages",
               "wu_warps", "wu_stages", "diag_form", "scan_ks", "scan_many", "BV_many", "warps_many", "scan_seg")
 
 
-def sweep(shapes=("16k", "64x512"), budget=0.0):
+def sweep(shapes=("16k", "64x512"), budget=0.0, keys=()):
     """Tile variants of ours, one at a time over the target's config, then the variants that
     beat it merged greedily; the best by the sum of the times at `shapes` among those within TOL
     of the fp64 recurrence (5 ragged sequences); no single variant starts after `budget` seconds
-    (0: no limit). -> (rows, best config)."""
+    (0: no limit); `keys`: only the variants that set one of them. -> (rows, best config)."""
     from kimi_graph.lowering.triton.targets import TARGETS, current_target
     cases = {s: inputs(lengths(dict(SHAPES)[s])) for s in shapes}
     e_args, e_cu, e_state = inputs([300, 1, 700, 64, 129], seed=5)
@@ -207,7 +202,8 @@ def sweep(shapes=("16k", "64x512"), budget=0.0):
             timed.append((sum(ms.values()), variant))
 
     for variant in VARIANTS:
-        run(str(variant) if variant else "base", variant)
+        if not keys or not variant or variant.keys() & set(keys):
+            run(str(variant) if variant else "base", variant)
     # merged greedily: from the best variant, each one that beat the base (the better first) is
     # added when it sets no key already set and the sum gets faster (a later variant's layout,
     # e.g. diag "block", can void an earlier one's key, e.g. diag_store); past the budget too,
@@ -286,6 +282,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="sweep tile variants first; write the tuning file")
     ap.add_argument("--sweep-only", action="store_true", help="the sweep and its tuning file, nothing else")
     ap.add_argument("--budget", type=float, default=0.0, help="seconds after which the sweep starts no new variant")
+    ap.add_argument("--keys", default="", help="sweep only the variants that set one of these comma-separated keys")
+    ap.add_argument("--sweep-shapes", default="16k,64x512", help="the shapes whose summed time the sweep ranks by")
     ap.add_argument("--shapes", default="", help="comma-separated subset of " + ",".join(s for s, _ in SHAPES))
     ap.add_argument("--smoke", action="store_true", help="the check alone, tiny and in fp32 (CPU: TRITON_INTERPRET=1)")
     ap.add_argument("--smoke-variants", action="store_true",
@@ -299,9 +297,10 @@ def main():
         return compile_variants()
     extra = {}
     if a.sweep or a.sweep_only:
-        rows, cfg = sweep(budget=a.budget)
+        rows, cfg = sweep(tuple(a.sweep_shapes.split(",")), a.budget, tuple(k for k in a.keys.split(",") if k))
         write_result("kda_chunk_sweep", rows)
-        merge_tuning("kda_chunk", {k: cfg[k] for k in TUNED_KEYS}, "best of bench/kda_chunk.py --sweep at 16k + 64x512")
+        merge_tuning("kda_chunk", {k: cfg[k] for k in TUNED_KEYS},
+                     f"best of bench/kda_chunk.py --sweep at {a.sweep_shapes}")
         extra["config"] = cfg
         print("best:", {k: cfg[k] for k in TUNED_KEYS})
         if a.sweep_only:

@@ -163,14 +163,17 @@ TARGETS: dict[str, dict] = {
         "moe_gemm": {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3}})},
     # sm_90: decode tiles from sweeps on an H100 (bench/results/*.json)
     "sm_90": {"arch": 90, "gpu": "H100 / H200", "configs": _merge(_BASE, {
-        # kda chunk: the best of bench/kda_chunk.py --sweep on an H200 (2026-11-30 21:26, 6790dd5:
-        # 16k 2.03 ms, 64x512 4.21 ms; the previous defaults 2.40 / 4.91 in the same sweep)
+        # kda chunk: the best of bench/kda_chunk.py --sweep on an H200 (2026-12-01 03:31, 52bf8c9:
+        # 16k 1.95 ms, 64x512 3.78 ms; the previous defaults 2.07 / 4.24 in the same sweep: token-
+        # parallel diagonal blocks 8 heads a program on 2 warps, the many-program scan 128 wide)
         # op_chunk False: the model's chunk-kda{chunk-size=64} ran these BT=32 tiles at BT=64 (the
-        # sweep's BT 64: 3.26 ms at 16k, 7.27 at 64x512 against 2.40 / 4.91)
-        "kda_chunk": {"BT": 32, "BV": 32, "KH": 128, "BW": 128, "BH": 4, "diag": "block", "diag_unroll": False,
+        # 21:26 sweep's BT 64: 3.26 ms at 16k, 7.27 at 64x512 against 2.40 / 4.91; the 27-layer
+        # 32x1k prefill's KDA 129.9 -> 89.4 ms at BT=32)
+        "kda_chunk": {"BT": 32, "BV": 32, "KH": 128, "BW": 128, "BH": 8, "diag": "token", "diag_unroll": False,
                       "diag_store": "column", "wu": "fused", "num_warps": 4, "num_stages": 4, "prep_warps": 4,
-                      "prep_rows": 4, "bkg_fp32": False, "ftz_exp": True, "diag_warps": 8, "intra_warps": 2,
-                      "intra_stages": 1, "wu_warps": 2, "wu_stages": 2, "op_chunk": False},
+                      "prep_rows": 4, "bkg_fp32": False, "ftz_exp": True, "diag_warps": 2, "intra_warps": 2,
+                      "intra_stages": 1, "wu_warps": 2, "wu_stages": 2, "scan_many": 1024, "BV_many": 128,
+                      "warps_many": 8, "op_chunk": False},
         "kda_recurrent": {"BV": 64, "num_warps": 4},
         "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
         # decode projections: bench/gemv.py on an H200 (2026-11-30 23:44, 9f3f49a) won at one row
