@@ -186,13 +186,17 @@ def fmt(v, spec=".1f") -> str:
 
 
 def table(rows: dict) -> str:
-    lines = ["| run | prefill first call s | decode first step s | decode ms/step | graphs (prefill+decode) "
-             "| recompiles after warm-up | process wall s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | prefill first call s | decode first step s | tracing s (prefill+decode) "
+             "| backend s (prefill+decode) | decode ms/step | graphs (prefill+decode) "
+             "| recompiles after warm-up | process wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][-120:]!r} | | | | | {fmt(r.get('wall_s'))} |")
+            lines.append(f"| {name} | failed: {r['error'][-120:]!r} | | | | | | | {fmt(r.get('wall_s'))} |")
             continue
+        pre, dec = r.get("prefill_phases_s", {}), r.get("decode_phases_s", {})
+        phases = [f"{fmt(pre.get(k))}+{fmt(dec.get(k))}" for k in ("tracing", "backend")]
         lines.append(f"| {name} | {fmt(r['prefill_first_s'])} | {fmt(r['decode_first_s'])} | "
+                     f"{phases[0]} | {phases[1]} | "
                      f"{fmt(r['decode_ms_per_step'], '.2f')} | {r['graphs_prefill']}+{r['graphs_decode']} | "
                      f"{r['recompiles_after_warmup']} | {fmt(r['wall_s'])} |")
     return "\n".join(lines)
