@@ -16,7 +16,7 @@ from .targets import TARGETS, config, current_target
 
 _TILE_MAP = """
 @triton.jit
-def moe_tile_map(off_ptr, tile_e_ptr, tile_r_ptr, max_tiles$count_arg):
+def moe_tile_map(off_ptr, tile_e_ptr, tile_r_ptr, max_tiles):
     # grid (tile blocks,): tile t -> (expert, first row); -1 past the last tile
     e = tl.arange(0, BE)
     me = e < E
@@ -33,8 +33,15 @@ def moe_tile_map(off_ptr, tile_e_ptr, tile_r_ptr, max_tiles$count_arg):
     valid = ex < E
     tl.store(tile_e_ptr + t, tl.where(valid, ex, -1), mask=t < max_tiles)
     tl.store(tile_r_ptr + t, tl.where(valid, row, 0).to(tl.int32), mask=t < max_tiles)
-    $count
 """
+
+
+def _tile_map(count: bool) -> str:
+    """_TILE_MAP, storing also the number of valid tiles to count_ptr with `count` (persistent kernels)."""
+    if not count:
+        return _TILE_MAP
+    return _TILE_MAP.replace("max_tiles):", "max_tiles, count_ptr):").rstrip() + \
+        "\n    if tl.program_id(0) == 0:\n        tl.store(count_ptr, tl.sum(nt, 0))\n"
 
 # One grouped GEMM: $descriptors once, then per (row tile t, N block nb) its $setup and $tiles
 # (the rows, K loop and epilogue at a BMT-row tile: BM rows, or a smaller tile of row_tiles when
@@ -175,8 +182,7 @@ def _kernel_source(gate_up: bool, K: int, N: int, BM: int, BK: int, BN: int, tma
     item = _body(_ITEM, setup=setup, tiles="\n".join(tiles))
     work = _body(_WORK_PERSISTENT, item=item, ws=", warp_specialize=True" if ws else "").replace(
         "NBLK", str(-(-N // BN))) if persistent else _body(_WORK_GRID, item=item)    # a literal: the interpreter's ints
-    tile_map = _body(_TILE_MAP, count_arg=", count_ptr" if count else "",
-                     count="if tl.program_id(0) == 0:\n    tl.store(count_ptr, tl.sum(nt, 0))" if count else "")
+    tile_map = _body(_tile_map(count))
     return tile_map + "\n\n\n" + _body(_GEMM, entry="moe_gate_up" if gate_up else "moe_down", args=args,
                                          descriptors="\n".join(descriptors), work=work) + "\n"
 

@@ -191,10 +191,13 @@ TARGETS: dict[str, dict] = {
         # the norm inside its launch: the 27-layer B=1 step 2.948 -> 2.911 ms, 311 -> 285 launches
         # (H200, 2026-12-01 03:35, e43d28b, bench/results/decode_step_forms27.json)
         "moe_route": {"BN": 128, "BE": 128, "BR": 1, "select_warps": 2, "select": "packed", "norm_inline": True},
-        # grouped SwiGLU: the mid class (4k-token prefill calls) keeps the large tiles until
-        # bench/prefill.py's sweep on an H200 says otherwise
+        # grouped SwiGLU: the best of bench/moe_swiglu.py --sweep on an H200 (2026-12-01 03:35,
+        # f3ac10f): large (16k / 32k tokens) host descriptors, half tiles, down BN 256: 3.695 /
+        # 6.784 ms, was 4.047 / 7.491 (547 TFLOP/s at 32k, 0.81x dense cuBLAS); mid (4k) the same
+        # with 4 stages: 1.281 ms, was 1.402
         "moe_gemm": {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3,
-                     "BN_small": 64, "BK_small": 64, "BM_mid": 128},
+                     "BN_small": 64, "BK_small": 64, "BM_mid": 128,
+                     "tma": "host", "half": 1, "BN_down": 256, "num_stages_mid": 4, "num_stages_down_mid": 4},
         # quantized: BN_small 64 is the best swept decode tile at 4-16 tokens for int4/int8/fp8
         # (bench/lowbit.py on an H200, 2026-11-30: 1.4-2.1x the 32-row default)
         "moe_gemm_q": {"BM": 128, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3, "fp8_dot": True,
