@@ -72,7 +72,7 @@ def phase_times() -> dict:
     from torch._dynamo.utils import compile_times
     names, values = compile_times(repr="csv", aggregate=True)
     have = dict(zip(names, map(float, values)))
-    return {k: have.get(v, 0.0) for k, v in PHASES.items()}
+    return {k: have.get(v) for k, v in PHASES.items()}      # None: a timer this torch lacks
 
 
 def child(args) -> dict:
@@ -137,7 +137,8 @@ def child(args) -> dict:
     seq.close()
     res["decode_first_s"] = steps[1] if len(steps) > 1 else None
     res["decode_ms_per_step"] = 1e3 * statistics.median(steps[4:]) if len(steps) > 8 else None
-    res["decode_phases_s"] = {k: v - res["prefill_phases_s"][k] for k, v in phase_times().items()}
+    res["decode_phases_s"] = {k: None if v is None else v - (res["prefill_phases_s"][k] or 0.0)
+                              for k, v in phase_times().items()}
     res["graphs_prefill"] = graphs_after_prefill
     res["graphs_decode"] = counters["stats"]["unique_graphs"] - graphs_after_prefill
     warm = counters["stats"]["unique_graphs"]
