@@ -269,3 +269,10 @@ def test_grouped_gemm_variants_build_for_sm90(monkeypatch, variant):
         ptx = aot.compile_spec(spec, "sm_90").asm["ptx"]
         assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx, spec.name
     moe.gemm_specs.cache_clear()
+
+
+def test_tile_map_template_renders_alone():
+    """moe_fp8 renders moe.py's plain tile map; the persistent kernels' counting form adds count_ptr."""
+    from kimi_graph.lowering.triton import moe, moe_fp8
+    assert "count_ptr" not in moe_fp8.tile_map(16, 64, "interpret").source
+    assert "max_tiles, count_ptr):" in moe._tile_map(True)
