@@ -252,6 +252,8 @@ def main(argv=None) -> None:
                                                 [int(b) for b in a.token_buckets.split(",") if b], forms=forms,
                                                 tiles=a.sweep_tiles)
     extra = {"copy_tb_s": bw / 1e12, "context": a.context, "moe_decode_tiles": tiles, "moe_decode_best": best}
+    if tiles:                               # the sweep's rows kept even when no model runs after it
+        write_result(a.name, rows, extra)
     if best and a.use_best:                 # the whole-model runs with the sweep's best tiles
         from harness import override_config
         override_config("moe_decode", **best)
