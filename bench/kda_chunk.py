@@ -152,10 +152,11 @@ def split(shape="16k"):
 # diagonal blocks, 8 heads a program on 2 warps, column stores; the scan of many programs 128
 # columns wide on 8 warps; exp2, beta k G in bf16, prep 4 rows a step, BT=32), the likelier first
 # (a time budget may stop the sweep early): each segment's scan beside the next segment's kernels
-# (16 chunks: the error check's 42 run in segments too), the diagonal blocks row by row (lost on 8
+# (16 chunks: the error check's 42 run in segments too), k G_L/G from the intra kernel (prep's
+# second pass gone), the diagonal blocks row by row (lost on 8
 # and 4 warps), prep a whole chunk a step (lost), the scan's other tiles, then each kernel's warps
 # and tiles, BT 64 and the other layouts
-VARIANTS = ({}, {"scan_seg": 128}, {"scan_seg": 64}, {"scan_seg": 256}, {"scan_seg": 16},
+VARIANTS = ({}, {"scan_seg": 128}, {"prep_kg": "intra"}, {"scan_seg": 64}, {"scan_seg": 256}, {"scan_seg": 16},
             {"diag": "block", "diag_form": "rows", "diag_warps": 2}, {"BH": 16}, {"diag_warps": 1},
             {"scan_many": 1024, "BV_many": 64, "warps_many": 8}, {"scan_many": 4096}, {"scan_many": 512},
             {"prep_kg": "inline"}, {"scan_ks": 64}, {"diag": "intra", "intra_warps": 4},

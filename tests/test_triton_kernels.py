@@ -113,6 +113,7 @@ def test_kda_chunk_k_slices_and_strong_decay():
                                    {"diag": "token", "wu": "fused", "BH": 2, "diag_unroll": True,
                                     "diag_store": "column", "prep_kg": "prepass", "bkg_fp32": False},
                                    {"diag": "block", "wu": "split", "prep_kg": "prepass", "ftz_exp": True},
+                                   {"diag": "token", "wu": "fused", "prep_kg": "intra", "BH": 2},
                                    {"diag": "prep", "wu": "fused", "bkg_fp32": False, "ftz_exp": True},
                                    {"diag": "levels", "wu": "split", "prep_rows": 32},
                                    {"diag": "levels", "wu": "fused"},
@@ -120,20 +121,20 @@ def test_kda_chunk_k_slices_and_strong_decay():
                                    {"diag": "intra", "wu": "split", "ftz_exp": True, "bkg_fp32": False},
                                    {"diag": "block", "wu": "fused", "diag_form": "rows", "ftz_exp": True,
                                     "scan_many": 4, "warps_many": 2},
-                                   {"diag": "intra", "wu": "fused", "diag_form": "rows"},
+                                   {"diag": "intra", "wu": "fused", "diag_form": "rows", "prep_kg": "intra"},
                                    {"diag": "prep", "wu": "split", "diag_form": "rows", "scan_ks": 16}],
                          ids=["token-unrolled-fused-BH2", "token-columns-prepass-split", "token-unrolled-columns-fused",
-                              "block-prepass-split", "in-prep-fused", "levels-split-prep32", "levels-fused",
-                              "intra-fused-inline", "intra-split", "block-rows-scan-many", "intra-rows", "in-prep-rows-scan2"])
+                              "block-prepass-split", "token-kg-in-intra", "in-prep-fused", "levels-split-prep32", "levels-fused",
+                              "intra-fused-inline", "intra-split", "block-rows-scan-many", "intra-rows-kg", "in-prep-rows-scan2"])
 def test_kda_chunk_kernel_modes(modes, monkeypatch):
     """Each generated layout of the chunk kernels (diagonal blocks token-parallel, by sub-chunk
     blocks, in the prep kernel or in the intra kernel by levels or by the block kernel's code, W/U
     in their own kernel or in it, the token-parallel columns unrolled or stored one by one, prep a
-    whole chunk at a time or summing the decay first or k G_L/G in the same pass, the diagonal
-    blocks pair by pair or row by row, the scan's state in two K tiles or its own tiles for many
-    programs (9 here: 3 sequences x 3 heads), beta k G in the activation dtype, exponentials as
-    exp2; the default token loop / split runs in the tests above), on 3 heads (a partial head
-    group for BH=2), K in two slices, ragged packed sequences under a strong decay."""
+    whole chunk at a time or summing the decay first or k G_L/G in the same pass or in the intra
+    kernel, the diagonal blocks pair by pair or row by row, the scan's state in two K tiles or its
+    own tiles for many programs (9 here: 3 sequences x 3 heads), beta k G in the activation dtype,
+    exponentials as exp2; the default token loop / split runs in the tests above), on 3 heads (a
+    partial head group for BH=2), K in two slices, ragged packed sequences under a strong decay."""
     from kimi_graph.lowering.triton.targets import TARGETS
     monkeypatch.setitem(TARGETS["interpret"]["configs"], "kda_chunk",
                         {**TARGETS["interpret"]["configs"]["kda_chunk"], **modes})

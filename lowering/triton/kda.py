@@ -127,8 +127,10 @@ def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk
 # k G_L/G needs the chunk's total decay G_L: a second pass over the stored k and G once the
 # first has summed it ("reload"), a first pass that sums the decay alone from f, so k G_L/G
 # is stored with the rest ("prepass": reads f twice instead of k and G once more), or the whole
-# chunk in one step ("inline": prep's rows a step are BT; G_L is known once its rows are summed)
-_PREP_KG = {"inline": {"total": "", "kg_after": "",
+# chunk in one step ("inline": prep's rows a step are BT; G_L is known once its rows are summed),
+# or none, the intra kernel storing it from the k and G rows it loads anyway ("intra")
+_PREP_KG = {"intra": {"total": "", "kg_here": "", "kg_after": ""},
+            "inline": {"total": "", "kg_after": "",
                        "kg_here": "tl.store(kg_ptr + offk, (k * kda_exp(tl.where(m2, carry[None, :] - gc, 0.0))).to(DT), "
                                   "mask=m2)"},
             "reload": {"total": "", "kg_here": "", "kg_after": """
@@ -311,7 +313,7 @@ _INTRA = _EXP + """
 
 @triton.jit
 def kda_chunk_intra(qn_ptr, kn_ptr, gc_ptr, beta_ptr, bkg_ptr, v_ptr, akd_ptr, chunk_start, chunk_len,
-                    aqk_ptr, w_ptr, u_ptr, t_ptr):
+                    aqk_ptr, w_ptr, u_ptr, t_ptr, kg_ptr):
     # one program per (chunk, head): A_kk and A_qk by BC x BC blocks in KH-wide slices of K (the
     # diagonal blocks here or from kda_chunk_diag), T = (I + A_kk)^-1 once; then W = T (beta k G)
     # and U = T (beta v) by BW-wide column blocks, or T stored for kda_chunk_wu
@@ -461,7 +463,7 @@ def kda_recurrent_step(q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, o_ptr, 
 """
 
 
-def _products_source(NC: int, BC: int, KH: int, NKH: int, levels: bool, diag_here) -> list[str]:
+def _products_source(NC: int, BC: int, KH: int, NKH: int, levels: bool, diag_here, kg_here: bool) -> list[str]:
     """A_kk and A_qk of the chunk as register blocks A{I}_{J} / Q{I}_{J} (J < I) and D{I} / E{I}
     (diagonal, strictly lower / lower), accumulated over NKH slices of K. Every decay ratio
     G_i/G_j (j < i) factors through a reference row r with j <= r < i, so both factors are
@@ -471,7 +473,8 @@ def _products_source(NC: int, BC: int, KH: int, NKH: int, levels: bool, diag_her
       half of a 2s-row group against the earlier half, r = the earlier half's last row.
     Without `levels` the diagonal blocks come from kda_chunk_diag (A_kk's in akd, times beta;
     A_qk's already in aqk), or with `diag_here` (a _DIAG_FORMS source) from kda_chunk_diag_block's
-    code run here first (its stores read back after a barrier)."""
+    code run here first (its stores read back after a barrier). `kg_here`: k G_L/G stored from
+    the rows loaded here (prep_kg "intra")."""
     L = ["dk = tl.arange(0, BK)", "mk = dk < K"] if diag_here else []
     for I in range(NC):
         L += [f"rI = {I * BC} + cc", "mI = rI < n"]
@@ -484,12 +487,16 @@ def _products_source(NC: int, BC: int, KH: int, NKH: int, levels: bool, diag_her
                      "mask=mI[:, None], other=0.0)")
         L += [f"A{I}_{J} = tl.zeros((BC, BC), tl.float32)\nQ{I}_{J} = tl.zeros((BC, BC), tl.float32)"
               for J in range(I)]
-        for kh in range(NKH if levels or I else 0):
+        for kh in range(NKH if levels or I or kg_here else 0):
             L += [f"col = {kh * KH} + dkh", "mc = col < K", "m2 = mI[:, None] & mc[None, :]",
                   "oI = (start + rI)[:, None] * (H * K) + h * K + col[None, :]",
                   "kI = tl.load(kn_ptr + oI, mask=m2, other=0.0).to(tl.float32)",
-                  "qI = tl.load(qn_ptr + oI, mask=m2, other=0.0).to(tl.float32)",
                   "gI = tl.load(gc_ptr + oI, mask=m2, other=0.0)"]
+            if levels or I:
+                L.append("qI = tl.load(qn_ptr + oI, mask=m2, other=0.0).to(tl.float32)")
+            if kg_here:     # k G_L/G, G_L from the chunk's last row
+                L += ["gL = tl.load(gc_ptr + (start + n - 1) * (H * K) + h * K + col, mask=mc & (col * 0 < n), other=0.0)",
+                      "tl.store(kg_ptr + oI, (kI * kda_exp(tl.where(m2, gL[None, :] - gI, 0.0))).to(DT), mask=m2)"]
             if levels:
                 L += ["E_ = tl.where(cc[:, None] == cc[None, :], tl.sum(qI * kI, 1)[:, None], 0.0)", f"E{I} += E_"]
             if I:
@@ -584,8 +591,8 @@ def _t_store_source(NC: int, BC: int) -> list[str]:
 
 
 def _intra_source(NC: int, BC: int, KH: int, NKH: int, BW: int, n_w: int, n_u: int, levels: bool,
-                  wu_split: bool, diag_here) -> str:
-    return "\n".join(_products_source(NC, BC, KH, NKH, levels, diag_here) + _inverse_source(NC, BC)
+                  wu_split: bool, diag_here, kg_here: bool) -> str:
+    return "\n".join(_products_source(NC, BC, KH, NKH, levels, diag_here, kg_here) + _inverse_source(NC, BC)
                      + (_t_store_source(NC, BC) if wu_split else _wu_source(NC, BC, BW, n_w, n_u)))
 
 
@@ -672,9 +679,9 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
                         block=diag_block(BC)))
     out.append(spec("kda_chunk_intra", _INTRA, ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "bkg_ptr", "v_ptr",
                                                 "akd_ptr", "chunk_start", "chunk_len", "aqk_ptr", "w_ptr",
-                                                "u_ptr", "t_ptr"], cfg["intra_warps"], cfg["intra_stages"],
+                                                "u_ptr", "t_ptr", "kg_ptr"], cfg["intra_warps"], cfg["intra_stages"],
                     body=_intra_source(NC, BC, KH, BK // KH, BW, _cdiv(K, BW), _cdiv(V, BW), levels, wu_split,
-                                      diag == "intra" and diag_block)))
+                                      diag == "intra" and diag_block, cfg["prep_kg"] == "intra")))
     if wu_split:
         out.append(spec("kda_chunk_wu", _WU, ["t_ptr", "bkg_ptr", "v_ptr", "beta_ptr", "chunk_start", "chunk_len",
                                               "w_ptr", "u_ptr"], cfg["wu_warps"], cfg["wu_stages"]))
@@ -834,7 +841,7 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
             if diag:    # token-parallel: a program per row and BH heads; by blocks: per sub-chunk and head
                 grid = (n * BT, _cdiv(H, diag.config["BH"])) if diag.name == "kda_chunk_diag" else (n * BT // BC, H)
                 launch(diag, grid, qn, kn, gc, beta, cs, cl, aqk, akd)
-            launch(intra, (n, H), qn, kn, gc, beta, bkg, v2, akd, cs, cl, aqk, w, u, tinv)
+            launch(intra, (n, H), qn, kn, gc, beta, bkg, v2, akd, cs, cl, aqk, w, u, tinv, kg)
             if wu:
                 launch(wu, (n, H, _cdiv(K, wu.config["BW"]) + _cdiv(V, wu.config["BW"])), tinv, bkg, v2, beta,
                        cs, cl, w, u)

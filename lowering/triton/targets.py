@@ -22,7 +22,8 @@ _BASE = {
     "conv": {"BT": 32, "BC": 128, "num_warps": 4, "num_stages": 1},
     # prep_rows: rows the prep kernel takes at a time; prep_kg: how prep finds the chunk's
     # total decay for k G_L/G ("reload": a second pass over the stored k and G, "prepass": a
-    # first pass over f, "inline": the whole chunk a step, no second pass); bkg_fp32: beta k G in fp32, else in the activation dtype; ftz_exp:
+    # first pass over f, "inline": the whole chunk a step, no second pass; "intra": the intra kernel
+    # stores it from the rows it loads); bkg_fp32: beta k G in fp32, else in the activation dtype; ftz_exp:
     # the chunk kernels' exponentials as ex2.approx.ftz (2 instructions, not 4-5);
     # KH: the slice of K the intra-chunk products take at a time; BW: W/U columns per block;
     # diag: the diagonal BC x BC blocks token-parallel ("token": kda_chunk_diag, BH heads a
