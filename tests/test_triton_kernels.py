@@ -159,10 +159,12 @@ def test_kda_chunk_kernel_modes(modes, monkeypatch):
         assert rel(o[:, sl], ro) < 1e-4 and rel(s[i:i + 1], rs) < 1e-4
 
 
-@pytest.mark.parametrize("seg", [0, 1, 2])
-def test_kda_chunk_scan_segments(seg, monkeypatch):
+@pytest.mark.parametrize("seg,inplace", [(0, False), (1, False), (2, False), (1, True)])
+def test_kda_chunk_scan_segments(seg, inplace, monkeypatch):
     """The chunk table in segments of `seg` chunks (each segment's kernels, then its scan: a
-    sequence's state continues across segments); an empty sequence keeps its initial state."""
+    sequence's state continues across segments); an empty sequence keeps its initial state; the
+    states in place (SlotRows: slots in another order, the storage read and written)."""
+    from kimi_graph.runtime.views import SlotRows
     from kimi_graph.lowering.triton.targets import TARGETS
     monkeypatch.setitem(TARGETS["interpret"]["configs"], "kda_chunk",
                         {**TARGETS["interpret"]["configs"]["kda_chunk"], "scan_seg": seg})
@@ -171,10 +173,16 @@ def test_kda_chunk_scan_segments(seg, monkeypatch):
     cu = torch.tensor([0, 70, 70, 75, 108], dtype=torch.int32)
     q, k, v, f, b, A, dt = kda_inputs(1, sum(lens), H, K, V)
     s0 = torch.randn(len(lens), H, K, V)
+    slots = torch.tensor([2, 0, 4, 1])
+    storage = torch.randn(5, H, K, V)
+    storage[slots] = s0
     try:
-        o, s = kda.kda_chunk(q, k, v, f, b, A, dt, 0.25, state=s0, cu_seqlens=cu)
+        o, s = kda.kda_chunk(q, k, v, f, b, A, dt, 0.25, cu_seqlens=cu,
+                             state=SlotRows(storage, slots) if inplace else s0)
     finally:
         kda.chunk_specs.cache_clear()
+    if inplace:
+        s = storage[slots]
     assert torch.equal(s[1], s0[1])
     for i in (0, 2, 3):
         sl = slice(int(cu[i]), int(cu[i + 1]))
