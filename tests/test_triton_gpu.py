@@ -89,6 +89,29 @@ def test_kernel_bf16_against_fp64(kind, args, attrs):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("form", [{"scan_seg": 2}, {"prep_kg": "intra"}, {"diag": "block", "diag_form": "rows"},
+                                  {"scan_many": 1, "BV_many": 128, "warps_many": 8}, {"scan_ks": 64}],
+                         ids=["segmented-scan", "kg-in-intra", "rows", "scan-many", "scan-k-tiles"])
+def test_kda_chunk_forms_bf16(form, monkeypatch):
+    """The KDA chunk kernels' swept forms in bf16 against fp64 (the segmented scan on its side
+    stream: 20 chunks in segments of 2), two sequences of 300 with initial states; the target's
+    tiles without a tuning file (which would shadow the form)."""
+    from kimi_graph.lowering.triton import kda
+    from kimi_graph.lowering.triton.targets import TARGETS, TUNING_ENV, current_target
+    monkeypatch.delenv(TUNING_ENV, raising=False)
+    cfgs = TARGETS[current_target()]["configs"]
+    monkeypatch.setitem(cfgs, "kda_chunk", {**cfgs["kda_chunk"], **form})
+    kda.chunk_specs.cache_clear()
+    args, attrs = cases()[0][1], cases()[0][2]
+    try:
+        out = KERNELS["kda_fused_chunk"][0](args, attrs)
+    finally:
+        kda.chunk_specs.cache_clear()
+    ref = get_op("kda_fused_chunk").ref([a.double() for a in args], attrs)
+    for i, (a, b) in enumerate(zip(out, ref)):
+        assert rel(a, b) <= BF16_TOL, f"{form} result {i}: rel err {rel(a, b):.2e}"
+
+
 def test_mla_prefill_attention_rope_key_apart_bf16():
     """MLA's prefill shapes (H 32, N 128 + P 64, v 128) with the rope key read apart, ragged
     starts over a cache: bf16 against fp64 attention over the concatenated keys."""
