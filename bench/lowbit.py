@@ -10,8 +10,9 @@ same run, one line a variant (a moe_gemm_q config over the target's):
   low-bit bytes read (codes + scales of the
   experts touched, read_MB) per second against the copy bandwidth measured here; x_bf16: our
   bf16 grouped SwiGLU's time over this one;
-- with --by-id, the same formats through moe_decode's experts by id (the decode step's path,
-  1-8 tokens at top-8, with the combine);
+- with --by-id, the same formats through moe_decode's entry (the decode step's path, 1-8 tokens
+  at top-8, with the combine): experts by id with each loader, and the permuted grouped path
+  (`quant_direct` False: permute, the grouped kernels above, un-permute);
 - fp8 (128 x 128 blocks) at 8k tokens (prefill): W8A8 on fp8 tensor cores, activations in e4m3
   per row and 128 columns (`w8a8 ...`: lowering/triton/moe_fp8.py; `tile`: quantized inside
   the main loop), and weight-only (codes converted to bf16), against bf16.
@@ -79,19 +80,15 @@ def cpu_smoke():
 
 
 DECODE_VARIANTS = [("default", {}),
-                   ("w4a8 BN32_TPS4", dict(rows_kernel="w4a8", TPS_w4a8=4)),
-                   ("w4a8 BN64_TPS4", dict(rows_kernel="w4a8", BN_w4a8=64, BND_w4a8=64, TPS_w4a8=4)),
-                   ("w4a8 BN32_TPS2", dict(rows_kernel="w4a8")),
-                   ("w4a8 BN16_TPS4", dict(rows_kernel="w4a8", BN_w4a8=16, BND_w4a8=16, TPS_w4a8=4)),
-                   ("w4a8 BN32_TPS8_w8", dict(rows_kernel="w4a8", TPS_w4a8=8, warps_w4a8=8)),
-                   ("dot BN32", dict(rows_kernel="dot", BN_dot=32, BND_dot=32)),
-                   ("dot BN64", dict(rows_kernel="dot", BN_dot=64, BND_dot=64)),
-                   ("rows BN64_BK512", dict(BN_rows=64, BK_rows=512, BND_rows=64, BKD_rows=512)),
-                   ("rows BN32_BK512", dict(BN_rows=32, BK_rows=512, BND_rows=32, BKD_rows=512)),
-                   ("dot BN64_w8", dict(rows_kernel="dot", BN_dot=64, BND_dot=64, warps_dot=8)),
-                   ("dot BN32_TPS3", dict(rows_kernel="dot", BN_dot=32, BND_dot=32, TPS_dot=3)),
-                   ("dot BN16", dict(rows_kernel="dot", BN_dot=16, BND_dot=16)),
-                   ("rows BN16_BK1024", dict(BN_rows=16, BK_rows=1024, BND_rows=16, BKD_rows=1024))]
+                   ("default pdl", dict(pdl=True)),
+                   ("w4a8 BN16_BND32_TPS4", dict(rows_kernel="w4a8", BN_w4a8=16, BND_w4a8=32, TPS_w4a8=4)),
+                   ("w4a8 BN16_TPS8", dict(rows_kernel="w4a8", BN_w4a8=16, BND_w4a8=16, TPS_w4a8=8)),
+                   ("w4a8 BN8_TPS4", dict(rows_kernel="w4a8", BN_w4a8=8, BND_w4a8=8, TPS_w4a8=4)),
+                   ("w4a8 BN16_TPS2", dict(rows_kernel="w4a8", BN_w4a8=16, BND_w4a8=16, TPS_w4a8=2)),
+                   ("w4a8 BN32_TPS2", dict(rows_kernel="w4a8", BN_w4a8=32, BND_w4a8=32, TPS_w4a8=2)),
+                   ("w4a8 BN16_TPS4_w2", dict(rows_kernel="w4a8", BN_w4a8=16, BND_w4a8=16, TPS_w4a8=4, warps_w4a8=2)),
+                   ("words (rows 32x256)", dict(rows_kernel="words")),
+                   ("dot BN64", dict(rows_kernel="dot", BN_dot=64, BND_dot=64))]
 W8A8 = dict(fp8_dot="w8a8")
 PREFILL_VARIANTS = [("tile (in-loop act quant)", dict(fp8_dot=True)),
                     ("w8a8 BM64_BN128", W8A8),
@@ -107,6 +104,7 @@ def gpu(args):
     from harness import bench, bench_graph, copy_bandwidth, rel_err, write_result
 
     from kimi_graph.lowering.triton import moe, moe_fp8, moe_qdot, moe_quant, moe_w4a8
+    from kimi_graph.lowering.triton.codegen import PDL_ENV
     from kimi_graph.lowering.triton.targets import TARGETS, current_target
     from kimi_graph.ops.quant import quantize
 
@@ -120,13 +118,19 @@ def gpu(args):
     caches = (moe_quant.specs, moe_quant.row_specs, moe_fp8.specs, moe_qdot.specs, moe_w4a8.specs)
 
     def with_config(over, fn):
+        """fn() under moe_gemm_q = the target's with `over` (pdl: programmatic dependent launch on)."""
+        over = dict(over)
+        pdl = over.pop("pdl", False)
         cfg.clear()
         cfg.update({**base, **over})
         for c in caches:
             c.cache_clear()
+        if pdl:
+            os.environ[PDL_ENV] = "1"
         try:
             return fn()
         finally:
+            os.environ.pop(PDL_ENV, None)
             cfg.clear()
             cfg.update(base)
             for c in caches:
@@ -207,7 +211,7 @@ def write_best(rows, base):
                        ("fp8 prefill", lambda r: r["format"] == "fp8" and r["tokens"] > 16)):
         best = best_of(rows, pick)
         if best and best[2] > 1.03:
-            over.update(best[1])
+            over.update({k: v for k, v in best[1].items() if k != "pdl"})
             notes.append(f"{what}: {best[0]} ({best[2]:.2f}x the default)")
     if not over:
         print("no variant beat the defaults by more than 3%: tuning file unchanged")
@@ -233,8 +237,9 @@ def by_id_fp64(x, ids, wts, q13, q2, fmt):
 
 
 def by_id(fmt, q13, q2, w13, w2, per_expert, bw, g):
-    """moe_decode's experts by id (top-8, acc given, no shared expert) with `fmt` codes: the word
-    loader (default) and the per-element one against bf16 experts, 1-8 tokens (CUDA graphs)."""
+    """moe_decode's entry (top-8, acc given, no shared expert) with `fmt` codes: experts by id
+    (the target's loader, and the per-element one) and the permuted grouped path, against bf16
+    experts by id, 1-8 tokens (CUDA graphs)."""
     from harness import bench_graph, rel_err
 
     from kimi_graph.lowering.triton import moe_decode
@@ -251,17 +256,16 @@ def by_id(fmt, q13, q2, w13, w2, per_expert, bw, g):
         t_bf16 = bench_graph(lambda: moe_decode.direct(x, ids, wts, w13, w2, acc))
         ref = by_id_fp64(x, ids, wts, q13, q2, fmt)
         read = ids.unique().numel() * per_expert
-        for name, over in (("words", {"dequant": "words"}), ("elements", {"dequant": "elements"}),
-                           ("words serial", {"dequant": "words", "prefetch": False}),
-                           ("words BN8_BK1024", {"dequant": "words", "quant_tiles": {"BN": 8, "BK": 1024, "BND": 8,
-                                                                                      "BKD": 1024}}),
-                           ("words BN32_BK512", {"dequant": "words", "quant_tiles": {"BN": 32, "BK": 512, "BND": 32,
-                                                                                      "BKD": 512}})):
+        for name, over in (("by id (default)", {}), ("by id elements", {"dequant": "elements"}),
+                           ("permuted grouped", {"quant_direct": False})):
             cfg.update(over)
             moe_decode.decode_specs.cache_clear()
             try:
-                run = lambda: moe_decode.direct(x, ids, wts, q13[0], q2[0], acc, None, quant)  # noqa: E731
+                run = lambda: moe_decode.moe_experts(x, ids, wts, q13[0], q2[0], acc, None, quant)  # noqa: E731
                 ms, err = bench_graph(run), rel_err(run(), ref)
+            except Exception as exc:                    # one variant's failure ends no other's
+                print(f"{fmt} {N} tokens {name}: error {type(exc).__name__}: {str(exc)[:300]}")
+                continue
             finally:
                 cfg.clear()
                 cfg.update(base)
@@ -269,6 +273,9 @@ def by_id(fmt, q13, q2, w13, w2, per_expert, bw, g):
             out.append({"path": "by id", "format": fmt, "tokens": N, "variant": name, "ms": ms, "bf16_ms": t_bf16,
                         "x_bf16": t_bf16 / ms, "read_MB": read / 1e6, "pct_copy_bw": 100 * read / (ms * 1e-3) / bw,
                         "tflops": 2 * N * K * 3 * D * I / (ms * 1e-3) / 1e12, "rel_err": err})
+            r = out[-1]
+            print(f"{fmt:>6} {N:>6}  {'decode ' + name:<26}{1e3 * ms:>9.1f}{r['pct_copy_bw']:>8.1f}{r['x_bf16']:>8.2f}"
+                  f"{r['tflops']:>9.1f}{err:>10.1e}   (bf16 by id {1e3 * t_bf16:.1f} us)", flush=True)
     return out
 
 

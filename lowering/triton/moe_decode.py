@@ -344,10 +344,11 @@ def takes_direct(ids: torch.Tensor) -> bool:
 
 
 def moe_experts(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None = None):
-    """The routed experts (and a shared one): by id for a decode-sized batch, else the permuted
-    path (moe.moe_experts, or for low-bit experts moe_quant.quantized_moe_experts) after the
-    shared expert through torch."""
-    if takes_direct(ids) and _specs(x, ids, weights, w13, w2, shared, quant) is not None:
+    """The routed experts (and a shared one): by id for a decode-sized batch (low-bit experts:
+    where `quant_direct` says so), else the permuted path (moe.moe_experts, or for low-bit experts
+    moe_quant.quantized_moe_experts) after the shared expert through torch."""
+    by_id = quant is None or config("moe_decode", current_target())["quant_direct"]
+    if by_id and takes_direct(ids) and _specs(x, ids, weights, w13, w2, shared, quant) is not None:
         return direct(x, ids, weights, w13, w2, acc, shared, quant)
     _check(x, ids, weights, w13, w2, acc, shared, quant)
     if shared is not None:

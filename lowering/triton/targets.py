@@ -129,10 +129,12 @@ _BASE = {
     # those (K tiles in int4 columns: int8 takes half as many, the same bytes), or "elements"
     # (each weight dequantized and rounded as the op library does; fp8 always). The bf16 experts'
     # K loops (moe_decode.FORMS): acc "row" (a row sum per K step) or "tile" ([rows, K tile]
-    # accumulators summed once); unroll: the loop unrolled (every load of a program issued first)
+    # accumulators summed once); unroll: the loop unrolled (every load of a program issued first);
+    # quant_direct False: decode-sized low-bit batches take the permuted grouped path instead
+    # (moe_gemm_q's kernels)
     "moe_decode": {"BN": 16, "BK": 256, "BND": 16, "BKD": 256, "max_pairs": 64, "num_warps": 4,
                    "warps_down": 4, "num_stages": 2, "token_tiles": [], "quant_tiles": {}, "dequant": "words",
-                   "prefetch": True, "acc": "row", "unroll": False},
+                   "prefetch": True, "acc": "row", "unroll": False, "quant_direct": True},
     # dense projections of up to max_rows rows (lowering/triton/gemv.py; larger take cuBLAS):
     # enabled: the kernel in place of cuBLAS (env KIMI_GRAPH_TRITON_GEMV=1/0 overrides); BN output
     # columns x BK a step per program, K split until ~`programs` programs (at most max_split);
@@ -206,7 +208,11 @@ TARGETS: dict[str, dict] = {
                        # per-row word kernels: the best of bench/lowbit.py on an H200 (2026-12-01 01:18,
                        # 825dd84) at 1, 4 and 16 tokens for int4 and int8 (int4 1 token 24.6 us, the
                        # 16 x 512 tiles 37.7 us)
-                       "BN_rows": 32, "BK_rows": 256, "BND_rows": 32, "BKD_rows": 256, "warps_rows": 4},
+                       "BN_rows": 32, "BK_rows": 256, "BND_rows": 32, "BKD_rows": 256, "warps_rows": 4,
+                       # int4 decode with int8 activations by dp4a: bench/lowbit.py on an H200 (2026-12-01
+                       # 03:50, 8ef44f4) at 1 / 4 / 16 tokens 13.8 / 40.5 / 122.3 us = 3.73x / 3.29x / 3.01x
+                       # our bf16 kernel (the word kernels above: 24.6 / 85.0 / 291.2), 1.6e-2 from weight-only
+                       "rows_kernel": "w4a8", "BN_w4a8": 16, "BND_w4a8": 16, "TPS_w4a8": 4},
         # direct decode experts: the best of bench/decode_step.py's sweep on an H200 (2026-11-30;
         # one MoE layer at B=1 in 46 us, 65% of the copy rate over the experts read); one or two
         # tokens: the best at B=1 of that sweep (gate_up 25.2 us, was 30.5; down 13.3, was 14.8)
