@@ -207,9 +207,10 @@ def write_best(rows, base):
     from harness import merge_tuning
     from kimi_graph.lowering.triton.targets import load_tuning
     over, notes = {}, []
+    grouped = [r for r in rows if r["path"] == "grouped"]
     for what, pick in (("int4 decode", lambda r: r["format"] == "int4" and r["tokens"] <= 16),
                        ("fp8 prefill", lambda r: r["format"] == "fp8" and r["tokens"] > 16)):
-        best = best_of(rows, pick)
+        best = best_of(grouped, pick)
         if best and best[2] > 1.03:
             over.update({k: v for k, v in best[1].items() if k != "pdl"})
             notes.append(f"{what}: {best[0]} ({best[2]:.2f}x the default)")
