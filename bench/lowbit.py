@@ -3,10 +3,9 @@ I=1024, 256 experts, top-8), against our bf16 grouped SwiGLU (lowering/triton/mo
 same run, one line a variant (a moe_gemm_q config over the target's):
 
 - int4 (group 128) and int8 at 1 / 4 / 16 tokens (decode; CUDA-graph replays): the per-row
-  kernels over 32-bit words (`rows ...`, lowering/triton/dequant.py) and the tensor-core ones
-  that read an expert's codes once for all its rows (`dot ...`, rows_kernel "dot",
-  lowering/triton/moe_qdot.py), and int4 times int8 activations by dp4a (`w4a8 ...`,
-  lowering/triton/moe_w4a8.py: W4A8, activations rounded per row and group); pct_copy_bw: the
+  kernels over 32-bit words (`words`, lowering/triton/dequant.py) and int4 times int8
+  activations by dp4a (`w4a8 ...`, lowering/triton/moe_w4a8.py: W4A8, activations rounded per
+  row and group; sm_90's default); pct_copy_bw: the
   low-bit bytes read (codes + scales of the
   experts touched, read_MB) per second against the copy bandwidth measured here; x_bf16: our
   bf16 grouped SwiGLU's time over this one;
@@ -87,8 +86,7 @@ DECODE_VARIANTS = [("default", {}),
                    ("w4a8 BN16_TPS2", dict(rows_kernel="w4a8", BN_w4a8=16, BND_w4a8=16, TPS_w4a8=2)),
                    ("w4a8 BN32_TPS2", dict(rows_kernel="w4a8", BN_w4a8=32, BND_w4a8=32, TPS_w4a8=2)),
                    ("w4a8 BN16_TPS4_w2", dict(rows_kernel="w4a8", BN_w4a8=16, BND_w4a8=16, TPS_w4a8=4, warps_w4a8=2)),
-                   ("words (rows 32x256)", dict(rows_kernel="words")),
-                   ("dot BN64", dict(rows_kernel="dot", BN_dot=64, BND_dot=64))]
+                   ("words (rows 32x256)", dict(rows_kernel="words"))]
 W8A8 = dict(fp8_dot="w8a8")
 PREFILL_VARIANTS = [("tile (in-loop act quant)", dict(fp8_dot=True)),
                     ("w8a8 BM64_BN128", W8A8),
@@ -103,7 +101,7 @@ def gpu(args):
     sys.path.insert(0, os.path.dirname(__file__))
     from harness import bench, bench_graph, copy_bandwidth, rel_err, write_result
 
-    from kimi_graph.lowering.triton import moe, moe_fp8, moe_qdot, moe_quant, moe_w4a8
+    from kimi_graph.lowering.triton import moe, moe_fp8, moe_quant, moe_w4a8
     from kimi_graph.lowering.triton.codegen import PDL_ENV
     from kimi_graph.lowering.triton.targets import TARGETS, current_target
     from kimi_graph.ops.quant import quantize
@@ -115,7 +113,7 @@ def gpu(args):
     w2 = (torch.randn(E, D, I, device="cuda", generator=g) * I ** -0.5).bfloat16()
     cfg = TARGETS[current_target()]["configs"]["moe_gemm_q"]
     base = dict(cfg)
-    caches = (moe_quant.specs, moe_quant.row_specs, moe_fp8.specs, moe_qdot.specs, moe_w4a8.specs)
+    caches = (moe_quant.specs, moe_quant.row_specs, moe_fp8.specs, moe_w4a8.specs)
 
     def with_config(over, fn):
         """fn() under moe_gemm_q = the target's with `over` (pdl: programmatic dependent launch on)."""

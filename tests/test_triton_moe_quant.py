@@ -111,34 +111,31 @@ def test_gpu_bf16_kernel_against_fp64(fmt, tokens):
 @pytest.mark.parametrize("fmt,tokens,over", [("fp8", 512, {"fp8_dot": "w8a8"}),
                                              ("fp8", 512, {"fp8_dot": "w8a8", "BM_w8a8": 128, "BN_w8a8": 64,
                                                            "warps_w8a8": 8, "warps_down_w8a8": 8}),
-                                             ("int4", 1, {"rows_kernel": "dot"}), ("int4", 16, {"rows_kernel": "dot"}),
-                                             ("int8", 4, {"rows_kernel": "dot", "BN_dot": 64, "BND_dot": 64}),
                                              ("int4", 1, {"rows_kernel": "w4a8"}),
                                              ("int4", 16, {"rows_kernel": "w4a8", "BN_w4a8": 64, "TPS_w4a8": 4})])
 def test_gpu_kernel_variants_against_fp64(monkeypatch, fmt, tokens, over):
-    """The W8A8 fp8 kernels (moe_fp8.py; sm_89+) <= 6e-2, the tensor-core decode kernels
-    (moe_qdot.py) <= 1e-2 and int4 with int8 activations (moe_w4a8.py: dp4a in inline assembly)
-    <= 3e-2 in bf16 at published widths, 32 experts (several rows on most)."""
-    from kimi_graph.lowering.triton import moe_fp8, moe_qdot, moe_quant, moe_w4a8
+    """The W8A8 fp8 kernels (moe_fp8.py; sm_89+) <= 6e-2 and int4 with int8 activations
+    (moe_w4a8.py: dp4a in inline assembly) <= 3e-2 in bf16 at published widths, 32 experts."""
+    from kimi_graph.lowering.triton import moe_fp8, moe_quant, moe_w4a8
     from kimi_graph.lowering.triton.targets import TARGETS, current_target
     target = current_target()
     if fmt == "fp8" and not moe_quant.has_e4m3(target):
         pytest.skip("no fp8 tensor cores on this GPU (sm_89+)")
-    caches = (moe_quant.specs, moe_quant.row_specs, moe_fp8.specs, moe_qdot.specs, moe_w4a8.specs)
+    caches = (moe_quant.specs, moe_quant.row_specs, moe_fp8.specs, moe_w4a8.specs)
     for c in caches:
         c.cache_clear()
     for key, value in over.items():
         monkeypatch.setitem(TARGETS[target]["configs"]["moe_gemm_q"], key, value)
     E, I, D = 32, 1024, 2304
     kernels = moe_quant.w8a8_specs(fmt, E, I, D, 128, "bf16", target) if fmt == "fp8" else \
-        moe_quant.dot_specs(fmt, E, I, D, 128, False, "bf16", target)
+        moe_quant.w4a8_specs(fmt, E, I, D, 128, False, "bf16", target)
     assert kernels is not None                  # the variant's kernels run
     args, want = gpu_case(fmt, E, tokens, 1)
     got = quantized_grouped_swiglu(*args, fmt=fmt)
     for c in caches:
         c.cache_clear()
     # W8A8 and W4A8 round the activations too (e4m3; int8 per group: 1.6e-2 measured on the H200)
-    assert rel_err(got.cpu(), want) <= (6e-2 if fmt == "fp8" else 3e-2 if over.get("rows_kernel") == "w4a8" else 1e-2)
+    assert rel_err(got.cpu(), want) <= (6e-2 if fmt == "fp8" else 3e-2)
 
 
 # -- decode-sized batches: low-bit experts read by top-k id (lowering/triton/moe_decode.py) --------
@@ -397,32 +394,6 @@ def test_fp8_rows_quantization_rounds_as_torch(triton_interpret):
     assert torch.equal(xq.float(), want.float())           # (-0 and 0 alike)
 
 
-# -- decode-sized int4 / int8 on tensor cores (lowering/triton/moe_qdot.py) ------------------------
-@pytest.mark.parametrize("fmt,symmetric,tokens", [("int4", True, 1), ("int4", False, 12), ("int8", True, 5),
-                                                  ("int8", False, 3)])
-def test_grouped_dot_kernel_matches_fp64(triton_interpret, monkeypatch, fmt, symmetric, tokens):
-    """rows_kernel "dot": an expert's codes dequantized once for all its rows (up to BR a program,
-    more rows than BR on one expert), words split into planes dotted with strided columns of the
-    rows; groups of 128 over rows of 256 and 128; against fp64 over the dequantized weights."""
-    from kimi_graph.lowering.triton import moe_qdot, moe_quant, targets
-    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_gemm_q"], "rows_kernel", "dot")
-    E, I, D, k = 4, 128, 256, 2
-    (q13, s13, q2, s2), zeros, (d13, d2), gen = _draw_quant(fmt, symmetric, 128, E, I, D, tokens)
-    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(tokens)]).reshape(-1)
-    if tokens > 10:
-        ids[: 2 * 9] = 2                        # 18 rows (> BR) on expert 2
-    order = ids.sort(stable=True)[1]
-    offsets = torch.zeros(E + 1, dtype=torch.long)
-    offsets[1:] = torch.bincount(ids, minlength=E).cumsum(0)
-    rows = torch.randn(tokens, D, generator=gen)[order // k]
-    specs = moe_quant.dot_specs(fmt, E, I, D, 128, not symmetric, "f32", "interpret")
-    assert specs is not None and specs[0].entry == "qdot_gate_up"
-    got = quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, *(z for z in zeros if z is not None), fmt=fmt,
-                                   group_size=128)
-    assert rel_err(got, swiglu_fp64(rows, offsets, d13, d2)) <= 1e-5
-    moe_qdot.specs.cache_clear()
-
-
 # -- decode-sized int4 with int8 activations (lowering/triton/moe_w4a8.py) --------------------------
 def int8_rows_fp64(x: torch.Tensor, group: int) -> torch.Tensor:
     """x with each row's groups quantized to int8 (scale max|x| / 127, round to nearest even) and
@@ -447,7 +418,7 @@ def test_w4a8_kernels_match_fp64_with_int8_activations(triton_interpret, monkeyp
     offsets = torch.zeros(E + 1, dtype=torch.long)
     offsets[1:] = torch.bincount(ids, minlength=E).cumsum(0)
     rows = torch.randn(tokens, D, generator=gen)[order // k] * torch.logspace(-2, 1, D)
-    assert moe_quant.dot_specs("int4", E, I, D, G, not symmetric, "f32", "interpret")[0].entry == "qmoe_a8_x"
+    assert moe_quant.w4a8_specs("int4", E, I, D, G, not symmetric, "f32", "interpret")[0].entry == "qmoe_a8_x"
     got = quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, *(z for z in zeros if z is not None),
                                    fmt="int4", group_size=G)
     want = torch.zeros(rows.shape, dtype=torch.float64)
@@ -482,6 +453,6 @@ def test_w4a8_kernels_build_for_sm_90():
     """The dp4a inline assembly of moe_w4a8's kernels compiles for sm_90 (no GPU needed)."""
     from kimi_graph.lowering.triton import moe_quant
     from kimi_graph.lowering.triton.aot import compile_spec
-    kernels = moe_quant.dot_specs("int4", 8, 1024, 2304, 128, False, "bf16", "sm_90")
+    kernels = moe_quant.w4a8_specs("int4", 8, 1024, 2304, 128, False, "bf16", "sm_90")
     assert [k.entry for k in kernels] == ["qmoe_a8_x", "qmoe_a8_h", "qmoe_a8_gate_up", "qmoe_a8_down"]
     assert "dp4a" in compile_spec(kernels[2], "sm_90").asm["ptx"]

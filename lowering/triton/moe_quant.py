@@ -34,7 +34,7 @@ import torch
 
 from kimi_graph.ops.quant import group_of
 
-from . import dequant, moe_fp8, moe_permute, moe_qdot, moe_w4a8
+from . import dequant, moe_fp8, moe_permute, moe_w4a8
 from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render
 from .elementwise import ir_dtype, ptr_type
 from .targets import TARGETS, config, current_target
@@ -244,11 +244,9 @@ def quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13=None, z2=None,
     w8a8 = None if per_row or M <= 256 or z13 is not None else w8a8_specs(fmt, E, I, D, group_size, dt, target)
     if w8a8 is not None:
         return moe_fp8.grouped_swiglu(rows, offsets, q13, s13, q2, s2, w8a8)
-    dots = dot_specs(fmt, E, I, D, group_size, z13 is not None, dt, target) if per_row else None
-    if dots is not None and dots[0].entry == "qmoe_a8_x":
-        return moe_w4a8.grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13, z2, dots)
-    if dots is not None:
-        return _rows_launch(dots, rows, offsets, q13, s13, q2, s2, z13, z2, "BN", "BND")
+    a8 = w4a8_specs(fmt, E, I, D, group_size, z13 is not None, dt, target) if per_row else None
+    if a8 is not None:
+        return moe_w4a8.grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13, z2, a8)
     kernels = row_specs(fmt, E, I, D, group_size, z13 is not None, dt, target) if per_row else \
         specs(fmt, E, I, D, group_size, z13 is not None, dt, M <= 256, target)
     if kernels is None:
@@ -276,15 +274,13 @@ def _rows_launch(kernels, rows, offsets, q13, s13, q2, s2, z13, z2, bn: str, bnd
     return y
 
 
-def dot_specs(fmt: str, E: int, I: int, D: int, group_size: int, asym: bool, dtype: str, target: str):
-    """The kernels `rows_kernel` names for decode-sized calls where they fit, else None (the per-row
-    word kernels run then): "dot", moe_qdot's on tensor cores; "w4a8", moe_w4a8's (int4 with
-    int8 activations)."""
-    module = {"dot": moe_qdot, "w4a8": moe_w4a8}.get(config("moe_gemm_q", target)["rows_kernel"])
-    if module is None or fmt not in ("int4", "int8"):
+def w4a8_specs(fmt: str, E: int, I: int, D: int, group_size: int, asym: bool, dtype: str, target: str):
+    """moe_w4a8's kernels (int4 with int8 activations) for decode-sized calls where `rows_kernel`
+    is "w4a8" and they fit, else None (the per-row word kernels run then)."""
+    if config("moe_gemm_q", target)["rows_kernel"] != "w4a8":
         return None
-    return module.specs(fmt, E, I, D, group_of(fmt, D, group_size), group_of(fmt, I, group_size), asym, dtype,
-                        target)
+    return moe_w4a8.specs(fmt, E, I, D, group_of(fmt, D, group_size), group_of(fmt, I, group_size), asym, dtype,
+                          target)
 
 
 def w8a8_specs(fmt: str, E: int, I: int, D: int, group_size: int, dtype: str, target: str):
@@ -326,7 +322,7 @@ def specs_for(kind, ins, outs, attrs, target):
     return [s for small in (True, False) for s in specs(fmt, E, I, D, G, asym, rows.dtype, small, target) or ()] \
         + list(row_specs(fmt, E, I, D, G, asym, rows.dtype, target) or ()) \
         + list(w8a8_specs(fmt, E, I, D, G, rows.dtype, target) or ()) \
-        + list(dot_specs(fmt, E, I, D, G, asym, rows.dtype, target) or ())
+        + list(w4a8_specs(fmt, E, I, D, G, asym, rows.dtype, target) or ())
 
 
 def chain_specs(ins, attrs, target) -> list[KernelSpec]:

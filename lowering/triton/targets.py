@@ -100,17 +100,14 @@ _BASE = {
     # rows_max: up to that many rows (token copies), int4 / int8 take one program per (row, N
     # block) dotting the row with its expert's codes read as words (dequant.py; moe_decode's
     # loops), in BN_rows x BK_rows (gate/up) and BND_rows x BKD_rows (down) tiles (K in int4
-    # columns: int8 takes half), prefetch_rows as moe_decode's prefetch; rows_kernel "dot" takes
-    # moe_qdot.py's tensor-core kernels instead (an expert's codes dequantized once for BR_dot of
-    # its rows; BN_dot / BND_dot x BK_dot tiles (int4 columns, inside a group), TPS_dot tiles a
-    # step, warps_dot, stages_dot); "w4a8": moe_w4a8.py's (int4 codes times int8 activations by
-    # dp4a; BN_w4a8 / BND_w4a8 rows, TPS_w4a8 groups a step, warps_w4a8, stages_w4a8)
+    # columns: int8 takes half), prefetch_rows as moe_decode's prefetch; rows_kernel "w4a8": int4
+    # takes moe_w4a8.py's kernels instead (codes times int8 activations by dp4a; BN_w4a8 /
+    # BND_w4a8 rows, TPS_w4a8 groups a step, warps_w4a8, stages_w4a8), "words": these
     "moe_gemm_q": {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3,
                    "BM_small": 16, "BN_small": 32, "BK_small": 128, "fp8_dot": False,
                    "rows_max": 128, "BN_rows": 16, "BK_rows": 512, "BND_rows": 16, "BKD_rows": 512,
                    "warps_rows": 4, "stages_rows": 2, "prefetch_rows": True,
-                   "rows_kernel": "words", "BR_dot": 16, "BN_dot": 32, "BND_dot": 32, "BK_dot": 128, "TPS_dot": 2,
-                   "warps_dot": 4, "stages_dot": 1, "BN_w4a8": 32, "BND_w4a8": 32, "TPS_w4a8": 2, "warps_w4a8": 4,
+                   "rows_kernel": "words", "BN_w4a8": 32, "BND_w4a8": 32, "TPS_w4a8": 2, "warps_w4a8": 4,
                    "stages_w4a8": 3,
                    "BM_w8a8": 64, "BN_w8a8": 128, "BK_w8a8": 128, "BND_w8a8": 128, "warps_w8a8": 8,
                    "warps_down_w8a8": 4, "stages_w8a8": 3, "QR_w8a8": 16},
@@ -237,7 +234,7 @@ TARGETS: dict[str, dict] = {
         "moe_gemm_q": {"BM": 16, "BN": 16, "BK": 32, "BM_small": 16, "BN_small": 16, "BK_small": 32,
                        "BN_rows": 16, "BK_rows": 32, "BND_rows": 16, "BKD_rows": 16,
                        "BM_w8a8": 16, "BN_w8a8": 16, "BK_w8a8": 32, "BND_w8a8": 16, "QR_w8a8": 8,
-                       "BN_dot": 16, "BND_dot": 16, "BN_w4a8": 16, "BND_w4a8": 16},
+                       "BN_w4a8": 16, "BND_w4a8": 16},
         "moe_permute": {"BLOCK": 64, "SUB": 16, "BD": 32, "SCAN_E": 4, "SCAN_B": 4},
         # max_pairs: the tiny model's decode steps and short chunks read experts by id, its
         # prefills of a few sequences (> 16 token copies) take the grouped kernels
