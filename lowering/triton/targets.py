@@ -40,7 +40,8 @@ _BASE = {
     # scan_many: from this many scan programs (N x H x V/BV) on, the scan takes BV_many columns
     # and warps_many warps (packed sequences: fewer programs reloading each head's q, k, W; 0: off);
     # scan_seg: the chunk table in segments of this many chunks, each segment's scan on a side
-    # stream beside the next segment's prep / diag / intra (0: one launch each);
+    # stream beside the next segment's prep / diag / intra (0: one launch each; H200 2026-12-01:
+    # 256 chunks 7.52 vs 7.63 ms at 64k, slower at 16k and 64x512, so off);
     # op_chunk: chunks of the op's chunk_size (chunk-kda{chunk-size=N}); False: of BT whatever
     # the op asks (the chunk form's results do not depend on it beyond rounding)
     "kda_chunk": {"BT": 64, "BC": 16, "BV": 32, "KH": 64, "BW": 64, "num_warps": 4, "num_stages": 2,
