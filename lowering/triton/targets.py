@@ -195,10 +195,12 @@ TARGETS: dict[str, dict] = {
         # grouped SwiGLU: the best of bench/moe_swiglu.py --sweep on an H200 (2026-12-01 03:35,
         # f3ac10f): large (16k / 32k tokens) host descriptors, half tiles, down BN 256: 3.695 /
         # 6.784 ms, was 4.047 / 7.491 (547 TFLOP/s at 32k, 0.81x dense cuBLAS); mid (4k) the same
-        # with 4 stages: 1.281 ms, was 1.402
+        # with 4 stages: 1.281 ms, was 1.402; mid down BN 256 from the final run's sweep (04:17,
+        # 7c42f55): 4k 1.220 ms against 1.328 (16k: 3.714 against 3.729, kept)
         "moe_gemm": {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3,
                      "BN_small": 64, "BK_small": 64, "BM_mid": 128,
-                     "tma": "host", "half": 1, "BN_down": 256, "num_stages_mid": 4, "num_stages_down_mid": 4},
+                     "tma": "host", "half": 1, "BN_down": 256, "num_stages_mid": 4, "num_stages_down_mid": 4,
+                     "BN_down_mid": 256},
         # quantized: BN_small 64 is the best swept decode tile at 4-16 tokens for int4/int8/fp8
         # (bench/lowbit.py on an H200, 2026-11-30: 1.4-2.1x the 32-row default)
         "moe_gemm_q": {"BM": 128, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3, "fp8_dot": True,
