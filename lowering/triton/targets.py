@@ -212,7 +212,10 @@ TARGETS: dict[str, dict] = {
                        # int4 decode with int8 activations by dp4a: bench/lowbit.py on an H200 (2026-12-01
                        # 03:50, 8ef44f4) at 1 / 4 / 16 tokens 13.8 / 40.5 / 122.3 us = 3.73x / 3.29x / 3.01x
                        # our bf16 kernel (the word kernels above: 24.6 / 85.0 / 291.2), 1.6e-2 from weight-only
-                       "rows_kernel": "w4a8", "BN_w4a8": 16, "BND_w4a8": 16, "TPS_w4a8": 4},
+                       "rows_kernel": "w4a8", "BN_w4a8": 16, "BND_w4a8": 16, "TPS_w4a8": 4,
+                       # fp8 prefill on the W8A8 kernels (moe_fp8.py): H200 (2026-12-01 04:20, 7c42f55) 8k tokens
+                       # 1817 us = 1.12x our bf16 kernel, 511 TFLOP/s, err 4.3e-2 (fp8_dot True: 4990 us)
+                       "fp8_dot": "w8a8", "BN_w8a8": 64, "warps_w8a8": 4},
         # direct decode experts: the best of bench/decode_step.py's sweep on an H200 (2026-11-30;
         # one MoE layer at B=1 in 46 us, 65% of the copy rate over the experts read); one or two
         # tokens: the best at B=1 of that sweep (gate_up 25.2 us, was 30.5; down 13.3, was 14.8)
