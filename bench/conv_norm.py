@@ -64,12 +64,11 @@ def cases(S: Shapes, T: int, g: torch.Generator) -> dict:
         return float((a.double() - b.double()).norm() / b.double().norm())
 
     def conv_check():
-        got = conv.causal_conv1d(xs[0], ws[0], sts[0], "silu")[0]
-        want = get_op("causal_conv1d").ref([xs[0].float(), ws[0].float(), sts[0].float()],
-                                           {"activation": "silu"})[0]
-        return rel(got, want)
+        got = conv.causal_conv1d_group(xs, ws, sts, "silu")
+        return max(rel(y, get_op("causal_conv1d").ref([x.float(), w.float(), st.float()], {"activation": "silu"})[0])
+                   for (y, _), x, w, st in zip(got, xs, ws, sts))
     return {
-        "conv_qkv": ("conv", lambda: [conv.causal_conv1d(a, w, s, "silu") for a, w, s in zip(xs, ws, sts)],
+        "conv_qkv": ("conv", lambda: conv.causal_conv1d_group(xs, ws, sts, "silu"),     # one launch, as the model
                      3 * 2 * T * C * el, conv_check),
         "add_rmsnorm": ("norm", lambda: norm.rmsnorm(x, wd, 1e-5, residual=res), 4 * T * D * el,
                         lambda: rel(norm.rmsnorm(x, wd, 1e-5, residual=res)[0],
@@ -113,6 +112,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU (TRITON_INTERPRET=1): tiny shapes, two variants")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--families", default="conv,norm", help="the sweeps to run: conv, norm or both")
     ap.add_argument("--write-tuning", action="store_true", help="merge the winners into the tuning file")
     args = ap.parse_args(argv)
     S = Shapes(args.smoke)
@@ -134,6 +134,8 @@ def main(argv=None) -> None:
         for family, variants, names in (("conv", conv_v, ["conv_qkv"]),
                                          ("norm", norm_v, ["gated_rmsnorm", "latent_rmsnorm"]),
                                          ("norm", wide_v, ["add_rmsnorm"])):
+            if family not in args.families.split(","):
+                continue
             win, part = sweep(S, family, variants, names, all_cases, copy_bw)
             best.setdefault(family, {}).update(win)
             sweeps += part

@@ -12,6 +12,7 @@ the mean, summing to the same total).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -136,11 +137,11 @@ def timing(names=None):
     return rows
 
 
-def split(shape="16k"):
+def split(shape="16k", with_fla=True):
     """CUDA time per kernel (ms per call) of each implementation at one shape."""
     args, cu, state = inputs(lengths(dict(SHAPES)[shape]))
     rows = []
-    for impl, fn in impls(args, cu, state).items():
+    for impl, fn in impls(args, cu, state, with_fla).items():
         times = kernel_times(fn)
         for name, ms in list(times.items())[:8]:
             rows.append({"shape": shape, "impl": impl, "kernel": name[:44], "ms": ms})
@@ -167,14 +168,16 @@ VARIANTS = ({}, {"scan_seg": 128}, {"prep_kg": "intra"}, {"scan_seg": 64}, {"sca
             {"BV": 16}, {"BV": 64}, {"num_warps": 8}, {"num_stages": 3}, {"BT": 64}, {"diag": "levels"})
 TUNED_KEYS = ("BT", "BC", "BV", "KH", "BW", "BH", "diag", "diag_unroll", "diag_store", "wu", "num_warps", "num_stages",
               "prep_warps", "prep_rows", "prep_kg", "bkg_fp32", "ftz_exp", "diag_warps", "intra_warps", "intra_stages",
-              "wu_warps", "wu_stages", "diag_form", "scan_ks", "scan_many", "BV_many", "warps_many", "scan_seg")
+              "wu_warps", "wu_stages", "diag_form", "scan_ks", "scan_many", "BV_many", "warps_many", "scan_seg",
+              "scan_seg_min")
 
 
-def sweep(shapes=("16k", "64x512"), budget=0.0, keys=()):
+def sweep(shapes=("16k", "64x512"), budget=0.0, keys=(), variants=VARIANTS):
     """Tile variants of ours, one at a time over the target's config, then the variants that
     beat it merged greedily; the best by the sum of the times at `shapes` among those within TOL
     of the fp64 recurrence (5 ragged sequences); no single variant starts after `budget` seconds
-    (0: no limit); `keys`: only the variants that set one of them. -> (rows, best config)."""
+    (0: no limit); `keys`: only the variants that set one of them; `variants`: these in place of
+    VARIANTS (the base first). -> (rows, best config)."""
     from kimi_graph.lowering.triton.targets import TARGETS, current_target
     cases = {s: inputs(lengths(dict(SHAPES)[s])) for s in shapes}
     e_args, e_cu, e_state = inputs([300, 1, 700, 64, 129], seed=5)
@@ -202,7 +205,7 @@ def sweep(shapes=("16k", "64x512"), budget=0.0, keys=()):
         if err <= TOL:
             timed.append((sum(ms.values()), variant))
 
-    for variant in VARIANTS:
+    for variant in ({},) + tuple(v for v in variants if v):
         if not keys or not variant or variant.keys() & set(keys):
             run(str(variant) if variant else "base", variant)
     # merged greedily: from the best variant, each one that beat the base (the better first) is
@@ -285,6 +288,15 @@ def main():
     ap.add_argument("--budget", type=float, default=0.0, help="seconds after which the sweep starts no new variant")
     ap.add_argument("--keys", default="", help="sweep only the variants that set one of these comma-separated keys")
     ap.add_argument("--sweep-shapes", default="16k,64x512", help="the shapes whose summed time the sweep ranks by")
+    ap.add_argument("--variants", default="", help="a JSON list of configs to sweep in place of VARIANTS, "
+                    "e.g. '[{\"scan_seg\": 256, \"scan_seg_min\": 1024}]'")
+    ap.add_argument("--split-only", action="store_true",
+                    help="the per-kernel split alone (ours, the previous kernels, fla-core) at --split-shapes")
+    ap.add_argument("--split-shapes", default="16k,64x512", help="the shapes of the per-kernel split")
+    ap.add_argument("--no-fla", action="store_true", help="the split without fla-core")
+    ap.add_argument("--config", default="", help="a JSON dict of kda_chunk keys over the target's config for "
+                    "everything this run times (a tuning file in KIMI_GRAPH_TRITON_TUNING still applies over it)")
+    ap.add_argument("--name", default="", help="suffix of the result files (kda_chunk_split-NAME.json, ...)")
     ap.add_argument("--shapes", default="", help="comma-separated subset of " + ",".join(s for s, _ in SHAPES))
     ap.add_argument("--smoke", action="store_true", help="the check alone, tiny and in fp32 (CPU: TRITON_INTERPRET=1)")
     ap.add_argument("--smoke-variants", action="store_true",
@@ -296,10 +308,20 @@ def main():
         return smoke(a.smoke_variants)
     if a.compile_variants:
         return compile_variants()
-    extra = {}
+    extra, sfx = {}, f"-{a.name}" if a.name else ""
+    split_shapes = [s for s in a.split_shapes.split(",") if s]
+    if a.config:
+        override_config("kda_chunk", **json.loads(a.config))
+    if a.split_only:
+        from kimi_graph.lowering.triton.targets import config
+        write_result("kda_chunk_split" + sfx, [r for s in split_shapes for r in split(s, not a.no_fla)],
+                     {"config": config("kda_chunk")})
+        return
     if a.sweep or a.sweep_only:
-        rows, cfg = sweep(tuple(a.sweep_shapes.split(",")), a.budget, tuple(k for k in a.keys.split(",") if k))
-        write_result("kda_chunk_sweep", rows)
+        variants = tuple(json.loads(a.variants)) if a.variants else VARIANTS
+        rows, cfg = sweep(tuple(a.sweep_shapes.split(",")), a.budget, tuple(k for k in a.keys.split(",") if k),
+                          variants)
+        write_result("kda_chunk_sweep" + sfx, rows)
         merge_tuning("kda_chunk", {k: cfg[k] for k in TUNED_KEYS},
                      f"best of bench/kda_chunk.py --sweep at {a.sweep_shapes}")
         extra["config"] = cfg
@@ -308,7 +330,7 @@ def main():
             return
     checks = check()
     write_result("kda_chunk_check", checks, {"tolerance": f"bf16 inputs, fp32 state: rel err <= {TOL}"})
-    write_result("kda_chunk_split", split("16k") + split("64x512"))
+    write_result("kda_chunk_split" + sfx, [r for s in split_shapes for r in split(s)])
     times = timing([s for s in a.shapes.split(",") if s])
     write_result("kda_chunk", times, {"shape": f"H={H}, D={D}, bf16, fused gate/beta/l2norm, initial states",
                                       "baseline": "fla-core chunk_kda, same fusions, same run; before: "

@@ -159,16 +159,21 @@ def test_kda_chunk_kernel_modes(modes, monkeypatch):
         assert rel(o[:, sl], ro) < 1e-4 and rel(s[i:i + 1], rs) < 1e-4
 
 
-@pytest.mark.parametrize("seg,inplace", [(0, False), (1, False), (2, False), (1, True)])
-def test_kda_chunk_scan_segments(seg, inplace, monkeypatch):
+@pytest.mark.parametrize("seg,seg_min,inplace", [(1, 2, False), (1, 0, False), (2, 0, False), (1, 0, True)])
+def test_kda_chunk_scan_segments(seg, seg_min, inplace, monkeypatch):
     """The chunk table in segments of `seg` chunks (each segment's kernels, then its scan: a
     sequence's state continues across segments); an empty sequence keeps its initial state; the
-    states in place (SlotRows: slots in another order, the storage read and written)."""
+    states in place (SlotRows: slots in another order, the storage read and written); with
+    `seg_min` past the sequences' average chunk count (a table of 7 chunks of 32 / 4 sequences), one launch
+    of each kernel."""
     from kimi_graph.runtime.views import SlotRows
     from kimi_graph.lowering.triton.targets import TARGETS
     monkeypatch.setitem(TARGETS["interpret"]["configs"], "kda_chunk",
-                        {**TARGETS["interpret"]["configs"]["kda_chunk"], "scan_seg": seg})
+                        {**TARGETS["interpret"]["configs"]["kda_chunk"], "scan_seg": seg, "scan_seg_min": seg_min})
     kda.chunk_specs.cache_clear()
+    preps = []
+    launch = kda.launch
+    monkeypatch.setattr(kda, "launch", lambda sp, *a: (preps.append(sp.name == "kda_chunk_prep"), launch(sp, *a)))
     lens, H, K, V = [70, 0, 5, 33], 2, 16, 16
     cu = torch.tensor([0, 70, 70, 75, 108], dtype=torch.int32)
     q, k, v, f, b, A, dt = kda_inputs(1, sum(lens), H, K, V)
@@ -183,6 +188,7 @@ def test_kda_chunk_scan_segments(seg, inplace, monkeypatch):
         kda.chunk_specs.cache_clear()
     if inplace:
         s = storage[slots]
+    assert sum(preps) == (1 if seg == 0 or seg_min else -(-(108 // 32 + 4) // seg))
     assert torch.equal(s[1], s0[1])
     for i in (0, 2, 3):
         sl = slice(int(cu[i]), int(cu[i + 1]))

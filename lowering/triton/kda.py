@@ -648,7 +648,8 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
     PR = BC if diag == "prep" else BT if cfg["prep_kg"] == "inline" else min(cfg["prep_rows"], BT)
     NC = BT // BC
     consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=NC, BV=BV, KH=KH, BW=BW, BH=BH,
-                     PR=PR, KS=KS, SEG=int(cfg["scan_seg"]), NW=_cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype),
+                     PR=PR, KS=KS, SEG=int(cfg["scan_seg"]),
+                     SEG_MIN=int(cfg["scan_seg_min"]), NW=_cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype),
                      FTZ_EXP=bool(cfg["ftz_exp"]))
     gate_f32 = () if fused else ("f_ptr", "b_ptr")        # unfused: g and beta come in fp32
     bkg_f32 = ("bkg_ptr",) if cfg["bkg_fp32"] else ()       # beta k G in fp32, else the activation dtype
@@ -831,7 +832,9 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
     if many and N * H * _cdiv(V, scan.config["BV"]) >= many.config["MANY"]:
         scan = many
     seg = scan.config["SEG"]
-    side = _side_stream(dev) if seg and NCH > seg and dev.type == "cuda" else None
+    if NCH <= seg or NCH < scan.config["SEG_MIN"] * N:      # one segment: the table whole
+        seg = 0
+    side = _side_stream(dev) if seg and dev.type == "cuda" else None
     for c_a in range(0, max(NCH, 1), seg or max(NCH, 1)):     # segments of the chunk table
         c_b = min(c_a + seg, NCH) if seg else NCH
         n, cs, cl, glv = c_b - c_a, cstart[c_a:], clen[c_a:], gl[c_a:]

@@ -41,7 +41,9 @@ _BASE = {
     # and warps_many warps (packed sequences: fewer programs reloading each head's q, k, W; 0: off);
     # scan_seg: the chunk table in segments of this many chunks, each segment's scan on a side
     # stream beside the next segment's prep / diag / intra (0: one launch each; H200 2026-12-01:
-    # 256 chunks 7.52 vs 7.63 ms at 64k, slower at 16k and 64x512, so off);
+    # 256 chunks 7.52 vs 7.63 ms at 64k, slower at 16k and 64x512, so off); scan_seg_min: segments
+    # only where the sequences average at least this many chunks (long single prompts: the scan's
+    # few programs run long beside the other kernels; 0: wherever the table exceeds a segment);
     # op_chunk: chunks of the op's chunk_size (chunk-kda{chunk-size=N}); False: of BT whatever
     # the op asks (the chunk form's results do not depend on it beyond rounding)
     "kda_chunk": {"BT": 64, "BC": 16, "BV": 32, "KH": 64, "BW": 64, "num_warps": 4, "num_stages": 2,
@@ -49,7 +51,7 @@ _BASE = {
                   "intra_warps": 4, "intra_stages": 1, "diag": "token", "BH": 4, "diag_warps": 4, "diag_unroll": False,
                   "diag_store": "row", "diag_form": "columns", "wu": "split", "wu_warps": 4, "wu_stages": 2,
                   "scan_ks": 128, "scan_many": 0, "BV_many": 64, "warps_many": 4, "scan_seg": 0,
-                  "op_chunk": True},
+                  "scan_seg_min": 0, "op_chunk": True},
     "kda_recurrent": {"BV": 32, "num_warps": 4, "num_stages": 1},
     # split_min: fewest keys a split takes; small so that short contexts at small batch still
     # spread over many programs (H200 e2e, B=1, 1k context, split_min 512: two programs,
