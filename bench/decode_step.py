@@ -12,9 +12,11 @@ First, a tile sweep of the direct MoE kernels alone against the grouped path (pu
 shapes, B = 1, 2, 8), best tiles per token bucket (moe_decode token_tiles), in each of the
 `--forms` of the bf16 K loops. Variants (VARIANTS): "fused" (the defaults, plain launches),
 "previous", "one-tile" (the direct MoE's base tiles at every batch), "router-2k" (the router's
-two kernels where it would run as one launch), "pdl" (fused, with dependent launches), "packed"
-(the router's packed-key top-k), "tile-unroll" (the bf16 experts' tile accumulators, unrolled K
-loops), "packed-tile-unroll" (both), "norm-route" (the add_rmsnorm feeding the router inside its
+two kernels where it would run as one launch), "pdl" (fused, with dependent launches),
+"pdl-wait" (the same, each kernel letting the next launch only once its own wait has passed:
+one kernel ahead), "router-k512" / "router-k256-w2" (the one-launch router in fewer K splits,
+K tiles of 512 / of 256 on 2 warps), "packed" (the router's packed-key top-k), "tile-unroll"
+(the bf16 experts' tile accumulators, unrolled K loops), "packed-tile-unroll" (both), "norm-route" (the add_rmsnorm feeding the router inside its
 launch), "packed-norm" (the router's two).
 
     python bench/decode_step.py                       # 4-layer slice and 27 layers, B=1,32, both paths
@@ -45,12 +47,16 @@ VARIANTS = {
     "previous": {"moe_decode": {"max_pairs": 0}, "moe_route": {"fused_max": 0}},  # + the pipeline without FUSION_PASSES
     "one-tile": {"moe_decode": {"token_tiles": []}},                # the direct MoE's tiles whatever the batch
     "router-2k": {"moe_route": {"fused_max": 0}},                   # the router in two kernels at every batch
-    "pdl": {},                                                      # fused, with dependent launches
+    "pdl": {"launch": {"pdl": True}},                               # fused, with dependent launches
+    "pdl-wait": {"launch": {"pdl": True, "pdl_trigger": "wait"}},   # ... each triggering after its own wait
     "packed": {"moe_route": {"select": "packed"}},                  # the router's one-reduction-a-pick top-k
     "tile-unroll": {"moe_decode": {"acc": "tile", "unroll": True}},  # the bf16 experts' K loops (moe_decode.FORMS)
     "packed-tile-unroll": {"moe_route": {"select": "packed"}, "moe_decode": {"acc": "tile", "unroll": True}},
     "norm-route": {"moe_route": {"norm_inline": True}},             # the norm feeding the router in its launch
     "packed-norm": {"moe_route": {"select": "packed", "norm_inline": True}},
+    # the one-launch router at decode sizes with fewer K splits (fewer programs, fewer partials to sum)
+    "router-k512": {"moe_route": {"BK_small": 512}},
+    "router-k256-w2": {"moe_route": {"BK_small": 256, "num_warps_small": 2}},
 }
 _BASE_KEYS: dict = {}
 
@@ -67,7 +73,6 @@ def variant_setup(name: str) -> str:
         base.update({k: cfg[k] for k in keys if k not in base})
     for fam, keys in _BASE_KEYS.items():
         override_config(fam, **{**keys, **VARIANTS[name].get(fam, {})})
-    override_config("launch", pdl=name == "pdl")     # "pdl": fused, with dependent launches
     if name == "previous":
         return ",".join(p for p in DEFAULT_PIPELINE.split(",") if p.split("{")[0] not in FUSION_PASSES)
     return "default"

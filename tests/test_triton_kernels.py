@@ -523,3 +523,34 @@ def test_dependent_launch_prologue_leads_the_entry_and_changes_nothing_else():
     assert pdl.hash != split.hash and with_pdl(split) is pdl
     merge = with_pdl(mla.latent_specs(4, 32, 8, "f32", 0.2, 4, "interpret")[1])   # same source, other entry
     assert merge.entry == "mla_latent_merge" and "griddepcontrol" in merge.source.split("def mla_latent_merge")[1]
+    late = with_pdl(split, "wait")      # the trigger after the wait: one kernel ahead
+    body = next(n for n in ast.parse(late.source).body if getattr(n, "name", "") == split.entry).body
+    assert "griddepcontrol.wait" in ast.unparse(body[0]) and "launch_dependents" in ast.unparse(body[1])
+    assert late.hash != pdl.hash
+
+
+def test_dependent_launches_by_step_rows(monkeypatch):
+    """launch.pdl_rows: launches of graph calls of at most that many token rows (step_rows) are
+    dependent, others plain; the environment overrides both; never below sm_90."""
+    from kimi_graph.lowering.triton import codegen
+    from kimi_graph.lowering.triton.targets import TARGETS
+    monkeypatch.delenv(codegen.PDL_ENV, raising=False)
+    monkeypatch.setitem(TARGETS["interpret"]["configs"], "launch", {"pdl": False, "pdl_rows": 2,
+                                                                    "pdl_trigger": "wait"})
+    codegen._pdl_config.cache_clear()
+    try:
+        assert not codegen.pdl_enabled(90)
+        with codegen.step_rows(2):
+            assert codegen.pdl_enabled(90) and not codegen.pdl_enabled(80)
+            with codegen.step_rows(3):
+                assert not codegen.pdl_enabled(90)
+        monkeypatch.setenv(codegen.PDL_ENV, "1")
+        assert codegen.pdl_enabled(90)
+        assert codegen.pdl_trigger() == "wait"
+        monkeypatch.setenv(codegen.PDL_ENV, "start")
+        assert codegen.pdl_enabled(90) and codegen.pdl_trigger() == "start"
+        monkeypatch.setenv(codegen.PDL_ENV, "0")
+        with codegen.step_rows(1):
+            assert not codegen.pdl_enabled(90)
+    finally:
+        codegen._pdl_config.cache_clear()

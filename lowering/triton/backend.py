@@ -20,7 +20,7 @@ from kimi_graph.ir import Graph, eval_dim
 from kimi_graph.ops import get_op
 from kimi_graph.runtime.views import is_view
 
-from . import conv, elementwise, gemv, kda, mla, moe, moe_decode, moe_quant, moe_route, norm
+from . import codegen, conv, elementwise, gemv, kda, mla, moe, moe_decode, moe_quant, moe_route, norm
 from .gemv import LinearPair, NormLinear
 from .targets import current_target
 
@@ -414,7 +414,9 @@ def triton_backend(model):
             schedule = plan(legal)
             schedules[id(graph)] = (graph, legal, schedule, dead_after(legal, schedule))
         _, legal, schedule, drops = schedules[id(graph)]
-        return run(legal, inputs, model.weights, schedule, drops)
+        ids = inputs.get("input_ids")
+        with codegen.step_rows(ids.numel() if ids is not None else 0):     # launch.pdl_rows
+            return run(legal, inputs, model.weights, schedule, drops)
     execute.accepts_views = accepts_views
     return execute
 

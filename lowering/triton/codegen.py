@@ -173,7 +173,7 @@ def launch(spec: KernelSpec, grid, *args):
         with _interpretable_stdlib():
             return load(spec)[grid](*args)
     if pdl_enabled(_arch()):
-        spec = with_pdl(spec)
+        spec = with_pdl(spec, pdl_trigger())
         return _launch_fitting(load(spec), spec, grid, args, launch_pdl=True)
     return _launch_fitting(load(spec), spec, grid, args)
 
@@ -188,38 +188,69 @@ def _arch() -> int:
 
 _STAGES: dict[str, int] = {}     # spec hash -> the pipeline stages that fit this GPU
 
-# Programmatic dependent launch (sm_90+): a kernel lets the next one in the stream launch as
-# soon as all its programs have started, and the next one waits, before anything else, until
-# its predecessor has finished and its writes are visible: the launch gap hides behind the
-# previous kernel's tail, with the same ordering as plain stream order.
-PDL_ENV = "KIMI_GRAPH_TRITON_PDL"     # "1" / "0": overrides the target's launch.pdl
-_PDL_PROLOGUE = [f"tl.inline_asm_elementwise('griddepcontrol.{op}; // $0', '=r', [], dtype=tl.int32, "
-                 "is_pure=False, pack=1)" for op in ("launch_dependents", "wait")]
+# Programmatic dependent launch (sm_90+): a kernel lets the next one in the stream launch early
+# (launch_dependents), and the next one waits, before anything else, until its predecessor has
+# finished and its writes are visible: the launch gap hides behind the previous kernel, with
+# the same ordering as plain stream order. Where the trigger sits is the target's pdl_trigger.
+PDL_ENV = "KIMI_GRAPH_TRITON_PDL"     # "1" / "0" / a trigger ("start", "wait": on, so placed): overrides launch
+_PDL_OPS = {op: f"tl.inline_asm_elementwise('griddepcontrol.{op}; // $0', '=r', [], dtype=tl.int32, "
+                "is_pure=False, pack=1)" for op in ("launch_dependents", "wait")}
+PDL_PROLOGUES = {"start": [_PDL_OPS["launch_dependents"], _PDL_OPS["wait"]],
+                 "wait": [_PDL_OPS["wait"], _PDL_OPS["launch_dependents"]]}
 _PDL_SPECS: dict[str, KernelSpec] = {}
+_ROWS: list = []                      # token rows of the graph calls running (innermost last)
+
+
+@contextlib.contextmanager
+def step_rows(n: int):
+    """Launches inside run for a graph call of `n` token rows (launch.pdl_rows)."""
+    _ROWS.append(n)
+    try:
+        yield
+    finally:
+        _ROWS.pop()
 
 
 @functools.lru_cache(maxsize=None)
+def _pdl_config() -> dict:
+    from .targets import config
+    cfg = config("launch")
+    if cfg.get("pdl_trigger", "start") not in PDL_PROLOGUES:
+        raise ValueError(f"launch.pdl_trigger {cfg['pdl_trigger']!r}: one of {', '.join(PDL_PROLOGUES)}")
+    return {"pdl": bool(cfg.get("pdl")), "pdl_rows": int(cfg.get("pdl_rows", 0)),
+            "pdl_trigger": cfg.get("pdl_trigger", "start")}
+
+
 def pdl_enabled(arch: int) -> bool:
-    """Whether launches on sm_`arch` use programmatic dependent launch."""
+    """Whether this launch on sm_`arch` uses programmatic dependent launch: every launch with
+    launch.pdl, those of graph calls of at most launch.pdl_rows token rows (step_rows), or as
+    KIMI_GRAPH_TRITON_PDL says."""
     if arch < 90:
         return False
     env = os.environ.get(PDL_ENV)
     if env is not None:
         return env not in ("", "0")
-    from .targets import config
-    return bool(config("launch").get("pdl", False))
+    cfg = _pdl_config()
+    return cfg["pdl"] or bool(_ROWS and 0 < _ROWS[-1] <= cfg["pdl_rows"])
 
 
-def with_pdl(spec: KernelSpec) -> KernelSpec:
-    """`spec` with the dependent-launch prologue as the first statements of its entry."""
-    key = spec.hash + spec.entry        # kernels of one source share its hash
+def pdl_trigger() -> str:
+    """Where launches place the trigger: KIMI_GRAPH_TRITON_PDL when it names one, else launch.pdl_trigger."""
+    env = os.environ.get(PDL_ENV)
+    return env if env in PDL_PROLOGUES else _pdl_config()["pdl_trigger"]
+
+
+def with_pdl(spec: KernelSpec, trigger: str = "start") -> KernelSpec:
+    """`spec` with the dependent-launch prologue (PDL_PROLOGUES[trigger]) as the first
+    statements of its entry."""
+    key = spec.hash + spec.entry + trigger      # kernels of one source share its hash
     if key not in _PDL_SPECS:
         tree = ast.parse(spec.source)
         entry = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == spec.entry)
         first = entry.body[0]
         lines = spec.source.splitlines()
         pad = lines[first.lineno - 1][: first.col_offset]
-        lines[first.lineno - 1:first.lineno - 1] = [pad + stmt for stmt in _PDL_PROLOGUE]
+        lines[first.lineno - 1:first.lineno - 1] = [pad + stmt for stmt in PDL_PROLOGUES[trigger]]
         _PDL_SPECS[key] = dataclasses.replace(spec, source="\n".join(lines) + "\n")
     return _PDL_SPECS[key]
 
