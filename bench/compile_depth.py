@@ -187,7 +187,7 @@ def child(args) -> dict:
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     cfg = slice_config(args.config, args.layers)
     t = time.perf_counter()
-    opts = {"compile": True, "kernels": args.kernels}
+    opts = {"compile": True, "kernels": args.kernels, "regional": args.regional}
     if args.mode != "none":
         opts["mode"] = args.mode
     model = kimi_graph.load(cfg, dtype=dtype, device=args.device, pipeline=args.pipeline,
@@ -289,13 +289,15 @@ def child(args) -> dict:
     return res
 
 
-def parse_runs(spec: str) -> list[tuple[str, dict]]:
-    """"cold,warm,w2:K=V+K2=V2" -> [("cold", {}), ("warm", {}), ("w2", {"K": "V", "K2": "V2"})]."""
+def parse_runs(spec: str) -> list[tuple[str, dict, list[str]]]:
+    """"cold,w2:K=V+--opt=x" -> [("cold", {}, []), ("w2", {"K": "V"}, ["--opt=x"])]: each run's
+    environment settings and its own options."""
     runs = []
     for item in filter(None, spec.split(",")):
         name, _, settings = item.partition(":")
-        env = dict(kv.split("=", 1) for kv in filter(None, settings.split("+")))
-        runs.append((name, env))
+        items = list(filter(None, settings.split("+")))
+        env = dict(kv.split("=", 1) for kv in items if not kv.startswith("--"))
+        runs.append((name, env, [kv for kv in items if kv.startswith("--")]))
     return runs
 
 
@@ -373,7 +375,10 @@ def main(argv=None) -> int:
                         "(comma-separated names; alone: every run): profile-{prefill,decode}-RUN.txt/.pstats under --out")
     p.add_argument("--runs", default="cold,warm",
                    help="the processes, in order, on one cache: NAME[:KEY=VALUE[+KEY=VALUE...]], comma-separated; "
-                        "the environment settings apply to that process only (e.g. warm2:TORCHINDUCTOR_COMPILE_THREADS=1)")
+                        "the environment settings apply to that process only (e.g. warm2:TORCHINDUCTOR_COMPILE_THREADS=1); "
+                        "a setting starting with -- is an option of that process instead (lwarm:--regional=layer)")
+    p.add_argument("--regional", default="part", choices=["part", "layer"],
+                   help="compiled regions per attention and per FFN, or per decoder layer")
     p.add_argument("--no-where", dest="where", action="store_false",
                    help="skip the wall-clock timers around the compile stack's stages (WHERE)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -381,7 +386,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.pipeline in ("", "none"):
         args.pipeline = None
-    args.profile = [] if not args.profile else [n for n, _ in parse_runs(args.runs)] \
+    args.profile = [] if not args.profile else [n for n, *_ in parse_runs(args.runs)] \
         if args.profile == "all" else args.profile.split(",")
     if args.child:
         print(json.dumps(child(args)), flush=True)
@@ -390,19 +395,19 @@ def main(argv=None) -> int:
     deadline = time.perf_counter() + args.timeout
     cache = args.cache_dir or tempfile.mkdtemp(prefix="kimi-graph-compile-cache-")
     rows = {}
-    for name, env in parse_runs(args.runs):
+    for name, env, options in parse_runs(args.runs):
         left = deadline - time.perf_counter()
         if left < 10:
             rows[name] = {"error": "no time left under --timeout"}
             continue
-        rows[name] = run_child(forwarded + ["--run-name", name], cache, left, env)
-        if env:
-            rows[name]["env"] = env
+        rows[name] = run_child(forwarded + options + ["--run-name", name], cache, left, env)
+        if env or options:
+            rows[name]["settings"] = {"env": env, "options": options}
         print(f"{name}: {json.dumps(rows[name])}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"layers": args.layers, "config": args.config, "device": args.device, "dtype": args.dtype,
-            "mode": args.mode, "kernels": args.kernels, "pipeline": args.pipeline, "cache_dir": cache}
+            "mode": args.mode, "kernels": args.kernels, "regional": args.regional, "pipeline": args.pipeline, "cache_dir": cache}
     (out / "compile_depth.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
     print(json.dumps(meta))
     print(table(rows))

@@ -63,3 +63,26 @@ def test_two_regions_per_layer_six_distinct(mode, stateful, pipeline):
     with torch.no_grad():
         for a, b in zip(regional(*args), lower(g, w)(*args)):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode,stateful", [("prefill", True), ("decode", True)])
+def test_one_region_per_layer(mode, stateful):
+    """per="layer": a region per decoder layer (its attention and FFN, then the next layer's
+    norm), four distinct after the pipeline (first dense layer, KDA + MoE, MLA + MoE) besides
+    embedding and head; the same values as the whole module."""
+    cfg = deep_config()
+    g = build_graph(cfg, mode, stateful=stateful)
+    w = random_weights(g, seed=0)
+    g = run_pipeline(g, "default", weights=w)
+    regions = split_regions(g, per="layer")
+    assert [r.name for r in regions] == ["embed", *(f"l{i}" for i in range(8)), "head"]
+    assert sorted(p for r in regions for p in r.params.values()) == sorted(n[1:] for n in g.params)
+    inputs = example_inputs(g, batch=2, seq=5, cache_len=8)
+    args = [inputs[n] for n in g.inputs]
+    regional = RegionalModule(g, w, compile_fn=None, per="layer")
+    assert regional.kinds == len({r.key for r in regions}) == 5
+    with torch.no_grad():
+        for a, b in zip(regional(*args), lower(g, w)(*args)):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="regions per"):
+        split_regions(g, per="block")

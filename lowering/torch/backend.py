@@ -10,7 +10,8 @@ Inductor's FX graph and AOTAutograd caches (on by default; TORCHINDUCTOR_CACHE_D
 Options: compile (False), mode (None; "reduce-overhead" or "max-autotune": each decode step
 is replayed as one CUDA graph on GPU, prefill runs compiled without graphs),
 regional (None: yes, except with compile_backend="kimi_graph", whose pipeline must see the
-whole model), dynamic (None: the marked dims; True: every dim; False:
+whole model; True or "part": a region per attention and per FFN; "layer": one per decoder
+layer), dynamic (None: the marked dims; True: every dim; False:
 none), compile_backend ("inductor", or "kimi_graph"),
 check_inputs (True: shapes, dtypes, token ids and cache positions are checked before each
 call; the id and position checks read two numbers back from the device), kernels ("torch":
@@ -65,6 +66,9 @@ def torch_backend(model) -> Callable:
     if opts["mode"] is not None and opts["compile_backend"] != "inductor":
         raise ValueError("backend 'torch': mode is an Inductor option; with compile_backend="
                          f"{opts['compile_backend']!r} leave it unset")
+    if opts["regional"] not in (None, True, False, "part", "layer"):
+        raise ValueError(f"backend 'torch': regional must be None, True, False, 'part' or 'layer', "
+                         f"got {opts['regional']!r}")
     if opts["regional"] is None:
         opts["regional"] = opts["compile_backend"] != "kimi_graph"
     elif opts["regional"] and opts["compile_backend"] == "kimi_graph":
@@ -115,7 +119,8 @@ class TorchExecutor:
                     return TracedWithoutFakeCache(torch.compile(
                         f, backend=self.compile_backend, mode=mode, dynamic=self.dynamic, fullgraph=True))
             if self.compile and self.regional:
-                fn = RegionalModule(g, self.weights, compile_fn, mark_dynamic=self.dynamic is None)
+                fn = RegionalModule(g, self.weights, compile_fn, mark_dynamic=self.dynamic is None,
+                                    per="layer" if self.regional == "layer" else "part")
             else:
                 fn = lower(g, self.weights)
                 if self.compile:

@@ -63,22 +63,33 @@ def _part(name: str, n_layers: int) -> int:
     return 0
 
 
-def _part_name(index: int, n_layers: int) -> str:
+def _part_name(index: int, n_layers: int, per: str) -> str:
     if index == 0:
         return "embed"
     if index > 2 * n_layers:
         return "head"
+    if per == "layer":
+        return f"l{(index - 1) // 2}"
     return f"l{(index - 1) // 2}_{'attn' if index % 2 else 'ffn'}"
 
 
-def split_regions(g: Graph) -> list[Region]:
-    """The graph's regions in execution order (see the module docstring)."""
+REGIONS_PER = ("part", "layer")
+
+
+def split_regions(g: Graph, per: str = "part") -> list[Region]:
+    """The graph's regions in execution order (see the module docstring). per="layer": one
+    region per decoder layer (its attention and FFN together) instead of one per part: fewer
+    regions to run and capture, more distinct ones to compile (a layer's attention and FFN
+    kinds combined)."""
+    if per not in REGIONS_PER:
+        raise ValueError(f"regions per {per!r}: expected one of {REGIONS_PER}")
+    part = _part if per == "part" else (lambda name, n: 2 * ((_part(name, n) + 1) // 2))
     n_layers = len(g.meta.get("layers", ())) or 1 + max(
         (int(m.group(1)) for op in g.ops() if (m := _LAYER.match(op.outputs[0]))), default=-1)
     where: dict[str, int] = {}          # value -> region index
     members: dict[int, list] = {}
     for op in g.ops():
-        r = max([_part(op.outputs[0], n_layers), *(where[v] for v in op.inputs if v in where)])
+        r = max([part(op.outputs[0], n_layers), *(where[v] for v in op.inputs if v in where)])
         members.setdefault(r, []).append(op)
         for v in op.outputs:
             where[v] = r
@@ -88,7 +99,7 @@ def split_regions(g: Graph) -> list[Region]:
             for v in op.inputs:
                 readers.setdefault(v, set()).add(r)
     graph_outputs = set(g.outputs)
-    return [_region(g, _part_name(r, n_layers), members[r], r, readers, graph_outputs)
+    return [_region(g, _part_name(r, n_layers, per), members[r], r, readers, graph_outputs)
             for r in sorted(members)]
 
 
@@ -143,15 +154,17 @@ class RegionalModule(torch.nn.Module):
     """Runs a layer graph region by region: `forward(*graph inputs) -> tuple of outputs`, as
     the module `lower(g, weights)` would. `compile_fn(fn) -> compiled fn` is applied once
     per distinct region (None: eager); `mark_dynamic`: mark each region's symbolic axes
-    dynamic at its first call. `kinds` counts the distinct regions."""
+    dynamic at its first call; `per`: "part" or "layer" (split_regions). `kinds` counts the
+    distinct regions."""
 
     def __init__(self, g: Graph, weights: Mapping[str, torch.Tensor],
-                 compile_fn: Callable[[Callable], Callable] | None = None, mark_dynamic: bool = True):
+                 compile_fn: Callable[[Callable], Callable] | None = None, mark_dynamic: bool = True,
+                 per: str = "part"):
         super().__init__()
         self.input_names, self.output_names = list(g.inputs), list(g.outputs)
         shared: dict[str, tuple[type, Callable]] = {}
         self.steps: list[tuple[Callable, Region]] = []
-        for region in split_regions(g):
+        for region in split_regions(g, per):
             own = {canon: weights[outer] for canon, outer in region.params.items()}
             if region.key not in shared:
                 template = type(lower(region.graph, own))
