@@ -6,7 +6,7 @@ MLA attention, dense and MoE FFN), not the depth; a KDA attention is traced once
 layer's FFN is dense or MoE.
 
 `split_regions(g)` cuts the graph in execution order: embed, l0_attn, l0_ffn, l1_attn, ...,
-head. An op belongs to the part its result is named after ("%l3.kda.q" -> l3_attn,
+head (`per="layer"`: embed, l0, l1, ..., head, each layer's two parts together). An op belongs to the part its result is named after ("%l3.kda.q" -> l3_attn,
 "%l3.moe.*" -> l3_ffn; "%embed" before the layers, "%head.*" after) or, if later, to the last
 region that produces one of its operands. A norm that opens a part ("%lN.attn_norm",
 "%head.norm", with the residual sum fused into it) closes the part before, so every part of a
