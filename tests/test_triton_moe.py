@@ -209,6 +209,7 @@ GEMM_VARIANTS = [
     {"persistent": 1},
     {"persistent": 2, "tma": "host", "ws": True},
     {"persistent_down": 1, "half": True, "tma": "host"},
+    {"down": "grouped_mm", "half": True},
 ]
 
 

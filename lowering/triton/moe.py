@@ -193,6 +193,9 @@ def _body(template: str, **blocks: str) -> str:
 
 
 SIZES = ("small", "mid", "large")
+# the down GEMM: this module's kernel ("triton"), or torch's grouped GEMM over the sorted h rows
+# ("grouped_mm": torch._grouped_mm, CUTLASS on sm_90; rows stay sorted, un-permuted after)
+DOWN_FORMS = ("triton", "grouped_mm")
 
 
 def gemm_size(M: int, E: int, target: str) -> str:
@@ -211,7 +214,7 @@ def gemm_tiles(size: str, target: str) -> dict:
     gate_up's. tma (false, true = "device", "host"; -> "", "device", "host"), half, ws and
     persistent (programs an SM; 0: a grid of all tiles; persistent_down: the down GEMM's, else
     the same) fall back to the large ones for "mid" only ("small" takes its own or none); a
-    persistent kernel has one row tile (its half 0)."""
+    persistent kernel has one row tile (its half 0); down (DOWN_FORMS) as tma."""
     cfg = config("moe_gemm", target)
     sfx = {"small": "_small", "mid": "_mid", "large": ""}[size]
     get = lambda key, default=None: cfg.get(key + sfx, cfg.get(key, default))
@@ -228,6 +231,10 @@ def gemm_tiles(size: str, target: str) -> dict:
     half = len(row_tiles(out["BM"], out["half"])) - 1                 # tl.dot takes 16 rows at least
     out.update(half=0 if out["persistent"] else half, half_down=0 if out["persistent_down"] else half)
     out["ws"] = out["ws"] and bool(out["tma"])             # warp specialization wants descriptor loads
+    down = cfg.get("down" + sfx, "triton") if size == "small" else get("down", "triton")
+    if down not in DOWN_FORMS:
+        raise ValueError(f"moe_gemm down {down!r}: one of {DOWN_FORMS}")
+    out["down"] = down
     return out
 
 
@@ -269,35 +276,57 @@ def gemm_specs(E, I, D, dtype, size, target, gather=False, top_k=1, aligned=Fals
 
 
 def _swiglu_launch(x, offsets, w13, w2, out_rows, order=None, top_k=1):
-    """Tile map, gate_up, down over the rows that `offsets` lays out by expert: y [out_rows, D]."""
+    """Tile map, gate_up, down over the rows that `offsets` lays out by expert -> (y [out_rows, D],
+    sorted): y's rows sorted by expert (sorted True: no `order`, or the down GEMM is torch's
+    grouped GEMM), else in each copy's own slot order[r]."""
     E, I2, D = w13.shape
     I, M, dt = I2 // 2, out_rows, x.dtype
     target = current_target()
     x, w13, w2 = x.contiguous(), w13.to(dt).contiguous(), w2.to(dt).contiguous()
     size = gemm_size(M, E, target)
-    aligned = bool(gemm_tiles(size, target)["tma"]) and _rows_aligned(w13, w2)      # h: fresh, aligned
+    tiles = gemm_tiles(size, target)
+    aligned = bool(tiles["tma"]) and _rows_aligned(w13, w2)      # h: fresh, aligned
+    torch_down = tiles["down"] == "grouped_mm" and _grouped_mm_takes(x, w2)
     tmap, gate_up, down = gemm_specs(E, I, D, ir_dtype(x), size, target, order is not None, top_k, aligned)
     c = gate_up.config
     max_tiles = -(-M // c["BM"]) + E
     te = torch.empty(max_tiles, device=x.device, dtype=torch.int32)
     tr = torch.empty(max_tiles, device=x.device, dtype=torch.int32)
     h = torch.empty(M, I, device=x.device, dtype=dt)
+    if not M:
+        return torch.empty(M, D, device=x.device, dtype=dt), True
+    if c["tma"] == "device":
+        use_descriptor_scratch()
+    off = offsets.to(torch.int64).contiguous()
+    extra = () if order is None else (order,)
+    d_gu, d_dn = _host_descriptors(c, down.config, w13, w2, h) if c["tma"] == "host" else ((), ())
+    count = torch.empty(1, device=x.device, dtype=torch.int32)      # valid tiles, for persistent kernels
+    # a persistent kernel: `persistent` programs an SM over the valid tiles, else one per tile
+    grid = lambda k: (min(k["persistent"] * _multiprocessors(x.device), max_tiles * k["NBLK"]),) \
+        if k["persistent"] else (k["NBLK"], max_tiles)
+    counted = lambda spec: (count,) if "count_ptr" in spec.signature else ()
+    launch(tmap, (-(-max_tiles // c["TB"]),), off, te, tr, max_tiles, *counted(tmap))
+    launch(gate_up, grid(c), x, off, w13, h, te, tr, *extra, *counted(gate_up), *d_gu)
+    if torch_down:
+        return _grouped_down(h, off, w2), True
     y = torch.empty(M, D, device=x.device, dtype=dt)
-    if M:
-        if c["tma"] == "device":
-            use_descriptor_scratch()
-        off = offsets.to(torch.int64).contiguous()
-        extra = () if order is None else (order,)
-        d_gu, d_dn = _host_descriptors(c, down.config, w13, w2, h) if c["tma"] == "host" else ((), ())
-        count = torch.empty(1, device=x.device, dtype=torch.int32)      # valid tiles, for persistent kernels
-        # a persistent kernel: `persistent` programs an SM over the valid tiles, else one per tile
-        grid = lambda k: (min(k["persistent"] * _multiprocessors(x.device), max_tiles * k["NBLK"]),) \
-            if k["persistent"] else (k["NBLK"], max_tiles)
-        counted = lambda spec: (count,) if "count_ptr" in spec.signature else ()
-        launch(tmap, (-(-max_tiles // c["TB"]),), off, te, tr, max_tiles, *counted(tmap))
-        launch(gate_up, grid(c), x, off, w13, h, te, tr, *extra, *counted(gate_up), *d_gu)
-        launch(down, grid(down.config), h, off, w2, y, te, tr, M, *extra, *counted(down), *d_dn)
-    return y
+    launch(down, grid(down.config), h, off, w2, y, te, tr, M, *extra, *counted(down), *d_dn)
+    return y, order is None
+
+
+def _grouped_mm_takes(x, w2) -> bool:
+    """Can torch's grouped GEMM run the down projection here? CUDA takes bf16 only (CPU: fp32, the
+    tests'), fewer than 1024 experts, rows of 16-byte multiples (its TMA loads)."""
+    fn = getattr(torch, "_grouped_mm", None)
+    dtype = torch.bfloat16 if x.is_cuda else torch.float32
+    E, D, I = w2.shape
+    return fn is not None and x.dtype == dtype and E < 1024 and all(n * x.element_size() % 16 == 0 for n in (D, I))
+
+
+def _grouped_down(h, offsets, w2):
+    """y [M, D] = h w2_e^T for each expert's sorted rows (offsets[e]:offsets[e+1]), torch's grouped
+    GEMM (fp32 accumulation, each row on its own: no split over K)."""
+    return torch._grouped_mm(h, w2.transpose(1, 2), offs=offsets[1:].to(torch.int32))
 
 
 def _multiprocessors(device) -> int:
@@ -324,7 +353,7 @@ def grouped_swiglu(rows, offsets, w13, w2):
     if rows.shape[1] != D or offsets.shape != (E + 1,) or w2.shape != (E, D, I2 // 2):
         raise ValueError(f"rows {tuple(rows.shape)}, offsets {tuple(offsets.shape)}, w13 {tuple(w13.shape)}, "
                          f"w2 {tuple(w2.shape)} do not fit")
-    return _swiglu_launch(rows, offsets, w13, w2, rows.shape[0])
+    return _swiglu_launch(rows, offsets, w13, w2, rows.shape[0])[0]
 
 
 def moe_experts(x, ids, weights, w13, w2, acc):
@@ -332,7 +361,9 @@ def moe_experts(x, ids, weights, w13, w2, acc):
     `fused_min_rows` token copies (decode) it runs permute -> grouped SwiGLU -> un-permute; above,
     the fused form: a sort without row copies, gate_up reading x rows by index, down writing each
     copy's result to its own slot (token n's copies at n*k .. n*k+k-1), and a combine that sums a
-    token's k slots in order (deterministic: a row's result never depends on its batch)."""
+    token's k slots in order (deterministic: a row's result never depends on its batch); with the
+    down GEMM on torch's grouped GEMM ("down": "grouped_mm"), its rows stay sorted and the
+    un-permute sums them in the same order."""
     E, I2, D = w13.shape
     k = ids.shape[-1]
     if (ids.shape[:-1] != x.shape[:-1] or weights.shape != ids.shape or acc.shape != x.shape
@@ -344,8 +375,10 @@ def moe_experts(x, ids, weights, w13, w2, acc):
         rows, offsets, order = moe_permute.moe_permute(x, ids, E)
         return moe_permute.moe_unpermute(grouped_swiglu(rows, offsets, w13, w2), order, weights, acc)
     offsets, order = moe_permute.moe_sort(ids, E)
-    slots = _swiglu_launch(x.reshape(-1, D), offsets, w13, w2, M, order, k)
-    return moe_permute.moe_combine(slots, weights, acc)
+    y, by_expert = _swiglu_launch(x.reshape(-1, D), offsets, w13, w2, M, order, k)
+    if by_expert:                # torch's grouped GEMM: y's rows sorted, un-permuted by order
+        return moe_permute.moe_unpermute(y, order, weights, acc)
+    return moe_permute.moe_combine(y, weights, acc)
 
 
 def op_moe_route(args, attrs):
