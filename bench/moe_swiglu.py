@@ -116,12 +116,15 @@ SWEEP = {
     "host_half_pdown_s4": {"tma": "host", "half": True, "persistent_down": 1, "num_stages_down": 4},
     "host_half_ws": {"tma": "host", "half": True, "ws": True},
     "device_half_ws": {"tma": "device", "half": True, "ws": True},
-    # the down GEMM on torch's grouped GEMM (CUTLASS), its rows left sorted for the un-permute
+    # GEMMs on torch's grouped GEMM (CUTLASS): down's rows left sorted for the un-permute, gate_up
+    # over sorted copies of the rows
     "gmm_down": {"down": "grouped_mm"},
     "gmm_down_gu_s4": {"down": "grouped_mm", "num_stages": 4},
+    "gmm_both": {"gate_up": "grouped_mm", "down": "grouped_mm"},
+    "gmm_gate_up": {"gate_up": "grouped_mm"},
 }
 KEYS = ("BM", "BN", "BK", "num_warps", "num_stages", "BN_down", "BK_down", "num_warps_down", "num_stages_down",
-        "tma", "half", "ws", "persistent", "persistent_down", "down")
+        "tma", "half", "ws", "persistent", "persistent_down", "gate_up", "down")
 SFX = {"mid": "_mid", "large": ""}
 TOL = 2e-2              # bf16 products against fp32 (measured ~4e-3)
 

@@ -193,9 +193,10 @@ def _body(template: str, **blocks: str) -> str:
 
 
 SIZES = ("small", "mid", "large")
-# the down GEMM: this module's kernel ("triton"), or torch's grouped GEMM over the sorted h rows
-# ("grouped_mm": torch._grouped_mm, CUTLASS on sm_90; rows stay sorted, un-permuted after)
-DOWN_FORMS = ("triton", "grouped_mm")
+# each GEMM (gate_up, down): this module's kernels ("triton"), or torch's grouped GEMM over
+# sorted rows ("grouped_mm": torch._grouped_mm, CUTLASS on sm_90): gate_up then reads x rows
+# gathered into sorted copies and takes SwiGLU apart; down leaves its rows sorted (un-permuted after)
+GEMM_FORMS = ("triton", "grouped_mm")
 
 
 def gemm_size(M: int, E: int, target: str) -> str:
@@ -214,7 +215,7 @@ def gemm_tiles(size: str, target: str) -> dict:
     gate_up's. tma (false, true = "device", "host"; -> "", "device", "host"), half, ws and
     persistent (programs an SM; 0: a grid of all tiles; persistent_down: the down GEMM's, else
     the same) fall back to the large ones for "mid" only ("small" takes its own or none); a
-    persistent kernel has one row tile (its half 0); down (DOWN_FORMS) as tma."""
+    persistent kernel has one row tile (its half 0); gate_up and down (GEMM_FORMS) as tma."""
     cfg = config("moe_gemm", target)
     sfx = {"small": "_small", "mid": "_mid", "large": ""}[size]
     get = lambda key, default=None: cfg.get(key + sfx, cfg.get(key, default))
@@ -231,10 +232,11 @@ def gemm_tiles(size: str, target: str) -> dict:
     half = len(row_tiles(out["BM"], out["half"])) - 1                 # tl.dot takes 16 rows at least
     out.update(half=0 if out["persistent"] else half, half_down=0 if out["persistent_down"] else half)
     out["ws"] = out["ws"] and bool(out["tma"])             # warp specialization wants descriptor loads
-    down = cfg.get("down" + sfx, "triton") if size == "small" else get("down", "triton")
-    if down not in DOWN_FORMS:
-        raise ValueError(f"moe_gemm down {down!r}: one of {DOWN_FORMS}")
-    out["down"] = down
+    for key in ("gate_up", "down"):
+        form = cfg.get(key + sfx, "triton") if size == "small" else get(key, "triton")
+        if form not in GEMM_FORMS:
+            raise ValueError(f"moe_gemm {key} {form!r}: one of {GEMM_FORMS}")
+        out[key] = form
     return out
 
 
@@ -287,17 +289,18 @@ def _swiglu_launch(x, offsets, w13, w2, out_rows, order=None, top_k=1):
     tiles = gemm_tiles(size, target)
     aligned = bool(tiles["tma"]) and _rows_aligned(w13, w2)      # h: fresh, aligned
     torch_down = tiles["down"] == "grouped_mm" and _grouped_mm_takes(x, w2)
+    torch_gate_up = tiles["gate_up"] == "grouped_mm" and _grouped_mm_takes(x, w13)
     tmap, gate_up, down = gemm_specs(E, I, D, ir_dtype(x), size, target, order is not None, top_k, aligned)
     c = gate_up.config
     max_tiles = -(-M // c["BM"]) + E
     te = torch.empty(max_tiles, device=x.device, dtype=torch.int32)
     tr = torch.empty(max_tiles, device=x.device, dtype=torch.int32)
-    h = torch.empty(M, I, device=x.device, dtype=dt)
     if not M:
         return torch.empty(M, D, device=x.device, dtype=dt), True
     if c["tma"] == "device":
         use_descriptor_scratch()
     off = offsets.to(torch.int64).contiguous()
+    h = _grouped_gate_up(x, off, w13, order, top_k) if torch_gate_up else torch.empty(M, I, device=x.device, dtype=dt)
     extra = () if order is None else (order,)
     d_gu, d_dn = _host_descriptors(c, down.config, w13, w2, h) if c["tma"] == "host" else ((), ())
     count = torch.empty(1, device=x.device, dtype=torch.int32)      # valid tiles, for persistent kernels
@@ -305,8 +308,10 @@ def _swiglu_launch(x, offsets, w13, w2, out_rows, order=None, top_k=1):
     grid = lambda k: (min(k["persistent"] * _multiprocessors(x.device), max_tiles * k["NBLK"]),) \
         if k["persistent"] else (k["NBLK"], max_tiles)
     counted = lambda spec: (count,) if "count_ptr" in spec.signature else ()
-    launch(tmap, (-(-max_tiles // c["TB"]),), off, te, tr, max_tiles, *counted(tmap))
-    launch(gate_up, grid(c), x, off, w13, h, te, tr, *extra, *counted(gate_up), *d_gu)
+    if not (torch_gate_up and torch_down):
+        launch(tmap, (-(-max_tiles // c["TB"]),), off, te, tr, max_tiles, *counted(tmap))
+    if not torch_gate_up:
+        launch(gate_up, grid(c), x, off, w13, h, te, tr, *extra, *counted(gate_up), *d_gu)
     if torch_down:
         return _grouped_down(h, off, w2), True
     y = torch.empty(M, D, device=x.device, dtype=dt)
@@ -314,13 +319,22 @@ def _swiglu_launch(x, offsets, w13, w2, out_rows, order=None, top_k=1):
     return y, order is None
 
 
-def _grouped_mm_takes(x, w2) -> bool:
-    """Can torch's grouped GEMM run the down projection here? CUDA takes bf16 only (CPU: fp32, the
-    tests'), fewer than 1024 experts, rows of 16-byte multiples (its TMA loads)."""
+def _grouped_mm_takes(x, w) -> bool:
+    """Can torch's grouped GEMM run over expert weights w [E, N, K] here? CUDA takes bf16 only (CPU:
+    fp32, the tests'), fewer than 1024 experts, rows of 16-byte multiples (its TMA loads)."""
     fn = getattr(torch, "_grouped_mm", None)
     dtype = torch.bfloat16 if x.is_cuda else torch.float32
-    E, D, I = w2.shape
-    return fn is not None and x.dtype == dtype and E < 1024 and all(n * x.element_size() % 16 == 0 for n in (D, I))
+    E, N, K = w.shape
+    return fn is not None and x.dtype == dtype and E < 1024 and all(n * x.element_size() % 16 == 0 for n in (N, K))
+
+
+def _grouped_gate_up(x, offsets, w13, order, top_k):
+    """h [M, I] = silu(x_r w1_e^T) * (x_r w3_e^T) for each expert's sorted rows on torch's grouped
+    GEMM: x's rows copied into sorted order first (order[r] // top_k, unless x is sorted already)."""
+    I = w13.shape[1] // 2
+    rows = x if order is None else x.index_select(0, order // top_k)
+    gu = torch._grouped_mm(rows, w13.transpose(1, 2), offs=offsets[1:].to(torch.int32))
+    return torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]
 
 
 def _grouped_down(h, offsets, w2):
