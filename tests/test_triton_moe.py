@@ -279,3 +279,22 @@ def test_tile_map_template_renders_alone():
     from kimi_graph.lowering.triton import moe, moe_fp8
     assert "count_ptr" not in moe_fp8.tile_map(16, 64, "interpret").source
     assert "max_tiles, count_ptr):" in moe._tile_map(True)
+
+
+@pytest.mark.parametrize("lead", [(13,), (2, 5)])
+def test_shared_expert_one_gemm_over_a_fused_weight(lead):
+    """Gate and up as adjacent rows of one fused weight (fuse-linears): one GEMM, SwiGLU by
+    swiglu_rows; equal to the two-GEMM form and to float64 (rounding)."""
+    from kimi_graph.lowering.triton import moe_decode
+    g = torch.Generator().manual_seed(3)
+    D, IS = 40, 24
+    x, fused, wd = torch.randn(*lead, D, generator=g), torch.randn(2 * IS, D, generator=g) * 0.2, \
+        torch.randn(D, IS, generator=g) * 0.2
+    wg, wu = fused[:IS], fused[IS:]
+    out = moe_decode.shared_swiglu(x, wg, wu, wd)
+    apart = moe_decode.shared_swiglu(x, wg.clone(), wu.clone(), wd)          # not adjacent: two GEMMs
+    x64, g64, u64 = x.double(), wg.double(), wu.double()
+    ref = torch.nn.functional.linear(torch.nn.functional.silu(x64 @ g64.T) * (x64 @ u64.T), wd.double())
+    assert out.shape == (*lead, D)
+    assert (out - apart).abs().max() <= 1e-5 * apart.abs().max()
+    assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()

@@ -328,13 +328,40 @@ def _grouped_mm_takes(x, w) -> bool:
     return fn is not None and x.dtype == dtype and E < 1024 and all(n * x.element_size() % 16 == 0 for n in (N, K))
 
 
+_SWIGLU_ROWS = """
+@triton.jit
+def swiglu_rows(gu_ptr, h_ptr, M):
+    # grid (row blocks, column blocks): h[r, i] = silu(gu[r, i]) * gu[r, I + i] in fp32, rounded once
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    i = tl.program_id(1) * BI + tl.arange(0, BI)
+    m = (r < M)[:, None] & (i < I)[None, :]
+    src = r.to(tl.int64)[:, None] * (2 * I) + i[None, :]
+    g = tl.load(gu_ptr + src, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + src + I, mask=m, other=0.0).to(tl.float32)
+    tl.store(h_ptr + r.to(tl.int64)[:, None] * I + i[None, :], (g / (1.0 + tl.exp(-g)) * u).to(DT), mask=m)
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def swiglu_rows_spec(I: int, dtype: str) -> KernelSpec:
+    """silu(gate) * up over rows [gate | up] of 2I (the gate_up GEMM's epilogue, apart)."""
+    consts = {"I": I, "BR": 16, "BI": min(256, next_pow2(I)), "DT": TL_DTYPES[dtype]}
+    p = ptr_type(dtype)
+    return KernelSpec("swiglu_rows", "swiglu_rows", render("swiglu_rows", _SWIGLU_ROWS, consts),
+                      {"gu_ptr": p, "h_ptr": p, "M": "i32"}, 4, 1, consts)
+
+
 def _grouped_gate_up(x, offsets, w13, order, top_k):
     """h [M, I] = silu(x_r w1_e^T) * (x_r w3_e^T) for each expert's sorted rows on torch's grouped
-    GEMM: x's rows copied into sorted order first (order[r] // top_k, unless x is sorted already)."""
+    GEMM: x's rows copied into sorted order first (order[r] // top_k, unless x is sorted already),
+    SwiGLU after (swiglu_rows)."""
     I = w13.shape[1] // 2
     rows = x if order is None else x.index_select(0, order // top_k)
     gu = torch._grouped_mm(rows, w13.transpose(1, 2), offs=offsets[1:].to(torch.int32))
-    return torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]
+    spec = swiglu_rows_spec(I, ir_dtype(x))
+    h = torch.empty(gu.shape[0], I, device=x.device, dtype=x.dtype)
+    launch(spec, (-(-gu.shape[0] // spec.config["BR"]), -(-I // spec.config["BI"])), gu, h, gu.shape[0])
+    return h
 
 
 def _grouped_down(h, offsets, w2):
@@ -433,5 +460,6 @@ def specs_for(kind, ins, outs, attrs, target):
              + specs_for("grouped_swiglu", [x, None, w13], [], {}, target)
              + specs_for("moe_unpermute", [None, None, w, x], [], {}, target))
     fused = [s for size in ("mid", "large") for s in gemm_specs(E, I2 // 2, D, x.dtype, size, target, True, ids.shape[-1])]
+    fused.append(swiglu_rows_spec(I2 // 2, x.dtype))
     return chain + fused + moe_permute.sort_specs(E, ids.shape[-1], target) \
         + list(moe_permute.combine_specs(D, ids.shape[-1], x.dtype, w.dtype, target))

@@ -334,9 +334,17 @@ def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None 
 
 
 def shared_swiglu(x, wg, wu, wd):
-    """The shared expert through torch (moe.moe_experts' accumulator)."""
+    """The shared expert (moe.moe_experts' accumulator): its GEMMs through torch, gate and up in
+    one when they are adjacent rows of one fused weight, SwiGLU by moe.swiglu_rows then."""
     import torch.nn.functional as F
-    return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+    if not (wg.is_contiguous() and wu.is_contiguous() and wg.shape[1:] == wu.shape[1:] and wg.shape[0] == wu.shape[0]
+            and wu.data_ptr() == wg.data_ptr() + wg.numel() * wg.element_size()):
+        return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+    gu = F.linear(x, torch.as_strided(wg, (2 * wg.shape[0], wg.shape[1]), wg.stride())).reshape(-1, 2 * wg.shape[0])
+    spec = moe.swiglu_rows_spec(wg.shape[0], ir_dtype(x))
+    h = torch.empty(gu.shape[0], wg.shape[0], device=x.device, dtype=x.dtype)
+    launch(spec, (-(-gu.shape[0] // spec.config["BR"]), -(-wg.shape[0] // spec.config["BI"])), gu, h, gu.shape[0])
+    return F.linear(h.reshape(*x.shape[:-1], -1), wd)
 
 
 def takes_direct(ids: torch.Tensor) -> bool:
