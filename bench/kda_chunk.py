@@ -21,6 +21,7 @@ import torch
 from harness import bench, kernel_times, merge_tuning, override_config, rel_err, write_result
 
 from kimi_graph.lowering.triton import kda
+from kimi_graph.lowering.triton.targets import config
 from kimi_graph.ops.kda import kda_gate, kda_recurrence
 from kimi_graph.ops.norm import l2_normalize
 
@@ -146,6 +147,49 @@ def split(shape="16k", with_fla=True):
         for name, ms in list(times.items())[:8]:
             rows.append({"shape": shape, "impl": impl, "kernel": name[:44], "ms": ms})
         rows.append({"shape": shape, "impl": impl, "kernel": "SUM", "ms": sum(times.values())})
+    return rows
+
+
+def conv_timing(shapes=(("16k", 1, 16384), ("32x1k", 32, 1024)), width=4):
+    """KDA's q/k/v convs (width 4, SiLU, carried conv states) and the chunk prefill as a model
+    prefill runs them: the conv group (one launch, its outputs stored) then kda_chunk, against
+    kda_chunk_conv (the convs inside the prep kernel); q, k, v, b read as slices of one fused
+    projection [B, T, 3*H*D + 288] as the model's; the fused path's error against the other."""
+    from kimi_graph.lowering.triton import conv
+    rows = []
+    for name, B, T in shapes:
+        C = H * D
+        g = torch.Generator(device=DEV).manual_seed(1)
+        r = lambda *s: torch.randn(*s, device=DEV, generator=g)
+        proj = r(B, T, 3 * C + 2 * D + H).to(torch.bfloat16)
+        xs = [proj[..., i * C:(i + 1) * C] for i in range(3)]
+        b = proj[..., 3 * C + D:3 * C + D + H]
+        f = (0.5 * r(B, T, C)).to(torch.bfloat16)
+        ws = [(0.5 * r(C, 1, width)).to(torch.bfloat16) for _ in range(3)]
+        cs = [r(B, C, width - 1).to(torch.bfloat16) for _ in range(3)]
+        A_log = torch.log(torch.empty(H, device=DEV).uniform_(1, 16, generator=g))
+        dt_bias = torch.log(torch.expm1(torch.empty(C, device=DEV).uniform_(1e-3, 0.1, generator=g)))
+        st = 0.1 * r(B, H, D, D)
+
+        def unfused():
+            outs = conv.causal_conv1d_group(xs, ws, cs, "silu")
+            q, k, v = (y.view(B, T, H, D) for y, _ in outs)
+            o, s = kda.kda_chunk(q, k, v, f.view(B, T, H, D), b, A_log, dt_bias, D ** -0.5, state=st)
+            return o, s, [c for _, c in outs]
+
+        def fused():
+            return kda.kda_chunk_conv(xs, ws, cs, f, b, A_log, dt_bias, D ** -0.5, H, state=st)
+        with torch.no_grad():
+            (ro, rs, rc), (o, s, c) = unfused(), fused()
+            row = {"shape": name, "B": B, "T": T, "unfused_ms": bench(unfused), "fused_ms": bench(fused),
+                   "conv_ms": bench(lambda: conv.causal_conv1d_group(xs, ws, cs, "silu")),
+                   "err_o": rel_err(o, ro), "err_state": rel_err(s, rs),
+                   "conv_states_equal": all(torch.equal(a, e) for a, e in zip(c, rc))}
+        row["speedup"] = row["unfused_ms"] / row["fused_ms"]
+        rows.append(row)
+        print(row)
+        del proj, f, xs, b
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -293,6 +337,8 @@ def main():
     ap.add_argument("--split-only", action="store_true",
                     help="the per-kernel split alone (ours, the previous kernels, fla-core) at --split-shapes")
     ap.add_argument("--split-shapes", default="16k,64x512", help="the shapes of the per-kernel split")
+    ap.add_argument("--conv", action="store_true",
+                    help="q/k/v convs + chunk prefill: the conv kernel then ours, against the convs inside prep")
     ap.add_argument("--no-fla", action="store_true", help="the split without fla-core")
     ap.add_argument("--config", default="", help="a JSON dict of kda_chunk keys over the target's config for "
                     "everything this run times (a tuning file in KIMI_GRAPH_TRITON_TUNING still applies over it)")
@@ -312,8 +358,10 @@ def main():
     split_shapes = [s for s in a.split_shapes.split(",") if s]
     if a.config:
         override_config("kda_chunk", **json.loads(a.config))
+    if a.conv:
+        write_result("kda_chunk_conv" + sfx, conv_timing(), {"config": config("kda_chunk")})
+        return
     if a.split_only:
-        from kimi_graph.lowering.triton.targets import config
         write_result("kda_chunk_split" + sfx, [r for s in split_shapes for r in split(s, not a.no_fla)],
                      {"config": config("kda_chunk")})
         return

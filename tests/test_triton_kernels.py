@@ -554,3 +554,37 @@ def test_dependent_launches_by_step_rows(monkeypatch):
             assert not codegen.pdl_enabled(90)
     finally:
         codegen._pdl_config.cache_clear()
+
+
+@pytest.mark.parametrize("T,inplace", [(37, True), (2, None)], ids=["slot-states", "short-no-conv-state"])
+def test_kda_chunk_conv_matches_conv_then_chunk(T, inplace):
+    """KDA's q/k/v convs (SiLU, width 4) inside the prep kernel (kda_chunk_conv, the projections
+    read as slices of one fused row) equal the conv group then kda_chunk: outputs, KDA states and
+    new conv states, from carried conv states updated in place (SlotRows, slots out of order) or
+    from none (a prompt shorter than the conv's window)."""
+    from kimi_graph.runtime.views import SlotRows
+    torch.manual_seed(7)
+    B, H, K, W = 2, 2, 16, 4
+    C = H * K
+    fused = torch.randn(B, T, 3 * C + H + 3)
+    xs = [fused[..., i * C:(i + 1) * C] for i in range(3)]
+    b = fused[..., 3 * C:3 * C + H]
+    ws = [0.5 * torch.randn(C, 1, W) for _ in range(3)]
+    f = torch.randn(B, T, C)
+    A, dt = 0.3 * torch.randn(H), 0.1 * torch.randn(C)
+    s0 = torch.randn(B, H, K, K)
+    cs = [torch.randn(B, C, W - 1) for _ in range(3)] if inplace else [None] * 3
+    outs = conv.causal_conv1d_group(xs, ws, cs, "silu")
+    q, k, v = (y.view(B, T, H, K) for y, _ in outs)
+    ro, rs = kda.kda_chunk(q, k, v, f.view(B, T, H, K), b, A, dt, 0.25, state=s0)
+    states = cs
+    if inplace:
+        slots = torch.tensor([2, 0])
+        storage = [torch.randn(3, C, W - 1) for _ in range(3)]
+        for st, c in zip(storage, cs):
+            st[slots] = c
+        states = [SlotRows(st, slots) for st in storage]
+    o, s, new = kda.kda_chunk_conv(xs, ws, states, f, b, A, dt, 0.25, H, state=s0)
+    assert rel(o, ro) < 1e-5 and rel(s, rs) < 1e-5
+    for n, (_, want), i in zip(new, outs, range(3)):
+        assert torch.equal(storage[i][slots] if inplace else n, want)

@@ -28,7 +28,7 @@ def graph_specs(g, target: str) -> dict[tuple[str, str], tuple[KernelSpec, set]]
     """(source hash, entry) -> (spec, op kinds using it) for one graph."""
     from kimi_graph.ops import get_op
 
-    from . import gemv, mla, moe_route, norm
+    from . import gemv, kda, mla, moe_route, norm
     from .backend import KERNEL_DTYPES, KERNELS, Convs, Experts, Group, LinearPair, NormLinear, covered, legalize, plan
     from .conv import specs_for as conv_specs
     from .elementwise import chain_spec
@@ -43,6 +43,8 @@ def graph_specs(g, target: str) -> dict[tuple[str, str], tuple[KernelSpec, set]]
             specs = conv_specs(op.kind, [g.types[v] for v in op.inputs], [], get_op(op.kind).full_attrs(op.attrs),
                                target, group=len(item.ops))
             kind = op.kind
+        elif isinstance(item, kda.ConvKDA):
+            specs, kind = item.specs(g, target), "causal_conv1d+kda_fused_chunk"
         elif isinstance(item, Experts):
             ins = [g.types[v] for v in item.inputs]
             specs = experts_specs(item.ops[-1].kind, ins, [g.types[v] for v in item.outputs], item.attrs, target,

@@ -194,7 +194,7 @@ def _conv_groups(g: Graph, order: list) -> dict[int, Convs]:
 
 def plan(g: Graph) -> list:
     """The schedule: ops, fused elementwise `Group`s, routed-experts chains (`Experts`), conv
-    groups (`Convs`), norms with the linear they feed (`NormLinear`) or the router they feed
+    groups (`Convs`; KDA's q/k/v convs with the KDA op they feed: `kda.ConvKDA`), norms with the linear they feed (`NormLinear`) or the router they feed
     (`moe_route.NormRoute`), MLA's two cache writes (`mla.CacheRows`), MLA's prefill attention
     with its rope key read apart (`mla.SplitKeyAttention`) and pairs of linears of one
     sliced value (`LinearPair`), in an executable order.
@@ -203,7 +203,11 @@ def plan(g: Graph) -> list:
     chains = {c.ops[-1].id: c for op in order if op.kind in ("moe_experts", "quantized_moe_experts")
               and (c := _experts(g, op))}
     convs = _conv_groups(g, order)
+    conv_kdas = kda.conv_kdas(g, convs, covered)       # q/k/v convs run by the KDA op's step
+    for ck in conv_kdas.values():
+        del convs[ck.convs.ops[0].id]
     folded = {o.id for c in chains.values() for o in c.ops[:-1]} | {o.id for c in convs.values() for o in c.ops[1:]}
+    folded |= {o.id for ck in conv_kdas.values() for o in ck.convs.ops + ck.ops[:-1]}
     norms = {i: n for i, n in gemv.norm_linears(g, order, covered).items() if n.ops[-1].id not in folded}
     norms.update(moe_route.norm_routes(g, order, covered))
     folded |= {o.id for n in norms.values() for o in n.ops[1:]}
@@ -215,6 +219,7 @@ def plan(g: Graph) -> list:
     folded |= {p.ops[1].id for p in pairs.values()}
     order = [op for op in order if op.id not in folded]
     chains.update(convs)
+    chains.update(conv_kdas)
     chains.update(norms)
     chains.update(pairs)
     chains.update(writes)
@@ -360,6 +365,9 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
             outs = conv.causal_conv1d_group(xs, [i[1] for i in ins], [i[2] if len(i) > 2 else None for i in ins],
                                             get_op("causal_conv1d").full_attrs(item.ops[0].attrs)["activation"])
             env.update(zip(item.outputs, [t for pair in outs for t in pair]))
+            continue
+        if isinstance(item, kda.ConvKDA):
+            env.update(zip(item.outputs, item.run([env[v] for v in item.inputs])))
             continue
         if isinstance(item, Experts):
             env[item.outputs[0]] = moe_decode.run_step(item.ops[-1].kind, item.attrs,

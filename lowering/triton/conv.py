@@ -147,9 +147,9 @@ def conv_specs(C: int, W: int, dtype: str, silu: bool, has_state: bool, target: 
     return fwd, st
 
 
-def _operands(x, weight, state, activation):
+def _operands(x, weight, state, activation, with_y=True):
     """Checked launch operands (x, w, s, slot, y, sn), the new state to return, x's row stride
-    and the spec key."""
+    and the spec key (`with_y` False: no y, for a kernel that runs the conv itself)."""
     if activation not in ("none", "silu"):
         raise ValueError(f"activation must be 'none' or 'silu', got {activation!r}")
     B, T, C = x.shape
@@ -169,7 +169,7 @@ def _operands(x, weight, state, activation):
         s = xc if state is None else state.to(x.dtype).contiguous()
         sn = out = torch.empty(B, C, W - 1, device=x.device, dtype=x.dtype)
         slot = torch.arange(B, device=x.device)
-    y = torch.empty(B, T, C, device=x.device, dtype=x.dtype)
+    y = torch.empty(B, T, C, device=x.device, dtype=x.dtype) if with_y else None
     key = (C, W, ir_dtype(x), activation == "silu", state is not None)
     return (xc, w, s, slot, y, sn), out, xs, key
 
@@ -206,6 +206,21 @@ def causal_conv1d_group(xs: list, weights: list, states: list, activation: str =
     if key[1] > 1 and blocks != 1:
         launch(st, (B, ncb), *[a for p in prepared for a in (p[0][0], p[0][2], p[0][3], p[0][5])], T, stride)
     return [(p[0][4], p[1]) for p in prepared]
+
+
+def write_states(operands: list, keys: list, B: int, T: int, stride: int) -> None:
+    """The new states of convs whose outputs another kernel computed (kda.kda_chunk_conv), after
+    it read the old ones: one launch when the convs share a shape (_operands' operands and keys)."""
+    if keys[0][1] < 2:
+        return
+    if len(set(keys)) == 1:
+        st = conv_specs(*keys[0], current_target(), group=len(keys))[1]
+        launch(st, (B, len(keys) * st.config["NCB"]), *[a for p in operands for a in (p[0], p[2], p[3], p[5])], T,
+               stride)
+        return
+    for p, key in zip(operands, keys):
+        st = conv_specs(*key, current_target())[1]
+        launch(st, (B, st.config["NCB"]), p[0], p[2], p[3], p[5], T, stride)
 
 
 def op_causal_conv1d(args, attrs):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import functools
 import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -74,14 +75,39 @@ def kda_exp(x):
         return tl.exp(x)
 """
 
+_CONV = """
+@triton.jit
+def kda_conv(x_ptr, w_ptr, s_ptr, srow, tok, pos, ch, rm, mc, xs, C: tl.constexpr, NCOL: tl.constexpr):
+    # SiLU of the causal depthwise conv (CW taps, weights [C, CW]) at rows tok, positions pos of
+    # their sequence, channels ch of x (rows xs apart), rounded to DT as the conv kernel stores
+    # it; taps before the sequence's start read the carried state's row srow [C, CW - 1] (zeros
+    # without a state or for a padding row, srow < 0)
+    acc = tl.zeros((PR, NCOL), tl.float32)
+    for i in tl.static_range(CW):
+        back = CW - 1 - i
+        wi = tl.load(w_ptr + ch * CW + i, mask=mc, other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + (tok - back).to(tl.int64)[:, None] * xs + ch[None, :],
+                     mask=(rm & (pos >= back))[:, None] & mc[None, :], other=0.0).to(tl.float32)
+        if CONV_STATE:
+            if back > 0:
+                sv = tl.load(s_ptr + (tl.maximum(srow, 0) * C + ch[None, :]) * (CW - 1) + (pos + CW - 1 - back)[:, None],
+                             mask=(rm & (pos < back) & (pos * 0 + srow >= 0))[:, None] & mc[None, :], other=0.0)
+                xv += sv.to(tl.float32)
+        acc += xv * wi[None, :]
+    acc = acc / (1.0 + tl.exp(-acc))
+    return acc.to(DT).to(tl.float32)
+"""
+
 _PREP = _GATE + _EXP + """
 
+$conv_fn
 @triton.jit
 def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk_len,
-                   qn_ptr, kn_ptr, gc_ptr, beta_ptr, qg_ptr, bkg_ptr, kg_ptr, gl_ptr$diag_args):
+                   qn_ptr, kn_ptr, gc_ptr, beta_ptr, qg_ptr, bkg_ptr, kg_ptr, gl_ptr$diag_args$conv_args):
     # one program per (chunk, head): gating, norms, cumulative decay, PR rows at a time; writes
     # q, k normalised, G, beta, scale q G, beta k G (the W solve's right side), k G_L/G; with
-    # diag "prep" (PR = BC) also each sub-chunk's diagonal blocks, from the rows just stored
+    # diag "prep" (PR = BC) also each sub-chunk's diagonal blocks, from the rows just stored;
+    # with the conv (CW > 0) q, k, v are SiLU(conv) of the projections' rows, v stored for the rest
     c = tl.program_id(0)
     h = tl.program_id(1)
     start = tl.load(chunk_start + c)
@@ -89,6 +115,7 @@ def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk
     dk = tl.arange(0, BK)
     mk = dk < K
     cc = tl.arange(0, PR)
+    $conv_setup
     if FUSED:
         dt = tl.load(dt_ptr + h * K + dk, mask=mk, other=0.0)[None, :]
         a_log = tl.load(a_ptr + h)
@@ -99,8 +126,7 @@ def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk
         tok = start + i0 + cc
         m2 = rm[:, None] & mk[None, :]
         offk = tok[:, None] * (H * K) + h * K + dk[None, :]
-        q = tl.load(q_ptr + offk, mask=m2, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + offk, mask=m2, other=0.0).to(tl.float32)
+        $qk_in
         g = tl.load(f_ptr + offk, mask=m2, other=0.0).to(tl.float32)
         beta = tl.load(b_ptr + tok * H + h, mask=rm, other=0.0).to(tl.float32)
         if FUSED:
@@ -120,9 +146,34 @@ def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk
         tl.store(bkg_ptr + offk, (k.to(DT).to(tl.float32) * eg * beta[:, None]).to($bkg_dt), mask=m2)
         $kg_here
         $diag_here
+        $v_conv
     tl.store(gl_ptr + (c * H + h) * K + dk, kda_exp(carry), mask=mk)
     $kg_after
 """
+
+# the prep kernel's inputs: q, k as given, or ("conv") SiLU(conv) of the projections' rows (xs apart;
+# the chunk's sequence and its first position from chunk_seq and cu), v's too, stored in vc
+_PREP_IN = {"plain": {"conv_fn": "", "conv_args": "", "conv_setup": "", "v_conv": "",
+                      "qk_in": "q = tl.load(q_ptr + offk, mask=m2, other=0.0).to(tl.float32)\n"
+                               "k = tl.load(k_ptr + offk, mask=m2, other=0.0).to(tl.float32)"},
+            "conv": {"conv_fn": _CONV,
+                     "conv_args": ", xv_ptr, wq_ptr, wk_ptr, wv_ptr, sq_ptr, sk_ptr, sv_ptr, slq_ptr, slk_ptr, "
+                                  "slv_ptr, chunk_seq, cu_ptr, vc_ptr, xs",
+                     "conv_setup": """
+seq = tl.load(chunk_seq + c)
+p0 = start - tl.load(cu_ptr + seq)
+rq = tl.load(slq_ptr + seq)
+rk = tl.load(slk_ptr + seq)
+rv = tl.load(slv_ptr + seq)
+dvv = tl.arange(0, BVV)
+mvv = dvv < V
+""",
+                     "qk_in": "pos = p0 + i0 + cc\n"
+                              "q = kda_conv(q_ptr, wq_ptr, sq_ptr, rq, tok, pos, h * K + dk, rm, mk, xs, H * K, BK)\n"
+                              "k = kda_conv(k_ptr, wk_ptr, sk_ptr, rk, tok, pos, h * K + dk, rm, mk, xs, H * K, BK)",
+                     "v_conv": "v = kda_conv(xv_ptr, wv_ptr, sv_ptr, rv, tok, pos, h * V + dvv, rm, mvv, xs, H * V, BVV)\n"
+                               "tl.store(vc_ptr + tok[:, None] * (H * V) + h * V + dvv[None, :], v.to(DT), "
+                               "mask=rm[:, None] & mvv[None, :])"}}
 
 # k G_L/G needs the chunk's total decay G_L: a second pass over the stored k and G once the
 # first has summed it ("reload"), a first pass that sums the decay alone from f, so k G_L/G
@@ -625,10 +676,12 @@ _DIAG_COLUMNS = ("for j in range(j0, tok + 1):\n    jj = j - j0",               
 
 
 @functools.lru_cache(maxsize=None)
-def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk=None) -> list[KernelSpec]:
+def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk=None, conv_w=0,
+                conv_state=False) -> list[KernelSpec]:
     """The chunk-prefill kernels for one head geometry and dtype: prep, [diag], intra, [wu],
     scan (the target's `diag` and `wu` modes); chunks of `chunk` tokens (the op's chunk size)
-    where the target follows the op (`op_chunk`), else the target's tile."""
+    where the target follows the op (`op_chunk`), else the target's tile; `conv_w` > 0: prep
+    runs q, k and v's causal conv (that many taps, SiLU; `conv_state`: from carried states)."""
     cfg = config("kda_chunk", target)
     if chunk:
         check_chunk_size(chunk)
@@ -650,24 +703,28 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
     consts = _consts(H, K, V, dtype, fused, scale, eps, BT=BT, BC=BC, NC=NC, BV=BV, KH=KH, BW=BW, BH=BH,
                      PR=PR, KS=KS, SEG=int(cfg["scan_seg"]),
                      SEG_MIN=int(cfg["scan_seg_min"]), NW=_cdiv(K, BW), HAS_STATE=bool(has_state), PREC=dot_precision(dtype),
-                     FTZ_EXP=bool(cfg["ftz_exp"]))
+                     FTZ_EXP=bool(cfg["ftz_exp"]), CW=int(conv_w), CONV_STATE=bool(conv_state),
+                     BVV=max(16, next_pow2(V)))
     gate_f32 = () if fused else ("f_ptr", "b_ptr")        # unfused: g and beta come in fp32
     bkg_f32 = ("bkg_ptr",) if cfg["bkg_fp32"] else ()       # beta k G in fp32, else the activation dtype
     f32 = bkg_f32 + gate_f32 + ("gc_ptr", "beta_ptr", "gl_ptr", "a_ptr", "dt_ptr", "s0_ptr", "sn_ptr", "akd_ptr",
            "t_ptr")
-    i32 = ("chunk_start", "chunk_len", "cu_ptr", "chunk0_ptr")
+    i32 = ("chunk_start", "chunk_len", "cu_ptr", "chunk0_ptr", "chunk_seq")
+    i64 = ("slot_ptr", "slq_ptr", "slk_ptr", "slv_ptr")
 
     def spec(name, template, args, warps, stages=1, entry=None, kconsts=consts, **blocks):
-        sig = {a: ("*i32" if a in i32 else "*fp32" if a in f32 else "*i64" if a == "slot_ptr"
-                   else "i32" if a in ("c_lo", "c_hi") else PTR_TYPES[dtype]) for a in args}
+        sig = {a: ("*i32" if a in i32 else "*fp32" if a in f32 else "*i64" if a in i64
+                   else "i32" if a in ("c_lo", "c_hi", "xs") else PTR_TYPES[dtype]) for a in args}
         entry = entry or name
         return KernelSpec(name, entry, render(entry, template, kconsts, **blocks), sig, warps, stages, kconsts)
 
     in_prep, diag_block = diag == "prep", _DIAG_FORMS[cfg["diag_form"]]
     out = [spec("kda_chunk_prep", _PREP, ["q_ptr", "k_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "chunk_start",
                                           "chunk_len", "qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "qg_ptr",
-                                          "bkg_ptr", "kg_ptr", "gl_ptr"] + ["aqk_ptr", "akd_ptr"] * in_prep,
+                                          "bkg_ptr", "kg_ptr", "gl_ptr"] + ["aqk_ptr", "akd_ptr"] * in_prep
+                + (_PREP_IN["conv"]["conv_args"][2:].split(", ") if conv_w else []),
                 cfg["prep_warps"], bkg_dt="tl.float32" if bkg_f32 else "DT", **_PREP_KG[cfg["prep_kg"]],
+                **_PREP_IN["conv" if conv_w else "plain"],
                 diag_args=", aqk_ptr, akd_ptr" if in_prep else "",
                 diag_here="tl.debug_barrier()\ns0 = start + i0\nnb = n - i0\n" + diag_block(BC)
                 if in_prep else "")]
@@ -805,20 +862,63 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
               fused=True, chunk=None):
     """Chunkwise KDA prefill. fused: f, b are the raw f_b / b_proj outputs; else f is g (log decay
     [B,T,H,K]) and b is beta [B,T,H], with q, k already normalised. -> (o [B,T,H,V], state [N,H,K,V])."""
-    dtype, dev = _ir_dtype(q), q.device
     (q2, k2, v2, f2, b2), cu, H, K, V, a, dt = _inputs(q, k, v, f, b, A_log, dt_bias, cu_seqlens, fused)
+    o, result = _chunks(q2, k2, v2, f2, b2, a, dt, cu, cu_seqlens, q.shape[:2], (H, K, V), _ir_dtype(q), fused,
+                        scale, eps, state, chunk)
+    return o.view(q.shape[0], q.shape[1], H, V), result
+
+
+def kda_chunk_conv(xs, weights, conv_states, f, b, A_log, dt_bias, scale, heads, *, eps=1e-6, state=None,
+                   chunk=None):
+    """kda_chunk (fused gating) of q, k, v = SiLU(causal_conv1d(x, w, conv state)) of the
+    projections xs = (x_q, x_k, x_v) [B, T, H*K] (H*V for v; last-dim slices of one wider tensor
+    are read in place), the convs run inside the prep kernel: the projections are read once and
+    only v's conv output is stored. weights [C, 1, W]; conv_states [B, C, W-1] or None (zeros;
+    `SlotRows` views are updated in place). -> (o [B,T,H,V], state, [new conv state of q, k, v])."""
+    from . import conv
+    B, T, _ = xs[0].shape
+    H = heads
+    K, V = xs[0].shape[2] // H, xs[2].shape[2] // H
+    if xs[1].shape != xs[0].shape or xs[2].shape[:2] != (B, T) or H * K != xs[0].shape[2] or H * V != xs[2].shape[2]:
+        raise ValueError(f"conv inputs {[tuple(x.shape) for x in xs]} do not split into {H} heads")
+    ops = [conv._operands(x, w, st, "silu", with_y=False) for x, w, st in zip(xs, weights, conv_states)]
+    (xq, wq, sq, slq, _, _), _, stride, key = ops[0]
+    (xk, wk, sk, slk, _, _), (xv, wv, sv, slv, _, _) = ops[1][0], ops[2][0]
+    if any(op[2] != stride for op in ops) or len({op[3][1] for op in ops}) != 1:
+        raise ValueError("the q, k, v projections must be rows of one stride, their convs of one width")
+    f2 = f.reshape(B * T, H, K).contiguous()
+    b2 = b.reshape(B * T, H).contiguous()
+    a, dt = _gate_params(A_log, dt_bias, H, K, f.device)
+    cu = _uniform_offsets(B, T, f.device)
+    W, has_cs = key[1], key[4]
+    o, result = _chunks(xq, xk, None, f2, b2, a, dt, cu, None, (B, T), (H, K, V), _ir_dtype(xq), True, scale, eps,
+                        state, chunk, conv=(W, has_cs, (xv, wq, wk, wv, sq, sk, sv, slq, slk, slv), stride))
+    conv.write_states([op[0] for op in ops], [op[3] for op in ops], B, T, stride)
+    return o.view(B, T, H, V), result, [op[1] for op in ops]
+
+
+def _chunks(q2, k2, v2, f2, b2, a, dt, cu, cu_seqlens, BT_shape, dims, dtype, fused, scale, eps, state, chunk,
+            conv=None):
+    """The chunk kernels over packed tokens; `conv` (width, carried states?, prep's conv operands,
+    row stride): q2, k2 are the projections and v is their conv's output, stored by prep."""
+    H, K, V = dims
+    dev = f2.device
     N = cu.numel() - 1
     specs = {sp.name: sp for sp in chunk_specs(H, K, V, dtype, fused, scale, eps, state is not None,
-                                               current_target(), chunk)}
+                                               current_target(), chunk, *(conv[:2] if conv else ()))}
     prep, intra, scan = specs["kda_chunk_prep"], specs["kda_chunk_intra"], specs["kda_chunk_scan"]
     diag, wu = specs.get("kda_chunk_diag") or specs.get("kda_chunk_diag_block"), specs.get("kda_chunk_wu")
     BT, BC = prep.config["BT"], prep.config["BC"]
-    NT = q2.shape[0]
-    cstart, clen, chunk0, NCH = chunk_tables(cu, cu_seqlens, q.shape[0], q.shape[1], BT)
-    e = dict(device=dev, dtype=q.dtype)
+    NT = f2.shape[0]
+    cstart, clen, chunk0, NCH, cseq = chunk_tables(cu, cu_seqlens, BT_shape[0], BT_shape[1], BT)
+    e = dict(device=dev, dtype=q2.dtype)
     f32 = dict(device=dev, dtype=torch.float32)
     qn, kn, qg, kg, w = (torch.empty(NT, H, K, **e) for _ in range(5))
     u = torch.empty(NT, H, V, **e)
+    conv_args = ()
+    if conv:
+        v2 = torch.empty(NT, H, V, **e)         # v's conv output, from prep
+        conv_args = (*conv[2], cseq, cu, v2, conv[3])
     gc = torch.empty(NT, H, K, **f32)
     bkg = torch.empty(NT, H, K, **(f32 if prep.signature["bkg_ptr"] == "*fp32" else e))
     beta = torch.empty(NT, H, **f32)
@@ -840,7 +940,8 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
         n, cs, cl, glv = c_b - c_a, cstart[c_a:], clen[c_a:], gl[c_a:]
         if n:
             launch(prep, (n, H), q2, k2, f2, b2, a, dt, cs, cl, qn, kn, gc, beta, qg, bkg, kg, glv,
-                   *((aqk, akd) if "akd_ptr" in prep.signature else ()))
+                   *((aqk, akd) if "akd_ptr" in prep.signature else ()),
+                   *(conv_args[:10] + (cseq[c_a:],) + conv_args[11:] if conv else ()))
             if diag:    # token-parallel: a program per row and BH heads; by blocks: per sub-chunk and head
                 grid = (n * BT, _cdiv(H, diag.config["BH"])) if diag.name == "kda_chunk_diag" else (n * BT // BC, H)
                 launch(diag, grid, qn, kn, gc, beta, cs, cl, aqk, akd)
@@ -853,7 +954,7 @@ def kda_chunk(q, k, v, f, b, A_log, dt_bias, scale, *, eps=1e-6, state=None, cu_
                    c_a, c_b if c_b < NCH else 2 ** 31 - 1)
     if side is not None:
         torch.cuda.current_stream(dev).wait_stream(side)
-    return o.view(q.shape[0], q.shape[1], H, V), result
+    return o, result
 
 
 _SIDE: dict = {}
@@ -884,8 +985,8 @@ class _on:
 
 
 def chunk_tables(cu: torch.Tensor, given: torch.Tensor | None, B: int, T: int, BT: int):
-    """(chunk start token, chunk length, first chunk of each sequence, chunk count) for the
-    sequences `cu` delimits, built on the device without waiting for it: for packed sequences
+    """(chunk start token, chunk length, first chunk of each sequence, chunk count, each chunk's
+    sequence) for the sequences `cu` delimits, built on the device without waiting for it: for packed sequences
     the count is the bound T_total // BT + N (chunks past the real ones have length 0 and do
     nothing). Kept per uniform (B, T) and per `given` cu_seqlens tensor (see _kept)."""
     def make():
@@ -901,7 +1002,7 @@ def chunk_tables(cu: torch.Tensor, given: torch.Tensor | None, B: int, T: int, B
         idx = c - chunk0[sc]
         cstart = (cu[sc] + idx * BT).to(torch.int32)
         clen = torch.where(seq < N, (lens[sc] - idx * BT).clamp(max=BT), 0).to(torch.int32)
-        return cstart, clen, chunk0, nch_max
+        return cstart, clen, chunk0, nch_max, sc.to(torch.int32)
     return _kept(("chunks", B, T, BT, str(cu.device)), given, make)
 
 
@@ -964,4 +1065,92 @@ def specs_for(kind, ins, outs, attrs, target):
     if q.shape[1] != 1:
         out += chunk_specs(H, K, V, q.dtype, fused, attrs["scale"], eps, has_state, target,
                            attrs.get("chunk_size") or None)
+    return out
+
+
+# -- the q/k/v convs inside prefill's first kernel ---------------------------------------------
+
+@dataclass
+class ConvKDA:
+    """KDA's q, k, v convs (a backend `Convs` group, SiLU) whose outputs feed, through one reshape
+    each and nothing else, a kda_fused_chunk op as q, k, v: at prefill (T > 1, the target's
+    `conv_in_prep`) one kda_chunk_conv, the convs inside the prep kernel (the projections read
+    once, only v's conv output stored), the new conv states written after it; else the conv
+    group, then the op."""
+    convs: object             # the Convs group
+    ops: list                 # the reshapes, then the KDA op
+    inputs: list[str]         # the projections' value, each conv's weight (and state), the KDA op's f.. state
+    outputs: list[str]        # each conv's new state (when it has one), the KDA op's outputs
+
+    def run(self, values: list) -> list:
+        convs, op = self.convs.ops, self.ops[-1]
+        x, i = values[0], 1
+        ws, states = [], []
+        for c in convs:
+            ws.append(values[i])
+            states.append(values[i + 1] if len(c.inputs) > 2 else None)
+            i += len(c.inputs) - 1
+        rest = values[i:]
+        xs = [x.narrow(-1, sl.attrs["start"], sl.attrs["end"] - sl.attrs["start"]) for sl in self.convs.slices]
+        B, T, _ = xs[0].shape
+        H = self.ops[0].attrs["shape"][2]
+        attrs = get_kda_attrs(op)
+        kept = [len(c.outputs) > 1 for c in convs]
+        if T > 1 and config("kda_chunk")["conv_in_prep"]:
+            f, b, A, dt = rest[:4]
+            o, st, conv_states = kda_chunk_conv(xs, ws, states, f, b, A, dt, attrs["scale"], H,
+                                                eps=attrs["l2norm_eps"], state=rest[4] if len(rest) > 4 else None,
+                                                chunk=attrs.get("chunk_size") or None)
+            return [cs for cs, k in zip(conv_states, kept) if k] + [o, st]
+        from . import conv
+        outs = conv.causal_conv1d_group(xs, ws, states, "silu")
+        qkv = [y.view(B, T, H, -1) for y, _ in outs]
+        return [cs for (_, cs), k in zip(outs, kept) if k] + op_kda_fused(qkv + list(rest), attrs)
+
+    def specs(self, g, target: str) -> list[KernelSpec]:
+        """The conv group's kernels, the KDA op's and the fused prep's chunk kernels."""
+        from kimi_graph.ops import get_op
+
+        from . import conv
+        c, op = self.convs.ops[0], self.ops[-1]
+        ins = [g.types[v] for v in op.inputs]
+        attrs = get_kda_attrs(op)
+        out = conv.specs_for(c.kind, [g.types[v] for v in c.inputs], [], get_op(c.kind).full_attrs(c.attrs), target,
+                             group=len(self.convs.ops))
+        out += specs_for(op.kind, ins, [], attrs, target)
+        q, v = ins[0], ins[2]
+        if q.shape[1] != 1 and config("kda_chunk", target)["conv_in_prep"]:
+            out += chunk_specs(q.shape[2], q.shape[3], v.shape[3], q.dtype, True, attrs["scale"], attrs["l2norm_eps"],
+                               len(ins) > 7, target, attrs.get("chunk_size") or None,
+                               g.types[c.inputs[1]].shape[2], len(c.inputs) > 2)
+        return out
+
+
+def get_kda_attrs(op) -> dict:
+    from kimi_graph.ops import get_op
+    return get_op(op.kind).full_attrs(op.attrs)
+
+
+def conv_kdas(g, convs: dict, covered) -> dict:
+    """KDA op id -> its ConvKDA step, for each conv group (first conv's id -> Convs) of three
+    SiLU convs feeding one kda_fused_chunk op as q, k, v through one reshape each."""
+    def sole(v):
+        users = g.users(v)
+        return users[0] if v not in g.outputs and len(users) == 1 else None
+
+    out = {}
+    for group in convs.values():
+        if len(group.ops) != 3 or any(c.attrs.get("activation") != "silu" for c in group.ops):
+            continue
+        reshapes = [sole(c.outputs[0]) for c in group.ops]
+        if any(r is None or r.kind != "reshape" for r in reshapes):
+            continue
+        kdas = [sole(r.outputs[0]) for r in reshapes]
+        op = kdas[0]
+        if op is None or op.kind != "kda_fused_chunk" or not covered(g, op) or any(o is not op for o in kdas) \
+                or [r.outputs[0] for r in reshapes] != op.inputs[:3]:
+            continue
+        ins = [group.slices[0].inputs[0]] + [v for c in group.ops for v in c.inputs[1:]] + op.inputs[3:]
+        outs = [v for c in group.ops for v in c.outputs[1:]] + op.outputs
+        out[op.id] = ConvKDA(group, reshapes + [op], ins, outs)
     return out

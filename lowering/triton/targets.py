@@ -48,6 +48,8 @@ _BASE = {
     # 256 chunks 7.52 vs 7.63 ms at 64k, slower at 16k and 64x512, so off); scan_seg_min: segments
     # only where the sequences average at least this many chunks (long single prompts: the scan's
     # few programs run long beside the other kernels; 0: wherever the table exceeds a segment);
+    # conv_in_prep: KDA's q/k/v convs (+ SiLU) of a prefill run inside the prep kernel (kda.ConvKDA:
+    # the projections read once, only v's conv output stored), the new conv states after it;
     # op_chunk: chunks of the op's chunk_size (chunk-kda{chunk-size=N}); False: of BT whatever
     # the op asks (the chunk form's results do not depend on it beyond rounding)
     "kda_chunk": {"BT": 64, "BC": 16, "BV": 32, "KH": 64, "BW": 64, "num_warps": 4, "num_stages": 2,
@@ -55,7 +57,7 @@ _BASE = {
                   "intra_warps": 4, "intra_stages": 1, "diag": "token", "BH": 4, "diag_warps": 4, "diag_unroll": False,
                   "diag_store": "row", "diag_form": "columns", "wu": "split", "wu_warps": 4, "wu_stages": 2,
                   "scan_ks": 128, "scan_many": 0, "BV_many": 64, "warps_many": 4, "scan_seg": 0,
-                  "scan_seg_min": 0, "op_chunk": True},
+                  "scan_seg_min": 0, "conv_in_prep": False, "op_chunk": True},
     "kda_recurrent": {"BV": 32, "num_warps": 4, "num_stages": 1},
     # split_min: fewest keys a split takes; small so that short contexts at small batch still
     # spread over many programs (H200 e2e, B=1, 1k context, split_min 512: two programs,
@@ -236,7 +238,7 @@ TARGETS: dict[str, dict] = {
         "elementwise": {"BLOCK": 64},
         "conv": {"BT": 8, "BC": 16},
         "norm": {"tile": 128},
-        "kda_chunk": {"BT": 32, "BC": 16, "BV": 16, "KH": 16, "BW": 16},
+        "kda_chunk": {"BT": 32, "BC": 16, "BV": 16, "KH": 16, "BW": 16, "conv_in_prep": True},
         "kda_recurrent": {"BV": 16},
         "mla_decode": {"BS": 16, "split_min": 16},
         "attention": {"BM": 16, "BN": 16},
