@@ -112,6 +112,29 @@ def test_kda_chunk_forms_bf16(form, monkeypatch):
         assert rel(a, b) <= BF16_TOL, f"{form} result {i}: rel err {rel(a, b):.2e}"
 
 
+def test_kda_chunk_conv_bf16():
+    """KDA's q/k/v convs (SiLU, width 4, carried states) inside the chunk prep kernel in bf16, the
+    projections read as slices of one fused row: against the fp64 convs then the fp64 KDA op
+    (outputs, KDA states) and the convs' new states."""
+    from kimi_graph.lowering.triton import kda
+    B, T, H, K = 2, 300, 4, 128
+    C = H * K
+    fused = r(B, T, 3 * C + H + 40)
+    xs = [fused[..., i * C:(i + 1) * C] for i in range(3)]
+    ws, cs = [r(C, 1, 4, scale=0.5) for _ in range(3)], [r(B, C, 3) for _ in range(3)]
+    args = cases()[0][1]
+    f, A, dt, st = args[3], args[5], args[6], args[7]
+    b = fused[..., 3 * C:3 * C + H]
+    o, s, new = kda.kda_chunk_conv(xs, ws, cs, f, b, A, dt, K ** -0.5, H, state=st)
+    convs = [get_op("causal_conv1d").ref([x.double(), w.double(), c.double()], {"activation": "silu"})
+             for x, w, c in zip(xs, ws, cs)]
+    ref = get_op("kda_fused_chunk").ref([y.view(B, T, H, K) for y, _ in convs]
+                                        + [f.double(), b.double(), A.double(), dt.double(), st.double()],
+                                        cases()[0][2])
+    assert rel(o, ref[0]) <= BF16_TOL and rel(s, ref[1]) <= BF16_TOL
+    assert all(torch.equal(n.double(), c) for n, (_, c) in zip(new, convs))
+
+
 def test_mla_prefill_attention_rope_key_apart_bf16():
     """MLA's prefill shapes (H 32, N 128 + P 64, v 128) with the rope key read apart, ragged
     starts over a cache: bf16 against fp64 attention over the concatenated keys."""
