@@ -27,7 +27,8 @@ PREFILL_CHUNK = 4096    # tokens per prefill call off CUDA (and the auto size's 
 # ACTIVATION_SHARE of the memory free once the caches are allocated. Activations: the prefill
 # graph's intermediate values at their peak (kimi_graph.liveness: freed after their last reader,
 # as the Triton backend runs it; published model ~80 KB per token, plus the MLA keys and values
-# rebuilt from the latent for every cached row, ~37 KB a row) times KERNEL_SCRATCH for what
+# rebuilt from the latent for every cached row, ~37 KB a row, or for a block of key_rows rows
+# where the backend's prefill attention runs in key blocks) times KERNEL_SCRATCH for what
 # kernels allocate inside an op (the MoE's 8 token copies' gate_up and down rows, KDA's fp32
 # chunk intermediates). Why 16384: on the H200 (27 layers, bf16, bench/prefill_split.py, with
 # every position's logits then) 16k-token calls prefilled 1x16k 19% faster than 4k-token calls
@@ -40,13 +41,16 @@ ACTIVATION_SHARE = 0.5
 KERNEL_SCRATCH = 2.0
 
 
-def auto_prefill_chunk(graph, capacity: int, free_bytes: int) -> int:
+def auto_prefill_chunk(graph, capacity: int, free_bytes: int, key_rows: int | None = None) -> int:
     """Tokens per prefill call for `graph` (a stateful prefill graph) whose cache windows reach
-    `capacity` rows, with `free_bytes` of device memory free (see MAX_PREFILL_CHUNK)."""
+    `capacity` rows, with `free_bytes` of device memory free (see MAX_PREFILL_CHUNK). `key_rows`:
+    the most cached rows whose MLA keys and values the backend rebuilds at once (the Triton
+    backend's prefix attention runs in key blocks), else every row of the window."""
     from kimi_graph.liveness import peak_activation_bytes
     chunk = MAX_PREFILL_CHUNK
+    rows = lambda chunk: max(chunk, capacity if key_rows is None else min(capacity, key_rows))  # noqa: E731
     while chunk > MIN_PREFILL_CHUNK and KERNEL_SCRATCH * peak_activation_bytes(
-            graph, {"B": 1, "T": chunk, "S": max(capacity, chunk)}) > ACTIVATION_SHARE * free_bytes:
+            graph, {"B": 1, "T": chunk, "S": rows(chunk)}) > ACTIVATION_SHARE * free_bytes:
         chunk //= 2
     return chunk
 
@@ -88,8 +92,10 @@ class Engine:
             self.prefill_chunk = PREFILL_CHUNK
             dev = torch.device(model.device)
             if dev.type == "cuda":
+                key_rows = getattr(model.executor, "attention_key_rows", None)
                 self.prefill_chunk = auto_prefill_chunk(model.get_graph("prefill", True, "last"),
-                                                        self.cache.capacity, torch.cuda.mem_get_info(dev)[0])
+                                                        self.cache.capacity, torch.cuda.mem_get_info(dev)[0],
+                                                        key_rows() if key_rows else None)
         self._in_place: dict[str, bool] = {}
         self.graphs = None
         if cuda_graphs:

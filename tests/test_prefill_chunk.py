@@ -49,6 +49,8 @@ def test_auto_chunk_fits_the_free_memory():
     assert engine_mod.auto_prefill_chunk(g, 64, 1) == engine_mod.MIN_PREFILL_CHUNK
     # long cached contexts take their share: a smaller chunk for the same free memory
     assert engine_mod.auto_prefill_chunk(g, 1 << 20, free) < 2048
+    # unless the backend rebuilds their keys and values a block of rows at a time
+    assert engine_mod.auto_prefill_chunk(g, 1 << 20, free, key_rows=2048) == 2048
 
 
 def test_the_engine_default_and_bad_values():

@@ -415,7 +415,7 @@ def test_mla_prefill_attention_runs_without_its_key_concat():
     from kimi_graph.lowering.triton.targets import TARGETS
     model = kimi_graph.load("tiny", pipeline="default", backend="triton", device="cpu")
     g = model.get_graph("prefill", True, "last")
-    steps = [s for s in backend.plan(g) if isinstance(s, mla.SplitKeyAttention)]
+    steps = [s for s in backend.plan(g) if isinstance(s, (mla.SplitKeyAttention, mla.PrefixAttention))]
     n_mla = sum(op.kind == "causal_attention" for op in g.ops())
     assert n_mla and len(steps) == n_mla
     assert [op.kind for op in steps[0].ops][-2:] == ["concat", "causal_attention"]

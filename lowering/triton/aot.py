@@ -65,6 +65,8 @@ def graph_specs(g, target: str) -> dict[tuple[str, str], tuple[KernelSpec, set]]
             kind = "+".join(o.kind for o in item.ops)
         elif isinstance(item, mla.SplitKeyAttention):
             specs, kind = item.fused_specs(g, target), "concat+causal_attention"
+        elif isinstance(item, mla.PrefixAttention):
+            specs, kind = item.fused_specs(g, target), "linear+concat+causal_attention"
         elif isinstance(item, LinearPair):
             (N, K), dt = g.types[item.inputs[1]].shape, g.types[item.ops[0].inputs[0]].dtype
             specs, kind = (gemv.specs_for(N, K, dt, None, 0.0, target, paired=True) if dt in KERNEL_DTYPES else []), \

@@ -22,7 +22,7 @@ from kimi_graph.runtime.views import is_view
 
 from . import codegen, conv, elementwise, gemv, kda, mla, moe, moe_decode, moe_quant, moe_route, norm
 from .gemv import LinearPair, NormLinear
-from .targets import current_target
+from .targets import config, current_target
 
 # kind -> (kernel launcher fn(args, attrs) -> results, AOT spec fn(kind, ins, outs, attrs, target))
 KERNELS: dict[str, tuple[Callable, Callable]] = {
@@ -196,8 +196,9 @@ def plan(g: Graph) -> list:
     """The schedule: ops, fused elementwise `Group`s, routed-experts chains (`Experts`), conv
     groups (`Convs`; KDA's q/k/v convs with the KDA op they feed: `kda.ConvKDA`), norms with the linear they feed (`NormLinear`) or the router they feed
     (`moe_route.NormRoute`), MLA's two cache writes (`mla.CacheRows`), MLA's prefill attention
-    with its rope key read apart (`mla.SplitKeyAttention`) and pairs of linears of one
-    sliced value (`LinearPair`), in an executable order.
+    with its rope key read apart (`mla.SplitKeyAttention`), also with its keys and values
+    decompressed from the cache a block of rows at a time (`mla.PrefixAttention`), and pairs of
+    linears of one sliced value (`LinearPair`), in an executable order.
     Refuses a KDA chunk size the kernels cannot run."""
     order = list(g.ops())
     chains = {c.ops[-1].id: c for op in order if op.kind in ("moe_experts", "quantized_moe_experts")
@@ -213,7 +214,8 @@ def plan(g: Graph) -> list:
     folded |= {o.id for n in norms.values() for o in n.ops[1:]}
     writes = mla.cache_rows(g, [op for op in order if op.id not in folded], covered)
     folded |= {o.id for w in writes.values() for o in w.ops[:-1]}
-    writes.update(mla.split_key_attentions(g, order, covered))
+    split_keys = mla.split_key_attentions(g, order, covered)
+    writes.update({**split_keys, **mla.prefix_attentions(g, split_keys, folded)})
     folded |= {o.id for w in writes.values() for o in w.ops[:-1]}
     pairs = gemv.linear_pairs(g, order, folded)
     folded |= {p.ops[1].id for p in pairs.values()}
@@ -383,6 +385,9 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
         if isinstance(item, mla.CacheRows):
             env.update(zip(item.outputs, mla.run_cache_rows(item, [env[v] for v in item.inputs])))
             continue
+        if isinstance(item, mla.PrefixAttention):          # reads the caches' views as they are
+            env.update(zip(item.outputs, mla.run_prefix_attention(item, [env[v] for v in item.inputs])))
+            continue
         if isinstance(item, mla.SplitKeyAttention):
             env.update(zip(item.outputs, mla.run_split_key_attention(item, [plain(env[v]) for v in item.inputs])))
             continue
@@ -426,6 +431,8 @@ def triton_backend(model):
         with codegen.step_rows(ids.numel() if ids is not None else 0):     # launch.pdl_rows
             return run(legal, inputs, model.weights, schedule, drops)
     execute.accepts_views = accepts_views
+    # the most cached rows a prefill's MLA attention decompresses at once (mla.prefix_attention)
+    execute.attention_key_rows = lambda: config("attention", target).get("key_block", 16384)
     return execute
 
 

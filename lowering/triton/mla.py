@@ -167,7 +167,7 @@ l_i = l_i * alpha + tl.sum(p, 1)
 _FLASH = """
 @triton.jit
 def causal_attention_fwd(q_ptr, k_ptr, v_ptr, qs_ptr, o_ptr, T, S,
-                         sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sob, sot, soh$rope_params):
+                         sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sob, sot, soh$rope_params$state_params):
     # grid (B * H, T blocks); HEAVY_FIRST: the last (longest) query block of every head runs first
     bh = tl.program_id(0)
     b = bh // H
@@ -178,7 +178,7 @@ def causal_attention_fwd(q_ptr, k_ptr, v_ptr, qs_ptr, o_ptr, T, S,
     t0 = tb * BM
     t = t0 + tl.arange(0, BM)
     mt = t < T
-    qpos = tl.load(qs_ptr + b).to(tl.int32)        # positions (and key offsets) fit in int32
+    qpos = $qpos        # positions (and key offsets) fit in int32
     pos = qpos + t
     dv = tl.arange(0, BDV)
     qb = q_ptr + b.to(tl.int64) * sqb + h * sqh + t[:, None] * sqt
@@ -189,10 +189,28 @@ def causal_attention_fwd(q_ptr, k_ptr, v_ptr, qs_ptr, o_ptr, T, S,
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, BDV), tl.float32)
+    $load_state
     hi = tl.minimum(S, qpos + tl.minimum(t0 + BM, T))       # past the block's last valid position
     $key_loops
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(o_ptr + b.to(tl.int64) * sob + h * soh + t[:, None] * sot + dv[None, :], o.to(DT), mask=$store_mask)
+    $store
+"""
+
+# state form: the queries' attention over earlier key blocks (o normalised, fp32 [B, T, H, DV];
+# lse, log2 units of the scaled scores, [B, T, H]) resumed as the online softmax's running
+# state (m = lse, l = 1, acc = o), and this block's keys (positions koff + j) merged into it.
+# A row that has seen no key starts at m = -1e30, not -inf: a masked block leaves it finite.
+_LOAD_STATE = """
+sr = (b.to(tl.int64) * T + t) * H + h
+lse0 = tl.load(lse_ptr + sr, mask=mt, other=float("-inf"))
+m_i = tl.maximum(lse0, -1e30)
+l_i = tl.where(lse0 > -1e30, 1.0, 0.0)
+acc = tl.load(so_ptr + sr[:, None] * DV + dv[None, :], mask=$store_mask, other=0.0)
+"""
+
+_STORE_STATE = """
+tl.store(so_ptr + sr[:, None] * DV + dv[None, :], o, mask=$store_mask)
+tl.store(lse_ptr + sr, tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf")), mask=mt)
 """
 
 
@@ -269,7 +287,7 @@ def _key_loops(pieces, D: int, DV: int, cfg: dict, tma: bool) -> str:
     masked = f"for j0 in range(0, hi, BN):\n{body(step(True))}"
     if not cfg.get("split", True):
         return masked
-    lo = "lo = tl.minimum(qpos + t0, S) // BN * BN            # keys every query of the block sees"
+    lo = "lo = tl.maximum(tl.minimum(qpos + t0, S), 0) // BN * BN    # keys every query of the block sees"
     masked = masked.replace("range(0, hi, BN)", "range(lo, hi, BN)")
     if not cfg.get("overlap", False):
         return f"{lo}\nfor j0 in range(0, lo, BN):\n{body(step(False))}\n{masked}"
@@ -444,6 +462,101 @@ def run_split_key_attention(item: SplitKeyAttention, args: list) -> list:
                              rope_key=kr)]
 
 
+@dataclass
+class PrefixAttention:
+    """A SplitKeyAttention whose k and v are the two slices of reshape(linear(latent, W)) read
+    by it alone (MLA's prefill over its cache: keys and values decompressed from every cached
+    latent row): one step that decompresses `key_block` rows at a time and merges each block's
+    flash attention into a running (o, lse) state, so memory is bounded by the block, not the
+    context (prefix_attention). Up to key_block rows it is the SplitKeyAttention as it was."""
+    ops: list                 # [linear, reshape, slice k, slice v, *SplitKeyAttention.ops]
+    inputs: list[str]         # q, latent [B, S, R], W [H (N + V), R], rope_key [B, S, P], q_start?
+    outputs: list[str]
+
+    def fused_specs(self, g, target: str) -> list[KernelSpec]:
+        q, kr = g.types[self.inputs[0]], g.types[self.inputs[3]]
+        args = (q.shape[2], q.shape[3], self.ops[3].attrs["end"] - self.ops[3].attrs["start"], q.dtype,
+                float(self.ops[-1].attrs["scale"]), target, False, kr.shape[2])
+        return [flash_spec(*args), flash_spec(*args, state=True)]
+
+
+def prefix_attentions(g, steps: dict, folded=frozenset()) -> dict[int, PrefixAttention]:
+    """attention op id -> its PrefixAttention step, for the SplitKeyAttention `steps` whose k and
+    v are the pattern's slices (and whose linear no other step has taken: ids in `folded`)."""
+    def sole(v, ids):          # v read by the ops `ids` alone, and not a graph output
+        return v not in g.outputs and sorted(u.id for u in g.users(v)) == sorted(ids)
+
+    out = {}
+    for key, sk in steps.items():
+        att, cat = sk.ops[-1], sk.ops[-2]
+        ks, vs = g.defining_op(sk.inputs[1]), g.defining_op(sk.inputs[3])
+        if ks is None or vs is None or ks.kind != "slice" or vs.kind != "slice" or ks.inputs[0] != vs.inputs[0]:
+            continue
+        kv = g.defining_op(ks.inputs[0])
+        lin = g.defining_op(kv.inputs[0]) if kv is not None and kv.kind == "reshape" else None
+        if lin is None or lin.kind != "linear" or lin.id in folded or lin.inputs[1] not in g.params \
+                or not sole(lin.outputs[0], [kv.id]) \
+                or not sole(kv.outputs[0], [ks.id, vs.id]) or not sole(ks.outputs[0], [cat.id]) \
+                or not sole(vs.outputs[0], [att.id]):
+            continue
+        t, lat = g.types[kv.outputs[0]], g.types[lin.inputs[0]]
+        N = ks.attrs["end"]
+        if lat.rank != 3 or t.rank != 4 or ks.attrs["dim"] % 4 != 3 or vs.attrs["dim"] % 4 != 3 \
+                or ks.attrs["start"] != 0 or vs.attrs["start"] != N or vs.attrs["end"] != t.shape[3] \
+                or t.shape[:2] != lat.shape[:2]:
+            continue
+        out[key] = PrefixAttention([lin, kv, ks, vs, *sk.ops], [sk.inputs[0], lin.inputs[0], lin.inputs[1],
+                                                                sk.inputs[2], *sk.inputs[4:]], list(sk.outputs))
+    return out
+
+
+def run_prefix_attention(item: PrefixAttention, args: list) -> list:
+    q, latent, w, kr, *q_start = args
+    return [prefix_attention(q, latent, w, kr, q_start[0] if q_start else None,
+                             nope=item.ops[2].attrs["end"], scale=item.ops[-1].attrs["scale"])]
+
+
+def _cache_rows(cache, start: int, n: int) -> torch.Tensor:
+    """Rows [start, start + n) of a [B, S, C] cache (dense, or a PagedRows view gathered)."""
+    if not isinstance(cache, PagedRows):
+        return cache[:, start:start + n]
+    if start == 0 and n == cache.window:
+        return cache.dense()
+    B = cache.slots.shape[0]
+    pos = torch.arange(start, start + n, device=cache.device).expand(B, n)
+    return cache.storage.flatten(0, 1)[cache.rows(pos)]
+
+
+def prefix_attention(q, latent, w_kv, rope_key, q_start=None, *, nope: int, scale: float,
+                     key_block: int | None = None):
+    """MLA's prefill attention over a cache -> [B, T, H, V]: queries q [B, T, H, N + P] (query t
+    of sequence b at q_start[b] + t, default S - T), keys k_h ‖ rope_key and values v_h, where
+    k_h ‖ v_h = latent W_kv_h^T [N + V] per head is decompressed from the latent rows [B, S, R]
+    (dense or paged views) `key_block` rows at a time (default: the "attention" config's
+    key_block). Each block's flash attention merges into a running (o, lse) state, so memory
+    stays O(T + key_block) at any S; up to key_block rows, one block and one plain launch."""
+    B, T, H, D = q.shape
+    S, P = latent.shape[1], rope_key.shape[2]
+    if w_kv.shape[0] % H or w_kv.shape[1] != latent.shape[2] or D != nope + P or rope_key.shape[:2] != (B, S):
+        raise ValueError(f"q {tuple(q.shape)}, latent {tuple(latent.shape)}, W {tuple(w_kv.shape)}, rope_key "
+                         f"{tuple(rope_key.shape)} do not fit MLA with {nope} nope dims")
+    cfg = config("attention", current_target())
+    block = key_block or cfg.get("key_block", 16384)
+    DV = w_kv.shape[0] // H - nope
+    state = None if S <= block else (torch.zeros(B, T, H, DV, device=q.device, dtype=torch.float32),
+                                     torch.full((B, T, H), float("-inf"), device=q.device, dtype=torch.float32))
+    qs = _q_start(q_start, B, T, S, q.device)
+    for k0 in range(0, S, block):
+        n = min(block, S - k0)
+        lat = _cache_rows(latent, k0, n)
+        kv = torch.nn.functional.linear(lat, w_kv.to(lat.dtype)).view(B, n, H, nope + DV)
+        k, kr = kv[..., :nope], _cache_rows(rope_key, k0, n)
+        if not cfg.get("rope_apart", True):         # the graph's own form: the keys concatenated
+            k, kr = torch.cat([k, kr.to(k.dtype)[:, :, None].expand(B, n, H, P)], -1), None
+        o = causal_attention(q, k, kv[..., nope:], qs, scale=scale, rope_key=kr, state=state, key_offset=k0)
+    return o if state is None else o.to(q.dtype)
+
+
 def _paged(cache, B: int):
     """(flat storage, slot index, page table, page size, capacity) of a cache: a PagedRows view
     as it lives, or a dense [B, S, C] tensor as B slots of one S-row page."""
@@ -531,7 +644,7 @@ def mla_latent_attention(q_lat, q_rope, latent, rope_key, q_start=None, *, scale
 
 @functools.lru_cache(maxsize=None)
 def flash_spec(H: int, D: int, DV: int, dtype: str, scale: float, target: str, aligned: bool = False,
-               rope: int = 0) -> KernelSpec:
+               rope: int = 0, state: bool = False) -> KernelSpec:
     """The prefill attention kernel on `target`'s "attention" config: tiles BM x BN, warps,
     stages; split (mask-free blocks below the diagonal), order ("heavy_first": the longest query
     blocks first; "forward"), fold_scale (scale * log2 e folded into q once, in q's dtype),
@@ -539,7 +652,9 @@ def flash_spec(H: int, D: int, DV: int, dtype: str, scale: float, target: str, a
     (registers a thread at most; 0: the compiler's choice), tma
     (q, k, v tiles through tensor descriptors: TMA on sm_90+; taken only when `aligned`, i.e.
     the tensors meet tma_aligned). `rope` > 0: the keys' last `rope` columns come from a
-    separate rope key shared by every head (see key_pieces; no tensor descriptors then)."""
+    separate rope key shared by every head (see key_pieces; no tensor descriptors then).
+    `state`: the form that merges into a running (o, lse) state over earlier key blocks, its
+    keys at positions koff + j (see _LOAD_STATE; causal_attention's `state`)."""
     cfg = config("attention", target)
     if cfg.get("order", "heavy_first") not in ("heavy_first", "forward"):
         raise ValueError(f"attention order {cfg['order']!r}: 'heavy_first' or 'forward'")
@@ -567,16 +682,23 @@ def flash_spec(H: int, D: int, DV: int, dtype: str, scale: float, target: str, a
     if cfg.get("maxnreg"):      # in the source, so the cap is part of the kernel's hash
         consts["MAXNREG"] = int(cfg["maxnreg"])
     store_mask = "mt[:, None]" + (f" & (dv < {DV})[None, :]" if BDV != DV else "")
+    store = "tl.store(o_ptr + b.to(tl.int64) * sob + h * soh + t[:, None] * sot + dv[None, :], o.to(DT), mask=$store_mask)"
     src = render("causal_attention", _FLASH, consts, load_q="\n".join(load_q),
-                 key_loops=_key_loops(pieces, D, DV, cfg, tma), store_mask=store_mask,
+                 key_loops=_key_loops(pieces, D, DV, cfg, tma),
                  rope_params=", kr_ptr, skrb, skrs" if rope else "",
-                 rope_base="krb = kr_ptr + b.to(tl.int64) * skrb" if rope else "")
+                 rope_base="krb = kr_ptr + b.to(tl.int64) * skrb" if rope else "",
+                 state_params=", so_ptr, lse_ptr, koff" if state else "",
+                 qpos="(tl.load(qs_ptr + b) - koff).to(tl.int32)" if state else "tl.load(qs_ptr + b).to(tl.int32)",
+                 load_state=_LOAD_STATE.replace("$store_mask", store_mask) if state else "",
+                 store=(_STORE_STATE if state else store).replace("$store_mask", store_mask))
     p = ptr_type(dtype)
     sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "qs_ptr": "*i64", "o_ptr": p, "T": "i32", "S": "i32"}
     sig.update({n: "i32" for n in ("sqb", "sqt", "sqh", "skb", "sks", "skh", "svb", "svs", "svh",
                                    "sob", "sot", "soh")})
     if rope:
         sig.update({"kr_ptr": p, "skrb": "i32", "skrs": "i32"})
+    if state:
+        sig.update({"so_ptr": "*fp32", "lse_ptr": "*fp32", "koff": "i32"})
     return KernelSpec("causal_attention_fwd", "causal_attention_fwd", src, sig, cfg["num_warps"],
                       cfg["num_stages"], {**consts, "pieces": pieces, "tma": tma, "maxnreg": cfg.get("maxnreg", 0)})
 
@@ -588,10 +710,14 @@ def tma_aligned(D: int, *ts: torch.Tensor) -> bool:
                for t in ts) and all(off * ts[0].element_size() % 16 == 0 for off, _ in dot_pieces(D))
 
 
-def causal_attention(q, k, v, q_start=None, *, scale, rope_key=None):
+def causal_attention(q, k, v, q_start=None, *, scale, rope_key=None, state=None, key_offset: int = 0):
     """q [B,T,H,D], k [B,S,H,D], v [B,S,H,Dv] (any strides with a unit last dim) -> [B,T,H,Dv].
     With `rope_key` [B,S,P]: k is [B,S,H,D-P] and each head's keys are k ‖ rope_key (MLA's
-    prefill keys without their concatenated copy)."""
+    prefill keys without their concatenated copy).
+    `state` (o [B,T,H,Dv] fp32, lse [B,T,H] fp32 contiguous): these queries' attention over other
+    keys so far (lse -inf: none yet), merged in place with this call's keys, which sit at
+    positions key_offset + j (query t of sequence b still at q_start[b] + t); returns o, fp32.
+    Key blocks merged in any order give the attention over all of them (flash-decoding's merge)."""
     B, T, H, D = q.shape
     S, DV = k.shape[1], v.shape[3]
     P = 0 if rope_key is None else rope_key.shape[2]
@@ -600,17 +726,23 @@ def causal_attention(q, k, v, q_start=None, *, scale, rope_key=None):
                          + (f", rope_key {tuple(rope_key.shape)}" if P else "") + " do not fit")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k.to(q.dtype), v.to(q.dtype)))
     target = current_target()
+    if state is not None and (state[0].shape != (B, T, H, DV) or state[1].shape != (B, T, H)
+                              or any(x.dtype != torch.float32 or not x.is_contiguous() for x in state)):
+        raise ValueError(f"state must be contiguous fp32 o [{B}, {T}, {H}, {DV}] and lse [{B}, {T}, {H}]")
     spec = flash_spec(H, D, DV, ir_dtype(q), float(scale), target,
-                      not P and config("attention", target).get("tma", False) and tma_aligned(D, q, k, v), P)
+                      not P and config("attention", target).get("tma", False) and tma_aligned(D, q, k, v), P,
+                      state is not None)
     if spec.config["tma"]:
         use_descriptor_scratch()
-    o = torch.empty(B, T, H, DV, device=q.device, dtype=q.dtype)
+    o = torch.empty(B, T, H, DV, device=q.device, dtype=q.dtype) if state is None else state[0]
     qs = _q_start(q_start, B, T, S, q.device)
     strides = [st for t in (q, k, v, o) for st in (t.stride(0), t.stride(1), t.stride(2))]
     if P:
         kr = rope_key.to(q.dtype)
         kr = kr if kr.stride(-1) == 1 else kr.contiguous()
         strides += [kr, kr.stride(0), kr.stride(1)]
+    if state is not None:
+        strides += [state[0], state[1], key_offset]
     launch(spec, (B * H, -(-T // spec.config["BM"])), q, k, v, qs, o, T, S, *strides)
     return o
 

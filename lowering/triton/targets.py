@@ -76,9 +76,11 @@ _BASE = {
     # overlap (with split): the next key block's scores computed before this block's softmax;
     # maxnreg: registers a thread at most (0: the compiler's choice; 128 with 8 warps: two programs an SM);
     # rope_apart: MLA's prefill keys read as k and the shared rope key (mla.SplitKeyAttention), no concat
+    # key_block: cached rows whose keys and values a prefill decompresses at a time (mla.prefix_attention:
+    # 16 KB a row at the published width; a longer context runs in blocks merged by log-sum-exp)
     "attention": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2, "split": True, "order": "heavy_first",
                   "fold_scale": False, "lazy_rescale": 0, "tma": False, "overlap": False, "maxnreg": 0,
-                  "rope_apart": True},
+                  "rope_apart": True, "key_block": 16384},
     # router logits: BN tokens x BE experts x BK per step, K split until ~`programs` programs run;
     # the *_small tiles serve <= small_max tokens (decode); the selection takes BR tokens a program
     # and sums select_unroll K splits' partials a step; up to fused_max tokens (<= BN_small) the
