@@ -271,6 +271,8 @@ def child(args) -> dict:
     res["recompiles_after_warmup"] = counters["stats"]["unique_graphs"] - warm
     with engine.sequence() as again:
         res["prefill_second_s"] = timed(lambda: again.extend(prompt))[1]
+    res["triton_env"] = {k: os.environ.get(k) for k in ("TRITON_CACHE_DIR", "TRITON_PTXAS_PATH",
+                                                         "TRITON_LIBDEVICE_PATH")}
     res["inductor_cache"] = {k: v for k, v in counters["inductor"].items() if "cache" in k}
     res["aot_autograd_cache"] = {k: v for k, v in counters["aot_autograd"].items() if "cache" in k}
     # the same weights and graphs, run eagerly: the compiled prefill logits and first step

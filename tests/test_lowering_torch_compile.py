@@ -5,6 +5,8 @@ custom ops' fake implementations carry symbolic sizes (dynamic=True). On a GPU (
 tool, not CI) the decode step also runs under mode="reduce-overhead" (CUDA graphs)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -99,3 +101,17 @@ def test_decode_under_cuda_graphs(pipeline):
     ids = torch.randint(0, cfg.vocab_size, (2, 5), device="cuda")
     for a, b in zip(generate_states(graphs, ids, 4), generate_states(ref, ids, 4)):
         check_outputs(a, b, "f32")
+
+
+def test_custom_op_kernels_share_inductors_triton_cache(monkeypatch, tmp_path):
+    """A compiled CUDA executor points Triton at Inductor's cache under TORCHINDUCTOR_CACHE_DIR
+    before any kernel launches, so a warm process finds the custom ops' kernels that the cold
+    one compiled; a TRITON_CACHE_DIR the user set stays."""
+    from kimi_graph.lowering.torch.backend import pin_triton_cache
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    pin_triton_cache(torch.device("cuda", 1))
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton" / "1")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere")
+    pin_triton_cache(torch.device("cuda", 0))
+    assert os.environ["TRITON_CACHE_DIR"] == "/elsewhere"
