@@ -165,7 +165,8 @@ def test_plan_runs_the_kda_convs_as_one_launch():
     model = kimi_graph.load("tiny", dtype=torch.float32, device="cpu", pipeline="default")
     g = model.get_graph("decode", True)
     items = backend.plan(g)
-    groups = [i for i in items if isinstance(i, backend.Convs)]
+    groups = [i for i in items if isinstance(i, backend.Convs)] + [   # decode: inside the KDA step
+        i.parts[0] for i in items if isinstance(i, backend.kda_decode.DecodeStep)]
     assert len(groups) == model.config.layer_kinds.count("kda")
     assert all(len(c.ops) == 3 for c in groups)
     assert not [i for i in items if getattr(i, "kind", None) == "causal_conv1d"]

@@ -20,7 +20,7 @@ from kimi_graph.ir import Graph, eval_dim
 from kimi_graph.ops import get_op
 from kimi_graph.runtime.views import is_view
 
-from . import codegen, conv, elementwise, gemv, kda, mla, moe, moe_decode, moe_quant, moe_route, norm
+from . import codegen, conv, elementwise, gemv, kda, kda_decode, mla, moe, moe_decode, moe_quant, moe_route, norm
 from .gemv import LinearPair, NormLinear
 from .targets import config, current_target
 
@@ -219,12 +219,19 @@ def plan(g: Graph) -> list:
     folded |= {o.id for w in writes.values() for o in w.ops[:-1]}
     pairs = gemv.linear_pairs(g, order, folded)
     folded |= {p.ops[1].id for p in pairs.values()}
+    steps = kda_decode.decode_steps(g, order, convs, pairs, covered)
+    for st in steps.values():        # the conv group, reshapes and linear (or pair) run inside the step
+        folded |= st.taken
+        for key in st.taken:
+            convs.pop(key, None)
+            pairs.pop(key, None)
     order = [op for op in order if op.id not in folded]
     chains.update(convs)
     chains.update(conv_kdas)
     chains.update(norms)
     chains.update(pairs)
     chains.update(writes)
+    chains.update(steps)
     for op in order:
         if op.kind in ("kda_fused_chunk", "kda_recurrent") and op.attrs.get("chunk_size"):
             kda.check_chunk_size(op.attrs["chunk_size"])
@@ -307,6 +314,8 @@ def reads(item) -> list[str]:
     """The values a schedule item reads."""
     if isinstance(item, Convs):
         return [sl.inputs[0] for sl in item.slices] + [v for op in item.ops for v in op.inputs[1:]]
+    if isinstance(item, kda_decode.DecodeStep):      # and what its plain parts read
+        return list(item.inputs) + [v for part in item.parts for v in reads(part)]
     return list(item.inputs)
 
 
@@ -349,17 +358,21 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
             return dense[id(x)]
         return x
 
-    for i, item in enumerate(schedule):
-        if i:
-            for v in drops[i - 1]:
-                env.pop(v, None)
-        if TRACE is not None:
-            TRACE.append(item.outputs[0])
+    def step(item) -> None:
         if isinstance(item, Group):
             shape = tuple(eval_dim(d, dims) for d in item.shape)
-            outs = elementwise.run_chain(item.chain, [plain(env[v]) for v in item.inputs], shape)
-            env.update(zip(item.outputs, outs))
-            continue
+            env.update(zip(item.outputs, elementwise.run_chain(item.chain, [plain(env[v]) for v in item.inputs], shape)))
+            return
+        if isinstance(item, kda_decode.DecodeStep):
+            outs = kda_decode.run(item, [env[v] for v in item.inputs])
+            if outs is None:                # the plain steps, their passed values dropped after them
+                for part in item.parts:
+                    step(part)
+                for v in item.internal:
+                    env.pop(v, None)
+            else:
+                env.update(zip(item.outputs, outs))
+            return
         if isinstance(item, Convs):
             ins = [[None] + [env[v] for v in op.inputs[1:]] for op in item.ops]     # x: the slices below
             xs = [env[sl.inputs[0]].narrow(-1, sl.attrs["start"], sl.attrs["end"] - sl.attrs["start"])
@@ -367,34 +380,34 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
             outs = conv.causal_conv1d_group(xs, [i[1] for i in ins], [i[2] if len(i) > 2 else None for i in ins],
                                             get_op("causal_conv1d").full_attrs(item.ops[0].attrs)["activation"])
             env.update(zip(item.outputs, [t for pair in outs for t in pair]))
-            continue
+            return
         if isinstance(item, kda.ConvKDA):
             env.update(zip(item.outputs, item.run([env[v] for v in item.inputs])))
-            continue
+            return
         if isinstance(item, Experts):
             env[item.outputs[0]] = moe_decode.run_step(item.ops[-1].kind, item.attrs,
                                                        [plain(env[v]) for v in item.inputs], item.rows)
-            continue
+            return
         if isinstance(item, LinearPair):
             env.update(zip(item.outputs, gemv.run_pair(item, *(plain(env[v]) for v in item.inputs))))
-            continue
+            return
         if isinstance(item, moe_route.NormRoute):
             env.update(zip(item.outputs, moe_route.run_norm_route(
                 item, [plain(env[v]) for v in item.inputs], get_op("moe_route").full_attrs(item.ops[1].attrs))))
-            continue
+            return
         if isinstance(item, mla.CacheRows):
             env.update(zip(item.outputs, mla.run_cache_rows(item, [env[v] for v in item.inputs])))
-            continue
+            return
         if isinstance(item, mla.PrefixAttention):          # reads the caches' views as they are
             env.update(zip(item.outputs, mla.run_prefix_attention(item, [env[v] for v in item.inputs])))
-            continue
+            return
         if isinstance(item, mla.SplitKeyAttention):
             env.update(zip(item.outputs, mla.run_split_key_attention(item, [plain(env[v]) for v in item.inputs])))
-            continue
+            return
         if isinstance(item, NormLinear):
             env.update(zip(item.outputs, gemv.run_norm_linear(item, [plain(env[v]) for v in item.inputs],
                                                               item.ops[0].attrs["eps"])))
-            continue
+            return
         args = [env[v] for v in item.inputs]
         if covered(g, item):
             fn = KERNELS[item.kind][0]
@@ -407,6 +420,14 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
         else:
             fn, args = get_op(item.kind).ref, [plain(a) for a in args]
         env.update(zip(item.outputs, fn(args, op_attrs(item, dims))))
+
+    for i, item in enumerate(schedule):
+        if i:
+            for v in drops[i - 1]:
+                env.pop(v, None)
+        if TRACE is not None:
+            TRACE.append(item.outputs[0])
+        step(item)
     return [env[v] for v in g.outputs]
 
 

@@ -58,7 +58,9 @@ _BASE = {
                   "diag_store": "row", "diag_form": "columns", "wu": "split", "wu_warps": 4, "wu_stages": 2,
                   "scan_ks": 128, "scan_many": 0, "BV_many": 64, "warps_many": 4, "scan_seg": 0,
                   "scan_seg_min": 0, "conv_in_prep": False, "op_chunk": True},
-    "kda_recurrent": {"BV": 32, "num_warps": 4, "num_stages": 1},
+    # fused_decode: one-token steps of up to this many sequences run the convs, f_b / g_b and the
+    # step in one launch (kda_decode.py; one program a head on decode_warps warps; 0: never)
+    "kda_recurrent": {"BV": 32, "num_warps": 4, "num_stages": 1, "fused_decode": 256, "decode_warps": 8},
     # split_min: fewest keys a split takes; small so that short contexts at small batch still
     # spread over many programs (H200 e2e, B=1, 1k context, split_min 512: two programs,
     # mla_latent_split ~80 us per MLA layer)
@@ -186,7 +188,8 @@ TARGETS: dict[str, dict] = {
                       "prep_rows": 4, "bkg_fp32": False, "ftz_exp": True, "diag_warps": 2, "intra_warps": 2,
                       "intra_stages": 1, "wu_warps": 2, "wu_stages": 2, "scan_many": 1024, "BV_many": 128,
                       "warps_many": 8, "op_chunk": False},
-        "kda_recurrent": {"BV": 64, "num_warps": 4},
+        # fused_decode off until timed on an H200 (bench/decode_step.py variant kda-fused)
+        "kda_recurrent": {"BV": 64, "num_warps": 4, "fused_decode": 0},
         "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
         # decode projections: bench/gemv.py on an H200 (2026-11-30 23:44, 9f3f49a) won at one row
         # only, and lost where the norm rides on the wide fused projections (left to cuBLAS);

@@ -1,0 +1,80 @@
+"""KDA's decode step in one launch (lowering/triton/kda_decode.py) through the Triton interpreter,
+fp32: the backend's plan takes each KDA layer's conv group, reshapes, f_b / g_b pair and KDA op
+into one step; a one-token step launches one kernel a KDA layer and equals the plain kernels
+(convs, pair, kda_recurrent_step) step by step, padding rows (slot -1) included, with every
+state. Tolerance: rel. error <= 1e-5 (fp32, summation order)."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kimi_graph  # noqa: E402
+from kimi_graph.lowering.triton import backend, kda_decode  # noqa: E402
+from kimi_graph.lowering.triton.gemv import LinearPair  # noqa: E402
+from kimi_graph.lowering.triton.targets import TARGETS  # noqa: E402
+from kimi_graph.runtime import Engine, SamplingParams  # noqa: E402
+from reference_kimi import rel_err  # noqa: E402
+
+TOL = 1e-5
+pytestmark = pytest.mark.usefixtures("triton_interpret")
+
+
+def test_plan_takes_each_kda_layer_into_one_step():
+    """The decode graph's KDA layers each one step; the prefill graph's (chunked KDA) untouched."""
+    model = kimi_graph.load("tiny", dtype=torch.float32, device="cpu", pipeline="default")
+    items = backend.plan(backend.legalize(model.get_graph("decode", True)))
+    steps = [i for i in items if isinstance(i, kda_decode.DecodeStep)]
+    assert len(steps) == model.config.layer_kinds.count("kda")
+    for st in steps:
+        assert isinstance(st.parts[0], backend.Convs) and len(st.parts[0].ops) == 3
+        assert [p.kind for p in st.parts[1:4]] == ["reshape"] * 3
+        assert isinstance(st.parts[4], LinearPair) and st.parts[5].kind == "kda_fused_recurrent"
+        assert len(st.outputs) == 6             # o, KDA state, three conv states, the gate
+    top = {getattr(i, "kind", type(i).__name__) for i in items}
+    assert not {"causal_conv1d", "kda_fused_recurrent", "Convs", "LinearPair"} & top
+    prefill = backend.plan(backend.legalize(model.get_graph("prefill", True)))
+    assert not [i for i in prefill if isinstance(i, kda_decode.DecodeStep)]
+
+
+def _script(engine: Engine, launches: collections.Counter) -> list[torch.Tensor]:
+    """Ragged prefills, decodes padded to their bucket (slot -1 rows), a slot freed and reused
+    -> each step's logits and every state; `launches`: the decode steps' kernels."""
+    from kimi_graph.lowering.triton.launches import counting
+    from kimi_graph.runtime.graphs import DecodeGraphs
+    from kimi_graph.runtime.sampling import Sampler
+    engine.graphs = DecodeGraphs(engine, capture=False)
+    sampler = Sampler(SamplingParams(temperature=0.0), 3)
+    a, b, c = engine.cache.allocate(3)
+    out = engine.prefill([a, b, c], [[1, 5, 9, 14], [7, 2], [3]])
+    for ids, slots, rows in (([4, 8, 15], [b, a, c], [1, 0, 2]), ([16, 23], [c, a], [2, 0])):
+        with counting() as cnt:
+            logits, _ = engine.decode_sample(slots, ids, sampler, rows)
+        launches.update(k for by in cnt.by_item.values() for k, n in by.items() for _ in range(n))
+        out.append(logits.clone())
+    engine.cache.free([a])
+    (d,) = engine.cache.allocate(1)
+    out += engine.prefill([d], [[42, 43]])
+    out.append(engine.decode([b, d], [5, 6]).clone())
+    return out + [t.flatten().clone() for t in engine.cache.storage.values()]
+
+
+def test_one_launch_step_equals_the_plain_kernels(kda_mla_checkpoint, monkeypatch):
+    model = kimi_graph.load(kda_mla_checkpoint, pipeline="default", backend="triton")
+    kw = dict(max_batch=4, max_len=12)
+    runs = {}
+    for fused in (256, 0):
+        monkeypatch.setitem(TARGETS["interpret"]["configs"]["kda_recurrent"], "fused_decode", fused)
+        launches = collections.Counter()
+        runs[fused] = (_script(Engine(model, **kw), launches), launches)
+    (got, one), (want, plain) = runs[256], runs[0]
+    assert len(got) == len(want)
+    for x, y in zip(got, want):
+        assert rel_err(x, y) <= TOL
+    steps = plain["triton.kda_recurrent_step"]      # a KDA layer's steps (each bucket's first runs twice)
+    assert steps >= 2 and plain["triton.causal_conv1d_group"] == steps and not plain["triton.kda_decode_step"]
+    assert one["triton.kda_decode_step"] == steps
+    assert not one["triton.kda_recurrent_step"] and not one["triton.causal_conv1d_group"]
