@@ -194,7 +194,8 @@ def _conv_groups(g: Graph, order: list) -> dict[int, Convs]:
 
 def plan(g: Graph) -> list:
     """The schedule: ops, fused elementwise `Group`s, routed-experts chains (`Experts`), conv
-    groups (`Convs`; KDA's q/k/v convs with the KDA op they feed: `kda.ConvKDA`), norms with the linear they feed (`NormLinear`) or the router they feed
+    groups (`Convs`; KDA's q/k/v convs with the KDA op they feed: `kda.ConvKDA` at prefill,
+    `kda_decode.DecodeStep` at decode, with f_b / g_b), norms with the linear they feed (`NormLinear`) or the router they feed
     (`moe_route.NormRoute`), MLA's two cache writes (`mla.CacheRows`), MLA's prefill attention
     with its rope key read apart (`mla.SplitKeyAttention`), also with its keys and values
     decompressed from the cache a block of rows at a time (`mla.PrefixAttention`), and pairs of
