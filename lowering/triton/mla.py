@@ -196,21 +196,28 @@ def causal_attention_fwd(q_ptr, k_ptr, v_ptr, qs_ptr, o_ptr, T, S,
     $store
 """
 
-# state form: the queries' attention over earlier key blocks (o normalised, fp32 [B, T, H, DV];
-# lse, log2 units of the scaled scores, [B, T, H]) resumed as the online softmax's running
-# state (m = lse, l = 1, acc = o), and this block's keys (positions koff + j) merged into it.
-# A row that has seen no key starts at m = -1e30, not -inf: a masked block leaves it finite.
+# state form: the queries' attention over other key blocks (o normalised, fp32 [B, T, H, DV];
+# lse, log2 units of the scaled scores, [B, T, H]) merged with this block's (keys at positions
+# koff + j) after its loop, as flash-decoding merges splits (a merge read in the epilogue keeps
+# the base kernel's shared memory; loading the state as the loop's start costs a layout copy).
+# Rows start at m = -1e30, not -inf: a row that sees no key of the block stays finite.
 _LOAD_STATE = """
-sr = (b.to(tl.int64) * T + t) * H + h
-lse0 = tl.load(lse_ptr + sr, mask=mt, other=float("-inf"))
-m_i = tl.maximum(lse0, -1e30)
-l_i = tl.where(lse0 > -1e30, 1.0, 0.0)
-acc = tl.load(so_ptr + sr[:, None] * DV + dv[None, :], mask=$store_mask, other=0.0)
+m_i = tl.full((BM,), -1e30, tl.float32)
 """
 
 _STORE_STATE = """
+sr = (b.to(tl.int64) * T + t) * H + h
+lse_b = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
+lse0 = tl.load(lse_ptr + sr, mask=mt, other=float("-inf"))
+mx = tl.maximum(lse0, lse_b)
+mx = tl.where(mx == float("-inf"), 0.0, mx)
+w0 = tl.exp2(lse0 - mx)
+wb = tl.exp2(lse_b - mx)
+tot = w0 + wb
+o0 = tl.load(so_ptr + sr[:, None] * DV + dv[None, :], mask=$store_mask, other=0.0)
+o = (o0 * w0[:, None] + o * wb[:, None]) / tl.where(tot > 0, tot, 1.0)[:, None]
 tl.store(so_ptr + sr[:, None] * DV + dv[None, :], o, mask=$store_mask)
-tl.store(lse_ptr + sr, tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf")), mask=mt)
+tl.store(lse_ptr + sr, tl.where(tot > 0, mx + tl.log2(tot), float("-inf")), mask=mt)
 """
 
 
