@@ -354,6 +354,21 @@ def phase_hf(cfg_dict: dict, args, rows: list, info: dict) -> None:
 
 
 # -- long context ---------------------------------------------------------------------------
+ALL_MLA_RESERVE_S = 90      # what the all-MLA half of the long phase takes (load, fills, decode)
+
+
+def prefill_estimate(segments: list[tuple[int, int, float]], a: int, b: int) -> float | None:
+    """Seconds to prefill positions a -> b, from the segments timed so far (from, to, s): a
+    token at position x costs c1 + 2 c2 x (its attention grows with x), fitted by least squares;
+    None before two segments."""
+    if len(segments) < 2:
+        return None
+    X = torch.tensor([[y - x, y * y - x * x] for x, y, _ in segments], dtype=torch.float64)
+    c = torch.linalg.lstsq(X, torch.tensor([[s] for *_, s in segments], dtype=torch.float64)).solution
+    c1, c2 = max(0.0, float(c[0, 0])), max(0.0, float(c[1, 0]))
+    return c1 * (b - a) + c2 * (b * b - a * a)
+
+
 def long_prompt(engine, slots: list[int], upto: int, vocab: int, gen, device: str) -> dict:
     """Prefill the slot with random tokens from what it holds up to `upto` tokens (a continuation
     in chunks of engine.prefill_chunk), timed -> the row's prefill fields."""
@@ -368,15 +383,28 @@ def long_prompt(engine, slots: list[int], upto: int, vocab: int, gen, device: st
             "prefill_chunk": engine.prefill_chunk}
 
 
+def warm_prefill(engine, vocab: int) -> float:
+    """Compile the prefill's kernels (the key-block form included: two chunks past one key block)
+    on a throwaway prompt in a fresh slot, so timed segments hold no compilation -> seconds."""
+    t0 = time.perf_counter()
+    slots = engine.cache.allocate(1)
+    n = max(1, min(engine.cache.capacity - 64, engine.prefill_chunk + 16384 + 128))
+    engine.prefill(slots, [[i % vocab for i in range(n)]], last_only=True)
+    engine.cache.free(slots)
+    return time.perf_counter() - t0
+
+
 def phase_long(args, bw: float, rows: list, info: dict) -> None:
     """B=1 decode at long contexts: Kimi Linear, then the same depth with every layer MLA. One
     engine per model, sized for the longest context. Kimi Linear's contexts up to --long-prefill
     come from one real prefill of random tokens, continued from context to context (each row
-    times its segment; prefill_total_s sums them, the decode steps between included in the
-    context); the other contexts, and all of the all-MLA model's, hold random cache contents
-    (a decode step's time depends on the context's length, not on what it holds)."""
+    times its segment, after a throwaway prefill has compiled the kernels; prefill_total_s sums
+    them, the decode steps between included in the context); the other contexts, and all of the
+    all-MLA model's, hold random cache contents (a decode step's time depends on the context's
+    length, not on what it holds). With --long-budget a segment estimated to overrun is not run."""
     from kimi_graph.runtime.engine import Engine
     gen = torch.Generator().manual_seed(0)
+    deadline = time.perf_counter() + args.long_budget if args.long_budget else None
     for label, all_mla in (("kimi_linear", False), ("all_mla", True)):
         cfg = KimiLinearConfig.from_dict(slice_dict(args.config, args.long_layers, all_mla=all_mla))
         model, load_info = load_ours(cfg, args)
@@ -389,15 +417,25 @@ def phase_long(args, bw: float, rows: list, info: dict) -> None:
         except torch.OutOfMemoryError as e:
             rows.append({"what": f"long_{label}", "skipped": f"out of memory: {str(e).splitlines()[0][:120]}"})
             continue
-        slots, total = engine.cache.allocate(1), 0.0
+        if not all_mla and args.long_prefill:
+            info[f"long_{label}"]["prefill_warmup_s"] = warm_prefill(engine, cfg.vocab_size)
+        slots, total, segments = engine.cache.allocate(1), 0.0, []
         for L in contexts:
             fl = floor_bytes(cfg, 1, L)
             row = {"what": f"long_{label}", "B": 1, "context": L, "floor_ms": fl["total"] / bw * 1e3,
                    "cache_gb": fl["mla_cache"] / 1e9}
             try:
-                if L <= args.long_prefill and not all_mla:      # a real chunked prefill up to L tokens
-                    row.update(long_prompt(engine, slots, L, cfg.vocab_size, gen, args.device), cache="prefill")
+                held = engine.cache.lengths[slots[0]]
+                est = prefill_estimate(segments, held, L)
+                if est is not None and deadline is not None and \
+                        time.perf_counter() + est + ALL_MLA_RESERVE_S > deadline:
+                    row["prefill_skipped"] = f"{held} -> {L} estimated {est:.0f} s, past --long-budget"
+                    print(row["prefill_skipped"], flush=True)
+                if L <= args.long_prefill and not all_mla and "prefill_skipped" not in row:
+                    row.update(long_prompt(engine, slots, L, cfg.vocab_size, gen, args.device), cache="prefill",
+                               prefill_estimate_s=est)
                     total += row.get("prefill_s", 0.0)
+                    segments.append((held, L, row.get("prefill_s", 0.0)))
                     row.update(prefill_total_s=total, prefill_peak_gb=peak_gb(args.device))
                 else:
                     engine.cache.free(slots)
@@ -457,6 +495,10 @@ def main(argv=None) -> None:
                     help="Kimi Linear's long contexts up to MAX tokens come from one real (chunked) prefill of "
                          "random tokens, timed, instead of random cache contents (the all-MLA pair keeps random "
                          "contents: its decode time depends on the context's length only)")
+    ap.add_argument("--long-budget", type=float, default=0, metavar="S",
+                    help="seconds for the long phase: a prefill segment whose estimate (from the segments "
+                         "before it) would leave less than the all-MLA half needs is not run (random contents "
+                         "instead; the row says so). 0: no limit")
     ap.add_argument("--graphs", default="both", choices=("both", "on", "off"))
     ap.add_argument("--steps", type=int, default=20, help="decode steps timed per figure")
     ap.add_argument("--reps", type=int, default=2, help="timed prefill repeats (best taken)")

@@ -93,8 +93,7 @@ def paged(x: torch.Tensor, page_size: int) -> PagedRows:
     return PagedRows(pool, torch.arange(B), table, S, per * page_size)
 
 
-@pytest.mark.parametrize("key_block", [None, 64, 16, 13])
-@pytest.mark.parametrize("caches", ["dense", "paged"])
+@pytest.mark.parametrize("key_block,caches", [(None, "paged"), (64, "dense"), (16, "paged"), (13, "dense")])
 def test_prefix_attention_in_key_blocks(key_block, caches, attention_config):
     """mla.prefix_attention decompressing 13 / 16 / 64 rows at a time (and one block: the
     config's key_block) equals the fp64 decompressed attention over the whole cache, read
@@ -113,12 +112,25 @@ def test_prefix_attention_in_key_blocks(key_block, caches, attention_config):
         mla.prefix_attention(q, c, w, k, qs, nope=N + 1, scale=0.4)
 
 
-def test_prefill_plans_mla_attention_in_key_blocks(triton_interpret):
+# one MLA layer and a dense MLP: the interpreter runs the engine's prefill calls in seconds
+MLA_ONLY = dict(num_hidden_layers=1, first_k_dense_replace=1, num_attention_heads=2, vocab_size=61,
+                linear_attn_config={"kda_layers": [], "full_attn_layers": [1], "num_heads": 1, "head_dim": 4,
+                                    "short_conv_kernel_size": 3})
+
+
+@pytest.fixture(scope="module")
+def mla_model(make_checkpoint):
+    import kimi_graph
+    from checkpoints import random_config
+    return kimi_graph.load(make_checkpoint(random_config(3, **MLA_ONLY), seed=3), pipeline="default",
+                           backend="triton", device="cpu")
+
+
+def test_prefill_plans_mla_attention_in_key_blocks(triton_interpret, mla_model):
     """The stateful prefill graphs take each MLA attention with its decompression as one
     PrefixAttention step; the stateless prefill keeps its norm + linear and the SplitKeyAttention."""
-    import kimi_graph
     from kimi_graph.lowering.triton import backend
-    model = kimi_graph.load("tiny", pipeline="default", backend="triton", device="cpu")
+    model = mla_model
     n_mla = model.config.layer_kinds.count("mla")
     for logits in ("all", "last"):
         steps = [s for s in backend.plan(model.get_graph("prefill", True, logits)) if isinstance(s, mla.PrefixAttention)]
@@ -127,23 +139,14 @@ def test_prefill_plans_mla_attention_in_key_blocks(triton_interpret):
     assert not any(isinstance(s, mla.PrefixAttention) for s in backend.plan(model.get_graph("prefill", False)))
 
 
-# one MLA layer and a dense MLP: the interpreter runs the engine's prefill calls in seconds
-MLA_ONLY = dict(num_hidden_layers=1, first_k_dense_replace=1, num_attention_heads=2, vocab_size=61,
-                linear_attn_config={"kda_layers": [], "full_attn_layers": [1], "num_heads": 1, "head_dim": 4,
-                                    "short_conv_kernel_size": 3})
-
-
-def test_chunked_prefill_equals_one_shot_in_key_blocks(attention_config, make_checkpoint):
+def test_chunked_prefill_equals_one_shot_in_key_blocks(attention_config, mla_model):
     """Continuation == one-shot: a 30-token prompt prefilled 7 (then 16) tokens a call, MLA
     attending over its paged cache 5 (then 16) rows at a time (blocks that straddle chunks,
     ragged last chunks and blocks), gives the one-shot prefill's logits (one block), and the
     next decode step's."""
-    import kimi_graph
-    from checkpoints import random_config
     from kimi_graph.runtime.engine import Engine
     attention_config()
-    model = kimi_graph.load(make_checkpoint(random_config(3, **MLA_ONLY), seed=3), pipeline="default",
-                            backend="triton", device="cpu")
+    model = mla_model
     prompt = [(7 * i + 3) % model.config.vocab_size for i in range(30)]
     whole = Engine(model, max_len=40, prefill_chunk=None)
     ref = whole.prefill(whole.cache.allocate(1), [prompt])[0]
