@@ -89,7 +89,7 @@ def test_kernel_bf16_against_fp64(kind, args, attrs):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("form", [{"scan_seg": 2}, {"prep_kg": "intra"}, {"diag": "block", "diag_form": "rows"},
+@pytest.mark.parametrize("form", [{"scan_seg": 2, "scan_seg_min": 0, "BV_seg": 16}, {"prep_kg": "intra"}, {"diag": "block", "diag_form": "rows"},
                                   {"scan_many": 1, "BV_many": 128, "warps_many": 8}, {"scan_ks": 64}],
                          ids=["segmented-scan", "kg-in-intra", "rows", "scan-many", "scan-k-tiles"])
 def test_kda_chunk_forms_bf16(form, monkeypatch):

@@ -165,15 +165,18 @@ def test_kda_chunk_scan_segments(seg, seg_min, inplace, monkeypatch):
     sequence's state continues across segments); an empty sequence keeps its initial state; the
     states in place (SlotRows: slots in another order, the storage read and written); with
     `seg_min` past the sequences' average chunk count (a table of 7 chunks of 32 / 4 sequences), one launch
-    of each kernel."""
+    of each kernel; in place, the segmented scan's own tiles (BV_seg, warps_seg)."""
     from kimi_graph.runtime.views import SlotRows
     from kimi_graph.lowering.triton.targets import TARGETS
     monkeypatch.setitem(TARGETS["interpret"]["configs"], "kda_chunk",
-                        {**TARGETS["interpret"]["configs"]["kda_chunk"], "scan_seg": seg, "scan_seg_min": seg_min})
+                        {**TARGETS["interpret"]["configs"]["kda_chunk"], "scan_seg": seg, "scan_seg_min": seg_min,
+                         "BV_seg": 16 * inplace, "warps_seg": 2})
     kda.chunk_specs.cache_clear()
     preps = []
     launch = kda.launch
-    monkeypatch.setattr(kda, "launch", lambda sp, *a: (preps.append(sp.name == "kda_chunk_prep"), launch(sp, *a)))
+    scans = []
+    monkeypatch.setattr(kda, "launch", lambda sp, *a: (preps.append(sp.name == "kda_chunk_prep"),
+                                                        scans.append(sp.name), launch(sp, *a)))
     lens, H, K, V = [70, 0, 5, 33], 2, 16, 16
     cu = torch.tensor([0, 70, 70, 75, 108], dtype=torch.int32)
     q, k, v, f, b, A, dt = kda_inputs(1, sum(lens), H, K, V)
@@ -189,6 +192,7 @@ def test_kda_chunk_scan_segments(seg, seg_min, inplace, monkeypatch):
     if inplace:
         s = storage[slots]
     assert sum(preps) == (1 if seg == 0 or seg_min else -(-(108 // 32 + 4) // seg))
+    assert ("kda_chunk_scan_seg" in scans) == (inplace and not seg_min)
     assert torch.equal(s[1], s0[1])
     for i in (0, 2, 3):
         sl = slice(int(cu[i]), int(cu[i + 1]))

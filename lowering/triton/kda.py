@@ -746,6 +746,10 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
     scan_args = ["qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr", "gl_ptr", "o_ptr", "s0_ptr", "sn_ptr",
                  "slot_ptr", "cu_ptr", "chunk0_ptr", "c_lo", "c_hi"]
     out.append(spec("kda_chunk_scan", _SCAN, scan_args, cfg["num_warps"], cfg["num_stages"], **_scan_blocks(BK // KS)))
+    if cfg["BV_seg"]:           # the scan of segmented launches (long prompts, beside the other kernels)
+        segc = {**consts, "BV": min(cfg["BV_seg"], max(16, next_pow2(V)))}
+        out.append(spec("kda_chunk_scan_seg", _SCAN, scan_args, cfg["warps_seg"] or cfg["num_warps"],
+                        cfg["num_stages"], entry="kda_chunk_scan", kconsts=segc, **_scan_blocks(BK // KS)))
     if cfg["scan_many"]:        # the scan of launches with many programs (packed sequences): its own tiles
         many = {**consts, "BV": min(cfg["BV_many"], max(16, next_pow2(V))), "MANY": int(cfg["scan_many"])}
         out.append(spec("kda_chunk_scan_many", _SCAN, scan_args, cfg["warps_many"], cfg["num_stages"],
@@ -934,6 +938,8 @@ def _chunks(q2, k2, v2, f2, b2, a, dt, cu, cu_seqlens, BT_shape, dims, dtype, fu
     seg = scan.config["SEG"]
     if NCH <= seg or NCH < scan.config["SEG_MIN"] * N:      # one segment: the table whole
         seg = 0
+    if seg and scan.name == "kda_chunk_scan" and "kda_chunk_scan_seg" in specs:
+        scan = specs["kda_chunk_scan_seg"]
     side = _side_stream(dev) if seg and dev.type == "cuda" else None
     for c_a in range(0, max(NCH, 1), seg or max(NCH, 1)):     # segments of the chunk table
         c_b = min(c_a + seg, NCH) if seg else NCH

@@ -45,9 +45,10 @@ _BASE = {
     # and warps_many warps (packed sequences: fewer programs reloading each head's q, k, W; 0: off);
     # scan_seg: the chunk table in segments of this many chunks, each segment's scan on a side
     # stream beside the next segment's prep / diag / intra (0: one launch each; H200 2026-12-01:
-    # 256 chunks 7.52 vs 7.63 ms at 64k, slower at 16k and 64x512, so off); scan_seg_min: segments
+    # 256 chunks 7.52 vs 7.63 ms at 64k, slower at 16k and 64x512); scan_seg_min: segments
     # only where the sequences average at least this many chunks (long single prompts: the scan's
     # few programs run long beside the other kernels; 0: wherever the table exceeds a segment);
+    # BV_seg / warps_seg: the segmented scan's own tiles (0: the scan's);
     # conv_in_prep: KDA's q/k/v convs (+ SiLU) of a prefill run inside the prep kernel (kda.ConvKDA:
     # the projections read once, only v's conv output stored), the new conv states after it;
     # op_chunk: chunks of the op's chunk_size (chunk-kda{chunk-size=N}); False: of BT whatever
@@ -57,7 +58,7 @@ _BASE = {
                   "intra_warps": 4, "intra_stages": 1, "diag": "token", "BH": 4, "diag_warps": 4, "diag_unroll": False,
                   "diag_store": "row", "diag_form": "columns", "wu": "split", "wu_warps": 4, "wu_stages": 2,
                   "scan_ks": 128, "scan_many": 0, "BV_many": 64, "warps_many": 4, "scan_seg": 0,
-                  "scan_seg_min": 0, "conv_in_prep": False, "op_chunk": True},
+                  "scan_seg_min": 0, "BV_seg": 0, "warps_seg": 0, "conv_in_prep": False, "op_chunk": True},
     # fused_decode: one-token steps of up to this many sequences run the convs, f_b / g_b and the
     # step in one launch (kda_decode.py; one program a head on decode_warps warps; 0: never)
     "kda_recurrent": {"BV": 32, "num_warps": 4, "num_stages": 1, "fused_decode": 256, "decode_warps": 8},
@@ -182,12 +183,14 @@ TARGETS: dict[str, dict] = {
         # parallel diagonal blocks 8 heads a program on 2 warps, the many-program scan 128 wide)
         # op_chunk False: the model's chunk-kda{chunk-size=64} ran these BT=32 tiles at BT=64 (the
         # 21:26 sweep's BT 64: 3.26 ms at 16k, 7.27 at 64x512 against 2.40 / 4.91; the 27-layer
-        # 32x1k prefill's KDA 129.9 -> 89.4 ms at BT=32)
+        # 32x1k prefill's KDA 129.9 -> 89.4 ms at BT=32); the scan in segments of 256 chunks where the
+        # sequences average 1024 (32k tokens): 64k 7.530 vs 7.617 ms, the other shapes alike (H200,
+        # 2026-12-01 06:18, fcc64ad, kda_chunk_sweep-64k.json; 7.52 vs 7.63 in the 04:17 run)
         "kda_chunk": {"BT": 32, "BV": 32, "KH": 128, "BW": 128, "BH": 8, "diag": "token", "diag_unroll": False,
                       "diag_store": "column", "wu": "fused", "num_warps": 4, "num_stages": 4, "prep_warps": 4,
                       "prep_rows": 4, "bkg_fp32": False, "ftz_exp": True, "diag_warps": 2, "intra_warps": 2,
                       "intra_stages": 1, "wu_warps": 2, "wu_stages": 2, "scan_many": 1024, "BV_many": 128,
-                      "warps_many": 8, "op_chunk": False},
+                      "warps_many": 8, "op_chunk": False, "scan_seg": 256, "scan_seg_min": 1024},
         # fused_decode off until timed on an H200 (bench/decode_step.py variant kda-fused)
         "kda_recurrent": {"BV": 64, "num_warps": 4, "fused_decode": 0},
         "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
