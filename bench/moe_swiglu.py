@@ -116,15 +116,9 @@ SWEEP = {
     "host_half_pdown_s4": {"tma": "host", "half": True, "persistent_down": 1, "num_stages_down": 4},
     "host_half_ws": {"tma": "host", "half": True, "ws": True},
     "device_half_ws": {"tma": "device", "half": True, "ws": True},
-    # GEMMs on torch's grouped GEMM (CUTLASS): down's rows left sorted for the un-permute, gate_up
-    # over sorted copies of the rows
-    "gmm_down": {"down": "grouped_mm"},
-    "gmm_down_gu_s4": {"down": "grouped_mm", "num_stages": 4},
-    "gmm_both": {"gate_up": "grouped_mm", "down": "grouped_mm"},
-    "gmm_gate_up": {"gate_up": "grouped_mm"},
 }
 KEYS = ("BM", "BN", "BK", "num_warps", "num_stages", "BN_down", "BK_down", "num_warps_down", "num_stages_down",
-        "tma", "half", "ws", "persistent", "persistent_down", "gate_up", "down")
+        "tma", "half", "ws", "persistent", "persistent_down")
 SFX = {"mid": "_mid", "large": ""}
 TOL = 2e-2              # bf16 products against fp32 (measured ~4e-3)
 
@@ -141,19 +135,10 @@ def sweep_case(N, g, E, K, D, dev, dt):
     """Routed inputs for N tokens (router on random weights, as a prefill layer) and their sort."""
     x = torch.randn(N, D, device=dev, generator=g).to(dt)
     gate = (torch.randn(E, D, device=dev, generator=g) * D ** -0.5).to(dt)
-    ids, w = moe_route.moe_route(x, gate, torch.randn(E, device=dev, generator=g) * 0.01, top_k=K, n_group=1,
+    ids, _ = moe_route.moe_route(x, gate, torch.randn(E, device=dev, generator=g) * 0.01, top_k=K, n_group=1,
                                  topk_group=1, renormalize=True, scaling=2.446, weights="official")
     off, order = moe_permute.moe_sort(ids, E)
-    return x, ids, w, off, order
-
-
-def slot_rows(y, by_expert, order):
-    """y's rows in slot order (a copy's result at its own slot): sorted rows put back by `order`."""
-    if not by_expert:
-        return y
-    out = torch.empty_like(y)
-    out[order] = y
-    return out
+    return x, ids, off, order
 
 
 def reference_rows(x, off, order, w13, w2, K, checked):
@@ -186,7 +171,7 @@ def sweep(tokens, budget, smoke=False, names=None):
     current = {size: moe.gemm_tiles(size, target) for size in SFX}
     cases = {}
     for N in tokens:
-        x, ids, w, off, order = sweep_case(N, g, E_, K_, D_, dev, dt)
+        x, ids, off, order = sweep_case(N, g, E_, K_, D_, dev, dt)
         size = moe.gemm_size(ids.numel(), E_, target)
         if size not in SFX:
             raise ValueError(f"{N} tokens take the {size!r} tiles: not a prefill size")
@@ -194,8 +179,7 @@ def sweep(tokens, budget, smoke=False, names=None):
         a, hh = torch.randn(M, D_, device=dev).to(dt), torch.randn(M, I_, device=dev).to(dt)
         t = (lambda fn: (lambda s: (fn(), (time.perf_counter() - s) * 1e3)[1])(time.perf_counter())) if smoke else bench
         dense = t(lambda: a @ w13[0].T) + t(lambda: hh @ w2[0].T)
-        cases[N] = (x, w, off, order, M, size, flops, dense,
-                    reference_rows(x, off, order, w13, w2, K_, min(8, E_)), t)
+        cases[N] = (x, off, order, M, size, flops, dense, reference_rows(x, off, order, w13, w2, K_, min(8, E_)), t)
     names = ["current"] + [n for n in names or SWEEP if n != "current"]       # the reference, first
     unknown = [n for n in names if n not in SWEEP]
     if unknown:
@@ -205,28 +189,24 @@ def sweep(tokens, budget, smoke=False, names=None):
         if budget and time.monotonic() - t0 > budget:
             print("over the time budget, not run:", name)
             continue
-        for N, (x, w, off, order, M, size, flops, dense, (slots, ref), t) in cases.items():
-            acc = x
+        for N, (x, off, order, M, size, flops, dense, (slots, ref), t) in cases.items():
             tiles = variant_tiles(current[size], SWEEP[name])
             held.clear()
             override_config("moe_gemm", **{**base, **{k + SFX[size]: tiles[k] for k in KEYS}})
             run = lambda: moe._swiglu_launch(x, off, w13, w2, M, order, K_)
             try:
-                err = rel_err(slot_rows(*run(), order)[slots], ref)
+                err = rel_err(run()[slots], ref)
                 ms = t(run)
-                y, by_expert = run()
-                ms_combine = t((lambda: moe_permute.moe_unpermute(y, order, w, acc)) if by_expert else
-                               (lambda: moe_permute.moe_combine(y, w, acc)))
             except Exception as e:         # a variant this GPU or Triton cannot build: reported, the rest run
                 print(f"{name} at {N} tokens: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 rows.append({"variant": name, "tokens": N, "class": size, "ms": float("inf"), "err": float("nan"),
                              "ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"})
                 break
             rows.append({"variant": name, "tokens": N, "class": size, "ms": ms, "TFLOPs": flops / ms / 1e9,
-                         "combine_ms": ms_combine, "vs_current": None, "vs_dense": dense / ms, "err": err,
-                         "ok": err <= TOL, "tiles": {k: tiles[k] for k in KEYS}})
+                         "vs_current": None, "vs_dense": dense / ms, "err": err, "ok": err <= TOL,
+                         "tiles": {k: tiles[k] for k in KEYS}})
             print(f"{name:>24} {N:>6} tok  {ms:8.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s  dense cuBLAS "
-                  f"{dense:.3f} ms ({dense / ms:.2f}x)  combine {ms_combine:.3f} ms  err {err:.2g}", flush=True)
+                  f"{dense:.3f} ms ({dense / ms:.2f}x)  err {err:.2g}", flush=True)
     held.clear()
     override_config("moe_gemm", **base)
     ref_ms = {r["tokens"]: r["ms"] for r in rows if r["variant"] == "current"}
@@ -235,7 +215,7 @@ def sweep(tokens, budget, smoke=False, names=None):
             r["vs_current"] = ref_ms[r["tokens"]] / r["ms"]
     best, cfg = {}, dict(base)
     for size in SFX:
-        sizes = {N for N, c in cases.items() if c[5] == size}
+        sizes = {N for N, c in cases.items() if c[4] == size}
         total: dict = {}
         for r in rows:
             if r["tokens"] in sizes:

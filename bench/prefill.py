@@ -57,16 +57,14 @@ def time_layer(S, N, x, gate, bias, acc, w13, w2) -> dict:
     ids, wts = moe_route.moe_route(x, gate, bias, top_k=K, **ATTRS)
     rows, off, order = moe_permute.moe_permute(x, ids, E)
     y = moe.grouped_swiglu(rows, off, w13, w2)
-    slots, by_expert = moe._swiglu_launch(x, off, w13, w2, ids.numel(), order, K)
-    combine = (lambda: moe_permute.moe_unpermute(slots, order, wts, acc)) if by_expert else \
-        (lambda: moe_permute.moe_combine(slots, wts, acc))
+    slots = moe._swiglu_launch(x, off, w13, w2, ids.numel(), order, K)
     p = {"route": t(lambda: moe_route.moe_route(x, gate, bias, top_k=K, **ATTRS)),
          "old_permute": t(lambda: moe_permute.moe_permute(x, ids, E)),
          "old_gemm": t(lambda: moe.grouped_swiglu(rows, off, w13, w2)),
          "old_unpermute": t(lambda: moe_permute.moe_unpermute(y, order, wts, acc)),
          "new_sort": t(lambda: moe_permute.moe_sort(ids, E)),
          "new_gemm": t(lambda: moe._swiglu_launch(x, off, w13, w2, ids.numel(), order, K)),
-         "new_combine": t(combine),
+         "new_combine": t(lambda: moe_permute.moe_combine(slots, wts, acc)),
          "new_total": t(lambda: moe.moe_experts(x, ids, wts, w13, w2, acc))}
     p["old_total"] = p["old_permute"] + p["old_gemm"] + p["old_unpermute"]
     return p

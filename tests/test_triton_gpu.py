@@ -150,19 +150,11 @@ def test_mla_prefill_attention_rope_key_apart_bf16():
     assert e <= BF16_TOL
 
 
-@pytest.mark.parametrize("gate_up,down", [("triton", "triton"), ("triton", "grouped_mm"),
-                                          ("grouped_mm", "grouped_mm")])
-def test_moe_experts_batch_equals_alone(monkeypatch, gate_up, down):
+def test_moe_experts_batch_equals_alone():
     """The fused routed experts in bf16: each token's result is the same bitwise whatever
     batch it runs in (fixed-order combine; a row's GEMM never depends on its tile mates), and
-    equal to the chain permute -> grouped SwiGLU -> un-permute; the GEMMs ours or torch's."""
+    equal to the chain permute -> grouped SwiGLU -> un-permute."""
     from kimi_graph.lowering.triton import moe, moe_permute
-    from kimi_graph.lowering.triton.targets import TARGETS, TUNING_ENV, current_target
-    monkeypatch.delenv(TUNING_ENV, raising=False)
-    cfg = TARGETS[current_target()]["configs"]["moe_gemm"]
-    for sfx in ("", "_mid"):
-        monkeypatch.setitem(cfg, "gate_up" + sfx, gate_up)
-        monkeypatch.setitem(cfg, "down" + sfx, down)
     E, D, I, k, N = 64, 512, 256, 8, 2000
     x, acc = r(N, D), r(N, D)
     ids, w = torch.rand(N, E, device="cuda").topk(k, -1)[1], torch.rand(N, k, device="cuda")

@@ -209,9 +209,6 @@ GEMM_VARIANTS = [
     {"persistent": 1},
     {"persistent": 2, "tma": "host", "ws": True},
     {"persistent_down": 1, "half": True, "tma": "host"},
-    {"down": "grouped_mm", "half": True},
-    {"gate_up": "grouped_mm"},
-    {"gate_up": "grouped_mm", "down": "grouped_mm"},
 ]
 
 

@@ -193,10 +193,6 @@ def _body(template: str, **blocks: str) -> str:
 
 
 SIZES = ("small", "mid", "large")
-# each GEMM (gate_up, down): this module's kernels ("triton"), or torch's grouped GEMM over
-# sorted rows ("grouped_mm": torch._grouped_mm, CUTLASS on sm_90): gate_up then reads x rows
-# gathered into sorted copies and takes SwiGLU apart; down leaves its rows sorted (un-permuted after)
-GEMM_FORMS = ("triton", "grouped_mm")
 
 
 def gemm_size(M: int, E: int, target: str) -> str:
@@ -215,7 +211,7 @@ def gemm_tiles(size: str, target: str) -> dict:
     gate_up's. tma (false, true = "device", "host"; -> "", "device", "host"), half, ws and
     persistent (programs an SM; 0: a grid of all tiles; persistent_down: the down GEMM's, else
     the same) fall back to the large ones for "mid" only ("small" takes its own or none); a
-    persistent kernel has one row tile (its half 0); gate_up and down (GEMM_FORMS) as tma."""
+    persistent kernel has one row tile (its half 0)."""
     cfg = config("moe_gemm", target)
     sfx = {"small": "_small", "mid": "_mid", "large": ""}[size]
     get = lambda key, default=None: cfg.get(key + sfx, cfg.get(key, default))
@@ -232,11 +228,6 @@ def gemm_tiles(size: str, target: str) -> dict:
     half = len(row_tiles(out["BM"], out["half"])) - 1                 # tl.dot takes 16 rows at least
     out.update(half=0 if out["persistent"] else half, half_down=0 if out["persistent_down"] else half)
     out["ws"] = out["ws"] and bool(out["tma"])             # warp specialization wants descriptor loads
-    for key in ("gate_up", "down"):
-        form = cfg.get(key + sfx, "triton") if size == "small" else get(key, "triton")
-        if form not in GEMM_FORMS:
-            raise ValueError(f"moe_gemm {key} {form!r}: one of {GEMM_FORMS}")
-        out[key] = form
     return out
 
 
@@ -278,54 +269,35 @@ def gemm_specs(E, I, D, dtype, size, target, gather=False, top_k=1, aligned=Fals
 
 
 def _swiglu_launch(x, offsets, w13, w2, out_rows, order=None, top_k=1):
-    """Tile map, gate_up, down over the rows that `offsets` lays out by expert -> (y [out_rows, D],
-    sorted): y's rows sorted by expert (sorted True: no `order`, or the down GEMM is torch's
-    grouped GEMM), else in each copy's own slot order[r]."""
+    """Tile map, gate_up, down over the rows that `offsets` lays out by expert: y [out_rows, D]."""
     E, I2, D = w13.shape
     I, M, dt = I2 // 2, out_rows, x.dtype
     target = current_target()
     x, w13, w2 = x.contiguous(), w13.to(dt).contiguous(), w2.to(dt).contiguous()
     size = gemm_size(M, E, target)
-    tiles = gemm_tiles(size, target)
-    aligned = bool(tiles["tma"]) and _rows_aligned(w13, w2)      # h: fresh, aligned
-    torch_down = tiles["down"] == "grouped_mm" and _grouped_mm_takes(x, w2)
-    torch_gate_up = tiles["gate_up"] == "grouped_mm" and _grouped_mm_takes(x, w13)
+    aligned = bool(gemm_tiles(size, target)["tma"]) and _rows_aligned(w13, w2)      # h: fresh, aligned
     tmap, gate_up, down = gemm_specs(E, I, D, ir_dtype(x), size, target, order is not None, top_k, aligned)
     c = gate_up.config
     max_tiles = -(-M // c["BM"]) + E
     te = torch.empty(max_tiles, device=x.device, dtype=torch.int32)
     tr = torch.empty(max_tiles, device=x.device, dtype=torch.int32)
-    if not M:
-        return torch.empty(M, D, device=x.device, dtype=dt), True
-    if c["tma"] == "device":
-        use_descriptor_scratch()
-    off = offsets.to(torch.int64).contiguous()
-    h = _grouped_gate_up(x, off, w13, order, top_k) if torch_gate_up else torch.empty(M, I, device=x.device, dtype=dt)
-    extra = () if order is None else (order,)
-    d_gu, d_dn = _host_descriptors(c, down.config, w13, w2, h) if c["tma"] == "host" else ((), ())
-    count = torch.empty(1, device=x.device, dtype=torch.int32)      # valid tiles, for persistent kernels
-    # a persistent kernel: `persistent` programs an SM over the valid tiles, else one per tile
-    grid = lambda k: (min(k["persistent"] * _multiprocessors(x.device), max_tiles * k["NBLK"]),) \
-        if k["persistent"] else (k["NBLK"], max_tiles)
-    counted = lambda spec: (count,) if "count_ptr" in spec.signature else ()
-    if not (torch_gate_up and torch_down):
-        launch(tmap, (-(-max_tiles // c["TB"]),), off, te, tr, max_tiles, *counted(tmap))
-    if not torch_gate_up:
-        launch(gate_up, grid(c), x, off, w13, h, te, tr, *extra, *counted(gate_up), *d_gu)
-    if torch_down:
-        return _grouped_down(h, off, w2), True
+    h = torch.empty(M, I, device=x.device, dtype=dt)
     y = torch.empty(M, D, device=x.device, dtype=dt)
-    launch(down, grid(down.config), h, off, w2, y, te, tr, M, *extra, *counted(down), *d_dn)
-    return y, order is None
-
-
-def _grouped_mm_takes(x, w) -> bool:
-    """Can torch's grouped GEMM run over expert weights w [E, N, K] here? CUDA takes bf16 only (CPU:
-    fp32, the tests'), fewer than 1024 experts, rows of 16-byte multiples (its TMA loads)."""
-    fn = getattr(torch, "_grouped_mm", None)
-    dtype = torch.bfloat16 if x.is_cuda else torch.float32
-    E, N, K = w.shape
-    return fn is not None and x.dtype == dtype and E < 1024 and all(n * x.element_size() % 16 == 0 for n in (N, K))
+    if M:
+        if c["tma"] == "device":
+            use_descriptor_scratch()
+        off = offsets.to(torch.int64).contiguous()
+        extra = () if order is None else (order,)
+        d_gu, d_dn = _host_descriptors(c, down.config, w13, w2, h) if c["tma"] == "host" else ((), ())
+        count = torch.empty(1, device=x.device, dtype=torch.int32)      # valid tiles, for persistent kernels
+        # a persistent kernel: `persistent` programs an SM over the valid tiles, else one per tile
+        grid = lambda k: (min(k["persistent"] * _multiprocessors(x.device), max_tiles * k["NBLK"]),) \
+            if k["persistent"] else (k["NBLK"], max_tiles)
+        counted = lambda spec: (count,) if "count_ptr" in spec.signature else ()
+        launch(tmap, (-(-max_tiles // c["TB"]),), off, te, tr, max_tiles, *counted(tmap))
+        launch(gate_up, grid(c), x, off, w13, h, te, tr, *extra, *counted(gate_up), *d_gu)
+        launch(down, grid(down.config), h, off, w2, y, te, tr, M, *extra, *counted(down), *d_dn)
+    return y
 
 
 _SWIGLU_ROWS = """
@@ -344,30 +316,12 @@ def swiglu_rows(gu_ptr, h_ptr, M):
 
 @functools.lru_cache(maxsize=None)
 def swiglu_rows_spec(I: int, dtype: str) -> KernelSpec:
-    """silu(gate) * up over rows [gate | up] of 2I (the gate_up GEMM's epilogue, apart)."""
+    """silu(gate) * up over rows [gate | up] of 2I in one pass (the shared expert's, after its fused
+    gate/up GEMM)."""
     consts = {"I": I, "BR": 16, "BI": min(256, next_pow2(I)), "DT": TL_DTYPES[dtype]}
     p = ptr_type(dtype)
     return KernelSpec("swiglu_rows", "swiglu_rows", render("swiglu_rows", _SWIGLU_ROWS, consts),
                       {"gu_ptr": p, "h_ptr": p, "M": "i32"}, 4, 1, consts)
-
-
-def _grouped_gate_up(x, offsets, w13, order, top_k):
-    """h [M, I] = silu(x_r w1_e^T) * (x_r w3_e^T) for each expert's sorted rows on torch's grouped
-    GEMM: x's rows copied into sorted order first (order[r] // top_k, unless x is sorted already),
-    SwiGLU after (swiglu_rows)."""
-    I = w13.shape[1] // 2
-    rows = x if order is None else x.index_select(0, order // top_k)
-    gu = torch._grouped_mm(rows, w13.transpose(1, 2), offs=offsets[1:].to(torch.int32))
-    spec = swiglu_rows_spec(I, ir_dtype(x))
-    h = torch.empty(gu.shape[0], I, device=x.device, dtype=x.dtype)
-    launch(spec, (-(-gu.shape[0] // spec.config["BR"]), -(-I // spec.config["BI"])), gu, h, gu.shape[0])
-    return h
-
-
-def _grouped_down(h, offsets, w2):
-    """y [M, D] = h w2_e^T for each expert's sorted rows (offsets[e]:offsets[e+1]), torch's grouped
-    GEMM (fp32 accumulation, each row on its own: no split over K)."""
-    return torch._grouped_mm(h, w2.transpose(1, 2), offs=offsets[1:].to(torch.int32))
 
 
 def _multiprocessors(device) -> int:
@@ -394,7 +348,7 @@ def grouped_swiglu(rows, offsets, w13, w2):
     if rows.shape[1] != D or offsets.shape != (E + 1,) or w2.shape != (E, D, I2 // 2):
         raise ValueError(f"rows {tuple(rows.shape)}, offsets {tuple(offsets.shape)}, w13 {tuple(w13.shape)}, "
                          f"w2 {tuple(w2.shape)} do not fit")
-    return _swiglu_launch(rows, offsets, w13, w2, rows.shape[0])[0]
+    return _swiglu_launch(rows, offsets, w13, w2, rows.shape[0])
 
 
 def moe_experts(x, ids, weights, w13, w2, acc):
@@ -402,9 +356,7 @@ def moe_experts(x, ids, weights, w13, w2, acc):
     `fused_min_rows` token copies (decode) it runs permute -> grouped SwiGLU -> un-permute; above,
     the fused form: a sort without row copies, gate_up reading x rows by index, down writing each
     copy's result to its own slot (token n's copies at n*k .. n*k+k-1), and a combine that sums a
-    token's k slots in order (deterministic: a row's result never depends on its batch); with the
-    down GEMM on torch's grouped GEMM ("down": "grouped_mm"), its rows stay sorted and the
-    un-permute sums them in the same order."""
+    token's k slots in order (deterministic: a row's result never depends on its batch)."""
     E, I2, D = w13.shape
     k = ids.shape[-1]
     if (ids.shape[:-1] != x.shape[:-1] or weights.shape != ids.shape or acc.shape != x.shape
@@ -416,10 +368,8 @@ def moe_experts(x, ids, weights, w13, w2, acc):
         rows, offsets, order = moe_permute.moe_permute(x, ids, E)
         return moe_permute.moe_unpermute(grouped_swiglu(rows, offsets, w13, w2), order, weights, acc)
     offsets, order = moe_permute.moe_sort(ids, E)
-    y, by_expert = _swiglu_launch(x.reshape(-1, D), offsets, w13, w2, M, order, k)
-    if by_expert:                # torch's grouped GEMM: y's rows sorted, un-permuted by order
-        return moe_permute.moe_unpermute(y, order, weights, acc)
-    return moe_permute.moe_combine(y, weights, acc)
+    slots = _swiglu_launch(x.reshape(-1, D), offsets, w13, w2, M, order, k)
+    return moe_permute.moe_combine(slots, weights, acc)
 
 
 def op_moe_route(args, attrs):
@@ -460,6 +410,6 @@ def specs_for(kind, ins, outs, attrs, target):
              + specs_for("grouped_swiglu", [x, None, w13], [], {}, target)
              + specs_for("moe_unpermute", [None, None, w, x], [], {}, target))
     fused = [s for size in ("mid", "large") for s in gemm_specs(E, I2 // 2, D, x.dtype, size, target, True, ids.shape[-1])]
-    fused.append(swiglu_rows_spec(I2 // 2, x.dtype))
+    fused.append(swiglu_rows_spec(I2 // 2, x.dtype))     # shared_swiglu's, at the experts' width (the published one)
     return chain + fused + moe_permute.sort_specs(E, ids.shape[-1], target) \
         + list(moe_permute.combine_specs(D, ids.shape[-1], x.dtype, w.dtype, target))

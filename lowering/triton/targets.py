@@ -101,8 +101,7 @@ _BASE = {
     # host ("host"); half: n halvings of BM as smaller tiles for an expert's last rows; ws:
     # warp-specialized loops (with tma); persistent (persistent_down: the down GEMM's): programs
     # an SM looping over the tiles (0: one program a tile; one row tile); these flags fall back
-    # to the large ones for "mid" only (moe.gemm_tiles); down: the down GEMM ours ("triton") or
-    # torch's grouped GEMM ("grouped_mm", bf16 on CUDA); moe_experts runs its fused form (rows
+    # to the large ones for "mid" only (moe.gemm_tiles); moe_experts runs its fused form (rows
     # read by index) from fused_min_rows token copies
     "moe_gemm": {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3,
                  "BM_small": 16, "BN_small": 64, "BK_small": 64, "BM_mid": 64, "mid_rows": 256,
