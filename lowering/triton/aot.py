@@ -28,15 +28,20 @@ def graph_specs(g, target: str) -> dict[tuple[str, str], tuple[KernelSpec, set]]
     """(source hash, entry) -> (spec, op kinds using it) for one graph."""
     from kimi_graph.ops import get_op
 
-    from . import gemv, kda, mla, moe_route, norm
+    from . import gemv, kda, kda_decode, mla, moe_route, norm
     from .backend import KERNEL_DTYPES, KERNELS, Convs, Experts, Group, LinearPair, NormLinear, covered, legalize, plan
     from .conv import specs_for as conv_specs
     from .elementwise import chain_spec
     from .moe_decode import specs_for as experts_specs
     out: dict = {}
     g = legalize(g)
-    for item in plan(g):
-        if isinstance(item, Group):
+    items = list(plan(g))
+    while items:
+        item = items.pop(0)
+        if isinstance(item, kda_decode.DecodeStep):      # its fused kernel, then its plain parts'
+            items[:0] = [p for p in item.parts if not getattr(p, "kind", None) == "reshape"]
+            specs, kind = [item.fused_spec(g, target)], "causal_conv1d+linear+kda_fused_recurrent"
+        elif isinstance(item, Group):
             specs, kind = [chain_spec(item.chain, target)], "+".join(o.kind for o in item.ops)
         elif isinstance(item, Convs):
             op = item.ops[0]

@@ -137,6 +137,14 @@ class DecodeStep:
     internal: list[str]       # values only the parts pass between them (dropped after them)
     taken: set[int]           # ids of the plan's ops the step runs in their place (the parts' but the KDA op)
 
+    def fused_spec(self, g, target: str) -> KernelSpec:
+        """The one-launch kernel of graph `g`'s types (AOT builds)."""
+        p, wq, wf = (g.types[v] for v in (self.inputs[0], self.inputs[1], self.inputs[7]))
+        _, H, K, V = g.types[self.inputs[-1]].shape
+        a = get_op("kda_fused_recurrent").full_attrs(self.kda.attrs)
+        return step_spec(H, K, V, wf.shape[1], wq.shape[-1], self.offsets, len(self.outputs) > 5, p.dtype,
+                         float(a["scale"]), float(a["l2norm_eps"]), target)
+
 
 def _slice_of(g, v: str, src: str):
     """(start, end) when `v` is a last-dim slice of `src` with int bounds, else None."""
