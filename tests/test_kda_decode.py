@@ -78,3 +78,20 @@ def test_one_launch_step_equals_the_plain_kernels(kda_mla_checkpoint, monkeypatc
     assert steps >= 2 and plain["triton.causal_conv1d_group"] == steps and not plain["triton.kda_decode_step"]
     assert one["triton.kda_decode_step"] == steps
     assert not one["triton.kda_recurrent_step"] and not one["triton.causal_conv1d_group"]
+
+
+def test_a_step_kernel_that_does_not_build_falls_back_to_the_plain_kernels(kda_mla_checkpoint, monkeypatch):
+    """A compile failure (raised before the kernel runs) is said once; the step runs its parts."""
+    from triton.runtime.errors import OutOfResources
+    model = kimi_graph.load(kda_mla_checkpoint, pipeline="default", backend="triton")
+
+    def refuse(spec, grid, *args):
+        raise OutOfResources(1 << 20, 1 << 16, "shared memory")
+    monkeypatch.setattr(kda_decode, "launch", refuse)
+    monkeypatch.setattr(kda_decode, "_UNBUILT", set())
+    engine = Engine(model, max_batch=2, max_len=8)
+    slots = engine.cache.allocate(2)
+    engine.prefill(slots, [[1, 2, 3], [4]])
+    with pytest.warns(RuntimeWarning, match="kda_decode_step does not build"):
+        got = engine.decode(slots, [5, 6])
+    assert len(kda_decode._UNBUILT) == 1 and torch.isfinite(got).all()

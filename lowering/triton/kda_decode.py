@@ -17,6 +17,7 @@ sequences than kda_recurrent.fused_decode (0: never fused)."""
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -202,7 +203,8 @@ def decode_steps(g, order: list, convs: dict, pairs: dict, covered) -> dict[int,
 
 def run(item: DecodeStep, args: list):
     """The step's outputs from its inputs, in one launch; None where the plain parts must run
-    (more than one token a sequence or more than fused_decode tokens, states not in-place views)."""
+    (more than one token a sequence or more than fused_decode tokens, states not in-place views, a
+    kernel that does not build on this GPU: said once, with the reason)."""
     p, wq, wk, wv, cq, ck, cv, wf, wg, A_log, dt_bias, state = args
     target = current_target()
     if p.dim() != 3 or p.shape[1] != 1 or p.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
@@ -218,12 +220,25 @@ def run(item: DecodeStep, args: list):
     a = get_op("kda_fused_recurrent").full_attrs(item.kda.attrs)
     spec = step_spec(H, K, V, R, W, item.offsets, gate, ir_dtype(p), float(a["scale"]), float(a["l2norm_eps"]),
                      target)
+    if spec.hash in _UNBUILT:
+        return None
     rows, xs = row_view(p)
     dt = p.dtype
     o = torch.empty(B, 1, H, V, device=p.device, dtype=dt)
     gt = torch.empty(B, 1, H * V, device=p.device, dtype=dt) if gate else o
-    launch(spec, (B, H), rows, xs, *(w.reshape(w.shape[0], W).to(dt).contiguous() for w in (wq, wk, wv)),
-           cq.storage, ck.storage, cv.storage, wf.to(dt).contiguous(), wg.to(dt).contiguous(),
-           A_log.reshape(H).float().contiguous(), dt_bias.reshape(H * K).float().contiguous(), o, gt,
-           state.storage, state.slots)
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+    try:
+        launch(spec, (B, H), rows, xs, *(w.reshape(w.shape[0], W).to(dt).contiguous() for w in (wq, wk, wv)),
+               cq.storage, ck.storage, cv.storage, wf.to(dt).contiguous(), wg.to(dt).contiguous(),
+               A_log.reshape(H).float().contiguous(), dt_bias.reshape(H * K).float().contiguous(), o, gt,
+               state.storage, state.slots)
+    except (CompilationError, OutOfResources) as err:   # raised before the kernel runs: nothing written
+        _UNBUILT.add(spec.hash)
+        warnings.warn(f"kda_decode_step does not build here ({type(err).__name__}: {str(err)[:200]}); "
+                      "KDA decode steps run the plain kernels", RuntimeWarning, stacklevel=2)
+        return None
     return [o, state, cq, ck, cv] + ([gt] if gate else [])
+
+
+_UNBUILT: set[str] = set()     # hashes of step kernels that failed to build on this GPU

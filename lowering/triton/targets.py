@@ -190,8 +190,7 @@ TARGETS: dict[str, dict] = {
                       "prep_rows": 4, "bkg_fp32": False, "ftz_exp": True, "diag_warps": 2, "intra_warps": 2,
                       "intra_stages": 1, "wu_warps": 2, "wu_stages": 2, "scan_many": 1024, "BV_many": 128,
                       "warps_many": 8, "op_chunk": False, "scan_seg": 256, "scan_seg_min": 1024},
-        # fused_decode off until timed on an H200 (bench/decode_step.py variant kda-fused)
-        "kda_recurrent": {"BV": 64, "num_warps": 4, "fused_decode": 0},
+        "kda_recurrent": {"BV": 64, "num_warps": 4},
         "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
         # decode projections: bench/gemv.py on an H200 (2026-11-30 23:44, 9f3f49a) won at one row
         # only, and lost where the norm rides on the wide fused projections (left to cuBLAS);
