@@ -154,9 +154,10 @@ def conv_timing(shapes=(("16k", 1, 16384), ("32x1k", 32, 1024)), width=4):
     """KDA's q/k/v convs (width 4, SiLU, carried conv states) and the chunk prefill as a model
     prefill runs them: the conv group (one launch, its outputs stored) then kda_chunk, against
     kda_chunk_conv (the convs inside the prep kernel); q, k, v, b read as slices of one fused
-    projection [B, T, 3*H*D + 288] as the model's; the fused path's error against the other."""
+    projection [B, T, 3*H*D + 288] as the model's; the fused path's error against the other.
+    -> (rows, per-kernel split rows)."""
     from kimi_graph.lowering.triton import conv
-    rows = []
+    rows, split_rows = [], []
     for name, B, T in shapes:
         C = H * D
         g = torch.Generator(device=DEV).manual_seed(1)
@@ -185,12 +186,16 @@ def conv_timing(shapes=(("16k", 1, 16384), ("32x1k", 32, 1024)), width=4):
                    "conv_ms": bench(lambda: conv.causal_conv1d_group(xs, ws, cs, "silu")),
                    "err_o": rel_err(o, ro), "err_state": rel_err(s, rs),
                    "conv_states_equal": all(torch.equal(a, e) for a, e in zip(c, rc))}
+            for form, fn in (("unfused", unfused), ("fused", fused)):
+                times = kernel_times(fn)
+                split_rows += [{"shape": name, "form": form, "kernel": k[:44], "ms": ms} for k, ms in times.items()]
+                split_rows.append({"shape": name, "form": form, "kernel": "SUM", "ms": sum(times.values())})
         row["speedup"] = row["unfused_ms"] / row["fused_ms"]
         rows.append(row)
         print(row)
         del proj, f, xs, b
         torch.cuda.empty_cache()
-    return rows
+    return rows, split_rows
 
 
 # one at a time over the target's config (sm_90 since the 2026-12-01 03:31 sweep: token-parallel
@@ -359,7 +364,9 @@ def main():
     if a.config:
         override_config("kda_chunk", **json.loads(a.config))
     if a.conv:
-        write_result("kda_chunk_conv" + sfx, conv_timing(), {"config": config("kda_chunk")})
+        rows, split_rows = conv_timing()
+        write_result("kda_chunk_conv_split" + sfx, split_rows)
+        write_result("kda_chunk_conv" + sfx, rows, {"config": config("kda_chunk")})
         return
     if a.split_only:
         write_result("kda_chunk_split" + sfx, [r for s in split_shapes for r in split(s, not a.no_fla)],
