@@ -91,7 +91,8 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int = 128, symmetric: bool =
     (fp64 for fp64), scales rounded to w's dtype first, so dequantization uses exactly the
     scale divided by."""
     G = group_of(fmt, w.shape[-1], group_size)
-    if w.dim() > 2 and w.numel() > CHUNK:      # a matrix at a time: bounded fp32 temporaries
+    # a matrix at a time: bounded fp32 temporaries (none on meta, where shapes are all it finds)
+    if w.dim() > 2 and w.numel() > CHUNK and w.device.type != "meta":
         parts = [quantize(m, fmt, group_size, symmetric) for m in w.reshape(-1, *w.shape[-2:])]
         return tuple(torch.stack([p[i] for p in parts]).reshape(*w.shape[:-2], *parts[0][i].shape)
                      for i in range(3))
