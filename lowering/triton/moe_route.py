@@ -37,6 +37,9 @@ def _logits_block(x_ptr, w_ptr, part_ptr, N, KCH, r_ptr, nw_ptr, s_ptr, xn_ptr):
     k_lo = tl.program_id(2) * KCH
     k_hi = tl.minimum(k_lo + KCH, D)
     dk = tl.arange(0, BK)
+    if PREFETCH:                        # the first weight tile in flight before the norm's reads
+        mkn = k_lo + dk < k_hi
+        wn = tl.load(w_ptr + e[None, :] * D + k_lo + dk[:, None], mask=me[None, :] & mkn[:, None], other=0.0)
     if NORM:                            # one token block of RF rows: their whole rows at once
         rf = tl.arange(0, RF)
         kn = tl.arange(0, DP)
@@ -60,7 +63,12 @@ def _logits_block(x_ptr, w_ptr, part_ptr, N, KCH, r_ptr, nw_ptr, s_ptr, xn_ptr):
             x = ((x.to(tl.float32) * rstd[:, None]).to(DT).to(tl.float32) * nw[None, :]).to(DT)
             if tl.program_id(1) == 0:
                 tl.store(xn_ptr + xo, x, mask=mx)
-        w = tl.load(w_ptr + e[None, :] * D + k0 + dk[:, None], mask=me[None, :] & mk[:, None], other=0.0)
+        if PREFETCH:                    # this tile, the next one's loads issued before its product
+            w = wn
+            mkn = k0 + BK + dk < k_hi
+            wn = tl.load(w_ptr + e[None, :] * D + k0 + BK + dk[:, None], mask=me[None, :] & mkn[:, None], other=0.0)
+        else:
+            w = tl.load(w_ptr + e[None, :] * D + k0 + dk[:, None], mask=me[None, :] & mk[:, None], other=0.0)
         acc += tl.dot(x.to(CT), w.to(CT), input_precision="ieee")
     out = part_ptr + tl.program_id(2).to(tl.int64) * N * E + rows[:, None] * E + e[None, :]
     tl.store(out, acc, mask=mr[:, None] & me[None, :])
@@ -229,7 +237,7 @@ def logits_spec(D, E, xdt, wdt, small, target) -> KernelSpec:
     sfx = "_small" if small else ""
     consts = {"D": D, "E": E, "BN": cfg["BN" + sfx], "BE": min(cfg["BE" + sfx], max(16, next_pow2(E))),
               "BK": cfg["BK" + sfx], "CT": _compute_type(xdt, wdt), "NORM": False, "DP": 1, "EPS": 0.0,
-              "DT": TL_DTYPES[xdt]}
+              "DT": TL_DTYPES[xdt], "PREFETCH": bool(small and cfg["prefetch"])}
     src = render("moe_router_logits", _LOGITS + _LOGITS_KERNEL, consts)
     sig = {"x_ptr": ptr_type(xdt), "w_ptr": ptr_type(wdt), "part_ptr": "*fp32", "N": "i32", "KCH": "i32"}
     return KernelSpec("moe_router_logits", "moe_router_logits", src, sig, cfg["num_warps" + sfx],
@@ -282,7 +290,7 @@ def fused_spec(D, E, xdt, wdt, top_k, n_group, topk_group, renorm, scaling, weig
     if rows > lg.config["BN"]:
         raise ValueError(f"moe_route fused_max {cfg['fused_max']} exceeds one token block (BN_small {lg.config['BN']})")
     consts, blocks = _selection(E, top_k, n_group, topk_group, renorm, scaling, weights, cfg)
-    consts.update({k: lg.config[k] for k in ("D", "BN", "BE", "BK", "CT", "DT")},
+    consts.update({k: lg.config[k] for k in ("D", "BN", "BE", "BK", "CT", "DT", "PREFETCH")},
                   RF=next_pow2(min(tokens or rows, rows)), SF=_splits(rows, D, E, lg)[0],
                   NORM=norm_eps is not None, DP=next_pow2(D), EPS=float(norm_eps or 0.0))
     name = "moe_router" + ("_norm" if norm_eps is not None else "")

@@ -89,11 +89,12 @@ _BASE = {
     # and sums select_unroll K splits' partials a step; up to fused_max tokens (<= BN_small) the
     # router is one launch (0: always two); select: the top-k's form (moe_route.SELECTIONS:
     # "argmax" three reductions a pick, "packed" one); norm_inline: the add_rmsnorm feeding the
-    # router runs inside that launch
+    # router runs inside that launch; prefetch: the decode tiles' logits load each weight tile
+    # one step ahead (the first before the inline norm's reads)
     "moe_route": {"BN": 64, "BE": 128, "BK": 64, "num_warps": 8, "num_stages": 3,
                   "BN_small": 16, "BE_small": 32, "BK_small": 128, "num_warps_small": 4, "num_stages_small": 2,
                   "small_max": 64, "programs": 264, "BR": 4, "select_warps": 4, "select_unroll": 4, "fused_max": 2,
-                  "select": "argmax", "norm_inline": False},
+                  "select": "argmax", "norm_inline": False, "prefetch": True},
     # grouped SwiGLU: *_small tiles for <= 256 rows, *_mid below mid_rows rows per expert on
     # average (each falling back to the unsuffixed key); BN_down / BK_down / num_warps_down /
     # num_stages_down: the down projection's own (else gate_up's); tma: weights (and down's h
