@@ -2,22 +2,22 @@
 I=1024, 256 experts, top-8), against our bf16 grouped SwiGLU (lowering/triton/moe.py) in the
 same run, one line a variant (a moe_gemm_q config over the target's):
 
-- int4 (group 128) and int8 at 1 / 4 / 16 tokens (decode; CUDA-graph replays): the per-row
-  kernels over 32-bit words (`words`, lowering/triton/dequant.py) and int4 times int8
-  activations by dp4a (`w4a8 ...`, lowering/triton/moe_w4a8.py: W4A8, activations rounded per
-  row and group; sm_90's default); pct_copy_bw: the
-  low-bit bytes read (codes + scales of the
+- int4 (group 128) and int8 at 1 / 4 / 16 tokens (decode; CUDA-graph replays): int4 times int8
+  activations by dp4a (lowering/triton/moe_w4a8.py, W4A8: activations rounded per row and group;
+  sm_90's default; `fuse ...`: the activations quantized inside gate_up and down, two launches
+  instead of four; `pdl`: programmatic dependent launch); int8 on the per-row word kernels
+  (lowering/triton/dequant.py); pct_copy_bw: the low-bit bytes read (codes + scales of the
   experts touched, read_MB) per second against the copy bandwidth measured here; x_bf16: our
   bf16 grouped SwiGLU's time over this one;
 - with --by-id, the same formats through moe_decode's entry (the decode step's path, 1-8 tokens
   at top-8, with the combine): experts by id with each loader, and the permuted grouped path
   (`quant_direct` False: permute, the grouped kernels above, un-permute);
-- fp8 (128 x 128 blocks) at 8k tokens (prefill): W8A8 on fp8 tensor cores, activations in e4m3
-  per row and 128 columns (`w8a8 ...`: lowering/triton/moe_fp8.py; `tile`: quantized inside
-  the main loop), and weight-only (codes converted to bf16), against bf16.
+- fp8 (128 x 128 blocks) at 8k tokens (prefill): W8A8 on fp8 tensor cores (lowering/triton/
+  moe_fp8.py), activations in e4m3 per row and K tile, at the target's tiles (`default`) and
+  others (`tma ...`: operands through host tensor descriptors), against bf16.
 Errors: against a float64 SwiGLU over the dequantized weights.
 
-    python bench/lowbit.py --budget 100 [--write-tuning]   # GPU: table + bench/results/lowbit.json
+    python bench/lowbit.py --budget 100 [--write-tuning]   # GPU: table + bench/results/lowbit.json (--name)
     python bench/lowbit.py --cpu        # no GPU: the same kernels on small shapes through the
                                         # Triton interpreter (errors only, no timing)
 """
@@ -78,23 +78,29 @@ def cpu_smoke():
             print(f"{fmt:>8}{n:>8}{err:>12.2e}")
 
 
+W4A8, FUSE = dict(rows_kernel="w4a8"), dict(rows_kernel="w4a8", fuse_w4a8=True)
 DECODE_VARIANTS = [("default", {}),
                    ("default pdl", dict(pdl=True)),
-                   ("w4a8 BN16_BND32_TPS4", dict(rows_kernel="w4a8", BN_w4a8=16, BND_w4a8=32, TPS_w4a8=4)),
-                   ("w4a8 BN16_TPS8", dict(rows_kernel="w4a8", BN_w4a8=16, BND_w4a8=16, TPS_w4a8=8)),
-                   ("w4a8 BN8_TPS4", dict(rows_kernel="w4a8", BN_w4a8=8, BND_w4a8=8, TPS_w4a8=4)),
-                   ("w4a8 BN16_TPS2", dict(rows_kernel="w4a8", BN_w4a8=16, BND_w4a8=16, TPS_w4a8=2)),
-                   ("w4a8 BN32_TPS2", dict(rows_kernel="w4a8", BN_w4a8=32, BND_w4a8=32, TPS_w4a8=2)),
-                   ("w4a8 BN16_TPS4_w2", dict(rows_kernel="w4a8", BN_w4a8=16, BND_w4a8=16, TPS_w4a8=4, warps_w4a8=2)),
-                   ("words (rows 32x256)", dict(rows_kernel="words"))]
+                   ("fuse", FUSE),
+                   ("fuse pdl", dict(FUSE, pdl=True)),
+                   ("fuse BN32_TPS2", dict(FUSE, BN_w4a8=32, BND_w4a8=32, TPS_w4a8=2)),
+                   ("fuse BND32", dict(FUSE, BND_w4a8=32)),
+                   ("fuse BN8", dict(FUSE, BN_w4a8=8)),
+                   ("fuse TPS2", dict(FUSE, TPS_w4a8=2)),
+                   ("fuse TPSD8", dict(FUSE, TPSD_w4a8=8)),
+                   ("fuse w2", dict(FUSE, warps_w4a8=2)),
+                   ("fuse BN32_TPS2 w8", dict(FUSE, BN_w4a8=32, BND_w4a8=32, TPS_w4a8=2, warps_w4a8=8)),
+                   ("w4a8 BN32_TPS2", dict(W4A8, BN_w4a8=32, BND_w4a8=32, TPS_w4a8=2))]
 W8A8 = dict(fp8_dot="w8a8")
-PREFILL_VARIANTS = [("tile (in-loop act quant)", dict(fp8_dot=True)),
-                    ("w8a8 BM64_BN128", W8A8),
-                    ("w8a8 BM64_BN128_s4", dict(W8A8, stages_w8a8=4)),
-                    ("w8a8 BM128_BN64", dict(W8A8, BM_w8a8=128, BN_w8a8=64, warps_w8a8=8, warps_down_w8a8=8)),
-                    ("w8a8 BM64_BN64_w4", dict(W8A8, BN_w8a8=64, warps_w8a8=4)),
-                    ("w8a8 BM128_BN128", dict(W8A8, BM_w8a8=128, warps_w8a8=8, warps_down_w8a8=8)),
-                    ("weight-only", dict(fp8_dot=False))]
+TMA = dict(W8A8, tma_w8a8=True)
+PREFILL_VARIANTS = [("default", {}),
+                    ("tma", TMA),
+                    ("tma s4", dict(TMA, stages_w8a8=4)),
+                    ("tma BN128 w8", dict(TMA, BN_w8a8=128, warps_w8a8=8)),
+                    ("tma BM128 w8", dict(TMA, BM_w8a8=128, warps_w8a8=8, warps_down_w8a8=8)),
+                    ("tma BND256 w8", dict(TMA, BND_w8a8=256, warps_down_w8a8=8)),
+                    ("tma BND64", dict(TMA, BND_w8a8=64)),
+                    ("tma BN128 BND256 w8", dict(TMA, BN_w8a8=128, warps_w8a8=8, BND_w8a8=256, warps_down_w8a8=8))]
 
 
 def gpu(args):
@@ -175,7 +181,7 @@ def gpu(args):
         if fmt != "fp8" and args.by_id:
             rows_out += by_id(fmt, q13, q2, w13, w2, per_expert, bw, g)
         # after each format: a run cut short by its time limit keeps what it measured
-        write_result("lowbit", rows_out, {"copy_bandwidth_GBps": bw / 1e9,
+        write_result(args.name, rows_out, {"copy_bandwidth_GBps": bw / 1e9,
                                           "shapes": {"E": E, "top_k": K, "D": D, "I": I, "group": 128}})
     if args.write_tuning:
         write_best(rows_out, base)
@@ -195,7 +201,7 @@ def best_of(rows, pick) -> tuple[str, dict, float] | None:
     if not means:
         return None
     name = min(means, key=lambda n: means[n][0])
-    ref = means.get("default", means.get("tile (in-loop act quant)", means[name]))[0]
+    ref = means.get("default", means[name])[0]
     return name, means[name][1], ref / means[name][0]
 
 
@@ -285,6 +291,7 @@ def main(argv=None):
     ap.add_argument("--tokens", default="1,4,16", help="decode-sized token counts (int4 / int8)")
     ap.add_argument("--prefill", default="8192", help="prefill token counts (fp8)")
     ap.add_argument("--by-id", action="store_true", help="also moe_decode's experts by id (1-8 tokens)")
+    ap.add_argument("--name", default="lowbit", help="bench/results/NAME.json")
     ap.add_argument("--budget", type=float, default=0.0, help="seconds after which no new variant starts (0: none)")
     ap.add_argument("--write-tuning", action="store_true",
                     help="merge the best int4 decode and fp8 prefill variants into the device's tuning file")

@@ -5,6 +5,10 @@ MoE), every format against the same model with full-precision experts:
   fp8 <= 0.08, int4 g128 <= 0.2);
 - greedy agreement: the share of prompt positions whose top-1 token agrees, and how many of
   `--new` greedily generated tokens agree before the first difference.
+Formats: int8, fp8 (prefill on the W8A8 kernels where the target takes them), int4 (the
+target's defaults: decode by id, weight-only), and "int4-w4a8": int4 with every grouped call
+and every decode step on moe_w4a8's kernels (int8 activations; rows_max lifted, quant_direct
+off), the numerics of the decode-sized W4A8 path over the whole model.
 
     python bench/lowbit_accuracy.py                     # GPU if there is one, fp32
     python bench/lowbit_accuracy.py --device cpu --num-experts 32 --tokens 32   # a CPU preview
@@ -12,6 +16,7 @@ Writes bench/results/lowbit-accuracy.json (with --write)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -25,7 +30,7 @@ import kimi_graph  # noqa: E402
 from kimi_graph.config import KimiLinearConfig  # noqa: E402
 from kimi_graph.presets import PRESETS  # noqa: E402
 
-TARGETS = {"int8": 0.03, "fp8": 0.08, "int4": 0.2}
+TARGETS = {"int8": 0.03, "fp8": 0.08, "int4": 0.2, "int4-w4a8": 0.2}
 
 
 def published_slice(layers: int, num_experts: int) -> KimiLinearConfig:
@@ -37,6 +42,24 @@ def published_slice(layers: int, num_experts: int) -> KimiLinearConfig:
     return KimiLinearConfig.from_dict(cfg)
 
 
+@contextlib.contextmanager
+def w4a8_everywhere(on: bool):
+    """With `on`: int4 grouped calls of any size on moe_w4a8's kernels, decode steps included."""
+    from kimi_graph.lowering.triton.targets import TARGETS, current_target
+    if not on or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        yield           # no Triton kernels run (the CPU preview: the op library's reference)
+        return
+    configs = TARGETS[current_target()]["configs"]
+    q, d = configs["moe_gemm_q"], configs["moe_decode"]
+    saved = dict(q), dict(d)
+    q.update(rows_max=1 << 30, rows_kernel="w4a8")
+    d.update(quant_direct=False)
+    try:
+        yield
+    finally:
+        q.clear(), q.update(saved[0]), d.clear(), d.update(saved[1])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=2)
@@ -45,7 +68,7 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=32, help="greedy tokens generated")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--formats", default="int8,fp8,int4")
+    ap.add_argument("--formats", default="int8,fp8,int4,int4-w4a8")
     ap.add_argument("--write", action="store_true", help="write bench/results/lowbit-accuracy.json")
     args = ap.parse_args(argv)
     cfg = published_slice(args.layers, args.num_experts)
@@ -59,9 +82,10 @@ def main(argv=None):
     rows = []
     for fmt in args.formats.split(","):
         t0 = time.perf_counter()
-        q = kimi_graph.load(cfg, experts=fmt, **kw)
-        out = q(ids).float()
-        new = q.generate([ids[0].tolist()], max_new_tokens=args.new, ignore_eos=True)[0]
+        with w4a8_everywhere(fmt.endswith("-w4a8")):
+            q = kimi_graph.load(cfg, experts=fmt.split("-")[0], **kw)
+            out = q(ids).float()
+            new = q.generate([ids[0].tolist()], max_new_tokens=args.new, ignore_eos=True)[0]
         same = next((i for i, (a, b) in enumerate(zip(new, ref_new)) if a != b), len(new))
         err = ((out - ref).norm() / ref.norm()).item()
         rows.append({"format": fmt, "rel_logits_err": err, "target": TARGETS[fmt], "ok": err <= TARGETS[fmt],

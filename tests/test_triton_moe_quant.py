@@ -346,14 +346,15 @@ def w8a8_swiglu_fp64(rows, offsets, w13, w2, bk, bn):
     return out
 
 
-@pytest.mark.parametrize("group", [32, 16])
-def test_fp8_w8a8_kernels_match_fp64_with_e4m3_activations(triton_interpret, monkeypatch, group):
+@pytest.mark.parametrize("group,tma", [(32, False), (16, False), (32, True)])
+def test_fp8_w8a8_kernels_match_fp64_with_e4m3_activations(triton_interpret, monkeypatch, group, tma):
     """fp8_dot "w8a8": activations quantized per row and K tile (before gate_up; h in gate_up's
-    epilogue), the dots in fp8: against a float64 SwiGLU over the dequantized weights with the
-    activations rounded the same way; experts without rows and with ragged row tiles; the
-    weight-only result is 2^-4-close."""
+    epilogue), the dots in fp8 (tma_w8a8: operands through host tensor descriptors): against a
+    float64 SwiGLU over the dequantized weights with the activations rounded the same way;
+    experts without rows and with ragged row tiles; the weight-only result is 2^-4-close."""
     from kimi_graph.lowering.triton import moe_fp8, moe_quant, targets
     monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_gemm_q"], "fp8_dot", "w8a8")
+    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_gemm_q"], "tma_w8a8", tma)
     moe_fp8.specs.cache_clear()
     gen = torch.Generator().manual_seed(group)
     E, I, D = 4, 32, 64
@@ -364,7 +365,7 @@ def test_fp8_w8a8_kernels_match_fp64_with_e4m3_activations(triton_interpret, mon
     offsets = torch.tensor([0] + counts).cumsum(0)
     rows = torch.randn(sum(counts), D, generator=gen) * torch.rand(sum(counts), 1, generator=gen) * 4
     kernels = moe_quant.w8a8_specs("fp8", E, I, D, group, "f32", "interpret")
-    assert kernels is not None
+    assert kernels is not None and kernels[2].config["TMA"] == tma
     bk, bn = kernels[2].config["BK"], kernels[2].config["BN"]
     got = quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, fmt="fp8", group_size=group)
     d13, d2 = dequantized_fp64(q13, s13, None, "fp8", group), dequantized_fp64(q2, s2, None, "fp8", group)
@@ -403,14 +404,20 @@ def int8_rows_fp64(x: torch.Tensor, group: int) -> torch.Tensor:
     return (torch.round(xb / s) * s).reshape(x.shape)
 
 
-@pytest.mark.parametrize("symmetric,tokens,D", [(True, 1, 256), (True, 9, 192), (False, 4, 192)])
-def test_w4a8_kernels_match_fp64_with_int8_activations(triton_interpret, monkeypatch, symmetric, tokens, D):
-    """rows_kernel "w4a8": the rows and h quantized to int8 per group, codes times activations by
-    dp4a (written out in integer operations in the interpreter), steps of two groups (three
-    groups: the last step half past K): against a float64 SwiGLU over the dequantized weights
-    with the activations rounded the same way, and near the weight-only result."""
+@pytest.mark.parametrize("symmetric,tokens,D,fuse", [(True, 1, 256, False), (True, 5, 192, False),
+                                                     (False, 3, 192, False), (True, 2, 192, True),
+                                                     (False, 1, 256, True)])
+def test_w4a8_kernels_match_fp64_with_int8_activations(triton_interpret, monkeypatch, symmetric, tokens, D, fuse):
+    """rows_kernel "w4a8": the rows and h quantized to int8 per group (fuse_w4a8: inside gate_up
+    and down, step by step), codes times activations by dp4a (written out in integer operations
+    in the interpreter), steps of two groups (three groups: the last step half past K): against a
+    float64 SwiGLU over the dequantized weights with the activations rounded the same way, and
+    near the weight-only result."""
     from kimi_graph.lowering.triton import moe_quant, moe_w4a8, targets
-    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_gemm_q"], "rows_kernel", "w4a8")
+    cfg = targets.TARGETS["interpret"]["configs"]["moe_gemm_q"]
+    monkeypatch.setitem(cfg, "rows_kernel", "w4a8")
+    monkeypatch.setitem(cfg, "fuse_w4a8", fuse)
+    moe_w4a8.specs.cache_clear()
     E, I, k, G = 4, 128, 2, 64
     (q13, s13, q2, s2), zeros, (d13, d2), gen = _draw_quant("int4", symmetric, G, E, I, D, tokens)
     ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(tokens)]).reshape(-1)
@@ -449,10 +456,16 @@ def test_decode_sized_low_bit_batches_take_the_permuted_path_without_quant_direc
     assert rel_err(got, experts_fp64(x, ids, w, d13, d2, moe_decode.shared_swiglu(x, *shared))) <= 1e-5
 
 
-def test_w4a8_kernels_build_for_sm_90():
-    """The dp4a inline assembly of moe_w4a8's kernels compiles for sm_90 (no GPU needed)."""
-    from kimi_graph.lowering.triton import moe_quant
+def test_w4a8_kernels_build_for_sm_90(monkeypatch):
+    """The dp4a inline assembly of moe_w4a8's kernels compiles for sm_90 (no GPU needed), also
+    with the activations quantized inside gate_up and down (fuse_w4a8)."""
+    from kimi_graph.lowering.triton import moe_quant, moe_w4a8, targets
     from kimi_graph.lowering.triton.aot import compile_spec
     kernels = moe_quant.w4a8_specs("int4", 8, 1024, 2304, 128, False, "bf16", "sm_90")
     assert [k.entry for k in kernels] == ["qmoe_a8_x", "qmoe_a8_h", "qmoe_a8_gate_up", "qmoe_a8_down"]
     assert "dp4a" in compile_spec(kernels[2], "sm_90").asm["ptx"]
+    fused = moe_w4a8.specs.__wrapped__("int4", 8, 1024, 2304, 128, 128, False, "bf16", "sm_90")
+    assert fused[2].config["FUSE"] is False
+    monkeypatch.setitem(targets.TARGETS["sm_90"]["configs"]["moe_gemm_q"], "fuse_w4a8", True)
+    fused = moe_w4a8.specs.__wrapped__("int4", 8, 1024, 2304, 128, 128, False, "bf16", "sm_90")
+    assert fused[3].config["FUSE"] is True and "dp4a" in compile_spec(fused[3], "sm_90").asm["ptx"]

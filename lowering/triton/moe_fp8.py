@@ -11,7 +11,9 @@ In the main loops both operands are fp8 in memory and go straight to the MMA (fp
 a K step's partial product is scaled once, by the row's activation scale times the weight block's
 scale (one scalar: a program's BN columns lie in one block, BN dividing G), and added to the
 accumulator. Programs take (N block, row tile) from moe.py's device-side tile map, so every tile
-of every expert is a program and neighbouring programs share the row tile (L2 reuse).
+of every expert is a program and neighbouring programs share the row tile (L2 reuse). With
+`tma_w8a8` (sm_90+) the operand tiles come through host tensor descriptors (TMA) instead of
+pointer loads: rows past a tile's expert are the next expert's (their outputs masked off).
 
 e4m3 rounding: values are rounded to the e4m3 grid in fp32 (ties to even, as torch's
 float8_e4m3fn cast) before the conversion, which is then exact (Triton's interpreter rounds
@@ -27,7 +29,7 @@ import torch
 from . import moe
 from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render
 from .elementwise import ptr_type
-from .targets import config
+from .targets import TARGETS, config
 
 E4M3_MAX = 448.0
 
@@ -63,26 +65,40 @@ def qmoe_fp8_rows(x_ptr, xq_ptr, xs_ptr, M):
 
 
 @triton.jit
-def qmoe_fp8_gate_up(xq_ptr, xs_ptr, off_ptr, q_ptr, s_ptr, hq_ptr, hs_ptr, tile_e_ptr, tile_r_ptr):
+def _row_tile(off_ptr, tile_e_ptr, tile_r_ptr):
+    # program_id(1)'s row tile (moe.py's tile map): its expert (-1: none), first row, BM rows and
+    # which of them are the expert's
+    ex = tl.load(tile_e_ptr + tl.program_id(1))
+    r0 = tl.load(tile_r_ptr + tl.program_id(1))
+    r = r0 + tl.arange(0, BM)
+    return ex, r0, r, r < tl.load(off_ptr + ex + 1)
+
+
+@triton.jit
+def qmoe_fp8_gate_up(xq_ptr, xs_ptr, off_ptr, q_ptr, s_ptr, hq_ptr, hs_ptr, tile_e_ptr, tile_r_ptr$descs_gate_up):
     # grid (I blocks, tiles): h = silu(x w1^T) * (x w3^T) for one expert's row tile, stored as
     # e4m3 with a scale per row and BN columns
-    ex = tl.load(tile_e_ptr + tl.program_id(1))
+    ex, r0, r, mr = _row_tile(off_ptr, tile_e_ptr, tile_r_ptr)
     if ex >= 0:
-        r = tl.load(tile_r_ptr + tl.program_id(1)) + tl.arange(0, BM)
-        mr = r < tl.load(off_ptr + ex + 1)
         n0 = tl.program_id(0) * BN
         n = n0 + tl.arange(0, BN)
         dk = tl.arange(0, BK)
         qb = q_ptr + ex.to(tl.int64) * (2 * I * D)
+        wn = ex * (2 * I) + n0                            # the gate rows' first in the descriptor's [E * 2I, D]
         sg = s_ptr + ex * SD + (n0 // G1) * NKB1          # the weight blocks' scales of this N block
         su = s_ptr + ex * SD + ((n0 + I) // G1) * NKB1
         acc_g = tl.zeros((BM, BN), tl.float32)
         acc_u = tl.zeros((BM, BN), tl.float32)
         for k0 in range(0, D, BK):
-            x = tl.load(xq_ptr + r[:, None] * D + k0 + dk[None, :], mask=mr[:, None], other=0.0)
+            if TMA:     # rows past the expert are the next one's (or zeros past M): masked outputs
+                x = xd.load([r0, k0])
+                w1 = wd.load([wn, k0]).T
+                w3 = wd.load([wn + I, k0]).T
+            else:
+                x = tl.load(xq_ptr + r[:, None] * D + k0 + dk[None, :], mask=mr[:, None], other=0.0)
+                w1 = tl.load(qb + n[None, :] * D + k0 + dk[:, None])
+                w3 = tl.load(qb + (n[None, :] + I) * D + k0 + dk[:, None])
             xs = tl.load(xs_ptr + r * (D // BK) + k0 // BK, mask=mr, other=0.0)
-            w1 = tl.load(qb + n[None, :] * D + k0 + dk[:, None])
-            w3 = tl.load(qb + (n[None, :] + I) * D + k0 + dk[:, None])
             acc_g += tl.dot(x, w1) * (xs * tl.load(sg + k0 // G1).to(tl.float32))[:, None]
             acc_u += tl.dot(x, w3) * (xs * tl.load(su + k0 // G1).to(tl.float32))[:, None]
         h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
@@ -92,12 +108,10 @@ def qmoe_fp8_gate_up(xq_ptr, xs_ptr, off_ptr, q_ptr, s_ptr, hq_ptr, hs_ptr, tile
 
 
 @triton.jit
-def qmoe_fp8_down(hq_ptr, hs_ptr, off_ptr, q_ptr, s_ptr, y_ptr, tile_e_ptr, tile_r_ptr):
+def qmoe_fp8_down(hq_ptr, hs_ptr, off_ptr, q_ptr, s_ptr, y_ptr, tile_e_ptr, tile_r_ptr$descs_down):
     # grid (D blocks, tiles): y = h w2^T for one expert's row tile; h's K tiles are gate_up's BN
-    ex = tl.load(tile_e_ptr + tl.program_id(1))
+    ex, r0, r, mr = _row_tile(off_ptr, tile_e_ptr, tile_r_ptr)
     if ex >= 0:
-        r = tl.load(tile_r_ptr + tl.program_id(1)) + tl.arange(0, BM)
-        mr = r < tl.load(off_ptr + ex + 1)
         n0 = tl.program_id(0) * BND
         n = n0 + tl.arange(0, BND)
         mn = n < D
@@ -106,9 +120,13 @@ def qmoe_fp8_down(hq_ptr, hs_ptr, off_ptr, q_ptr, s_ptr, y_ptr, tile_e_ptr, tile
         sb = s_ptr + ex * SI + (n0 // G2) * NKB2
         acc = tl.zeros((BM, BND), tl.float32)
         for k0 in range(0, I, BN):
-            h = tl.load(hq_ptr + r[:, None] * I + k0 + dk[None, :], mask=mr[:, None], other=0.0)
+            if TMA:     # rows past the expert: masked outputs; D rows past the expert: the next one's
+                h = hd.load([r0, k0])
+                w = wd.load([ex * D + n0, k0]).T
+            else:
+                h = tl.load(hq_ptr + r[:, None] * I + k0 + dk[None, :], mask=mr[:, None], other=0.0)
+                w = tl.load(qb + n[None, :] * I + k0 + dk[:, None], mask=mn[None, :], other=0.0)
             hs = tl.load(hs_ptr + r * (I // BN) + k0 // BN, mask=mr, other=0.0)
-            w = tl.load(qb + n[None, :] * I + k0 + dk[:, None], mask=mn[None, :], other=0.0)
             acc += tl.dot(h, w) * (hs * tl.load(sb + k0 // G2).to(tl.float32))[:, None]
         tl.store(y_ptr + r[:, None] * D + n[None, :], acc.to(DT), mask=mr[:, None] & mn[None, :])
 """
@@ -129,26 +147,41 @@ def tiles(I: int, D: int, G1: int, G2: int, target: str) -> dict | None:
 @functools.lru_cache(maxsize=None)
 def specs(E: int, I: int, D: int, G1: int, G2: int, dtype: str, target: str) -> tuple[KernelSpec, ...] | None:
     """(tile map, rows quantization, gate_up, down) for fp8 codes in G1 (w13) and G2 (w2) blocks,
-    or None where the tiles do not fit (moe_quant's other fp8 kernels run then)."""
+    or None where the tiles do not fit (moe_quant's other fp8 kernels run then). With `tma_w8a8`
+    (sm_90+, the interpreter) the GEMMs read x, h and the weights through host tensor
+    descriptors (arguments xd / hd and wd: `descriptors`)."""
     t = tiles(I, D, G1, G2, target)
     if t is None:
         return None
     cfg = config("moe_gemm_q", target)
+    tma = bool(cfg.get("tma_w8a8", False)) and (TARGETS[target]["arch"] or 90) >= 90
     consts = {"E": E, "I": I, "D": D, "G1": G1, "G2": G2, "NKB1": -(-D // G1), "NKB2": -(-I // G2),
               "SD": -(-2 * I // G1) * -(-D // G1), "SI": -(-D // G2) * -(-I // G2), **t,
-              "QR": cfg["QR_w8a8"], "DT": TL_DTYPES[dtype]}
-    src = render("quantized_grouped_swiglu_fp8_w8a8", _KERNELS, consts)
+              "QR": cfg["QR_w8a8"], "TMA": tma, "DT": TL_DTYPES[dtype]}
+    descs_gu = {"xd": ("BM", "BK"), "wd": ("BN", "BK")} if tma else {}
+    descs_dn = {"hd": ("BM", "BN"), "wd": ("BND", "BN")} if tma else {}
+    src = render("quantized_grouped_swiglu_fp8_w8a8", _KERNELS, consts,
+                 descs_gate_up="".join(f", {d}" for d in descs_gu), descs_down="".join(f", {d}" for d in descs_dn))
     p = ptr_type(dtype)
     tiles_sig = {"tile_e_ptr": "*i32", "tile_r_ptr": "*i32"}
+    desc = lambda ds: {d: f"tensordesc<fp8e4nv[{t[a]}, {t[b]}]>" for d, (a, b) in ds.items()}   # noqa: E731
     mk = lambda name, sig, w, st: KernelSpec(name, name, src, sig, w, st, consts)  # noqa: E731
     return (tile_map(E, t["BM"], target),
             mk("qmoe_fp8_rows", {"x_ptr": p, "xq_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "M": "i32"}, 4, 1),
             mk("qmoe_fp8_gate_up", {"xq_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "off_ptr": "*i64", "q_ptr": "*fp8e4nv",
-                                    "s_ptr": p, "hq_ptr": "*fp8e4nv", "hs_ptr": "*fp32", **tiles_sig},
+                                    "s_ptr": p, "hq_ptr": "*fp8e4nv", "hs_ptr": "*fp32", **tiles_sig, **desc(descs_gu)},
                cfg["warps_w8a8"], cfg["stages_w8a8"]),
             mk("qmoe_fp8_down", {"hq_ptr": "*fp8e4nv", "hs_ptr": "*fp32", "off_ptr": "*i64", "q_ptr": "*fp8e4nv",
-                                 "s_ptr": p, "y_ptr": p, **tiles_sig},
+                                 "s_ptr": p, "y_ptr": p, **tiles_sig, **desc(descs_dn)},
                cfg["warps_down_w8a8"], cfg["stages_w8a8"]))
+
+
+def descriptors(c: dict, xq, q13, hq, q2) -> tuple[tuple, tuple]:
+    """The host tensor descriptors of gate_up (x rows, w13 rows) and down (h rows, w2 rows)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    d = lambda t, rows, cols: TensorDescriptor.from_tensor(t.reshape(-1, t.shape[-1]), [rows, cols])  # noqa: E731
+    return ((d(xq, c["BM"], c["BK"]), d(q13, c["BN"], c["BK"])),
+            (d(hq, c["BM"], c["BN"]), d(q2, c["BND"], c["BN"])))
 
 
 def tile_map(E: int, BM: int, target: str) -> KernelSpec:
@@ -180,6 +213,8 @@ def grouped_swiglu(rows, offsets, q13, s13, q2, s2, kernels):
     s13, s2 = s13.to(rows.dtype).contiguous(), s2.to(rows.dtype).contiguous()
     launch(tmap, (-(-max_tiles // tmap.config["TB"]),), off, te, tr, max_tiles)
     launch(quant, (-(-M // c["QR"]), D // c["BK"]), rows.contiguous(), xq, xs, M)
-    launch(gate_up, (I // BN, max_tiles), xq, xs, off, q13.contiguous(), s13, hq, hs, te, tr)
-    launch(down, (-(-D // c["BND"]), max_tiles), hq, hs, off, q2.contiguous(), s2, y, te, tr)
+    q13, q2 = q13.contiguous(), q2.contiguous()
+    d_gu, d_dn = descriptors(c, xq, q13, hq, q2) if c["TMA"] else ((), ())
+    launch(gate_up, (I // BN, max_tiles), xq, xs, off, q13, s13, hq, hs, te, tr, *d_gu)
+    launch(down, (-(-D // c["BND"]), max_tiles), hq, hs, off, q2, s2, y, te, tr, *d_dn)
     return y

@@ -172,14 +172,7 @@ def specs(fmt: str, E: int, I: int, D: int, group_size: int, asym: bool, dtype: 
             mk("qmoe_down", {"h_ptr": p, "off_ptr": "*i64", "q_ptr": q, "s_ptr": p, "z_ptr": z, "y_ptr": p}))
 
 
-_ROWS = """
-@triton.jit
-def _expert_of(off_ptr, r):
-    # the expert e whose rows offsets[e] .. offsets[e + 1] hold row r: how many end at or before it
-    e = tl.arange(0, EP)
-    ends = tl.load(off_ptr + 1 + e, mask=e < E, other=0)
-    return tl.sum(((ends <= r) & (e < E)).to(tl.int64), 0)
-
+_ROWS = moe_w4a8.EXPERT_OF + """
 
 @triton.jit
 def qmoe_rows_gate_up(x_ptr, off_ptr, q_ptr, s_ptr, z_ptr, h_ptr):

@@ -3,11 +3,14 @@
 (dp4a: four byte products and their sum in one instruction), so a code costs about half an
 instruction instead of a dequantization and an FMA.
 
-- `qmoe_a8`: each row's activations quantized per quantization group (G columns): scale
+- `qmoe_a8_x` / `qmoe_a8_h`: each row's activations quantized per quantization group (G columns): scale
   max|x| / 127, codes round(x / scale) in int8, packed four to a 32-bit word in the order the
   int4 words hold their nibbles: word j of plane "e" holds columns 8j, 8j+2, 8j+4, 8j+6 (the low
   nibbles of weight word j), plane "o" columns 8j+1, ..., 8j+7 (the high nibbles); and the sum of
   the group's codes (for the zero point). Run on the rows before gate_up and on h before down.
+  With `fuse_w4a8` neither runs: gate_up and down quantize each step's groups of their row
+  themselves (`_a8_quant`, the same codes; every N block of a row repeats it, from L2), two
+  launches instead of four.
 - `qmoe_a8_gate_up` / `qmoe_a8_down`: grid (N blocks, rows) as the per-row word kernels; each
   step reads TPS groups of BN weight rows as words (the next step's loaded before this one's are
   used), and per word
@@ -49,7 +52,50 @@ def _dp4a(a, b, c):
     return s
 """
 
-_KERNELS = """
+EXPERT_OF = """
+@triton.jit
+def _expert_of(off_ptr, r):
+    # the expert e whose rows offsets[e] .. offsets[e + 1] hold row r: how many end at or before it
+    e = tl.arange(0, EP)
+    ends = tl.load(off_ptr + 1 + e, mask=e < E, other=0)
+    return tl.sum(((ends <= r) & (e < E)).to(tl.int64), 0)
+"""
+
+_KERNELS = EXPERT_OF + """
+
+@triton.jit
+def _a8_quant(x_ptr, g0, K: tl.constexpr, G: tl.constexpr, STEP: tl.constexpr):
+    # STEP groups of G columns of the row x from group g0 (past K: zeros) -> int8 codes packed in
+    # words (planes e, o: [STEP * G / 8]), the scales [STEP] and the codes' sums [STEP]
+    j = tl.arange(0, G // 8)
+    b = tl.arange(0, 4)
+    # [STEP, G / 8, 4, 2]: column 8 j + 2 b + p of group g0 + t
+    c = (g0 + tl.arange(0, STEP))[:, None, None, None] * G + 8 * j[None, :, None, None] \
+        + 2 * b[None, None, :, None] + tl.arange(0, 2)[None, None, None, :]
+    v = tl.load(x_ptr + c, mask=c < K, other=0.0).to(tl.float32)
+    s = tl.maximum(tl.max(tl.max(tl.max(tl.abs(v), 3), 2), 1), 1e-30) / 127.0
+    q = ((v / s[:, None, None, None] + 12582912.0) - 12582912.0).to(tl.int32)     # round to nearest even
+    e, o = tl.split(q)
+    xe = tl.reshape(tl.sum((e & 255) << (8 * b[None, None, :]), 2), (STEP * (G // 8),))
+    xo = tl.reshape(tl.sum((o & 255) << (8 * b[None, None, :]), 2), (STEP * (G // 8),))
+    return xe, xo, s, tl.sum(tl.sum(e + o, 2), 1)
+
+
+@triton.jit
+def _a8_rows(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr, K: tl.constexpr, G: tl.constexpr):
+    # group program_id(1) of row program_id(0) of x [., K] -> _a8_quant's words (planes e, o:
+    # [., K // 8] each), scale [., K // G] and codes' sum [., K // G]
+    r = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    xe, xo, xs, xz = _a8_quant(x_ptr + r * K, g, K, G, 1)
+    j = r * (K // 8) + g * (G // 8) + tl.arange(0, G // 8)
+    tl.store(xe_ptr + j, xe)
+    tl.store(xo_ptr + j, xo)
+    at = r * (K // G) + g + tl.arange(0, 1)
+    tl.store(xs_ptr + at, xs)
+    tl.store(xz_ptr + at, xz)
+
+
 @triton.jit
 def qmoe_a8_x(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr):
     # grid (rows, groups): the rows before gate_up
@@ -63,23 +109,21 @@ def qmoe_a8_h(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr):
 
 
 @triton.jit
-def _a8_rows(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr, K: tl.constexpr, G: tl.constexpr):
-    # group program_id(1) of row program_id(0) of x [., K] -> int8 codes packed in words (planes
-    # e, o: [., K // 8] each), the scale [., K // G] and the codes' sum [., K // G]
-    r = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1)
-    j = tl.arange(0, G // 8)
-    b = tl.arange(0, 4)
-    # [G / 8, 4, 2]: column 8 j + 2 b + p of the group
-    c = g * G + 8 * j[:, None, None] + 2 * b[None, :, None] + tl.arange(0, 2)[None, None, :]
-    v = tl.load(x_ptr + r * K + c).to(tl.float32)
-    s = tl.maximum(tl.max(tl.max(tl.max(tl.abs(v), 2), 1), 0), 1e-30) / 127.0
-    q = ((v / s + 12582912.0) - 12582912.0).to(tl.int32)        # round to nearest even
-    e, o = tl.split(q)
-    tl.store(xe_ptr + r * (K // 8) + g * (G // 8) + j, tl.sum((e & 255) << (8 * b[None, :]), 1))
-    tl.store(xo_ptr + r * (K // 8) + g * (G // 8) + j, tl.sum((o & 255) << (8 * b[None, :]), 1))
-    tl.store(xs_ptr + r * (K // G) + g, s)
-    tl.store(xz_ptr + r * (K // G) + g, tl.sum(tl.sum(e + o, 1), 0))
+def _a8_acts(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr, g0, K: tl.constexpr, G: tl.constexpr, STEP: tl.constexpr):
+    # a row's int8 activations of STEP groups from group g0 (_a8_quant's values): quantized here
+    # from x (FUSE) or loaded as qmoe_a8_x / qmoe_a8_h stored them
+    if FUSE:
+        xe, xo, xs, xz = _a8_quant(x_ptr, g0, K, G, STEP)
+    else:
+        j = g0 * (G // 8) + tl.arange(0, STEP * (G // 8))
+        mj = j < K // 8
+        g = g0 + tl.arange(0, STEP)
+        mg = g < K // G
+        xe = tl.load(xe_ptr + j, mask=mj, other=0)
+        xo = tl.load(xo_ptr + j, mask=mj, other=0)
+        xs = tl.load(xs_ptr + g, mask=mg, other=0.0)
+        xz = tl.load(xz_ptr + g, mask=mg, other=0)
+    return xe, xo, xs, xz
 
 
 $dp4a
@@ -93,35 +137,35 @@ def _a8_load(w_ptr, n, mn, g0, K: tl.constexpr, G: tl.constexpr, STEP: tl.conste
 
 
 @triton.jit
-def _a8_use(w, s_ptr, z_ptr, n, mn, xe_ptr, xo_ptr, xs_ptr, xz_ptr, g0, K: tl.constexpr, G: tl.constexpr,
+def _a8_use(w, s_ptr, z_ptr, n, mn, xe, xo, xs, xz, g0, K: tl.constexpr, G: tl.constexpr,
             NR: tl.constexpr, STEP: tl.constexpr):
-    # the loaded words w of STEP groups from group g0 dotted with the row's int8 codes, each
-    # group's integer sum scaled once: [NR] in fp32 (groups past K add nothing)
-    j = g0 * (G // 8) + tl.arange(0, STEP * (G // 8))
-    mj = j < K // 8
-    xe = tl.broadcast_to(tl.load(xe_ptr + j, mask=mj, other=0)[None, :], (NR, STEP * (G // 8)))
-    xo = tl.broadcast_to(tl.load(xo_ptr + j, mask=mj, other=0)[None, :], (NR, STEP * (G // 8)))
+    # the loaded words w of STEP groups from group g0 dotted with the row's int8 codes (_a8_acts),
+    # each group's integer sum scaled once: [NR] in fp32 (groups past K add nothing)
+    xe = tl.broadcast_to(xe[None, :], (NR, STEP * (G // 8)))
+    xo = tl.broadcast_to(xo[None, :], (NR, STEP * (G // 8)))
     p = _dp4a(w & 0x0F0F0F0F, xe, _dp4a((w >> 4) & 0x0F0F0F0F, xo, tl.zeros_like(w)))
     g = g0 + tl.arange(0, STEP)
     mg = g < K // G
     isum = tl.sum(tl.reshape(p, (NR, STEP, G // 8)), 2)                      # [NR, STEP]
     ws = tl.load(s_ptr + n[:, None] * (K // G) + g[None, :], mask=mn[:, None] & mg[None, :], other=0.0)
     $zero
-    xs = tl.load(xs_ptr + g, mask=mg, other=0.0)
-    xz = tl.load(xz_ptr + g, mask=mg, other=0)
     return tl.sum((isum - z * xz[None, :]).to(tl.float32) * ws.to(tl.float32) * xs[None, :], 1)
 
 
 @triton.jit
-def qmoe_a8_gate_up(xe_ptr, xo_ptr, xs_ptr, xz_ptr, off_ptr, q_ptr, s_ptr, z_ptr, h_ptr):
+def _a8_program(off_ptr, NB: tl.constexpr, N: tl.constexpr):
+    # program (N block, row r): r, r's expert, the block's NB output rows n and which lie below N
+    r = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0) * NB + tl.arange(0, NB)
+    return r, _expert_of(off_ptr, r), n, n < N
+
+
+@triton.jit
+def qmoe_a8_gate_up(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr, off_ptr, q_ptr, s_ptr, z_ptr, h_ptr):
     # grid (I blocks, rows): h[r] = silu(x[r] w1_e^T) * (x[r] w3_e^T) for BN columns, e = r's expert
-    r = tl.program_id(1)
-    e = tl.arange(0, EP)
-    ex = tl.sum(((tl.load(off_ptr + 1 + e, mask=e < E, other=0) <= r) & (e < E)).to(tl.int64), 0)
-    n = tl.program_id(0) * BN + tl.arange(0, BN)
-    mn = n < I
+    r, ex, n, mn = _a8_program(off_ptr, BN, I)
     w13, s13, z13 = q_ptr + ex * W13, s_ptr + ex * S13, z_ptr + ex * S13
-    xe, xo = xe_ptr + r.to(tl.int64) * (D // 8), xo_ptr + r.to(tl.int64) * (D // 8)
+    x, xe, xo = x_ptr + r * D, xe_ptr + r * (D // 8), xo_ptr + r * (D // 8)
     xs, xz = xs_ptr + r * (D // G1), xz_ptr + r * (D // G1)
     acc_g = tl.zeros((BN,), tl.float32)
     acc_u = tl.zeros((BN,), tl.float32)
@@ -131,31 +175,29 @@ def qmoe_a8_gate_up(xe_ptr, xo_ptr, xs_ptr, xz_ptr, off_ptr, q_ptr, s_ptr, z_ptr
         # the next step's words loaded before this step's are used
         wg2 = _a8_load(w13, n, mn, g0 + TPS, D, G1, TPS)
         wu2 = _a8_load(w13, n + I, mn, g0 + TPS, D, G1, TPS)
-        acc_g += _a8_use(wg, s13, z13, n, mn, xe, xo, xs, xz, g0, D, G1, BN, TPS)
-        acc_u += _a8_use(wu, s13, z13, n + I, mn, xe, xo, xs, xz, g0, D, G1, BN, TPS)
+        a_e, a_o, a_s, a_z = _a8_acts(x, xe, xo, xs, xz, g0, D, G1, TPS)
+        acc_g += _a8_use(wg, s13, z13, n, mn, a_e, a_o, a_s, a_z, g0, D, G1, BN, TPS)
+        acc_u += _a8_use(wu, s13, z13, n + I, mn, a_e, a_o, a_s, a_z, g0, D, G1, BN, TPS)
         wg, wu = wg2, wu2
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-    tl.store(h_ptr + r.to(tl.int64) * I + n, h.to(DT), mask=mn)
+    tl.store(h_ptr + r * I + n, h.to(DT), mask=mn)
 
 
 @triton.jit
-def qmoe_a8_down(he_ptr, ho_ptr, hs_ptr, hz_ptr, off_ptr, q_ptr, s_ptr, z_ptr, y_ptr):
+def qmoe_a8_down(h_ptr, he_ptr, ho_ptr, hs_ptr, hz_ptr, off_ptr, q_ptr, s_ptr, z_ptr, y_ptr):
     # grid (D blocks, rows): y[r] = h[r] w2_e^T for BND columns, e = r's expert
-    r = tl.program_id(1)
-    e = tl.arange(0, EP)
-    ex = tl.sum(((tl.load(off_ptr + 1 + e, mask=e < E, other=0) <= r) & (e < E)).to(tl.int64), 0)
-    n = tl.program_id(0) * BND + tl.arange(0, BND)
-    mn = n < D
-    he, ho = he_ptr + r.to(tl.int64) * (I // 8), ho_ptr + r.to(tl.int64) * (I // 8)
+    r, ex, n, mn = _a8_program(off_ptr, BND, D)
+    h, he, ho = h_ptr + r * I, he_ptr + r * (I // 8), ho_ptr + r * (I // 8)
     hs, hz = hs_ptr + r * (I // G2), hz_ptr + r * (I // G2)
     acc = tl.zeros((BND,), tl.float32)
     w2, s2, z2 = q_ptr + ex * W2, s_ptr + ex * S2, z_ptr + ex * S2
     w = _a8_load(w2, n, mn, 0, I, G2, TPSD)
     for g0 in range(0, I // G2, TPSD):
         wn = _a8_load(w2, n, mn, g0 + TPSD, I, G2, TPSD)
-        acc += _a8_use(w, s2, z2, n, mn, he, ho, hs, hz, g0, I, G2, BND, TPSD)
+        a_e, a_o, a_s, a_z = _a8_acts(h, he, ho, hs, hz, g0, I, G2, TPSD)
+        acc += _a8_use(w, s2, z2, n, mn, a_e, a_o, a_s, a_z, g0, I, G2, BND, TPSD)
         w = wn
-    tl.store(y_ptr + r.to(tl.int64) * D + n, acc.to(DT), mask=mn)
+    tl.store(y_ptr + r * D + n, acc.to(DT), mask=mn)
 """
 
 
@@ -169,28 +211,30 @@ def _steps(groups: int, tps: int) -> int:
 def specs(fmt: str, E: int, I: int, D: int, G1: int, G2: int, asym: bool, dtype: str,
           target: str) -> tuple[KernelSpec, ...] | None:
     """(quantization of x, of h, gate_up, down) for int4 codes in groups G1 (w13) and G2 (w2), or
-    None where they do not fit (int4 only; groups of whole words, 64 columns at least)."""
+    None where they do not fit (int4 only; groups of whole words, 64 columns at least). With
+    `fuse_w4a8` (FUSE) gate_up and down quantize their rows' groups themselves, step by step (the
+    same codes: two launches instead of four; the first two specs are then not launched)."""
     if fmt != "int4" or G1 % 64 or G2 % 64 or D % G1 or I % G2:
         return None
     cfg = config("moe_gemm_q", target)
     consts = {"E": E, "EP": next_pow2(E), "I": I, "D": D, "G1": G1, "G2": G2,
               "BN": min(cfg["BN_w4a8"], next_pow2(I)), "BND": min(cfg["BND_w4a8"], next_pow2(D)),
-              "TPS": _steps(D // G1, cfg["TPS_w4a8"]), "TPSD": _steps(I // G2, cfg["TPS_w4a8"]),
+              "TPS": _steps(D // G1, cfg["TPS_w4a8"]), "TPSD": _steps(I // G2, cfg.get("TPSD_w4a8", cfg["TPS_w4a8"])),
               "W13": 2 * I * D // 8, "W2": D * I // 8, "S13": 2 * I * (D // G1), "S2": D * (I // G2),
-              "DT": TL_DTYPES[dtype]}
+              "FUSE": bool(cfg.get("fuse_w4a8", False)), "DT": TL_DTYPES[dtype]}
     zero = "z = tl.load(z_ptr + n[:, None] * (K // G) + g[None, :], mask=mn[:, None] & mg[None, :], other=0).to(tl.int32)" \
         if asym else f"z = {2 ** (BITS[fmt] - 1)}"
     src = render(f"quantized_grouped_swiglu_w4a8_{fmt}", _KERNELS, consts, zero=zero,
                  dp4a=_DP4A_OPS if target == "interpret" else _DP4A_ASM)
     p, z = ptr_type(dtype), "*u8" if asym else ptr_type(dtype)
     acts = {"xe_ptr": "*i32", "xo_ptr": "*i32", "xs_ptr": "*fp32", "xz_ptr": "*i32"}
+    weights = {"off_ptr": "*i64", "q_ptr": "*i32", "s_ptr": p, "z_ptr": z}
     mk = lambda name, sig, w, st=1: KernelSpec(f"{name}_{fmt}", name, src, sig, w, st, consts)  # noqa: E731
     return (mk("qmoe_a8_x", {"x_ptr": p, **acts}, 1), mk("qmoe_a8_h", {"x_ptr": p, **acts}, 1),
-            mk("qmoe_a8_gate_up", {**acts, "off_ptr": "*i64", "q_ptr": "*i32", "s_ptr": p, "z_ptr": z, "h_ptr": p},
-               cfg["warps_w4a8"], cfg["stages_w4a8"]),
-            mk("qmoe_a8_down", {"he_ptr": "*i32", "ho_ptr": "*i32", "hs_ptr": "*fp32", "hz_ptr": "*i32",
-                                "off_ptr": "*i64", "q_ptr": "*i32", "s_ptr": p, "z_ptr": z, "y_ptr": p},
-               cfg["warps_w4a8"], cfg["stages_w4a8"]))
+            mk("qmoe_a8_gate_up", {"x_ptr": p, **acts, **weights, "h_ptr": p}, cfg["warps_w4a8"], cfg["stages_w4a8"]),
+            mk("qmoe_a8_down", {"h_ptr": p, "he_ptr": "*i32", "ho_ptr": "*i32", "hs_ptr": "*fp32", "hz_ptr": "*i32",
+                                **weights, "y_ptr": p},
+               cfg.get("warps_down_w4a8", cfg["warps_w4a8"]), cfg["stages_w4a8"]))
 
 
 def grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13, z2, kernels):
@@ -202,8 +246,11 @@ def grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13, z2, kernels):
     if not M:
         return y
     h = torch.empty(M, I, device=dev, dtype=rows.dtype)
+    x = rows.contiguous()
 
     def acts(K, G):
+        if c["FUSE"]:           # not read: the kernels quantize their groups themselves
+            return (h,) * 4
         return (torch.empty(M, K // 8, device=dev, dtype=torch.int32), torch.empty(M, K // 8, device=dev, dtype=torch.int32),
                 torch.empty(M, K // G, device=dev, dtype=torch.float32), torch.empty(M, K // G, device=dev, dtype=torch.int32))
     xa, ha = acts(D, G1), acts(I, G2)
@@ -211,8 +258,10 @@ def grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13, z2, kernels):
     s13, s2 = s13.to(rows.dtype).contiguous(), s2.to(rows.dtype).contiguous()
     z13 = s13 if z13 is None else z13.contiguous()
     z2 = s2 if z2 is None else z2.contiguous()
-    launch(quant_x, (M, D // G1), rows.contiguous(), *xa)
-    launch(gate_up, (-(-I // c["BN"]), M), *xa, off, dequant.as_words(q13), s13, z13, h)
-    launch(quant_h, (M, I // G2), h, *ha)
-    launch(down, (-(-D // c["BND"]), M), *ha, off, dequant.as_words(q2), s2, z2, y)
+    if not c["FUSE"]:
+        launch(quant_x, (M, D // G1), x, *xa)
+    launch(gate_up, (-(-I // c["BN"]), M), x, *xa, off, dequant.as_words(q13), s13, z13, h)
+    if not c["FUSE"]:
+        launch(quant_h, (M, I // G2), h, *ha)
+    launch(down, (-(-D // c["BND"]), M), h, *ha, off, dequant.as_words(q2), s2, z2, y)
     return y

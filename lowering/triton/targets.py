@@ -111,21 +111,25 @@ _BASE = {
     # cores take prefill tiles (sm_89+): True quantizes activation tiles in the main loop,
     # "w8a8" runs moe_fp8.py's kernels (activations quantized before gate_up and in its
     # epilogue; BM/BN/BK_w8a8 gate_up tiles, BN_w8a8 also down's K tile, BND_w8a8 down's N tile,
-    # warps_w8a8 / warps_down_w8a8, stages_w8a8, QR_w8a8 rows a program of the quantization pass)
+    # warps_w8a8 / warps_down_w8a8, stages_w8a8, QR_w8a8 rows a program of the quantization pass,
+    # tma_w8a8: the GEMMs' operands through host tensor descriptors on sm_90+)
     # rows_max: up to that many rows (token copies), int4 / int8 take one program per (row, N
     # block) dotting the row with its expert's codes read as words (dequant.py; moe_decode's
     # loops), in BN_rows x BK_rows (gate/up) and BND_rows x BKD_rows (down) tiles (K in int4
     # columns: int8 takes half), prefetch_rows as moe_decode's prefetch; rows_kernel "w4a8": int4
     # takes moe_w4a8.py's kernels instead (codes times int8 activations by dp4a; BN_w4a8 /
-    # BND_w4a8 rows, TPS_w4a8 groups a step, warps_w4a8, stages_w4a8), "words": these
+    # BND_w4a8 rows, TPS_w4a8 groups a step (TPSD_w4a8 down's, if given), warps_w4a8 (and
+    # warps_down_w4a8), stages_w4a8; fuse_w4a8: gate_up / down quantize their activations
+    # themselves, two launches instead of four), "words": these
     "moe_gemm_q": {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3,
                    "BM_small": 16, "BN_small": 32, "BK_small": 128, "fp8_dot": False,
                    "rows_max": 128, "BN_rows": 16, "BK_rows": 512, "BND_rows": 16, "BKD_rows": 512,
                    "warps_rows": 4, "stages_rows": 2, "prefetch_rows": True,
                    "rows_kernel": "words", "BN_w4a8": 32, "BND_w4a8": 32, "TPS_w4a8": 2, "warps_w4a8": 4,
-                   "stages_w4a8": 3,
+                   "stages_w4a8": 3, "fuse_w4a8": False,
                    "BM_w8a8": 64, "BN_w8a8": 128, "BK_w8a8": 128, "BND_w8a8": 128, "warps_w8a8": 8,
-                   "warps_down_w8a8": 4, "stages_w8a8": 3, "QR_w8a8": 16},
+                   "warps_down_w8a8": 4, "stages_w8a8": 3, "QR_w8a8": 16,
+                   "tma_w8a8": False},
     # permutation: BLOCK token copies per block (ranked SUB at a time), rows copied BD columns a
     # program; the scan takes SCAN_E experts x SCAN_B blocks a step
     "moe_permute": {"BLOCK": 1024, "SUB": 64, "BD": 256, "SCAN_E": 16, "SCAN_B": 64, "num_warps": 4,
