@@ -98,9 +98,9 @@ PREFILL_VARIANTS = [("default", {}),
                     ("tma s4", dict(TMA, stages_w8a8=4)),
                     ("tma BN128 w8", dict(TMA, BN_w8a8=128, warps_w8a8=8)),
                     ("tma BM128 w8", dict(TMA, BM_w8a8=128, warps_w8a8=8, warps_down_w8a8=8)),
-                    ("tma BND256 w8", dict(TMA, BND_w8a8=256, warps_down_w8a8=8)),
                     ("tma BND64", dict(TMA, BND_w8a8=64)),
-                    ("tma BN128 BND256 w8", dict(TMA, BN_w8a8=128, warps_w8a8=8, BND_w8a8=256, warps_down_w8a8=8))]
+                    ("tma down w8", dict(TMA, warps_down_w8a8=8)),
+                    ("tma BN128 w8 s4", dict(TMA, BN_w8a8=128, warps_w8a8=8, stages_w8a8=4))]
 
 
 def gpu(args):

@@ -111,11 +111,16 @@ def test_gpu_bf16_kernel_against_fp64(fmt, tokens):
 @pytest.mark.parametrize("fmt,tokens,over", [("fp8", 512, {"fp8_dot": "w8a8"}),
                                              ("fp8", 512, {"fp8_dot": "w8a8", "BM_w8a8": 128, "BN_w8a8": 64,
                                                            "warps_w8a8": 8, "warps_down_w8a8": 8}),
+                                             ("fp8", 512, {"fp8_dot": "w8a8", "tma_w8a8": True, "BN_w8a8": 128,
+                                                           "warps_w8a8": 8, "BND_w8a8": 64}),
                                              ("int4", 1, {"rows_kernel": "w4a8"}),
-                                             ("int4", 16, {"rows_kernel": "w4a8", "BN_w4a8": 64, "TPS_w4a8": 4})])
+                                             ("int4", 16, {"rows_kernel": "w4a8", "BN_w4a8": 64, "TPS_w4a8": 4}),
+                                             ("int4", 4, {"rows_kernel": "w4a8", "fuse_w4a8": True}),
+                                             ("int4", 16, {"rows_kernel": "w4a8", "fuse_w4a8": True, "TPSD_w4a8": 8})])
 def test_gpu_kernel_variants_against_fp64(monkeypatch, fmt, tokens, over):
-    """The W8A8 fp8 kernels (moe_fp8.py; sm_89+) <= 6e-2 and int4 with int8 activations
-    (moe_w4a8.py: dp4a in inline assembly) <= 3e-2 in bf16 at published widths, 32 experts."""
+    """The W8A8 fp8 kernels (moe_fp8.py; sm_89+; tensor descriptors on sm_90+) <= 6e-2 and int4
+    with int8 activations (moe_w4a8.py: dp4a in inline assembly; quantized inside the GEMMs)
+    <= 3e-2 in bf16 at published widths, 32 experts."""
     from kimi_graph.lowering.triton import moe_fp8, moe_quant, moe_w4a8
     from kimi_graph.lowering.triton.targets import TARGETS, current_target
     target = current_target()
