@@ -133,7 +133,7 @@ class DecodeStep:
     parts: list               # the plain schedule items: Convs, reshapes, the linear or pair, the KDA op
     kda: object               # the kda_fused_recurrent op
     offsets: tuple            # columns of q, k, v, f_a, b, g_a in the fused projection (g_a: 0 without the gate)
-    inputs: list[str]         # projection, conv weights (q, k, v), conv states, W_f, W_g (or W_f), A_log, dt_bias, state
+    inputs: list[str]         # projection, conv weights and states (q, k, v), W_f, W_g (or W_f), A_log, dt_bias, state
     outputs: list[str]        # the KDA op's (o, state), the conv states, the gate (with the pair)
     internal: list[str]       # values only the parts pass between them (dropped after them)
     taken: set[int]           # ids of the plan's ops the step runs in their place (the parts' but the KDA op)
