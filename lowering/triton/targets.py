@@ -50,7 +50,10 @@ _BASE = {
     # few programs run long beside the other kernels; 0: wherever the table exceeds a segment);
     # BV_seg / warps_seg: the segmented scan's own tiles (0: the scan's);
     # conv_in_prep: KDA's q/k/v convs (+ SiLU) of a prefill run inside the prep kernel (kda.ConvKDA:
-    # the projections read once, only v's conv output stored), the new conv states after it;
+    # the projections read once, only v's conv output stored), the new conv states after it (off: on
+    # an H200, 2026-12-01 06:35, 0eda109, bench/kda_chunk.py --conv, 16k 3.661 vs 2.362 ms and 32x1k
+    # 6.973 vs 4.386 for the conv kernel then the chunk kernels: prep at 142 registers a thread on
+    # sm_90 with the convs, 56 without, so a third of the programs in flight);
     # op_chunk: chunks of the op's chunk_size (chunk-kda{chunk-size=N}); False: of BT whatever
     # the op asks (the chunk form's results do not depend on it beyond rounding)
     "kda_chunk": {"BT": 64, "BC": 16, "BV": 32, "KH": 64, "BW": 64, "num_warps": 4, "num_stages": 2,
