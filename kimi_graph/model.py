@@ -7,7 +7,8 @@ One declaration serves every mode (state-passing style):
 - mode="decode": stateful, with T = 1.
 `logits="last"` (prefill) computes the head at each sequence's last position only: logits
 [B, 1, V], the next-token logits generation needs, without the [B, T, V] of every position
-(sequences of one call have equal length, so the last position is the last row).
+(sequences of one call have equal length, so the last position is the last row); past the last
+layer's attention only that row runs (its output projection, residual, FFN and the head).
 Caches: per MLA layer the normalised latent [B, S, kv_lora_rank] and the shared key slice
 [B, S, qk_rope_head_dim]; per KDA layer the recurrent state [B, H, K, V] (fp32) and the q/k/v
 conv states [B, C, kernel-1]. Parameter names are the HF checkpoint names.
@@ -87,11 +88,17 @@ class ModelDeclaration:
             h = b("embedding", ids, emb)
         for i, kind in enumerate(cfg.layer_kinds):
             pre = f"model.layers.{i}."
+            # logits="last": past the last layer's attention (its caches and states written for
+            # every position) only each sequence's last row reaches the logits: its output
+            # projection, residual and FFN run on that row alone
+            last = self.logits == "last" and i == len(cfg.layer_kinds) - 1
             with b.scope(f"l{i}"):
                 x = b("rmsnorm", h, self.p(pre + "input_layernorm.weight", (D,)),
                       eps=cfg.rms_norm_eps, name="attn_norm")
                 with b.scope(kind):
-                    a = self.kda(i, x) if kind == "kda" else self.mla(i, x)
+                    a = self.kda(i, x, last) if kind == "kda" else self.mla(i, x, last)
+                if last:
+                    h = b("take_last", h, dim=1, name="last")
                 h = b("add", h, a, name="attn_res")
                 x = b("rmsnorm", h, self.p(pre + "post_attention_layernorm.weight", (D,)),
                       eps=cfg.rms_norm_eps, name="ffn_norm")
@@ -104,7 +111,7 @@ class ModelDeclaration:
                 h = b("add", h, f, name="ffn_res")
         with b.scope("head"):
             h = b("rmsnorm", h, self.p("model.norm.weight", (D,)), eps=cfg.rms_norm_eps, name="norm")
-            if self.logits == "last":
+            if self.logits == "last" and not cfg.layer_kinds:
                 h = b("take_last", h, dim=1, name="last")
             head = emb if cfg.tie_word_embeddings else self.p("lm_head.weight", (cfg.vocab_size, D))
             logits = b("linear", h, head, name="logits")
@@ -115,7 +122,7 @@ class ModelDeclaration:
                   "layers": cfg.layer_kinds, "state_inputs": self.state_inputs}
         return g
 
-    def kda(self, i: int, x: str) -> str:
+    def kda(self, i: int, x: str, last: bool = False) -> str:
         cfg, b = self.cfg, self.b
         pre = f"model.layers.{i}.self_attn."
         D, H, K, W = cfg.hidden_size, cfg.kda_heads, cfg.kda_head_dim, cfg.conv_kernel
@@ -149,9 +156,11 @@ class ModelDeclaration:
         gate = b("sigmoid", b("reshape", gate, shape=list(shp), name="gate"), name="gate")
         o = b("rmsnorm", o, self.p(pre + "o_norm.weight", (K,)), eps=cfg.rms_norm_eps, name="o_norm")
         o = b("reshape", b("mul", o, gate, name="o_gated"), shape=["B", self.T, C], name="o")
+        if last:
+            o = b("take_last", o, dim=1, name="o_last")
         return b("linear", o, self.p(pre + "o_proj.weight", (D, C)), name="out")
 
-    def mla(self, i: int, x: str) -> str:
+    def mla(self, i: int, x: str, last: bool = False) -> str:
         cfg, b = self.cfg, self.b
         pre = f"model.layers.{i}.self_attn."
         D, H, R = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
@@ -180,6 +189,8 @@ class ModelDeclaration:
         k = b("concat", k, kr, dim=-1, name="k")
         o = b("causal_attention", q, k, v, self.pos, scale=(N + P) ** -0.5, name="attn")
         o = b("reshape", o, shape=["B", T, H * V], name="o")
+        if last:
+            o = b("take_last", o, dim=1, name="o_last")
         return b("linear", o, self.p(pre + "o_proj.weight", (D, H * V)), name="out")
 
     def mlp(self, pre: str, x: str, inter: int, names=("gate_proj", "up_proj", "down_proj")) -> str:
