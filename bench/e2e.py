@@ -384,11 +384,14 @@ def long_prompt(engine, slots: list[int], upto: int, vocab: int, gen, device: st
 
 
 def warm_prefill(engine, vocab: int) -> float:
-    """Compile the prefill's kernels (the key-block form included: two chunks past one key block)
-    on a throwaway prompt in a fresh slot, so timed segments hold no compilation -> seconds."""
+    """Compile the prefill's kernels on a throwaway prompt in a fresh slot, so timed segments hold
+    no compilation -> seconds. Three chunks: the last two past one key block (the key-block form),
+    the last of a length no power of two divides (Triton specializes integer arguments by their
+    divisibility by 16: a segment's ragged last chunk would compile its own kernels)."""
     t0 = time.perf_counter()
     slots = engine.cache.allocate(1)
-    n = max(1, min(engine.cache.capacity - 64, engine.prefill_chunk + 16384 + 128))
+    c = engine.prefill_chunk
+    n = max(1, min(engine.cache.capacity - 64, max(3 * c, 16384 + 2 * c) - 15))
     engine.prefill(slots, [[i % vocab for i in range(n)]], last_only=True)
     engine.cache.free(slots)
     return time.perf_counter() - t0
