@@ -83,17 +83,21 @@ def kda_conv(x_ptr, w_ptr, s_ptr, srow, tok, pos, ch, rm, mc, xs, C: tl.constexp
     # it; taps before the sequence's start read the carried state's row srow [C, CW - 1] (zeros
     # without a state or for a padding row, srow < 0)
     acc = tl.zeros((PR, NCOL), tl.float32)
+    xrow = x_ptr + tok.to(tl.int64) * xs
+    srp = s_ptr + tl.maximum(srow, 0) * C * (CW - 1)
     for i in tl.static_range(CW):
         back = CW - 1 - i
         wi = tl.load(w_ptr + ch * CW + i, mask=mc, other=0.0).to(tl.float32)
-        xv = tl.load(x_ptr + (tok - back).to(tl.int64)[:, None] * xs + ch[None, :],
-                     mask=(rm & (pos >= back))[:, None] & mc[None, :], other=0.0).to(tl.float32)
-        if CONV_STATE:
-            if back > 0:
-                sv = tl.load(s_ptr + (tl.maximum(srow, 0) * C + ch[None, :]) * (CW - 1) + (pos + CW - 1 - back)[:, None],
-                             mask=(rm & (pos < back) & (pos * 0 + srow >= 0))[:, None] & mc[None, :], other=0.0)
-                xv += sv.to(tl.float32)
-        acc += xv * wi[None, :]
+        if CONV_STATE and back > 0:     # a row before the window fills reads the state's column, one load
+            inside = pos >= back
+            base = tl.where(inside, xrow - back * xs, srp + (pos + CW - 1 - back))
+            step = tl.where(inside, 1, CW - 1)
+            m = rm & (inside | (pos * 0 + srow >= 0))
+            xv = tl.load(base[:, None] + ch[None, :] * step[:, None], mask=m[:, None] & mc[None, :], other=0.0)
+        else:
+            xv = tl.load(xrow[:, None] + (ch[None, :] - back * xs), mask=(rm & (pos >= back))[:, None] & mc[None, :],
+                         other=0.0)
+        acc += xv.to(tl.float32) * wi[None, :]
     acc = acc / (1.0 + tl.exp(-acc))
     return acc.to(DT).to(tl.float32)
 """
@@ -146,7 +150,7 @@ def kda_chunk_prep(q_ptr, k_ptr, f_ptr, b_ptr, a_ptr, dt_ptr, chunk_start, chunk
         tl.store(bkg_ptr + offk, (k.to(DT).to(tl.float32) * eg * beta[:, None]).to($bkg_dt), mask=m2)
         $kg_here
         $diag_here
-        $v_conv
+    $v_conv
     tl.store(gl_ptr + (c * H + h) * K + dk, kda_exp(carry), mask=mk)
     $kg_after
 """
@@ -171,9 +175,13 @@ mvv = dvv < V
                      "qk_in": "pos = p0 + i0 + cc\n"
                               "q = kda_conv(q_ptr, wq_ptr, sq_ptr, rq, tok, pos, h * K + dk, rm, mk, xs, H * K, BK)\n"
                               "k = kda_conv(k_ptr, wk_ptr, sk_ptr, rk, tok, pos, h * K + dk, rm, mk, xs, H * K, BK)",
-                     "v_conv": "v = kda_conv(xv_ptr, wv_ptr, sv_ptr, rv, tok, pos, h * V + dvv, rm, mvv, xs, H * V, BVV)\n"
-                               "tl.store(vc_ptr + tok[:, None] * (H * V) + h * V + dvv[None, :], v.to(DT), "
-                               "mask=rm[:, None] & mvv[None, :])"}}
+                     "v_conv": """
+for i0 in range(0, BT, PR):     # v's rows, after q and k's (fewer registers live at once)
+    rm = i0 + cc < n
+    tok = start + i0 + cc
+    v = kda_conv(xv_ptr, wv_ptr, sv_ptr, rv, tok, p0 + i0 + cc, h * V + dvv, rm, mvv, xs, H * V, BVV)
+    tl.store(vc_ptr + tok[:, None] * (H * V) + h * V + dvv[None, :], v.to(DT), mask=rm[:, None] & mvv[None, :])
+"""}}
 
 # k G_L/G needs the chunk's total decay G_L: a second pass over the stored k and G once the
 # first has summed it ("reload"), a first pass that sums the decay alone from f, so k G_L/G

@@ -53,7 +53,7 @@ _BASE = {
     # the projections read once, only v's conv output stored), the new conv states after it (off: on
     # an H200, 2026-12-01 06:35, 0eda109, bench/kda_chunk.py --conv, 16k 3.661 vs 2.362 ms and 32x1k
     # 6.973 vs 4.386 for the conv kernel then the chunk kernels: prep at 142 registers a thread on
-    # sm_90 with the convs, 56 without, so a third of the programs in flight);
+    # sm_90 with the convs, 56 without, so a third of the programs in flight; 80 since, untimed);
     # op_chunk: chunks of the op's chunk_size (chunk-kda{chunk-size=N}); False: of BT whatever
     # the op asks (the chunk form's results do not depend on it beyond rounding)
     "kda_chunk": {"BT": 64, "BC": 16, "BV": 32, "KH": 64, "BW": 64, "num_warps": 4, "num_stages": 2,
