@@ -173,6 +173,21 @@ def test_elementwise_chain_bf16():
     assert e <= BF16_TOL
 
 
+def test_tiny_last_logits_bf16():
+    """bf16: the last-logits prefill (the last layer past its attention on one row a sequence,
+    its experts by id) gives the full prefill's last row, whose experts and shared expert (one
+    gate/up GEMM, swiglu_rows) ran grouped over every row."""
+    m = kimi_graph.load("tiny", dtype=torch.bfloat16, device="cuda", pipeline="default", backend="triton")
+    for name, w in m.weights.items():     # experts chosen far apart: no near-tied routing to flip
+        if name.endswith("e_score_correction_bias"):
+            w.copy_(1.5 * torch.arange(w.numel(), device=w.device, dtype=w.dtype))
+    ids = torch.randint(0, 512, (3, 300), device="cuda")
+    full = m.execute("prefill", False, {"input_ids": ids})[0]
+    last = m.execute("prefill", False, {"input_ids": ids}, logits="last")[0]
+    ERRORS["tiny bf16 last vs full"] = e = rel(last.double(), full[:, -1:].double())
+    assert last.shape == (3, 1, full.shape[-1]) and e <= BF16_TOL
+
+
 @pytest.mark.parametrize("pipeline", [None, "default"])
 def test_tiny_logits_match_interpreter(pipeline):
     ids = torch.randint(0, 512, (3, 70), device="cuda")
