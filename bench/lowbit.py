@@ -10,7 +10,8 @@ same run, one line a variant (a moe_gemm_q config over the target's):
   experts touched, read_MB) per second against the copy bandwidth measured here; x_bf16: our
   bf16 grouped SwiGLU's time over this one;
 - with --by-id, the same formats through moe_decode's entry (the decode step's path, 1-8 tokens
-  at top-8, with the combine): experts by id with each loader, and the permuted grouped path
+  at top-8, with the combine): experts by id (words; `a8`: int8 activations by dp4a, moe_w4a8's
+  loops), and the permuted grouped path
   (`quant_direct` False: permute, the grouped kernels above, un-permute);
 - fp8 (128 x 128 blocks) at 8k tokens (prefill): W8A8 on fp8 tensor cores (lowering/triton/
   moe_fp8.py), activations in e4m3 per row and K tile, at the target's tiles (`default`) and
@@ -243,7 +244,7 @@ def by_id_fp64(x, ids, wts, q13, q2, fmt):
 
 def by_id(fmt, q13, q2, w13, w2, per_expert, bw, g):
     """moe_decode's entry (top-8, acc given, no shared expert) with `fmt` codes: experts by id
-    (the target's loader, and the per-element one) and the permuted grouped path, against bf16
+    (the target's loader, and int4 on moe_w4a8's loops: a8) and the permuted grouped path, against bf16
     experts by id, 1-8 tokens (CUDA graphs)."""
     from harness import bench_graph, rel_err
 
@@ -261,7 +262,7 @@ def by_id(fmt, q13, q2, w13, w2, per_expert, bw, g):
         t_bf16 = bench_graph(lambda: moe_decode.direct(x, ids, wts, w13, w2, acc))
         ref = by_id_fp64(x, ids, wts, q13, q2, fmt)
         read = ids.unique().numel() * per_expert
-        for name, over in (("by id (default)", {}), ("by id elements", {"dequant": "elements"}),
+        for name, over in (("by id (default)", {}), ("by id a8", {"a8": True}),
                            ("permuted grouped", {"quant_direct": False})):
             cfg.update(over)
             moe_decode.decode_specs.cache_clear()

@@ -484,3 +484,38 @@ def test_w4a8_kernels_build_for_sm_90(monkeypatch):
     monkeypatch.setitem(targets.TARGETS["sm_90"]["configs"]["moe_gemm_q"], "fuse_w4a8", True)
     fused = moe_w4a8.specs.__wrapped__("int4", 8, 1024, 2304, 128, 128, False, "bf16", "sm_90")
     assert fused[3].config["FUSE"] is True and "dp4a" in compile_spec(fused[3], "sm_90").asm["ptx"]
+    from kimi_graph.lowering.triton import moe_decode         # experts by id on the same loops
+    monkeypatch.setitem(targets.TARGETS["sm_90"]["configs"]["moe_decode"], "a8", True)
+    by_id = moe_decode.decode_specs.__wrapped__(1024, 2304, 8, "bf16", "f32", 1024, "sm_90", ("int4", 128, False))
+    assert all("dp4a" in compile_spec(k, "sm_90").asm["ptx"] for k in by_id)
+
+
+@pytest.mark.parametrize("symmetric,with_shared", [(True, True), (False, False)])
+def test_decode_by_id_w4a8_matches_fp64_with_int8_activations(triton_interpret, monkeypatch, symmetric, with_shared):
+    """moe_decode's a8: int4 experts read by id on moe_w4a8's loops (each program quantizes its
+    token's row and h itself): against experts over the dequantized weights with x and h rounded
+    to int8 per group, a shared expert beside them."""
+    from kimi_graph.lowering.triton import moe_decode, targets
+    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_decode"], "a8", True)
+    moe_decode.decode_specs.cache_clear()
+    E, I, D, k, N, G = 4, 128, 192, 2, 2, 64
+    (q13, s13, q2, s2), zeros, (d13, d2), gen = _draw_quant("int4", symmetric, G, E, I, D, 5)
+    x = torch.randn(N, D, generator=gen) * torch.logspace(-1, 1, D)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(N)])
+    w = torch.rand(N, k, generator=gen)
+    shared = tuple(torch.randn(*s, generator=gen) * 0.1 for s in ((40, D), (40, D), (D, 40))) if with_shared else None
+    acc = moe_decode.shared_swiglu(x, *shared) if with_shared else torch.randn(N, D, generator=gen)
+    q = moe_decode.Quant("int4", G, s13, s2, *zeros)
+    assert moe_decode._specs(x, ids, w, q13, q2, shared, q)[0].name == "moe_decode_int4_a8_gate_up"
+    got = moe_decode.direct(x, ids, w, q13, q2, None if with_shared else acc, shared, q)
+    want = acc.double().clone()
+    xq = int8_rows_fp64(x, G)
+    for n in range(N):
+        for j in range(k):
+            e = int(ids[n, j])
+            g, u = d13[e, :I] @ xq[n], d13[e, I:] @ xq[n]
+            h = int8_rows_fp64((g * torch.sigmoid(g) * u).float()[None], G)[0]
+            want[n] += w[n, j].double() * (d2[e] @ h).float().double()
+    assert rel_err(got, want) <= 1e-3
+    assert rel_err(got, experts_fp64(x, ids, w, d13, d2, acc)) <= 2e-2
+    moe_decode.decode_specs.cache_clear()

@@ -36,7 +36,7 @@ import torch
 
 from kimi_graph.ops.quant import BITS, code_shape, group_of, scale_shape, weight_shape
 
-from . import dequant, moe, moe_permute, moe_quant
+from . import dequant, moe, moe_permute, moe_quant, moe_w4a8
 from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render, tickets
 from .elementwise import ir_dtype, ptr_type
 from .targets import config, current_target
@@ -205,15 +205,21 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
     the format (fp8 before sm_89)."""
     base = config("moe_decode", target)
     cfg = bucket_config(base, bucket)
-    words = False
+    words = a8 = False
     if quant is not None:       # the word loader takes quant_tiles (K tiles in int4 columns)
         fmt, group, asym = quant
         qcfg = bucket_config(base, bucket, quant=True)
         G1, G2 = group_of(fmt, D, group), group_of(fmt, I, group)
         BK, BKD = (dequant.word_tile(fmt, qcfg[k]) if fmt in BITS else 0 for k in ("BK", "BKD"))
-        words = uses_words(qcfg, fmt, D, I, G1, G2, min(BK, next_pow2(D)), min(BKD, next_pow2(max(I, shared_i))))
+        a8 = bool(qcfg.get("a8")) and moe_w4a8.fits(fmt, D, I, G1, G2)
+        words = a8 or uses_words(qcfg, fmt, D, I, G1, G2, min(BK, next_pow2(D)), min(BKD, next_pow2(max(I, shared_i))))
         if words:
             cfg = {**qcfg, "BK": BK, "BKD": BKD}
+        if a8:                  # int8 activations by dp4a: moe_w4a8's loops, tiles and warps
+            a8_src, a8_consts = moe_w4a8.decode_parts(D, I, G1, G2, asym, target)
+            qq = config("moe_gemm_q", target)
+            cfg.update(BN=a8_consts.pop("BN"), BND=a8_consts.pop("BND"), num_warps=qq["warps_w4a8"],
+                       warps_down=qq.get("warps_down_w4a8", qq["warps_w4a8"]), num_stages=qq["stages_w4a8"])
     wide = max(I, shared_i)
     consts = {"I": I, "IS": max(shared_i, 1), "D": D, "TOPK": top_k,
               "BN": min(cfg["BN"], next_pow2(wide)), "BK": min(cfg["BK"], next_pow2(D)),
@@ -240,9 +246,12 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
                       S13=math.prod(scale_shape(fmt, w13, group)), S2=math.prod(scale_shape(fmt, w2, group)))
         code, zero = "*i32" if words else moe_quant.CODE_PTR[fmt], "*u8" if asym else p
         helpers, loader = helpers + dequant.helpers(words, cfg["prefetch"]), dequant.loader(fmt, asym, words)
-    name = "moe_decode" + (f"_{quant[0]}" if quant else "")
+        if a8:
+            helpers += "\n\n" + a8_src
+            consts.update(a8_consts)
+    name = "moe_decode" + (f"_{quant[0]}" if quant else "") + ("_a8" if quant and a8 else "")
     src = render(name, _DECODE + moe_permute.WEIGHTED_ROWS, consts, loader=loader, helpers=helpers,
-                 R="q" if quant else "f")
+                 R="a8" if quant and a8 else "q" if quant else "f")
     return (KernelSpec(f"{name}_gate_up", "moe_decode_gate_up", src,
                        {"x_ptr": p, "ids_ptr": "*i64", "w13_ptr": code, "s13_ptr": scale, "z13_ptr": zero,
                         "h_ptr": p, "wg_ptr": p, "wu_ptr": p, "hs_ptr": p, "pairs": "i32"},

@@ -61,8 +61,7 @@ def _expert_of(off_ptr, r):
     return tl.sum(((ends <= r) & (e < E)).to(tl.int64), 0)
 """
 
-_KERNELS = EXPERT_OF + """
-
+_A8 = """
 @triton.jit
 def _a8_quant(x_ptr, g0, K: tl.constexpr, G: tl.constexpr, STEP: tl.constexpr):
     # STEP groups of G columns of the row x from group g0 (past K: zeros) -> int8 codes packed in
@@ -79,34 +78,6 @@ def _a8_quant(x_ptr, g0, K: tl.constexpr, G: tl.constexpr, STEP: tl.constexpr):
     xe = tl.reshape(tl.sum((e & 255) << (8 * b[None, None, :]), 2), (STEP * (G // 8),))
     xo = tl.reshape(tl.sum((o & 255) << (8 * b[None, None, :]), 2), (STEP * (G // 8),))
     return xe, xo, s, tl.sum(tl.sum(e + o, 2), 1)
-
-
-@triton.jit
-def _a8_rows(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr, K: tl.constexpr, G: tl.constexpr):
-    # group program_id(1) of row program_id(0) of x [., K] -> _a8_quant's words (planes e, o:
-    # [., K // 8] each), scale [., K // G] and codes' sum [., K // G]
-    r = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1)
-    xe, xo, xs, xz = _a8_quant(x_ptr + r * K, g, K, G, 1)
-    j = r * (K // 8) + g * (G // 8) + tl.arange(0, G // 8)
-    tl.store(xe_ptr + j, xe)
-    tl.store(xo_ptr + j, xo)
-    at = r * (K // G) + g + tl.arange(0, 1)
-    tl.store(xs_ptr + at, xs)
-    tl.store(xz_ptr + at, xz)
-
-
-@triton.jit
-def qmoe_a8_x(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr):
-    # grid (rows, groups): the rows before gate_up
-    _a8_rows(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr, D, G1)
-
-
-@triton.jit
-def qmoe_a8_h(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr):
-    # grid (rows, groups): h before down
-    _a8_rows(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr, I, G2)
-
 
 @triton.jit
 def _a8_acts(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr, g0, K: tl.constexpr, G: tl.constexpr, STEP: tl.constexpr):
@@ -151,6 +122,80 @@ def _a8_use(w, s_ptr, z_ptr, n, mn, xe, xo, xs, xz, g0, K: tl.constexpr, G: tl.c
     $zero
     return tl.sum((isum - z * xz[None, :]).to(tl.float32) * ws.to(tl.float32) * xs[None, :], 1)
 
+@triton.jit
+def _a8_swiglu(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn):
+    # silu(x wg[rg]^T) * (x wu[ru]^T) for BN weight rows of one expert (D columns, int4 words)
+    # against one row's int8 activations (_a8_acts)
+    acc_g = tl.zeros((BN,), tl.float32)
+    acc_u = tl.zeros((BN,), tl.float32)
+    wg = _a8_load(wg_ptr, rg, mn, 0, D, G1, TPS)
+    wu = _a8_load(wu_ptr, ru, mn, 0, D, G1, TPS)
+    for g0 in range(0, D // G1, TPS):
+        # the next step's words loaded before this step's are used
+        wg2 = _a8_load(wg_ptr, rg, mn, g0 + TPS, D, G1, TPS)
+        wu2 = _a8_load(wu_ptr, ru, mn, g0 + TPS, D, G1, TPS)
+        a_e, a_o, a_s, a_z = _a8_acts(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr, g0, D, G1, TPS)
+        acc_g += _a8_use(wg, s_ptr, z_ptr, rg, mn, a_e, a_o, a_s, a_z, g0, D, G1, BN, TPS)
+        acc_u += _a8_use(wu, s_ptr, z_ptr, ru, mn, a_e, a_o, a_s, a_z, g0, D, G1, BN, TPS)
+        wg, wu = wg2, wu2
+    return acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+
+
+@triton.jit
+def _a8_rows_dot(h_ptr, he_ptr, ho_ptr, hs_ptr, hz_ptr, w_ptr, s_ptr, z_ptr, n, mn, NR: tl.constexpr,
+                 K: tl.constexpr, G: tl.constexpr, STEP: tl.constexpr):
+    # (h w^T)[n] for NR weight rows n of w [., K] (int4 words) against one row's int8 activations
+    acc = tl.zeros((NR,), tl.float32)
+    w = _a8_load(w_ptr, n, mn, 0, K, G, STEP)
+    for g0 in range(0, K // G, STEP):
+        wn = _a8_load(w_ptr, n, mn, g0 + STEP, K, G, STEP)
+        a_e, a_o, a_s, a_z = _a8_acts(h_ptr, he_ptr, ho_ptr, hs_ptr, hz_ptr, g0, K, G, STEP)
+        acc += _a8_use(w, s_ptr, z_ptr, n, mn, a_e, a_o, a_s, a_z, g0, K, G, NR, STEP)
+        w = wn
+    return acc
+"""
+
+# moe_decode's experts by id on these loops (its `_swiglu_rows_$R` / `_rows_dot_$R` with R = "a8"):
+# each program quantizes its token's row itself (FUSE)
+DECODE = _A8 + """
+
+@triton.jit
+def _swiglu_rows_a8(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.constexpr):
+    return _a8_swiglu(x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn)
+
+
+@triton.jit
+def _rows_dot_a8(h_ptr, w_ptr, s_ptr, z_ptr, n, mn, K: tl.constexpr, G: tl.constexpr):
+    return _a8_rows_dot(h_ptr, h_ptr, h_ptr, h_ptr, h_ptr, w_ptr, s_ptr, z_ptr, n, mn, BND, K, G, TPSD)
+"""
+
+_KERNELS = EXPERT_OF + _A8 + """
+
+@triton.jit
+def _a8_rows(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr, K: tl.constexpr, G: tl.constexpr):
+    # group program_id(1) of row program_id(0) of x [., K] -> _a8_quant's words (planes e, o:
+    # [., K // 8] each), scale [., K // G] and codes' sum [., K // G]
+    r = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    xe, xo, xs, xz = _a8_quant(x_ptr + r * K, g, K, G, 1)
+    j = r * (K // 8) + g * (G // 8) + tl.arange(0, G // 8)
+    tl.store(xe_ptr + j, xe)
+    tl.store(xo_ptr + j, xo)
+    at = r * (K // G) + g + tl.arange(0, 1)
+    tl.store(xs_ptr + at, xs)
+    tl.store(xz_ptr + at, xz)
+
+
+@triton.jit
+def qmoe_a8_x(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr):
+    # grid (rows, groups): the rows before gate_up
+    _a8_rows(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr, D, G1)
+
+
+@triton.jit
+def qmoe_a8_h(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr):
+    # grid (rows, groups): h before down
+    _a8_rows(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr, I, G2)
 
 @triton.jit
 def _a8_program(off_ptr, NB: tl.constexpr, N: tl.constexpr):
@@ -159,27 +204,13 @@ def _a8_program(off_ptr, NB: tl.constexpr, N: tl.constexpr):
     n = tl.program_id(0) * NB + tl.arange(0, NB)
     return r, _expert_of(off_ptr, r), n, n < N
 
-
 @triton.jit
 def qmoe_a8_gate_up(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr, off_ptr, q_ptr, s_ptr, z_ptr, h_ptr):
     # grid (I blocks, rows): h[r] = silu(x[r] w1_e^T) * (x[r] w3_e^T) for BN columns, e = r's expert
     r, ex, n, mn = _a8_program(off_ptr, BN, I)
-    w13, s13, z13 = q_ptr + ex * W13, s_ptr + ex * S13, z_ptr + ex * S13
-    x, xe, xo = x_ptr + r * D, xe_ptr + r * (D // 8), xo_ptr + r * (D // 8)
-    xs, xz = xs_ptr + r * (D // G1), xz_ptr + r * (D // G1)
-    acc_g = tl.zeros((BN,), tl.float32)
-    acc_u = tl.zeros((BN,), tl.float32)
-    wg = _a8_load(w13, n, mn, 0, D, G1, TPS)
-    wu = _a8_load(w13, n + I, mn, 0, D, G1, TPS)
-    for g0 in range(0, D // G1, TPS):
-        # the next step's words loaded before this step's are used
-        wg2 = _a8_load(w13, n, mn, g0 + TPS, D, G1, TPS)
-        wu2 = _a8_load(w13, n + I, mn, g0 + TPS, D, G1, TPS)
-        a_e, a_o, a_s, a_z = _a8_acts(x, xe, xo, xs, xz, g0, D, G1, TPS)
-        acc_g += _a8_use(wg, s13, z13, n, mn, a_e, a_o, a_s, a_z, g0, D, G1, BN, TPS)
-        acc_u += _a8_use(wu, s13, z13, n + I, mn, a_e, a_o, a_s, a_z, g0, D, G1, BN, TPS)
-        wg, wu = wg2, wu2
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    w13 = q_ptr + ex * W13
+    h = _a8_swiglu(x_ptr + r * D, xe_ptr + r * (D // 8), xo_ptr + r * (D // 8), xs_ptr + r * (D // G1),
+                   xz_ptr + r * (D // G1), w13, w13, s_ptr + ex * S13, z_ptr + ex * S13, n, n + I, mn)
     tl.store(h_ptr + r * I + n, h.to(DT), mask=mn)
 
 
@@ -187,17 +218,9 @@ def qmoe_a8_gate_up(x_ptr, xe_ptr, xo_ptr, xs_ptr, xz_ptr, off_ptr, q_ptr, s_ptr
 def qmoe_a8_down(h_ptr, he_ptr, ho_ptr, hs_ptr, hz_ptr, off_ptr, q_ptr, s_ptr, z_ptr, y_ptr):
     # grid (D blocks, rows): y[r] = h[r] w2_e^T for BND columns, e = r's expert
     r, ex, n, mn = _a8_program(off_ptr, BND, D)
-    h, he, ho = h_ptr + r * I, he_ptr + r * (I // 8), ho_ptr + r * (I // 8)
-    hs, hz = hs_ptr + r * (I // G2), hz_ptr + r * (I // G2)
-    acc = tl.zeros((BND,), tl.float32)
-    w2, s2, z2 = q_ptr + ex * W2, s_ptr + ex * S2, z_ptr + ex * S2
-    w = _a8_load(w2, n, mn, 0, I, G2, TPSD)
-    for g0 in range(0, I // G2, TPSD):
-        wn = _a8_load(w2, n, mn, g0 + TPSD, I, G2, TPSD)
-        a_e, a_o, a_s, a_z = _a8_acts(h, he, ho, hs, hz, g0, I, G2, TPSD)
-        acc += _a8_use(w, s2, z2, n, mn, a_e, a_o, a_s, a_z, g0, I, G2, BND, TPSD)
-        w = wn
-    tl.store(y_ptr + r * D + n, acc.to(DT), mask=mn)
+    y = _a8_rows_dot(h_ptr + r * I, he_ptr + r * (I // 8), ho_ptr + r * (I // 8), hs_ptr + r * (I // G2),
+                     hz_ptr + r * (I // G2), q_ptr + ex * W2, s_ptr + ex * S2, z_ptr + ex * S2, n, mn, BND, I, G2, TPSD)
+    tl.store(y_ptr + r * D + n, y.to(DT), mask=mn)
 """
 
 
@@ -207,6 +230,28 @@ def _steps(groups: int, tps: int) -> int:
     return min(next_pow2(tps), next_pow2(groups))
 
 
+def fits(fmt: str, D: int, I: int, G1: int, G2: int) -> bool:
+    """int4 codes in groups of whole words, 64 columns at least, dividing the rows."""
+    return fmt == "int4" and not (G1 % 64 or G2 % 64 or D % G1 or I % G2)
+
+
+def _blocks(asym: bool, target: str) -> dict:
+    zero = "z = tl.load(z_ptr + n[:, None] * (K // G) + g[None, :], mask=mn[:, None] & mg[None, :], other=0).to(tl.int32)" \
+        if asym else f"z = {2 ** (BITS['int4'] - 1)}"
+    return {"zero": zero, "dp4a": _DP4A_OPS if target == "interpret" else _DP4A_ASM}
+
+
+def decode_parts(D: int, I: int, G1: int, G2: int, asym: bool, target: str) -> tuple[str, dict]:
+    """moe_decode's helpers for R = "a8" (DECODE, no header) and their constants: the tiles and
+    steps of this module's grouped kernels, activations quantized in the kernels."""
+    cfg = config("moe_gemm_q", target)
+    consts = {"BN": min(cfg["BN_w4a8"], next_pow2(I)), "BND": min(cfg["BND_w4a8"], next_pow2(D)),
+              "TPS": _steps(D // G1, cfg["TPS_w4a8"]), "TPSD": _steps(I // G2, cfg.get("TPSD_w4a8", cfg["TPS_w4a8"])),
+              "FUSE": True}
+    src = render("", DECODE, {}, **_blocks(asym, target)).split("\n\n\n", 1)[1].strip("\n")
+    return src, consts
+
+
 @functools.lru_cache(maxsize=None)
 def specs(fmt: str, E: int, I: int, D: int, G1: int, G2: int, asym: bool, dtype: str,
           target: str) -> tuple[KernelSpec, ...] | None:
@@ -214,7 +259,7 @@ def specs(fmt: str, E: int, I: int, D: int, G1: int, G2: int, asym: bool, dtype:
     None where they do not fit (int4 only; groups of whole words, 64 columns at least). With
     `fuse_w4a8` (FUSE) gate_up and down quantize their rows' groups themselves, step by step (the
     same codes: two launches instead of four; the first two specs are then not launched)."""
-    if fmt != "int4" or G1 % 64 or G2 % 64 or D % G1 or I % G2:
+    if not fits(fmt, D, I, G1, G2):
         return None
     cfg = config("moe_gemm_q", target)
     consts = {"E": E, "EP": next_pow2(E), "I": I, "D": D, "G1": G1, "G2": G2,
@@ -222,10 +267,7 @@ def specs(fmt: str, E: int, I: int, D: int, G1: int, G2: int, asym: bool, dtype:
               "TPS": _steps(D // G1, cfg["TPS_w4a8"]), "TPSD": _steps(I // G2, cfg.get("TPSD_w4a8", cfg["TPS_w4a8"])),
               "W13": 2 * I * D // 8, "W2": D * I // 8, "S13": 2 * I * (D // G1), "S2": D * (I // G2),
               "FUSE": bool(cfg.get("fuse_w4a8", False)), "DT": TL_DTYPES[dtype]}
-    zero = "z = tl.load(z_ptr + n[:, None] * (K // G) + g[None, :], mask=mn[:, None] & mg[None, :], other=0).to(tl.int32)" \
-        if asym else f"z = {2 ** (BITS[fmt] - 1)}"
-    src = render(f"quantized_grouped_swiglu_w4a8_{fmt}", _KERNELS, consts, zero=zero,
-                 dp4a=_DP4A_OPS if target == "interpret" else _DP4A_ASM)
+    src = render(f"quantized_grouped_swiglu_w4a8_{fmt}", _KERNELS, consts, **_blocks(asym, target))
     p, z = ptr_type(dtype), "*u8" if asym else ptr_type(dtype)
     acts = {"xe_ptr": "*i32", "xo_ptr": "*i32", "xs_ptr": "*fp32", "xz_ptr": "*i32"}
     weights = {"off_ptr": "*i64", "q_ptr": "*i32", "s_ptr": p, "z_ptr": z}

@@ -150,10 +150,11 @@ _BASE = {
     # K loops (moe_decode.FORMS): acc "row" (a row sum per K step) or "tile" ([rows, K tile]
     # accumulators summed once); unroll: the loop unrolled (every load of a program issued first);
     # quant_direct False: decode-sized low-bit batches take the permuted grouped path instead
-    # (moe_gemm_q's kernels)
+    # (moe_gemm_q's kernels); a8: int4 experts by id on moe_w4a8's loops (int8 activations by
+    # dp4a, quantized in the kernels; moe_gemm_q's *_w4a8 tiles)
     "moe_decode": {"BN": 16, "BK": 256, "BND": 16, "BKD": 256, "max_pairs": 64, "num_warps": 4,
                    "warps_down": 4, "num_stages": 2, "token_tiles": [], "quant_tiles": {}, "dequant": "words",
-                   "prefetch": True, "acc": "row", "unroll": False, "quant_direct": True},
+                   "prefetch": True, "acc": "row", "unroll": False, "quant_direct": True, "a8": False},
     # dense projections of up to max_rows rows (lowering/triton/gemv.py; larger take cuBLAS):
     # enabled: the kernel in place of cuBLAS (env KIMI_GRAPH_TRITON_GEMV=1/0 overrides); BN output
     # columns x BK a step per program, K split until ~`programs` programs (at most max_split);
