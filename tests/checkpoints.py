@@ -171,3 +171,13 @@ def tie_routers(weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch.
         elif name.endswith("gate.e_score_correction_bias"):
             w.copy_(torch.tensor([-20.0, 0.25, 0.5])[torch.randint(0, 3, w.shape, generator=gen)])
     return weights
+
+
+def tiny_two_layers():
+    """The tiny preset's widths on two layers (KDA with the dense MLP, then MLA with the MoE):
+    every kind of layer it has, at half its interpreted cost."""
+    from kimi_graph.config import KimiLinearConfig
+    from kimi_graph.presets import PRESETS
+    cfg = {**PRESETS["tiny"], "num_hidden_layers": 2}
+    cfg["linear_attn_config"] = {**cfg["linear_attn_config"], "kda_layers": [1], "full_attn_layers": [2]}
+    return KimiLinearConfig.from_dict(cfg)

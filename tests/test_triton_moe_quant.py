@@ -209,19 +209,11 @@ def test_decode_plan_reads_low_bit_experts_by_id(triton_interpret):
     assert not {getattr(i, "kind", None) for i in items} & {"moe_permute", "quantized_grouped_swiglu", "moe_unpermute"}
 
 
-def tiny_two_layers():
-    """The tiny preset's widths on two layers: KDA with the dense MLP, then MLA with the MoE
-    (every MoE layer of the preset runs the same low-bit chain; one keeps the interpreter short)."""
-    from kimi_graph.config import KimiLinearConfig
-    from kimi_graph.presets import PRESETS
-    cfg = {**PRESETS["tiny"], "num_hidden_layers": 2}
-    cfg["linear_attn_config"] = {**cfg["linear_attn_config"], "kda_layers": [1], "full_attn_layers": [2]}
-    return KimiLinearConfig.from_dict(cfg)
-
-
 @pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
 def test_low_bit_model_on_triton_matches_interpreter(triton_interpret, fmt):
-    """Prefill (the permuted path: 36 token copies) and a decode step (experts by id), fp32: <= 1e-5."""
+    """Prefill (the permuted path: 36 token copies) and a decode step (experts by id), fp32: <= 1e-5;
+    one MoE layer (every MoE layer of the preset runs the same low-bit chain)."""
+    from checkpoints import tiny_two_layers
     from test_triton_backend import state_inputs
     ref = kimi_graph.load(tiny_two_layers(), experts=fmt)
     tri = kimi_graph.load(tiny_two_layers(), experts=fmt, backend="triton")
