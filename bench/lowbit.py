@@ -81,7 +81,6 @@ def cpu_smoke():
 
 W4A8, FUSE = dict(rows_kernel="w4a8"), dict(rows_kernel="w4a8", fuse_w4a8=True)
 DECODE_VARIANTS = [("default", {}),
-                   ("default pdl", dict(pdl=True)),
                    ("fuse", FUSE),
                    ("fuse pdl", dict(FUSE, pdl=True)),
                    ("fuse BN32_TPS2", dict(FUSE, BN_w4a8=32, BND_w4a8=32, TPS_w4a8=2)),
@@ -89,8 +88,6 @@ DECODE_VARIANTS = [("default", {}),
                    ("fuse BN8", dict(FUSE, BN_w4a8=8)),
                    ("fuse TPS2", dict(FUSE, TPS_w4a8=2)),
                    ("fuse TPSD8", dict(FUSE, TPSD_w4a8=8)),
-                   ("fuse w2", dict(FUSE, warps_w4a8=2)),
-                   ("fuse BN32_TPS2 w8", dict(FUSE, BN_w4a8=32, BND_w4a8=32, TPS_w4a8=2, warps_w4a8=8)),
                    ("w4a8 BN32_TPS2", dict(W4A8, BN_w4a8=32, BND_w4a8=32, TPS_w4a8=2))]
 W8A8 = dict(fp8_dot="w8a8")
 TMA = dict(W8A8, tma_w8a8=True)
