@@ -56,11 +56,10 @@ def _conv_in(x_ptr, w_ptr, st_ptr, srow, c, m, C: tl.constexpr):
 
 
 @triton.jit
-def _project(x_ptr, w_ptr, rows, m, dr, mr):
-    # y[rows] = sum_r w[rows, r] x[r] (x: R values), rounded to DT as the linear's output is
+def _project(x_ptr, w, dr, mr):
+    # y = sum_r w[:, r] x[r] (x: R values, w: the loaded rows), rounded to DT as the linear's output is
     xr = tl.load(x_ptr + dr, mask=mr, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + rows[:, None] * R + dr[None, :], mask=m[:, None] & mr[None, :], other=0.0).to(tl.float32)
-    return tl.sum(w * xr[None, :], 1).to(DT)
+    return tl.sum(w.to(tl.float32) * xr[None, :], 1).to(DT)
 
 
 @triton.jit
@@ -79,19 +78,24 @@ def kda_decode_step(p_ptr, xs, wq_ptr, wk_ptr, wv_ptr, cq_ptr, ck_ptr, cv_ptr, w
     mr = dr < R
     row = p_ptr + n.to(tl.int64) * xs
     srow = tl.load(slot_ptr + n)
-    q, nq, pq, mq = _conv_in(row + QO, wq_ptr, cq_ptr, srow, h * K + dk, mk, H * K)
-    k, nk, pk, mkk = _conv_in(row + KO, wk_ptr, ck_ptr, srow, h * K + dk, mk, H * K)
-    v, nv, pv, mvv = _conv_in(row + VO, wv_ptr, cv_ptr, srow, h * V + dv, mv, H * V)
-    f = _project(row + FO, wf_ptr, h * K + dk, mk, dr, mr).to(tl.float32)
-    if GATE:
-        gt = _project(row + GO, wg_ptr, h * V + dv, mv, dr, mr)
-        tl.store(g_ptr + n.to(tl.int64) * (H * V) + h * V + dv, gt, mask=mv)
-    bb = tl.sigmoid(tl.load(row + BO + h).to(tl.float32))
+    # the state and the f_b / g_b rows first: in flight while the convs' loads and sums run
     soff = ((tl.maximum(srow, 0).to(tl.int64) * H + h) * K + dk[:, None]) * V + dv[None, :]
     smask = (mk & (dk * 0 + srow >= 0))[:, None] & mv[None, :]
     S = tl.load(s_ptr + soff, mask=smask, other=0.0)
+    wf = tl.load(wf_ptr + (h * K + dk)[:, None] * R + dr[None, :], mask=mk[:, None] & mr[None, :], other=0.0)
+    if GATE:
+        wg = tl.load(wg_ptr + (h * V + dv)[:, None] * R + dr[None, :], mask=mv[:, None] & mr[None, :], other=0.0)
     dt = tl.load(dt_ptr + h * K + dk, mask=mk, other=0.0)
-    g = kda_decay(f + dt, tl.load(a_ptr + h))
+    a_log = tl.load(a_ptr + h)
+    q, nq, pq, mq = _conv_in(row + QO, wq_ptr, cq_ptr, srow, h * K + dk, mk, H * K)
+    k, nk, pk, mkk = _conv_in(row + KO, wk_ptr, ck_ptr, srow, h * K + dk, mk, H * K)
+    v, nv, pv, mvv = _conv_in(row + VO, wv_ptr, cv_ptr, srow, h * V + dv, mv, H * V)
+    f = _project(row + FO, wf, dr, mr).to(tl.float32)
+    if GATE:
+        gt = _project(row + GO, wg, dr, mr)
+        tl.store(g_ptr + n.to(tl.int64) * (H * V) + h * V + dv, gt, mask=mv)
+    bb = tl.sigmoid(tl.load(row + BO + h).to(tl.float32))
+    g = kda_decay(f + dt, a_log)
     q = kda_l2norm(q, 0)
     k = kda_l2norm(k, 0)
     S = S * tl.exp(g)[:, None]
