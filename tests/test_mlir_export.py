@@ -1,8 +1,8 @@
 """MLIR export: the decomposed lowering (custom ops replaced by their static reference forms)
 that torch-mlir imports, checked without torch-mlir (no custom ops left, torch.export traces
 it, same outputs as the interpreter: fp32 relative error per output <= 1e-5); then, where
-torch-mlir is installed (the `mlir` extra), `kimi-graph export-mlir` for each dialect on the
-tiny model, parsed back with torch-mlir's own parser."""
+torch-mlir is installed (the `mlir` extra), `kimi-graph export-mlir` for each dialect on a
+two-layer checkpoint (KDA, then MLA with MoE), parsed back with torch-mlir's own parser."""
 from __future__ import annotations
 
 import sys
@@ -63,12 +63,12 @@ def test_export_mlir_refuses_bad_sizes(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)
-def test_export_mlir_command_writes_parseable_modules(dialect, tmp_path):
+def test_export_mlir_command_writes_parseable_modules(dialect, tmp_path, kda_mla_checkpoint):
     pytest.importorskip("torch_mlir", reason="torch-mlir not installed (the `mlir` extra)")
     from kimi_graph.lowering.mlir.export import parse_mlir
 
     out = tmp_path / "tiny.mlir"
-    assert main(["export-mlir", "tiny", "--dialect", dialect, "--out", str(out), "--mode", "decode",
+    assert main(["export-mlir", str(kda_mla_checkpoint), "--dialect", dialect, "--out", str(out), "--mode", "decode",
                  "--cache-len", "8"]) == 0
     text = out.read_text()
     assert text.startswith("// kimi-graph: graph 'decode' (decode), dialect " + dialect)
@@ -81,17 +81,17 @@ def test_export_mlir_command_writes_parseable_modules(dialect, tmp_path):
     assert "kimi_graph" not in body.split("{-#")[0]        # no custom op survived
 
 
-def test_export_mlir_of_the_optimized_prefill(tmp_path):
+def test_export_mlir_of_the_optimized_prefill(tmp_path, kda_mla_checkpoint):
     pytest.importorskip("torch_mlir", reason="torch-mlir not installed (the `mlir` extra)")
     from kimi_graph.lowering.mlir.export import parse_mlir
 
     out = tmp_path / "opt.mlir"
-    assert main(["export-mlir", "tiny", "--pipeline", "default", "--out", str(out),
+    assert main(["export-mlir", str(kda_mla_checkpoint), "--pipeline", "default", "--out", str(out),
                  "--batch", "2", "--seq", "4"]) == 0
     text = out.read_text()
     for kind in ("kda_fused_chunk", "moe_route", "grouped_swiglu", "add_rmsnorm"):
         assert kind in text.splitlines()[2]
-    assert "-> !torch.vtensor<[2,4,512],f32>" in str(parse_mlir(text).operation)   # logits [B,T,V]
+    assert "-> !torch.vtensor<[2,4,61],f32>" in str(parse_mlir(text).operation)   # logits [B,T,V]
 
 
 def test_decomposed_kinds_lists_the_custom_ops_in_the_graph():
