@@ -152,9 +152,10 @@ def test_plan_runs_a_norm_with_its_linear():
 
 @pytest.mark.parametrize("B", [2, 5])                         # the kernel, and cuBLAS past max_rows
 def test_tiny_decode_with_the_kernel_matches_the_interpreter(monkeypatch, B):
+    from checkpoints import tiny_two_layers
     from test_triton_backend import state_inputs
-    ref = kimi_graph.load("tiny", pipeline="default")
-    tri = kimi_graph.load("tiny", pipeline="default", backend="triton")
+    ref = kimi_graph.load(tiny_two_layers(), pipeline="default")
+    tri = kimi_graph.load(tiny_two_layers(), pipeline="default", backend="triton")
     inputs = state_inputs(tri.get_graph("decode", True), torch.arange(B)[:, None] + 3, torch.arange(B) + 4, B=B)
     calls = []
     kernel = gemv.linear
