@@ -66,14 +66,15 @@ def test_one_launch_step_equals_the_plain_kernels(kda_mla_checkpoint, monkeypatc
     model = kimi_graph.load(kda_mla_checkpoint, pipeline="default", backend="triton")
     kw = dict(max_batch=4, max_len=12)
     runs = {}
-    for fused in (256, 0):
+    for fused, early in ((256, 16), (256, 0), (0, 16)):      # both load orders of the one-launch step
         monkeypatch.setitem(TARGETS["interpret"]["configs"]["kda_recurrent"], "fused_decode", fused)
+        monkeypatch.setitem(TARGETS["interpret"]["configs"]["kda_recurrent"], "decode_early_rows", early)
         launches = collections.Counter()
-        runs[fused] = (_script(Engine(model, **kw), launches), launches)
-    (got, one), (want, plain) = runs[256], runs[0]
-    assert len(got) == len(want)
-    for x, y in zip(got, want):
-        assert rel_err(x, y) <= TOL
+        runs[fused, early] = (_script(Engine(model, **kw), launches), launches)
+    (got, one), (late, _), (want, plain) = runs[256, 16], runs[256, 0], runs[0, 16]
+    assert len(got) == len(want) == len(late)
+    for x, y, z in zip(got, want, late):
+        assert rel_err(x, y) <= TOL and torch.equal(x, z)
     steps = plain["triton.kda_recurrent_step"]      # a KDA layer's steps (each bucket's first runs twice)
     assert steps >= 2 and plain["triton.causal_conv1d_group"] == steps and not plain["triton.kda_decode_step"]
     assert one["triton.kda_decode_step"] == steps

@@ -40,7 +40,7 @@ def graph_specs(g, target: str) -> dict[tuple[str, str], tuple[KernelSpec, set]]
         item = items.pop(0)
         if isinstance(item, kda_decode.DecodeStep):      # its fused kernel, then its plain parts'
             items[:0] = [p for p in item.parts if not getattr(p, "kind", None) == "reshape"]
-            specs, kind = [item.fused_spec(g, target)], "causal_conv1d+linear+kda_fused_recurrent"
+            specs, kind = item.fused_specs(g, target), "causal_conv1d+linear+kda_fused_recurrent"
         elif isinstance(item, Group):
             specs, kind = [chain_spec(item.chain, target)], "+".join(o.kind for o in item.ops)
         elif isinstance(item, Convs):

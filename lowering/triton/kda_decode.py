@@ -78,23 +78,29 @@ def kda_decode_step(p_ptr, xs, wq_ptr, wk_ptr, wv_ptr, cq_ptr, ck_ptr, cv_ptr, w
     mr = dr < R
     row = p_ptr + n.to(tl.int64) * xs
     srow = tl.load(slot_ptr + n)
-    # the state and the f_b / g_b rows first: in flight while the convs' loads and sums run
     soff = ((tl.maximum(srow, 0).to(tl.int64) * H + h) * K + dk[:, None]) * V + dv[None, :]
     smask = (mk & (dk * 0 + srow >= 0))[:, None] & mv[None, :]
-    S = tl.load(s_ptr + soff, mask=smask, other=0.0)
-    wf = tl.load(wf_ptr + (h * K + dk)[:, None] * R + dr[None, :], mask=mk[:, None] & mr[None, :], other=0.0)
-    if GATE:
-        wg = tl.load(wg_ptr + (h * V + dv)[:, None] * R + dr[None, :], mask=mv[:, None] & mr[None, :], other=0.0)
+    if EARLY:       # the state and the f_b / g_b rows first: in flight while the convs' loads and sums run
+        S = tl.load(s_ptr + soff, mask=smask, other=0.0)
+        wf = tl.load(wf_ptr + (h * K + dk)[:, None] * R + dr[None, :], mask=mk[:, None] & mr[None, :], other=0.0)
+        if GATE:
+            wg = tl.load(wg_ptr + (h * V + dv)[:, None] * R + dr[None, :], mask=mv[:, None] & mr[None, :], other=0.0)
     dt = tl.load(dt_ptr + h * K + dk, mask=mk, other=0.0)
     a_log = tl.load(a_ptr + h)
     q, nq, pq, mq = _conv_in(row + QO, wq_ptr, cq_ptr, srow, h * K + dk, mk, H * K)
     k, nk, pk, mkk = _conv_in(row + KO, wk_ptr, ck_ptr, srow, h * K + dk, mk, H * K)
     v, nv, pv, mvv = _conv_in(row + VO, wv_ptr, cv_ptr, srow, h * V + dv, mv, H * V)
+    if not EARLY:   # (fewer registers held through the convs: more programs an SM at larger batches)
+        wf = tl.load(wf_ptr + (h * K + dk)[:, None] * R + dr[None, :], mask=mk[:, None] & mr[None, :], other=0.0)
+        if GATE:
+            wg = tl.load(wg_ptr + (h * V + dv)[:, None] * R + dr[None, :], mask=mv[:, None] & mr[None, :], other=0.0)
     f = _project(row + FO, wf, dr, mr).to(tl.float32)
     if GATE:
         gt = _project(row + GO, wg, dr, mr)
         tl.store(g_ptr + n.to(tl.int64) * (H * V) + h * V + dv, gt, mask=mv)
     bb = tl.sigmoid(tl.load(row + BO + h).to(tl.float32))
+    if not EARLY:
+        S = tl.load(s_ptr + soff, mask=smask, other=0.0)
     g = kda_decay(f + dt, a_log)
     q = kda_l2norm(q, 0)
     k = kda_l2norm(k, 0)
@@ -113,14 +119,15 @@ def kda_decode_step(p_ptr, xs, wq_ptr, wk_ptr, wv_ptr, cq_ptr, ck_ptr, cv_ptr, w
 
 @functools.lru_cache(maxsize=None)
 def step_spec(H, K, V, R, W, offsets: tuple, gate: bool, dtype: str, scale: float, eps: float,
-              target: str) -> KernelSpec:
+              target: str, early: bool = True) -> KernelSpec:
     """The fused step of heads H x (K, V), f_a / g_a width R, conv width W; offsets: the
-    columns (q, k, v, f_a, b, g_a) of the fused projection."""
+    columns (q, k, v, f_a, b, g_a) of the fused projection; early: the state and f_b / g_b rows
+    loaded before the convs (kda_recurrent.decode_early_rows)."""
     cfg = config("kda_recurrent", target)
     QO, KO, VO, FO, BO, GO = offsets
     consts = {"H": H, "K": K, "V": V, "R": R, "W": W, "WP": max(2, next_pow2(W)), "BK": max(16, next_pow2(K)),
               "BV": max(16, next_pow2(V)), "BR": max(16, next_pow2(R)), "QO": QO, "KO": KO, "VO": VO, "FO": FO,
-              "BO": BO, "GO": GO, "GATE": gate, "SCALE": float(scale), "EPS": float(eps), "DT": TL_DTYPES[dtype]}
+              "BO": BO, "GO": GO, "GATE": gate, "EARLY": bool(early), "SCALE": float(scale), "EPS": float(eps), "DT": TL_DTYPES[dtype]}
     p = "*" + {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}[dtype]
     sig = {"p_ptr": p, "xs": "i32", "wq_ptr": p, "wk_ptr": p, "wv_ptr": p, "cq_ptr": p, "ck_ptr": p, "cv_ptr": p,
            "wf_ptr": p, "wg_ptr": p, "a_ptr": "*fp32", "dt_ptr": "*fp32", "o_ptr": p, "g_ptr": p,
@@ -142,13 +149,13 @@ class DecodeStep:
     internal: list[str]       # values only the parts pass between them (dropped after them)
     taken: set[int]           # ids of the plan's ops the step runs in their place (the parts' but the KDA op)
 
-    def fused_spec(self, g, target: str) -> KernelSpec:
-        """The one-launch kernel of graph `g`'s types (AOT builds)."""
+    def fused_specs(self, g, target: str) -> list[KernelSpec]:
+        """The one-launch kernels of graph `g`'s types, both load orders (AOT builds)."""
         p, wq, wf = (g.types[v] for v in (self.inputs[0], self.inputs[1], self.inputs[7]))
         _, H, K, V = g.types[self.inputs[-1]].shape
         a = get_op("kda_fused_recurrent").full_attrs(self.kda.attrs)
-        return step_spec(H, K, V, wf.shape[1], wq.shape[-1], self.offsets, len(self.outputs) > 5, p.dtype,
-                         float(a["scale"]), float(a["l2norm_eps"]), target)
+        return [step_spec(H, K, V, wf.shape[1], wq.shape[-1], self.offsets, len(self.outputs) > 5, p.dtype,
+                          float(a["scale"]), float(a["l2norm_eps"]), target, early) for early in (True, False)]
 
 
 def _slice_of(g, v: str, src: str):
@@ -223,7 +230,7 @@ def run(item: DecodeStep, args: list):
     gate = len(item.outputs) > 5
     a = get_op("kda_fused_recurrent").full_attrs(item.kda.attrs)
     spec = step_spec(H, K, V, R, W, item.offsets, gate, ir_dtype(p), float(a["scale"]), float(a["l2norm_eps"]),
-                     target)
+                     target, B <= config("kda_recurrent", target)["decode_early_rows"])
     if spec.hash in _UNBUILT:
         return None
     rows, xs = row_view(p)

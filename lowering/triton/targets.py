@@ -63,8 +63,10 @@ _BASE = {
                   "scan_ks": 128, "scan_many": 0, "BV_many": 64, "warps_many": 4, "scan_seg": 0,
                   "scan_seg_min": 0, "BV_seg": 0, "warps_seg": 0, "conv_in_prep": False, "op_chunk": True},
     # fused_decode: one-token steps of up to this many sequences run the convs, f_b / g_b and the
-    # step in one launch (kda_decode.py; one program a head on decode_warps warps; 0: never)
-    "kda_recurrent": {"BV": 32, "num_warps": 4, "num_stages": 1, "fused_decode": 256, "decode_warps": 8},
+    # step in one launch (kda_decode.py; one program a head on decode_warps warps; 0: never); up to
+    # decode_early_rows sequences its state and f_b / g_b rows load before the convs
+    "kda_recurrent": {"BV": 32, "num_warps": 4, "num_stages": 1, "fused_decode": 256, "decode_warps": 8,
+                      "decode_early_rows": 16},
     # split_min: fewest keys a split takes; small so that short contexts at small batch still
     # spread over many programs (H200 e2e, B=1, 1k context, split_min 512: two programs,
     # mla_latent_split ~80 us per MLA layer)
