@@ -71,11 +71,34 @@ def skip_unasserted_overflow_checks():
     sem.binary_op_sanitize_overflow_impl = sanitize
 
 
+def cache_numpy_dtypes():
+    """The interpreter maps a Triton dtype to numpy's through a table it builds again at every
+    call (a few per interpreted op); look each dtype up once."""
+    from triton.runtime import interpreter
+    import triton.language as tl
+    get = getattr(interpreter, "_get_np_dtype", None)
+    if get is None or getattr(get, "cached", False):
+        return
+    pointer, memo = get(tl.pointer_type(tl.int8)), {}
+
+    def np_dtype(tt):
+        if isinstance(tt, tl.block_type):
+            tt = tt.element_ty
+        if isinstance(tt, tl.pointer_type):
+            return pointer
+        if tt not in memo:
+            memo[tt] = get(tt)
+        return memo[tt]
+    np_dtype.cached = True
+    interpreter._get_np_dtype = np_dtype
+
+
 @pytest.fixture
 def triton_interpret(monkeypatch, tmp_path_factory):
     """Run Triton kernels through its CPU interpreter, with a per-session kernel cache."""
     patch_device_calls_once()
     skip_unasserted_overflow_checks()
+    cache_numpy_dtypes()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("KIMI_GRAPH_TRITON_CACHE", str(tmp_path_factory.getbasetemp() / "triton-cache"))
 
