@@ -201,7 +201,8 @@ TARGETS: dict[str, dict] = {
                       "prep_rows": 4, "bkg_fp32": False, "ftz_exp": True, "diag_warps": 2, "intra_warps": 2,
                       "intra_stages": 1, "wu_warps": 2, "wu_stages": 2, "scan_many": 1024, "BV_many": 128,
                       "warps_many": 8, "op_chunk": False, "scan_seg": 256, "scan_seg_min": 1024},
-        "kda_recurrent": {"BV": 64, "num_warps": 4},
+        # decode_early_rows 0, prefetch False (router): untimed on a GPU yet, so off here
+        "kda_recurrent": {"BV": 64, "num_warps": 4, "decode_early_rows": 0},
         "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
         # decode projections: bench/gemv.py on an H200 (2026-11-30 23:44, 9f3f49a) won at one row
         # only, and lost where the norm rides on the wide fused projections (left to cuBLAS);
@@ -217,7 +218,8 @@ TARGETS: dict[str, dict] = {
         # router: best of bench/moe_dispatch.py's sweep on an H200 (2026-11-30); the packed top-k with
         # the norm inside its launch: the 27-layer B=1 step 2.948 -> 2.911 ms, 311 -> 285 launches
         # (H200, 2026-12-01 03:35, e43d28b, bench/results/decode_step_forms27.json)
-        "moe_route": {"BN": 128, "BE": 128, "BR": 1, "select_warps": 2, "select": "packed", "norm_inline": True},
+        "moe_route": {"BN": 128, "BE": 128, "BR": 1, "select_warps": 2, "select": "packed", "norm_inline": True,
+                      "prefetch": False},
         # grouped SwiGLU: the best of bench/moe_swiglu.py --sweep on an H200 (2026-12-01 03:35,
         # f3ac10f): large (16k / 32k tokens) host descriptors, half tiles, down BN 256: 3.695 /
         # 6.784 ms, was 4.047 / 7.491 (547 TFLOP/s at 32k, 0.81x dense cuBLAS); mid (4k) the same
