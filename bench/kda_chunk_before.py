@@ -175,7 +175,7 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None) -> li
 
     return [spec("kda_chunk_prep", _PREP, ["q_ptr", "k_ptr", "f_ptr", "b_ptr", "a_ptr", "dt_ptr", "chunk_start",
                                            "chunk_len", "qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "qg_ptr",
-                                           "kg_ptr", "gl_ptr"], cfg["prep_warps"], **kda._PREP_KG["reload"], diag_args="",
+                                           "kg_ptr", "gl_ptr"], cfg["prep_warps"], **kda._PREP_KG["reload"], **kda._PREP_IN["plain"], diag_args="",
                  diag_here=""),
             spec("kda_chunk_intra", _INTRA, ["qn_ptr", "kn_ptr", "gc_ptr", "beta_ptr", "chunk_start",
                                              "chunk_len", "aqk_ptr", "akk_ptr"], cfg["intra_warps"]),
