@@ -15,8 +15,9 @@ shapes, B = 1, 2, 8), best tiles per token bucket (moe_decode token_tiles), in e
 two kernels where it would run as one launch), "pdl" (fused, with dependent launches),
 "pdl-wait" (the same, each kernel letting the next launch only once its own wait has passed:
 one kernel ahead), "router-k512" / "router-k256-w2" (the one-launch router in fewer K splits,
-K tiles of 512 / of 256 on 2 warps; "router-noprefetch": its weight tiles not loaded a step
-ahead), "kda-fused" / "kda-plain" (KDA's decode step in one launch
+K tiles of 512 / of 256 on 2 warps; "router-noprefetch" / "router-prefetch": its weight tiles
+loaded in turn / a step ahead), "kda-early" (the one-launch KDA step's state and f_b / g_b rows
+loaded before its convs), "kda-fused" / "kda-plain" (KDA's decode step in one launch
 or three, kda_decode.py; "kda-fused-w4" on 4 warps), "packed" (the router's packed-key top-k), "tile-unroll"
 (the bf16 experts' tile accumulators, unrolled K loops), "packed-tile-unroll" (both), "norm-route" (the add_rmsnorm feeding the router inside its
 launch), "packed-norm" (the router's two).
@@ -60,6 +61,8 @@ VARIANTS = {
     "router-k512": {"moe_route": {"BK_small": 512}},
     "router-k256-w2": {"moe_route": {"BK_small": 256, "num_warps_small": 2}},
     "router-noprefetch": {"moe_route": {"prefetch": False}},      # the router's weight tiles loaded in turn
+    "router-prefetch": {"moe_route": {"prefetch": True}},          # ... a step ahead (off on sm_90 until timed)
+    "kda-early": {"kda_recurrent": {"decode_early_rows": 16}},     # the one-launch KDA step's early loads
     "kda-fused": {"kda_recurrent": {"fused_decode": 256}},          # KDA's convs, f_b / g_b and step in one launch
     "kda-plain": {"kda_recurrent": {"fused_decode": 0}},
     "kda-fused-w4": {"kda_recurrent": {"fused_decode": 256, "decode_warps": 4}},
