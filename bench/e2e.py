@@ -357,30 +357,58 @@ def phase_hf(cfg_dict: dict, args, rows: list, info: dict) -> None:
 ALL_MLA_RESERVE_S = 90      # what the all-MLA half of the long phase takes (load, fills, decode)
 
 
-def prefill_estimate(segments: list[tuple[int, int, float]], a: int, b: int) -> float | None:
-    """Seconds to prefill positions a -> b, from the segments timed so far (from, to, s): a
-    token at position x costs c1 + 2 c2 x (its attention grows with x), fitted by least squares;
-    None before two segments."""
-    if len(segments) < 2:
+def chunk_cost_fit(chunks: list[tuple[int, int, float]]) -> tuple[float, float] | None:
+    """(c1, c2) >= 0 with a chunk of n tokens from position x costing c1 n + c2 ((x + n)^2 - x^2)
+    (its attention grows with x), a non-negative least-squares fit to the timed chunks (x, n, s).
+    The run's first chunk is left out once there are three: it carries first-call costs (0 -> 4k
+    took 1.9 s after the warm-up on the H200, 4k -> 128k 4.5 s, and a fit through both called
+    128k -> 1M 439 s where the attention's rate says about 190 s). None before two chunks."""
+    pts = chunks[1:] if len(chunks) >= 3 else chunks
+    if len(pts) < 2:
         return None
-    X = torch.tensor([[y - x, y * y - x * x] for x, y, _ in segments], dtype=torch.float64)
-    c = torch.linalg.lstsq(X, torch.tensor([[s] for *_, s in segments], dtype=torch.float64)).solution
-    c1, c2 = max(0.0, float(c[0, 0])), max(0.0, float(c[1, 0]))
-    return c1 * (b - a) + c2 * (b * b - a * a)
+    X = torch.tensor([[n, (x + n) ** 2 - x * x] for x, n, _ in pts], dtype=torch.float64)
+    y = torch.tensor([s for *_, s in pts], dtype=torch.float64)
+    scale = X.abs().amax(0).clamp_min(1.0)                  # columns of like size for the solve
+    c = torch.linalg.lstsq(X / scale, y[:, None]).solution[:, 0] / scale
+    if (c < 0).any():                                       # the better fit on one term alone
+        fits = [torch.zeros(2, dtype=torch.float64) for _ in range(2)]
+        for j in range(2):
+            fits[j][j] = max(0.0, float(X[:, j] @ y / (X[:, j] @ X[:, j])))
+        c = min(fits, key=lambda f: float(((X @ f - y) ** 2).sum()))
+    return float(c[0]), float(c[1])
 
 
-def long_prompt(engine, slots: list[int], upto: int, vocab: int, gen, device: str) -> dict:
-    """Prefill the slot with random tokens from what it holds up to `upto` tokens (a continuation
-    in chunks of engine.prefill_chunk), timed -> the row's prefill fields."""
+def prefill_estimate(chunks: list[tuple[int, int, float]], a: int, b: int) -> float | None:
+    """Seconds to prefill positions a -> b, from the chunks timed so far (chunk_cost_fit)."""
+    c = chunk_cost_fit(chunks)
+    return None if c is None else c[0] * (b - a) + c[1] * (b * b - a * a)
+
+
+def long_prompt(engine, slots: list[int], upto: int, vocab: int, gen, device: str,
+                chunks: list[tuple[int, int, float]], deadline: float | None = None) -> dict:
+    """Prefill the slot with random tokens from what it holds up to `upto` tokens, one engine
+    chunk a call (a continuation), each timed into `chunks` (x, n, s). With a deadline (a
+    time.perf_counter() value), a chunk whose estimate would pass it is not started: the row
+    then says where the prefill stopped -> the row's prefill fields."""
     held = engine.cache.lengths[slots[0]]
     n = upto - held
     if n <= 0:
         return {"prefill_from": held, "prefill_tokens": 0}
     prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
-    s = timed(lambda: engine.prefill(slots, [prompt], last_only=True), device)
-    print(f"prefill {held} -> {upto} tokens: {s:.1f} s ({n / s:.0f} tok/s)", flush=True)
-    return {"prefill_from": held, "prefill_tokens": n, "prefill_s": s, "prefill_tok_s": n / s,
-            "prefill_chunk": engine.prefill_chunk}
+    step, done, total, out = engine.prefill_chunk or n, 0, 0.0, {}
+    while done < n:
+        x, m = held + done, min(step, n - done)
+        est = prefill_estimate(chunks, x, x + m)
+        if deadline is not None and est is not None and time.perf_counter() + est > deadline:
+            out["prefill_stopped"] = f"at {x} of {upto} tokens: the next chunk (est. {est:.1f} s) would pass the budget"
+            print(out["prefill_stopped"], flush=True)
+            break
+        s = timed(lambda: engine.prefill(slots, [prompt[done:done + m]], last_only=True), device)
+        chunks.append((x, m, s))
+        done, total = done + m, total + s
+    print(f"prefill {held} -> {held + done} tokens: {total:.1f} s ({done / max(total, 1e-9):.0f} tok/s)", flush=True)
+    return {"prefill_from": held, "prefill_tokens": done, "prefill_s": total,
+            "prefill_tok_s": done / max(total, 1e-9), "prefill_chunk": engine.prefill_chunk, **out}
 
 
 def warm_prefill(engine, vocab: int) -> float:
@@ -422,23 +450,23 @@ def phase_long(args, bw: float, rows: list, info: dict) -> None:
             continue
         if not all_mla and args.long_prefill:
             info[f"long_{label}"]["prefill_warmup_s"] = warm_prefill(engine, cfg.vocab_size)
-        slots, total, segments = engine.cache.allocate(1), 0.0, []
+        slots, total, chunks = engine.cache.allocate(1), 0.0, []
         for L in contexts:
             fl = floor_bytes(cfg, 1, L)
             row = {"what": f"long_{label}", "B": 1, "context": L, "floor_ms": fl["total"] / bw * 1e3,
                    "cache_gb": fl["mla_cache"] / 1e9}
             try:
                 held = engine.cache.lengths[slots[0]]
-                est = prefill_estimate(segments, held, L)
+                est = prefill_estimate(chunks, held, L)
                 if est is not None and deadline is not None and \
                         time.perf_counter() + est + ALL_MLA_RESERVE_S > deadline:
                     row["prefill_skipped"] = f"{held} -> {L} estimated {est:.0f} s, past --long-budget"
                     print(row["prefill_skipped"], flush=True)
                 if L <= args.long_prefill and not all_mla and "prefill_skipped" not in row:
-                    row.update(long_prompt(engine, slots, L, cfg.vocab_size, gen, args.device), cache="prefill",
-                               prefill_estimate_s=est)
+                    row.update(long_prompt(engine, slots, L, cfg.vocab_size, gen, args.device, chunks,
+                                           deadline and deadline - ALL_MLA_RESERVE_S),
+                               cache="prefill", prefill_estimate_s=est)
                     total += row.get("prefill_s", 0.0)
-                    segments.append((held, L, row.get("prefill_s", 0.0)))
                     row.update(prefill_total_s=total, prefill_peak_gb=peak_gb(args.device))
                 else:
                     engine.cache.free(slots)
@@ -499,9 +527,9 @@ def main(argv=None) -> None:
                          "random tokens, timed, instead of random cache contents (the all-MLA pair keeps random "
                          "contents: its decode time depends on the context's length only)")
     ap.add_argument("--long-budget", type=float, default=0, metavar="S",
-                    help="seconds for the long phase: a prefill segment whose estimate (from the segments "
+                    help="seconds for the long phase: a prefill segment whose estimate (from the chunks timed "
                          "before it) would leave less than the all-MLA half needs is not run (random contents "
-                         "instead; the row says so). 0: no limit")
+                         "instead), nor is a chunk that would; the row says so. 0: no limit")
     ap.add_argument("--graphs", default="both", choices=("both", "on", "off"))
     ap.add_argument("--steps", type=int, default=20, help="decode steps timed per figure")
     ap.add_argument("--reps", type=int, default=2, help="timed prefill repeats (best taken)")
