@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("triton")
 
 import kimi_graph  # noqa: E402
-from kimi_graph.lowering.triton import backend, gemv  # noqa: E402
+from kimi_graph.lowering.triton import backend, gemv, kda_decode  # noqa: E402
 from reference_kimi import rel_err as rel  # noqa: E402
 
 TOL = 1e-5
@@ -144,7 +144,9 @@ def test_plan_runs_a_norm_with_its_linear():
     kinds = [s.ops[0].kind for s in steps]
     assert {"add_rmsnorm", "rmsnorm", "gated_rmsnorm"} <= set(kinds)   # attention norms, the head's, KDA's output
     assert any(s.outputs[0] == g.outputs[0] for s in steps)   # the logits
-    pairs = [i for i in items if isinstance(i, backend.LinearPair)]
+    decode_steps = [i for i in items if isinstance(i, kda_decode.DecodeStep)]   # a KDA layer's step, f_b / g_b inside
+    pairs = [i for i in items if isinstance(i, backend.LinearPair)] + \
+        [p for d in decode_steps for p in d.parts if isinstance(p, backend.LinearPair)]
     assert len(pairs) == model.config.layer_kinds.count("kda")                  # f_b and g_b
     ran = {id(o) for s in steps + pairs for o in s.ops}
     assert not [i for i in items if id(i) in ran]
