@@ -69,7 +69,8 @@ def provenance() -> dict:
     except OSError:
         commit = "?"
     import triton
-    return {"device": torch.cuda.get_device_name(), "date": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"),
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    return {"device": device, "date": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"),
             "commit": commit, "torch": torch.__version__, "triton": triton.__version__}
 
 

@@ -12,11 +12,14 @@ off), the numerics of the decode-sized W4A8 path over the whole model.
 
     python bench/lowbit_accuracy.py                     # GPU if there is one, fp32
     python bench/lowbit_accuracy.py --device cpu --num-experts 32 --tokens 32   # a CPU preview
-Writes bench/results/lowbit-accuracy.json (with --write)."""
+    python bench/lowbit_accuracy.py --device cpu --formats int4 --write --name lowbit-accuracy-int4
+        # the whole slice on a CPU: about 10 min and 17 GB a format
+Writes bench/results/NAME.json (with --write; --name, default lowbit-accuracy)."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -25,6 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import kimi_graph  # noqa: E402
 from kimi_graph.config import KimiLinearConfig  # noqa: E402
@@ -69,7 +73,8 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--formats", default="int8,fp8,int4,int4-w4a8")
-    ap.add_argument("--write", action="store_true", help="write bench/results/lowbit-accuracy.json")
+    ap.add_argument("--write", action="store_true", help="write bench/results/NAME.json")
+    ap.add_argument("--name", default="lowbit-accuracy")
     args = ap.parse_args(argv)
     cfg = published_slice(args.layers, args.num_experts)
     dtype = getattr(torch, args.dtype)
@@ -79,6 +84,7 @@ def main(argv=None):
     ref = full(ids).float()
     ref_new = full.generate([ids[0].tolist()], max_new_tokens=args.new, ignore_eos=True)[0]
     del full
+    gc.collect()                                           # its graphs hold cycles: the weights go now
     rows = []
     for fmt in args.formats.split(","):
         t0 = time.perf_counter()
@@ -91,7 +97,9 @@ def main(argv=None):
         rows.append({"format": fmt, "rel_logits_err": err, "target": TARGETS[fmt], "ok": err <= TARGETS[fmt],
                      "top1_agree": (out.argmax(-1) == ref.argmax(-1)).float().mean().item(),
                      "greedy_same_prefix": f"{same}/{len(new)}", "s": time.perf_counter() - t0})
+        print(rows[-1], flush=True)
         del q
+        gc.collect()
     print(f"published-width slice: {args.layers} layers, {args.num_experts} experts, {args.tokens} tokens, "
           f"{args.dtype}, device {args.device}")
     print(f"{'format':>7}{'rel err':>10}{'target':>8}{'top-1 agree':>13}{'greedy':>9}")
@@ -99,12 +107,9 @@ def main(argv=None):
         print(f"{r['format']:>7}{r['rel_logits_err']:>10.4f}{r['target']:>8}{r['top1_agree']:>13.3f}"
               f"{r['greedy_same_prefix']:>9}")
     if args.write:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lowbit-accuracy.json")
-        data = {"layers": args.layers, "num_experts": args.num_experts, "tokens": args.tokens,
-                "dtype": args.dtype, "rows": rows}
-        for d in filter(None, [os.environ.get("OUT"), os.path.dirname(path)]):
-            with open(os.path.join(d, "lowbit-accuracy.json"), "w") as f:
-                json.dump(data, f, indent=1)
+        from harness import write_result
+        write_result(args.name, rows, {"layers": args.layers, "num_experts": args.num_experts,
+                                               "tokens": args.tokens, "new": args.new, "dtype": args.dtype})
 
 
 if __name__ == "__main__":
