@@ -132,10 +132,13 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
                group_size: int = 128) -> torch.Tensor:
     """The float weight [..., N, K] in the scales' dtype (computed in fp32, or fp64)."""
     acc = torch.float64 if scales.dtype == torch.float64 else torch.float32
-    if fmt == "fp8":
+    if fmt == "fp8":                    # block scales broadcast over their blocks: one full-size temporary
         N, K = codes.shape[-2:]
-        s = _fp8_expand(scales.to(acc), N, K, group_of(fmt, K, group_size))
-        return (codes.to(acc) * s).to(scales.dtype)
+        G = group_of(fmt, K, group_size)
+        nb, kb = scales.shape[-2:]
+        w = torch.nn.functional.pad(codes.to(acc), (0, kb * G - K, 0, nb * G - N))
+        w.view(*w.shape[:-2], nb, G, kb, G).mul_(scales.to(acc)[..., :, None, :, None])
+        return w[..., :N, :K].to(scales.dtype)
     c = unpack_int4(codes) if fmt == "int4" else codes
     G = group_of(fmt, c.shape[-1], group_size)
     z = zeros.to(acc) if zeros is not None else 2.0 ** (BITS[fmt] - 1)
