@@ -252,7 +252,10 @@ TARGETS: dict[str, dict] = {
                                             "warps_down": 4}]],
                        # low-bit experts by id: the best of bench/lowbit.py on an H200 (2026-12-01 01:18,
                        # 825dd84) at 1-8 tokens for int4 and int8 (int4 1 token 26.8 us, 16 x 512 38.1 us)
-                       "quant_tiles": {"BN": 32, "BK": 512, "BND": 32, "BKD": 512}}})},
+                       # (with their own warps: the float experts' 1-2 token tiles run on 2, which
+                       # the int4 tiles were not swept on)
+                       "quant_tiles": {"BN": 32, "BK": 512, "BND": 32, "BKD": 512, "num_warps": 4,
+                                       "warps_down": 4}}})},
     "interpret": {"arch": None, "gpu": "Triton interpreter (CPU)", "configs": _merge(_BASE, {
         "elementwise": {"BLOCK": 64},
         "conv": {"BT": 8, "BC": 16},
