@@ -38,15 +38,19 @@ def tiny():
     return kimi_graph.load("tiny", device="cuda", pipeline="default", backend="triton")
 
 
-@pytest.fixture(scope="module")
-def published_slice():
+def slice_of_published(**load):
     """Layers 1-4 of the published config (3 KDA, then MLA; a dense layer, then MoE) with 32
     experts instead of 256, in bf16."""
     cfg = json.loads(json.dumps(PRESETS["kimi-linear-48b-a3b"]))
     cfg.update(num_hidden_layers=4, num_experts=32)
     cfg["linear_attn_config"].update(kda_layers=[1, 2, 3], full_attn_layers=[4])
     return kimi_graph.load(KimiLinearConfig.from_dict(cfg), dtype=torch.bfloat16, device="cuda",
-                           pipeline="default", backend="triton")
+                           pipeline="default", backend="triton", **load)
+
+
+@pytest.fixture(scope="module")
+def published_slice():
+    return slice_of_published()
 
 
 def script(engine: Engine) -> list[torch.Tensor]:
@@ -86,6 +90,12 @@ def test_tiny_replay_equals_eager_step_by_step(tiny, page_size):
 @pytest.mark.parametrize("page_size", [None, 64])
 def test_published_slice_replay_equals_eager_step_by_step(published_slice, page_size):
     compare(published_slice, 2e-2, max_batch=8, max_len=256, page_size=page_size)
+
+
+def test_published_slice_int4_experts_replay_equals_eager():
+    """int4 experts: the decode step's low-bit MoE (the permuted W4A8 kernels on sm_90) under
+    graphs, step by step against the same engine without graphs."""
+    compare(slice_of_published(experts="int4"), 2e-2, max_batch=8, max_len=256)
 
 
 def test_contexts_grow_without_recapture_and_padding_touches_no_slot(tiny):

@@ -91,7 +91,7 @@ def gpu_case(fmt: str, E: int, tokens: int, seed: int):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU: bf16 kernels")
-@pytest.mark.parametrize("fmt,tokens", [("int4", 4), ("int8", 16), ("fp8", 16), ("fp8", 512)])
+@pytest.mark.parametrize("fmt,tokens", [("int4", 4), ("int4", 32), ("int8", 16), ("fp8", 16), ("fp8", 512)])
 def test_gpu_bf16_kernel_against_fp64(fmt, tokens):
     """bf16 on the GPU, published widths: <= 1e-2 weight-only; fp8 prefill tiles on fp8
     tensor cores (sm_89+: activations in e4m3 too) <= 6e-2."""

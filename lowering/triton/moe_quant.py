@@ -232,7 +232,8 @@ def quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13=None, z2=None,
     E, M, D = q13.shape[0], rows.shape[0], rows.shape[1]
     I = q2.shape[2] * (2 if fmt == "int4" else 1)
     dt, target = ir_dtype(rows), current_target()
-    per_row = M <= config("moe_gemm_q", target)["rows_max"] and \
+    cfg = config("moe_gemm_q", target)
+    per_row = M <= cfg.get(f"rows_max_{fmt}", cfg["rows_max"]) and \
         row_specs(fmt, E, I, D, group_size, z13 is not None, dt, target) is not None
     w8a8 = None if per_row or M <= 256 or z13 is not None else w8a8_specs(fmt, E, I, D, group_size, dt, target)
     if w8a8 is not None:

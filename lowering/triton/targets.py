@@ -118,7 +118,7 @@ _BASE = {
     # epilogue; BM/BN/BK_w8a8 gate_up tiles, BN_w8a8 also down's K tile, BND_w8a8 down's N tile,
     # warps_w8a8 / warps_down_w8a8, stages_w8a8, QR_w8a8 rows a program of the quantization pass,
     # tma_w8a8: the GEMMs' operands through host tensor descriptors on sm_90+)
-    # rows_max: up to that many rows (token copies), int4 / int8 take one program per (row, N
+    # rows_max (rows_max_FMT for one format): up to that many rows (token copies), int4 / int8 take one program per (row, N
     # block) dotting the row with its expert's codes read as words (dequant.py; moe_decode's
     # loops), in BN_rows x BK_rows (gate/up) and BND_rows x BKD_rows (down) tiles (K in int4
     # columns: int8 takes half), prefetch_rows as moe_decode's prefetch; rows_kernel "w4a8": int4
@@ -151,8 +151,8 @@ _BASE = {
     # (each weight dequantized and rounded as the op library does; fp8 always). The bf16 experts'
     # K loops (moe_decode.FORMS): acc "row" (a row sum per K step) or "tile" ([rows, K tile]
     # accumulators summed once); unroll: the loop unrolled (every load of a program issued first);
-    # quant_direct False: decode-sized low-bit batches take the permuted grouped path instead
-    # (moe_gemm_q's kernels); a8: int4 experts by id on moe_w4a8's loops (int8 activations by
+    # quant_direct False (or a list: the formats that go by id): decode-sized low-bit batches
+    # take the permuted grouped path instead (moe_gemm_q's kernels); a8: int4 experts by id on moe_w4a8's loops (int8 activations by
     # dp4a, quantized in the kernels; moe_gemm_q's *_w4a8 tiles)
     "moe_decode": {"BN": 16, "BK": 256, "BND": 16, "BKD": 256, "max_pairs": 64, "num_warps": 4,
                    "warps_down": 4, "num_stages": 2, "token_tiles": [], "quant_tiles": {}, "dequant": "words",
@@ -241,6 +241,9 @@ TARGETS: dict[str, dict] = {
                        # 03:50, 8ef44f4) at 1 / 4 / 16 tokens 13.8 / 40.5 / 122.3 us = 3.73x / 3.29x / 3.01x
                        # our bf16 kernel (the word kernels above: 24.6 / 85.0 / 291.2), 1.6e-2 from weight-only
                        "rows_kernel": "w4a8", "BN_w4a8": 16, "BND_w4a8": 16, "TPS_w4a8": 4,
+                       # and up to 256 rows (B=32 at top-8): the 27-layer int4 step at B=32 9.99 ms, was
+                       # 19.9 on the small dequant tiles (H200, 2026-12-02 00:53, 7596155, e2e-int4-*.json)
+                       "rows_max_int4": 256,
                        # fp8 prefill on the W8A8 kernels (moe_fp8.py): H200 (2026-12-01 04:20, 7c42f55) 8k tokens
                        # 1817 us = 1.12x our bf16 kernel, 511 TFLOP/s, err 4.3e-2 (fp8_dot True: 4990 us)
                        "fp8_dot": "w8a8", "BN_w8a8": 64, "warps_w8a8": 4},
@@ -255,7 +258,11 @@ TARGETS: dict[str, dict] = {
                        # (with their own warps: the float experts' 1-2 token tiles run on 2, which
                        # the int4 tiles were not swept on)
                        "quant_tiles": {"BN": 32, "BK": 512, "BND": 32, "BKD": 512, "num_warps": 4,
-                                       "warps_down": 4}}})},
+                                       "warps_down": 4},
+                       # int4 experts take the permuted W4A8 kernels at every decode size: the 27-layer
+                       # step at B=1 / 2 / 8 2.778 / 3.283 / 4.624 ms, by id 3.133 / 3.822 / 7.32 (a8 by
+                       # id 2.784 / 3.378 / 6.126; bf16 2.964 / 3.842 / 8.665; same run as rows_max_int4)
+                       "quant_direct": ["int8", "fp8"]}})},
     "interpret": {"arch": None, "gpu": "Triton interpreter (CPU)", "configs": _merge(_BASE, {
         "elementwise": {"BLOCK": 64},
         "conv": {"BT": 8, "BC": 16},
