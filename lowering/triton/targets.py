@@ -195,11 +195,14 @@ TARGETS: dict[str, dict] = {
         # 21:26 sweep's BT 64: 3.26 ms at 16k, 7.27 at 64x512 against 2.40 / 4.91; the 27-layer
         # 32x1k prefill's KDA 129.9 -> 89.4 ms at BT=32); the scan in segments of 256 chunks where the
         # sequences average 1024 (32k tokens): 64k 7.530 vs 7.617 ms, the other shapes alike (H200,
-        # 2026-12-01 06:18, fcc64ad, kda_chunk_sweep-64k.json; 7.52 vs 7.63 in the 04:17 run)
+        # 2026-12-01 06:18, fcc64ad, kda_chunk_sweep-64k.json; 7.52 vs 7.63 in the 04:17 run); the many-
+        # program scan from 4096 programs (was 1024): 8x4k 3.946 vs 4.037 ms, 16k 1.939 vs 1.935 (H200,
+        # 2026-12-02 01:08, 580d049, kda_chunk_sweep-ab.json; segments from 128 chunks a sequence
+        # gave 8x4k 3.905 but 16k 2.062)
         "kda_chunk": {"BT": 32, "BV": 32, "KH": 128, "BW": 128, "BH": 8, "diag": "token", "diag_unroll": False,
                       "diag_store": "column", "wu": "fused", "num_warps": 4, "num_stages": 4, "prep_warps": 4,
                       "prep_rows": 4, "bkg_fp32": False, "ftz_exp": True, "diag_warps": 2, "intra_warps": 2,
-                      "intra_stages": 1, "wu_warps": 2, "wu_stages": 2, "scan_many": 1024, "BV_many": 128,
+                      "intra_stages": 1, "wu_warps": 2, "wu_stages": 2, "scan_many": 4096, "BV_many": 128,
                       "warps_many": 8, "op_chunk": False, "scan_seg": 256, "scan_seg_min": 1024},
         # decode_early_rows 0, prefetch False (router): untimed on a GPU yet, so off here
         "kda_recurrent": {"BV": 64, "num_warps": 4, "decode_early_rows": 0},
