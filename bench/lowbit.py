@@ -13,6 +13,8 @@ same run, one line a variant (a moe_gemm_q config over the target's):
   at top-8, with the combine): experts by id (words; `a8`: int8 activations by dp4a, moe_w4a8's
   loops), and the permuted grouped path
   (`quant_direct` False: permute, the grouped kernels above, un-permute);
+- int4 / int8 at 4k tokens (prefill; --int-prefill): the dequantizing tensor-core loops against
+  passes of experts dequantized to bf16 and our bf16 grouped GEMMs (`dequant ...`, moe_dequant.py);
 - fp8 (128 x 128 blocks) at 8k tokens (prefill): W8A8 on fp8 tensor cores (lowering/triton/
   moe_fp8.py), activations in e4m3 per row and K tile, at the target's tiles (`default`) and
   others (`tma ...`: operands through host tensor descriptors), against bf16.
@@ -99,13 +101,19 @@ PREFILL_VARIANTS = [("default", {}),
                     ("tma BND64", dict(TMA, BND_w8a8=64)),
                     ("tma down w8", dict(TMA, warps_down_w8a8=8)),
                     ("tma BN128 w8 s4", dict(TMA, BN_w8a8=128, warps_w8a8=8, stages_w8a8=4))]
+# int4 / int8 at prefill sizes: the dequantizing tensor-core loops (default) against passes of
+# experts dequantized to bf16 and the bf16 grouped GEMMs (moe_dequant.py), 32 / 16 / 64 a pass
+DEQUANT = dict(dequant_min_rows=257)
+INT_PREFILL_VARIANTS = [("default", {}), ("dequant", DEQUANT), ("dequant e16", dict(DEQUANT, dequant_experts=16)),
+                        ("dequant e64", dict(DEQUANT, dequant_experts=64)),
+                        ("dequant BN32 BC512", dict(DEQUANT, BN_dequant=32, BC_dequant=512))]
 
 
 def gpu(args):
     sys.path.insert(0, os.path.dirname(__file__))
     from harness import bench, bench_graph, copy_bandwidth, rel_err, write_result
 
-    from kimi_graph.lowering.triton import moe, moe_fp8, moe_quant, moe_w4a8
+    from kimi_graph.lowering.triton import moe, moe_dequant, moe_fp8, moe_quant, moe_w4a8
     from kimi_graph.lowering.triton.codegen import PDL_ENV
     from kimi_graph.lowering.triton.targets import TARGETS, current_target
     from kimi_graph.ops.quant import quantize
@@ -117,7 +125,7 @@ def gpu(args):
     w2 = (torch.randn(E, D, I, device="cuda", generator=g) * I ** -0.5).bfloat16()
     cfg = TARGETS[current_target()]["configs"]["moe_gemm_q"]
     base = dict(cfg)
-    caches = (moe_quant.specs, moe_quant.row_specs, moe_fp8.specs, moe_w4a8.specs)
+    caches = (moe_quant.specs, moe_quant.row_specs, moe_fp8.specs, moe_w4a8.specs, moe_dequant.dequant_spec)
 
     def with_config(over, fn):
         """fn() under moe_gemm_q = the target's with `over` (pdl: programmatic dependent launch on)."""
@@ -145,7 +153,8 @@ def gpu(args):
     for fmt in args.formats.split(","):
         q13, q2 = quantize(w13, fmt, 128)[:2], quantize(w2, fmt, 128)[:2]
         per_expert = sum(t[0].nbytes + t[1].nbytes for t in (q13, q2)) / E
-        shapes = decode if fmt != "fp8" else [16] + [int(n) for n in args.prefill.split(",") if n]
+        prefill = [int(n) for n in (args.prefill if fmt == "fp8" else args.int_prefill).split(",") if n]
+        shapes = (decode if fmt != "fp8" else [16]) + prefill
         for N in shapes:
             rows, off = routed_rows(N, E, D, g, "cuda", torch.bfloat16)
             touched = int((off[1:] > off[:-1]).sum())
@@ -154,7 +163,8 @@ def gpu(args):
             bf16 = lambda: moe.grouped_swiglu(rows, off, w13, w2)  # noqa: E731
             timer = bench_graph if N <= 16 else bench
             t_bf16 = timer(bf16)
-            variants = ([("default", {})] if fmt == "fp8" else DECODE_VARIANTS) if N <= 16 else PREFILL_VARIANTS
+            variants = ([("default", {})] if fmt == "fp8" else DECODE_VARIANTS) if N <= 16 else \
+                PREFILL_VARIANTS if fmt == "fp8" else INT_PREFILL_VARIANTS
             for name, over in variants:
                 if args.budget and time.monotonic() - t0 > args.budget:
                     print(f"{fmt} {N} tokens {name}: over the time budget ({args.budget:.0f} s), not run")
@@ -204,14 +214,15 @@ def best_of(rows, pick) -> tuple[str, dict, float] | None:
 
 
 def write_best(rows, base):
-    """Merge the best decode (int4, 1-16 tokens) and prefill (fp8) variants into this device's
+    """Merge the best decode (int4, 1-16 tokens) and prefill (fp8; int4 / int8) variants into this device's
     tuning file where they beat the defaults by more than 3%."""
     from harness import merge_tuning
     from kimi_graph.lowering.triton.targets import load_tuning
     over, notes = {}, []
     grouped = [r for r in rows if r["path"] == "grouped"]
     for what, pick in (("int4 decode", lambda r: r["format"] == "int4" and r["tokens"] <= 16),
-                       ("fp8 prefill", lambda r: r["format"] == "fp8" and r["tokens"] > 16)):
+                       ("fp8 prefill", lambda r: r["format"] == "fp8" and r["tokens"] > 16),
+                       ("int4 / int8 prefill", lambda r: r["format"] != "fp8" and r["tokens"] > 16)):
         best = best_of(grouped, pick)
         if best and best[2] > 1.03:
             over.update({k: v for k, v in best[1].items() if k != "pdl"})
@@ -288,6 +299,7 @@ def main(argv=None):
     ap.add_argument("--formats", default="int4,int8,fp8")
     ap.add_argument("--tokens", default="1,4,16", help="decode-sized token counts (int4 / int8)")
     ap.add_argument("--prefill", default="8192", help="prefill token counts (fp8)")
+    ap.add_argument("--int-prefill", default="4096", help="prefill token counts (int4 / int8; '': none)")
     ap.add_argument("--by-id", action="store_true", help="also moe_decode's experts by id (1-8 tokens)")
     ap.add_argument("--name", default="lowbit", help="bench/results/NAME.json")
     ap.add_argument("--budget", type=float, default=0.0, help="seconds after which no new variant starts (0: none)")

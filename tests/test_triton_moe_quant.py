@@ -536,3 +536,52 @@ def test_decode_by_id_w4a8_matches_fp64_with_int8_activations(triton_interpret, 
     assert rel_err(got, want) <= 1e-3
     assert rel_err(got, experts_fp64(x, ids, w, d13, d2, acc)) <= 2e-2
     moe_decode.decode_specs.cache_clear()
+
+
+# -- prefill-sized int4 / int8 through dequantized weights (lowering/triton/moe_dequant.py) ---------
+@pytest.mark.parametrize("fmt,symmetric,group,K", [("int4", True, 32, 64), ("int4", False, 128, 48),
+                                                   ("int8", True, 16, 64), ("int8", False, 32, 96)])
+def test_dequant_kernel_equals_the_op_library_to_the_bit(triton_interpret, fmt, symmetric, group, K):
+    """Experts' weights written by the kernel equal ops/quant.py's dequantize exactly; an expert
+    without rows is left untouched (groups below, at and above K; N not a multiple of the tile)."""
+    from kimi_graph.lowering.triton import moe_dequant
+    from kimi_graph.lowering.triton.codegen import launch
+    from kimi_graph.ops.quant import dequantize, group_of
+    gen = torch.Generator().manual_seed(7)
+    E, N = 5, 13
+    q, s, z = quantize(torch.randn(E, N, K, generator=gen), fmt, group, symmetric)
+    offsets = torch.tensor([0, 2, 2, 5, 6, 9])            # expert 1 has no rows
+    spec = moe_dequant.dequant_spec(fmt, N, K, group, not symmetric, "f32", "interpret")
+    out = torch.full((3, N, K), -1.0)
+    launch(spec, (3, -(-N // spec.config["BN"])), q, s, s if symmetric else z, offsets, 1, out)
+    want = dequantize(q, s, None if symmetric else z, fmt, group_of(fmt, K, group))
+    assert torch.equal(out[0], torch.full((N, K), -1.0))
+    assert torch.equal(out[1:], want[2:4])
+
+
+@pytest.mark.parametrize("fmt,symmetric", [("int4", True), ("int4", False), ("int8", True)])
+def test_dequantized_passes_match_fp64(triton_interpret, monkeypatch, fmt, symmetric):
+    """quantized_grouped_swiglu from dequant_min_rows rows: 3 experts a pass over 8 (the last
+    pass shorter), experts without rows in between, against the fp64 SwiGLU."""
+    from kimi_graph.lowering.triton import moe_dequant
+    from kimi_graph.lowering.triton.targets import TARGETS
+    cfg = TARGETS["interpret"]["configs"]["moe_gemm_q"]
+    calls = []
+    run = moe_dequant.grouped_swiglu
+    monkeypatch.setattr(moe_dequant, "grouped_swiglu", lambda *a, **k: calls.append(1) or run(*a, **k))
+    monkeypatch.setitem(cfg, "dequant_min_rows", 8)
+    monkeypatch.setitem(cfg, "dequant_experts", 3)
+    monkeypatch.setitem(cfg, "rows_max", 4)
+    gen = torch.Generator().manual_seed(3)
+    E, I, D, group = 8, 32, 64, 32
+    w13 = torch.randn(E, 2 * I, D, generator=gen) / D ** 0.5
+    w2 = torch.randn(E, D, I, generator=gen) / I ** 0.5
+    (q13, s13, z13), (q2, s2, z2) = (quantize(w, fmt, group, symmetric) for w in (w13, w2))
+    counts = [3, 0, 1, 20, 0, 0, 5, 2]
+    offsets = torch.tensor([0] + counts).cumsum(0)
+    rows = torch.randn(sum(counts), D, generator=gen)
+    zeros = [] if symmetric else [z13, z2]
+    got = quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, *zeros, fmt=fmt, group_size=group)
+    want = swiglu_fp64(rows, offsets, dequantized_fp64(q13, s13, None if symmetric else z13, fmt, group),
+                       dequantized_fp64(q2, s2, None if symmetric else z2, fmt, group))
+    assert calls and rel_err(got, want) <= 1e-5

@@ -268,21 +268,23 @@ def gemm_specs(E, I, D, dtype, size, target, gather=False, top_k=1, aligned=Fals
                         **count(dn["persistent"]), **desc_dn}, t["num_warps_down"], t["num_stages_down"], dn))
 
 
-def _swiglu_launch(x, offsets, w13, w2, out_rows, order=None, top_k=1):
-    """Tile map, gate_up, down over the rows that `offsets` lays out by expert: y [out_rows, D]."""
+def _swiglu_launch(x, offsets, w13, w2, out_rows, order=None, top_k=1, y=None, h=None, size_rows=None):
+    """Tile map, gate_up, down over the rows that `offsets` lays out by expert: y [out_rows, D]
+    (given: only those rows written; h [out_rows, I] scratch); the tiles' class from
+    `size_rows` rows (default out_rows)."""
     E, I2, D = w13.shape
     I, M, dt = I2 // 2, out_rows, x.dtype
     target = current_target()
     x, w13, w2 = x.contiguous(), w13.to(dt).contiguous(), w2.to(dt).contiguous()
-    size = gemm_size(M, E, target)
+    size = gemm_size(M if size_rows is None else size_rows, E, target)
     aligned = bool(gemm_tiles(size, target)["tma"]) and _rows_aligned(w13, w2)      # h: fresh, aligned
     tmap, gate_up, down = gemm_specs(E, I, D, ir_dtype(x), size, target, order is not None, top_k, aligned)
     c = gate_up.config
     max_tiles = -(-M // c["BM"]) + E
     te = torch.empty(max_tiles, device=x.device, dtype=torch.int32)
     tr = torch.empty(max_tiles, device=x.device, dtype=torch.int32)
-    h = torch.empty(M, I, device=x.device, dtype=dt)
-    y = torch.empty(M, D, device=x.device, dtype=dt)
+    h = torch.empty(M, I, device=x.device, dtype=dt) if h is None else h
+    y = torch.empty(M, D, device=x.device, dtype=dt) if y is None else y
     if M:
         if c["tma"] == "device":
             use_descriptor_scratch()
@@ -349,6 +351,18 @@ def grouped_swiglu(rows, offsets, w13, w2):
         raise ValueError(f"rows {tuple(rows.shape)}, offsets {tuple(offsets.shape)}, w13 {tuple(w13.shape)}, "
                          f"w2 {tuple(w2.shape)} do not fit")
     return _swiglu_launch(rows, offsets, w13, w2, rows.shape[0])
+
+
+def swiglu_into(rows, offsets, w13, w2, y, h, size_rows):
+    """grouped_swiglu over the rows of the experts `offsets` covers (row indices into `rows`:
+    offsets[0] need not be 0), written into those rows of y [M, D], with h [M, I] as scratch;
+    tiles sized for `size_rows` rows."""
+    E, I2, D = w13.shape
+    M = rows.shape[0]
+    if offsets.shape != (E + 1,) or w2.shape != (E, D, I2 // 2) or y.shape != rows.shape or h.shape != (M, I2 // 2):
+        raise ValueError(f"rows {tuple(rows.shape)}, offsets {tuple(offsets.shape)}, w13 {tuple(w13.shape)}, "
+                         f"w2 {tuple(w2.shape)}, y {tuple(y.shape)}, h {tuple(h.shape)} do not fit")
+    return _swiglu_launch(rows, offsets, w13, w2, M, y=y, h=h, size_rows=max(1, size_rows))
 
 
 def moe_experts(x, ids, weights, w13, w2, acc):

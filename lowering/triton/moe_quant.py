@@ -32,9 +32,9 @@ import functools
 
 import torch
 
-from kimi_graph.ops.quant import group_of
+from kimi_graph.ops.quant import BITS, group_of
 
-from . import dequant, moe_fp8, moe_permute, moe_w4a8
+from . import dequant, moe_dequant, moe_fp8, moe_permute, moe_w4a8
 from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render
 from .elementwise import ir_dtype, ptr_type
 from .targets import TARGETS, config, current_target
@@ -238,6 +238,9 @@ def quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13=None, z2=None,
     w8a8 = None if per_row or M <= 256 or z13 is not None else w8a8_specs(fmt, E, I, D, group_size, dt, target)
     if w8a8 is not None:
         return moe_fp8.grouped_swiglu(rows, offsets, q13, s13, q2, s2, w8a8)
+    if not per_row and fmt in BITS and 0 < cfg["dequant_min_rows"] <= M:
+        return moe_dequant.grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13, z2, fmt=fmt, group_size=group_size,
+                                          target=target)
     a8 = w4a8_specs(fmt, E, I, D, group_size, z13 is not None, dt, target) if per_row else None
     if a8 is not None:
         return moe_w4a8.grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13, z2, a8)
@@ -316,7 +319,9 @@ def specs_for(kind, ins, outs, attrs, target):
     return [s for small in (True, False) for s in specs(fmt, E, I, D, G, asym, rows.dtype, small, target) or ()] \
         + list(row_specs(fmt, E, I, D, G, asym, rows.dtype, target) or ()) \
         + list(w8a8_specs(fmt, E, I, D, G, rows.dtype, target) or ()) \
-        + list(w4a8_specs(fmt, E, I, D, G, asym, rows.dtype, target) or ())
+        + list(w4a8_specs(fmt, E, I, D, G, asym, rows.dtype, target) or ()) \
+        + (moe_dequant.specs(fmt, E, I, D, G, asym, rows.dtype, target)
+           if fmt in BITS and config("moe_gemm_q", target)["dequant_min_rows"] else [])
 
 
 def chain_specs(ins, attrs, target) -> list[KernelSpec]:

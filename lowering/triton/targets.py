@@ -125,7 +125,10 @@ _BASE = {
     # takes moe_w4a8.py's kernels instead (codes times int8 activations by dp4a; BN_w4a8 /
     # BND_w4a8 rows, TPS_w4a8 groups a step (TPSD_w4a8 down's, if given), warps_w4a8 (and
     # warps_down_w4a8), stages_w4a8; fuse_w4a8: gate_up / down quantize their activations
-    # themselves, two launches instead of four), "words": these
+    # themselves, two launches instead of four), "words": these; dequant_min_rows (0: never): from
+    # that many rows int4 / int8 take moe_dequant.py, dequant_experts experts a pass written in the
+    # activation dtype (BN_dequant rows x BC_dequant code columns a step, warps_dequant) and the
+    # bf16 grouped GEMMs over their rows
     "moe_gemm_q": {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3,
                    "BM_small": 16, "BN_small": 32, "BK_small": 128, "fp8_dot": False,
                    "rows_max": 128, "BN_rows": 16, "BK_rows": 512, "BND_rows": 16, "BKD_rows": 512,
@@ -134,7 +137,8 @@ _BASE = {
                    "stages_w4a8": 3, "fuse_w4a8": False,
                    "BM_w8a8": 64, "BN_w8a8": 128, "BK_w8a8": 128, "BND_w8a8": 128, "warps_w8a8": 8,
                    "warps_down_w8a8": 4, "stages_w8a8": 3, "QR_w8a8": 16,
-                   "tma_w8a8": False},
+                   "tma_w8a8": False, "dequant_min_rows": 0, "dequant_experts": 32, "BN_dequant": 16,
+                   "BC_dequant": 256, "warps_dequant": 4},
     # permutation: BLOCK token copies per block (ranked SUB at a time), rows copied BD columns a
     # program; the scan takes SCAN_E experts x SCAN_B blocks a step
     "moe_permute": {"BLOCK": 1024, "SUB": 64, "BD": 256, "SCAN_E": 16, "SCAN_B": 64, "num_warps": 4,
@@ -281,7 +285,7 @@ TARGETS: dict[str, dict] = {
         "moe_gemm_q": {"BM": 16, "BN": 16, "BK": 32, "BM_small": 16, "BN_small": 16, "BK_small": 32,
                        "BN_rows": 16, "BK_rows": 32, "BND_rows": 16, "BKD_rows": 16,
                        "BM_w8a8": 16, "BN_w8a8": 16, "BK_w8a8": 32, "BND_w8a8": 16, "QR_w8a8": 8,
-                       "BN_w4a8": 16, "BND_w4a8": 16},
+                       "BN_w4a8": 16, "BND_w4a8": 16, "BN_dequant": 4, "BC_dequant": 16},
         "moe_permute": {"BLOCK": 64, "SUB": 16, "BD": 32, "SCAN_E": 4, "SCAN_B": 4},
         # max_pairs: the tiny model's decode steps and short chunks read experts by id, its
         # prefills of a few sequences (> 16 token copies) take the grouped kernels
