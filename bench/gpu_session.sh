@@ -37,6 +37,13 @@ step_decode_int4() {    # every kernel of a B=1 / 32 step with int4 experts, bes
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout ${DECODE_INT4_S:-200} python3 bench/decode_step.py --layers 27 \
     --batches 1,32 --variants fused --no-sweep --experts int4 --name decode_step_int4
 }
+step_int_prefill() {    # int4 / int8 prefill: the dequantizing loops against dequantized passes (moe_dequant.py)
+  timeout 200 python3 bench/lowbit.py --formats int4,int8 --tokens 1 --int-prefill 4096,16384 --name lowbit-int-prefill
+}
+step_int4_split() {     # the int4 B=1 step kernel by kernel, beside bf16's
+  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 150 python3 bench/decode_step.py --layers 27 --batches 1 \
+    --variants fused --no-sweep --experts int4 --name decode_step_int4_b1
+}
 step_compiled() {
   timeout 300 python3 bench/e2e.py --phases ours --backend torch --graphs off --batches 1,32 \
     --contexts 1024 --prefill 1x4096 --name e2e-compiled \
