@@ -57,6 +57,13 @@ def as_words(codes: torch.Tensor) -> torch.Tensor:
     return codes.view(torch.int32)
 
 
+def scale_operands(s13, s2, z13, z2, dtype) -> tuple:
+    """(s13, z13, s2, z2) as the kernels take them: scales in the activation dtype, zero points
+    (u8) contiguous, or the scales again where symmetric (an unread operand)."""
+    s13, s2 = s13.to(dtype).contiguous(), s2.to(dtype).contiguous()
+    return s13, s13 if z13 is None else z13.contiguous(), s2, s2 if z2 is None else z2.contiguous()
+
+
 def _positions(fmt: str) -> list[tuple[str, int]]:
     """(source, p) of each code of a word in K order: the code sits at bits p.. of `w` or of
     `hi` = w >> 16, with p + bits <= 23 (below the float's exponent)."""

@@ -15,10 +15,10 @@ import functools
 
 import torch
 
-from kimi_graph.ops.quant import group_of
+from kimi_graph.ops.quant import BITS, group_of
 
-from . import moe
-from .codegen import TL_DTYPES, KernelSpec, launch, render
+from . import dequant, moe
+from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render
 from .elementwise import ir_dtype, ptr_type
 from .targets import config
 
@@ -45,12 +45,13 @@ def dequant_experts(q_ptr, s_ptr, z_ptr, off_ptr, e0, w_ptr):
         return
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     mn = n < N
-    base = ge.to(tl.int64) * N * NG
+    row0 = ge.to(tl.int64) * N
+    base = row0 * NG
     out = w_ptr + (e.to(tl.int64) * N + n[:, None]) * K
     for k0 in range(0, KC, BC):
         kc = k0 + tl.arange(0, BC)
         m2 = mn[:, None] & (kc < KC)[None, :]
-        c = tl.load(q_ptr + (ge.to(tl.int64) * N + n[:, None]) * KC + kc[None, :], mask=m2, other=0).to(tl.int32)
+        c = tl.load(q_ptr + (row0 + n[:, None]) * KC + kc[None, :], mask=m2, other=0).to(tl.int32)
         if INT4:
             lo = _weight(c & 15, n, 2 * kc, m2, s_ptr, z_ptr, base)
             hi = _weight((c >> 4) & 15, n, 2 * kc + 1, m2, s_ptr, z_ptr, base)
@@ -65,37 +66,39 @@ def dequant_experts(q_ptr, s_ptr, z_ptr, off_ptr, e0, w_ptr):
 def dequant_spec(fmt: str, N: int, K: int, group_size: int, asym: bool, dtype: str, target: str) -> KernelSpec:
     """The kernel writing experts' [N, K] weights in `dtype` from their `fmt` codes ([E, N, K/2]
     bytes for int4, [E, N, K] for int8), scales [E, N, K/G] and zero points (u8, if asymmetric)."""
-    if fmt not in ("int4", "int8"):
+    if fmt not in BITS:
         raise ValueError(f"dequant_experts: int4 or int8 codes, not {fmt!r}")
     cfg = config("moe_gemm_q", target)
     G = group_of(fmt, K, group_size)
     KC = K // 2 if fmt == "int4" else K
     consts = {"N": N, "K": K, "KC": KC, "G": G, "NG": K // G, "INT4": fmt == "int4", "ASYM": asym,
-              "ZERO": 8.0 if fmt == "int4" else 128.0, "BN": cfg["BN_dequant"],
-              "BC": min(cfg["BC_dequant"], 1 << (KC - 1).bit_length()), "DT": TL_DTYPES[dtype]}
+              "ZERO": 2.0 ** (BITS[fmt] - 1), "BN": cfg["BN_dequant"],
+              "BC": min(cfg["BC_dequant"], next_pow2(KC)), "DT": TL_DTYPES[dtype]}
     p = ptr_type(dtype)
     return KernelSpec(f"dequant_experts_{fmt}", "dequant_experts", render(f"dequant_experts_{fmt}", _DEQUANT, consts),
                       {"q_ptr": "*u8", "s_ptr": p, "z_ptr": "*u8" if asym else p, "off_ptr": "*i64", "e0": "i32",
                        "w_ptr": p}, cfg["warps_dequant"], 1, consts)
 
 
+def dequant_specs(fmt: str, I: int, D: int, group_size: int, asym: bool, dtype: str, target: str) -> list[KernelSpec]:
+    """The kernels writing w13 [2I, D] and w2 [D, I]."""
+    return [dequant_spec(fmt, n, k, group_size, asym, dtype, target) for n, k in ((2 * I, D), (D, I))]
+
+
 def specs(fmt: str, E: int, I: int, D: int, group_size: int, asym: bool, dtype: str, target: str) -> list[KernelSpec]:
-    """The two dequantizing kernels (w13 [2I, D], w2 [D, I]) and the grouped GEMMs of a pass (and
-    of the last, shorter one), for AOT builds."""
+    """The dequantizing kernels and the grouped GEMMs of a pass (and of the last, shorter one),
+    for AOT builds."""
     step = min(E, config("moe_gemm_q", target)["dequant_experts"])
     passes = {step, E % step} - {0}
-    return [dequant_spec(fmt, 2 * I, D, group_size, asym, dtype, target),
-            dequant_spec(fmt, D, I, group_size, asym, dtype, target)] \
+    return dequant_specs(fmt, I, D, group_size, asym, dtype, target) \
         + [s for n in sorted(passes) for size in moe.SIZES for s in moe.gemm_specs(n, I, D, dtype, size, target)]
 
 
-def grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13, z2, *, fmt: str, group_size: int, target: str):
+def grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13, z2, *, fmt: str, group_size: int, I: int, target: str):
     """quantized_grouped_swiglu over dequantized weights, `dequant_experts` experts a pass."""
     E, M, D = q13.shape[0], rows.shape[0], rows.shape[1]
-    I = q2.shape[2] * (2 if fmt == "int4" else 1)
     dt, step = rows.dtype, min(E, config("moe_gemm_q", target)["dequant_experts"])
-    d13, d2 = (dequant_spec(fmt, n, k, group_size, z13 is not None, ir_dtype(rows), target)
-                for n, k in ((2 * I, D), (D, I)))
+    d13, d2 = dequant_specs(fmt, I, D, group_size, z13 is not None, ir_dtype(rows), target)
     w13 = torch.empty(step, 2 * I, D, device=rows.device, dtype=dt)
     w2 = torch.empty(step, D, I, device=rows.device, dtype=dt)
     y = torch.empty(M, D, device=rows.device, dtype=dt)
@@ -103,9 +106,7 @@ def grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13, z2, *, fmt: str, group_
     if not M:
         return y
     off = offsets.to(torch.int64).contiguous()
-    s13, s2 = s13.to(dt).contiguous(), s2.to(dt).contiguous()
-    z13 = s13 if z13 is None else z13.contiguous()
-    z2 = s2 if z2 is None else z2.contiguous()
+    s13, z13, s2, z2 = dequant.scale_operands(s13, s2, z13, z2, dt)
     q13, q2 = q13.contiguous(), q2.contiguous()
     for e0 in range(0, E, step):
         n = min(step, E - e0)

@@ -240,7 +240,7 @@ def quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13=None, z2=None,
         return moe_fp8.grouped_swiglu(rows, offsets, q13, s13, q2, s2, w8a8)
     if not per_row and fmt in BITS and 0 < cfg["dequant_min_rows"] <= M:
         return moe_dequant.grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13, z2, fmt=fmt, group_size=group_size,
-                                          target=target)
+                                          I=I, target=target)
     a8 = w4a8_specs(fmt, E, I, D, group_size, z13 is not None, dt, target) if per_row else None
     if a8 is not None:
         return moe_w4a8.grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13, z2, a8)
@@ -262,9 +262,7 @@ def _rows_launch(kernels, rows, offsets, q13, s13, q2, s2, z13, z2, bn: str, bnd
     y = torch.empty(M, D, device=rows.device, dtype=rows.dtype)
     if M:
         off = offsets.to(torch.int64).contiguous()
-        s13, s2 = s13.to(rows.dtype).contiguous(), s2.to(rows.dtype).contiguous()
-        z13 = s13 if z13 is None else z13.contiguous()
-        z2 = s2 if z2 is None else z2.contiguous()
+        s13, z13, s2, z2 = dequant.scale_operands(s13, s2, z13, z2, rows.dtype)
         codes = (lambda q: q.contiguous()) if experts else dequant.as_words
         launch(gate_up, (-(-I // c[bn]), experts or M), rows.contiguous(), off, codes(q13), s13, z13, h)
         launch(down, (-(-D // c[bnd]), experts or M), h, off, codes(q2), s2, z2, y)

@@ -297,9 +297,7 @@ def grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13, z2, kernels):
                 torch.empty(M, K // G, device=dev, dtype=torch.float32), torch.empty(M, K // G, device=dev, dtype=torch.int32))
     xa, ha = acts(D, G1), acts(I, G2)
     off = offsets.to(torch.int64).contiguous()
-    s13, s2 = s13.to(rows.dtype).contiguous(), s2.to(rows.dtype).contiguous()
-    z13 = s13 if z13 is None else z13.contiguous()
-    z2 = s2 if z2 is None else z2.contiguous()
+    s13, z13, s2, z2 = dequant.scale_operands(s13, s2, z13, z2, rows.dtype)
     if not c["FUSE"]:
         launch(quant_x, (M, D // G1), x, *xa)
     launch(gate_up, (-(-I // c["BN"]), M), x, *xa, off, dequant.as_words(q13), s13, z13, h)
