@@ -66,6 +66,14 @@ VARIANTS = {
     "kda-fused": {"kda_recurrent": {"fused_decode": 256}},          # KDA's convs, f_b / g_b and step in one launch
     "kda-plain": {"kda_recurrent": {"fused_decode": 0}},
     "kda-fused-w4": {"kda_recurrent": {"fused_decode": 256, "decode_warps": 4}},
+    # KDA's one-launch step with each head's V columns over 2 / 4 programs (up to 8 sequences)
+    "kda-split2": {"kda_recurrent": {"decode_split": 2, "decode_split_rows": 8}},
+    "kda-split4": {"kda_recurrent": {"decode_split": 4, "decode_split_rows": 8}},
+    "kda-split4-w4": {"kda_recurrent": {"decode_split": 4, "decode_split_rows": 8, "decode_split_warps": 4}},
+    "kda-split8-w4": {"kda_recurrent": {"decode_split": 8, "decode_split_rows": 8, "decode_split_warps": 4}},
+    # int4 experts of one-token steps by id (W4A8 loops, the shared expert in the same launches)
+    "int4-id": {"moe_decode": {"quant_direct_tokens": {"int4": 1}}},
+    "int4-id-a8": {"moe_decode": {"quant_direct_tokens": {"int4": 1}, "a8": True}},
 }
 _BASE_KEYS: dict = {}
 

@@ -92,11 +92,14 @@ def write_result(name: str, rows: list[dict], extra: dict | None = None) -> dict
 def override_config(family: str, **values) -> None:
     """Set tile parameters of one kernel family on this GPU's target (for sweeps), dropping
     the cached specs so the next launch regenerates its kernels."""
-    from kimi_graph.lowering.triton import (codegen, conv, elementwise, gemv, kda, mla, moe, moe_decode,
-                                            moe_permute, moe_route, norm)
+    import importlib
+    import pkgutil
+
+    import kimi_graph.lowering.triton as package
     from kimi_graph.lowering.triton.targets import TARGETS, current_target
     TARGETS[current_target()]["configs"][family].update(values)
-    for mod in (codegen, conv, elementwise, gemv, kda, mla, moe, moe_decode, moe_permute, moe_route, norm):
+    for info in pkgutil.iter_modules(package.__path__):     # every kernel module's cached specs
+        mod = importlib.import_module(f"{package.__name__}.{info.name}")
         for v in vars(mod).values():
             if hasattr(v, "cache_clear"):
                 v.cache_clear()

@@ -218,7 +218,7 @@ VARIANTS = ({}, {"scan_seg": 128}, {"prep_kg": "intra"}, {"scan_seg": 64}, {"sca
 TUNED_KEYS = ("BT", "BC", "BV", "KH", "BW", "BH", "diag", "diag_unroll", "diag_store", "wu", "num_warps", "num_stages",
               "prep_warps", "prep_rows", "prep_kg", "bkg_fp32", "ftz_exp", "diag_warps", "intra_warps", "intra_stages",
               "wu_warps", "wu_stages", "diag_form", "scan_ks", "scan_many", "BV_many", "warps_many", "scan_seg",
-              "scan_seg_min", "BV_seg", "warps_seg")
+              "scan_seg_min", "BV_seg", "warps_seg", "stages_seg")
 
 
 def sweep(shapes=("16k", "64x512"), budget=0.0, keys=(), variants=VARIANTS):

@@ -66,18 +66,23 @@ def test_one_launch_step_equals_the_plain_kernels(kda_mla_checkpoint, monkeypatc
     model = kimi_graph.load(kda_mla_checkpoint, pipeline="default", backend="triton")
     kw = dict(max_batch=4, max_len=12)
     runs = {}
-    for fused, early in ((256, 16), (256, 0), (0, 16)):      # both load orders of the one-launch step
-        monkeypatch.setitem(TARGETS["interpret"]["configs"]["kda_recurrent"], "fused_decode", fused)
-        monkeypatch.setitem(TARGETS["interpret"]["configs"]["kda_recurrent"], "decode_early_rows", early)
+    cfg = TARGETS["interpret"]["configs"]["kda_recurrent"]
+    # both load orders of the one-launch step, its V columns split over 2 programs a head, the plain kernels
+    for fused, early, split in ((256, 16, 1), (256, 0, 1), (256, 16, 2), (0, 16, 1)):
+        for key, value in (("fused_decode", fused), ("decode_early_rows", early), ("decode_split", split),
+                           ("decode_split_rows", 4)):
+            monkeypatch.setitem(cfg, key, value)
         launches = collections.Counter()
-        runs[fused, early] = (_script(Engine(model, **kw), launches), launches)
-    (got, one), (late, _), (want, plain) = runs[256, 16], runs[256, 0], runs[0, 16]
-    assert len(got) == len(want) == len(late)
-    for x, y, z in zip(got, want, late):
-        assert rel_err(x, y) <= TOL and torch.equal(x, z)
+        runs[fused, early, split] = (_script(Engine(model, **kw), launches), launches)
+    (got, one), (late, _), (split, _), (want, plain) = (runs[k] for k in ((256, 16, 1), (256, 0, 1), (256, 16, 2),
+                                                                        (0, 16, 1)))
+    assert len(got) == len(want) == len(late) == len(split)
+    for x, y, z, s in zip(got, want, late, split):
+        assert rel_err(x, y) <= TOL and torch.equal(x, z) and rel_err(s, y) <= TOL
     steps = plain["triton.kda_recurrent_step"]      # a KDA layer's steps (each bucket's first runs twice)
     assert steps >= 2 and plain["triton.causal_conv1d_group"] == steps and not plain["triton.kda_decode_step"]
     assert one["triton.kda_decode_step"] == steps
+    assert kda_decode.step_spec(2, 8, 8, 8, 4, (0,) * 6, True, "f32", 1.0, 1e-6, "interpret", True, 2).config["NVB"] == 2
     assert not one["triton.kda_recurrent_step"] and not one["triton.causal_conv1d_group"]
 
 

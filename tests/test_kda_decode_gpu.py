@@ -1,7 +1,8 @@
 """GPU only (skipped without CUDA): KDA's one-launch decode step (lowering/triton/kda_decode.py)
 against the plain kernels (conv group, f_b / g_b pair, kda_recurrent_step) at the published
 width in bf16 (32 heads, K = V = 128, f_a / g_a 128 wide), through the engine with CUDA graphs
-(a batch of 3 padded to 4 with a slot -1 row), step by step: logits and every state within
+(a batch of 3 padded to 4 with a slot -1 row; the state's V columns in one program a head and
+split over four), step by step: logits and every state within
 2e-2 (bf16: f and the output gate are the same fp32 sums in another order, rounded once). The
 slice has dense MLPs only, so no routing choice can flip between the two forms.
 
@@ -50,9 +51,11 @@ def test_one_launch_step_equals_the_plain_kernels_in_bf16(monkeypatch):
     monkeypatch.setattr(kda_decode, "launch",
                         lambda spec, *a, _l=kda_decode.launch: names.append(spec.name) or _l(spec, *a))
     runs = {}
-    for fused in (256, 0):
-        monkeypatch.setitem(TARGETS[current_target()]["configs"]["kda_recurrent"], "fused_decode", fused)
-        runs[fused] = _script(Engine(model, max_batch=4, max_len=64, cuda_graphs=True))
+    cfg = TARGETS[current_target()]["configs"]["kda_recurrent"]
+    for fused, split in ((256, 1), (256, 4), (0, 1)):      # split: each head's V columns over 4 programs
+        for key, value in (("fused_decode", fused), ("decode_split", split), ("decode_split_rows", 4)):
+            monkeypatch.setitem(cfg, key, value)
+        runs[fused, split] = _script(Engine(model, max_batch=4, max_len=64, cuda_graphs=True))
     assert "kda_decode_step" in names and not kda_decode._UNBUILT
-    for i, (got, want) in enumerate(zip(runs[256], runs[0])):
-        assert got.shape == want.shape and rel_err(got, want) <= 2e-2, i
+    for i, (got, split, want) in enumerate(zip(runs[256, 1], runs[256, 4], runs[0, 1])):
+        assert got.shape == want.shape and rel_err(got, want) <= 2e-2 and rel_err(split, want) <= 2e-2, i

@@ -486,6 +486,13 @@ def test_decode_sized_low_bit_batches_take_the_permuted_path_without_quant_direc
     shared = tuple(torch.randn(*s, generator=gen) * 0.1 for s in ((40, D), (40, D), (D, 40)))
     got = moe_decode.moe_experts(x, ids, w, q13, q2, None, shared, moe_decode.Quant("int4", 128, s13, s2))
     assert rel_err(got, experts_fp64(x, ids, w, d13, d2, moe_decode.shared_swiglu(x, *shared))) <= 1e-5
+    # quant_direct_tokens: batches of up to that many tokens still go by id
+    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_decode"], "quant_direct_tokens", {"int4": 1})
+    taken = []
+    monkeypatch.setattr(moe_decode, "direct", lambda *a, **k: taken.append(a[0].shape[0]) or a[0])
+    for n in (1, 2):
+        moe_decode.moe_experts(x[:n], ids[:n], w[:n], q13, q2, None, shared, moe_decode.Quant("int4", 128, s13, s2))
+    assert taken == [1]
 
 
 def test_w4a8_kernels_build_for_sm_90(monkeypatch):

@@ -25,7 +25,7 @@ import torch
 from kimi_graph.ops import get_op
 from kimi_graph.runtime.views import SlotRows
 
-from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render, row_view
+from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render, row_view, tickets
 from .elementwise import ir_dtype
 from .kda import _GATE
 from .targets import config, current_target
@@ -64,14 +64,14 @@ def _project(x_ptr, w, dr, mr):
 
 @triton.jit
 def kda_decode_step(p_ptr, xs, wq_ptr, wk_ptr, wv_ptr, cq_ptr, ck_ptr, cv_ptr, wf_ptr, wg_ptr, a_ptr, dt_ptr,
-                    o_ptr, g_ptr, s_ptr, slot_ptr):
-    # grid (tokens, heads); p: the fused projection's rows (xs apart), q / k / v / f_a / b / g_a at
+                    o_ptr, g_ptr, s_ptr, slot_ptr, t_ptr):
+    # grid (tokens, heads, NVB V blocks); t: a ticket per (token, head) when NVB > 1; p: the fused projection's rows (xs apart), q / k / v / f_a / b / g_a at
     # QO / KO / VO / FO / BO / GO; the conv states [slots, C, W-1] and the KDA state [slots, H, K, V]
     # at row slot[token] (a padding row, slot -1: zeros read, nothing stored)
     n = tl.program_id(0)
     h = tl.program_id(1)
     dk = tl.arange(0, BK)
-    dv = tl.arange(0, BV)
+    dv = tl.program_id(2) * BV + tl.arange(0, BV)      # this program's V columns (NVB blocks a head)
     dr = tl.arange(0, BR)
     mk = dk < K
     mv = dv < V
@@ -111,29 +111,45 @@ def kda_decode_step(p_ptr, xs, wq_ptr, wk_ptr, wv_ptr, cq_ptr, ck_ptr, cv_ptr, w
     tl.store(o_ptr + n.to(tl.int64) * (H * V) + h * V + dv, o.to(DT), mask=mv)
     tl.store(s_ptr + soff, S, mask=smask)
     tl.debug_barrier()                  # every thread's reads of the old conv columns first
-    tl.store(pq, nq, mask=mq)
-    tl.store(pk, nk, mask=mkk)
     tl.store(pv, nv, mask=mvv)
+    if NVB == 1:
+        tl.store(pq, nq, mask=mq)
+        tl.store(pk, nk, mask=mkk)
+    else:       # q and k's columns, read by every V block of the head: stored by the last to arrive
+        tk = t_ptr + n * H + h
+        if tl.atomic_add(tk, 1, sem="acq_rel") == NVB - 1:
+            tl.store(tk, 0)
+            tl.store(pq, nq, mask=mq)
+            tl.store(pk, nk, mask=mkk)
 """
 
 
 @functools.lru_cache(maxsize=None)
 def step_spec(H, K, V, R, W, offsets: tuple, gate: bool, dtype: str, scale: float, eps: float,
-              target: str, early: bool = True) -> KernelSpec:
+              target: str, early: bool = True, split: int = 1) -> KernelSpec:
     """The fused step of heads H x (K, V), f_a / g_a width R, conv width W; offsets: the
     columns (q, k, v, f_a, b, g_a) of the fused projection; early: the state and f_b / g_b rows
-    loaded before the convs (kda_recurrent.decode_early_rows)."""
+    loaded before the convs (kda_recurrent.decode_early_rows); split: programs a head, each
+    taking V / split columns of the state (the q / k convs and f recomputed by each)."""
     cfg = config("kda_recurrent", target)
     QO, KO, VO, FO, BO, GO = offsets
+    BV = next_pow2(-(-V // split)) if split > 1 else max(16, next_pow2(V))      # (no tl.dot: any power of 2)
     consts = {"H": H, "K": K, "V": V, "R": R, "W": W, "WP": max(2, next_pow2(W)), "BK": max(16, next_pow2(K)),
-              "BV": max(16, next_pow2(V)), "BR": max(16, next_pow2(R)), "QO": QO, "KO": KO, "VO": VO, "FO": FO,
+              "BV": BV, "NVB": -(-V // BV), "BR": max(16, next_pow2(R)), "QO": QO, "KO": KO, "VO": VO, "FO": FO,
               "BO": BO, "GO": GO, "GATE": gate, "EARLY": bool(early), "SCALE": float(scale), "EPS": float(eps), "DT": TL_DTYPES[dtype]}
     p = "*" + {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}[dtype]
     sig = {"p_ptr": p, "xs": "i32", "wq_ptr": p, "wk_ptr": p, "wv_ptr": p, "cq_ptr": p, "ck_ptr": p, "cv_ptr": p,
            "wf_ptr": p, "wg_ptr": p, "a_ptr": "*fp32", "dt_ptr": "*fp32", "o_ptr": p, "g_ptr": p,
-           "s_ptr": "*fp32", "slot_ptr": "*i64"}
+           "s_ptr": "*fp32", "slot_ptr": "*i64", "t_ptr": "*i32"}
+    warps = cfg["decode_warps"] if consts["NVB"] == 1 else cfg.get("decode_split_warps") or cfg["decode_warps"]
     return KernelSpec("kda_decode_step", "kda_decode_step", render("kda_decode_step", _STEP, consts), sig,
-                      cfg["decode_warps"], 1, consts)
+                      warps, 1, consts)
+
+
+def split_of(B: int, target: str) -> int:
+    """V blocks a head for a step of B tokens: kda_recurrent.decode_split up to decode_split_rows tokens."""
+    cfg = config("kda_recurrent", target)
+    return max(1, int(cfg.get("decode_split", 1))) if B <= cfg.get("decode_split_rows", 0) else 1
 
 
 @dataclass
@@ -154,8 +170,10 @@ class DecodeStep:
         p, wq, wf = (g.types[v] for v in (self.inputs[0], self.inputs[1], self.inputs[7]))
         _, H, K, V = g.types[self.inputs[-1]].shape
         a = get_op("kda_fused_recurrent").full_attrs(self.kda.attrs)
+        splits = {1, split_of(1, target)}
         return [step_spec(H, K, V, wf.shape[1], wq.shape[-1], self.offsets, len(self.outputs) > 5, p.dtype,
-                          float(a["scale"]), float(a["l2norm_eps"]), target, early) for early in (True, False)]
+                          float(a["scale"]), float(a["l2norm_eps"]), target, early, split)
+                for early in (True, False) for split in sorted(splits)]
 
 
 def _slice_of(g, v: str, src: str):
@@ -230,7 +248,7 @@ def run(item: DecodeStep, args: list):
     gate = len(item.outputs) > 5
     a = get_op("kda_fused_recurrent").full_attrs(item.kda.attrs)
     spec = step_spec(H, K, V, R, W, item.offsets, gate, ir_dtype(p), float(a["scale"]), float(a["l2norm_eps"]),
-                     target, B <= config("kda_recurrent", target)["decode_early_rows"])
+                     target, B <= config("kda_recurrent", target)["decode_early_rows"], split_of(B, target))
     if spec.hash in _UNBUILT:
         return None
     rows, xs = row_view(p)
@@ -240,10 +258,10 @@ def run(item: DecodeStep, args: list):
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
     try:
-        launch(spec, (B, H), rows, xs, *(w.reshape(w.shape[0], W).to(dt).contiguous() for w in (wq, wk, wv)),
+        launch(spec, (B, H, spec.config["NVB"]), rows, xs, *(w.reshape(w.shape[0], W).to(dt).contiguous() for w in (wq, wk, wv)),
                cq.storage, ck.storage, cv.storage, wf.to(dt).contiguous(), wg.to(dt).contiguous(),
                A_log.reshape(H).float().contiguous(), dt_bias.reshape(H * K).float().contiguous(), o, gt,
-               state.storage, state.slots)
+               state.storage, state.slots, tickets(p.device, B * H))
     except (CompilationError, OutOfResources) as err:   # raised before the kernel runs: nothing written
         _UNBUILT.add(spec.hash)
         warnings.warn(f"kda_decode_step does not build here ({type(err).__name__}: {str(err)[:200]}); "

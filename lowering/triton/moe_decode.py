@@ -364,8 +364,10 @@ def moe_experts(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | 
     """The routed experts (and a shared one): by id for a decode-sized batch (low-bit experts:
     where `quant_direct` says so), else the permuted path (moe.moe_experts, or for low-bit experts
     moe_quant.quantized_moe_experts) after the shared expert through torch."""
-    direct_q = config("moe_decode", current_target())["quant_direct"]
-    by_id = quant is None or (quant.fmt in direct_q if isinstance(direct_q, (list, tuple)) else bool(direct_q))
+    cfg = config("moe_decode", current_target())
+    direct_q, tokens = cfg["quant_direct"], ids.numel() // ids.shape[-1] if ids.shape[-1] else 0
+    by_id = quant is None or (quant.fmt in direct_q if isinstance(direct_q, (list, tuple)) else bool(direct_q)) \
+        or 0 < tokens <= cfg.get("quant_direct_tokens", {}).get(quant.fmt, 0)
     if by_id and takes_direct(ids) and _specs(x, ids, weights, w13, w2, shared, quant) is not None:
         return direct(x, ids, weights, w13, w2, acc, shared, quant)
     _check(x, ids, weights, w13, w2, acc, shared, quant)

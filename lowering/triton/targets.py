@@ -48,7 +48,8 @@ _BASE = {
     # 256 chunks 7.52 vs 7.63 ms at 64k, slower at 16k and 64x512); scan_seg_min: segments
     # only where the sequences average at least this many chunks (long single prompts: the scan's
     # few programs run long beside the other kernels; 0: wherever the table exceeds a segment);
-    # BV_seg / warps_seg: the segmented scan's own tiles (0: the scan's);
+    # BV_seg / warps_seg / stages_seg: the segmented scan's own tiles (0: the scan's; fewer stages
+    # hold less shared memory: 45 KB at 2 against 100 KB at 4, so it fits beside the other kernels);
     # conv_in_prep: KDA's q/k/v convs (+ SiLU) of a prefill run inside the prep kernel (kda.ConvKDA:
     # the projections read once, only v's conv output stored), the new conv states after it (off: on
     # an H200, 2026-12-01 06:35, 0eda109, bench/kda_chunk.py --conv, 16k 3.661 vs 2.362 ms and 32x1k
@@ -61,12 +62,15 @@ _BASE = {
                   "intra_warps": 4, "intra_stages": 1, "diag": "token", "BH": 4, "diag_warps": 4, "diag_unroll": False,
                   "diag_store": "row", "diag_form": "columns", "wu": "split", "wu_warps": 4, "wu_stages": 2,
                   "scan_ks": 128, "scan_many": 0, "BV_many": 64, "warps_many": 4, "scan_seg": 0,
-                  "scan_seg_min": 0, "BV_seg": 0, "warps_seg": 0, "conv_in_prep": False, "op_chunk": True},
+                  "scan_seg_min": 0, "BV_seg": 0, "warps_seg": 0, "stages_seg": 0, "conv_in_prep": False,
+                  "op_chunk": True},
     # fused_decode: one-token steps of up to this many sequences run the convs, f_b / g_b and the
     # step in one launch (kda_decode.py; one program a head on decode_warps warps; 0: never); up to
-    # decode_early_rows sequences its state and f_b / g_b rows load before the convs
+    # decode_early_rows sequences its state and f_b / g_b rows load before the convs; up to
+    # decode_split_rows sequences each head takes decode_split programs (V columns split; on
+    # decode_split_warps warps, 0: decode_warps), the q / k conv states stored by the last to finish
     "kda_recurrent": {"BV": 32, "num_warps": 4, "num_stages": 1, "fused_decode": 256, "decode_warps": 8,
-                      "decode_early_rows": 16},
+                      "decode_early_rows": 16, "decode_split": 1, "decode_split_rows": 0, "decode_split_warps": 0},
     # split_min: fewest keys a split takes; small so that short contexts at small batch still
     # spread over many programs (H200 e2e, B=1, 1k context, split_min 512: two programs,
     # mla_latent_split ~80 us per MLA layer)
@@ -156,11 +160,13 @@ _BASE = {
     # K loops (moe_decode.FORMS): acc "row" (a row sum per K step) or "tile" ([rows, K tile]
     # accumulators summed once); unroll: the loop unrolled (every load of a program issued first);
     # quant_direct False (or a list: the formats that go by id): decode-sized low-bit batches
-    # take the permuted grouped path instead (moe_gemm_q's kernels); a8: int4 experts by id on moe_w4a8's loops (int8 activations by
+    # take the permuted grouped path instead (moe_gemm_q's kernels), except batches of at most
+    # quant_direct_tokens[format] tokens; a8: int4 experts by id on moe_w4a8's loops (int8 activations by
     # dp4a, quantized in the kernels; moe_gemm_q's *_w4a8 tiles)
     "moe_decode": {"BN": 16, "BK": 256, "BND": 16, "BKD": 256, "max_pairs": 64, "num_warps": 4,
                    "warps_down": 4, "num_stages": 2, "token_tiles": [], "quant_tiles": {}, "dequant": "words",
-                   "prefetch": True, "acc": "row", "unroll": False, "quant_direct": True, "a8": False},
+                   "prefetch": True, "acc": "row", "unroll": False, "quant_direct": True, "quant_direct_tokens": {},
+                   "a8": False},
     # dense projections of up to max_rows rows (lowering/triton/gemv.py; larger take cuBLAS):
     # enabled: the kernel in place of cuBLAS (env KIMI_GRAPH_TRITON_GEMV=1/0 overrides); BN output
     # columns x BK a step per program, K split until ~`programs` programs (at most max_split);
