@@ -74,6 +74,12 @@ VARIANTS = {
     # int4 experts of one-token steps by id (W4A8 loops, the shared expert in the same launches)
     "int4-id": {"moe_decode": {"quant_direct_tokens": {"int4": 1}}},
     "int4-id-a8": {"moe_decode": {"quant_direct_tokens": {"int4": 1}, "a8": True}},
+    "int4-id-a8-n16": {"moe_decode": {"quant_direct_tokens": {"int4": 1}, "a8": True},
+                       "moe_gemm_q": {"BN_w4a8": 16, "BND_w4a8": 16}},
+    "int4-id-a8-n8": {"moe_decode": {"quant_direct_tokens": {"int4": 1}, "a8": True},
+                      "moe_gemm_q": {"BN_w4a8": 8, "BND_w4a8": 8}},
+    "int4-id-a8-n16-w2": {"moe_decode": {"quant_direct_tokens": {"int4": 1}, "a8": True},
+                          "moe_gemm_q": {"BN_w4a8": 16, "BND_w4a8": 16, "warps_w4a8": 2}},
 }
 _BASE_KEYS: dict = {}
 

@@ -213,9 +213,15 @@ TARGETS: dict[str, dict] = {
                       "diag_store": "column", "wu": "fused", "num_warps": 4, "num_stages": 4, "prep_warps": 4,
                       "prep_rows": 4, "bkg_fp32": False, "ftz_exp": True, "diag_warps": 2, "intra_warps": 2,
                       "intra_stages": 1, "wu_warps": 2, "wu_stages": 2, "scan_many": 4096, "BV_many": 128,
-                      "warps_many": 8, "op_chunk": False, "scan_seg": 256, "scan_seg_min": 1024},
-        # decode_early_rows 0, prefetch False (router): untimed on a GPU yet, so off here
-        "kda_recurrent": {"BV": 64, "num_warps": 4, "decode_early_rows": 0},
+                      "warps_many": 8, "op_chunk": False, "scan_seg": 256, "scan_seg_min": 1024,
+                      "stages_seg": 2, "warps_seg": 2},
+        # (the segmented scan on 2 warps, 2 stages: 64k 7.321 vs 7.589 ms, H200 2026-12-02 03:12, afa5b78,
+        # kda_chunk_sweep-seg-stages.json; 2 stages alone 8.146, 3 stages 7.574)
+        # decode_early_rows 0, prefetch False (router): untimed on a GPU yet, so off here; the step's V
+        # columns over 4 programs a head on 4 warps up to 8 sequences: its kernel 0.146 vs 0.209 ms a
+        # 27-layer B=1 step, 0.431 vs 0.440 at B=8 (H200 2026-12-02 03:10, afa5b78, decode_step_kda_split.json)
+        "kda_recurrent": {"BV": 64, "num_warps": 4, "decode_early_rows": 0, "decode_split": 4,
+                          "decode_split_rows": 8, "decode_split_warps": 4},
         "attention": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
         # decode projections: bench/gemv.py on an H200 (2026-11-30 23:44, 9f3f49a) won at one row
         # only, and lost where the norm rides on the wide fused projections (left to cuBLAS);
