@@ -52,6 +52,11 @@ VARIANTS = {
     "router-2k": {"moe_route": {"fused_max": 0}},                   # the router in two kernels at every batch
     "pdl": {"launch": {"pdl": True}},                               # fused, with dependent launches
     "pdl-wait": {"launch": {"pdl": True, "pdl_trigger": "wait"}},   # ... each triggering after its own wait
+    # at one token: the GEMV projections launched dependently, their W lines prefetched into L2
+    # while the kernel before them (KDA's step, MLA's merge) runs; every other kernel built to let
+    # them start early; "pdl-all-1": every kernel launched dependently
+    "pdl-gemv": {"launch": {"pdl_rows": 1, "pdl_kernels": ["gemv_rows"]}},
+    "pdl-all-1": {"launch": {"pdl_rows": 1}},
     "packed": {"moe_route": {"select": "packed"}},                  # the router's one-reduction-a-pick top-k
     "tile-unroll": {"moe_decode": {"acc": "tile", "unroll": True}},  # the bf16 experts' K loops (moe_decode.FORMS)
     "packed-tile-unroll": {"moe_route": {"select": "packed"}, "moe_decode": {"acc": "tile", "unroll": True}},

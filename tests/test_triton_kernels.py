@@ -533,6 +533,27 @@ def test_dependent_launch_prologue_leads_the_entry_and_changes_nothing_else():
     assert late.hash != pdl.hash
 
 
+def test_dependent_launch_prologue_goes_to_the_mark_after_the_early_prefetch(monkeypatch):
+    """A kernel with a `# pdl: wait` line (gemv_rows) takes the prologue there, after its W
+    lines' L2 prefetch, which only the dependent form turns on (PDL_EARLY); pdl_kernels names
+    the entries launched dependently (empty: all)."""
+    from kimi_graph.lowering.triton import codegen, gemv
+    from kimi_graph.lowering.triton.targets import TARGETS
+    spec = gemv.gemv_spec(64, 256, 1, "f32", None, 0.0, "interpret")
+    pdl = codegen.with_pdl(spec)
+    lines = pdl.source.splitlines()
+    at = [i for i, ln in enumerate(lines) if "griddepcontrol" in ln]
+    assert len(at) == 2 and lines[at[1] + 1].strip() == codegen.PDL_MARK
+    assert "_prefetch_l2(" in "\n".join(lines[at[0] - 4:at[0]]) and "PDL_EARLY = tl.constexpr(True)" in pdl.source
+    assert "PDL_EARLY = tl.constexpr(False)" in spec.source and "griddepcontrol" not in spec.source
+    monkeypatch.setitem(TARGETS["interpret"]["configs"], "launch", {"pdl": True, "pdl_kernels": ["gemv_rows"]})
+    codegen._pdl_config.cache_clear()
+    try:
+        assert codegen.pdl_launched("gemv_rows") and not codegen.pdl_launched("moe_router")
+    finally:
+        codegen._pdl_config.cache_clear()
+
+
 def test_dependent_launches_by_step_rows(monkeypatch):
     """launch.pdl_rows: launches of graph calls of at most that many token rows (step_rows) are
     dependent, others plain; the environment overrides both; never below sm_90."""

@@ -174,7 +174,7 @@ def launch(spec: KernelSpec, grid, *args):
             return load(spec)[grid](*args)
     if pdl_enabled(_arch()):
         spec = with_pdl(spec, pdl_trigger())
-        return _launch_fitting(load(spec), spec, grid, args, launch_pdl=True)
+        return _launch_fitting(load(spec), spec, grid, args, launch_pdl=pdl_launched(spec.entry))
     return _launch_fitting(load(spec), spec, grid, args)
 
 
@@ -218,7 +218,7 @@ def _pdl_config() -> dict:
     if cfg.get("pdl_trigger", "start") not in PDL_PROLOGUES:
         raise ValueError(f"launch.pdl_trigger {cfg['pdl_trigger']!r}: one of {', '.join(PDL_PROLOGUES)}")
     return {"pdl": bool(cfg.get("pdl")), "pdl_rows": int(cfg.get("pdl_rows", 0)),
-            "pdl_trigger": cfg.get("pdl_trigger", "start")}
+            "pdl_trigger": cfg.get("pdl_trigger", "start"), "pdl_kernels": tuple(cfg.get("pdl_kernels", ()))}
 
 
 def pdl_enabled(arch: int) -> bool:
@@ -240,19 +240,39 @@ def pdl_trigger() -> str:
     return env if env in PDL_PROLOGUES else _pdl_config()["pdl_trigger"]
 
 
+# A kernel may hold a line `# pdl: wait` in its entry: the prologue goes there instead of first,
+# and its constant PDL_EARLY turns true, so the statements above the line (which read nothing a
+# predecessor writes and write nothing: its weights' addresses, an L2 prefetch of them) run
+# while the predecessor still does.
+PDL_MARK = "# pdl: wait"
+PDL_EARLY_OFF = "PDL_EARLY = tl.constexpr(False)"
+
+
 def with_pdl(spec: KernelSpec, trigger: str = "start") -> KernelSpec:
     """`spec` with the dependent-launch prologue (PDL_PROLOGUES[trigger]) as the first
-    statements of its entry."""
+    statements of its entry, or at its PDL_MARK line."""
     key = spec.hash + spec.entry + trigger      # kernels of one source share its hash
     if key not in _PDL_SPECS:
         tree = ast.parse(spec.source)
         entry = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == spec.entry)
-        first = entry.body[0]
         lines = spec.source.splitlines()
-        pad = lines[first.lineno - 1][: first.col_offset]
-        lines[first.lineno - 1:first.lineno - 1] = [pad + stmt for stmt in PDL_PROLOGUES[trigger]]
+        mark = next((i for i in range(entry.lineno, entry.end_lineno) if lines[i].strip() == PDL_MARK), None)
+        if mark is None:
+            at, pad = entry.body[0].lineno - 1, lines[entry.body[0].lineno - 1][: entry.body[0].col_offset]
+        else:
+            at, pad = mark, lines[mark][: len(lines[mark]) - len(lines[mark].lstrip())]
+            lines = [PDL_EARLY_OFF.replace("False", "True") if ln == PDL_EARLY_OFF else ln for ln in lines]
+        lines[at:at] = [pad + stmt for stmt in PDL_PROLOGUES[trigger]]
         _PDL_SPECS[key] = dataclasses.replace(spec, source="\n".join(lines) + "\n")
     return _PDL_SPECS[key]
+
+
+def pdl_launched(entry: str) -> bool:
+    """Whether a kernel built with the prologue launches dependently: launch.pdl_kernels names
+    the entries that do (empty: all); the others are plain launches whose early trigger still
+    lets a dependent successor start."""
+    names = _pdl_config()["pdl_kernels"]
+    return not names or entry in names
 
 
 def _launch_fitting(kernel, spec: KernelSpec, grid, args, **options):

@@ -40,10 +40,18 @@ from .norm import rmsnorm
 from .targets import config, current_target, interpreting
 
 ENV = "KIMI_GRAPH_TRITON_GEMV"
+ITEMSIZE = {"f32": 4, "bf16": 2, "f16": 2}
 TILE_KEYS = ("BN", "BK", "num_warps", "num_stages", "programs", "max_split", "dot_min_rows", "norm_pass", "BN_heads",
              "BK_heads")
 
 _GEMV = """
+@triton.jit
+def _prefetch_l2(p):
+    # an L2 prefetch of each address (the values are not kept)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$$1]; // $$0", "=r,l", [p.to(tl.int64, bitcast=True)],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit
 def _x_tile(x_ptr, r_ptr, m64, mm, k, xs, rs):
     # [BM, BK] of x's rows (plus the residual's, summed in the data dtype as add_rmsnorm does)
@@ -77,6 +85,11 @@ def gemv_rows(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, s_ptr, part_ptr, tickets_ptr, 
     mm = m < M
     m64 = m.to(tl.int64)
     wrow = w_ptr + n.to(tl.int64)[:, None] * K
+    if PDL_EARLY:                       # launched dependently: this program's W lines into L2 first
+        j = ps * KS + tl.arange(0, KL) * LINE
+        ok = mn[:, None] & ((j < K) & (j < ps * KS + KS))[None, :]
+        _prefetch_l2(tl.where(ok, wrow + j[None, :], w_ptr))
+    # pdl: wait
     ss = tl.zeros((BM,), tl.float32)
     if NORM == 1:
         for k0 in range(0, K, BK):
@@ -218,7 +231,9 @@ def gemv_spec(N: int, K: int, rows: int, dtype: str, norm: str | None, eps: floa
     consts = {"N": N, "K": K, "BM": BM, "BN": BN, "BK": BK, "KS": ks, "SPLIT": split,
               "EVEN": N % BN == 0 and K % ks == 0 and ks % BK == 0, "DOT": dot, "PREC": dot_precision(dtype),
               "NORM": mode, "RESIDUAL": norm == "add_rmsnorm", "G": max(group, 1), "EPS": float(eps) if norm else 0.0,
-              "PAIR": pair and norm is None, "DT": TL_DTYPES[dtype]}
+              "PAIR": pair and norm is None, "DT": TL_DTYPES[dtype],
+              # codegen.with_pdl's early prefetch: 128-byte lines of W, KL of them a program
+              "PDL_EARLY": False, "LINE": 128 // ITEMSIZE[dtype], "KL": next_pow2(-(-ks // (128 // ITEMSIZE[dtype])))}
     p = ptr_type(dtype)
     sig = {"x_ptr": p, "r_ptr": p, "nw_ptr": p, "w_ptr": p, "y_ptr": p, "s_ptr": p, "part_ptr": "*fp32",
            "tickets_ptr": "*i32", "x1_ptr": p, "w1_ptr": p, "y1_ptr": p, "M": "i32", "xs": "i32", "rs": "i32"}

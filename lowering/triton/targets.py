@@ -17,8 +17,9 @@ _BASE = {
     # pdl_rows: also those of graph calls of at most this many token rows (decode at small
     # batch; 0: none); pdl_trigger: where a kernel lets its successor launch: "start" (first
     # statement: successors may launch, and wait, several kernels ahead) or "wait" (once its
-    # own wait has passed: one kernel ahead)
-    "launch": {"pdl": False, "pdl_rows": 0, "pdl_trigger": "start"},
+    # own wait has passed: one kernel ahead); pdl_kernels: the entries launched dependently
+    # (empty: every one; the others still built with the prologue, so their successors start early)
+    "launch": {"pdl": False, "pdl_rows": 0, "pdl_trigger": "start", "pdl_kernels": []},
     "elementwise": {"BLOCK": 1024, "num_warps": 4, "num_stages": 1},
     # tile: elements a program normalises (rows of N: max(1, tile // pow2(N)) rows a program);
     # rows of `wide` elements (pow2) or more take num_warps_wide
