@@ -592,3 +592,7 @@ def test_dequantized_passes_match_fp64(triton_interpret, monkeypatch, fmt, symme
     want = swiglu_fp64(rows, offsets, dequantized_fp64(q13, s13, None if symmetric else z13, fmt, group),
                        dequantized_fp64(q2, s2, None if symmetric else z2, fmt, group))
     assert calls and rel_err(got, want) <= 1e-5
+    monkeypatch.setitem(cfg, f"dequant_min_rows_{fmt}", 64)     # a format's own bound: these rows stay on the loops
+    calls.clear()
+    quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, *zeros, fmt=fmt, group_size=group)
+    assert not calls

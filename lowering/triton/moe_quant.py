@@ -238,7 +238,7 @@ def quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13=None, z2=None,
     w8a8 = None if per_row or M <= 256 or z13 is not None else w8a8_specs(fmt, E, I, D, group_size, dt, target)
     if w8a8 is not None:
         return moe_fp8.grouped_swiglu(rows, offsets, q13, s13, q2, s2, w8a8)
-    if not per_row and fmt in BITS and 0 < cfg["dequant_min_rows"] <= M:
+    if not per_row and fmt in BITS and 0 < dequant_min_rows(cfg, fmt) <= M:
         return moe_dequant.grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13, z2, fmt=fmt, group_size=group_size,
                                           I=I, target=target)
     a8 = w4a8_specs(fmt, E, I, D, group_size, z13 is not None, dt, target) if per_row else None
@@ -319,7 +319,12 @@ def specs_for(kind, ins, outs, attrs, target):
         + list(w8a8_specs(fmt, E, I, D, G, rows.dtype, target) or ()) \
         + list(w4a8_specs(fmt, E, I, D, G, asym, rows.dtype, target) or ()) \
         + (moe_dequant.specs(fmt, E, I, D, G, asym, rows.dtype, target)
-           if fmt in BITS and config("moe_gemm_q", target)["dequant_min_rows"] else [])
+           if fmt in BITS and dequant_min_rows(config("moe_gemm_q", target), fmt) else [])
+
+
+def dequant_min_rows(cfg: dict, fmt: str) -> int:
+    """Rows from which `fmt` experts take moe_dequant's passes (dequant_min_rows_FMT, else dequant_min_rows; 0: never)."""
+    return int(cfg.get(f"dequant_min_rows_{fmt}", cfg["dequant_min_rows"]))
 
 
 def chain_specs(ins, attrs, target) -> list[KernelSpec]:

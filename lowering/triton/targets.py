@@ -130,7 +130,8 @@ _BASE = {
     # takes moe_w4a8.py's kernels instead (codes times int8 activations by dp4a; BN_w4a8 /
     # BND_w4a8 rows, TPS_w4a8 groups a step (TPSD_w4a8 down's, if given), warps_w4a8 (and
     # warps_down_w4a8), stages_w4a8; fuse_w4a8: gate_up / down quantize their activations
-    # themselves, two launches instead of four), "words": these; dequant_min_rows (0: never): from
+    # themselves, two launches instead of four), "words": these; dequant_min_rows (dequant_min_rows_FMT
+    # for one format; 0: never): from
     # that many rows int4 / int8 take moe_dequant.py, dequant_experts experts a pass written in the
     # activation dtype (BN_dequant rows x BC_dequant code columns a step, warps_dequant) and the
     # bf16 grouped GEMMs over their rows
@@ -266,7 +267,13 @@ TARGETS: dict[str, dict] = {
                        "rows_max_int4": 256,
                        # fp8 prefill on the W8A8 kernels (moe_fp8.py): H200 (2026-12-01 04:20, 7c42f55) 8k tokens
                        # 1817 us = 1.12x our bf16 kernel, 511 TFLOP/s, err 4.3e-2 (fp8_dot True: 4990 us)
-                       "fp8_dot": "w8a8", "BN_w8a8": 64, "warps_w8a8": 4},
+                       "fp8_dot": "w8a8", "BN_w8a8": 64, "warps_w8a8": 4,
+                       # prefill-sized int8 / int4 through passes of dequantized experts and the bf16
+                       # grouped GEMMs (moe_dequant.py): bench/lowbit.py --int-prefill on an H200
+                       # (2026-12-02 03:00, 36815fd, lowbit-int-prefill.json), one MoE layer: int8 4k
+                       # tokens 3.05 vs 4.00 ms, 16k 5.37 vs 11.83; int4 16k 17.75 vs 39.2 (4k: 15.5
+                       # vs 10.9, so int4 from 16k tokens only); error 3.4-3.8e-3 (the loops: 2.3e-3)
+                       "dequant_min_rows": 4096 * 8, "dequant_min_rows_int4": 16384 * 8},
         # direct decode experts: the best of bench/decode_step.py's sweep on an H200 (2026-11-30;
         # one MoE layer at B=1 in 46 us, 65% of the copy rate over the experts read); one or two
         # tokens: the best at B=1 of that sweep (gate_up 25.2 us, was 30.5; down 13.3, was 14.8)
