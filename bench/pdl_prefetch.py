@@ -9,7 +9,8 @@ Chains of `--pairs` (predecessor -> GEMV of N x 4096 bf16 weights) replayed in o
   pdl-l2     the same, each GEMV program's weight lines prefetched into L2 before its wait
   pdl-regs   the same, each GEMV program's weight tile loaded into registers before its wait
 Predecessors: "busy" (32 programs of dependent FMAs, ~the length of a latency-bound kernel) or
-"gemv" (another GEMV of the same shape). Prints ms per pair and the GEMV's share of copy rate.
+"gemv" (another GEMV of the same shape). Prints us per pair, and each kernel alone (its own chain
+in one graph; the first recorded run, 36815fd, timed those from host launches instead).
 
     python bench/pdl_prefetch.py [--pairs 26] [--iters 1500]
 """
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from harness import bench, copy_bandwidth, rel_err, write_result
+from harness import bench_graph, copy_bandwidth, rel_err, write_result
 
 K = 4096
 BN = 4
@@ -105,22 +106,13 @@ def main():
             gemv[(N // BN,)](x, ws[0], y, K=K, BN=BN, MODE=mode, num_warps=4, launch_pdl=mode > 0)
             err = rel_err(y, ref)
             assert err < 1e-2, (mode, err)
-        alone = bench(lambda: [gemv[(N // BN,)](bufs[0], w, bufs[1], K=K, BN=BN, MODE=0, num_warps=4)
-                               for w in ws]) / a.pairs
-        busy_ms = bench(lambda: [busy[(32,)](bufs[0], bufs[1], ITERS=a.iters, PDL=False, num_warps=4)
-                                 for _ in range(a.pairs)]) / a.pairs
+        alone = bench_graph(lambda: [gemv[(N // BN,)](bufs[0], w, bufs[1], K=K, BN=BN, MODE=0, num_warps=4)
+                                     for w in ws], 1) / a.pairs
+        busy_ms = bench_graph(lambda: [busy[(32,)](bufs[0], bufs[1], ITERS=a.iters, PDL=False, num_warps=4)
+                                       for _ in range(a.pairs)], 1) / a.pairs
         for pred in ("busy", "gemv"):
             for mode, form in enumerate(("plain", "pdl", "pdl-l2", "pdl-regs")):
-                run = chain(pred, mode, ws, w0, bufs, a.iters)
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    run()
-                torch.cuda.current_stream().wait_stream(s)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    run()
-                ms = bench(g.replay) / a.pairs
+                ms = bench_graph(chain(pred, mode, ws, w0, bufs, a.iters), 1) / a.pairs
                 rows.append({"N": N, "pred": pred, "form": form, "ms_per_pair": ms,
                              "gemv_alone_ms": alone, "busy_alone_ms": busy_ms,
                              "weight_mb": N * K * 2 / 1e6})
