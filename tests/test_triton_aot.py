@@ -36,14 +36,14 @@ def test_manifest_lists_every_kernel_for_every_target(build):
     kernels = {k for k, _, _ in by_target["sm_90"]}
     # the same kernels everywhere but a target's own KDA layout (W/U apart or in the intra kernel;
     # the diagonal blocks token-parallel or a sub-chunk a program; the scan's own tiles for many
-    # programs), the decode projections'
+    # programs and for segments), the decode projections'
     # kernels, switched on where measured faster than cuBLAS (sm_90), and the router with its norm
     # (moe_route norm_inline, on where measured: sm_90)
     gemv = {"gemv", "gemv_rmsnorm", "gemv_add_rmsnorm", "gemv_gated_rmsnorm", "gemv_pair", "gemv_heads"}
     assert gemv | {"moe_router_norm"} <= kernels
     assert {k for k, _, _ in by_target["sm_80"]} ^ kernels <= {"kda_chunk_wu", "kda_chunk_diag",
                                                                 "kda_chunk_diag_block", "kda_chunk_scan_many",
-                                                                "moe_router_norm"} | gemv
+                                                                "kda_chunk_scan_seg", "moe_router_norm"} | gemv
     assert {"kda_chunk_prep", "kda_chunk_scan", "kda_recurrent_step", "causal_conv1d_fwd", "rmsnorm",
             "add_rmsnorm", "gated_rmsnorm", "causal_attention_fwd", "mla_latent_split", "moe_router_logits",
             "moe_router_select", "moe_count", "moe_scan", "moe_scatter", "moe_gate_up", "moe_down", "moe_unpermute", "elementwise_fused"} <= kernels
