@@ -13,7 +13,12 @@ same way here, so both forms agree to fp32 rounding.
 
 The step (`DecodeStep`) holds the plain schedule items it replaces and runs them instead for
 more than one token a sequence (prefill), states that are not in-place views, or more
-sequences than kda_recurrent.fused_decode (0: never fused)."""
+sequences than kda_recurrent.fused_decode (0: never fused).
+
+Up to `decode_split_rows` sequences, each head's V columns split over `decode_split` programs (the
+state is [K, V]: each program's columns are independent; the q / k convs and f are recomputed by
+each): more programs on a small batch. Every program reads the old q / k conv columns, so the last
+of a head's programs to finish (a ticket, codegen.tickets) stores their new ones."""
 from __future__ import annotations
 
 import functools
@@ -65,8 +70,8 @@ def _project(x_ptr, w, dr, mr):
 @triton.jit
 def kda_decode_step(p_ptr, xs, wq_ptr, wk_ptr, wv_ptr, cq_ptr, ck_ptr, cv_ptr, wf_ptr, wg_ptr, a_ptr, dt_ptr,
                     o_ptr, g_ptr, s_ptr, slot_ptr, t_ptr):
-    # grid (tokens, heads, NVB V blocks); t: a ticket per (token, head) when NVB > 1; p: the fused projection's rows (xs apart), q / k / v / f_a / b / g_a at
-    # QO / KO / VO / FO / BO / GO; the conv states [slots, C, W-1] and the KDA state [slots, H, K, V]
+    # grid (tokens, heads, NVB blocks of V columns); t: a ticket per (token, head) when NVB > 1;
+    # p: the fused projection's rows (xs apart), q / k / v / f_a / b / g_a at QO / KO / VO / FO / BO / GO; the conv states [slots, C, W-1] and the KDA state [slots, H, K, V]
     # at row slot[token] (a padding row, slot -1: zeros read, nothing stored)
     n = tl.program_id(0)
     h = tl.program_id(1)
@@ -258,7 +263,8 @@ def run(item: DecodeStep, args: list):
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
     try:
-        launch(spec, (B, H, spec.config["NVB"]), rows, xs, *(w.reshape(w.shape[0], W).to(dt).contiguous() for w in (wq, wk, wv)),
+        launch(spec, (B, H, spec.config["NVB"]), rows, xs,
+               *(w.reshape(w.shape[0], W).to(dt).contiguous() for w in (wq, wk, wv)),
                cq.storage, ck.storage, cv.storage, wf.to(dt).contiguous(), wg.to(dt).contiguous(),
                A_log.reshape(H).float().contiguous(), dt_bias.reshape(H * K).float().contiguous(), o, gt,
                state.storage, state.slots, tickets(p.device, B * H))
