@@ -83,6 +83,10 @@ VARIANTS = {
                        "moe_gemm_q": {"BN_w4a8": 16, "BND_w4a8": 16}},
     "int4-id-a8-n8": {"moe_decode": {"quant_direct_tokens": {"int4": 1}, "a8": True},
                       "moe_gemm_q": {"BN_w4a8": 8, "BND_w4a8": 8}},
+    # low-bit experts by id: the shared (bf16) expert's rows of a block over 2 / 4 programs a token
+    "shared-split2": {"moe_decode": {"shared_split": 2}},
+    "shared-split4": {"moe_decode": {"shared_split": 4}},
+    "int4-id-a8-sh4": {"moe_decode": {"quant_direct_tokens": {"int4": 1}, "a8": True, "shared_split": 4}},
     "int4-id-a8-n16-w2": {"moe_decode": {"quant_direct_tokens": {"int4": 1}, "a8": True},
                           "moe_gemm_q": {"BN_w4a8": 16, "BND_w4a8": 16, "warps_w4a8": 2}},
 }

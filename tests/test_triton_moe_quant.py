@@ -187,14 +187,18 @@ def experts_fp64(x, ids, w, w13, w2, acc):
 
 
 @pytest.mark.parametrize("fmt,symmetric,group", DECODE_CASES)
-@pytest.mark.parametrize("with_shared", [False, True])
+@pytest.mark.parametrize("with_shared", [False, True, 2])
 def test_decode_by_id_matches_fp64_and_the_reference_op(triton_interpret, monkeypatch, fmt, symmetric, group,
                                                         with_shared):
     """Only the codes, scales and zero points are read (the op library's dequantize never runs);
-    two tokens on the same experts; D and I not multiples of the tiles."""
+    two tokens on the same experts; D and I not multiples of the tiles; with_shared 2: the shared
+    expert's rows of a block over two programs (shared_split)."""
     import kimi_graph.ops.quant as quant_ops
-    from kimi_graph.lowering.triton import moe_decode
+    from kimi_graph.lowering.triton import moe_decode, targets
     from kimi_graph.ops import get_op
+    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_decode"], "shared_split",
+                        2 if with_shared == 2 else 1)
+    moe_decode.decode_specs.cache_clear()
     gen = torch.Generator().manual_seed(group)
     E, I, D, N, k = 6, 48, 96, 3, 2
     w13 = torch.randn(E, 2 * I, D, generator=gen) / D ** 0.5
@@ -220,6 +224,8 @@ def test_decode_by_id_matches_fp64_and_the_reference_op(triton_interpret, monkey
     assert rel_err(got, experts_fp64(x, ids, w, d13, d2, acc)) <= 1e-5
     if not with_shared:
         assert rel_err(got, ref_op) <= 1e-5
+    assert moe_decode._specs(x, ids, w, q13, q2, shared, q)[0].config["SHR"] == (2 if with_shared == 2 else 1)
+    moe_decode.decode_specs.cache_clear()
 
 
 def test_decode_plan_reads_low_bit_experts_by_id(triton_interpret):
@@ -512,15 +518,20 @@ def test_w4a8_kernels_build_for_sm_90(monkeypatch):
     monkeypatch.setitem(targets.TARGETS["sm_90"]["configs"]["moe_decode"], "a8", True)
     by_id = moe_decode.decode_specs.__wrapped__(1024, 2304, 8, "bf16", "f32", 1024, "sm_90", ("int4", 128, False))
     assert all("dp4a" in compile_spec(k, "sm_90").asm["ptx"] for k in by_id)
+    monkeypatch.setitem(targets.TARGETS["sm_90"]["configs"]["moe_decode"], "shared_split", 4)     # the shared rows split
+    split = moe_decode.decode_specs.__wrapped__(1024, 2304, 8, "bf16", "f32", 1024, "sm_90", ("int4", 128, False))
+    assert all(k.config["SHR"] == 4 and "dp4a" in compile_spec(k, "sm_90").asm["ptx"] for k in split)
 
 
-@pytest.mark.parametrize("symmetric,with_shared", [(True, True), (False, False)])
-def test_decode_by_id_w4a8_matches_fp64_with_int8_activations(triton_interpret, monkeypatch, symmetric, with_shared):
+@pytest.mark.parametrize("symmetric,with_shared,split", [(True, True, 1), (True, True, 4), (False, False, 1)])
+def test_decode_by_id_w4a8_matches_fp64_with_int8_activations(triton_interpret, monkeypatch, symmetric, with_shared,
+                                                              split):
     """moe_decode's a8: int4 experts read by id on moe_w4a8's loops (each program quantizes its
     token's row and h itself): against experts over the dequantized weights with x and h rounded
-    to int8 per group, a shared expert beside them."""
+    to int8 per group, a shared expert beside them (its rows of a block over `split` programs)."""
     from kimi_graph.lowering.triton import moe_decode, targets
     monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_decode"], "a8", True)
+    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_decode"], "shared_split", split)
     moe_decode.decode_specs.cache_clear()
     E, I, D, k, N, G = 4, 128, 192, 2, 2, 64
     (q13, s13, q2, s2), zeros, (d13, d2), gen = _draw_quant("int4", symmetric, G, E, I, D, 5)

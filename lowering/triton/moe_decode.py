@@ -59,8 +59,8 @@ def _swiglu_rows_f(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.co
         acc_g = tl.sum(tile_g, 1)
         acc_u = tl.sum(tile_u, 1)
     else:
-        acc_g = tl.zeros((BN,), tl.float32)
-        acc_u = tl.zeros((BN,), tl.float32)
+        acc_g = tl.zeros_like(rg).to(tl.float32)       # (rg's rows: BN, or BNS of a shared split)
+        acc_u = tl.zeros_like(rg).to(tl.float32)
         for k0 in $krange(0, D, BK):
             acc_g += _wdot_f(wg_ptr, s_ptr, z_ptr, rg, mn, x_ptr, k0, D, G1, BK)
             acc_u += _wdot_f(wu_ptr, s_ptr, z_ptr, ru, mn, x_ptr, k0, D, G1, BK)
@@ -79,7 +79,7 @@ def _rows_dot_f(h_ptr, w_ptr, s_ptr, z_ptr, n, mn, K: tl.constexpr, G: tl.conste
             tile += _wmul_f(w_ptr, n, mn, h_ptr, k0, K, BKD)
         y = tl.sum(tile, 1)
     else:
-        y = tl.zeros((BND,), tl.float32)
+        y = tl.zeros_like(n).to(tl.float32)
         for k0 in $krange(0, K, BKD):
             y += _wdot_f(w_ptr, s_ptr, z_ptr, n, mn, h_ptr, k0, K, G, BKD)
     return y
@@ -107,8 +107,8 @@ $helpers
 
 @triton.jit
 def moe_decode_gate_up(x_ptr, ids_ptr, w13_ptr, s13_ptr, z13_ptr, h_ptr, wg_ptr, wu_ptr, hs_ptr, pairs):
-    # grid (I blocks, pairs + shared rows): one expert's BN gate and up rows against one token's
-    # x; programs past the pairs do the shared expert of token p - pairs
+    # grid (I blocks, pairs + SHR x tokens): one expert's BN gate and up rows against one token's
+    # x; programs past the pairs do the shared expert, SHR of them a token and I block (BNS rows each)
     p = tl.program_id(1)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     if p < pairs:
@@ -119,19 +119,21 @@ def moe_decode_gate_up(x_ptr, ids_ptr, w13_ptr, s13_ptr, z13_ptr, h_ptr, wg_ptr,
                            n, n + I, mn, False)
         tl.store(h_ptr + p.to(tl.int64) * I + n, h.to(DT), mask=mn)
     else:
-        tok = (p - pairs).to(tl.int64)
-        mn = n < IS
-        h = _swiglu_rows_f(x_ptr + tok * D, wg_ptr, wu_ptr, wg_ptr, wg_ptr, n, n, mn, True)
-        tl.store(hs_ptr + tok * IS + n, h.to(DT), mask=mn)
+        tok = ((p - pairs) // SHR).to(tl.int64)
+        ns = (tl.program_id(0) * SHR + (p - pairs) % SHR) * BNS + tl.arange(0, BNS)
+        ms = ns < IS
+        hsh = _swiglu_rows_f(x_ptr + tok * D, wg_ptr, wu_ptr, wg_ptr, wg_ptr, ns, ns, ms, True)
+        tl.store(hs_ptr + tok * IS + ns, hsh.to(DT), mask=ms)
 
 
 @triton.jit
 def moe_decode_down(h_ptr, ids_ptr, w2_ptr, s2_ptr, z2_ptr, hs_ptr, wd_ptr, y_ptr, wts_ptr, acc_ptr, out_ptr,
                     tickets_ptr, pairs):
-    # grid (D blocks, pairs + shared rows): y[p] = round(h[p] w2_{ids[p]}^T) for BND of its D
-    # rows; programs past the pairs do the shared expert of token p - pairs (y's row p). Each then
-    # takes a ticket of (its token, D block); the last of the token's TOPK (+ shared) programs
-    # there combines: out[tok] = acc[tok] (or the shared row) + sum_j weights[tok, j] y[tok K + j]
+    # grid (D blocks, pairs + SHR x tokens): y[p] = round(h[p] w2_{ids[p]}^T) for BND of its D
+    # rows; programs past the pairs do the shared expert (y's row pairs + token), SHR of them a token
+    # and D block (BNDS rows each). Each then takes a ticket of (its token, D block); the last of the
+    # token's TOPK (+ SHR) programs there combines: out[tok] = acc[tok] (or the shared row) +
+    # sum_j weights[tok, j] y[tok K + j]
     p = tl.program_id(1)
     n = tl.program_id(0) * BND + tl.arange(0, BND)
     mn = n < D
@@ -140,13 +142,16 @@ def moe_decode_down(h_ptr, ids_ptr, w2_ptr, s2_ptr, z2_ptr, hs_ptr, wd_ptr, y_pt
         y = _rows_dot_$R(h_ptr + p.to(tl.int64) * I, w2_ptr + ex * W2, s2_ptr + ex * S2, z2_ptr + ex * S2,
                         n, mn, I, G2)
         tok = p // TOPK
+        tl.store(y_ptr + p.to(tl.int64) * D + n, y.to(DT), mask=mn)
     else:
-        y = _rows_dot_f(hs_ptr + (p - pairs).to(tl.int64) * IS, wd_ptr, wd_ptr, wd_ptr, n, mn, IS, 1)
-        tok = p - pairs
-    tl.store(y_ptr + p.to(tl.int64) * D + n, y.to(DT), mask=mn)
+        tok = (p - pairs) // SHR
+        ns = (tl.program_id(0) * SHR + (p - pairs) % SHR) * BNDS + tl.arange(0, BNDS)
+        ms = ns < D
+        ys = _rows_dot_f(hs_ptr + tok.to(tl.int64) * IS, wd_ptr, wd_ptr, wd_ptr, ns, ms, IS, 1)
+        tl.store(y_ptr + (pairs + tok).to(tl.int64) * D + ns, ys.to(DT), mask=ms)
     tl.debug_barrier()                  # every thread's rows stored before the ticket
     ticket = tickets_ptr + tok * tl.num_programs(0) + tl.program_id(0)
-    if tl.atomic_add(ticket, 1, sem="acq_rel") == TOPK + SHARED - 1:
+    if tl.atomic_add(ticket, 1, sem="acq_rel") == TOPK + SHARED * SHR - 1:
         tl.store(ticket, 0)
         if SHARED:
             a = tl.load(y_ptr + (pairs + tok).to(tl.int64) * D + n, mask=mn, other=0.0, cache_modifier=".cg")
@@ -226,6 +231,12 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
               "BND": min(cfg["BND"], next_pow2(D)), "BKD": min(cfg["BKD"], next_pow2(wide)),
               "SHARED": int(shared_i > 0), "DT": TL_DTYPES[dtype], "W13": 2 * I * D, "W2": D * I, "S13": 1, "S2": 1,
               "G1": 1, "G2": 1, "NPW": 1}
+    # low-bit experts: the shared (float) expert's rows of an output block over SHR programs a
+    # token, so its programs read about the bytes the codes' programs do (shared_split)
+    shr = 1 if quant is None else max(1, min(int(base.get("shared_split", 1)), consts["BN"], consts["BND"]))
+    if shr & (shr - 1):
+        raise ValueError(f"moe_decode shared_split {shr}: a power of two")
+    consts.update(SHR=shr, BNS=consts["BN"] // shr, BNDS=consts["BND"] // shr)
     p, stages = ptr_type(dtype), cfg["num_stages"]
     code, scale, zero = p, p, p
     for key, allowed in FORMS.items():
@@ -318,6 +329,7 @@ def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None 
     if not pairs:
         return shared_swiglu(x, *shared) if IS else acc.clone()
     rows = pairs + (N if IS else 0)          # the shared expert's rows after the pairs
+    programs = pairs + (c["SHR"] * N if IS else 0)
     h = torch.empty(pairs, I, device=x.device, dtype=dt)
     y = torch.empty(rows, D, device=x.device, dtype=dt)
     hs = torch.empty(N, IS, device=x.device, dtype=dt) if IS else h
@@ -336,8 +348,8 @@ def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None 
     out = torch.empty(x.shape, device=x.device, dtype=dt)
     acc = y if IS else acc.to(dt).contiguous()
     d_blocks = -(-D // c["BND"])
-    launch(gate_up, (-(-max(I, IS) // c["BN"]), rows), xc, ids_c, w13, s13, z13, h, wg, wu, hs, pairs)
-    launch(down, (d_blocks, rows), h, ids_c, w2, s2, z2, hs, wd, y, weights.contiguous(), acc, out,
+    launch(gate_up, (-(-max(I, IS) // c["BN"]), programs), xc, ids_c, w13, s13, z13, h, wg, wu, hs, pairs)
+    launch(down, (d_blocks, programs), h, ids_c, w2, s2, z2, hs, wd, y, weights.contiguous(), acc, out,
            tickets(x.device, N * d_blocks), pairs)
     return out
 
