@@ -167,18 +167,29 @@ def load_ours(cfg: KimiLinearConfig, args) -> tuple[object, dict]:
 
 def decode_step_fn(engine, slots: list[int]):
     """One greedy decode step of `slots` as generation runs it: the step (a CUDA-graph replay
-    when the engine has graphs), the draw on the device, the tokens read back and fed in."""
+    when the engine has graphs), the draw on the device, the tokens read back and fed in; with
+    Engine(overlap=True) as its loop runs it: the next step queued, fed the draw on the device,
+    before that draw is read back."""
+    from kimi_graph.runtime.engine import HostTokens
     from kimi_graph.runtime.sampling import Sampler, SamplingParams
     sampler = Sampler(SamplingParams(max_new_tokens=1 << 30), len(slots))
     rows = list(range(len(slots)))
     V = engine.model.config.vocab_size
     tokens = [i % V for i in rows]
+    drawn, pending = torch.tensor(tokens, device=engine.model.device), None
 
     def step():
         nonlocal tokens
         _, drawn = engine.decode_sample(slots, tokens, sampler, rows)
         tokens = drawn.tolist()
-    return step
+
+    def step_ahead():
+        nonlocal drawn, pending
+        drawn = engine.decode_ahead(slots, drawn, sampler, rows)
+        if pending is not None:
+            pending.read()
+        pending = HostTokens(drawn)
+    return step_ahead if engine.overlap else step
 
 
 def prefill_batch(engine, prompts: list[list[int]], last_only: bool = False):
@@ -535,6 +546,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=2, help="timed prefill repeats (best taken)")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="engine prefill chunk (default: the engine's)")
     ap.add_argument("--name", default="e2e")
+    ap.add_argument("--overlap", action="store_true", help="decode as Engine(overlap=True) generates: each "
+                    "step queued before the previous draw is read back")
     args = ap.parse_args(argv)
     args.torch_dtype = getattr(torch, args.dtype)
     args.prefill_shapes = parse_prefill(args.prefill)
@@ -546,6 +559,8 @@ def main(argv=None) -> None:
     args.long_contexts = parse_list(args.long_contexts)
     args.graph_modes = {"both": [False, True], "on": [True], "off": [False]}[args.graphs]
     args.engine_options = {} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}
+    if args.overlap:
+        args.engine_options["overlap"] = True
     phases = args.phases.split(",")
 
     cuda = args.device.startswith("cuda")

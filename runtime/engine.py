@@ -66,12 +66,16 @@ class Engine:
     MAX_PREFILL_CHUNK, else PREFILL_CHUNK; None: whole batches). `page_size`, `num_pages`: paged MLA
     caches (see CacheManager). `cuda_graphs`: replay each decode step as one CUDA graph per
     batch-size bucket (runtime/graphs.py; needs a backend that updates states in place, on
-    CUDA: backend="triton" with the default pipeline)."""
+    CUDA: backend="triton" with the default pipeline). `overlap`: generation (`iterate`,
+    `generate`, `stream`) queues each decode step, fed the previous draw on the device, before
+    the host reads that draw, so the host's work between steps runs beside the device's; a
+    sequence that stops has run one step more, discarded with its slot (`Sequence` turns, which
+    keep their slot, never overlap)."""
 
     def __init__(self, model, max_batch: int = 1, max_len: int | None = None, *,
                  window_block: int | None = 64, prefill_chunk: int | str | None = "auto",
                  page_size: int | None = None, num_pages: int | None = None,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, overlap: bool = False):
         limit = model.config.model_max_length
         max_len = limit if max_len is None else max_len
         if isinstance(max_len, int) and max_len > limit:
@@ -82,7 +86,10 @@ class Engine:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 also = " or 'auto'" if name == "prefill_chunk" else ""
                 raise GenerationError(f"{name} must be a positive integer{also} or None, got {v!r:.40}")
+        if not isinstance(overlap, bool):
+            raise GenerationError(f"overlap must be True or False, got {overlap!r:.40}")
         self.model, self.window_block, self.prefill_chunk = model, window_block, prefill_chunk
+        self.overlap = overlap
         decode = model.get_graph("decode")
         if state_specs(model.get_graph("prefill", stateful=True)) != state_specs(decode):
             raise GenerationError("the stateful prefill and decode graphs take different states")
@@ -292,7 +299,8 @@ class Engine:
         slots = self.cache.allocate(len(prompts))
         try:
             logits = torch.stack([t[-1] for t in self.prefill(slots, prompts, last_only=True)])
-            yield from self.sample_loop(slots, logits, params)
+            loop = self.sample_loop_ahead if self.overlap else self.sample_loop
+            yield from loop(slots, logits, params)
         finally:
             self.cache.free(slots)
 
@@ -314,6 +322,46 @@ class Engine:
                 break
             active = [i for i, _ in going]
             _, drawn = self.decode_sample([slots[i] for i in active], [t for _, t in going], sampler, active)
+
+    def decode_ahead(self, slots: list[int], tokens: torch.Tensor, sampler: Sampler,
+                     rows: list[int]) -> torch.Tensor:
+        """decode_sample fed `tokens` [B], a draw still on the device (never waited for) -> the
+        next draw [B] on the device. A NaN row's draw (-1) goes in as id 0: the host raises on
+        the -1 when it reads it, and this step's rows are then discarded."""
+        if len(rows) != len(slots) or tokens.shape != (len(slots),):
+            raise GenerationError(f"{tuple(tokens.shape)} tokens and {len(rows)} rows for {len(slots)} slots")
+        ids = tokens.clamp(min=0)
+        if self.graphs is None:
+            return sampler.draw(self.step("decode", slots, ids.view(-1, 1))[:, 0], rows)
+        self.cache.reserve(slots, 1)
+        _, drawn = self.graphs.run(slots, ids, sampler, rows)
+        self.cache.advance(slots, 1)
+        return drawn
+
+    def sample_loop_ahead(self, slots: list[int], logits: torch.Tensor,
+                          params: SamplingParams) -> Iterator[tuple[int, int]]:
+        """sample_loop one step ahead (Engine `overlap`): each step is queued, fed the previous
+        draw on the device, before the host reads that draw; the sequences that stop have run one
+        step more (their slots' states hold one token more; the caller frees them)."""
+        sampler = Sampler(params, len(slots))
+        stops = params.stop_set(self.model.config.eos_ids, self.model.config.vocab_size)
+        active = list(range(len(slots)))
+        drawn = sampler.draw(logits, active)
+        pending = HostTokens(drawn)
+        for step in range(params.max_new_tokens):
+            last = step + 1 == params.max_new_tokens
+            ahead = None if last else self.decode_ahead([slots[i] for i in active], drawn, sampler, active)
+            tokens = pending.read()             # the device runs the step ahead meanwhile
+            for i, t in zip(active, tokens):
+                yield i, t
+            keep = [j for j, t in enumerate(tokens) if t not in stops]
+            if not keep or last:
+                break
+            if len(keep) < len(active):         # the rows going on; the others' step is dropped
+                ahead = ahead[torch.tensor(keep, device=ahead.device)]
+                active = [active[j] for j in keep]
+            drawn = ahead
+            pending = HostTokens(drawn)
 
     def sequence(self) -> "Sequence":
         """A sequence kept on its own slot across calls (a multi-turn chat): see Sequence."""
@@ -399,6 +447,25 @@ class Sequence:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class HostTokens:
+    """A draw on its way to the host: copied into pinned memory behind the work queued so far,
+    waited for only at read() (tokens_of's checks then)."""
+    def __init__(self, tokens: torch.Tensor):
+        self.event = None
+        if tokens.device.type == "cuda":
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tokens.clone()
+
+    def read(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return tokens_of(self.host)
 
 
 def _tokens(it) -> Iterator[int]:

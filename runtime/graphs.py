@@ -87,10 +87,13 @@ class DecodeGraphs:
             if (Bp, greedy) not in self.graphs:
                 self.graphs[(Bp, greedy)] = self.capture(Bp, greedy)
 
-    def run(self, slots: list[int], ids: list[int], sampler, rows: list[int]):
-        """Replay the step for `slots` fed `ids` -> (logits [B, V], tokens [B]) as views of
-        the graph's outputs (valid until the next replay of the same bucket)."""
+    def run(self, slots: list[int], ids, sampler, rows: list[int]):
+        """Replay the step for `slots` fed `ids` (a list, or a [B] int64 tensor on the device) ->
+        (logits [B, V], tokens [B]) as views of the graph's outputs (valid until the next replay
+        of the same bucket)."""
         B, Bp = len(slots), bucket(len(slots))
+        on_device = ids if isinstance(ids, torch.Tensor) else None
+        ids = [0] * B if on_device is not None else ids
         key = (Bp, sampler.params.greedy)
         if key not in self.graphs:
             self.graphs[key] = self.capture(*key)
@@ -103,6 +106,8 @@ class DecodeGraphs:
         floats = s_floats[:B] + [0.0] * pad + s_floats[B:] + [1.0] * pad
         copy_from_host(c.ints, torch.tensor(ints, dtype=torch.int64).view(6, Bp))
         copy_from_host(c.floats, torch.tensor(floats, dtype=torch.float32).view(2, Bp))
+        if on_device is not None:           # behind the host copy, in stream order
+            c.ints[0, :B].copy_(on_device)
         sampler.advance(rows)
         if c.graph is None:
             c.logits, c.tokens = self._step(c.ints, c.floats, key[1])

@@ -124,6 +124,34 @@ def test_generation_with_stops_and_slot_reuse():
     assert engine.cache.free_slots == 6
 
 
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=20, seed=5)])
+def test_overlapped_generation_gives_the_same_tokens(sampling):
+    """Engine(overlap=True) queues each step before the host reads the draw it is fed: the same
+    tokens as the plain loop, sequences stopping at different steps (a stop id), slots freed."""
+    model = tiny()
+    free = model.generate(PROMPTS, max_new_tokens=6, ignore_eos=True, **sampling)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True, stop_ids=(free[1][1],), **sampling)
+    plain, ahead = (Engine(model, max_batch=6, max_len=16, overlap=o) for o in (False, True))
+    want = plain.generate(PROMPTS, params)
+    assert any(len(w) < 6 for w in want) and any(len(w) == 6 for w in want)
+    assert ahead.generate(PROMPTS, params) == want
+    assert ahead.cache.free_slots == 6
+    assert list(ahead.stream(PROMPTS[0], params)) == want[0]
+    with pytest.raises(GenerationError, match="overlap must be True or False"):
+        Engine(model, overlap="yes")
+
+
+def test_overlapped_generation_raises_on_non_finite_logits():
+    """A NaN row's draw goes into the step ahead as a valid id; the host raises on reading it."""
+    from kimi_graph.finite import NonFiniteError
+    model = kimi_graph.load("tiny", check_finite=False)
+    model.weights["lm_head.weight"][:] = float("inf")
+    engine = Engine(model, max_batch=1, max_len=16, overlap=True)
+    with pytest.raises(NonFiniteError, match="next-token logits hold NaN or inf"):
+        engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3))
+    assert engine.cache.free_slots == 1
+
+
 def test_eos_stops_generation():
     model = tiny()
     free = model.generate([[1, 5, 9]], max_new_tokens=8, ignore_eos=True)[0]
