@@ -124,6 +124,20 @@ def test_seeded_sampling_equals_eager(tiny):
     assert alone == want                                         # not on the batch
 
 
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8, top_k=50, seed=5)])
+def test_overlapped_generation_under_graphs_equals_the_plain_loop(tiny, sampling):
+    """Engine(overlap=True) with graphs: each step queued, fed the previous draw on the device,
+    before the host reads it; the same tokens as the plain loop, sequences stopping at different
+    steps (one stop id), the slots freed."""
+    prompts = [[1, 5, 9], [7], [30, 2, 41, 8]]
+    kw = dict(max_batch=4, max_len=64, cuda_graphs=True)
+    free = Engine(tiny, **kw).generate(prompts, SamplingParams(max_new_tokens=24, ignore_eos=True, **sampling))
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True, stop_ids=(free[1][3],), **sampling)
+    want = Engine(tiny, **kw).generate(prompts, params)
+    ahead = Engine(tiny, overlap=True, **kw)
+    assert ahead.generate(prompts, params) == want and ahead.cache.free_slots == 4
+
+
 def test_2k_step_greedy_generation_equals_eager(published_slice):
     params = SamplingParams(max_new_tokens=2000, ignore_eos=True)
     prompt = [[(i * 7919) % 163840 for i in range(16)]]
