@@ -187,8 +187,13 @@ class Engine:
         ids = self.check_prompt(tokens)
         if len(ids) != len(slots) or len(rows) != len(slots):
             raise GenerationError(f"{len(ids)} tokens and {len(rows)} rows for {len(slots)} slots")
+        return self._decode(slots, ids, sampler, rows)
+
+    def _decode(self, slots: list[int], ids, sampler: Sampler, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """decode_sample's step for checked `ids`: a list, or a [B] int64 tensor on the device."""
         if self.graphs is None:
-            logits = self.step("decode", slots, torch.tensor(ids, dtype=torch.int64).view(-1, 1))[:, 0]
+            ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.int64)
+            logits = self.step("decode", slots, ids.view(-1, 1))[:, 0]
             return logits, sampler.draw(logits, rows)
         self.cache.reserve(slots, 1)
         out = self.graphs.run(slots, ids, sampler, rows)
@@ -330,13 +335,7 @@ class Engine:
         the -1 when it reads it, and this step's rows are then discarded."""
         if len(rows) != len(slots) or tokens.shape != (len(slots),):
             raise GenerationError(f"{tuple(tokens.shape)} tokens and {len(rows)} rows for {len(slots)} slots")
-        ids = tokens.clamp(min=0)
-        if self.graphs is None:
-            return sampler.draw(self.step("decode", slots, ids.view(-1, 1))[:, 0], rows)
-        self.cache.reserve(slots, 1)
-        _, drawn = self.graphs.run(slots, ids, sampler, rows)
-        self.cache.advance(slots, 1)
-        return drawn
+        return self._decode(slots, tokens.clamp(min=0), sampler, rows)[1]
 
     def sample_loop_ahead(self, slots: list[int], logits: torch.Tensor,
                           params: SamplingParams) -> Iterator[tuple[int, int]]:

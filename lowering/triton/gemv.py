@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kimi_graph.dtypes import DTYPE_BYTES
+
 from .codegen import TL_DTYPES, KernelSpec, dot_precision, launch, next_pow2, render, row_view, tickets
 from .elementwise import ir_dtype, ptr_type
 from .moe_decode import bucket_config, bucket_of
@@ -40,7 +42,6 @@ from .norm import rmsnorm
 from .targets import config, current_target, interpreting
 
 ENV = "KIMI_GRAPH_TRITON_GEMV"
-ITEMSIZE = {"f32": 4, "bf16": 2, "f16": 2}
 TILE_KEYS = ("BN", "BK", "num_warps", "num_stages", "programs", "max_split", "dot_min_rows", "norm_pass", "BN_heads",
              "BK_heads")
 
@@ -227,13 +228,13 @@ def gemv_spec(N: int, K: int, rows: int, dtype: str, norm: str | None, eps: floa
     if norm == "gated_rmsnorm" and (group != next_pow2(group) or K % group):
         raise ValueError(f"gated norm groups of {group} do not tile K={K} (a power of two dividing K)")
     # one pass rounds x * nw unnormalised to the data dtype: fp16's range takes the two-pass form
+    line = 128 // DTYPE_BYTES[dtype]          # W elements a 128-byte line (codegen.with_pdl's early prefetch)
     mode = {None: 0, "gated_rmsnorm": 3}.get(norm, 1 if dtype == "f16" else {"two": 1, "one": 2}[cfg["norm_pass"]])
     consts = {"N": N, "K": K, "BM": BM, "BN": BN, "BK": BK, "KS": ks, "SPLIT": split,
               "EVEN": N % BN == 0 and K % ks == 0 and ks % BK == 0, "DOT": dot, "PREC": dot_precision(dtype),
               "NORM": mode, "RESIDUAL": norm == "add_rmsnorm", "G": max(group, 1), "EPS": float(eps) if norm else 0.0,
               "PAIR": pair and norm is None, "DT": TL_DTYPES[dtype],
-              # codegen.with_pdl's early prefetch: 128-byte lines of W, KL of them a program
-              "PDL_EARLY": False, "LINE": 128 // ITEMSIZE[dtype], "KL": next_pow2(-(-ks // (128 // ITEMSIZE[dtype])))}
+              "PDL_EARLY": False, "LINE": line, "KL": next_pow2(-(-ks // line))}
     p = ptr_type(dtype)
     sig = {"x_ptr": p, "r_ptr": p, "nw_ptr": p, "w_ptr": p, "y_ptr": p, "s_ptr": p, "part_ptr": "*fp32",
            "tickets_ptr": "*i32", "x1_ptr": p, "w1_ptr": p, "y1_ptr": p, "M": "i32", "xs": "i32", "rs": "i32"}

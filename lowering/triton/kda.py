@@ -754,10 +754,10 @@ def chunk_specs(H, K, V, dtype, fused, scale, eps, has_state, target=None, chunk
     scan_args = ["qg_ptr", "kg_ptr", "w_ptr", "u_ptr", "aqk_ptr", "gl_ptr", "o_ptr", "s0_ptr", "sn_ptr",
                  "slot_ptr", "cu_ptr", "chunk0_ptr", "c_lo", "c_hi"]
     out.append(spec("kda_chunk_scan", _SCAN, scan_args, cfg["num_warps"], cfg["num_stages"], **_scan_blocks(BK // KS)))
-    if cfg["BV_seg"] or cfg.get("stages_seg"):     # the scan of segmented launches (long prompts, beside the others)
+    if cfg["BV_seg"] or cfg["stages_seg"]:     # the scan of segmented launches (long prompts, beside the others)
         segc = {**consts, "BV": min(cfg["BV_seg"] or BV, max(16, next_pow2(V)))}
         out.append(spec("kda_chunk_scan_seg", _SCAN, scan_args, cfg["warps_seg"] or cfg["num_warps"],
-                        cfg.get("stages_seg") or cfg["num_stages"], entry="kda_chunk_scan", kconsts=segc,
+                        cfg["stages_seg"] or cfg["num_stages"], entry="kda_chunk_scan", kconsts=segc,
                         **_scan_blocks(BK // KS)))
     if cfg["scan_many"]:        # the scan of launches with many programs (packed sequences): its own tiles
         many = {**consts, "BV": min(cfg["BV_many"], max(16, next_pow2(V))), "MANY": int(cfg["scan_many"])}

@@ -71,8 +71,8 @@ def _project(x_ptr, w, dr, mr):
 def kda_decode_step(p_ptr, xs, wq_ptr, wk_ptr, wv_ptr, cq_ptr, ck_ptr, cv_ptr, wf_ptr, wg_ptr, a_ptr, dt_ptr,
                     o_ptr, g_ptr, s_ptr, slot_ptr, t_ptr):
     # grid (tokens, heads, NVB blocks of V columns); t: a ticket per (token, head) when NVB > 1;
-    # p: the fused projection's rows (xs apart), q / k / v / f_a / b / g_a at QO / KO / VO / FO / BO / GO; the conv states [slots, C, W-1] and the KDA state [slots, H, K, V]
-    # at row slot[token] (a padding row, slot -1: zeros read, nothing stored)
+    # p: the fused projection's rows (xs apart), q / k / v / f_a / b / g_a at QO / KO / VO / FO / BO / GO;
+    # the conv states [slots, C, W-1] and the KDA state [slots, H, K, V] at row slot[token] (a padding row, slot -1: zeros read, nothing stored)
     n = tl.program_id(0)
     h = tl.program_id(1)
     dk = tl.arange(0, BK)
@@ -146,7 +146,7 @@ def step_spec(H, K, V, R, W, offsets: tuple, gate: bool, dtype: str, scale: floa
     sig = {"p_ptr": p, "xs": "i32", "wq_ptr": p, "wk_ptr": p, "wv_ptr": p, "cq_ptr": p, "ck_ptr": p, "cv_ptr": p,
            "wf_ptr": p, "wg_ptr": p, "a_ptr": "*fp32", "dt_ptr": "*fp32", "o_ptr": p, "g_ptr": p,
            "s_ptr": "*fp32", "slot_ptr": "*i64", "t_ptr": "*i32"}
-    warps = cfg["decode_warps"] if consts["NVB"] == 1 else cfg.get("decode_split_warps") or cfg["decode_warps"]
+    warps = cfg["decode_warps"] if consts["NVB"] == 1 else cfg["decode_split_warps"] or cfg["decode_warps"]
     return KernelSpec("kda_decode_step", "kda_decode_step", render("kda_decode_step", _STEP, consts), sig,
                       warps, 1, consts)
 
@@ -154,7 +154,7 @@ def step_spec(H, K, V, R, W, offsets: tuple, gate: bool, dtype: str, scale: floa
 def split_of(B: int, target: str) -> int:
     """V blocks a head for a step of B tokens: kda_recurrent.decode_split up to decode_split_rows tokens."""
     cfg = config("kda_recurrent", target)
-    return max(1, int(cfg.get("decode_split", 1))) if B <= cfg.get("decode_split_rows", 0) else 1
+    return max(1, int(cfg["decode_split"])) if B <= cfg["decode_split_rows"] else 1
 
 
 @dataclass

@@ -233,7 +233,7 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
               "G1": 1, "G2": 1, "NPW": 1}
     # low-bit experts: the shared (float) expert's rows of an output block over SHR programs a
     # token, so its programs read about the bytes the codes' programs do (shared_split)
-    shr = 1 if quant is None else max(1, min(int(base.get("shared_split", 1)), consts["BN"], consts["BND"]))
+    shr = 1 if quant is None else max(1, min(int(base["shared_split"]), consts["BN"], consts["BND"]))
     if shr & (shr - 1):
         raise ValueError(f"moe_decode shared_split {shr}: a power of two")
     consts.update(SHR=shr, BNS=consts["BN"] // shr, BNDS=consts["BND"] // shr)
@@ -379,7 +379,7 @@ def moe_experts(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | 
     cfg = config("moe_decode", current_target())
     direct_q, tokens = cfg["quant_direct"], ids.numel() // ids.shape[-1] if ids.shape[-1] else 0
     by_id = quant is None or (quant.fmt in direct_q if isinstance(direct_q, (list, tuple)) else bool(direct_q)) \
-        or 0 < tokens <= cfg.get("quant_direct_tokens", {}).get(quant.fmt, 0)
+        or 0 < tokens <= cfg["quant_direct_tokens"].get(quant.fmt, 0)
     if by_id and takes_direct(ids) and _specs(x, ids, weights, w13, w2, shared, quant) is not None:
         return direct(x, ids, weights, w13, w2, acc, shared, quant)
     _check(x, ids, weights, w13, w2, acc, shared, quant)
