@@ -247,6 +247,7 @@ def bench_decode(model, args, bw: float, rows: list) -> None:
                     step()
                 ms = timed(step, args.device, reps=args.steps) * 1e3
                 key = "graph" if graphs else "eager"
+                row["overlap"] = engine.overlap
                 row[f"{key}_ms"] = ms
                 row[f"{key}_tok_s"] = B / ms * 1e3
                 row[f"{key}_floor_frac"] = row["floor_ms"] / ms
@@ -546,8 +547,9 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=2, help="timed prefill repeats (best taken)")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="engine prefill chunk (default: the engine's)")
     ap.add_argument("--name", default="e2e")
-    ap.add_argument("--overlap", action="store_true", help="decode as Engine(overlap=True) generates: each "
-                    "step queued before the previous draw is read back")
+    ap.add_argument("--overlap", default="auto", choices=("auto", "on", "off"),
+                    help="decode as Engine(overlap=...) generates (on: each step queued before the previous "
+                         "draw is read back; auto: the engine's default, on for CUDA)")
     args = ap.parse_args(argv)
     args.torch_dtype = getattr(torch, args.dtype)
     args.prefill_shapes = parse_prefill(args.prefill)
@@ -559,8 +561,8 @@ def main(argv=None) -> None:
     args.long_contexts = parse_list(args.long_contexts)
     args.graph_modes = {"both": [False, True], "on": [True], "off": [False]}[args.graphs]
     args.engine_options = {} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}
-    if args.overlap:
-        args.engine_options["overlap"] = True
+    if args.overlap != "auto":
+        args.engine_options["overlap"] = args.overlap == "on"
     phases = args.phases.split(",")
 
     cuda = args.device.startswith("cuda")

@@ -44,15 +44,15 @@ step_int4_split() {     # the int4 B=1 step kernel by kernel, beside bf16's
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 150 python3 bench/decode_step.py --layers 27 --batches 1 \
     --variants fused --no-sweep --experts int4 --name decode_step_int4_b1
 }
-step_next_untimed() {  # built 2026-12-02, untimed: the shared expert split by id, overlapped generation
+step_next_untimed() {  # timed 2026-12-02 04:40 (9fbba3e): the shared expert split by id, overlapped generation
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 150 python3 bench/decode_step.py --layers 27 --batches 1,8 --experts int4 \
     --variants fused,int4-id-a8,int4-id-a8-sh4 --no-sweep --name decode_step_int4_shared_split || return 1
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 150 python3 bench/decode_step.py --layers 27 --batches 1,8 --experts int8 \
     --variants fused,shared-split2,shared-split4 --no-sweep --name decode_step_int8_shared_split || return 1
   timeout 120 python3 -m pytest -q -x tests/test_decode_graphs_gpu.py -k overlapped || return 1
-  for o in "" "--overlap"; do
+  for o in off on; do
     KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 150 python3 bench/e2e.py --phases ours --batches 1,32 --contexts 1024 \
-      --prefill 1x4096 --prefill-logits last --graphs on $o --name e2e-overlap${o:+-on} || return 1
+      --prefill 1x4096 --prefill-logits last --graphs on --overlap $o --name e2e-overlap-$o || return 1
   done
 }
 step_compiled() {

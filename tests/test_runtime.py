@@ -137,8 +137,9 @@ def test_overlapped_generation_gives_the_same_tokens(sampling):
     assert ahead.generate(PROMPTS, params) == want
     assert ahead.cache.free_slots == 6
     assert list(ahead.stream(PROMPTS[0], params)) == want[0]
-    with pytest.raises(GenerationError, match="overlap must be True or False"):
+    with pytest.raises(GenerationError, match="overlap must be True, False or None"):
         Engine(model, overlap="yes")
+    assert Engine(model).overlap is False           # the default: on for CUDA models only
 
 
 def test_overlapped_generation_raises_on_non_finite_logits():

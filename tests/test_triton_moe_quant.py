@@ -5,6 +5,8 @@ interpreter. GPU (bf16, and fp8 tensor cores on sm_89+): tests/test_triton_moe_q
 GPU-only test at the end."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -515,12 +517,11 @@ def test_w4a8_kernels_build_for_sm_90(monkeypatch):
     fused = moe_w4a8.specs.__wrapped__("int4", 8, 1024, 2304, 128, 128, False, "bf16", "sm_90")
     assert fused[3].config["FUSE"] is True and "dp4a" in compile_spec(fused[3], "sm_90").asm["ptx"]
     from kimi_graph.lowering.triton import moe_decode         # experts by id on the same loops
-    monkeypatch.setitem(targets.TARGETS["sm_90"]["configs"]["moe_decode"], "a8", True)
-    by_id = moe_decode.decode_specs.__wrapped__(1024, 2304, 8, "bf16", "f32", 1024, "sm_90", ("int4", 128, False))
-    assert all("dp4a" in compile_spec(k, "sm_90").asm["ptx"] for k in by_id)
-    monkeypatch.setitem(targets.TARGETS["sm_90"]["configs"]["moe_decode"], "shared_split", 4)     # the shared rows split
-    split = moe_decode.decode_specs.__wrapped__(1024, 2304, 8, "bf16", "f32", 1024, "sm_90", ("int4", 128, False))
-    assert all(k.config["SHR"] == 4 and "dp4a" in compile_spec(k, "sm_90").asm["ptx"] for k in split)
+    # sm_90's defaults: a8, the shared rows over 4 programs in the 1-2 token bucket only
+    spec = functools.partial(moe_decode.decode_specs.__wrapped__, 1024, 2304, 8, "bf16", "f32", 1024, "sm_90",
+                             ("int4", 128, False))
+    assert all(k.config["SHR"] == 1 and "dp4a" in compile_spec(k, "sm_90").asm["ptx"] for k in spec())
+    assert all(k.config["SHR"] == 4 and "dp4a" in compile_spec(k, "sm_90").asm["ptx"] for k in spec(2))
 
 
 @pytest.mark.parametrize("symmetric,with_shared,split", [(True, True, 1), (True, True, 4), (False, False, 1)])

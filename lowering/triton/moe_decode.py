@@ -233,7 +233,9 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
               "G1": 1, "G2": 1, "NPW": 1}
     # low-bit experts: the shared (float) expert's rows of an output block over SHR programs a
     # token, so its programs read about the bytes the codes' programs do (shared_split)
-    shr = 1 if quant is None else max(1, min(int(base["shared_split"]), consts["BN"], consts["BND"]))
+    # (batches in a token bucket of at most shared_split_tokens tokens; 0: every batch)
+    split_here = not base["shared_split_tokens"] or (bucket is not None and bucket <= base["shared_split_tokens"])
+    shr = 1 if quant is None or not split_here else max(1, min(int(base["shared_split"]), consts["BN"], consts["BND"]))
     if shr & (shr - 1):
         raise ValueError(f"moe_decode shared_split {shr}: a power of two")
     consts.update(SHR=shr, BNS=consts["BN"] // shr, BNDS=consts["BND"] // shr)

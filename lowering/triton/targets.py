@@ -166,11 +166,12 @@ _BASE = {
     # quant_direct_tokens[format] tokens; a8: int4 experts by id on moe_w4a8's loops (int8 activations by
     # dp4a, quantized in the kernels; moe_gemm_q's *_w4a8 tiles); shared_split: with low-bit experts,
     # the shared (float) expert's rows of an output block over that many programs a token (a power
-    # of two), so its programs read about what the codes' programs read
+    # of two), so its programs read about what the codes' programs read; shared_split_tokens: only
+    # in token buckets (token_tiles bounds) of at most that many tokens (0: every batch)
     "moe_decode": {"BN": 16, "BK": 256, "BND": 16, "BKD": 256, "max_pairs": 64, "num_warps": 4,
                    "warps_down": 4, "num_stages": 2, "token_tiles": [], "quant_tiles": {}, "dequant": "words",
                    "prefetch": True, "acc": "row", "unroll": False, "quant_direct": True, "quant_direct_tokens": {},
-                   "a8": False, "shared_split": 1},
+                   "a8": False, "shared_split": 1, "shared_split_tokens": 0},
     # dense projections of up to max_rows rows (lowering/triton/gemv.py; larger take cuBLAS):
     # enabled: the kernel in place of cuBLAS (env KIMI_GRAPH_TRITON_GEMV=1/0 overrides); BN output
     # columns x BK a step per program, K split until ~`programs` programs (at most max_split);
@@ -288,10 +289,16 @@ TARGETS: dict[str, dict] = {
                        # the int4 tiles were not swept on)
                        "quant_tiles": {"BN": 32, "BK": 512, "BND": 32, "BKD": 512, "num_warps": 4,
                                        "warps_down": 4},
-                       # int4 experts take the permuted W4A8 kernels at every decode size: the 27-layer
+                       # int4 experts take the permuted W4A8 kernels above one token: the 27-layer
                        # step at B=1 / 2 / 8 2.778 / 3.283 / 4.624 ms, by id 3.133 / 3.822 / 7.32 (a8 by
                        # id 2.784 / 3.378 / 6.126; bf16 2.964 / 3.842 / 8.665; same run as rows_max_int4)
-                       "quant_direct": ["int8", "fp8"]}})},
+                       "quant_direct": ["int8", "fp8"],
+                       # one or two tokens: the shared bf16 expert's rows over 4 programs beside low-bit
+                       # experts by id, and int4 at one token by id on the dp4a loops: the 27-layer B=1
+                       # step's kernels 2.210 ms (replay 2.544) against the permuted 2.404 (2.836); int8
+                       # 2.466 against 2.591 ms (B=8 with the split: 7.638 against 7.287, so not above 2
+                       # tokens; H200, 2026-12-02 04:44, 9fbba3e, decode_step_int*_shared_split.json)
+                       "quant_direct_tokens": {"int4": 1}, "a8": True, "shared_split": 4, "shared_split_tokens": 2}})},
     "interpret": {"arch": None, "gpu": "Triton interpreter (CPU)", "configs": _merge(_BASE, {
         "elementwise": {"BLOCK": 64},
         "conv": {"BT": 8, "BC": 16},
