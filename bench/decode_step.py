@@ -87,9 +87,6 @@ VARIANTS = {
     "shared-split2": {"moe_decode": {"shared_split": 2}},
     "shared-split4": {"moe_decode": {"shared_split": 4}},
     "int4-id-a8-sh4": {"moe_decode": {"quant_direct_tokens": {"int4": 1}, "a8": True, "shared_split": 4}},
-    # the direct MoE's gate/up and down in one launch (moe_decode_one) up to 1 / 8 tokens
-    "moe-one-1": {"moe_decode": {"one_launch_tokens": 1}},
-    "moe-one-8": {"moe_decode": {"one_launch_tokens": 8}},
     "int4-id-a8-n16-w2": {"moe_decode": {"quant_direct_tokens": {"int4": 1}, "a8": True},
                           "moe_gemm_q": {"BN_w4a8": 16, "BND_w4a8": 16, "warps_w4a8": 2}},
 }

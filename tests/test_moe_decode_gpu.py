@@ -90,33 +90,6 @@ def test_direct_replays_as_run_eagerly(N):
         assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("N", [1, 2, 8])
-def test_one_launch_equals_two_and_replays(N, monkeypatch):
-    """one_launch_tokens: gate/up and down in one launch (down blocks waiting on their h rows'
-    counters), bitwise the two launches' result, eagerly and over 200 CUDA-graph replays with new
-    tokens and experts (the counters each launch resets)."""
-    from kimi_graph.lowering.triton.targets import TARGETS
-    x, ids, w, w13, w2, shared = draw(N, seed=5)
-    g = torch.Generator(device="cuda").manual_seed(6)
-    draws = [(torch.randn(x.shape, device="cuda", generator=g).to(x.dtype) * 0.05,
-              torch.stack([torch.randperm(256, device="cuda", generator=g)[:8] for _ in range(N)]),
-              torch.rand(w.shape, device="cuda", generator=g)) for _ in range(4)]
-    want = [moe_decode.direct(xs, idss, ws, w13, w2, None, shared) for xs, idss, ws in draws]
-    monkeypatch.setitem(TARGETS[moe_decode.current_target()]["configs"]["moe_decode"], "one_launch_tokens", 8)
-    assert all(torch.equal(moe_decode.direct(xs, idss, ws, w13, w2, None, shared), ref)
-               for (xs, idss, ws), ref in zip(draws, want))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = moe_decode.direct(x, ids, w, w13, w2, None, shared)
-    for i in range(200):
-        xs, idss, ws = draws[i % len(draws)]
-        x.copy_(xs)
-        ids.copy_(idss)
-        w.copy_(ws)
-        graph.replay()
-        assert torch.equal(out, want[i % len(draws)]), f"replay {i}"
-
-
 @pytest.mark.parametrize("select", ["argmax", "packed"])
 def test_one_launch_router_equals_two_kernels_and_replays(monkeypatch, select):
     """The router at decode (one launch, its last program selects) on the published shapes, in

@@ -105,26 +105,6 @@ def test_down_kernel_combines(monkeypatch, shared):
     assert rel(out, want) < TOL
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_one_launch_equals_the_two_kernels(monkeypatch, shared, forms):
-    """one_launch_tokens: gate/up and down in one launch (each down block once its h rows are
-    stored), bitwise the two launches' result; its counters and tickets left zero, so a second
-    run (a CUDA graph's replay) gives the same."""
-    from kimi_graph.lowering.triton import codegen, targets
-    x, ids, w, w13, w2, acc = draw(3, 9, 4, 40, 24, seed=12)
-    sh = tuple(torch.randn(*s, generator=torch.Generator().manual_seed(6)) * 0.2 for s in ((56, 40), (56, 40), (40, 56)))
-    args = (x, ids, w, w13, w2, None, sh) if shared else (x, ids, w, w13, w2, acc)
-    two = moe_decode.direct(*args)
-    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_decode"], "one_launch_tokens", 3)
-    names = []
-    monkeypatch.setattr(moe_decode, "launch", lambda spec, *a: names.append(spec.name) or codegen.launch(spec, *a))
-    one = moe_decode.direct(*args)
-    assert names == ["moe_decode_one"] and not codegen._TICKETS["cpu"][-1].any()
-    assert torch.equal(one, two) and torch.equal(moe_decode.direct(*args), two)
-    moe_decode.direct(*(a[:1] if torch.is_tensor(a) else a for a in args))
-    assert names[-1] == "moe_decode_one"
-
-
 def test_tiles_by_token_count(monkeypatch):
     """token_tiles: one or two tokens take the bucket's tiles (the interpreter's differ from its
     base tiles), three the base ones; each token is bitwise the same alone as in a batch of its

@@ -524,18 +524,15 @@ def test_w4a8_kernels_build_for_sm_90(monkeypatch):
     assert all(k.config["SHR"] == 4 and "dp4a" in compile_spec(k, "sm_90").asm["ptx"] for k in spec(2))
 
 
-@pytest.mark.parametrize("symmetric,with_shared,split,one", [(True, True, 1, 0), (True, True, 4, 0), (False, False, 1, 0),
-                                                             (True, True, 4, 2), (False, False, 1, 2)])
+@pytest.mark.parametrize("symmetric,with_shared,split", [(True, True, 1), (True, True, 4), (False, False, 1)])
 def test_decode_by_id_w4a8_matches_fp64_with_int8_activations(triton_interpret, monkeypatch, symmetric, with_shared,
-                                                              split, one):
+                                                              split):
     """moe_decode's a8: int4 experts read by id on moe_w4a8's loops (each program quantizes its
     token's row and h itself): against experts over the dequantized weights with x and h rounded
-    to int8 per group, a shared expert beside them (its rows of a block over `split` programs);
-    one: gate/up and down in one launch (one_launch_tokens)."""
+    to int8 per group, a shared expert beside them (its rows of a block over `split` programs)."""
     from kimi_graph.lowering.triton import moe_decode, targets
     monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_decode"], "a8", True)
     monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_decode"], "shared_split", split)
-    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_decode"], "one_launch_tokens", one)
     moe_decode.decode_specs.cache_clear()
     E, I, D, k, N, G = 4, 128, 192, 2, 2, 64
     (q13, s13, q2, s2), zeros, (d13, d2), gen = _draw_quant("int4", symmetric, G, E, I, D, 5)

@@ -106,10 +106,11 @@ $loader
 $helpers
 
 @triton.jit
-def _gate_up_block(x_ptr, ids_ptr, w13_ptr, s13_ptr, z13_ptr, h_ptr, wg_ptr, wu_ptr, hs_ptr, pairs, blk, p):
-    # column p (a pair, or past the pairs the shared expert, SHR columns a token: BNS rows each)
-    # of I block blk: one expert's BN gate and up rows against one token's x
-    n = blk * BN + tl.arange(0, BN)
+def moe_decode_gate_up(x_ptr, ids_ptr, w13_ptr, s13_ptr, z13_ptr, h_ptr, wg_ptr, wu_ptr, hs_ptr, pairs):
+    # grid (I blocks, pairs + SHR x tokens): one expert's BN gate and up rows against one token's
+    # x; programs past the pairs do the shared expert, SHR of them a token and I block (BNS rows each)
+    p = tl.program_id(1)
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
     if p < pairs:
         ex = tl.load(ids_ptr + p)
         wb = w13_ptr + ex * W13
@@ -119,28 +120,22 @@ def _gate_up_block(x_ptr, ids_ptr, w13_ptr, s13_ptr, z13_ptr, h_ptr, wg_ptr, wu_
         tl.store(h_ptr + p.to(tl.int64) * I + n, h.to(DT), mask=mn)
     else:
         tok = ((p - pairs) // SHR).to(tl.int64)
-        ns = (blk * SHR + (p - pairs) % SHR) * BNS + tl.arange(0, BNS)
+        ns = (tl.program_id(0) * SHR + (p - pairs) % SHR) * BNS + tl.arange(0, BNS)
         ms = ns < IS
         hsh = _swiglu_rows_f(x_ptr + tok * D, wg_ptr, wu_ptr, wg_ptr, wg_ptr, ns, ns, ms, True)
         tl.store(hs_ptr + tok * IS + ns, hsh.to(DT), mask=ms)
 
 
 @triton.jit
-def moe_decode_gate_up(x_ptr, ids_ptr, w13_ptr, s13_ptr, z13_ptr, h_ptr, wg_ptr, wu_ptr, hs_ptr, pairs):
-    # grid (I blocks, pairs + SHR x tokens)
-    _gate_up_block(x_ptr, ids_ptr, w13_ptr, s13_ptr, z13_ptr, h_ptr, wg_ptr, wu_ptr, hs_ptr, pairs,
-                   tl.program_id(0), tl.program_id(1))
-
-
-@triton.jit
-def _down_block(h_ptr, ids_ptr, w2_ptr, s2_ptr, z2_ptr, hs_ptr, wd_ptr, y_ptr, wts_ptr, acc_ptr, out_ptr,
-                tickets_ptr, pairs, blk, p, ND):
-    # column p of D block blk (of ND): y[p] = round(h[p] w2_{ids[p]}^T) for BND of its D rows;
-    # columns past the pairs do the shared expert (y's row pairs + token), SHR of them a token
+def moe_decode_down(h_ptr, ids_ptr, w2_ptr, s2_ptr, z2_ptr, hs_ptr, wd_ptr, y_ptr, wts_ptr, acc_ptr, out_ptr,
+                    tickets_ptr, pairs):
+    # grid (D blocks, pairs + SHR x tokens): y[p] = round(h[p] w2_{ids[p]}^T) for BND of its D
+    # rows; programs past the pairs do the shared expert (y's row pairs + token), SHR of them a token
     # and D block (BNDS rows each). Each then takes a ticket of (its token, D block); the last of the
     # token's TOPK (+ SHR) programs there combines: out[tok] = acc[tok] (or the shared row) +
     # sum_j weights[tok, j] y[tok K + j]
-    n = blk * BND + tl.arange(0, BND)
+    p = tl.program_id(1)
+    n = tl.program_id(0) * BND + tl.arange(0, BND)
     mn = n < D
     if p < pairs:
         ex = tl.load(ids_ptr + p)
@@ -150,12 +145,12 @@ def _down_block(h_ptr, ids_ptr, w2_ptr, s2_ptr, z2_ptr, hs_ptr, wd_ptr, y_ptr, w
         tl.store(y_ptr + p.to(tl.int64) * D + n, y.to(DT), mask=mn)
     else:
         tok = (p - pairs) // SHR
-        ns = (blk * SHR + (p - pairs) % SHR) * BNDS + tl.arange(0, BNDS)
+        ns = (tl.program_id(0) * SHR + (p - pairs) % SHR) * BNDS + tl.arange(0, BNDS)
         ms = ns < D
         ys = _rows_dot_f(hs_ptr + tok.to(tl.int64) * IS, wd_ptr, wd_ptr, wd_ptr, ns, ms, IS, 1)
         tl.store(y_ptr + (pairs + tok).to(tl.int64) * D + ns, ys.to(DT), mask=ms)
     tl.debug_barrier()                  # every thread's rows stored before the ticket
-    ticket = tickets_ptr + tok * ND + blk
+    ticket = tickets_ptr + tok * tl.num_programs(0) + tl.program_id(0)
     if tl.atomic_add(ticket, 1, sem="acq_rel") == TOPK + SHARED * SHR - 1:
         tl.store(ticket, 0)
         if SHARED:
@@ -164,50 +159,6 @@ def _down_block(h_ptr, ids_ptr, w2_ptr, s2_ptr, z2_ptr, hs_ptr, wd_ptr, y_ptr, w
             a = tl.load(acc_ptr + tok.to(tl.int64) * D + n, mask=mn, other=0.0)
         a = _weighted_rows(y_ptr, y_ptr, wts_ptr, a.to(tl.float32), tok, n, mn, True)
         tl.store(out_ptr + tok.to(tl.int64) * D + n, a.to(DT), mask=mn)
-
-
-@triton.jit
-def moe_decode_down(h_ptr, ids_ptr, w2_ptr, s2_ptr, z2_ptr, hs_ptr, wd_ptr, y_ptr, wts_ptr, acc_ptr, out_ptr,
-                    tickets_ptr, pairs):
-    # grid (D blocks, pairs + SHR x tokens)
-    _down_block(h_ptr, ids_ptr, w2_ptr, s2_ptr, z2_ptr, hs_ptr, wd_ptr, y_ptr, wts_ptr, acc_ptr, out_ptr,
-                tickets_ptr, pairs, tl.program_id(0), tl.program_id(1), tl.num_programs(0))
-
-
-@triton.jit
-def moe_decode_one(x_ptr, ids_ptr, w13_ptr, s13_ptr, z13_ptr, h_ptr, wg_ptr, wu_ptr, hs_ptr,
-                   w2_ptr, s2_ptr, z2_ptr, wd_ptr, y_ptr, wts_ptr, acc_ptr, out_ptr, tickets_ptr, order_ptr,
-                   pairs, columns, NI, ND):
-    # both kernels in one launch (grid NI x columns + ND x columns): each program takes an order
-    # ticket; the first NI x columns run gate_up's blocks (column by column), the rest down's, each
-    # once its column's h rows are all stored (order[2 + its h row]: the shared expert's SHR
-    # columns of a token count as one row). Every gate_up block took its ticket before any down
-    # block, so each is running or done: a down block never waits on one not yet started. The
-    # last program to finish (order[1]) resets the counters, so every launch leaves them zero.
-    NGU = NI * columns
-    t = tl.atomic_add(order_ptr, 1)
-    if t < NGU:
-        c = t // NI
-        _gate_up_block(x_ptr, ids_ptr, w13_ptr, s13_ptr, z13_ptr, h_ptr, wg_ptr, wu_ptr, hs_ptr, pairs, t % NI, c)
-        tl.debug_barrier()              # every thread's h rows stored before the count
-        tl.atomic_add(order_ptr + 2 + tl.where(c < pairs, c, pairs + (c - pairs) // SHR), 1, sem="release")
-    else:
-        t -= NGU
-        c = t // ND
-        row = order_ptr + 2 + tl.where(c < pairs, c, pairs + (c - pairs) // SHR)
-        need = tl.where(c < pairs, NI, NI * SHR)
-        while tl.load(row, volatile=True) < need:
-            pass
-        tl.atomic_add(row, 0, sem="acquire")
-        tl.debug_barrier()
-        _down_block(h_ptr, ids_ptr, w2_ptr, s2_ptr, z2_ptr, hs_ptr, wd_ptr, y_ptr, wts_ptr, acc_ptr, out_ptr,
-                    tickets_ptr, pairs, t % ND, c, ND)
-    tl.debug_barrier()
-    if tl.atomic_add(order_ptr + 1, 1, sem="acq_rel") == NGU + ND * columns - 1:
-        rows = pairs + (columns - pairs) // SHR
-        for i in range(0, rows + 2, 64):
-            r = i + tl.arange(0, 64)
-            tl.store(order_ptr + r, tl.zeros((64,), tl.int32), mask=r < rows + 2)
 """
 
 
@@ -314,22 +265,15 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
     name = "moe_decode" + (f"_{quant[0]}" if quant else "") + ("_a8" if quant and a8 else "")
     src = render(name, _DECODE + moe_permute.WEIGHTED_ROWS, consts, loader=loader, helpers=helpers,
                  R="a8" if quant and a8 else "q" if quant else "f")
-    gate_up = {"x_ptr": p, "ids_ptr": "*i64", "w13_ptr": code, "s13_ptr": scale, "z13_ptr": zero,
-               "h_ptr": p, "wg_ptr": p, "wu_ptr": p, "hs_ptr": p}
-    down = {"w2_ptr": code, "s2_ptr": scale, "z2_ptr": zero, "wd_ptr": p, "y_ptr": p, "wts_ptr": ptr_type(wdt),
-            "acc_ptr": p, "out_ptr": p, "tickets_ptr": "*i32"}
-    h_in = {"h_ptr": p, "ids_ptr": "*i64"}
-    warps_down = cfg.get("warps_down", cfg["num_warps"])
-    return (KernelSpec(f"{name}_gate_up", "moe_decode_gate_up", src, {**gate_up, "pairs": "i32"},
+    return (KernelSpec(f"{name}_gate_up", "moe_decode_gate_up", src,
+                       {"x_ptr": p, "ids_ptr": "*i64", "w13_ptr": code, "s13_ptr": scale, "z13_ptr": zero,
+                        "h_ptr": p, "wg_ptr": p, "wu_ptr": p, "hs_ptr": p, "pairs": "i32"},
                        cfg["num_warps"], stages, consts),
             KernelSpec(f"{name}_down", "moe_decode_down", src,
-                       {**h_in, **{k: down[k] for k in ("w2_ptr", "s2_ptr", "z2_ptr")}, "hs_ptr": p,
-                        **{k: v for k, v in down.items() if k not in ("w2_ptr", "s2_ptr", "z2_ptr")}, "pairs": "i32"},
-                       warps_down, stages, consts),
-            # both in one launch (one_launch_tokens), on the wider of the two's warps
-            KernelSpec(f"{name}_one", "moe_decode_one", src,
-                       {**gate_up, **down, "order_ptr": "*i32", "pairs": "i32", "columns": "i32", "NI": "i32",
-                        "ND": "i32"}, max(cfg["num_warps"], warps_down), stages, consts))
+                       {"h_ptr": p, "ids_ptr": "*i64", "w2_ptr": code, "s2_ptr": scale, "z2_ptr": zero,
+                        "hs_ptr": p, "wd_ptr": p, "y_ptr": p, "wts_ptr": ptr_type(wdt), "acc_ptr": p, "out_ptr": p,
+                        "tickets_ptr": "*i32", "pairs": "i32"},
+                       cfg.get("warps_down", cfg["num_warps"]), stages, consts))
 
 
 def uses_words(cfg: dict, fmt: str, D: int, I: int, G1: int, G2: int, BK: int, BKD: int) -> bool:
@@ -376,7 +320,7 @@ def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None 
     specs = _specs(x, ids, weights, w13, w2, shared, quant)
     if specs is None:
         raise ValueError(f"no direct decode kernel for {quant.fmt} experts on {current_target()}")
-    gate_up, down, one = specs
+    gate_up, down = specs
     (E, I2, D), _ = _shapes(w13, w2, quant)
     I, k = I2 // 2, ids.shape[-1]
     dt = x.dtype
@@ -405,15 +349,10 @@ def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None 
     ids_c, xc = ids.contiguous(), x.contiguous()
     out = torch.empty(x.shape, device=x.device, dtype=dt)
     acc = y if IS else acc.to(dt).contiguous()
-    d_blocks, i_blocks = -(-D // c["BND"]), -(-max(I, IS) // c["BN"])
-    counters = tickets(x.device, N * d_blocks + 2 + pairs + N)
-    wts = weights.contiguous()
-    if N <= config("moe_decode", current_target())["one_launch_tokens"]:
-        launch(one, ((i_blocks + d_blocks) * programs,), xc, ids_c, w13, s13, z13, h, wg, wu, hs, w2, s2, z2, wd, y,
-               wts, acc, out, counters, counters[N * d_blocks:], pairs, programs, i_blocks, d_blocks)
-        return out
-    launch(gate_up, (i_blocks, programs), xc, ids_c, w13, s13, z13, h, wg, wu, hs, pairs)
-    launch(down, (d_blocks, programs), h, ids_c, w2, s2, z2, hs, wd, y, wts, acc, out, counters, pairs)
+    d_blocks = -(-D // c["BND"])
+    launch(gate_up, (-(-max(I, IS) // c["BN"]), programs), xc, ids_c, w13, s13, z13, h, wg, wu, hs, pairs)
+    launch(down, (d_blocks, programs), h, ids_c, w2, s2, z2, hs, wd, y, weights.contiguous(), acc, out,
+           tickets(x.device, N * d_blocks), pairs)
     return out
 
 
