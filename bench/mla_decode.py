@@ -5,8 +5,10 @@ the same run; a torch (cuBLAS bmm + softmax) baseline in the same run. python be
 --small: the decode shapes of one engine step (B=1 and 32 at 1k-128k context), every kernel tile
 against every split count, replayed from CUDA graphs (split + merge, as decode runs them); the
 best per shape is printed last and written to mla_decode_small.json.
---small --merge 1,16 [--shapes 1x1024,1x32768]: the target's tiles only, per merge_splits (the
-merge's splits a step) and split count (written to mla_decode_merge.json)."""
+--small --variants '[{"merge_cols": 64}, ...]' [--shapes 1x1024,1x32768] [--name NAME]: the target's
+tiles with each variant's keys over them (e.g. merge_splits: the merge's splits a step; merge_cols:
+the latent columns a merge program takes), against the split counts (written to NAME.json,
+default mla_decode_variants)."""
 from __future__ import annotations
 
 import argparse
@@ -63,15 +65,17 @@ SMALL_TILES = [dict(BM=bm, BM_small=bm, BS=bs, num_warps=w, num_stages=2)
 SMALL_SPLITS = (None, 8, 16, 32, 66, 132, 264)      # None: mla.py's own rule
 
 
-def small(shapes=SMALL_SHAPES, merges=None):
-    """merges: the target's own tiles only, with each merge_splits in `merges`, against the split counts."""
+def small(shapes=SMALL_SHAPES, variants=None, name="mla_decode_small", write_tuning=False):
+    """variants: the target's own tiles with each variant's keys over them, against the split counts;
+    write_tuning: the variant of least summed time over the shapes at mla.py's own split rule into
+    this device's tuning file (the keys it sets)."""
     bw = copy_bandwidth()
     g = torch.Generator(device="cuda").manual_seed(0)
     mk = lambda *s: torch.randn(*s, device="cuda", generator=g, dtype=torch.bfloat16)
     from kimi_graph.lowering.triton.targets import config
     default = dict(config("mla_decode"))
     rows, base = [], {}
-    tiles = SMALL_TILES if not merges else [dict(default, merge_splits=m) for m in merges]
+    tiles = SMALL_TILES if not variants else [dict(default, **v) for v in variants]
     for B, S in shapes:
         ql, qr, c, kr = mk(B, 1, H, R), mk(B, 1, H, P), mk(B, S, R), mk(B, S, P)
         nbytes = (c.numel() + kr.numel()) * 2
@@ -88,6 +92,8 @@ def small(shapes=SMALL_SHAPES, merges=None):
                     continue
                 row = {"B": B, "S": S, **(tile or {"BM": "default"}), "splits": splits or "auto", "us": us,
                        "of_copy_bw": nbytes / (us * 1e-6) / bw, "err_vs_torch": err}
+                if variants and tile:
+                    row["variant"] = tiles.index(tile)
                 rows.append(row)
                 if tile is None:
                     base[(B, S)] = us
@@ -97,23 +103,39 @@ def small(shapes=SMALL_SHAPES, merges=None):
         k = (r["B"], r["S"])
         if k not in best or r["us"] < best[k]["us"]:
             best[k] = r
-    write_result("mla_decode_merge" if merges else "mla_decode_small", rows, {"copy_bandwidth_GBps": bw / 1e9,
+    write_result(name, rows, {"copy_bandwidth_GBps": bw / 1e9,
                                             "best": [dict(v, default_us=base.get(k, 0)) for k, v in best.items()]})
+    if variants:
+        auto = {}
+        for r in rows:
+            if "variant" in r and r["splits"] == "auto":
+                auto[r["variant"]] = auto.get(r["variant"], 0.0) + r["us"]
+        for i, us in sorted(auto.items()):
+            print(f"variant {variants[i]}: {us:.1f} us summed over the shapes (default {sum(base.values()):.1f})")
+        win = min(auto, key=auto.get)
+        if write_tuning and auto[win] < sum(base.values()):
+            from harness import merge_tuning
+            print("tuning file:", merge_tuning("mla_decode", variants[win], f"bench/mla_decode.py --small: the least "
+                                               f"summed time over {shapes} of {len(variants)} variants"))
     for k, v in best.items():
         print(f"B={k[0]} S={k[1]}: default {base.get(k, 0):.1f} us, best {v['us']:.1f} us "
               f"({v['of_copy_bw']:.0%} of copy) with "
-              f"{dict((x, v.get(x)) for x in ('BM', 'BS', 'num_warps', 'num_stages', 'splits', 'merge_splits'))}")
+              f"{dict((x, v.get(x)) for x in ('BM', 'BM_small', 'BS', 'num_warps', 'num_stages', 'splits', 'merge_splits', 'merge_cols'))}")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="the engine's decode shapes, tiles x split counts")
     ap.add_argument("--shapes", default=None, help="--small's shapes, BxS,... (default: all)")
-    ap.add_argument("--merge", default=None, help="--small with the target's tiles only, at each merge_splits "
-                    "(e.g. 1,8,16)")
+    ap.add_argument("--variants", default=None, help="--small with the target's tiles and each of these key "
+                    "sets over them (a JSON list of objects)")
+    ap.add_argument("--name", default=None, help="--small's result name")
+    ap.add_argument("--write-tuning", action="store_true", help="--variants: the best into the tuning file")
     a = ap.parse_args()
     if a.small:
+        import json
         shapes = tuple(tuple(int(v) for v in sh.split("x")) for sh in a.shapes.split(",")) if a.shapes else SMALL_SHAPES
-        small(shapes, [int(m) for m in a.merge.split(",")] if a.merge else None)
+        variants = json.loads(a.variants) if a.variants else None
+        small(shapes, variants, a.name or ("mla_decode_variants" if variants else "mla_decode_small"), a.write_tuning)
     else:
         main()

@@ -338,14 +338,16 @@ def test_elementwise_chain_fuses_a_dag_with_broadcast_and_two_outputs():
 
 # -- MLA ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("T,q_start,splits,merge", [(1, [36, 5, 20], None, 1), (1, [36, 5, 20], 3, 1), (4, None, 2, 1),
-                                                    (3, [0, 10, 33], 1, 1), (1, [36, 5, 20], 3, 2),
-                                                    (1, [36, 5, 20], None, 4), (2, [0, 10, 33], 5, 4)])
-def test_mla_latent_attention(T, q_start, splits, merge, monkeypatch):
-    """merge: the merge's splits a step (mla_decode merge_splits; 3 and 5 splits: a ragged last step)."""
+@pytest.mark.parametrize("T,q_start,splits,merge,cols", [(1, [36, 5, 20], None, 1, 0), (1, [36, 5, 20], 3, 1, 0),
+                                                         (4, None, 2, 1, 16), (3, [0, 10, 33], 1, 1, 0),
+                                                         (1, [36, 5, 20], 3, 2, 16), (1, [36, 5, 20], None, 4, 0),
+                                                         (2, [0, 10, 33], 5, 4, 16)])
+def test_mla_latent_attention(T, q_start, splits, merge, cols, monkeypatch):
+    """merge: the merge's splits a step (mla_decode merge_splits; 3 and 5 splits: a ragged last step);
+    cols: the latent columns a merge program takes (merge_cols; 16 of 32: two programs a row)."""
     from kimi_graph.lowering.triton.targets import TARGETS
     monkeypatch.setitem(TARGETS["interpret"]["configs"], "mla_decode",
-                        {**TARGETS["interpret"]["configs"]["mla_decode"], "merge_splits": merge})
+                        {**TARGETS["interpret"]["configs"]["mla_decode"], "merge_splits": merge, "merge_cols": cols})
     mla.latent_specs.cache_clear()
     B, H, R, P, S = 3, 4, 32, 8, 37                     # S not a multiple of the key block
     ql, qr, c, kr = torch.randn(B, T, H, R), torch.randn(B, T, H, P), torch.randn(B, S, R), torch.randn(B, S, P)

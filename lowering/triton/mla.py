@@ -74,19 +74,20 @@ def mla_latent_split(ql_ptr, qr_ptr, c_ptr, kr_ptr, qs_ptr, slot_ptr, tab_ptr, o
 
 @triton.jit
 def mla_latent_merge(op_ptr, lse_ptr, qs_ptr, slot_ptr, o_ptr, T, S, nsp):
-    # one program per (b, t, h) row: merge the splits that held keys by their log2-sum-exp, MS a step
+    # grid ((b, t, h) rows, column blocks): merge the splits that held keys by their log2-sum-exp,
+    # MS a step, over BRM of the R columns
     row = tl.program_id(0)
     b = row // (T * H)
     end = tl.where(tl.load(slot_ptr + b) >= 0, tl.minimum(S, tl.load(qs_ptr + b) + T), 0)
     used = tl.cdiv(end, tl.maximum(SPLIT_MIN, tl.cdiv(tl.cdiv(end, nsp), BS) * BS))
-    dr = tl.arange(0, BR)
+    dr = tl.program_id(1) * BRM + tl.arange(0, BRM)
     mR = dr < R
     if MS == 1:                         # one split a step
         m = tl.full((), float("-inf"), tl.float32)
         for s in range(0, used):
             m = tl.maximum(m, tl.load(lse_ptr + row * nsp + s))
         m = tl.where(m == float("-inf"), 0.0, m)
-        acc = tl.zeros((BR,), tl.float32)
+        acc = tl.zeros((BRM,), tl.float32)
         tot = tl.zeros((), tl.float32)
         for s in range(0, used):
             w = tl.exp2(tl.load(lse_ptr + row * nsp + s) - m)
@@ -99,7 +100,7 @@ def mla_latent_merge(op_ptr, lse_ptr, qs_ptr, slot_ptr, o_ptr, T, S, nsp):
             mv = tl.maximum(mv, tl.load(lse_ptr + row * nsp + s0 + sc, mask=s0 + sc < used, other=float("-inf")))
         m = tl.max(mv, 0)
         m = tl.where(m == float("-inf"), 0.0, m)
-        acc2 = tl.zeros((MS, BR), tl.float32)
+        acc2 = tl.zeros((MS, BRM), tl.float32)
         tot2 = tl.zeros((MS,), tl.float32)
         for s0 in range(0, used, MS):
             ms = s0 + sc < used
@@ -330,6 +331,7 @@ def latent_specs(H: int, R: int, P: int, dtype: str, scale: float, rows: int, ta
               "BM": BM, "BS": BS, "SCALE_LOG2E": float(scale) * LOG2E, "PAGE_BLOCKS": page_blocks,
               "DT": TL_DTYPES[dtype], "PREC": dot_precision(dtype), "SPLIT_MIN": cfg["split_min"],
               "MS": cfg.get("merge_splits", 1)}
+    consts["BRM"] = min(consts["BR"], max(16, next_pow2(cfg.get("merge_cols", 0) or R)))
     src = render("mla_latent_attention", _LATENT, consts, online_softmax=_ONLINE_SOFTMAX)
     p = ptr_type(dtype)
     split = KernelSpec("mla_latent_split", "mla_latent_split", src,
@@ -645,7 +647,7 @@ def mla_latent_attention(q_lat, q_rope, latent, rope_key, q_start=None, *, scale
     ql, qr = _rows_of(q_lat), _rows_of(q_rope.to(dt))
     launch(split, (B, nrb, splits), ql, qr, c_rows, kr_rows, qs, slots, table, op, lse, T, S, PS,
            table.shape[1], ql.stride(2), qr.stride(2))
-    launch(merge, (B * T * H,), op, lse, qs, slots, o, T, S, splits)
+    launch(merge, (B * T * H, -(-R // merge.config["BRM"])), op, lse, qs, slots, o, T, S, splits)
     return o
 
 

@@ -77,9 +77,11 @@ _BASE = {
     # mla_latent_split ~80 us per MLA layer)
     # split_keys / min_splits / programs: the split count (mla.split_count); BM_small: the row
     # tile for up to small_tokens query tokens; merge_splits: the splits the merge sums a step
-    # (1: one at a time; a power of two: that many loaded together)
+    # (1: one at a time; a power of two: that many loaded together); merge_cols: the latent
+    # columns a merge program takes (0: all; fewer: more programs a row)
     "mla_decode": {"BS": 64, "num_warps": 8, "num_stages": 2, "split_min": 64, "split_keys": 512,
-                   "min_splits": 16, "programs": 264, "BM_small": 16, "small_tokens": 4, "merge_splits": 1},
+                   "min_splits": 16, "programs": 264, "BM_small": 16, "small_tokens": 4, "merge_splits": 1,
+                   "merge_cols": 0},
     # prefill flash attention (mla.flash_spec): BM queries x BN keys a step; split: the key blocks
     # below a query block's diagonal without masks, the diagonal ones masked (else all masked);
     # order: "heavy_first" (the longest query blocks of all heads start first) or "forward";
