@@ -347,7 +347,8 @@ def test_mla_latent_attention(T, q_start, splits, merge, cols, monkeypatch):
     cols: the latent columns a merge program takes (merge_cols; 16 of 32: two programs a row)."""
     from kimi_graph.lowering.triton.targets import TARGETS
     monkeypatch.setitem(TARGETS["interpret"]["configs"], "mla_decode",
-                        {**TARGETS["interpret"]["configs"]["mla_decode"], "merge_splits": merge, "merge_cols": cols})
+                        {**TARGETS["interpret"]["configs"]["mla_decode"], "merge_splits": merge, "merge_cols": cols,
+                         "merge_cols_small": 16 if splits == 3 else 0})     # 3 query tokens: small
     mla.latent_specs.cache_clear()
     B, H, R, P, S = 3, 4, 32, 8, 37                     # S not a multiple of the key block
     ql, qr, c, kr = torch.randn(B, T, H, R), torch.randn(B, T, H, P), torch.randn(B, S, R), torch.randn(B, S, P)

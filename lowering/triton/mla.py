@@ -323,7 +323,9 @@ def latent_specs(H: int, R: int, P: int, dtype: str, scale: float, rows: int, ta
     page_size 0: not known yet (ahead-of-time builds), taken as whole blocks. Up to
     `small_tokens` query tokens (B x T) take the BM_small row tile."""
     cfg = config("mla_decode", target)
-    bm = cfg.get("BM_small", 64) if tokens <= cfg.get("small_tokens", 0) else cfg.get("BM", 64)
+    small = tokens <= cfg.get("small_tokens", 0)
+    bm = cfg.get("BM_small", 64) if small else cfg.get("BM", 64)
+    cols = (cfg.get("merge_cols_small", 0) if small else 0) or cfg.get("merge_cols", 0)
     BM = max(16, min(next_pow2(rows), bm))
     BS = cfg["BS"]
     page_blocks = pages == 1 or (page_size % BS == 0 and cfg["split_min"] % BS == 0)
@@ -331,7 +333,7 @@ def latent_specs(H: int, R: int, P: int, dtype: str, scale: float, rows: int, ta
               "BM": BM, "BS": BS, "SCALE_LOG2E": float(scale) * LOG2E, "PAGE_BLOCKS": page_blocks,
               "DT": TL_DTYPES[dtype], "PREC": dot_precision(dtype), "SPLIT_MIN": cfg["split_min"],
               "MS": cfg.get("merge_splits", 1)}
-    consts["BRM"] = min(consts["BR"], max(16, next_pow2(cfg.get("merge_cols", 0) or R)))
+    consts["BRM"] = min(consts["BR"], max(16, next_pow2(cols or R)))
     src = render("mla_latent_attention", _LATENT, consts, online_softmax=_ONLINE_SOFTMAX)
     p = ptr_type(dtype)
     split = KernelSpec("mla_latent_split", "mla_latent_split", src,

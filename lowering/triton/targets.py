@@ -78,10 +78,11 @@ _BASE = {
     # split_keys / min_splits / programs: the split count (mla.split_count); BM_small: the row
     # tile for up to small_tokens query tokens; merge_splits: the splits the merge sums a step
     # (1: one at a time; a power of two: that many loaded together); merge_cols: the latent
-    # columns a merge program takes (0: all; fewer: more programs a row)
+    # columns a merge program takes (0: all; fewer: more programs a row); merge_cols_small: the
+    # same up to small_tokens query tokens (0: merge_cols)
     "mla_decode": {"BS": 64, "num_warps": 8, "num_stages": 2, "split_min": 64, "split_keys": 512,
                    "min_splits": 16, "programs": 264, "BM_small": 16, "small_tokens": 4, "merge_splits": 1,
-                   "merge_cols": 0},
+                   "merge_cols": 0, "merge_cols_small": 0},
     # prefill flash attention (mla.flash_spec): BM queries x BN keys a step; split: the key blocks
     # below a query block's diagonal without masks, the diagonal ones masked (else all masked);
     # order: "heavy_first" (the longest query blocks of all heads start first) or "forward";
@@ -240,7 +241,11 @@ TARGETS: dict[str, dict] = {
         # BM 32 at B=32 (32k: 408 vs 492 us, 70% of the copy rate)
         # merge_splits 16: B=1 at 32k 41.3 vs 42.8 us, at 1k even (16.3 / 16.2; H200 2026-12-01,
         # e43d28b, bench/results/mla_decode_merge.json)
-        "mla_decode": {"BS": 64, "num_warps": 4, "num_stages": 2, "BM": 32, "merge_splits": 16},
+        # merge_cols_small 64 and split_keys 256: B=1 at 32k 33.9 vs 41.5 us (132 splits, the merge
+        # over 8 column blocks), at 1k 15.3 vs 16.4; B=32 kept whole rows (1k 38.8 vs 49.0 us with
+        # 64 columns; H200 2026-12-02 05:05, c3dbe73, bench/results/mla_decode_variants.json)
+        "mla_decode": {"BS": 64, "num_warps": 4, "num_stages": 2, "BM": 32, "merge_splits": 16,
+                       "split_keys": 256, "merge_cols_small": 64},
         # router: best of bench/moe_dispatch.py's sweep on an H200 (2026-11-30); the packed top-k with
         # the norm inside its launch: the 27-layer B=1 step 2.948 -> 2.911 ms, 311 -> 285 launches
         # (H200, 2026-12-01 03:35, e43d28b, bench/results/decode_step_forms27.json)
