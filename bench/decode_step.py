@@ -87,6 +87,9 @@ VARIANTS = {
     "shared-split2": {"moe_decode": {"shared_split": 2}},
     "shared-split4": {"moe_decode": {"shared_split": 4}},
     "int4-id-a8-sh4": {"moe_decode": {"quant_direct_tokens": {"int4": 1}, "a8": True, "shared_split": 4}},
+    # weights into L2 beside the latency-bound steps (prefetch.py): up to 32 / 16 MB before each
+    "l2-prefetch": {"l2_prefetch": {"enabled": True}},
+    "l2-prefetch-16": {"l2_prefetch": {"enabled": True, "max_bytes": 16 << 20}},
     "int4-id-a8-n16-w2": {"moe_decode": {"quant_direct_tokens": {"int4": 1}, "a8": True},
                           "moe_gemm_q": {"BN_w4a8": 16, "BND_w4a8": 16, "warps_w4a8": 2}},
 }

@@ -98,6 +98,27 @@ def test_published_slice_int4_experts_replay_equals_eager():
     compare(slice_of_published(experts="int4"), 2e-2, max_batch=8, max_len=256)
 
 
+def test_l2_prefetch_changes_no_result(published_slice, monkeypatch):
+    """l2_prefetch on (weights into L2 on a side stream beside the latency-bound steps): the
+    one-token steps, eager and replayed from graphs, bitwise those without it; it did launch."""
+    from kimi_graph.lowering.triton import prefetch
+    from kimi_graph.lowering.triton.targets import TARGETS, current_target
+
+    def steps(**kw):
+        engine = Engine(published_slice, max_batch=1, max_len=64, **kw)
+        (s,) = engine.cache.allocate(1)
+        out = engine.prefill([s], [[5, 9, 14]])
+        return out + [engine.decode([s], [t]) for t in (3, 7, 11, 2)]
+    want = steps(), steps(cuda_graphs=True)
+    monkeypatch.setitem(TARGETS[current_target()]["configs"]["l2_prefetch"], "enabled", True)
+    calls = []
+    monkeypatch.setattr(prefetch, "issue", lambda ts, _f=prefetch.issue: calls.append(len(ts)) or _f(ts))
+    got = steps(), steps(cuda_graphs=True)
+    assert calls
+    for w, g in zip(want, got):
+        assert all(torch.equal(a, b) for a, b in zip(w, g))
+
+
 def test_contexts_grow_without_recapture_and_padding_touches_no_slot(tiny):
     engine = Engine(tiny, max_batch=8, max_len=300, page_size=16, cuda_graphs=True)
     engine.capture_graphs([3])                                  # ahead of time: bucket 4

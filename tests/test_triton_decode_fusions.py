@@ -215,3 +215,39 @@ def test_plan_writes_the_mla_cache_rows_as_one_step():
     assert len(steps) == model.config.layer_kinds.count("mla")
     assert [o.kind for o in steps[0].ops] == ["rmsnorm", "cache_write", "cache_write"]
     assert not [i for i in items if getattr(i, "kind", None) == "cache_write"]
+
+
+def test_l2_prefetch_plan_on_the_published_decode_step():
+    """prefetch.plan over the published model's decode schedule (weights on the meta device):
+    each KDA step takes its layer's o_proj, each router its layer's shared expert, MLA's
+    attention its o_proj; never a routed expert bank; each weight once, at most max_bytes before
+    an item; off in the interpreter. The prefetch kernel builds for sm_90."""
+    import torch as _torch
+    from kimi_graph.api import KimiModel, resolve_config
+    from kimi_graph.lowering.triton import prefetch
+    from kimi_graph.lowering.triton.aot import compile_spec
+    from kimi_graph.lowering.triton.targets import config
+    from kimi_graph.model import build_graph
+    from kimi_graph.passes import DEFAULT_PIPELINE, PassManager
+    cfg, _ = resolve_config("kimi-linear-48b-a3b")
+    model = KimiModel(cfg, {}, dtype=_torch.bfloat16, device="meta", router_weights="official")
+    legal = backend.legalize(PassManager(DEFAULT_PIPELINE).run(build_graph(cfg, "decode", stateful=True, dtype="bf16"),
+                                                                transforms=model.transforms))
+    schedule = backend.plan(legal)
+    sizes = prefetch.weight_bytes(legal)
+    pcfg = config("l2_prefetch", "sm_90")
+    ahead = prefetch.plan(schedule, backend.prefetchable, sizes, pcfg, backend.launches)
+    kinds = {type(schedule[i]).__name__ + "." + getattr(schedule[i], "kind", ""): [] for i in ahead}
+    for i, picks in ahead.items():
+        kinds[type(schedule[i]).__name__ + "." + getattr(schedule[i], "kind", "")].append([w for w, _ in picks])
+        assert sum(n for _, n in picks) <= pcfg["max_bytes"] and all(n <= sizes[w] for w, n in picks)
+    names = [w for picks in ahead.values() for w, _ in picks]
+    assert len(names) == len(set(names)) and not any("experts.w" in w or "w13" in w for w in names)
+    steps = kinds["DecodeStep."]
+    assert len(steps) == 20 and all(any(w.endswith("self_attn.o_proj.weight") for w in p) for p in steps)
+    routes = kinds["NormRoute."]
+    assert len(routes) == 26 and all(any("shared_experts" in w for w in p) for p in routes)
+    assert len(kinds["Op.mla_latent_attention"]) == 7
+    assert not prefetch.enabled(1)                      # the interpreter never prefetches
+    ptx = compile_spec(prefetch.prefetch_spec("sm_90"), "sm_90").asm["ptx"]
+    assert "prefetch.global.L2" in ptx

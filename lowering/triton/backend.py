@@ -20,7 +20,7 @@ from kimi_graph.ir import Graph, eval_dim
 from kimi_graph.ops import get_op
 from kimi_graph.runtime.views import is_view
 
-from . import codegen, conv, elementwise, gemv, kda, kda_decode, mla, moe, moe_decode, moe_quant, moe_route, norm
+from . import codegen, conv, elementwise, gemv, kda, kda_decode, mla, moe, moe_decode, moe_quant, moe_route, norm, prefetch
 from .gemv import LinearPair, NormLinear
 from .targets import config, current_target
 
@@ -320,6 +320,20 @@ def reads(item) -> list[str]:
     return list(item.inputs)
 
 
+def launches(item) -> bool:
+    """Does a schedule item launch kernels? (Views, reshapes and slices do not.)"""
+    return REFERENCE.get(getattr(item, "kind", None)) != _MOVEMENT
+
+
+def prefetchable(item) -> list[str]:
+    """The values an item reads whose bytes are known before it runs (prefetch.plan): of a
+    routed-experts step only its shared expert's weights (the routed ones are picked at run time)."""
+    if isinstance(item, Experts):
+        n = 7 if item.ops[-1].kind == "quantized_moe_experts" else 5
+        return item.inputs[n:n + 3] if item.rows else []
+    return reads(item)
+
+
 def dead_after(g: Graph, schedule: list) -> list[list[str]]:
     """For each schedule item, the values nothing after it reads, its own unread outputs
     included (graph outputs and weights excepted): `run` drops them there, so activations live only as long as they are used."""
@@ -338,11 +352,13 @@ def dead_after(g: Graph, schedule: list) -> list[list[str]]:
 
 
 def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
-        schedule: list | None = None, drops: list | None = None) -> list[torch.Tensor]:
+        schedule: list | None = None, drops: list | None = None,
+        prefetches: dict | None = None) -> list[torch.Tensor]:
     """Execute `g` on kernels (see `plan`); same contract as the reference interpreter.
     State inputs may be in-place views (see `accepts_views`); ops without a view kernel
     read a dense copy of the rows in use. Each value is dropped after its last reader
-    (`dead_after`)."""
+    (`dead_after`). prefetches: {schedule index: [(weight, bytes)]} issued into L2 on a side
+    stream before that item (prefetch.plan)."""
     if schedule is None:
         schedule = plan(g)
     if drops is None:
@@ -428,7 +444,11 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
                 env.pop(v, None)
         if TRACE is not None:
             TRACE.append(item.outputs[0])
+        if prefetches and i in prefetches:
+            prefetch.issue([(env[w], n) for w, n in prefetches[i]])
         step(item)
+    if prefetches:
+        prefetch.join()
     return [env[v] for v in g.outputs]
 
 
@@ -442,6 +462,7 @@ def triton_backend(model):
     if target != "interpret":
         _say_once_where_kernels_come_from(torch.device(model.device))
     schedules: dict[int, tuple[Graph, Graph, list]] = {}
+    prefetches: dict[int, dict] = {}
 
     def execute(graph: Graph, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         if id(graph) not in schedules:
@@ -450,8 +471,15 @@ def triton_backend(model):
             schedules[id(graph)] = (graph, legal, schedule, dead_after(legal, schedule))
         _, legal, schedule, drops = schedules[id(graph)]
         ids = inputs.get("input_ids")
-        with codegen.step_rows(ids.numel() if ids is not None else 0):     # launch.pdl_rows
-            return run(legal, inputs, model.weights, schedule, drops)
+        rows = ids.numel() if ids is not None else 0
+        ahead = None
+        if prefetch.enabled(rows):
+            if id(graph) not in prefetches:
+                prefetches[id(graph)] = prefetch.plan(schedule, prefetchable, prefetch.weight_bytes(legal),
+                                                      config("l2_prefetch", target), launches)
+            ahead = prefetches[id(graph)]
+        with codegen.step_rows(rows):     # launch.pdl_rows
+            return run(legal, inputs, model.weights, schedule, drops, ahead)
     execute.accepts_views = accepts_views
     # the most cached rows a prefill's MLA attention decompresses at once (mla.prefix_attention)
     execute.attention_key_rows = lambda: config("attention", target).get("key_block", 16384)

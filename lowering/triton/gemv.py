@@ -39,19 +39,14 @@ from .codegen import TL_DTYPES, KernelSpec, dot_precision, launch, next_pow2, re
 from .elementwise import ir_dtype, ptr_type
 from .moe_decode import bucket_config, bucket_of
 from .norm import rmsnorm
+from .prefetch import PREFETCH_L2
 from .targets import config, current_target, interpreting
 
 ENV = "KIMI_GRAPH_TRITON_GEMV"
 TILE_KEYS = ("BN", "BK", "num_warps", "num_stages", "programs", "max_split", "dot_min_rows", "norm_pass", "BN_heads",
              "BK_heads")
 
-_GEMV = """
-@triton.jit
-def _prefetch_l2(p):
-    # an L2 prefetch of each address (the values are not kept)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$$1]; // $$0", "=r,l", [p.to(tl.int64, bitcast=True)],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
+_GEMV = PREFETCH_L2 + """
 
 @triton.jit
 def _x_tile(x_ptr, r_ptr, m64, mm, k, xs, rs):

@@ -20,6 +20,13 @@ _BASE = {
     # own wait has passed: one kernel ahead); pdl_kernels: the entries launched dependently
     # (empty: every one; the others still built with the prologue, so their successors start early)
     "launch": {"pdl": False, "pdl_rows": 0, "pdl_trigger": "start", "pdl_kernels": []},
+    # weights into L2 beside latency-bound decode steps (prefetch.py), in graph calls of at most
+    # max_rows token rows: before an item reading <= host_max_bytes of weights, the weights of the
+    # first item within `ahead` reading >= min_bytes (tensors of <= max_tensor_bytes, <= max_bytes
+    # in all), by `programs` programs of num_warps warps, BL lines a step; off until timed
+    "l2_prefetch": {"enabled": False, "max_rows": 1, "host_max_bytes": 4 << 20, "min_bytes": 4 << 20,
+                    "max_bytes": 32 << 20, "max_tensor_bytes": 1 << 30, "ahead": 2, "programs": 132,
+                    "BL": 512, "num_warps": 4},
     "elementwise": {"BLOCK": 1024, "num_warps": 4, "num_stages": 1},
     # tile: elements a program normalises (rows of N: max(1, tile // pow2(N)) rows a program);
     # rows of `wide` elements (pow2) or more take num_warps_wide
