@@ -90,6 +90,8 @@ VARIANTS = {
     # weights into L2 beside the latency-bound steps (prefetch.py): up to 32 / 16 MB before each
     "l2-prefetch": {"l2_prefetch": {"enabled": True}},
     "l2-prefetch-16": {"l2_prefetch": {"enabled": True, "max_bytes": 16 << 20}},
+    # ... with the shared expert's programs first in the MoE kernels (read before the routed stream)
+    "l2-prefetch-sf": {"l2_prefetch": {"enabled": True}, "moe_decode": {"shared_first": True}},
     "int4-id-a8-n16-w2": {"moe_decode": {"quant_direct_tokens": {"int4": 1}, "a8": True},
                           "moe_gemm_q": {"BN_w4a8": 16, "BND_w4a8": 16, "warps_w4a8": 2}},
 }

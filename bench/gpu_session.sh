@@ -58,7 +58,7 @@ step_next_untimed() {  # timed 2026-12-02 04:40 (9fbba3e): the shared expert spl
 step_l2_prefetch() {   # built 2026-12-02, untimed: weights into L2 beside the latency-bound steps (prefetch.py)
   timeout 150 python3 -m pytest -q -x tests/test_decode_graphs_gpu.py -k l2_prefetch || return 1
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 240 python3 bench/decode_step.py --layers 27 --batches 1 \
-    --variants fused,l2-prefetch,l2-prefetch-16,fused --no-sweep --name decode_step_l2_prefetch
+    --variants fused,l2-prefetch,l2-prefetch-16,l2-prefetch-sf,fused --no-sweep --name decode_step_l2_prefetch
 }
 step_compiled() {
   timeout 300 python3 bench/e2e.py --phases ours --backend torch --graphs off --batches 1,32 \

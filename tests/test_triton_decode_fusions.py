@@ -79,6 +79,14 @@ def test_shared_expert_folded_in(N, IS, forms):
     out = moe_decode.direct(x, ids, w, w13, w2, None, shared)
     assert rel(out, experts_fp64(x, ids, w, w13, w2, None, shared)) < TOL
     assert rel(out, moe.moe_experts(x, ids, w, w13, w2, moe_decode.shared_swiglu(x, *shared))) < TOL
+    from kimi_graph.lowering.triton.targets import TARGETS        # the shared programs first: the same bits
+    TARGETS["interpret"]["configs"]["moe_decode"]["shared_first"] = True
+    moe_decode.decode_specs.cache_clear()
+    try:
+        assert torch.equal(moe_decode.direct(x, ids, w, w13, w2, None, shared), out)
+    finally:
+        TARGETS["interpret"]["configs"]["moe_decode"]["shared_first"] = False
+        moe_decode.decode_specs.cache_clear()
 
 
 @pytest.mark.parametrize("shared", [False, True])

@@ -102,6 +102,18 @@ def _wdot_f(w_ptr, s_ptr, z_ptr, r, mr, v_ptr, k0, K: tl.constexpr, G: tl.conste
     return tl.sum(_wmul_f(w_ptr, r, mr, v_ptr, k0, K, BKX), 1)
 
 
+@triton.jit
+def _column(pairs):
+    # this program's column: grid order, or with SHARED_FIRST the shared expert's columns (past
+    # the pairs) first in launch order, so they read weights prefetched into L2 before the
+    # routed experts' stream evicts them
+    p = tl.program_id(1)
+    if SHARED_FIRST:
+        shared = tl.num_programs(1) - pairs
+        p = tl.where(p < shared, p + pairs, p - shared)
+    return p
+
+
 $loader
 $helpers
 
@@ -109,7 +121,7 @@ $helpers
 def moe_decode_gate_up(x_ptr, ids_ptr, w13_ptr, s13_ptr, z13_ptr, h_ptr, wg_ptr, wu_ptr, hs_ptr, pairs):
     # grid (I blocks, pairs + SHR x tokens): one expert's BN gate and up rows against one token's
     # x; programs past the pairs do the shared expert, SHR of them a token and I block (BNS rows each)
-    p = tl.program_id(1)
+    p = _column(pairs)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     if p < pairs:
         ex = tl.load(ids_ptr + p)
@@ -134,7 +146,7 @@ def moe_decode_down(h_ptr, ids_ptr, w2_ptr, s2_ptr, z2_ptr, hs_ptr, wd_ptr, y_pt
     # and D block (BNDS rows each). Each then takes a ticket of (its token, D block); the last of the
     # token's TOPK (+ SHR) programs there combines: out[tok] = acc[tok] (or the shared row) +
     # sum_j weights[tok, j] y[tok K + j]
-    p = tl.program_id(1)
+    p = _column(pairs)
     n = tl.program_id(0) * BND + tl.arange(0, BND)
     mn = n < D
     if p < pairs:
@@ -229,7 +241,7 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
     consts = {"I": I, "IS": max(shared_i, 1), "D": D, "TOPK": top_k,
               "BN": min(cfg["BN"], next_pow2(wide)), "BK": min(cfg["BK"], next_pow2(D)),
               "BND": min(cfg["BND"], next_pow2(D)), "BKD": min(cfg["BKD"], next_pow2(wide)),
-              "SHARED": int(shared_i > 0), "DT": TL_DTYPES[dtype], "W13": 2 * I * D, "W2": D * I, "S13": 1, "S2": 1,
+              "SHARED": int(shared_i > 0), "SHARED_FIRST": bool(shared_i and base["shared_first"]), "DT": TL_DTYPES[dtype], "W13": 2 * I * D, "W2": D * I, "S13": 1, "S2": 1,
               "G1": 1, "G2": 1, "NPW": 1}
     # low-bit experts: the shared (float) expert's rows of an output block over SHR programs a
     # token, so its programs read about the bytes the codes' programs do (shared_split)
