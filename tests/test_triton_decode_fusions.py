@@ -71,7 +71,7 @@ def test_direct_path_matches_fp64_and_the_batched_path(N, E, k, D, I, forms):
 
 
 @pytest.mark.parametrize("N,IS", [(1, 24), (4, 56)])       # shared width below and above I
-def test_shared_expert_folded_in(N, IS, forms):
+def test_shared_expert_folded_in(N, IS, forms, monkeypatch):
     x, ids, w, w13, w2, _ = draw(N, 7, 3, 40, 24, seed=N + 10)
     g = torch.Generator().manual_seed(IS)
     shared = (torch.randn(IS, 40, generator=g) * 0.2, torch.randn(IS, 40, generator=g) * 0.2,
@@ -80,13 +80,9 @@ def test_shared_expert_folded_in(N, IS, forms):
     assert rel(out, experts_fp64(x, ids, w, w13, w2, None, shared)) < TOL
     assert rel(out, moe.moe_experts(x, ids, w, w13, w2, moe_decode.shared_swiglu(x, *shared))) < TOL
     from kimi_graph.lowering.triton.targets import TARGETS        # the shared programs first: the same bits
-    TARGETS["interpret"]["configs"]["moe_decode"]["shared_first"] = True
+    monkeypatch.setitem(TARGETS["interpret"]["configs"]["moe_decode"], "shared_first", True)
     moe_decode.decode_specs.cache_clear()
-    try:
-        assert torch.equal(moe_decode.direct(x, ids, w, w13, w2, None, shared), out)
-    finally:
-        TARGETS["interpret"]["configs"]["moe_decode"]["shared_first"] = False
-        moe_decode.decode_specs.cache_clear()
+    assert torch.equal(moe_decode.direct(x, ids, w, w13, w2, None, shared), out)
 
 
 @pytest.mark.parametrize("shared", [False, True])

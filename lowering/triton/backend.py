@@ -153,7 +153,7 @@ def _experts(g: Graph, last) -> Experts | None:
     if not covered(g, last):
         return None
     ins = list(last.inputs)
-    n = 7 if last.kind == "quantized_moe_experts" else 5       # operands before acc
+    n = moe_decode.operands_before_acc(last.kind)
     attrs = get_op(last.kind).full_attrs(last.attrs)
     shared = _shared_expert(g, ins[n], ins[0])
     if shared is not None and g.types[ins[n]].dtype in KERNEL_DTYPES:
@@ -329,7 +329,7 @@ def prefetchable(item) -> list[str]:
     """The values an item reads whose bytes are known before it runs (prefetch.plan): of a
     routed-experts step only its shared expert's weights (the routed ones are picked at run time)."""
     if isinstance(item, Experts):
-        n = 7 if item.ops[-1].kind == "quantized_moe_experts" else 5
+        n = moe_decode.operands_before_acc(item.ops[-1].kind)
         return item.inputs[n:n + 3] if item.rows else []
     return reads(item)
 

@@ -241,8 +241,8 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
     consts = {"I": I, "IS": max(shared_i, 1), "D": D, "TOPK": top_k,
               "BN": min(cfg["BN"], next_pow2(wide)), "BK": min(cfg["BK"], next_pow2(D)),
               "BND": min(cfg["BND"], next_pow2(D)), "BKD": min(cfg["BKD"], next_pow2(wide)),
-              "SHARED": int(shared_i > 0), "SHARED_FIRST": bool(shared_i and base["shared_first"]), "DT": TL_DTYPES[dtype], "W13": 2 * I * D, "W2": D * I, "S13": 1, "S2": 1,
-              "G1": 1, "G2": 1, "NPW": 1}
+              "SHARED": int(shared_i > 0), "SHARED_FIRST": bool(shared_i and base["shared_first"]),
+              "DT": TL_DTYPES[dtype], "W13": 2 * I * D, "W2": D * I, "S13": 1, "S2": 1, "G1": 1, "G2": 1, "NPW": 1}
     # low-bit experts: the shared (float) expert's rows of an output block over SHR programs a
     # token, so its programs read about the bytes the codes' programs do (shared_split)
     # (batches in a token bucket of at most shared_split_tokens tokens; 0: every batch)
@@ -405,11 +405,16 @@ def moe_experts(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | 
                                            fmt=quant.fmt, group_size=quant.group_size)
 
 
+def operands_before_acc(kind: str) -> int:
+    """The operands of a moe_experts (5) or quantized_moe_experts (7) op before its acc."""
+    return 7 if kind == "quantized_moe_experts" else 5
+
+
 def run_step(kind: str, attrs: dict, args: list, shared_rows: tuple = ()):
     """A moe_experts or quantized_moe_experts op's operands (the backend's `Experts` step): with
     `shared_rows`, the acc operand is replaced by the shared expert's (Wg, Wu, Wd), Wg and Wu
     sliced to those (start, end) rows."""
-    n = 7 if kind == "quantized_moe_experts" else 5          # operands before acc
+    n = operands_before_acc(kind)
     if shared_rows:
         (g0, g1), (u0, u1) = shared_rows
         acc, shared, rest = None, (args[n][g0:g1], args[n + 1][u0:u1], args[n + 2]), args[n + 3:]

@@ -12,11 +12,8 @@ The plan (`plan`) comes from the schedule and the weights alone; the `l2_prefetc
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
-
-from kimi_graph.dtypes import DTYPE_BYTES
 
 from .codegen import KernelSpec, launch, render
 from .targets import config, current_target
@@ -47,7 +44,8 @@ def prefetch_spec(target: str) -> KernelSpec:
     cfg = config("l2_prefetch", target)
     consts = {"BL": cfg["BL"], "LINE": LINE}
     return KernelSpec("l2_prefetch", "l2_prefetch", render("l2_prefetch", _KERNEL, consts),
-                      {"p_ptr": "*i8", "lines": "i32", "per": "i32"}, cfg["num_warps"], 1, consts)
+                      {"p_ptr": "*i8", "lines": "i32", "per": "i32"}, cfg["num_warps"], 1,
+                      {**consts, "programs": cfg["programs"]})
 
 
 def plan(schedule: list, reads, sizes: dict[str, int], cfg: dict, launches=lambda item: True
@@ -88,7 +86,7 @@ def plan(schedule: list, reads, sizes: dict[str, int], cfg: dict, launches=lambd
 
 def weight_bytes(g) -> dict[str, int]:
     """Each weight of graph `g` and its bytes (from its type)."""
-    return {n: math.prod(g.types[n].shape) * DTYPE_BYTES[g.types[n].dtype] for n in g.params}
+    return {n: g.types[n].nbytes() for n in g.params}
 
 
 def enabled(rows: int) -> bool:
@@ -112,7 +110,7 @@ def issue(tensors: list[tuple[torch.Tensor, int]]) -> None:
     side = _SIDE[str(main.device)]
     side.wait_stream(main)
     spec = prefetch_spec(current_target())
-    programs = config("l2_prefetch")["programs"]
+    programs = spec.config["programs"]
     with torch.cuda.stream(side):
         for t, nbytes in tensors:
             if not t.is_contiguous():
