@@ -100,7 +100,13 @@ PREFILL_VARIANTS = [("default", {}),
                     ("tma BM128 w8", dict(TMA, BM_w8a8=128, warps_w8a8=8, warps_down_w8a8=8)),
                     ("tma BND64", dict(TMA, BND_w8a8=64)),
                     ("tma down w8", dict(TMA, warps_down_w8a8=8)),
-                    ("tma BN128 w8 s4", dict(TMA, BN_w8a8=128, warps_w8a8=8, stages_w8a8=4))]
+                    ("tma BN128 w8 s4", dict(TMA, BN_w8a8=128, warps_w8a8=8, stages_w8a8=4)),
+                    ("tma s2", dict(TMA, stages_w8a8=2)),
+                    # the activations' quantization pass: QR rows x QK K tiles a program
+                    ("tma q8x6", dict(TMA, QR_w8a8=8, QK_w8a8=6)),
+                    ("tma q4x18", dict(TMA, QR_w8a8=4, QK_w8a8=18)),
+                    ("tma q16x3", dict(TMA, QR_w8a8=16, QK_w8a8=3)),
+                    ("tma q32x2", dict(TMA, QR_w8a8=32, QK_w8a8=2))]
 # int4 / int8 at prefill sizes: the dequantizing tensor-core loops (default) against passes of
 # experts dequantized to bf16 and the bf16 grouped GEMMs (moe_dequant.py), 32 / 16 / 64 a pass
 DEQUANT = dict(dequant_min_rows=257)
@@ -111,7 +117,7 @@ INT_PREFILL_VARIANTS = [("default", {}), ("dequant", DEQUANT), ("dequant e16", d
 
 def gpu(args):
     sys.path.insert(0, os.path.dirname(__file__))
-    from harness import bench, bench_graph, copy_bandwidth, rel_err, write_result
+    from harness import bench, bench_graph, copy_bandwidth, kernel_times, rel_err, write_result
 
     from kimi_graph.lowering.triton import moe, moe_dequant, moe_fp8, moe_quant, moe_w4a8
     from kimi_graph.lowering.triton.codegen import PDL_ENV
@@ -163,6 +169,7 @@ def gpu(args):
             bf16 = lambda: moe.grouped_swiglu(rows, off, w13, w2)  # noqa: E731
             timer = bench_graph if N <= 16 else bench
             t_bf16 = timer(bf16)
+            bf16_split = kernel_times(bf16) if N > 16 else None
             variants = ([("default", {})] if fmt == "fp8" else DECODE_VARIANTS) if N <= 16 else \
                 PREFILL_VARIANTS if fmt == "fp8" else INT_PREFILL_VARIANTS
             for name, over in variants:
@@ -183,6 +190,9 @@ def gpu(args):
                        "bf16_ms": t_bf16, "x_bf16": t_bf16 / ms, "read_MB": read / 1e6,
                        "pct_copy_bw": 100 * read / (ms * 1e-3) / bw, "tflops": flops / (ms * 1e-3) / 1e12,
                        "rel_err": err}
+                if N > 16:                                  # prefill: where the time goes, kernel by kernel
+                    row["kernel_ms"] = with_config(over, lambda: kernel_times(run))
+                    row["bf16_kernel_ms"] = bf16_split
                 rows_out.append(row)
                 print(f"{fmt:>6} {N:>6}  {name:<26}{1e3 * ms:>9.1f}{row['pct_copy_bw']:>8.1f}{row['x_bf16']:>8.2f}"
                       f"{row['tflops']:>9.1f}{err:>10.1e}", flush=True)

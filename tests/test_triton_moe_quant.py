@@ -416,19 +416,26 @@ def test_fp8_w8a8_kernels_match_fp64_with_e4m3_activations(triton_interpret, mon
     moe_fp8.specs.cache_clear()
 
 
-def test_fp8_rows_quantization_rounds_as_torch(triton_interpret):
+@pytest.mark.parametrize("k_tiles", [1, 2])
+def test_fp8_rows_quantization_rounds_as_torch(triton_interpret, monkeypatch, k_tiles):
     """qmoe_fp8_rows: codes equal torch's float8_e4m3fn cast of x / scale (ties to even, subnormals,
-    values that round up to the next power of two), scales max|x| / 448 per row and K tile."""
+    values that round up to the next power of two), scales max|x| / 448 per row and K tile; one K
+    tile a program or QK_w8a8 of them."""
     from kimi_graph.lowering.triton import moe_fp8
     from kimi_graph.lowering.triton.codegen import launch
+    from kimi_graph.lowering.triton.targets import TARGETS
+    monkeypatch.setitem(TARGETS["interpret"]["configs"]["moe_gemm_q"], "QK_w8a8", k_tiles)
+    moe_fp8.specs.cache_clear()
     kernels = moe_fp8.specs(2, 32, 64, 32, 32, "f32", "interpret")
+    moe_fp8.specs.cache_clear()
     quant, bk, qr = kernels[1], kernels[1].config["BK"], kernels[1].config["QR"]
+    assert quant.config["QK"] == k_tiles
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(11, 64, generator=gen) * torch.logspace(-6, 2, 64)
     x[0, :bk] = torch.tensor([448.0, 7.97, 15.9, 0.0175, 0.0041, 0.00293, -0.00097] + [0.0] * (bk - 7))
     xq = torch.empty(11, 64, dtype=torch.float8_e4m3fn)
     xs = torch.empty(11, 64 // bk)
-    launch(quant, (-(-11 // qr), 64 // bk), x, xq, xs, 11)
+    launch(quant, (-(-11 // qr), 64 // bk // k_tiles), x, xq, xs, 11)
     s = x.reshape(11, -1, bk).abs().amax(-1).clamp_min(1e-30) / 448.0
     assert torch.equal(xs, s)
     want = (x.reshape(11, -1, bk) / s[..., None]).reshape(11, 64).to(torch.float8_e4m3fn)

@@ -53,15 +53,17 @@ def _quantize_rows(v):
 
 @triton.jit
 def qmoe_fp8_rows(x_ptr, xq_ptr, xs_ptr, M):
-    # grid (row blocks, K tiles): x [M, D] -> e4m3 xq [M, D] and fp32 scales xs [M, D // BK]
+    # grid (row blocks of QR, groups of QK K tiles): x [M, D] -> e4m3 xq [M, D] and fp32 scales
+    # xs [M, D // BK]; a program's QK tiles unrolled (their loads in flight together)
     r = tl.program_id(0) * QR + tl.arange(0, QR)
     mr = r < M
-    k = tl.program_id(1) * BK + tl.arange(0, BK)
-    at = r.to(tl.int64)[:, None] * D + k[None, :]
-    x = tl.load(x_ptr + at, mask=mr[:, None], other=0.0).to(tl.float32)
-    q, s = _quantize_rows(x)
-    tl.store(xq_ptr + at, q, mask=mr[:, None])
-    tl.store(xs_ptr + r * (D // BK) + tl.program_id(1), s, mask=mr)
+    for j in tl.static_range(QK):
+        kt = tl.program_id(1) * QK + j
+        at = r.to(tl.int64)[:, None] * D + kt * BK + tl.arange(0, BK)[None, :]
+        x = tl.load(x_ptr + at, mask=mr[:, None], other=0.0).to(tl.float32)
+        q, s = _quantize_rows(x)
+        tl.store(xq_ptr + at, q, mask=mr[:, None])
+        tl.store(xs_ptr + r * (D // BK) + kt, s, mask=mr)
 
 
 @triton.jit
@@ -144,6 +146,11 @@ def tiles(I: int, D: int, G1: int, G2: int, target: str) -> dict | None:
     return t if fits else None
 
 
+def _k_tiles_a_program(tiles: int, want: int) -> int:
+    """The quantization pass's K tiles a program: the largest divisor of `tiles` up to `want`."""
+    return max(q for q in range(1, max(1, min(want, tiles)) + 1) if tiles % q == 0)
+
+
 @functools.lru_cache(maxsize=None)
 def specs(E: int, I: int, D: int, G1: int, G2: int, dtype: str, target: str) -> tuple[KernelSpec, ...] | None:
     """(tile map, rows quantization, gate_up, down) for fp8 codes in G1 (w13) and G2 (w2) blocks,
@@ -157,7 +164,8 @@ def specs(E: int, I: int, D: int, G1: int, G2: int, dtype: str, target: str) -> 
     tma = bool(cfg.get("tma_w8a8", False)) and (TARGETS[target]["arch"] or 90) >= 90
     consts = {"E": E, "I": I, "D": D, "G1": G1, "G2": G2, "NKB1": -(-D // G1), "NKB2": -(-I // G2),
               "SD": -(-2 * I // G1) * -(-D // G1), "SI": -(-D // G2) * -(-I // G2), **t,
-              "QR": cfg["QR_w8a8"], "TMA": tma, "DT": TL_DTYPES[dtype]}
+              "QR": cfg["QR_w8a8"], "QK": _k_tiles_a_program(D // t["BK"], cfg.get("QK_w8a8", 1)),
+              "TMA": tma, "DT": TL_DTYPES[dtype]}
     descs_gu = {"xd": ("BM", "BK"), "wd": ("BN", "BK")} if tma else {}
     descs_dn = {"hd": ("BM", "BN"), "wd": ("BND", "BN")} if tma else {}
     src = render("quantized_grouped_swiglu_fp8_w8a8", _KERNELS, consts,
@@ -212,7 +220,7 @@ def grouped_swiglu(rows, offsets, q13, s13, q2, s2, kernels):
     off = offsets.to(torch.int64).contiguous()
     s13, s2 = s13.to(rows.dtype).contiguous(), s2.to(rows.dtype).contiguous()
     launch(tmap, (-(-max_tiles // tmap.config["TB"]),), off, te, tr, max_tiles)
-    launch(quant, (-(-M // c["QR"]), D // c["BK"]), rows.contiguous(), xq, xs, M)
+    launch(quant, (-(-M // c["QR"]), D // c["BK"] // c["QK"]), rows.contiguous(), xq, xs, M)
     q13, q2 = q13.contiguous(), q2.contiguous()
     d_gu, d_dn = descriptors(c, xq, q13, hq, q2) if c["TMA"] else ((), ())
     launch(gate_up, (I // BN, max_tiles), xq, xs, off, q13, s13, hq, hs, te, tr, *d_gu)

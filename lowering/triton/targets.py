@@ -131,7 +131,8 @@ _BASE = {
     # cores take prefill tiles (sm_89+): True quantizes activation tiles in the main loop,
     # "w8a8" runs moe_fp8.py's kernels (activations quantized before gate_up and in its
     # epilogue; BM/BN/BK_w8a8 gate_up tiles, BN_w8a8 also down's K tile, BND_w8a8 down's N tile,
-    # warps_w8a8 / warps_down_w8a8, stages_w8a8, QR_w8a8 rows a program of the quantization pass,
+    # warps_w8a8 / warps_down_w8a8, stages_w8a8, QR_w8a8 rows and QK_w8a8 K tiles a program of the
+    # quantization pass,
     # tma_w8a8: the GEMMs' operands through host tensor descriptors on sm_90+)
     # rows_max (rows_max_FMT for one format): up to that many rows (token copies), int4 / int8 take one program per (row, N
     # block) dotting the row with its expert's codes read as words (dequant.py; moe_decode's
@@ -152,7 +153,7 @@ _BASE = {
                    "rows_kernel": "words", "BN_w4a8": 32, "BND_w4a8": 32, "TPS_w4a8": 2, "warps_w4a8": 4,
                    "stages_w4a8": 3, "fuse_w4a8": False,
                    "BM_w8a8": 64, "BN_w8a8": 128, "BK_w8a8": 128, "BND_w8a8": 128, "warps_w8a8": 8,
-                   "warps_down_w8a8": 4, "stages_w8a8": 3, "QR_w8a8": 16,
+                   "warps_down_w8a8": 4, "stages_w8a8": 3, "QR_w8a8": 16, "QK_w8a8": 1,
                    "tma_w8a8": False, "dequant_min_rows": 0, "dequant_experts": 32, "BN_dequant": 16,
                    "BC_dequant": 256, "warps_dequant": 4},
     # permutation: BLOCK token copies per block (ranked SUB at a time), rows copied BD columns a
