@@ -97,14 +97,20 @@ PREFILL_VARIANTS = [("default", {}),
                     ("tma", TMA),
                     ("tma s4", dict(TMA, stages_w8a8=4)),
                     ("tma BN128 w8", dict(TMA, BN_w8a8=128, warps_w8a8=8)),
-                    ("tma BM128 w8", dict(TMA, BM_w8a8=128, warps_w8a8=8, warps_down_w8a8=8)),
                     ("tma BND64", dict(TMA, BND_w8a8=64)),
-                    ("tma down w8", dict(TMA, warps_down_w8a8=8)),
                     ("tma BN128 w8 s4", dict(TMA, BN_w8a8=128, warps_w8a8=8, stages_w8a8=4)),
                     ("tma s2", dict(TMA, stages_w8a8=2)),
+                    # gate_up's N tile is down's K tile (h's scale blocks): 128 halves down's scale steps
+                    ("tma BN128 w8 s2", dict(TMA, BN_w8a8=128, warps_w8a8=8, stages_w8a8=2, stages_down_w8a8=3)),
+                    ("tma BN128 w8 s2 ds4", dict(TMA, BN_w8a8=128, warps_w8a8=8, stages_w8a8=2, stages_down_w8a8=4)),
+                    ("tma BN128 w4", dict(TMA, BN_w8a8=128)),
+                    ("tma BN128 w4 s2", dict(TMA, BN_w8a8=128, stages_w8a8=2, stages_down_w8a8=3)),
+                    ("tma BM128 BN128 w8", dict(TMA, BM_w8a8=128, BN_w8a8=128, warps_w8a8=8, warps_down_w8a8=8)),
+                    ("tma BM128 BN128 w8 s2", dict(TMA, BM_w8a8=128, BN_w8a8=128, warps_w8a8=8, warps_down_w8a8=8,
+                                                   stages_w8a8=2, stages_down_w8a8=3)),
+                    ("tma BN128 w8 BND64", dict(TMA, BN_w8a8=128, warps_w8a8=8, BND_w8a8=64)),
                     # the activations' quantization pass: QR rows x QK K tiles a program
                     ("tma q8x6", dict(TMA, QR_w8a8=8, QK_w8a8=6)),
-                    ("tma q4x18", dict(TMA, QR_w8a8=4, QK_w8a8=18)),
                     ("tma q16x3", dict(TMA, QR_w8a8=16, QK_w8a8=3)),
                     ("tma q32x2", dict(TMA, QR_w8a8=32, QK_w8a8=2))]
 # int4 / int8 at prefill sizes: the dequantizing tensor-core loops (default) against passes of

@@ -181,7 +181,7 @@ def specs(E: int, I: int, D: int, G1: int, G2: int, dtype: str, target: str) -> 
                cfg["warps_w8a8"], cfg["stages_w8a8"]),
             mk("qmoe_fp8_down", {"hq_ptr": "*fp8e4nv", "hs_ptr": "*fp32", "off_ptr": "*i64", "q_ptr": "*fp8e4nv",
                                  "s_ptr": p, "y_ptr": p, **tiles_sig, **desc(descs_dn)},
-               cfg["warps_down_w8a8"], cfg["stages_w8a8"]))
+               cfg["warps_down_w8a8"], cfg.get("stages_down_w8a8") or cfg["stages_w8a8"]))
 
 
 def descriptors(c: dict, xq, q13, hq, q2) -> tuple[tuple, tuple]:
