@@ -95,24 +95,18 @@ W8A8 = dict(fp8_dot="w8a8")
 TMA = dict(W8A8, tma_w8a8=True)
 PREFILL_VARIANTS = [("default", {}),
                     ("tma", TMA),
-                    ("tma s4", dict(TMA, stages_w8a8=4)),
-                    ("tma BN128 w8", dict(TMA, BN_w8a8=128, warps_w8a8=8)),
-                    ("tma BND64", dict(TMA, BND_w8a8=64)),
-                    ("tma BN128 w8 s4", dict(TMA, BN_w8a8=128, warps_w8a8=8, stages_w8a8=4)),
-                    ("tma s2", dict(TMA, stages_w8a8=2)),
-                    # gate_up's N tile is down's K tile (h's scale blocks): 128 halves down's scale steps
-                    ("tma BN128 w8 s2", dict(TMA, BN_w8a8=128, warps_w8a8=8, stages_w8a8=2, stages_down_w8a8=3)),
-                    ("tma BN128 w8 s2 ds4", dict(TMA, BN_w8a8=128, warps_w8a8=8, stages_w8a8=2, stages_down_w8a8=4)),
-                    ("tma BN128 w4", dict(TMA, BN_w8a8=128)),
-                    ("tma BN128 w4 s2", dict(TMA, BN_w8a8=128, stages_w8a8=2, stages_down_w8a8=3)),
-                    ("tma BM128 BN128 w8", dict(TMA, BM_w8a8=128, BN_w8a8=128, warps_w8a8=8, warps_down_w8a8=8)),
-                    ("tma BM128 BN128 w8 s2", dict(TMA, BM_w8a8=128, BN_w8a8=128, warps_w8a8=8, warps_down_w8a8=8,
-                                                   stages_w8a8=2, stages_down_w8a8=3)),
-                    ("tma BN128 w8 BND64", dict(TMA, BN_w8a8=128, warps_w8a8=8, BND_w8a8=64)),
-                    # the activations' quantization pass: QR rows x QK K tiles a program
-                    ("tma q8x6", dict(TMA, QR_w8a8=8, QK_w8a8=6)),
-                    ("tma q16x3", dict(TMA, QR_w8a8=16, QK_w8a8=3)),
-                    ("tma q32x2", dict(TMA, QR_w8a8=32, QK_w8a8=2))]
+                    ("tma q32x2", dict(TMA, QR_w8a8=32, QK_w8a8=2)),
+                    # gate_up programs of two N tiles: h's scale block and down's K tile 2 BN
+                    ("tma halves", dict(TMA, h_halves_w8a8=True)),
+                    ("tma halves q32x2", dict(TMA, h_halves_w8a8=True, QR_w8a8=32, QK_w8a8=2)),
+                    ("tma halves BND64", dict(TMA, h_halves_w8a8=True, BND_w8a8=64)),
+                    ("tma halves gs4", dict(TMA, h_halves_w8a8=True, stages_w8a8=4, stages_down_w8a8=3)),
+                    ("tma halves BM128 w8", dict(TMA, h_halves_w8a8=True, BM_w8a8=128, warps_w8a8=8,
+                                                 warps_down_w8a8=8)),
+                    ("tma halves BM128 w8 wd4", dict(TMA, h_halves_w8a8=True, BM_w8a8=128, warps_w8a8=8)),
+                    ("tma halves BN32", dict(TMA, h_halves_w8a8=True, BN_w8a8=32))]
+# measured and beaten at 449c566 (lowbit-fp8-tiles.json): stages 2 / 4, BN 128 on 4 or 8 warps
+# (down's K tile 128 at gate_up's cost), BM 128 with BN 64 or 128, BND 64, the pass's other tiles
 # int4 / int8 at prefill sizes: the dequantizing tensor-core loops (default) against passes of
 # experts dequantized to bf16 and the bf16 grouped GEMMs (moe_dequant.py), 32 / 16 / 64 a pass
 DEQUANT = dict(dequant_min_rows=257)

@@ -386,15 +386,18 @@ def w8a8_swiglu_fp64(rows, offsets, w13, w2, bk, bn):
     return out
 
 
-@pytest.mark.parametrize("group,tma", [(32, False), (16, False), (32, True)])
-def test_fp8_w8a8_kernels_match_fp64_with_e4m3_activations(triton_interpret, monkeypatch, group, tma):
+@pytest.mark.parametrize("group,tma,halves", [(32, False, False), (16, False, False), (32, True, False),
+                                               (32, False, True), (32, True, True)])
+def test_fp8_w8a8_kernels_match_fp64_with_e4m3_activations(triton_interpret, monkeypatch, group, tma, halves):
     """fp8_dot "w8a8": activations quantized per row and K tile (before gate_up; h in gate_up's
-    epilogue), the dots in fp8 (tma_w8a8: operands through host tensor descriptors): against a
-    float64 SwiGLU over the dequantized weights with the activations rounded the same way;
-    experts without rows and with ragged row tiles; the weight-only result is 2^-4-close."""
+    epilogue, per BN columns or, h_halves_w8a8, per two N tiles), the dots in fp8 (tma_w8a8:
+    operands through host tensor descriptors): against a float64 SwiGLU over the dequantized
+    weights with the activations rounded the same way; experts without rows and with ragged row
+    tiles; the weight-only result is 2^-4-close."""
     from kimi_graph.lowering.triton import moe_fp8, moe_quant, targets
     monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_gemm_q"], "fp8_dot", "w8a8")
     monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_gemm_q"], "tma_w8a8", tma)
+    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_gemm_q"], "h_halves_w8a8", halves)
     moe_fp8.specs.cache_clear()
     gen = torch.Generator().manual_seed(group)
     E, I, D = 4, 32, 64
@@ -406,7 +409,8 @@ def test_fp8_w8a8_kernels_match_fp64_with_e4m3_activations(triton_interpret, mon
     rows = torch.randn(sum(counts), D, generator=gen) * torch.rand(sum(counts), 1, generator=gen) * 4
     kernels = moe_quant.w8a8_specs("fp8", E, I, D, group, "f32", "interpret")
     assert kernels is not None and kernels[2].config["TMA"] == tma
-    bk, bn = kernels[2].config["BK"], kernels[2].config["BN"]
+    bk, bn = kernels[2].config["BK"], kernels[2].config["HB"]
+    assert bn == kernels[2].config["BN"] * (2 if halves else 1)
     got = quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, fmt="fp8", group_size=group)
     d13, d2 = dequantized_fp64(q13, s13, None, "fp8", group), dequantized_fp64(q2, s2, None, "fp8", group)
     # the rows' e4m3 codes are the reference's; h's may differ where fp32 and fp64 round a value

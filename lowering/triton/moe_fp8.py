@@ -5,8 +5,10 @@ Weights are e4m3 codes with one scale per G x G block (kimi_graph/ops/quant.py);
 quantized to e4m3 with one fp32 scale per row and K tile (BK columns, BK dividing G), outside the
 GEMMs' main loops:
 - `qmoe_fp8_rows`: the rows x before gate_up, in one pass (scale = max|x| / 448);
-- gate_up's epilogue quantizes h = silu(x w1^T) * (x w3^T) per row and BN columns as it stores it
-  (h never exists in the activation dtype): the down projection's K tile is gate_up's BN.
+- gate_up's epilogue quantizes h = silu(x w1^T) * (x w3^T) per row and HB columns as it stores it
+  (h never exists in the activation dtype): the down projection's K tile is HB, gate_up's BN or
+  two of its N tiles computed in turn by one program (`h_halves_w8a8`: down's scale steps halved
+  while gate_up keeps its tile).
 In the main loops both operands are fp8 in memory and go straight to the MMA (fp32 accumulation);
 a K step's partial product is scaled once, by the row's activation scale times the weight block's
 scale (one scalar: a program's BN columns lie in one block, BN dividing G), and added to the
@@ -77,58 +79,73 @@ def _row_tile(off_ptr, tile_e_ptr, tile_r_ptr):
 
 
 @triton.jit
+def _gate_up_cols(xq_ptr, xs_ptr, q_ptr, s_ptr, ex, r0, r, mr, n0$descs_gate_up):
+    # h = silu(x w1^T) * (x w3^T) [BM, BN] in fp32 for expert ex's row tile and columns n0..
+    n = n0 + tl.arange(0, BN)
+    dk = tl.arange(0, BK)
+    qb = q_ptr + ex.to(tl.int64) * (2 * I * D)
+    wn = ex * (2 * I) + n0                            # the gate rows' first in the descriptor's [E * 2I, D]
+    sg = s_ptr + ex * SD + (n0 // G1) * NKB1          # the weight blocks' scales of these columns
+    su = s_ptr + ex * SD + ((n0 + I) // G1) * NKB1
+    acc_g = tl.zeros((BM, BN), tl.float32)
+    acc_u = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, D, BK):
+        if TMA:     # rows past the expert are the next one's (or zeros past M): masked outputs
+            x = xd.load([r0, k0])
+            w1 = wd.load([wn, k0]).T
+            w3 = wd.load([wn + I, k0]).T
+        else:
+            x = tl.load(xq_ptr + r[:, None] * D + k0 + dk[None, :], mask=mr[:, None], other=0.0)
+            w1 = tl.load(qb + n[None, :] * D + k0 + dk[:, None])
+            w3 = tl.load(qb + (n[None, :] + I) * D + k0 + dk[:, None])
+        xs = tl.load(xs_ptr + r * (D // BK) + k0 // BK, mask=mr, other=0.0)
+        acc_g += tl.dot(x, w1) * (xs * tl.load(sg + k0 // G1).to(tl.float32))[:, None]
+        acc_u += tl.dot(x, w3) * (xs * tl.load(su + k0 // G1).to(tl.float32))[:, None]
+    return acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+
+
+@triton.jit
 def qmoe_fp8_gate_up(xq_ptr, xs_ptr, off_ptr, q_ptr, s_ptr, hq_ptr, hs_ptr, tile_e_ptr, tile_r_ptr$descs_gate_up):
-    # grid (I blocks, tiles): h = silu(x w1^T) * (x w3^T) for one expert's row tile, stored as
-    # e4m3 with a scale per row and BN columns
+    # grid (I blocks of HB, tiles): h for one expert's row tile, stored as e4m3 with a scale per
+    # row and HB columns (down's K tile); HB = 2 BN: two BN halves in turn, one scale over both
     ex, r0, r, mr = _row_tile(off_ptr, tile_e_ptr, tile_r_ptr)
     if ex >= 0:
-        n0 = tl.program_id(0) * BN
+        n0 = tl.program_id(0) * HB
         n = n0 + tl.arange(0, BN)
-        dk = tl.arange(0, BK)
-        qb = q_ptr + ex.to(tl.int64) * (2 * I * D)
-        wn = ex * (2 * I) + n0                            # the gate rows' first in the descriptor's [E * 2I, D]
-        sg = s_ptr + ex * SD + (n0 // G1) * NKB1          # the weight blocks' scales of this N block
-        su = s_ptr + ex * SD + ((n0 + I) // G1) * NKB1
-        acc_g = tl.zeros((BM, BN), tl.float32)
-        acc_u = tl.zeros((BM, BN), tl.float32)
-        for k0 in range(0, D, BK):
-            if TMA:     # rows past the expert are the next one's (or zeros past M): masked outputs
-                x = xd.load([r0, k0])
-                w1 = wd.load([wn, k0]).T
-                w3 = wd.load([wn + I, k0]).T
-            else:
-                x = tl.load(xq_ptr + r[:, None] * D + k0 + dk[None, :], mask=mr[:, None], other=0.0)
-                w1 = tl.load(qb + n[None, :] * D + k0 + dk[:, None])
-                w3 = tl.load(qb + (n[None, :] + I) * D + k0 + dk[:, None])
-            xs = tl.load(xs_ptr + r * (D // BK) + k0 // BK, mask=mr, other=0.0)
-            acc_g += tl.dot(x, w1) * (xs * tl.load(sg + k0 // G1).to(tl.float32))[:, None]
-            acc_u += tl.dot(x, w3) * (xs * tl.load(su + k0 // G1).to(tl.float32))[:, None]
-        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-        hq, hs = _quantize_rows(h)
-        tl.store(hq_ptr + r[:, None] * I + n[None, :], hq, mask=mr[:, None])
-        tl.store(hs_ptr + r * (I // BN) + tl.program_id(0), hs, mask=mr)
+        h = _gate_up_cols(xq_ptr, xs_ptr, q_ptr, s_ptr, ex, r0, r, mr, n0$descs_gate_up)
+        hp = hs_ptr + r * (I // HB) + tl.program_id(0)
+        if HB == BN:
+            hq, hs = _quantize_rows(h)
+            tl.store(hq_ptr + r[:, None] * I + n[None, :], hq, mask=mr[:, None])
+            tl.store(hp, hs, mask=mr)
+        else:
+            h2 = _gate_up_cols(xq_ptr, xs_ptr, q_ptr, s_ptr, ex, r0, r, mr, n0 + BN$descs_gate_up)
+            hs = tl.maximum(tl.maximum(tl.max(tl.abs(h), 1), tl.max(tl.abs(h2), 1)), 1e-30) / 448.0
+            tl.store(hq_ptr + r[:, None] * I + n[None, :], _e4m3(h / hs[:, None]), mask=mr[:, None])
+            tl.store(hq_ptr + r[:, None] * I + BN + n[None, :], _e4m3(h2 / hs[:, None]), mask=mr[:, None])
+            tl.store(hp, hs, mask=mr)
 
 
 @triton.jit
 def qmoe_fp8_down(hq_ptr, hs_ptr, off_ptr, q_ptr, s_ptr, y_ptr, tile_e_ptr, tile_r_ptr$descs_down):
-    # grid (D blocks, tiles): y = h w2^T for one expert's row tile; h's K tiles are gate_up's BN
+    # grid (D blocks, tiles): y = h w2^T for one expert's row tile; h's K tiles are its scale blocks (HB)
     ex, r0, r, mr = _row_tile(off_ptr, tile_e_ptr, tile_r_ptr)
     if ex >= 0:
         n0 = tl.program_id(0) * BND
         n = n0 + tl.arange(0, BND)
         mn = n < D
-        dk = tl.arange(0, BN)
+        dk = tl.arange(0, HB)
         qb = q_ptr + ex.to(tl.int64) * (D * I)
         sb = s_ptr + ex * SI + (n0 // G2) * NKB2
         acc = tl.zeros((BM, BND), tl.float32)
-        for k0 in range(0, I, BN):
+        for k0 in range(0, I, HB):
             if TMA:     # rows past the expert: masked outputs; D rows past the expert: the next one's
                 h = hd.load([r0, k0])
                 w = wd.load([ex * D + n0, k0]).T
             else:
                 h = tl.load(hq_ptr + r[:, None] * I + k0 + dk[None, :], mask=mr[:, None], other=0.0)
                 w = tl.load(qb + n[None, :] * I + k0 + dk[:, None], mask=mn[None, :], other=0.0)
-            hs = tl.load(hs_ptr + r * (I // BN) + k0 // BN, mask=mr, other=0.0)
+            hs = tl.load(hs_ptr + r * (I // HB) + k0 // HB, mask=mr, other=0.0)
             acc += tl.dot(h, w) * (hs * tl.load(sb + k0 // G2).to(tl.float32))[:, None]
         tl.store(y_ptr + r[:, None] * D + n[None, :], acc.to(DT), mask=mr[:, None] & mn[None, :])
 """
@@ -136,12 +153,14 @@ def qmoe_fp8_down(hq_ptr, hs_ptr, off_ptr, q_ptr, s_ptr, y_ptr, tile_e_ptr, tile
 
 def tiles(I: int, D: int, G1: int, G2: int, target: str) -> dict | None:
     """The W8A8 tiles (config keys *_w8a8) for these shapes, or None where they do not fit: K
-    tiles dividing K and the blocks, N tiles inside one block (their scale is one scalar)."""
+    tiles dividing K and the blocks, N tiles inside one block (their scale is one scalar). HB:
+    h's scale block and down's K tile, gate_up's BN or (h_halves_w8a8) two of them."""
     cfg = config("moe_gemm_q", target)
     t = {k: cfg[k + "_w8a8"] for k in ("BM", "BN", "BK", "BND")}
     t["BK"] = min(t["BK"], G1)
+    t["HB"] = t["BN"] * (2 if cfg.get("h_halves_w8a8") else 1)
     fits = (D % t["BK"] == 0 and G1 % t["BK"] == 0 and t["BK"] >= 16
-            and I % t["BN"] == 0 and G1 % t["BN"] == 0 and G2 % t["BN"] == 0 and t["BN"] >= 16
+            and I % t["HB"] == 0 and G1 % t["BN"] == 0 and G2 % t["HB"] == 0 and t["BN"] >= 16
             and G2 % t["BND"] == 0)
     return t if fits else None
 
@@ -167,7 +186,7 @@ def specs(E: int, I: int, D: int, G1: int, G2: int, dtype: str, target: str) -> 
               "QR": cfg["QR_w8a8"], "QK": _k_tiles_a_program(D // t["BK"], cfg.get("QK_w8a8", 1)),
               "TMA": tma, "DT": TL_DTYPES[dtype]}
     descs_gu = {"xd": ("BM", "BK"), "wd": ("BN", "BK")} if tma else {}
-    descs_dn = {"hd": ("BM", "BN"), "wd": ("BND", "BN")} if tma else {}
+    descs_dn = {"hd": ("BM", "HB"), "wd": ("BND", "HB")} if tma else {}
     src = render("quantized_grouped_swiglu_fp8_w8a8", _KERNELS, consts,
                  descs_gate_up="".join(f", {d}" for d in descs_gu), descs_down="".join(f", {d}" for d in descs_dn))
     p = ptr_type(dtype)
@@ -189,7 +208,7 @@ def descriptors(c: dict, xq, q13, hq, q2) -> tuple[tuple, tuple]:
     from triton.tools.tensor_descriptor import TensorDescriptor
     d = lambda t, rows, cols: TensorDescriptor.from_tensor(t.reshape(-1, t.shape[-1]), [rows, cols])  # noqa: E731
     return ((d(xq, c["BM"], c["BK"]), d(q13, c["BN"], c["BK"])),
-            (d(hq, c["BM"], c["BN"]), d(q2, c["BND"], c["BN"])))
+            (d(hq, c["BM"], c["HB"]), d(q2, c["BND"], c["HB"])))
 
 
 def tile_map(E: int, BM: int, target: str) -> KernelSpec:
@@ -205,7 +224,7 @@ def grouped_swiglu(rows, offsets, q13, s13, q2, s2, kernels):
     """y [M, D] for the rows of expert e (offsets[e]:offsets[e+1]) through `kernels` (specs)."""
     tmap, quant, gate_up, down = kernels
     c = gate_up.config
-    E, M, D, I, BM, BN = q13.shape[0], rows.shape[0], c["D"], c["I"], c["BM"], c["BN"]
+    E, M, D, I, BM, HB = q13.shape[0], rows.shape[0], c["D"], c["I"], c["BM"], c["HB"]
     dev = rows.device
     y = torch.empty(M, D, device=dev, dtype=rows.dtype)
     if not M:
@@ -216,13 +235,13 @@ def grouped_swiglu(rows, offsets, q13, s13, q2, s2, kernels):
     xq = torch.empty(M, D, device=dev, dtype=torch.float8_e4m3fn)
     xs = torch.empty(M, D // c["BK"], device=dev, dtype=torch.float32)
     hq = torch.empty(M, I, device=dev, dtype=torch.float8_e4m3fn)
-    hs = torch.empty(M, I // BN, device=dev, dtype=torch.float32)
+    hs = torch.empty(M, I // HB, device=dev, dtype=torch.float32)
     off = offsets.to(torch.int64).contiguous()
     s13, s2 = s13.to(rows.dtype).contiguous(), s2.to(rows.dtype).contiguous()
     launch(tmap, (-(-max_tiles // tmap.config["TB"]),), off, te, tr, max_tiles)
     launch(quant, (-(-M // c["QR"]), D // c["BK"] // c["QK"]), rows.contiguous(), xq, xs, M)
     q13, q2 = q13.contiguous(), q2.contiguous()
     d_gu, d_dn = descriptors(c, xq, q13, hq, q2) if c["TMA"] else ((), ())
-    launch(gate_up, (I // BN, max_tiles), xq, xs, off, q13, s13, hq, hs, te, tr, *d_gu)
+    launch(gate_up, (I // HB, max_tiles), xq, xs, off, q13, s13, hq, hs, te, tr, *d_gu)
     launch(down, (-(-D // c["BND"]), max_tiles), hq, hs, off, q2, s2, y, te, tr, *d_dn)
     return y
