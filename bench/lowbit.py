@@ -98,15 +98,16 @@ PREFILL_VARIANTS = [("default", {}),
                     ("tma q32x2", dict(TMA, QR_w8a8=32, QK_w8a8=2)),
                     # gate_up programs of two N tiles: h's scale block and down's K tile 2 BN
                     ("tma halves", dict(TMA, h_halves_w8a8=True)),
-                    ("tma halves q32x2", dict(TMA, h_halves_w8a8=True, QR_w8a8=32, QK_w8a8=2)),
-                    ("tma halves BND64", dict(TMA, h_halves_w8a8=True, BND_w8a8=64)),
                     ("tma halves gs4", dict(TMA, h_halves_w8a8=True, stages_w8a8=4, stages_down_w8a8=3)),
-                    ("tma halves BM128 w8", dict(TMA, h_halves_w8a8=True, BM_w8a8=128, warps_w8a8=8,
-                                                 warps_down_w8a8=8)),
-                    ("tma halves BM128 w8 wd4", dict(TMA, h_halves_w8a8=True, BM_w8a8=128, warps_w8a8=8)),
-                    ("tma halves BN32", dict(TMA, h_halves_w8a8=True, BN_w8a8=32))]
-# measured and beaten at 449c566 (lowbit-fp8-tiles.json): stages 2 / 4, BN 128 on 4 or 8 warps
-# (down's K tile 128 at gate_up's cost), BM 128 with BN 64 or 128, BND 64, the pass's other tiles
+                    ("tma halves w8", dict(TMA, h_halves_w8a8=True, warps_w8a8=8)),
+                    # h stored by gate_up (BN 64 tiles), quantized per 128 columns by the rows pass
+                    ("tma hpass", dict(TMA, h_pass_w8a8=True)),
+                    ("tma hpass q32x2", dict(TMA, h_pass_w8a8=True, QR_w8a8=32, QK_w8a8=2)),
+                    ("tma hpass q8x8", dict(TMA, h_pass_w8a8=True, QR_w8a8=8, QK_w8a8=8)),
+                    ("tma hpass ds4", dict(TMA, h_pass_w8a8=True, stages_down_w8a8=4))]
+# measured and beaten at 449c566 / 02f5830 (lowbit-fp8-tiles.json, lowbit-fp8-halves.json): stages 2 /
+# 4, BN 128 on 4 or 8 warps (down's K tile 128 at gate_up's cost), BM 128 with BN 64 or 128, BND 64,
+# the pass's other tiles; halves with BM 128, BND 64, BN 32
 # int4 / int8 at prefill sizes: the dequantizing tensor-core loops (default) against passes of
 # experts dequantized to bf16 and the bf16 grouped GEMMs (moe_dequant.py), 32 / 16 / 64 a pass
 DEQUANT = dict(dequant_min_rows=257)

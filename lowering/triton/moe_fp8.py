@@ -107,14 +107,17 @@ def _gate_up_cols(xq_ptr, xs_ptr, q_ptr, s_ptr, ex, r0, r, mr, n0$descs_gate_up)
 @triton.jit
 def qmoe_fp8_gate_up(xq_ptr, xs_ptr, off_ptr, q_ptr, s_ptr, hq_ptr, hs_ptr, tile_e_ptr, tile_r_ptr$descs_gate_up):
     # grid (I blocks of HB, tiles): h for one expert's row tile, stored as e4m3 with a scale per
-    # row and HB columns (down's K tile); HB = 2 BN: two BN halves in turn, one scale over both
+    # row and HB columns (down's K tile); HB = 2 BN: two BN halves in turn, one scale over both.
+    # H_PASS (grid: I blocks of BN): h stored in DT for the rows pass to quantize
     ex, r0, r, mr = _row_tile(off_ptr, tile_e_ptr, tile_r_ptr)
     if ex >= 0:
-        n0 = tl.program_id(0) * HB
+        n0 = tl.program_id(0) * (BN if H_PASS else HB)
         n = n0 + tl.arange(0, BN)
         h = _gate_up_cols(xq_ptr, xs_ptr, q_ptr, s_ptr, ex, r0, r, mr, n0$descs_gate_up)
         hp = hs_ptr + r * (I // HB) + tl.program_id(0)
-        if HB == BN:
+        if H_PASS:                      # h in the activation dtype: a pass quantizes it (per HB)
+            tl.store(hq_ptr + r[:, None] * I + n[None, :], h.to(DT), mask=mr[:, None])
+        elif HB == BN:
             hq, hs = _quantize_rows(h)
             tl.store(hq_ptr + r[:, None] * I + n[None, :], hq, mask=mr[:, None])
             tl.store(hp, hs, mask=mr)
@@ -154,11 +157,11 @@ def qmoe_fp8_down(hq_ptr, hs_ptr, off_ptr, q_ptr, s_ptr, y_ptr, tile_e_ptr, tile
 def tiles(I: int, D: int, G1: int, G2: int, target: str) -> dict | None:
     """The W8A8 tiles (config keys *_w8a8) for these shapes, or None where they do not fit: K
     tiles dividing K and the blocks, N tiles inside one block (their scale is one scalar). HB:
-    h's scale block and down's K tile, gate_up's BN or (h_halves_w8a8) two of them."""
+    h's scale block and down's K tile, gate_up's BN or (h_halves_w8a8, h_pass_w8a8) two of them."""
     cfg = config("moe_gemm_q", target)
     t = {k: cfg[k + "_w8a8"] for k in ("BM", "BN", "BK", "BND")}
     t["BK"] = min(t["BK"], G1)
-    t["HB"] = t["BN"] * (2 if cfg.get("h_halves_w8a8") else 1)
+    t["HB"] = t["BN"] * (2 if cfg.get("h_halves_w8a8") or cfg.get("h_pass_w8a8") else 1)
     fits = (D % t["BK"] == 0 and G1 % t["BK"] == 0 and t["BK"] >= 16
             and I % t["HB"] == 0 and G1 % t["BN"] == 0 and G2 % t["HB"] == 0 and t["BN"] >= 16
             and G2 % t["BND"] == 0)
@@ -172,8 +175,9 @@ def _k_tiles_a_program(tiles: int, want: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def specs(E: int, I: int, D: int, G1: int, G2: int, dtype: str, target: str) -> tuple[KernelSpec, ...] | None:
-    """(tile map, rows quantization, gate_up, down) for fp8 codes in G1 (w13) and G2 (w2) blocks,
-    or None where the tiles do not fit (moe_quant's other fp8 kernels run then). With `tma_w8a8`
+    """(tile map, rows quantization, gate_up, down[, h's quantization]) for fp8 codes in G1 (w13)
+    and G2 (w2) blocks, or None where the tiles do not fit (moe_quant's other fp8 kernels run
+    then); h's own pass with `h_pass_w8a8` (the rows kernel over I in HB tiles). With `tma_w8a8`
     (sm_90+, the interpreter) the GEMMs read x, h and the weights through host tensor
     descriptors (arguments xd / hd and wd: `descriptors`)."""
     t = tiles(I, D, G1, G2, target)
@@ -184,23 +188,29 @@ def specs(E: int, I: int, D: int, G1: int, G2: int, dtype: str, target: str) -> 
     consts = {"E": E, "I": I, "D": D, "G1": G1, "G2": G2, "NKB1": -(-D // G1), "NKB2": -(-I // G2),
               "SD": -(-2 * I // G1) * -(-D // G1), "SI": -(-D // G2) * -(-I // G2), **t,
               "QR": cfg["QR_w8a8"], "QK": _k_tiles_a_program(D // t["BK"], cfg.get("QK_w8a8", 1)),
-              "TMA": tma, "DT": TL_DTYPES[dtype]}
+              "TMA": tma, "DT": TL_DTYPES[dtype], "H_PASS": bool(cfg.get("h_pass_w8a8"))}
     descs_gu = {"xd": ("BM", "BK"), "wd": ("BN", "BK")} if tma else {}
     descs_dn = {"hd": ("BM", "HB"), "wd": ("BND", "HB")} if tma else {}
-    src = render("quantized_grouped_swiglu_fp8_w8a8", _KERNELS, consts,
-                 descs_gate_up="".join(f", {d}" for d in descs_gu), descs_down="".join(f", {d}" for d in descs_dn))
+    source = lambda c: render("quantized_grouped_swiglu_fp8_w8a8", _KERNELS, c,  # noqa: E731
+                              descs_gate_up="".join(f", {d}" for d in descs_gu),
+                              descs_down="".join(f", {d}" for d in descs_dn))
     p = ptr_type(dtype)
     tiles_sig = {"tile_e_ptr": "*i32", "tile_r_ptr": "*i32"}
     desc = lambda ds: {d: f"tensordesc<fp8e4nv[{t[a]}, {t[b]}]>" for d, (a, b) in ds.items()}   # noqa: E731
-    mk = lambda name, sig, w, st: KernelSpec(name, name, src, sig, w, st, consts)  # noqa: E731
+    mk = lambda name, sig, w, st, c=consts: KernelSpec(name, name, source(c), sig, w, st, c)  # noqa: E731
+    rows_sig = {"x_ptr": p, "xq_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "M": "i32"}
+    h_pass = (mk("qmoe_fp8_rows", rows_sig, 4, 1, {**consts, "D": I, "BK": t["HB"],
+                                                   "QK": _k_tiles_a_program(I // t["HB"], cfg.get("QK_w8a8", 1))}),) \
+        if consts["H_PASS"] else ()
     return (tile_map(E, t["BM"], target),
-            mk("qmoe_fp8_rows", {"x_ptr": p, "xq_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "M": "i32"}, 4, 1),
+            mk("qmoe_fp8_rows", rows_sig, 4, 1),
             mk("qmoe_fp8_gate_up", {"xq_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "off_ptr": "*i64", "q_ptr": "*fp8e4nv",
-                                    "s_ptr": p, "hq_ptr": "*fp8e4nv", "hs_ptr": "*fp32", **tiles_sig, **desc(descs_gu)},
+                                    "s_ptr": p, "hq_ptr": p if consts["H_PASS"] else "*fp8e4nv", "hs_ptr": "*fp32",
+                                    **tiles_sig, **desc(descs_gu)},
                cfg["warps_w8a8"], cfg["stages_w8a8"]),
             mk("qmoe_fp8_down", {"hq_ptr": "*fp8e4nv", "hs_ptr": "*fp32", "off_ptr": "*i64", "q_ptr": "*fp8e4nv",
                                  "s_ptr": p, "y_ptr": p, **tiles_sig, **desc(descs_dn)},
-               cfg["warps_down_w8a8"], cfg.get("stages_down_w8a8") or cfg["stages_w8a8"]))
+               cfg["warps_down_w8a8"], cfg.get("stages_down_w8a8") or cfg["stages_w8a8"])) + h_pass
 
 
 def descriptors(c: dict, xq, q13, hq, q2) -> tuple[tuple, tuple]:
@@ -222,7 +232,7 @@ def tile_map(E: int, BM: int, target: str) -> KernelSpec:
 
 def grouped_swiglu(rows, offsets, q13, s13, q2, s2, kernels):
     """y [M, D] for the rows of expert e (offsets[e]:offsets[e+1]) through `kernels` (specs)."""
-    tmap, quant, gate_up, down = kernels
+    tmap, quant, gate_up, down, *h_pass = kernels
     c = gate_up.config
     E, M, D, I, BM, HB = q13.shape[0], rows.shape[0], c["D"], c["I"], c["BM"], c["HB"]
     dev = rows.device
@@ -242,6 +252,12 @@ def grouped_swiglu(rows, offsets, q13, s13, q2, s2, kernels):
     launch(quant, (-(-M // c["QR"]), D // c["BK"] // c["QK"]), rows.contiguous(), xq, xs, M)
     q13, q2 = q13.contiguous(), q2.contiguous()
     d_gu, d_dn = descriptors(c, xq, q13, hq, q2) if c["TMA"] else ((), ())
-    launch(gate_up, (I // HB, max_tiles), xq, xs, off, q13, s13, hq, hs, te, tr, *d_gu)
+    if h_pass:                          # h in the rows' dtype, then quantized per HB columns
+        h = torch.empty(M, I, device=dev, dtype=rows.dtype)
+        launch(gate_up, (I // c["BN"], max_tiles), xq, xs, off, q13, s13, h, hs, te, tr, *d_gu)
+        hc = h_pass[0].config
+        launch(h_pass[0], (-(-M // hc["QR"]), I // HB // hc["QK"]), h, hq, hs, M)
+    else:
+        launch(gate_up, (I // HB, max_tiles), xq, xs, off, q13, s13, hq, hs, te, tr, *d_gu)
     launch(down, (-(-D // c["BND"]), max_tiles), hq, hs, off, q2, s2, y, te, tr, *d_dn)
     return y
