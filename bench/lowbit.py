@@ -103,8 +103,11 @@ PREFILL_VARIANTS = [("default", {}),
                     # h stored by gate_up (BN 64 tiles), quantized per 128 columns by the rows pass
                     ("tma hpass", dict(TMA, h_pass_w8a8=True)),
                     ("tma hpass q32x2", dict(TMA, h_pass_w8a8=True, QR_w8a8=32, QK_w8a8=2)),
-                    ("tma hpass q8x8", dict(TMA, h_pass_w8a8=True, QR_w8a8=8, QK_w8a8=8)),
-                    ("tma hpass ds4", dict(TMA, h_pass_w8a8=True, stages_down_w8a8=4))]
+                    # gate_up on 128-row tiles (8 warps), down on its own 64-row tiles
+                    ("tma hpass BM128 w8 BMD64", dict(TMA, h_pass_w8a8=True, BM_w8a8=128, warps_w8a8=8, BMD_w8a8=64)),
+                    ("tma hpass BM128 w8 BMD64 s4", dict(TMA, h_pass_w8a8=True, BM_w8a8=128, warps_w8a8=8, BMD_w8a8=64,
+                                                         stages_w8a8=4, stages_down_w8a8=3)),
+                    ("tma hpass BM128 w8", dict(TMA, h_pass_w8a8=True, BM_w8a8=128, warps_w8a8=8, warps_down_w8a8=8))]
 # measured and beaten at 449c566 / 02f5830 (lowbit-fp8-tiles.json, lowbit-fp8-halves.json): stages 2 /
 # 4, BN 128 on 4 or 8 warps (down's K tile 128 at gate_up's cost), BM 128 with BN 64 or 128, BND 64,
 # the pass's other tiles; halves with BM 128, BND 64, BN 32

@@ -386,14 +386,14 @@ def w8a8_swiglu_fp64(rows, offsets, w13, w2, bk, bn):
     return out
 
 
-@pytest.mark.parametrize("group,tma,halves,h_pass", [(32, False, False, False), (16, False, False, False),
-                                                      (32, True, False, False), (32, False, True, False),
-                                                      (32, True, True, False), (32, True, False, True)])
+@pytest.mark.parametrize("group,tma,halves,h_pass,down_rows", [
+    (32, False, False, False, 0), (16, False, False, False, 0), (32, True, False, False, 0),
+    (32, False, True, False, 0), (32, True, True, False, 0), (32, True, False, True, 0), (32, True, False, True, 32)])
 def test_fp8_w8a8_kernels_match_fp64_with_e4m3_activations(triton_interpret, monkeypatch, group, tma, halves,
-                                                            h_pass):
+                                                            h_pass, down_rows):
     """fp8_dot "w8a8": activations quantized per row and K tile (before gate_up; h in gate_up's
     epilogue, per BN columns or, h_halves_w8a8, per two N tiles; h_pass_w8a8: h stored, then
-    quantized per two N tiles by the rows pass), the dots in fp8 (tma_w8a8:
+    quantized per two N tiles by the rows pass; BMD_w8a8: down's own row tiles), the dots in fp8 (tma_w8a8:
     operands through host tensor descriptors): against a float64 SwiGLU over the dequantized
     weights with the activations rounded the same way; experts without rows and with ragged row
     tiles; the weight-only result is 2^-4-close."""
@@ -402,6 +402,7 @@ def test_fp8_w8a8_kernels_match_fp64_with_e4m3_activations(triton_interpret, mon
     monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_gemm_q"], "tma_w8a8", tma)
     monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_gemm_q"], "h_halves_w8a8", halves)
     monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_gemm_q"], "h_pass_w8a8", h_pass)
+    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_gemm_q"], "BMD_w8a8", down_rows)
     moe_fp8.specs.cache_clear()
     gen = torch.Generator().manual_seed(group)
     E, I, D = 4, 32, 64
@@ -414,7 +415,8 @@ def test_fp8_w8a8_kernels_match_fp64_with_e4m3_activations(triton_interpret, mon
     kernels = moe_quant.w8a8_specs("fp8", E, I, D, group, "f32", "interpret")
     assert kernels is not None and kernels[2].config["TMA"] == tma
     bk, bn = kernels[2].config["BK"], kernels[2].config["HB"]
-    assert bn == kernels[2].config["BN"] * (2 if halves or h_pass else 1) and len(kernels) == 4 + h_pass
+    assert bn == kernels[2].config["BN"] * (2 if halves or h_pass else 1)
+    assert len(kernels) == 4 + h_pass + bool(down_rows) and kernels[3].config["BM"] == (down_rows or kernels[2].config["BM"])
     got = quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, fmt="fp8", group_size=group)
     d13, d2 = dequantized_fp64(q13, s13, None, "fp8", group), dequantized_fp64(q2, s2, None, "fp8", group)
     # the rows' e4m3 codes are the reference's; h's may differ where fp32 and fp64 round a value

@@ -157,11 +157,13 @@ def qmoe_fp8_down(hq_ptr, hs_ptr, off_ptr, q_ptr, s_ptr, y_ptr, tile_e_ptr, tile
 def tiles(I: int, D: int, G1: int, G2: int, target: str) -> dict | None:
     """The W8A8 tiles (config keys *_w8a8) for these shapes, or None where they do not fit: K
     tiles dividing K and the blocks, N tiles inside one block (their scale is one scalar). HB:
-    h's scale block and down's K tile, gate_up's BN or (h_halves_w8a8, h_pass_w8a8) two of them."""
+    h's scale block and down's K tile, gate_up's BN or (h_halves_w8a8, h_pass_w8a8) two of them;
+    BMD: down's row tile (BMD_w8a8, 0: gate_up's BM)."""
     cfg = config("moe_gemm_q", target)
     t = {k: cfg[k + "_w8a8"] for k in ("BM", "BN", "BK", "BND")}
     t["BK"] = min(t["BK"], G1)
     t["HB"] = t["BN"] * (2 if cfg.get("h_halves_w8a8") or cfg.get("h_pass_w8a8") else 1)
+    t["BMD"] = cfg.get("BMD_w8a8") or t["BM"]
     fits = (D % t["BK"] == 0 and G1 % t["BK"] == 0 and t["BK"] >= 16
             and I % t["HB"] == 0 and G1 % t["BN"] == 0 and G2 % t["HB"] == 0 and t["BN"] >= 16
             and G2 % t["BND"] == 0)
@@ -175,7 +177,7 @@ def _k_tiles_a_program(tiles: int, want: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def specs(E: int, I: int, D: int, G1: int, G2: int, dtype: str, target: str) -> tuple[KernelSpec, ...] | None:
-    """(tile map, rows quantization, gate_up, down[, h's quantization]) for fp8 codes in G1 (w13)
+    """(tile map, rows quantization, gate_up, down[, h's quantization][, down's tile map]) for fp8 codes in G1 (w13)
     and G2 (w2) blocks, or None where the tiles do not fit (moe_quant's other fp8 kernels run
     then); h's own pass with `h_pass_w8a8` (the rows kernel over I in HB tiles). With `tma_w8a8`
     (sm_90+, the interpreter) the GEMMs read x, h and the weights through host tensor
@@ -190,7 +192,7 @@ def specs(E: int, I: int, D: int, G1: int, G2: int, dtype: str, target: str) -> 
               "QR": cfg["QR_w8a8"], "QK": _k_tiles_a_program(D // t["BK"], cfg.get("QK_w8a8", 1)),
               "TMA": tma, "DT": TL_DTYPES[dtype], "H_PASS": bool(cfg.get("h_pass_w8a8"))}
     descs_gu = {"xd": ("BM", "BK"), "wd": ("BN", "BK")} if tma else {}
-    descs_dn = {"hd": ("BM", "HB"), "wd": ("BND", "HB")} if tma else {}
+    descs_dn = {"hd": ("BMD", "HB"), "wd": ("BND", "HB")} if tma else {}
     source = lambda c: render("quantized_grouped_swiglu_fp8_w8a8", _KERNELS, c,  # noqa: E731
                               descs_gate_up="".join(f", {d}" for d in descs_gu),
                               descs_down="".join(f", {d}" for d in descs_dn))
@@ -202,6 +204,7 @@ def specs(E: int, I: int, D: int, G1: int, G2: int, dtype: str, target: str) -> 
     h_pass = (mk("qmoe_fp8_rows", rows_sig, 4, 1, {**consts, "D": I, "BK": t["HB"],
                                                    "QK": _k_tiles_a_program(I // t["HB"], cfg.get("QK_w8a8", 1))}),) \
         if consts["H_PASS"] else ()
+    down_rows = (tile_map(E, t["BMD"], target),) if t["BMD"] != t["BM"] else ()     # down's own tile map
     return (tile_map(E, t["BM"], target),
             mk("qmoe_fp8_rows", rows_sig, 4, 1),
             mk("qmoe_fp8_gate_up", {"xq_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "off_ptr": "*i64", "q_ptr": "*fp8e4nv",
@@ -210,7 +213,8 @@ def specs(E: int, I: int, D: int, G1: int, G2: int, dtype: str, target: str) -> 
                cfg["warps_w8a8"], cfg["stages_w8a8"]),
             mk("qmoe_fp8_down", {"hq_ptr": "*fp8e4nv", "hs_ptr": "*fp32", "off_ptr": "*i64", "q_ptr": "*fp8e4nv",
                                  "s_ptr": p, "y_ptr": p, **tiles_sig, **desc(descs_dn)},
-               cfg["warps_down_w8a8"], cfg.get("stages_down_w8a8") or cfg["stages_w8a8"])) + h_pass
+               cfg["warps_down_w8a8"], cfg.get("stages_down_w8a8") or cfg["stages_w8a8"], {**consts, "BM": t["BMD"]})) \
+        + h_pass + down_rows
 
 
 def descriptors(c: dict, xq, q13, hq, q2) -> tuple[tuple, tuple]:
@@ -218,7 +222,7 @@ def descriptors(c: dict, xq, q13, hq, q2) -> tuple[tuple, tuple]:
     from triton.tools.tensor_descriptor import TensorDescriptor
     d = lambda t, rows, cols: TensorDescriptor.from_tensor(t.reshape(-1, t.shape[-1]), [rows, cols])  # noqa: E731
     return ((d(xq, c["BM"], c["BK"]), d(q13, c["BN"], c["BK"])),
-            (d(hq, c["BM"], c["HB"]), d(q2, c["BND"], c["HB"])))
+            (d(hq, c["BMD"], c["HB"]), d(q2, c["BND"], c["HB"])))
 
 
 def tile_map(E: int, BM: int, target: str) -> KernelSpec:
@@ -232,7 +236,9 @@ def tile_map(E: int, BM: int, target: str) -> KernelSpec:
 
 def grouped_swiglu(rows, offsets, q13, s13, q2, s2, kernels):
     """y [M, D] for the rows of expert e (offsets[e]:offsets[e+1]) through `kernels` (specs)."""
-    tmap, quant, gate_up, down, *h_pass = kernels
+    tmap, quant, gate_up, down, *extra = kernels
+    h_pass = [k for k in extra if k.name == "qmoe_fp8_rows"]
+    tmap_down = next((k for k in extra if k.name == "moe_tile_map"), None)
     c = gate_up.config
     E, M, D, I, BM, HB = q13.shape[0], rows.shape[0], c["D"], c["I"], c["BM"], c["HB"]
     dev = rows.device
@@ -259,5 +265,10 @@ def grouped_swiglu(rows, offsets, q13, s13, q2, s2, kernels):
         launch(h_pass[0], (-(-M // hc["QR"]), I // HB // hc["QK"]), h, hq, hs, M)
     else:
         launch(gate_up, (I // HB, max_tiles), xq, xs, off, q13, s13, hq, hs, te, tr, *d_gu)
+    if tmap_down is not None:           # down's row tiles apart from gate_up's
+        max_tiles = -(-M // c["BMD"]) + E
+        te = torch.empty(max_tiles, device=dev, dtype=torch.int32)
+        tr = torch.empty(max_tiles, device=dev, dtype=torch.int32)
+        launch(tmap_down, (-(-max_tiles // tmap_down.config["TB"]),), off, te, tr, max_tiles)
     launch(down, (-(-D // c["BND"]), max_tiles), hq, hs, off, q2, s2, y, te, tr, *d_dn)
     return y

@@ -133,7 +133,8 @@ _BASE = {
     # epilogue; BM/BN/BK_w8a8 gate_up tiles, BN_w8a8 also down's K tile, BND_w8a8 down's N tile,
     # warps_w8a8 / warps_down_w8a8, stages_w8a8 (stages_down_w8a8: down's, 0 the same),
     # h_halves_w8a8: gate_up programs of two BN tiles, h's scale block (down's K tile) 2 BN;
-    # h_pass_w8a8: h stored in the activation dtype, then quantized per 2 BN by the rows pass; QR_w8a8
+    # h_pass_w8a8: h stored in the activation dtype, then quantized per 2 BN by the rows pass;
+    # BMD_w8a8: down's row tile (0: BM; else a tile map of its own); QR_w8a8
     # rows and QK_w8a8 K tiles a program of the
     # quantization pass,
     # tma_w8a8: the GEMMs' operands through host tensor descriptors on sm_90+)
@@ -158,6 +159,7 @@ _BASE = {
                    "BM_w8a8": 64, "BN_w8a8": 128, "BK_w8a8": 128, "BND_w8a8": 128, "warps_w8a8": 8,
                    "warps_down_w8a8": 4, "stages_w8a8": 3, "QR_w8a8": 16, "QK_w8a8": 1,
                    "stages_down_w8a8": 0, "h_halves_w8a8": False, "h_pass_w8a8": False,
+                   "BMD_w8a8": 0,
                    "tma_w8a8": False, "dequant_min_rows": 0, "dequant_experts": 32, "BN_dequant": 16,
                    "BC_dequant": 256, "warps_dequant": 4},
     # permutation: BLOCK token copies per block (ranked SUB at a time), rows copied BD columns a
