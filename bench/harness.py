@@ -121,9 +121,8 @@ def merge_tuning(family: str, cfg: dict, note: str = "") -> Path:
     return path
 
 
-def kernel_events(fn, reps: int = 5) -> list[tuple[str, float]]:
-    """(kernel name, ms) of every GPU kernel `reps` calls of fn() run, from torch.profiler
-    (memcpy / memset excluded)."""
+def _profiled(fn, reps: int):
+    """The CUDA kernel events (memcpy / memset excluded) of `reps` calls of fn(), after one warm-up."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
@@ -131,9 +130,22 @@ def kernel_events(fn, reps: int = 5) -> list[tuple[str, float]]:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    return [(e.name, (getattr(e, "device_time", None) or getattr(e, "cuda_time", 0)) / 1e3)
-            for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
             and not any(w in e.name.lower() for w in ("memcpy", "memset"))]
+
+
+def kernel_events(fn, reps: int = 5) -> list[tuple[str, float]]:
+    """(kernel name, ms) of every GPU kernel `reps` calls of fn() run, from torch.profiler
+    (memcpy / memset excluded)."""
+    return [(e.name, (getattr(e, "device_time", None) or getattr(e, "cuda_time", 0)) / 1e3)
+            for e in _profiled(fn, reps)]
+
+
+def kernel_span(fn, reps: int = 5) -> float:
+    """ms a call from the first kernel's start to the last kernel's end over `reps` back-to-back
+    calls (kernels plus the gaps between them), from torch.profiler."""
+    ev = _profiled(fn, reps)
+    return (max(e.time_range.end for e in ev) - min(e.time_range.start for e in ev)) / 1e3 / reps
 
 
 def per_name(events: list[tuple[str, float]], reps: int) -> dict:

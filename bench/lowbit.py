@@ -121,7 +121,7 @@ INT_PREFILL_VARIANTS = [("default", {}), ("dequant", DEQUANT), ("dequant e16", d
 
 def gpu(args):
     sys.path.insert(0, os.path.dirname(__file__))
-    from harness import bench, bench_graph, copy_bandwidth, kernel_times, rel_err, write_result
+    from harness import bench, bench_graph, copy_bandwidth, kernel_span, kernel_times, rel_err, write_result
 
     from kimi_graph.lowering.triton import moe, moe_dequant, moe_fp8, moe_quant, moe_w4a8
     from kimi_graph.lowering.triton.codegen import PDL_ENV
@@ -177,6 +177,7 @@ def gpu(args):
             t_bf16 = timer(bf16)
             wall_bf16 = bench(bf16) if N > 16 else None
             bf16_split = kernel_times(bf16) if N > 16 else None
+            bf16_span = kernel_span(bf16) if N > 16 else None
             variants = ([("default", {})] if fmt == "fp8" else DECODE_VARIANTS) if N <= 16 else \
                 PREFILL_VARIANTS if fmt == "fp8" else INT_PREFILL_VARIANTS
             for name, over in variants:
@@ -201,6 +202,7 @@ def gpu(args):
                     row["wall_ms"], row["bf16_wall_ms"] = with_config(over, lambda: bench(run)), wall_bf16
                     row["kernel_ms"] = with_config(over, lambda: kernel_times(run))
                     row["bf16_kernel_ms"] = bf16_split
+                    row["span_ms"], row["bf16_span_ms"] = with_config(over, lambda: kernel_span(run)), bf16_span
                 rows_out.append(row)
                 print(f"{fmt:>6} {N:>6}  {name:<26}{1e3 * ms:>9.1f}{row['pct_copy_bw']:>8.1f}{row['x_bf16']:>8.2f}"
                       f"{row['tflops']:>9.1f}{err:>10.1e}", flush=True)

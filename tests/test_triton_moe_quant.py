@@ -111,6 +111,11 @@ def test_gpu_bf16_kernel_against_fp64(fmt, tokens):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU: bf16 kernels")
 @pytest.mark.parametrize("fmt,tokens,over", [("fp8", 512, {"fp8_dot": "w8a8"}),
+                                             ("fp8", 512, {"fp8_dot": "w8a8", "tma_w8a8": False, "h_pass_w8a8": False}),
+                                             ("fp8", 512, {"fp8_dot": "w8a8", "h_pass_w8a8": False,
+                                                           "h_halves_w8a8": True}),
+                                             ("fp8", 512, {"fp8_dot": "w8a8", "h_pass_w8a8": True, "BM_w8a8": 128,
+                                                           "warps_w8a8": 8, "BMD_w8a8": 64}),
                                              ("fp8", 512, {"fp8_dot": "w8a8", "BM_w8a8": 128, "BN_w8a8": 64,
                                                            "warps_w8a8": 8, "warps_down_w8a8": 8}),
                                              ("fp8", 512, {"fp8_dot": "w8a8", "tma_w8a8": True, "BN_w8a8": 128,
