@@ -95,11 +95,11 @@ DECODE_VARIANTS = [("default", {}),
                    ("w4a8 BN32_TPS2", dict(W4A8, BN_w4a8=32, BND_w4a8=32, TPS_w4a8=2))]
 W8A8 = dict(fp8_dot="w8a8")
 TMA = dict(W8A8, tma_w8a8=True)
-PREFILL_VARIANTS = [("default", {}),
-                    ("tma", TMA),
-                    ("tma q32x2", dict(TMA, QR_w8a8=32, QK_w8a8=2)),
+PREFILL_VARIANTS = [("default", {}),                      # sm_90: TMA operands, h quantized by its own pass
+                    ("epilogue", dict(W8A8, tma_w8a8=False, h_pass_w8a8=False)),    # the form before both
+                    ("tma epilogue", dict(TMA, h_pass_w8a8=False)),
                     # gate_up programs of two N tiles: h's scale block and down's K tile 2 BN
-                    ("tma halves", dict(TMA, h_halves_w8a8=True)),
+                    ("tma halves", dict(TMA, h_pass_w8a8=False, h_halves_w8a8=True)),
                     # h stored by gate_up (BN 64 tiles), quantized per 128 columns by the rows pass
                     ("tma hpass", dict(TMA, h_pass_w8a8=True)),
                     ("tma hpass q32x2", dict(TMA, h_pass_w8a8=True, QR_w8a8=32, QK_w8a8=2)),
