@@ -421,6 +421,13 @@ def test_fp8_w8a8_kernels_match_fp64_with_e4m3_activations(triton_interpret, mon
     assert kernels is not None and kernels[2].config["TMA"] == tma
     bk, bn = kernels[2].config["BK"], kernels[2].config["HB"]
     assert bn == kernels[2].config["BN"] * (2 if halves or h_pass else 1)
+    if halves or h_pass:                # two N tiles past w2's blocks: h's block stays one tile, no pass
+        monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_gemm_q"], "BN_w8a8", group)
+        moe_fp8.specs.cache_clear()
+        wide = moe_quant.w8a8_specs("fp8", E, I, D, group, "f32", "interpret")
+        assert wide[2].config["HB"] == group and not wide[2].config["H_PASS"] and len(wide) == 4 + bool(down_rows)
+        monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_gemm_q"], "BN_w8a8", 16)
+        moe_fp8.specs.cache_clear()
     assert len(kernels) == 4 + h_pass + bool(down_rows) and kernels[3].config["BM"] == (down_rows or kernels[2].config["BM"])
     got = quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, fmt="fp8", group_size=group)
     d13, d2 = dequantized_fp64(q13, s13, None, "fp8", group), dequantized_fp64(q2, s2, None, "fp8", group)

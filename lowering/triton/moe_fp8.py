@@ -157,12 +157,15 @@ def qmoe_fp8_down(hq_ptr, hs_ptr, off_ptr, q_ptr, s_ptr, y_ptr, tile_e_ptr, tile
 def tiles(I: int, D: int, G1: int, G2: int, target: str) -> dict | None:
     """The W8A8 tiles (config keys *_w8a8) for these shapes, or None where they do not fit: K
     tiles dividing K and the blocks, N tiles inside one block (their scale is one scalar). HB:
-    h's scale block and down's K tile, gate_up's BN or (h_halves_w8a8, h_pass_w8a8) two of them;
+    h's scale block and down's K tile, gate_up's BN or (h_halves_w8a8, h_pass_w8a8, where two fit
+    I and w2's blocks) two of them;
     BMD: down's row tile (BMD_w8a8, 0: gate_up's BM)."""
     cfg = config("moe_gemm_q", target)
     t = {k: cfg[k + "_w8a8"] for k in ("BM", "BN", "BK", "BND")}
     t["BK"] = min(t["BK"], G1)
-    t["HB"] = t["BN"] * (2 if cfg.get("h_halves_w8a8") or cfg.get("h_pass_w8a8") else 1)
+    two = 2 * t["BN"]                   # h's scale block over two N tiles where it fits the shapes
+    t["HB"] = two if (cfg.get("h_halves_w8a8") or cfg.get("h_pass_w8a8")) and I % two == 0 and G2 % two == 0 \
+        else t["BN"]
     t["BMD"] = cfg.get("BMD_w8a8") or t["BM"]
     fits = (D % t["BK"] == 0 and G1 % t["BK"] == 0 and t["BK"] >= 16
             and I % t["HB"] == 0 and G1 % t["BN"] == 0 and G2 % t["HB"] == 0 and t["BN"] >= 16
@@ -190,7 +193,7 @@ def specs(E: int, I: int, D: int, G1: int, G2: int, dtype: str, target: str) -> 
     consts = {"E": E, "I": I, "D": D, "G1": G1, "G2": G2, "NKB1": -(-D // G1), "NKB2": -(-I // G2),
               "SD": -(-2 * I // G1) * -(-D // G1), "SI": -(-D // G2) * -(-I // G2), **t,
               "QR": cfg["QR_w8a8"], "QK": _k_tiles_a_program(D // t["BK"], cfg.get("QK_w8a8", 1)),
-              "TMA": tma, "DT": TL_DTYPES[dtype], "H_PASS": bool(cfg.get("h_pass_w8a8"))}
+              "TMA": tma, "DT": TL_DTYPES[dtype], "H_PASS": bool(cfg.get("h_pass_w8a8")) and t["HB"] > t["BN"]}
     descs_gu = {"xd": ("BM", "BK"), "wd": ("BN", "BK")} if tma else {}
     descs_dn = {"hd": ("BMD", "HB"), "wd": ("BND", "HB")} if tma else {}
     source = lambda c: render("quantized_grouped_swiglu_fp8_w8a8", _KERNELS, c,  # noqa: E731
