@@ -292,11 +292,14 @@ TARGETS: dict[str, dict] = {
                        "rows_max_int4": 256,
                        # fp8 prefill on the W8A8 kernels (moe_fp8.py): H200 (2026-12-01 04:20, 7c42f55) 8k tokens
                        # 1817 us = 1.12x our bf16 kernel, 511 TFLOP/s, err 4.3e-2 (fp8_dot True: 4990 us)
-                       "fp8_dot": "w8a8", "BN_w8a8": 64, "warps_w8a8": 4,
+                       "fp8_dot": "w8a8", "BN_w8a8": 64,
                        # h stored by gate_up and quantized per 128 columns by a pass, so down's K tile is
                        # 128 (H200 2026-12-02 08:02, 56d3b8d, lowbit-fp8-graph.json, CUDA-graph replays):
                        # 8k tokens 1.589 vs 1.664 ms with TMA, down 0.447 vs 0.624 ms
                        "h_pass_w8a8": True,
+                       # gate_up on 128-row tiles (8 warps), down on its own 64-row tiles: 8k tokens
+                       # 1.623 vs 1.657 ms replayed, kernels 1.572 vs 1.633 (08:23, f634bd1, lowbit-fp8-final.json)
+                       "BM_w8a8": 128, "warps_w8a8": 8, "BMD_w8a8": 64,
                        # the GEMMs' operands through host tensor descriptors: 1.664 vs 1.906 ms (same run)
                        "tma_w8a8": True,
                        # prefill-sized int8 / int4 through passes of dequantized experts and the bf16
