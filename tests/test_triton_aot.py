@@ -133,3 +133,13 @@ def test_a_kernel_short_of_shared_memory_compiles_with_fewer_stages(recwarn):
             return run
     with pytest.raises(OutOfResources):
         codegen._launch_fitting(Registers(), other, (1,), ())
+
+
+@pytest.mark.parametrize("experts", ["int8", "fp8"])
+def test_quantized_experts_build(tmp_path, experts):
+    """`compile --experts int8|fp8`: the quantized chain's kernels (the permutation, the grouped
+    quantized SwiGLU, the decode kernels by id) build for sm_90 (x's leading dimensions symbolic)."""
+    assert main(["compile", "tiny", "--target", "sm_90", "--experts", experts, "--out", str(tmp_path), "--quiet"]) == 0
+    kernels = {e["kernel"] for e in json.loads((tmp_path / "manifest.json").read_text())["kernels"]}
+    assert {f"qmoe_gate_up_{experts}", f"qmoe_down_{experts}", "moe_scatter", f"moe_decode_{experts}_gate_up",
+            f"moe_decode_{experts}_down"} <= kernels

@@ -438,6 +438,35 @@ def test_fp8_w8a8_kernels_match_fp64_with_e4m3_activations(triton_interpret, mon
     moe_fp8.specs.cache_clear()
 
 
+@pytest.mark.parametrize("tma", [False, True])
+def test_fp8_w8a8_chain_quantizes_tokens_before_the_permutation(triton_interpret, monkeypatch, tma):
+    """quantized_moe_experts on the W8A8 kernels quantizes the N tokens, then gathers each copy's
+    codes and scales: bitwise the permuted rows' quantization (moe_permute -> grouped_swiglu ->
+    moe_unpermute), and within the op reference's reach."""
+    from kimi_graph.lowering.triton import moe_fp8, moe_permute, moe_quant, targets
+    from kimi_graph.ops import get_op
+    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_gemm_q"], "fp8_dot", "w8a8")
+    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_gemm_q"], "tma_w8a8", tma)
+    moe_fp8.specs.cache_clear()
+    gen = torch.Generator().manual_seed(7)
+    E, I, D, N, k = 4, 32, 64, 90, 3                        # 270 copies: prefill-sized
+    w13 = torch.randn(E, 2 * I, D, generator=gen) / D ** 0.5
+    w2 = torch.randn(E, D, I, generator=gen) / I ** 0.5
+    (q13, s13, _), (q2, s2, _) = (quantize(w, "fp8", 32) for w in (w13, w2))
+    x, acc = torch.randn(N, D, generator=gen), torch.randn(N, D, generator=gen)
+    used = torch.tensor([0, 2, 3])                          # expert 1 without rows
+    ids = torch.stack([used[torch.randperm(k, generator=gen)] for _ in range(N)])
+    w = torch.rand(N, k, generator=gen)
+    assert moe_quant._w8a8_for("fp8", N * k, q13, q2, None, 32, "f32", "interpret") is not None
+    got = moe_quant.quantized_moe_experts(x, ids, w, q13, s13, q2, s2, acc, fmt="fp8", group_size=32)
+    rows, offsets, order = moe_permute.moe_permute(x, ids, E)
+    permuted = moe_quant.quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, fmt="fp8", group_size=32)
+    assert torch.equal(got, moe_permute.moe_unpermute(permuted, order, w, acc))
+    ref = get_op("quantized_moe_experts").ref([x, ids, w, q13, s13, q2, s2, acc], {"format": "fp8", "group_size": 32})[0]
+    assert rel_err(got - acc, ref - acc) <= 6e-2
+    moe_fp8.specs.cache_clear()
+
+
 @pytest.mark.parametrize("k_tiles", [1, 2])
 def test_fp8_rows_quantization_rounds_as_torch(triton_interpret, monkeypatch, k_tiles):
     """qmoe_fp8_rows: codes equal torch's float8_e4m3fn cast of x / scale (ties to even, subnormals,

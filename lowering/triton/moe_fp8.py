@@ -237,32 +237,56 @@ def tile_map(E: int, BM: int, target: str) -> KernelSpec:
                       {"off_ptr": "*i64", "tile_e_ptr": "*i32", "tile_r_ptr": "*i32", "max_tiles": "i32"}, 4, 1, consts)
 
 
+def quantized_rows(rows, kernels):
+    """(e4m3 codes [M, D], fp32 scales [M, D // BK]) of rows [M, D], per row and K tile (the
+    rows pass of `kernels`)."""
+    quant, c = kernels[1], kernels[1].config
+    M, D = rows.shape
+    xq = torch.empty(M, D, device=rows.device, dtype=torch.float8_e4m3fn)
+    xs = torch.empty(M, D // c["BK"], device=rows.device, dtype=torch.float32)
+    if M:
+        launch(quant, (-(-M // c["QR"]), D // c["BK"] // c["QK"]), rows.contiguous(), xq, xs, M)
+    return xq, xs
+
+
 def grouped_swiglu(rows, offsets, q13, s13, q2, s2, kernels):
     """y [M, D] for the rows of expert e (offsets[e]:offsets[e+1]) through `kernels` (specs)."""
-    tmap, quant, gate_up, down, *extra = kernels
+    if not rows.shape[0]:
+        return torch.empty_like(rows)
+    return _gemms(*quantized_rows(rows, kernels), offsets, q13, s13, q2, s2, kernels, rows.dtype)
+
+
+def grouped_swiglu_tokens(x, src, offsets, q13, s13, q2, s2, kernels):
+    """grouped_swiglu of the rows x[src] (token copies by expert), the N tokens quantized before
+    their codes and scales are gathered: the same codes, an N-row pass instead of len(src)."""
+    if not src.numel():
+        return x.new_empty(0, x.shape[1])
+    xq, xs = quantized_rows(x, kernels)
+    codes = xq.view(torch.uint8).index_select(0, src).view(torch.float8_e4m3fn)    # (fp8 has no gather)
+    return _gemms(codes, xs.index_select(0, src), offsets, q13, s13, q2, s2, kernels, x.dtype)
+
+
+def _gemms(xq, xs, offsets, q13, s13, q2, s2, kernels, dtype):
+    """y [M, D] in `dtype` from the quantized rows (xq, xs): tile maps, gate_up, h's pass, down."""
+    tmap, _, gate_up, down, *extra = kernels
     h_pass = [k for k in extra if k.name == "qmoe_fp8_rows"]
     tmap_down = next((k for k in extra if k.name == "moe_tile_map"), None)
     c = gate_up.config
-    E, M, D, I, BM, HB = q13.shape[0], rows.shape[0], c["D"], c["I"], c["BM"], c["HB"]
-    dev = rows.device
-    y = torch.empty(M, D, device=dev, dtype=rows.dtype)
-    if not M:
-        return y
+    E, M, D, I, BM, HB = q13.shape[0], xq.shape[0], c["D"], c["I"], c["BM"], c["HB"]
+    dev = xq.device
+    y = torch.empty(M, D, device=dev, dtype=dtype)
     max_tiles = -(-M // BM) + E
     te = torch.empty(max_tiles, device=dev, dtype=torch.int32)
     tr = torch.empty(max_tiles, device=dev, dtype=torch.int32)
-    xq = torch.empty(M, D, device=dev, dtype=torch.float8_e4m3fn)
-    xs = torch.empty(M, D // c["BK"], device=dev, dtype=torch.float32)
     hq = torch.empty(M, I, device=dev, dtype=torch.float8_e4m3fn)
     hs = torch.empty(M, I // HB, device=dev, dtype=torch.float32)
     off = offsets.to(torch.int64).contiguous()
-    s13, s2 = s13.to(rows.dtype).contiguous(), s2.to(rows.dtype).contiguous()
+    s13, s2 = s13.to(dtype).contiguous(), s2.to(dtype).contiguous()
     launch(tmap, (-(-max_tiles // tmap.config["TB"]),), off, te, tr, max_tiles)
-    launch(quant, (-(-M // c["QR"]), D // c["BK"] // c["QK"]), rows.contiguous(), xq, xs, M)
     q13, q2 = q13.contiguous(), q2.contiguous()
     d_gu, d_dn = descriptors(c, xq, q13, hq, q2) if c["TMA"] else ((), ())
     if h_pass:                          # h in the rows' dtype, then quantized per HB columns
-        h = torch.empty(M, I, device=dev, dtype=rows.dtype)
+        h = torch.empty(M, I, device=dev, dtype=dtype)
         launch(gate_up, (I // c["BN"], max_tiles), xq, xs, off, q13, s13, h, hs, te, tr, *d_gu)
         hc = h_pass[0].config
         launch(h_pass[0], (-(-M // hc["QR"]), I // HB // hc["QK"]), h, hq, hs, M)

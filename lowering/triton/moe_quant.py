@@ -233,9 +233,8 @@ def quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13=None, z2=None,
     I = q2.shape[2] * (2 if fmt == "int4" else 1)
     dt, target = ir_dtype(rows), current_target()
     cfg = config("moe_gemm_q", target)
-    per_row = M <= cfg.get(f"rows_max_{fmt}", cfg["rows_max"]) and \
-        row_specs(fmt, E, I, D, group_size, z13 is not None, dt, target) is not None
-    w8a8 = None if per_row or M <= 256 or z13 is not None else w8a8_specs(fmt, E, I, D, group_size, dt, target)
+    per_row = _per_row(fmt, M, E, I, D, group_size, z13 is not None, dt, target)
+    w8a8 = _w8a8_for(fmt, M, q13, q2, z13, group_size, dt, target)
     if w8a8 is not None:
         return moe_fp8.grouped_swiglu(rows, offsets, q13, s13, q2, s2, w8a8)
     if not per_row and fmt in BITS and 0 < dequant_min_rows(cfg, fmt) <= M:
@@ -251,6 +250,22 @@ def quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13=None, z2=None,
     if per_row:             # (N blocks, rows); the codes as 32-bit words
         return _rows_launch(kernels, rows, offsets, q13, s13, q2, s2, z13, z2, "BN", "BND")
     return _rows_launch(kernels, rows, offsets, q13, s13, q2, s2, z13, z2, "BN", "BN", E)
+
+
+def _per_row(fmt, M, E, I, D, group_size, asym, dt, target) -> bool:
+    """Do M rows take the per-row kernels (up to rows_max, where they fit)?"""
+    cfg = config("moe_gemm_q", target)
+    return M <= cfg.get(f"rows_max_{fmt}", cfg["rows_max"]) and \
+        row_specs(fmt, E, I, D, group_size, asym, dt, target) is not None
+
+
+def _w8a8_for(fmt, M, q13, q2, z13, group_size, dt, target):
+    """moe_fp8's kernels for M prefill-sized rows (more than 256, not per row, symmetric), or None."""
+    E, D = q13.shape[0], q13.shape[2]
+    I = q2.shape[2] * (2 if fmt == "int4" else 1)
+    if M <= 256 or z13 is not None or _per_row(fmt, M, E, I, D, group_size, False, dt, target):
+        return None
+    return w8a8_specs(fmt, E, I, D, group_size, dt, target)
 
 
 def _rows_launch(kernels, rows, offsets, q13, s13, q2, s2, z13, z2, bn: str, bnd: str, experts: int = 0):
@@ -292,7 +307,15 @@ def quantized_moe_experts(x, ids, weights, q13, s13, q2, s2, acc, z13=None, z2=N
                           group_size: int = 128):
     """quantized_moe_experts through the permutation: moe_permute -> quantized_grouped_swiglu
     (the op's reference where no kernel fits) -> moe_unpermute (moe_decode reads a decode-sized
-    batch's experts by id instead)."""
+    batch's experts by id instead). fp8 on the W8A8 kernels quantizes the tokens before the
+    permutation and gathers their codes and scales (the same codes as quantizing the permuted
+    rows: each copy is its token's row), so the pass reads N rows, not N * top_k."""
+    w8a8 = _w8a8_for(fmt, ids.numel(), q13, q2, z13, group_size, ir_dtype(x), current_target())
+    if w8a8 is not None:
+        offsets, order = moe_permute.moe_sort(ids, q13.shape[0])
+        y = moe_fp8.grouped_swiglu_tokens(x.reshape(-1, x.shape[-1]), order // ids.shape[-1], offsets,
+                                          q13, s13, q2, s2, w8a8)
+        return moe_permute.moe_unpermute(y, order, weights, acc)
     rows, offsets, order = moe_permute.moe_permute(x, ids, q13.shape[0])
     args = [rows, offsets, q13, s13, q2, s2] + ([z13, z2] if z13 is not None else [])
     y = op_quantized_grouped_swiglu(args, {"format": fmt, "group_size": group_size})[0]
@@ -313,7 +336,7 @@ def specs_for(kind, ins, outs, attrs, target):
     fmt = attrs["format"]
     I = q2.shape[2] * (2 if fmt == "int4" else 1)
     asym = len(ins) > 6
-    E, D, G = q13.shape[0], rows.shape[1], attrs["group_size"]
+    E, D, G = q13.shape[0], rows.shape[-1], attrs["group_size"]      # rows: [..., D] (x of a chain)
     return [s for small in (True, False) for s in specs(fmt, E, I, D, G, asym, rows.dtype, small, target) or ()] \
         + list(row_specs(fmt, E, I, D, G, asym, rows.dtype, target) or ()) \
         + list(w8a8_specs(fmt, E, I, D, G, rows.dtype, target) or ()) \
@@ -332,5 +355,6 @@ def chain_specs(ins, attrs, target) -> list[KernelSpec]:
     x, ids, w, q13, s13, q2, s2 = ins[:7]
     E = q13.shape[0]
     return (moe_permute.specs(x, ids, {"num_experts": E}, target)
+            + (moe_permute.sort_specs(E, ids.shape[-1], target) if attrs["format"] == "fp8" else [])   # W8A8's sort
             + specs_for("quantized_grouped_swiglu", [x, None, q13, s13, q2, s2] + list(ins[8:]), [], attrs, target)
             + list(moe_permute.unpermute_specs(x.shape[-1], ids.shape[-1], x.dtype, w.dtype, target)))
