@@ -20,6 +20,8 @@ same run, one line a variant (a moe_gemm_q config over the target's):
   others (`tma ...`: operands through host tensor descriptors), against bf16; both timed by
   CUDA-graph replay (wall_ms: host-timed calls, which also count the host's set-up before the
   first kernel), each variant's kernels split by torch.profiler (kernel_ms).
+- with --chain, fp8's whole routed-expert layer (quantized_moe_experts: tokens quantized before
+  the permutation) against the permuted rows' form and bf16's moe_experts, at --prefill sizes.
 Errors: against a float64 SwiGLU over the dequantized weights.
 
     python bench/lowbit.py --budget 100 [--write-tuning]   # GPU: table + bench/results/lowbit.json (--name)
@@ -208,6 +210,8 @@ def gpu(args):
                       f"{row['tflops']:>9.1f}{err:>10.1e}", flush=True)
         if fmt != "fp8" and args.by_id:
             rows_out += by_id(fmt, q13, q2, w13, w2, per_expert, bw, g)
+        if fmt == "fp8" and args.chain:
+            rows_out += chain(q13, q2, w13, w2, [int(n) for n in args.prefill.split(",") if n], g)
         # after each format: a run cut short by its time limit keeps what it measured
         write_result(args.name, rows_out, {"copy_bandwidth_GBps": bw / 1e9,
                                           "shapes": {"E": E, "top_k": K, "D": D, "I": I, "group": 128}})
@@ -254,6 +258,41 @@ def write_best(rows, base):
     family.update(over)
     path = merge_tuning("moe_gemm_q", family, "bench/lowbit.py: " + "; ".join(notes))
     print(f"wrote moe_gemm_q {over} to {path}")
+
+
+def chain(q13, q2, w13, w2, sizes, g):
+    """The whole routed-expert layer at prefill sizes (CUDA-graph replays): fp8's chain
+    (quantized_moe_experts: the tokens quantized, then sorted, their codes gathered; W8A8 GEMMs;
+    the weighted un-permute), fp8 through the permuted rows (moe_permute -> grouped -> un-permute:
+    the form before), and bf16's moe_experts (its fused form: no row copies)."""
+    from harness import bench_graph, kernel_times, rel_err
+
+    from kimi_graph.lowering.triton import moe, moe_permute, moe_quant
+    out = []
+    for N in sizes:
+        x = torch.randn(N, D, generator=g, device="cuda").bfloat16()
+        ids = torch.rand(N, E, generator=g, device="cuda").topk(K, -1)[1]
+        w = torch.rand(N, K, generator=g, device="cuda")
+        acc = torch.zeros(N, D, device="cuda", dtype=torch.bfloat16)
+
+        def permuted():
+            rows, off, order = moe_permute.moe_permute(x, ids, E)
+            y = moe_quant.quantized_grouped_swiglu(rows, off, *q13, *q2, fmt="fp8")
+            return moe_permute.moe_unpermute(y, order, w, acc)
+        forms = {"fp8 chain": lambda: moe_quant.quantized_moe_experts(x, ids, w, *q13, *q2, acc, fmt="fp8"),
+                 "fp8 permuted rows": permuted,
+                 "bf16 moe_experts": lambda: moe.moe_experts(x, ids, w, w13, w2, acc)}
+        want = forms["bf16 moe_experts"]().float()
+        t_bf16 = bench_graph(forms["bf16 moe_experts"], replays=3)
+        for name, fn in forms.items():
+            ms = t_bf16 if name.startswith("bf16") else bench_graph(fn, replays=3)
+            row = {"path": "chain", "format": "fp8" if name.startswith("fp8") else "bf16", "tokens": N,
+                   "variant": name, "ms": ms, "bf16_ms": t_bf16, "x_bf16": t_bf16 / ms,
+                   "rel_err_vs_bf16": rel_err(fn().float(), want), "kernel_ms": kernel_times(fn)}
+            out.append(row)
+            print(f"  chain {N:>6}  {name:<22}{1e3 * ms:>9.1f} us  x bf16 {row['x_bf16']:.2f}  "
+                  f"vs bf16 {row['rel_err_vs_bf16']:.1e}", flush=True)
+    return out
 
 
 def by_id_fp64(x, ids, wts, q13, q2, fmt):
@@ -321,6 +360,8 @@ def main(argv=None):
     ap.add_argument("--prefill", default="8192", help="prefill token counts (fp8)")
     ap.add_argument("--int-prefill", default="4096", help="prefill token counts (int4 / int8; '': none)")
     ap.add_argument("--by-id", action="store_true", help="also moe_decode's experts by id (1-8 tokens)")
+    ap.add_argument("--chain", action="store_true",
+                    help="also the whole fp8 expert layer (quantized_moe_experts) against bf16's at --prefill sizes")
     ap.add_argument("--name", default="lowbit", help="bench/results/NAME.json")
     ap.add_argument("--budget", type=float, default=0.0, help="seconds after which no new variant starts (0: none)")
     ap.add_argument("--write-tuning", action="store_true",
