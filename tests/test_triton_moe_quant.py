@@ -467,6 +467,13 @@ def test_fp8_w8a8_chain_quantizes_tokens_before_the_permutation(triton_interpret
     moe_fp8.specs.cache_clear()
 
 
+def test_fp8_w8a8_bad_tile_is_a_clear_error(monkeypatch):
+    from kimi_graph.lowering.triton import moe_fp8, targets
+    monkeypatch.setitem(targets.TARGETS["interpret"]["configs"]["moe_gemm_q"], "BMD_w8a8", 48)
+    with pytest.raises(ValueError, match="powers of two.*BMD"):
+        moe_fp8.tiles(32, 64, 32, 32, "interpret")
+
+
 @pytest.mark.parametrize("k_tiles", [1, 2])
 def test_fp8_rows_quantization_rounds_as_torch(triton_interpret, monkeypatch, k_tiles):
     """qmoe_fp8_rows: codes equal torch's float8_e4m3fn cast of x / scale (ties to even, subnormals,

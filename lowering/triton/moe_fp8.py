@@ -162,15 +162,22 @@ def tiles(I: int, D: int, G1: int, G2: int, target: str) -> dict | None:
     BMD: down's row tile (BMD_w8a8, 0: gate_up's BM)."""
     cfg = config("moe_gemm_q", target)
     t = {k: cfg[k + "_w8a8"] for k in ("BM", "BN", "BK", "BND")}
+    t["BMD"] = cfg.get("BMD_w8a8") or t["BM"]
+    bad = {k: v for k, v in t.items() if not _pow2(v)}
+    if bad:
+        raise ValueError(f"moe_gemm_q W8A8 tiles must be powers of two: {bad}")
     t["BK"] = min(t["BK"], G1)
     two = 2 * t["BN"]                   # h's scale block over two N tiles where it fits the shapes
     t["HB"] = two if (cfg.get("h_halves_w8a8") or cfg.get("h_pass_w8a8")) and I % two == 0 and G2 % two == 0 \
         else t["BN"]
-    t["BMD"] = cfg.get("BMD_w8a8") or t["BM"]
-    fits = (D % t["BK"] == 0 and G1 % t["BK"] == 0 and t["BK"] >= 16
+    fits = (_pow2(t["BK"]) and D % t["BK"] == 0 and G1 % t["BK"] == 0 and t["BK"] >= 16
             and I % t["HB"] == 0 and G1 % t["BN"] == 0 and G2 % t["HB"] == 0 and t["BN"] >= 16
             and G2 % t["BND"] == 0)
     return t if fits else None
+
+
+def _pow2(v) -> bool:
+    return isinstance(v, int) and v > 0 and v & (v - 1) == 0
 
 
 def _k_tiles_a_program(tiles: int, want: int) -> int:
