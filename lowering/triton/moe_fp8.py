@@ -163,7 +163,7 @@ def tiles(I: int, D: int, G1: int, G2: int, target: str) -> dict | None:
     cfg = config("moe_gemm_q", target)
     t = {k: cfg[k + "_w8a8"] for k in ("BM", "BN", "BK", "BND")}
     t["BMD"] = cfg.get("BMD_w8a8") or t["BM"]
-    bad = {k: v for k, v in t.items() if not _pow2(v)}
+    bad = {k: v for k, v in {**t, "QR": cfg["QR_w8a8"]}.items() if not _pow2(v)}
     if bad:
         raise ValueError(f"moe_gemm_q W8A8 tiles must be powers of two: {bad}")
     t["BK"] = min(t["BK"], G1)
