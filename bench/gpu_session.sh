@@ -27,6 +27,9 @@ step_lowbit() { timeout ${LOWBIT_S:-150} python3 bench/lowbit.py; }
 step_fp8_chain() {     # fp8's expert layer with the tokens quantized before the permutation (untimed 2026-12-02)
   timeout 200 python3 bench/lowbit.py --formats fp8 --prefill 8192 --chain --name lowbit-fp8-chain
 }
+step_moe_bytes() {     # does the B=1 MoE decode kernel's time follow its bytes? (the next B=1 question)
+  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 120 python3 bench/moe_decode_bytes.py
+}
 step_lowbit_acc() { timeout 150 python3 bench/lowbit_accuracy.py --write; }
 step_decode() { timeout 150 python3 bench/decode_step.py --layers 27 --batches 1,32; }
 step_e2e() { timeout 420 python3 bench/e2e.py --phases ours,hf; }
