@@ -47,9 +47,15 @@ def _e4m3(v):
 
 
 @triton.jit
+def _row_scale(amax):
+    # the e4m3 scale of rows whose largest magnitude is amax
+    return tl.maximum(amax, 1e-30) / 448.0
+
+
+@triton.jit
 def _quantize_rows(v):
     # v [R, C] fp32 -> (e4m3 codes, fp32 scale per row): v = codes * scale
-    s = tl.maximum(tl.max(tl.abs(v), 1), 1e-30) / 448.0
+    s = _row_scale(tl.max(tl.abs(v), 1))
     return _e4m3(v / s[:, None]), s
 
 
@@ -123,7 +129,7 @@ def qmoe_fp8_gate_up(xq_ptr, xs_ptr, off_ptr, q_ptr, s_ptr, hq_ptr, hs_ptr, tile
             tl.store(hp, hs, mask=mr)
         else:
             h2 = _gate_up_cols(xq_ptr, xs_ptr, q_ptr, s_ptr, ex, r0, r, mr, n0 + BN$descs_gate_up)
-            hs = tl.maximum(tl.maximum(tl.max(tl.abs(h), 1), tl.max(tl.abs(h2), 1)), 1e-30) / 448.0
+            hs = _row_scale(tl.maximum(tl.max(tl.abs(h), 1), tl.max(tl.abs(h2), 1)))
             tl.store(hq_ptr + r[:, None] * I + n[None, :], _e4m3(h / hs[:, None]), mask=mr[:, None])
             tl.store(hq_ptr + r[:, None] * I + BN + n[None, :], _e4m3(h2 / hs[:, None]), mask=mr[:, None])
             tl.store(hp, hs, mask=mr)
@@ -247,13 +253,18 @@ def tile_map(E: int, BM: int, target: str) -> KernelSpec:
 def quantized_rows(rows, kernels):
     """(e4m3 codes [M, D], fp32 scales [M, D // BK]) of rows [M, D], per row and K tile (the
     rows pass of `kernels`)."""
-    quant, c = kernels[1], kernels[1].config
     M, D = rows.shape
     xq = torch.empty(M, D, device=rows.device, dtype=torch.float8_e4m3fn)
-    xs = torch.empty(M, D // c["BK"], device=rows.device, dtype=torch.float32)
-    if M:
-        launch(quant, (-(-M // c["QR"]), D // c["BK"] // c["QK"]), rows.contiguous(), xq, xs, M)
+    xs = torch.empty(M, D // kernels[1].config["BK"], device=rows.device, dtype=torch.float32)
+    _rows_pass(kernels[1], rows, xq, xs)
     return xq, xs
+
+
+def _rows_pass(spec, rows, codes, scales):
+    """The rows kernel `spec` (QR rows x QK K tiles a program) over rows [M, D] into codes and scales."""
+    c, M = spec.config, rows.shape[0]
+    if M:
+        launch(spec, (-(-M // c["QR"]), c["D"] // c["BK"] // c["QK"]), rows.contiguous(), codes, scales, M)
 
 
 def grouped_swiglu(rows, offsets, q13, s13, q2, s2, kernels):
@@ -279,30 +290,30 @@ def _gemms(xq, xs, offsets, q13, s13, q2, s2, kernels, dtype):
     h_pass = [k for k in extra if k.name == "qmoe_fp8_rows"]
     tmap_down = next((k for k in extra if k.name == "moe_tile_map"), None)
     c = gate_up.config
-    E, M, D, I, BM, HB = q13.shape[0], xq.shape[0], c["D"], c["I"], c["BM"], c["HB"]
+    E, M, D, I, HB = q13.shape[0], xq.shape[0], c["D"], c["I"], c["HB"]
     dev = xq.device
+    off = offsets.to(torch.int64).contiguous()
+
+    def row_tiles(spec, rows):          # the tile map over row tiles of `rows`: (tiles, experts, first rows)
+        max_tiles = -(-M // rows) + E
+        te = torch.empty(max_tiles, device=dev, dtype=torch.int32)
+        tr = torch.empty(max_tiles, device=dev, dtype=torch.int32)
+        launch(spec, (-(-max_tiles // spec.config["TB"]),), off, te, tr, max_tiles)
+        return max_tiles, te, tr
     y = torch.empty(M, D, device=dev, dtype=dtype)
-    max_tiles = -(-M // BM) + E
-    te = torch.empty(max_tiles, device=dev, dtype=torch.int32)
-    tr = torch.empty(max_tiles, device=dev, dtype=torch.int32)
+    max_tiles, te, tr = row_tiles(tmap, c["BM"])
     hq = torch.empty(M, I, device=dev, dtype=torch.float8_e4m3fn)
     hs = torch.empty(M, I // HB, device=dev, dtype=torch.float32)
-    off = offsets.to(torch.int64).contiguous()
     s13, s2 = s13.to(dtype).contiguous(), s2.to(dtype).contiguous()
-    launch(tmap, (-(-max_tiles // tmap.config["TB"]),), off, te, tr, max_tiles)
     q13, q2 = q13.contiguous(), q2.contiguous()
     d_gu, d_dn = descriptors(c, xq, q13, hq, q2) if c["TMA"] else ((), ())
     if h_pass:                          # h in the rows' dtype, then quantized per HB columns
         h = torch.empty(M, I, device=dev, dtype=dtype)
         launch(gate_up, (I // c["BN"], max_tiles), xq, xs, off, q13, s13, h, hs, te, tr, *d_gu)
-        hc = h_pass[0].config
-        launch(h_pass[0], (-(-M // hc["QR"]), I // HB // hc["QK"]), h, hq, hs, M)
+        _rows_pass(h_pass[0], h, hq, hs)
     else:
         launch(gate_up, (I // HB, max_tiles), xq, xs, off, q13, s13, hq, hs, te, tr, *d_gu)
     if tmap_down is not None:           # down's row tiles apart from gate_up's
-        max_tiles = -(-M // c["BMD"]) + E
-        te = torch.empty(max_tiles, device=dev, dtype=torch.int32)
-        tr = torch.empty(max_tiles, device=dev, dtype=torch.int32)
-        launch(tmap_down, (-(-max_tiles // tmap_down.config["TB"]),), off, te, tr, max_tiles)
+        max_tiles, te, tr = row_tiles(tmap_down, c["BMD"])
     launch(down, (-(-D // c["BND"]), max_tiles), hq, hs, off, q2, s2, y, te, tr, *d_dn)
     return y

@@ -32,7 +32,7 @@ import functools
 
 import torch
 
-from kimi_graph.ops.quant import BITS, group_of
+from kimi_graph.ops.quant import BITS, group_of, weight_shape
 
 from . import dequant, moe_dequant, moe_fp8, moe_permute, moe_w4a8
 from .codegen import TL_DTYPES, KernelSpec, launch, next_pow2, render
@@ -230,7 +230,7 @@ def quantized_grouped_swiglu(rows, offsets, q13, s13, q2, s2, z13=None, z2=None,
     """For the rows of expert e (offsets[e]:offsets[e+1]): w2_e (silu(w1_e x) * w3_e x) with
     w13 and w2 in `fmt` codes; None when no kernel fits the shapes (see `specs`)."""
     E, M, D = q13.shape[0], rows.shape[0], rows.shape[1]
-    I = q2.shape[2] * (2 if fmt == "int4" else 1)
+    I = weight_shape(fmt, q2.shape)[2]
     dt, target = ir_dtype(rows), current_target()
     cfg = config("moe_gemm_q", target)
     per_row = _per_row(fmt, M, E, I, D, group_size, z13 is not None, dt, target)
@@ -262,7 +262,7 @@ def _per_row(fmt, M, E, I, D, group_size, asym, dt, target) -> bool:
 def _w8a8_for(fmt, M, q13, q2, z13, group_size, dt, target):
     """moe_fp8's kernels for M prefill-sized rows (more than 256, not per row, symmetric), or None."""
     E, D = q13.shape[0], q13.shape[2]
-    I = q2.shape[2] * (2 if fmt == "int4" else 1)
+    I = weight_shape(fmt, q2.shape)[2]
     if M <= 256 or z13 is not None or _per_row(fmt, M, E, I, D, group_size, False, dt, target):
         return None
     return w8a8_specs(fmt, E, I, D, group_size, dt, target)
@@ -334,7 +334,7 @@ def op_quantized_grouped_swiglu(args, attrs):
 def specs_for(kind, ins, outs, attrs, target):
     rows, q13, q2 = ins[0], ins[2], ins[4]
     fmt = attrs["format"]
-    I = q2.shape[2] * (2 if fmt == "int4" else 1)
+    I = weight_shape(fmt, q2.shape)[2]
     asym = len(ins) > 6
     E, D, G = q13.shape[0], rows.shape[-1], attrs["group_size"]      # rows: [..., D] (x of a chain)
     return [s for small in (True, False) for s in specs(fmt, E, I, D, G, asym, rows.dtype, small, target) or ()] \
