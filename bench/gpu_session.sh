@@ -30,6 +30,12 @@ step_fp8_chain() {     # fp8's expert layer with the tokens quantized before the
 step_moe_bytes() {     # does the B=1 MoE decode kernel's time follow its bytes? (the next B=1 question)
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 120 python3 bench/moe_decode_bytes.py
 }
+step_moe_forms() {     # the direct MoE kernels on tensor-core K loops (acc "dot") against the tuned forms,
+  # then the 27-layer B=1 / 2 step with the fastest of them
+  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 150 python3 bench/moe_decode_bytes.py --forms || return 1
+  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 200 python3 bench/decode_step.py --layers 27 --batches 1,2 \
+    --variants fused,dot-best,fused --no-sweep --name decode_step_dot
+}
 step_lowbit_acc() { timeout 150 python3 bench/lowbit_accuracy.py --write; }
 step_decode() { timeout 150 python3 bench/decode_step.py --layers 27 --batches 1,32; }
 step_e2e() { timeout 420 python3 bench/e2e.py --phases ours,hf; }

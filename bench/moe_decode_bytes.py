@@ -7,6 +7,11 @@ the kernel is bound by its latency, not by DRAM bytes: reading fewer bytes (an L
 shared expert elsewhere) then buys little.
 
     python bench/moe_decode_bytes.py          # GPU: table + bench/results/moe_decode_bytes.json (--name)
+    python bench/moe_decode_bytes.py --forms  # the K loops' forms and tiles at 8 routed + shared
+
+The replays of one call read the same experts again, so the few-expert points partly hit L2
+(50 MB); --forms cycles through distinct expert sets so every call reads DRAM, as a model's
+layers do.
 """
 from __future__ import annotations
 
@@ -31,7 +36,10 @@ def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="moe_decode_bytes", help="bench/results/NAME.json")
+    ap.add_argument("--forms", action="store_true", help="time the FORMS variants instead")
     args = ap.parse_args(argv)
+    if args.forms:
+        return forms(args.name if args.name != "moe_decode_bytes" else "moe_decode_forms")
     if not torch.cuda.is_available():
         raise SystemExit("moe_decode_bytes: needs a GPU")
     sys.path.insert(0, os.path.dirname(__file__))
@@ -70,6 +78,75 @@ def main(argv=None):
         print(f"{name}: time = {fixed:.2f} us + bytes / {rate * 1e6 / 1e12:.2f} TB/s "
               f"({100 * rate * 1e6 / bw:.0f}% of copy)")
     write_result(args.name, rows, {"copy_tb_s": bw / 1e12, "fits": fits})
+
+
+# moe_decode overrides (over the tuning file's tiles, every token bucket): the tensor-core form
+# (acc "dot": the weight loads pipelined through shared memory) in several tiles and stages
+def _dot(BN, BK, w, BND, BKD, wd, st):
+    t = {"BN": BN, "BK": BK, "num_warps": w, "BND": BND, "BKD": BKD, "warps_down": wd, "num_stages": st,
+         "acc": "dot", "unroll": False}
+    return {"token_tiles": [[1, t], [2, t]], **t}
+
+
+FORM_VARIANTS = {
+    "default": {},
+    "dot 16/128/w4 16/128/w4 s4": _dot(16, 128, 4, 16, 128, 4, 4),
+    "dot 16/256/w4 16/256/w4 s3": _dot(16, 256, 4, 16, 256, 4, 3),
+    "dot 16/128/w4 16/128/w4 s6": _dot(16, 128, 4, 16, 128, 4, 6),
+    "dot 32/128/w4 32/128/w4 s4": _dot(32, 128, 4, 32, 128, 4, 4),
+    "dot 16/64/w2 16/64/w2 s8": _dot(16, 64, 2, 16, 64, 2, 8),
+    "dot 16/128/w2 16/128/w2 s4": _dot(16, 128, 2, 16, 128, 2, 4),
+    "dot 32/256/w8 32/256/w8 s3": _dot(32, 256, 8, 32, 256, 8, 3),
+    "dot 64/128/w4 32/128/w4 s4": _dot(64, 128, 4, 32, 128, 4, 4),
+}
+
+
+def forms(name: str, sets: int = 20):
+    """Each FORM_VARIANTS entry at B = 1 and 2 (8 routed experts a token + the shared one), each
+    call on the next of `sets` distinct expert sets (so from DRAM): step us, kernel us, the
+    share of copy over the bytes read, the error against the default form."""
+    from harness import bench_graph, copy_bandwidth, kernel_times, override_config, rel_err, write_result
+
+    from kimi_graph.lowering.triton import moe_decode
+    from kimi_graph.lowering.triton.targets import config
+    bw = copy_bandwidth()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: (torch.randn(*s, device="cuda", generator=g) * s[-1] ** -0.5).bfloat16()  # noqa: E731
+    w13, w2, shared = r(E, 2 * I, D), r(E, D, I), (r(I, D), r(I, D), r(D, I))
+    base = config("moe_decode")
+    rows = []
+    print(f"copy {bw / 1e12:.2f} TB/s; D={D}, I={I}, 8 routed + shared, {sets} expert sets in turn")
+    for B in (1, 2):
+        x = r(B, D)
+        ids = [torch.stack([torch.randperm(E, device="cuda", generator=g)[:8] for _ in range(B)]) for _ in range(sets)]
+        w = torch.rand(B, 8, device="cuda", generator=g)
+        nbytes = sum((len(i.unique()) + 1) * 3 * D * I * 2 for i in ids) / sets
+        turn = [0]
+
+        def run():
+            turn[0] += 1
+            return moe_decode.direct(x, ids[turn[0] % sets], w, w13, w2, None, shared)
+        want = None
+        for vname, over in FORM_VARIANTS.items():
+            override_config("moe_decode", **{**base, **over})
+            try:
+                turn[0] = -1
+                out = run().float()
+                want = out if want is None else want
+                us = bench_graph(run, replays=sets) * 1e3
+                kt = {k: v * 1e3 for k, v in kernel_times(run, sets).items()}
+            except Exception as e:     # a tile that does not fit this GPU: reported, not fatal
+                print(f"B={B} {vname}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            row = {"B": B, "variant": vname, "step_us": us, "of_copy": nbytes / (us * 1e-6) / bw,
+                   "gate_up_us": kt.get("moe_decode_gate_up"), "down_us": kt.get("moe_decode_down"),
+                   "rel_err_vs_default": rel_err(out, want)}
+            rows.append(row)
+            print(f"B={B} {vname:<30} {us:7.2f} us  {100 * row['of_copy']:5.1f}% of copy  gate_up "
+                  f"{row['gate_up_us'] or 0:6.2f}  down {row['down_us'] or 0:6.2f}  err {row['rel_err_vs_default']:.1e}",
+                  flush=True)
+    override_config("moe_decode", **base)
+    write_result(name, rows, {"copy_tb_s": bw / 1e12, "sets": sets})
 
 
 if __name__ == "__main__":

@@ -43,14 +43,34 @@ from .targets import config, current_target
 
 # the K loops over float weights ("f"; low-bit codes: "q", dequant.helpers). FTILE: the products
 # summed into [rows, K tile] accumulators, each row summed once at the end (else a row sum per K
-# step); $krange: "range" or "tl.static_range" (the loop unrolled: a program's loads all issued
-# before its first sum)
+# step); FDOT: each K tile a tensor-core product of the vector (row 0 of a 16-row operand, the
+# product's smallest M) with the weight tile, so the compiler pipelines the weight loads through
+# shared memory over num_stages; $krange: "range" or "tl.static_range" (the loop unrolled: a
+# program's loads all issued before its first sum)
 _HELPERS = """
+@triton.jit
+def _dot_rows(w_ptr, r, mr, v_ptr, K: tl.constexpr, BKX: tl.constexpr):
+    # (v w[r]^T) over all K of a float weight [., K] by tensor-core products, in fp32
+    m = tl.arange(0, 16)
+    acc = tl.zeros((16, r.shape[0]), tl.float32)
+    for k0 in range(0, K, BKX):
+        k = k0 + tl.arange(0, BKX)
+        mk = k < K
+        v = tl.load(v_ptr + k, mask=mk, other=0.0)
+        vm = tl.where(m[:, None] == 0, v[None, :], 0.0).to(v.dtype)
+        w = tl.load(w_ptr + r[:, None] * K + k[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
+        acc = tl.dot(vm, tl.trans(w.to(v.dtype)), acc, input_precision="ieee")
+    return tl.sum(tl.where(m[:, None] == 0, acc, 0.0), 0)
+
+
 @triton.jit
 def _swiglu_rows_f(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.constexpr):
     # silu(x wg[rg]^T) * (x wu[ru]^T) for BN rows of one expert (D columns); ROUND: gate and up
     # rounded to the data dtype first (as separate linears give them)
-    if FTILE:
+    if FDOT:
+        acc_g = _dot_rows(wg_ptr, rg, mn, x_ptr, D, BK)
+        acc_u = _dot_rows(wu_ptr, ru, mn, x_ptr, D, BK)
+    elif FTILE:
         tile_g = tl.zeros((BN, BK), tl.float32)
         tile_u = tl.zeros((BN, BK), tl.float32)
         for k0 in $krange(0, D, BK):
@@ -73,7 +93,9 @@ def _swiglu_rows_f(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.co
 @triton.jit
 def _rows_dot_f(h_ptr, w_ptr, s_ptr, z_ptr, n, mn, K: tl.constexpr, G: tl.constexpr):
     # (h w^T)[n] for the BND rows n of w [., K], in fp32
-    if FTILE:
+    if FDOT:
+        y = _dot_rows(w_ptr, n, mn, h_ptr, K, BKD)
+    elif FTILE:
         tile = tl.zeros((BND, BKD), tl.float32)
         for k0 in $krange(0, K, BKD):
             tile += _wmul_f(w_ptr, n, mn, h_ptr, k0, K, BKD)
@@ -190,7 +212,7 @@ class Quant:
 
 
 TILE_KEYS = ("BN", "BK", "num_warps", "BND", "BKD", "warps_down", "num_stages", "acc", "unroll")
-FORMS = {"acc": ("row", "tile"), "unroll": (False, True)}       # the float weights' K loops (_HELPERS)
+FORMS = {"acc": ("row", "tile", "dot"), "unroll": (False, True)}       # the float weights' K loops (_HELPERS)
 
 
 def bucket_of(cfg: dict, tokens: int) -> int | None:
@@ -259,6 +281,10 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
     # the float K loops' forms: the bf16 experts' (low-bit kernels keep the plain loops for their shared expert)
     plain = quant is not None
     consts["FTILE"] = not plain and cfg.get("acc", "row") == "tile"
+    consts["FDOT"] = not plain and cfg.get("acc", "row") == "dot"
+    if consts["FDOT"]:          # tensor-core products: tiles of at least 16 rows and 16 columns
+        consts.update({k: max(consts[k], 16) for k in ("BN", "BK", "BND", "BKD")})
+        consts.update(BNS=consts["BN"] // shr, BNDS=consts["BND"] // shr)
     krange = "tl.static_range" if not plain and cfg.get("unroll", False) else "range"
     helpers, loader = _HELPERS.replace("$krange", krange), ""
     if quant is not None:
