@@ -96,12 +96,15 @@ def override_config(family: str, **values) -> None:
     import pkgutil
 
     import kimi_graph.lowering.triton as package
-    from kimi_graph.lowering.triton.targets import TARGETS, current_target
+    from kimi_graph.lowering.triton.targets import TARGETS, current_target, load_tuning
     TARGETS[current_target()]["configs"][family].update(values)
+    tuned = load_tuning(None).get("configs", {})    # the tuning file's parse (cached, kept below): the
+    if family in tuned:                             # override wins over the file's keys too
+        tuned[family].update(values)
     for info in pkgutil.iter_modules(package.__path__):     # every kernel module's cached specs
         mod = importlib.import_module(f"{package.__name__}.{info.name}")
         for v in vars(mod).values():
-            if hasattr(v, "cache_clear"):
+            if hasattr(v, "cache_clear") and getattr(v, "__name__", "") != "_parsed_tuning":
                 v.cache_clear()
 
 
