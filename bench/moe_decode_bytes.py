@@ -101,6 +101,61 @@ FORM_VARIANTS = {
 }
 
 
+def ceilings(w13, bw: float, sets: int, rows: list) -> None:
+    """What one kernel can read of the same bytes: a plain streaming sum over 9 experts' gate/up
+    rows (the routed gate/up kernel's addresses, `per` programs an expert, `block` elements a
+    load, `warps`), and cuBLAS's one-row product with a dense weight of those bytes (18432 x D,
+    layer 0's dense gate/up), each call on the next of `sets` expert sets / weight copies."""
+    import triton
+    import triton.language as tl
+
+    from harness import bench_graph, kernel_times
+
+    @triton.jit
+    def _stream(w_ptr, ids_ptr, out_ptr, PER: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                W: tl.constexpr):
+        p = tl.program_id(0)
+        e = tl.load(ids_ptr + p // PER)
+        base = w_ptr + e.to(tl.int64) * W + (p % PER) * CHUNK
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for i in range(0, CHUNK, BLOCK):
+            acc += tl.load(base + i + tl.arange(0, BLOCK)).to(tl.float32)
+        tl.store(out_ptr + p, tl.sum(acc))
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ids = [torch.randperm(E, device="cuda", generator=g)[:9] for _ in range(sets)]
+    W = 2 * I * D
+    nbytes = 9 * W * 2
+    for per, block, warps in ((64, 4096, 4), (128, 4096, 4), (128, 4096, 8), (256, 2048, 4), (512, 1024, 4),
+                              (128, 2048, 2)):
+        out = torch.empty(9 * per, device="cuda")
+        turn = [0]
+
+        def run():
+            turn[0] += 1
+            _stream[(9 * per,)](w13, ids[turn[0] % sets], out, per, W // per, block, W, num_warps=warps)
+        us = bench_graph(run, replays=sets) * 1e3
+        kt = sum(kernel_times(run, sets).values()) * 1e3
+        rows.append({"B": 1, "variant": f"stream {per}/{block}/w{warps}", "step_us": us, "kernel_us": kt,
+                     "of_copy": nbytes / (kt * 1e-6) / bw})
+        print(f"ceiling  stream {per:>4} programs an expert, {block} a load, {warps} warps: kernel {kt:6.2f} us "
+              f"({100 * rows[-1]['of_copy']:.1f}% of copy over {nbytes / 1e6:.1f} MB)", flush=True)
+    dense = [torch.randn(18432, D, device="cuda", generator=g).bfloat16() for _ in range(sets)]
+    x = torch.randn(1, D, device="cuda", generator=g).bfloat16()
+    turn = [0]
+
+    def run():
+        turn[0] += 1
+        return torch.nn.functional.linear(x, dense[turn[0] % sets])
+    us = bench_graph(run, replays=sets) * 1e3
+    kt = sum(kernel_times(run, sets).values()) * 1e3
+    rows.append({"B": 1, "variant": "cublas dense 18432", "step_us": us, "kernel_us": kt,
+                 "of_copy": dense[0].numel() * 2 / (kt * 1e-6) / bw})
+    print(f"ceiling  cuBLAS 1 x {D} by {D} x 18432: kernel {kt:6.2f} us ({100 * rows[-1]['of_copy']:.1f}% of copy)",
+          flush=True)
+    del dense
+
+
 def forms(name: str, sets: int = 20):
     """Each FORM_VARIANTS entry at B = 1 and 2 (8 routed experts a token + the shared one), each
     call on the next of `sets` distinct expert sets (so from DRAM): step us, kernel us, the
@@ -146,6 +201,7 @@ def forms(name: str, sets: int = 20):
                   f"{row['gate_up_us'] or 0:6.2f}  down {row['down_us'] or 0:6.2f}  err {row['rel_err_vs_default']:.1e}",
                   flush=True)
     override_config("moe_decode", **base)
+    ceilings(w13, bw, sets, rows)
     write_result(name, rows, {"copy_tb_s": bw / 1e12, "sets": sets})
 
 
