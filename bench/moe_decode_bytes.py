@@ -8,6 +8,7 @@ shared expert elsewhere) then buys little.
 
     python bench/moe_decode_bytes.py          # GPU: table + bench/results/moe_decode_bytes.json (--name)
     python bench/moe_decode_bytes.py --forms  # the K loops' forms and tiles at 8 routed + shared
+    python bench/moe_decode_bytes.py --beside # the shared expert on a side stream beside the router
 
 The replays of one call read the same experts again, so the few-expert points partly hit L2
 (50 MB); --forms cycles through distinct expert sets so every call reads DRAM, as a model's
@@ -37,7 +38,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="moe_decode_bytes", help="bench/results/NAME.json")
     ap.add_argument("--forms", action="store_true", help="time the FORMS variants instead")
+    ap.add_argument("--beside", action="store_true", help="time the shared expert beside the router instead")
     args = ap.parse_args(argv)
+    if args.beside:
+        return beside(args.name if args.name != "moe_decode_bytes" else "moe_decode_beside")
     if args.forms:
         return forms(args.name if args.name != "moe_decode_bytes" else "moe_decode_forms")
     if not torch.cuda.is_available():
@@ -202,6 +206,64 @@ def forms(name: str, sets: int = 20):
                   flush=True)
     override_config("moe_decode", **base)
     ceilings(w13, bw, sets, rows)
+    write_result(name, rows, {"copy_tb_s": bw / 1e12, "sets": sets})
+
+
+def beside(name: str, sets: int = 20):
+    """One MoE layer at B=1 as a decode step runs it (norm + router in one launch, then the routed
+    and shared experts), against the shared expert on a side stream (its own norm, then the direct
+    kernels with no routed pairs) beside the router and the routed gate/up, its output the routed
+    down kernel's acc: graph-replayed over `sets` inputs (distinct experts), us a layer."""
+    from harness import bench_graph, copy_bandwidth, kernel_times, rel_err, write_result
+
+    from kimi_graph.lowering.triton import moe_decode
+    from kimi_graph.lowering.triton.moe_route import routed_norm
+    from kimi_graph.lowering.triton.norm import rmsnorm
+    bw = copy_bandwidth()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: (torch.randn(*s, device="cuda", generator=g) * s[-1] ** -0.5).bfloat16()  # noqa: E731
+    w13, w2, shared = r(E, 2 * I, D), r(E, D, I), (r(I, D), r(I, D), r(D, I))
+    gate, bias = r(E, D), torch.zeros(E, device="cuda")
+    nw = (1 + 0.1 * torch.randn(D, device="cuda", generator=g)).bfloat16()
+    xs = [torch.randn(1, D, device="cuda", generator=g).bfloat16() for _ in range(sets)]
+    res = [torch.randn(1, D, device="cuda", generator=g).bfloat16() for _ in range(sets)]
+    route = {"top_k": 8, "scaling": 2.446}
+    none = torch.zeros(1, 0, device="cuda", dtype=torch.int64), torch.zeros(1, 0, device="cuda")
+    side = torch.cuda.Stream()
+    turn = [0]
+
+    def plain():
+        turn[0] += 1
+        x, rr = xs[turn[0] % sets], res[turn[0] % sets]
+        ids, wts, xn, _ = routed_norm(x, rr, nw, 1e-6, gate, bias, **route)
+        return moe_decode.direct(xn, ids, wts, w13, w2, None, shared)
+
+    def split():
+        turn[0] += 1
+        x, rr = xs[turn[0] % sets], res[turn[0] % sets]
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            xn2, _ = rmsnorm(x, nw, 1e-6, residual=rr)
+            y_shared = moe_decode.direct(xn2, *none, w13, w2, None, shared)
+            done = torch.cuda.Event()
+            done.record()
+        ids, wts, xn, _ = routed_norm(x, rr, nw, 1e-6, gate, bias, **route)
+        out = moe_decode.direct(xn, ids, wts, w13, w2, y_shared, None, before_down=done)
+        main.wait_stream(side)
+        return out
+
+    rows = []
+    turn[0] = -1
+    want = plain().float()
+    for vname, fn in (("plain", plain), ("shared beside", split), ("plain", plain), ("shared beside", split)):
+        turn[0] = -1
+        err = rel_err(fn().float(), want)
+        us = bench_graph(fn, replays=sets) * 1e3
+        kt = {k: v * 1e3 for k, v in kernel_times(fn, sets).items()}
+        rows.append({"variant": vname, "us": us, "rel_err_vs_plain": err, "kernel_us": kt})
+        print(f"{vname:<15} {us:7.2f} us a layer  err {err:.1e}  kernels " +
+              ", ".join(f"{k} {v:.2f}" for k, v in kt.items()), flush=True)
     write_result(name, rows, {"copy_tb_s": bw / 1e12, "sets": sets})
 
 

@@ -149,7 +149,7 @@ def moe_decode_gate_up(x_ptr, ids_ptr, w13_ptr, s13_ptr, z13_ptr, h_ptr, wg_ptr,
         ex = tl.load(ids_ptr + p)
         wb = w13_ptr + ex * W13
         mn = n < I
-        h = _swiglu_rows_$R(x_ptr + (p // TOPK).to(tl.int64) * D, wb, wb, s13_ptr + ex * S13, z13_ptr + ex * S13,
+        h = _swiglu_rows_$R(x_ptr + (p // TOPKD).to(tl.int64) * D, wb, wb, s13_ptr + ex * S13, z13_ptr + ex * S13,
                            n, n + I, mn, False)
         tl.store(h_ptr + p.to(tl.int64) * I + n, h.to(DT), mask=mn)
     else:
@@ -175,7 +175,7 @@ def moe_decode_down(h_ptr, ids_ptr, w2_ptr, s2_ptr, z2_ptr, hs_ptr, wd_ptr, y_pt
         ex = tl.load(ids_ptr + p)
         y = _rows_dot_$R(h_ptr + p.to(tl.int64) * I, w2_ptr + ex * W2, s2_ptr + ex * S2, z2_ptr + ex * S2,
                         n, mn, I, G2)
-        tok = p // TOPK
+        tok = p // TOPKD
         tl.store(y_ptr + p.to(tl.int64) * D + n, y.to(DT), mask=mn)
     else:
         tok = (p - pairs) // SHR
@@ -260,7 +260,7 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
             cfg.update(BN=a8_consts.pop("BN"), BND=a8_consts.pop("BND"), num_warps=qq["warps_w4a8"],
                        warps_down=qq.get("warps_down_w4a8", qq["warps_w4a8"]), num_stages=qq["stages_w4a8"])
     wide = max(I, shared_i)
-    consts = {"I": I, "IS": max(shared_i, 1), "D": D, "TOPK": top_k,
+    consts = {"I": I, "IS": max(shared_i, 1), "D": D, "TOPK": top_k, "TOPKD": max(top_k, 1),
               "BN": min(cfg["BN"], next_pow2(wide)), "BK": min(cfg["BK"], next_pow2(D)),
               "BND": min(cfg["BND"], next_pow2(D)), "BKD": min(cfg["BKD"], next_pow2(wide)),
               "SHARED": int(shared_i > 0), "SHARED_FIRST": bool(shared_i and base["shared_first"]),
@@ -345,15 +345,17 @@ def _specs(x, ids, weights, w13, w2, shared, quant):
     (E, I2, D), _ = _shapes(w13, w2, quant)
     IS = 0 if shared is None else shared[0].shape[0]
     target = current_target()
-    tokens = ids.numel() // ids.shape[-1] if ids.shape[-1] else 0
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return decode_specs(I2 // 2, D, ids.shape[-1], ir_dtype(x), ir_dtype(weights), IS, target,
                         quant and quant.key(), bucket_of(config("moe_decode", target), tokens))
 
 
-def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None = None):
+def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None = None, before_down=None):
     """acc + sum_j weights[..., j] SwiGLU_{ids[..., j]}(x), reading experts by id; with `shared`
-    = (w_gate, w_up, w_down), the shared expert's SwiGLU(x) takes acc's place; with `quant`,
-    w13 and w2 are low-bit codes, dequantized in the kernels (only the codes are read)."""
+    = (w_gate, w_up, w_down), the shared expert's SwiGLU(x) takes acc's place (ids of no columns:
+    the shared expert alone, on these kernels); with `quant`, w13 and w2 are low-bit codes,
+    dequantized in the kernels (only the codes are read). before_down: an event the down kernel
+    waits for (acc written on another stream)."""
     _check(x, ids, weights, w13, w2, acc, shared, quant)
     specs = _specs(x, ids, weights, w13, w2, shared, quant)
     if specs is None:
@@ -365,12 +367,14 @@ def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None 
     IS = 0 if shared is None else shared[0].shape[0]
     c = gate_up.config
     pairs = ids.numel()
-    N = pairs // k if k else 0
-    if not pairs:
-        return shared_swiglu(x, *shared) if IS else acc.clone()
+    N = x.numel() // D
+    if not N or not (pairs or IS):
+        return acc.to(dt).clone() if acc is not None else torch.empty(x.shape, device=x.device, dtype=dt)
+    if not pairs:               # the shared expert alone: ids and weights never read (one element each)
+        ids, weights = (torch.zeros(1, device=x.device, dtype=t.dtype) for t in (ids, weights))
     rows = pairs + (N if IS else 0)          # the shared expert's rows after the pairs
     programs = pairs + (c["SHR"] * N if IS else 0)
-    h = torch.empty(pairs, I, device=x.device, dtype=dt)
+    h = torch.empty(max(pairs, 1), I, device=x.device, dtype=dt)
     y = torch.empty(rows, D, device=x.device, dtype=dt)
     hs = torch.empty(N, IS, device=x.device, dtype=dt) if IS else h
     wg, wu, wd = (t.to(dt).contiguous() for t in shared) if IS else (h, h, h)
@@ -389,6 +393,8 @@ def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None 
     acc = y if IS else acc.to(dt).contiguous()
     d_blocks = -(-D // c["BND"])
     launch(gate_up, (-(-max(I, IS) // c["BN"]), programs), xc, ids_c, w13, s13, z13, h, wg, wu, hs, pairs)
+    if before_down is not None:
+        torch.cuda.current_stream(x.device).wait_event(before_down)
     launch(down, (d_blocks, programs), h, ids_c, w2, s2, z2, hs, wd, y, weights.contiguous(), acc, out,
            tickets(x.device, N * d_blocks), pairs)
     return out
