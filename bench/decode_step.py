@@ -97,6 +97,8 @@ VARIANTS = {
     # the bf16 experts on tensor-core K loops (acc "dot"), in the tiles moe_decode_bytes.py --forms
     # timed fastest (its result file; resolved at start)
     "dot-best": None,
+    # the shared expert on a side stream beside the router at one token (moe_decode shared_beside)
+    "shared-beside": {"moe_decode": {"shared_beside": 1}},
 }
 
 

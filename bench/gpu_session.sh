@@ -37,7 +37,9 @@ step_moe_forms() {     # the direct MoE kernels on tensor-core K loops (acc "dot
     --variants fused,dot-best,fused --no-sweep --name decode_step_dot
 }
 step_moe_beside() {    # one MoE layer at B=1: the shared expert on a side stream beside the router
-  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 100 python3 bench/moe_decode_bytes.py --beside
+  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 100 python3 bench/moe_decode_bytes.py --beside || return 1
+  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 200 python3 bench/decode_step.py --layers 27 --batches 1 \
+    --variants fused,shared-beside,fused,shared-beside --no-sweep --name decode_step_beside
 }
 step_e2e_fp8() {       # the whole model with fp8 experts beside bf16 (prefill 1x4k / 1x16k, B=1 decode at 1k)
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout ${E2E_FP8_S:-200} python3 bench/e2e.py --phases ours --experts fp8 \

@@ -218,7 +218,6 @@ def beside(name: str, sets: int = 20):
 
     from kimi_graph.lowering.triton import moe_decode
     from kimi_graph.lowering.triton.moe_route import routed_norm
-    from kimi_graph.lowering.triton.norm import rmsnorm
     bw = copy_bandwidth()
     g = torch.Generator(device="cuda").manual_seed(0)
     r = lambda *s: (torch.randn(*s, device="cuda", generator=g) * s[-1] ** -0.5).bfloat16()  # noqa: E731
@@ -228,9 +227,8 @@ def beside(name: str, sets: int = 20):
     xs = [torch.randn(1, D, device="cuda", generator=g).bfloat16() for _ in range(sets)]
     res = [torch.randn(1, D, device="cuda", generator=g).bfloat16() for _ in range(sets)]
     route = {"top_k": 8, "scaling": 2.446}
-    none = torch.zeros(1, 0, device="cuda", dtype=torch.int64), torch.zeros(1, 0, device="cuda")
-    side = torch.cuda.Stream()
     turn = [0]
+    rows_of = ((0, I), (0, I))                  # the shared expert's Wg and Wu rows (apart here)
 
     def plain():
         turn[0] += 1
@@ -238,20 +236,13 @@ def beside(name: str, sets: int = 20):
         ids, wts, xn, _ = routed_norm(x, rr, nw, 1e-6, gate, bias, **route)
         return moe_decode.direct(xn, ids, wts, w13, w2, None, shared)
 
-    def split():
+    def split():                                # as the backend runs it (moe_decode shared_beside)
         turn[0] += 1
         x, rr = xs[turn[0] % sets], res[turn[0] % sets]
-        main = torch.cuda.current_stream()
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            xn2, _ = rmsnorm(x, nw, 1e-6, residual=rr)
-            y_shared = moe_decode.direct(xn2, *none, w13, w2, None, shared)
-            done = torch.cuda.Event()
-            done.record()
+        side = moe_decode.shared_beside("moe_experts", {}, [None, None, None, w13, w2, *shared], rows_of,
+                                        x, rr, nw, 1e-6)
         ids, wts, xn, _ = routed_norm(x, rr, nw, 1e-6, gate, bias, **route)
-        out = moe_decode.direct(xn, ids, wts, w13, w2, y_shared, None, before_down=done)
-        main.wait_stream(side)
-        return out
+        return moe_decode.run_step("moe_experts", {}, [xn, ids, wts, w13, w2, *shared], rows_of, side)
 
     rows = []
     turn[0] = -1

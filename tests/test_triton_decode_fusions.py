@@ -255,3 +255,33 @@ def test_l2_prefetch_plan_on_the_published_decode_step():
     assert not prefetch.enabled(1)                      # the interpreter never prefetches
     ptx = compile_spec(prefetch.prefetch_spec("sm_90"), "sm_90").asm["ptx"]
     assert "prefetch.global.L2" in ptx
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_shared_expert_beside_the_router(monkeypatch, B):
+    """moe_decode shared_beside: each MoE layer's shared expert runs apart from its routed
+    experts (its own norm, then the direct kernels with no routed pairs; off CUDA in turn), its
+    output the routed experts' acc: every router feeds one such step, the direct kernels run once
+    more a layer, and the step's outputs match the reference interpreter's and the plain step's."""
+    import kimi_graph
+    from kimi_graph.lowering.triton.targets import TARGETS
+    from test_triton_backend import state_inputs
+    ref = kimi_graph.load("tiny", pipeline="default")
+    tri = kimi_graph.load("tiny", pipeline="default", backend="triton")
+    g = backend.legalize(tri.get_graph("decode", True))
+    schedule = backend.plan(g)
+    moe_layers = sum(tri.config.is_moe_layer(i) for i in range(tri.config.num_hidden_layers))
+    assert len(backend.routed_experts(schedule)) == moe_layers
+    inputs = state_inputs(tri.get_graph("decode", True), torch.arange(B)[:, None] + 3, torch.arange(B) + 4, B=B)
+    plain = tri.execute("decode", True, {k: v.clone() for k, v in inputs.items()})
+    monkeypatch.setitem(TARGETS["interpret"]["configs"], "moe_decode",
+                        {**TARGETS["interpret"]["configs"]["moe_decode"], "shared_beside": 4})
+    moe_decode.decode_specs.cache_clear()
+    names = []
+    monkeypatch.setattr(moe_decode, "launch", lambda spec, *a, _l=moe_decode.launch: names.append(spec.name) or _l(spec, *a))
+    outs = tri.execute("decode", True, {k: v.clone() for k, v in inputs.items()})
+    expect = ref.execute("decode", True, {k: v.clone() for k, v in inputs.items()})
+    moe_decode.decode_specs.cache_clear()
+    assert names.count("moe_decode_gate_up") == 2 * moe_layers
+    for a, b, c in zip(outs, expect, plain):
+        assert a.shape == b.shape and rel(a, b) < TOL and rel(a, c) < TOL

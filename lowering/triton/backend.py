@@ -351,6 +351,28 @@ def dead_after(g: Graph, schedule: list) -> list[list[str]]:
     return drops
 
 
+_FEEDS: dict[int, tuple] = {}
+
+
+def routed_experts(schedule: list) -> dict[int, int]:
+    """{NormRoute's index: the index of the Experts step with a folded shared expert that reads
+    its normalised x, ids and weights} (moe_decode.shared_beside runs that shared expert beside
+    the router); kept per schedule."""
+    kept = _FEEDS.get(id(schedule))
+    if kept is not None and kept[0] is schedule:
+        return kept[1]
+    made = {v: i for i, item in enumerate(schedule) if isinstance(item, moe_route.NormRoute) for v in item.outputs}
+    out = {}
+    for j, item in enumerate(schedule):
+        if isinstance(item, Experts) and item.rows:
+            src = {made.get(v) for v in item.inputs[:3]}
+            nr = src.pop() if len(src) == 1 else None
+            if nr is not None and item.inputs[:3] == [schedule[nr].outputs[k] for k in (2, 0, 1)]:
+                out[nr] = j
+    _FEEDS[id(schedule)] = (schedule, out)
+    return out
+
+
 def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
         schedule: list | None = None, drops: list | None = None,
         prefetches: dict | None = None) -> list[torch.Tensor]:
@@ -367,6 +389,8 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
     dense: dict[int, torch.Tensor] = {}
     trusted = any(is_view(x) for x in inputs.values()) or (
         torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    feeds = routed_experts(schedule)       # router -> its experts step (shared expert beside the router)
+    beside: dict[int, tuple] = {}          # experts step -> (shared output, event) launched beside
 
     def plain(x):
         if is_view(x):
@@ -375,7 +399,7 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
             return dense[id(x)]
         return x
 
-    def step(item) -> None:
+    def step(item, i: int = -1) -> None:
         if isinstance(item, Group):
             shape = tuple(eval_dim(d, dims) for d in item.shape)
             env.update(zip(item.outputs, elementwise.run_chain(item.chain, [plain(env[v]) for v in item.inputs], shape)))
@@ -403,14 +427,22 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
             return
         if isinstance(item, Experts):
             env[item.outputs[0]] = moe_decode.run_step(item.ops[-1].kind, item.attrs,
-                                                       [plain(env[v]) for v in item.inputs], item.rows)
+                                                       [plain(env[v]) for v in item.inputs], item.rows,
+                                                       beside.pop(i, None))
             return
         if isinstance(item, LinearPair):
             env.update(zip(item.outputs, gemv.run_pair(item, *(plain(env[v]) for v in item.inputs))))
             return
         if isinstance(item, moe_route.NormRoute):
+            args = [plain(env[v]) for v in item.inputs]
+            x = args[0]
+            if i in feeds and moe_decode.beside_tokens(x.numel() // x.shape[-1]):
+                ex = schedule[feeds[i]]
+                beside[feeds[i]] = moe_decode.shared_beside(
+                    ex.ops[-1].kind, ex.attrs, [None] * 3 + [plain(env[v]) for v in ex.inputs[3:]], ex.rows,
+                    *args[:3], item.ops[0].attrs["eps"])
             env.update(zip(item.outputs, moe_route.run_norm_route(
-                item, [plain(env[v]) for v in item.inputs], get_op("moe_route").full_attrs(item.ops[1].attrs))))
+                item, args, get_op("moe_route").full_attrs(item.ops[1].attrs))))
             return
         if isinstance(item, mla.CacheRows):
             env.update(zip(item.outputs, mla.run_cache_rows(item, [env[v] for v in item.inputs])))
@@ -446,7 +478,7 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
             TRACE.append(item.outputs[0])
         if prefetches and i in prefetches:
             prefetch.issue([(env[w], n) for w, n in prefetches[i]])
-        step(item)
+        step(item, i)
     if prefetches:
         prefetch.join()
     return [env[v] for v in g.outputs]

@@ -350,12 +350,13 @@ def _specs(x, ids, weights, w13, w2, shared, quant):
                         quant and quant.key(), bucket_of(config("moe_decode", target), tokens))
 
 
-def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None = None, before_down=None):
+def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None = None, before_down=None,
+           out=None):
     """acc + sum_j weights[..., j] SwiGLU_{ids[..., j]}(x), reading experts by id; with `shared`
     = (w_gate, w_up, w_down), the shared expert's SwiGLU(x) takes acc's place (ids of no columns:
     the shared expert alone, on these kernels); with `quant`, w13 and w2 are low-bit codes,
     dequantized in the kernels (only the codes are read). before_down: an event the down kernel
-    waits for (acc written on another stream)."""
+    waits for (acc written on another stream); out: where to write (else a new tensor)."""
     _check(x, ids, weights, w13, w2, acc, shared, quant)
     specs = _specs(x, ids, weights, w13, w2, shared, quant)
     if specs is None:
@@ -389,7 +390,7 @@ def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None 
         z13 = s13 if quant.z13 is None else quant.z13.contiguous()
         z2 = s2 if quant.z2 is None else quant.z2.contiguous()
     ids_c, xc = ids.contiguous(), x.contiguous()
-    out = torch.empty(x.shape, device=x.device, dtype=dt)
+    out = torch.empty(x.shape, device=x.device, dtype=dt) if out is None else out
     acc = y if IS else acc.to(dt).contiguous()
     d_blocks = -(-D // c["BND"])
     launch(gate_up, (-(-max(I, IS) // c["BN"]), programs), xc, ids_c, w13, s13, z13, h, wg, wu, hs, pairs)
@@ -418,17 +419,20 @@ def takes_direct(ids: torch.Tensor) -> bool:
     return ids.numel() <= config("moe_decode", current_target())["max_pairs"]
 
 
-def moe_experts(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None = None):
+def moe_experts(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None = None, acc_ready=None):
     """The routed experts (and a shared one): by id for a decode-sized batch (low-bit experts:
     where `quant_direct` says so), else the permuted path (moe.moe_experts, or for low-bit experts
-    moe_quant.quantized_moe_experts) after the shared expert through torch."""
+    moe_quant.quantized_moe_experts) after the shared expert through torch. acc_ready: an event
+    recorded once acc is written (on another stream: `shared_beside`)."""
     cfg = config("moe_decode", current_target())
     direct_q, tokens = cfg["quant_direct"], ids.numel() // ids.shape[-1] if ids.shape[-1] else 0
     by_id = quant is None or (quant.fmt in direct_q if isinstance(direct_q, (list, tuple)) else bool(direct_q)) \
         or 0 < tokens <= cfg["quant_direct_tokens"].get(quant.fmt, 0)
     if by_id and takes_direct(ids) and _specs(x, ids, weights, w13, w2, shared, quant) is not None:
-        return direct(x, ids, weights, w13, w2, acc, shared, quant)
+        return direct(x, ids, weights, w13, w2, acc, shared, quant, before_down=acc_ready)
     _check(x, ids, weights, w13, w2, acc, shared, quant)
+    if acc_ready is not None:                   # (None off CUDA: written in turn)
+        torch.cuda.current_stream(x.device).wait_event(acc_ready)
     if shared is not None:
         acc = shared_swiglu(x, *(t.to(x.dtype) for t in shared))
     if quant is None:
@@ -442,20 +446,67 @@ def operands_before_acc(kind: str) -> int:
     return 7 if kind == "quantized_moe_experts" else 5
 
 
-def run_step(kind: str, attrs: dict, args: list, shared_rows: tuple = ()):
+def _shared_of(args: list, n: int, shared_rows: tuple) -> tuple:
+    """The shared expert's (Wg, Wu, Wd) among an Experts step's operands (at n), Wg and Wu sliced."""
+    (g0, g1), (u0, u1) = shared_rows
+    return args[n][g0:g1], args[n + 1][u0:u1], args[n + 2]
+
+
+def run_step(kind: str, attrs: dict, args: list, shared_rows: tuple = (), beside=None):
     """A moe_experts or quantized_moe_experts op's operands (the backend's `Experts` step): with
     `shared_rows`, the acc operand is replaced by the shared expert's (Wg, Wu, Wd), Wg and Wu
-    sliced to those (start, end) rows."""
+    sliced to those (start, end) rows; beside: (its output, the event after it) from
+    `shared_beside`, which then takes the acc's place."""
     n = operands_before_acc(kind)
-    if shared_rows:
-        (g0, g1), (u0, u1) = shared_rows
-        acc, shared, rest = None, (args[n][g0:g1], args[n + 1][u0:u1], args[n + 2]), args[n + 3:]
+    ready = None
+    if beside is not None:
+        (acc, ready), shared, rest = beside, None, args[n + 3:]
+    elif shared_rows:
+        acc, shared, rest = None, _shared_of(args, n, shared_rows), args[n + 3:]
     else:
         acc, shared, rest = args[n], None, args[n + 1:]
     if n == 5:
-        return moe_experts(*args[:5], acc, shared)
+        return moe_experts(*args[:5], acc, shared, acc_ready=ready)
     quant = Quant(attrs["format"], attrs["group_size"], args[4], args[6], *rest)
-    return moe_experts(*args[:4], args[5], acc, shared, quant)
+    return moe_experts(*args[:4], args[5], acc, shared, quant, acc_ready=ready)
+
+
+_SIDE: dict = {}            # device -> the side stream shared_beside launches on
+
+
+def beside_tokens(tokens: int) -> bool:
+    """Does a step of `tokens` tokens run its shared expert beside the router (moe_decode
+    shared_beside: up to that many tokens)?"""
+    return 0 < tokens <= config("moe_decode", current_target())["shared_beside"]
+
+
+def shared_beside(kind: str, attrs: dict, args: list, shared_rows: tuple, x, residual, norm_weight, eps):
+    """The shared expert of an Experts step (operands `args`, x, ids and weights not yet known)
+    on a side stream forked here: add_rmsnorm(x, residual) * norm_weight (as the router's launch
+    computes it), then the shared expert alone on the direct kernels. Returns (its output, the
+    event recorded after it) for run_step's `beside`: the routed down kernel waits for it, so the
+    shared expert's weights stream while the router's latency-bound launch runs. Off CUDA (the
+    interpreter) the same launches run in turn (no event)."""
+    from .norm import rmsnorm
+    n = operands_before_acc(kind)
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)     # the caller's stream's memory
+    none = torch.zeros(*x.shape[:-1], 0, device=x.device, dtype=torch.int64)
+    quant = None if n == 5 else Quant(attrs["format"], attrs["group_size"], args[4], args[6], *args[n + 3:])
+    w13, w2 = (args[3], args[4]) if n == 5 else (args[3], args[5])
+
+    def launches():
+        xn, _ = rmsnorm(x, norm_weight, eps, residual=residual)
+        direct(xn, none, none.float(), w13, w2, None, _shared_of(args, n, shared_rows), quant, out=out)
+    if not x.is_cuda:
+        launches()
+        return out, None
+    side = _SIDE.setdefault(x.device, torch.cuda.Stream(x.device))
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):
+        launches()
+        done = torch.cuda.Event()
+        done.record(side)
+    return out, done
 
 
 def op_quantized_moe_experts(args, attrs):

@@ -185,11 +185,14 @@ _BASE = {
     # the shared (float) expert's rows of an output block over that many programs a token (a power
     # of two), so its programs read about what the codes' programs read; shared_split_tokens: only
     # in token buckets (token_tiles bounds) of at most that many tokens (0: every batch);
-    # shared_first: the shared expert's programs first in launch order (l2_prefetch)
+    # shared_first: the shared expert's programs first in launch order (l2_prefetch); shared_beside:
+    # in steps of up to that many tokens (0: never) the shared expert runs on a side stream beside
+    # the router (its own norm, then the direct kernels alone), the routed down kernel's acc
     "moe_decode": {"BN": 16, "BK": 256, "BND": 16, "BKD": 256, "max_pairs": 64, "num_warps": 4,
                    "warps_down": 4, "num_stages": 2, "token_tiles": [], "quant_tiles": {}, "dequant": "words",
                    "prefetch": True, "acc": "row", "unroll": False, "quant_direct": True, "quant_direct_tokens": {},
-                   "a8": False, "shared_split": 1, "shared_split_tokens": 0, "shared_first": False},
+                   "a8": False, "shared_split": 1, "shared_split_tokens": 0, "shared_first": False,
+                   "shared_beside": 0},
     # dense projections of up to max_rows rows (lowering/triton/gemv.py; larger take cuBLAS):
     # enabled: the kernel in place of cuBLAS (env KIMI_GRAPH_TRITON_GEMV=1/0 overrides); BN output
     # columns x BK a step per program, K split until ~`programs` programs (at most max_split);
