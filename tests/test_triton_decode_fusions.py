@@ -140,7 +140,7 @@ def test_tiles_by_token_count(monkeypatch):
 def test_moe_experts_chooses_by_batch_size(monkeypatch):
     args = draw(5, 6, 2, 24, 16)
     calls = []
-    monkeypatch.setattr(moe_decode, "direct", lambda *a, _f=moe_decode.direct: calls.append("direct") or _f(*a))
+    monkeypatch.setattr(moe_decode, "direct", lambda *a, _f=moe_decode.direct, **k: calls.append("direct") or _f(*a, **k))
     monkeypatch.setattr(moe, "moe_experts", lambda *a, _f=moe.moe_experts: calls.append("moe") or _f(*a))
     moe_decode.moe_experts(*args)
     big = draw(70, 6, 2, 24, 16)                     # 140 copies > max_pairs
