@@ -163,3 +163,42 @@ def test_router_with_its_norm_inline(monkeypatch):
         graph.replay()
         assert all(torch.equal(o, a) for o, a in zip(outs, again))
     moe_route.fused_spec.cache_clear()
+
+
+@pytest.mark.parametrize("N", [1, 2])
+def test_shared_expert_beside_the_router_under_graphs(N):
+    """moe_decode.shared_beside on the published shapes: the shared expert on a side stream (its
+    own norm, the direct kernels alone) as the routed experts' acc, against the shared expert in
+    the routed kernels (bf16 rounding apart: its norm's rstd sums in another order) and the fp64
+    loop; captured in a CUDA graph (a fork and a join), replayed on new inputs as run eagerly."""
+    from kimi_graph.lowering.triton.moe_route import routed_norm
+    _, _, _, w13, w2, shared = draw(N, seed=7)
+    g = torch.Generator(device="cuda").manual_seed(8)
+    E, D, I = w13.shape[0], w13.shape[2], w2.shape[2]
+    gate = (torch.randn(E, D, device="cuda", generator=g) * D ** -0.5).to(torch.bfloat16)
+    bias = torch.zeros(E, device="cuda")
+    nw = (torch.rand(D, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
+    rows = ((0, I), (0, I))
+
+    def layer(x, r, beside: bool):
+        side = moe_decode.shared_beside("moe_experts", {}, [None, None, None, w13, w2, *shared], rows,
+                                        x, r, nw, 1e-5) if beside else None
+        ids, wts, xn, _ = routed_norm(x, r, nw, 1e-5, gate, bias, top_k=8, scaling=2.446)
+        return moe_decode.run_step("moe_experts", {}, [xn, ids, wts, w13, w2, *shared], rows, side), (xn, ids, wts)
+
+    x, r = (torch.randn(N, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2))
+    got, (xn, ids, wts) = layer(x, r, True)
+    want, _ = layer(x, r, False)
+    ref = experts_fp64(xn.cpu(), ids.cpu(), wts.cpu(), w13.cpu(), w2.cpu(), None, [t.cpu() for t in shared])
+    assert rel(got.cpu(), ref) <= BF16_TOL and rel(got, want) <= BF16_TOL
+    sx, sr = x.clone(), r.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, _ = layer(sx, sr, True)
+    for _ in range(3):
+        x2, r2 = (torch.randn(N, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2))
+        again, _ = layer(x2, r2, True)
+        sx.copy_(x2)
+        sr.copy_(r2)
+        graph.replay()
+        assert torch.equal(out, again)
