@@ -337,21 +337,23 @@ def dot_precision(dtype: str) -> str:
     return "ieee" if dtype == "f32" else "tf32"
 
 
-_TICKETS: dict[str, list] = {}      # device -> its ticket buffers, newest last (older ones kept: graphs hold them)
+_TICKETS: dict[str, list] = {}      # device (/lane) -> its ticket buffers, newest last (older ones kept: graphs hold them)
 
 
-def tickets(device, n: int):
+def tickets(device, n: int, lane: str = ""):
     """n int32 counters on `device`, zero, for a kernel whose programs each take a ticket and whose
     last to arrive finishes the work and resets its counter (so every launch leaves them zero).
-    Kept for the process, since CUDA graphs hold their address; launches that use them run one at
-    a time (one stream). Inside a CUDA-graph capture before enough were made, the capture's own
-    zeroed counters (their memset replays with the graph)."""
+    Kept for the process, since CUDA graphs hold their address; launches that use one lane's
+    counters run one at a time (one stream): a side stream's launches take a lane of their own.
+    Inside a CUDA-graph capture before enough were made, the capture's own zeroed counters (their
+    memset replays with the graph)."""
     import torch
-    held = _TICKETS.get(str(device))
+    key = str(device) + (f"/{lane}" if lane else "")
+    held = _TICKETS.get(key)
     if held and held[-1].numel() >= n:
         return held[-1]
     fresh = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return fresh
-    _TICKETS.setdefault(str(device), []).append(fresh)
+    _TICKETS.setdefault(key, []).append(fresh)
     return fresh

@@ -351,12 +351,13 @@ def _specs(x, ids, weights, w13, w2, shared, quant):
 
 
 def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None = None, before_down=None,
-           out=None):
+           out=None, lane: str = ""):
     """acc + sum_j weights[..., j] SwiGLU_{ids[..., j]}(x), reading experts by id; with `shared`
     = (w_gate, w_up, w_down), the shared expert's SwiGLU(x) takes acc's place (ids of no columns:
     the shared expert alone, on these kernels); with `quant`, w13 and w2 are low-bit codes,
     dequantized in the kernels (only the codes are read). before_down: an event the down kernel
-    waits for (acc written on another stream); out: where to write (else a new tensor)."""
+    waits for (acc written on another stream); out: where to write (else a new tensor); lane: the
+    ticket counters' lane (codegen.tickets: a side stream's own)."""
     _check(x, ids, weights, w13, w2, acc, shared, quant)
     specs = _specs(x, ids, weights, w13, w2, shared, quant)
     if specs is None:
@@ -397,7 +398,7 @@ def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None 
     if before_down is not None:
         torch.cuda.current_stream(x.device).wait_event(before_down)
     launch(down, (d_blocks, programs), h, ids_c, w2, s2, z2, hs, wd, y, weights.contiguous(), acc, out,
-           tickets(x.device, N * d_blocks), pairs)
+           tickets(x.device, N * d_blocks, lane), pairs)
     return out
 
 
@@ -496,7 +497,8 @@ def shared_beside(kind: str, attrs: dict, args: list, shared_rows: tuple, x, res
 
     def launches():
         xn, _ = rmsnorm(x, norm_weight, eps, residual=residual)
-        direct(xn, none, none.float(), w13, w2, None, _shared_of(args, n, shared_rows), quant, out=out)
+        direct(xn, none, none.float(), w13, w2, None, _shared_of(args, n, shared_rows), quant, out=out,
+               lane="beside")
     if not x.is_cuda:
         launches()
         return out, None
