@@ -94,30 +94,19 @@ VARIANTS = {
     "l2-prefetch-sf": {"l2_prefetch": {"enabled": True}, "moe_decode": {"shared_first": True}},
     "int4-id-a8-n16-w2": {"moe_decode": {"quant_direct_tokens": {"int4": 1}, "a8": True},
                           "moe_gemm_q": {"BN_w4a8": 16, "BND_w4a8": 16, "warps_w4a8": 2}},
-    # the bf16 experts on tensor-core K loops (acc "dot"), in the tiles moe_decode_bytes.py --forms
-    # timed fastest (its result file; resolved at start)
-    "dot-best": None,
+    # the one-token MoE tiles moe_decode_bytes.py --forms timed fastest (its result file; resolved at start)
+    "forms-best": None,
     # the shared expert on a side stream beside the router at one token (moe_decode shared_beside)
     "shared-beside": {"moe_decode": {"shared_beside": 1}},
 }
 
 
-def dot_best(path: str = "bench/results/moe_decode_forms.json") -> dict:
-    """The moe_decode overrides of the "dot" form that `moe_decode_bytes.py --forms` timed fastest
-    (its B = 1 and 2 steps summed)."""
-    import json
+def forms_best() -> dict:
+    """moe_decode with the one-token tiles `moe_decode_bytes.py --forms` timed fastest."""
+    from moe_decode_bytes import best_tiles, one_token
 
-    from moe_decode_bytes import FORM_VARIANTS
-    total: dict = {}
-    for r in json.load(open(path))["rows"]:
-        if r["variant"].startswith("dot"):
-            total[r["variant"]] = total.get(r["variant"], 0.0) + r["step_us"]
-    if not total:
-        raise SystemExit(f"{path}: no timed dot form")
-    name = min(total, key=total.get)
-    print(f"dot-best: {name} ({total[name]:.2f} us over B = 1, 2)", flush=True)
-    return {"moe_decode": FORM_VARIANTS[name]}
-_BASE_KEYS: dict = {}
+    from kimi_graph.lowering.triton.targets import config
+    return {"moe_decode": {"token_tiles": one_token(config("moe_decode"), best_tiles())["token_tiles"]}}
 
 
 def variant_setup(name: str) -> str:
@@ -305,8 +294,8 @@ def main(argv=None) -> None:
     for v in a.variants.split(","):
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
-    if "dot-best" in a.variants.split(","):
-        VARIANTS["dot-best"] = dot_best()
+    if "forms-best" in a.variants.split(","):
+        VARIANTS["forms-best"] = forms_best()
     a.batches = [int(b) for b in a.batches.split(",")]
     bw = copy_bandwidth()
     rows: list = []

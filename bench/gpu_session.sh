@@ -30,11 +30,11 @@ step_fp8_chain() {     # fp8's expert layer with the tokens quantized before the
 step_moe_bytes() {     # does the B=1 MoE decode kernel's time follow its bytes? (the next B=1 question)
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 120 python3 bench/moe_decode_bytes.py
 }
-step_moe_forms() {     # the direct MoE kernels on tensor-core K loops (acc "dot") against the tuned forms,
-  # then the 27-layer B=1 / 2 step with the fastest of them
-  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 150 python3 bench/moe_decode_bytes.py --forms || return 1
-  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 200 python3 bench/decode_step.py --layers 27 --batches 1,2 \
-    --variants fused,dot-best,fused --no-sweep --name decode_step_dot
+step_moe_forms() {     # one-token tiles of the direct MoE kernels over distinct expert sets, then the 27-layer
+  # B=1 step with the fastest of them beside the tuned ones
+  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 120 python3 bench/moe_decode_bytes.py --forms || return 1
+  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 150 python3 bench/decode_step.py --layers 27 --batches 1 \
+    --variants fused,forms-best,fused,forms-best --no-sweep --name decode_step_forms
 }
 step_moe_beside() {    # one MoE layer at B=1: the shared expert on a side stream beside the router
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 100 python3 bench/moe_decode_bytes.py --beside || return 1

@@ -7,7 +7,7 @@ the kernel is bound by its latency, not by DRAM bytes: reading fewer bytes (an L
 shared expert elsewhere) then buys little.
 
     python bench/moe_decode_bytes.py          # GPU: table + bench/results/moe_decode_bytes.json (--name)
-    python bench/moe_decode_bytes.py --forms  # the K loops' forms and tiles at 8 routed + shared
+    python bench/moe_decode_bytes.py --forms  # one-token tiles and forms at 8 routed + shared
     python bench/moe_decode_bytes.py --beside # the shared expert on a side stream beside the router
 
 The replays of one call read the same experts again, so the few-expert points partly hit L2
@@ -84,25 +84,50 @@ def main(argv=None):
     write_result(args.name, rows, {"copy_tb_s": bw / 1e12, "fits": fits})
 
 
-# moe_decode overrides (over the tuning file's tiles, every token bucket): the tensor-core form
-# (acc "dot": the weight loads pipelined through shared memory) in several tiles and stages
-def _dot(BN, BK, w, BND, BKD, wd, st):
-    t = {"BN": BN, "BK": BK, "num_warps": w, "BND": BND, "BKD": BKD, "warps_down": wd, "num_stages": st,
-         "acc": "dot", "unroll": False}
-    return {"token_tiles": [[1, t], [2, t]], **t}
+TILE_KEYS = ("BN", "BK", "num_warps", "BND", "BKD", "warps_down", "acc", "unroll")
+
+
+# one-token tiles of the direct MoE kernels (moe_decode token_tiles' bucket 1, over the tuning
+# file's): gate/up (BN, BK, warps) and down (BND, BKD, warps_down) in the K loops' forms (acc, unroll)
+def _tiles(gu, dn, acc, unroll=False):
+    return dict(zip(TILE_KEYS, (*gu, *dn, acc, unroll)))
 
 
 FORM_VARIANTS = {
-    "default": {},
-    "dot 16/128/w4 16/128/w4 s4": _dot(16, 128, 4, 16, 128, 4, 4),
-    "dot 16/256/w4 16/256/w4 s3": _dot(16, 256, 4, 16, 256, 4, 3),
-    "dot 16/128/w4 16/128/w4 s6": _dot(16, 128, 4, 16, 128, 4, 6),
-    "dot 32/128/w4 32/128/w4 s4": _dot(32, 128, 4, 32, 128, 4, 4),
-    "dot 16/64/w2 16/64/w2 s8": _dot(16, 64, 2, 16, 64, 2, 8),
-    "dot 16/128/w2 16/128/w2 s4": _dot(16, 128, 2, 16, 128, 2, 4),
-    "dot 32/256/w8 32/256/w8 s3": _dot(32, 256, 8, 32, 256, 8, 3),
-    "dot 64/128/w4 32/128/w4 s4": _dot(64, 128, 4, 32, 128, 4, 4),
+    "default": None,
+    "tile 8/256/w4 8/256/w4": _tiles((8, 256, 4), (8, 256, 4), "tile"),
+    "tile 16/256/w4 16/256/w4": _tiles((16, 256, 4), (16, 256, 4), "tile"),
+    "tile 8/256/w8 16/256/w8": _tiles((8, 256, 8), (16, 256, 8), "tile"),
+    "tile 4/256/w4 8/128/w4": _tiles((4, 256, 4), (8, 128, 4), "tile"),
+    "tile 4/512/w4 4/256/w4": _tiles((4, 512, 4), (4, 256, 4), "tile"),
+    "tile 8/128/w4 16/128/w4": _tiles((8, 128, 4), (16, 128, 4), "tile"),
+    "row 8/256/w4 8/256/w4": _tiles((8, 256, 4), (8, 256, 4), "row"),
+    "row 4/512/w4 8/256/w4": _tiles((4, 512, 4), (8, 256, 4), "row"),
+    "tile-unroll 8/256/w4 8/256/w4": _tiles((8, 256, 4), (8, 256, 4), "tile", True),
 }
+
+
+def one_token(base: dict, tiles: dict | None) -> dict:
+    """moe_decode's config with `tiles` as the one-token bucket's (the other buckets as they are)."""
+    if tiles is None:
+        return base
+    rest = [b for b in base.get("token_tiles", []) if b[0] != 1]
+    return {**base, "token_tiles": [[1, tiles]] + rest}
+
+
+def best_tiles(path: str = "bench/results/moe_decode_forms.json") -> dict:
+    """The one-token tiles of the least gate/up time and, among the variants of its form (acc,
+    unroll: one pair for both kernels), of the least down time, from `--forms`'s result file."""
+    import json
+    timed = [r for r in json.load(open(path))["rows"] if r.get("gate_up_us") and "tiles" in r]
+    gu = min(timed, key=lambda r: r["gate_up_us"])
+    form = lambda r: (r["tiles"]["acc"], r["tiles"]["unroll"])  # noqa: E731
+    dn = min((r for r in timed if form(r) == form(gu)), key=lambda r: r["down_us"])
+    pick = {k: gu["tiles"][k] for k in ("BN", "BK", "num_warps", "acc", "unroll")}
+    pick.update({k: dn["tiles"][k] for k in ("BND", "BKD", "warps_down")})
+    print(f"best one-token tiles: gate/up of {gu['variant']} ({gu['gate_up_us']:.2f} us), down of "
+          f"{dn['variant']} ({dn['down_us']:.2f} us): {pick}", flush=True)
+    return pick
 
 
 def ceilings(w13, bw: float, sets: int, rows: list) -> None:
@@ -161,9 +186,9 @@ def ceilings(w13, bw: float, sets: int, rows: list) -> None:
 
 
 def forms(name: str, sets: int = 20):
-    """Each FORM_VARIANTS entry at B = 1 and 2 (8 routed experts a token + the shared one), each
-    call on the next of `sets` distinct expert sets (so from DRAM): step us, kernel us, the
-    share of copy over the bytes read, the error against the default form."""
+    """Each FORM_VARIANTS entry at B = 1 (8 routed experts + the shared one), each call on the
+    next of `sets` distinct expert sets (so from DRAM): step us, kernel us, the share of copy over
+    the bytes read, the error against the default tiles; then the ceilings."""
     from harness import bench_graph, copy_bandwidth, kernel_times, override_config, rel_err, write_result
 
     from kimi_graph.lowering.triton import moe_decode
@@ -175,7 +200,7 @@ def forms(name: str, sets: int = 20):
     base = config("moe_decode")
     rows = []
     print(f"copy {bw / 1e12:.2f} TB/s; D={D}, I={I}, 8 routed + shared, {sets} expert sets in turn")
-    for B in (1, 2):
+    for B in (1,):
         x = r(B, D)
         ids = [torch.stack([torch.randperm(E, device="cuda", generator=g)[:8] for _ in range(B)]) for _ in range(sets)]
         w = torch.rand(B, 8, device="cuda", generator=g)
@@ -186,8 +211,9 @@ def forms(name: str, sets: int = 20):
             turn[0] += 1
             return moe_decode.direct(x, ids[turn[0] % sets], w, w13, w2, None, shared)
         want = None
-        for vname, over in FORM_VARIANTS.items():
-            override_config("moe_decode", **{**base, **over})
+        for vname, tiles in FORM_VARIANTS.items():
+            cfg = one_token(base, tiles)
+            override_config("moe_decode", **cfg)
             try:
                 turn[0] = -1
                 out = run().float()
@@ -197,7 +223,9 @@ def forms(name: str, sets: int = 20):
             except Exception as e:     # a tile that does not fit this GPU: reported, not fatal
                 print(f"B={B} {vname}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
-            row = {"B": B, "variant": vname, "step_us": us, "of_copy": nbytes / (us * 1e-6) / bw,
+            used = dict(cfg["token_tiles"])[1] if tiles is None else tiles
+            row = {"B": B, "variant": vname, "tiles": {k: used.get(k, cfg.get(k, False)) for k in TILE_KEYS},
+                   "step_us": us, "of_copy": nbytes / (us * 1e-6) / bw,
                    "gate_up_us": kt.get("moe_decode_gate_up"), "down_us": kt.get("moe_decode_down"),
                    "rel_err_vs_default": rel_err(out, want)}
             rows.append(row)

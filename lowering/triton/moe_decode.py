@@ -43,34 +43,14 @@ from .targets import config, current_target
 
 # the K loops over float weights ("f"; low-bit codes: "q", dequant.helpers). FTILE: the products
 # summed into [rows, K tile] accumulators, each row summed once at the end (else a row sum per K
-# step); FDOT: each K tile a tensor-core product of the vector (row 0 of a 16-row operand, the
-# product's smallest M) with the weight tile, so the compiler pipelines the weight loads through
-# shared memory over num_stages; $krange: "range" or "tl.static_range" (the loop unrolled: a
-# program's loads all issued before its first sum)
+# step); $krange: "range" or "tl.static_range" (the loop unrolled: a program's loads all issued
+# before its first sum)
 _HELPERS = """
-@triton.jit
-def _dot_rows(w_ptr, r, mr, v_ptr, K: tl.constexpr, BKX: tl.constexpr):
-    # (v w[r]^T) over all K of a float weight [., K] by tensor-core products, in fp32
-    m = tl.arange(0, 16)
-    acc = tl.zeros((16, r.shape[0]), tl.float32)
-    for k0 in range(0, K, BKX):
-        k = k0 + tl.arange(0, BKX)
-        mk = k < K
-        v = tl.load(v_ptr + k, mask=mk, other=0.0)
-        vm = tl.where(m[:, None] == 0, v[None, :], 0.0).to(v.dtype)
-        w = tl.load(w_ptr + r[:, None] * K + k[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
-        acc = tl.dot(vm, tl.trans(w.to(v.dtype)), acc, input_precision="ieee")
-    return tl.sum(tl.where(m[:, None] == 0, acc, 0.0), 0)
-
-
 @triton.jit
 def _swiglu_rows_f(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.constexpr):
     # silu(x wg[rg]^T) * (x wu[ru]^T) for BN rows of one expert (D columns); ROUND: gate and up
     # rounded to the data dtype first (as separate linears give them)
-    if FDOT:
-        acc_g = _dot_rows(wg_ptr, rg, mn, x_ptr, D, BK)
-        acc_u = _dot_rows(wu_ptr, ru, mn, x_ptr, D, BK)
-    elif FTILE:
+    if FTILE:
         tile_g = tl.zeros((BN, BK), tl.float32)
         tile_u = tl.zeros((BN, BK), tl.float32)
         for k0 in $krange(0, D, BK):
@@ -93,9 +73,7 @@ def _swiglu_rows_f(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.co
 @triton.jit
 def _rows_dot_f(h_ptr, w_ptr, s_ptr, z_ptr, n, mn, K: tl.constexpr, G: tl.constexpr):
     # (h w^T)[n] for the BND rows n of w [., K], in fp32
-    if FDOT:
-        y = _dot_rows(w_ptr, n, mn, h_ptr, K, BKD)
-    elif FTILE:
+    if FTILE:
         tile = tl.zeros((BND, BKD), tl.float32)
         for k0 in $krange(0, K, BKD):
             tile += _wmul_f(w_ptr, n, mn, h_ptr, k0, K, BKD)
@@ -212,7 +190,7 @@ class Quant:
 
 
 TILE_KEYS = ("BN", "BK", "num_warps", "BND", "BKD", "warps_down", "num_stages", "acc", "unroll")
-FORMS = {"acc": ("row", "tile", "dot"), "unroll": (False, True)}       # the float weights' K loops (_HELPERS)
+FORMS = {"acc": ("row", "tile"), "unroll": (False, True)}       # the float weights' K loops (_HELPERS)
 
 
 def bucket_of(cfg: dict, tokens: int) -> int | None:
@@ -281,10 +259,6 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
     # the float K loops' forms: the bf16 experts' (low-bit kernels keep the plain loops for their shared expert)
     plain = quant is not None
     consts["FTILE"] = not plain and cfg.get("acc", "row") == "tile"
-    consts["FDOT"] = not plain and cfg.get("acc", "row") == "dot"
-    if consts["FDOT"]:          # tensor-core products: tiles of at least 16 rows and 16 columns
-        consts.update({k: max(consts[k], 16) for k in ("BN", "BK", "BND", "BKD")})
-        consts.update(BNS=consts["BN"] // shr, BNDS=consts["BND"] // shr)
     krange = "tl.static_range" if not plain and cfg.get("unroll", False) else "range"
     helpers, loader = _HELPERS.replace("$krange", krange), ""
     if quant is not None:
@@ -373,7 +347,7 @@ def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None 
     if not N or not (pairs or IS):
         return acc.to(dt).clone() if acc is not None else torch.empty(x.shape, device=x.device, dtype=dt)
     if not pairs:               # the shared expert alone: ids and weights never read (one element each)
-        ids, weights = (torch.zeros(1, device=x.device, dtype=t.dtype) for t in (ids, weights))
+        ids, weights = (torch.empty(1, device=x.device, dtype=t.dtype) for t in (ids, weights))
     rows = pairs + (N if IS else 0)          # the shared expert's rows after the pairs
     programs = pairs + (c["SHR"] * N if IS else 0)
     h = torch.empty(max(pairs, 1), I, device=x.device, dtype=dt)
@@ -491,7 +465,7 @@ def shared_beside(kind: str, attrs: dict, args: list, shared_rows: tuple, x, res
     from .norm import rmsnorm
     n = operands_before_acc(kind)
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)     # the caller's stream's memory
-    none = torch.zeros(*x.shape[:-1], 0, device=x.device, dtype=torch.int64)
+    none = torch.empty(*x.shape[:-1], 0, device=x.device, dtype=torch.int64)
     quant = None if n == 5 else Quant(attrs["format"], attrs["group_size"], args[4], args[6], *args[n + 3:])
     w13, w2 = (args[3], args[4]) if n == 5 else (args[3], args[5])
 
@@ -516,19 +490,21 @@ def op_quantized_moe_experts(args, attrs):
 
 
 def specs_for(kind, ins, outs, attrs, target, shared_i: int = 0):
-    """Both paths' kernels (the op runs either; the direct one in every token bucket), for AOT
+    """Both paths' kernels (the op runs either; the direct one in every token bucket, and with the
+    shared expert beside the router (shared_beside) its kernels with no routed pairs), for AOT
     builds."""
     x, ids, w = ins[:3]
-    buckets = [None] + [bound for bound, _ in config("moe_decode", target).get("token_tiles", ())]
+    cfg = config("moe_decode", target)
+    buckets = [None] + [bound for bound, _ in cfg.get("token_tiles", ())]
+    ks = [ids.shape[-1]] + ([0] if shared_i and cfg["shared_beside"] else [])
     if kind == "quantized_moe_experts":
         fmt = attrs["format"]
         (E, I2, D), I = weight_shape(fmt, ins[3].shape), weight_shape(fmt, ins[5].shape)[2]
         zeros = ins[7 + (3 if shared_i else 1):]             # after acc or the shared expert's weights
-        direct_specs = [s for b in buckets for s in decode_specs(I, D, ids.shape[-1], x.dtype, w.dtype, shared_i,
-                                                                 target, (fmt, attrs["group_size"], bool(zeros)), b)
-                        or ()]
+        direct_specs = [s for k in ks for b in buckets for s in decode_specs(
+            I, D, k, x.dtype, w.dtype, shared_i, target, (fmt, attrs["group_size"], bool(zeros)), b) or ()]
         return direct_specs + moe_quant.chain_specs(ins[:7] + [x] + list(zeros), attrs, target)
     E, I2, D = ins[3].shape
-    return ([s for b in buckets for s in decode_specs(I2 // 2, D, ids.shape[-1], x.dtype, w.dtype, shared_i, target,
-                                                      None, b)]
+    return ([s for k in ks for b in buckets for s in decode_specs(I2 // 2, D, k, x.dtype, w.dtype, shared_i, target,
+                                                                  None, b)]
             + moe.specs_for("moe_experts", ins[:5] + [x], outs, attrs, target))

@@ -332,7 +332,12 @@ TARGETS: dict[str, dict] = {
                        # step's kernels 2.210 ms (replay 2.544) against the permuted 2.404 (2.836); int8
                        # 2.466 against 2.591 ms (B=8 with the split: 7.638 against 7.287, so not above 2
                        # tokens; H200, 2026-12-02 04:44, 9fbba3e, decode_step_int*_shared_split.json)
-                       "quant_direct_tokens": {"int4": 1}, "a8": True, "shared_split": 4, "shared_split_tokens": 2}})},
+                       "quant_direct_tokens": {"int4": 1}, "a8": True, "shared_split": 4, "shared_split_tokens": 2,
+                       # one token: the shared expert on a side stream beside the router: one layer
+                       # 49.9 / 51.0 -> 48.7 / 48.6 us, the 27-layer step 2.640 / 2.631 -> 2.603 / 2.585
+                       # ms, bench/e2e.py B=1 1k 2.621 -> 2.577 ms (32k 2.762 -> 2.707); H200,
+                       # 2026-12-02 12:00, 9f6ab39, moe_decode_beside.json, decode_step_beside.json
+                       "shared_beside": 1}})},
     "interpret": {"arch": None, "gpu": "Triton interpreter (CPU)", "configs": _merge(_BASE, {
         "elementwise": {"BLOCK": 64},
         "conv": {"BT": 8, "BC": 16},
