@@ -41,19 +41,19 @@ step_moe_beside() {    # one MoE layer at B=1: the shared expert on a side strea
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 200 python3 bench/decode_step.py --layers 27 --batches 1 \
     --variants fused,shared-beside,fused,shared-beside --no-sweep --name decode_step_beside
 }
-step_beside_all() {    # the shared expert beside the router: one layer, the step, its GPU tests (the decode graph
-  # files with it on through a tuning file of its own), the whole model's decode beside the plain one
+step_beside_all() {    # the shared expert beside the router (on in the tuning file): one layer, the step, its GPU
+  # tests, the whole model's decode with it and through a tuning file with it off
   step_moe_beside || return 1
-  python3 - "$TUNING" /tmp/tuning-beside.json <<'PY'
+  python3 - "$TUNING" /tmp/tuning-plain.json <<'PY'
 import json, sys
 t = json.load(open(sys.argv[1]))
-t["configs"].setdefault("moe_decode", {})["shared_beside"] = 1
+t["configs"].setdefault("moe_decode", {})["shared_beside"] = 0
 json.dump(t, open(sys.argv[2], "w"))
 PY
-  timeout 60 python3 -m pytest -q -rf tests/test_moe_decode_gpu.py -k "beside or dot" || return 1
-  KIMI_GRAPH_TRITON_TUNING=/tmp/tuning-beside.json timeout 200 python3 -m pytest -q -rf --timeout 150 \
+  timeout 60 python3 -m pytest -q -rf tests/test_moe_decode_gpu.py -k beside || return 1
+  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 200 python3 -m pytest -q -rf --timeout 150 \
     tests/test_decode_graphs_gpu.py -k "not l2_prefetch and not int4" || return 1
-  for t in "$TUNING" /tmp/tuning-beside.json; do
+  for t in /tmp/tuning-plain.json "$TUNING"; do
     KIMI_GRAPH_TRITON_TUNING=$t timeout 150 python3 bench/e2e.py --phases ours --batches 1,32 --contexts 1024,32768 \
       --prefill 1x4096 --graphs on --name e2e-decode-$(basename $t .json) || return 1
   done
