@@ -96,8 +96,10 @@ VARIANTS = {
                           "moe_gemm_q": {"BN_w4a8": 16, "BND_w4a8": 16, "warps_w4a8": 2}},
     # the one-token MoE tiles moe_decode_bytes.py --forms timed fastest (its result file; resolved at start)
     "forms-best": None,
-    # the shared expert on a side stream beside the router at one token (moe_decode shared_beside)
+    # the shared expert on a side stream beside the router at one token (moe_decode shared_beside;
+    # on in sm_90's defaults), or folded into the routed kernels
     "shared-beside": {"moe_decode": {"shared_beside": 1}},
+    "shared-folded": {"moe_decode": {"shared_beside": 0}},
 }
 
 
