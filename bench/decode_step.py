@@ -101,6 +101,7 @@ VARIANTS = {
     "shared-beside": {"moe_decode": {"shared_beside": 1}},
     "shared-folded": {"moe_decode": {"shared_beside": 0}},
 }
+_BASE_KEYS: dict = {}
 
 
 def forms_best() -> dict:

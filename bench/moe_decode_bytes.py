@@ -34,26 +34,32 @@ def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - slope * mx, 1.0 / slope
 
 
+def draw(seed: int = 0):
+    """(generator, r, w13, w2, shared): the published shapes' experts and shared expert in bf16,
+    drawn on the GPU; r(*shape) draws more of the same scale."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: (torch.randn(*s, device="cuda", generator=g) * s[-1] ** -0.5).bfloat16()  # noqa: E731
+    return g, r, r(E, 2 * I, D), r(E, D, I), (r(I, D), r(I, D), r(D, I))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="moe_decode_bytes", help="bench/results/NAME.json")
     ap.add_argument("--forms", action="store_true", help="time the FORMS variants instead")
     ap.add_argument("--beside", action="store_true", help="time the shared expert beside the router instead")
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("moe_decode_bytes: needs a GPU")
+    sys.path.insert(0, os.path.dirname(__file__))
     if args.beside:
         return beside(args.name if args.name != "moe_decode_bytes" else "moe_decode_beside")
     if args.forms:
         return forms(args.name if args.name != "moe_decode_bytes" else "moe_decode_forms")
-    if not torch.cuda.is_available():
-        raise SystemExit("moe_decode_bytes: needs a GPU")
-    sys.path.insert(0, os.path.dirname(__file__))
     from harness import bench_graph, copy_bandwidth, kernel_times, write_result
 
     from kimi_graph.lowering.triton import moe_decode
     bw = copy_bandwidth()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    r = lambda *s: (torch.randn(*s, device="cuda", generator=g) * s[-1] ** -0.5).bfloat16()  # noqa: E731
-    w13, w2, shared = r(E, 2 * I, D), r(E, D, I), (r(I, D), r(I, D), r(D, I))
+    g, r, w13, w2, shared = draw()
     x = r(1, D)
     rows, lines = [], {"moe_decode_gate_up": [], "moe_decode_down": []}
     print(f"copy {bw / 1e12:.2f} TB/s; B=1, D={D}, I={I}")
@@ -182,7 +188,6 @@ def ceilings(w13, bw: float, sets: int, rows: list) -> None:
                  "of_copy": dense[0].numel() * 2 / (kt * 1e-6) / bw})
     print(f"ceiling  cuBLAS 1 x {D} by {D} x 18432: kernel {kt:6.2f} us ({100 * rows[-1]['of_copy']:.1f}% of copy)",
           flush=True)
-    del dense
 
 
 def forms(name: str, sets: int = 20):
@@ -194,44 +199,41 @@ def forms(name: str, sets: int = 20):
     from kimi_graph.lowering.triton import moe_decode
     from kimi_graph.lowering.triton.targets import config
     bw = copy_bandwidth()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    r = lambda *s: (torch.randn(*s, device="cuda", generator=g) * s[-1] ** -0.5).bfloat16()  # noqa: E731
-    w13, w2, shared = r(E, 2 * I, D), r(E, D, I), (r(I, D), r(I, D), r(D, I))
+    g, r, w13, w2, shared = draw()
     base = config("moe_decode")
     rows = []
-    print(f"copy {bw / 1e12:.2f} TB/s; D={D}, I={I}, 8 routed + shared, {sets} expert sets in turn")
-    for B in (1,):
-        x = r(B, D)
-        ids = [torch.stack([torch.randperm(E, device="cuda", generator=g)[:8] for _ in range(B)]) for _ in range(sets)]
-        w = torch.rand(B, 8, device="cuda", generator=g)
-        nbytes = sum((len(i.unique()) + 1) * 3 * D * I * 2 for i in ids) / sets
-        turn = [0]
+    print(f"copy {bw / 1e12:.2f} TB/s; D={D}, I={I}, B=1, 8 routed + shared, {sets} expert sets in turn")
+    x = r(1, D)
+    ids = [torch.randperm(E, device="cuda", generator=g)[:8][None] for _ in range(sets)]
+    w = torch.rand(1, 8, device="cuda", generator=g)
+    nbytes = 9 * 3 * D * I * 2
+    turn = [0]
 
-        def run():
-            turn[0] += 1
-            return moe_decode.direct(x, ids[turn[0] % sets], w, w13, w2, None, shared)
-        want = None
-        for vname, tiles in FORM_VARIANTS.items():
-            cfg = one_token(base, tiles)
-            override_config("moe_decode", **cfg)
-            try:
-                turn[0] = -1
-                out = run().float()
-                want = out if want is None else want
-                us = bench_graph(run, replays=sets) * 1e3
-                kt = {k: v * 1e3 for k, v in kernel_times(run, sets).items()}
-            except Exception as e:     # a tile that does not fit this GPU: reported, not fatal
-                print(f"B={B} {vname}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                continue
-            used = dict(cfg["token_tiles"])[1] if tiles is None else tiles
-            row = {"B": B, "variant": vname, "tiles": {k: used.get(k, cfg.get(k, False)) for k in TILE_KEYS},
-                   "step_us": us, "of_copy": nbytes / (us * 1e-6) / bw,
-                   "gate_up_us": kt.get("moe_decode_gate_up"), "down_us": kt.get("moe_decode_down"),
-                   "rel_err_vs_default": rel_err(out, want)}
-            rows.append(row)
-            print(f"B={B} {vname:<30} {us:7.2f} us  {100 * row['of_copy']:5.1f}% of copy  gate_up "
-                  f"{row['gate_up_us'] or 0:6.2f}  down {row['down_us'] or 0:6.2f}  err {row['rel_err_vs_default']:.1e}",
-                  flush=True)
+    def run():
+        turn[0] += 1
+        return moe_decode.direct(x, ids[turn[0] % sets], w, w13, w2, None, shared)
+    want = None
+    for vname, tiles in FORM_VARIANTS.items():
+        cfg = one_token(base, tiles)
+        override_config("moe_decode", **cfg)
+        try:
+            turn[0] = -1
+            out = run().float()
+            want = out if want is None else want
+            us = bench_graph(run, replays=sets) * 1e3
+            kt = {k: v * 1e3 for k, v in kernel_times(run, sets).items()}
+        except Exception as e:     # a tile that does not fit this GPU: reported, not fatal
+            print(f"B=1 {vname}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        used = dict(cfg["token_tiles"])[1] if tiles is None else tiles
+        row = {"B": 1, "variant": vname, "tiles": {k: used.get(k, cfg.get(k, False)) for k in TILE_KEYS},
+               "step_us": us, "of_copy": nbytes / (us * 1e-6) / bw,
+               "gate_up_us": kt.get("moe_decode_gate_up"), "down_us": kt.get("moe_decode_down"),
+               "rel_err_vs_default": rel_err(out, want)}
+        rows.append(row)
+        print(f"B=1 {vname:<30} {us:7.2f} us  {100 * row['of_copy']:5.1f}% of copy  gate_up "
+              f"{row['gate_up_us'] or 0:6.2f}  down {row['down_us'] or 0:6.2f}  err {row['rel_err_vs_default']:.1e}",
+              flush=True)
     override_config("moe_decode", **base)
     ceilings(w13, bw, sets, rows)
     write_result(name, rows, {"copy_tb_s": bw / 1e12, "sets": sets})
@@ -247,9 +249,7 @@ def beside(name: str, sets: int = 20):
     from kimi_graph.lowering.triton import moe_decode
     from kimi_graph.lowering.triton.moe_route import routed_norm
     bw = copy_bandwidth()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    r = lambda *s: (torch.randn(*s, device="cuda", generator=g) * s[-1] ** -0.5).bfloat16()  # noqa: E731
-    w13, w2, shared = r(E, 2 * I, D), r(E, D, I), (r(I, D), r(I, D), r(D, I))
+    g, r, w13, w2, shared = draw()
     gate, bias = r(E, D), torch.zeros(E, device="cuda")
     nw = (1 + 0.1 * torch.randn(D, device="cuda", generator=g)).bfloat16()
     xs = [torch.randn(1, D, device="cuda", generator=g).bfloat16() for _ in range(sets)]

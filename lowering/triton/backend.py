@@ -351,16 +351,10 @@ def dead_after(g: Graph, schedule: list) -> list[list[str]]:
     return drops
 
 
-_FEEDS: dict[int, tuple] = {}
-
-
 def routed_experts(schedule: list) -> dict[int, int]:
     """{NormRoute's index: the index of the Experts step with a folded shared expert that reads
     its normalised x, ids and weights} (moe_decode.shared_beside runs that shared expert beside
-    the router); kept per schedule."""
-    kept = _FEEDS.get(id(schedule))
-    if kept is not None and kept[0] is schedule:
-        return kept[1]
+    the router)."""
     made = {v: i for i, item in enumerate(schedule) if isinstance(item, moe_route.NormRoute) for v in item.outputs}
     out = {}
     for j, item in enumerate(schedule):
@@ -369,18 +363,17 @@ def routed_experts(schedule: list) -> dict[int, int]:
             nr = src.pop() if len(src) == 1 else None
             if nr is not None and item.inputs[:3] == [schedule[nr].outputs[k] for k in (2, 0, 1)]:
                 out[nr] = j
-    _FEEDS[id(schedule)] = (schedule, out)
     return out
 
 
 def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
         schedule: list | None = None, drops: list | None = None,
-        prefetches: dict | None = None) -> list[torch.Tensor]:
+        prefetches: dict | None = None, feeds: dict | None = None) -> list[torch.Tensor]:
     """Execute `g` on kernels (see `plan`); same contract as the reference interpreter.
     State inputs may be in-place views (see `accepts_views`); ops without a view kernel
     read a dense copy of the rows in use. Each value is dropped after its last reader
     (`dead_after`). prefetches: {schedule index: [(weight, bytes)]} issued into L2 on a side
-    stream before that item (prefetch.plan)."""
+    stream before that item (prefetch.plan). feeds: `routed_experts(schedule)`."""
     if schedule is None:
         schedule = plan(g)
     if drops is None:
@@ -389,7 +382,8 @@ def run(g: Graph, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch
     dense: dict[int, torch.Tensor] = {}
     trusted = any(is_view(x) for x in inputs.values()) or (
         torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-    feeds = routed_experts(schedule)       # router -> its experts step (shared expert beside the router)
+    if feeds is None:                      # router -> its experts step (shared expert beside the router)
+        feeds = routed_experts(schedule)
     beside: dict[int, tuple] = {}          # experts step -> (shared output, event) launched beside
 
     def plain(x):
@@ -500,8 +494,8 @@ def triton_backend(model):
         if id(graph) not in schedules:
             legal = legalize(graph)
             schedule = plan(legal)
-            schedules[id(graph)] = (graph, legal, schedule, dead_after(legal, schedule))
-        _, legal, schedule, drops = schedules[id(graph)]
+            schedules[id(graph)] = (graph, legal, schedule, dead_after(legal, schedule), routed_experts(schedule))
+        _, legal, schedule, drops, feeds = schedules[id(graph)]
         ids = inputs.get("input_ids")
         rows = ids.numel() if ids is not None else 0
         ahead = None
@@ -511,7 +505,7 @@ def triton_backend(model):
                                                       config("l2_prefetch", target), launches)
             ahead = prefetches[id(graph)]
         with codegen.step_rows(rows):     # launch.pdl_rows
-            return run(legal, inputs, model.weights, schedule, drops, ahead)
+            return run(legal, inputs, model.weights, schedule, drops, ahead, feeds)
     execute.accepts_views = accepts_views
     # the most cached rows a prefill's MLA attention decompresses at once (mla.prefix_attention)
     execute.attention_key_rows = lambda: config("attention", target).get("key_block", 16384)

@@ -338,7 +338,7 @@ def direct(x, ids, weights, w13, w2, acc=None, shared=None, quant: Quant | None 
         raise ValueError(f"no direct decode kernel for {quant.fmt} experts on {current_target()}")
     gate_up, down = specs
     (E, I2, D), _ = _shapes(w13, w2, quant)
-    I, k = I2 // 2, ids.shape[-1]
+    I = I2 // 2
     dt = x.dtype
     IS = 0 if shared is None else shared[0].shape[0]
     c = gate_up.config
@@ -427,6 +427,14 @@ def _shared_of(args: list, n: int, shared_rows: tuple) -> tuple:
     return args[n][g0:g1], args[n + 1][u0:u1], args[n + 2]
 
 
+def _routed(n: int, attrs: dict, args: list, zeros: list) -> tuple:
+    """(w13, w2, Quant or None) of an experts op's operands (`operands_before_acc` n), low-bit
+    ones with these zero points."""
+    if n == 5:
+        return args[3], args[4], None
+    return args[3], args[5], Quant(attrs["format"], attrs["group_size"], args[4], args[6], *zeros)
+
+
 def run_step(kind: str, attrs: dict, args: list, shared_rows: tuple = (), beside=None):
     """A moe_experts or quantized_moe_experts op's operands (the backend's `Experts` step): with
     `shared_rows`, the acc operand is replaced by the shared expert's (Wg, Wu, Wd), Wg and Wu
@@ -440,10 +448,8 @@ def run_step(kind: str, attrs: dict, args: list, shared_rows: tuple = (), beside
         acc, shared, rest = None, _shared_of(args, n, shared_rows), args[n + 3:]
     else:
         acc, shared, rest = args[n], None, args[n + 1:]
-    if n == 5:
-        return moe_experts(*args[:5], acc, shared, acc_ready=ready)
-    quant = Quant(attrs["format"], attrs["group_size"], args[4], args[6], *rest)
-    return moe_experts(*args[:4], args[5], acc, shared, quant, acc_ready=ready)
+    w13, w2, quant = _routed(n, attrs, args, rest)
+    return moe_experts(*args[:3], w13, w2, acc, shared, quant, acc_ready=ready)
 
 
 _SIDE: dict = {}            # device -> the side stream shared_beside launches on
@@ -466,8 +472,7 @@ def shared_beside(kind: str, attrs: dict, args: list, shared_rows: tuple, x, res
     n = operands_before_acc(kind)
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)     # the caller's stream's memory
     none = torch.empty(*x.shape[:-1], 0, device=x.device, dtype=torch.int64)
-    quant = None if n == 5 else Quant(attrs["format"], attrs["group_size"], args[4], args[6], *args[n + 3:])
-    w13, w2 = (args[3], args[4]) if n == 5 else (args[3], args[5])
+    w13, w2, quant = _routed(n, attrs, args, args[n + 3:])
 
     def launches():
         xn, _ = rmsnorm(x, norm_weight, eps, residual=residual)
