@@ -36,6 +36,23 @@ step_moe_forms() {     # one-token tiles of the direct MoE kernels over distinct
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 150 python3 bench/decode_step.py --layers 27 --batches 1 \
     --variants fused,forms-best,fused,forms-best --no-sweep --name decode_step_forms
 }
+step_forms_e2e() {     # moe_forms, then its fastest one-token tiles in a copy of the tuning file
+  # ($OUT/tuning-forms.json), the whole model with them beside transformers (B=1 / 32, 1k / 32k)
+  step_moe_forms || return 1
+  python3 - "$TUNING" /tmp/tuning-forms.json <<'PY' || return 1
+import json, sys
+sys.path.insert(0, "bench")
+from moe_decode_bytes import best_tiles
+t = json.load(open(sys.argv[1]))
+cfg = t["configs"].setdefault("moe_decode", {})
+cfg["token_tiles"] = [[1, best_tiles()]] + [b for b in cfg.get("token_tiles", []) if b[0] != 1]
+json.dump(t, open(sys.argv[2], "w"), indent=1)
+PY
+  cp /tmp/tuning-forms.json "$OUT/"
+  KIMI_GRAPH_TRITON_TUNING=/tmp/tuning-forms.json timeout ${E2E_S:-300} python3 bench/e2e.py --phases ours,hf \
+    --prefill 1x4096 --prefill-logits last --batches 1,32 --contexts 1024,32768 --hf-batches 1,32 --graphs on \
+    --name e2e-forms
+}
 step_moe_beside() {    # one MoE layer at B=1: the shared expert on a side stream beside the router
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 100 python3 bench/moe_decode_bytes.py --beside || return 1
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 200 python3 bench/decode_step.py --layers 27 --batches 1 \

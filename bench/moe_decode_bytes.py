@@ -90,35 +90,35 @@ def main(argv=None):
     write_result(args.name, rows, {"copy_tb_s": bw / 1e12, "fits": fits})
 
 
-TILE_KEYS = ("BN", "BK", "num_warps", "BND", "BKD", "warps_down", "acc", "unroll", "num_stages")
+TILE_KEYS = ("BN", "BK", "num_warps", "BND", "BKD", "warps_down", "acc", "unroll", "num_stages", "x_load")
 
 
 # one-token tiles of the direct MoE kernels (moe_decode token_tiles' bucket 1, over the tuning
 # file's): gate/up (BN, BK, warps) and down (BND, BKD, warps_down) in the K loops' forms (acc,
-# unroll) and software-pipeline stages. D = 2304 = 9 x 256: K tiles of 256 divide it, wider ones
-# leave a masked last step
-def _tiles(gu, dn, acc, unroll=False, stages=2):
-    return dict(zip(TILE_KEYS, (*gu, *dn, acc, unroll, stages)))
+# unroll, x_load) and software-pipeline stages. D = 2304 = 9 x 256: K tiles of 256 divide it,
+# wider ones leave a masked last step. x_load "tile": x (h) read in the weight tile's shape (no
+# layout change through shared memory, no barrier between a step's loads)
+def _tiles(gu, dn, acc, unroll=False, stages=2, x_load="tile"):
+    return dict(zip(TILE_KEYS, (*gu, *dn, acc, unroll, stages, x_load)))
 
 
 FORM_VARIANTS = {
     "default": None,
-    "tile 4/256/w4 8/256/w4": _tiles((4, 256, 4), (8, 256, 4), "tile"),
-    "tile 4/256/w4 8/256/w4 s3": _tiles((4, 256, 4), (8, 256, 4), "tile", stages=3),
-    "tile 4/256/w4 8/256/w4 s4": _tiles((4, 256, 4), (8, 256, 4), "tile", stages=4),
-    "tile 4/256/w4 8/256/w4 s1": _tiles((4, 256, 4), (8, 256, 4), "tile", stages=1),
-    "tile-unroll 4/256/w4 8/256/w4": _tiles((4, 256, 4), (8, 256, 4), "tile", True),
-    "tile 4/256/w2 8/256/w2 s3": _tiles((4, 256, 2), (8, 256, 2), "tile", stages=3),
-    "tile 8/256/w4 16/256/w4 s3": _tiles((8, 256, 4), (16, 256, 4), "tile", stages=3),
-    "tile 2/256/w2 4/256/w2 s3": _tiles((2, 256, 2), (4, 256, 2), "tile", stages=3),
-    "tile 4/512/w4 8/512/w4 s3": _tiles((4, 512, 4), (8, 512, 4), "tile", stages=3),
-    "tile 8/256/w8 16/256/w8 s3": _tiles((8, 256, 8), (16, 256, 8), "tile", stages=3),
-    "tile 4/256/w4 8/128/w4 s3": _tiles((4, 256, 4), (8, 128, 4), "tile", stages=3),
-    "row 4/256/w4 8/256/w4 s3": _tiles((4, 256, 4), (8, 256, 4), "row", stages=3),
-    "row 8/256/w4 16/256/w4 s3": _tiles((8, 256, 4), (16, 256, 4), "row", stages=3),
-    "tile-unroll 4/1024/w4 8/512/w4": _tiles((4, 1024, 4), (8, 512, 4), "tile", True),
-    "tile-unroll 8/256/w4 8/256/w4": _tiles((8, 256, 4), (8, 256, 4), "tile", True),
-    "tile-unroll 2/1024/w2 4/1024/w2": _tiles((2, 1024, 2), (4, 1024, 2), "tile", True),
+    "tile-unroll 4/1024/w2 8/512/w2 xt": _tiles((4, 1024, 2), (8, 512, 2), "tile", True),
+    "tile 8/256/w8 16/256/w8 s3 vec": _tiles((8, 256, 8), (16, 256, 8), "tile", stages=3, x_load="vector"),
+    "tile 8/256/w8 16/256/w8 xt": _tiles((8, 256, 8), (16, 256, 8), "tile"),
+    "tile 4/256/w4 8/256/w4 xt": _tiles((4, 256, 4), (8, 256, 4), "tile"),
+    "tile 8/256/w4 16/256/w4 xt": _tiles((8, 256, 4), (16, 256, 4), "tile"),
+    "row 8/256/w8 16/256/w8 xt": _tiles((8, 256, 8), (16, 256, 8), "row"),
+    "tile-unroll 4/256/w4 8/256/w4 xt": _tiles((4, 256, 4), (8, 256, 4), "tile", True),
+    "tile-unroll 8/256/w8 16/256/w8 xt": _tiles((8, 256, 8), (16, 256, 8), "tile", True),
+    "tile-unroll 8/256/w4 16/256/w4 xt": _tiles((8, 256, 4), (16, 256, 4), "tile", True),
+    "tile-unroll 4/256/w2 8/256/w2 xt": _tiles((4, 256, 2), (8, 256, 2), "tile", True),
+    "tile-unroll 2/256/w2 4/256/w2 xt": _tiles((2, 256, 2), (4, 256, 2), "tile", True),
+    "tile-unroll 4/512/w4 8/512/w4 xt": _tiles((4, 512, 4), (8, 512, 4), "tile", True),
+    "tile 16/256/w8 32/256/w8 xt": _tiles((16, 256, 8), (32, 256, 8), "tile"),
+    "row-unroll 4/256/w4 8/256/w4 xt": _tiles((4, 256, 4), (8, 256, 4), "row", True),
+    "tile-unroll 8/128/w4 16/128/w4 xt": _tiles((8, 128, 4), (16, 128, 4), "tile", True),
 }
 
 
@@ -136,9 +136,9 @@ def best_tiles(path: str = "bench/results/moe_decode_forms.json") -> dict:
     import json
     timed = [r for r in json.load(open(path))["rows"] if r.get("gate_up_us") and "tiles" in r]
     gu = min(timed, key=lambda r: r["gate_up_us"])
-    form = lambda r: (r["tiles"]["acc"], r["tiles"]["unroll"])  # noqa: E731
+    form = lambda r: (r["tiles"]["acc"], r["tiles"]["unroll"], r["tiles"].get("x_load"))  # noqa: E731
     dn = min((r for r in timed if form(r) == form(gu)), key=lambda r: r["down_us"])
-    pick = {k: gu["tiles"][k] for k in ("BN", "BK", "num_warps", "acc", "unroll", "num_stages")}
+    pick = {k: gu["tiles"][k] for k in ("BN", "BK", "num_warps", "acc", "unroll", "num_stages", "x_load")}
     pick.update({k: dn["tiles"][k] for k in ("BND", "BKD", "warps_down")})
     print(f"best one-token tiles: gate/up of {gu['variant']} ({gu['gate_up_us']:.2f} us), down of "
           f"{dn['variant']} ({dn['down_us']:.2f} us): {pick}", flush=True)

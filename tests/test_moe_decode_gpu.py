@@ -33,13 +33,16 @@ def draw(N, E=256, k=8, D=2304, I=1024, seed=0):
 
 
 @pytest.mark.parametrize("N", [1, 8])
-@pytest.mark.parametrize("acc,unroll", [("row", False), ("tile", True), ("tile", False), ("row", True)])
-def test_direct_bf16_against_fp64(N, acc, unroll, monkeypatch):
+@pytest.mark.parametrize("acc,unroll,x_load", [("row", False, "vector"), ("tile", True, "tile"),
+                                               ("tile", False, "tile"), ("row", True, "vector"),
+                                               ("row", False, "tile")])
+def test_direct_bf16_against_fp64(N, acc, unroll, x_load, monkeypatch):
     """Each form of the bf16 K loops (moe_decode.FORMS)."""
     from kimi_graph.lowering.triton.targets import TARGETS
     target = moe_decode.current_target()
     monkeypatch.setitem(TARGETS[target]["configs"], "moe_decode",
-                        {**TARGETS[target]["configs"]["moe_decode"], "acc": acc, "unroll": unroll})
+                        {**TARGETS[target]["configs"]["moe_decode"], "acc": acc, "unroll": unroll,
+                         "x_load": x_load})
     moe_decode.decode_specs.cache_clear()
     x, ids, w, w13, w2, shared = draw(N)
     out = moe_decode.direct(x, ids, w, w13, w2, None, shared)

@@ -22,14 +22,17 @@ def _interpret(triton_interpret):
     pass
 
 
-@pytest.fixture(params=[("row", False), ("tile", False), ("row", True), ("tile", True)],
-                ids=["row", "tile", "row-unrolled", "tile-unrolled"])
+@pytest.fixture(params=[("row", False, "vector"), ("tile", False, "tile"), ("row", True, "tile"),
+                        ("tile", True, "vector")],
+                ids=["row", "tile-xtile", "row-unrolled-xtile", "tile-unrolled"])
 def forms(request, monkeypatch):
-    """Each form of the bf16 experts' K loops (moe_decode.FORMS), in the base and bucket tiles."""
+    """Each form of the bf16 experts' K loops (moe_decode.FORMS: each x_load beside each acc and
+    unroll), in the base and bucket tiles."""
     from kimi_graph.lowering.triton.targets import TARGETS
-    acc, unroll = request.param
+    acc, unroll, x_load = request.param
     monkeypatch.setitem(TARGETS["interpret"]["configs"], "moe_decode",
-                        {**TARGETS["interpret"]["configs"]["moe_decode"], "acc": acc, "unroll": unroll})
+                        {**TARGETS["interpret"]["configs"]["moe_decode"], "acc": acc, "unroll": unroll,
+                         "x_load": x_load})
     moe_decode.decode_specs.cache_clear()
     yield request.param
     moe_decode.decode_specs.cache_clear()

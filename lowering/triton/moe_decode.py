@@ -91,8 +91,11 @@ def _wmul_f(w_ptr, r, mr, v_ptr, k0, K: tl.constexpr, BKX: tl.constexpr):
     # w[r, k] v[k] over k0 .. k0 + BKX of a float weight [., K], in fp32
     k = k0 + tl.arange(0, BKX)
     mk = k < K
-    v = tl.load(v_ptr + k, mask=mk, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + r[:, None] * K + k[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
+    if XTILE:       # v read in w's [rows, BKX] shape (the rows' copies from L1): no layout change
+        v = tl.load(v_ptr + k[None, :] + 0 * r[:, None], mask=mr[:, None] & mk[None, :], other=0.0)
+        return w.to(tl.float32) * v.to(tl.float32)
+    v = tl.load(v_ptr + k, mask=mk, other=0.0).to(tl.float32)
     return w.to(tl.float32) * v[None, :]
 
 
@@ -189,8 +192,8 @@ class Quant:
         return self.fmt, self.group_size, self.z13 is not None
 
 
-TILE_KEYS = ("BN", "BK", "num_warps", "BND", "BKD", "warps_down", "num_stages", "acc", "unroll")
-FORMS = {"acc": ("row", "tile"), "unroll": (False, True)}       # the float weights' K loops (_HELPERS)
+TILE_KEYS = ("BN", "BK", "num_warps", "BND", "BKD", "warps_down", "num_stages", "acc", "unroll", "x_load")
+FORMS = {"acc": ("row", "tile"), "unroll": (False, True), "x_load": ("vector", "tile")}   # the float K loops
 
 
 def bucket_of(cfg: dict, tokens: int) -> int | None:
@@ -259,6 +262,7 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
     # the float K loops' forms: the bf16 experts' (low-bit kernels keep the plain loops for their shared expert)
     plain = quant is not None
     consts["FTILE"] = not plain and cfg.get("acc", "row") == "tile"
+    consts["XTILE"] = cfg.get("x_load", "vector") == "tile"
     krange = "tl.static_range" if not plain and cfg.get("unroll", False) else "range"
     helpers, loader = _HELPERS.replace("$krange", krange), ""
     if quant is not None:

@@ -178,6 +178,9 @@ _BASE = {
     # (each weight dequantized and rounded as the op library does; fp8 always). The bf16 experts'
     # K loops (moe_decode.FORMS): acc "row" (a row sum per K step) or "tile" ([rows, K tile]
     # accumulators summed once); unroll: the loop unrolled (every load of a program issued first);
+    # x_load "tile": the activation row read in the weight tile's [rows, K tile] shape (its copies
+    # from L1) rather than as a vector moved to that layout through shared memory (two barriers a
+    # K step, and the gate and up loads of a step one after the other);
     # quant_direct False (or a list: the formats that go by id): decode-sized low-bit batches
     # take the permuted grouped path instead (moe_gemm_q's kernels), except batches of at most
     # quant_direct_tokens[format] tokens; a8: int4 experts by id on moe_w4a8's loops (int8 activations by
@@ -190,7 +193,7 @@ _BASE = {
     # the router (its own norm, then the direct kernels alone), the routed down kernel's acc
     "moe_decode": {"BN": 16, "BK": 256, "BND": 16, "BKD": 256, "max_pairs": 64, "num_warps": 4,
                    "warps_down": 4, "num_stages": 2, "token_tiles": [], "quant_tiles": {}, "dequant": "words",
-                   "prefetch": True, "acc": "row", "unroll": False, "quant_direct": True, "quant_direct_tokens": {},
+                   "prefetch": True, "acc": "row", "unroll": False, "x_load": "vector", "quant_direct": True, "quant_direct_tokens": {},
                    "a8": False, "shared_split": 1, "shared_split_tokens": 0, "shared_first": False,
                    "shared_beside": 0},
     # dense projections of up to max_rows rows (lowering/triton/gemv.py; larger take cuBLAS):
