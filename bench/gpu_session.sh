@@ -37,7 +37,8 @@ step_moe_forms() {     # one-token tiles of the direct MoE kernels over distinct
     --variants fused,forms-best,fused,forms-best --no-sweep --name decode_step_forms
 }
 step_forms_e2e() {     # moe_forms, then its fastest one-token tiles in a copy of the tuning file
-  # ($OUT/tuning-forms.json), the whole model with them beside transformers (B=1 / 32, 1k / 32k)
+  # ($OUT/tuning-forms.json), the whole model with them beside transformers (B=1 / 32, 1k / 32k),
+  # the GPU decode tests with them
   step_moe_forms || return 1
   python3 - "$TUNING" /tmp/tuning-forms.json <<'PY' || return 1
 import json, sys
@@ -51,7 +52,9 @@ PY
   cp /tmp/tuning-forms.json "$OUT/"
   KIMI_GRAPH_TRITON_TUNING=/tmp/tuning-forms.json timeout ${E2E_S:-300} python3 bench/e2e.py --phases ours,hf \
     --prefill 1x4096 --prefill-logits last --batches 1,32 --contexts 1024,32768 --hf-batches 1,32 --graphs on \
-    --name e2e-forms
+    --name e2e-forms || return 1
+  KIMI_GRAPH_TRITON_TUNING=/tmp/tuning-forms.json timeout ${TESTS_S:-220} python3 -m pytest -q -rf --timeout 100 \
+    tests/test_moe_decode_gpu.py tests/test_decode_graphs_gpu.py
 }
 step_moe_beside() {    # one MoE layer at B=1: the shared expert on a side stream beside the router
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 100 python3 bench/moe_decode_bytes.py --beside || return 1

@@ -90,35 +90,41 @@ def main(argv=None):
     write_result(args.name, rows, {"copy_tb_s": bw / 1e12, "fits": fits})
 
 
-TILE_KEYS = ("BN", "BK", "num_warps", "BND", "BKD", "warps_down", "acc", "unroll", "num_stages", "x_load")
+FORM_KEYS = ("acc", "unroll", "x_load")
+TILE_KEYS = ("BN", "BK", "num_warps", "BND", "BKD", "warps_down", "num_stages", *FORM_KEYS,
+             *(f"{k}_down" for k in FORM_KEYS))
 
 
 # one-token tiles of the direct MoE kernels (moe_decode token_tiles' bucket 1, over the tuning
-# file's): gate/up (BN, BK, warps) and down (BND, BKD, warps_down) in the K loops' forms (acc,
-# unroll, x_load) and software-pipeline stages. D = 2304 = 9 x 256: K tiles of 256 divide it,
-# wider ones leave a masked last step. x_load "tile": x (h) read in the weight tile's shape (no
-# layout change through shared memory, no barrier between a step's loads)
-def _tiles(gu, dn, acc, unroll=False, stages=2, x_load="tile"):
-    return dict(zip(TILE_KEYS, (*gu, *dn, acc, unroll, stages, x_load)))
+# file's): gate/up (BN, BK, warps) and down (BND, BKD, warps_down), each in its K loop's forms
+# (acc, unroll, x_load), and software-pipeline stages. D = 2304 = 9 x 256: K tiles of 256 divide
+# it, wider ones leave a masked last step. x_load "tile": x (h) read in the weight tile's shape
+# (no layout change through shared memory, no barrier between a step's loads)
+def _tiles(gu, dn, form=("tile", False, "tile"), down=None, stages=2):
+    return dict(zip(TILE_KEYS, (*gu, *dn, stages, *form, *(down or form))))
 
 
+_GU = (4, 256, 4)                       # 2026-12-02 17:50: 22.0 us (the streaming read: 20.7)
+_VEC, _VEC_UNROLL, _XT = ("tile", False, "vector"), ("tile", True, "vector"), ("tile", False, "tile")
 FORM_VARIANTS = {
     "default": None,
-    "tile-unroll 4/1024/w2 8/512/w2 xt": _tiles((4, 1024, 2), (8, 512, 2), "tile", True),
-    "tile 8/256/w8 16/256/w8 s3 vec": _tiles((8, 256, 8), (16, 256, 8), "tile", stages=3, x_load="vector"),
-    "tile 8/256/w8 16/256/w8 xt": _tiles((8, 256, 8), (16, 256, 8), "tile"),
-    "tile 4/256/w4 8/256/w4 xt": _tiles((4, 256, 4), (8, 256, 4), "tile"),
-    "tile 8/256/w4 16/256/w4 xt": _tiles((8, 256, 4), (16, 256, 4), "tile"),
-    "row 8/256/w8 16/256/w8 xt": _tiles((8, 256, 8), (16, 256, 8), "row"),
-    "tile-unroll 4/256/w4 8/256/w4 xt": _tiles((4, 256, 4), (8, 256, 4), "tile", True),
-    "tile-unroll 8/256/w8 16/256/w8 xt": _tiles((8, 256, 8), (16, 256, 8), "tile", True),
-    "tile-unroll 8/256/w4 16/256/w4 xt": _tiles((8, 256, 4), (16, 256, 4), "tile", True),
-    "tile-unroll 4/256/w2 8/256/w2 xt": _tiles((4, 256, 2), (8, 256, 2), "tile", True),
-    "tile-unroll 2/256/w2 4/256/w2 xt": _tiles((2, 256, 2), (4, 256, 2), "tile", True),
-    "tile-unroll 4/512/w4 8/512/w4 xt": _tiles((4, 512, 4), (8, 512, 4), "tile", True),
-    "tile 16/256/w8 32/256/w8 xt": _tiles((16, 256, 8), (32, 256, 8), "tile"),
-    "row-unroll 4/256/w4 8/256/w4 xt": _tiles((4, 256, 4), (8, 256, 4), "row", True),
-    "tile-unroll 8/128/w4 16/128/w4 xt": _tiles((8, 128, 4), (16, 128, 4), "tile", True),
+    "gu 4/256/w4 xt, dn 16/256/w8 vec": _tiles(_GU, (16, 256, 8), down=_VEC),
+    "gu 4/256/w4 xt, dn 16/256/w8 vec s3": _tiles(_GU, (16, 256, 8), down=_VEC, stages=3),
+    "gu 4/256/w4 xt, dn 8/256/w4 vec": _tiles(_GU, (8, 256, 4), down=_VEC),
+    "gu 4/256/w4 xt, dn 16/256/w8 vec-unroll": _tiles(_GU, (16, 256, 8), down=_VEC_UNROLL),
+    "gu 4/256/w4 xt, dn 8/512/w4 vec": _tiles(_GU, (8, 512, 4), down=_VEC),
+    "gu 4/256/w4 xt, dn 16/512/w8 vec": _tiles(_GU, (16, 512, 8), down=_VEC),
+    "gu 4/256/w4 xt, dn 32/256/w8 vec": _tiles(_GU, (32, 256, 8), down=_VEC),
+    "gu 4/256/w4 xt, dn 16/1024/w8 vec-unroll": _tiles(_GU, (16, 1024, 8), down=_VEC_UNROLL),
+    "gu 4/256/w4 xt, dn 8/1024/w4 xt-unroll": _tiles(_GU, (8, 1024, 4), down=("tile", True, "tile")),
+    "gu 4/256/w4 xt, dn 16/256/w8 row-vec": _tiles(_GU, (16, 256, 8), down=("row", False, "vector")),
+    "gu 4/256/w4 xt, dn 8/256/w4 xt": _tiles(_GU, (8, 256, 4), down=_XT),
+    "gu 4/256/w4 xt s3, dn 8/256/w4 xt": _tiles(_GU, (8, 256, 4), down=_XT, stages=3),
+    "gu 2/256/w2 xt, dn 8/256/w4 xt": _tiles((2, 256, 2), (8, 256, 4), down=_XT),
+    "gu 4/128/w2 xt, dn 8/256/w4 xt": _tiles((4, 128, 2), (8, 256, 4), down=_XT),
+    "gu 4/512/w4 xt, dn 8/256/w4 xt": _tiles((4, 512, 4), (8, 256, 4), down=_XT),
+    "gu 4/256/w8 xt, dn 8/256/w4 xt": _tiles((4, 256, 8), (8, 256, 4), down=_XT),
+    "gu 8/128/w4 xt, dn 8/256/w4 xt": _tiles((8, 128, 4), (8, 256, 4), down=_XT),
 }
 
 
@@ -131,15 +137,15 @@ def one_token(base: dict, tiles: dict | None) -> dict:
 
 
 def best_tiles(path: str = "bench/results/moe_decode_forms.json") -> dict:
-    """The one-token tiles of the least gate/up time and, among the variants of its form (acc,
-    unroll: one pair for both kernels), of the least down time, from `--forms`'s result file."""
+    """The one-token tiles of the least gate/up time and, with its stages, of the least down
+    time (each kernel's own forms), from `--forms`'s result file."""
     import json
     timed = [r for r in json.load(open(path))["rows"] if r.get("gate_up_us") and "tiles" in r]
     gu = min(timed, key=lambda r: r["gate_up_us"])
-    form = lambda r: (r["tiles"]["acc"], r["tiles"]["unroll"], r["tiles"].get("x_load"))  # noqa: E731
-    dn = min((r for r in timed if form(r) == form(gu)), key=lambda r: r["down_us"])
-    pick = {k: gu["tiles"][k] for k in ("BN", "BK", "num_warps", "acc", "unroll", "num_stages", "x_load")}
-    pick.update({k: dn["tiles"][k] for k in ("BND", "BKD", "warps_down")})
+    stages = gu["tiles"]["num_stages"]
+    dn = min((r for r in timed if r["tiles"]["num_stages"] == stages), key=lambda r: r["down_us"])
+    pick = {k: gu["tiles"][k] for k in ("BN", "BK", "num_warps", "num_stages", *FORM_KEYS)}
+    pick.update({k: dn["tiles"][k] for k in ("BND", "BKD", "warps_down", *(f"{k}_down" for k in FORM_KEYS))})
     print(f"best one-token tiles: gate/up of {gu['variant']} ({gu['gate_up_us']:.2f} us), down of "
           f"{dn['variant']} ({dn['down_us']:.2f} us): {pick}", flush=True)
     return pick
@@ -235,7 +241,12 @@ def forms(name: str, sets: int = 20):
             print(f"B=1 {vname}: {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
         used = dict(cfg["token_tiles"])[1] if tiles is None else tiles
-        row = {"B": 1, "variant": vname, "tiles": {k: used.get(k, cfg.get(k, False)) for k in TILE_KEYS},
+        tiles_used = {k: used.get(k, cfg.get(k)) for k in TILE_KEYS}
+        for k in FORM_KEYS:                     # the forms as moe_decode resolves them
+            tiles_used[k] = tiles_used[k] if tiles_used[k] is not None else moe_decode.FORMS[k][0]
+            tiles_used[f"{k}_down"] = tiles_used[f"{k}_down"] if tiles_used[f"{k}_down"] is not None \
+                else tiles_used[k]
+        row = {"B": 1, "variant": vname, "tiles": tiles_used,
                "step_us": us, "of_copy": nbytes / (us * 1e-6) / bw,
                "gate_up_us": kt.get("moe_decode_gate_up"), "down_us": kt.get("moe_decode_down"),
                "rel_err_vs_default": rel_err(out, want)}

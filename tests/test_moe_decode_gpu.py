@@ -33,16 +33,16 @@ def draw(N, E=256, k=8, D=2304, I=1024, seed=0):
 
 
 @pytest.mark.parametrize("N", [1, 8])
-@pytest.mark.parametrize("acc,unroll,x_load", [("row", False, "vector"), ("tile", True, "tile"),
-                                               ("tile", False, "tile"), ("row", True, "vector"),
-                                               ("row", False, "tile")])
-def test_direct_bf16_against_fp64(N, acc, unroll, x_load, monkeypatch):
-    """Each form of the bf16 K loops (moe_decode.FORMS)."""
+@pytest.mark.parametrize("forms", [("row", False, "vector"), ("tile", True, "tile"), ("tile", False, "tile"),
+                                   ("row", True, "vector"), ("tile", False, "tile", "tile", False, "vector")],
+                         ids=["row", "tile-unrolled-xtile", "tile-xtile", "row-unrolled", "xtile-down-vector"])
+def test_direct_bf16_against_fp64(N, forms, monkeypatch):
+    """Each form of the bf16 K loops (moe_decode.FORMS; the down kernel's own where given)."""
     from kimi_graph.lowering.triton.targets import TARGETS
     target = moe_decode.current_target()
+    keys = (*moe_decode.FORMS, *(f"{k}_down" for k in moe_decode.FORMS))
     monkeypatch.setitem(TARGETS[target]["configs"], "moe_decode",
-                        {**TARGETS[target]["configs"]["moe_decode"], "acc": acc, "unroll": unroll,
-                         "x_load": x_load})
+                        {**TARGETS[target]["configs"]["moe_decode"], **dict(zip(keys, forms))})
     moe_decode.decode_specs.cache_clear()
     x, ids, w, w13, w2, shared = draw(N)
     out = moe_decode.direct(x, ids, w, w13, w2, None, shared)

@@ -22,17 +22,20 @@ def _interpret(triton_interpret):
     pass
 
 
-@pytest.fixture(params=[("row", False, "vector"), ("tile", False, "tile"), ("row", True, "tile"),
-                        ("tile", True, "vector")],
-                ids=["row", "tile-xtile", "row-unrolled-xtile", "tile-unrolled"])
+_DOWN_APART = {"acc_down": "row", "unroll_down": True, "x_load_down": "vector"}
+
+
+@pytest.fixture(params=[{"acc": "row", "unroll": False, "x_load": "vector"},
+                        {"acc": "tile", "unroll": False, "x_load": "tile", **_DOWN_APART},
+                        {"acc": "row", "unroll": True, "x_load": "tile"},
+                        {"acc": "tile", "unroll": True, "x_load": "vector"}],
+                ids=["row", "tile-xtile-down-apart", "row-unrolled-xtile", "tile-unrolled"])
 def forms(request, monkeypatch):
     """Each form of the bf16 experts' K loops (moe_decode.FORMS: each x_load beside each acc and
-    unroll), in the base and bucket tiles."""
+    unroll, and the down kernel's own), in the base and bucket tiles."""
     from kimi_graph.lowering.triton.targets import TARGETS
-    acc, unroll, x_load = request.param
     monkeypatch.setitem(TARGETS["interpret"]["configs"], "moe_decode",
-                        {**TARGETS["interpret"]["configs"]["moe_decode"], "acc": acc, "unroll": unroll,
-                         "x_load": x_load})
+                        {**TARGETS["interpret"]["configs"]["moe_decode"], **request.param})
     moe_decode.decode_specs.cache_clear()
     yield request.param
     moe_decode.decode_specs.cache_clear()

@@ -54,16 +54,16 @@ def _swiglu_rows_f(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.co
         tile_g = tl.zeros((BN, BK), tl.float32)
         tile_u = tl.zeros((BN, BK), tl.float32)
         for k0 in $krange(0, D, BK):
-            tile_g += _wmul_f(wg_ptr, rg, mn, x_ptr, k0, D, BK)
-            tile_u += _wmul_f(wu_ptr, ru, mn, x_ptr, k0, D, BK)
+            tile_g += _wmul_f(wg_ptr, rg, mn, x_ptr, k0, D, BK, XTILE)
+            tile_u += _wmul_f(wu_ptr, ru, mn, x_ptr, k0, D, BK, XTILE)
         acc_g = tl.sum(tile_g, 1)
         acc_u = tl.sum(tile_u, 1)
     else:
         acc_g = tl.zeros_like(rg).to(tl.float32)       # (rg's rows: BN, or BNS of a shared split)
         acc_u = tl.zeros_like(rg).to(tl.float32)
         for k0 in $krange(0, D, BK):
-            acc_g += _wdot_f(wg_ptr, s_ptr, z_ptr, rg, mn, x_ptr, k0, D, G1, BK)
-            acc_u += _wdot_f(wu_ptr, s_ptr, z_ptr, ru, mn, x_ptr, k0, D, G1, BK)
+            acc_g += _wdot_f(wg_ptr, s_ptr, z_ptr, rg, mn, x_ptr, k0, D, G1, BK, XTILE)
+            acc_u += _wdot_f(wu_ptr, s_ptr, z_ptr, ru, mn, x_ptr, k0, D, G1, BK, XTILE)
     if ROUND:
         acc_g = acc_g.to(DT).to(tl.float32)
         acc_u = acc_u.to(DT).to(tl.float32)
@@ -72,27 +72,27 @@ def _swiglu_rows_f(x_ptr, wg_ptr, wu_ptr, s_ptr, z_ptr, rg, ru, mn, ROUND: tl.co
 
 @triton.jit
 def _rows_dot_f(h_ptr, w_ptr, s_ptr, z_ptr, n, mn, K: tl.constexpr, G: tl.constexpr):
-    # (h w^T)[n] for the BND rows n of w [., K], in fp32
-    if FTILE:
+    # (h w^T)[n] for the BND rows n of w [., K], in fp32 (the down kernel's forms)
+    if FTILE_D:
         tile = tl.zeros((BND, BKD), tl.float32)
-        for k0 in $krange(0, K, BKD):
-            tile += _wmul_f(w_ptr, n, mn, h_ptr, k0, K, BKD)
+        for k0 in $krange_d(0, K, BKD):
+            tile += _wmul_f(w_ptr, n, mn, h_ptr, k0, K, BKD, XTILE_D)
         y = tl.sum(tile, 1)
     else:
         y = tl.zeros_like(n).to(tl.float32)
-        for k0 in $krange(0, K, BKD):
-            y += _wdot_f(w_ptr, s_ptr, z_ptr, n, mn, h_ptr, k0, K, G, BKD)
+        for k0 in $krange_d(0, K, BKD):
+            y += _wdot_f(w_ptr, s_ptr, z_ptr, n, mn, h_ptr, k0, K, G, BKD, XTILE_D)
     return y
 """
 
 _DECODE = """
 @triton.jit
-def _wmul_f(w_ptr, r, mr, v_ptr, k0, K: tl.constexpr, BKX: tl.constexpr):
-    # w[r, k] v[k] over k0 .. k0 + BKX of a float weight [., K], in fp32
+def _wmul_f(w_ptr, r, mr, v_ptr, k0, K: tl.constexpr, BKX: tl.constexpr, XT: tl.constexpr):
+    # w[r, k] v[k] over k0 .. k0 + BKX of a float weight [., K], in fp32 (XT: x_load "tile")
     k = k0 + tl.arange(0, BKX)
     mk = k < K
     w = tl.load(w_ptr + r[:, None] * K + k[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
-    if XTILE:       # v read in w's [rows, BKX] shape (the rows' copies from L1): no layout change
+    if XT:          # v read in w's [rows, BKX] shape (the rows' copies from L1): no layout change
         v = tl.load(v_ptr + k[None, :] + 0 * r[:, None], mask=mr[:, None] & mk[None, :], other=0.0)
         return w.to(tl.float32) * v.to(tl.float32)
     v = tl.load(v_ptr + k, mask=mk, other=0.0).to(tl.float32)
@@ -100,9 +100,10 @@ def _wmul_f(w_ptr, r, mr, v_ptr, k0, K: tl.constexpr, BKX: tl.constexpr):
 
 
 @triton.jit
-def _wdot_f(w_ptr, s_ptr, z_ptr, r, mr, v_ptr, k0, K: tl.constexpr, G: tl.constexpr, BKX: tl.constexpr):
+def _wdot_f(w_ptr, s_ptr, z_ptr, r, mr, v_ptr, k0, K: tl.constexpr, G: tl.constexpr, BKX: tl.constexpr,
+            XT: tl.constexpr):
     # sum_k w[r, k] v[k] over k0 .. k0 + BKX of a float weight [., K]
-    return tl.sum(_wmul_f(w_ptr, r, mr, v_ptr, k0, K, BKX), 1)
+    return tl.sum(_wmul_f(w_ptr, r, mr, v_ptr, k0, K, BKX, XT), 1)
 
 
 @triton.jit
@@ -192,8 +193,9 @@ class Quant:
         return self.fmt, self.group_size, self.z13 is not None
 
 
-TILE_KEYS = ("BN", "BK", "num_warps", "BND", "BKD", "warps_down", "num_stages", "acc", "unroll", "x_load")
 FORMS = {"acc": ("row", "tile"), "unroll": (False, True), "x_load": ("vector", "tile")}   # the float K loops
+TILE_KEYS = ("BN", "BK", "num_warps", "BND", "BKD", "warps_down", "num_stages", *FORMS,
+             *(f"{k}_down" for k in FORMS))
 
 
 def bucket_of(cfg: dict, tokens: int) -> int | None:
@@ -257,14 +259,19 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
     p, stages = ptr_type(dtype), cfg["num_stages"]
     code, scale, zero = p, p, p
     for key, allowed in FORMS.items():
-        if cfg.get(key, allowed[0]) not in allowed:
-            raise ValueError(f"moe_decode {key} {cfg[key]!r}: one of {allowed}")
+        for k in (key, f"{key}_down"):
+            if cfg.get(k, allowed[0]) not in allowed:
+                raise ValueError(f"moe_decode {k} {cfg[k]!r}: one of {allowed}")
     # the float K loops' forms: the bf16 experts' (low-bit kernels keep the plain loops for their shared expert)
     plain = quant is not None
-    consts["FTILE"] = not plain and cfg.get("acc", "row") == "tile"
-    consts["XTILE"] = cfg.get("x_load", "vector") == "tile"
-    krange = "tl.static_range" if not plain and cfg.get("unroll", False) else "range"
-    helpers, loader = _HELPERS.replace("$krange", krange), ""
+    # (the down kernel's: the *_down keys, each the gate/up's where not given)
+    form = {k: cfg.get(k, allowed[0]) for k, allowed in FORMS.items()}
+    down = {k: cfg.get(f"{k}_down", form[k]) for k in FORMS}
+    krange = lambda f: "tl.static_range" if not plain and f["unroll"] else "range"  # noqa: E731
+    consts.update(FTILE=not plain and form["acc"] == "tile", FTILE_D=not plain and down["acc"] == "tile",
+                  XTILE=form["x_load"] == "tile", XTILE_D=down["x_load"] == "tile")
+    helpers = _HELPERS.replace("$krange_d", krange(down)).replace("$krange", krange(form))
+    loader = ""
     if quant is not None:
         if fmt == "fp8" and not moe_quant.has_e4m3(target):
             return None

@@ -180,7 +180,8 @@ _BASE = {
     # accumulators summed once); unroll: the loop unrolled (every load of a program issued first);
     # x_load "tile": the activation row read in the weight tile's [rows, K tile] shape (its copies
     # from L1) rather than as a vector moved to that layout through shared memory (two barriers a
-    # K step, and the gate and up loads of a step one after the other);
+    # K step, and the gate and up loads of a step one after the other); acc_down, unroll_down,
+    # x_load_down: the down kernel's forms where they differ from the gate/up's;
     # quant_direct False (or a list: the formats that go by id): decode-sized low-bit batches
     # take the permuted grouped path instead (moe_gemm_q's kernels), except batches of at most
     # quant_direct_tokens[format] tokens; a8: int4 experts by id on moe_w4a8's loops (int8 activations by
@@ -193,8 +194,8 @@ _BASE = {
     # the router (its own norm, then the direct kernels alone), the routed down kernel's acc
     "moe_decode": {"BN": 16, "BK": 256, "BND": 16, "BKD": 256, "max_pairs": 64, "num_warps": 4,
                    "warps_down": 4, "num_stages": 2, "token_tiles": [], "quant_tiles": {}, "dequant": "words",
-                   "prefetch": True, "acc": "row", "unroll": False, "x_load": "vector", "quant_direct": True, "quant_direct_tokens": {},
-                   "a8": False, "shared_split": 1, "shared_split_tokens": 0, "shared_first": False,
+                   "prefetch": True, "acc": "row", "unroll": False, "x_load": "vector", "quant_direct": True,
+                   "quant_direct_tokens": {}, "a8": False, "shared_split": 1, "shared_split_tokens": 0, "shared_first": False,
                    "shared_beside": 0},
     # dense projections of up to max_rows rows (lowering/triton/gemv.py; larger take cuBLAS):
     # enabled: the kernel in place of cuBLAS (env KIMI_GRAPH_TRITON_GEMV=1/0 overrides); BN output
