@@ -46,6 +46,15 @@ VARIANTS = [                # most promising first (the H200 run of 2026-11-30 2
     {"BN": 16, "BK": 1024, "num_warps": 8, "programs": 528},
     {"BN": 16, "BK": 512, "num_warps": 4, "programs": 528, "num_stages": 3},
     {"BN": 64, "BK": 128, "num_warps": 4, "programs": 264, "max_split": 4},
+    # one row with x read in W's tile shape (x_load "tile": no layout change through shared memory)
+    {"BN": 8, "BK": 512, "num_warps": 4, "programs": 528, "x_load": "tile"},                   # 9
+    {"BN": 4, "BK": 512, "num_warps": 4, "programs": 528, "x_load": "tile"},
+    {"BN": 8, "BK": 256, "num_warps": 4, "programs": 528, "x_load": "tile"},
+    {"BN": 16, "BK": 256, "num_warps": 4, "programs": 528, "x_load": "tile"},
+    {"BN": 8, "BK": 512, "num_warps": 4, "programs": 1056, "x_load": "tile"},
+    {"BN": 4, "BK": 1024, "num_warps": 4, "programs": 528, "x_load": "tile"},
+    {"BN": 8, "BK": 256, "num_warps": 2, "programs": 1056, "x_load": "tile"},
+    {"BN": 16, "BK": 512, "num_warps": 8, "programs": 528, "x_load": "tile"},
 ]
 GRID = {"BN": (8, 16, 32, 64), "BK": (128, 256, 512, 1024), "num_warps": (4, 8), "programs": (264, 528, 1056),
         "num_stages": (1, 2, 3)}

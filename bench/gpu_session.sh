@@ -56,6 +56,17 @@ PY
   KIMI_GRAPH_TRITON_TUNING=/tmp/tuning-forms.json timeout ${TESTS_S:-220} python3 -m pytest -q -rf --timeout 100 \
     tests/test_moe_decode_gpu.py tests/test_decode_graphs_gpu.py
 }
+step_final_gemv() {    # the one-row projections with x in W's tile shape: sweep into the tuning file (with
+  # cublas_shapes re-chosen), then the whole model beside transformers and the GPU decode tests with it
+  timeout ${GEMV_S:-130} python3 bench/gemv.py --rows 1 --variants 1,9,10,11,12,13,14,15,16 --budget 100 --use-best \
+    || return 1
+  cp "$TUNING" "$OUT/tuning-final.json"
+  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout ${E2E_S:-220} python3 bench/e2e.py --phases ours,hf \
+    --prefill 1x4096 --prefill-logits last --batches 1,32 --contexts 1024,32768 --hf-batches 1,32 --graphs on \
+    --name e2e || return 1
+  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout ${TESTS_S:-150} python3 -m pytest -q -rf --timeout 100 \
+    tests/test_gemv_gpu.py tests/test_moe_decode_gpu.py tests/test_decode_graphs_gpu.py
+}
 step_moe_beside() {    # one MoE layer at B=1: the shared expert on a side stream beside the router
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 100 python3 bench/moe_decode_bytes.py --beside || return 1
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 200 python3 bench/decode_step.py --layers 27 --batches 1 \

@@ -83,6 +83,31 @@ def test_gated_group_norm_prologue_matches_fp64(monkeypatch, M, programs):
     assert rel(gemv.linear(x, w, nw, 1e-5, gate=gate), xn @ w.double().T) < TOL
 
 
+@pytest.mark.parametrize("programs", [1, 32])
+def test_one_row_x_read_in_the_weight_tile(monkeypatch, programs):
+    """x_load "tile" (one row: x, the residual and the norm weight read in W's tile shape) gives
+    what the vector loads give, bitwise, for every prologue, and matches fp64."""
+    N, K, G = 20, 80, 16
+    x, w, nw, r = draw(1, N, K, 40)
+    nwg = nw[:G].clone()
+    xg = x.double().view(1, K // G, G)
+    gated = (xg / torch.sqrt((xg * xg).mean(-1, keepdim=True) + 1e-5) * nwg.double()
+             * torch.sigmoid(r.double().view(1, K // G, G))).view(1, K)
+    cases = {"plain": (lambda: gemv.linear(x, w), x.double()),
+             "rmsnorm": (lambda: gemv.linear(x, w, nw, 1e-5), norm64(x, nw, 1e-5)),
+             "add_rmsnorm": (lambda: gemv.linear(x, w, nw, 1e-5, r)[0], norm64(x, nw, 1e-5, r)),
+             "gated": (lambda: gemv.linear(x, w, nwg, 1e-5, gate=r), gated)}
+    for norm_pass in ("one", "two"):
+        got = {}
+        for x_load in ("vector", "tile"):
+            tiles(monkeypatch, programs=programs, BK=32, norm_pass=norm_pass, x_load=x_load)
+            assert gemv.gemv_spec(N, K, 1, "f32", "rmsnorm", 1e-5, "interpret").config["XT"] == (x_load == "tile")
+            got[x_load] = {name: run() for name, (run, _) in cases.items()}
+        for name, (_, xn) in cases.items():
+            assert torch.equal(got["tile"][name], got["vector"][name]), (norm_pass, name)
+            assert rel(got["tile"][name], xn @ w.double().T) < TOL, (norm_pass, name)
+
+
 @pytest.mark.parametrize("M", [1, 3])
 @pytest.mark.parametrize("programs", [1, 64])
 def test_pair_of_products_in_one_launch(monkeypatch, M, programs):

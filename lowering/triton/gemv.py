@@ -44,7 +44,7 @@ from .targets import config, current_target, interpreting
 
 ENV = "KIMI_GRAPH_TRITON_GEMV"
 TILE_KEYS = ("BN", "BK", "num_warps", "num_stages", "programs", "max_split", "dot_min_rows", "norm_pass", "BN_heads",
-             "BK_heads")
+             "BK_heads", "x_load")
 
 _GEMV = PREFETCH_L2 + """
 
@@ -56,6 +56,16 @@ def _x_tile(x_ptr, r_ptr, m64, mm, k, xs, rs):
     if RESIDUAL:
         x = x + tl.load(r_ptr + m64[:, None] * rs + k[None, :], mask=m2, other=0.0)
     return x
+
+
+@triton.jit
+def _norm_row(nw_ptr, xm64, k, mk):
+    # the norm weight at columns k, broadcast over x's tile ([BN, BK] under XT, else [1, BK])
+    if XT:
+        v = tl.load(nw_ptr + xm64[:, None] * 0 + k[None, :], mask=mk[None, :], other=0.0)
+    else:
+        v = tl.load(nw_ptr + k, mask=mk, other=0.0)[None, :]
+    return v
 
 
 @triton.jit
@@ -80,45 +90,55 @@ def gemv_rows(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, s_ptr, part_ptr, tickets_ptr, 
     m = tl.arange(0, BM)
     mm = m < M
     m64 = m.to(tl.int64)
+    if XT:                              # one row: x (and the norm's vectors) read in W's [BN, BK]
+        xm64 = tl.zeros((BN,), tl.int64)        # shape (row 0 in every row, from L1): no layout change
+        xmm = xm64 < M
+    else:
+        xm64 = m64
+        xmm = mm
     wrow = w_ptr + n.to(tl.int64)[:, None] * K
     if PDL_EARLY:                       # launched dependently: this program's W lines into L2 first
         j = ps * KS + tl.arange(0, KL) * LINE
         ok = mn[:, None] & ((j < K) & (j < ps * KS + KS))[None, :]
         _prefetch_l2(tl.where(ok, wrow + j[None, :], w_ptr))
     # pdl: wait
-    ss = tl.zeros((BM,), tl.float32)
+    ss = tl.zeros((XR,), tl.float32)
     if NORM == 1:
         for k0 in range(0, K, BK):
             k = k0 + tl.arange(0, BK)
-            xk = _x_tile(x_ptr, r_ptr, m64, mm, k, xs, rs)
+            xk = _x_tile(x_ptr, r_ptr, xm64, xmm, k, xs, rs)
             if RESIDUAL:
                 if (pn == 0) & (ps == 0):
-                    tl.store(s_ptr + m64[:, None] * K + k[None, :], xk, mask=mm[:, None] & (k < K)[None, :])
+                    tl.store(s_ptr + xm64[:, None] * K + k[None, :], xk, mask=xmm[:, None] & (k < K)[None, :])
             xf = xk.to(tl.float32)
             ss += tl.sum(xf * xf, 1)
         rstd = 1.0 / tl.sqrt(ss / K + EPS)
     acc = tl.zeros((BN, BM), tl.float32)
     acc1 = tl.zeros((BN, BK), tl.float32)     # one row: products summed across K once, at the end
+    ss1 = tl.zeros((XR, BK), tl.float32)      # (and NORM 2's squares)
     for k0 in range(ps * KS, ps * KS + KS, BK):
         k = k0 + tl.arange(0, BK)
-        xk = _x_tile(x_ptr, r_ptr, m64, mm, k, xs, rs)
+        xk = _x_tile(x_ptr, r_ptr, xm64, xmm, k, xs, rs)
         if NORM == 1:
-            nw = tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-            xk = ((xk.to(tl.float32) * rstd[:, None]).to(DT).to(tl.float32) * nw[None, :]).to(DT)
+            nw = _norm_row(nw_ptr, xm64, k, k < K).to(tl.float32)
+            xk = ((xk.to(tl.float32) * rstd[:, None]).to(DT).to(tl.float32) * nw).to(DT)
         if NORM == 3:                   # gated, per group of G columns (whole groups per tile)
-            xg = tl.reshape(xk.to(tl.float32), (BM, BK // G, G))
+            xg = tl.reshape(xk.to(tl.float32), (XR, BK // G, G))
             rg = 1.0 / tl.sqrt(tl.sum(xg * xg, 2) / G + EPS)
-            xn = tl.reshape(xg * rg[:, :, None], (BM, BK)).to(DT).to(tl.float32)
-            xn = xn * tl.load(nw_ptr + k % G).to(tl.float32)[None, :]
-            gate = tl.load(r_ptr + m64[:, None] * rs + k[None, :], mask=mm[:, None] & (k < K)[None, :], other=0.0)
+            xn = tl.reshape(xg * rg[:, :, None], (XR, BK)).to(DT).to(tl.float32)
+            xn = xn * _norm_row(nw_ptr, xm64, k % G, k < K).to(tl.float32)
+            gate = tl.load(r_ptr + xm64[:, None] * rs + k[None, :], mask=xmm[:, None] & (k < K)[None, :], other=0.0)
             xk = (xn * tl.sigmoid(gate.to(tl.float32))).to(DT)
         if NORM == 2:
             if RESIDUAL:
                 if pn == 0:
-                    tl.store(s_ptr + m64[:, None] * K + k[None, :], xk, mask=mm[:, None] & (k < K)[None, :])
+                    tl.store(s_ptr + xm64[:, None] * K + k[None, :], xk, mask=xmm[:, None] & (k < K)[None, :])
             xf = xk.to(tl.float32)
-            ss += tl.sum(xf * xf, 1)
-            xk = (xf * tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]).to(DT)
+            if BM == 1:
+                ss1 += xf * xf
+            else:
+                ss += tl.sum(xf * xf, 1)
+            xk = (xf * _norm_row(nw_ptr, xm64, k, k < K).to(tl.float32)).to(DT)
         if EVEN:
             w = tl.load(wrow + k[None, :])
         else:
@@ -132,6 +152,11 @@ def gemv_rows(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, s_ptr, part_ptr, tickets_ptr, 
     if BM == 1:
         if not DOT:
             acc = tl.sum(acc1, 1)[:, None]
+    if NORM == 2:
+        if BM == 1:
+            ss = tl.sum(ss1, 1)
+    if XT:                              # the square sums' BN equal copies -> one row's
+        ss = tl.max(ss, 0) + tl.zeros((BM,), tl.float32)
     yo = m64[None, :] * N + n[:, None]
     my = mn[:, None] & mm[None, :]
     if SPLIT == 1:
@@ -229,7 +254,9 @@ def gemv_spec(N: int, K: int, rows: int, dtype: str, norm: str | None, eps: floa
               "EVEN": N % BN == 0 and K % ks == 0 and ks % BK == 0, "DOT": dot, "PREC": dot_precision(dtype),
               "NORM": mode, "RESIDUAL": norm == "add_rmsnorm", "G": max(group, 1), "EPS": float(eps) if norm else 0.0,
               "PAIR": pair and norm is None, "DT": TL_DTYPES[dtype],
-              "PDL_EARLY": False, "LINE": line, "KL": next_pow2(-(-ks // line))}
+              "PDL_EARLY": False, "LINE": line, "KL": next_pow2(-(-ks // line)),
+              "XT": BM == 1 and not dot and cfg.get("x_load", "vector") == "tile"}
+    consts["XR"] = BN if consts["XT"] else BM       # x tile's rows
     p = ptr_type(dtype)
     sig = {"x_ptr": p, "r_ptr": p, "nw_ptr": p, "w_ptr": p, "y_ptr": p, "s_ptr": p, "part_ptr": "*fp32",
            "tickets_ptr": "*i32", "x1_ptr": p, "w1_ptr": p, "y1_ptr": p, "M": "i32", "xs": "i32", "rs": "i32"}
