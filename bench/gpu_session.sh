@@ -56,6 +56,23 @@ PY
   KIMI_GRAPH_TRITON_TUNING=/tmp/tuning-forms.json timeout ${TESTS_S:-220} python3 -m pytest -q -rf --timeout 100 \
     tests/test_moe_decode_gpu.py tests/test_decode_graphs_gpu.py
 }
+step_down_e2e() {      # the down kernel's one-step forms (moe_decode_bytes --forms --only), its best tiles in
+  # a copy of the tuning file, the whole model's B=1 decode at 1k with them
+  KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 90 python3 bench/moe_decode_bytes.py --forms --no-ceilings \
+    --only "gu 2/256/w2 xt" || return 1
+  python3 - "$TUNING" /tmp/tuning-forms.json <<'PY' || return 1
+import json, sys
+sys.path.insert(0, "bench")
+from moe_decode_bytes import best_tiles
+t = json.load(open(sys.argv[1]))
+cfg = t["configs"].setdefault("moe_decode", {})
+cfg["token_tiles"] = [[1, best_tiles()]] + [b for b in cfg.get("token_tiles", []) if b[0] != 1]
+json.dump(t, open(sys.argv[2], "w"), indent=1)
+PY
+  cp /tmp/tuning-forms.json "$OUT/"
+  KIMI_GRAPH_TRITON_TUNING=/tmp/tuning-forms.json timeout 120 python3 bench/e2e.py --phases ours --prefill 1x1024 \
+    --prefill-logits last --batches 1 --contexts 1024,32768 --graphs on --name e2e-down
+}
 step_final_gemv() {    # the one-row projections with x in W's tile shape: sweep into the tuning file (with
   # cublas_shapes re-chosen), then the whole model beside transformers and the GPU decode tests with it
   timeout ${GEMV_S:-130} python3 bench/gemv.py --rows 1 --variants 1,9,10,11,12,13,14,15,16 --budget 100 --use-best \

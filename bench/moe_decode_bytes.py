@@ -47,6 +47,9 @@ def main(argv=None):
     ap.add_argument("--name", default="moe_decode_bytes", help="bench/results/NAME.json")
     ap.add_argument("--forms", action="store_true", help="time the FORMS variants instead")
     ap.add_argument("--beside", action="store_true", help="time the shared expert beside the router instead")
+    ap.add_argument("--only", default="", help="--forms: only the variants whose names contain one of these "
+                    "(comma list; the default tiles always)")
+    ap.add_argument("--no-ceilings", action="store_true", help="--forms: skip the streaming and cuBLAS reads")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("moe_decode_bytes: needs a GPU")
@@ -54,7 +57,9 @@ def main(argv=None):
     if args.beside:
         return beside(args.name if args.name != "moe_decode_bytes" else "moe_decode_beside")
     if args.forms:
-        return forms(args.name if args.name != "moe_decode_bytes" else "moe_decode_forms")
+        only = [o for o in args.only.split(",") if o]
+        return forms(args.name if args.name != "moe_decode_bytes" else "moe_decode_forms", only=only,
+                     ceiling=not args.no_ceilings)
     from harness import bench_graph, copy_bandwidth, kernel_times, write_result
 
     from kimi_graph.lowering.triton import moe_decode
@@ -125,6 +130,13 @@ FORM_VARIANTS = {
     "gu 4/512/w4 xt, dn 8/256/w4 xt": _tiles((4, 512, 4), (8, 256, 4), down=_XT),
     "gu 4/256/w8 xt, dn 8/256/w4 xt": _tiles((4, 256, 8), (8, 256, 4), down=_XT),
     "gu 8/128/w4 xt, dn 8/256/w4 xt": _tiles((8, 128, 4), (8, 256, 4), down=_XT),
+    # the down's whole K in one step (I = 1024): every load of a program issued before its first
+    # barrier (sm_90 PTX), on the tuning file's gate/up (2 x 256, 2 warps, x as tile)
+    "gu 2/256/w2 xt, dn 16/1024/w4 vec": _tiles((2, 256, 2), (16, 1024, 4), down=_VEC),
+    "gu 2/256/w2 xt, dn 8/1024/w4 vec": _tiles((2, 256, 2), (8, 1024, 4), down=_VEC),
+    "gu 2/256/w2 xt, dn 16/512/w2 vec": _tiles((2, 256, 2), (16, 512, 2), down=_VEC),
+    "gu 2/256/w2 xt, dn 8/256/w1 vec": _tiles((2, 256, 2), (8, 256, 1), down=_VEC),
+    "gu 2/256/w2 xt, dn 4/1024/w2 vec": _tiles((2, 256, 2), (4, 1024, 2), down=_VEC),
 }
 
 
@@ -205,7 +217,7 @@ def ceilings(w13, bw: float, sets: int, rows: list) -> None:
           flush=True)
 
 
-def forms(name: str, sets: int = 20):
+def forms(name: str, sets: int = 20, only: list | None = None, ceiling: bool = True):
     """Each FORM_VARIANTS entry at B = 1 (8 routed experts + the shared one), each call on the
     next of `sets` distinct expert sets (so from DRAM): step us, kernel us, the share of copy over
     the bytes read, the error against the default tiles; then the ceilings."""
@@ -229,6 +241,8 @@ def forms(name: str, sets: int = 20):
         return moe_decode.direct(x, ids[turn[0] % sets], w, w13, w2, None, shared)
     want = None
     for vname, tiles in FORM_VARIANTS.items():
+        if only and tiles is not None and not any(o in vname for o in only):
+            continue
         cfg = one_token(base, tiles)
         override_config("moe_decode", **cfg)
         try:
@@ -255,7 +269,8 @@ def forms(name: str, sets: int = 20):
               f"{row['gate_up_us'] or 0:6.2f}  down {row['down_us'] or 0:6.2f}  err {row['rel_err_vs_default']:.1e}",
               flush=True)
     override_config("moe_decode", **base)
-    ceilings(w13, bw, sets, rows)
+    if ceiling:
+        ceilings(w13, bw, sets, rows)
     write_result(name, rows, {"copy_tb_s": bw / 1e12, "sets": sets})
 
 
