@@ -143,6 +143,26 @@ def test_tiles_by_token_count(monkeypatch):
         moe_decode.direct(x[:1], ids[:1], w[:1], w13, w2, acc[:1])
 
 
+def test_low_bit_tiles_by_token_bucket():
+    """quant_token_tiles (and quant_token_tiles_FMT) give low-bit experts their own tiles in a
+    token bucket, over the bucket's float tiles and quant_tiles; float experts never take them; a
+    bound that is not a token_tiles bound is refused."""
+    cfg = {"BN": 16, "BK": 256, "num_warps": 4, "token_tiles": [[1, {"BN": 2, "x_load": "tile"}], [4, {"BN": 8}]],
+           "quant_tiles": {"BK": 512, "num_warps": 8}, "quant_token_tiles": [[1, {"x_load": "vector"}]],
+           "quant_token_tiles_fp8": [[1, {"BN": 4, "BK": 1024}]]}
+    bc = moe_decode.bucket_config
+    assert bc(cfg, 1)["BN"] == 2 and bc(cfg, 1)["x_load"] == "tile" and bc(cfg, None)["BN"] == 16
+    int4 = bc(cfg, 1, quant="int4")
+    assert (int4["BN"], int4["BK"], int4["num_warps"], int4["x_load"]) == (2, 512, 8, "vector")
+    fp8 = bc(cfg, 1, quant="fp8")
+    assert (fp8["BN"], fp8["BK"], fp8["num_warps"], fp8["x_load"]) == (4, 1024, 8, "vector")
+    assert bc(cfg, 4, quant="fp8")["BN"] == 8 and bc(cfg, 4, quant="fp8")["BK"] == 512
+    with pytest.raises(ValueError, match="not token_tiles bounds"):
+        bc({**cfg, "quant_token_tiles": [[2, {"BN": 4}]]}, 1, quant="int8")
+    with pytest.raises(ValueError, match="not tile keys"):
+        bc({**cfg, "quant_token_tiles": [[1, {"max_pairs": 4}]]}, 1, quant="int8")
+
+
 def test_moe_experts_chooses_by_batch_size(monkeypatch):
     args = draw(5, 6, 2, 24, 16)
     calls = []

@@ -211,12 +211,30 @@ def _tiles(cfg: dict, over: dict, where: str, keys: tuple) -> dict:
 
 
 def bucket_config(cfg: dict, bucket: int | None, keys: tuple = TILE_KEYS, family: str = "moe_decode",
-                  quant: bool = False) -> dict:
+                  quant: str | None = None) -> dict:
     """cfg with the tiles of its `token_tiles` entry for `bucket` (a bound) over its own, and for
-    low-bit experts (`quant`) those of `quant_tiles` over both."""
+    low-bit experts (`quant`: their format) those of `quant_tiles` over both, then `quant_bucket`'s."""
     if bucket is not None:
         cfg = _tiles(cfg, dict(cfg["token_tiles"])[bucket], f"{family} token_tiles[{bucket}]", keys)
-    return _tiles(cfg, cfg.get("quant_tiles") or {}, f"{family} quant_tiles", keys) if quant else cfg
+    if not quant:
+        return cfg
+    return quant_bucket(_tiles(cfg, cfg.get("quant_tiles") or {}, f"{family} quant_tiles", keys), bucket, quant, keys,
+                        family)
+
+
+def quant_bucket(cfg: dict, bucket: int | None, fmt: str, keys: tuple = TILE_KEYS, family: str = "moe_decode") -> dict:
+    """cfg with the low-bit experts' own tiles for `bucket` over it: the entries of
+    `quant_token_tiles`, then of `quant_token_tiles_FMT` for `fmt` (bounds must be `token_tiles`
+    bounds): a bucket's float tiles need not suit the codes."""
+    bounds = {b for b, _ in cfg.get("token_tiles", ())}
+    for key in ("quant_token_tiles", f"quant_token_tiles_{fmt}"):
+        entries = cfg.get(key) or []
+        stray = sorted({b for b, _ in entries} - bounds)
+        if stray:
+            raise ValueError(f"{family} {key} bounds {stray} are not token_tiles bounds")
+        over = dict(entries).get(bucket)
+        cfg = _tiles(cfg, over, f"{family} {key}[{bucket}]", keys) if over else cfg
+    return cfg
 
 
 @functools.lru_cache(maxsize=None)
@@ -230,13 +248,15 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
     words = a8 = False
     if quant is not None:       # the word loader takes quant_tiles (K tiles in int4 columns)
         fmt, group, asym = quant
-        qcfg = bucket_config(base, bucket, quant=True)
+        qcfg = bucket_config(base, bucket, quant=fmt)
         G1, G2 = group_of(fmt, D, group), group_of(fmt, I, group)
         BK, BKD = (dequant.word_tile(fmt, qcfg[k]) if fmt in BITS else 0 for k in ("BK", "BKD"))
         a8 = bool(qcfg.get("a8")) and moe_w4a8.fits(fmt, D, I, G1, G2)
         words = a8 or uses_words(qcfg, fmt, D, I, G1, G2, min(BK, next_pow2(D)), min(BKD, next_pow2(max(I, shared_i))))
         if words:
             cfg = {**qcfg, "BK": BK, "BKD": BKD}
+        else:                   # (elements: the bucket's float tiles, then the codes' own)
+            cfg = quant_bucket(cfg, bucket, fmt)
         if a8:                  # int8 activations by dp4a: moe_w4a8's loops, tiles and warps
             a8_src, a8_consts = moe_w4a8.decode_parts(D, I, G1, G2, asym, target)
             qq = config("moe_gemm_q", target)

@@ -181,7 +181,10 @@ _BASE = {
     # x_load "tile": the activation row read in the weight tile's [rows, K tile] shape (its copies
     # from L1) rather than as a vector moved to that layout through shared memory (two barriers a
     # K step, and the gate and up loads of a step one after the other); acc_down, unroll_down,
-    # x_load_down: the down kernel's forms where they differ from the gate/up's;
+    # x_load_down: the down kernel's forms where they differ from the gate/up's; quant_token_tiles:
+    # [[token_tiles bound, {tile key: value}], ...], low-bit experts' own tiles in that bucket
+    # over all the above (K tiles as quant_tiles' for the word loader), quant_token_tiles_FMT
+    # one format's over those;
     # quant_direct False (or a list: the formats that go by id): decode-sized low-bit batches
     # take the permuted grouped path instead (moe_gemm_q's kernels), except batches of at most
     # quant_direct_tokens[format] tokens; a8: int4 experts by id on moe_w4a8's loops (int8 activations by
@@ -193,10 +196,10 @@ _BASE = {
     # in steps of up to that many tokens (0: never) the shared expert runs on a side stream beside
     # the router (its own norm, then the direct kernels alone), the routed down kernel's acc
     "moe_decode": {"BN": 16, "BK": 256, "BND": 16, "BKD": 256, "max_pairs": 64, "num_warps": 4,
-                   "warps_down": 4, "num_stages": 2, "token_tiles": [], "quant_tiles": {}, "dequant": "words",
-                   "prefetch": True, "acc": "row", "unroll": False, "x_load": "vector", "quant_direct": True,
-                   "quant_direct_tokens": {}, "a8": False, "shared_split": 1, "shared_split_tokens": 0, "shared_first": False,
-                   "shared_beside": 0},
+                   "warps_down": 4, "num_stages": 2, "token_tiles": [], "quant_tiles": {}, "quant_token_tiles": [],
+                   "dequant": "words", "prefetch": True, "acc": "row", "unroll": False, "x_load": "vector",
+                   "quant_direct": True, "quant_direct_tokens": {}, "a8": False, "shared_split": 1,
+                   "shared_split_tokens": 0, "shared_first": False, "shared_beside": 0},
     # dense projections of up to max_rows rows (lowering/triton/gemv.py; larger take cuBLAS):
     # enabled: the kernel in place of cuBLAS (env KIMI_GRAPH_TRITON_GEMV=1/0 overrides); BN output
     # columns x BK a step per program, K split until ~`programs` programs (at most max_split);
