@@ -36,10 +36,7 @@ step_moe_forms() {     # one-token tiles of the direct MoE kernels over distinct
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 150 python3 bench/decode_step.py --layers 27 --batches 1 \
     --variants fused,forms-best,fused,forms-best --no-sweep --name decode_step_forms
 }
-step_forms_e2e() {     # moe_forms, then its fastest one-token tiles in a copy of the tuning file
-  # ($OUT/tuning-forms.json), the whole model with them beside transformers (B=1 / 32, 1k / 32k),
-  # the GPU decode tests with them
-  step_moe_forms || return 1
+forms_tuning() {       # the tuning file with the forms sweep's best one-token tiles: /tmp and $OUT/tuning-forms.json
   python3 - "$TUNING" /tmp/tuning-forms.json <<'PY' || return 1
 import json, sys
 sys.path.insert(0, "bench")
@@ -50,6 +47,12 @@ cfg["token_tiles"] = [[1, best_tiles()]] + [b for b in cfg.get("token_tiles", []
 json.dump(t, open(sys.argv[2], "w"), indent=1)
 PY
   cp /tmp/tuning-forms.json "$OUT/"
+}
+step_forms_e2e() {     # moe_forms, then its fastest one-token tiles in a copy of the tuning file
+  # ($OUT/tuning-forms.json), the whole model with them beside transformers (B=1 / 32, 1k / 32k),
+  # the GPU decode tests with them
+  step_moe_forms || return 1
+  forms_tuning || return 1
   KIMI_GRAPH_TRITON_TUNING=/tmp/tuning-forms.json timeout ${E2E_S:-300} python3 bench/e2e.py --phases ours,hf \
     --prefill 1x4096 --prefill-logits last --batches 1,32 --contexts 1024,32768 --hf-batches 1,32 --graphs on \
     --name e2e-forms || return 1
@@ -60,16 +63,7 @@ step_down_e2e() {      # the down kernel's one-step forms (moe_decode_bytes --fo
   # a copy of the tuning file, the whole model's B=1 decode at 1k with them
   KIMI_GRAPH_TRITON_TUNING=$TUNING timeout 90 python3 bench/moe_decode_bytes.py --forms --no-ceilings \
     --only "gu 2/256/w2 xt" || return 1
-  python3 - "$TUNING" /tmp/tuning-forms.json <<'PY' || return 1
-import json, sys
-sys.path.insert(0, "bench")
-from moe_decode_bytes import best_tiles
-t = json.load(open(sys.argv[1]))
-cfg = t["configs"].setdefault("moe_decode", {})
-cfg["token_tiles"] = [[1, best_tiles()]] + [b for b in cfg.get("token_tiles", []) if b[0] != 1]
-json.dump(t, open(sys.argv[2], "w"), indent=1)
-PY
-  cp /tmp/tuning-forms.json "$OUT/"
+  forms_tuning || return 1
   KIMI_GRAPH_TRITON_TUNING=/tmp/tuning-forms.json timeout 120 python3 bench/e2e.py --phases ours --prefill 1x1024 \
     --prefill-logits last --batches 1 --contexts 1024,32768 --graphs on --name e2e-down
 }
