@@ -22,6 +22,8 @@ import sys
 
 import torch
 
+from kimi_graph.lowering.triton.moe_decode import FORMS, TILE_KEYS
+
 E, D, I = 256, 2304, 1024
 
 
@@ -95,9 +97,7 @@ def main(argv=None):
     write_result(args.name, rows, {"copy_tb_s": bw / 1e12, "fits": fits})
 
 
-FORM_KEYS = ("acc", "unroll", "x_load")
-TILE_KEYS = ("BN", "BK", "num_warps", "BND", "BKD", "warps_down", "num_stages", *FORM_KEYS,
-             *(f"{k}_down" for k in FORM_KEYS))
+FORM_KEYS = tuple(FORMS)
 
 
 # one-token tiles of the direct MoE kernels (moe_decode token_tiles' bucket 1, over the tuning
@@ -256,10 +256,8 @@ def forms(name: str, sets: int = 20, only: list | None = None, ceiling: bool = T
             continue
         used = dict(cfg["token_tiles"])[1] if tiles is None else tiles
         tiles_used = {k: used.get(k, cfg.get(k)) for k in TILE_KEYS}
-        for k in FORM_KEYS:                     # the forms as moe_decode resolves them
-            tiles_used[k] = tiles_used[k] if tiles_used[k] is not None else moe_decode.FORMS[k][0]
-            tiles_used[f"{k}_down"] = tiles_used[f"{k}_down"] if tiles_used[f"{k}_down"] is not None \
-                else tiles_used[k]
+        form, down = moe_decode.forms_of(tiles_used)        # the forms as moe_decode resolves them
+        tiles_used.update(form, **{f"{k}_down": v for k, v in down.items()})
         row = {"B": 1, "variant": vname, "tiles": tiles_used,
                "step_us": us, "of_copy": nbytes / (us * 1e-6) / bw,
                "gate_up_us": kt.get("moe_decode_gate_up"), "down_us": kt.get("moe_decode_down"),

@@ -198,6 +198,13 @@ TILE_KEYS = ("BN", "BK", "num_warps", "BND", "BKD", "warps_down", "num_stages", 
              *(f"{k}_down" for k in FORMS))
 
 
+def forms_of(cfg: dict) -> tuple[dict, dict]:
+    """The gate/up and the down kernel's K-loop forms ({key: value} over FORMS) a config gives:
+    FORMS' first value where unset; the down's `*_down` keys, each the gate/up's where unset."""
+    form = {k: cfg[k] if cfg.get(k) is not None else allowed[0] for k, allowed in FORMS.items()}
+    return form, {k: cfg[f"{k}_down"] if cfg.get(f"{k}_down") is not None else form[k] for k in FORMS}
+
+
 def bucket_of(cfg: dict, tokens: int) -> int | None:
     """The first `token_tiles` bound that holds `tokens` tokens (None: the unbucketed tiles)."""
     return next((bound for bound, _ in cfg.get("token_tiles", ()) if tokens <= bound), None)
@@ -284,9 +291,7 @@ def decode_specs(I, D, top_k, dtype, wdt, shared_i, target, quant: tuple | None 
                 raise ValueError(f"moe_decode {k} {cfg[k]!r}: one of {allowed}")
     # the float K loops' forms: the bf16 experts' (low-bit kernels keep the plain loops for their shared expert)
     plain = quant is not None
-    # (the down kernel's: the *_down keys, each the gate/up's where not given)
-    form = {k: cfg.get(k, allowed[0]) for k, allowed in FORMS.items()}
-    down = {k: cfg.get(f"{k}_down", form[k]) for k in FORMS}
+    form, down = forms_of(cfg)
     krange = lambda f: "tl.static_range" if not plain and f["unroll"] else "range"  # noqa: E731
     consts.update(FTILE=not plain and form["acc"] == "tile", FTILE_D=not plain and down["acc"] == "tile",
                   XTILE=form["x_load"] == "tile", XTILE_D=down["x_load"] == "tile")
